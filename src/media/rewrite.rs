@@ -1,0 +1,260 @@
+//! Turns the packets of whichever sources a track carries over time into one continuous RTP
+//! stream: fixed SSRC, gapless sequence numbers across switches, timestamps that advance by the
+//! real elapsed time at a switch, and a marker bit on the first packet after each switch.
+
+use super::opus::CLOCK_RATE;
+use super::SourceIdx;
+
+/// A sequence jump larger than this within one source is a restart, not loss.
+const MAX_SEQ_JUMP: i64 = 3000;
+
+/// Header values for a forwarded packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rewritten {
+    pub ssrc: u32,
+    pub seq: u16,
+    pub ts: u32,
+    pub marker: bool,
+}
+
+/// The input header fields the rewriter needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputPacket {
+    pub source: SourceIdx,
+    pub ssrc: u32,
+    pub seq: u16,
+    pub ts: u32,
+    pub marker: bool,
+    /// Audio duration in samples (960 for 20 ms Opus).
+    pub samples: u32,
+}
+
+/// Why a packet of the current source is not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RewriteDrop {
+    /// A late packet sent before the switch to this source: its output number is already taken.
+    BeforeSwitch,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Anchor {
+    source: SourceIdx,
+    in_ssrc: u32,
+    /// Extended input sequence numbers of the first packet after the switch and the highest seen.
+    first_ext: i64,
+    highest_ext: i64,
+    highest_seq: u16,
+    seq_delta: u16,
+    ts_delta: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrackRewriter {
+    ssrc: u32,
+    anchor: Option<Anchor>,
+    /// Highest output sequence number and its timestamp, arrival time and duration.
+    out_seq: u16,
+    out_ts: u32,
+    out_at_us: u64,
+    out_samples: u32,
+    started: bool,
+}
+
+impl TrackRewriter {
+    /// `first_seq` / `first_ts` are the (random, RFC 3550) starting points of the output stream.
+    pub fn new(ssrc: u32, first_seq: u16, first_ts: u32) -> Self {
+        TrackRewriter {
+            ssrc,
+            anchor: None,
+            out_seq: first_seq.wrapping_sub(1),
+            out_ts: first_ts,
+            out_at_us: 0,
+            out_samples: 0,
+            started: false,
+        }
+    }
+
+    pub fn ssrc(&self) -> u32 {
+        self.ssrc
+    }
+
+    /// Highest sequence number sent, its RTP timestamp and the packet time it was sent at.
+    /// Sender reports extrapolate from this.
+    pub fn last_sent(&self) -> Option<(u16, u32, u64)> {
+        self.started
+            .then_some((self.out_seq, self.out_ts, self.out_at_us))
+    }
+
+    /// The source currently feeding this track (the last one a packet was forwarded from).
+    pub fn current_source(&self) -> Option<SourceIdx> {
+        self.anchor.map(|a| a.source)
+    }
+
+    /// The track changed source (or emptied): whatever comes next starts a new anchor, even if it
+    /// is the same source again, so a pause in forwarding is not mistaken for loss.
+    pub fn detach(&mut self) {
+        self.anchor = None;
+    }
+
+    pub fn rewrite(&mut self, now_us: u64, p: &InputPacket) -> Result<Rewritten, RewriteDrop> {
+        let mut switched = false;
+        let a = match self.anchor {
+            Some(a) if a.source == p.source && a.in_ssrc == p.ssrc => {
+                let delta = p.seq.wrapping_sub(a.highest_seq) as i16 as i64;
+                let ext = a.highest_ext + delta;
+                if delta > MAX_SEQ_JUMP {
+                    switched = true;
+                    self.anchor_at(now_us, p)
+                } else if ext < a.first_ext || delta < -MAX_SEQ_JUMP {
+                    return Err(RewriteDrop::BeforeSwitch);
+                } else {
+                    a
+                }
+            }
+            _ => {
+                switched = true;
+                self.anchor_at(now_us, p)
+            }
+        };
+        let seq = p.seq.wrapping_add(a.seq_delta);
+        let ts = p.ts.wrapping_add(a.ts_delta);
+        let delta = p.seq.wrapping_sub(a.highest_seq) as i16 as i64;
+        let mut a = a;
+        if delta > 0 || switched {
+            if !switched {
+                a.highest_ext += delta;
+                a.highest_seq = p.seq;
+            }
+            self.out_seq = seq;
+            self.out_ts = ts;
+            self.out_at_us = now_us;
+            self.out_samples = p.samples;
+            self.started = true;
+        }
+        self.anchor = Some(a);
+        Ok(Rewritten {
+            ssrc: self.ssrc,
+            seq,
+            ts,
+            marker: p.marker || switched,
+        })
+    }
+
+    /// Maps the packet so it follows the last output packet: next sequence number, and a
+    /// timestamp advanced by the real time elapsed (never less than one frame, so frames do not
+    /// overlap in the receiver's jitter buffer).
+    fn anchor_at(&self, now_us: u64, p: &InputPacket) -> Anchor {
+        let (out_seq, out_ts) = if self.started {
+            let elapsed_us = now_us.saturating_sub(self.out_at_us);
+            let elapsed =
+                (elapsed_us * CLOCK_RATE as u64 / 1_000_000).min(u32::MAX as u64 / 2) as u32;
+            (
+                self.out_seq.wrapping_add(1),
+                self.out_ts.wrapping_add(elapsed.max(self.out_samples)),
+            )
+        } else {
+            (self.out_seq.wrapping_add(1), self.out_ts)
+        };
+        Anchor {
+            source: p.source,
+            in_ssrc: p.ssrc,
+            first_ext: 0,
+            highest_ext: 0,
+            highest_seq: p.seq,
+            seq_delta: out_seq.wrapping_sub(p.seq),
+            ts_delta: out_ts.wrapping_sub(p.ts),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pkt(source: u32, seq: u16, ts: u32) -> InputPacket {
+        InputPacket {
+            source: SourceIdx(source),
+            ssrc: 1000 + source,
+            seq,
+            ts,
+            marker: false,
+            samples: 960,
+        }
+    }
+
+    #[test]
+    fn switch_keeps_numbering_and_real_time() {
+        let mut r = TrackRewriter::new(77, 500, 10_000);
+        let a = r.rewrite(0, &pkt(1, 40_000, 3_000_000)).unwrap();
+        assert_eq!((a.ssrc, a.seq, a.ts, a.marker), (77, 500, 10_000, true));
+        let b = r.rewrite(20_000, &pkt(1, 40_001, 3_000_960)).unwrap();
+        assert_eq!((b.seq, b.ts, b.marker), (501, 10_960, false));
+        // Switch to source 2 100 ms later: seq continues, ts advances 100 ms = 4800 samples.
+        let c = r.rewrite(120_000, &pkt(2, 7, 123)).unwrap();
+        assert_eq!((c.seq, c.ts, c.marker), (502, 10_960 + 4800, true));
+        let d = r.rewrite(140_000, &pkt(2, 8, 123 + 960)).unwrap();
+        assert_eq!((d.seq, d.ts, d.marker), (503, 10_960 + 4800 + 960, false));
+    }
+
+    #[test]
+    fn loss_keeps_gaps_and_reorder_keeps_numbers() {
+        let mut r = TrackRewriter::new(1, 0, 0);
+        r.rewrite(0, &pkt(1, 65_534, 0)).unwrap();
+        // 65535 lost; 0 arrives (wrap), then 65535 late.
+        let b = r.rewrite(40_000, &pkt(1, 0, 1920)).unwrap();
+        assert_eq!((b.seq, b.ts), (2, 1920));
+        let late = r.rewrite(45_000, &pkt(1, 65_535, 960)).unwrap();
+        assert_eq!((late.seq, late.ts, late.marker), (1, 960, false));
+        // The late packet did not move the head: next switch continues after seq 2.
+        let c = r.rewrite(60_000, &pkt(2, 9, 0)).unwrap();
+        assert_eq!(c.seq, 3);
+    }
+
+    #[test]
+    fn late_packets_from_before_a_switch_are_dropped() {
+        let mut r = TrackRewriter::new(1, 0, 0);
+        r.rewrite(0, &pkt(1, 10, 0)).unwrap();
+        r.rewrite(20_000, &pkt(2, 50, 0)).unwrap();
+        assert_eq!(
+            r.rewrite(25_000, &pkt(2, 49, 0)),
+            Err(RewriteDrop::BeforeSwitch)
+        );
+        // Back to source 1: its old late packets predate the new anchor too.
+        r.rewrite(40_000, &pkt(1, 20, 9600)).unwrap();
+        assert_eq!(
+            r.rewrite(45_000, &pkt(1, 19, 8640)),
+            Err(RewriteDrop::BeforeSwitch)
+        );
+    }
+
+    #[test]
+    fn same_source_after_detach_continues_without_gap() {
+        let mut r = TrackRewriter::new(1, 0, 0);
+        r.rewrite(0, &pkt(1, 10, 0)).unwrap();
+        r.detach();
+        // 1 s later the same source comes back with 50 packets skipped: no gap in the output.
+        let b = r.rewrite(1_000_000, &pkt(1, 60, 48_000)).unwrap();
+        assert_eq!((b.seq, b.ts, b.marker), (1, 48_000, true));
+    }
+
+    #[test]
+    fn switch_within_one_frame_still_advances_a_frame() {
+        let mut r = TrackRewriter::new(1, 0, 0);
+        r.rewrite(0, &pkt(1, 10, 0)).unwrap();
+        let b = r.rewrite(1_000, &pkt(2, 10, 0)).unwrap();
+        assert_eq!(b.ts, 960);
+    }
+
+    #[test]
+    fn restart_of_a_source_reanchors() {
+        let mut r = TrackRewriter::new(1, 0, 0);
+        r.rewrite(0, &pkt(1, 10, 0)).unwrap();
+        let b = r.rewrite(20_000, &pkt(1, 30_000, 5)).unwrap();
+        assert_eq!((b.seq, b.ts, b.marker), (1, 960, true));
+        // New SSRC for the same source (republished): also a switch.
+        let mut p = pkt(1, 30_001, 965);
+        p.ssrc = 4242;
+        let c = r.rewrite(40_000, &p).unwrap();
+        assert_eq!((c.seq, c.marker), (2, true));
+    }
+}

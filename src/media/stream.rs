@@ -1,0 +1,352 @@
+//! One stream's packet core: its sources, their voice activity, the shared selection and one
+//! rewriter per (group, track). Plain data in, data out: time is an argument, output goes to a
+//! callback in the order it must be acted on (a track change before the first packet it brings).
+
+use std::collections::HashMap;
+
+use smallvec::SmallVec;
+
+use super::activity::{Transition, VadConfig, Voice, VoiceActivity};
+use super::opus;
+use super::rewrite::{InputPacket, RewriteDrop, TrackRewriter};
+use super::rtp::{RtpError, RtpHeaderMut, RtpView};
+use super::selection::{GroupId, GroupKey, SelectionConfig, Selector, Standing, TrackChange};
+use super::SourceIdx;
+
+/// Largest packet the core forwards: a UDP payload that fits a 1500-byte Ethernet MTU.
+pub const MAX_PACKET: usize = 1472;
+
+#[derive(Debug, Clone, Default)]
+pub struct SourceConfig {
+    /// RFC 6464 audio level extension id from the publisher's SDP, if negotiated.
+    pub level_ext_id: Option<u8>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CoreConfig {
+    pub vad: VadConfig,
+    pub selection: SelectionConfig,
+    /// Seeds the output SSRCs and starting sequence numbers / timestamps.
+    pub seed: u64,
+}
+
+/// Why an incoming packet was not used. Every drop is counted in [`CoreStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drop {
+    Malformed(RtpError),
+    TooLarge(usize),
+    /// The source index is not a live source of this stream.
+    UnknownSource,
+}
+
+impl std::fmt::Display for Drop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Drop::Malformed(e) => write!(f, "malformed RTP: {e}"),
+            Drop::TooLarge(n) => write!(f, "packet of {n} bytes exceeds {MAX_PACKET}"),
+            Drop::UnknownSource => write!(f, "packet for a source that is not live"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CoreStats {
+    pub packets_in: u64,
+    pub bytes_in: u64,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub dropped_malformed: u64,
+    pub dropped_too_large: u64,
+    pub dropped_unknown_source: u64,
+    /// Packets of a track's source that arrived late, from before it was switched in.
+    pub dropped_before_switch: u64,
+    pub switches: u64,
+    pub onsets: u64,
+}
+
+/// What the core asks its driver to do, in order.
+#[derive(Debug)]
+pub enum Output<'a> {
+    /// A track of a group changed source: tell that group's viewers (the `vad` event).
+    Track(TrackChange),
+    /// Send this rewritten packet on `track` to every viewer of `group`.
+    Packet {
+        group: GroupId,
+        track: u8,
+        packet: &'a [u8],
+    },
+}
+
+#[derive(Debug)]
+struct Source {
+    live: bool,
+    cfg: SourceConfig,
+    activity: VoiceActivity,
+}
+
+pub struct StreamCore {
+    cfg: CoreConfig,
+    names: Vec<String>,
+    index: HashMap<String, SourceIdx>,
+    sources: Vec<Source>,
+    selector: Selector,
+    /// Rewriters by group id, one per track.
+    rewriters: Vec<SmallVec<[TrackRewriter; 4]>>,
+    scratch: Box<[u8; MAX_PACKET]>,
+    stats: CoreStats,
+}
+
+impl StreamCore {
+    pub fn new(cfg: CoreConfig) -> Self {
+        StreamCore {
+            selector: Selector::new(cfg.selection.clone()),
+            cfg,
+            names: Vec::new(),
+            index: HashMap::new(),
+            sources: Vec::new(),
+            rewriters: Vec::new(),
+            scratch: Box::new([0; MAX_PACKET]),
+            stats: CoreStats::default(),
+        }
+    }
+
+    /// The index of a sourceId, known to the stream whether live or not (so a viewer can exclude
+    /// a source before it publishes).
+    pub fn intern(&mut self, name: &str) -> SourceIdx {
+        if let Some(&i) = self.index.get(name) {
+            return i;
+        }
+        let i = SourceIdx(self.names.len() as u32);
+        self.names.push(name.to_owned());
+        self.index.insert(name.to_owned(), i);
+        self.sources.push(Source {
+            live: false,
+            cfg: SourceConfig::default(),
+            activity: VoiceActivity::new(&self.cfg.vad),
+        });
+        i
+    }
+
+    pub fn lookup(&self, name: &str) -> Option<SourceIdx> {
+        self.index.get(name).copied()
+    }
+
+    pub fn name(&self, s: SourceIdx) -> &str {
+        &self.names[s.0 as usize]
+    }
+
+    /// Starts (or restarts, for a replacing publication) a source with fresh activity state.
+    pub fn publish(&mut self, name: &str, cfg: SourceConfig) -> SourceIdx {
+        let i = self.intern(name);
+        let src = &mut self.sources[i.0 as usize];
+        src.live = true;
+        src.cfg = cfg;
+        src.activity = VoiceActivity::new(&self.cfg.vad);
+        i
+    }
+
+    /// The source stopped: its tracks empty now.
+    pub fn unpublish(&mut self, now_us: u64, s: SourceIdx, out: &mut impl FnMut(Output<'_>)) {
+        if let Some(src) = self.sources.get_mut(s.0 as usize) {
+            src.live = false;
+        }
+        self.selector.remove_source(now_us, s);
+        self.flush_events(out);
+    }
+
+    pub fn is_live(&self, s: SourceIdx) -> bool {
+        self.sources.get(s.0 as usize).is_some_and(|s| s.live)
+    }
+
+    pub fn live_sources(&self) -> impl Iterator<Item = SourceIdx> + '_ {
+        self.sources
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.live)
+            .map(|(i, _)| SourceIdx(i as u32))
+    }
+
+    /// Adds a viewer with this key; viewers with equal keys share a group.
+    pub fn join(&mut self, key: GroupKey) -> GroupId {
+        let tracks = key.tracks();
+        let gid = self.selector.join(key);
+        let gi = gid.0 as usize;
+        if self.rewriters.len() <= gi {
+            self.rewriters.resize_with(gi + 1, SmallVec::new);
+        }
+        if self.rewriters[gi].is_empty() {
+            let seed = self.cfg.seed;
+            self.rewriters[gi] = (0..tracks)
+                .map(|t| {
+                    let r = splitmix64(seed ^ ((gi as u64) << 8 | t as u64));
+                    TrackRewriter::new(r as u32, (r >> 32) as u16, (r >> 48) as u32 * 7919)
+                })
+                .collect();
+        }
+        gid
+    }
+
+    pub fn leave(&mut self, gid: GroupId) {
+        if self.selector.leave(gid) {
+            self.rewriters[gid.0 as usize].clear();
+        }
+    }
+
+    pub fn selector(&self) -> &Selector {
+        &self.selector
+    }
+
+    pub fn rewriter(&self, gid: GroupId, track: u8) -> Option<&TrackRewriter> {
+        self.rewriters.get(gid.0 as usize)?.get(track as usize)
+    }
+
+    pub fn stats(&self) -> &CoreStats {
+        &self.stats
+    }
+
+    pub fn voice(&self, s: SourceIdx, now_us: u64) -> Voice {
+        self.standing(s, now_us).voice
+    }
+
+    fn standing(&self, s: SourceIdx, now_us: u64) -> Standing {
+        standing_of(&self.sources, &self.cfg.vad, s, now_us)
+    }
+
+    /// One packet of source `s` arrived at `now_us`.
+    pub fn on_packet(
+        &mut self,
+        now_us: u64,
+        s: SourceIdx,
+        packet: &[u8],
+        out: &mut impl FnMut(Output<'_>),
+    ) -> Result<(), Drop> {
+        let result = self.ingest(now_us, s, packet, out);
+        match result {
+            Err(Drop::Malformed(_)) => self.stats.dropped_malformed += 1,
+            Err(Drop::TooLarge(_)) => self.stats.dropped_too_large += 1,
+            Err(Drop::UnknownSource) => self.stats.dropped_unknown_source += 1,
+            Ok(()) => {}
+        }
+        result
+    }
+
+    fn ingest(
+        &mut self,
+        now_us: u64,
+        s: SourceIdx,
+        packet: &[u8],
+        out: &mut impl FnMut(Output<'_>),
+    ) -> Result<(), Drop> {
+        if packet.len() > MAX_PACKET {
+            return Err(Drop::TooLarge(packet.len()));
+        }
+        let view = RtpView::parse(packet).map_err(Drop::Malformed)?;
+        let src = match self.sources.get_mut(s.0 as usize) {
+            Some(src) if src.live => src,
+            _ => return Err(Drop::UnknownSource),
+        };
+        self.stats.packets_in += 1;
+        self.stats.bytes_in += packet.len() as u64;
+        let transition =
+            src.activity
+                .observe_packet(&self.cfg.vad, now_us, &view, src.cfg.level_ext_id);
+        if transition == Transition::Onset {
+            self.stats.onsets += 1;
+            let (sources, vad) = (&self.sources, &self.cfg.vad);
+            self.selector
+                .on_onset(now_us, s, |x| standing_of(sources, vad, x, now_us));
+            self.flush_events(out);
+        }
+        let places = self.selector.placements(s);
+        if places.is_empty() {
+            return Ok(());
+        }
+        let input = InputPacket {
+            source: s,
+            ssrc: view.ssrc(),
+            seq: view.sequence_number(),
+            ts: view.timestamp(),
+            marker: view.marker(),
+            samples: opus::packet_info(view.payload()).map_or(960, |i| i.samples),
+        };
+        let len = packet.len();
+        for &(gid, track) in places {
+            let Some(rw) = self
+                .rewriters
+                .get_mut(gid.0 as usize)
+                .and_then(|r| r.get_mut(track as usize))
+            else {
+                continue;
+            };
+            match rw.rewrite(now_us, &input) {
+                Ok(h) => {
+                    let buf = &mut self.scratch[..len];
+                    buf.copy_from_slice(packet);
+                    let mut hdr = RtpHeaderMut::new(buf).expect("parsed above");
+                    hdr.set_ssrc(h.ssrc);
+                    hdr.set_sequence_number(h.seq);
+                    hdr.set_timestamp(h.ts);
+                    hdr.set_marker(h.marker);
+                    self.stats.packets_out += 1;
+                    self.stats.bytes_out += len as u64;
+                    out(Output::Packet {
+                        group: gid,
+                        track,
+                        packet: &self.scratch[..len],
+                    });
+                }
+                Err(RewriteDrop::BeforeSwitch) => self.stats.dropped_before_switch += 1,
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-ranks the stream and updates every group's tracks. Call every 10-20 ms of packet time.
+    pub fn tick(&mut self, now_us: u64, out: &mut impl FnMut(Output<'_>)) {
+        let (sources, vad) = (&self.sources, &self.cfg.vad);
+        let live = sources
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.live)
+            .map(|(i, _)| {
+                let s = SourceIdx(i as u32);
+                (s, standing_of(sources, vad, s, now_us))
+            });
+        self.selector
+            .tick(now_us, live, |x| standing_of(sources, vad, x, now_us));
+        self.flush_events(out);
+    }
+
+    fn flush_events(&mut self, out: &mut impl FnMut(Output<'_>)) {
+        let events = self.selector.events();
+        self.stats.switches += events.len() as u64;
+        for e in events.drain(..) {
+            if let Some(rw) = self
+                .rewriters
+                .get_mut(e.group.0 as usize)
+                .and_then(|r| r.get_mut(e.track as usize))
+            {
+                rw.detach();
+            }
+            out(Output::Track(e));
+        }
+    }
+}
+
+fn standing_of(sources: &[Source], vad: &VadConfig, s: SourceIdx, now_us: u64) -> Standing {
+    match sources.get(s.0 as usize) {
+        Some(src) if src.live => Standing {
+            voice: src.activity.voice(vad, now_us),
+            score: src.activity.score_at(vad, now_us),
+        },
+        _ => Standing::SILENT,
+    }
+}
+
+/// Deterministic 64-bit mixer for seeding output SSRCs and sequence numbers.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}

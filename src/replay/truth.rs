@@ -1,0 +1,115 @@
+//! Ground truth for a replay: who talks when, from the levels file alone, by a method that
+//! shares nothing with the live estimator (an offline modal floor, not a running minimum).
+
+/// A turn: a run of voiced frames, with pauses shorter than `MERGE_GAP_FRAMES` inside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Turn {
+    pub first_frame: usize,
+    pub last_frame: usize,
+}
+
+/// A frame is voiced when it is this many dB louder than the speaker's most common level.
+pub const VOICED_DB: u8 = 20;
+/// Pauses up to 700 ms stay inside one turn (sentence breaks); longer ones end it.
+pub const MERGE_GAP_FRAMES: usize = 35;
+/// Fewer voiced frames than this is a click, not a turn.
+pub const MIN_VOICED_FRAMES: usize = 3;
+
+pub fn turns(levels: &[u8]) -> Vec<Turn> {
+    let Some(mode) = mode(levels) else {
+        return vec![];
+    };
+    let Some(limit) = mode.checked_sub(VOICED_DB) else {
+        return vec![];
+    };
+    let voiced: Vec<usize> = levels
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| l <= limit)
+        .map(|(i, _)| i)
+        .collect();
+    let mut out: Vec<(Turn, usize)> = Vec::new();
+    for &i in &voiced {
+        match out.last_mut() {
+            Some((t, n)) if i - t.last_frame <= MERGE_GAP_FRAMES => {
+                t.last_frame = i;
+                *n += 1;
+            }
+            _ => out.push((
+                Turn {
+                    first_frame: i,
+                    last_frame: i,
+                },
+                1,
+            )),
+        }
+    }
+    out.into_iter()
+        .filter(|(_, n)| *n >= MIN_VOICED_FRAMES)
+        .map(|(t, _)| t)
+        .collect()
+}
+
+fn mode(levels: &[u8]) -> Option<u8> {
+    let mut counts = [0usize; 128];
+    for &l in levels {
+        counts[(l & 0x7F) as usize] += 1;
+    }
+    let (l, &n) = counts
+        .iter()
+        .enumerate()
+        .max_by_key(|(l, &n)| (n, usize::MAX - l))?;
+    (n > 0).then_some(l as u8)
+}
+
+/// Nearest-rank percentile of a sorted slice.
+pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    Some(sorted[rank.min(sorted.len()) - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn turns_merge_short_pauses_and_ignore_steady_noise_and_clicks() {
+        let mut l = vec![70u8; 300];
+        for i in 10..40 {
+            l[i] = 20;
+        }
+        for i in 60..70 {
+            l[i] = 25; // 20-frame pause: same turn
+        }
+        l[150] = 10; // click
+        for i in 200..210 {
+            l[i] = 30;
+        }
+        assert_eq!(
+            turns(&l),
+            vec![
+                Turn {
+                    first_frame: 10,
+                    last_frame: 69
+                },
+                Turn {
+                    first_frame: 200,
+                    last_frame: 209
+                }
+            ]
+        );
+        assert!(turns(&[42; 500]).is_empty());
+    }
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<u64> = (1..=20).collect();
+        assert_eq!(percentile(&v, 95.0), Some(19));
+        assert_eq!(percentile(&v, 50.0), Some(10));
+        assert_eq!(percentile(&v, 100.0), Some(20));
+        assert_eq!(percentile(&[], 50.0), None);
+    }
+}

@@ -369,11 +369,12 @@ mod tests {
         assert_eq!(onsets, vec![1_020_000]);
         assert_eq!(a.voice(&cfg, 1_100_000), Voice::Talking);
         // Silence afterwards: talking, then hangover, then silent.
-        feed(&mut a, &cfg, 1_120_000, &[70; 60]);
+        feed(&mut a, &cfg, 1_120_000, &[70; 10]);
         assert_eq!(
             a.voice(&cfg, 1_100_000 + cfg.talk_hold_us + 20_000),
             Voice::Hangover
         );
+        feed(&mut a, &cfg, 1_320_000, &[70; 50]);
         assert_eq!(
             a.voice(&cfg, 1_100_000 + cfg.hangover_us + 20_000),
             Voice::Silent

@@ -328,7 +328,7 @@ pub fn write_packet(
             out.push((id << 4) | (data.len() as u8 - 1));
             out.extend_from_slice(data);
         }
-        while (out.len() - start - 4) % 4 != 0 {
+        while !(out.len() - start - 4).is_multiple_of(4) {
             out.push(0);
         }
         let words = ((out.len() - start - 4) / 4) as u16;

@@ -350,3 +350,163 @@ pub fn splitmix64(x: u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::rtp::{write_packet, HeaderFields};
+
+    fn packet(seq: u16, level: u8) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let hdr = HeaderFields {
+            payload_type: 111,
+            sequence_number: seq,
+            timestamp: seq as u32 * 960,
+            ssrc: 5,
+            marker: false,
+        };
+        write_packet(&mut buf, &hdr, &[(1, &[level])], &[0x78; 70]);
+        buf
+    }
+
+    /// Feeds `levels` from one source at 20 ms steps, ticking each 10 ms; collects outputs.
+    fn feed(core: &mut StreamCore, s: SourceIdx, t0: u64, seq0: u16, levels: &[u8]) -> Vec<String> {
+        let mut log = Vec::new();
+        for (i, &l) in levels.iter().enumerate() {
+            let now = t0 + i as u64 * 20_000;
+            let mut sink = |o: Output<'_>| {
+                log.push(match o {
+                    Output::Track(c) => format!("track{}={:?}", c.track, c.source.map(|s| s.0)),
+                    Output::Packet { track, .. } => format!("pkt{track}"),
+                })
+            };
+            core.on_packet(now, s, &packet(seq0 + i as u16, l), &mut sink)
+                .unwrap();
+            core.tick(now + 10_000, &mut sink);
+        }
+        log
+    }
+
+    #[test]
+    fn vad_event_comes_before_the_first_packet_it_brings() {
+        let mut core = StreamCore::new(CoreConfig::default());
+        let a = core.publish(
+            "a",
+            SourceConfig {
+                level_ext_id: Some(1),
+            },
+        );
+        core.join(GroupKey::new(2, None, []));
+        feed(&mut core, a, 0, 0, &[70; 60]);
+        let log = feed(&mut core, a, 1_200_000, 60, &[20, 20, 20]);
+        assert_eq!(log, ["track0=Some(0)", "pkt0", "pkt0"]);
+    }
+
+    #[test]
+    fn bad_packets_are_counted_and_dropped_without_disturbing_others() {
+        let mut core = StreamCore::new(CoreConfig::default());
+        let a = core.publish(
+            "a",
+            SourceConfig {
+                level_ext_id: Some(1),
+            },
+        );
+        let ghost = core.intern("ghost");
+        core.join(GroupKey::new(1, None, []));
+        let mut n = 0;
+        let mut sink = |_: Output<'_>| n += 1;
+        assert_eq!(
+            core.on_packet(0, a, &[0x80, 0], &mut sink),
+            Err(Drop::Malformed(RtpError::TooShort))
+        );
+        assert_eq!(
+            core.on_packet(0, a, &[0u8; 2000], &mut sink),
+            Err(Drop::TooLarge(2000))
+        );
+        assert_eq!(
+            core.on_packet(0, ghost, &packet(1, 20), &mut sink),
+            Err(Drop::UnknownSource)
+        );
+        assert_eq!(
+            core.on_packet(0, SourceIdx(99), &packet(1, 20), &mut sink),
+            Err(Drop::UnknownSource)
+        );
+        let st = core.stats();
+        assert_eq!(
+            (
+                st.dropped_malformed,
+                st.dropped_too_large,
+                st.dropped_unknown_source,
+                st.packets_in
+            ),
+            (1, 1, 2, 0)
+        );
+        feed(&mut core, a, 0, 0, &[70; 60]);
+        let log = feed(&mut core, a, 1_200_000, 60, &[20, 20]);
+        assert_eq!(log, ["track0=Some(0)", "pkt0"]);
+    }
+
+    #[test]
+    fn unpublish_empties_tracks_and_republish_starts_fresh() {
+        let mut core = StreamCore::new(CoreConfig::default());
+        let a = core.publish(
+            "a",
+            SourceConfig {
+                level_ext_id: Some(1),
+            },
+        );
+        let g = core.join(GroupKey::new(1, None, []));
+        feed(&mut core, a, 0, 0, &[70; 60]);
+        feed(&mut core, a, 1_200_000, 60, &[20, 20, 20]);
+        let mut log = Vec::new();
+        core.unpublish(1_300_000, a, &mut |o| {
+            if let Output::Track(c) = o {
+                log.push((c.track, c.source))
+            }
+        });
+        assert_eq!(log, [(0, None)]);
+        assert!(!core.is_live(a));
+        assert_eq!(core.selector().tracks(g).collect::<Vec<_>>(), [None]);
+        // The same sourceId published again gets the same index, and talks again.
+        assert_eq!(
+            core.publish(
+                "a",
+                SourceConfig {
+                    level_ext_id: Some(1)
+                }
+            ),
+            a
+        );
+        feed(&mut core, a, 2_000_000, 500, &[70; 60]);
+        let log = feed(&mut core, a, 3_200_000, 560, &[20, 20]);
+        assert_eq!(log, ["track0=Some(0)", "pkt0"]);
+    }
+
+    #[test]
+    fn groups_share_selection_and_leaving_frees_them() {
+        let mut core = StreamCore::new(CoreConfig::default());
+        let a = core.publish(
+            "a",
+            SourceConfig {
+                level_ext_id: Some(1),
+            },
+        );
+        let me = core.intern("me");
+        let k = GroupKey::new(2, None, [me]);
+        let g1 = core.join(k.clone());
+        let g2 = core.join(k);
+        assert_eq!(g1, g2);
+        let other = core.join(GroupKey::new(2, None, []));
+        assert_ne!(g1, other);
+        feed(&mut core, a, 0, 0, &[70; 60]);
+        let log = feed(&mut core, a, 1_200_000, 60, &[20, 20]);
+        // One change and one packet per group, not per viewer.
+        assert_eq!(log.iter().filter(|l| l.starts_with("pkt")).count(), 2);
+        core.leave(g1);
+        assert!(core.rewriter(g1, 0).is_some());
+        core.leave(g2);
+        assert!(core.rewriter(g1, 0).is_none());
+        let log = feed(&mut core, a, 1_240_000, 62, &[20]);
+        assert_eq!(log, ["pkt0"]);
+    }
+}

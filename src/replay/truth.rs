@@ -78,16 +78,10 @@ mod tests {
     #[test]
     fn turns_merge_short_pauses_and_ignore_steady_noise_and_clicks() {
         let mut l = vec![70u8; 300];
-        for i in 10..40 {
-            l[i] = 20;
-        }
-        for i in 60..70 {
-            l[i] = 25; // 20-frame pause: same turn
-        }
+        l[10..40].fill(20);
+        l[60..70].fill(25); // 20-frame pause: same turn
         l[150] = 10; // click
-        for i in 200..210 {
-            l[i] = 30;
-        }
+        l[200..210].fill(30);
         assert_eq!(
             turns(&l),
             vec![

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine: installs what it needs, then checks style, lints and
+# runs every test (unit, property, corpus, CLI, and one pass of each benchmark as a smoke test).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo not found: install Rust (rustup) first" >&2
+    exit 1
+fi
+for component in rustfmt clippy; do
+    if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
+        log "installing $component"
+        rustup component add "$component"
+    fi
+done
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --quiet -- -D warnings
+
+# --all-targets also runs each criterion benchmark once, as a smoke test (figures: cargo bench).
+log "cargo test --all-targets (unit, property, corpus, CLI, benchmark smoke)"
+cargo test --all-targets --quiet
+
+log "doc tests"
+cargo test --doc --quiet

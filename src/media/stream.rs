@@ -369,6 +369,24 @@ mod tests {
         buf
     }
 
+    fn levelled() -> SourceConfig {
+        SourceConfig {
+            level_ext_id: Some(1),
+        }
+    }
+
+    /// 1.2 s of room noise, then `speech`: the log of what the speech frames caused.
+    fn room_then_speech(
+        core: &mut StreamCore,
+        s: SourceIdx,
+        t0: u64,
+        seq0: u16,
+        speech: &[u8],
+    ) -> Vec<String> {
+        feed(core, s, t0, seq0, &[70; 60]);
+        feed(core, s, t0 + 1_200_000, seq0 + 60, speech)
+    }
+
     /// Feeds `levels` from one source at 20 ms steps, ticking each 10 ms; collects outputs.
     fn feed(core: &mut StreamCore, s: SourceIdx, t0: u64, seq0: u16, levels: &[u8]) -> Vec<String> {
         let mut log = Vec::new();
@@ -390,27 +408,16 @@ mod tests {
     #[test]
     fn vad_event_comes_before_the_first_packet_it_brings() {
         let mut core = StreamCore::new(CoreConfig::default());
-        let a = core.publish(
-            "a",
-            SourceConfig {
-                level_ext_id: Some(1),
-            },
-        );
+        let a = core.publish("a", levelled());
         core.join(GroupKey::new(2, None, []));
-        feed(&mut core, a, 0, 0, &[70; 60]);
-        let log = feed(&mut core, a, 1_200_000, 60, &[20, 20, 20]);
+        let log = room_then_speech(&mut core, a, 0, 0, &[20, 20, 20]);
         assert_eq!(log, ["track0=Some(0)", "pkt0", "pkt0"]);
     }
 
     #[test]
     fn bad_packets_are_counted_and_dropped_without_disturbing_others() {
         let mut core = StreamCore::new(CoreConfig::default());
-        let a = core.publish(
-            "a",
-            SourceConfig {
-                level_ext_id: Some(1),
-            },
-        );
+        let a = core.publish("a", levelled());
         let ghost = core.intern("ghost");
         core.join(GroupKey::new(1, None, []));
         let mut n = 0;
@@ -441,23 +448,16 @@ mod tests {
             ),
             (1, 1, 2, 0)
         );
-        feed(&mut core, a, 0, 0, &[70; 60]);
-        let log = feed(&mut core, a, 1_200_000, 60, &[20, 20]);
+        let log = room_then_speech(&mut core, a, 0, 0, &[20, 20]);
         assert_eq!(log, ["track0=Some(0)", "pkt0"]);
     }
 
     #[test]
     fn unpublish_empties_tracks_and_republish_starts_fresh() {
         let mut core = StreamCore::new(CoreConfig::default());
-        let a = core.publish(
-            "a",
-            SourceConfig {
-                level_ext_id: Some(1),
-            },
-        );
+        let a = core.publish("a", levelled());
         let g = core.join(GroupKey::new(1, None, []));
-        feed(&mut core, a, 0, 0, &[70; 60]);
-        feed(&mut core, a, 1_200_000, 60, &[20, 20, 20]);
+        room_then_speech(&mut core, a, 0, 0, &[20, 20, 20]);
         let mut log = Vec::new();
         core.unpublish(1_300_000, a, &mut |o| {
             if let Output::Track(c) = o {
@@ -468,29 +468,15 @@ mod tests {
         assert!(!core.is_live(a));
         assert_eq!(core.selector().tracks(g).collect::<Vec<_>>(), [None]);
         // The same sourceId published again gets the same index, and talks again.
-        assert_eq!(
-            core.publish(
-                "a",
-                SourceConfig {
-                    level_ext_id: Some(1)
-                }
-            ),
-            a
-        );
-        feed(&mut core, a, 2_000_000, 500, &[70; 60]);
-        let log = feed(&mut core, a, 3_200_000, 560, &[20, 20]);
+        assert_eq!(core.publish("a", levelled()), a);
+        let log = room_then_speech(&mut core, a, 2_000_000, 500, &[20, 20]);
         assert_eq!(log, ["track0=Some(0)", "pkt0"]);
     }
 
     #[test]
     fn groups_share_selection_and_leaving_frees_them() {
         let mut core = StreamCore::new(CoreConfig::default());
-        let a = core.publish(
-            "a",
-            SourceConfig {
-                level_ext_id: Some(1),
-            },
-        );
+        let a = core.publish("a", levelled());
         let me = core.intern("me");
         let k = GroupKey::new(2, None, [me]);
         let g1 = core.join(k.clone());
@@ -498,8 +484,7 @@ mod tests {
         assert_eq!(g1, g2);
         let other = core.join(GroupKey::new(2, None, []));
         assert_ne!(g1, other);
-        feed(&mut core, a, 0, 0, &[70; 60]);
-        let log = feed(&mut core, a, 1_200_000, 60, &[20, 20]);
+        let log = room_then_speech(&mut core, a, 0, 0, &[20, 20]);
         // One change and one packet per group, not per viewer.
         assert_eq!(log.iter().filter(|l| l.starts_with("pkt")).count(), 2);
         core.leave(g1);

@@ -1,5 +1,11 @@
 //! chorus: an open real-time audio edge that forwards, to every viewer, only the few sources of a
 //! stream that are talking, in a fixed set of multiplexed tracks.
 
+pub mod auth;
+pub mod http;
 pub mod media;
+pub mod origin;
+pub mod relay;
 pub mod replay;
+pub mod rtc;
+pub mod server;

@@ -1,10 +1,14 @@
 use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
+use chorus::auth::tokens::{parse_ttl, TokenFile, TokenKind};
+use chorus::relay::client::LinkConfig;
 use chorus::replay::{self, ReplayOptions};
+use chorus::server::{self, ServerOptions};
 
 #[derive(Parser)]
 #[command(
@@ -19,11 +23,103 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Director, origin and edge in one process, on loopback, with embedded defaults.
+    Serve(ServeArgs),
+    /// An origin (with the director): takes publications, fans them out to edges over QUIC.
+    Origin(OriginArgs),
+    /// Subscribes to a stream at an origin like an edge would, and prints what arrives as JSON.
+    Probe(ProbeArgs),
+    /// Manages publish and subscribe tokens in a token file.
+    #[command(subcommand)]
+    Token(TokenCmd),
     /// Replays a speech corpus through the packet core and prints each track change as JSON.
     Replay(ReplayArgs),
 }
 
-#[derive(clap::Args)]
+#[derive(Args, Clone)]
+struct CommonServer {
+    /// HTTP address: director API, signalling WebSocket, WHIP, demo page.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// IP the media (WebRTC) UDP socket binds.
+    #[arg(long, default_value = "127.0.0.1")]
+    media_ip: IpAddr,
+    /// UDP port of the media socket (0 = any free port).
+    #[arg(long, default_value_t = 0)]
+    media_port: u16,
+    /// Address put in ICE candidates when deployed behind NAT or bound to 0.0.0.0.
+    #[arg(long)]
+    public_ip: Option<IpAddr>,
+    /// Base of the signalling URL the director returns, e.g. wss://live.example.com.
+    #[arg(long)]
+    public_ws: Option<String>,
+    /// Token file (see `chorus token create`). Without it: dev mode.
+    #[arg(long, env = "CHORUS_TOKENS")]
+    tokens: Option<PathBuf>,
+    /// Dev mode publish token (default: a random one, printed at start).
+    #[arg(long, env = "CHORUS_PUBLISH_TOKEN", hide_env_values = true)]
+    publish_token: Option<String>,
+    /// Secret signing the director's JWTs (default: random per start).
+    #[arg(long, env = "CHORUS_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// How long a director JWT is valid to open the signalling socket.
+    #[arg(long, default_value = "60s", value_parser = parse_ttl)]
+    jwt_ttl: u64,
+    /// Shared secret edges present to join this origin.
+    #[arg(long, env = "CHORUS_CLUSTER_TOKEN", hide_env_values = true)]
+    cluster_token: Option<String>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    common: CommonServer,
+}
+
+#[derive(Args)]
+struct OriginArgs {
+    #[command(flatten)]
+    common: CommonServer,
+    /// QUIC address edges connect to.
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    cluster: SocketAddr,
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    /// The origin's QUIC address (its --cluster).
+    #[arg(long)]
+    origin: SocketAddr,
+    #[arg(long)]
+    stream: String,
+    /// How long to listen.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Hex SHA-256 of the origin certificate (printed by the origin at start).
+    #[arg(long)]
+    origin_fingerprint: Option<String>,
+    #[arg(long, env = "CHORUS_CLUSTER_TOKEN", hide_env_values = true)]
+    cluster_token: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Adds a token to the token file and prints it.
+    Create {
+        /// Stream name, or * for every stream.
+        #[arg(long)]
+        stream: String,
+        #[arg(long, value_parser = ["publish", "subscribe"])]
+        kind: String,
+        /// Lifetime, e.g. 3600, 30m, 12h, 7d (default: no expiry).
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<u64>,
+        #[arg(long, env = "CHORUS_TOKENS", default_value = "chorus-tokens.json")]
+        tokens: PathBuf,
+    },
+}
+
+#[derive(Args)]
 struct ReplayArgs {
     /// Directory of <id>.opus (Ogg Opus) and optional <id>.levels files.
     #[arg(long)]
@@ -56,14 +152,115 @@ struct ReplayArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Replay(args) => match replay_cmd(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("chorus replay: {e}");
-                ExitCode::FAILURE
+    let (what, result) = match cli.command {
+        Command::Serve(a) => (
+            "serve",
+            run_server(a.common, "127.0.0.1:0".parse().expect("valid")),
+        ),
+        Command::Origin(a) => ("origin", run_server(a.common, a.cluster)),
+        Command::Probe(a) => ("probe", probe_cmd(a)),
+        Command::Token(t) => ("token", token_cmd(t)),
+        Command::Replay(a) => ("replay", replay_cmd(a)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chorus {what}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logs() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CHORUS_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,str0m=warn,dimpl=warn,quinn=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+fn run_server(c: CommonServer, cluster: SocketAddr) -> Result<(), String> {
+    init_logs();
+    let opts = ServerOptions {
+        http: c.http,
+        media_ip: c.media_ip,
+        media_port: c.media_port,
+        public_ip: c.public_ip,
+        public_ws: c.public_ws,
+        tokens: c.tokens,
+        dev_publish_token: c.publish_token,
+        jwt_secret: c.jwt_secret,
+        jwt_ttl_secs: c.jwt_ttl,
+        cluster,
+        cluster_token: c.cluster_token,
+    };
+    runtime()?.block_on(async {
+        let running = server::start_origin(&opts).await?;
+        println!(
+            "{}",
+            serde_json::json!({
+                "http": format!("http://{}", running.http),
+                "cluster": running.cluster.to_string(),
+                "fingerprint": running.fingerprint,
+            })
+        );
+        let _ = std::io::stdout().flush();
+        tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;
+        tracing::info!("interrupted: shutting down");
+        Ok(())
+    })
+}
+
+fn probe_cmd(a: ProbeArgs) -> Result<(), String> {
+    init_logs();
+    let link = LinkConfig {
+        origin: a.origin,
+        fingerprint: a.origin_fingerprint,
+        cluster_token: a.cluster_token,
+    };
+    let report = runtime()?.block_on(server::probe(link, &a.stream, a.seconds))?;
+    println!("{report}");
+    Ok(())
+}
+
+fn token_cmd(t: TokenCmd) -> Result<(), String> {
+    match t {
+        TokenCmd::Create {
+            stream,
+            kind,
+            ttl,
+            tokens,
+        } => {
+            if stream != "*" {
+                chorus::http::director::check_stream_name(&stream)?;
             }
-        },
+            let kind = if kind == "publish" {
+                TokenKind::Publish
+            } else {
+                TokenKind::Subscribe
+            };
+            let mut file = TokenFile::load(&tokens)?;
+            let entry = file.create(&stream, kind, ttl);
+            file.save(&tokens)?;
+            eprintln!(
+                "added a {} token for stream {stream:?} to {}{}",
+                kind.as_str(),
+                tokens.display(),
+                ttl.map(|t| format!(", valid {t} s")).unwrap_or_default()
+            );
+            println!("{}", entry.token);
+            Ok(())
+        }
     }
 }
 

@@ -1,0 +1,91 @@
+//! The HTTP face of chorus: director API, signalling WebSocket, WHIP, stream introspection.
+
+pub mod director;
+pub mod signal;
+pub mod whip;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tower_http::cors::{Any, CorsLayer};
+
+use crate::auth::jwt::JwtKeys;
+use crate::auth::tokens::Tokens;
+use crate::origin::Origin;
+
+/// Everything the HTTP handlers share.
+pub struct App {
+    pub tokens: Tokens,
+    pub jwt: JwtKeys,
+    pub origin: Arc<Origin>,
+    /// Base URL put in director answers (`ws://host:port`); None = from the request's Host.
+    pub public_ws: Option<String>,
+    pub next_session: AtomicU64,
+}
+
+/// The `{"status":"fail"}` body the SDK expects, with a status code.
+pub fn fail(status: StatusCode, message: impl Into<String>) -> Response {
+    let message = message.into();
+    tracing::info!(%status, %message, "request refused");
+    (
+        status,
+        Json(json!({"status": "fail", "data": {"message": message}})),
+    )
+        .into_response()
+}
+
+/// The token of an `Authorization: Bearer ...` header.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods(Any)
+        .allow_headers(Any)
+        .expose_headers([header::LOCATION, header::ETAG]);
+    Router::new()
+        .route("/", get(index))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/api/director/publish", post(director::publish))
+        .route("/api/director/subscribe", post(director::subscribe))
+        .route("/api/streams/{name}", get(stream_view))
+        .route("/ws", get(signal::upgrade))
+        .route("/whip/{stream}", post(whip::publish))
+        .route(
+            "/whip/resource/{id}",
+            delete(whip::delete).patch(whip::patch),
+        )
+        .layer(cors)
+        .with_state(app)
+}
+
+async fn index() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        "<!doctype html><title>chorus</title><h1>chorus</h1>\
+         <p>Director API at <code>/api/director/publish</code> and <code>/api/director/subscribe</code>, \
+         signalling at <code>/ws</code>, WHIP at <code>/whip/{stream}?sourceId=ID</code>, \
+         stream state at <code>/api/streams/{stream}</code>.</p>",
+    )
+}
+
+async fn stream_view(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
+    match app.origin.stream_view(&name) {
+        Some(v) => Json(v).into_response(),
+        None => fail(StatusCode::NOT_FOUND, format!("no stream {name:?} is live")),
+    }
+}

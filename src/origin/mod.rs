@@ -1,0 +1,462 @@
+//! The origin: streams, their sources (one live publication per sourceId), and the fan-out of
+//! every source's RTP to the edges subscribed to its stream.
+//!
+//! Control-plane state sits behind one mutex touched by signalling, WHIP, the relay and (on a
+//! publication's end) the media thread; nothing holds it across I/O. The packet path does not
+//! take it: each publication's handler owns its stream's fan-out list (a read lock per packet).
+
+pub mod publication;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use bytes::Bytes;
+use serde::Serialize;
+use str0m::media::MediaKind;
+use str0m::RtcConfig;
+use tracing::info;
+
+use crate::relay::proto::{OriginMsg, SourceInfo, TrackInfo};
+use crate::rtc::host::{CloseReason, OfferRequirements, PeerId, RtcHost};
+use crate::rtc::offer::{mlines, OfferError};
+use publication::PublicationHandler;
+
+/// A sourceId; None is the stream's main source.
+pub type SourceKey = Option<String>;
+
+/// Where a subscribed edge's datagrams and control messages go (a QUIC connection).
+pub trait EdgeSink: Send + Sync {
+    /// Sends one datagram; false if it was dropped (connection gone or datagram too large).
+    fn datagram(&self, d: Bytes) -> bool;
+    fn control(&self, msg: OriginMsg);
+}
+
+#[derive(Clone)]
+pub struct Sub {
+    pub conn: u64,
+    pub channel: u32,
+    pub sink: Arc<dyn EdgeSink>,
+}
+
+/// The edges subscribed to one stream; read per packet, written on (un)subscribe.
+#[derive(Default)]
+pub struct Fanout {
+    pub subs: RwLock<Vec<Sub>>,
+}
+
+/// Counters of one source, updated on the media thread.
+#[derive(Debug, Default)]
+pub struct SourceStats {
+    pub audio_packets: AtomicU64,
+    pub audio_bytes: AtomicU64,
+    pub level_packets: AtomicU64,
+    /// Last RFC 6464 level + 1 (0 = none seen).
+    pub last_level: AtomicU32,
+    pub video_packets: AtomicU64,
+    pub relay_drops: AtomicU64,
+}
+
+/// Who owns a publication, so that owner's end can remove it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Owner {
+    Signalling(u64),
+    Whip,
+}
+
+struct Source {
+    publication: u64,
+    /// Unguessable: a WHIP resource URL is built from it.
+    publisher_id: String,
+    peer: PeerId,
+    owner: Owner,
+    tracks: Vec<TrackInfo>,
+    audio_level: bool,
+    stats: Arc<SourceStats>,
+}
+
+#[derive(Default)]
+struct Stream {
+    sources: BTreeMap<SourceKey, Source>,
+    indices: HashMap<SourceKey, u16>,
+    fanout: Arc<Fanout>,
+}
+
+impl Stream {
+    fn index_of(&mut self, key: &SourceKey) -> u16 {
+        let next = self.indices.len() as u16;
+        *self.indices.entry(key.clone()).or_insert(next)
+    }
+
+    fn snapshot(&self) -> Vec<SourceInfo> {
+        self.sources
+            .iter()
+            .map(|(k, s)| SourceInfo {
+                index: self.indices[k],
+                source_id: k.clone(),
+                tracks: s.tracks.clone(),
+                audio_level: s.audio_level,
+            })
+            .collect()
+    }
+
+    fn announce(&self, name: &str) {
+        let sources = self.snapshot();
+        for sub in self
+            .fanout
+            .subs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            sub.sink.control(OriginMsg::Sources {
+                stream: name.to_owned(),
+                channel: sub.channel,
+                sources: sources.clone(),
+            });
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.sources.is_empty() && self.fanout.subs.read().map_or(true, |s| s.is_empty())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub publisher_id: String,
+    pub answer: String,
+    pub replaced: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SourceView {
+    #[serde(rename = "sourceId")]
+    pub source_id: Option<String>,
+    #[serde(rename = "publisherId")]
+    pub publisher_id: String,
+    pub tracks: Vec<TrackInfo>,
+    pub audio: AudioView,
+    pub video: VideoView,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AudioView {
+    pub packets: u64,
+    pub bytes: u64,
+    #[serde(rename = "levelPackets")]
+    pub level_packets: u64,
+    #[serde(rename = "lastLevel")]
+    pub last_level: Option<u8>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VideoView {
+    pub packets: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StreamView {
+    pub stream: String,
+    pub sources: Vec<SourceView>,
+    pub edges: usize,
+}
+
+pub struct Origin {
+    host: RtcHost,
+    state: Mutex<HashMap<String, Stream>>,
+    next_publication: AtomicU64,
+    next_channel: AtomicU32,
+    me: Weak<Origin>,
+}
+
+impl Origin {
+    pub fn new(host: RtcHost) -> Arc<Origin> {
+        Arc::new_cyclic(|me| Origin {
+            host,
+            state: Mutex::new(HashMap::new()),
+            next_publication: AtomicU64::new(1),
+            next_channel: AtomicU32::new(1),
+            me: me.clone(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Stream>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Answers a publisher's offer. A live publication with the same sourceId is replaced: the
+    /// new one takes over the source (same index for the edges) and the old peer is closed.
+    pub fn publish(
+        &self,
+        stream: &str,
+        source: SourceKey,
+        offer: &str,
+        owner: Owner,
+    ) -> Result<Published, OfferError> {
+        let audio_level = mlines(offer)
+            .iter()
+            .any(|m| m.media == "audio" && m.audio_level);
+        let publication = self.next_publication.fetch_add(1, Ordering::Relaxed);
+        let stats = Arc::new(SourceStats::default());
+        let (index, fanout) = {
+            let mut st = self.lock();
+            let s = st.entry(stream.to_owned()).or_default();
+            (s.index_of(&source), s.fanout.clone())
+        };
+        let handler = PublicationHandler::new(
+            self.me.clone(),
+            stream.to_owned(),
+            source.clone(),
+            publication,
+            index,
+            fanout,
+            stats.clone(),
+        );
+        let config = RtcConfig::new()
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .enable_h264(true);
+        let (peer, answer) = self.host.accept(
+            offer,
+            config,
+            OfferRequirements { audio_send: true },
+            Box::new(handler),
+        )?;
+        let tracks = answer_tracks(&answer);
+        let publisher_id = format!("pub-{publication}-{}", crate::auth::random_secret(9));
+        let mut st = self.lock();
+        let s = st.entry(stream.to_owned()).or_default();
+        let old = s.sources.insert(
+            source.clone(),
+            Source {
+                publication,
+                publisher_id: publisher_id.clone(),
+                peer,
+                owner,
+                tracks,
+                audio_level,
+                stats,
+            },
+        );
+        let replaced = old.is_some();
+        if let Some(old) = old {
+            self.host.remove(old.peer);
+            info!(stream, source = ?source, old = old.publication, new = publication, "publication replaced");
+        } else {
+            info!(stream, source = ?source, publication, "source published");
+        }
+        s.announce(stream);
+        Ok(Published {
+            publisher_id,
+            answer,
+            replaced,
+        })
+    }
+
+    /// Ends one owner's publication of `source` (or all of its publications with None).
+    pub fn unpublish(&self, stream: &str, source: Option<&SourceKey>, owner: Owner) -> usize {
+        let mut st = self.lock();
+        let Some(s) = st.get_mut(stream) else {
+            return 0;
+        };
+        let doomed: Vec<SourceKey> = s
+            .sources
+            .iter()
+            .filter(|(k, v)| v.owner == owner && source.is_none_or(|want| want == *k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &doomed {
+            if let Some(src) = s.sources.remove(k) {
+                self.host.remove(src.peer);
+                info!(stream, source = ?k, publication = src.publication, "source unpublished");
+            }
+        }
+        if !doomed.is_empty() {
+            s.announce(stream);
+        }
+        if s.is_idle() {
+            st.remove(stream);
+        }
+        doomed.len()
+    }
+
+    /// Ends every publication of an owner, in every stream (its signalling socket closed).
+    pub fn drop_owner(&self, owner: Owner) {
+        let streams: Vec<String> = self.lock().keys().cloned().collect();
+        for s in streams {
+            self.unpublish(&s, None, owner);
+        }
+    }
+
+    /// Ends the WHIP publication with this publisher id, wherever it is (WHIP DELETE).
+    pub fn unpublish_whip(&self, publisher_id: &str) -> bool {
+        let mut st = self.lock();
+        for (name, s) in st.iter_mut() {
+            let key = s
+                .sources
+                .iter()
+                .find(|(_, v)| v.owner == Owner::Whip && v.publisher_id == publisher_id)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = key {
+                let src = s.sources.remove(&k).expect("found above");
+                self.host.remove(src.peer);
+                info!(stream = name.as_str(), source = ?k, "source unpublished");
+                s.announce(name);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Called from the media thread when a publication's peer ends for any reason.
+    pub(crate) fn publication_closed(
+        &self,
+        stream: &str,
+        source: &SourceKey,
+        publication: u64,
+        reason: CloseReason,
+    ) {
+        let mut st = self.lock();
+        let Some(s) = st.get_mut(stream) else { return };
+        // A replaced publication closing must not take its successor down.
+        if s.sources
+            .get(source)
+            .is_some_and(|v| v.publication == publication)
+        {
+            s.sources.remove(source);
+            info!(stream, source = ?source, publication, %reason, "source gone");
+            s.announce(stream);
+        }
+        if s.is_idle() {
+            st.remove(stream);
+        }
+    }
+
+    /// An edge subscribes; it gets the source list now and on every change.
+    pub fn subscribe(&self, stream: &str, conn: u64, sink: Arc<dyn EdgeSink>) -> u32 {
+        let channel = self.next_channel.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.lock();
+        let s = st.entry(stream.to_owned()).or_default();
+        s.fanout
+            .subs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Sub {
+                conn,
+                channel,
+                sink: sink.clone(),
+            });
+        sink.control(OriginMsg::Sources {
+            stream: stream.to_owned(),
+            channel,
+            sources: s.snapshot(),
+        });
+        info!(stream, conn, channel, "edge subscribed");
+        channel
+    }
+
+    pub fn unsubscribe(&self, stream: &str, conn: u64) {
+        let mut st = self.lock();
+        let Some(s) = st.get_mut(stream) else { return };
+        s.fanout
+            .subs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|sub| sub.conn != conn);
+        info!(stream, conn, "edge unsubscribed");
+        if s.is_idle() {
+            st.remove(stream);
+        }
+    }
+
+    /// An edge connection ended: drop all of its subscriptions.
+    pub fn drop_conn(&self, conn: u64) {
+        let mut st = self.lock();
+        for s in st.values_mut() {
+            s.fanout
+                .subs
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|sub| sub.conn != conn);
+        }
+        st.retain(|_, s| !s.is_idle());
+    }
+
+    /// Asks the publisher of `source` for a video keyframe (a viewer's PLI, via its edge).
+    pub fn request_keyframe(&self, stream: &str, source: &SourceKey) -> bool {
+        let st = self.lock();
+        let Some(src) = st.get(stream).and_then(|s| s.sources.get(source)) else {
+            return false;
+        };
+        let Some(video) = src.tracks.iter().find(|t| t.media == "video") else {
+            return false;
+        };
+        self.host
+            .request_keyframe(src.peer, video.mid.as_str().into());
+        true
+    }
+
+    pub fn stream_view(&self, stream: &str) -> Option<StreamView> {
+        let st = self.lock();
+        let s = st.get(stream)?;
+        let sources = s
+            .sources
+            .iter()
+            .map(|(k, v)| {
+                let last = v.stats.last_level.load(Ordering::Relaxed);
+                SourceView {
+                    source_id: k.clone(),
+                    publisher_id: v.publisher_id.clone(),
+                    tracks: v.tracks.clone(),
+                    audio: AudioView {
+                        packets: v.stats.audio_packets.load(Ordering::Relaxed),
+                        bytes: v.stats.audio_bytes.load(Ordering::Relaxed),
+                        level_packets: v.stats.level_packets.load(Ordering::Relaxed),
+                        last_level: last.checked_sub(1).map(|l| l as u8),
+                    },
+                    video: VideoView {
+                        packets: v.stats.video_packets.load(Ordering::Relaxed),
+                    },
+                }
+            })
+            .collect();
+        Some(StreamView {
+            stream: stream.to_owned(),
+            sources,
+            edges: s.fanout.subs.read().map_or(0, |s| s.len()),
+        })
+    }
+
+    pub fn stream_names(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+}
+
+/// The audio/video m-lines of an answer with their mids.
+fn answer_tracks(answer: &str) -> Vec<TrackInfo> {
+    let mut out = Vec::new();
+    let mut media: Option<String> = None;
+    for line in answer.lines().map(str::trim_end) {
+        if let Some(rest) = line.strip_prefix("m=") {
+            media = Some(rest.split(' ').next().unwrap_or("").to_owned());
+        } else if let (Some(mid), Some(m)) = (line.strip_prefix("a=mid:"), media.as_ref()) {
+            if m == "audio" || m == "video" {
+                out.push(TrackInfo {
+                    media: m.clone(),
+                    mid: mid.to_owned(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Which relayed kind a str0m media kind is.
+pub fn relay_kind(k: MediaKind) -> crate::relay::proto::Kind {
+    match k {
+        MediaKind::Audio => crate::relay::proto::Kind::Audio,
+        MediaKind::Video => crate::relay::proto::Kind::Video,
+    }
+}

@@ -1,0 +1,114 @@
+//! One publication's packet path, on the media thread: count, normalize, relay to every edge.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use bytes::Bytes;
+use str0m::media::MediaKind;
+use tracing::debug;
+
+use super::{relay_kind, Fanout, Origin, SourceKey, SourceStats};
+use crate::media::rtp::{write_packet, HeaderFields};
+use crate::relay::proto::{DatagramHeader, LEVEL_EXT_ID};
+use crate::rtc::host::{PeerEvent, PeerHandler, PeerId};
+
+pub struct PublicationHandler {
+    origin: Weak<Origin>,
+    stream: String,
+    source: SourceKey,
+    publication: u64,
+    index: u16,
+    fanout: Arc<Fanout>,
+    stats: Arc<SourceStats>,
+    rtp: Vec<u8>,
+}
+
+impl PublicationHandler {
+    pub fn new(
+        origin: Weak<Origin>,
+        stream: String,
+        source: SourceKey,
+        publication: u64,
+        index: u16,
+        fanout: Arc<Fanout>,
+        stats: Arc<SourceStats>,
+    ) -> Self {
+        PublicationHandler {
+            origin,
+            stream,
+            source,
+            publication,
+            index,
+            fanout,
+            stats,
+            rtp: Vec::with_capacity(1500),
+        }
+    }
+}
+
+impl PeerHandler for PublicationHandler {
+    fn on_event(&mut self, peer: PeerId, ev: PeerEvent<'_>) {
+        match ev {
+            PeerEvent::Connected => {
+                debug!(%peer, stream = self.stream.as_str(), source = ?self.source, "publisher connected")
+            }
+            PeerEvent::Media(m) => {
+                match m.kind {
+                    MediaKind::Audio => {
+                        self.stats.audio_packets.fetch_add(1, Ordering::Relaxed);
+                        self.stats
+                            .audio_bytes
+                            .fetch_add(m.payload.len() as u64, Ordering::Relaxed);
+                        if let Some(l) = m.audio_level {
+                            self.stats.level_packets.fetch_add(1, Ordering::Relaxed);
+                            self.stats.last_level.store(l as u32 + 1, Ordering::Relaxed);
+                        }
+                    }
+                    MediaKind::Video => {
+                        self.stats.video_packets.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                let subs = self.fanout.subs.read().unwrap_or_else(|p| p.into_inner());
+                if subs.is_empty() {
+                    return;
+                }
+                // Re-serialize with one canonical layout: edges need not know each publisher's
+                // negotiated extension ids.
+                let level = m
+                    .audio_level
+                    .map(|l| [l | if m.voice == Some(true) { 0x80 } else { 0 }]);
+                let exts: &[(u8, &[u8])] = match &level {
+                    Some(b) if m.kind == MediaKind::Audio => &[(LEVEL_EXT_ID, b)],
+                    _ => &[],
+                };
+                let hdr = HeaderFields {
+                    payload_type: m.pt,
+                    sequence_number: m.seq,
+                    timestamp: m.ts,
+                    ssrc: m.ssrc,
+                    marker: m.marker,
+                };
+                write_packet(&mut self.rtp, &hdr, exts, m.payload);
+                for sub in subs.iter() {
+                    let mut d =
+                        Vec::with_capacity(crate::relay::proto::DATAGRAM_HEADER + self.rtp.len());
+                    DatagramHeader {
+                        channel: sub.channel,
+                        source: self.index,
+                        kind: relay_kind(m.kind),
+                    }
+                    .write(&mut d);
+                    d.extend_from_slice(&self.rtp);
+                    if !sub.sink.datagram(Bytes::from(d)) {
+                        self.stats.relay_drops.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            PeerEvent::Closed(reason) => {
+                if let Some(o) = self.origin.upgrade() {
+                    o.publication_closed(&self.stream, &self.source, self.publication, reason);
+                }
+            }
+        }
+    }
+}

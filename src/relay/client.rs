@@ -1,0 +1,171 @@
+//! Edge side of the relay: one QUIC connection to the origin, reference-counted stream
+//! subscriptions (subscribe on the first viewer, unsubscribe after the last).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::proto::{encode_frame, DatagramHeader, EdgeMsg, FrameReader, OriginMsg, SourceInfo};
+
+/// What an edge does with what the origin sends. Called from the link's tasks.
+pub trait LinkHandler: Send + Sync + 'static {
+    fn on_sources(&self, stream: &str, channel: u32, sources: &[SourceInfo]);
+    fn on_datagram(&self, hdr: DatagramHeader, rtp: &[u8]);
+    fn on_closed(&self, reason: &str);
+}
+
+pub struct EdgeLink {
+    conn: quinn::Connection,
+    ctl: mpsc::UnboundedSender<EdgeMsg>,
+    refs: Mutex<HashMap<String, usize>>,
+    pub jwt_secret: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    pub origin: SocketAddr,
+    /// Hex SHA-256 of the origin's certificate; None = accept any (logged).
+    pub fingerprint: Option<String>,
+    pub cluster_token: Option<String>,
+}
+
+impl EdgeLink {
+    pub async fn connect(
+        cfg: &LinkConfig,
+        handler: Arc<dyn LinkHandler>,
+    ) -> Result<Arc<EdgeLink>, String> {
+        if cfg.fingerprint.is_none() {
+            warn!(origin = %cfg.origin, "origin certificate not pinned: pass --origin-fingerprint outside a trusted network");
+        }
+        let bind: SocketAddr = if cfg.origin.is_ipv4() {
+            "0.0.0.0:0".parse().expect("valid")
+        } else {
+            "[::]:0".parse().expect("valid")
+        };
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| e.to_string())?;
+        endpoint.set_default_client_config(super::tls::client_config(cfg.fingerprint.clone())?);
+        let conn = endpoint
+            .connect(cfg.origin, super::tls::SERVER_NAME)
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| format!("cannot reach origin {}: {e}", cfg.origin))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(&encode_frame(&EdgeMsg::Hello {
+            token: cfg.cluster_token.clone(),
+        }))
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut reader = FrameReader::default();
+        let mut buf = vec![0u8; 16 * 1024];
+        let jwt_secret = loop {
+            if let Some(msg) = reader.next::<OriginMsg>().map_err(|e| e.to_string())? {
+                match msg {
+                    OriginMsg::Welcome { jwt_secret } => break jwt_secret,
+                    OriginMsg::Refused { reason } => {
+                        return Err(format!("origin refused this edge: {reason}"))
+                    }
+                    other => return Err(format!("origin sent {other:?} before welcome")),
+                }
+            }
+            match recv.read(&mut buf).await.map_err(|e| e.to_string())? {
+                Some(n) => reader.push(&buf[..n]),
+                None => return Err("origin closed the link during hello".into()),
+            }
+        };
+        info!(origin = %cfg.origin, "linked to origin");
+        let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<EdgeMsg>();
+        tokio::spawn(async move {
+            while let Some(msg) = ctl_rx.recv().await {
+                if send.write_all(&encode_frame(&msg)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let h = handler.clone();
+        tokio::spawn(async move {
+            let reason = loop {
+                match reader.next::<OriginMsg>() {
+                    Ok(Some(OriginMsg::Sources {
+                        stream,
+                        channel,
+                        sources,
+                    })) => {
+                        h.on_sources(&stream, channel, &sources);
+                        continue;
+                    }
+                    Ok(Some(other)) => {
+                        debug!("ignoring {other:?}");
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => break e.to_string(),
+                }
+                match recv.read(&mut buf).await {
+                    Ok(Some(n)) => reader.push(&buf[..n]),
+                    Ok(None) => break "origin closed the control stream".into(),
+                    Err(e) => break e.to_string(),
+                }
+            };
+            h.on_closed(&reason);
+        });
+        let dconn = conn.clone();
+        tokio::spawn(async move {
+            let mut malformed = 0u64;
+            while let Ok(d) = dconn.read_datagram().await {
+                match DatagramHeader::parse(&d) {
+                    Some((hdr, rtp)) => handler.on_datagram(hdr, rtp),
+                    None => {
+                        malformed += 1;
+                        debug!(malformed, "malformed relay datagram dropped");
+                    }
+                }
+            }
+        });
+        Ok(Arc::new(EdgeLink {
+            conn,
+            ctl: ctl_tx,
+            refs: Mutex::new(HashMap::new()),
+            jwt_secret,
+        }))
+    }
+
+    /// A viewer of `stream` arrived: subscribes at the origin if it is the first.
+    pub fn acquire(&self, stream: &str) {
+        let mut refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
+        let n = refs.entry(stream.to_owned()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            let _ = self.ctl.send(EdgeMsg::Subscribe {
+                stream: stream.to_owned(),
+            });
+        }
+    }
+
+    /// A viewer left: unsubscribes after the last one.
+    pub fn release(&self, stream: &str) {
+        let mut refs = self.refs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = refs.get_mut(stream) {
+            *n -= 1;
+            if *n == 0 {
+                refs.remove(stream);
+                let _ = self.ctl.send(EdgeMsg::Unsubscribe {
+                    stream: stream.to_owned(),
+                });
+            }
+        }
+    }
+
+    pub fn request_keyframe(&self, stream: &str, source: Option<String>) {
+        let _ = self.ctl.send(EdgeMsg::Keyframe {
+            stream: stream.to_owned(),
+            source,
+        });
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
+    }
+}

@@ -1,0 +1,222 @@
+//! The origin-edge wire format, sans-IO: control messages on one QUIC stream (u32 big-endian
+//! length, then JSON), and one QUIC datagram per RTP packet with a 7-byte tag.
+
+use serde::{Deserialize, Serialize};
+
+/// Control messages larger than this are a protocol error: a source list is a few KiB.
+pub const MAX_CONTROL_FRAME: usize = 1 << 20;
+/// `channel` (u32) + source index (u16) + kind (u8).
+pub const DATAGRAM_HEADER: usize = 7;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EdgeMsg {
+    /// First message: proves the edge may join the cluster.
+    Hello {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    Subscribe {
+        stream: String,
+    },
+    Unsubscribe {
+        stream: String,
+    },
+    /// A viewer needs a keyframe of this source's video.
+    Keyframe {
+        stream: String,
+        source: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum OriginMsg {
+    /// Answer to `Hello`: the key viewers' JWTs are checked with at the edge.
+    Welcome { jwt_secret: String },
+    /// The cluster token was wrong; the connection closes after this.
+    Refused { reason: String },
+    /// The full source list of a subscribed stream, sent on subscribe and on every change.
+    /// Datagrams for this stream carry `channel`.
+    Sources {
+        stream: String,
+        channel: u32,
+        sources: Vec<SourceInfo>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceInfo {
+    /// Stable per stream for the life of the origin: datagrams carry it instead of the name.
+    pub index: u16,
+    /// None = the stream's main source (published without a sourceId).
+    pub source_id: Option<String>,
+    pub tracks: Vec<TrackInfo>,
+    /// Audio packets carry the RFC 6464 level as one-byte extension id [`LEVEL_EXT_ID`].
+    pub audio_level: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackInfo {
+    pub media: String,
+    pub mid: String,
+}
+
+/// The extension id the origin uses for the audio level in relayed packets, whatever id the
+/// publisher negotiated.
+pub const LEVEL_EXT_ID: u8 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Audio = 0,
+    Video = 1,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatagramHeader {
+    pub channel: u32,
+    pub source: u16,
+    pub kind: Kind,
+}
+
+impl DatagramHeader {
+    pub fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.channel.to_be_bytes());
+        out.extend_from_slice(&self.source.to_be_bytes());
+        out.push(self.kind as u8);
+    }
+
+    /// Splits a datagram into its header and RTP packet.
+    pub fn parse(d: &[u8]) -> Option<(DatagramHeader, &[u8])> {
+        if d.len() < DATAGRAM_HEADER {
+            return None;
+        }
+        let kind = match d[6] {
+            0 => Kind::Audio,
+            1 => Kind::Video,
+            _ => return None,
+        };
+        Some((
+            DatagramHeader {
+                channel: u32::from_be_bytes([d[0], d[1], d[2], d[3]]),
+                source: u16::from_be_bytes([d[4], d[5]]),
+                kind,
+            },
+            &d[DATAGRAM_HEADER..],
+        ))
+    }
+}
+
+/// Encodes one control frame.
+pub fn encode_frame<T: Serialize>(msg: &T) -> Vec<u8> {
+    let body = serde_json::to_vec(msg).expect("control messages serialize");
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    TooLarge(usize),
+    Json(String),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FrameError::TooLarge(n) => {
+                write!(f, "control frame of {n} bytes exceeds {MAX_CONTROL_FRAME}")
+            }
+            FrameError::Json(e) => write!(f, "control frame is not a valid message: {e}"),
+        }
+    }
+}
+
+/// Accumulates stream bytes and yields whole frames.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete message, if one has fully arrived.
+    pub fn next<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, FrameError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > MAX_CONTROL_FRAME {
+            return Err(FrameError::TooLarge(len));
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let msg = serde_json::from_slice(&self.buf[4..4 + len])
+            .map_err(|e| FrameError::Json(e.to_string()));
+        self.buf.drain(..4 + len);
+        msg.map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_survive_arbitrary_splits() {
+        let msgs = vec![
+            EdgeMsg::Hello { token: None },
+            EdgeMsg::Subscribe {
+                stream: "panel".into(),
+            },
+            EdgeMsg::Keyframe {
+                stream: "panel".into(),
+                source: Some("ana".into()),
+            },
+        ];
+        let bytes: Vec<u8> = msgs.iter().flat_map(encode_frame).collect();
+        for split in [1, 3, 7, bytes.len()] {
+            let mut r = FrameReader::default();
+            let mut got = Vec::new();
+            for chunk in bytes.chunks(split) {
+                r.push(chunk);
+                while let Some(m) = r.next::<EdgeMsg>().unwrap() {
+                    got.push(m);
+                }
+            }
+            assert_eq!(got, msgs);
+        }
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        let mut r = FrameReader::default();
+        r.push(&u32::MAX.to_be_bytes());
+        assert!(matches!(r.next::<EdgeMsg>(), Err(FrameError::TooLarge(_))));
+        let mut r = FrameReader::default();
+        r.push(&[0, 0, 0, 2, b'{', b'x']);
+        assert!(matches!(r.next::<EdgeMsg>(), Err(FrameError::Json(_))));
+    }
+
+    #[test]
+    fn datagram_header_round_trip() {
+        let h = DatagramHeader {
+            channel: 9,
+            source: 3,
+            kind: Kind::Video,
+        };
+        let mut d = Vec::new();
+        h.write(&mut d);
+        d.extend_from_slice(b"rtp");
+        assert_eq!(DatagramHeader::parse(&d), Some((h, &b"rtp"[..])));
+        assert_eq!(DatagramHeader::parse(&d[..6]), None);
+        d[6] = 9;
+        assert_eq!(DatagramHeader::parse(&d), None);
+    }
+}

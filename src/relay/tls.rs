@@ -1,0 +1,134 @@
+//! TLS for the origin-edge QUIC link: the origin makes a self-signed certificate at start and
+//! prints its SHA-256 fingerprint; an edge pins it (`--origin-fingerprint`) or, on a trusted
+//! network, accepts any certificate with a warning.
+
+use std::sync::Arc;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+pub const ALPN: &[u8] = b"chorus-relay/1";
+pub const SERVER_NAME: &str = "chorus-origin";
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+pub fn fingerprint(cert: &[u8]) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
+    t.max_idle_timeout(Some(
+        std::time::Duration::from_secs(10)
+            .try_into()
+            .expect("in range"),
+    ));
+    // Room for a burst of audio from many sources without dropping on the receiving side.
+    t.datagram_receive_buffer_size(Some(4 << 20));
+    t.datagram_send_buffer_size(4 << 20);
+    // Video RTP is up to ~1200 bytes plus our 7-byte tag: start above the 1200-byte default.
+    t.initial_mtu(1400);
+    t
+}
+
+/// A server config with a fresh self-signed certificate, and that certificate's fingerprint.
+pub fn server_config() -> Result<(quinn::ServerConfig, String), String> {
+    let cert = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])
+        .map_err(|e| e.to_string())?;
+    let der = CertificateDer::from(cert.cert.der().to_vec());
+    let fp = fingerprint(&der);
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(vec![der], key)
+        .map_err(|e| e.to_string())?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport()));
+    Ok((cfg, fp))
+}
+
+/// A client config that accepts the origin whose certificate has this fingerprint (hex
+/// SHA-256), or any origin when `pin` is None.
+pub fn client_config(pin: Option<String>) -> Result<quinn::ClientConfig, String> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Pinned {
+            pin: pin.map(|p| p.to_ascii_lowercase().replace(':', "")),
+        }))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport()));
+    Ok(cfg)
+}
+
+#[derive(Debug)]
+struct Pinned {
+    pin: Option<String>,
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match &self.pin {
+            Some(pin) if *pin != fingerprint(end_entity) => Err(rustls::Error::General(format!(
+                "origin certificate fingerprint {} is not the pinned {pin}",
+                fingerprint(end_entity)
+            ))),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}

@@ -1,0 +1,4 @@
+//! WebRTC peers (str0m) on media threads: offer checks, the socket-owning loop, peer routing.
+
+pub mod host;
+pub mod offer;

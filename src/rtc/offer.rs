@@ -1,0 +1,122 @@
+//! Checks on an SDP offer before str0m sees it, so a refusal says what is wrong in words a
+//! client developer can act on.
+
+use super::host::OfferRequirements;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OfferError {
+    /// Not parseable as SDP.
+    Malformed(String),
+    /// Parseable, but not what this endpoint takes.
+    Unacceptable(String),
+    /// str0m refused it.
+    Rejected(String),
+    Internal(String),
+}
+
+impl std::fmt::Display for OfferError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OfferError::Malformed(m) => write!(f, "malformed SDP offer: {m}"),
+            OfferError::Unacceptable(m) => write!(f, "{m}"),
+            OfferError::Rejected(m) => write!(f, "SDP offer rejected: {m}"),
+            OfferError::Internal(m) => write!(f, "internal error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for OfferError {}
+
+/// Largest offer accepted: a browser offer with many m-lines is a few KiB.
+pub const MAX_OFFER_BYTES: usize = 64 * 1024;
+
+/// A summary of the offer's m-lines: (media, direction, has the RFC 6464 extension).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MLine {
+    pub media: String,
+    pub direction: String,
+    pub audio_level: bool,
+}
+
+pub fn mlines(sdp: &str) -> Vec<MLine> {
+    let mut out: Vec<MLine> = Vec::new();
+    for line in sdp.lines().map(str::trim_end) {
+        if let Some(rest) = line.strip_prefix("m=") {
+            out.push(MLine {
+                media: rest.split(' ').next().unwrap_or("").to_owned(),
+                direction: "sendrecv".into(),
+                audio_level: false,
+            });
+        } else if let Some(m) = out.last_mut() {
+            match line {
+                "a=sendrecv" | "a=sendonly" | "a=recvonly" | "a=inactive" => {
+                    m.direction = line[2..].to_owned()
+                }
+                _ if line.starts_with("a=extmap:")
+                    && line.contains("urn:ietf:params:rtp-hdrext:ssrc-audio-level") =>
+                {
+                    m.audio_level = true
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+pub fn check_offer(sdp: &str, req: OfferRequirements) -> Result<(), OfferError> {
+    if sdp.len() > MAX_OFFER_BYTES {
+        return Err(OfferError::Malformed(format!(
+            "{} bytes, more than {MAX_OFFER_BYTES}",
+            sdp.len()
+        )));
+    }
+    if !sdp.trim_start().starts_with("v=0") {
+        return Err(OfferError::Malformed("does not start with v=0".into()));
+    }
+    let lines = mlines(sdp);
+    if lines.is_empty() {
+        return Err(OfferError::Malformed("no m= line".into()));
+    }
+    if req.audio_send
+        && !lines
+            .iter()
+            .any(|m| m.media == "audio" && matches!(m.direction.as_str(), "sendonly" | "sendrecv"))
+    {
+        return Err(OfferError::Unacceptable(
+            "offer has no audio m-line to publish".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PUB: OfferRequirements = OfferRequirements { audio_send: true };
+
+    #[test]
+    fn refuses_offers_without_publishable_audio() {
+        let video_only = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\n";
+        assert_eq!(
+            check_offer(video_only, PUB),
+            Err(OfferError::Unacceptable(
+                "offer has no audio m-line to publish".into()
+            ))
+        );
+        let recv_audio = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=recvonly\r\n";
+        assert!(check_offer(recv_audio, PUB).is_err());
+        let ok = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level\r\na=sendonly\r\n";
+        assert_eq!(check_offer(ok, PUB), Ok(()));
+        assert!(mlines(ok)[0].audio_level);
+        assert!(matches!(
+            check_offer("hello", PUB),
+            Err(OfferError::Malformed(_))
+        ));
+        assert!(matches!(
+            check_offer("v=0\r\n", PUB),
+            Err(OfferError::Malformed(_))
+        ));
+    }
+}

@@ -194,6 +194,7 @@ pub async fn probe(
     edge.acquire(stream);
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     edge.release(stream);
+    edge.close().await;
     let st = probe.state.lock().unwrap_or_else(|p| p.into_inner());
     let sources: Vec<_> = st
         .sources

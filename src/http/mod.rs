@@ -55,7 +55,12 @@ pub fn router(app: Arc<App>) -> Router {
     let cors = CorsLayer::new()
         .allow_origin(Any)
         .allow_methods(Any)
-        .allow_headers(Any)
+        // `*` does not cover Authorization in the Fetch spec: name the headers clients send.
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::IF_MATCH,
+        ])
         .expose_headers([header::LOCATION, header::ETAG]);
     Router::new()
         .route("/", get(index))

@@ -218,12 +218,23 @@ impl Origin {
             .enable_opus(true, false)
             .enable_vp8(true)
             .enable_h264(true);
-        let (peer, answer) = self.host.accept(
+        let accepted = self.host.accept(
             offer,
             config,
             OfferRequirements { audio_send: true },
             Box::new(handler),
-        )?;
+        );
+        let (peer, answer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Do not leave behind the empty stream entry made for this attempt.
+                let mut st = self.lock();
+                if st.get(stream).is_some_and(Stream::is_idle) {
+                    st.remove(stream);
+                }
+                return Err(e);
+            }
+        };
         let tracks = answer_tracks(&answer);
         let publisher_id = format!("pub-{publication}-{}", crate::auth::random_secret(9));
         let mut st = self.lock();

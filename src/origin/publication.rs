@@ -52,6 +52,8 @@ impl PeerHandler for PublicationHandler {
             PeerEvent::Connected => {
                 debug!(%peer, stream = self.stream.as_str(), source = ?self.source, "publisher connected")
             }
+            // Padding-only packets (bandwidth probes) carry no media: not counted, not relayed.
+            PeerEvent::Media(m) if m.payload.is_empty() => {}
             PeerEvent::Media(m) => {
                 match m.kind {
                     MediaKind::Audio => {

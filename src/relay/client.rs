@@ -18,6 +18,7 @@ pub trait LinkHandler: Send + Sync + 'static {
 }
 
 pub struct EdgeLink {
+    endpoint: quinn::Endpoint,
     conn: quinn::Connection,
     ctl: mpsc::UnboundedSender<EdgeMsg>,
     refs: Mutex<HashMap<String, usize>>,
@@ -125,6 +126,7 @@ impl EdgeLink {
             }
         });
         Ok(Arc::new(EdgeLink {
+            endpoint,
             conn,
             ctl: ctl_tx,
             refs: Mutex::new(HashMap::new()),
@@ -167,5 +169,15 @@ impl EdgeLink {
 
     pub fn is_closed(&self) -> bool {
         self.conn.close_reason().is_some()
+    }
+
+    /// Closes the link so the origin drops this edge's subscriptions at once rather than after
+    /// the idle timeout.
+    pub async fn close(&self) {
+        // Give queued control messages (a last unsubscribe) a moment to leave.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        self.conn.close(0u32.into(), b"edge closing");
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle())
+            .await;
     }
 }

@@ -95,7 +95,9 @@ async fn serve_edge(
                 break;
             }
         }
+        // Let the last frame (a refusal, say) reach the edge before the connection closes.
         let _ = send.finish();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
     });
     let sink: Arc<dyn EdgeSink> = Arc::new(QuicSink {
         conn: conn.clone(),

@@ -1,0 +1,340 @@
+//! Publishing for real: the official Millicast SDK in headless Chromium, aiortc over WHIP, and
+//! the QUIC link to a second process. Needs scripts/setup-test-deps.sh (scripts/test.sh runs it).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::{corpus, get_json, node_harness, python, repo, wait_for, Proc};
+use serde_json::Value;
+
+const TOKEN: &str = "test-publish-token";
+
+fn serve() -> Proc {
+    Proc::start(
+        "serve",
+        &["serve", "--http", "127.0.0.1:0"],
+        &[("CHORUS_PUBLISH_TOKEN", TOKEN)],
+    )
+}
+
+/// Sources of a stream as the origin sees them, by sourceId.
+fn sources(p: &Proc, stream: &str) -> BTreeMap<String, Value> {
+    let (status, v) = get_json(p.http(), &format!("/api/streams/{stream}"));
+    if status != 200 {
+        return BTreeMap::new();
+    }
+    v["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["sourceId"].as_str().unwrap_or("").to_owned(), s.clone()))
+        .collect()
+}
+
+/// A child process whose stdout lines arrive on a channel; killed when dropped.
+struct Tool {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Tool {
+    fn spawn(mut cmd: Command) -> Tool {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("tool starts");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                eprintln!("  tool: {line}");
+                let _ = tx.send(line);
+            }
+        });
+        Tool { child, lines }
+    }
+
+    /// Waits for a JSON line with this event (and sourceId, if given).
+    fn expect(&self, event: &str, source: Option<&str>, timeout: Duration) -> Value {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {event:?} {source:?} event within {timeout:?}"));
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if v["event"] == "error" {
+                panic!("tool reported an error: {v}");
+            }
+            if v["event"] == event && source.is_none_or(|s| v["sourceId"] == s) {
+                return v;
+            }
+        }
+    }
+
+    fn send(&mut self, cmd: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{cmd}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn wait_success(mut self, timeout: Duration) {
+        let status = wait_for("tool exit", timeout, || self.child.try_wait().unwrap());
+        assert!(status.success(), "tool failed: {status}");
+    }
+}
+
+impl Drop for Tool {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn whip(p: &Proc, stream: &str, source: &str, file: &str, seconds: u32) -> Tool {
+    let mut cmd = Command::new(python());
+    cmd.arg(repo().join("tests/python/whip_publish.py"))
+        .arg("--url")
+        .arg(format!("http://{}/whip/{stream}", p.http()))
+        .args([
+            "--source-id",
+            source,
+            "--token",
+            TOKEN,
+            "--seconds",
+            &seconds.to_string(),
+        ])
+        .arg("--file")
+        .arg(corpus().join(file));
+    Tool::spawn(cmd)
+}
+
+#[test]
+fn sdk_publishes_three_sources_into_one_stream_and_replaces_one() {
+    let p = serve();
+    let (dir, script) = node_harness("publish.mjs");
+    let mut cmd = Command::new("node");
+    cmd.current_dir(&dir)
+        .arg(script)
+        .args(["--endpoint", &format!("http://{}", p.http())])
+        .args([
+            "--stream",
+            "panel",
+            "--token",
+            TOKEN,
+            "--sources",
+            "host,ana,bo",
+            "--seconds",
+            "90",
+        ])
+        .arg("--corpus")
+        .arg(corpus());
+    let mut tool = Tool::spawn(cmd);
+    for s in ["host", "ana", "bo"] {
+        tool.expect("published", Some(s), Duration::from_secs(60));
+    }
+    // All three arrive at the origin, each with Chrome's own RFC 6464 levels.
+    let first = wait_for("three sources with levels", Duration::from_secs(30), || {
+        let s = sources(&p, "panel");
+        let ok = s.len() == 3
+            && s.values()
+                .all(|v| v["audio"]["levelPackets"].as_u64() > Some(50));
+        ok.then_some(s)
+    });
+    assert_eq!(first.keys().collect::<Vec<_>>(), ["ana", "bo", "host"]);
+    for (id, v) in &first {
+        let level = v["audio"]["lastLevel"].as_u64().unwrap_or(999);
+        assert!(level <= 127, "{id}: {v}");
+        assert_eq!(
+            v["audio"]["packets"], v["audio"]["levelPackets"],
+            "{id}: every audio packet has a level"
+        );
+    }
+    // The host talks from 0 s: its level must have been loud at some point; sample a few times.
+    let loud = wait_for(
+        "a loud level from the host",
+        Duration::from_secs(20),
+        || {
+            let s = sources(&p, "panel");
+            let l = s.get("host")?["audio"]["lastLevel"].as_u64()?;
+            (l < 50).then_some(l)
+        },
+    );
+    assert!(loud < 50);
+
+    // Republish ana: the origin keeps one "ana", now from the new publication.
+    let old = first["ana"]["publisherId"].clone();
+    tool.send("republish ana");
+    tool.expect("published", Some("ana"), Duration::from_secs(60));
+    let after = wait_for("ana replaced and flowing", Duration::from_secs(30), || {
+        let s = sources(&p, "panel");
+        let ana = s.get("ana")?;
+        (ana["publisherId"] != old && ana["audio"]["packets"].as_u64() > Some(50)).then_some(s)
+    });
+    assert_eq!(
+        after.len(),
+        3,
+        "replacement made a second source: {after:?}"
+    );
+    tool.send("quit");
+    tool.wait_success(Duration::from_secs(30));
+    wait_for(
+        "stream gone after the publishers left",
+        Duration::from_secs(15),
+        || sources(&p, "panel").is_empty().then_some(()),
+    );
+}
+
+#[test]
+fn aiortc_publishes_over_whip_with_levels() {
+    let p = serve();
+    let tool = whip(&p, "whipped", "ana", "ana.opus", 6);
+    tool.expect("connected", None, Duration::from_secs(30));
+    let s = wait_for("ana with levels", Duration::from_secs(20), || {
+        let s = sources(&p, "whipped");
+        (s.get("ana")?["audio"]["levelPackets"].as_u64()? > 50).then_some(s)
+    });
+    assert_eq!(s.len(), 1);
+    tool.wait_success(Duration::from_secs(30));
+    // DELETE at the end removes the source.
+    wait_for("source removed by DELETE", Duration::from_secs(10), || {
+        sources(&p, "whipped").is_empty().then_some(())
+    });
+}
+
+fn probe(
+    origin: &Proc,
+    stream: &str,
+    seconds: &str,
+    fingerprint: &str,
+    token: &str,
+) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args([
+            "probe",
+            "--origin",
+            &origin.cluster(),
+            "--stream",
+            stream,
+            "--seconds",
+            seconds,
+        ])
+        .args([
+            "--origin-fingerprint",
+            fingerprint,
+            "--cluster-token",
+            token,
+        ])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn quic_link_carries_sources_and_levels_to_a_second_process() {
+    let origin = Proc::start(
+        "origin",
+        &[
+            "origin",
+            "--http",
+            "127.0.0.1:0",
+            "--cluster",
+            "127.0.0.1:0",
+        ],
+        &[
+            ("CHORUS_PUBLISH_TOKEN", TOKEN),
+            ("CHORUS_CLUSTER_TOKEN", "cluster-secret"),
+        ],
+    );
+    let fp = origin.info["fingerprint"].as_str().unwrap().to_owned();
+    let a = whip(&origin, "linked", "ana", "ana.opus", 12);
+    let b = whip(&origin, "linked", "bo", "bo.opus", 12);
+    a.expect("connected", None, Duration::from_secs(30));
+    b.expect("connected", None, Duration::from_secs(30));
+    wait_for(
+        "both sources at the origin",
+        Duration::from_secs(20),
+        || (sources(&origin, "linked").len() == 2).then_some(()),
+    );
+
+    // Wrong certificate pin and wrong cluster token are refused with clear errors.
+    let bad = probe(&origin, "linked", "1", &"00".repeat(32), "cluster-secret");
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("fingerprint"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let bad = probe(&origin, "linked", "1", &fp, "wrong");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("refused"));
+
+    // A real second process subscribes over QUIC; the origin sees one edge while it listens.
+    let handle = {
+        let cluster = origin.cluster();
+        let fp = fp.clone();
+        std::thread::spawn(move || {
+            Command::new(env!("CARGO_BIN_EXE_chorus"))
+                .args([
+                    "probe",
+                    "--origin",
+                    &cluster,
+                    "--stream",
+                    "linked",
+                    "--seconds",
+                    "3",
+                ])
+                .args([
+                    "--origin-fingerprint",
+                    &fp,
+                    "--cluster-token",
+                    "cluster-secret",
+                ])
+                .output()
+                .unwrap()
+        })
+    };
+    wait_for("the probe subscribed", Duration::from_secs(5), || {
+        let (_, v) = get_json(origin.http(), "/api/streams/linked");
+        (v["edges"] == 1).then_some(())
+    });
+    let out = handle.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got: BTreeMap<String, &Value> = report["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["sourceId"].as_str().unwrap().to_owned(), s))
+        .collect();
+    assert_eq!(got.keys().collect::<Vec<_>>(), ["ana", "bo"], "{report}");
+    for (id, s) in got {
+        let n = s["audioPackets"].as_u64().unwrap();
+        // 3 s at 50 packets/s, less connection set-up.
+        assert!(n > 100, "{id}: {s}");
+        assert_eq!(
+            s["levelPackets"].as_u64(),
+            Some(n),
+            "{id}: levels survive the relay"
+        );
+    }
+    assert_eq!(report["foreignDatagrams"], 0);
+    // The probe released the stream: the origin unsubscribed it.
+    wait_for("edge unsubscribed", Duration::from_secs(5), || {
+        let (_, v) = get_json(origin.http(), "/api/streams/linked");
+        (v["edges"] == 0).then_some(())
+    });
+}

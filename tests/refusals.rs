@@ -1,0 +1,372 @@
+//! Every refusal of the director, the signalling socket and WHIP, against a real `chorus serve`:
+//! each gets a clear error, and the server keeps serving everyone else.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{get_json, http, post_json, Proc};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "refusal-test-secret";
+
+fn serve_with_tokens(dir: &std::path::Path) -> (Proc, Value) {
+    let tokens = dir.join("tokens.json");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let file = json!({"tokens": [
+        {"token": "pub-panel", "stream": "panel", "kind": "publish"},
+        {"token": "pub-expired", "stream": "panel", "kind": "publish", "expires": now - 10},
+        {"token": "pub-other", "stream": "other", "kind": "publish"},
+        {"token": "sub-secret", "stream": "secret", "kind": "subscribe"},
+    ]});
+    std::fs::write(&tokens, file.to_string()).unwrap();
+    let p = Proc::start(
+        "serve",
+        &[
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--tokens",
+            tokens.to_str().unwrap(),
+            "--jwt-secret",
+            SECRET,
+        ],
+        &[],
+    );
+    (p, file)
+}
+
+fn msg(v: &Value) -> String {
+    v["data"]["message"].as_str().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn director_refuses_bad_tokens_and_bodies_with_fail_json() {
+    let dir = tempdir("director");
+    let (p, _) = serve_with_tokens(&dir);
+    let a = p.http();
+    let body = r#"{"streamName":"panel","streamType":"WebRtc"}"#;
+    let cases = [
+        (None, body, 401, "missing token"),
+        (Some("nope"), body, 401, "unknown token"),
+        (Some("pub-expired"), body, 401, "expired"),
+        (
+            Some("pub-other"),
+            body,
+            401,
+            "not valid for stream \"panel\"",
+        ),
+        (Some("sub-secret"), body, 401, "not a publish token"),
+        (Some("pub-panel"), "{not json", 400, "malformed JSON"),
+        (Some("pub-panel"), "{}", 400, "missing streamName"),
+        (
+            Some("pub-panel"),
+            r#"{"streamName":"a/b"}"#,
+            400,
+            "streamName may only",
+        ),
+    ];
+    for (token, body, status, text) in cases {
+        let (s, v) = post_json(a, "/api/director/publish", token, body);
+        assert_eq!(s, status, "{token:?} {body}: {v}");
+        assert_eq!(v["status"], "fail");
+        assert!(msg(&v).contains(text), "{token:?} {body}: {v}");
+    }
+    // Subscribe: open streams need nothing, protected ones their token.
+    let (s, v) = post_json(
+        a,
+        "/api/director/subscribe",
+        None,
+        r#"{"streamName":"panel","streamAccountId":"x"}"#,
+    );
+    assert_eq!((s, v["status"].as_str()), (200, Some("success")));
+    let (s, v) = post_json(
+        a,
+        "/api/director/subscribe",
+        None,
+        r#"{"streamName":"secret","streamAccountId":"x"}"#,
+    );
+    assert_eq!(s, 401, "{v}");
+    let (s, _) = post_json(
+        a,
+        "/api/director/subscribe",
+        Some("sub-secret"),
+        r#"{"streamName":"secret"}"#,
+    );
+    assert_eq!(s, 200);
+    // After all that, the good token still works and yields a JWT bound to the stream.
+    let (s, v) = post_json(a, "/api/director/publish", Some("pub-panel"), body);
+    assert_eq!(s, 200, "{v}");
+    let claims = jwt_payload(v["data"]["jwt"].as_str().unwrap());
+    assert_eq!(claims["millicast"]["streamName"], "panel");
+    assert_eq!(claims["scope"], "publish");
+    assert!(v["data"]["urls"][0].as_str().unwrap().starts_with("ws://"));
+    assert_eq!(get_json(a, "/healthz").0, 200);
+}
+
+#[test]
+fn new_tokens_work_without_restart() {
+    let dir = tempdir("reload");
+    let (p, mut file) = serve_with_tokens(&dir);
+    let body = r#"{"streamName":"late"}"#;
+    assert_eq!(
+        post_json(p.http(), "/api/director/publish", Some("pub-late"), body).0,
+        401
+    );
+    std::thread::sleep(Duration::from_millis(1100)); // coarse mtime resolution
+    file["tokens"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"token": "pub-late", "stream": "late", "kind": "publish"}));
+    std::fs::write(dir.join("tokens.json"), file.to_string()).unwrap();
+    assert_eq!(
+        post_json(p.http(), "/api/director/publish", Some("pub-late"), body).0,
+        200
+    );
+}
+
+fn jwt_payload(jwt: &str) -> Value {
+    use base64::Engine;
+    let part = jwt.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("chorus-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(addr: std::net::SocketAddr, jwt: &str) -> Result<Ws, u16> {
+    match tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={jwt}")).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+        Err(e) => panic!("ws connect: {e}"),
+    }
+}
+
+/// Sends one text message and returns the next JSON message.
+async fn call(ws: &mut Ws, text: &str) -> Value {
+    ws.send(Message::Text(text.into())).await.unwrap();
+    next_json(ws).await
+}
+
+async fn next_json(ws: &mut Ws) -> Value {
+    let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("an answer")
+        .expect("socket open")
+        .expect("no error");
+    serde_json::from_str(m.to_text().unwrap()).unwrap()
+}
+
+fn sign(claims: Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+const VIDEO_ONLY: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=sendonly\r\na=rtpmap:96 VP8/90000\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signalling_refuses_bad_jwts_and_commands_and_keeps_serving() {
+    let dir = tempdir("ws");
+    let (p, _) = serve_with_tokens(&dir);
+    let a = p.http();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = |exp: u64, scope: &str| json!({"iat": now, "exp": exp, "scope": scope, "millicast": {"streamName": "panel"}});
+    // Expired JWT, JWT of another signer, no JWT: refused before the upgrade.
+    assert_eq!(
+        connect(a, &sign(claims(now - 1, "publish"), SECRET))
+            .await
+            .err(),
+        Some(401)
+    );
+    assert_eq!(
+        connect(a, &sign(claims(now + 60, "publish"), "wrong-secret"))
+            .await
+            .err(),
+        Some(401)
+    );
+    assert_eq!(connect(a, "garbage").await.err(), Some(401));
+
+    let (_, v) = post_json(
+        a,
+        "/api/director/publish",
+        Some("pub-panel"),
+        r#"{"streamName":"panel"}"#,
+    );
+    let jwt = v["data"]["jwt"].as_str().unwrap().to_owned();
+    let mut ws = connect(a, &jwt).await.expect("valid JWT connects");
+
+    let r = call(&mut ws, "{not json").await;
+    assert_eq!(r["type"], "error");
+    assert!(msg(&r).contains("malformed JSON"), "{r}");
+
+    let r = call(
+        &mut ws,
+        r#"{"type":"cmd","transId":1,"name":"dance","data":{}}"#,
+    )
+    .await;
+    assert_eq!(
+        (r["type"].as_str(), r["transId"].as_u64()),
+        (Some("error"), Some(1))
+    );
+    assert!(msg(&r).contains("unknown command \"dance\""), "{r}");
+
+    let r = call(
+        &mut ws,
+        r#"{"type":"cmd","transId":1,"name":"publish","data":{}}"#,
+    )
+    .await;
+    assert!(msg(&r).contains("duplicate transId 1"), "{r}");
+
+    let cmd =
+        json!({"type":"cmd","transId":2,"name":"publish","data":{"name":"other","sdp":VIDEO_ONLY}});
+    let r = call(&mut ws, &cmd.to_string()).await;
+    assert!(
+        msg(&r).contains("this token is for stream \"panel\", not \"other\""),
+        "{r}"
+    );
+
+    let cmd = json!({"type":"cmd","transId":3,"name":"publish","data":{"name":"panel","sdp":VIDEO_ONLY,"sourceId":"a"}});
+    let r = call(&mut ws, &cmd.to_string()).await;
+    assert_eq!(
+        (r["type"].as_str(), r["transId"].as_u64()),
+        (Some("error"), Some(3))
+    );
+    assert!(msg(&r).contains("no audio m-line"), "{r}");
+
+    let cmd =
+        json!({"type":"cmd","transId":4,"name":"publish","data":{"name":"panel","sdp":"hello"}});
+    assert!(msg(&call(&mut ws, &cmd.to_string()).await).contains("malformed SDP"));
+
+    let cmd = json!({"type":"cmd","transId":5,"name":"publish","data":{"name":"panel"}});
+    assert!(msg(&call(&mut ws, &cmd.to_string()).await).contains("needs data.sdp"));
+
+    let cmd =
+        json!({"type":"cmd","transId":6,"name":"publish","data":{"sdp":VIDEO_ONLY,"sourceId":7}});
+    assert!(msg(&call(&mut ws, &cmd.to_string()).await).contains("sourceId must be a string"));
+
+    ws.send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    assert!(msg(&next_json(&mut ws).await).contains("binary"));
+
+    // A viewer's JWT cannot publish.
+    let (_, v) = post_json(
+        a,
+        "/api/director/subscribe",
+        None,
+        r#"{"streamName":"panel"}"#,
+    );
+    let mut viewer = connect(a, v["data"]["jwt"].as_str().unwrap())
+        .await
+        .unwrap();
+    let cmd = json!({"type":"cmd","transId":0,"name":"publish","data":{"sdp":VIDEO_ONLY}});
+    assert!(msg(&call(&mut viewer, &cmd.to_string()).await).contains("may view, not publish"));
+
+    // An oversized message ends only that session.
+    let mut big = connect(a, &jwt).await.unwrap();
+    let huge = format!(
+        r#"{{"type":"cmd","transId":1,"name":"publish","data":{{"sdp":"{}"}}}}"#,
+        "x".repeat(400_000)
+    );
+    let _ = big.send(Message::Text(huge.into())).await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), big.next())
+        .await
+        .unwrap();
+    assert!(
+        !matches!(ended, Some(Ok(Message::Text(_)))),
+        "oversized message was answered: {ended:?}"
+    );
+
+    // The first session still answers, in order, after every refusal.
+    let r = call(
+        &mut ws,
+        r#"{"type":"cmd","transId":99,"name":"unpublish","data":{}}"#,
+    )
+    .await;
+    assert_eq!(r["transId"], 99);
+    assert!(msg(&r).contains("nothing published"), "{r}");
+    assert_eq!(get_json(a, "/healthz").0, 200);
+}
+
+#[test]
+fn whip_refusals() {
+    let dir = tempdir("whip");
+    let (p, _) = serve_with_tokens(&dir);
+    let a = p.http();
+    let sdp = [("Content-Type", "application/sdp")];
+    let auth = |t: &'static str| [("Content-Type", "application/sdp"), ("Authorization", t)];
+    let (s, _, b) = http(
+        a,
+        "POST",
+        "/whip/panel?sourceId=x",
+        &sdp,
+        VIDEO_ONLY.as_bytes(),
+    );
+    assert_eq!(s, 401, "{}", String::from_utf8_lossy(&b));
+    let (s, _, _) = http(
+        a,
+        "POST",
+        "/whip/panel",
+        &auth("Bearer pub-other"),
+        VIDEO_ONLY.as_bytes(),
+    );
+    assert_eq!(s, 401);
+    let (s, _, _) = http(
+        a,
+        "POST",
+        "/whip/panel",
+        &[
+            ("Content-Type", "text/plain"),
+            ("Authorization", "Bearer pub-panel"),
+        ],
+        VIDEO_ONLY.as_bytes(),
+    );
+    assert_eq!(s, 415);
+    let (s, _, b) = http(
+        a,
+        "POST",
+        "/whip/panel?sourceId=x",
+        &auth("Bearer pub-panel"),
+        VIDEO_ONLY.as_bytes(),
+    );
+    assert_eq!(s, 400);
+    assert!(String::from_utf8_lossy(&b).contains("no audio m-line"));
+    let (s, _, _) = http(
+        a,
+        "POST",
+        "/whip/panel",
+        &auth("Bearer pub-panel"),
+        b"\xff\xfe",
+    );
+    assert_eq!(s, 400);
+    assert_eq!(
+        http(a, "DELETE", "/whip/resource/pub-1-nothing", &[], b"").0,
+        404
+    );
+    assert_eq!(
+        http(a, "PATCH", "/whip/resource/pub-1-nothing", &[], b"").0,
+        405
+    );
+    assert_eq!(get_json(a, "/api/streams/panel").0, 404);
+}

@@ -96,6 +96,7 @@ impl TrackRewriter {
         self.anchor = None;
     }
 
+    #[inline]
     pub fn rewrite(&mut self, now_us: u64, p: &InputPacket) -> Result<Rewritten, RewriteDrop> {
         let mut switched = false;
         let a = match self.anchor {

@@ -287,18 +287,23 @@ impl<'a> RtpHeaderMut<'a> {
         }
         Ok(RtpHeaderMut { buf })
     }
+    #[inline]
     pub fn set_marker(&mut self, marker: bool) {
         self.buf[1] = (self.buf[1] & 0x7F) | if marker { 0x80 } else { 0 };
     }
+    #[inline]
     pub fn set_payload_type(&mut self, pt: u8) {
         self.buf[1] = (self.buf[1] & 0x80) | (pt & 0x7F);
     }
+    #[inline]
     pub fn set_sequence_number(&mut self, seq: u16) {
         self.buf[2..4].copy_from_slice(&seq.to_be_bytes());
     }
+    #[inline]
     pub fn set_timestamp(&mut self, ts: u32) {
         self.buf[4..8].copy_from_slice(&ts.to_be_bytes());
     }
+    #[inline]
     pub fn set_ssrc(&mut self, ssrc: u32) {
         self.buf[8..12].copy_from_slice(&ssrc.to_be_bytes());
     }

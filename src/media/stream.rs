@@ -335,9 +335,14 @@ impl StreamCore {
 
 fn standing_of(sources: &[Source], vad: &VadConfig, s: SourceIdx, now_us: u64) -> Standing {
     match sources.get(s.0 as usize) {
-        Some(src) if src.live => Standing {
-            voice: src.activity.voice(vad, now_us),
-            score: src.activity.score_at(vad, now_us),
+        Some(src) if src.live => match src.activity.voice(vad, now_us) {
+            // Selection never weighs a silent source's score: skip the decay (an exp) for
+            // the many silent sources of a large stream.
+            Voice::Silent => Standing::SILENT,
+            voice => Standing {
+                voice,
+                score: src.activity.score_at(vad, now_us),
+            },
         },
         _ => Standing::SILENT,
     }

@@ -1,0 +1,422 @@
+//! The packet path does not allocate: once a stream is warmed up (sources published, groups
+//! joined, tracks assigned, every buffer grown), `StreamCore::on_packet` and `StreamCore::tick`
+//! perform zero heap allocations, whatever the packets: forwarded to one or several groups,
+//! switching tracks, late, in DTX, or dropped as malformed, too large or of an unknown source.
+//!
+//! A counting global allocator counts only while this test thread has armed it, and only inside
+//! the core calls (building the input packets is the driver's business). The first few
+//! allocations it sees print a backtrace, so a failure names the exact place.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use chorus::media::rtp::{write_packet, HeaderFields};
+use chorus::media::selection::GroupKey;
+use chorus::media::stream::{CoreConfig, Output, SourceConfig, StreamCore};
+use chorus::media::SourceIdx;
+
+struct CountingAlloc;
+
+static ALLOCS: AtomicUsize = AtomicUsize::new(0);
+static ALLOC_BYTES: AtomicUsize = AtomicUsize::new(0);
+static FREES: AtomicUsize = AtomicUsize::new(0);
+static BACKTRACES: AtomicUsize = AtomicUsize::new(0);
+/// Print a backtrace for the first allocations (set for the measured phase only).
+static TRACE: AtomicBool = AtomicBool::new(false);
+const MAX_BACKTRACES: usize = 3;
+
+thread_local! {
+    /// Counting is on for this thread only while set.
+    static ARMED: Cell<bool> = const { Cell::new(false) };
+}
+
+fn armed() -> bool {
+    ARMED.try_with(Cell::get).unwrap_or(false)
+}
+
+fn on_alloc(size: usize, what: &str) {
+    if !armed() {
+        return;
+    }
+    ALLOCS.fetch_add(1, Ordering::Relaxed);
+    ALLOC_BYTES.fetch_add(size, Ordering::Relaxed);
+    if TRACE.load(Ordering::Relaxed) && BACKTRACES.fetch_add(1, Ordering::Relaxed) < MAX_BACKTRACES
+    {
+        // Disarmed while capturing and printing: their own allocations are not counted.
+        ARMED.with(|a| a.set(false));
+        let bt = std::backtrace::Backtrace::force_capture();
+        eprintln!("no_alloc: {what} of {size} bytes on the packet path:\n{bt}");
+        ARMED.with(|a| a.set(true));
+    }
+}
+
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        on_alloc(layout.size(), "alloc");
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        on_alloc(layout.size(), "alloc_zeroed");
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        on_alloc(new_size, "realloc");
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if armed() {
+            FREES.fetch_add(1, Ordering::Relaxed);
+        }
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+/// Runs `f` with allocation counting armed on this thread.
+#[inline(never)]
+fn counted<R>(f: impl FnOnce() -> R) -> R {
+    ARMED.with(|a| a.set(true));
+    let r = f();
+    ARMED.with(|a| a.set(false));
+    r
+}
+
+const LEVEL_EXT_ID: u8 = 1;
+const FRAME_US: u64 = 20_000;
+const FRAME_SAMPLES: u32 = 960;
+/// The talk script repeats every 2 s (100 frames).
+const PERIOD_FRAMES: u64 = 100;
+
+fn mix(x: u64) -> u64 {
+    chorus::media::stream::splitmix64(x)
+}
+
+/// Is source `k` talking in frame `f` of the 2 s script? Overlapping turns, so that the 2-track
+/// group has contention and the 3-track groups fill up.
+fn talking(k: usize, f: u64) -> bool {
+    let p = f % PERIOD_FRAMES;
+    match k {
+        0 => p < 60,
+        1 => (40..90).contains(&p),
+        2 => (20..46).contains(&p) || (70..96).contains(&p),
+        3 => p >= 50,
+        4 => (10..15).contains(&p),
+        5 => p < 30,
+        _ => false,
+    }
+}
+
+/// Source 4 goes into DTX for the second half of the script: one frame every 400 ms.
+fn in_dtx(k: usize, f: u64) -> bool {
+    k == 4 && f % PERIOD_FRAMES >= 50
+}
+
+struct Source {
+    idx: SourceIdx,
+    ssrc: u32,
+    seq: u16,
+    ts: u32,
+    buf: Vec<u8>,
+    /// Previous packet held back to be delivered after its successor (reordering).
+    held: Vec<u8>,
+}
+
+struct Driver {
+    core: StreamCore,
+    sources: Vec<Source>,
+    payload: [u8; 80],
+    malformed: Vec<Vec<u8>>,
+    too_large: Vec<u8>,
+    /// Per on_packet call: how many packets went out and to which groups.
+    out_packets: usize,
+    out_groups: u64,
+    calls: usize,
+    calls_multi_group: usize,
+    track_changes: usize,
+}
+
+impl Driver {
+    /// Builds (outside the counted region) source `k`'s packet for frame `f`, or None when it
+    /// sends nothing in that frame (DTX).
+    fn build(&mut self, k: usize, f: u64) -> bool {
+        let r = mix(f << 8 | k as u64);
+        let s = &mut self.sources[k];
+        let seq = s.seq;
+        let ts = s.ts;
+        s.ts = s.ts.wrapping_add(FRAME_SAMPLES);
+        if in_dtx(k, f) && !f.is_multiple_of(20) {
+            return false;
+        }
+        s.seq = s.seq.wrapping_add(1);
+        let (level, voice, payload_len) = if in_dtx(k, f) {
+            (127, false, 1)
+        } else if talking(k, f) && f % 16 < 14 {
+            (
+                18 + (r % 16) as u8,
+                true,
+                if k == 5 { 80 } else { 72 + (r % 9) as usize },
+            )
+        } else {
+            (
+                66 + (r % 6) as u8,
+                false,
+                if k == 5 { 58 + (r % 4) as usize } else { 40 },
+            )
+        };
+        let hdr = HeaderFields {
+            payload_type: 111,
+            sequence_number: seq,
+            timestamp: ts,
+            ssrc: s.ssrc,
+            marker: false,
+        };
+        let level_byte = [(voice as u8) << 7 | level];
+        let cap = s.buf.capacity();
+        write_packet(
+            &mut s.buf,
+            &hdr,
+            &[(LEVEL_EXT_ID, &level_byte)],
+            &self.payload[..payload_len],
+        );
+        debug_assert_eq!(cap, s.buf.capacity());
+        true
+    }
+
+    /// One on_packet call, counted; records what it sent.
+    fn deliver(&mut self, now_us: u64, s: SourceIdx, packet: &[u8]) {
+        let (mut n, mut groups, mut tracks) = (0usize, 0u64, 0usize);
+        let core = &mut self.core;
+        let _ = counted(|| {
+            core.on_packet(now_us, s, packet, &mut |o: Output<'_>| match o {
+                Output::Packet { group, packet, .. } => {
+                    std::hint::black_box(packet);
+                    n += 1;
+                    groups |= 1 << (group.0 % 64);
+                }
+                Output::Track(_) => tracks += 1,
+            })
+        });
+        self.out_packets += n;
+        self.out_groups |= groups;
+        self.calls += 1;
+        if groups.count_ones() >= 2 {
+            self.calls_multi_group += 1;
+        }
+        self.track_changes += tracks;
+    }
+
+    fn tick(&mut self, now_us: u64) {
+        let mut tracks = 0usize;
+        let core = &mut self.core;
+        counted(|| {
+            core.tick(now_us, &mut |o: Output<'_>| {
+                if let Output::Track(_) = o {
+                    tracks += 1;
+                }
+            })
+        });
+        self.track_changes += tracks;
+    }
+
+    /// Frame `f`: every source's packet, spread over the 20 ms, with a tick every 10 ms; one
+    /// reordered pair every so often, and a bad packet every 7th frame. Stops after `limit`
+    /// on_packet calls.
+    fn frame(&mut self, f: u64, limit: usize) {
+        let t0 = f * FRAME_US;
+        for half in 0..2u64 {
+            for k in (0..self.sources.len()).filter(|k| *k as u64 % 2 == half) {
+                if self.calls >= limit {
+                    return;
+                }
+                let now = t0 + half * 10_000 + k as u64 * 1_500 + mix(f ^ k as u64) % 1_000;
+                if !self.build(k, f) {
+                    continue;
+                }
+                let idx = self.sources[k].idx;
+                // Source 2: every 23rd packet is held back and delivered after the next one.
+                if k == 2 && f.is_multiple_of(23) {
+                    let s = &mut self.sources[k];
+                    std::mem::swap(&mut s.buf, &mut s.held);
+                    continue;
+                }
+                let buf = std::mem::take(&mut self.sources[k].buf);
+                self.deliver(now, idx, &buf);
+                self.sources[k].buf = buf;
+                if k == 2 && f % 23 == 1 && self.calls < limit {
+                    let held = std::mem::take(&mut self.sources[k].held);
+                    self.deliver(now + 200, idx, &held);
+                    self.sources[k].held = held;
+                }
+            }
+            if f % 7 == 3 && half == 1 && self.calls < limit {
+                // Malformed (cycling through the kinds), too large, or of an unknown source.
+                let which = (f / 7) as usize % (self.malformed.len() + 2);
+                let now = t0 + 15_000;
+                if which < self.malformed.len() {
+                    let bad = std::mem::take(&mut self.malformed[which]);
+                    self.deliver(now, SourceIdx((f % 6) as u32), &bad);
+                    self.malformed[which] = bad;
+                } else if which == self.malformed.len() {
+                    let big = std::mem::take(&mut self.too_large);
+                    self.deliver(now, SourceIdx(1), &big);
+                    self.too_large = big;
+                } else {
+                    let mut good = std::mem::take(&mut self.sources[0].buf);
+                    good[0] = 0x90;
+                    self.deliver(now, SourceIdx(4242), &good);
+                    self.sources[0].buf = good;
+                }
+            }
+            self.tick(t0 + half * 10_000 + 10_000);
+        }
+    }
+}
+
+#[test]
+fn packet_path_does_not_allocate_once_warm() {
+    let mut core = StreamCore::new(CoreConfig {
+        seed: 7,
+        ..Default::default()
+    });
+    let names = ["host", "ana", "bo", "cy", "dee", "eli"];
+    let mut sources = Vec::new();
+    for (k, name) in names.iter().enumerate() {
+        // "eli" did not negotiate the level extension: size mode.
+        let level_ext_id = (k != 5).then_some(LEVEL_EXT_ID);
+        let idx = core.publish(name, SourceConfig { level_ext_id });
+        sources.push(Source {
+            idx,
+            ssrc: 0x5000_0000 + k as u32,
+            seq: mix(k as u64) as u16,
+            ts: mix(k as u64 + 100) as u32,
+            buf: Vec::with_capacity(256),
+            held: Vec::with_capacity(256),
+        });
+    }
+    let host = sources[0].idx;
+    let ana = sources[1].idx;
+    let eli = sources[5].idx;
+    // Everyone, 3 tracks (two viewers share it); the host pinned, eli excluded, 2 tracks;
+    // ana's own view: 3 tracks without herself.
+    let everyone = core.join(GroupKey::new(3, None, []));
+    assert_eq!(core.join(GroupKey::new(3, None, [])), everyone);
+    core.join(GroupKey::new(2, Some(host), [eli]));
+    core.join(GroupKey::new(3, None, [ana]));
+
+    let mut payload = [0u8; 80];
+    for (i, b) in payload.iter_mut().enumerate() {
+        *b = mix(i as u64) as u8;
+    }
+    payload[0] = 0x78;
+
+    let malformed = vec![
+        // Shorter than the fixed header.
+        vec![0x80, 111, 0, 1, 0, 0],
+        // Version 1.
+        vec![0x40, 111, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0x78, 1, 2],
+        // Three CSRCs announced, none present.
+        vec![0x83, 111, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3],
+        // Extension block of 9 words, 2 bytes present.
+        vec![
+            0x90, 111, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0xBE, 0xDE, 0, 9, 0x10, 0x40,
+        ],
+        // Padding count of zero.
+        vec![0xA0, 111, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0x78, 1, 0],
+    ];
+
+    let mut d = Driver {
+        core,
+        sources,
+        payload,
+        malformed,
+        too_large: vec![0x80; 1500],
+        out_packets: 0,
+        out_groups: 0,
+        calls: 0,
+        calls_multi_group: 0,
+        track_changes: 0,
+    };
+
+    // The counter sees an allocation made on this thread while armed, and only then.
+    let boxed = counted(|| Box::new(std::hint::black_box(42u64)));
+    drop(boxed);
+    assert_eq!(
+        ALLOCS.swap(0, Ordering::Relaxed),
+        1,
+        "the counting allocator is not in use"
+    );
+
+    // Warm-up: one full period of the script (2 s), so tracks are assigned and every buffer
+    // has grown to what the script needs. Counted, but not held against the core.
+    let mut f = 0u64;
+    while f < PERIOD_FRAMES {
+        d.frame(f, usize::MAX);
+        f += 1;
+    }
+    let warm_allocs = ALLOCS.swap(0, Ordering::Relaxed);
+    let warm_bytes = ALLOC_BYTES.swap(0, Ordering::Relaxed);
+    FREES.store(0, Ordering::Relaxed);
+    eprintln!(
+        "no_alloc: warm-up of {} calls: {warm_allocs} allocations ({warm_bytes} bytes) while \
+         the core's buffers grew",
+        d.calls
+    );
+    TRACE.store(true, Ordering::Relaxed);
+    assert!(d.out_packets > 0, "warm-up forwarded nothing");
+    assert!(
+        d.core.selector().tracks(everyone).any(|t| t.is_some()),
+        "no track assigned after warm-up"
+    );
+
+    let stats0 = d.core.stats().clone();
+    let (out0, calls0, multi0, changes0) =
+        (d.out_packets, d.calls, d.calls_multi_group, d.track_changes);
+    let limit = calls0 + 10_000;
+    while d.calls < limit {
+        d.frame(f, limit);
+        f += 1;
+    }
+    let allocs = ALLOCS.load(Ordering::Relaxed);
+    let bytes = ALLOC_BYTES.load(Ordering::Relaxed);
+    let frees = FREES.load(Ordering::Relaxed);
+    let stats = d.core.stats().clone();
+
+    let calls = d.calls - calls0;
+    let forwarded = d.out_packets - out0;
+    let multi = d.calls_multi_group - multi0;
+    let changes = d.track_changes - changes0;
+    eprintln!(
+        "no_alloc: {calls} on_packet calls over {:.1} s of packet time: {forwarded} packets out, \
+         {multi} calls forwarded to 2+ groups, {changes} track changes, {} onsets, \
+         {} malformed, {} too large, {} unknown source, {} late before a switch; \
+         {allocs} allocations ({bytes} bytes), {frees} frees",
+        (f - PERIOD_FRAMES) as f64 * FRAME_US as f64 / 1e6,
+        stats.onsets - stats0.onsets,
+        stats.dropped_malformed - stats0.dropped_malformed,
+        stats.dropped_too_large - stats0.dropped_too_large,
+        stats.dropped_unknown_source - stats0.dropped_unknown_source,
+        stats.dropped_before_switch - stats0.dropped_before_switch,
+    );
+
+    // The run exercised what it claims to.
+    assert_eq!(calls, 10_000);
+    assert!(
+        multi > 1_000,
+        "too few packets forwarded to several groups: {multi}"
+    );
+    assert!(changes > 20, "too few track changes: {changes}");
+    assert!(stats.onsets > stats0.onsets);
+    assert!(stats.dropped_malformed - stats0.dropped_malformed >= 50);
+    assert!(stats.dropped_too_large > stats0.dropped_too_large);
+    assert!(stats.dropped_unknown_source > stats0.dropped_unknown_source);
+
+    assert_eq!(
+        (allocs, frees),
+        (0, 0),
+        "the packet path allocated {allocs} times ({bytes} bytes) and freed {frees} times; \
+         see the backtraces printed above"
+    );
+}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs what it needs, then checks style, lints and
-# runs every test (unit, property, corpus, CLI, and one pass of each benchmark as a smoke test).
+# runs every test: unit, property, corpus, CLI, process-level (Chromium with the Millicast SDK,
+# aiortc over WHIP, QUIC between processes), and one pass of each benchmark as a smoke test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,9 @@ for component in rustfmt clippy; do
         rustup component add "$component"
     fi
 done
+
+log "test dependencies: chromium, the SDK harness (node), aiortc (python venv)"
+scripts/setup-test-deps.sh
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

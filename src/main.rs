@@ -100,6 +100,12 @@ struct ProbeArgs {
     origin_fingerprint: Option<String>,
     #[arg(long, env = "CHORUS_CLUSTER_TOKEN", hide_env_values = true)]
     cluster_token: Option<String>,
+    /// Ask the publisher for a video keyframe this often (seconds), as a viewer's PLI does.
+    #[arg(long)]
+    keyframe_every: Option<u64>,
+    /// Source whose keyframes to request (default: the main source).
+    #[arg(long)]
+    keyframe_source: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -228,7 +234,11 @@ fn probe_cmd(a: ProbeArgs) -> Result<(), String> {
         fingerprint: a.origin_fingerprint,
         cluster_token: a.cluster_token,
     };
-    let report = runtime()?.block_on(server::probe(link, &a.stream, a.seconds))?;
+    let keyframes = a.keyframe_every.map(|secs| server::KeyframeRequests {
+        source: a.keyframe_source,
+        every: std::time::Duration::from_secs(secs.max(1)),
+    });
+    let report = runtime()?.block_on(server::probe(link, &a.stream, a.seconds, keyframes))?;
     println!("{report}");
     Ok(())
 }

@@ -181,40 +181,65 @@ impl LinkHandler for Probe {
     }
 }
 
+/// Keyframe requests a probe sends, as a viewer's PLI would.
+#[derive(Debug, Clone)]
+pub struct KeyframeRequests {
+    /// None = the main source.
+    pub source: Option<String>,
+    pub every: Duration,
+}
+
 /// Subscribes to a stream at an origin over the relay, like an edge, and reports what arrives.
 pub async fn probe(
     link: LinkConfig,
     stream: &str,
     seconds: u64,
+    keyframes: Option<KeyframeRequests>,
 ) -> Result<serde_json::Value, String> {
     let probe = Arc::new(Probe {
         state: Mutex::new(ProbeState::default()),
     });
     let edge = EdgeLink::connect(&link, probe.clone()).await?;
     edge.acquire(stream);
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    let mut requests = 0u64;
+    if let Some(k) = &keyframes {
+        let mut tick = tokio::time::interval(k.every);
+        tick.tick().await;
+        while tokio::time::Instant::now() + k.every <= end {
+            tick.tick().await;
+            edge.request_keyframe(stream, k.source.clone());
+            requests += 1;
+        }
+    }
+    tokio::time::sleep_until(end).await;
     edge.release(stream);
-    edge.close().await;
-    let st = probe.state.lock().unwrap_or_else(|p| p.into_inner());
-    let sources: Vec<_> = st
-        .sources
-        .values()
-        .map(|s| {
-            json!({
-                "sourceId": s.source_id,
-                "audioPackets": s.audio,
-                "levelPackets": s.with_level,
-                "lastLevel": s.last_level,
-                "videoPackets": s.video,
+    // Read before closing: the link's own close is not a failure worth reporting.
+    let report = {
+        let st = probe.state.lock().unwrap_or_else(|p| p.into_inner());
+        let sources: Vec<_> = st
+            .sources
+            .values()
+            .map(|s| {
+                json!({
+                    "sourceId": s.source_id,
+                    "audioPackets": s.audio,
+                    "levelPackets": s.with_level,
+                    "lastLevel": s.last_level,
+                    "videoPackets": s.video,
+                })
             })
+            .collect();
+        json!({
+            "stream": stream,
+            "origin": link.origin.to_string(),
+            "snapshots": st.snapshots,
+            "foreignDatagrams": st.foreign,
+            "linkClosed": st.closed,
+            "keyframeRequests": requests,
+            "sources": sources,
         })
-        .collect();
-    Ok(json!({
-        "stream": stream,
-        "origin": link.origin.to_string(),
-        "snapshots": st.snapshots,
-        "foreignDatagrams": st.foreign,
-        "linkClosed": st.closed,
-        "sources": sources,
-    }))
+    };
+    edge.close().await;
+    Ok(report)
 }

@@ -338,3 +338,68 @@ fn quic_link_carries_sources_and_levels_to_a_second_process() {
         (v["edges"] == 0).then_some(())
     });
 }
+
+#[test]
+fn a_publisher_that_vanishes_is_removed_after_ice_timeout() {
+    let p = serve();
+    let mut tool = whip(&p, "vanish", "ana", "ana.opus", 60);
+    tool.expect("connected", None, Duration::from_secs(30));
+    wait_for("ana live", Duration::from_secs(10), || {
+        sources(&p, "vanish").contains_key("ana").then_some(())
+    });
+    // SIGKILL: no DELETE, no DTLS close; only the end of consent checks tells.
+    tool.child.kill().unwrap();
+    let gone = std::time::Instant::now();
+    wait_for(
+        "source removed by ICE timeout",
+        Duration::from_secs(30),
+        || sources(&p, "vanish").is_empty().then_some(()),
+    );
+    assert!(
+        gone.elapsed() >= Duration::from_secs(2),
+        "removed before any timeout could run"
+    );
+}
+
+#[test]
+fn keyframe_requests_travel_back_to_the_publisher_and_video_is_relayed() {
+    let p = serve();
+    let (dir, script) = node_harness("publish.mjs");
+    let mut cmd = Command::new("node");
+    cmd.current_dir(&dir)
+        .arg(script)
+        .args(["--endpoint", &format!("http://{}", p.http())])
+        // `_` publishes without a sourceId: the stream's main source, with video.
+        .args(["--stream", "kf", "--token", TOKEN, "--sources", "_", "--video", "_", "--seconds", "60"])
+        .arg("--corpus")
+        .arg(corpus());
+    let mut tool = Tool::spawn(cmd);
+    tool.expect("published", None, Duration::from_secs(60));
+    let pli_before = video_stat(&mut tool, "pliCount");
+    let out = Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(["probe", "--origin", &p.cluster(), "--stream", "kf", "--seconds", "4", "--keyframe-every", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let main = &report["sources"][0];
+    assert_eq!(main["sourceId"], Value::Null, "{report}");
+    assert!(main["videoPackets"].as_u64() > Some(20), "{report}");
+    assert!(main["audioPackets"].as_u64() > Some(100), "{report}");
+    let requests = report["keyframeRequests"].as_u64().unwrap();
+    assert!(requests >= 2, "{report}");
+    // Chrome counts the PLIs the origin sent it for those requests.
+    let pli_after = wait_for("PLIs at the publisher", Duration::from_secs(10), || {
+        let n = video_stat(&mut tool, "pliCount");
+        (n >= pli_before + 2).then_some(n)
+    });
+    assert!(pli_after <= pli_before + requests + 1, "more PLIs than requests: {pli_after}");
+    tool.send("quit");
+}
+
+/// Asks the harness for stats and returns one field of the main source's outbound video.
+fn video_stat(tool: &mut Tool, field: &str) -> u64 {
+    tool.send("stats");
+    let v = tool.expect("stats", None, Duration::from_secs(10));
+    v["video"][field].as_u64().unwrap_or_else(|| panic!("no video.{field} in {v}"))
+}

@@ -370,3 +370,75 @@ fn whip_refusals() {
     );
     assert_eq!(get_json(a, "/api/streams/panel").0, 404);
 }
+
+#[test]
+fn token_cli_creates_tokens_the_server_accepts() {
+    let dir = tempdir("cli");
+    let file = dir.join("tokens.json");
+    let _ = std::fs::remove_file(&file);
+    let create = |stream: &str, kind: &str, extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+            .args([
+                "token", "create", "--stream", stream, "--kind", kind, "--tokens",
+            ])
+            .arg(&file)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let publish = create("panel", "publish", &[]);
+    let short = create("panel", "publish", &["--ttl", "1s"]);
+    let sub = create("panel", "subscribe", &["--ttl", "1h"]);
+    assert_ne!(publish, short);
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args([
+            "token", "create", "--stream", "a b", "--kind", "publish", "--tokens",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let p = Proc::start(
+        "serve",
+        &[
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--tokens",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let a = p.http();
+    let body = r#"{"streamName":"panel"}"#;
+    assert_eq!(
+        post_json(a, "/api/director/publish", Some(&publish), body).0,
+        200
+    );
+    assert_eq!(
+        post_json(
+            a,
+            "/api/director/publish",
+            Some(&publish),
+            r#"{"streamName":"else"}"#
+        )
+        .0,
+        401
+    );
+    // The stream now needs a subscribe token.
+    assert_eq!(post_json(a, "/api/director/subscribe", None, body).0, 401);
+    assert_eq!(
+        post_json(a, "/api/director/subscribe", Some(&sub), body).0,
+        200
+    );
+    std::thread::sleep(Duration::from_millis(2100));
+    let (s, v) = post_json(a, "/api/director/publish", Some(&short), body);
+    assert_eq!(s, 401);
+    assert!(msg(&v).contains("expired"));
+}

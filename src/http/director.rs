@@ -74,15 +74,19 @@ fn success(app: &App, headers: &HeaderMap, jwt: String) -> Response {
     .into_response()
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(body)
-        .map_err(|e| fail(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")))
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Box<Response>> {
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(fail(
+            StatusCode::BAD_REQUEST,
+            format!("malformed JSON body: {e}"),
+        ))
+    })
 }
 
 pub async fn publish(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
     let req: PublishReq = match parse(&body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let Some(stream) = req.stream_name else {
         return fail(StatusCode::BAD_REQUEST, "missing streamName");
@@ -107,7 +111,7 @@ pub async fn publish(State(app): State<Arc<App>>, headers: HeaderMap, body: Byte
 pub async fn subscribe(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
     let req: SubscribeReq = match parse(&body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let Some(stream) = req.stream_name else {
         return fail(StatusCode::BAD_REQUEST, "missing streamName");

@@ -62,7 +62,7 @@ impl EdgeLink {
         let mut reader = FrameReader::default();
         let mut buf = vec![0u8; 16 * 1024];
         let jwt_secret = loop {
-            if let Some(msg) = reader.next::<OriginMsg>().map_err(|e| e.to_string())? {
+            if let Some(msg) = reader.next_msg::<OriginMsg>().map_err(|e| e.to_string())? {
                 match msg {
                     OriginMsg::Welcome { jwt_secret } => break jwt_secret,
                     OriginMsg::Refused { reason } => {
@@ -88,7 +88,7 @@ impl EdgeLink {
         let h = handler.clone();
         tokio::spawn(async move {
             let reason = loop {
-                match reader.next::<OriginMsg>() {
+                match reader.next_msg::<OriginMsg>() {
                     Ok(Some(OriginMsg::Sources {
                         stream,
                         channel,

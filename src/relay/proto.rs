@@ -146,7 +146,7 @@ impl FrameReader {
     }
 
     /// The next complete message, if one has fully arrived.
-    pub fn next<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, FrameError> {
+    pub fn next_msg<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Option<T>, FrameError> {
         if self.buf.len() < 4 {
             return Ok(None);
         }
@@ -186,7 +186,7 @@ mod tests {
             let mut got = Vec::new();
             for chunk in bytes.chunks(split) {
                 r.push(chunk);
-                while let Some(m) = r.next::<EdgeMsg>().unwrap() {
+                while let Some(m) = r.next_msg::<EdgeMsg>().unwrap() {
                     got.push(m);
                 }
             }
@@ -198,10 +198,13 @@ mod tests {
     fn bad_frames_are_errors() {
         let mut r = FrameReader::default();
         r.push(&u32::MAX.to_be_bytes());
-        assert!(matches!(r.next::<EdgeMsg>(), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            r.next_msg::<EdgeMsg>(),
+            Err(FrameError::TooLarge(_))
+        ));
         let mut r = FrameReader::default();
         r.push(&[0, 0, 0, 2, b'{', b'x']);
-        assert!(matches!(r.next::<EdgeMsg>(), Err(FrameError::Json(_))));
+        assert!(matches!(r.next_msg::<EdgeMsg>(), Err(FrameError::Json(_))));
     }
 
     #[test]

@@ -114,7 +114,7 @@ async fn serve_edge(
         };
         reader.push(&buf[..n]);
         let step = loop {
-            match reader.next::<EdgeMsg>() {
+            match reader.next_msg::<EdgeMsg>() {
                 Ok(Some(msg)) => {
                     if let Err(e) = handle(msg, id, origin, policy, &sink, &ctl_tx, &mut welcomed) {
                         break Err(e);

@@ -414,15 +414,13 @@ fn on_event(id: PeerId, p: &mut Peer, ev: Event) -> Option<CloseReason> {
         Event::Closed => return Some(CloseReason::RemoteClosed),
         Event::RtpPacket(pkt) => {
             let ssrc = *pkt.header.ssrc;
-            let Some((mid, kind)) = p
+            // A packet of an SSRC no m-line declares is not media we asked for.
+            let (mid, kind) = p
                 .rtc
                 .direct_api()
                 .stream_rx(&pkt.header.ssrc)
                 .map(|s| s.mid())
-                .and_then(|mid| p.rtc.media(mid).map(|m| (mid, m.kind())))
-            else {
-                return None;
-            };
+                .and_then(|mid| p.rtc.media(mid).map(|m| (mid, m.kind())))?;
             let ext = &pkt.header.ext_vals;
             let media = MediaIn {
                 mid,

@@ -120,6 +120,41 @@ const HARNESS_JS = `
       const e = h.streams[name];
       if (e.startedAt === null) { e.source.start(); e.startedAt = h.ctx.currentTime; }
     },
+    // Adds a synthetic video track to h.streams[name].stream: a canvas with
+    // a moving box, the label and a frame counter, redrawn by a timer (not
+    // requestAnimationFrame, which headless pages may not run) and captured
+    // with canvas.captureStream(fps). Every redraw changes pixels, so the
+    // encoder keeps producing frames.
+    addVideo(name, { width = 320, height = 240, fps = 30, label = name } = {}) {
+      const e = h.streams[name];
+      if (!e) throw new Error('no media stream ' + name);
+      if (e.video) return { name, trackId: e.video.track.id, width, height, fps };
+      const canvas = document.createElement('canvas');
+      canvas.width = width; canvas.height = height;
+      document.body.appendChild(canvas);
+      const g = canvas.getContext('2d');
+      const v = { canvas, frames: 0, timer: null, track: null };
+      const box = Math.round(height / 4);
+      const draw = () => {
+        const n = v.frames++;
+        g.fillStyle = '#203040'; g.fillRect(0, 0, width, height);
+        const span = 2 * (width - box);
+        const x = n * 4 % span; // bounce left-right
+        g.fillStyle = 'hsl(' + (n * 3 % 360) + ',80%,55%)';
+        g.fillRect(x < width - box ? x : span - x, (height - box) / 2 + Math.round(Math.sin(n / 10) * height / 4), box, box);
+        g.fillStyle = '#fff'; g.font = 'bold 20px monospace';
+        g.fillText(String(label), 8, 24);
+        g.fillText('frame ' + n, 8, height - 10);
+      };
+      draw();
+      const stream = canvas.captureStream(fps);
+      v.track = stream.getVideoTracks()[0];
+      v.timer = setInterval(draw, Math.round(1000 / fps));
+      e.stream.addTrack(v.track);
+      e.video = v;
+      return { name, trackId: v.track.id, width, height, fps };
+    },
+    videoFrames(name) { const e = h.streams[name]; return e && e.video ? e.video.frames : null; },
     async resume() { const ctx = h.audioContext(); if (ctx.state !== 'running') await ctx.resume(); return ctx.state; },
   };
 })();
@@ -188,6 +223,15 @@ export async function corpusStream(page, file, name, { loop = true, start = true
   await page.evaluate(() => window.harness.resume());
   const s = await page.evaluate(([n, o]) => window.harness.makeStream(n, n, o), [name, { loop, start }]);
   return { ...info, ...s };
+}
+
+/**
+ * Add an animated canvas video track (see harness.addVideo) to the MediaStream
+ * window.harness.streams[name].stream. Options: width, height, fps, label.
+ * Returns {name, trackId, width, height, fps}.
+ */
+export async function addCanvasVideo(page, name, opts = {}) {
+  return page.evaluate(([n, o]) => window.harness.addVideo(n, o), [name, opts]);
 }
 
 /** Minimal --flag value / --flag parser: returns {flags, positional}. */

@@ -11,6 +11,13 @@
 // "_" publishes without a sourceId (the stream's main/default source); its
 // audio defaults to host.opus.
 //
+// --video SRC[,SRC...] (repeatable): those sources also send a VP8 video
+// track (a 320x240 animated canvas at 30 fps, see harness.addVideo in
+// lib.mjs) in the same MediaStream as their audio; the others stay audio
+// only (disableVideo). Their stats lines get a "video" object with the
+// outbound-rtp video counters (pliCount, firCount, keyFramesEncoded,
+// framesEncoded, packetsSent, ...).
+//
 // stdout: one JSON object per line, e.g.
 //   {"event":"published","sourceId":"ana","gen":1,...}
 //   {"event":"error","sourceId":"ana","message":"..."}
@@ -29,12 +36,13 @@ import path from 'node:path';
 import { existsSync } from 'node:fs';
 import readline from 'node:readline';
 import {
-  launchBrowser, openHarnessPage, corpusStream, parseArgs,
+  launchBrowser, openHarnessPage, corpusStream, addCanvasVideo, parseArgs,
   DEFAULT_CORPUS, DEFAULT_ENDPOINT, sdkVersion,
 } from './lib.mjs';
 
 const USAGE = `usage: node publish.mjs --endpoint URL --stream NAME --token TOKEN --sources ID[,ID...]
-       [--corpus DIR] [--map SRC=FILE]... [--seconds N] [--codec vp8] [--dtx]
+       [--corpus DIR] [--map SRC=FILE]... [--video SRC[,SRC...]] [--seconds N]
+       [--codec vp8] [--dtx]
        [--no-loop] [--sequential] [--connect-timeout S] [--stats S]
        [--auto-reconnect] [--verbose]`;
 
@@ -81,6 +89,13 @@ for (const m of [].concat(args.map ?? [])) {
   if (eq <= 0) usage(`bad --map ${m} (want SRC=FILE)`);
   fileMap[m.slice(0, eq)] = m.slice(eq + 1);
 }
+const videoSources = new Set();
+for (const v of [].concat(args.video ?? [])) {
+  if (v === true || v === false) usage('--video needs SRC[,SRC...]');
+  for (const s of String(v).split(',').map((x) => x.trim()).filter(Boolean)) videoSources.add(s);
+}
+const hasVideo = (id) => videoSources.has(id);
+const VIDEO = { width: 320, height: 240, fps: 30 };
 
 function corpusFileFor(id) {
   const spec = fileMap[id] ?? (id === '_' ? 'host' : id);
@@ -116,6 +131,17 @@ const PAGE_JS = `
     try { return JSON.stringify(e); } catch { return String(e); }
   };
   const extmaps = (sdp) => (sdp || '').split(/\\r?\\n/).filter(l => l.startsWith('a=extmap:')).map(l => l.slice(9));
+  // The answer's video m-section: its direction (inactive or port 0 means the
+  // server refused video) and the payload type of VP8 if it kept it.
+  function videoAnswer(sdp) {
+    const sec = (sdp || '').split(/\\r?\\n(?=m=)/).find((x) => x.startsWith('m=video'));
+    if (!sec) return { mline: false };
+    const dir = /a=(sendrecv|sendonly|recvonly|inactive)/.exec(sec);
+    const vp8 = /a=rtpmap:(\\d+) VP8\\/90000/i.exec(sec);
+    const codecs = [...sec.matchAll(/a=rtpmap:\\d+ ([^\\/\\s]+)\\//g)].map((x) => x[1]);
+    return { mline: true, port: Number(sec.split(' ')[1]), direction: dir ? dir[1] : null,
+             vp8Pt: vp8 ? Number(vp8[1]) : null, codecs: [...new Set(codecs)] };
+  }
   function waitConnected(pc, ms) {
     return new Promise((resolve, reject) => {
       const done = () => { clearTimeout(timer); pc.removeEventListener('connectionstatechange', check); };
@@ -134,7 +160,8 @@ const PAGE_JS = `
   async function start(key, o) {
     const gen = gens[key] = (gens[key] || 0) + 1;
     const sourceId = o.sourceId;
-    const rec = { key, sourceId, gen, stopping: false, connected: false, p: null };
+    const rec = { key, sourceId, gen, stopping: false, connected: false, p: null,
+                  video: !!o.video, streamKey: o.streamKey };
     const tokenGenerator = () => millicast.Director.getPublisher({ token: o.token, streamName: o.streamName });
     const p = rec.p = new millicast.Publish(null, tokenGenerator, o.autoReconnect);
     p.on('connectionStateChange', (state) => {
@@ -148,7 +175,9 @@ const PAGE_JS = `
     const entry = window.harness.streams[o.streamKey];
     if (!entry) throw new Error('no media stream ' + o.streamKey);
     const t0 = performance.now();
-    const opts = { mediaStream: entry.stream, disableVideo: true, codec: o.codec, dtx: o.dtx };
+    // Video only for --video sources (their stream then has a canvas track).
+    const opts = { mediaStream: entry.stream, disableVideo: !o.video, codec: o.codec, dtx: o.dtx };
+    if (o.video && entry.stream.getVideoTracks().length === 0) throw new Error('no video track in media stream ' + o.streamKey);
     if (sourceId !== null) opts.sourceId = sourceId;
     try {
       await withTimeout(p.connect(opts), o.connectTimeoutMs, 'Publish.connect()');
@@ -163,6 +192,7 @@ const PAGE_JS = `
       const answer = pc.remoteDescription ? pc.remoteDescription.sdp : '';
       const offer = pc.localDescription ? pc.localDescription.sdp : '';
       const m = /a=rtpmap:(\\d+) opus\\/48000/i.exec(answer);
+      const video = o.video ? videoAnswer(answer) : undefined;
       const info = {
         sourceId, gen,
         signallingMs: Math.round(signalled - t0),
@@ -174,6 +204,7 @@ const PAGE_JS = `
         answerAudioLevelExt: /urn:ietf:params:rtp-hdrext:ssrc-audio-level/.test(answer),
         answerExtmaps: extmaps(answer),
       };
+      if (video) info.video = video;
       return info;
     } catch (e) {
       rec.stopping = true;
@@ -216,6 +247,7 @@ const PAGE_JS = `
       if (!pc) continue;
       const r = { sourceId: rec.sourceId, gen: rec.gen, state: pc.connectionState };
       const report = await pc.getStats();
+      let video = null;
       report.forEach((s) => {
         if (s.type === 'outbound-rtp' && s.kind === 'audio') {
           r.packetsSent = s.packetsSent; r.bytesSent = s.bytesSent; r.ssrc = s.ssrc;
@@ -225,7 +257,23 @@ const PAGE_JS = `
         if (s.type === 'remote-inbound-rtp' && s.kind === 'audio') {
           r.remotePacketsLost = s.packetsLost; r.roundTripTime = s.roundTripTime;
         }
+        if (rec.video && s.type === 'outbound-rtp' && s.kind === 'video') {
+          // pliCount/firCount: keyframe requests the server sent us (RTCP).
+          video = {
+            ssrc: s.ssrc, pliCount: s.pliCount, firCount: s.firCount, nackCount: s.nackCount,
+            keyFramesEncoded: s.keyFramesEncoded, framesEncoded: s.framesEncoded,
+            framesSent: s.framesSent, packetsSent: s.packetsSent, bytesSent: s.bytesSent,
+            frameWidth: s.frameWidth, frameHeight: s.frameHeight,
+            encoderImplementation: s.encoderImplementation,
+            qualityLimitationReason: s.qualityLimitationReason,
+          };
+        }
       });
+      if (rec.video) {
+        // No outbound-rtp video entry means the video was not negotiated.
+        r.video = video || { packetsSent: 0, missing: 'no outbound-rtp video stats' };
+        r.video.canvasFrames = window.harness.videoFrames(rec.streamKey);
+      }
       out.push(r);
     }
     return out;
@@ -268,22 +316,24 @@ async function prepareSource(id) {
   const file = corpusFileFor(id);
   if (!existsSync(file)) throw new Error(`corpus file for source ${id} not found: ${file}`);
   const info = await corpusStream(page, file, `src:${id}`, { loop, start: false });
-  return { file, info };
+  const video = hasVideo(id) ? await addCanvasVideo(page, `src:${id}`, { ...VIDEO, label: id }) : null;
+  return { file, info, video };
 }
 
 function pageOpts(id) {
   return {
     sourceId: sid(id), token, streamName, streamKey: `src:${id}`,
-    codec, dtx, autoReconnect, connectTimeoutMs,
+    codec, dtx, autoReconnect, connectTimeoutMs, video: hasVideo(id),
   };
 }
 
 const prepared = new Set();
 async function startSource(id) {
   if (!prepared.has(id)) {
-    const { file, info } = await prepareSource(id);
+    const { file, info, video } = await prepareSource(id);
     prepared.add(id);
     emit({ event: 'audio', sourceId: sid(id), file, duration: Number(info.duration.toFixed(3)), sampleRate: info.sampleRate, loop });
+    if (video) emit({ event: 'video', sourceId: sid(id), width: video.width, height: video.height, fps: video.fps, trackId: video.trackId });
   }
   // Start the audio right before connecting (a no-op if already playing),
   // so the first packets carry the start of the recording.
@@ -300,7 +350,10 @@ async function main() {
   }, seconds * 1000);
   deadline.unref?.();
 
-  emit({ event: 'starting', endpoint, stream: streamName, sources: sources.map(sid), sdk: sdkVersion(), codec, dtx, seconds });
+  emit({ event: 'starting', endpoint, stream: streamName, sources: sources.map(sid), video: [...videoSources].map(sid), sdk: sdkVersion(), codec, dtx, seconds });
+  for (const v of videoSources) {
+    if (!sources.includes(v)) process.stderr.write(`publish.mjs: note: --video ${v} is not in --sources (it gets video if started with "start ${v}")\n`);
+  }
   for (const id of sources) {
     const f = corpusFileFor(id);
     if (!existsSync(f)) { fail(sid(id), `corpus file not found: ${f}`); return shutdown(1, 'error'); }

@@ -370,17 +370,42 @@ fn keyframe_requests_travel_back_to_the_publisher_and_video_is_relayed() {
         .arg(script)
         .args(["--endpoint", &format!("http://{}", p.http())])
         // `_` publishes without a sourceId: the stream's main source, with video.
-        .args(["--stream", "kf", "--token", TOKEN, "--sources", "_", "--video", "_", "--seconds", "60"])
+        .args([
+            "--stream",
+            "kf",
+            "--token",
+            TOKEN,
+            "--sources",
+            "_",
+            "--video",
+            "_",
+            "--seconds",
+            "60",
+        ])
         .arg("--corpus")
         .arg(corpus());
     let mut tool = Tool::spawn(cmd);
     tool.expect("published", None, Duration::from_secs(60));
     let pli_before = video_stat(&mut tool, "pliCount");
     let out = Command::new(env!("CARGO_BIN_EXE_chorus"))
-        .args(["probe", "--origin", &p.cluster(), "--stream", "kf", "--seconds", "4", "--keyframe-every", "1"])
+        .args([
+            "probe",
+            "--origin",
+            &p.cluster(),
+            "--stream",
+            "kf",
+            "--seconds",
+            "4",
+            "--keyframe-every",
+            "1",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     let main = &report["sources"][0];
     assert_eq!(main["sourceId"], Value::Null, "{report}");
@@ -393,7 +418,10 @@ fn keyframe_requests_travel_back_to_the_publisher_and_video_is_relayed() {
         let n = video_stat(&mut tool, "pliCount");
         (n >= pli_before + 2).then_some(n)
     });
-    assert!(pli_after <= pli_before + requests + 1, "more PLIs than requests: {pli_after}");
+    assert!(
+        pli_after <= pli_before + requests + 1,
+        "more PLIs than requests: {pli_after}"
+    );
     tool.send("quit");
 }
 
@@ -401,5 +429,7 @@ fn keyframe_requests_travel_back_to_the_publisher_and_video_is_relayed() {
 fn video_stat(tool: &mut Tool, field: &str) -> u64 {
     tool.send("stats");
     let v = tool.expect("stats", None, Duration::from_secs(10));
-    v["video"][field].as_u64().unwrap_or_else(|| panic!("no video.{field} in {v}"))
+    v["video"][field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no video.{field} in {v}"))
 }

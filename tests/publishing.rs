@@ -40,6 +40,8 @@ fn sources(p: &Proc, stream: &str) -> BTreeMap<String, Value> {
 struct Tool {
     child: Child,
     lines: mpsc::Receiver<String>,
+    /// Lines received while waiting for something else, in order.
+    backlog: Vec<Value>,
 }
 
 impl Tool {
@@ -58,11 +60,19 @@ impl Tool {
                 let _ = tx.send(line);
             }
         });
-        Tool { child, lines }
+        Tool {
+            child,
+            lines,
+            backlog: Vec::new(),
+        }
     }
 
     /// Waits for a JSON line with this event (and sourceId, if given).
-    fn expect(&self, event: &str, source: Option<&str>, timeout: Duration) -> Value {
+    fn expect(&mut self, event: &str, source: Option<&str>, timeout: Duration) -> Value {
+        let wanted = |v: &Value| v["event"] == event && source.is_none_or(|s| v["sourceId"] == s);
+        if let Some(i) = self.backlog.iter().position(wanted) {
+            return self.backlog.remove(i);
+        }
         let end = std::time::Instant::now() + timeout;
         loop {
             let left = end.saturating_duration_since(std::time::Instant::now());
@@ -76,9 +86,10 @@ impl Tool {
             if v["event"] == "error" {
                 panic!("tool reported an error: {v}");
             }
-            if v["event"] == event && source.is_none_or(|s| v["sourceId"] == s) {
+            if wanted(&v) {
                 return v;
             }
+            self.backlog.push(v);
         }
     }
 
@@ -198,7 +209,7 @@ fn sdk_publishes_three_sources_into_one_stream_and_replaces_one() {
 #[test]
 fn aiortc_publishes_over_whip_with_levels() {
     let p = serve();
-    let tool = whip(&p, "whipped", "ana", "ana.opus", 6);
+    let mut tool = whip(&p, "whipped", "ana", "ana.opus", 6);
     tool.expect("connected", None, Duration::from_secs(30));
     let s = wait_for("ana with levels", Duration::from_secs(20), || {
         let s = sources(&p, "whipped");
@@ -256,8 +267,8 @@ fn quic_link_carries_sources_and_levels_to_a_second_process() {
         ],
     );
     let fp = origin.info["fingerprint"].as_str().unwrap().to_owned();
-    let a = whip(&origin, "linked", "ana", "ana.opus", 12);
-    let b = whip(&origin, "linked", "bo", "bo.opus", 12);
+    let mut a = whip(&origin, "linked", "ana", "ana.opus", 12);
+    let mut b = whip(&origin, "linked", "bo", "bo.opus", 12);
     a.expect("connected", None, Duration::from_secs(30));
     b.expect("connected", None, Duration::from_secs(30));
     wait_for(

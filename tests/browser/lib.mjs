@@ -116,9 +116,21 @@ const HARNESS_JS = `
       if (start) h.startStream(name);
       return { name, trackId: dest.stream.getAudioTracks()[0].id };
     },
+    // Starts playback now (a no-op if already playing). startedWall is the
+    // wall clock (Date.now()) of the start, startedAt the AudioContext time.
     startStream(name) {
       const e = h.streams[name];
-      if (e.startedAt === null) { e.source.start(); e.startedAt = h.ctx.currentTime; }
+      if (!e) throw new Error('no media stream ' + name);
+      if (e.startedAt === null) { e.source.start(); e.startedAt = h.ctx.currentTime; e.startedWall = Date.now(); }
+      return { name, startedAt: e.startedAt, startedWall: e.startedWall, duration: e.source.buffer.duration, loop: e.source.loop };
+    },
+    // Starts playback when Date.now() reaches wallMs (pages of one browser
+    // share the clock, so several pages can start their corpus together).
+    startStreamAt(name, wallMs) {
+      return new Promise((resolve, reject) => {
+        setTimeout(() => { try { resolve(h.startStream(name)); } catch (err) { reject(err); } },
+                   Math.max(0, wallMs - Date.now()));
+      });
     },
     // Adds a synthetic video track to h.streams[name].stream: a canvas with
     // a moving box, the label and a frame counter, redrawn by a timer (not

@@ -1,12 +1,9 @@
-//! A media thread that owns one UDP socket and every WebRTC peer (str0m `Rtc`) on it.
+//! The origin's media thread: one UDP socket and every publisher peer on it.
 //!
-//! The control plane (signalling, WHIP) builds an `Rtc` from an offer with [`RtcHost::accept`]
-//! and hands it over; from then on only this thread touches it. Datagrams are routed to peers by
-//! the ICE ufrag in STUN requests, then by the remote address learned from them: no scan over
-//! all peers. Each peer's events go to its [`PeerHandler`], called on this thread, which must not
-//! block.
+//! The control plane answers an offer with [`RtcHost::accept`] and hands the peer over; from then
+//! on only this thread touches it. Each peer's events go to its [`PeerHandler`], called on this
+//! thread, which must not block.
 
-use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,52 +12,16 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use str0m::change::SdpOffer;
-use str0m::ice::StunMessage;
 use str0m::media::{KeyframeRequestKind, MediaKind, Mid};
-use str0m::net::{Protocol, Receive};
-use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc, RtcConfig};
-use tracing::{debug, info, warn};
+use str0m::{Event, Rtc, RtcConfig};
+use tracing::info;
 
 use super::offer::{check_offer, OfferError};
+use super::peers::{answer_offer, Peer, PeerApp, PeerSet};
+pub use super::peers::{CloseReason, PeerId};
 
-/// A peer that has not completed ICE + DTLS within this time is dropped.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Upper bound on how long commands wait for the thread to notice them.
 const MAX_WAIT: Duration = Duration::from_millis(5);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PeerId(pub u64);
-
-impl std::fmt::Display for PeerId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "peer-{}", self.0)
-    }
-}
-
-/// Why a peer ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// The control plane removed it (unpublish, replaced, signalling closed).
-    Removed,
-    /// ICE never completed, or consent checks stopped arriving.
-    IceTimeout,
-    /// The remote closed DTLS / sent BYE.
-    RemoteClosed,
-    /// str0m reported an error for this peer.
-    Failed,
-}
-
-impl std::fmt::Display for CloseReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            CloseReason::Removed => "removed",
-            CloseReason::IceTimeout => "ICE timeout",
-            CloseReason::RemoteClosed => "closed by remote",
-            CloseReason::Failed => "failed",
-        })
-    }
-}
 
 /// One incoming RTP packet, decrypted, with what the SDP says about it.
 #[derive(Debug)]
@@ -133,7 +94,7 @@ impl RtcHost {
         let thread_name = format!("media-{name}");
         thread::Builder::new()
             .name(thread_name)
-            .spawn(move || MediaLoop::new(socket, local, rx).run())?;
+            .spawn(move || run(socket, rx))?;
         info!(%local, candidate = %candidate_addr, "{name} media socket ready");
         Ok(RtcHost {
             tx,
@@ -156,22 +117,7 @@ impl RtcHost {
         handler: Box<dyn PeerHandler>,
     ) -> Result<(PeerId, String), OfferError> {
         check_offer(offer_sdp, requirements)?;
-        let offer = SdpOffer::from_sdp_string(offer_sdp)
-            .map_err(|e| OfferError::Malformed(e.to_string()))?;
-        let creds = IceCreds::new();
-        let ufrag = creds.ufrag.clone();
-        let mut rtc = config
-            .set_ice_lite(true)
-            .set_rtp_mode(true)
-            .set_local_ice_credentials(creds)
-            .build(Instant::now());
-        let cand = Candidate::host(self.candidate_addr, "udp")
-            .map_err(|e| OfferError::Internal(e.to_string()))?;
-        rtc.add_local_candidate(cand);
-        let answer = rtc
-            .sdp_api()
-            .accept_offer(offer)
-            .map_err(|e| OfferError::Rejected(e.to_string()))?;
+        let (rtc, ufrag, answer) = answer_offer(offer_sdp, config, self.candidate_addr)?;
         let id = PeerId(self.next_id.fetch_add(1, Ordering::Relaxed));
         self.tx
             .send(Cmd::Add {
@@ -181,7 +127,7 @@ impl RtcHost {
                 handler,
             })
             .map_err(|_| OfferError::Internal("media thread is gone".into()))?;
-        Ok((id, answer.to_sdp_string()))
+        Ok((id, answer))
     }
 
     pub fn remove(&self, id: PeerId) {
@@ -199,244 +145,93 @@ pub struct OfferRequirements {
     pub audio_send: bool,
 }
 
-struct Peer {
-    rtc: Rtc,
-    ufrag: String,
-    handler: Box<dyn PeerHandler>,
-    added: Instant,
-    connected: bool,
-    remote: Option<SocketAddr>,
-}
+/// Routes str0m events to each publisher's handler.
+struct Handlers;
 
-struct MediaLoop {
-    socket: UdpSocket,
-    local: SocketAddr,
-    rx: Receiver<Cmd>,
-    peers: HashMap<PeerId, Peer>,
-    by_ufrag: HashMap<String, PeerId>,
-    by_addr: HashMap<SocketAddr, PeerId>,
-    unroutable: u64,
-}
-
-impl MediaLoop {
-    fn new(socket: UdpSocket, local: SocketAddr, rx: Receiver<Cmd>) -> Self {
-        MediaLoop {
-            socket,
-            local,
-            rx,
-            peers: HashMap::new(),
-            by_ufrag: HashMap::new(),
-            by_addr: HashMap::new(),
-            unroutable: 0,
+impl PeerApp<Box<dyn PeerHandler>> for Handlers {
+    fn on_event(
+        &mut self,
+        id: PeerId,
+        p: &mut Peer<Box<dyn PeerHandler>>,
+        ev: Event,
+    ) -> Option<CloseReason> {
+        match ev {
+            Event::Connected => p.data.on_event(id, PeerEvent::Connected),
+            Event::RtpPacket(pkt) => {
+                // A packet of an SSRC no m-line declares is not media we asked for.
+                let (mid, kind) = p
+                    .rtc
+                    .direct_api()
+                    .stream_rx(&pkt.header.ssrc)
+                    .map(|s| s.mid())
+                    .and_then(|mid| p.rtc.media(mid).map(|m| (mid, m.kind())))?;
+                let ext = &pkt.header.ext_vals;
+                let media = MediaIn {
+                    mid,
+                    kind,
+                    ssrc: *pkt.header.ssrc,
+                    seq: pkt.header.sequence_number,
+                    ts: pkt.header.timestamp,
+                    marker: pkt.header.marker,
+                    pt: *pkt.header.payload_type,
+                    audio_level: ext.audio_level.map(|l| l.unsigned_abs().min(127)),
+                    voice: ext.voice_activity,
+                    payload: &pkt.payload,
+                };
+                p.data.on_event(id, PeerEvent::Media(media));
+            }
+            _ => {}
         }
+        None
     }
 
-    fn run(mut self) {
-        let mut buf = vec![0u8; 2048];
-        let mut deadlines: Vec<(PeerId, Instant)> = Vec::new();
-        loop {
-            if !self.commands() {
-                info!("media thread stopping: control plane gone");
-                return;
-            }
-            let now = Instant::now();
-            let mut next = now + MAX_WAIT;
-            deadlines.clear();
-            let ids: Vec<PeerId> = self.peers.keys().copied().collect();
-            for id in ids {
-                if let Some(t) = self.drive(id, Input::Timeout(now)) {
-                    next = next.min(t);
-                }
-            }
-            let wait = next
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1));
-            let _ = self.socket.set_read_timeout(Some(wait));
-            match self.socket.recv_from(&mut buf) {
-                Ok((n, from)) => self.datagram(&buf[..n], from),
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                Err(e) => {
-                    // ICMP port unreachable surfaces here on Linux; it concerns one peer only.
-                    debug!("udp recv: {e}");
-                }
-            }
-        }
+    fn on_closed(&mut self, id: PeerId, mut p: Peer<Box<dyn PeerHandler>>, reason: CloseReason) {
+        p.data.on_event(id, PeerEvent::Closed(reason));
     }
+}
 
-    /// Applies pending commands; false when the control plane dropped every handle.
-    fn commands(&mut self) -> bool {
+fn run(socket: UdpSocket, rx: Receiver<Cmd>) {
+    let mut peers: PeerSet<Box<dyn PeerHandler>> = match PeerSet::new(socket) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("media thread cannot start: {e}");
+            return;
+        }
+    };
+    let mut app = Handlers;
+    loop {
         loop {
-            match self.rx.try_recv() {
+            match rx.try_recv() {
                 Ok(Cmd::Add {
                     id,
                     ufrag,
                     rtc,
                     handler,
-                }) => {
-                    self.by_ufrag.insert(ufrag.clone(), id);
-                    self.peers.insert(
-                        id,
-                        Peer {
-                            rtc: *rtc,
-                            ufrag,
-                            handler,
-                            added: Instant::now(),
-                            connected: false,
-                            remote: None,
-                        },
-                    );
-                }
-                Ok(Cmd::Remove(id)) => self.close(id, CloseReason::Removed),
+                }) => peers.insert(id, ufrag, *rtc, handler),
+                Ok(Cmd::Remove(id)) => peers.close(id, CloseReason::Removed, &mut app),
                 Ok(Cmd::RequestKeyframe(id, mid)) => {
-                    if let Some(p) = self.peers.get_mut(&id) {
-                        let mut api = p.rtc.direct_api();
-                        if let Some(rx) = api.stream_rx_by_mid(mid, None) {
+                    if let Some(p) = peers.get_mut(id) {
+                        if let Some(rx) = p.rtc.direct_api().stream_rx_by_mid(mid, None) {
                             rx.request_keyframe(KeyframeRequestKind::Pli);
                         }
                     }
+                    peers.flush(id, &mut app);
                 }
-                Err(TryRecvError::Empty) => return true,
-                Err(TryRecvError::Disconnected) => return !self.peers.is_empty(),
-            }
-        }
-    }
-
-    fn datagram(&mut self, data: &[u8], from: SocketAddr) {
-        let id = match self.by_addr.get(&from) {
-            Some(&id) => Some(id),
-            None => StunMessage::parse(data)
-                .ok()
-                .and_then(|m| m.split_username().map(|(local, _)| local.to_owned()))
-                .and_then(|ufrag| self.by_ufrag.get(&ufrag).copied()),
-        };
-        let Some(id) = id else {
-            self.unroutable += 1;
-            if self.unroutable.is_power_of_two() {
-                debug!(%from, count = self.unroutable, "datagram for no known peer dropped");
-            }
-            return;
-        };
-        let Ok(contents) = data.try_into() else {
-            return;
-        };
-        if let Some(p) = self.peers.get_mut(&id) {
-            if p.remote != Some(from) {
-                if let Some(old) = p.remote.replace(from) {
-                    self.by_addr.remove(&old);
-                }
-                self.by_addr.insert(from, id);
-            }
-        }
-        let input = Input::Receive(
-            Instant::now(),
-            Receive {
-                proto: Protocol::Udp,
-                source: from,
-                destination: self.local,
-                contents,
-            },
-        );
-        self.drive(id, input);
-    }
-
-    /// Feeds one input and drains output; returns the peer's next timeout.
-    fn drive(&mut self, id: PeerId, input: Input<'_>) -> Option<Instant> {
-        let p = self.peers.get_mut(&id)?;
-        if let Err(e) = p.rtc.handle_input(input) {
-            warn!(%id, "peer input failed: {e}");
-            self.close(id, CloseReason::Failed);
-            return None;
-        }
-        let mut end = None;
-        let timeout = loop {
-            if !p.rtc.is_alive() {
-                end = Some(CloseReason::RemoteClosed);
-                break None;
-            }
-            match p.rtc.poll_output() {
-                Ok(Output::Timeout(t)) => break Some(t),
-                Ok(Output::Transmit(t)) => {
-                    if let Err(e) = self.socket.send_to(&t.contents, t.destination) {
-                        debug!(%id, "udp send: {e}");
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    if peers.is_empty() {
+                        info!("media thread stopping: control plane gone");
+                        return;
                     }
-                }
-                Ok(Output::Event(ev)) => {
-                    if let Some(reason) = on_event(id, p, ev) {
-                        end = Some(reason);
-                        break None;
-                    }
-                }
-                Err(e) => {
-                    warn!(%id, "peer failed: {e}");
-                    end = Some(CloseReason::Failed);
-                    break None;
+                    break;
                 }
             }
-        };
-        if !p.connected && p.added.elapsed() > CONNECT_TIMEOUT {
-            end = Some(CloseReason::IceTimeout);
         }
-        if let Some(reason) = end {
-            self.close(id, reason);
-        }
-        timeout
+        let now = Instant::now();
+        let next = peers
+            .timeouts(now, &mut app)
+            .unwrap_or(now + MAX_WAIT)
+            .min(now + MAX_WAIT);
+        peers.recv(next.saturating_duration_since(Instant::now()), &mut app);
     }
-
-    fn close(&mut self, id: PeerId, reason: CloseReason) {
-        let Some(mut p) = self.peers.remove(&id) else {
-            return;
-        };
-        self.by_ufrag.remove(&p.ufrag);
-        if let Some(a) = p.remote {
-            self.by_addr.remove(&a);
-        }
-        p.rtc.disconnect();
-        // Flush the close (DTLS close_notify) so the remote learns at once.
-        while let Ok(Output::Transmit(t)) = p.rtc.poll_output() {
-            let _ = self.socket.send_to(&t.contents, t.destination);
-        }
-        info!(%id, %reason, "peer closed");
-        p.handler.on_event(id, PeerEvent::Closed(reason));
-    }
-}
-
-/// Handles one str0m event; returns a reason when the peer must end.
-fn on_event(id: PeerId, p: &mut Peer, ev: Event) -> Option<CloseReason> {
-    match ev {
-        Event::Connected => {
-            p.connected = true;
-            info!(%id, "peer connected");
-            p.handler.on_event(id, PeerEvent::Connected);
-        }
-        Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
-            return Some(CloseReason::IceTimeout);
-        }
-        Event::Closed => return Some(CloseReason::RemoteClosed),
-        Event::RtpPacket(pkt) => {
-            let ssrc = *pkt.header.ssrc;
-            // A packet of an SSRC no m-line declares is not media we asked for.
-            let (mid, kind) = p
-                .rtc
-                .direct_api()
-                .stream_rx(&pkt.header.ssrc)
-                .map(|s| s.mid())
-                .and_then(|mid| p.rtc.media(mid).map(|m| (mid, m.kind())))?;
-            let ext = &pkt.header.ext_vals;
-            let media = MediaIn {
-                mid,
-                kind,
-                ssrc,
-                seq: pkt.header.sequence_number,
-                ts: pkt.header.timestamp,
-                marker: pkt.header.marker,
-                pt: *pkt.header.payload_type,
-                audio_level: ext.audio_level.map(|l| l.unsigned_abs().min(127)),
-                voice: ext.voice_activity,
-                payload: &pkt.payload,
-            };
-            p.handler.on_event(id, PeerEvent::Media(media));
-        }
-        _ => {}
-    }
-    None
 }

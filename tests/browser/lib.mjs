@@ -267,3 +267,262 @@ export function parseArgs(argv, { booleans = [] } = {}) {
   }
   return { flags, positional };
 }
+
+// ------------------------------------------------------------------ rooms
+// Page side of room.mjs: one millicast.Publish and/or one millicast.View per
+// page, and a recorder of what the View receives. It is written as a plain
+// function and injected as its source text, so it runs in the page and may
+// use nothing from this module.
+function roomPage() {
+  const emit = (ev) => { try { window.__roomEmit(ev); } catch { /* page closing */ } };
+  const now = () => Date.now();
+  const withTimeout = (p, ms, what) => {
+    let timer;
+    return Promise.race([p, new Promise((_, rej) => {
+      timer = setTimeout(() => rej(new Error(what + ' timed out after ' + ms + ' ms')), ms);
+    })]).finally(() => clearTimeout(timer));
+  };
+  // SDK rejections are Error objects (Director: FetchError with .status) or
+  // the server's error data ({message}) for signalling commands.
+  const errText = (e) => {
+    if (e === undefined || e === null) return String(e);
+    if (typeof e === 'string') return e;
+    if (e instanceof Error) return (e.name && e.name !== 'Error' ? e.name + ': ' : '') + e.message + (e.status ? ' (HTTP ' + e.status + ')' : '');
+    if (typeof e === 'object' && typeof e.message === 'string') return e.message;
+    try { return JSON.stringify(e); } catch { return String(e); }
+  };
+  // The m-sections of an SDP: kind, mid, direction, ssrcs, msid, codecs.
+  const sdpMedia = (sdp) => (sdp || '').split(/\r?\n(?=m=)/).filter((x) => x.startsWith('m=')).map((sec) => {
+    const first = sec.split(/\r?\n/)[0].split(' ');
+    const get = (re) => { const m = re.exec(sec); return m ? m[1] : null; };
+    return {
+      kind: first[0].slice(2), port: Number(first[1]),
+      mid: get(/a=mid:(\S+)/),
+      direction: get(/a=(sendrecv|sendonly|recvonly|inactive)\b/),
+      msid: get(/a=msid:([^\r\n]+)/),
+      ssrcs: [...new Set([...sec.matchAll(/a=ssrc:(\d+)/g)].map((m) => Number(m[1])))],
+      codecs: [...new Set([...sec.matchAll(/a=rtpmap:\d+ ([^/\s]+)\//g)].map((m) => m[1]))],
+    };
+  });
+  const waitConnected = (pc, ms) => new Promise((resolve, reject) => {
+    const done = () => { clearTimeout(timer); pc.removeEventListener('connectionstatechange', check); };
+    const check = () => {
+      if (pc.connectionState === 'connected') { done(); resolve(); }
+      else if (pc.connectionState === 'failed' || pc.connectionState === 'closed') {
+        done(); reject(new Error('peer connection ' + pc.connectionState + ' before connecting (ice=' + pc.iceConnectionState + ')'));
+      }
+    };
+    const timer = setTimeout(() => { done(); reject(new Error('ICE/DTLS did not connect within ' + ms + ' ms (connectionState=' + pc.connectionState + ', iceConnectionState=' + pc.iceConnectionState + ')')); }, ms);
+    pc.addEventListener('connectionstatechange', check);
+    check();
+  });
+  const STAT_FIELDS = ['ssrc', 'packetsReceived', 'packetsLost', 'packetsDiscarded', 'bytesReceived', 'jitter',
+    'concealedSamples', 'silentConcealedSamples', 'totalSamplesReceived', 'concealmentEvents',
+    'insertedSamplesForDeceleration', 'removedSamplesForAcceleration', 'jitterBufferDelay',
+    'jitterBufferTargetDelay', 'jitterBufferEmittedCount', 'audioLevel', 'totalAudioEnergy',
+    'totalSamplesDuration', 'lastPacketReceivedTimestamp', 'nackCount', 'fecPacketsReceived'];
+
+  const R = window.room = { pub: null, view: null, publishRec: null, viewRec: null, closing: false, timers: [] };
+
+  function recordError(rec, role, message, fatal = false) {
+    rec.errors.push([now(), message]);
+    emit({ event: 'error', role, message, fatal });
+  }
+
+  // o: {streamName, token, sourceId (null = main source), streamKey, connectTimeoutMs, dtx}
+  R.publish = async (o) => {
+    const rec = R.publishRec = { sourceId: o.sourceId, startAt: now(), pcStates: [], events: [], errors: [] };
+    const tokenGenerator = () => millicast.Director.getPublisher({ token: o.token, streamName: o.streamName });
+    const p = R.pub = new millicast.Publish(null, tokenGenerator, false);
+    p.on('connectionStateChange', (s) => {
+      rec.pcStates.push([now(), s]);
+      emit({ event: 'pc-state', role: 'publish', state: s });
+      if (rec.publishedAt && !R.closing && (s === 'failed' || s === 'closed')) recordError(rec, 'publish', 'publish peer connection ' + s);
+    });
+    p.on('broadcastEvent', (ev) => rec.events.push({ t: now(), name: ev && ev.name, data: ev && ev.data }));
+    const entry = window.harness.streams[o.streamKey];
+    if (!entry) throw new Error('no media stream ' + o.streamKey);
+    const opts = { mediaStream: entry.stream, disableVideo: true, codec: 'vp8', dtx: !!o.dtx };
+    if (o.sourceId !== null && o.sourceId !== undefined) opts.sourceId = o.sourceId;
+    try {
+      await withTimeout(p.connect(opts), o.connectTimeoutMs, 'Publish.connect()');
+      rec.signalledAt = now();
+      await waitConnected(p.getRTCPeerConnection(), o.connectTimeoutMs);
+    } catch (e) {
+      try { p.stop(); } catch {}
+      throw new Error(errText(e));
+    }
+    rec.publishedAt = now();
+    rec.publisherId = p.signaling ? p.signaling.serverId : undefined;
+    if (p.signaling) p.signaling.on('wsConnectionClose', () => {
+      if (!R.closing) recordError(rec, 'publish', 'publish signalling WebSocket closed by the server');
+    });
+    return { sourceId: o.sourceId, publishedAt: rec.publishedAt, publisherId: rec.publisherId,
+             signallingMs: rec.signalledAt - rec.startAt, connectMs: rec.publishedAt - rec.startAt };
+  };
+
+  // o: {streamName, accountId, subscribeToken, connectOptions (ViewConnectOptions),
+  //     muted, sampleMs, statsMs, connectTimeoutMs}
+  R.view = async (o) => {
+    const rec = R.viewRec = {
+      options: o.connectOptions, muted: o.muted !== false, sampleMs: o.sampleMs, statsMs: o.statsMs,
+      startAt: now(), events: [], tracks: {}, stats: {}, pcStates: [], errors: [], commands: [],
+    };
+    const ctx = window.harness.audioContext();
+    if (ctx.state !== 'running') await ctx.resume();
+    const sub = { streamName: o.streamName, streamAccountId: o.accountId || 'chorus' };
+    if (o.subscribeToken) sub.subscriberToken = o.subscribeToken;
+    const tokenGenerator = () => millicast.Director.getSubscriber(sub);
+    const v = R.view = new millicast.View(null, tokenGenerator, null, false);
+    const analysers = {};
+    v.on('broadcastEvent', (ev) => {
+      const e = { t: now(), name: ev && ev.name, data: ev && ev.data };
+      rec.events.push(e);
+      emit({ event: 'broadcast', name: e.name, data: e.data });
+    });
+    v.on('connectionStateChange', (s) => {
+      rec.pcStates.push([now(), s]);
+      emit({ event: 'pc-state', role: 'view', state: s });
+      if (rec.connectedAt && !R.closing && (s === 'failed' || s === 'closed')) recordError(rec, 'view', 'view peer connection ' + s);
+    });
+    v.on('error', (e) => recordError(rec, 'view', 'View error event: ' + errText(e)));
+    // Chrome only feeds a remote track to WebAudio while a media element
+    // plays it; a muted <audio> is enough (and keeps NetEq being pulled, so
+    // totalSamplesReceived and concealment stats count). inbound-rtp
+    // audioLevel then reads 0: the analyser is the level to use.
+    v.on('track', (ev) => {
+      const track = ev.track;
+      const mid = ev.transceiver ? ev.transceiver.mid : null;
+      const key = String(mid);
+      const t = rec.tracks[key] = rec.tracks[key] || { mid, energy: [], trackEvents: [] };
+      Object.assign(t, { kind: track.kind, trackId: track.id, trackAt: now(), streams: (ev.streams || []).map((s) => s.id) });
+      emit({ event: 'track', mid, kind: track.kind, trackId: track.id });
+      if (track.kind !== 'audio') return;
+      for (const k of ['mute', 'unmute', 'ended']) track.addEventListener(k, () => t.trackEvents.push([now(), k]));
+      const ms = new MediaStream([track]);
+      const el = document.createElement('audio');
+      el.muted = rec.muted; el.autoplay = true; el.srcObject = ms; el.dataset.mid = key;
+      document.body.appendChild(el);
+      el.play().catch((e) => recordError(rec, 'view', 'audio element for mid ' + key + ' did not play: ' + errText(e)));
+      const an = ctx.createAnalyser();
+      an.fftSize = 2048; // 42.7 ms at 48 kHz
+      ctx.createMediaStreamSource(ms).connect(an);
+      analysers[key] = { an, buf: new Float32Array(an.fftSize), t };
+    });
+    try {
+      await withTimeout(v.connect(o.connectOptions), o.connectTimeoutMs, 'View.connect()');
+    } catch (e) {
+      try { v.stop(); } catch {}
+      throw new Error(errText(e));
+    }
+    rec.signalledAt = now();
+    const pc = v.getRTCPeerConnection();
+    rec.offer = sdpMedia(pc.localDescription && pc.localDescription.sdp);
+    rec.answer = sdpMedia(pc.remoteDescription && pc.remoteDescription.sdp);
+    rec.answerSdp = pc.remoteDescription ? pc.remoteDescription.sdp : null;
+    rec.subscriberId = v.signaling ? v.signaling.serverId : undefined;
+    rec.streamViewId = v.signaling ? v.signaling.streamViewId : undefined;
+    if (v.signaling) v.signaling.on('wsConnectionClose', () => {
+      rec.wsClosedAt = now();
+      if (!R.closing) recordError(rec, 'view', 'view signalling WebSocket closed by the server');
+    });
+    try {
+      await waitConnected(pc, o.connectTimeoutMs);
+    } catch (e) {
+      try { v.stop(); } catch {}
+      throw new Error(errText(e));
+    }
+    rec.connectedAt = now();
+
+    // RMS of the last 2048 samples of every received audio track.
+    R.timers.push(setInterval(() => {
+      const t = now();
+      for (const a of Object.values(analysers)) {
+        a.an.getFloatTimeDomainData(a.buf);
+        let s = 0;
+        for (let i = 0; i < a.buf.length; i++) s += a.buf[i] * a.buf[i];
+        a.t.energy.push([t, Math.round(Math.sqrt(s / a.buf.length) * 1e5) / 1e5]);
+      }
+    }, o.sampleMs));
+    // inbound-rtp per mid.
+    let busy = false;
+    R.timers.push(setInterval(async () => {
+      if (busy || R.closing || pc.connectionState === 'closed') return;
+      busy = true;
+      try {
+        const t = now();
+        for (const tr of pc.getTransceivers()) {
+          if (!tr.mid || tr.receiver.track.kind !== 'audio') continue;
+          const report = await tr.receiver.getStats();
+          report.forEach((s) => {
+            if (s.type !== 'inbound-rtp') return;
+            const row = { t };
+            for (const f of STAT_FIELDS) if (s[f] !== undefined) row[f] = s[f];
+            (rec.stats[tr.mid] = rec.stats[tr.mid] || []).push(row);
+          });
+        }
+      } catch (e) { /* closing */ } finally { busy = false; }
+    }, o.statsMs));
+
+    return {
+      subscriberId: rec.subscriberId, signallingMs: rec.signalledAt - rec.startAt, connectMs: rec.connectedAt - rec.startAt,
+      mids: rec.answer.map((m) => ({ mid: m.mid, kind: m.kind, direction: m.direction, ssrcs: m.ssrcs })),
+    };
+  };
+
+  async function command(name, fn) {
+    const rec = R.viewRec;
+    if (!R.view || !rec) throw new Error('this participant does not view');
+    const c = { t: now(), name };
+    rec.commands.push(c);
+    try { await fn(); c.ok = true; } catch (e) { c.ok = false; c.message = errText(e); }
+    c.doneAt = now();
+    return c;
+  }
+  // sourceId null = the main source
+  R.project = (sourceId, mid) => command('project', () => R.view.project(sourceId, [{ media: 'audio', mediaId: String(mid) }]))
+    .then((c) => Object.assign(c, { sourceId, mid }));
+  R.unproject = (mids) => command('unproject', () => R.view.unproject(mids.map(String)))
+    .then((c) => Object.assign(c, { mids }));
+
+  R.report = () => ({ publish: R.publishRec, view: R.viewRec });
+  R.stopAll = () => {
+    R.closing = true;
+    for (const t of R.timers) clearInterval(t);
+    try { if (R.view) R.view.stop(); } catch {}
+    try { if (R.pub) R.pub.stop(); } catch {}
+  };
+}
+
+/**
+ * Add the room helpers (window.room, see roomPage above) to a harness page.
+ * onEvent(ev) receives the page's small events (broadcast, track, pc-state,
+ * error).
+ */
+export async function installRoom(page, onEvent) {
+  await page.exposeFunction('__roomEmit', (ev) => onEvent(ev));
+  await page.addScriptTag({ content: `(${roomPage.toString()})();` });
+}
+
+/** Publish h.streams[o.streamKey] with millicast.Publish; see roomPage. */
+export async function roomPublish(page, o) {
+  return page.evaluate((oo) => window.room.publish(oo), o);
+}
+
+/** View with millicast.View and start recording; see roomPage. */
+export async function roomView(page, o) {
+  return page.evaluate((oo) => window.room.view(oo), o);
+}
+
+/** Everything the page recorded: {publish, view}. */
+export async function roomReport(page) {
+  return page.evaluate(() => window.room.report());
+}
+
+/**
+ * Start the corpus MediaStream `name` (made with corpusStream(..., {start:
+ * false})) at wall clock wallMs. Returns {startedWall, startedAt, duration, loop}.
+ */
+export async function startCorpusAt(page, name, wallMs) {
+  return page.evaluate(([n, w]) => window.harness.startStreamAt(n, w), [name, wallMs]);
+}

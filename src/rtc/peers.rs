@@ -1,0 +1,332 @@
+//! The WebRTC peers of one media thread and the UDP socket they share.
+//!
+//! Datagrams are routed by the ICE ufrag of STUN requests, then by the remote address those
+//! requests came from: no scan over all peers. What happens with a peer's str0m events is up to
+//! the thread's [`PeerApp`]; this module only owns sockets, routing, timeouts and the
+//! per-peer input budget that keeps one flooding peer from starving the others.
+
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use str0m::change::SdpOffer;
+use str0m::ice::StunMessage;
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc, RtcConfig};
+use tracing::{debug, info, warn};
+
+use super::offer::OfferError;
+
+/// A peer that has not completed ICE + DTLS within this time is dropped.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Datagrams one peer may send per second before the excess is dropped. A viewer sends a few
+/// RTCP reports and consent checks per second; a publisher 50-100 media packets per track.
+pub const MAX_DATAGRAMS_PER_SEC: u32 = 2000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(pub u64);
+
+impl std::fmt::Display for PeerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "peer-{}", self.0)
+    }
+}
+
+/// Why a peer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The control plane removed it (unpublish, replaced, signalling closed).
+    Removed,
+    /// ICE never completed, or consent checks stopped arriving.
+    IceTimeout,
+    /// The remote closed DTLS / sent BYE.
+    RemoteClosed,
+    /// str0m reported an error for this peer.
+    Failed,
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CloseReason::Removed => "removed",
+            CloseReason::IceTimeout => "ICE timeout",
+            CloseReason::RemoteClosed => "closed by remote",
+            CloseReason::Failed => "failed",
+        })
+    }
+}
+
+/// Answers an offer with a new ICE-lite, RTP-mode peer whose only candidate is `candidate`.
+/// Runs on the control plane; the returned `Rtc` is then handed to a media thread.
+pub fn answer_offer(
+    offer_sdp: &str,
+    config: RtcConfig,
+    candidate: SocketAddr,
+) -> Result<(Rtc, String, String), OfferError> {
+    let offer =
+        SdpOffer::from_sdp_string(offer_sdp).map_err(|e| OfferError::Malformed(e.to_string()))?;
+    let creds = IceCreds::new();
+    let ufrag = creds.ufrag.clone();
+    let mut rtc = config
+        .set_ice_lite(true)
+        .set_rtp_mode(true)
+        .set_local_ice_credentials(creds)
+        .build(Instant::now());
+    let cand =
+        Candidate::host(candidate, "udp").map_err(|e| OfferError::Internal(e.to_string()))?;
+    rtc.add_local_candidate(cand);
+    let answer = rtc
+        .sdp_api()
+        .accept_offer(offer)
+        .map_err(|e| OfferError::Rejected(e.to_string()))?;
+    Ok((rtc, ufrag, answer.to_sdp_string()))
+}
+
+pub struct Peer<T> {
+    pub rtc: Rtc,
+    pub data: T,
+    ufrag: String,
+    added: Instant,
+    pub connected: bool,
+    remote: Option<SocketAddr>,
+    /// Input budget: datagrams taken in the current one-second window.
+    window_start: Instant,
+    window_count: u32,
+    pub dropped_flood: u64,
+}
+
+/// What a media thread does with its peers' events.
+pub trait PeerApp<T> {
+    /// Handles one event; a returned reason ends the peer.
+    fn on_event(&mut self, id: PeerId, peer: &mut Peer<T>, ev: Event) -> Option<CloseReason>;
+    /// The peer has ended (after it was removed from the set).
+    fn on_closed(&mut self, id: PeerId, peer: Peer<T>, reason: CloseReason);
+}
+
+pub struct PeerSet<T> {
+    socket: UdpSocket,
+    local: SocketAddr,
+    peers: HashMap<PeerId, Peer<T>>,
+    by_ufrag: HashMap<String, PeerId>,
+    by_addr: HashMap<SocketAddr, PeerId>,
+    pub unroutable: u64,
+    buf: Vec<u8>,
+}
+
+impl<T> PeerSet<T> {
+    pub fn new(socket: UdpSocket) -> std::io::Result<Self> {
+        let local = socket.local_addr()?;
+        Ok(PeerSet {
+            socket,
+            local,
+            peers: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            by_addr: HashMap::new(),
+            unroutable: 0,
+            buf: vec![0; 2048],
+        })
+    }
+
+    pub fn insert(&mut self, id: PeerId, ufrag: String, rtc: Rtc, data: T) {
+        let now = Instant::now();
+        self.by_ufrag.insert(ufrag.clone(), id);
+        self.peers.insert(
+            id,
+            Peer {
+                rtc,
+                data,
+                ufrag,
+                added: now,
+                connected: false,
+                remote: None,
+                window_start: now,
+                window_count: 0,
+                dropped_flood: 0,
+            },
+        );
+    }
+
+    pub fn get_mut(&mut self, id: PeerId) -> Option<&mut Peer<T>> {
+        self.peers.get_mut(&id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    pub fn ids(&self) -> Vec<PeerId> {
+        self.peers.keys().copied().collect()
+    }
+
+    /// Ends a peer: flushes its DTLS close so the remote learns at once, then tells the app.
+    pub fn close(&mut self, id: PeerId, reason: CloseReason, app: &mut impl PeerApp<T>) {
+        let Some(mut p) = self.peers.remove(&id) else {
+            return;
+        };
+        self.by_ufrag.remove(&p.ufrag);
+        if let Some(a) = p.remote {
+            self.by_addr.remove(&a);
+        }
+        p.rtc.disconnect();
+        while let Ok(Output::Transmit(t)) = p.rtc.poll_output() {
+            let _ = self.socket.send_to(&t.contents, t.destination);
+        }
+        info!(%id, %reason, dropped_flood = p.dropped_flood, "peer closed");
+        app.on_closed(id, p, reason);
+    }
+
+    /// Waits up to `wait` for one datagram and routes it. Returns true if one arrived.
+    pub fn recv(&mut self, wait: Duration, app: &mut impl PeerApp<T>) -> bool {
+        let _ = self
+            .socket
+            .set_read_timeout(Some(wait.max(Duration::from_micros(100))));
+        let mut buf = std::mem::take(&mut self.buf);
+        let got = match self.socket.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                self.datagram(&buf[..n], from, app);
+                true
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
+            Err(e) => {
+                // ICMP port unreachable surfaces here on Linux; it concerns one peer only.
+                debug!("udp recv: {e}");
+                true
+            }
+        };
+        self.buf = buf;
+        got
+    }
+
+    fn datagram(&mut self, data: &[u8], from: SocketAddr, app: &mut impl PeerApp<T>) {
+        let id = match self.by_addr.get(&from) {
+            Some(&id) => Some(id),
+            None => StunMessage::parse(data)
+                .ok()
+                .and_then(|m| m.split_username().map(|(local, _)| local.to_owned()))
+                .and_then(|ufrag| self.by_ufrag.get(&ufrag).copied()),
+        };
+        let Some(id) = id else {
+            self.unroutable += 1;
+            if self.unroutable.is_power_of_two() {
+                debug!(%from, count = self.unroutable, "datagram for no known peer dropped");
+            }
+            return;
+        };
+        let Ok(contents) = data.try_into() else {
+            return;
+        };
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let now = Instant::now();
+        if now.duration_since(p.window_start) >= Duration::from_secs(1) {
+            p.window_start = now;
+            p.window_count = 0;
+        }
+        p.window_count += 1;
+        if p.window_count > MAX_DATAGRAMS_PER_SEC {
+            p.dropped_flood += 1;
+            if p.dropped_flood.is_power_of_two() {
+                warn!(%id, dropped = p.dropped_flood, "peer floods: datagrams over budget dropped");
+            }
+            return;
+        }
+        if p.remote != Some(from) {
+            if let Some(old) = p.remote.replace(from) {
+                self.by_addr.remove(&old);
+            }
+            self.by_addr.insert(from, id);
+        }
+        let input = Input::Receive(
+            now,
+            Receive {
+                proto: Protocol::Udp,
+                source: from,
+                destination: self.local,
+                contents,
+            },
+        );
+        self.drive(id, input, app);
+    }
+
+    /// Advances every peer's clock; returns the earliest next timeout.
+    pub fn timeouts(&mut self, now: Instant, app: &mut impl PeerApp<T>) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        for id in self.ids() {
+            if let Some(t) = self.drive(id, Input::Timeout(now), app) {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        }
+        next
+    }
+
+    /// Sends what a peer has queued (after the app wrote RTP to it).
+    pub fn flush(&mut self, id: PeerId, app: &mut impl PeerApp<T>) {
+        self.drive(id, Input::Timeout(Instant::now()), app);
+    }
+
+    /// Feeds one input and drains output; returns the peer's next timeout.
+    pub fn drive(
+        &mut self,
+        id: PeerId,
+        input: Input<'_>,
+        app: &mut impl PeerApp<T>,
+    ) -> Option<Instant> {
+        let p = self.peers.get_mut(&id)?;
+        if let Err(e) = p.rtc.handle_input(input) {
+            warn!(%id, "peer input failed: {e}");
+            self.close(id, CloseReason::Failed, app);
+            return None;
+        }
+        let mut end = None;
+        let timeout = loop {
+            if !p.rtc.is_alive() {
+                end = Some(CloseReason::RemoteClosed);
+                break None;
+            }
+            match p.rtc.poll_output() {
+                Ok(Output::Timeout(t)) => break Some(t),
+                Ok(Output::Transmit(t)) => {
+                    if let Err(e) = self.socket.send_to(&t.contents, t.destination) {
+                        debug!(%id, "udp send: {e}");
+                    }
+                }
+                Ok(Output::Event(ev)) => {
+                    let r = match ev {
+                        Event::Connected => {
+                            p.connected = true;
+                            info!(%id, "peer connected");
+                            app.on_event(id, p, Event::Connected)
+                        }
+                        Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                            Some(CloseReason::IceTimeout)
+                        }
+                        Event::Closed => Some(CloseReason::RemoteClosed),
+                        ev => app.on_event(id, p, ev),
+                    };
+                    if r.is_some() {
+                        end = r;
+                        break None;
+                    }
+                }
+                Err(e) => {
+                    warn!(%id, "peer failed: {e}");
+                    end = Some(CloseReason::Failed);
+                    break None;
+                }
+            }
+        };
+        if !p.connected && p.added.elapsed() > CONNECT_TIMEOUT {
+            end = Some(CloseReason::IceTimeout);
+        }
+        if let Some(reason) = end {
+            self.close(id, reason, app);
+        }
+        timeout
+    }
+}

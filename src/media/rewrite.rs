@@ -58,6 +58,7 @@ pub struct TrackRewriter {
     out_at_us: u64,
     out_samples: u32,
     started: bool,
+    clock_rate: u32,
 }
 
 impl TrackRewriter {
@@ -71,7 +72,14 @@ impl TrackRewriter {
             out_at_us: 0,
             out_samples: 0,
             started: false,
+            clock_rate: CLOCK_RATE,
         }
+    }
+
+    /// For a non-Opus track (video: 90 kHz): the clock a switch's elapsed time is counted in.
+    pub fn with_clock_rate(mut self, clock_rate: u32) -> Self {
+        self.clock_rate = clock_rate;
+        self
     }
 
     pub fn ssrc(&self) -> u32 {
@@ -148,7 +156,7 @@ impl TrackRewriter {
         let (out_seq, out_ts) = if self.started {
             let elapsed_us = now_us.saturating_sub(self.out_at_us);
             let elapsed =
-                (elapsed_us * CLOCK_RATE as u64 / 1_000_000).min(u32::MAX as u64 / 2) as u32;
+                (elapsed_us * self.clock_rate as u64 / 1_000_000).min(u32::MAX as u64 / 2) as u32;
             (
                 self.out_seq.wrapping_add(1),
                 self.out_ts.wrapping_add(elapsed.max(self.out_samples)),

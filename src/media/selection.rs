@@ -27,6 +27,8 @@ pub struct GroupKey {
     pinned: Option<SourceIdx>,
     /// Sorted, deduplicated.
     excluded: SmallVec<[SourceIdx; 4]>,
+    /// Tracks a viewer projected a chosen source into (`project`), sorted by track.
+    fixed: SmallVec<[(u8, SourceIdx); 2]>,
 }
 
 impl GroupKey {
@@ -42,7 +44,31 @@ impl GroupKey {
             tracks,
             pinned,
             excluded,
+            fixed: SmallVec::new(),
         }
+    }
+
+    /// The same key with these tracks fixed to these sources (a later entry for the same track
+    /// wins; a source fixed twice keeps its last track). Tracks out of range are ignored.
+    pub fn with_fixed(mut self, fixed: impl IntoIterator<Item = (u8, SourceIdx)>) -> Self {
+        for (t, s) in fixed {
+            if t >= self.tracks {
+                continue;
+            }
+            self.fixed.retain(|(ft, fs)| *ft != t && *fs != s);
+            self.fixed.push((t, s));
+        }
+        self.fixed.sort_unstable();
+        self
+    }
+    pub fn fixed(&self) -> &[(u8, SourceIdx)] {
+        &self.fixed
+    }
+    fn fixed_source(&self, track: u8) -> Option<SourceIdx> {
+        self.fixed
+            .iter()
+            .find(|(t, _)| *t == track)
+            .map(|(_, s)| *s)
     }
     pub fn tracks(&self) -> u8 {
         self.tracks
@@ -53,9 +79,12 @@ impl GroupKey {
     pub fn excluded(&self) -> &[SourceIdx] {
         &self.excluded
     }
-    /// May this source play in one of the group's multiplexed tracks?
+    /// May this source play in one of the group's voice-activated tracks? A projected source
+    /// plays only in its fixed track.
     pub fn admits(&self, s: SourceIdx) -> bool {
-        self.pinned != Some(s) && self.excluded.binary_search(&s).is_err()
+        self.pinned != Some(s)
+            && self.excluded.binary_search(&s).is_err()
+            && !self.fixed.iter().any(|(_, f)| *f == s)
     }
 }
 
@@ -64,12 +93,22 @@ impl GroupKey {
 pub struct Standing {
     pub voice: Voice,
     pub score: f32,
+    /// Published right now (a projected track shows its source whenever it is live).
+    pub live: bool,
 }
 
 impl Standing {
-    pub const SILENT: Standing = Standing {
+    /// Not published.
+    pub const GONE: Standing = Standing {
         voice: Voice::Silent,
         score: 0.0,
+        live: false,
+    };
+    /// Published, not talking.
+    pub const QUIET: Standing = Standing {
+        voice: Voice::Silent,
+        score: 0.0,
+        live: true,
     };
 }
 
@@ -283,6 +322,7 @@ impl Selector {
         });
         for gi in 0..self.groups.len() {
             self.release_silent(now_us, gi, &standing);
+            self.fill_fixed(now_us, gi, &standing);
             for ri in 0..self.ranking.len() {
                 let r = self.ranking[ri];
                 if !self.place(now_us, gi, r, &standing, true) {
@@ -303,7 +343,9 @@ impl Selector {
         };
         for (t, slot) in g.slots.iter_mut().enumerate() {
             let Some(s) = slot.source else { continue };
-            if standing(s).voice == Voice::Silent {
+            let st = standing(s);
+            let fixed = g.key.fixed_source(t as u8).is_some();
+            if (!fixed && st.voice == Voice::Silent) || (fixed && !st.live) {
                 *slot = Slot {
                     source: None,
                     since_us: now_us,
@@ -313,6 +355,34 @@ impl Selector {
                     group: GroupId(gi as u32),
                     track: t as u8,
                     source: None,
+                    at_us: now_us,
+                });
+            }
+        }
+    }
+
+    /// Projected tracks show their source whenever it is live.
+    fn fill_fixed(&mut self, now_us: u64, gi: usize, standing: &impl Fn(SourceIdx) -> Standing) {
+        let Some(g) = self.groups[gi].as_mut() else {
+            return;
+        };
+        let gid = GroupId(gi as u32);
+        for &(t, s) in g.key.fixed.iter() {
+            let slot = &mut g.slots[t as usize];
+            if slot.source.is_none() && standing(s).live {
+                *slot = Slot {
+                    source: Some(s),
+                    since_us: now_us,
+                };
+                let idx = s.0 as usize;
+                if self.placements.len() <= idx {
+                    self.placements.resize_with(idx + 1, SmallVec::new);
+                }
+                self.placements[idx].push((gid, t));
+                self.events.push(TrackChange {
+                    group: gid,
+                    track: t,
+                    source: Some(s),
                     at_us: now_us,
                 });
             }
@@ -337,18 +407,25 @@ impl Selector {
         }
         let gid = GroupId(gi as u32);
         // Free slot first; else the weakest holder, if it may be displaced.
-        let target = match g.slots.iter().position(|s| s.source.is_none()) {
+        let key = &g.key;
+        let free = (0..g.slots.len())
+            .find(|&t| g.slots[t].source.is_none() && key.fixed_source(t as u8).is_none());
+        let target = match free {
             Some(t) => Some(t),
             None => {
-                let (t, holder) = g
+                let Some((t, holder)) = g
                     .slots
                     .iter()
                     .enumerate()
+                    .filter(|(t, _)| key.fixed_source(*t as u8).is_none())
                     .filter_map(|(t, s)| s.source.map(|h| (t, standing(h))))
                     .min_by(|(_, a), (_, b)| {
                         a.voice.cmp(&b.voice).then(a.score.total_cmp(&b.score))
                     })
-                    .expect("no free slot means every slot has a holder");
+                else {
+                    // Every track is projected: none follows voice activity.
+                    return false;
+                };
                 let displaceable = holder.voice != Voice::Talking
                     || (allow_preempt_talker
                         && cand.standing.score >= holder.score + self.cfg.preempt_margin
@@ -404,11 +481,15 @@ mod tests {
     impl World {
         fn new(n: usize) -> Self {
             World {
-                st: RefCell::new(vec![Standing::SILENT; n]),
+                st: RefCell::new(vec![Standing::GONE; n]),
             }
         }
         fn set(&self, s: u32, voice: Voice, score: f32) {
-            self.st.borrow_mut()[s as usize] = Standing { voice, score };
+            self.st.borrow_mut()[s as usize] = Standing {
+                voice,
+                score,
+                live: true,
+            };
         }
         fn get(&self, s: SourceIdx) -> Standing {
             self.st.borrow()[s.0 as usize]
@@ -504,5 +585,40 @@ mod tests {
         assert_eq!(sel.placements(SourceIdx(1)), &[(c, 1)]);
         sel.remove_source(200, SourceIdx(1));
         assert_eq!(tracks(&sel, c), vec![Some(0), None, Some(2)]);
+    }
+
+    #[test]
+    fn projected_track_holds_its_source_and_others_follow_voice() {
+        let w = World::new(6);
+        let mut sel = Selector::new(SelectionConfig::default());
+        let key = GroupKey::new(3, None, []).with_fixed([(1, SourceIdx(2))]);
+        assert!(!key.admits(SourceIdx(2)));
+        let g = sel.join(key);
+        // Live but quiet: a projected source shows anyway.
+        w.set(2, Voice::Silent, 0.0);
+        w.tick(&mut sel, 10);
+        assert_eq!(tracks(&sel, g), vec![None, Some(2), None]);
+        // Talkers fill the other tracks only, even when more talk than there is room for.
+        for s in [3, 4, 5] {
+            w.set(s, Voice::Talking, 2.0);
+            sel.on_onset(20, SourceIdx(s), |s| w.get(s));
+        }
+        w.set(2, Voice::Talking, 3.0);
+        w.tick(&mut sel, 30);
+        assert_eq!(tracks(&sel, g), vec![Some(3), Some(2), Some(4)]);
+        // The projected source leaves: its track empties, nobody else takes it; it comes back.
+        w.st.borrow_mut()[2] = Standing::GONE;
+        w.tick(&mut sel, 40);
+        assert_eq!(tracks(&sel, g), vec![Some(3), None, Some(4)]);
+        w.set(2, Voice::Silent, 0.0);
+        w.tick(&mut sel, 50);
+        assert_eq!(tracks(&sel, g), vec![Some(3), Some(2), Some(4)]);
+        // A key out of range or fixing one source twice keeps the last valid entry.
+        let k = GroupKey::new(2, None, []).with_fixed([
+            (0, SourceIdx(1)),
+            (1, SourceIdx(1)),
+            (5, SourceIdx(3)),
+        ]);
+        assert_eq!(k.fixed(), &[(1, SourceIdx(1))]);
     }
 }

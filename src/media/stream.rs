@@ -338,13 +338,14 @@ fn standing_of(sources: &[Source], vad: &VadConfig, s: SourceIdx, now_us: u64) -
         Some(src) if src.live => match src.activity.voice(vad, now_us) {
             // Selection never weighs a silent source's score: skip the decay (an exp) for
             // the many silent sources of a large stream.
-            Voice::Silent => Standing::SILENT,
+            Voice::Silent => Standing::QUIET,
             voice => Standing {
                 voice,
                 score: src.activity.score_at(vad, now_us),
+                live: true,
             },
         },
-        _ => Standing::SILENT,
+        _ => Standing::GONE,
     }
 }
 

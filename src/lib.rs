@@ -2,6 +2,7 @@
 //! stream that are talking, in a fixed set of multiplexed tracks.
 
 pub mod auth;
+pub mod edge;
 pub mod http;
 pub mod media;
 pub mod origin;

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use chorus::auth::tokens::{parse_ttl, TokenFile, TokenKind};
 use chorus::relay::client::LinkConfig;
 use chorus::replay::{self, ReplayOptions};
-use chorus::server::{self, ServerOptions};
+use chorus::server::{self, Role, ServerOptions};
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +27,8 @@ enum Command {
     Serve(ServeArgs),
     /// An origin (with the director): takes publications, fans them out to edges over QUIC.
     Origin(OriginArgs),
+    /// An edge: serves viewers, fed by an origin over QUIC.
+    Edge(EdgeArgs),
     /// Subscribes to a stream at an origin like an edge would, and prints what arrives as JSON.
     Probe(ProbeArgs),
     /// Manages publish and subscribe tokens in a token file.
@@ -83,6 +85,18 @@ struct OriginArgs {
     /// QUIC address edges connect to.
     #[arg(long, default_value = "127.0.0.1:7400")]
     cluster: SocketAddr,
+}
+
+#[derive(Args)]
+struct EdgeArgs {
+    #[command(flatten)]
+    common: CommonServer,
+    /// The origin's QUIC address (its --cluster).
+    #[arg(long)]
+    origin: SocketAddr,
+    /// Hex SHA-256 of the origin certificate (printed by the origin at start).
+    #[arg(long)]
+    origin_fingerprint: Option<String>,
 }
 
 #[derive(Args)]
@@ -161,9 +175,19 @@ fn main() -> ExitCode {
     let (what, result) = match cli.command {
         Command::Serve(a) => (
             "serve",
-            run_server(a.common, "127.0.0.1:0".parse().expect("valid")),
+            run_server(a.common, Role::Serve, "127.0.0.1:0".parse().expect("valid"), None, None),
         ),
-        Command::Origin(a) => ("origin", run_server(a.common, a.cluster)),
+        Command::Origin(a) => ("origin", run_server(a.common, Role::Origin, a.cluster, None, None)),
+        Command::Edge(a) => (
+            "edge",
+            run_server(
+                a.common,
+                Role::Edge,
+                "127.0.0.1:0".parse().expect("valid"),
+                Some(a.origin),
+                a.origin_fingerprint,
+            ),
+        ),
         Command::Probe(a) => ("probe", probe_cmd(a)),
         Command::Token(t) => ("token", token_cmd(t)),
         Command::Replay(a) => ("replay", replay_cmd(a)),
@@ -195,9 +219,18 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| e.to_string())
 }
 
-fn run_server(c: CommonServer, cluster: SocketAddr) -> Result<(), String> {
+fn run_server(
+    c: CommonServer,
+    role: Role,
+    cluster: SocketAddr,
+    origin: Option<SocketAddr>,
+    origin_fingerprint: Option<String>,
+) -> Result<(), String> {
     init_logs();
     let opts = ServerOptions {
+        role,
+        origin,
+        origin_fingerprint,
         http: c.http,
         media_ip: c.media_ip,
         media_port: c.media_port,
@@ -211,12 +244,12 @@ fn run_server(c: CommonServer, cluster: SocketAddr) -> Result<(), String> {
         cluster_token: c.cluster_token,
     };
     runtime()?.block_on(async {
-        let running = server::start_origin(&opts).await?;
+        let running = server::start(&opts).await?;
         println!(
             "{}",
             serde_json::json!({
                 "http": format!("http://{}", running.http),
-                "cluster": running.cluster.to_string(),
+                "cluster": running.cluster.map(|c| c.to_string()),
                 "fingerprint": running.fingerprint,
             })
         );

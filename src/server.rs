@@ -1,6 +1,6 @@
-//! Process wiring: `chorus serve`, `chorus origin` and `chorus probe`.
+//! Process wiring: `chorus serve`, `chorus origin`, `chorus edge` and `chorus probe`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -15,17 +15,31 @@ use crate::auth::jwt::JwtKeys;
 use crate::auth::random_secret;
 use crate::auth::tokens::Tokens;
 use crate::http::{router, App};
+use crate::edge::Edge;
 use crate::origin::Origin;
 use crate::relay::client::{EdgeLink, LinkConfig, LinkHandler};
 use crate::relay::proto::{DatagramHeader, Kind, SourceInfo, LEVEL_EXT_ID};
 use crate::relay::server::{RelayPolicy, RelayServer};
 use crate::rtc::host::{HostConfig, RtcHost};
 
+/// What a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Director + origin + edge in one process (the edge linked to the origin over loopback QUIC).
+    Serve,
+    /// Director + origin: publications, fan-out to edges.
+    Origin,
+    /// Viewers, fed by an origin over QUIC.
+    Edge,
+}
+
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
+    pub role: Role,
     pub http: SocketAddr,
-    /// IP the media UDP socket binds.
+    /// IP the media UDP sockets bind.
     pub media_ip: IpAddr,
+    /// UDP port of the publishers' socket (the edge takes any free port).
     pub media_port: u16,
     /// IP put in ICE candidates, when it differs from `media_ip`.
     pub public_ip: Option<IpAddr>,
@@ -35,25 +49,31 @@ pub struct ServerOptions {
     pub dev_publish_token: Option<String>,
     pub jwt_secret: Option<String>,
     pub jwt_ttl_secs: u64,
-    /// QUIC address edges connect to.
+    /// QUIC address edges connect to (origin and serve).
     pub cluster: SocketAddr,
     pub cluster_token: Option<String>,
+    /// The origin an edge links to (edge only).
+    pub origin: Option<SocketAddr>,
+    pub origin_fingerprint: Option<String>,
 }
 
-/// A running origin (with its director and HTTP API); `serve` adds an edge to it.
+/// A running process's addresses, printed as one JSON line when ready.
 pub struct Running {
     pub http: SocketAddr,
-    pub cluster: SocketAddr,
-    pub fingerprint: String,
-    pub origin: Arc<Origin>,
+    pub cluster: Option<SocketAddr>,
+    pub fingerprint: Option<String>,
 }
 
-pub async fn start_origin(opts: &ServerOptions) -> Result<Running, String> {
-    let tokens = match &opts.tokens {
+fn load_tokens(opts: &ServerOptions) -> Result<Tokens, String> {
+    Ok(match &opts.tokens {
         Some(path) => {
             let t = Tokens::file(path.clone())?;
             info!(path = %path.display(), "tokens from file");
             t
+        }
+        None if opts.role == Role::Edge => {
+            warn!("no --tokens file: every stream is open to viewers at this edge");
+            Tokens::dev(random_secret(18))
         }
         None => {
             let (token, from) = match &opts.dev_publish_token {
@@ -64,43 +84,77 @@ pub async fn start_origin(opts: &ServerOptions) -> Result<Running, String> {
             warn!("DEV MODE: publish token ({from}): {token}");
             Tokens::dev(token)
         }
-    };
-    let secret = match &opts.jwt_secret {
-        Some(s) if !s.is_empty() => s.clone(),
-        _ => random_secret(32),
-    };
-    let jwt = JwtKeys::new(secret.as_bytes(), opts.jwt_ttl_secs);
-    let host = RtcHost::start(
-        &HostConfig {
-            bind: SocketAddr::new(opts.media_ip, opts.media_port),
-            public_ip: opts.public_ip,
-        },
-        "origin",
-    )
-    .map_err(|e| format!("media socket on {}: {e}", opts.media_ip))?;
-    let origin = Origin::new(host);
+    })
+}
 
-    let relay = RelayServer::bind(opts.cluster)?;
-    let cluster = relay.local_addr();
-    let fingerprint = relay.fingerprint.clone();
-    info!(%cluster, %fingerprint, "relay listening for edges (QUIC)");
-    if opts.cluster_token.is_none() && !opts.cluster.ip().is_loopback() {
-        warn!("relay is not on loopback and has no --cluster-token: any edge can join");
+/// Starts what `opts.role` asks for and its HTTP server; returns once everything listens.
+pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
+    let tokens = load_tokens(opts)?;
+    let mut origin = None;
+    let mut cluster = None;
+    let mut fingerprint = None;
+    let mut secret = match &opts.jwt_secret {
+        Some(s) if !s.is_empty() => s.clone().into_bytes(),
+        _ => random_secret(32).into_bytes(),
+    };
+    if opts.role != Role::Edge {
+        let host = RtcHost::start(
+            &HostConfig {
+                bind: SocketAddr::new(opts.media_ip, opts.media_port),
+                public_ip: opts.public_ip,
+            },
+            "origin",
+        )
+        .map_err(|e| format!("media socket on {}: {e}", opts.media_ip))?;
+        let o = Origin::new(host);
+        let relay = RelayServer::bind(opts.cluster)?;
+        let addr = relay.local_addr();
+        info!(cluster = %addr, fingerprint = relay.fingerprint.as_str(), "relay listening for edges (QUIC)");
+        if opts.cluster_token.is_none() && !opts.cluster.ip().is_loopback() {
+            warn!("relay is not on loopback and has no --cluster-token: any edge can join");
+        }
+        fingerprint = Some(relay.fingerprint.clone());
+        cluster = Some(addr);
+        tokio::spawn(relay.run(
+            o.clone(),
+            RelayPolicy {
+                cluster_token: opts.cluster_token.clone(),
+                jwt_secret: base64::engine::general_purpose::STANDARD.encode(&secret),
+            },
+        ));
+        origin = Some(o);
     }
-    tokio::spawn(relay.run(
-        origin.clone(),
-        RelayPolicy {
-            cluster_token: opts.cluster_token.clone(),
-            jwt_secret: base64::engine::general_purpose::STANDARD.encode(secret.as_bytes()),
-        },
-    ));
-
+    let mut edge = None;
+    if opts.role != Role::Origin {
+        let link = match opts.role {
+            Role::Serve => LinkConfig {
+                origin: cluster.expect("serve runs an origin"),
+                fingerprint: fingerprint.clone(),
+                cluster_token: opts.cluster_token.clone(),
+            },
+            _ => LinkConfig {
+                origin: opts.origin.ok_or("an edge needs --origin HOST:PORT")?,
+                fingerprint: opts.origin_fingerprint.clone(),
+                cluster_token: opts.cluster_token.clone(),
+            },
+        };
+        let (e, origin_secret) = Edge::start(SocketAddr::new(opts.media_ip, 0), opts.public_ip, link).await?;
+        if opts.role == Role::Edge {
+            // Viewers' JWTs are signed with the origin's key: the edge checks them with it.
+            secret = base64::engine::general_purpose::STANDARD
+                .decode(origin_secret)
+                .map_err(|e| format!("origin sent a bad JWT secret: {e}"))?;
+        }
+        edge = Some(e);
+    }
     let app = Arc::new(App {
         tokens,
-        jwt,
-        origin: origin.clone(),
+        jwt: JwtKeys::new(&secret, opts.jwt_ttl_secs),
+        origin,
+        edge,
         public_ws: opts.public_ws.clone(),
         next_session: AtomicU64::new(1),
+        whep: Mutex::new(HashMap::new()),
     });
     let listener = tokio::net::TcpListener::bind(opts.http)
         .await
@@ -111,12 +165,15 @@ pub async fn start_origin(opts: &ServerOptions) -> Result<Running, String> {
             warn!("HTTP server stopped: {e}");
         }
     });
-    info!("director and signalling on http://{http}");
+    match opts.role {
+        Role::Serve => info!("chorus serving on http://{http}/ (demo page), director and signalling there too"),
+        Role::Origin => info!("origin: director and signalling on http://{http}"),
+        Role::Edge => info!("edge: viewers' signalling on http://{http}"),
+    }
     Ok(Running {
         http,
         cluster,
         fingerprint,
-        origin,
     })
 }
 
@@ -153,7 +210,8 @@ impl LinkHandler for Probe {
         }
     }
 
-    fn on_datagram(&self, hdr: DatagramHeader, rtp: &[u8]) {
+    fn on_datagram(&self, hdr: DatagramHeader, datagram: bytes::Bytes) {
+        let rtp = &datagram[crate::relay::proto::DATAGRAM_HEADER..];
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.channel != Some(hdr.channel) {
             st.foreign += 1;

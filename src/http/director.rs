@@ -84,6 +84,9 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Box<Response>> 
 }
 
 pub async fn publish(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    if app.origin.is_none() {
+        return fail(StatusCode::NOT_FOUND, "this is an edge: publish at the origin");
+    }
     let req: PublishReq = match parse(&body) {
         Ok(r) => r,
         Err(resp) => return *resp,
@@ -109,6 +112,12 @@ pub async fn publish(State(app): State<Arc<App>>, headers: HeaderMap, body: Byte
 }
 
 pub async fn subscribe(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    if app.edge.is_none() {
+        return fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this origin serves no viewers: subscribe at an edge (chorus edge)",
+        );
+    }
     let req: SubscribeReq = match parse(&body) {
         Ok(r) => r,
         Err(resp) => return *resp,

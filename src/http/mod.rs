@@ -2,10 +2,12 @@
 
 pub mod director;
 pub mod signal;
+pub mod whep;
 pub mod whip;
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -17,16 +19,23 @@ use tower_http::cors::{Any, CorsLayer};
 
 use crate::auth::jwt::JwtKeys;
 use crate::auth::tokens::Tokens;
+use crate::edge::Edge;
 use crate::origin::Origin;
+use crate::rtc::peers::PeerId;
 
 /// Everything the HTTP handlers share.
 pub struct App {
     pub tokens: Tokens,
     pub jwt: JwtKeys,
-    pub origin: Arc<Origin>,
+    /// Present where publications are taken (`serve`, `origin`).
+    pub origin: Option<Arc<Origin>>,
+    /// Present where viewers are served (`serve`, `edge`).
+    pub edge: Option<Arc<Edge>>,
     /// Base URL put in director answers (`ws://host:port`); None = from the request's Host.
     pub public_ws: Option<String>,
     pub next_session: AtomicU64,
+    /// WHEP resource id -> viewer peer, for DELETE.
+    pub whep: Mutex<HashMap<String, PeerId>>,
 }
 
 /// The `{"status":"fail"}` body the SDK expects, with a status code.
@@ -74,6 +83,11 @@ pub fn router(app: Arc<App>) -> Router {
             "/whip/resource/{id}",
             delete(whip::delete).patch(whip::patch),
         )
+        .route("/whep/{stream}", post(whep::view))
+        .route(
+            "/whep/resource/{id}",
+            delete(whep::delete).patch(whip::patch),
+        )
         .layer(cors)
         .with_state(app)
 }
@@ -89,7 +103,10 @@ async fn index() -> impl IntoResponse {
 }
 
 async fn stream_view(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
-    match app.origin.stream_view(&name) {
+    let Some(origin) = &app.origin else {
+        return fail(StatusCode::NOT_FOUND, "this is an edge: stream state is at the origin");
+    };
+    match origin.stream_view(&name) {
         Some(v) => Json(v).into_response(),
         None => fail(StatusCode::NOT_FOUND, format!("no stream {name:?} is live")),
     }

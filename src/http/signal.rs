@@ -19,7 +19,9 @@ use tracing::{info, warn};
 
 use super::{fail, App};
 use crate::auth::jwt::{Claims, Scope};
+use crate::edge::ViewOptions;
 use crate::origin::Owner;
+use crate::rtc::peers::PeerId;
 
 /// Largest signalling message: an SDP offer with many m-lines is a few tens of KiB.
 pub const MAX_MESSAGE: usize = 256 * 1024;
@@ -72,7 +74,11 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64) {
         }
         let _ = sink.close().await;
     });
-    let mut seen: HashSet<u64> = HashSet::new();
+    let mut session = Session {
+        sid,
+        seen: HashSet::new(),
+        viewer: None,
+    };
     while let Some(msg) = source.next().await {
         let text = match msg {
             Ok(Message::Text(t)) => t,
@@ -91,13 +97,18 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64) {
                 break;
             }
         };
-        if seen.len() >= MAX_COMMANDS {
+        if session.seen.len() >= MAX_COMMANDS {
             send_error(&out, None, "too many commands on one session");
             break;
         }
-        handle_text(&app, &claims, sid, &out, &mut seen, text.as_str());
+        handle_text(&app, &claims, &out, &mut session, text.as_str());
     }
-    app.origin.drop_owner(Owner::Signalling(sid));
+    if let Some(origin) = &app.origin {
+        origin.drop_owner(Owner::Signalling(sid));
+    }
+    if let (Some(edge), Some(v)) = (&app.edge, &session.viewer) {
+        edge.remove(v.id);
+    }
     drop(out);
     let _ = writer.await;
     info!(session = sid, "signalling session closed");
@@ -109,14 +120,23 @@ fn send_error(out: &Out, trans_id: Option<u64>, message: impl Into<String>) {
     let _ = out.send(json!({"type": "error", "transId": trans_id, "data": {"message": message}}));
 }
 
-fn handle_text(
-    app: &Arc<App>,
-    claims: &Claims,
+/// What one signalling session holds.
+struct Session {
     sid: u64,
-    out: &Out,
-    seen: &mut HashSet<u64>,
-    text: &str,
-) {
+    seen: HashSet<u64>,
+    viewer: Option<ViewerState>,
+}
+
+struct ViewerState {
+    id: PeerId,
+    /// mids of the multiplexed tracks, in order.
+    tracks: Vec<String>,
+    /// Projections: mid -> sourceId.
+    projected: Vec<(String, String)>,
+}
+
+fn handle_text(app: &Arc<App>, claims: &Claims, out: &Out, session: &mut Session, text: &str) {
+    let sid = session.sid;
     let v: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(e) => return send_error(out, None, format!("malformed JSON: {e}")),
@@ -139,7 +159,7 @@ fn handle_text(
     let Some(trans_id) = v.get("transId").and_then(Value::as_u64) else {
         return send_error(out, None, "cmd without an integer transId");
     };
-    if !seen.insert(trans_id) {
+    if !session.seen.insert(trans_id) {
         return send_error(out, Some(trans_id), format!("duplicate transId {trans_id}"));
     }
     let name = v.get("name").and_then(Value::as_str).unwrap_or("");
@@ -147,7 +167,13 @@ fn handle_text(
     let result = match name {
         "publish" => publish(app, claims, sid, &data),
         "unpublish" => unpublish(app, claims, sid, &data),
-        "view" => Err("this server has no edge: view is not available".to_owned()),
+        "view" => match view(app, claims, &data, out, session, trans_id) {
+            // The answer is already sent, ahead of the viewer's first events.
+            Ok(()) => return,
+            Err(e) => Err(e),
+        },
+        "project" => project(app, &data, session),
+        "unproject" => unproject(app, &data, session),
         "" => Err("cmd without a name".to_owned()),
         other => Err(format!("unknown command {other:?}")),
     };
@@ -196,8 +222,11 @@ fn publish(app: &Arc<App>, claims: &Claims, sid: u64, data: &Value) -> Result<Va
         .ok_or("publish needs data.sdp, the SDP offer")?;
     let source = source_id(data)?;
     let stream = &claims.millicast.stream_name;
-    let published = app
+    let origin = app
         .origin
+        .as_ref()
+        .ok_or("this is an edge: publish at the origin")?;
+    let published = origin
         .publish(stream, source.clone(), sdp, Owner::Signalling(sid))
         .map_err(|e| e.to_string())?;
     if published.replaced {
@@ -221,7 +250,11 @@ fn unpublish(app: &Arc<App>, claims: &Claims, sid: u64, data: &Value) -> Result<
     } else {
         None
     };
-    let n = app.origin.unpublish(
+    let origin = app
+        .origin
+        .as_ref()
+        .ok_or("this is an edge: publish at the origin")?;
+    let n = origin.unpublish(
         &claims.millicast.stream_name,
         source.as_ref(),
         Owner::Signalling(sid),
@@ -230,4 +263,153 @@ fn unpublish(app: &Arc<App>, claims: &Claims, sid: u64, data: &Value) -> Result<
         return Err("nothing published on this session".into());
     }
     Ok(json!({"unpublished": n}))
+}
+
+/// Reads a list of sourceIds (`excludedSourceIds`); null and "" mean the main source.
+fn source_list(data: &Value, field: &str) -> Result<Vec<String>, String> {
+    match data.get(field) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(a)) if a.len() <= 256 => a
+            .iter()
+            .map(|v| match v {
+                Value::Null => Ok(String::new()),
+                Value::String(s) if s.len() <= MAX_SOURCE_ID => Ok(s.clone()),
+                _ => Err(format!("{field} must hold sourceId strings")),
+            })
+            .collect(),
+        Some(_) => Err(format!("{field} must be an array of at most 256 sourceIds")),
+    }
+}
+
+fn view(
+    app: &Arc<App>,
+    claims: &Claims,
+    data: &Value,
+    out: &Out,
+    session: &mut Session,
+    trans_id: u64,
+) -> Result<(), String> {
+    let edge = app
+        .edge
+        .as_ref()
+        .ok_or("this origin serves no viewers: view at an edge (chorus edge)")?;
+    if claims.scope != Scope::Subscribe {
+        return Err("this token may publish, not view: get one from /api/director/subscribe".into());
+    }
+    if session.viewer.is_some() {
+        return Err("this session already views: open another socket for another view".into());
+    }
+    check_stream(claims, data, "streamId")?;
+    let sdp = data
+        .get("sdp")
+        .and_then(Value::as_str)
+        .ok_or("view needs data.sdp, the SDP offer")?;
+    let pinned = match data.get("pinnedSourceId") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.len() <= MAX_SOURCE_ID => Some(s.clone()),
+        Some(_) => return Err("pinnedSourceId must be a string".into()),
+    };
+    let excluded = source_list(data, "excludedSourceIds")?;
+    let stream = &claims.millicast.stream_name;
+    let pending = edge
+        .prepare(
+            stream,
+            sdp,
+            ViewOptions {
+                pinned,
+                excluded,
+                max_tracks: None,
+            },
+            out.clone(),
+        )
+        .map_err(|e| e.to_string())?;
+    let _ = out.send(json!({"type": "response", "transId": trans_id, "data": {
+        "sdp": pending.answer,
+        "subscriberId": pending.subscriber_id,
+        "streamViewId": pending.subscriber_id,
+        "clusterId": "chorus",
+        "streamId": stream,
+    }}));
+    let tracks = pending.tracks.clone();
+    let id = edge.commit(pending);
+    session.viewer = Some(ViewerState {
+        id,
+        tracks,
+        projected: Vec::new(),
+    });
+    Ok(())
+}
+
+fn push_projections(app: &Arc<App>, v: &ViewerState) {
+    if let Some(edge) = &app.edge {
+        let fixed = v
+            .projected
+            .iter()
+            .filter_map(|(mid, src)| {
+                v.tracks
+                    .iter()
+                    .position(|m| m == mid)
+                    .map(|t| (t as u8, src.clone()))
+            })
+            .collect();
+        edge.project(v.id, fixed);
+    }
+}
+
+/// `project {sourceId, mapping: [{trackId|media, mediaId}]}`: the source plays in that track
+/// until unprojected; the other tracks keep following voice activity.
+fn project(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Value, String> {
+    let v = session
+        .viewer
+        .as_mut()
+        .ok_or("project needs a view on this session first")?;
+    let source = source_id(data)?.unwrap_or_default();
+    let mapping = data
+        .get("mapping")
+        .and_then(Value::as_array)
+        .ok_or("project needs data.mapping, a list of {media, mediaId}")?;
+    let mut mids = Vec::new();
+    for m in mapping {
+        if m.get("media").and_then(Value::as_str).is_some_and(|k| k != "audio") {
+            return Err("only audio can be projected into a multiplexed track".into());
+        }
+        let mid = match m.get("mediaId") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => return Err("each mapping needs a mediaId".into()),
+        };
+        if !v.tracks.contains(&mid) {
+            return Err(format!(
+                "mediaId {mid:?} is not one of this view's multiplexed tracks {:?}",
+                v.tracks
+            ));
+        }
+        mids.push(mid);
+    }
+    for mid in mids {
+        v.projected.retain(|(m, s)| *m != mid && *s != source);
+        v.projected.push((mid, source.clone()));
+    }
+    push_projections(app, v);
+    Ok(json!({}))
+}
+
+fn unproject(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Value, String> {
+    let v = session
+        .viewer
+        .as_mut()
+        .ok_or("unproject needs a view on this session first")?;
+    let mids: Vec<String> = data
+        .get("mediaIds")
+        .and_then(Value::as_array)
+        .ok_or("unproject needs data.mediaIds")?
+        .iter()
+        .map(|m| match m {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .collect();
+    v.projected.retain(|(m, _)| !mids.contains(m));
+    push_projections(app, v);
+    Ok(json!({}))
 }

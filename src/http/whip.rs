@@ -44,6 +44,9 @@ pub async fn publish(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let Some(origin) = &app.origin else {
+        return fail(StatusCode::NOT_FOUND, "this is an edge: publish at the origin");
+    };
     if let Err(m) = check_stream_name(&stream) {
         return fail(StatusCode::BAD_REQUEST, m);
     }
@@ -73,7 +76,7 @@ pub async fn publish(
     let Ok(offer) = std::str::from_utf8(&body) else {
         return fail(StatusCode::BAD_REQUEST, "SDP offer is not UTF-8");
     };
-    match app.origin.publish(&stream, source, offer, Owner::Whip) {
+    match origin.publish(&stream, source, offer, Owner::Whip) {
         Ok(p) => (
             StatusCode::CREATED,
             [
@@ -94,7 +97,7 @@ pub async fn publish(
 }
 
 pub async fn delete(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
-    if app.origin.unpublish_whip(&id) {
+    if app.origin.as_ref().is_some_and(|o| o.unpublish_whip(&id)) {
         StatusCode::OK.into_response()
     } else {
         fail(StatusCode::NOT_FOUND, format!("no WHIP session {id:?}"))

@@ -221,7 +221,10 @@ impl Origin {
         let accepted = self.host.accept(
             offer,
             config,
-            OfferRequirements { audio_send: true },
+            OfferRequirements {
+                audio_send: true,
+                audio_recv: false,
+            },
             Box::new(handler),
         );
         let (peer, answer) = match accepted {

@@ -9,11 +9,13 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::proto::{encode_frame, DatagramHeader, EdgeMsg, FrameReader, OriginMsg, SourceInfo};
+pub use super::proto::DATAGRAM_HEADER;
 
 /// What an edge does with what the origin sends. Called from the link's tasks.
 pub trait LinkHandler: Send + Sync + 'static {
     fn on_sources(&self, stream: &str, channel: u32, sources: &[SourceInfo]);
-    fn on_datagram(&self, hdr: DatagramHeader, rtp: &[u8]);
+    /// `datagram` is the whole datagram; the RTP packet starts at [`DATAGRAM_HEADER`].
+    fn on_datagram(&self, hdr: DatagramHeader, datagram: bytes::Bytes);
     fn on_closed(&self, reason: &str);
 }
 
@@ -116,8 +118,8 @@ impl EdgeLink {
         tokio::spawn(async move {
             let mut malformed = 0u64;
             while let Ok(d) = dconn.read_datagram().await {
-                match DatagramHeader::parse(&d) {
-                    Some((hdr, rtp)) => handler.on_datagram(hdr, rtp),
+                match DatagramHeader::parse(&d).map(|(h, _)| h) {
+                    Some(hdr) => handler.on_datagram(hdr, d),
                     None => {
                         malformed += 1;
                         debug!(malformed, "malformed relay datagram dropped");
@@ -171,6 +173,11 @@ impl EdgeLink {
         self.conn.close_reason().is_some()
     }
 
+    /// Resolves when the connection to the origin is gone.
+    pub async fn closed(&self) {
+        self.conn.closed().await;
+    }
+
     /// Closes the link so the origin drops this edge's subscriptions at once rather than after
     /// the idle timeout.
     pub async fn close(&self) {
@@ -180,4 +187,81 @@ impl EdgeLink {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle())
             .await;
     }
+}
+
+/// What an edge asks of its origin link.
+#[derive(Debug, Clone)]
+pub enum LinkRequest {
+    Subscribe(String),
+    Unsubscribe(String),
+    Keyframe { stream: String, source: Option<String> },
+}
+
+/// Sends requests to the link manager; usable from any thread.
+#[derive(Clone)]
+pub struct LinkCtl {
+    tx: mpsc::UnboundedSender<LinkRequest>,
+}
+
+impl LinkCtl {
+    pub fn send(&self, r: LinkRequest) {
+        let _ = self.tx.send(r);
+    }
+}
+
+/// Keeps an edge linked to its origin: connects, re-subscribes what viewers want after a
+/// reconnect, and retries with backoff while the origin is away. Returns once the first
+/// connection is up, with the origin's JWT secret.
+pub async fn manage_link(cfg: LinkConfig, handler: Arc<dyn LinkHandler>) -> Result<(String, LinkCtl), String> {
+    let first = EdgeLink::connect(&cfg, handler.clone()).await?;
+    let secret = first.jwt_secret.clone();
+    let (tx, mut rx) = mpsc::unbounded_channel::<LinkRequest>();
+    tokio::spawn(async move {
+        let mut wanted: std::collections::BTreeSet<String> = Default::default();
+        let mut link = Some(first);
+        let mut backoff = std::time::Duration::from_millis(250);
+        loop {
+            let Some(l) = link.clone() else {
+                tokio::time::sleep(backoff).await;
+                match EdgeLink::connect(&cfg, handler.clone()).await {
+                    Ok(l) => {
+                        info!(origin = %cfg.origin, streams = wanted.len(), "relinked to origin");
+                        for s in &wanted {
+                            l.acquire(s);
+                        }
+                        link = Some(l);
+                        backoff = std::time::Duration::from_millis(250);
+                    }
+                    Err(e) => {
+                        warn!("origin link: {e}; retrying in {backoff:?}");
+                        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                    }
+                }
+                continue;
+            };
+            tokio::select! {
+                req = rx.recv() => {
+                    let Some(req) = req else { return };
+                    match req {
+                        LinkRequest::Subscribe(s) => {
+                            if wanted.insert(s.clone()) {
+                                l.acquire(&s);
+                            }
+                        }
+                        LinkRequest::Unsubscribe(s) => {
+                            if wanted.remove(&s) {
+                                l.release(&s);
+                            }
+                        }
+                        LinkRequest::Keyframe { stream, source } => l.request_keyframe(&stream, source),
+                    }
+                }
+                _ = l.closed() => {
+                    warn!(origin = %cfg.origin, "origin link lost");
+                    link = None;
+                }
+            }
+        }
+    });
+    Ok((secret, LinkCtl { tx }))
 }

@@ -142,7 +142,10 @@ impl RtcHost {
 /// What the offer must contain to be accepted.
 #[derive(Debug, Clone, Copy)]
 pub struct OfferRequirements {
+    /// A publisher's offer: some audio m-line sends.
     pub audio_send: bool,
+    /// A viewer's offer: some audio m-line receives.
+    pub audio_recv: bool,
 }
 
 /// Routes str0m events to each publisher's handler.

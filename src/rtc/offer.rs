@@ -36,6 +36,7 @@ pub struct MLine {
     pub media: String,
     pub direction: String,
     pub audio_level: bool,
+    pub mid: Option<String>,
 }
 
 pub fn mlines(sdp: &str) -> Vec<MLine> {
@@ -46,12 +47,14 @@ pub fn mlines(sdp: &str) -> Vec<MLine> {
                 media: rest.split(' ').next().unwrap_or("").to_owned(),
                 direction: "sendrecv".into(),
                 audio_level: false,
+                mid: None,
             });
         } else if let Some(m) = out.last_mut() {
             match line {
                 "a=sendrecv" | "a=sendonly" | "a=recvonly" | "a=inactive" => {
                     m.direction = line[2..].to_owned()
                 }
+                _ if line.starts_with("a=mid:") => m.mid = Some(line[6..].to_owned()),
                 _ if line.starts_with("a=extmap:")
                     && line.contains("urn:ietf:params:rtp-hdrext:ssrc-audio-level") =>
                 {
@@ -61,6 +64,51 @@ pub fn mlines(sdp: &str) -> Vec<MLine> {
             }
         }
     }
+    out
+}
+
+/// Puts an offer in the shape RFC 8866 prescribes before a strict parser sees it. Browsers
+/// emit well-ordered SDP, but SDKs munge it: the Millicast SDK inserts `a=rtpmap`/`a=fmtp`
+/// lines for multiopus right after `m=` (before `c=`), and `stereo=1` after a `; `. A media
+/// server must take what its clients send, so: within each media section the `i=`, `c=`, `b=`
+/// and `k=` lines move right after `m=` in their original order, and spaces around the `;`
+/// separators of `a=fmtp` parameters go.
+pub fn normalize(sdp: &str) -> String {
+    let mut out = String::with_capacity(sdp.len() + 16);
+    let mut section: Vec<&str> = Vec::new();
+    let flush = |section: &mut Vec<&str>, out: &mut String| {
+        let (head, rest): (Vec<&str>, Vec<&str>) = section
+            .iter()
+            .skip(1)
+            .partition(|l| matches!(l.as_bytes().first(), Some(b'i' | b'c' | b'b' | b'k')) && l.as_bytes().get(1) == Some(&b'='));
+        for line in section.first().into_iter().chain(head.iter()).chain(rest.iter()) {
+            if let Some(fmtp) = line.strip_prefix("a=fmtp:") {
+                match fmtp.split_once(' ') {
+                    Some((pt, params)) => {
+                        let params: Vec<&str> = params.split(';').map(str::trim).filter(|p| !p.is_empty()).collect();
+                        out.push_str(&format!("a=fmtp:{pt} {}", params.join(";")));
+                    }
+                    None => out.push_str(line),
+                }
+            } else {
+                out.push_str(line);
+            }
+            out.push_str("\r\n");
+        }
+        section.clear();
+    };
+    for line in sdp.lines().map(str::trim_end).filter(|l| !l.is_empty()) {
+        if line.starts_with("m=") {
+            flush(&mut section, &mut out);
+        }
+        if line.starts_with("m=") || !section.is_empty() {
+            section.push(line);
+        } else {
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+    }
+    flush(&mut section, &mut out);
     out
 }
 
@@ -78,6 +126,13 @@ pub fn check_offer(sdp: &str, req: OfferRequirements) -> Result<(), OfferError> 
     if lines.is_empty() {
         return Err(OfferError::Malformed("no m= line".into()));
     }
+    if req.audio_recv
+        && !lines
+            .iter()
+            .any(|m| m.media == "audio" && matches!(m.direction.as_str(), "recvonly" | "sendrecv"))
+    {
+        return Err(OfferError::Unacceptable("offer has no audio m-line to receive".into()));
+    }
     if req.audio_send
         && !lines
             .iter()
@@ -94,7 +149,10 @@ pub fn check_offer(sdp: &str, req: OfferRequirements) -> Result<(), OfferError> 
 mod tests {
     use super::*;
 
-    const PUB: OfferRequirements = OfferRequirements { audio_send: true };
+    const PUB: OfferRequirements = OfferRequirements {
+        audio_send: true,
+        audio_recv: false,
+    };
 
     #[test]
     fn refuses_offers_without_publishable_audio() {
@@ -118,5 +176,16 @@ mod tests {
             check_offer("v=0\r\n", PUB),
             Err(OfferError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn normalizes_munged_sdk_offers() {
+        let munged = "v=0\r\ns=-\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111 96\r\na=rtpmap:96 multiopus/48000/6\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=fmtp:111 minptime=10;useinbandfec=1; stereo=1\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\nb=AS:500\r\na=mid:1\r\n";
+        let n = normalize(munged);
+        assert_eq!(
+            n,
+            "v=0\r\ns=-\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111 96\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:96 multiopus/48000/6\r\na=mid:0\r\na=fmtp:111 minptime=10;useinbandfec=1;stereo=1\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\nb=AS:500\r\na=mid:1\r\n"
+        );
+        assert_eq!(normalize(&n), n, "idempotent");
     }
 }

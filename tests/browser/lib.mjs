@@ -378,7 +378,7 @@ function roomPage() {
     v.on('broadcastEvent', (ev) => {
       const e = { t: now(), name: ev && ev.name, data: ev && ev.data };
       rec.events.push(e);
-      emit({ event: 'broadcast', name: e.name, data: e.data });
+      emit({ event: 'broadcast', type: e.name, data: e.data });
     });
     v.on('connectionStateChange', (s) => {
       rec.pcStates.push([now(), s]);

@@ -148,7 +148,7 @@ function fail(name, message, extra = {}) {
 function cleanMsg(e) {
   let m = String((e && e.message) || e);
   m = m.replace(/^(page\.evaluate|page\.addScriptTag|page\.exposeFunction):\s*/, '').replace(/^Error: /, '').split('\n')[0];
-  if (/Failed to fetch/.test(m)) m += ` (could not reach ${endpoint}/api/director: is chorus running?)`;
+  if (/Failed to fetch/.test(m) && !/could not reach/.test(m)) m += ` (could not reach ${endpoint}/api/director: is chorus running?)`;
   return m;
 }
 
@@ -321,7 +321,9 @@ async function runCommand(line) {
       if (cmd === 'leave') await p.page.close();
       else {
         const cdp = await p.page.context().newCDPSession(p.page);
-        await cdp.send('Page.crash').catch(() => {}); // never answers: the renderer is gone
+        const crashed = new Promise((r) => { p.page.once('crash', r); setTimeout(r, 3000); });
+        cdp.send('Page.crash').catch(() => {}); // never answers: the renderer is gone
+        await crashed;
       }
       emit({ event: 'left', name, how: p.left.how });
       return;

@@ -1,0 +1,207 @@
+//! The edge: viewers' WebRTC sessions, fed from the origin over the relay through the packet
+//! core. The control plane ([`Edge`]) answers offers and hands peers to the media thread
+//! ([`worker`]), which owns them, their socket and one packet core per stream.
+
+pub mod viewer;
+pub mod worker;
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::Value;
+use str0m::media::Mid;
+use str0m::RtcConfig;
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::info;
+
+use crate::relay::client::{manage_link, LinkConfig, LinkHandler};
+use crate::relay::proto::{DatagramHeader, SourceInfo};
+use crate::rtc::host::OfferRequirements;
+use crate::rtc::offer::{check_offer, mlines, OfferError};
+use crate::rtc::peers::{answer_offer, PeerId};
+use worker::{EdgeCmd, NewViewer, Worker};
+
+/// More multiplexed tracks than this in one offer is refused.
+pub const MAX_TRACKS: usize = 16;
+
+/// Counters the edge keeps for /metrics.
+#[derive(Debug, Default)]
+pub struct EdgeMetrics {
+    pub viewers: AtomicU64,
+    pub viewers_total: AtomicU64,
+    pub relay_packets: AtomicU64,
+    pub packets_out: AtomicU64,
+    pub dropped_unknown: AtomicU64,
+    pub dropped_malformed: AtomicU64,
+    pub vad_events: AtomicU64,
+    pub active_events: AtomicU64,
+}
+
+/// A viewer's request, from `view` or WHEP.
+#[derive(Debug, Clone, Default)]
+pub struct ViewOptions {
+    pub pinned: Option<String>,
+    pub excluded: Vec<String>,
+    /// WHEP's `tracks`: at most this many multiplexed tracks (the offer decides otherwise).
+    pub max_tracks: Option<usize>,
+}
+
+/// An answered offer whose peer is not on the media thread yet: the caller sends the answer
+/// first, then [`Edge::commit`]s, so no event can overtake the answer.
+pub struct PendingViewer {
+    viewer: Box<NewViewer>,
+    pub answer: String,
+    pub subscriber_id: String,
+    pub tracks: Vec<String>,
+}
+
+impl PendingViewer {
+    pub fn id(&self) -> PeerId {
+        self.viewer.id
+    }
+}
+
+pub struct Edge {
+    tx: Sender<EdgeCmd>,
+    candidate: SocketAddr,
+    next_id: AtomicU64,
+    pub metrics: Arc<EdgeMetrics>,
+}
+
+impl Edge {
+    /// Links to the origin, binds the viewers' media socket and starts the media thread.
+    /// Returns once the origin link is up, with the origin's JWT secret (base64).
+    pub async fn start(
+        bind: SocketAddr,
+        public_ip: Option<IpAddr>,
+        link: LinkConfig,
+    ) -> Result<(Arc<Edge>, String), String> {
+        let socket = UdpSocket::bind(bind).map_err(|e| format!("edge media socket on {bind}: {e}"))?;
+        let local = socket.local_addr().map_err(|e| e.to_string())?;
+        let ip = public_ip.unwrap_or(local.ip());
+        if ip.is_unspecified() {
+            return Err("edge media bound to an unspecified address: give --public-ip for the ICE candidates".into());
+        }
+        let (tx, rx) = mpsc::channel();
+        let sink: Arc<dyn LinkHandler> = Arc::new(RelaySink { tx: tx.clone() });
+        let (secret, ctl) = manage_link(link, sink).await?;
+        let metrics = Arc::new(EdgeMetrics::default());
+        let worker = Worker::new(socket, ctl, metrics.clone()).map_err(|e| e.to_string())?;
+        std::thread::Builder::new()
+            .name("media-edge".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| e.to_string())?;
+        info!(%local, "edge media socket ready");
+        let edge = Arc::new(Edge {
+            tx,
+            candidate: SocketAddr::new(ip, local.port()),
+            next_id: AtomicU64::new(1),
+            metrics,
+        });
+        Ok((edge, secret))
+    }
+
+    /// Answers a viewer's offer: the first audio (and video) m-line carries the main source,
+    /// every further receiving audio m-line is a multiplexed track.
+    pub fn prepare(
+        &self,
+        stream: &str,
+        offer: &str,
+        opts: ViewOptions,
+        events: UnboundedSender<Value>,
+    ) -> Result<PendingViewer, OfferError> {
+        check_offer(
+            offer,
+            OfferRequirements {
+                audio_send: false,
+                audio_recv: true,
+            },
+        )?;
+        let lines = mlines(offer);
+        let receiving = |m: &&crate::rtc::offer::MLine| matches!(m.direction.as_str(), "recvonly" | "sendrecv");
+        let mut audio = lines.iter().filter(|m| m.media == "audio").filter(receiving);
+        let main_audio = audio.next().and_then(|m| m.mid.clone());
+        let mut tracks: Vec<String> = audio.filter_map(|m| m.mid.clone()).collect();
+        if tracks.len() > MAX_TRACKS {
+            return Err(OfferError::Unacceptable(format!(
+                "{} multiplexed audio tracks asked for; at most {MAX_TRACKS}",
+                tracks.len()
+            )));
+        }
+        if let Some(n) = opts.max_tracks {
+            tracks.truncate(n);
+        }
+        let main_video = lines
+            .iter()
+            .filter(|m| m.media == "video")
+            .find(receiving)
+            .and_then(|m| m.mid.clone());
+        let config = RtcConfig::new()
+            .clear_codecs()
+            .enable_opus(true, false)
+            .enable_vp8(true)
+            .enable_h264(true);
+        let (rtc, ufrag, answer) = answer_offer(offer, config, self.candidate)?;
+        let id = PeerId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let subscriber_id = format!("sub-{}-{}", id.0, crate::auth::random_secret(6));
+        self.metrics.viewers_total.fetch_add(1, Ordering::Relaxed);
+        Ok(PendingViewer {
+            answer,
+            subscriber_id: subscriber_id.clone(),
+            tracks: tracks.clone(),
+            viewer: Box::new(NewViewer {
+                id,
+                ufrag,
+                rtc,
+                stream: stream.to_owned(),
+                subscriber_id,
+                main_audio: main_audio.as_deref().map(Mid::from),
+                main_video: main_video.as_deref().map(Mid::from),
+                tracks: tracks.iter().map(|m| Mid::from(m.as_str())).collect(),
+                pinned: opts.pinned,
+                excluded: opts.excluded,
+                events,
+            }),
+        })
+    }
+
+    pub fn commit(&self, v: PendingViewer) -> PeerId {
+        let id = v.viewer.id;
+        let _ = self.tx.send(EdgeCmd::AddViewer(v.viewer));
+        id
+    }
+
+    pub fn remove(&self, id: PeerId) {
+        let _ = self.tx.send(EdgeCmd::RemoveViewer(id));
+    }
+
+    /// Sets all of a viewer's projections: (multiplexed track index, sourceId).
+    pub fn project(&self, id: PeerId, fixed: Vec<(u8, String)>) {
+        let _ = self.tx.send(EdgeCmd::Project(id, fixed));
+    }
+}
+
+struct RelaySink {
+    tx: Sender<EdgeCmd>,
+}
+
+impl LinkHandler for RelaySink {
+    fn on_sources(&self, stream: &str, channel: u32, sources: &[SourceInfo]) {
+        let _ = self.tx.send(EdgeCmd::Sources {
+            stream: stream.to_owned(),
+            channel,
+            sources: sources.to_vec(),
+        });
+    }
+
+    fn on_datagram(&self, hdr: DatagramHeader, datagram: Bytes) {
+        let _ = self.tx.send(EdgeCmd::Datagram(hdr, datagram));
+    }
+
+    fn on_closed(&self, reason: &str) {
+        tracing::warn!("origin link closed: {reason}");
+    }
+}

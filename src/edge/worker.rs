@@ -1,0 +1,547 @@
+//! The edge's media thread: it owns the viewers' peers and socket, one packet core per stream,
+//! and turns relayed RTP into each viewer's main and multiplexed tracks plus its events.
+
+use std::collections::HashMap;
+use std::net::UdpSocket;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{json, Value};
+use str0m::media::{KeyframeRequest, Mid};
+use str0m::{Event, Rtc};
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{debug, info};
+
+use super::viewer::{OutTrack, Viewer};
+use super::EdgeMetrics;
+use crate::media::opus;
+use crate::media::rewrite::InputPacket;
+use crate::media::rtp::{parse_audio_level, RtpView};
+use crate::media::selection::{GroupId, GroupKey, TrackChange};
+use crate::media::stream::{CoreConfig, Output, SourceConfig, StreamCore};
+use crate::media::SourceIdx;
+use crate::relay::client::{LinkCtl, LinkRequest};
+use crate::relay::proto::{DatagramHeader, Kind, SourceInfo, DATAGRAM_HEADER, LEVEL_EXT_ID};
+use crate::rtc::peers::{CloseReason, Peer, PeerApp, PeerId, PeerSet};
+
+/// Selection runs this often per stream (one ranking per stream per tick).
+const TICK_US: u64 = 10_000;
+/// A viewer's keyframe requests reach the origin at most this often per stream.
+const KEYFRAME_INTERVAL: Duration = Duration::from_secs(1);
+/// Video packet duration used when a main video track switches publication (30 fps at 90 kHz).
+const VIDEO_FRAME: u32 = 3000;
+
+pub struct NewViewer {
+    pub id: PeerId,
+    pub ufrag: String,
+    pub rtc: Rtc,
+    pub stream: String,
+    pub subscriber_id: String,
+    pub main_audio: Option<Mid>,
+    pub main_video: Option<Mid>,
+    pub tracks: Vec<Mid>,
+    pub pinned: Option<String>,
+    pub excluded: Vec<String>,
+    pub events: UnboundedSender<Value>,
+}
+
+pub enum EdgeCmd {
+    AddViewer(Box<NewViewer>),
+    RemoveViewer(PeerId),
+    /// Sets a viewer's projections: (multiplexed track index, sourceId).
+    Project(PeerId, Vec<(u8, String)>),
+    Sources { stream: String, channel: u32, sources: Vec<SourceInfo> },
+    Datagram(DatagramHeader, Bytes),
+}
+
+/// What the stream knows of each of its viewers, for events (no peer access needed).
+struct ViewerHandle {
+    events: UnboundedSender<Value>,
+    group: GroupId,
+    /// mids of the multiplexed tracks, in order.
+    mids: Vec<String>,
+}
+
+struct EdgeStream {
+    core: StreamCore,
+    /// Relay source index -> core source.
+    by_relay: HashMap<u16, SourceIdx>,
+    /// Live sources as the origin announced them.
+    live: HashMap<SourceIdx, SourceInfo>,
+    viewers: HashMap<PeerId, ViewerHandle>,
+    groups: HashMap<GroupId, Vec<PeerId>>,
+    main_viewers: HashMap<SourceIdx, Vec<PeerId>>,
+    channel: Option<u32>,
+    last_keyframe: Option<Instant>,
+}
+
+impl EdgeStream {
+    fn new(seed: u64) -> Self {
+        EdgeStream {
+            core: StreamCore::new(CoreConfig {
+                seed,
+                ..CoreConfig::default()
+            }),
+            by_relay: HashMap::new(),
+            live: HashMap::new(),
+            viewers: HashMap::new(),
+            groups: HashMap::new(),
+            main_viewers: HashMap::new(),
+            channel: None,
+            last_keyframe: None,
+        }
+    }
+
+    fn broadcast(&self, v: &Value) {
+        for h in self.viewers.values() {
+            let _ = h.events.send(v.clone());
+        }
+    }
+
+    fn viewercount(&self) -> Value {
+        json!({"type": "event", "name": "viewercount", "data": {"viewercount": self.viewers.len()}})
+    }
+
+    /// The sourceId as the protocol says it: the main source is null.
+    fn source_id(&self, s: SourceIdx) -> Value {
+        match self.core.name(s) {
+            "" => Value::Null,
+            n => Value::String(n.to_owned()),
+        }
+    }
+
+    fn active(&self, stream: &str, info: &SourceInfo) -> Value {
+        let tracks: Vec<Value> = info
+            .tracks
+            .iter()
+            .map(|t| json!({"trackId": t.media, "media": t.media}))
+            .collect();
+        json!({"type": "event", "name": "active", "data": {
+            "streamId": stream, "sourceId": info.source_id, "tracks": tracks}})
+    }
+
+    /// Tells the viewers of the change's group which source its track now carries.
+    fn vad(&self, c: &TrackChange, metrics: &EdgeMetrics) {
+        let Some(ids) = self.groups.get(&c.group) else { return };
+        let source = c.source.map_or(Value::Null, |s| self.source_id(s));
+        for id in ids {
+            if let Some(h) = self.viewers.get(id) {
+                if let Some(mid) = h.mids.get(c.track as usize) {
+                    let _ = h.events.send(json!({"type": "event", "name": "vad", "data": {
+                        "mediaId": mid, "sourceId": source}}));
+                    metrics.vad_events.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// Handles viewers' str0m events and their end, with access to everything but the peers.
+struct ViewerEvents<'a> {
+    streams: &'a mut HashMap<String, EdgeStream>,
+    channels: &'a mut HashMap<u32, String>,
+    link: &'a LinkCtl,
+    metrics: &'a EdgeMetrics,
+}
+
+impl PeerApp<Viewer> for ViewerEvents<'_> {
+    fn on_event(&mut self, id: PeerId, peer: &mut Peer<Viewer>, ev: Event) -> Option<CloseReason> {
+        if let Event::KeyframeRequest(KeyframeRequest { mid, .. }) = ev {
+            let v = &peer.data;
+            if v.main_video.as_ref().is_some_and(|t| t.mid == mid) {
+                if let Some(st) = self.streams.get_mut(&v.stream) {
+                    let due = st.last_keyframe.is_none_or(|t| t.elapsed() >= KEYFRAME_INTERVAL);
+                    if due {
+                        st.last_keyframe = Some(Instant::now());
+                        let source = match st.core.name(v.main_source) {
+                            "" => None,
+                            n => Some(n.to_owned()),
+                        };
+                        debug!(%id, stream = v.stream.as_str(), "keyframe request sent to the origin");
+                        self.link.send(LinkRequest::Keyframe {
+                            stream: v.stream.clone(),
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    fn on_closed(&mut self, id: PeerId, peer: Peer<Viewer>, reason: CloseReason) {
+        let v = peer.data;
+        info!(%id, stream = v.stream.as_str(), subscriber = v.subscriber_id.as_str(), %reason, "viewer left");
+        self.metrics.viewers.fetch_sub(1, Ordering::Relaxed);
+        let Some(st) = self.streams.get_mut(&v.stream) else { return };
+        st.viewers.remove(&id);
+        if let Some(g) = st.groups.get_mut(&v.group) {
+            g.retain(|x| *x != id);
+            if g.is_empty() {
+                st.groups.remove(&v.group);
+            }
+        }
+        st.core.leave(v.group);
+        if let Some(m) = st.main_viewers.get_mut(&v.main_source) {
+            m.retain(|x| *x != id);
+        }
+        if st.viewers.is_empty() {
+            if let Some(c) = st.channel {
+                self.channels.remove(&c);
+            }
+            self.streams.remove(&v.stream);
+            self.link.send(LinkRequest::Unsubscribe(v.stream.clone()));
+            info!(stream = v.stream.as_str(), "last viewer gone: unsubscribed");
+        } else {
+            st.broadcast(&st.viewercount());
+        }
+    }
+}
+
+pub struct Worker {
+    peers: PeerSet<Viewer>,
+    streams: HashMap<String, EdgeStream>,
+    channels: HashMap<u32, String>,
+    link: LinkCtl,
+    metrics: Arc<EdgeMetrics>,
+    epoch: Instant,
+    next_tick_us: u64,
+    touched: Vec<PeerId>,
+    seed: u64,
+}
+
+impl Worker {
+    pub fn new(socket: UdpSocket, link: LinkCtl, metrics: Arc<EdgeMetrics>) -> std::io::Result<Worker> {
+        Ok(Worker {
+            peers: PeerSet::new(socket)?,
+            streams: HashMap::new(),
+            channels: HashMap::new(),
+            link,
+            metrics,
+            epoch: Instant::now(),
+            next_tick_us: 0,
+            touched: Vec::new(),
+            seed: rand::random(),
+        })
+    }
+
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    pub fn run(mut self, rx: Receiver<EdgeCmd>) {
+        loop {
+            loop {
+                match rx.try_recv() {
+                    Ok(cmd) => self.command(cmd),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        info!("edge media thread stopping: control plane gone");
+                        return;
+                    }
+                }
+            }
+            let now_us = self.now_us();
+            if now_us >= self.next_tick_us {
+                self.tick(now_us);
+                self.next_tick_us = now_us + TICK_US;
+            }
+            let now = Instant::now();
+            // Relayed media waits in the channel while we sleep on the socket: keep the
+            // sleep short while any stream is live.
+            let cap = if self.streams.is_empty() { 5_000 } else { 1_000 };
+            let mut app = ViewerEvents {
+                streams: &mut self.streams,
+                channels: &mut self.channels,
+                link: &self.link,
+                metrics: &self.metrics,
+            };
+            let next = self.peers.timeouts(now, &mut app);
+            let wait = next
+                .map(|t| t.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_micros(cap))
+                .min(Duration::from_micros(cap));
+            self.peers.recv(wait, &mut app);
+        }
+    }
+
+    fn command(&mut self, cmd: EdgeCmd) {
+        match cmd {
+            EdgeCmd::Datagram(hdr, d) => self.datagram(hdr, d),
+            EdgeCmd::Sources {
+                stream,
+                channel,
+                sources,
+            } => self.sources(&stream, channel, sources),
+            EdgeCmd::AddViewer(v) => self.add_viewer(*v),
+            EdgeCmd::RemoveViewer(id) => {
+                let mut app = ViewerEvents {
+                    streams: &mut self.streams,
+                    channels: &mut self.channels,
+                    link: &self.link,
+                    metrics: &self.metrics,
+                };
+                self.peers.close(id, CloseReason::Removed, &mut app);
+            }
+            EdgeCmd::Project(id, fixed) => self.project(id, fixed),
+        }
+    }
+
+    fn add_viewer(&mut self, v: NewViewer) {
+        let seed = self.seed ^ v.id.0;
+        let st = self.streams.entry(v.stream.clone()).or_insert_with(|| {
+            info!(stream = v.stream.as_str(), "first viewer: subscribing at the origin");
+            self.link.send(LinkRequest::Subscribe(v.stream.clone()));
+            EdgeStream::new(seed)
+        });
+        let main_source = st.core.intern(v.pinned.as_deref().unwrap_or(""));
+        let excluded: Vec<SourceIdx> = v.excluded.iter().map(|e| st.core.intern(e)).collect();
+        let n = v.tracks.len() as u8;
+        let group = st.core.join(GroupKey::new(n, Some(main_source), excluded));
+        st.groups.entry(group).or_default().push(v.id);
+        st.main_viewers.entry(main_source).or_default().push(v.id);
+        let mids: Vec<String> = v.tracks.iter().map(|m| m.to_string()).collect();
+        st.viewers.insert(
+            v.id,
+            ViewerHandle {
+                events: v.events.clone(),
+                group,
+                mids: mids.clone(),
+            },
+        );
+        // What a new viewer must learn at once: every live source (the SDK plays nothing before
+        // an `active`), then what each multiplexed track carries now.
+        let mut live: Vec<&SourceInfo> = st.live.values().collect();
+        live.sort_by_key(|i| i.index);
+        for info in live {
+            let _ = v.events.send(st.active(&v.stream, info));
+        }
+        let current: Vec<Option<SourceIdx>> = st.core.selector().tracks(group).collect();
+        for (t, s) in current.into_iter().enumerate() {
+            if let Some(s) = s {
+                let _ = v.events.send(json!({"type": "event", "name": "vad", "data": {
+                    "mediaId": mids[t], "sourceId": st.source_id(s)}}));
+            }
+        }
+        st.broadcast(&st.viewercount());
+        info!(id = %v.id, stream = v.stream.as_str(), subscriber = v.subscriber_id.as_str(), tracks = n, pinned = ?v.pinned, excluded = ?v.excluded, "viewer joined");
+        let viewer = Viewer {
+            stream: v.stream,
+            subscriber_id: v.subscriber_id,
+            tracks_n: n,
+            pinned: v.pinned,
+            excluded: v.excluded,
+            fixed: Vec::new(),
+            group,
+            main_source,
+            main_audio: v.main_audio.map(|m| OutTrack::new(m, opus::CLOCK_RATE)),
+            main_video: v.main_video.map(|m| OutTrack::new(m, 90_000)),
+            tracks: v.tracks.into_iter().map(|m| OutTrack::new(m, opus::CLOCK_RATE)).collect(),
+            events: v.events,
+        };
+        self.metrics.viewers.fetch_add(1, Ordering::Relaxed);
+        self.peers.insert(v.id, v.ufrag, v.rtc, viewer);
+    }
+
+    fn project(&mut self, id: PeerId, fixed: Vec<(u8, String)>) {
+        let Some(p) = self.peers.get_mut(id) else { return };
+        let v = &mut p.data;
+        let Some(st) = self.streams.get_mut(&v.stream) else { return };
+        let excluded: Vec<SourceIdx> = v.excluded.iter().map(|e| st.core.intern(e)).collect();
+        let fixed_idx: Vec<(u8, SourceIdx)> = fixed.iter().map(|(t, s)| (*t, st.core.intern(s))).collect();
+        let key = GroupKey::new(v.tracks_n, Some(v.main_source), excluded).with_fixed(fixed_idx);
+        let old = v.group;
+        let new = st.core.join(key);
+        if new != old {
+            if let Some(g) = st.groups.get_mut(&old) {
+                g.retain(|x| *x != id);
+            }
+            st.groups.entry(new).or_default().push(id);
+            st.core.leave(old);
+            v.group = new;
+            if let Some(h) = st.viewers.get_mut(&id) {
+                h.group = new;
+            }
+        } else {
+            st.core.leave(new);
+        }
+        v.fixed = fixed;
+        // The viewer's tracks now follow another group: tell it what each carries.
+        let current: Vec<Option<SourceIdx>> = st.core.selector().tracks(new).collect();
+        for (t, s) in current.into_iter().enumerate() {
+            let source = s.map_or(Value::Null, |s| st.source_id(s));
+            v.send(json!({"type": "event", "name": "vad", "data": {
+                "mediaId": v.tracks[t].mid.to_string(), "sourceId": source}}));
+        }
+        info!(%id, fixed = ?v.fixed, "viewer projections changed");
+    }
+
+    fn sources(&mut self, stream: &str, channel: u32, sources: Vec<SourceInfo>) {
+        let now_us = self.now_us();
+        let Some(st) = self.streams.get_mut(stream) else {
+            return;
+        };
+        if let Some(old) = st.channel.replace(channel) {
+            if old != channel {
+                self.channels.remove(&old);
+            }
+        }
+        self.channels.insert(channel, stream.to_owned());
+        let had_sources = !st.live.is_empty();
+        let mut seen = Vec::new();
+        for info in sources {
+            let name = info.source_id.clone().unwrap_or_default();
+            let idx = st.core.intern(&name);
+            seen.push(idx);
+            st.by_relay.insert(info.index, idx);
+            if !st.live.contains_key(&idx) {
+                st.core.publish(
+                    &name,
+                    SourceConfig {
+                        level_ext_id: info.audio_level.then_some(LEVEL_EXT_ID),
+                    },
+                );
+                st.broadcast(&st.active(stream, &info));
+                self.metrics.active_events.fetch_add(st.viewers.len() as u64, Ordering::Relaxed);
+                info!(stream, source = ?info.source_id, "source active");
+            }
+            st.live.insert(idx, info);
+        }
+        let gone: Vec<SourceIdx> = st.live.keys().copied().filter(|s| !seen.contains(s)).collect();
+        for s in gone {
+            let info = st.live.remove(&s).expect("listed above");
+            let mut changes = Vec::new();
+            st.core.unpublish(now_us, s, &mut |o| {
+                if let Output::Track(c) = o {
+                    changes.push(c)
+                }
+            });
+            for c in &changes {
+                st.vad(c, &self.metrics);
+            }
+            st.broadcast(&json!({"type": "event", "name": "inactive", "data": {
+                "streamId": stream, "sourceId": info.source_id}}));
+            info!(stream, source = ?info.source_id, "source inactive");
+        }
+        if had_sources && st.live.is_empty() {
+            st.broadcast(&json!({"type": "event", "name": "stopped", "data": {"streamId": stream}}));
+        }
+    }
+
+    fn tick(&mut self, now_us: u64) {
+        for st in self.streams.values_mut() {
+            let mut changes: Vec<TrackChange> = Vec::new();
+            st.core.tick(now_us, &mut |o| {
+                if let Output::Track(c) = o {
+                    changes.push(c)
+                }
+            });
+            for c in &changes {
+                st.vad(c, &self.metrics);
+            }
+        }
+    }
+
+    fn datagram(&mut self, hdr: DatagramHeader, d: Bytes) {
+        self.metrics.relay_packets.fetch_add(1, Ordering::Relaxed);
+        let now_us = self.now_us();
+        let wall = Instant::now();
+        let Some(st) = self.channels.get(&hdr.channel).and_then(|n| self.streams.get_mut(n)) else {
+            self.metrics.dropped_unknown.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Some(&src) = st.by_relay.get(&hdr.source) else {
+            self.metrics.dropped_unknown.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let rtp = &d[DATAGRAM_HEADER..];
+        let Ok(view) = RtpView::parse(rtp) else {
+            self.metrics.dropped_malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        // One copy of the payload per relayed packet, shared by every viewer's write.
+        let payload: Arc<[u8]> = Arc::from(view.payload());
+        let level = view.extension(LEVEL_EXT_ID).and_then(parse_audio_level);
+        let video = hdr.kind == Kind::Video;
+        let input = InputPacket {
+            source: src,
+            ssrc: view.ssrc(),
+            seq: view.sequence_number(),
+            ts: view.timestamp(),
+            marker: view.marker(),
+            samples: if video {
+                VIDEO_FRAME
+            } else {
+                opus::packet_info(view.payload()).map_or(960, |i| i.samples)
+            },
+        };
+        self.touched.clear();
+        // The main tracks: the pinned (or main) source, straight through.
+        if let Some(ids) = st.main_viewers.get(&src) {
+            for &id in ids {
+                let Some(p) = self.peers.get_mut(id) else { continue };
+                let track = if video { &mut p.data.main_video } else { &mut p.data.main_audio };
+                if let Some(t) = track {
+                    let lvl = if video { None } else { level };
+                    if t.write(&mut p.rtc, now_us, wall, &input, lvl, &payload) {
+                        self.touched.push(id);
+                    }
+                }
+            }
+        }
+        // The multiplexed tracks: the packet core decides who hears this source.
+        if !video {
+            let peers = &mut self.peers;
+            let touched = &mut self.touched;
+            let metrics = &self.metrics;
+            let mut changes: Vec<TrackChange> = Vec::new();
+            let groups = &st.groups;
+            let result = st.core.on_packet(now_us, src, rtp, &mut |o| match o {
+                Output::Track(c) => changes.push(c),
+                Output::Packet { group, track, packet } => {
+                    let Ok(out) = RtpView::parse(packet) else { return };
+                    // The group's stream is already one continuous stream; each viewer
+                    // re-anchors it only when it moves to another group.
+                    let input = InputPacket {
+                        source: SourceIdx(u32::MAX - group.0),
+                        ssrc: out.ssrc(),
+                        seq: out.sequence_number(),
+                        ts: out.timestamp(),
+                        marker: out.marker(),
+                        samples: input.samples,
+                    };
+                    for &id in groups.get(&group).map(Vec::as_slice).unwrap_or(&[]) {
+                        let Some(p) = peers.get_mut(id) else { continue };
+                        if let Some(t) = p.data.tracks.get_mut(track as usize) {
+                            if t.write(&mut p.rtc, now_us, wall, &input, level, &payload) {
+                                touched.push(id);
+                                metrics.packets_out.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+            });
+            if let Err(e) = result {
+                debug!("relayed packet dropped by the core: {e}");
+            }
+            // A vad event leaves before the first packet it announces is flushed below.
+            for c in &changes {
+                st.vad(c, metrics);
+            }
+        }
+        let mut app = ViewerEvents {
+            streams: &mut self.streams,
+            channels: &mut self.channels,
+            link: &self.link,
+            metrics: &self.metrics,
+        };
+        self.touched.sort_unstable();
+        self.touched.dedup();
+        for &id in &self.touched {
+            self.peers.flush(id, &mut app);
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! WHEP viewing for clients outside the SDK: `POST /whep/{stream}?tracks=N&pinned=ID&exclude=a,b`
+//! with the SDP offer (1 main + N multiplexed recvonly audio m-lines). No event channel: the
+//! tracks carry audio only; `vad` needs the SDK's signalling.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::director::check_stream_name;
+use super::{bearer, fail, App};
+use crate::auth::jwt::Scope;
+use crate::edge::{ViewOptions, MAX_TRACKS};
+use crate::rtc::offer::{mlines, OfferError};
+
+#[derive(Deserialize)]
+pub struct WhepQuery {
+    tracks: Option<usize>,
+    pinned: Option<String>,
+    exclude: Option<String>,
+}
+
+fn authorized(app: &App, headers: &HeaderMap, stream: &str) -> Result<(), String> {
+    let token = bearer(headers);
+    if let Some(claims) = token.and_then(|t| app.jwt.verify(t).ok()) {
+        return if claims.scope == Scope::Subscribe && claims.millicast.stream_name == stream {
+            Ok(())
+        } else {
+            Err(format!("this JWT does not allow viewing {stream:?}"))
+        };
+    }
+    app.tokens.check_subscribe(token, stream).map_err(|e| e.to_string())
+}
+
+pub async fn view(
+    State(app): State<Arc<App>>,
+    Path(stream): Path<String>,
+    Query(q): Query<WhepQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(edge) = &app.edge else {
+        return fail(StatusCode::NOT_FOUND, "this origin serves no viewers: view at an edge");
+    };
+    if let Err(m) = check_stream_name(&stream) {
+        return fail(StatusCode::BAD_REQUEST, m);
+    }
+    if let Err(m) = authorized(&app, &headers, &stream) {
+        return fail(StatusCode::UNAUTHORIZED, m);
+    }
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !ct.starts_with("application/sdp") {
+        return fail(StatusCode::UNSUPPORTED_MEDIA_TYPE, "WHEP offers must be Content-Type: application/sdp");
+    }
+    let Ok(offer) = std::str::from_utf8(&body) else {
+        return fail(StatusCode::BAD_REQUEST, "SDP offer is not UTF-8");
+    };
+    if let Some(n) = q.tracks {
+        let available = mlines(offer).iter().filter(|m| m.media == "audio").count().saturating_sub(1);
+        if n > MAX_TRACKS || n > available {
+            return fail(
+                StatusCode::BAD_REQUEST,
+                format!("tracks={n}, but the offer has {available} audio m-lines after the main one (at most {MAX_TRACKS})"),
+            );
+        }
+    }
+    let excluded = q
+        .exclude
+        .map(|e| e.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect())
+        .unwrap_or_default();
+    let opts = ViewOptions {
+        pinned: q.pinned.filter(|p| !p.is_empty()),
+        excluded,
+        max_tracks: q.tracks,
+    };
+    // WHEP has no event channel: events have nowhere to go.
+    let (events, _) = tokio::sync::mpsc::unbounded_channel();
+    let pending = match edge.prepare(&stream, offer, opts, events) {
+        Ok(p) => p,
+        Err(e @ (OfferError::Malformed(_) | OfferError::Unacceptable(_) | OfferError::Rejected(_))) => {
+            return fail(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        Err(e) => return fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let resource = pending.subscriber_id.clone();
+    let answer = pending.answer.clone();
+    let id = edge.commit(pending);
+    app.whep.lock().unwrap_or_else(|p| p.into_inner()).insert(resource.clone(), id);
+    (
+        StatusCode::CREATED,
+        [
+            (header::CONTENT_TYPE, "application/sdp".to_owned()),
+            (header::LOCATION, format!("/whep/resource/{resource}")),
+        ],
+        answer,
+    )
+        .into_response()
+}
+
+pub async fn delete(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
+    let peer = app.whep.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    match (peer, &app.edge) {
+        (Some(peer), Some(edge)) => {
+            edge.remove(peer);
+            StatusCode::OK.into_response()
+        }
+        _ => fail(StatusCode::NOT_FOUND, format!("no WHEP session {id:?}")),
+    }
+}

@@ -175,9 +175,18 @@ fn main() -> ExitCode {
     let (what, result) = match cli.command {
         Command::Serve(a) => (
             "serve",
-            run_server(a.common, Role::Serve, "127.0.0.1:0".parse().expect("valid"), None, None),
+            run_server(
+                a.common,
+                Role::Serve,
+                "127.0.0.1:0".parse().expect("valid"),
+                None,
+                None,
+            ),
         ),
-        Command::Origin(a) => ("origin", run_server(a.common, Role::Origin, a.cluster, None, None)),
+        Command::Origin(a) => (
+            "origin",
+            run_server(a.common, Role::Origin, a.cluster, None, None),
+        ),
         Command::Edge(a) => (
             "edge",
             run_server(

@@ -14,8 +14,8 @@ use tracing::{info, warn};
 use crate::auth::jwt::JwtKeys;
 use crate::auth::random_secret;
 use crate::auth::tokens::Tokens;
-use crate::http::{router, App};
 use crate::edge::Edge;
+use crate::http::{router, App};
 use crate::origin::Origin;
 use crate::relay::client::{EdgeLink, LinkConfig, LinkHandler};
 use crate::relay::proto::{DatagramHeader, Kind, SourceInfo, LEVEL_EXT_ID};
@@ -138,7 +138,8 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
                 cluster_token: opts.cluster_token.clone(),
             },
         };
-        let (e, origin_secret) = Edge::start(SocketAddr::new(opts.media_ip, 0), opts.public_ip, link).await?;
+        let (e, origin_secret) =
+            Edge::start(SocketAddr::new(opts.media_ip, 0), opts.public_ip, link).await?;
         if opts.role == Role::Edge {
             // Viewers' JWTs are signed with the origin's key: the edge checks them with it.
             secret = base64::engine::general_purpose::STANDARD
@@ -166,7 +167,9 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
         }
     });
     match opts.role {
-        Role::Serve => info!("chorus serving on http://{http}/ (demo page), director and signalling there too"),
+        Role::Serve => {
+            info!("chorus serving on http://{http}/ (demo page), director and signalling there too")
+        }
         Role::Origin => info!("origin: director and signalling on http://{http}"),
         Role::Edge => info!("edge: viewers' signalling on http://{http}"),
     }

@@ -79,7 +79,8 @@ impl Edge {
         public_ip: Option<IpAddr>,
         link: LinkConfig,
     ) -> Result<(Arc<Edge>, String), String> {
-        let socket = UdpSocket::bind(bind).map_err(|e| format!("edge media socket on {bind}: {e}"))?;
+        let socket =
+            UdpSocket::bind(bind).map_err(|e| format!("edge media socket on {bind}: {e}"))?;
         let local = socket.local_addr().map_err(|e| e.to_string())?;
         let ip = public_ip.unwrap_or(local.ip());
         if ip.is_unspecified() {
@@ -121,8 +122,12 @@ impl Edge {
             },
         )?;
         let lines = mlines(offer);
-        let receiving = |m: &&crate::rtc::offer::MLine| matches!(m.direction.as_str(), "recvonly" | "sendrecv");
-        let mut audio = lines.iter().filter(|m| m.media == "audio").filter(receiving);
+        let receiving =
+            |m: &&crate::rtc::offer::MLine| matches!(m.direction.as_str(), "recvonly" | "sendrecv");
+        let mut audio = lines
+            .iter()
+            .filter(|m| m.media == "audio")
+            .filter(receiving);
         let main_audio = audio.next().and_then(|m| m.mid.clone());
         let mut tracks: Vec<String> = audio.filter_map(|m| m.mid.clone()).collect();
         if tracks.len() > MAX_TRACKS {

@@ -30,7 +30,8 @@ impl OutTrack {
         // ROC 0, and starting low keeps the first rollover far away.
         OutTrack {
             mid,
-            rw: TrackRewriter::new(0, rand::random::<u16>() & 0x0FFF, rand::random()).with_clock_rate(clock_rate),
+            rw: TrackRewriter::new(0, rand::random::<u16>() & 0x0FFF, rand::random())
+                .with_clock_rate(clock_rate),
             ext_seq: None,
             pt: None,
             packets: 0,
@@ -60,7 +61,10 @@ impl OutTrack {
         let pt = match self.pt {
             Some(pt) => pt,
             None => {
-                let Some(pt) = rtc.media(self.mid).and_then(|m| m.remote_pts().first().copied()) else {
+                let Some(pt) = rtc
+                    .media(self.mid)
+                    .and_then(|m| m.remote_pts().first().copied())
+                else {
                     return false;
                 };
                 self.pt = Some(pt);
@@ -74,6 +78,11 @@ impl OutTrack {
                 (last as i64 + delta).max(0) as u64
             }
         };
+        if let Some(l) = self.ext_seq {
+            if ext > l + 1 {
+                tracing::debug!(mid = %self.mid, gap = ext - l - 1, in_seq = input.seq, in_src = input.source.0, marker = h.marker, "output sequence gap");
+            }
+        }
         if self.ext_seq.is_none_or(|l| ext > l) {
             self.ext_seq = Some(ext);
         }

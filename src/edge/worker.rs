@@ -53,7 +53,11 @@ pub enum EdgeCmd {
     RemoveViewer(PeerId),
     /// Sets a viewer's projections: (multiplexed track index, sourceId).
     Project(PeerId, Vec<(u8, String)>),
-    Sources { stream: String, channel: u32, sources: Vec<SourceInfo> },
+    Sources {
+        stream: String,
+        channel: u32,
+        sources: Vec<SourceInfo>,
+    },
     Datagram(DatagramHeader, Bytes),
 }
 
@@ -125,12 +129,16 @@ impl EdgeStream {
 
     /// Tells the viewers of the change's group which source its track now carries.
     fn vad(&self, c: &TrackChange, metrics: &EdgeMetrics) {
-        let Some(ids) = self.groups.get(&c.group) else { return };
+        let Some(ids) = self.groups.get(&c.group) else {
+            return;
+        };
         let source = c.source.map_or(Value::Null, |s| self.source_id(s));
         for id in ids {
             if let Some(h) = self.viewers.get(id) {
                 if let Some(mid) = h.mids.get(c.track as usize) {
-                    let _ = h.events.send(json!({"type": "event", "name": "vad", "data": {
+                    let _ = h
+                        .events
+                        .send(json!({"type": "event", "name": "vad", "data": {
                         "mediaId": mid, "sourceId": source}}));
                     metrics.vad_events.fetch_add(1, Ordering::Relaxed);
                 }
@@ -153,7 +161,9 @@ impl PeerApp<Viewer> for ViewerEvents<'_> {
             let v = &peer.data;
             if v.main_video.as_ref().is_some_and(|t| t.mid == mid) {
                 if let Some(st) = self.streams.get_mut(&v.stream) {
-                    let due = st.last_keyframe.is_none_or(|t| t.elapsed() >= KEYFRAME_INTERVAL);
+                    let due = st
+                        .last_keyframe
+                        .is_none_or(|t| t.elapsed() >= KEYFRAME_INTERVAL);
                     if due {
                         st.last_keyframe = Some(Instant::now());
                         let source = match st.core.name(v.main_source) {
@@ -176,7 +186,9 @@ impl PeerApp<Viewer> for ViewerEvents<'_> {
         let v = peer.data;
         info!(%id, stream = v.stream.as_str(), subscriber = v.subscriber_id.as_str(), %reason, "viewer left");
         self.metrics.viewers.fetch_sub(1, Ordering::Relaxed);
-        let Some(st) = self.streams.get_mut(&v.stream) else { return };
+        let Some(st) = self.streams.get_mut(&v.stream) else {
+            return;
+        };
         st.viewers.remove(&id);
         if let Some(g) = st.groups.get_mut(&v.group) {
             g.retain(|x| *x != id);
@@ -214,7 +226,11 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(socket: UdpSocket, link: LinkCtl, metrics: Arc<EdgeMetrics>) -> std::io::Result<Worker> {
+    pub fn new(
+        socket: UdpSocket,
+        link: LinkCtl,
+        metrics: Arc<EdgeMetrics>,
+    ) -> std::io::Result<Worker> {
         Ok(Worker {
             peers: PeerSet::new(socket)?,
             streams: HashMap::new(),
@@ -252,7 +268,11 @@ impl Worker {
             let now = Instant::now();
             // Relayed media waits in the channel while we sleep on the socket: keep the
             // sleep short while any stream is live.
-            let cap = if self.streams.is_empty() { 5_000 } else { 1_000 };
+            let cap = if self.streams.is_empty() {
+                5_000
+            } else {
+                1_000
+            };
             let mut app = ViewerEvents {
                 streams: &mut self.streams,
                 channels: &mut self.channels,
@@ -293,7 +313,10 @@ impl Worker {
     fn add_viewer(&mut self, v: NewViewer) {
         let seed = self.seed ^ v.id.0;
         let st = self.streams.entry(v.stream.clone()).or_insert_with(|| {
-            info!(stream = v.stream.as_str(), "first viewer: subscribing at the origin");
+            info!(
+                stream = v.stream.as_str(),
+                "first viewer: subscribing at the origin"
+            );
             self.link.send(LinkRequest::Subscribe(v.stream.clone()));
             EdgeStream::new(seed)
         });
@@ -322,7 +345,9 @@ impl Worker {
         let current: Vec<Option<SourceIdx>> = st.core.selector().tracks(group).collect();
         for (t, s) in current.into_iter().enumerate() {
             if let Some(s) = s {
-                let _ = v.events.send(json!({"type": "event", "name": "vad", "data": {
+                let _ = v
+                    .events
+                    .send(json!({"type": "event", "name": "vad", "data": {
                     "mediaId": mids[t], "sourceId": st.source_id(s)}}));
             }
         }
@@ -339,7 +364,11 @@ impl Worker {
             main_source,
             main_audio: v.main_audio.map(|m| OutTrack::new(m, opus::CLOCK_RATE)),
             main_video: v.main_video.map(|m| OutTrack::new(m, 90_000)),
-            tracks: v.tracks.into_iter().map(|m| OutTrack::new(m, opus::CLOCK_RATE)).collect(),
+            tracks: v
+                .tracks
+                .into_iter()
+                .map(|m| OutTrack::new(m, opus::CLOCK_RATE))
+                .collect(),
             events: v.events,
         };
         self.metrics.viewers.fetch_add(1, Ordering::Relaxed);
@@ -347,11 +376,16 @@ impl Worker {
     }
 
     fn project(&mut self, id: PeerId, fixed: Vec<(u8, String)>) {
-        let Some(p) = self.peers.get_mut(id) else { return };
+        let Some(p) = self.peers.get_mut(id) else {
+            return;
+        };
         let v = &mut p.data;
-        let Some(st) = self.streams.get_mut(&v.stream) else { return };
+        let Some(st) = self.streams.get_mut(&v.stream) else {
+            return;
+        };
         let excluded: Vec<SourceIdx> = v.excluded.iter().map(|e| st.core.intern(e)).collect();
-        let fixed_idx: Vec<(u8, SourceIdx)> = fixed.iter().map(|(t, s)| (*t, st.core.intern(s))).collect();
+        let fixed_idx: Vec<(u8, SourceIdx)> =
+            fixed.iter().map(|(t, s)| (*t, st.core.intern(s))).collect();
         let key = GroupKey::new(v.tracks_n, Some(v.main_source), excluded).with_fixed(fixed_idx);
         let old = v.group;
         let new = st.core.join(key);
@@ -405,12 +439,19 @@ impl Worker {
                     },
                 );
                 st.broadcast(&st.active(stream, &info));
-                self.metrics.active_events.fetch_add(st.viewers.len() as u64, Ordering::Relaxed);
+                self.metrics
+                    .active_events
+                    .fetch_add(st.viewers.len() as u64, Ordering::Relaxed);
                 info!(stream, source = ?info.source_id, "source active");
             }
             st.live.insert(idx, info);
         }
-        let gone: Vec<SourceIdx> = st.live.keys().copied().filter(|s| !seen.contains(s)).collect();
+        let gone: Vec<SourceIdx> = st
+            .live
+            .keys()
+            .copied()
+            .filter(|s| !seen.contains(s))
+            .collect();
         for s in gone {
             let info = st.live.remove(&s).expect("listed above");
             let mut changes = Vec::new();
@@ -427,7 +468,9 @@ impl Worker {
             info!(stream, source = ?info.source_id, "source inactive");
         }
         if had_sources && st.live.is_empty() {
-            st.broadcast(&json!({"type": "event", "name": "stopped", "data": {"streamId": stream}}));
+            st.broadcast(
+                &json!({"type": "event", "name": "stopped", "data": {"streamId": stream}}),
+            );
         }
     }
 
@@ -449,7 +492,11 @@ impl Worker {
         self.metrics.relay_packets.fetch_add(1, Ordering::Relaxed);
         let now_us = self.now_us();
         let wall = Instant::now();
-        let Some(st) = self.channels.get(&hdr.channel).and_then(|n| self.streams.get_mut(n)) else {
+        let Some(st) = self
+            .channels
+            .get(&hdr.channel)
+            .and_then(|n| self.streams.get_mut(n))
+        else {
             self.metrics.dropped_unknown.fetch_add(1, Ordering::Relaxed);
             return;
         };
@@ -459,7 +506,9 @@ impl Worker {
         };
         let rtp = &d[DATAGRAM_HEADER..];
         let Ok(view) = RtpView::parse(rtp) else {
-            self.metrics.dropped_malformed.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .dropped_malformed
+                .fetch_add(1, Ordering::Relaxed);
             return;
         };
         // One copy of the payload per relayed packet, shared by every viewer's write.
@@ -482,8 +531,15 @@ impl Worker {
         // The main tracks: the pinned (or main) source, straight through.
         if let Some(ids) = st.main_viewers.get(&src) {
             for &id in ids {
-                let Some(p) = self.peers.get_mut(id) else { continue };
-                let track = if video { &mut p.data.main_video } else { &mut p.data.main_audio };
+                // Nothing is written before DTLS is up: str0m would only queue it.
+                let Some(p) = self.peers.get_mut(id).filter(|p| p.connected) else {
+                    continue;
+                };
+                let track = if video {
+                    &mut p.data.main_video
+                } else {
+                    &mut p.data.main_audio
+                };
                 if let Some(t) = track {
                     let lvl = if video { None } else { level };
                     if t.write(&mut p.rtc, now_us, wall, &input, lvl, &payload) {
@@ -501,8 +557,14 @@ impl Worker {
             let groups = &st.groups;
             let result = st.core.on_packet(now_us, src, rtp, &mut |o| match o {
                 Output::Track(c) => changes.push(c),
-                Output::Packet { group, track, packet } => {
-                    let Ok(out) = RtpView::parse(packet) else { return };
+                Output::Packet {
+                    group,
+                    track,
+                    packet,
+                } => {
+                    let Ok(out) = RtpView::parse(packet) else {
+                        return;
+                    };
                     // The group's stream is already one continuous stream; each viewer
                     // re-anchors it only when it moves to another group.
                     let input = InputPacket {
@@ -514,7 +576,9 @@ impl Worker {
                         samples: input.samples,
                     };
                     for &id in groups.get(&group).map(Vec::as_slice).unwrap_or(&[]) {
-                        let Some(p) = peers.get_mut(id) else { continue };
+                        let Some(p) = peers.get_mut(id).filter(|p| p.connected) else {
+                            continue;
+                        };
                         if let Some(t) = p.data.tracks.get_mut(track as usize) {
                             if t.write(&mut p.rtc, now_us, wall, &input, level, &payload) {
                                 touched.push(id);

@@ -85,7 +85,10 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Box<Response>> 
 
 pub async fn publish(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
     if app.origin.is_none() {
-        return fail(StatusCode::NOT_FOUND, "this is an edge: publish at the origin");
+        return fail(
+            StatusCode::NOT_FOUND,
+            "this is an edge: publish at the origin",
+        );
     }
     let req: PublishReq = match parse(&body) {
         Ok(r) => r,

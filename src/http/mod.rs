@@ -104,7 +104,10 @@ async fn index() -> impl IntoResponse {
 
 async fn stream_view(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
     let Some(origin) = &app.origin else {
-        return fail(StatusCode::NOT_FOUND, "this is an edge: stream state is at the origin");
+        return fail(
+            StatusCode::NOT_FOUND,
+            "this is an edge: stream state is at the origin",
+        );
     };
     match origin.stream_view(&name) {
         Some(v) => Json(v).into_response(),

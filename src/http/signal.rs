@@ -294,7 +294,9 @@ fn view(
         .as_ref()
         .ok_or("this origin serves no viewers: view at an edge (chorus edge)")?;
     if claims.scope != Scope::Subscribe {
-        return Err("this token may publish, not view: get one from /api/director/subscribe".into());
+        return Err(
+            "this token may publish, not view: get one from /api/director/subscribe".into(),
+        );
     }
     if session.viewer.is_some() {
         return Err("this session already views: open another socket for another view".into());
@@ -370,7 +372,10 @@ fn project(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Value,
         .ok_or("project needs data.mapping, a list of {media, mediaId}")?;
     let mut mids = Vec::new();
     for m in mapping {
-        if m.get("media").and_then(Value::as_str).is_some_and(|k| k != "audio") {
+        if m.get("media")
+            .and_then(Value::as_str)
+            .is_some_and(|k| k != "audio")
+        {
             return Err("only audio can be projected into a multiplexed track".into());
         }
         let mid = match m.get("mediaId") {

@@ -32,7 +32,9 @@ fn authorized(app: &App, headers: &HeaderMap, stream: &str) -> Result<(), String
             Err(format!("this JWT does not allow viewing {stream:?}"))
         };
     }
-    app.tokens.check_subscribe(token, stream).map_err(|e| e.to_string())
+    app.tokens
+        .check_subscribe(token, stream)
+        .map_err(|e| e.to_string())
 }
 
 pub async fn view(
@@ -43,7 +45,10 @@ pub async fn view(
     body: Bytes,
 ) -> Response {
     let Some(edge) = &app.edge else {
-        return fail(StatusCode::NOT_FOUND, "this origin serves no viewers: view at an edge");
+        return fail(
+            StatusCode::NOT_FOUND,
+            "this origin serves no viewers: view at an edge",
+        );
     };
     if let Err(m) = check_stream_name(&stream) {
         return fail(StatusCode::BAD_REQUEST, m);
@@ -51,15 +56,25 @@ pub async fn view(
     if let Err(m) = authorized(&app, &headers, &stream) {
         return fail(StatusCode::UNAUTHORIZED, m);
     }
-    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if !ct.starts_with("application/sdp") {
-        return fail(StatusCode::UNSUPPORTED_MEDIA_TYPE, "WHEP offers must be Content-Type: application/sdp");
+        return fail(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "WHEP offers must be Content-Type: application/sdp",
+        );
     }
     let Ok(offer) = std::str::from_utf8(&body) else {
         return fail(StatusCode::BAD_REQUEST, "SDP offer is not UTF-8");
     };
     if let Some(n) = q.tracks {
-        let available = mlines(offer).iter().filter(|m| m.media == "audio").count().saturating_sub(1);
+        let available = mlines(offer)
+            .iter()
+            .filter(|m| m.media == "audio")
+            .count()
+            .saturating_sub(1);
         if n > MAX_TRACKS || n > available {
             return fail(
                 StatusCode::BAD_REQUEST,
@@ -69,7 +84,12 @@ pub async fn view(
     }
     let excluded = q
         .exclude
-        .map(|e| e.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect())
+        .map(|e| {
+            e.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
         .unwrap_or_default();
     let opts = ViewOptions {
         pinned: q.pinned.filter(|p| !p.is_empty()),
@@ -80,15 +100,18 @@ pub async fn view(
     let (events, _) = tokio::sync::mpsc::unbounded_channel();
     let pending = match edge.prepare(&stream, offer, opts, events) {
         Ok(p) => p,
-        Err(e @ (OfferError::Malformed(_) | OfferError::Unacceptable(_) | OfferError::Rejected(_))) => {
-            return fail(StatusCode::BAD_REQUEST, e.to_string())
-        }
+        Err(
+            e @ (OfferError::Malformed(_) | OfferError::Unacceptable(_) | OfferError::Rejected(_)),
+        ) => return fail(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e) => return fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     let resource = pending.subscriber_id.clone();
     let answer = pending.answer.clone();
     let id = edge.commit(pending);
-    app.whep.lock().unwrap_or_else(|p| p.into_inner()).insert(resource.clone(), id);
+    app.whep
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(resource.clone(), id);
     (
         StatusCode::CREATED,
         [
@@ -101,7 +124,11 @@ pub async fn view(
 }
 
 pub async fn delete(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
-    let peer = app.whep.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    let peer = app
+        .whep
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
     match (peer, &app.edge) {
         (Some(peer), Some(edge)) => {
             edge.remove(peer);

@@ -45,7 +45,10 @@ pub async fn publish(
     body: Bytes,
 ) -> Response {
     let Some(origin) = &app.origin else {
-        return fail(StatusCode::NOT_FOUND, "this is an edge: publish at the origin");
+        return fail(
+            StatusCode::NOT_FOUND,
+            "this is an edge: publish at the origin",
+        );
     };
     if let Err(m) = check_stream_name(&stream) {
         return fail(StatusCode::BAD_REQUEST, m);

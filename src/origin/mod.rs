@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use bytes::Bytes;
 use serde::Serialize;
 use str0m::media::MediaKind;
+use str0m::rtp::Extension;
 use str0m::RtcConfig;
 use tracing::info;
 
@@ -213,11 +214,19 @@ impl Origin {
             fanout,
             stats.clone(),
         );
+        // No transport-cc or abs-send-time: with them, Chrome probes bandwidth with padding-only
+        // packets on the audio SSRC, whose sequence numbers would read as loss downstream once
+        // the padding is dropped. Audio ingest needs no sender-side bandwidth estimate.
         let config = RtcConfig::new()
             .clear_codecs()
             .enable_opus(true, false)
             .enable_vp8(true)
-            .enable_h264(true);
+            .enable_h264(true)
+            .clear_extension_map()
+            .set_extension(1, Extension::AudioLevel)
+            .set_extension(4, Extension::RtpMid)
+            .set_extension(10, Extension::RtpStreamId)
+            .set_extension(13, Extension::VideoOrientation);
         let accepted = self.host.accept(
             offer,
             config,

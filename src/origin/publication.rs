@@ -21,6 +21,7 @@ pub struct PublicationHandler {
     fanout: Arc<Fanout>,
     stats: Arc<SourceStats>,
     rtp: Vec<u8>,
+    last_seq: Option<u16>,
 }
 
 impl PublicationHandler {
@@ -42,6 +43,7 @@ impl PublicationHandler {
             fanout,
             stats,
             rtp: Vec::with_capacity(1500),
+            last_seq: None,
         }
     }
 }
@@ -57,6 +59,12 @@ impl PeerHandler for PublicationHandler {
             PeerEvent::Media(m) => {
                 match m.kind {
                     MediaKind::Audio => {
+                        if let Some(l) = self.last_seq {
+                            if m.seq != l.wrapping_add(1) {
+                                debug!(source = ?self.source, last = l, seq = m.seq, "publisher audio sequence jump");
+                            }
+                        }
+                        self.last_seq = Some(m.seq);
                         self.stats.audio_packets.fetch_add(1, Ordering::Relaxed);
                         self.stats
                             .audio_bytes

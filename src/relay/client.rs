@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use super::proto::{encode_frame, DatagramHeader, EdgeMsg, FrameReader, OriginMsg, SourceInfo};
 pub use super::proto::DATAGRAM_HEADER;
+use super::proto::{encode_frame, DatagramHeader, EdgeMsg, FrameReader, OriginMsg, SourceInfo};
 
 /// What an edge does with what the origin sends. Called from the link's tasks.
 pub trait LinkHandler: Send + Sync + 'static {
@@ -194,7 +194,10 @@ impl EdgeLink {
 pub enum LinkRequest {
     Subscribe(String),
     Unsubscribe(String),
-    Keyframe { stream: String, source: Option<String> },
+    Keyframe {
+        stream: String,
+        source: Option<String>,
+    },
 }
 
 /// Sends requests to the link manager; usable from any thread.
@@ -212,7 +215,10 @@ impl LinkCtl {
 /// Keeps an edge linked to its origin: connects, re-subscribes what viewers want after a
 /// reconnect, and retries with backoff while the origin is away. Returns once the first
 /// connection is up, with the origin's JWT secret.
-pub async fn manage_link(cfg: LinkConfig, handler: Arc<dyn LinkHandler>) -> Result<(String, LinkCtl), String> {
+pub async fn manage_link(
+    cfg: LinkConfig,
+    handler: Arc<dyn LinkHandler>,
+) -> Result<(String, LinkCtl), String> {
     let first = EdgeLink::connect(&cfg, handler.clone()).await?;
     let secret = first.jwt_secret.clone();
     let (tx, mut rx) = mpsc::unbounded_channel::<LinkRequest>();

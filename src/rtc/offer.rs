@@ -77,15 +77,24 @@ pub fn normalize(sdp: &str) -> String {
     let mut out = String::with_capacity(sdp.len() + 16);
     let mut section: Vec<&str> = Vec::new();
     let flush = |section: &mut Vec<&str>, out: &mut String| {
-        let (head, rest): (Vec<&str>, Vec<&str>) = section
-            .iter()
-            .skip(1)
-            .partition(|l| matches!(l.as_bytes().first(), Some(b'i' | b'c' | b'b' | b'k')) && l.as_bytes().get(1) == Some(&b'='));
-        for line in section.first().into_iter().chain(head.iter()).chain(rest.iter()) {
+        let (head, rest): (Vec<&str>, Vec<&str>) = section.iter().skip(1).partition(|l| {
+            matches!(l.as_bytes().first(), Some(b'i' | b'c' | b'b' | b'k'))
+                && l.as_bytes().get(1) == Some(&b'=')
+        });
+        for line in section
+            .first()
+            .into_iter()
+            .chain(head.iter())
+            .chain(rest.iter())
+        {
             if let Some(fmtp) = line.strip_prefix("a=fmtp:") {
                 match fmtp.split_once(' ') {
                     Some((pt, params)) => {
-                        let params: Vec<&str> = params.split(';').map(str::trim).filter(|p| !p.is_empty()).collect();
+                        let params: Vec<&str> = params
+                            .split(';')
+                            .map(str::trim)
+                            .filter(|p| !p.is_empty())
+                            .collect();
                         out.push_str(&format!("a=fmtp:{pt} {}", params.join(";")));
                     }
                     None => out.push_str(line),
@@ -131,7 +140,9 @@ pub fn check_offer(sdp: &str, req: OfferRequirements) -> Result<(), OfferError> 
             .iter()
             .any(|m| m.media == "audio" && matches!(m.direction.as_str(), "recvonly" | "sendrecv"))
     {
-        return Err(OfferError::Unacceptable("offer has no audio m-line to receive".into()));
+        return Err(OfferError::Unacceptable(
+            "offer has no audio m-line to receive".into(),
+        ));
     }
     if req.audio_send
         && !lines

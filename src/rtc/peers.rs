@@ -64,11 +64,10 @@ pub fn answer_offer(
     config: RtcConfig,
     candidate: SocketAddr,
 ) -> Result<(Rtc, String, String), OfferError> {
-    let offer =
-        SdpOffer::from_sdp_string(&super::offer::normalize(offer_sdp)).map_err(|e| {
-            debug!(offer = offer_sdp, "offer str0m cannot parse");
-            OfferError::Malformed(e.to_string())
-        })?;
+    let offer = SdpOffer::from_sdp_string(&super::offer::normalize(offer_sdp)).map_err(|e| {
+        debug!(offer = offer_sdp, "offer str0m cannot parse");
+        OfferError::Malformed(e.to_string())
+    })?;
     let creds = IceCreds::new();
     let ufrag = creds.ufrag.clone();
     let mut rtc = config

@@ -188,7 +188,7 @@ def summarize_sdp(sdp: str) -> dict:
         kind, port, proto, *fmts = lines[0][2:].split()
         m = {"kind": kind, "port": int(port), "proto": proto, "pts": fmts, "mid": None,
              "direction": "sendrecv", "codecs": [], "ssrcs": [], "extmaps": [], "candidates": 0,
-             "msid": None}
+             "candidate_lines": [], "msid": None}
         for line in lines[1:]:
             if line.startswith("a=mid:"):
                 m["mid"] = line[6:]
@@ -205,6 +205,7 @@ def summarize_sdp(sdp: str) -> dict:
                 m["extmaps"].append(line[9:])
             elif line.startswith("a=candidate:"):
                 m["candidates"] += 1
+                m["candidate_lines"].append(line[len("a=candidate:"):])
             elif line.startswith("a=msid:"):
                 m["msid"] = line[7:]
         out_m.append(m)
@@ -527,6 +528,37 @@ async def consume(track, st: TrackStats) -> None:
             st.recv_exceptions.append(f"frame check {type(e).__name__}: {e}")
 
 
+async def fix_bundle_candidates(pc, asum: dict) -> None:
+    """Work around aiortc 1.16 with BUNDLE: setRemoteDescription keeps, per shared ICE
+    transport, only the candidates of the *last* m-line that uses it. An answerer that
+    puts its candidates in the BUNDLE-tag m-line only (RFC 8843 section 7.3.1; chorus/str0m
+    does) would leave aiortc with no remote candidate at all, and with an ICE-lite server
+    nothing would ever connect. So hand aiortc the candidates it skipped."""
+    from aiortc.sdp import candidate_from_sdp
+
+    media = asum["media"]
+    bundled = [m for m in media if m["mid"] in asum["bundle"] and m["port"] != 0]
+    if len(bundled) < 2:
+        return
+    used = set(bundled[-1]["candidate_lines"])  # what aiortc took
+    primary = next(m for m in bundled if m["mid"] == asum["bundle"][0]) if any(
+        m["mid"] == asum["bundle"][0] for m in bundled) else bundled[0]
+    added = []
+    for m in bundled:
+        for line in m["candidate_lines"]:
+            if line in used:
+                continue
+            used.add(line)
+            cand = candidate_from_sdp(line)
+            cand.sdpMid = primary["mid"]
+            cand.sdpMLineIndex = media.index(primary)
+            await pc.addIceCandidate(cand)
+            added.append(line)
+    if added:
+        emit("bundle-candidates-added", count=len(added), fromMids=[m["mid"] for m in bundled if m["candidate_lines"]],
+             note="aiortc only reads the last bundled m-line's candidates; added the others")
+
+
 def check_offer(summary: dict, tracks: int) -> list[str]:
     problems = []
     media = summary["media"]
@@ -704,6 +736,7 @@ async def run(args: argparse.Namespace) -> int:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
         except Exception as e:
             die(f"setRemoteDescription rejected the answer: {type(e).__name__}: {e}")
+        await fix_bundle_candidates(pc, asum)
 
         # Decode every track from now on (frames only arrive after DTLS). aiortc only
         # makes a receive track for m-lines the answer sends on.

@@ -111,10 +111,12 @@ impl TrackRewriter {
             Some(a) if a.source == p.source && a.in_ssrc == p.ssrc => {
                 let delta = p.seq.wrapping_sub(a.highest_seq) as i16 as i64;
                 let ext = a.highest_ext + delta;
-                if delta > MAX_SEQ_JUMP {
+                // A jump this far either way is the sender restarting its sequence on the same
+                // SSRC, not loss or reordering (3000 packets is a minute of audio).
+                if delta.abs() > MAX_SEQ_JUMP {
                     switched = true;
                     self.anchor_at(now_us, p)
-                } else if ext < a.first_ext || delta < -MAX_SEQ_JUMP {
+                } else if ext < a.first_ext {
                     return Err(RewriteDrop::BeforeSwitch);
                 } else {
                     a
@@ -155,8 +157,9 @@ impl TrackRewriter {
     fn anchor_at(&self, now_us: u64, p: &InputPacket) -> Anchor {
         let (out_seq, out_ts) = if self.started {
             let elapsed_us = now_us.saturating_sub(self.out_at_us);
-            let elapsed =
-                (elapsed_us * self.clock_rate as u64 / 1_000_000).min(u32::MAX as u64 / 2) as u32;
+            // Capped at half the RTP clock's range: beyond that "later" is ambiguous anyway.
+            let elapsed = (elapsed_us.min(u32::MAX as u64) * self.clock_rate as u64 / 1_000_000)
+                .min(u32::MAX as u64 / 2) as u32;
             (
                 self.out_seq.wrapping_add(1),
                 self.out_ts.wrapping_add(elapsed.max(self.out_samples)),
@@ -252,6 +255,19 @@ mod tests {
         r.rewrite(0, &pkt(1, 10, 0)).unwrap();
         let b = r.rewrite(1_000, &pkt(2, 10, 0)).unwrap();
         assert_eq!(b.ts, 960);
+    }
+
+    #[test]
+    fn backward_restart_on_the_same_ssrc_reanchors_instead_of_dropping() {
+        let mut r = TrackRewriter::new(1, 0, 0);
+        for i in 0..3 {
+            r.rewrite(i * 20_000, &pkt(1, 10_000 + i as u16, i as u32 * 960))
+                .unwrap();
+        }
+        let b = r.rewrite(60_000, &pkt(1, 5000, 7)).unwrap();
+        assert_eq!((b.seq, b.marker), (3, true));
+        let c = r.rewrite(80_000, &pkt(1, 5001, 967)).unwrap();
+        assert_eq!((c.seq, c.ts.wrapping_sub(b.ts), c.marker), (4, 960, false));
     }
 
     #[test]

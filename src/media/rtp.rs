@@ -215,10 +215,16 @@ impl<'a> Iterator for Extensions<'a> {
             match self.form {
                 ExtForm::OneByte => {
                     let id = b >> 4;
-                    if id == 0 {
+                    if b == 0 {
                         // Padding byte between elements.
                         self.at += 1;
                         continue;
+                    }
+                    if id == 0 {
+                        // ID 0 with a length is not padding (RFC 8285 §4.2): as libwebrtc
+                        // does, stop reading the block there.
+                        self.at = self.data.len();
+                        return None;
                     }
                     if id == 15 {
                         // Reserved id: RFC 8285 says stop processing the block.

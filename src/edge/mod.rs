@@ -38,6 +38,14 @@ pub struct EdgeMetrics {
     pub dropped_malformed: AtomicU64,
     pub vad_events: AtomicU64,
     pub active_events: AtomicU64,
+    /// Track changes (a multiplexed track taking a source or emptying), per group.
+    pub switches: AtomicU64,
+    /// Late packets from before a switch, not forwarded.
+    pub dropped_before_switch: AtomicU64,
+    /// Relayed packets the packet core refused (malformed, oversized).
+    pub dropped_core: AtomicU64,
+    /// Viewer datagrams over the per-peer budget.
+    pub dropped_flood: AtomicU64,
 }
 
 /// A viewer's request, from `view` or WHEP.

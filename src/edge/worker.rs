@@ -475,6 +475,9 @@ impl Worker {
     }
 
     fn tick(&mut self, now_us: u64) {
+        self.metrics
+            .dropped_flood
+            .store(self.peers.flood_drops, Ordering::Relaxed);
         for st in self.streams.values_mut() {
             let mut changes: Vec<TrackChange> = Vec::new();
             st.core.tick(now_us, &mut |o| {
@@ -555,6 +558,7 @@ impl Worker {
             let metrics = &self.metrics;
             let mut changes: Vec<TrackChange> = Vec::new();
             let groups = &st.groups;
+            let late_before = st.core.stats().dropped_before_switch;
             let result = st.core.on_packet(now_us, src, rtp, &mut |o| match o {
                 Output::Track(c) => changes.push(c),
                 Output::Packet {
@@ -589,8 +593,13 @@ impl Worker {
                 }
             });
             if let Err(e) = result {
+                metrics.dropped_core.fetch_add(1, Ordering::Relaxed);
                 debug!("relayed packet dropped by the core: {e}");
             }
+            let late = st.core.stats().dropped_before_switch - late_before;
+            metrics
+                .dropped_before_switch
+                .fetch_add(late, Ordering::Relaxed);
             // A vad event leaves before the first packet it announces is flushed below.
             for c in &changes {
                 st.vad(c, metrics);

@@ -1,7 +1,9 @@
 //! The HTTP face of chorus: director API, signalling WebSocket, WHIP, stream introspection.
 
 pub mod director;
+pub mod metrics;
 pub mod signal;
+pub mod web;
 pub mod whep;
 pub mod whip;
 
@@ -72,7 +74,11 @@ pub fn router(app: Arc<App>) -> Router {
         ])
         .expose_headers([header::LOCATION, header::ETAG]);
     Router::new()
-        .route("/", get(index))
+        .route("/", get(web::index))
+        .route("/demo.js", get(web::demo_js))
+        .route("/demo.css", get(web::demo_css))
+        .route("/sdk/millicast.umd.js", get(web::sdk))
+        .route("/metrics", get(metrics::metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/api/director/publish", post(director::publish))
         .route("/api/director/subscribe", post(director::subscribe))
@@ -90,16 +96,6 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .layer(cors)
         .with_state(app)
-}
-
-async fn index() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        "<!doctype html><title>chorus</title><h1>chorus</h1>\
-         <p>Director API at <code>/api/director/publish</code> and <code>/api/director/subscribe</code>, \
-         signalling at <code>/ws</code>, WHIP at <code>/whip/{stream}?sourceId=ID</code>, \
-         stream state at <code>/api/streams/{stream}</code>.</p>",
-    )
 }
 
 async fn stream_view(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {

@@ -21,7 +21,7 @@ use tracing::info;
 use crate::relay::proto::{OriginMsg, SourceInfo, TrackInfo};
 use crate::rtc::host::{CloseReason, OfferRequirements, PeerId, RtcHost};
 use crate::rtc::offer::{mlines, OfferError};
-use publication::PublicationHandler;
+use publication::{PublicationHandler, Route};
 
 /// A sourceId; None is the stream's main source.
 pub type SourceKey = Option<String>;
@@ -56,6 +56,19 @@ pub struct SourceStats {
     pub last_level: AtomicU32,
     pub video_packets: AtomicU64,
     pub relay_drops: AtomicU64,
+}
+
+/// Origin-wide counters for /metrics (they outlive publications).
+#[derive(Debug, Default)]
+pub struct OriginMetrics {
+    pub audio_packets: AtomicU64,
+    pub video_packets: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub padding_dropped: AtomicU64,
+    pub relay_datagrams: AtomicU64,
+    pub relay_drops: AtomicU64,
+    pub publications_total: AtomicU64,
+    pub replacements_total: AtomicU64,
 }
 
 /// Who owns a publication, so that owner's end can remove it.
@@ -165,6 +178,7 @@ pub struct StreamView {
 
 pub struct Origin {
     host: RtcHost,
+    pub metrics: Arc<OriginMetrics>,
     state: Mutex<HashMap<String, Stream>>,
     next_publication: AtomicU64,
     next_channel: AtomicU32,
@@ -175,6 +189,7 @@ impl Origin {
     pub fn new(host: RtcHost) -> Arc<Origin> {
         Arc::new_cyclic(|me| Origin {
             host,
+            metrics: Arc::new(OriginMetrics::default()),
             state: Mutex::new(HashMap::new()),
             next_publication: AtomicU64::new(1),
             next_channel: AtomicU32::new(1),
@@ -205,14 +220,18 @@ impl Origin {
             let s = st.entry(stream.to_owned()).or_default();
             (s.index_of(&source), s.fanout.clone())
         };
-        let handler = PublicationHandler::new(
-            self.me.clone(),
-            stream.to_owned(),
-            source.clone(),
+        let route = Route {
+            stream: stream.to_owned(),
+            source: source.clone(),
             publication,
             index,
+        };
+        let handler = PublicationHandler::new(
+            self.me.clone(),
+            route,
             fanout,
             stats.clone(),
+            self.metrics.clone(),
         );
         // No transport-cc or abs-send-time: with them, Chrome probes bandwidth with padding-only
         // packets on the audio SSRC, whose sequence numbers would read as loss downstream once
@@ -264,6 +283,14 @@ impl Origin {
             },
         );
         let replaced = old.is_some();
+        self.metrics
+            .publications_total
+            .fetch_add(1, Ordering::Relaxed);
+        if replaced {
+            self.metrics
+                .replacements_total
+                .fetch_add(1, Ordering::Relaxed);
+        }
         if let Some(old) = old {
             self.host.remove(old.peer);
             info!(stream, source = ?source, old = old.publication, new = publication, "publication replaced");
@@ -454,6 +481,17 @@ impl Origin {
 
     pub fn stream_names(&self) -> Vec<String> {
         self.lock().keys().cloned().collect()
+    }
+
+    /// (streams, live sources, subscribed edges) right now.
+    pub fn gauges(&self) -> (usize, usize, usize) {
+        let st = self.lock();
+        let sources = st.values().map(|s| s.sources.len()).sum();
+        let edges = st
+            .values()
+            .map(|s| s.fanout.subs.read().map_or(0, |v| v.len()))
+            .sum();
+        (st.len(), sources, edges)
     }
 }
 

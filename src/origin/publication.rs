@@ -7,10 +7,19 @@ use bytes::Bytes;
 use str0m::media::MediaKind;
 use tracing::debug;
 
-use super::{relay_kind, Fanout, Origin, SourceKey, SourceStats};
+use super::{relay_kind, Fanout, Origin, OriginMetrics, SourceKey, SourceStats};
 use crate::media::rtp::{write_packet, HeaderFields};
 use crate::relay::proto::{DatagramHeader, LEVEL_EXT_ID};
 use crate::rtc::host::{PeerEvent, PeerHandler, PeerId};
+
+/// Which source of which stream a publication feeds.
+pub struct Route {
+    pub stream: String,
+    pub source: SourceKey,
+    pub publication: u64,
+    /// The source's index on the relay.
+    pub index: u16,
+}
 
 pub struct PublicationHandler {
     origin: Weak<Origin>,
@@ -20,6 +29,7 @@ pub struct PublicationHandler {
     index: u16,
     fanout: Arc<Fanout>,
     stats: Arc<SourceStats>,
+    metrics: Arc<OriginMetrics>,
     rtp: Vec<u8>,
     last_seq: Option<u16>,
 }
@@ -27,21 +37,20 @@ pub struct PublicationHandler {
 impl PublicationHandler {
     pub fn new(
         origin: Weak<Origin>,
-        stream: String,
-        source: SourceKey,
-        publication: u64,
-        index: u16,
+        route: Route,
         fanout: Arc<Fanout>,
         stats: Arc<SourceStats>,
+        metrics: Arc<OriginMetrics>,
     ) -> Self {
         PublicationHandler {
             origin,
-            stream,
-            source,
-            publication,
-            index,
+            stream: route.stream,
+            source: route.source,
+            publication: route.publication,
+            index: route.index,
             fanout,
             stats,
+            metrics,
             rtp: Vec::with_capacity(1500),
             last_seq: None,
         }
@@ -55,7 +64,9 @@ impl PeerHandler for PublicationHandler {
                 debug!(%peer, stream = self.stream.as_str(), source = ?self.source, "publisher connected")
             }
             // Padding-only packets (bandwidth probes) carry no media: not counted, not relayed.
-            PeerEvent::Media(m) if m.payload.is_empty() => {}
+            PeerEvent::Media(m) if m.payload.is_empty() => {
+                self.metrics.padding_dropped.fetch_add(1, Ordering::Relaxed);
+            }
             PeerEvent::Media(m) => {
                 match m.kind {
                     MediaKind::Audio => {
@@ -66,6 +77,7 @@ impl PeerHandler for PublicationHandler {
                         }
                         self.last_seq = Some(m.seq);
                         self.stats.audio_packets.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.audio_packets.fetch_add(1, Ordering::Relaxed);
                         self.stats
                             .audio_bytes
                             .fetch_add(m.payload.len() as u64, Ordering::Relaxed);
@@ -76,8 +88,12 @@ impl PeerHandler for PublicationHandler {
                     }
                     MediaKind::Video => {
                         self.stats.video_packets.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.video_packets.fetch_add(1, Ordering::Relaxed);
                     }
                 }
+                self.metrics
+                    .bytes_in
+                    .fetch_add(m.payload.len() as u64, Ordering::Relaxed);
                 let subs = self.fanout.subs.read().unwrap_or_else(|p| p.into_inner());
                 if subs.is_empty() {
                     return;
@@ -109,8 +125,10 @@ impl PeerHandler for PublicationHandler {
                     }
                     .write(&mut d);
                     d.extend_from_slice(&self.rtp);
+                    self.metrics.relay_datagrams.fetch_add(1, Ordering::Relaxed);
                     if !sub.sink.datagram(Bytes::from(d)) {
                         self.stats.relay_drops.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.relay_drops.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }

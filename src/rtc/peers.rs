@@ -113,6 +113,8 @@ pub struct PeerSet<T> {
     by_ufrag: HashMap<String, PeerId>,
     by_addr: HashMap<SocketAddr, PeerId>,
     pub unroutable: u64,
+    /// Datagrams dropped over any peer's budget, since start.
+    pub flood_drops: u64,
     buf: Vec<u8>,
 }
 
@@ -126,6 +128,7 @@ impl<T> PeerSet<T> {
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
             unroutable: 0,
+            flood_drops: 0,
             buf: vec![0; 2048],
         })
     }
@@ -233,6 +236,7 @@ impl<T> PeerSet<T> {
         p.window_count += 1;
         if p.window_count > MAX_DATAGRAMS_PER_SEC {
             p.dropped_flood += 1;
+            self.flood_drops += 1;
             if p.dropped_flood.is_power_of_two() {
                 warn!(%id, dropped = p.dropped_flood, "peer floods: datagrams over budget dropped");
             }

@@ -24,7 +24,10 @@ stdout: one JSON object per line:
     {"event":"done", ...}
 stderr: human-readable errors. Exit status: 0 ok; 1 on any HTTP error (status
 and body are printed), ICE/DTLS failure or connect timeout, or when no RTP
-packet at all was received; 2 on bad usage; 3 when --check found violations.
+packet at all was received; 2 on bad usage; 3 when --check found violations
+(a track with packets but != 1 SSRC, duplicates, ts going backwards, decode
+errors or no decoded frame, or unroutable packets; ts_jumps are not a
+violation: chorus advances the ts by the wall-clock time of a pause).
 
 Per track in the report (mid "0" is the main track, "1".."N" the multiplexed
 ones; "role" says which):
@@ -41,6 +44,13 @@ ones; "role" says which):
     first_arrival/last_arrival (unix time), first_arrival_s/last_arrival_s
     (seconds since connected), max_arrival_gap_ms (+ max_arrival_gap_at_s),
     rtcp_sr, rtcp_bye, ended, answer_ssrcs (a=ssrc of that m-line).
+
+aiortc BUNDLE candidate note: aiortc 1.16 keeps, per shared ICE transport, only
+the candidates of the last bundled m-line of the answer. chorus (str0m) puts
+its candidate in the first (BUNDLE-tag) m-line only, which is valid (RFC 8843)
+but would leave aiortc without any remote candidate (ICE stays "checking"
+against an ICE-lite server). This tool adds the skipped candidates with
+addIceCandidate and says so in a {"event":"bundle-candidates-added"} line.
 
 aiortc routing note: aiortc 1.16 routes incoming RTP by SSRC (from the
 answer's a=ssrc lines) or, for an unknown SSRC, by payload type only if

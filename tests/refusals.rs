@@ -442,3 +442,169 @@ fn token_cli_creates_tokens_the_server_accepts() {
     assert_eq!(s, 401);
     assert!(msg(&v).contains("expired"));
 }
+
+/// A real recvonly offer (1 main + `tracks` multiplexed audio m-lines) made by str0m.
+fn view_offer(tracks: usize) -> String {
+    use str0m::media::{Direction, MediaKind};
+    let mut rtc = str0m::Rtc::builder().build(std::time::Instant::now());
+    let mut api = rtc.sdp_api();
+    for _ in 0..=tracks {
+        api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+    }
+    let (offer, _pending) = api.apply().expect("an offer");
+    offer.to_sdp_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn view_refusals_are_clear_and_the_session_goes_on() {
+    let p = Proc::start(
+        "serve",
+        &["serve", "--http", "127.0.0.1:0"],
+        &[("CHORUS_PUBLISH_TOKEN", "pt")],
+    );
+    let a = p.http();
+    let (_, v) = post_json(
+        a,
+        "/api/director/subscribe",
+        None,
+        r#"{"streamName":"panel"}"#,
+    );
+    let mut ws = connect(a, v["data"]["jwt"].as_str().unwrap())
+        .await
+        .unwrap();
+    let cmd = |id: u64, name: &str, data: Value| {
+        json!({"type":"cmd","transId":id,"name":name,"data":data}).to_string()
+    };
+
+    let r = call(
+        &mut ws,
+        &cmd(
+            1,
+            "project",
+            json!({"sourceId":"a","mapping":[{"media":"audio","mediaId":"1"}]}),
+        ),
+    )
+    .await;
+    assert!(msg(&r).contains("needs a view"), "{r}");
+    let r = call(
+        &mut ws,
+        &cmd(2, "view", json!({"streamId":"other","sdp":view_offer(2)})),
+    )
+    .await;
+    assert!(
+        msg(&r).contains("this token is for stream \"panel\""),
+        "{r}"
+    );
+    let r = call(&mut ws, &cmd(3, "view", json!({"sdp":"garbage"}))).await;
+    assert!(msg(&r).contains("malformed SDP"), "{r}");
+    let r = call(&mut ws, &cmd(4, "view", json!({"sdp": VIDEO_ONLY}))).await;
+    assert!(msg(&r).contains("no audio m-line to receive"), "{r}");
+    let r = call(
+        &mut ws,
+        &cmd(
+            5,
+            "view",
+            json!({"sdp":view_offer(2),"excludedSourceIds":"ana"}),
+        ),
+    )
+    .await;
+    assert!(
+        msg(&r).contains("excludedSourceIds must be an array"),
+        "{r}"
+    );
+    let r = call(&mut ws, &cmd(6, "view", json!({"sdp":view_offer(17)}))).await;
+    assert!(msg(&r).contains("at most 16"), "{r}");
+
+    // A good view: answered with an SDP whose m-lines send.
+    let r = call(
+        &mut ws,
+        &cmd(
+            7,
+            "view",
+            json!({"streamId":"panel","sdp":view_offer(2),"excludedSourceIds":["me"]}),
+        ),
+    )
+    .await;
+    assert_eq!(r["type"], "response", "{r}");
+    assert!(r["data"]["sdp"].as_str().unwrap().contains("a=sendonly"));
+    assert!(r["data"]["subscriberId"].is_string());
+    let r = call(&mut ws, &cmd(8, "view", json!({"sdp":view_offer(2)}))).await;
+    assert!(msg(&r).contains("already views"), "{r}");
+    let r = call(
+        &mut ws,
+        &cmd(
+            9,
+            "project",
+            json!({"sourceId":"a","mapping":[{"media":"audio","mediaId":"9"}]}),
+        ),
+    )
+    .await;
+    assert!(
+        msg(&r).contains("not one of this view's multiplexed tracks"),
+        "{r}"
+    );
+    let r = call(
+        &mut ws,
+        &cmd(
+            10,
+            "project",
+            json!({"sourceId":"a","mapping":[{"media":"video","mediaId":"1"}]}),
+        ),
+    )
+    .await;
+    assert!(msg(&r).contains("only audio"), "{r}");
+
+    // A publish JWT cannot view.
+    let (_, v) = post_json(
+        a,
+        "/api/director/publish",
+        Some("pt"),
+        r#"{"streamName":"panel"}"#,
+    );
+    let mut publisher = connect(a, v["data"]["jwt"].as_str().unwrap())
+        .await
+        .unwrap();
+    let r = call(
+        &mut publisher,
+        &cmd(1, "view", json!({"sdp":view_offer(1)})),
+    )
+    .await;
+    assert!(msg(&r).contains("may publish, not view"), "{r}");
+
+    // WHEP refusals.
+    let sdp_ct = [("Content-Type", "application/sdp")];
+    assert_eq!(
+        http(
+            a,
+            "POST",
+            "/whep/panel",
+            &[("Content-Type", "text/plain")],
+            b"x"
+        )
+        .0,
+        415
+    );
+    assert_eq!(http(a, "POST", "/whep/panel", &sdp_ct, b"garbage").0, 400);
+    let (s, _, b) = http(
+        a,
+        "POST",
+        "/whep/panel?tracks=5",
+        &sdp_ct,
+        view_offer(1).as_bytes(),
+    );
+    assert_eq!(s, 400);
+    assert!(String::from_utf8_lossy(&b).contains("tracks=5"));
+    let (s, head, _) = http(
+        a,
+        "POST",
+        "/whep/panel?tracks=1",
+        &sdp_ct,
+        view_offer(1).as_bytes(),
+    );
+    assert_eq!(s, 201);
+    assert!(head
+        .to_ascii_lowercase()
+        .contains("location: /whep/resource/"));
+    assert_eq!(http(a, "DELETE", "/whep/resource/nothing", &[], b"").0, 404);
+    assert_eq!(get_json(a, "/healthz").0, 200);
+}

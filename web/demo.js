@@ -211,9 +211,14 @@ function addRow(mid, role) {
 // source: a sourceId, '' for the main source, null for an empty track.
 function setRowSource(row, source) {
   row.source = source;
-  row.sourceCell.textContent = source === null ? '—' : (source || '(main source)');
-  row.sourceCell.classList.toggle('empty-source', source === null);
   renderSources();
+}
+
+function renderRow(row) {
+  // The main track carries the pinned (or main) source only while it is live.
+  const live = row.source !== null && (row.role !== 'main' || view.sources.has(row.source));
+  row.sourceCell.textContent = live ? (row.source || '(main source)') : '—';
+  row.sourceCell.classList.toggle('empty-source', !live);
 }
 
 // Every received track plays through its own <audio> element and gets a meter.
@@ -255,6 +260,7 @@ function onBroadcastEvent(event) {
 
 // The stream's sources, marking the ones currently in a track.
 function renderSources() {
+  view.rows.forEach(renderRow);
   const list = $('sources');
   list.replaceChildren();
   for (const id of [...view.sources.keys()].sort()) {

@@ -10,6 +10,7 @@ use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
+use smallvec::SmallVec;
 use str0m::change::SdpOffer;
 use str0m::ice::StunMessage;
 use str0m::net::{Protocol, Receive};
@@ -23,6 +24,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Datagrams one peer may send per second before the excess is dropped. A viewer sends a few
 /// RTCP reports and consent checks per second; a publisher 50-100 media packets per track.
 pub const MAX_DATAGRAMS_PER_SEC: u32 = 2000;
+/// Remote addresses remembered per peer (one per candidate pair the browser tries).
+const MAX_REMOTES: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerId(pub u64);
@@ -91,7 +94,9 @@ pub struct Peer<T> {
     ufrag: String,
     added: Instant,
     pub connected: bool,
-    remote: Option<SocketAddr>,
+    /// Every address this peer's STUN came from: a browser checks several candidate pairs
+    /// and may move media between them, so all stay routable, not just the latest.
+    remotes: SmallVec<[SocketAddr; 4]>,
     /// Input budget: datagrams taken in the current one-second window.
     window_start: Instant,
     window_count: u32,
@@ -144,7 +149,7 @@ impl<T> PeerSet<T> {
                 ufrag,
                 added: now,
                 connected: false,
-                remote: None,
+                remotes: SmallVec::new(),
                 window_start: now,
                 window_count: 0,
                 dropped_flood: 0,
@@ -174,8 +179,8 @@ impl<T> PeerSet<T> {
             return;
         };
         self.by_ufrag.remove(&p.ufrag);
-        if let Some(a) = p.remote {
-            self.by_addr.remove(&a);
+        for a in &p.remotes {
+            self.by_addr.remove(a);
         }
         p.rtc.disconnect();
         while let Ok(Output::Transmit(t)) = p.rtc.poll_output() {
@@ -242,10 +247,14 @@ impl<T> PeerSet<T> {
             }
             return;
         }
-        if p.remote != Some(from) {
-            if let Some(old) = p.remote.replace(from) {
+        if !p.remotes.contains(&from) {
+            // Only STUN can introduce an address (it carries the ufrag); bound the set so a
+            // peer cannot grow the routing table without end.
+            if p.remotes.len() >= MAX_REMOTES {
+                let old = p.remotes.remove(0);
                 self.by_addr.remove(&old);
             }
+            p.remotes.push(from);
             self.by_addr.insert(from, id);
         }
         let input = Input::Receive(

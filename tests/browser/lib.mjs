@@ -329,7 +329,7 @@ function roomPage() {
     emit({ event: 'error', role, message, fatal });
   }
 
-  // o: {streamName, token, sourceId (null = main source), streamKey, connectTimeoutMs, dtx}
+  // o: {streamName, token, sourceId (null = main source), streamKey, connectTimeoutMs, dtx, statsMs}
   R.publish = async (o) => {
     const rec = R.publishRec = { sourceId: o.sourceId, startAt: now(), pcStates: [], events: [], errors: [] };
     const tokenGenerator = () => millicast.Director.getPublisher({ token: o.token, streamName: o.streamName });
@@ -354,6 +354,38 @@ function roomPage() {
     }
     rec.publishedAt = now();
     rec.publisherId = p.signaling ? p.signaling.serverId : undefined;
+    // outbound-rtp, media-source and remote-inbound-rtp (the server's RTCP
+    // receiver reports) of the audio, every statsMs: tells a publisher that
+    // stopped sending from a server that stopped forwarding.
+    rec.stats = [];
+    if (o.statsMs > 0) {
+      const pc = p.getRTCPeerConnection();
+      let busy = false;
+      R.timers.push(setInterval(async () => {
+        if (busy || R.closing || pc.connectionState === 'closed') return;
+        busy = true;
+        try {
+          const row = { t: now() };
+          const report = await pc.getStats();
+          report.forEach((s) => {
+            // The ICE path in use: a change of path shows as a new "pair".
+            if (s.type === 'transport') {
+              row.pairChanges = s.selectedCandidatePairChanges;
+              const pair = report.get(s.selectedCandidatePairId);
+              const l = pair && report.get(pair.localCandidateId), r = pair && report.get(pair.remoteCandidateId);
+              if (l && r) row.pair = l.address + ':' + l.port + '/' + l.protocol + ' -> ' + r.address + ':' + r.port;
+            }
+          });
+          report.forEach((s) => {
+            if (s.kind !== 'audio') return;
+            if (s.type === 'outbound-rtp') Object.assign(row, { ssrc: s.ssrc, packetsSent: s.packetsSent, bytesSent: s.bytesSent, nackCount: s.nackCount, retransmittedPacketsSent: s.retransmittedPacketsSent, targetBitrate: s.targetBitrate });
+            if (s.type === 'media-source') Object.assign(row, { audioLevel: s.audioLevel, totalAudioEnergy: s.totalAudioEnergy, totalSamplesDuration: s.totalSamplesDuration });
+            if (s.type === 'remote-inbound-rtp') Object.assign(row, { remotePacketsLost: s.packetsLost, remoteJitter: s.jitter, roundTripTime: s.roundTripTime, fractionLost: s.fractionLost });
+          });
+          rec.stats.push(row);
+        } catch (e) { /* closing */ } finally { busy = false; }
+      }, o.statsMs));
+    }
     if (p.signaling) p.signaling.on('wsConnectionClose', () => {
       if (!R.closing) recordError(rec, 'publish', 'publish signalling WebSocket closed by the server');
     });

@@ -231,7 +231,7 @@ async function openPage(p) {
 async function publishOne(p) {
   try {
     p.pubInfo = await roomPublish(p.page, {
-      streamName, token, sourceId: p.publish.sourceId, streamKey: 'corpus', connectTimeoutMs, dtx,
+      streamName, token, sourceId: p.publish.sourceId, streamKey: 'corpus', connectTimeoutMs, dtx, statsMs,
     });
   } catch (e) { throw Object.assign(new Error(`publish failed: ${cleanMsg(e)}`), { participant: p.name }); }
   emit({ event: 'published', name: p.name, ...p.pubInfo });

@@ -19,6 +19,7 @@ and decode errors are counted per track.
 stdout: one JSON object per line:
     {"event":"offer", ...} {"event":"answer", ...} {"event":"connected", ...}
     {"event":"stats","elapsed":s,"packets":{mid:n},"frames":{mid:n}} (every --stats-interval s)
+    {"event":"rtcp-flood-start", ...} {"event":"rtcp-flood-stop", ...}   (with --rtcp-flood)
     {"event":"deleted","status":200}
     {"event":"report","tracks":{mid:{...}},"router":{...}}  (always, once connected)
     {"event":"done", ...}
@@ -44,6 +45,15 @@ ones; "role" says which):
     first_arrival/last_arrival (unix time), first_arrival_s/last_arrival_s
     (seconds since connected), max_arrival_gap_ms (+ max_arrival_gap_at_s),
     rtcp_sr, rtcp_bye, ended, answer_ssrcs (a=ssrc of that m-line).
+
+--rtcp-flood RATE (with --rtcp-flood-after S, default 2, and --rtcp-flood-kind rr|pli):
+S seconds after connecting, also send RTCP to the server at RATE packets/s (receiver
+reports with a block per receiving track's SSRC, or PLIs for the first track) through
+aiortc's own SRTCP path, in batches per event-loop tick, until the receive time is
+over; media is received and checked as usual meanwhile. Stats lines, "report" and
+"done" then carry rtcpFloodSent and rtcpFloodRate (achieved packets/s since the flood
+started); "report" also has "rtcpFlood" (target rate, seconds, batches, errors, ...).
+Meant to check that the server keeps serving other viewers while one floods.
 
 aiortc BUNDLE candidate note: aiortc 1.16 keeps, per shared ICE transport, only
 the candidates of the last bundled m-line of the answer. chorus (str0m) puts
@@ -513,6 +523,124 @@ class Recorder:
         }
 
 
+# --------------------------------------------------------------------------- RTCP flood
+
+class RtcpFlooder:
+    """--rtcp-flood: once connected (+ --rtcp-flood-after s), send RTCP to the server at
+    RATE packets/s through aiortc's own SRTCP path (RTCDtlsTransport._send_rtp, which
+    protect_rtcp()s and sends on the nominated ICE pair), in batches per event-loop tick.
+    "rr": receiver reports with one report block per track that has received packets
+    (its latest SSRC, highest extended seq); "pli": PLI for the first track's SSRC.
+    Media reception runs on the same loop, so a batch is bounded (20 ms worth of packets)
+    and a backlog of more than 250 ms is dropped instead of caught up."""
+
+    def __init__(self, rate: float, kind: str, delay: float, stats: list[TrackStats]):
+        self.rate = rate
+        self.kind = kind
+        self.delay = delay
+        self.stats = stats
+        self.sent = 0
+        self.errors = 0
+        self.first_error: str | None = None
+        self.batches = 0
+        self.max_batch = 0
+        self.skipped_backlog = 0  # packets never sent because the loop fell > 250 ms behind
+        self.t_start: float | None = None
+        self.t_end: float | None = None
+        self.stopped: str | None = None
+        self.rtcp_ssrc: int | None = None
+
+    def packet(self) -> bytes:
+        from aiortc.rtp import RTCP_PSFB_PLI, RtcpPsfbPacket, RtcpReceiverInfo, RtcpRrPacket
+
+        if self.kind == "pli":
+            first = self.stats[0]
+            media = (first.log[-1][2] if first.log else
+                     (first.answer_ssrcs[0] if first.answer_ssrcs else 0))
+            return bytes(RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=self.rtcp_ssrc, media_ssrc=media))
+        reports = []
+        for st in self.stats:
+            if not st.log or st.max_ext is None:
+                continue
+            reports.append(RtcpReceiverInfo(
+                ssrc=st.log[-1][2], fraction_lost=0, packets_lost=0,
+                highest_sequence=(st.max_ext - 0x10000) & 0xFFFFFFFF, jitter=0, lsr=0, dlsr=0))
+        return bytes(RtcpRrPacket(ssrc=self.rtcp_ssrc, reports=reports[:31]))
+
+    def achieved_rate(self, now: float | None = None) -> float | None:
+        if self.t_start is None:
+            return None
+        end = self.t_end if self.t_end is not None else (now if now is not None else time.monotonic())
+        return round(self.sent / max(1e-3, end - self.t_start), 1)
+
+    def summary(self, t_connected_mono: float) -> dict:
+        return {
+            "kind": self.kind, "target_rate": self.rate, "after_s": self.delay,
+            "sent": self.sent, "rate": self.achieved_rate(),
+            "started_at_s": round(self.t_start - t_connected_mono, 3) if self.t_start is not None else None,
+            "seconds": (round((self.t_end if self.t_end is not None else time.monotonic()) - self.t_start, 3)
+                        if self.t_start is not None else None),
+            "batches": self.batches, "max_batch": self.max_batch,
+            "skipped_backlog": self.skipped_backlog,
+            "errors": self.errors, "first_error": self.first_error,
+            "rtcp_ssrc": self.rtcp_ssrc, "stopped": self.stopped,
+        }
+
+    async def run(self, receiver) -> None:
+        transport = receiver.transport  # RTCDtlsTransport shared by the BUNDLE
+        self.rtcp_ssrc = getattr(receiver, "_RTCRtpReceiver__rtcp_ssrc", None)
+        if self.rtcp_ssrc is None:
+            self.rtcp_ssrc = 1
+        try:
+            await asyncio.sleep(self.delay)
+            self.t_start = time.monotonic()
+            emit("rtcp-flood-start", kind=self.kind, rate=self.rate, rtcp_ssrc=self.rtcp_ssrc)
+            max_batch = max(1, int(self.rate * 0.02))
+            max_backlog = max(max_batch, int(self.rate * 0.25))
+            base_t, base_n = self.t_start, 0  # schedule: packet base_n + k is due at base_t + k/rate
+            consecutive_errors = 0
+            while True:
+                now = time.monotonic()
+                due = base_n + int((now - base_t) * self.rate) - self.sent
+                if due > max_backlog:
+                    self.skipped_backlog += due - max_batch
+                    base_t, base_n = now, self.sent
+                    due = max_batch
+                if due <= 0:
+                    wait = (self.sent + 1 - base_n) / self.rate - (now - base_t)
+                    await asyncio.sleep(max(0.0, wait))
+                    continue
+                n = min(due, max_batch)
+                data = self.packet()
+                for _ in range(n):
+                    try:
+                        await transport._send_rtp(data)
+                    except Exception as e:  # ConnectionError once the transport closes
+                        self.errors += 1
+                        consecutive_errors += 1
+                        if self.first_error is None:
+                            self.first_error = f"{type(e).__name__}: {e}"
+                        break
+                    else:
+                        self.sent += 1
+                        consecutive_errors = 0
+                self.batches += 1
+                self.max_batch = max(self.max_batch, n)
+                if consecutive_errors >= 100:
+                    self.stopped = f"send errors: {self.first_error}"
+                    sys.stderr.write(f"{PROG}: RTCP flood stopped after {consecutive_errors} send errors "
+                                     f"({self.first_error})\n")
+                    return
+                await asyncio.sleep(0)  # let media (and everything else) run between batches
+        except asyncio.CancelledError:
+            if self.stopped is None:
+                self.stopped = "end"
+            raise
+        finally:
+            if self.t_start is not None and self.t_end is None:
+                self.t_end = time.monotonic()
+
+
 # --------------------------------------------------------------------------- main flow
 
 async def consume(track, st: TrackStats) -> None:
@@ -662,6 +790,29 @@ async def run(args: argparse.Namespace) -> int:
             raise
 
     consumers: list[asyncio.Task] = []
+    flooder = (RtcpFlooder(args.rtcp_flood, args.rtcp_flood_kind, args.rtcp_flood_after, stats)
+               if args.rtcp_flood > 0 else None)
+    flood_task: asyncio.Task | None = None
+
+    async def stop_flood() -> None:
+        nonlocal flood_task
+        if flood_task is None:
+            return
+        task, flood_task = flood_task, None
+        task.cancel()
+        try:
+            await task
+        except BaseException:
+            pass
+        if flooder is not None and flooder.t_start is not None:
+            emit("rtcp-flood-stop", rtcpFloodSent=flooder.sent, rtcpFloodRate=flooder.achieved_rate(),
+                 errors=flooder.errors, stopped=flooder.stopped)
+
+    def flood_fields() -> dict:
+        if flooder is None:
+            return {}
+        return {"rtcpFloodSent": flooder.sent, "rtcpFloodRate": flooder.achieved_rate()}
+
     t_conn_mono = time.monotonic()
     t_conn_wall = time.time()
     connected = False
@@ -672,8 +823,11 @@ async def run(args: argparse.Namespace) -> int:
     def final_report() -> tuple[dict, dict]:
         tracks = {mid: st.report(t_conn_mono, t_conn_wall) for mid, st in keyed().items()}
         router = rec.router_report()
+        extra = flood_fields()
+        if flooder is not None:
+            extra["rtcpFlood"] = flooder.summary(t_conn_mono)
         emit("report", url=url, seconds=round(time.monotonic() - t_conn_mono, 3),
-             tracks=tracks, router=router)
+             tracks=tracks, router=router, **extra)
         return tracks, router
 
     exit_code = 0
@@ -775,6 +929,8 @@ async def run(args: argparse.Namespace) -> int:
         t_conn_mono, t_conn_wall = time.monotonic(), time.time()
         connected = True
         emit("connected", ms=round(1000 * (t_conn_mono - t0)), url=url)
+        if flooder is not None:
+            flood_task = asyncio.ensure_future(flooder.run(transceivers[0].receiver))
 
         end = t_conn_mono + args.seconds
         next_stats = t_conn_mono + args.stats_interval
@@ -790,7 +946,7 @@ async def run(args: argparse.Namespace) -> int:
                 ks = keyed()
                 emit("stats", elapsed=round(now - t_conn_mono, 1),
                      packets={m: len(s.log) for m, s in ks.items()},
-                     frames={m: s.decoded_frames for m, s in ks.items()})
+                     frames={m: s.decoded_frames for m, s in ks.items()}, **flood_fields())
                 next_stats += args.stats_interval
             if now >= end:
                 break
@@ -800,6 +956,7 @@ async def run(args: argparse.Namespace) -> int:
                 pass
         if stop.is_set():
             emit("interrupted")
+        await stop_flood()
         # Let the last decoded frames reach the consumers.
         await asyncio.sleep(0.2)
 
@@ -824,9 +981,11 @@ async def run(args: argparse.Namespace) -> int:
                 sys.stderr.write(f"{PROG}: check: {v}\n")
             if violations and exit_code == 0:
                 exit_code = 3
-        emit("done", packets={m: r["packets"] for m, r in tracks.items()}, exit=exit_code)
+        emit("done", packets={m: r["packets"] for m, r in tracks.items()}, exit=exit_code, **flood_fields())
         return exit_code
     finally:
+        if flood_task is not None:
+            await stop_flood()
         if connected:
             # Out through die()/an exception after connecting: still show what we got.
             try:
@@ -879,6 +1038,14 @@ def main() -> int:
     lb.add_argument("--loopback-candidates", dest="loopback_candidates", action="store_true", default=None,
                     help="offer 127.0.0.1/::1 host candidates (default: only when the URL host is loopback)")
     lb.add_argument("--no-loopback-candidates", dest="loopback_candidates", action="store_false")
+    p.add_argument("--rtcp-flood", type=float, default=0.0, metavar="RATE",
+                   help="once connected, flood the server with RTCP at RATE packets/s through aiortc's "
+                        "SRTCP path while still receiving and checking media (default 0 = off)")
+    p.add_argument("--rtcp-flood-after", type=float, default=2.0, metavar="SECONDS",
+                   help="start the RTCP flood this many seconds after connecting (default 2)")
+    p.add_argument("--rtcp-flood-kind", choices=("rr", "pli"), default="rr",
+                   help="flood packet: rr = receiver report with one block per receiving track's SSRC, "
+                        "pli = PLI for the first track's SSRC (default rr)")
     p.add_argument("--offer-only", action="store_true",
                    help="build and check the offer, print it (stdout) and exit without any HTTP request")
     p.add_argument("--print-sdp", action="store_true", help="print offer and answer SDP to stderr")
@@ -891,6 +1058,8 @@ def main() -> int:
         p.error("--tracks must be between 0 and 64")
     if args.seconds <= 0 or args.stats_interval <= 0:
         p.error("--seconds and --stats-interval must be > 0")
+    if args.rtcp_flood < 0 or args.rtcp_flood_after < 0:
+        p.error("--rtcp-flood and --rtcp-flood-after must be >= 0")
     if args.verbose:
         import logging
         logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)

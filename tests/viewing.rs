@@ -1,0 +1,515 @@
+//! Viewing for real: the official SDK's View with multiplexed tracks in headless Chromium, aiortc
+//! over WHEP, two edge processes on one origin, and viewers that misbehave.
+//! Needs scripts/setup-test-deps.sh (scripts/test.sh runs it).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use chorus::replay::{corpus as corpus_files, truth};
+use common::{corpus, get_json, node_harness, python, repo, wait_for, Proc};
+use serde_json::{json, Value};
+
+const TOKEN: &str = "test-publish-token";
+
+fn serve() -> Proc {
+    Proc::start(
+        "serve",
+        &["serve", "--http", "127.0.0.1:0"],
+        &[("CHORUS_PUBLISH_TOKEN", TOKEN)],
+    )
+}
+
+fn whip(
+    http: std::net::SocketAddr,
+    stream: &str,
+    source: &str,
+    seconds: u32,
+) -> std::process::Child {
+    Command::new(python())
+        .arg(repo().join("tests/python/whip_publish.py"))
+        .arg("--url")
+        .arg(format!("http://{http}/whip/{stream}"))
+        .args([
+            "--source-id",
+            source,
+            "--token",
+            TOKEN,
+            "--seconds",
+            &seconds.to_string(),
+        ])
+        .arg("--file")
+        .arg(corpus().join(format!("{source}.opus")))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn whep_cmd(http: std::net::SocketAddr, stream: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(python());
+    c.arg(repo().join("tests/python/whep_view.py"))
+        .arg("--url")
+        .arg(format!("http://{http}/whep/{stream}"))
+        .args(args)
+        .stdout(std::process::Stdio::piped());
+    c
+}
+
+/// The final `report` line of a tool's stdout.
+fn report(out: &Output) -> Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["event"] == "report")
+        .unwrap_or_else(|| {
+            panic!(
+                "no report; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+/// Checks one WHEP report: every track that carried media is one continuous, decodable stream.
+fn assert_continuous(rep: &Value) -> u64 {
+    let mut total = 0;
+    for (mid, t) in rep["tracks"].as_object().unwrap() {
+        let n = t["packets"].as_u64().unwrap();
+        total += n;
+        if n == 0 {
+            continue;
+        }
+        assert_eq!(
+            t["ssrcs"].as_array().map(Vec::len),
+            Some(1),
+            "mid {mid}: {t}"
+        );
+        for field in [
+            "seq_gaps",
+            "seq_duplicates",
+            "ts_backwards",
+            "decode_errors",
+        ] {
+            assert_eq!(t[field], 0, "mid {mid}: {field} in {t}");
+        }
+        assert!(
+            t["decoded_frames"].as_u64().unwrap() + 10 >= n,
+            "mid {mid}: frames not decoded: {t}"
+        );
+    }
+    total
+}
+
+#[test]
+fn aiortc_over_whep_gets_continuous_decodable_rewritten_tracks() {
+    let p = serve();
+    let mut pubs = vec![
+        whip(p.http(), "w", "ana", 25),
+        whip(p.http(), "w", "bo", 25),
+    ];
+    // One track for two talkers in turn: the track switches source at least once.
+    let out = whep_cmd(
+        p.http(),
+        "w",
+        &["--tracks", "1", "--seconds", "16", "--check"],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rep = report(&out);
+    let total = assert_continuous(&rep);
+    // Ana talks 5.2-11 s, bo 10.6-15 s: about 8 s of speech through the one track.
+    assert!(total > 300, "{rep}");
+    for c in &mut pubs {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Levels-file turns of a corpus speaker, in wall-clock ms given when its playback started.
+fn turns_at(speaker: &str, start_ms: f64) -> Vec<(f64, f64)> {
+    let levels = corpus_files::read_levels(&corpus().join(format!("{speaker}.levels"))).unwrap();
+    truth::turns(&levels)
+        .into_iter()
+        .map(|t| {
+            (
+                start_ms + t.first_frame as f64 * 20.0,
+                start_ms + t.last_frame as f64 * 20.0 + 20.0,
+            )
+        })
+        .collect()
+}
+
+/// (from, to, source) intervals of one mid from `begin` to `end`, from a viewer's vad events.
+fn vad_intervals(
+    events: &[Value],
+    mid: &str,
+    begin: f64,
+    end: f64,
+) -> Vec<(f64, f64, Option<String>)> {
+    let mut out: Vec<(f64, f64, Option<String>)> = Vec::new();
+    let mut cur: (f64, Option<String>) = (begin, None);
+    for e in events
+        .iter()
+        .filter(|e| e["name"] == "vad" && e["data"]["mediaId"] == mid)
+    {
+        let t = e["t"].as_f64().unwrap();
+        out.push((cur.0, t, cur.1.take()));
+        cur = (t, e["data"]["sourceId"].as_str().map(str::to_owned));
+    }
+    out.push((cur.0, end, cur.1));
+    out
+}
+
+fn inside(turns: &[(f64, f64)], a: f64, b: f64) -> bool {
+    turns.iter().any(|&(s, e)| s <= a && b <= e)
+}
+
+fn overlaps(turns: &[(f64, f64)], a: f64, b: f64) -> bool {
+    turns.iter().any(|&(s, e)| s < b && a < e)
+}
+
+#[test]
+fn sdk_viewers_hear_who_talks_in_the_track_vad_names_and_never_themselves() {
+    let p = serve();
+    let speakers = ["host", "ana", "bo", "dee"];
+    let spec: Vec<Value> = speakers
+        .iter()
+        .map(|s| json!({"name": s, "publish": s, "view": {"tracks": 3, "pinned": "host", "exclude": [s]}}))
+        .collect();
+    let (dir, script) = node_harness("room.mjs");
+    let out = Command::new("node")
+        .current_dir(&dir)
+        .arg(script)
+        .args([
+            "--endpoint",
+            &format!("http://{}", p.http()),
+            "--stream",
+            "panel",
+            "--token",
+            TOKEN,
+        ])
+        .arg("--corpus")
+        .arg(corpus())
+        .args(["--seconds", "31", "--spec", &Value::from(spec).to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rep = report(&out);
+    let parts = &rep["participants"];
+    // Every page starts its corpus at one wall-clock instant; the corpus then loops every 30 s,
+    // so only the first 29.5 s are checked.
+    let start: BTreeMap<&str, f64> = speakers
+        .iter()
+        .map(|s| {
+            let p = &parts[s]["publish"]["corpus"];
+            let t = p["startedWall"].as_f64().or(rep["corpusStartAt"].as_f64());
+            (*s, t.expect("corpus start time"))
+        })
+        .collect();
+    let horizon = start.values().fold(f64::MAX, |a, b| a.min(*b)) + 29_500.0;
+    let turns: BTreeMap<&str, Vec<(f64, f64)>> = speakers
+        .iter()
+        .map(|s| (*s, turns_at(s, start[s])))
+        .collect();
+    for me in speakers {
+        let v = &parts[me]["view"];
+        let events = v["events"].as_array().unwrap();
+        let tracks = v["tracks"].as_object().unwrap();
+        let mut mids: Vec<&String> = tracks.keys().collect();
+        mids.sort_by_key(|m| m.parse::<u32>().unwrap_or(u32::MAX));
+        let (main, multiplexed) = mids.split_first().unwrap();
+        assert_eq!(multiplexed.len(), 3, "{me}: tracks {mids:?}");
+        let end = horizon;
+        // The pinned host and the viewer itself never get a multiplexed track.
+        for e in events
+            .iter()
+            .filter(|e| e["name"] == "vad" && e["t"].as_f64().unwrap() < horizon)
+        {
+            let s = e["data"]["sourceId"].as_str();
+            assert!(s != Some(me) && s != Some("host"), "{me} got vad {e}");
+            assert!(
+                multiplexed
+                    .iter()
+                    .any(|m| e["data"]["mediaId"] == m.as_str()),
+                "{me}: {e}"
+            );
+        }
+        // Every turn of every other panelist is announced within 0.5 s of its start.
+        for other in speakers.iter().filter(|s| **s != me && **s != "host") {
+            for &(s, _) in &turns[other] {
+                let announced = events.iter().any(|e| {
+                    let t = e["t"].as_f64().unwrap();
+                    e["name"] == "vad"
+                        && e["data"]["sourceId"] == *other
+                        && t >= s - 300.0
+                        && t <= s + 500.0
+                });
+                assert!(announced, "{me}: turn of {other} at {s} not announced");
+            }
+        }
+        // Energy follows vad: a track is loud while the source it carries talks, and silent
+        // while it carries nobody (after the jitter buffer drains).
+        for mid in multiplexed {
+            let energy: Vec<(f64, f64)> = tracks[mid.as_str()]["energy"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| (x[0].as_f64().unwrap(), x[1].as_f64().unwrap()))
+                .collect();
+            let window_max = |a: f64, b: f64| {
+                energy
+                    .iter()
+                    .filter(|(t, _)| *t >= a && *t < b)
+                    .map(|x| x.1)
+                    .fold(0.0, f64::max)
+            };
+            let begin = energy.first().map_or(end, |e| e.0);
+            for (from, to, src) in vad_intervals(events, mid, begin, end) {
+                let mut w = from + 400.0;
+                while w + 500.0 <= to {
+                    let m = window_max(w, w + 500.0);
+                    match &src {
+                        Some(s) if inside(&turns[s.as_str()], w - 200.0, w + 700.0) => {
+                            assert!(
+                                m > 0.02,
+                                "{me} mid {mid}: silent at {w} while {s} talks in it"
+                            );
+                        }
+                        None => assert!(
+                            m < 0.005,
+                            "{me} mid {mid}: sound at {w} while the track is empty ({m})"
+                        ),
+                        _ => {}
+                    }
+                    w += 500.0;
+                }
+            }
+        }
+        // The main track carries the pinned host: loud in the host's turns, silent between.
+        let energy = tracks[main.as_str()]["energy"].as_array().unwrap();
+        let loud_in_turns = energy.iter().any(|x| {
+            let t = x[0].as_f64().unwrap();
+            inside(&turns["host"], t - 100.0, t + 100.0) && x[1].as_f64().unwrap() > 0.05
+        });
+        assert!(loud_in_turns, "{me}: host not heard on the main track");
+        for x in energy {
+            let t = x[0].as_f64().unwrap();
+            let quiet = !overlaps(&turns["host"], t - 1500.0, t + 500.0);
+            if quiet && t > start["host"] + 2000.0 && t < horizon {
+                assert!(
+                    x[1].as_f64().unwrap() < 0.005,
+                    "{me}: main track loud at {t} outside the host's turns"
+                );
+            }
+        }
+        // Chrome's own receive stats: nothing lost, little concealment (past the first seconds).
+        for (mid, series) in v["stats"].as_object().unwrap() {
+            let s = series.as_array().unwrap();
+            let last = s.last().unwrap();
+            assert_eq!(last["packetsLost"], 0, "{me} mid {mid}: {last}");
+            let Some(base) = s.get(3) else { continue };
+            let conceal = |x: &Value| {
+                x["concealedSamples"].as_f64().unwrap_or(0.0)
+                    - x["silentConcealedSamples"].as_f64().unwrap_or(0.0)
+            };
+            let total = last["totalSamplesReceived"].as_f64().unwrap()
+                - base["totalSamplesReceived"].as_f64().unwrap();
+            let ratio = (conceal(last) - conceal(base)) / total.max(1.0);
+            assert!(
+                ratio < 0.05,
+                "{me} mid {mid}: {:.1} % of samples concealed",
+                ratio * 100.0
+            );
+        }
+    }
+}
+
+#[test]
+fn two_edges_on_one_origin_serve_their_own_viewers() {
+    let origin = Proc::start(
+        "origin",
+        &[
+            "origin",
+            "--http",
+            "127.0.0.1:0",
+            "--cluster",
+            "127.0.0.1:0",
+        ],
+        &[
+            ("CHORUS_PUBLISH_TOKEN", TOKEN),
+            ("CHORUS_CLUSTER_TOKEN", "cluster-secret"),
+        ],
+    );
+    let fp = origin.info["fingerprint"].as_str().unwrap().to_owned();
+    let edge = |_: u8| {
+        Proc::start(
+            "edge",
+            &[
+                "edge",
+                "--http",
+                "127.0.0.1:0",
+                "--origin",
+                &origin.cluster(),
+                "--origin-fingerprint",
+                &fp,
+            ],
+            &[("CHORUS_CLUSTER_TOKEN", "cluster-secret")],
+        )
+    };
+    let (e1, e2) = (edge(1), edge(2));
+    // Publishing is the origin's job, viewing the edges'.
+    let (s, v) = common::post_json(
+        e1.http(),
+        "/api/director/publish",
+        Some(TOKEN),
+        r#"{"streamName":"x"}"#,
+    );
+    assert_eq!(s, 404, "{v}");
+    let (s, v) = common::post_json(
+        origin.http(),
+        "/api/director/subscribe",
+        None,
+        r#"{"streamName":"x"}"#,
+    );
+    assert_eq!(s, 503, "{v}");
+    let mut pubs = vec![
+        whip(origin.http(), "two", "ana", 25),
+        whip(origin.http(), "two", "bo", 25),
+    ];
+    let v1 = whep_cmd(
+        e1.http(),
+        "two",
+        &["--tracks", "2", "--seconds", "15", "--check"],
+    )
+    .spawn()
+    .unwrap();
+    let o2 = whep_cmd(
+        e2.http(),
+        "two",
+        &["--tracks", "2", "--seconds", "15", "--check"],
+    )
+    .output()
+    .unwrap();
+    let o1 = v1.wait_with_output().unwrap();
+    for (name, out) in [("edge 1", &o1), ("edge 2", &o2)] {
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(assert_continuous(&report(&o2)) > 300);
+    // Each edge subscribed once at the origin; both let go once their viewer left.
+    let metric = |p: &Proc, name: &str| -> f64 {
+        let (_, _, body) = common::http(p.http(), "GET", "/metrics", &[], b"");
+        String::from_utf8_lossy(&body)
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(metric(&e1, "chorus_edge_viewers_total"), 1.0);
+    assert_eq!(metric(&e2, "chorus_edge_viewers_total"), 1.0);
+    assert!(metric(&e2, "chorus_edge_relay_packets_total") > 300.0);
+    wait_for("edges unsubscribed", Duration::from_secs(10), || {
+        (metric(&origin, "chorus_origin_edge_subscriptions") == 0.0).then_some(())
+    });
+    for c in &mut pubs {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+#[test]
+fn a_viewer_of_a_stream_not_yet_published_gets_it_when_it_starts() {
+    let p = serve();
+    let viewer = whep_cmd(
+        p.http(),
+        "later",
+        &["--tracks", "1", "--seconds", "14", "--check"],
+    )
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let mut publisher = whip(p.http(), "later", "ana", 20);
+    let out = viewer.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(assert_continuous(&report(&out)) > 100);
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+}
+
+#[test]
+fn vanishing_and_flooding_viewers_do_not_disturb_the_others() {
+    let p = serve();
+    let mut pubs = vec![
+        whip(p.http(), "rude", "ana", 30),
+        whip(p.http(), "rude", "bo", 30),
+    ];
+    let good = whep_cmd(
+        p.http(),
+        "rude",
+        &["--tracks", "2", "--seconds", "16", "--check"],
+    )
+    .spawn()
+    .unwrap();
+    let mut vanishing = whep_cmd(p.http(), "rude", &["--tracks", "2", "--seconds", "30"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let flood = whep_cmd(
+        p.http(),
+        "rude",
+        &["--tracks", "2", "--seconds", "12", "--rtcp-flood", "5000"],
+    )
+    .stdout(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    vanishing.kill().unwrap();
+    let _ = vanishing.wait();
+    let out = good.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(assert_continuous(&report(&out)) > 300);
+    let _ = flood.wait_with_output();
+    let (_, _, body) = common::http(p.http(), "GET", "/metrics", &[], b"");
+    let metrics = String::from_utf8_lossy(&body).into_owned();
+    let flooded = metrics
+        .lines()
+        .find(|l| l.starts_with("chorus_edge_dropped_total{reason=\"viewer_flood\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap();
+    assert!(flooded > 0, "{metrics}");
+    // The vanished viewer is dropped by ICE timeout: eventually no viewer is left.
+    wait_for("all viewers gone", Duration::from_secs(30), || {
+        let (_, _, body) = common::http(p.http(), "GET", "/metrics", &[], b"");
+        String::from_utf8_lossy(&body)
+            .lines()
+            .any(|l| l == "chorus_edge_viewers 0")
+            .then_some(())
+    });
+    for c in &mut pubs {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let _ = get_json(p.http(), "/healthz");
+}

@@ -513,3 +513,100 @@ fn vanishing_and_flooding_viewers_do_not_disturb_the_others() {
     }
     let _ = get_json(p.http(), "/healthz");
 }
+
+#[test]
+fn projected_source_keeps_its_track_and_unproject_keeps_a_talker_flowing() {
+    use std::io::{BufRead, BufReader, Write};
+    let p = serve();
+    let spec = json!([
+        {"name": "host", "publish": "host"},
+        {"name": "ana", "publish": "ana"},
+        {"name": "bo", "publish": "bo"},
+        {"name": "listener", "view": {"tracks": 2}},
+    ]);
+    let (dir, script) = node_harness("room.mjs");
+    let mut child = Command::new("node")
+        .current_dir(&dir)
+        .arg(script)
+        .args([
+            "--endpoint",
+            &format!("http://{}", p.http()),
+            "--stream",
+            "pj",
+            "--token",
+            TOKEN,
+        ])
+        .arg("--corpus")
+        .arg(corpus())
+        .args(["--seconds", "20", "--spec", &spec.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Once the corpus plays: bo (silent until 10.6 s) is projected into mid 2 at ~5 s, and
+    // unprojected at ~12 s while still talking.
+    for line in lines.by_ref() {
+        if line.unwrap().contains("\"corpus-start\"") {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    writeln!(stdin, "project listener bo 2").unwrap();
+    std::thread::sleep(Duration::from_secs(7));
+    writeln!(stdin, "unproject listener 2").unwrap();
+    // Read to the end: closing the pipe early would break the harness's last writes.
+    let rep: Value = lines
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+        .filter(|v| v["event"] == "report")
+        .last()
+        .expect("a report");
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+    let v = &rep["participants"]["listener"]["view"];
+    let c0 = rep["corpusStartAt"].as_f64().unwrap();
+    let vad: Vec<(f64, &str, Option<&str>)> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"] == "vad")
+        .map(|e| {
+            (
+                (e["t"].as_f64().unwrap() - c0) / 1000.0,
+                e["data"]["mediaId"].as_str().unwrap(),
+                e["data"]["sourceId"].as_str(),
+            )
+        })
+        .collect();
+    // Projected at once although bo is silent; bo is never announced anywhere else.
+    let proj = vad
+        .iter()
+        .find(|(_, m, s)| *m == "2" && *s == Some("bo"))
+        .expect("bo projected");
+    assert!((4.0..7.0).contains(&proj.0), "{vad:?}");
+    assert!(
+        vad.iter().all(|(_, m, s)| *s != Some("bo") || *m == "2"),
+        "{vad:?}"
+    );
+    // Unprojected while talking: no track change until bo stops (after 13.8 s + hangover).
+    let next = vad
+        .iter()
+        .find(|(t, m, _)| *m == "2" && *t > proj.0)
+        .expect("mid 2 changes later");
+    assert!(next.0 > 14.0 && next.2.is_none(), "{vad:?}");
+    // And bo is heard in mid 2 all through its turn, before and after the unproject.
+    let energy = v["tracks"]["2"]["energy"].as_array().unwrap();
+    for sec in [11.0, 12.5, 13.2] {
+        let m = energy
+            .iter()
+            .filter(|x| {
+                let t = (x[0].as_f64().unwrap() - c0) / 1000.0;
+                t >= sec && t < sec + 0.5
+            })
+            .map(|x| x[1].as_f64().unwrap())
+            .fold(0.0, f64::max);
+        assert!(m > 0.02, "mid 2 silent at {sec} s while bo talks");
+    }
+}

@@ -323,9 +323,13 @@ impl Worker {
         let main_source = st.core.intern(v.pinned.as_deref().unwrap_or(""));
         let excluded: Vec<SourceIdx> = v.excluded.iter().map(|e| st.core.intern(e)).collect();
         let n = v.tracks.len() as u8;
+        // Exclusion wins over pinning: a viewer that excludes its main source hears nothing there.
+        let main_excluded = excluded.contains(&main_source);
         let group = st.core.join(GroupKey::new(n, Some(main_source), excluded));
         st.groups.entry(group).or_default().push(v.id);
-        st.main_viewers.entry(main_source).or_default().push(v.id);
+        if !main_excluded {
+            st.main_viewers.entry(main_source).or_default().push(v.id);
+        }
         let mids: Vec<String> = v.tracks.iter().map(|m| m.to_string()).collect();
         st.viewers.insert(
             v.id,
@@ -376,6 +380,7 @@ impl Worker {
     }
 
     fn project(&mut self, id: PeerId, fixed: Vec<(u8, String)>) {
+        let now_us = self.now_us();
         let Some(p) = self.peers.get_mut(id) else {
             return;
         };
@@ -388,7 +393,8 @@ impl Worker {
             fixed.iter().map(|(t, s)| (*t, st.core.intern(s))).collect();
         let key = GroupKey::new(v.tracks_n, Some(v.main_source), excluded).with_fixed(fixed_idx);
         let old = v.group;
-        let new = st.core.join(key);
+        let before: Vec<Option<SourceIdx>> = st.core.selector().tracks(old).collect();
+        let new = st.core.join_from(now_us, key, &before);
         if new != old {
             if let Some(g) = st.groups.get_mut(&old) {
                 g.retain(|x| *x != id);
@@ -403,9 +409,12 @@ impl Worker {
             st.core.leave(new);
         }
         v.fixed = fixed;
-        // The viewer's tracks now follow another group: tell it what each carries.
+        // The viewer's tracks now follow another group: tell it what changed.
         let current: Vec<Option<SourceIdx>> = st.core.selector().tracks(new).collect();
         for (t, s) in current.into_iter().enumerate() {
+            if before.get(t) == Some(&s) {
+                continue;
+            }
             let source = s.map_or(Value::Null, |s| st.source_id(s));
             v.send(json!({"type": "event", "name": "vad", "data": {
                 "mediaId": v.tracks[t].mid.to_string(), "sourceId": source}}));

@@ -150,6 +150,9 @@ pub struct VoiceActivity {
     cold_max: u8,
     /// Last time the sender was seen in DTX: then its encoder's own VAD decides what is sent.
     last_dtx_us: Option<u64>,
+    /// The last three levels, newest last, and how many were seen (saturating).
+    recent: [u8; 3],
+    recent_n: u8,
 }
 
 impl VoiceActivity {
@@ -169,6 +172,8 @@ impl VoiceActivity {
             cold_min: u8::MAX,
             cold_max: 0,
             last_dtx_us: None,
+            recent: [0; 3],
+            recent_n: 0,
         }
     }
 
@@ -238,6 +243,8 @@ impl VoiceActivity {
         match m {
             Measurement::Silence { room_loudness } => {
                 self.last_dtx_us = Some(now_us);
+                // The encoder itself called this silence: its level is the room, as it is.
+                self.recent_n = 0;
                 if let Some(l) = room_loudness {
                     self.level_floor.observe(now_us, l);
                 }
@@ -245,7 +252,7 @@ impl VoiceActivity {
                 0.0
             }
             Measurement::Level { loudness, voice } => {
-                self.level_floor.observe(now_us, loudness);
+                self.observe_floor(now_us, loudness);
                 let mut floor = self.level_floor.floor().unwrap_or(loudness);
                 if cold {
                     self.cold_min = self.cold_min.min(loudness);
@@ -289,6 +296,19 @@ impl VoiceActivity {
                     strength
                 }
             }
+        }
+    }
+
+    /// The floor sees the loudest of the last three levels, not each one: a dip of one or two
+    /// frames (a fade-in after digital silence, a click of a mute) is no floor, while a real
+    /// pause between words, 60 ms and more, is.
+    fn observe_floor(&mut self, now_us: u64, loudness: u8) {
+        self.recent.rotate_left(1);
+        self.recent[2] = loudness;
+        self.recent_n = self.recent_n.saturating_add(1);
+        if self.recent_n >= 3 {
+            let m = self.recent.iter().copied().max().unwrap_or(loudness);
+            self.level_floor.observe(now_us, m);
         }
     }
 
@@ -434,5 +454,29 @@ mod tests {
         assert_eq!(a.voice(&cfg, 1_460_000), Voice::Hangover);
         assert_eq!(feed(&mut a, &cfg, 1_460_000, &[20]), vec![1_460_000]);
         assert_eq!(a.voice(&cfg, 1_470_000), Voice::Talking);
+    }
+
+    #[test]
+    fn a_fade_in_after_digital_silence_is_not_a_floor() {
+        let cfg = VadConfig::default();
+        let mut a = VoiceActivity::new(&cfg);
+        for i in 0..100 {
+            a.observe(
+                &cfg,
+                i * 20_000,
+                Measurement::Silence {
+                    room_loudness: None,
+                },
+            );
+        }
+        // The corpus starts: a four-frame ramp up to the room's -70 dBov, then the room.
+        let mut levels = vec![110u8, 95, 80];
+        levels.extend([70u8; 250]);
+        assert!(
+            feed(&mut a, &cfg, 2_000_000, &levels).is_empty(),
+            "room noise read as speech"
+        );
+        // Speech over that room is still speech.
+        assert_eq!(feed(&mut a, &cfg, 7_100_000, &[25, 20, 22]).len(), 1);
     }
 }

@@ -231,6 +231,43 @@ impl Selector {
         true
     }
 
+    /// How many viewers share this group.
+    pub fn refs(&self, id: GroupId) -> u32 {
+        self.group(id).map_or(0, |g| g.refs)
+    }
+
+    /// Starts a just-created group from another's assignment (a viewer moving groups keeps
+    /// hearing who it heard): each voice-activated track takes `tracks[t]` if it is admitted,
+    /// audible per `standing`, and not placed yet. No events: nothing changed for the viewer.
+    pub fn seed(
+        &mut self,
+        id: GroupId,
+        now_us: u64,
+        tracks: &[Option<SourceIdx>],
+        standing: impl Fn(SourceIdx) -> Standing,
+    ) {
+        let Some(g) = self.groups.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        for (t, s) in tracks.iter().enumerate().take(g.slots.len()) {
+            let Some(s) = *s else { continue };
+            let free = g.slots[t].source.is_none() && g.key.fixed_source(t as u8).is_none();
+            let taken = g.slots.iter().any(|x| x.source == Some(s));
+            if !free || taken || !g.key.admits(s) || standing(s).voice == Voice::Silent {
+                continue;
+            }
+            g.slots[t] = Slot {
+                source: Some(s),
+                since_us: now_us,
+            };
+            let idx = s.0 as usize;
+            if self.placements.len() <= idx {
+                self.placements.resize_with(idx + 1, SmallVec::new);
+            }
+            self.placements[idx].push((id, t as u8));
+        }
+    }
+
     pub fn group_key(&self, id: GroupId) -> Option<&GroupKey> {
         self.group(id).map(|g| &g.key)
     }

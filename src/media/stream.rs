@@ -186,6 +186,18 @@ impl StreamCore {
         gid
     }
 
+    /// Joins `key` for a viewer leaving a group whose tracks carried `from`: a group created
+    /// now starts with those sources in the same tracks where they still fit.
+    pub fn join_from(&mut self, now_us: u64, key: GroupKey, from: &[Option<SourceIdx>]) -> GroupId {
+        let gid = self.join(key);
+        if self.selector.refs(gid) == 1 {
+            let (sources, vad) = (&self.sources, &self.cfg.vad);
+            self.selector
+                .seed(gid, now_us, from, |x| standing_of(sources, vad, x, now_us));
+        }
+        gid
+    }
+
     pub fn leave(&mut self, gid: GroupId) {
         if self.selector.leave(gid) {
             self.rewriters[gid.0 as usize].clear();

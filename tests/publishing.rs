@@ -132,6 +132,7 @@ fn whip(p: &Proc, stream: &str, source: &str, file: &str, seconds: u32) -> Tool 
 
 #[test]
 fn sdk_publishes_three_sources_into_one_stream_and_replaces_one() {
+    let _serial = common::serial();
     let p = serve();
     let (dir, script) = node_harness("publish.mjs");
     let mut cmd = Command::new("node");
@@ -208,6 +209,7 @@ fn sdk_publishes_three_sources_into_one_stream_and_replaces_one() {
 
 #[test]
 fn aiortc_publishes_over_whip_with_levels() {
+    let _serial = common::serial();
     let p = serve();
     let mut tool = whip(&p, "whipped", "ana", "ana.opus", 6);
     tool.expect("connected", None, Duration::from_secs(30));
@@ -252,6 +254,7 @@ fn probe(
 
 #[test]
 fn quic_link_carries_sources_and_levels_to_a_second_process() {
+    let _serial = common::serial();
     let origin = Proc::start(
         "origin",
         &[
@@ -352,6 +355,7 @@ fn quic_link_carries_sources_and_levels_to_a_second_process() {
 
 #[test]
 fn a_publisher_that_vanishes_is_removed_after_ice_timeout() {
+    let _serial = common::serial();
     let p = serve();
     let mut tool = whip(&p, "vanish", "ana", "ana.opus", 60);
     tool.expect("connected", None, Duration::from_secs(30));
@@ -374,6 +378,7 @@ fn a_publisher_that_vanishes_is_removed_after_ice_timeout() {
 
 #[test]
 fn keyframe_requests_travel_back_to_the_publisher_and_video_is_relayed() {
+    let _serial = common::serial();
     let p = serve();
     let (dir, script) = node_harness("publish.mjs");
     let mut cmd = Command::new("node");

@@ -103,6 +103,7 @@ fn assert_continuous(rep: &Value) -> u64 {
 
 #[test]
 fn aiortc_over_whep_gets_continuous_decodable_rewritten_tracks() {
+    let _serial = common::serial();
     let p = serve();
     let mut pubs = vec![
         whip(p.http(), "w", "ana", 25),
@@ -176,6 +177,7 @@ fn overlaps(turns: &[(f64, f64)], a: f64, b: f64) -> bool {
 
 #[test]
 fn sdk_viewers_hear_who_talks_in_the_track_vad_names_and_never_themselves() {
+    let _serial = common::serial();
     let p = serve();
     let speakers = ["host", "ana", "bo", "dee"];
     let spec: Vec<Value> = speakers
@@ -337,6 +339,7 @@ fn sdk_viewers_hear_who_talks_in_the_track_vad_names_and_never_themselves() {
 
 #[test]
 fn two_edges_on_one_origin_serve_their_own_viewers() {
+    let _serial = common::serial();
     let origin = Proc::start(
         "origin",
         &[
@@ -434,6 +437,7 @@ fn two_edges_on_one_origin_serve_their_own_viewers() {
 
 #[test]
 fn a_viewer_of_a_stream_not_yet_published_gets_it_when_it_starts() {
+    let _serial = common::serial();
     let p = serve();
     let viewer = whep_cmd(
         p.http(),
@@ -457,6 +461,7 @@ fn a_viewer_of_a_stream_not_yet_published_gets_it_when_it_starts() {
 
 #[test]
 fn vanishing_and_flooding_viewers_do_not_disturb_the_others() {
+    let _serial = common::serial();
     let p = serve();
     let mut pubs = vec![
         whip(p.http(), "rude", "ana", 30),
@@ -517,6 +522,7 @@ fn vanishing_and_flooding_viewers_do_not_disturb_the_others() {
 
 #[test]
 fn projected_source_keeps_its_track_and_unproject_keeps_a_talker_flowing() {
+    let _serial = common::serial();
     use std::io::{BufRead, BufReader, Write};
     let p = serve();
     let spec = json!([

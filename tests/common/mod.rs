@@ -166,3 +166,10 @@ pub fn node_harness(script: &str) -> (PathBuf, PathBuf) {
     );
     (dir.clone(), dir.join(script))
 }
+
+/// Process-level tests of one binary hold this while they run: Chromium, aiortc and chorus on
+/// two cores make timing checks meaningless when two such tests overlap.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}

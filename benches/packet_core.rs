@@ -97,7 +97,8 @@ fn turn_taking_level(i: usize, salt: u64) -> (u8, bool) {
 /// 16 packets, so the noise floor stays at the room and the source never stops talking.
 fn continuous_level(i: usize, salt: u64, loudness_offset: u8) -> (u8, bool) {
     let r = splitmix64(i as u64 ^ salt);
-    if i % 16 >= 14 {
+    // A 60 ms pause every 320 ms: the shortest gap the noise floor counts as room.
+    if i % 16 >= 13 {
         room_level(r)
     } else {
         (18 + loudness_offset + (r % 14) as u8, true)

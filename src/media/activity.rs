@@ -3,7 +3,9 @@
 //! Two measurements, in order of trust:
 //! 1. The RFC 6464 audio level, when the sender puts it in the packet. Loudness is compared with
 //!    the source's own noise floor ([`NoiseFloor`]), so a loud but steady noise (a fan behind the
-//!    microphone) never reads as speech however loud it is. The V flag only lowers the threshold a
+//!    microphone) never reads as speech however loud it is. The floor is the quietest moment of
+//!    the last 4 s that lasted at least 60 ms (three frames): a talker's pauses between words
+//!    set it, a one- or two-frame dip (a fade-in, a mute click) does not. The V flag only lowers the threshold a
 //!    little: many senders always send 0, some always 1.
 //! 2. Without the extension, the Opus payload size. A VBR encoder spends more bytes on speech than
 //!    on background noise, so the size above the source's size floor is a usable loudness proxy.

@@ -158,8 +158,8 @@ impl TrackRewriter {
         let (out_seq, out_ts) = if self.started {
             let elapsed_us = now_us.saturating_sub(self.out_at_us);
             // Capped at half the RTP clock's range: beyond that "later" is ambiguous anyway.
-            let elapsed = (elapsed_us.min(u32::MAX as u64) * self.clock_rate as u64 / 1_000_000)
-                .min(u32::MAX as u64 / 2) as u32;
+            let elapsed = (elapsed_us as u128 * self.clock_rate as u128 / 1_000_000)
+                .min(u32::MAX as u128 / 2) as u32;
             (
                 self.out_seq.wrapping_add(1),
                 self.out_ts.wrapping_add(elapsed.max(self.out_samples)),

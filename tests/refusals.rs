@@ -156,10 +156,16 @@ async fn connect(addr: std::net::SocketAddr, jwt: &str) -> Result<Ws, u16> {
     }
 }
 
-/// Sends one text message and returns the next JSON message.
+/// Sends one text message and returns the next answer (`response` or `error`), skipping the
+/// server events that may arrive in between.
 async fn call(ws: &mut Ws, text: &str) -> Value {
     ws.send(Message::Text(text.into())).await.unwrap();
-    next_json(ws).await
+    loop {
+        let v = next_json(ws).await;
+        if v["type"] != "event" {
+            return v;
+        }
+    }
 }
 
 async fn next_json(ws: &mut Ws) -> Value {

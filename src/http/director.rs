@@ -11,28 +11,20 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{bearer, fail, App};
+use super::{bearer, fail, App, Refusal};
 use crate::auth::jwt::Scope;
 
 pub const ACCOUNT_ID: &str = "chorus";
 /// Stream names are path segments and log fields: keep them plain.
 pub const MAX_STREAM_NAME: usize = 128;
 
+/// The body of both director calls (`streamAccountId` and other fields are not used).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct PublishReq {
+struct DirectorReq {
     stream_name: Option<String>,
     #[serde(default)]
     stream_type: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SubscribeReq {
-    stream_name: Option<String>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    stream_account_id: Option<String>,
 }
 
 pub fn check_stream_name(name: &str) -> Result<(), String> {
@@ -74,13 +66,16 @@ fn success(app: &App, headers: &HeaderMap, jwt: String) -> Response {
     .into_response()
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Box<Response>> {
-    serde_json::from_slice(body).map_err(|e| {
-        Box::new(fail(
-            StatusCode::BAD_REQUEST,
-            format!("malformed JSON body: {e}"),
-        ))
-    })
+/// The request and its checked stream name, or the refusal to send.
+fn parse_request(body: &[u8]) -> Result<(DirectorReq, String), Refusal> {
+    let req: DirectorReq = serde_json::from_slice(body)
+        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}")))?;
+    let stream = req
+        .stream_name
+        .clone()
+        .ok_or_else(|| Refusal(StatusCode::BAD_REQUEST, "missing streamName".into()))?;
+    check_stream_name(&stream).map_err(|m| Refusal(StatusCode::BAD_REQUEST, m))?;
+    Ok((req, stream))
 }
 
 pub async fn publish(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -90,16 +85,10 @@ pub async fn publish(State(app): State<Arc<App>>, headers: HeaderMap, body: Byte
             "this is an edge: publish at the origin",
         );
     }
-    let req: PublishReq = match parse(&body) {
+    let (req, stream) = match parse_request(&body) {
         Ok(r) => r,
-        Err(resp) => return *resp,
+        Err(refusal) => return refusal.into_response(),
     };
-    let Some(stream) = req.stream_name else {
-        return fail(StatusCode::BAD_REQUEST, "missing streamName");
-    };
-    if let Err(m) = check_stream_name(&stream) {
-        return fail(StatusCode::BAD_REQUEST, m);
-    }
     if let Some(t) = req.stream_type.as_deref() {
         if !t.eq_ignore_ascii_case("webrtc") {
             return fail(
@@ -121,16 +110,10 @@ pub async fn subscribe(State(app): State<Arc<App>>, headers: HeaderMap, body: By
             "this origin serves no viewers: subscribe at an edge (chorus edge)",
         );
     }
-    let req: SubscribeReq = match parse(&body) {
-        Ok(r) => r,
-        Err(resp) => return *resp,
+    let stream = match parse_request(&body) {
+        Ok((_, stream)) => stream,
+        Err(refusal) => return refusal.into_response(),
     };
-    let Some(stream) = req.stream_name else {
-        return fail(StatusCode::BAD_REQUEST, "missing streamName");
-    };
-    if let Err(m) = check_stream_name(&stream) {
-        return fail(StatusCode::BAD_REQUEST, m);
-    }
     if let Err(e) = app.tokens.check_subscribe(bearer(&headers), &stream) {
         return fail(StatusCode::UNAUTHORIZED, e.to_string());
     }

@@ -19,10 +19,11 @@ use axum::{Json, Router};
 use serde_json::json;
 use tower_http::cors::{Any, CorsLayer};
 
-use crate::auth::jwt::JwtKeys;
+use crate::auth::jwt::{JwtKeys, Scope};
 use crate::auth::tokens::Tokens;
 use crate::edge::Edge;
 use crate::origin::Origin;
+use crate::rtc::offer::OfferError;
 use crate::rtc::peers::PeerId;
 
 /// Everything the HTTP handlers share.
@@ -51,6 +52,16 @@ pub fn fail(status: StatusCode, message: impl Into<String>) -> Response {
         .into_response()
 }
 
+/// A refusal, turned into a `fail` response where it is returned.
+#[derive(Debug)]
+pub struct Refusal(pub StatusCode, pub String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        fail(self.0, self.1)
+    }
+}
+
 /// The token of an `Authorization: Bearer ...` header.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
@@ -60,6 +71,52 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .strip_prefix("Bearer ")
         .map(str::trim)
         .filter(|t| !t.is_empty())
+}
+
+/// What WHIP and WHEP check before looking at an offer: the stream name, the bearer (a director
+/// JWT of `scope` for this stream, or a long-lived token of that kind), and an SDP body.
+/// Returns the offer, or the refusal to send.
+pub fn sdp_request<'a>(
+    app: &App,
+    headers: &HeaderMap,
+    stream: &str,
+    scope: Scope,
+    body: &'a [u8],
+) -> Result<&'a str, Refusal> {
+    director::check_stream_name(stream).map_err(|m| Refusal(StatusCode::BAD_REQUEST, m))?;
+    let token = bearer(headers);
+    let allowed = match token.and_then(|t| app.jwt.verify(t).ok()) {
+        Some(claims) if claims.scope == scope && claims.millicast.stream_name == stream => Ok(()),
+        Some(_) => Err(format!("this JWT does not allow {scope:?} on {stream:?}")),
+        None => match scope {
+            Scope::Publish => app.tokens.check_publish(token, stream),
+            Scope::Subscribe => app.tokens.check_subscribe(token, stream),
+        }
+        .map_err(|e| e.to_string()),
+    };
+    allowed.map_err(|m| Refusal(StatusCode::UNAUTHORIZED, m))?;
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ct.starts_with("application/sdp") {
+        return Err(Refusal(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "offers must be Content-Type: application/sdp".into(),
+        ));
+    }
+    std::str::from_utf8(body)
+        .map_err(|_| Refusal(StatusCode::BAD_REQUEST, "SDP offer is not UTF-8".into()))
+}
+
+/// A refused offer: the client's fault (400) unless something broke on our side.
+pub fn offer_refused(e: OfferError) -> Response {
+    match e {
+        OfferError::Malformed(_) | OfferError::Unacceptable(_) | OfferError::Rejected(_) => {
+            fail(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        OfferError::Internal(_) => fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 pub fn router(app: Arc<App>) -> Router {

@@ -10,31 +10,16 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::director::check_stream_name;
-use super::{bearer, fail, App};
+use super::{fail, offer_refused, sdp_request, App};
 use crate::auth::jwt::Scope;
 use crate::edge::{ViewOptions, MAX_TRACKS};
-use crate::rtc::offer::{mlines, OfferError};
+use crate::rtc::offer::mlines;
 
 #[derive(Deserialize)]
 pub struct WhepQuery {
     tracks: Option<usize>,
     pinned: Option<String>,
     exclude: Option<String>,
-}
-
-fn authorized(app: &App, headers: &HeaderMap, stream: &str) -> Result<(), String> {
-    let token = bearer(headers);
-    if let Some(claims) = token.and_then(|t| app.jwt.verify(t).ok()) {
-        return if claims.scope == Scope::Subscribe && claims.millicast.stream_name == stream {
-            Ok(())
-        } else {
-            Err(format!("this JWT does not allow viewing {stream:?}"))
-        };
-    }
-    app.tokens
-        .check_subscribe(token, stream)
-        .map_err(|e| e.to_string())
 }
 
 pub async fn view(
@@ -50,24 +35,9 @@ pub async fn view(
             "this origin serves no viewers: view at an edge",
         );
     };
-    if let Err(m) = check_stream_name(&stream) {
-        return fail(StatusCode::BAD_REQUEST, m);
-    }
-    if let Err(m) = authorized(&app, &headers, &stream) {
-        return fail(StatusCode::UNAUTHORIZED, m);
-    }
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !ct.starts_with("application/sdp") {
-        return fail(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "WHEP offers must be Content-Type: application/sdp",
-        );
-    }
-    let Ok(offer) = std::str::from_utf8(&body) else {
-        return fail(StatusCode::BAD_REQUEST, "SDP offer is not UTF-8");
+    let offer = match sdp_request(&app, &headers, &stream, Scope::Subscribe, &body) {
+        Ok(o) => o,
+        Err(refusal) => return refusal.into_response(),
     };
     if let Some(n) = q.tracks {
         let available = mlines(offer)
@@ -100,10 +70,7 @@ pub async fn view(
     let (events, _) = tokio::sync::mpsc::unbounded_channel();
     let pending = match edge.prepare(&stream, offer, opts, events) {
         Ok(p) => p,
-        Err(
-            e @ (OfferError::Malformed(_) | OfferError::Unacceptable(_) | OfferError::Rejected(_)),
-        ) => return fail(StatusCode::BAD_REQUEST, e.to_string()),
-        Err(e) => return fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => return offer_refused(e),
     };
     let resource = pending.subscriber_id.clone();
     let answer = pending.answer.clone();

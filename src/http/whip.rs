@@ -9,32 +9,15 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::director::check_stream_name;
 use super::signal::MAX_SOURCE_ID;
-use super::{bearer, fail, App};
+use super::{fail, offer_refused, sdp_request, App};
 use crate::auth::jwt::Scope;
 use crate::origin::Owner;
-use crate::rtc::offer::OfferError;
 
 #[derive(Deserialize)]
 pub struct WhipQuery {
     #[serde(rename = "sourceId")]
     source_id: Option<String>,
-}
-
-fn authorized(app: &App, headers: &HeaderMap, stream: &str) -> Result<(), String> {
-    let token = bearer(headers);
-    // A publish JWT from the director works as well as the long-lived token.
-    if let Some(claims) = token.and_then(|t| app.jwt.verify(t).ok()) {
-        return if claims.scope == Scope::Publish && claims.millicast.stream_name == stream {
-            Ok(())
-        } else {
-            Err(format!("this JWT does not allow publishing to {stream:?}"))
-        };
-    }
-    app.tokens
-        .check_publish(token, stream)
-        .map_err(|e| e.to_string())
 }
 
 pub async fn publish(
@@ -50,22 +33,10 @@ pub async fn publish(
             "this is an edge: publish at the origin",
         );
     };
-    if let Err(m) = check_stream_name(&stream) {
-        return fail(StatusCode::BAD_REQUEST, m);
-    }
-    if let Err(m) = authorized(&app, &headers, &stream) {
-        return fail(StatusCode::UNAUTHORIZED, m);
-    }
-    let ct = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !ct.starts_with("application/sdp") {
-        return fail(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "WHIP offers must be Content-Type: application/sdp",
-        );
-    }
+    let offer = match sdp_request(&app, &headers, &stream, Scope::Publish, &body) {
+        Ok(o) => o,
+        Err(refusal) => return refusal.into_response(),
+    };
     let source = q.source_id.filter(|s| !s.is_empty());
     if source
         .as_ref()
@@ -76,9 +47,6 @@ pub async fn publish(
             format!("sourceId must be at most {MAX_SOURCE_ID} printable characters"),
         );
     }
-    let Ok(offer) = std::str::from_utf8(&body) else {
-        return fail(StatusCode::BAD_REQUEST, "SDP offer is not UTF-8");
-    };
     match origin.publish(&stream, source, offer, Owner::Whip) {
         Ok(p) => (
             StatusCode::CREATED,
@@ -92,10 +60,7 @@ pub async fn publish(
             p.answer,
         )
             .into_response(),
-        Err(
-            e @ (OfferError::Malformed(_) | OfferError::Unacceptable(_) | OfferError::Rejected(_)),
-        ) => fail(StatusCode::BAD_REQUEST, e.to_string()),
-        Err(e) => fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => offer_refused(e),
     }
 }
 

@@ -15,11 +15,7 @@ use serde_json::Value;
 const TOKEN: &str = "test-publish-token";
 
 fn serve() -> Proc {
-    Proc::start(
-        "serve",
-        &["serve", "--http", "127.0.0.1:0"],
-        &[("CHORUS_PUBLISH_TOKEN", TOKEN)],
-    )
+    common::serve(TOKEN)
 }
 
 /// Sources of a stream as the origin sees them, by sourceId.
@@ -112,6 +108,24 @@ impl Drop for Tool {
     }
 }
 
+/// The SDK publishing harness (tests/browser/publish.mjs) against `p`, playing the corpus.
+fn sdk_publisher(p: &Proc, args: &[&str]) -> Tool {
+    let (dir, script) = node_harness("publish.mjs");
+    let mut cmd = Command::new("node");
+    cmd.current_dir(&dir)
+        .arg(script)
+        .args([
+            "--endpoint",
+            &format!("http://{}", p.http()),
+            "--token",
+            TOKEN,
+        ])
+        .args(args)
+        .arg("--corpus")
+        .arg(corpus());
+    Tool::spawn(cmd)
+}
+
 fn whip(p: &Proc, stream: &str, source: &str, file: &str, seconds: u32) -> Tool {
     let mut cmd = Command::new(python());
     cmd.arg(repo().join("tests/python/whip_publish.py"))
@@ -134,24 +148,17 @@ fn whip(p: &Proc, stream: &str, source: &str, file: &str, seconds: u32) -> Tool 
 fn sdk_publishes_three_sources_into_one_stream_and_replaces_one() {
     let _serial = common::serial();
     let p = serve();
-    let (dir, script) = node_harness("publish.mjs");
-    let mut cmd = Command::new("node");
-    cmd.current_dir(&dir)
-        .arg(script)
-        .args(["--endpoint", &format!("http://{}", p.http())])
-        .args([
+    let mut tool = sdk_publisher(
+        &p,
+        &[
             "--stream",
             "panel",
-            "--token",
-            TOKEN,
             "--sources",
             "host,ana,bo",
             "--seconds",
             "90",
-        ])
-        .arg("--corpus")
-        .arg(corpus());
-    let mut tool = Tool::spawn(cmd);
+        ],
+    );
     for s in ["host", "ana", "bo"] {
         tool.expect("published", Some(s), Duration::from_secs(60));
     }
@@ -255,20 +262,7 @@ fn probe(
 #[test]
 fn quic_link_carries_sources_and_levels_to_a_second_process() {
     let _serial = common::serial();
-    let origin = Proc::start(
-        "origin",
-        &[
-            "origin",
-            "--http",
-            "127.0.0.1:0",
-            "--cluster",
-            "127.0.0.1:0",
-        ],
-        &[
-            ("CHORUS_PUBLISH_TOKEN", TOKEN),
-            ("CHORUS_CLUSTER_TOKEN", "cluster-secret"),
-        ],
-    );
+    let origin = common::origin(TOKEN, "cluster-secret");
     let fp = origin.info["fingerprint"].as_str().unwrap().to_owned();
     let mut a = whip(&origin, "linked", "ana", "ana.opus", 12);
     let mut b = whip(&origin, "linked", "bo", "bo.opus", 12);
@@ -380,27 +374,20 @@ fn a_publisher_that_vanishes_is_removed_after_ice_timeout() {
 fn keyframe_requests_travel_back_to_the_publisher_and_video_is_relayed() {
     let _serial = common::serial();
     let p = serve();
-    let (dir, script) = node_harness("publish.mjs");
-    let mut cmd = Command::new("node");
-    cmd.current_dir(&dir)
-        .arg(script)
-        .args(["--endpoint", &format!("http://{}", p.http())])
-        // `_` publishes without a sourceId: the stream's main source, with video.
-        .args([
+    // `_` publishes without a sourceId: the stream's main source, with video.
+    let mut tool = sdk_publisher(
+        &p,
+        &[
             "--stream",
             "kf",
-            "--token",
-            TOKEN,
             "--sources",
             "_",
             "--video",
             "_",
             "--seconds",
             "60",
-        ])
-        .arg("--corpus")
-        .arg(corpus());
-    let mut tool = Tool::spawn(cmd);
+        ],
+    );
     tool.expect("published", None, Duration::from_secs(60));
     let pli_before = video_stat(&mut tool, "pliCount");
     let out = Command::new(env!("CARGO_BIN_EXE_chorus"))

@@ -15,20 +15,11 @@ use serde_json::{json, Value};
 const TOKEN: &str = "test-publish-token";
 
 fn serve() -> Proc {
-    Proc::start(
-        "serve",
-        &["serve", "--http", "127.0.0.1:0"],
-        &[("CHORUS_PUBLISH_TOKEN", TOKEN)],
-    )
+    common::serve(TOKEN)
 }
 
-fn whip(
-    http: std::net::SocketAddr,
-    stream: &str,
-    source: &str,
-    seconds: u32,
-) -> std::process::Child {
-    Command::new(python())
+fn whip(http: std::net::SocketAddr, stream: &str, source: &str, seconds: u32) -> common::Reaped {
+    let child = Command::new(python())
         .arg(repo().join("tests/python/whip_publish.py"))
         .arg("--url")
         .arg(format!("http://{http}/whip/{stream}"))
@@ -44,7 +35,8 @@ fn whip(
         .arg(corpus().join(format!("{source}.opus")))
         .stdout(std::process::Stdio::null())
         .spawn()
-        .unwrap()
+        .unwrap();
+    common::Reaped(child)
 }
 
 fn whep_cmd(http: std::net::SocketAddr, stream: &str, args: &[&str]) -> Command {
@@ -105,7 +97,7 @@ fn assert_continuous(rep: &Value) -> u64 {
 fn aiortc_over_whep_gets_continuous_decodable_rewritten_tracks() {
     let _serial = common::serial();
     let p = serve();
-    let mut pubs = vec![
+    let _pubs = [
         whip(p.http(), "w", "ana", 25),
         whip(p.http(), "w", "bo", 25),
     ];
@@ -126,10 +118,6 @@ fn aiortc_over_whep_gets_continuous_decodable_rewritten_tracks() {
     let total = assert_continuous(&rep);
     // Ana talks 5.2-11 s, bo 10.6-15 s: about 8 s of speech through the one track.
     assert!(total > 300, "{rep}");
-    for c in &mut pubs {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
 }
 
 /// Levels-file turns of a corpus speaker, in wall-clock ms given when its playback started.
@@ -340,20 +328,7 @@ fn sdk_viewers_hear_who_talks_in_the_track_vad_names_and_never_themselves() {
 #[test]
 fn two_edges_on_one_origin_serve_their_own_viewers() {
     let _serial = common::serial();
-    let origin = Proc::start(
-        "origin",
-        &[
-            "origin",
-            "--http",
-            "127.0.0.1:0",
-            "--cluster",
-            "127.0.0.1:0",
-        ],
-        &[
-            ("CHORUS_PUBLISH_TOKEN", TOKEN),
-            ("CHORUS_CLUSTER_TOKEN", "cluster-secret"),
-        ],
-    );
+    let origin = common::origin(TOKEN, "cluster-secret");
     let fp = origin.info["fingerprint"].as_str().unwrap().to_owned();
     let edge = |_: u8| {
         Proc::start(
@@ -386,7 +361,7 @@ fn two_edges_on_one_origin_serve_their_own_viewers() {
         r#"{"streamName":"x"}"#,
     );
     assert_eq!(s, 503, "{v}");
-    let mut pubs = vec![
+    let _pubs = [
         whip(origin.http(), "two", "ana", 25),
         whip(origin.http(), "two", "bo", 25),
     ];
@@ -421,10 +396,6 @@ fn two_edges_on_one_origin_serve_their_own_viewers() {
     wait_for("edges unsubscribed", Duration::from_secs(10), || {
         (metric(&origin, "chorus_origin_edge_subscriptions") == 0.0).then_some(())
     });
-    for c in &mut pubs {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
 }
 
 #[test]
@@ -439,7 +410,7 @@ fn a_viewer_of_a_stream_not_yet_published_gets_it_when_it_starts() {
     .spawn()
     .unwrap();
     std::thread::sleep(Duration::from_secs(2));
-    let mut publisher = whip(p.http(), "later", "ana", 20);
+    let _publisher = whip(p.http(), "later", "ana", 20);
     let out = viewer.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -447,15 +418,13 @@ fn a_viewer_of_a_stream_not_yet_published_gets_it_when_it_starts() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(assert_continuous(&report(&out)) > 100);
-    let _ = publisher.kill();
-    let _ = publisher.wait();
 }
 
 #[test]
 fn vanishing_and_flooding_viewers_do_not_disturb_the_others() {
     let _serial = common::serial();
     let p = serve();
-    let mut pubs = vec![
+    let _pubs = [
         whip(p.http(), "rude", "ana", 30),
         whip(p.http(), "rude", "bo", 30),
     ];
@@ -499,10 +468,6 @@ fn vanishing_and_flooding_viewers_do_not_disturb_the_others() {
     wait_for("all viewers gone", Duration::from_secs(30), || {
         (common::metric(p.http(), "chorus_edge_viewers ") == Some(0.0)).then_some(())
     });
-    for c in &mut pubs {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
     let _ = get_json(p.http(), "/healthz");
 }
 

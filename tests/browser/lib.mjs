@@ -246,6 +246,71 @@ export async function addCanvasVideo(page, name, opts = {}) {
   return page.evaluate(([n, o]) => window.harness.addVideo(n, o), [name, opts]);
 }
 
+/** Last value of a flag given more than once (parseArgs makes an array then). */
+export const one = (v) => (Array.isArray(v) ? v[v.length - 1] : v);
+
+/**
+ * Command line of publish.mjs/room.mjs: parse argv (usage() on a parse error
+ * or --help). usage(msg) prints "PROG: msg" and the usage text, exits 2.
+ */
+export function parseCommandLine(prog, usageText, argv, booleans) {
+  const usage = (msg) => {
+    if (msg) process.stderr.write(`${prog}: ${msg}\n`);
+    process.stderr.write(usageText + '\n');
+    process.exit(2);
+  };
+  let args;
+  try {
+    args = parseArgs(argv, { booleans: [...booleans, 'help'] }).flags;
+  } catch (e) { usage(e.message); }
+  if (args.help) usage();
+  return { args, usage };
+}
+
+/** The options publish.mjs and room.mjs share, with their defaults. */
+export function commonOptions(args) {
+  return {
+    endpoint: String(one(args.endpoint) ?? DEFAULT_ENDPOINT).replace(/\/$/, ''),
+    streamName: one(args.stream),
+    token: one(args.token) ?? process.env.CHORUS_PUBLISH_TOKEN,
+    corpusDir: path.resolve(String(one(args.corpus) ?? DEFAULT_CORPUS)),
+    connectTimeoutMs: 1000 * Number(one(args['connect-timeout']) ?? 20),
+    loop: one(args.loop) !== false,
+    dtx: !!one(args.dtx),
+    verbose: !!one(args.verbose),
+  };
+}
+
+/** A corpus speaker id (DIR/<id>.opus) or, if it has a '/' or '.', a file path. */
+export function corpusFile(spec, corpusDir) {
+  return /[/.]/.test(spec) ? path.resolve(spec) : path.join(corpusDir, `${spec}.opus`);
+}
+
+/** One JSON event line on stdout, stamped with Date.now(). */
+export function emitLine(ev) {
+  process.stdout.write(JSON.stringify({ t: Date.now(), ...ev }) + '\n');
+}
+
+/**
+ * Page side: resolve once pc is connected, reject if it fails/closes first or
+ * after ms. Injected into pages as source text (PAGE_WAIT_CONNECTED).
+ */
+function waitConnected(pc, ms) {
+  return new Promise((resolve, reject) => {
+    const done = () => { clearTimeout(timer); pc.removeEventListener('connectionstatechange', check); };
+    const check = () => {
+      if (pc.connectionState === 'connected') { done(); resolve(); }
+      else if (pc.connectionState === 'failed' || pc.connectionState === 'closed') {
+        done(); reject(new Error('peer connection ' + pc.connectionState + ' before connecting (ice=' + pc.iceConnectionState + ')'));
+      }
+    };
+    const timer = setTimeout(() => { done(); reject(new Error('ICE/DTLS did not connect within ' + ms + ' ms (connectionState=' + pc.connectionState + ', iceConnectionState=' + pc.iceConnectionState + ')')); }, ms);
+    pc.addEventListener('connectionstatechange', check);
+    check();
+  });
+}
+export const PAGE_WAIT_CONNECTED = waitConnected.toString();
+
 /** Minimal --flag value / --flag parser: returns {flags, positional}. */
 export function parseArgs(argv, { booleans = [] } = {}) {
   const flags = {};
@@ -304,18 +369,7 @@ function roomPage() {
       codecs: [...new Set([...sec.matchAll(/a=rtpmap:\d+ ([^/\s]+)\//g)].map((m) => m[1]))],
     };
   });
-  const waitConnected = (pc, ms) => new Promise((resolve, reject) => {
-    const done = () => { clearTimeout(timer); pc.removeEventListener('connectionstatechange', check); };
-    const check = () => {
-      if (pc.connectionState === 'connected') { done(); resolve(); }
-      else if (pc.connectionState === 'failed' || pc.connectionState === 'closed') {
-        done(); reject(new Error('peer connection ' + pc.connectionState + ' before connecting (ice=' + pc.iceConnectionState + ')'));
-      }
-    };
-    const timer = setTimeout(() => { done(); reject(new Error('ICE/DTLS did not connect within ' + ms + ' ms (connectionState=' + pc.connectionState + ', iceConnectionState=' + pc.iceConnectionState + ')')); }, ms);
-    pc.addEventListener('connectionstatechange', check);
-    check();
-  });
+  // waitConnected(pc, ms): see PAGE_WAIT_CONNECTED (injected next to this function).
   const STAT_FIELDS = ['ssrc', 'packetsReceived', 'packetsLost', 'packetsDiscarded', 'bytesReceived', 'jitter',
     'concealedSamples', 'silentConcealedSamples', 'totalSamplesReceived', 'concealmentEvents',
     'insertedSamplesForDeceleration', 'removedSamplesForAcceleration', 'jitterBufferDelay',
@@ -533,7 +587,7 @@ function roomPage() {
  */
 export async function installRoom(page, onEvent) {
   await page.exposeFunction('__roomEmit', (ev) => onEvent(ev));
-  await page.addScriptTag({ content: `(${roomPage.toString()})();` });
+  await page.addScriptTag({ content: `(() => {\n${PAGE_WAIT_CONNECTED}\n(${roomPage.toString()})();\n})();` });
 }
 
 /** Publish h.streams[o.streamKey] with millicast.Publish; see roomPage. */

@@ -32,12 +32,11 @@
 // EOF on stdin is not a quit: the tool runs until --seconds (default 60).
 // Exit status: 0 if no error happened, 1 on any publish error, 2 on bad usage.
 
-import path from 'node:path';
 import { existsSync } from 'node:fs';
 import readline from 'node:readline';
 import {
-  launchBrowser, openHarnessPage, corpusStream, addCanvasVideo, parseArgs,
-  DEFAULT_CORPUS, DEFAULT_ENDPOINT, sdkVersion,
+  launchBrowser, openHarnessPage, corpusStream, addCanvasVideo, parseCommandLine, commonOptions,
+  corpusFile, emitLine, one, sdkVersion, PAGE_WAIT_CONNECTED,
 } from './lib.mjs';
 
 const USAGE = `usage: node publish.mjs --endpoint URL --stream NAME --token TOKEN --sources ID[,ID...]
@@ -46,35 +45,15 @@ const USAGE = `usage: node publish.mjs --endpoint URL --stream NAME --token TOKE
        [--no-loop] [--sequential] [--connect-timeout S] [--stats S]
        [--auto-reconnect] [--verbose]`;
 
-function usage(msg) {
-  if (msg) process.stderr.write(`publish.mjs: ${msg}\n`);
-  process.stderr.write(USAGE + '\n');
-  process.exit(2);
-}
-
-let args;
-try {
-  args = parseArgs(process.argv.slice(2), {
-    booleans: ['dtx', 'loop', 'sequential', 'verbose', 'auto-reconnect', 'help'],
-  }).flags;
-} catch (e) { usage(e.message); }
-if (args.help) usage();
-
-const one = (v) => (Array.isArray(v) ? v[v.length - 1] : v);
-const endpoint = String(one(args.endpoint) ?? DEFAULT_ENDPOINT).replace(/\/$/, '');
-const streamName = one(args.stream);
-const token = one(args.token) ?? process.env.CHORUS_PUBLISH_TOKEN;
+const { args, usage } = parseCommandLine('publish.mjs', USAGE, process.argv.slice(2),
+  ['dtx', 'loop', 'sequential', 'verbose', 'auto-reconnect']);
+const { endpoint, streamName, token, corpusDir, connectTimeoutMs, loop, dtx, verbose } = commonOptions(args);
 const sourcesArg = one(args.sources);
-const corpusDir = path.resolve(String(one(args.corpus) ?? DEFAULT_CORPUS));
 const seconds = Number(one(args.seconds) ?? 60);
 const codec = String(one(args.codec) ?? 'vp8');
-const dtx = !!one(args.dtx);
-const loop = one(args.loop) !== false;
 const sequential = !!one(args.sequential);
-const connectTimeoutMs = 1000 * Number(one(args['connect-timeout']) ?? 20);
 const statsEvery = Number(one(args.stats) ?? 0);
 const autoReconnect = !!one(args['auto-reconnect']);
-const verbose = !!one(args.verbose);
 
 if (!streamName) usage('--stream is required');
 if (!token) usage('--token is required (or set CHORUS_PUBLISH_TOKEN)');
@@ -98,16 +77,12 @@ const hasVideo = (id) => videoSources.has(id);
 const VIDEO = { width: 320, height: 240, fps: 30 };
 
 function corpusFileFor(id) {
-  const spec = fileMap[id] ?? (id === '_' ? 'host' : id);
-  const file = /[/.]/.test(spec) ? path.resolve(spec) : path.join(corpusDir, `${spec}.opus`);
-  return file;
+  return corpusFile(fileMap[id] ?? (id === '_' ? 'host' : id), corpusDir);
 }
 
 // ---------------------------------------------------------------- output
 let hadError = false;
-function emit(ev) {
-  process.stdout.write(JSON.stringify({ t: Date.now(), ...ev }) + '\n');
-}
+const emit = emitLine;
 function fail(sourceId, message, extra = {}) {
   hadError = true;
   emit({ event: 'error', sourceId, message, ...extra });
@@ -142,20 +117,7 @@ const PAGE_JS = `
     return { mline: true, port: Number(sec.split(' ')[1]), direction: dir ? dir[1] : null,
              vp8Pt: vp8 ? Number(vp8[1]) : null, codecs: [...new Set(codecs)] };
   }
-  function waitConnected(pc, ms) {
-    return new Promise((resolve, reject) => {
-      const done = () => { clearTimeout(timer); pc.removeEventListener('connectionstatechange', check); };
-      const check = () => {
-        if (pc.connectionState === 'connected') { done(); resolve(); }
-        else if (pc.connectionState === 'failed' || pc.connectionState === 'closed') {
-          done(); reject(new Error('peer connection ' + pc.connectionState + ' before connecting (ice=' + pc.iceConnectionState + ')'));
-        }
-      };
-      const timer = setTimeout(() => { done(); reject(new Error('ICE/DTLS did not connect within ' + ms + ' ms (connectionState=' + pc.connectionState + ', iceConnectionState=' + pc.iceConnectionState + ')')); }, ms);
-      pc.addEventListener('connectionstatechange', check);
-      check();
-    });
-  }
+  ${PAGE_WAIT_CONNECTED}
 
   async function start(key, o) {
     const gen = gens[key] = (gens[key] || 0) + 1;

@@ -45,9 +45,8 @@ import path from 'node:path';
 import { existsSync, readFileSync } from 'node:fs';
 import readline from 'node:readline';
 import {
-  launchBrowser, openHarnessPage, corpusStream, parseArgs, installRoom,
-  roomPublish, roomView, roomReport, startCorpusAt,
-  DEFAULT_CORPUS, DEFAULT_ENDPOINT, sdkVersion,
+  launchBrowser, openHarnessPage, corpusStream, parseCommandLine, commonOptions, corpusFile, emitLine, one,
+  installRoom, roomPublish, roomView, roomReport, startCorpusAt, sdkVersion,
 } from './lib.mjs';
 
 const T_START = Date.now();
@@ -56,32 +55,15 @@ const USAGE = `usage: node room.mjs (--spec JSON | --spec-file FILE) --endpoint 
        [--sample-ms 50] [--stats-ms 1000] [--setup-timeout S] [--connect-timeout S]
        [--viewers-first] [--no-loop] [--dtx] [--verbose]`;
 
-function usage(msg) {
-  if (msg) process.stderr.write(`room.mjs: ${msg}\n`);
-  process.stderr.write(USAGE + '\n');
-  process.exit(2);
-}
-
-let args;
-try {
-  args = parseArgs(process.argv.slice(2), { booleans: ['viewers-first', 'loop', 'dtx', 'verbose', 'help'] }).flags;
-} catch (e) { usage(e.message); }
-if (args.help) usage();
-const one = (v) => (Array.isArray(v) ? v[v.length - 1] : v);
-const endpoint = String(one(args.endpoint) ?? DEFAULT_ENDPOINT).replace(/\/$/, '');
-const streamName = one(args.stream);
-const token = one(args.token) ?? process.env.CHORUS_PUBLISH_TOKEN;
+const { args, usage } = parseCommandLine('room.mjs', USAGE, process.argv.slice(2),
+  ['viewers-first', 'loop', 'dtx', 'verbose']);
+const { endpoint, streamName, token, corpusDir, connectTimeoutMs, loop, dtx, verbose } = commonOptions(args);
 const subscribeToken = one(args['subscribe-token']);
-const corpusDir = path.resolve(String(one(args.corpus) ?? DEFAULT_CORPUS));
 const seconds = Number(one(args.seconds) ?? 30);
 const sampleMs = Number(one(args['sample-ms']) ?? 50);
 const statsMs = Number(one(args['stats-ms']) ?? 1000);
 const setupTimeout = Number(one(args['setup-timeout']) ?? 30);
-const connectTimeoutMs = 1000 * Number(one(args['connect-timeout']) ?? 20);
 const viewersFirst = !!one(args['viewers-first']);
-const loop = one(args.loop) !== false;
-const dtx = !!one(args.dtx);
-const verbose = !!one(args.verbose);
 
 if (!streamName) usage('--stream is required');
 if (!(seconds > 0)) usage('--seconds must be > 0');
@@ -111,7 +93,7 @@ const participants = [];
     const part = { name, publish: null, view: null };
     if (p.publish !== undefined && p.publish !== null) {
       const speaker = String(p.publish);
-      const file = /[/.]/.test(speaker) ? path.resolve(speaker) : path.join(corpusDir, `${speaker}.opus`);
+      const file = corpusFile(speaker, corpusDir);
       if (!existsSync(file)) usage(`${name}: corpus file not found: ${file}`);
       const stem = path.basename(file).replace(/\.[^.]+$/, '');
       const sourceId = 'sourceId' in p ? (p.sourceId === null || p.sourceId === '' ? null : String(p.sourceId)) : stem;
@@ -137,9 +119,7 @@ const byName = Object.fromEntries(participants.map((p) => [p.name, p]));
 
 // ---------------------------------------------------------------- output
 let hadError = false;
-function emit(ev) {
-  process.stdout.write(JSON.stringify({ t: Date.now(), ...ev }) + '\n');
-}
+const emit = emitLine;
 function fail(name, message, extra = {}) {
   hadError = true;
   emit({ event: 'error', name, message, ...extra });

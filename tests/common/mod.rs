@@ -183,3 +183,40 @@ pub fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// `chorus serve` in dev mode with this publish token, HTTP on a free port.
+pub fn serve(publish_token: &str) -> Proc {
+    Proc::start(
+        "serve",
+        &["serve", "--http", "127.0.0.1:0"],
+        &[("CHORUS_PUBLISH_TOKEN", publish_token)],
+    )
+}
+
+/// `chorus origin` in dev mode, HTTP and QUIC on free ports, edges joining with `cluster_token`.
+pub fn origin(publish_token: &str, cluster_token: &str) -> Proc {
+    Proc::start(
+        "origin",
+        &[
+            "origin",
+            "--http",
+            "127.0.0.1:0",
+            "--cluster",
+            "127.0.0.1:0",
+        ],
+        &[
+            ("CHORUS_PUBLISH_TOKEN", publish_token),
+            ("CHORUS_CLUSTER_TOKEN", cluster_token),
+        ],
+    )
+}
+
+/// A helper process that is killed when the test ends, pass or fail.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -78,96 +78,23 @@ import argparse
 import array
 import asyncio
 import collections
-import ipaddress
 import json
 import math
 import os
-import signal
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 
-PROG = "whep_view.py"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import chorus_tools  # noqa: E402
+from chorus_tools import (  # noqa: E402
+    AIORTC_MISSING, HttpError, Resource, add_debug_args, add_loopback_args, add_timeout_args, die, emit,
+    run_main, setup_loopback_candidates, stop_event, summarize_sdp, wait_event, watch_state,
+)
+
+PROG = chorus_tools.PROG = "whep_view.py"
 CLOCK_RATE = 48000
-
-
-def emit(event: str, **fields) -> None:
-    sys.stdout.write(json.dumps({"event": event, "t": round(time.time(), 3), **fields}) + "\n")
-    sys.stdout.flush()
-
-
-class Fatal(Exception):
-    def __init__(self, code: int):
-        super().__init__(code)
-        self.code = code
-
-
-def die(msg: str, code: int = 1) -> None:
-    """Report an error (stderr + an "error" event) and unwind; cleanup still runs."""
-    sys.stderr.write(f"{PROG}: {msg}\n")
-    sys.stderr.flush()
-    emit("error", message=msg.split("\n")[0])
-    raise Fatal(code)
-
-
-class HttpError(Exception):
-    def __init__(self, method: str, url: str, status: int | None, body: str, reason: str = ""):
-        self.method, self.url, self.status, self.body, self.reason = method, url, status, body, reason
-        if status is None:
-            text = f"{method} {url} failed: {reason}"
-        else:
-            text = (f"{method} {url} -> HTTP {status} {reason}".rstrip()
-                    + f"\n--- response body ---\n{body}\n---------------------")
-        super().__init__(text)
-
-
-def http(method: str, url: str, *, token: str | None, body: bytes | None = None,
-         content_type: str | None = None, timeout: float = 10.0):
-    """Blocking HTTP request; returns (status, headers, body_text). Raises HttpError."""
-    req = urllib.request.Request(url, data=body, method=method)
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    if content_type:
-        req.add_header("Content-Type", content_type)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.headers, resp.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as e:
-        text = e.read().decode("utf-8", "replace") if e.fp else ""
-        raise HttpError(method, url, e.code, text, e.reason or "") from None
-    except urllib.error.URLError as e:
-        raise HttpError(method, url, None, "", f"{e.reason} (is chorus running there?)") from None
-    except (TimeoutError, OSError) as e:
-        raise HttpError(method, url, None, "", f"{type(e).__name__}: {e}") from None
-
-
-def host_is_loopback(url: str) -> bool:
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def allow_loopback_candidates() -> None:
-    """aioice skips 127.0.0.1/::1 when gathering host candidates. Against a
-    server on loopback (possibly in a network namespace with nothing but lo)
-    we want them, so add them."""
-    import aioice.ice
-
-    orig = aioice.ice.get_host_addresses
-
-    def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-        addrs = orig(use_ipv4=use_ipv4, use_ipv6=use_ipv6)
-        extra = (["127.0.0.1"] if use_ipv4 else []) + (["::1"] if use_ipv6 else [])
-        return extra + [a for a in addrs if a not in extra]
-
-    aioice.ice.get_host_addresses = get_host_addresses
 
 
 def build_url(url: str, tracks: int, pinned: str | None, exclude: list[str]) -> str:
@@ -180,62 +107,6 @@ def build_url(url: str, tracks: int, pinned: str | None, exclude: list[str]) -> 
     if exclude:
         q.append(("exclude", ",".join(exclude)))
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(q, safe=",")))
-
-
-# --------------------------------------------------------------------------- SDP summary
-
-def sdp_sections(sdp: str) -> tuple[list[str], list[list[str]]]:
-    session: list[str] = []
-    media: list[list[str]] = []
-    for line in sdp.replace("\r\n", "\n").split("\n"):
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("m="):
-            media.append([line])
-        elif media:
-            media[-1].append(line)
-        else:
-            session.append(line)
-    return session, media
-
-
-def summarize_sdp(sdp: str) -> dict:
-    """What a human (or a test) wants to know about an offer/answer."""
-    session, media = sdp_sections(sdp)
-    out_m = []
-    for lines in media:
-        kind, port, proto, *fmts = lines[0][2:].split()
-        m = {"kind": kind, "port": int(port), "proto": proto, "pts": fmts, "mid": None,
-             "direction": "sendrecv", "codecs": [], "ssrcs": [], "extmaps": [], "candidates": 0,
-             "candidate_lines": [], "msid": None}
-        for line in lines[1:]:
-            if line.startswith("a=mid:"):
-                m["mid"] = line[6:]
-            elif line in ("a=sendrecv", "a=sendonly", "a=recvonly", "a=inactive"):
-                m["direction"] = line[2:]
-            elif line.startswith("a=rtpmap:"):
-                pt, _, enc = line[9:].partition(" ")
-                m["codecs"].append(f"{pt} {enc}")
-            elif line.startswith("a=ssrc:"):
-                ssrc = int(line[7:].split()[0])
-                if ssrc not in m["ssrcs"]:
-                    m["ssrcs"].append(ssrc)
-            elif line.startswith("a=extmap:"):
-                m["extmaps"].append(line[9:])
-            elif line.startswith("a=candidate:"):
-                m["candidates"] += 1
-                m["candidate_lines"].append(line[len("a=candidate:"):])
-            elif line.startswith("a=msid:"):
-                m["msid"] = line[7:]
-        out_m.append(m)
-    bundle = next((l[len("a=group:BUNDLE"):].split() for l in session if l.startswith("a=group:BUNDLE")), [])
-    return {
-        "iceLite": any(l == "a=ice-lite" for l in session + [l for m in media for l in m]),
-        "bundle": bundle,
-        "candidates": sum(m["candidates"] for m in out_m),
-        "media": out_m,
-    }
 
 
 # --------------------------------------------------------------------------- per-track stats
@@ -735,11 +606,10 @@ async def run(args: argparse.Namespace) -> int:
     try:
         from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
     except ImportError as e:
-        die(f"cannot import aiortc ({e}); run scripts/setup-test-deps.sh and use tests/python/.venv/bin/python")
+        die(AIORTC_MISSING.format(e))
 
     url = build_url(args.url, args.tracks, args.pinned, args.exclude)
-    if args.loopback_candidates or (args.loopback_candidates is None and host_is_loopback(url)):
-        allow_loopback_candidates()
+    setup_loopback_candidates(args.loopback_candidates, url)
 
     rec = Recorder(mid_routing=args.mid_routing)
     rec.install()
@@ -759,35 +629,9 @@ async def run(args: argparse.Namespace) -> int:
         stats.append(st)
         transceivers.append(t)
 
-    resource_url: str | None = None
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except NotImplementedError:  # pragma: no cover
-            pass
-
-    state_changed = asyncio.Event()
-
-    @pc.on("connectionstatechange")
-    async def _on_state() -> None:
-        emit("pc-state", state=pc.connectionState)
-        state_changed.set()
-
-    async def delete_resource() -> None:
-        nonlocal resource_url
-        if not resource_url:
-            return
-        target, resource_url = resource_url, None
-        try:
-            status, _, _ = await asyncio.to_thread(http, "DELETE", target, token=args.token,
-                                                   timeout=args.http_timeout)
-            emit("deleted", status=status, url=target)
-        except HttpError as e:
-            sys.stderr.write(f"{PROG}: DELETE failed: {e}\n")
-            emit("error", message="DELETE failed", status=e.status, body=e.body)
-            raise
+    resource = Resource(args.token, args.http_timeout)
+    stop = stop_event()
+    state_changed = watch_state(pc)
 
     consumers: list[asyncio.Task] = []
     flooder = (RtcpFlooder(args.rtcp_flood, args.rtcp_flood_kind, args.rtcp_flood_after, stats)
@@ -858,24 +702,7 @@ async def run(args: argparse.Namespace) -> int:
             return 0
 
         t0 = time.monotonic()
-        try:
-            status, headers, answer = await asyncio.to_thread(
-                http, "POST", url, token=args.token, body=offer_sdp.encode(),
-                content_type="application/sdp", timeout=args.http_timeout)
-        except HttpError as e:
-            die(str(e))
-        if status != 201:
-            die(f"POST {url} -> HTTP {status} (expected 201 Created)\n"
-                f"--- response body ---\n{answer}\n---------------------")
-        location = headers.get("Location")
-        if not location:
-            die(f"POST {url} -> 201 without a Location header")
-        resource_url = urllib.parse.urljoin(url, location)
-        ctype = headers.get("Content-Type", "")
-        if not ctype.lower().startswith("application/sdp"):
-            sys.stderr.write(f"{PROG}: warning: answer Content-Type is {ctype!r}, not application/sdp\n")
-        if args.print_sdp:
-            sys.stderr.write("--- answer ---\n" + answer + "\n")
+        status, headers, answer, location = await resource.post_offer(url, offer_sdp, args.print_sdp)
         try:
             asum = summarize_sdp(answer)
         except Exception as e:
@@ -922,10 +749,7 @@ async def run(args: argparse.Namespace) -> int:
                 die(f"timeout: ICE/DTLS did not connect within {args.connect_timeout} s "
                     f"(connectionState={pc.connectionState}, iceConnectionState={pc.iceConnectionState})")
             state_changed.clear()
-            try:
-                await asyncio.wait_for(state_changed.wait(), timeout=min(left, 0.5))
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(state_changed, min(left, 0.5))
         t_conn_mono, t_conn_wall = time.monotonic(), time.time()
         connected = True
         emit("connected", ms=round(1000 * (t_conn_mono - t0)), url=url)
@@ -950,10 +774,7 @@ async def run(args: argparse.Namespace) -> int:
                 next_stats += args.stats_interval
             if now >= end:
                 break
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=min(0.25, max(0.0, end - now)))
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(stop, min(0.25, max(0.0, end - now)))
         if stop.is_set():
             emit("interrupted")
         await stop_flood()
@@ -961,7 +782,7 @@ async def run(args: argparse.Namespace) -> int:
         await asyncio.sleep(0.2)
 
         try:
-            await delete_resource()
+            await resource.delete()
         except HttpError:
             exit_code = 1
 
@@ -992,9 +813,9 @@ async def run(args: argparse.Namespace) -> int:
                 final_report()
             except Exception:
                 pass
-        if resource_url:
+        if resource.url:
             try:
-                await delete_resource()
+                await resource.delete()
             except Exception:
                 pass
         for c in consumers:
@@ -1026,18 +847,14 @@ def main() -> int:
     p.add_argument("--token", help="viewer token (Authorization: Bearer); default $CHORUS_VIEW_TOKEN")
     p.add_argument("--seconds", type=float, default=20.0, help="how long to receive after connecting (default 20)")
     p.add_argument("--stats-interval", type=float, default=2.0, help="seconds between stats lines (default 2)")
-    p.add_argument("--connect-timeout", type=float, default=10.0, help="ICE+DTLS connect timeout (default 10 s)")
-    p.add_argument("--http-timeout", type=float, default=10.0, help="timeout of each HTTP request (default 10 s)")
+    add_timeout_args(p)
     p.add_argument("--packet-log", metavar="FILE", help="write every received RTP packet as a JSON line to FILE")
     p.add_argument("--check", action="store_true",
                    help="exit 3 if a track has != 1 SSRC, duplicates, ts going back, decode errors, "
                         "or packets could not be routed")
     p.add_argument("--no-mid-routing", dest="mid_routing", action="store_false",
                    help="route RTP like plain aiortc (SSRC/payload type only), not by the MID header extension")
-    lb = p.add_mutually_exclusive_group()
-    lb.add_argument("--loopback-candidates", dest="loopback_candidates", action="store_true", default=None,
-                    help="offer 127.0.0.1/::1 host candidates (default: only when the URL host is loopback)")
-    lb.add_argument("--no-loopback-candidates", dest="loopback_candidates", action="store_false")
+    add_loopback_args(p)
     p.add_argument("--rtcp-flood", type=float, default=0.0, metavar="RATE",
                    help="once connected, flood the server with RTCP at RATE packets/s through aiortc's "
                         "SRTCP path while still receiving and checking media (default 0 = off)")
@@ -1048,8 +865,7 @@ def main() -> int:
                         "pli = PLI for the first track's SSRC (default rr)")
     p.add_argument("--offer-only", action="store_true",
                    help="build and check the offer, print it (stdout) and exit without any HTTP request")
-    p.add_argument("--print-sdp", action="store_true", help="print offer and answer SDP to stderr")
-    p.add_argument("--verbose", action="store_true", help="aiortc debug logging to stderr")
+    add_debug_args(p)
     args = p.parse_args()
     if args.token is None:
         args.token = os.environ.get("CHORUS_VIEW_TOKEN")
@@ -1060,13 +876,7 @@ def main() -> int:
         p.error("--seconds and --stats-interval must be > 0")
     if args.rtcp_flood < 0 or args.rtcp_flood_after < 0:
         p.error("--rtcp-flood and --rtcp-flood-after must be >= 0")
-    if args.verbose:
-        import logging
-        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
-    try:
-        return asyncio.run(run(args))
-    except Fatal as e:
-        return e.code
+    return run_main(args, run)
 
 
 if __name__ == "__main__":

@@ -27,104 +27,32 @@ always 0. See --no-audio-level to strip it from the offer.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import ipaddress
-import json
-import signal
+import os
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import chorus_tools  # noqa: E402
+from chorus_tools import (  # noqa: E402
+    AIORTC_MISSING, HttpError, Resource, add_debug_args, add_loopback_args, add_timeout_args, die, emit,
+    run_main, sdp_attrs, setup_loopback_candidates, stop_event, wait_event, warn, watch_state,
+)
+
+chorus_tools.PROG = "whip_publish.py"
 LEVEL_URI = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
 
 
-def emit(event: str, **fields) -> None:
-    sys.stdout.write(json.dumps({"event": event, "t": round(time.time(), 3), **fields}) + "\n")
-    sys.stdout.flush()
-
-
-class Fatal(Exception):
-    def __init__(self, code: int):
-        super().__init__(code)
-        self.code = code
-
-
-def die(msg: str, code: int = 1) -> None:
-    """Report an error (stderr + an "error" event) and unwind; cleanup still runs."""
-    sys.stderr.write(f"whip_publish.py: {msg}\n")
-    sys.stderr.flush()
-    emit("error", message=msg.split("\n")[0])
-    raise Fatal(code)
-
-
-class HttpError(Exception):
-    def __init__(self, method: str, url: str, status: int | None, body: str, reason: str = ""):
-        self.method, self.url, self.status, self.body, self.reason = method, url, status, body, reason
-        if status is None:
-            text = f"{method} {url} failed: {reason}"
-        else:
-            text = f"{method} {url} -> HTTP {status} {reason}".rstrip() + f"\n--- response body ---\n{body}\n---------------------"
-        super().__init__(text)
-
-
-def http(method: str, url: str, *, token: str | None, body: bytes | None = None,
-         content_type: str | None = None, timeout: float = 10.0):
-    """Blocking HTTP request; returns (status, headers, body_text). Raises HttpError."""
-    req = urllib.request.Request(url, data=body, method=method)
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    if content_type:
-        req.add_header("Content-Type", content_type)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.headers, resp.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as e:
-        text = e.read().decode("utf-8", "replace") if e.fp else ""
-        raise HttpError(method, url, e.code, text, e.reason or "") from None
-    except urllib.error.URLError as e:
-        raise HttpError(method, url, None, "", f"{e.reason} (is chorus running there?)") from None
-    except (TimeoutError, OSError) as e:
-        raise HttpError(method, url, None, "", f"{type(e).__name__}: {e}") from None
-
-
 def extmaps(sdp: str) -> list[str]:
-    return [line[len("a=extmap:"):] for line in sdp.splitlines() if line.startswith("a=extmap:")]
+    return sdp_attrs(sdp, "extmap")
 
 
 def candidates(sdp: str) -> list[str]:
-    return [line[len("a=candidate:"):] for line in sdp.splitlines() if line.startswith("a=candidate:")]
+    return sdp_attrs(sdp, "candidate")
 
 
 def strip_level_ext(sdp: str) -> str:
     return "\r\n".join(l for l in sdp.split("\r\n") if not (l.startswith("a=extmap:") and LEVEL_URI in l))
-
-
-def host_is_loopback(url: str) -> bool:
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def allow_loopback_candidates() -> None:
-    """aioice skips 127.0.0.1/::1 when gathering host candidates. Against a
-    server on loopback (possibly in a network namespace with nothing but lo)
-    we want them, so add them."""
-    import aioice.ice
-
-    orig = aioice.ice.get_host_addresses
-
-    def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-        addrs = orig(use_ipv4=use_ipv4, use_ipv6=use_ipv6)
-        extra = (["127.0.0.1"] if use_ipv4 else []) + (["::1"] if use_ipv6 else [])
-        return extra + [a for a in addrs if a not in extra]
-
-    aioice.ice.get_host_addresses = get_host_addresses
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -133,7 +61,7 @@ async def run(args: argparse.Namespace) -> int:
         from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
         from aiortc.contrib.media import MediaPlayer
     except ImportError as e:
-        die(f"cannot import aiortc ({e}); run scripts/setup-test-deps.sh and use tests/python/.venv/bin/python")
+        die(AIORTC_MISSING.format(e))
 
     url = args.url
     if args.source_id is not None:
@@ -143,8 +71,7 @@ async def run(args: argparse.Namespace) -> int:
             q.append(("sourceId", args.source_id))
         url = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(q)))
 
-    if args.loopback_candidates or (args.loopback_candidates is None and host_is_loopback(url)):
-        allow_loopback_candidates()
+    setup_loopback_candidates(args.loopback_candidates, url)
 
     try:
         player = MediaPlayer(args.file, loop=args.loop)
@@ -156,34 +83,9 @@ async def run(args: argparse.Namespace) -> int:
     # No ICE servers: aiortc would otherwise add a public STUN server.
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     pc.addTransceiver(player.audio, direction="sendonly")
-    resource_url: str | None = None
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except NotImplementedError:  # pragma: no cover
-            pass
-
-    state_changed = asyncio.Event()
-
-    @pc.on("connectionstatechange")
-    async def _on_state() -> None:
-        emit("pc-state", state=pc.connectionState)
-        state_changed.set()
-
-    async def delete_resource() -> None:
-        nonlocal resource_url
-        if not resource_url:
-            return
-        target, resource_url = resource_url, None
-        try:
-            status, _, body = await asyncio.to_thread(http, "DELETE", target, token=args.token, timeout=args.http_timeout)
-            emit("deleted", status=status, url=target)
-        except HttpError as e:
-            sys.stderr.write(f"whip_publish.py: DELETE failed: {e}\n")
-            emit("error", message="DELETE failed", status=e.status, body=e.body)
-            raise
+    resource = Resource(args.token, args.http_timeout)
+    stop = stop_event()
+    state_changed = watch_state(pc)
 
     exit_code = 0
     try:
@@ -204,23 +106,7 @@ async def run(args: argparse.Namespace) -> int:
             die("no ICE candidates were gathered (no usable network interface?)")
 
         t0 = time.monotonic()
-        try:
-            status, headers, answer = await asyncio.to_thread(
-                http, "POST", url, token=args.token, body=offer_sdp.encode(),
-                content_type="application/sdp", timeout=args.http_timeout)
-        except HttpError as e:
-            die(str(e))
-        if status != 201:
-            die(f"POST {url} -> HTTP {status} (expected 201 Created)\n--- response body ---\n{answer}\n---------------------")
-        location = headers.get("Location")
-        if not location:
-            die(f"POST {url} -> 201 without a Location header")
-        resource_url = urllib.parse.urljoin(url, location)
-        ctype = headers.get("Content-Type", "")
-        if not ctype.lower().startswith("application/sdp"):
-            sys.stderr.write(f"whip_publish.py: warning: answer Content-Type is {ctype!r}, not application/sdp\n")
-        if args.print_sdp:
-            sys.stderr.write("--- answer ---\n" + answer + "\n")
+        status, headers, answer, location = await resource.post_offer(url, offer_sdp, args.print_sdp)
         emit("answer", status=status, location=location, etag=headers.get("ETag"),
              audioLevelExt=LEVEL_URI in answer, extmaps=extmaps(answer),
              candidates=len(candidates(answer)), iceLite="a=ice-lite" in answer)
@@ -239,10 +125,7 @@ async def run(args: argparse.Namespace) -> int:
                 die(f"ICE/DTLS did not connect within {args.connect_timeout} s (connectionState={pc.connectionState}, "
                     f"iceConnectionState={pc.iceConnectionState})")
             state_changed.clear()
-            try:
-                await asyncio.wait_for(state_changed.wait(), timeout=min(left, 0.5))
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(state_changed, min(left, 0.5))
         emit("connected", ms=round(1000 * (time.monotonic() - t0)), url=url)
 
         end = time.monotonic() + args.seconds
@@ -251,7 +134,7 @@ async def run(args: argparse.Namespace) -> int:
         while not stop.is_set():
             now = time.monotonic()
             if pc.connectionState in ("failed", "closed"):
-                sys.stderr.write(f"whip_publish.py: peer connection {pc.connectionState} while publishing\n")
+                warn(f"peer connection {pc.connectionState} while publishing")
                 emit("error", message=f"peer connection {pc.connectionState} while publishing")
                 exit_code = 1
                 break
@@ -261,26 +144,23 @@ async def run(args: argparse.Namespace) -> int:
                 next_stats = now + args.stats_interval
             if now >= end:
                 break
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=min(0.25, max(0.0, end - now)))
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(stop, min(0.25, max(0.0, end - now)))
         if stop.is_set():
             emit("interrupted")
         if last.get("packetsSent", 0) == 0:
-            sys.stderr.write("whip_publish.py: no RTP packets were sent\n")
+            warn("no RTP packets were sent")
             exit_code = 1
         try:
-            await delete_resource()
+            await resource.delete()
         except HttpError:
             exit_code = 1
         emit("done", **last)
         return exit_code
     finally:
         # Best effort DELETE if we got out through die()/an exception.
-        if resource_url:
+        if resource.url:
             try:
-                await delete_resource()
+                await resource.delete()
             except Exception:
                 pass
         player_audio = player.audio
@@ -308,30 +188,18 @@ def main() -> int:
     p.add_argument("--file", required=True, help="audio file to play (e.g. tests/corpus/panel/ana.opus)")
     p.add_argument("--seconds", type=float, default=10.0, help="how long to send after connecting (default 10)")
     p.add_argument("--stats-interval", type=float, default=1.0, help="seconds between stats lines (default 1)")
-    p.add_argument("--connect-timeout", type=float, default=10.0, help="ICE+DTLS connect timeout (default 10 s)")
-    p.add_argument("--http-timeout", type=float, default=10.0, help="timeout of each HTTP request (default 10 s)")
+    add_timeout_args(p)
     p.add_argument("--no-loop", dest="loop", action="store_false", help="do not loop the file")
     p.add_argument("--no-audio-level", dest="audio_level", action="store_false",
                    help=f"remove {LEVEL_URI} from the offer")
-    lb = p.add_mutually_exclusive_group()
-    lb.add_argument("--loopback-candidates", dest="loopback_candidates", action="store_true", default=None,
-                    help="offer 127.0.0.1/::1 host candidates (default: only when the URL host is loopback)")
-    lb.add_argument("--no-loopback-candidates", dest="loopback_candidates", action="store_false")
-    p.add_argument("--print-sdp", action="store_true", help="print offer and answer SDP to stderr")
-    p.add_argument("--verbose", action="store_true", help="aiortc debug logging to stderr")
+    add_loopback_args(p)
+    add_debug_args(p)
     args = p.parse_args()
     if args.token is None:
-        import os
         args.token = os.environ.get("CHORUS_PUBLISH_TOKEN")
     if args.seconds <= 0 or args.stats_interval <= 0:
         p.error("--seconds and --stats-interval must be > 0")
-    if args.verbose:
-        import logging
-        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
-    try:
-        return asyncio.run(run(args))
-    except Fatal as e:
-        return e.code
+    return run_main(args, run)
 
 
 if __name__ == "__main__":

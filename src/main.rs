@@ -275,6 +275,7 @@ fn probe_cmd(a: ProbeArgs) -> Result<(), String> {
         origin: a.origin,
         fingerprint: a.origin_fingerprint,
         cluster_token: a.cluster_token,
+        ws_url: None,
     };
     let keyframes = a.keyframe_every.map(|secs| server::KeyframeRequests {
         source: a.keyframe_source,

@@ -90,6 +90,12 @@ fn load_tokens(opts: &ServerOptions) -> Result<Tokens, String> {
 /// Starts what `opts.role` asks for and its HTTP server; returns once everything listens.
 pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
     let tokens = load_tokens(opts)?;
+    // Bound first: an edge announces its signalling URL to the origin when it links.
+    let listener = tokio::net::TcpListener::bind(opts.http)
+        .await
+        .map_err(|e| format!("HTTP on {}: {e}", opts.http))?;
+    let http = listener.local_addr().map_err(|e| e.to_string())?;
+
     let mut origin = None;
     let mut cluster = None;
     let mut fingerprint = None;
@@ -131,11 +137,16 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
                 origin: cluster.expect("serve runs an origin"),
                 fingerprint: fingerprint.clone(),
                 cluster_token: opts.cluster_token.clone(),
+                ws_url: None,
             },
             _ => LinkConfig {
                 origin: opts.origin.ok_or("an edge needs --origin HOST:PORT")?,
                 fingerprint: opts.origin_fingerprint.clone(),
                 cluster_token: opts.cluster_token.clone(),
+                ws_url: Some(match &opts.public_ws {
+                    Some(base) => format!("{base}/ws"),
+                    None => format!("ws://{http}/ws"),
+                }),
             },
         };
         let (e, origin_secret) =
@@ -157,10 +168,6 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
         next_session: AtomicU64::new(1),
         whep: Mutex::new(HashMap::new()),
     });
-    let listener = tokio::net::TcpListener::bind(opts.http)
-        .await
-        .map_err(|e| format!("HTTP on {}: {e}", opts.http))?;
-    let http = listener.local_addr().map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router(app)).await {
             warn!("HTTP server stopped: {e}");

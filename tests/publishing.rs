@@ -264,6 +264,18 @@ fn quic_link_carries_sources_and_levels_to_a_second_process() {
     let _serial = common::serial();
     let origin = common::origin(TOKEN, "cluster-secret");
     let fp = origin.info["fingerprint"].as_str().unwrap().to_owned();
+    // No edge serves viewers yet (a probe does not): the director says so.
+    let (s, v) = common::post_json(
+        origin.http(),
+        "/api/director/subscribe",
+        None,
+        r#"{"streamName":"linked"}"#,
+    );
+    assert_eq!(s, 503, "{v}");
+    assert!(
+        v["data"]["message"].as_str().unwrap().contains("no edge"),
+        "{v}"
+    );
     let mut a = whip(&origin, "linked", "ana", "ana.opus", 12);
     let mut b = whip(&origin, "linked", "bo", "bo.opus", 12);
     a.expect("connected", None, Duration::from_secs(30));

@@ -354,13 +354,22 @@ fn two_edges_on_one_origin_serve_their_own_viewers() {
         r#"{"streamName":"x"}"#,
     );
     assert_eq!(s, 404, "{v}");
-    let (s, v) = common::post_json(
-        origin.http(),
-        "/api/director/subscribe",
-        None,
-        r#"{"streamName":"x"}"#,
-    );
-    assert_eq!(s, 503, "{v}");
+    // The origin's director sends viewers to its linked edges, in turn.
+    let edge_urls = [e1.http(), e2.http()].map(|a| format!("ws://{a}/ws"));
+    let picked: Vec<String> = (0..2)
+        .map(|_| {
+            let (s, v) = common::post_json(
+                origin.http(),
+                "/api/director/subscribe",
+                None,
+                r#"{"streamName":"x"}"#,
+            );
+            assert_eq!(s, 200, "{v}");
+            v["data"]["urls"][0].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert!(picked.iter().all(|u| edge_urls.contains(u)), "{picked:?}");
+    assert_ne!(picked[0], picked[1], "both edges get viewers");
     let _pubs = [
         whip(origin.http(), "two", "ana", 25),
         whip(origin.http(), "two", "bo", 25),

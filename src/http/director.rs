@@ -53,11 +53,11 @@ fn ws_url(app: &App, headers: &HeaderMap) -> String {
     format!("ws://{host}/ws")
 }
 
-fn success(app: &App, headers: &HeaderMap, jwt: String) -> Response {
+fn success(url: String, jwt: String) -> Response {
     Json(json!({
         "status": "success",
         "data": {
-            "urls": [ws_url(app, headers)],
+            "urls": [url],
             "jwt": jwt,
             "streamAccountId": ACCOUNT_ID,
             "iceServers": [],
@@ -100,16 +100,27 @@ pub async fn publish(State(app): State<Arc<App>>, headers: HeaderMap, body: Byte
     if let Err(e) = app.tokens.check_publish(bearer(&headers), &stream) {
         return fail(StatusCode::UNAUTHORIZED, e.to_string());
     }
-    success(&app, &headers, app.jwt.issue(&stream, Scope::Publish))
+    success(
+        ws_url(&app, &headers),
+        app.jwt.issue(&stream, Scope::Publish),
+    )
 }
 
 pub async fn subscribe(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
-    if app.edge.is_none() {
-        return fail(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this origin serves no viewers: subscribe at an edge (chorus edge)",
-        );
-    }
+    // Viewers go to this process's edge, or else to a linked edge, in turn.
+    let url = match (&app.edge, &app.origin) {
+        (Some(_), _) => ws_url(&app, &headers),
+        (None, Some(origin)) => match origin.pick_edge() {
+            Some(url) => url,
+            None => {
+                return fail(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no edge is linked to this origin to serve viewers (start chorus edge)",
+                )
+            }
+        },
+        (None, None) => unreachable!("a process runs an origin, an edge or both"),
+    };
     let stream = match parse_request(&body) {
         Ok((_, stream)) => stream,
         Err(refusal) => return refusal.into_response(),
@@ -117,5 +128,5 @@ pub async fn subscribe(State(app): State<Arc<App>>, headers: HeaderMap, body: By
     if let Err(e) = app.tokens.check_subscribe(bearer(&headers), &stream) {
         return fail(StatusCode::UNAUTHORIZED, e.to_string());
     }
-    success(&app, &headers, app.jwt.issue(&stream, Scope::Subscribe)).into_response()
+    success(url, app.jwt.issue(&stream, Scope::Subscribe))
 }

@@ -179,6 +179,9 @@ pub struct StreamView {
 pub struct Origin {
     host: RtcHost,
     pub metrics: Arc<OriginMetrics>,
+    /// Linked edges that serve viewers: (relay connection, signalling URL).
+    edges: Mutex<Vec<(u64, String)>>,
+    next_edge: AtomicU64,
     state: Mutex<HashMap<String, Stream>>,
     next_publication: AtomicU64,
     next_channel: AtomicU32,
@@ -190,6 +193,8 @@ impl Origin {
         Arc::new_cyclic(|me| Origin {
             host,
             metrics: Arc::new(OriginMetrics::default()),
+            edges: Mutex::new(Vec::new()),
+            next_edge: AtomicU64::new(0),
             state: Mutex::new(HashMap::new()),
             next_publication: AtomicU64::new(1),
             next_channel: AtomicU32::new(1),
@@ -421,8 +426,31 @@ impl Origin {
         }
     }
 
+    /// A linked edge serves viewers at `ws_url`: the director may send subscribers there.
+    pub fn register_edge(&self, conn: u64, ws_url: String) {
+        info!(conn, ws_url = ws_url.as_str(), "edge serves viewers");
+        self.edges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((conn, ws_url));
+    }
+
+    /// The signalling URL of a linked edge for the next subscriber, in turn.
+    pub fn pick_edge(&self) -> Option<String> {
+        let edges = self.edges.lock().unwrap_or_else(|p| p.into_inner());
+        if edges.is_empty() {
+            return None;
+        }
+        let n = self.next_edge.fetch_add(1, Ordering::Relaxed) as usize;
+        Some(edges[n % edges.len()].1.clone())
+    }
+
     /// An edge connection ended: drop all of its subscriptions.
     pub fn drop_conn(&self, conn: u64) {
+        self.edges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(c, _)| *c != conn);
         let mut st = self.lock();
         for s in st.values_mut() {
             s.fanout

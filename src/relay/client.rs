@@ -33,6 +33,8 @@ pub struct LinkConfig {
     /// Hex SHA-256 of the origin's certificate; None = accept any (logged).
     pub fingerprint: Option<String>,
     pub cluster_token: Option<String>,
+    /// This edge's signalling URL, announced so the origin's director can send viewers here.
+    pub ws_url: Option<String>,
 }
 
 impl EdgeLink {
@@ -58,6 +60,7 @@ impl EdgeLink {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         send.write_all(&encode_frame(&EdgeMsg::Hello {
             token: cfg.cluster_token.clone(),
+            ws_url: cfg.ws_url.clone(),
         }))
         .await
         .map_err(|e| e.to_string())?;

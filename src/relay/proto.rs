@@ -15,6 +15,9 @@ pub enum EdgeMsg {
     Hello {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         token: Option<String>,
+        /// Where this edge's viewers connect (its signalling socket), for the origin's director.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ws_url: Option<String>,
     },
     Subscribe {
         stream: String,
@@ -171,7 +174,10 @@ mod tests {
     #[test]
     fn frames_survive_arbitrary_splits() {
         let msgs = vec![
-            EdgeMsg::Hello { token: None },
+            EdgeMsg::Hello {
+                token: None,
+                ws_url: Some("ws://127.0.0.1:8081/ws".into()),
+            },
             EdgeMsg::Subscribe {
                 stream: "panel".into(),
             },

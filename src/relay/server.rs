@@ -147,7 +147,7 @@ fn handle(
     welcomed: &mut bool,
 ) -> Result<(), String> {
     match msg {
-        EdgeMsg::Hello { token } => {
+        EdgeMsg::Hello { token, ws_url } => {
             let ok = match (&policy.cluster_token, token) {
                 (None, _) => true,
                 (Some(want), Some(got)) => constant_time_eq(want.as_bytes(), got.as_bytes()),
@@ -160,6 +160,9 @@ fn handle(
                 return Err("edge refused: wrong or missing cluster token".into());
             }
             *welcomed = true;
+            if let Some(url) = ws_url {
+                origin.register_edge(id, url);
+            }
             let _ = ctl.send(OriginMsg::Welcome {
                 jwt_secret: policy.jwt_secret.clone(),
             });

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::{corpus, get_json, node_harness, python, repo, wait_for, Proc};
+use common::{corpus, get_json, node_harness, wait_for, Proc};
 use serde_json::Value;
 
 const TOKEN: &str = "test-publish-token";
@@ -126,22 +126,14 @@ fn sdk_publisher(p: &Proc, args: &[&str]) -> Tool {
     Tool::spawn(cmd)
 }
 
-fn whip(p: &Proc, stream: &str, source: &str, file: &str, seconds: u32) -> Tool {
-    let mut cmd = Command::new(python());
-    cmd.arg(repo().join("tests/python/whip_publish.py"))
-        .arg("--url")
-        .arg(format!("http://{}/whip/{stream}", p.http()))
-        .args([
-            "--source-id",
-            source,
-            "--token",
-            TOKEN,
-            "--seconds",
-            &seconds.to_string(),
-        ])
-        .arg("--file")
-        .arg(corpus().join(file));
-    Tool::spawn(cmd)
+fn whip(p: &Proc, stream: &str, source: &str, seconds: u32) -> Tool {
+    Tool::spawn(common::whip_command(
+        p.http(),
+        stream,
+        source,
+        TOKEN,
+        seconds,
+    ))
 }
 
 #[test]
@@ -218,7 +210,7 @@ fn sdk_publishes_three_sources_into_one_stream_and_replaces_one() {
 fn aiortc_publishes_over_whip_with_levels() {
     let _serial = common::serial();
     let p = serve();
-    let mut tool = whip(&p, "whipped", "ana", "ana.opus", 6);
+    let mut tool = whip(&p, "whipped", "ana", 6);
     tool.expect("connected", None, Duration::from_secs(30));
     let s = wait_for("ana with levels", Duration::from_secs(20), || {
         let s = sources(&p, "whipped");
@@ -276,8 +268,8 @@ fn quic_link_carries_sources_and_levels_to_a_second_process() {
         v["data"]["message"].as_str().unwrap().contains("no edge"),
         "{v}"
     );
-    let mut a = whip(&origin, "linked", "ana", "ana.opus", 12);
-    let mut b = whip(&origin, "linked", "bo", "bo.opus", 12);
+    let mut a = whip(&origin, "linked", "ana", 12);
+    let mut b = whip(&origin, "linked", "bo", 12);
     a.expect("connected", None, Duration::from_secs(30));
     b.expect("connected", None, Duration::from_secs(30));
     wait_for(
@@ -363,7 +355,7 @@ fn quic_link_carries_sources_and_levels_to_a_second_process() {
 fn a_publisher_that_vanishes_is_removed_after_ice_timeout() {
     let _serial = common::serial();
     let p = serve();
-    let mut tool = whip(&p, "vanish", "ana", "ana.opus", 60);
+    let mut tool = whip(&p, "vanish", "ana", 60);
     tool.expect("connected", None, Duration::from_secs(30));
     wait_for("ana live", Duration::from_secs(10), || {
         sources(&p, "vanish").contains_key("ana").then_some(())

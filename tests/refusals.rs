@@ -145,6 +145,19 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     d
 }
 
+/// A signalling socket opened with a viewer's JWT for stream "panel".
+async fn viewer_socket(a: std::net::SocketAddr) -> Ws {
+    let (_, v) = post_json(
+        a,
+        "/api/director/subscribe",
+        None,
+        r#"{"streamName":"panel"}"#,
+    );
+    connect(a, v["data"]["jwt"].as_str().unwrap())
+        .await
+        .unwrap()
+}
+
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -277,15 +290,7 @@ async fn signalling_refuses_bad_jwts_and_commands_and_keeps_serving() {
     assert!(msg(&next_json(&mut ws).await).contains("binary"));
 
     // A viewer's JWT cannot publish.
-    let (_, v) = post_json(
-        a,
-        "/api/director/subscribe",
-        None,
-        r#"{"streamName":"panel"}"#,
-    );
-    let mut viewer = connect(a, v["data"]["jwt"].as_str().unwrap())
-        .await
-        .unwrap();
+    let mut viewer = viewer_socket(a).await;
     let cmd = json!({"type":"cmd","transId":0,"name":"publish","data":{"sdp":VIDEO_ONLY}});
     assert!(msg(&call(&mut viewer, &cmd.to_string()).await).contains("may view, not publish"));
 
@@ -469,15 +474,7 @@ async fn view_refusals_are_clear_and_the_session_goes_on() {
         &[("CHORUS_PUBLISH_TOKEN", "pt")],
     );
     let a = p.http();
-    let (_, v) = post_json(
-        a,
-        "/api/director/subscribe",
-        None,
-        r#"{"streamName":"panel"}"#,
-    );
-    let mut ws = connect(a, v["data"]["jwt"].as_str().unwrap())
-        .await
-        .unwrap();
+    let mut ws = viewer_socket(a).await;
     let cmd = |id: u64, name: &str, data: Value| {
         json!({"type":"cmd","transId":id,"name":name,"data":data}).to_string()
     };

@@ -19,20 +19,7 @@ fn serve() -> Proc {
 }
 
 fn whip(http: std::net::SocketAddr, stream: &str, source: &str, seconds: u32) -> common::Reaped {
-    let child = Command::new(python())
-        .arg(repo().join("tests/python/whip_publish.py"))
-        .arg("--url")
-        .arg(format!("http://{http}/whip/{stream}"))
-        .args([
-            "--source-id",
-            source,
-            "--token",
-            TOKEN,
-            "--seconds",
-            &seconds.to_string(),
-        ])
-        .arg("--file")
-        .arg(corpus().join(format!("{source}.opus")))
+    let child = common::whip_command(http, stream, source, TOKEN, seconds)
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();

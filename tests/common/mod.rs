@@ -220,3 +220,28 @@ impl Drop for Reaped {
         let _ = self.0.wait();
     }
 }
+
+/// tests/python/whip_publish.py publishing the corpus speaker `source` as that sourceId.
+pub fn whip_command(
+    http: SocketAddr,
+    stream: &str,
+    source: &str,
+    token: &str,
+    seconds: u32,
+) -> Command {
+    let mut cmd = Command::new(python());
+    cmd.arg(repo().join("tests/python/whip_publish.py"))
+        .arg("--url")
+        .arg(format!("http://{http}/whip/{stream}"))
+        .args([
+            "--source-id",
+            source,
+            "--token",
+            token,
+            "--seconds",
+            &seconds.to_string(),
+        ])
+        .arg("--file")
+        .arg(corpus().join(format!("{source}.opus")));
+    cmd
+}

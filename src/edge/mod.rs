@@ -22,6 +22,7 @@ use crate::relay::proto::{DatagramHeader, SourceInfo};
 use crate::rtc::host::OfferRequirements;
 use crate::rtc::offer::{check_offer, mlines, OfferError};
 use crate::rtc::peers::{answer_offer, PeerId};
+use crate::rtc::udp::Doorbell;
 use worker::{EdgeCmd, NewViewer, Worker};
 
 /// More multiplexed tracks than this in one offer is refused.
@@ -46,6 +47,10 @@ pub struct EdgeMetrics {
     pub dropped_core: AtomicU64,
     /// Viewer datagrams over the per-peer budget.
     pub dropped_flood: AtomicU64,
+    /// Datagrams to viewers the kernel refused.
+    pub udp_send_errors: AtomicU64,
+    pub udp_sent: AtomicU64,
+    pub udp_send_calls: AtomicU64,
 }
 
 /// A viewer's request, from `view` or WHEP.
@@ -74,6 +79,7 @@ impl PendingViewer {
 
 pub struct Edge {
     tx: Sender<EdgeCmd>,
+    bell: Arc<Doorbell>,
     candidate: SocketAddr,
     next_id: AtomicU64,
     pub metrics: Arc<EdgeMetrics>,
@@ -95,10 +101,15 @@ impl Edge {
             return Err("edge media bound to an unspecified address: give --public-ip for the ICE candidates".into());
         }
         let (tx, rx) = mpsc::channel();
-        let sink: Arc<dyn LinkHandler> = Arc::new(RelaySink { tx: tx.clone() });
+        let bell = Doorbell::new().map_err(|e| format!("edge media thread wake-up: {e}"))?;
+        let sink: Arc<dyn LinkHandler> = Arc::new(RelaySink {
+            tx: tx.clone(),
+            bell: bell.clone(),
+        });
         let (secret, ctl) = manage_link(link, sink).await?;
         let metrics = Arc::new(EdgeMetrics::default());
-        let worker = Worker::new(socket, ctl, metrics.clone()).map_err(|e| e.to_string())?;
+        let worker =
+            Worker::new(socket, ctl, metrics.clone(), bell.clone()).map_err(|e| e.to_string())?;
         std::thread::Builder::new()
             .name("media-edge".into())
             .spawn(move || worker.run(rx))
@@ -106,6 +117,7 @@ impl Edge {
         info!(%local, "edge media socket ready");
         let edge = Arc::new(Edge {
             tx,
+            bell,
             candidate: SocketAddr::new(ip, local.port()),
             next_id: AtomicU64::new(1),
             metrics,
@@ -183,22 +195,28 @@ impl Edge {
 
     pub fn commit(&self, v: PendingViewer) -> PeerId {
         let id = v.viewer.id;
-        let _ = self.tx.send(EdgeCmd::AddViewer(v.viewer));
+        self.send(EdgeCmd::AddViewer(v.viewer));
         id
     }
 
     pub fn remove(&self, id: PeerId) {
-        let _ = self.tx.send(EdgeCmd::RemoveViewer(id));
+        self.send(EdgeCmd::RemoveViewer(id));
     }
 
     /// Sets all of a viewer's projections: (multiplexed track index, sourceId).
     pub fn project(&self, id: PeerId, fixed: Vec<(u8, String)>) {
-        let _ = self.tx.send(EdgeCmd::Project(id, fixed));
+        self.send(EdgeCmd::Project(id, fixed));
+    }
+
+    fn send(&self, cmd: EdgeCmd) {
+        let _ = self.tx.send(cmd);
+        self.bell.ring();
     }
 }
 
 struct RelaySink {
     tx: Sender<EdgeCmd>,
+    bell: Arc<Doorbell>,
 }
 
 impl LinkHandler for RelaySink {
@@ -208,10 +226,12 @@ impl LinkHandler for RelaySink {
             channel,
             sources: sources.to_vec(),
         });
+        self.bell.ring();
     }
 
     fn on_datagram(&self, hdr: DatagramHeader, datagram: Bytes) {
         let _ = self.tx.send(EdgeCmd::Datagram(hdr, datagram));
+        self.bell.ring();
     }
 
     fn on_closed(&self, reason: &str) {

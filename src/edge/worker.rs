@@ -26,6 +26,7 @@ use crate::media::SourceIdx;
 use crate::relay::client::{LinkCtl, LinkRequest};
 use crate::relay::proto::{DatagramHeader, Kind, SourceInfo, DATAGRAM_HEADER, LEVEL_EXT_ID};
 use crate::rtc::peers::{CloseReason, Peer, PeerApp, PeerId, PeerSet};
+use crate::rtc::udp::Doorbell;
 
 /// Selection runs this often per stream (one ranking per stream per tick).
 const TICK_US: u64 = 10_000;
@@ -33,6 +34,9 @@ const TICK_US: u64 = 10_000;
 const KEYFRAME_INTERVAL: Duration = Duration::from_secs(1);
 /// Video packet duration used when a main video track switches publication (30 fps at 90 kHz).
 const VIDEO_FRAME: u32 = 3000;
+/// Commands (mostly relayed packets) taken in one go before the peers' own work gets a turn.
+/// Packets written in one round leave together: one str0m flush per viewer, not per packet.
+const CMD_BURST: usize = 256;
 
 pub struct NewViewer {
     pub id: PeerId,
@@ -230,9 +234,10 @@ impl Worker {
         socket: UdpSocket,
         link: LinkCtl,
         metrics: Arc<EdgeMetrics>,
+        bell: Arc<Doorbell>,
     ) -> std::io::Result<Worker> {
         Ok(Worker {
-            peers: PeerSet::new(socket)?,
+            peers: PeerSet::new(socket, bell)?,
             streams: HashMap::new(),
             channels: HashMap::new(),
             link,
@@ -249,9 +254,11 @@ impl Worker {
     }
 
     pub fn run(mut self, rx: Receiver<EdgeCmd>) {
+        let mut next_cmd: Option<EdgeCmd> = None;
         loop {
-            loop {
-                match rx.try_recv() {
+            let mut taken = 0;
+            while taken < CMD_BURST {
+                match next_cmd.take().map_or_else(|| rx.try_recv(), Ok) {
                     Ok(cmd) => self.command(cmd),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
@@ -259,33 +266,63 @@ impl Worker {
                         return;
                     }
                 }
+                taken += 1;
             }
+            self.flush_touched();
             let now_us = self.now_us();
             if now_us >= self.next_tick_us {
                 self.tick(now_us);
                 self.next_tick_us = now_us + TICK_US;
             }
             let now = Instant::now();
-            // Relayed media waits in the channel while we sleep on the socket: keep the
-            // sleep short while any stream is live.
-            let cap = if self.streams.is_empty() {
-                5_000
-            } else {
-                1_000
-            };
             let mut app = ViewerEvents {
                 streams: &mut self.streams,
                 channels: &mut self.channels,
                 link: &self.link,
                 metrics: &self.metrics,
             };
-            let next = self.peers.timeouts(now, &mut app);
-            let wait = next
-                .map(|t| t.saturating_duration_since(Instant::now()))
-                .unwrap_or(Duration::from_micros(cap))
-                .min(Duration::from_micros(cap));
-            self.peers.recv(wait, &mut app);
+            let next_peer = self.peers.timeouts(now, &mut app);
+            let next_tick = Duration::from_micros(
+                self.next_tick_us
+                    .saturating_sub(self.epoch.elapsed().as_micros() as u64),
+            );
+            let wait = if taken == CMD_BURST {
+                Duration::ZERO
+            } else {
+                next_peer
+                    .map(|t| t.saturating_duration_since(Instant::now()))
+                    .unwrap_or(next_tick)
+                    .min(next_tick)
+            };
+            self.peers.wait(wait, || match rx.try_recv() {
+                Ok(cmd) => {
+                    next_cmd = Some(cmd);
+                    true
+                }
+                Err(TryRecvError::Empty) => false,
+                Err(TryRecvError::Disconnected) => true,
+            });
+            self.peers.recv(&mut app);
         }
+    }
+
+    /// Sends what this round wrote: one str0m flush per viewer that got packets.
+    fn flush_touched(&mut self) {
+        if self.touched.is_empty() {
+            return;
+        }
+        let mut app = ViewerEvents {
+            streams: &mut self.streams,
+            channels: &mut self.channels,
+            link: &self.link,
+            metrics: &self.metrics,
+        };
+        self.touched.sort_unstable();
+        self.touched.dedup();
+        for &id in &self.touched {
+            self.peers.flush(id, &mut app);
+        }
+        self.touched.clear();
     }
 
     fn command(&mut self, cmd: EdgeCmd) {
@@ -487,6 +524,12 @@ impl Worker {
         self.metrics
             .dropped_flood
             .store(self.peers.flood_drops, Ordering::Relaxed);
+        let (sent, errors, calls) = self.peers.send_stats();
+        self.metrics.udp_sent.store(sent, Ordering::Relaxed);
+        self.metrics
+            .udp_send_errors
+            .store(errors, Ordering::Relaxed);
+        self.metrics.udp_send_calls.store(calls, Ordering::Relaxed);
         for st in self.streams.values_mut() {
             let mut changes: Vec<TrackChange> = Vec::new();
             st.core.tick(now_us, &mut |o| {
@@ -539,7 +582,6 @@ impl Worker {
                 opus::packet_info(view.payload()).map_or(960, |i| i.samples)
             },
         };
-        self.touched.clear();
         // The main tracks: the pinned (or main) source, straight through.
         if let Some(ids) = st.main_viewers.get(&src) {
             for &id in ids {
@@ -613,17 +655,6 @@ impl Worker {
             for c in &changes {
                 st.vad(c, metrics);
             }
-        }
-        let mut app = ViewerEvents {
-            streams: &mut self.streams,
-            channels: &mut self.channels,
-            link: &self.link,
-            metrics: &self.metrics,
-        };
-        self.touched.sort_unstable();
-        self.touched.dedup();
-        for &id in &self.touched {
-            self.peers.flush(id, &mut app);
         }
     }
 }

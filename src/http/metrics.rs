@@ -139,7 +139,22 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
                 ("reason=\"core\"", g(&m.dropped_core)),
                 ("reason=\"before_switch\"", g(&m.dropped_before_switch)),
                 ("reason=\"viewer_flood\"", g(&m.dropped_flood)),
+                ("reason=\"udp_send\"", g(&m.udp_send_errors)),
             ],
+        );
+        metric(
+            &mut out,
+            "chorus_edge_udp_datagrams_sent_total",
+            "counter",
+            "Datagrams the viewers' socket sent (media, RTCP, ICE, DTLS).",
+            &[("", g(&m.udp_sent))],
+        );
+        metric(
+            &mut out,
+            "chorus_edge_sendmmsg_calls_total",
+            "counter",
+            "sendmmsg calls those datagrams took.",
+            &[("", g(&m.udp_send_calls))],
         );
         metric(
             &mut out,

@@ -19,6 +19,7 @@ use tracing::info;
 use super::offer::{check_offer, OfferError};
 use super::peers::{answer_offer, Peer, PeerApp, PeerSet};
 pub use super::peers::{CloseReason, PeerId};
+use super::udp::Doorbell;
 
 /// Upper bound on how long commands wait for the thread to notice them.
 const MAX_WAIT: Duration = Duration::from_millis(5);
@@ -74,6 +75,7 @@ pub struct HostConfig {
 #[derive(Clone)]
 pub struct RtcHost {
     tx: Sender<Cmd>,
+    bell: Arc<Doorbell>,
     candidate_addr: SocketAddr,
     next_id: Arc<AtomicU64>,
 }
@@ -92,12 +94,15 @@ impl RtcHost {
         let candidate_addr = SocketAddr::new(ip, local.port());
         let (tx, rx) = mpsc::channel();
         let thread_name = format!("media-{name}");
+        let bell = Doorbell::new()?;
+        let peers = PeerSet::new(socket, bell.clone())?;
         thread::Builder::new()
             .name(thread_name)
-            .spawn(move || run(socket, rx))?;
+            .spawn(move || run(peers, rx))?;
         info!(%local, candidate = %candidate_addr, "{name} media socket ready");
         Ok(RtcHost {
             tx,
+            bell,
             candidate_addr,
             next_id: Arc::new(AtomicU64::new(1)),
         })
@@ -127,15 +132,18 @@ impl RtcHost {
                 handler,
             })
             .map_err(|_| OfferError::Internal("media thread is gone".into()))?;
+        self.bell.ring();
         Ok((id, answer))
     }
 
     pub fn remove(&self, id: PeerId) {
         let _ = self.tx.send(Cmd::Remove(id));
+        self.bell.ring();
     }
 
     pub fn request_keyframe(&self, id: PeerId, mid: Mid) {
         let _ = self.tx.send(Cmd::RequestKeyframe(id, mid));
+        self.bell.ring();
     }
 }
 
@@ -193,33 +201,13 @@ impl PeerApp<Box<dyn PeerHandler>> for Handlers {
     }
 }
 
-fn run(socket: UdpSocket, rx: Receiver<Cmd>) {
-    let mut peers: PeerSet<Box<dyn PeerHandler>> = match PeerSet::new(socket) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!("media thread cannot start: {e}");
-            return;
-        }
-    };
+fn run(mut peers: PeerSet<Box<dyn PeerHandler>>, rx: Receiver<Cmd>) {
     let mut app = Handlers;
+    let mut next_cmd: Option<Cmd> = None;
     loop {
         loop {
-            match rx.try_recv() {
-                Ok(Cmd::Add {
-                    id,
-                    ufrag,
-                    rtc,
-                    handler,
-                }) => peers.insert(id, ufrag, *rtc, handler),
-                Ok(Cmd::Remove(id)) => peers.close(id, CloseReason::Removed, &mut app),
-                Ok(Cmd::RequestKeyframe(id, mid)) => {
-                    if let Some(p) = peers.get_mut(id) {
-                        if let Some(rx) = p.rtc.direct_api().stream_rx_by_mid(mid, None) {
-                            rx.request_keyframe(KeyframeRequestKind::Pli);
-                        }
-                    }
-                    peers.flush(id, &mut app);
-                }
+            let cmd = match next_cmd.take().map_or_else(|| rx.try_recv(), Ok) {
+                Ok(cmd) => cmd,
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
                     if peers.is_empty() {
@@ -228,6 +216,23 @@ fn run(socket: UdpSocket, rx: Receiver<Cmd>) {
                     }
                     break;
                 }
+            };
+            match cmd {
+                Cmd::Add {
+                    id,
+                    ufrag,
+                    rtc,
+                    handler,
+                } => peers.insert(id, ufrag, *rtc, handler),
+                Cmd::Remove(id) => peers.close(id, CloseReason::Removed, &mut app),
+                Cmd::RequestKeyframe(id, mid) => {
+                    if let Some(p) = peers.get_mut(id) {
+                        if let Some(rx) = p.rtc.direct_api().stream_rx_by_mid(mid, None) {
+                            rx.request_keyframe(KeyframeRequestKind::Pli);
+                        }
+                    }
+                    peers.flush(id, &mut app);
+                }
             }
         }
         let now = Instant::now();
@@ -235,6 +240,17 @@ fn run(socket: UdpSocket, rx: Receiver<Cmd>) {
             .timeouts(now, &mut app)
             .unwrap_or(now + MAX_WAIT)
             .min(now + MAX_WAIT);
-        peers.recv(next.saturating_duration_since(Instant::now()), &mut app);
+        peers.wait(
+            next.saturating_duration_since(Instant::now()),
+            || match rx.try_recv() {
+                Ok(cmd) => {
+                    next_cmd = Some(cmd);
+                    true
+                }
+                Err(TryRecvError::Empty) => false,
+                Err(TryRecvError::Disconnected) => true,
+            },
+        );
+        peers.recv(&mut app);
     }
 }

@@ -3,3 +3,4 @@
 pub mod host;
 pub mod offer;
 pub mod peers;
+pub mod udp;

@@ -4,20 +4,28 @@
 //! requests came from: no scan over all peers. What happens with a peer's str0m events is up to
 //! the thread's [`PeerApp`]; this module only owns sockets, routing, timeouts and the
 //! per-peer input budget that keeps one flooding peer from starving the others.
+//!
+//! Peers are driven only when they have something to do: a datagram for them, media written to
+//! them, or their own timeout (kept in one heap), so an idle peer costs nothing per loop.
+//! Everything they send leaves in `sendmmsg` batches.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use smallvec::SmallVec;
 use str0m::change::SdpOffer;
+use str0m::config::DtlsCert;
 use str0m::ice::StunMessage;
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc, RtcConfig};
 use tracing::{debug, info, warn};
 
 use super::offer::OfferError;
+use super::udp::{Doorbell, Poller, SendBatch};
 
 /// A peer that has not completed ICE + DTLS within this time is dropped.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -26,6 +34,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const MAX_DATAGRAMS_PER_SEC: u32 = 2000;
 /// Remote addresses remembered per peer (one per candidate pair the browser tries).
 const MAX_REMOTES: usize = 8;
+/// Datagrams read from the socket in one go before the thread looks at its other work.
+const RECV_BURST: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerId(pub u64);
@@ -73,6 +83,10 @@ pub fn answer_offer(
     })?;
     let creds = IceCreds::new();
     let ufrag = creds.ufrag.clone();
+    let config = match (config.dtls_cert().is_none(), shared_dtls_cert()) {
+        (true, Some(cert)) => config.set_dtls_cert(cert.clone()),
+        _ => config,
+    };
     let mut rtc = config
         .set_ice_lite(true)
         .set_rtp_mode(true)
@@ -88,6 +102,19 @@ pub fn answer_offer(
     Ok((rtc, ufrag, answer.to_sdp_string()))
 }
 
+/// One DTLS certificate for every peer of the process: a fresh key pair per peer costs more
+/// than the rest of a join (ICE, DTLS, SRTP set-up) together. The fingerprint in each answer is
+/// this certificate's; the DTLS keys are still per session.
+pub fn shared_dtls_cert() -> Option<&'static DtlsCert> {
+    static CERT: OnceLock<Option<DtlsCert>> = OnceLock::new();
+    CERT.get_or_init(|| {
+        str0m::crypto::from_feature_flags()
+            .dtls_provider
+            .generate_certificate()
+    })
+    .as_ref()
+}
+
 pub struct Peer<T> {
     pub rtc: Rtc,
     pub data: T,
@@ -101,6 +128,8 @@ pub struct Peer<T> {
     window_start: Instant,
     window_count: u32,
     pub dropped_flood: u64,
+    /// The deadline this peer has in the timer heap (the earliest one pushed and not yet due).
+    scheduled: Option<Instant>,
 }
 
 /// What a media thread does with its peers' events.
@@ -114,9 +143,15 @@ pub trait PeerApp<T> {
 pub struct PeerSet<T> {
     socket: UdpSocket,
     local: SocketAddr,
+    poller: Poller,
+    bell: Arc<Doorbell>,
     peers: HashMap<PeerId, Peer<T>>,
     by_ufrag: HashMap<String, PeerId>,
     by_addr: HashMap<SocketAddr, PeerId>,
+    /// (deadline, peer); an entry whose peer has since rescheduled is skipped when it pops.
+    timers: BinaryHeap<Reverse<(Instant, PeerId)>>,
+    out: SendBatch,
+    due: Vec<PeerId>,
     pub unroutable: u64,
     /// Datagrams dropped over any peer's budget, since start.
     pub flood_drops: u64,
@@ -124,18 +159,31 @@ pub struct PeerSet<T> {
 }
 
 impl<T> PeerSet<T> {
-    pub fn new(socket: UdpSocket) -> std::io::Result<Self> {
+    /// Takes the thread's socket; `bell` is rung by whoever queues work for the thread.
+    pub fn new(socket: UdpSocket, bell: Arc<Doorbell>) -> std::io::Result<Self> {
         let local = socket.local_addr()?;
+        socket.set_nonblocking(true)?;
+        let poller = Poller::new(&socket, bell.clone())?;
         Ok(PeerSet {
             socket,
             local,
+            poller,
+            bell,
             peers: HashMap::new(),
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
+            timers: BinaryHeap::new(),
+            out: SendBatch::default(),
+            due: Vec::new(),
             unroutable: 0,
             flood_drops: 0,
             buf: vec![0; 2048],
         })
+    }
+
+    /// Datagrams sent, send errors, and `sendmmsg` calls, since start.
+    pub fn send_stats(&self) -> (u64, u64, u64) {
+        (self.out.sent, self.out.errors, self.out.syscalls)
     }
 
     pub fn insert(&mut self, id: PeerId, ufrag: String, rtc: Rtc, data: T) {
@@ -153,8 +201,10 @@ impl<T> PeerSet<T> {
                 window_start: now,
                 window_count: 0,
                 dropped_flood: 0,
+                scheduled: Some(now),
             },
         );
+        self.timers.push(Reverse((now, id)));
     }
 
     pub fn get_mut(&mut self, id: PeerId) -> Option<&mut Peer<T>> {
@@ -184,32 +234,48 @@ impl<T> PeerSet<T> {
         }
         p.rtc.disconnect();
         while let Ok(Output::Transmit(t)) = p.rtc.poll_output() {
-            let _ = self.socket.send_to(&t.contents, t.destination);
+            self.out.push(&self.socket, t.destination, t.contents);
         }
         info!(%id, %reason, dropped_flood = p.dropped_flood, "peer closed");
         app.on_closed(id, p, reason);
     }
 
-    /// Waits up to `wait` for one datagram and routes it. Returns true if one arrived.
-    pub fn recv(&mut self, wait: Duration, app: &mut impl PeerApp<T>) -> bool {
-        let _ = self
-            .socket
-            .set_read_timeout(Some(wait.max(Duration::from_micros(100))));
+    /// Sends what the peers queued, then sleeps until a datagram arrives, the doorbell rings
+    /// or `wait` passes. `has_work` is asked once more after the doorbell is armed, so work
+    /// queued just before the sleep is never left waiting.
+    pub fn wait(&mut self, wait: Duration, has_work: impl FnOnce() -> bool) {
+        self.out.flush(&self.socket);
+        if wait.is_zero() {
+            return;
+        }
+        self.bell.arm();
+        if has_work() {
+            self.bell.disarm();
+            return;
+        }
+        self.poller.wait(wait);
+    }
+
+    /// Routes the datagrams waiting on the socket (up to a burst). Returns how many there were.
+    pub fn recv(&mut self, app: &mut impl PeerApp<T>) -> usize {
         let mut buf = std::mem::take(&mut self.buf);
-        let got = match self.socket.recv_from(&mut buf) {
-            Ok((n, from)) => {
-                self.datagram(&buf[..n], from, app);
-                true
+        let mut n = 0;
+        while n < RECV_BURST {
+            match self.socket.recv_from(&mut buf) {
+                Ok((len, from)) => {
+                    n += 1;
+                    self.datagram(&buf[..len], from, app);
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+                Err(e) => {
+                    // ICMP port unreachable surfaces here on Linux; it concerns one peer only.
+                    debug!("udp recv: {e}");
+                    n += 1;
+                }
             }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => false,
-            Err(e) => {
-                // ICMP port unreachable surfaces here on Linux; it concerns one peer only.
-                debug!("udp recv: {e}");
-                true
-            }
-        };
+        }
         self.buf = buf;
-        got
+        n
     }
 
     fn datagram(&mut self, data: &[u8], from: SocketAddr, app: &mut impl PeerApp<T>) {
@@ -269,15 +335,28 @@ impl<T> PeerSet<T> {
         self.drive(id, input, app);
     }
 
-    /// Advances every peer's clock; returns the earliest next timeout.
+    /// Drives the peers whose timeout is due; returns the earliest deadline still pending.
+    /// A peer that asks to be driven again at once waits for the next call.
     pub fn timeouts(&mut self, now: Instant, app: &mut impl PeerApp<T>) -> Option<Instant> {
-        let mut next: Option<Instant> = None;
-        for id in self.ids() {
-            if let Some(t) = self.drive(id, Input::Timeout(now), app) {
-                next = Some(next.map_or(t, |n| n.min(t)));
+        let mut due = std::mem::take(&mut self.due);
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(p) = self.peers.get_mut(&id) {
+                if p.scheduled == Some(at) {
+                    p.scheduled = None;
+                    due.push(id);
+                }
             }
         }
-        next
+        for &id in &due {
+            self.drive(id, Input::Timeout(now), app);
+        }
+        due.clear();
+        self.due = due;
+        self.timers.peek().map(|Reverse((at, _))| *at)
     }
 
     /// Sends what a peer has queued (after the app wrote RTP to it).
@@ -306,11 +385,7 @@ impl<T> PeerSet<T> {
             }
             match p.rtc.poll_output() {
                 Ok(Output::Timeout(t)) => break Some(t),
-                Ok(Output::Transmit(t)) => {
-                    if let Err(e) = self.socket.send_to(&t.contents, t.destination) {
-                        debug!(%id, "udp send: {e}");
-                    }
-                }
+                Ok(Output::Transmit(t)) => self.out.push(&self.socket, t.destination, t.contents),
                 Ok(Output::Event(ev)) => {
                     let r = match ev {
                         Event::Connected => {
@@ -341,6 +416,18 @@ impl<T> PeerSet<T> {
         }
         if let Some(reason) = end {
             self.close(id, reason, app);
+            return None;
+        }
+        // A connecting peer is looked at again at its connect deadline even if str0m sleeps.
+        let timeout = match timeout {
+            Some(t) if !p.connected => Some(t.min(p.added + CONNECT_TIMEOUT)),
+            t => t,
+        };
+        if let Some(t) = timeout {
+            if p.scheduled.is_none_or(|s| t < s) {
+                p.scheduled = Some(t);
+                self.timers.push(Reverse((t, id)));
+            }
         }
         timeout
     }

@@ -1,0 +1,199 @@
+//! What one forwarded packet costs the edge after the packet core: the per-viewer rewrite, the
+//! str0m write, str0m's timeout handling and SRTP, measured on real str0m peers connected in
+//! memory (ICE, DTLS and SRTP all done for real, no socket), next to the floor the issue names:
+//! one AES-128-GCM seal of the same packet.
+//!
+//! - `flush_each`: every packet is written and flushed on its own (one `Timeout` + poll per
+//!   packet per viewer).
+//! - `flush_batch/K`: K packets are written to a viewer's tracks, then one flush sends them.
+//! - `floor_gcm`: AES-128-GCM over a 12-byte header (AAD) and 100-byte payload.
+
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use str0m::change::SdpAnswer;
+use str0m::media::{Direction, MediaKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
+
+use chorus::edge::viewer::OutTrack;
+use chorus::media::rewrite::InputPacket;
+use chorus::media::SourceIdx;
+use chorus::rtc::peers::answer_offer;
+
+const TRACKS: usize = 3;
+
+struct Pair {
+    server: Rtc,
+    client: Rtc,
+    tracks: Vec<OutTrack>,
+}
+
+fn deliver(from: &mut Rtc, to: &mut Rtc, to_addr: SocketAddr, now: Instant) -> (bool, usize) {
+    let mut connected = false;
+    let mut sent = 0;
+    loop {
+        match from.poll_output().expect("poll") {
+            Output::Timeout(_) => break,
+            Output::Transmit(t) => {
+                sent += 1;
+                if t.destination == to_addr {
+                    let r = Receive {
+                        proto: Protocol::Udp,
+                        source: t.source,
+                        destination: t.destination,
+                        contents: (&*t.contents).try_into().expect("datagram"),
+                    };
+                    to.handle_input(Input::Receive(now, r)).expect("receive");
+                }
+            }
+            Output::Event(Event::Connected) => connected = true,
+            Output::Event(_) => {}
+        }
+    }
+    (connected, sent)
+}
+
+/// A chorus viewer peer (answered by the edge's own code) and a str0m client, connected in memory.
+fn pair(i: u16) -> Pair {
+    let now = Instant::now();
+    let c_addr: SocketAddr = format!("127.0.0.2:{}", 10_000 + i).parse().unwrap();
+    let s_addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+    let mut client = RtcConfig::new().set_rtp_mode(true).build(now);
+    client.add_local_candidate(Candidate::host(c_addr, "udp").unwrap());
+    let mut api = client.sdp_api();
+    let mids: Vec<Mid> = (0..=TRACKS)
+        .map(|_| api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None))
+        .collect();
+    let (offer, pending) = api.apply().unwrap();
+    let config = RtcConfig::new().clear_codecs().enable_opus(true, false);
+    let (mut server, _, answer) = answer_offer(&offer.to_sdp_string(), config, s_addr).unwrap();
+    client
+        .sdp_api()
+        .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).unwrap())
+        .unwrap();
+    let mut t = now;
+    let mut up = (false, false);
+    for _ in 0..2000 {
+        client.handle_input(Input::Timeout(t)).unwrap();
+        server.handle_input(Input::Timeout(t)).unwrap();
+        let (c, _) = deliver(&mut client, &mut server, s_addr, t);
+        let (s, _) = deliver(&mut server, &mut client, c_addr, t);
+        up = (up.0 || c, up.1 || s);
+        if up == (true, true) {
+            break;
+        }
+        t += Duration::from_millis(5);
+    }
+    assert_eq!(up, (true, true), "in-memory pair connects");
+    let tracks = mids[1..]
+        .iter()
+        .map(|m| OutTrack::new(*m, 48_000))
+        .collect();
+    Pair {
+        server,
+        client,
+        tracks,
+    }
+}
+
+fn input(seq: u16) -> InputPacket {
+    InputPacket {
+        source: SourceIdx(1),
+        ssrc: 42,
+        seq,
+        ts: seq as u32 * 960,
+        marker: false,
+        samples: 960,
+    }
+}
+
+/// Sends what the server queued, counting datagrams (they go nowhere, as on a socket).
+fn flush(server: &mut Rtc, now: Instant) -> usize {
+    server.handle_input(Input::Timeout(now)).unwrap();
+    let mut n = 0;
+    loop {
+        match server.poll_output().unwrap() {
+            Output::Timeout(_) => return n,
+            Output::Transmit(t) => {
+                black_box(&t.contents);
+                n += 1;
+            }
+            Output::Event(_) => {}
+        }
+    }
+}
+
+fn bench_send(c: &mut Criterion) {
+    let mut g = c.benchmark_group("edge_send");
+    g.measurement_time(Duration::from_secs(4));
+    let payload: Arc<[u8]> = Arc::from(&[0x78u8; 100][..]);
+    let mut p = pair(1);
+    let _ = &p.client;
+    let mut seq = 0u16;
+    let mut us = 0u64;
+    g.bench_function("flush_each", |b| {
+        b.iter(|| {
+            seq = seq.wrapping_add(1);
+            us += 20_000;
+            let now = Instant::now();
+            p.tracks[0].write(
+                &mut p.server,
+                us,
+                now,
+                &input(seq),
+                Some((true, 30)),
+                &payload,
+            );
+            black_box(flush(&mut p.server, now));
+        })
+    });
+    for k in [3usize, 9] {
+        g.bench_with_input(BenchmarkId::new("flush_batch", k), &k, |b, &k| {
+            b.iter(|| {
+                let now = Instant::now();
+                for i in 0..k {
+                    seq = seq.wrapping_add(1);
+                    us += 20_000;
+                    let t = &mut p.tracks[i % TRACKS];
+                    t.write(
+                        &mut p.server,
+                        us,
+                        now,
+                        &input(seq),
+                        Some((true, 30)),
+                        &payload,
+                    );
+                }
+                black_box(flush(&mut p.server, now));
+            })
+        });
+    }
+    let key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &[7u8; 16]).unwrap());
+    let mut buf = vec![0u8; 100];
+    let header = [0x80u8; 12];
+    let mut n = 0u32;
+    g.bench_function("floor_gcm", |b| {
+        b.iter(|| {
+            n = n.wrapping_add(1);
+            let mut iv = [0u8; 12];
+            iv[8..].copy_from_slice(&n.to_be_bytes());
+            buf.truncate(100);
+            key.seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(iv),
+                Aad::from(&header),
+                &mut buf,
+            )
+            .unwrap();
+            black_box(&buf);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_send);
+criterion_main!(benches);

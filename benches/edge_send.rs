@@ -3,6 +3,8 @@
 //! memory (ICE, DTLS and SRTP all done for real, no socket), next to the floor the issue names:
 //! one AES-128-GCM seal of the same packet.
 //!
+//! - `flush_each_default_extensions`: the same with str0m's default header extensions
+//!   (transport-cc, abs-send-time, ...) instead of the edge's viewer configuration.
 //! - `flush_each`: every packet is written and flushed on its own (one `Timeout` + poll per
 //!   packet per viewer).
 //! - `flush_batch/K`: K packets are written to a viewer's tracks, then one flush sends them.
@@ -21,6 +23,7 @@ use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 
 use chorus::edge::viewer::OutTrack;
+use chorus::edge::viewer_config;
 use chorus::media::rewrite::InputPacket;
 use chorus::media::SourceIdx;
 use chorus::rtc::peers::answer_offer;
@@ -59,7 +62,7 @@ fn deliver(from: &mut Rtc, to: &mut Rtc, to_addr: SocketAddr, now: Instant) -> (
 }
 
 /// A chorus viewer peer (answered by the edge's own code) and a str0m client, connected in memory.
-fn pair(i: u16) -> Pair {
+fn pair(i: u16, full_extensions: bool) -> Pair {
     let now = Instant::now();
     let c_addr: SocketAddr = format!("127.0.0.2:{}", 10_000 + i).parse().unwrap();
     let s_addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
@@ -70,7 +73,11 @@ fn pair(i: u16) -> Pair {
         .map(|_| api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None))
         .collect();
     let (offer, pending) = api.apply().unwrap();
-    let config = RtcConfig::new().clear_codecs().enable_opus(true, false);
+    let config = if full_extensions {
+        RtcConfig::new().clear_codecs().enable_opus(true, false)
+    } else {
+        viewer_config()
+    };
     let (mut server, _, answer) = answer_offer(&offer.to_sdp_string(), config, s_addr).unwrap();
     client
         .sdp_api()
@@ -132,10 +139,22 @@ fn bench_send(c: &mut Criterion) {
     let mut g = c.benchmark_group("edge_send");
     g.measurement_time(Duration::from_secs(4));
     let payload: Arc<[u8]> = Arc::from(&[0x78u8; 100][..]);
-    let mut p = pair(1);
-    let _ = &p.client;
     let mut seq = 0u16;
     let mut us = 0u64;
+    let mut all = pair(2, true);
+    let _ = &all.client;
+    g.bench_function("flush_each_default_extensions", |b| {
+        b.iter(|| {
+            seq = seq.wrapping_add(1);
+            us += 20_000;
+            let now = Instant::now();
+            let t = &mut all.tracks[0];
+            t.write(&mut all.server, us, now, &input(seq), Some((true, 30)), &payload);
+            black_box(flush(&mut all.server, now));
+        })
+    });
+    let mut p = pair(1, false);
+    let _ = &p.client;
     g.bench_function("flush_each", |b| {
         b.iter(|| {
             seq = seq.wrapping_add(1);

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The bundled load test: how many viewers one edge core serves.
+#
+#   scripts/loadtest.sh [--start N] [--step N] [--max-viewers N] [--step-secs S]
+#                       [--duration S] [--tracks N] [--out DIR] [--no-build]
+#
+# Starts `chorus origin` and `chorus edge` (the edge pinned alone on core 0 with taskset, the
+# origin and the load generator on the other core), ramps viewers with `chorus loadgen` in steps
+# until --max-viewers or --duration (a hard stop: everything ends by itself), then runs the floor
+# benchmark (SRTP AES-GCM sealing plus sendmmsg of as many packets as the edge forwarded, with no
+# chorus logic) on the edge's core, and writes in --out:
+#   steps.jsonl   one JSON line per step from loadgen (packets, loss, latency, joins, edge CPU)
+#   floor.json    the floor benchmark
+#   report.md     the table, the capacity point and chorus's cost as a ratio of the floor
+#   report.png    CPU per viewer, loss and latency percentiles versus viewers
+# Logs of every process are kept there too. Loopback only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+START=200 STEP=400 MAX=3000 STEP_SECS=8 DURATION=420 TRACKS=3 BUILD=1
+OUT="target/loadtest/$(date +%Y%m%d-%H%M%S)"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --start) START=$2; shift 2 ;;
+    --step) STEP=$2; shift 2 ;;
+    --max-viewers) MAX=$2; shift 2 ;;
+    --step-secs) STEP_SECS=$2; shift 2 ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --tracks) TRACKS=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    --no-build) BUILD=0; shift ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "loadtest: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+say() { echo "loadtest: $*" >&2; }
+mkdir -p "$OUT"
+if [ "$BUILD" = 1 ]; then
+  say "building release (cargo build --release)"
+  cargo build --release --quiet
+fi
+BIN=target/release/chorus
+[ -x "$BIN" ] || { say "$BIN missing: run without --no-build"; exit 1; }
+command -v taskset >/dev/null || { say "taskset missing (Debian package util-linux)"; exit 1; }
+
+CORES=$(nproc)
+EDGE_CPU=0
+OTHER_CPU=$([ "$CORES" -gt 1 ] && echo 1 || echo 0)
+[ "$CORES" -gt 1 ] || say "one core only: the edge shares it with the load generator"
+# Every viewer is a UDP socket in the load generator.
+ulimit -n "$(( MAX + 4096 ))" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT INT TERM
+
+# Starts a chorus process in the background and waits for its JSON ready line.
+ready_line() {
+  local file=$1 pid=$2
+  for _ in $(seq 1 300); do
+    if [ -s "$file" ]; then head -n1 "$file"; return 0; fi
+    kill -0 "$pid" 2>/dev/null || { say "process $pid died; see $OUT/*.log"; return 1; }
+    sleep 0.1
+  done
+  say "no ready line in $file after 30 s"; return 1
+}
+json() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
+
+export CHORUS_PUBLISH_TOKEN="loadtest-$(date +%s%N)"
+export CHORUS_CLUSTER_TOKEN="cluster-$(date +%s%N)"
+export RUST_LOG=${RUST_LOG:-warn}
+
+taskset -c "$OTHER_CPU" "$BIN" origin --http 127.0.0.1:0 --cluster 127.0.0.1:0 \
+  >"$OUT/origin.json" 2>"$OUT/origin.log" &
+ORIGIN_PID=$!; PIDS+=("$ORIGIN_PID")
+ORIGIN=$(ready_line "$OUT/origin.json" "$ORIGIN_PID")
+taskset -c "$EDGE_CPU" "$BIN" edge --http 127.0.0.1:0 --origin "$(json "$ORIGIN" cluster)" \
+  --origin-fingerprint "$(json "$ORIGIN" fingerprint)" >"$OUT/edge.json" 2>"$OUT/edge.log" &
+EDGE_PID=$!; PIDS+=("$EDGE_PID")
+EDGE=$(ready_line "$OUT/edge.json" "$EDGE_PID")
+say "origin $(json "$ORIGIN" http) (cpu $OTHER_CPU), edge $(json "$EDGE" http) (pid $EDGE_PID, cpu $EDGE_CPU)"
+
+say "ramp: $START viewers + $STEP per step up to $MAX, ${STEP_SECS}s steady per step, $TRACKS tracks, stop within ${DURATION}s"
+timeout --kill-after=10 "$(( ${DURATION%.*} + 60 ))" taskset -c "$OTHER_CPU" "$BIN" loadgen \
+  --url "$(json "$ORIGIN" http)" --view-url "$(json "$EDGE" http)" \
+  --tracks "$TRACKS" --start "$START" --step "$STEP" --max-viewers "$MAX" \
+  --step-secs "$STEP_SECS" --duration "$DURATION" --edge-pid "$EDGE_PID" \
+  >"$OUT/steps.jsonl" 2>"$OUT/loadgen.log" || say "loadgen exited with $? (see $OUT/loadgen.log)"
+cleanup; PIDS=()
+
+# The floor: as many packets as the busiest step forwarded, on the edge's core, nothing else running.
+PACKETS=$(python3 - "$OUT/steps.jsonl" <<'EOF'
+import json, sys
+steps = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith('{"step"')]
+print(max([s.get("received", 0) + s.get("lost", 0) for s in steps] + [100000]))
+EOF
+)
+say "floor benchmark: $PACKETS packets"
+taskset -c "$EDGE_CPU","$OTHER_CPU" "$BIN" loadgen floor --packets "$PACKETS" --viewers 2000 --batch 32 \
+  >"$OUT/floor.json" 2>"$OUT/floor.log"
+
+VENV=target/loadtest-venv
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null; then
+  say "installing matplotlib into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet matplotlib
+fi
+"$VENV/bin/python" scripts/loadtest_report.py "$OUT"
+say "report: $OUT/report.md and $OUT/report.png"

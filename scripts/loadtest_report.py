@@ -1,0 +1,139 @@
+"""Turns a scripts/loadtest.sh run (steps.jsonl, floor.json) into report.md and report.png.
+
+Usage: loadtest_report.py DIR
+"""
+
+import json
+import sys
+from pathlib import Path
+
+# Where a step stops counting as within capacity.
+P99_LIMIT_MS = 5.0
+LOSS_LIMIT_PCT = 0.01
+CPU_LIMIT_PCT = 95.0
+
+
+def load(out: Path):
+    steps, summary = [], None
+    for line in (out / "steps.jsonl").read_text().splitlines():
+        if not line.strip().startswith("{"):
+            continue
+        v = json.loads(line)
+        if "step" in v:
+            steps.append(v)
+        else:
+            summary = v
+    floor = json.loads((out / "floor.json").read_text())
+    return steps, summary, floor
+
+
+def fmt(x, nd=1):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def within(s):
+    """Why a step is past capacity, or None."""
+    if (s.get("lat_p99_ms") or 0) > P99_LIMIT_MS:
+        return f"p99 {s['lat_p99_ms']} ms > {P99_LIMIT_MS}"
+    if (s.get("loss_pct") or 0) > LOSS_LIMIT_PCT:
+        return f"loss {s['loss_pct']} % > {LOSS_LIMIT_PCT}"
+    if (s.get("edge_cpu_pct") or 0) > CPU_LIMIT_PCT:
+        return f"edge CPU {s['edge_cpu_pct']} % > {CPU_LIMIT_PCT}"
+    if s.get("connected", 0) < s.get("viewers", 0):
+        return f"only {s['connected']} of {s['viewers']} viewers connected"
+    return None
+
+
+def main():
+    out = Path(sys.argv[1])
+    steps, summary, floor = load(out)
+    floor_ns = floor["both_ns_per_pkt"]
+    rows = [
+        "| viewers | connected | pkts/s out | edge CPU % | edge µs CPU / viewer·s | edge ns / pkt | ratio to floor | "
+        "loss % | latency p50 / p95 / p99 / max ms | switch p50 / p95 ms | edge RSS KiB / viewer | joins/s | join p99 ms |",
+        "|" + "---|" * 13,
+    ]
+    capacity, reason = None, None
+    for s in steps:
+        v = max(s.get("connected", 0), 1)
+        cpu_per_viewer = (s.get("edge_cpu_s") or 0) / max(s.get("secs") or 1, 1e-9) / v * 1e6
+        ns = s.get("edge_ns_per_pkt")
+        ratio = (ns / floor_ns) if ns and floor_ns else None
+        rss = s.get("edge_rss_kib")
+        rows.append(
+            f"| {s['viewers']} | {s.get('connected')} | {fmt(s.get('pkts_per_s'), 0)} | {fmt(s.get('edge_cpu_pct'))} "
+            f"| {cpu_per_viewer:.1f} | {fmt(ns, 0)} | {fmt(ratio, 2)} | {fmt(s.get('loss_pct'), 4)} "
+            f"| {fmt(s.get('lat_p50_ms'), 2)} / {fmt(s.get('lat_p95_ms'), 2)} / {fmt(s.get('lat_p99_ms'), 2)} / {fmt(s.get('lat_max_ms'), 2)} "
+            f"| {fmt(s.get('switch_p50_ms'), 0)} / {fmt(s.get('switch_p95_ms'), 0)} "
+            f"| {fmt(rss / v if rss else None, 1)} | {fmt(s.get('joins_per_s'))} | {fmt(s.get('join_p99_ms'), 0)} |"
+        )
+        r = within(s)
+        if r is None and reason is None:
+            capacity = s
+        elif r is not None and reason is None:
+            reason = (s["viewers"], r)
+    lines = ["# chorus load test", ""]
+    lines.append(
+        f"Floor (`chorus loadgen floor`, {floor['packets']} packets, batch {floor['batch']}): "
+        f"{floor['encrypt_ns_per_pkt']} ns AES-GCM + {floor['send_ns_per_pkt']} ns sendmmsg = "
+        f"{floor_ns} ns per packet (measured together)."
+    )
+    lines.append("")
+    if capacity:
+        ns = capacity.get("edge_ns_per_pkt")
+        lines.append(
+            f"Capacity point: {capacity['viewers']} viewers, {fmt(capacity.get('pkts_per_s'), 0)} packets/s forwarded "
+            f"on one edge core at {fmt(capacity.get('edge_cpu_pct'))} % CPU, p99 {capacity.get('lat_p99_ms')} ms, "
+            f"loss {capacity.get('loss_pct')} %, {fmt(ns, 0)} ns of edge CPU per packet = "
+            f"{fmt(ns / floor_ns if ns else None, 2)}x the floor."
+        )
+    else:
+        lines.append("No step was within capacity.")
+    if reason:
+        lines.append(f"The next step ({reason[0]} viewers) is past it: {reason[1]}.")
+    else:
+        lines.append("No step reached the limits: the ramp ended first (raise --max-viewers).")
+    lines.append("")
+    lines += rows
+    if summary:
+        lines += ["", "Summary line from loadgen:", "", "```", json.dumps(summary), "```"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(out, steps)
+
+
+def plot(out: Path, steps):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [s.get("connected") or s["viewers"] for s in steps]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
+    cpu = [(s.get("edge_cpu_s") or 0) / max(s.get("secs") or 1, 1e-9) / max(v, 1) * 1e6 for s, v in zip(steps, x)]
+    ax[0].plot(x, cpu, "o-")
+    ax[0].set_title("edge CPU per viewer (µs per second)")
+    ax[0].set_xlabel("viewers")
+    ax2 = ax[0].twinx()
+    ax2.plot(x, [s.get("edge_cpu_pct") or 0 for s in steps], "s--", color="grey")
+    ax2.set_ylabel("edge CPU %")
+    ax[1].plot(x, [s.get("loss_pct") or 0 for s in steps], "o-", color="red")
+    ax[1].axhline(LOSS_LIMIT_PCT, linestyle=":", color="grey")
+    ax[1].set_title("loss %")
+    ax[1].set_xlabel("viewers")
+    for key, style in (("lat_p50_ms", "o-"), ("lat_p95_ms", "s-"), ("lat_p99_ms", "^-"), ("lat_max_ms", "x:")):
+        ax[2].plot(x, [s.get(key) for s in steps], style, label=key.split("_")[1])
+    ax[2].axhline(P99_LIMIT_MS, linestyle=":", color="grey")
+    ax[2].set_title("added latency (ms)")
+    ax[2].set_xlabel("viewers")
+    ax[2].legend()
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=90)
+
+
+if __name__ == "__main__":
+    main()

@@ -81,7 +81,7 @@ impl SeqCounter {
         let ext = (self.max as i64 + delta).max(0) as u64;
         if ext > self.max {
             let shift = ext - self.max;
-            self.seen = if shift >= WINDOW as u64 {
+            self.seen = if shift >= WINDOW {
                 0
             } else {
                 self.seen << shift

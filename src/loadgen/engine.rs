@@ -35,6 +35,8 @@ const MAX_ROUNDS: usize = 4;
 /// A viewer tracks at most this many SSRCs (1 main + up to 16 multiplexed tracks).
 const MAX_SSRCS: usize = 18;
 const WAKE_TOKEN: u64 = u64::MAX;
+/// Ready sockets taken per epoll_wait.
+const EVENTS: usize = 4096;
 /// Latency samples beyond this are not media that arrived, but a matcher confusion.
 const MAX_LATENCY_NS: u64 = 10_000_000_000;
 
@@ -107,6 +109,10 @@ pub struct ThreadStats {
     pub published: AtomicU64,
     /// Datagrams longer than a receive slot (dropped).
     pub truncated: AtomicU64,
+    /// str0m timeouts handled (ICE consent, RTCP, DTLS retransmits).
+    pub timeouts: AtomicU64,
+    /// Datagrams handed to str0m.
+    pub to_str0m: AtomicU64,
     pub samples: Mutex<Samples>,
 }
 
@@ -121,6 +127,8 @@ struct Local {
     excluded: u64,
     published: u64,
     truncated: u64,
+    timeouts: u64,
+    to_str0m: u64,
     samples: Samples,
 }
 
@@ -143,6 +151,9 @@ struct Viewer {
     switch: Option<SwitchTracker>,
 }
 
+// Viewers are the many: their counters stay inline (no pointer chase per packet); a peer's
+// str0m state dwarfs either variant anyway.
+#[allow(clippy::large_enum_variant)]
 enum Role {
     Publisher(Publisher),
     Viewer(Viewer),
@@ -203,7 +214,7 @@ pub fn spawn(cfg: EngineConfig) -> std::io::Result<EngineHandle> {
     let (tx, rx) = mpsc::channel();
     let wake = Arc::new(EventFd::new()?);
     let stats = Arc::new(ThreadStats::default());
-    let epoll = Epoll::new(1024)?;
+    let epoll = Epoll::new(EVENTS)?;
     epoll.add(wake.fd(), WAKE_TOKEN)?;
     let mut engine = Engine {
         epoll,
@@ -215,7 +226,7 @@ pub fn spawn(cfg: EngineConfig) -> std::io::Result<EngineHandle> {
         publishers: Vec::new(),
         start: None,
         batch: RecvBatch::new(BATCH),
-        ready: Vec::with_capacity(1024),
+        ready: Vec::with_capacity(EVENTS),
         local: Local::default(),
         stats: stats.clone(),
         cfg,
@@ -296,7 +307,12 @@ impl Engine {
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }
-            last_poll = Instant::now();
+            // A full event array means more sockets are ready: read them without the pause.
+            last_poll = if self.ready.len() >= EVENTS {
+                Instant::now() - self.cfg.poll
+            } else {
+                Instant::now()
+            };
             for i in 0..self.ready.len() {
                 let token = self.ready[i];
                 if token == WAKE_TOKEN {
@@ -481,6 +497,7 @@ impl Engine {
             if let Some(p) = self.peers[slot].as_mut() {
                 p.timeout = None;
             }
+            self.local.timeouts += 1;
             self.drive(slot, Input::Timeout(now), None);
         }
         // Stale entries pile up when peers reschedule often: rebuild now and then.
@@ -568,6 +585,7 @@ impl Engine {
             },
         );
         let rx_ns = rx_ns.unwrap_or_else(sys::realtime_ns);
+        self.local.to_str0m += 1;
         let end = drive_peer(
             p,
             input,
@@ -636,6 +654,8 @@ impl Engine {
             (&s.excluded_received, &mut l.excluded),
             (&s.published, &mut l.published),
             (&s.truncated, &mut l.truncated),
+            (&s.timeouts, &mut l.timeouts),
+            (&s.to_str0m, &mut l.to_str0m),
         ] {
             if *v > 0 {
                 a.fetch_add(*v, Ordering::Relaxed);

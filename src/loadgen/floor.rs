@@ -123,6 +123,22 @@ fn receiver(sockets: Vec<UdpSocket>, stop: Arc<AtomicBool>, got: Arc<AtomicU64>)
     }
 }
 
+/// Runs `f` over `packets` in batches of `batch`; returns the seconds it took.
+fn timed(
+    packets: u64,
+    batch: usize,
+    mut f: impl FnMut(usize) -> Result<(), String>,
+) -> Result<f64, String> {
+    let t = Instant::now();
+    let mut left = packets;
+    while left > 0 {
+        let n = left.min(batch as u64) as usize;
+        f(n)?;
+        left -= n as u64;
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
 pub fn run(o: &FloorOptions) -> Result<Value, String> {
     if o.packets == 0 || o.viewers == 0 || o.batch == 0 {
         return Err("--packets, --viewers and --batch must be at least 1".into());
@@ -196,52 +212,31 @@ pub fn run(o: &FloorOptions) -> Result<Value, String> {
         }
     };
     let io = |e: std::io::Error| format!("sendmmsg: {e}");
-    let mut left = warm;
-    while left > 0 {
-        let n = left.min(b as u64) as usize;
+    timed(warm, b, |n| {
         encrypt(&mut dests, &mut tx, n, &mut next);
-        tx.send(fd, n).map_err(io)?;
-        left -= n as u64;
-    }
+        tx.send(fd, n).map(drop).map_err(io)
+    })?;
     std::thread::sleep(Duration::from_millis(20));
     let received_before = got.load(Ordering::Relaxed);
-
     // Encryption alone.
-    let t = Instant::now();
-    let mut left = packets;
-    while left > 0 {
-        let n = left.min(b as u64) as usize;
+    let encrypt_secs = timed(packets, b, |n| {
         encrypt(&mut dests, &mut tx, n, &mut next);
-        left -= n as u64;
-    }
-    let encrypt_secs = t.elapsed().as_secs_f64();
-
+        Ok(())
+    })?;
     // Sending alone: the last batch sealed, sent again to the same round robin of sockets.
-    let t = Instant::now();
-    let mut left = packets;
     let mut k = 0usize;
-    while left > 0 {
-        let n = left.min(b as u64) as usize;
+    let send_secs = timed(packets, b, |n| {
         for i in 0..n {
             tx.dests[i] = dests[k].addr;
             k = (k + 1) % v;
         }
-        tx.send(fd, n).map_err(io)?;
-        left -= n as u64;
-    }
-    let send_secs = t.elapsed().as_secs_f64();
-
+        tx.send(fd, n).map(drop).map_err(io)
+    })?;
     // Both, as a forwarder does: seal a batch, send it.
-    let t = Instant::now();
-    let mut left = packets;
-    while left > 0 {
-        let n = left.min(b as u64) as usize;
+    let both_secs = timed(packets, b, |n| {
         encrypt(&mut dests, &mut tx, n, &mut next);
-        tx.send(fd, n).map_err(io)?;
-        left -= n as u64;
-    }
-    let both_secs = t.elapsed().as_secs_f64();
-
+        tx.send(fd, n).map(drop).map_err(io)
+    })?;
     stop.store(true, Ordering::Relaxed);
     let _ = rx.join();
     let received = got.load(Ordering::Relaxed) - received_before;

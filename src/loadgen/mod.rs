@@ -175,8 +175,17 @@ fn check(opts: &Options) -> Result<(), String> {
     if opts.join_concurrency == 0 {
         return Err("--join-concurrency must be at least 1".into());
     }
-    if !(opts.duration > 0.0 && opts.step_secs > 0.0 && opts.join_timeout > 0.0) {
-        return Err("--duration, --step-secs and --join-timeout must be positive".into());
+    let week = 7.0 * 86_400.0;
+    for (name, v) in [
+        ("--duration", opts.duration),
+        ("--step-secs", opts.step_secs),
+        ("--join-timeout", opts.join_timeout),
+    ] {
+        if !(v > 0.0 && v <= week) {
+            return Err(format!(
+                "{name} must be a positive number of seconds, up to a week"
+            ));
+        }
     }
     if !(0.0..=100.0).contains(&opts.poll_ms) {
         return Err("--poll-ms must be 0 to 100".into());
@@ -268,9 +277,15 @@ pub fn run(opts: Options) -> Result<(), String> {
         e.stop();
     }
     let summary = result?;
-    println!("{}", json!({ "summary": summary }));
-    let _ = std::io::stdout().flush();
+    emit(&json!({ "summary": summary }));
     Ok(())
+}
+
+/// One report line on stdout (a closed stdout is not worth a panic).
+fn emit(v: &Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
 }
 
 /// A join's outcome, sent back to the ramp.
@@ -279,121 +294,110 @@ struct JoinResult {
     ended: Instant,
 }
 
-async fn publish(ctx: Arc<Ctx>, p: usize) -> Result<Signalling, String> {
+/// Which side of the signalling a peer joins.
+enum Side {
+    Publisher { source: usize },
+    Viewer { index: usize },
+}
+
+/// One peer's join, as the SDK does it: director request, offer, `publish` or `view` on the
+/// signalling socket, answer; then the peer goes to its thread and this waits for ICE + DTLS.
+/// Returns the signalling session (kept open while the peer lives) and the join time.
+async fn join(ctx: &Ctx, side: Side, started: Instant) -> Result<(Signalling, Duration), String> {
     let o = &ctx.opts;
-    let name = &ctx.source_ids[p];
-    let started = Instant::now();
-    let grant = signal::director(
-        &ctx.publish_base,
-        "publish",
-        &json!({"streamName": o.stream, "streamType": "WebRtc"}),
-        o.publish_token.as_deref(),
-        ctx.http_timeout,
-    )
-    .await?;
-    let socket = sys::udp_socket(o.local_ip).map_err(|e| format!("UDP socket: {e}"))?;
-    let local = socket.local_addr().map_err(|e| e.to_string())?;
-    let offer = peer::publisher_offer(&ctx.crypto, local)?;
-    let mut sig = Signalling::connect(&grant, ctx.http_timeout).await?;
-    let data = sig
-        .command(
+    let (base, kind, body, bearer) = match side {
+        Side::Publisher { .. } => (
+            &ctx.publish_base,
             "publish",
-            json!({"name": o.stream, "sdp": offer.sdp, "codec": "opus", "sourceId": name}),
-            ctx.http_timeout,
-        )
-        .await?;
-    let answer = data["sdp"]
-        .as_str()
-        .ok_or_else(|| format!("publish response without data.sdp: {data}"))?;
-    let (rtc, mids) = peer::accept(offer, answer)?;
-    let (tx, rx) = oneshot::channel();
-    ctx.engines[p % ctx.engines.len()].send(Cmd::Publisher {
-        peer: Box::new(NewPeer {
-            socket,
-            rtc,
-            mids,
-            started,
-            done: Some(tx),
-            label: format!("publisher {name}"),
-        }),
-        source: p,
-    });
-    wait_connected(rx, ctx.join_timeout).await?;
-    Ok(sig)
-}
-
-async fn wait_connected(
-    rx: oneshot::Receiver<Result<Instant, String>>,
-    timeout: Duration,
-) -> Result<Instant, String> {
-    match tokio::time::timeout(timeout + Duration::from_secs(1), rx).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(_)) => Err("the load generator thread ended".into()),
-        Err(_) => Err(format!("ICE + DTLS did not complete within {timeout:?}")),
-    }
-}
-
-/// One viewer: director, offer, `view`, then wait for ICE + DTLS. Returns the signalling
-/// session (kept open while the viewer lives) and the join time.
-async fn view(ctx: &Ctx, i: usize, started: Instant) -> Result<(Signalling, Duration), String> {
-    let o = &ctx.opts;
-    let grant = signal::director(
-        &ctx.view_base,
-        "subscribe",
-        &json!({"streamName": o.stream, "streamAccountId": "chorus"}),
-        o.subscribe_token.as_deref(),
-        ctx.http_timeout,
-    )
-    .await?;
+            json!({"streamName": o.stream, "streamType": "WebRtc"}),
+            o.publish_token.as_deref(),
+        ),
+        Side::Viewer { .. } => (
+            &ctx.view_base,
+            "subscribe",
+            json!({"streamName": o.stream, "streamAccountId": "chorus"}),
+            o.subscribe_token.as_deref(),
+        ),
+    };
+    let grant = signal::director(base, kind, &body, bearer, ctx.http_timeout).await?;
     let socket = sys::udp_socket(o.local_ip).map_err(|e| format!("UDP socket: {e}"))?;
     let local = socket.local_addr().map_err(|e| e.to_string())?;
-    let k = ctx.source_ids.len();
-    let sampled = o.sample_every > 0 && i % o.sample_every == 0;
-    // "Its own voice": round robin over the sources; sampled viewers rotate among themselves
-    // so that they do not all exclude the same source when the sampling period and the
-    // number of sources share a factor.
-    let excluded = if sampled {
-        (i / o.sample_every) % k
-    } else {
-        i % k
-    };
-    if sampled {
-        sys::enable_rx_timestamps(&socket).map_err(|e| format!("SO_TIMESTAMPNS: {e}"))?;
-    }
-    let offer = peer::viewer_offer(&ctx.crypto, local, o.tracks)?;
-    let mut sig = Signalling::connect(&grant, ctx.http_timeout).await?;
-    let data = sig
-        .command(
-            "view",
-            json!({
+    let (offer, name, data, label, engine) = match side {
+        Side::Publisher { source } => {
+            let offer = peer::publisher_offer(&ctx.crypto, local)?;
+            let data = json!({"name": o.stream, "sdp": offer.sdp, "codec": "opus",
+                              "sourceId": ctx.source_ids[source]});
+            let label = format!("publisher {}", ctx.source_ids[source]);
+            (offer, "publish", data, label, source)
+        }
+        Side::Viewer { index } => {
+            let (sampled, excluded) = viewer_role(o, ctx.source_ids.len(), index);
+            if sampled {
+                sys::enable_rx_timestamps(&socket).map_err(|e| format!("SO_TIMESTAMPNS: {e}"))?;
+            }
+            let offer = peer::viewer_offer(&ctx.crypto, local, o.tracks)?;
+            let data = json!({
                 "streamId": o.stream,
                 "sdp": offer.sdp,
                 "pinnedSourceId": null,
                 "excludedSourceIds": [ctx.source_ids[excluded]],
                 "events": ["active", "inactive", "vad", "layers", "viewercount"],
-            }),
-            ctx.http_timeout,
-        )
-        .await?;
-    let answer = data["sdp"]
+            });
+            (offer, "view", data, format!("viewer {index}"), index)
+        }
+    };
+    let mut sig = Signalling::connect(&grant, ctx.http_timeout).await?;
+    let answer = sig.command(name, data, ctx.http_timeout).await?;
+    let sdp = answer["sdp"]
         .as_str()
-        .ok_or_else(|| format!("view response without data.sdp: {data}"))?;
-    let (rtc, mids) = peer::accept(offer, answer)?;
+        .ok_or_else(|| format!("{name} response without data.sdp: {answer}"))?;
+    let (rtc, mids) = peer::accept(offer, sdp)?;
     let (tx, rx) = oneshot::channel();
-    ctx.engines[i % ctx.engines.len()].send(Cmd::Viewer {
-        peer: Box::new(NewPeer {
-            socket,
-            rtc,
-            mids,
-            started,
-            done: Some(tx),
-            label: format!("viewer {i}"),
-        }),
-        sampled,
-        excluded: Some(excluded),
+    let peer = Box::new(NewPeer {
+        socket,
+        rtc,
+        mids,
+        started,
+        done: Some(tx),
+        label,
     });
-    let at = wait_connected(rx, ctx.join_timeout).await?;
+    let cmd = match side {
+        Side::Publisher { source } => Cmd::Publisher { peer, source },
+        Side::Viewer { index } => {
+            let (sampled, excluded) = viewer_role(o, ctx.source_ids.len(), index);
+            Cmd::Viewer {
+                peer,
+                sampled,
+                excluded: Some(excluded),
+            }
+        }
+    };
+    ctx.engines[engine % ctx.engines.len()].send(cmd);
+    let at = match tokio::time::timeout(ctx.join_timeout + Duration::from_secs(1), rx).await {
+        Ok(Ok(r)) => r?,
+        Ok(Err(_)) => return Err("the load generator thread ended".into()),
+        Err(_) => {
+            return Err(format!(
+                "ICE + DTLS did not complete within {:?}",
+                ctx.join_timeout
+            ))
+        }
+    };
     Ok((sig, at.duration_since(started)))
+}
+
+/// Viewer `i`: (decrypts to measure latency, index of the source it excludes). "Its own
+/// voice" goes round robin over the sources; sampled viewers rotate among themselves so that
+/// they do not all exclude the same source when the sampling period and the number of sources
+/// share a factor.
+fn viewer_role(o: &Options, sources: usize, i: usize) -> (bool, usize) {
+    let sampled = o.sample_every > 0 && i.is_multiple_of(o.sample_every);
+    let excluded = if sampled {
+        (i / o.sample_every) % sources
+    } else {
+        i % sources
+    };
+    (sampled, excluded)
 }
 
 fn spawn_viewer(
@@ -407,7 +411,7 @@ fn spawn_viewer(
             return;
         };
         let started = Instant::now();
-        match view(&ctx, i, started).await {
+        match join(&ctx, Side::Viewer { index: i }, started).await {
             Ok((sig, took)) => {
                 drop(permit);
                 let _ = results.send(JoinResult {
@@ -443,7 +447,10 @@ async fn ramp(ctx: Arc<Ctx>, started: Instant, deadline: Instant) -> Result<Valu
     // Publishers first, all connected before the common start.
     let mut pub_tasks = Vec::new();
     for p in 0..ctx.source_ids.len() {
-        pub_tasks.push(tokio::spawn(publish(ctx.clone(), p)));
+        let ctx = ctx.clone();
+        pub_tasks.push(tokio::spawn(async move {
+            join(&ctx, Side::Publisher { source: p }, Instant::now()).await
+        }));
     }
     let mut sessions = Vec::new();
     for (p, t) in pub_tasks.into_iter().enumerate() {
@@ -452,7 +459,7 @@ async fn ramp(ctx: Arc<Ctx>, started: Instant, deadline: Instant) -> Result<Valu
             .map_err(|_| "the run ended before the publishers connected".to_owned())?
             .map_err(|e| format!("publisher task failed: {e}"))?;
         match r {
-            Ok(s) => sessions.push(s),
+            Ok((s, _)) => sessions.push(s),
             Err(e) => return Err(format!("publisher {}: {e}", ctx.source_ids[p])),
         }
     }
@@ -543,8 +550,7 @@ async fn ramp(ctx: Arc<Ctx>, started: Instant, deadline: Instant) -> Result<Valu
             corpus_ms: (corpus_ms(a.at), corpus_ms(b.at)),
             partial,
         });
-        println!("{line}");
-        let _ = std::io::stdout().flush();
+        emit(&line);
         steps += 1;
         if let Some(r) = b.edge_rss_kib {
             let c = b.connected as usize;

@@ -23,6 +23,8 @@ pub struct Snapshot {
     pub excluded_received: u64,
     pub published: u64,
     pub truncated: u64,
+    pub timeouts: u64,
+    pub to_str0m: u64,
     pub connected: u64,
     pub dropped: u64,
     pub edge_cpu_s: Option<f64>,
@@ -47,6 +49,8 @@ impl Snapshot {
             s.excluded_received += get(&t.excluded_received);
             s.published += get(&t.published);
             s.truncated += get(&t.truncated);
+            s.timeouts += get(&t.timeouts);
+            s.to_str0m += get(&t.to_str0m);
             s.connected += get(&t.connected_viewers);
             s.dropped += get(&t.dropped_viewers);
         }
@@ -231,6 +235,15 @@ pub fn step_json(s: StepInput<'_>) -> Value {
         json!(b.excluded_received - a.excluded_received),
     );
     o.insert("published".into(), json!(b.published - a.published));
+    // The generator's own str0m work: timeouts driven and datagrams decrypted or answered.
+    o.insert(
+        "str0m_timeouts_per_s".into(),
+        json!(per_s((b.timeouts - a.timeouts) as f64).map(|x| round(x, 0))),
+    );
+    o.insert(
+        "str0m_inputs_per_s".into(),
+        json!(per_s((b.to_str0m - a.to_str0m) as f64).map(|x| round(x, 0))),
+    );
     o.insert("corpus_ms".into(), json!([s.corpus_ms.0, s.corpus_ms.1]));
     if s.partial {
         o.insert("partial".into(), json!(true));

@@ -130,6 +130,8 @@ struct Local {
     timeouts: u64,
     to_str0m: u64,
     samples: Samples,
+    /// Peers of this thread still connecting (a gauge, not published).
+    connecting: usize,
 }
 
 struct Publisher {
@@ -288,7 +290,14 @@ impl Engine {
             if let Some(Reverse((t, _))) = self.heap.peek() {
                 next = next.min(*t);
             }
-            let next_poll = last_poll + self.cfg.poll;
+            // While peers connect, every ICE and DTLS round trip would wait for the next read:
+            // read often then, so join times measure the server, not this loop.
+            let poll = if self.local.connecting > 0 {
+                self.cfg.poll.min(Duration::from_millis(1))
+            } else {
+                self.cfg.poll
+            };
+            let next_poll = last_poll + poll;
             let now = Instant::now();
             if next_poll > now {
                 // Too early to read the sockets again: sleep until then or the next timer.
@@ -309,7 +318,7 @@ impl Engine {
             }
             // A full event array means more sockets are ready: read them without the pause.
             last_poll = if self.ready.len() >= EVENTS {
-                Instant::now() - self.cfg.poll
+                Instant::now() - poll
             } else {
                 Instant::now()
             };
@@ -394,6 +403,7 @@ impl Engine {
             self.free.push(slot);
             return None;
         }
+        self.local.connecting += 1;
         self.peers[slot] = Some(Peer {
             socket,
             fd,
@@ -630,6 +640,9 @@ impl Engine {
         if let Some(d) = p.done.take() {
             let _ = d.send(Err(reason.clone()));
         }
+        if !p.connected {
+            self.local.connecting = self.local.connecting.saturating_sub(1);
+        }
         if p.connected {
             if let Role::Viewer(_) = p.role {
                 self.stats.connected_viewers.fetch_sub(1, Ordering::Relaxed);
@@ -737,6 +750,9 @@ fn drive_peer(
             Ok(Output::Event(ev)) => match ev {
                 Event::Connected => {
                     let now = Instant::now();
+                    if !p.connected {
+                        local.connecting = local.connecting.saturating_sub(1);
+                    }
                     p.connected = true;
                     if let Some(d) = p.done.take() {
                         let _ = d.send(Ok(now));

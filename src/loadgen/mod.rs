@@ -242,13 +242,19 @@ pub fn run(opts: Options) -> Result<(), String> {
     let view_base = HttpBase::parse(opts.view_url.as_deref().unwrap_or(&opts.url))?;
     let sources: Arc<Vec<Vec<Frame>>> = Arc::new(pubs.iter().map(|p| p.frames.clone()).collect());
     let mut engines = Vec::new();
-    for id in 0..opts.threads {
+    // The viewers' threads, then one for the publishers: their 20 ms clock keeps its pace
+    // however busy the viewers get.
+    for id in 0..=opts.threads {
         let h = engine::spawn(EngineConfig {
             id,
             sources: sources.clone(),
             matcher: matcher.clone(),
             deadline: hard_deadline,
-            poll: Duration::from_secs_f64(opts.poll_ms / 1000.0),
+            poll: Duration::from_secs_f64(if id == opts.threads {
+                opts.poll_ms.min(1.0) / 1000.0
+            } else {
+                opts.poll_ms / 1000.0
+            }),
             join_timeout: Duration::from_secs_f64(opts.join_timeout),
         })
         .map_err(|e| format!("cannot start a load generator thread: {e}"))?;
@@ -328,7 +334,7 @@ async fn join(ctx: &Ctx, side: Side, started: Instant) -> Result<(Signalling, Du
             let data = json!({"name": o.stream, "sdp": offer.sdp, "codec": "opus",
                               "sourceId": ctx.source_ids[source]});
             let label = format!("publisher {}", ctx.source_ids[source]);
-            (offer, "publish", data, label, source)
+            (offer, "publish", data, label, ctx.opts.threads)
         }
         Side::Viewer { index } => {
             let (sampled, excluded) = viewer_role(o, ctx.source_ids.len(), index);
@@ -343,7 +349,13 @@ async fn join(ctx: &Ctx, side: Side, started: Instant) -> Result<(Signalling, Du
                 "excludedSourceIds": [ctx.source_ids[excluded]],
                 "events": ["active", "inactive", "vad", "layers", "viewercount"],
             });
-            (offer, "view", data, format!("viewer {index}"), index)
+            (
+                offer,
+                "view",
+                data,
+                format!("viewer {index}"),
+                index % o.threads,
+            )
         }
     };
     let mut sig = Signalling::connect(&grant, ctx.http_timeout).await?;
@@ -372,7 +384,7 @@ async fn join(ctx: &Ctx, side: Side, started: Instant) -> Result<(Signalling, Du
             }
         }
     };
-    ctx.engines[engine % ctx.engines.len()].send(cmd);
+    ctx.engines[engine].send(cmd);
     let at = match tokio::time::timeout(ctx.join_timeout + Duration::from_secs(1), rx).await {
         Ok(Ok(r)) => r?,
         Ok(Err(_)) => return Err("the load generator thread ended".into()),
@@ -650,6 +662,7 @@ async fn ramp(ctx: Arc<Ctx>, started: Instant, deadline: Instant) -> Result<Valu
     sum.insert("published".into(), json!(end.published - run_a.published));
     sum.insert("excluded_received".into(), json!(end.excluded_received));
     sum.insert("dropped_viewers".into(), json!(end.dropped));
+    sum.insert("loadgen_rss_kib".into(), json!(sys::rss_kib(None).ok()));
     sum.insert("ambiguous_frames".into(), json!(ctx.ambiguous));
     Ok(Value::Object(sum))
 }

@@ -32,6 +32,8 @@ pub fn realtime_ns() -> u64 {
 pub struct Epoll {
     fd: RawFd,
     events: Vec<libc::epoll_event>,
+    /// The kernel lacks epoll_pwait2.
+    no_pwait2: bool,
 }
 
 impl Epoll {
@@ -41,6 +43,7 @@ impl Epoll {
         Ok(Epoll {
             fd,
             events: vec![libc::epoll_event { events: 0, u64: 0 }; capacity.max(1)],
+            no_pwait2: false,
         })
     }
 
@@ -59,22 +62,39 @@ impl Epoll {
         unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_DEL, fd, &mut ev) };
     }
 
-    /// Waits up to `timeout` (microsecond precision) and returns the ready tokens.
+    /// Waits up to `timeout` and returns the ready tokens: microsecond precision with
+    /// epoll_pwait2 (Linux 5.11+), whole milliseconds (rounded up) without it.
     pub fn wait(&mut self, timeout: Duration) -> io::Result<impl Iterator<Item = u64> + '_> {
-        let ts = libc::timespec {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_nsec: timeout.subsec_nanos() as libc::c_long,
-        };
-        // SAFETY: the events buffer is valid for `len` entries.
-        let n = unsafe {
-            libc::epoll_pwait2(
-                self.fd,
-                self.events.as_mut_ptr(),
-                self.events.len() as libc::c_int,
-                &ts,
-                std::ptr::null(),
-            )
-        };
+        let ptr = self.events.as_mut_ptr();
+        let len = self.events.len() as libc::c_int;
+        let mut n = -1;
+        if !self.no_pwait2 {
+            let ts = libc::timespec {
+                tv_sec: timeout.as_secs() as libc::time_t,
+                tv_nsec: timeout.subsec_nanos() as libc::c_long,
+            };
+            // SAFETY: the events buffer is valid for `len` entries; no signal mask. A raw
+            // syscall, so an older libc without the wrapper still links.
+            n = unsafe {
+                libc::syscall(
+                    libc::SYS_epoll_pwait2,
+                    self.fd,
+                    ptr,
+                    len,
+                    &ts as *const libc::timespec,
+                    std::ptr::null::<libc::sigset_t>(),
+                    8usize,
+                )
+            } as libc::c_int;
+            if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+                self.no_pwait2 = true;
+            }
+        }
+        if self.no_pwait2 {
+            let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+            // SAFETY: the events buffer is valid for `len` entries.
+            n = unsafe { libc::epoll_wait(self.fd, ptr, len, ms) };
+        }
         let n = match check(n) {
             Ok(n) => n as usize,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
@@ -284,6 +304,15 @@ impl RecvBatch {
                 iov_len: SLOT_BYTES,
             });
         }
+        // The buffers are heap allocations that never grow: their addresses hold for the
+        // batch's life, so the headers point at them once.
+        for i in 0..slots {
+            let h = &mut b.hdrs[i].msg_hdr;
+            h.msg_name = (&mut b.addrs[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_iov = &mut b.iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = b.cmsgs[i].as_mut_ptr().cast();
+        }
         b
     }
 
@@ -294,16 +323,12 @@ impl RecvBatch {
     /// One `recvmmsg` (non-blocking). Returns how many datagrams arrived (0 when none).
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
         self.n = 0;
-        for i in 0..self.hdrs.len() {
-            let h = &mut self.hdrs[i].msg_hdr;
-            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
-            h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            h.msg_iov = &mut self.iovs[i];
-            h.msg_iovlen = 1;
-            h.msg_control = self.cmsgs[i].as_mut_ptr().cast();
-            h.msg_controllen = CMSG_SPACE as _;
-            h.msg_flags = 0;
-            self.hdrs[i].msg_len = 0;
+        // What the kernel overwrote last time.
+        for m in &mut self.hdrs {
+            m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            m.msg_hdr.msg_controllen = CMSG_SPACE as _;
+            m.msg_hdr.msg_flags = 0;
+            m.msg_len = 0;
         }
         // SAFETY: every header points into buffers owned by self, valid for the call.
         let r = unsafe {

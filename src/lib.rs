@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod edge;
 pub mod http;
+pub mod loadgen;
 pub mod media;
 pub mod origin;
 pub mod relay;

@@ -36,6 +36,9 @@ enum Command {
     Token(TokenCmd),
     /// Replays a speech corpus through the packet core and prints each track change as JSON.
     Replay(ReplayArgs),
+    /// Load test: real WebRTC publishers and a ramp of viewers against a running chorus; one
+    /// JSON line per step (packets, loss, latency, joins, edge CPU and memory) and a summary.
+    Loadgen(LoadgenArgs),
 }
 
 #[derive(Args, Clone)]
@@ -170,6 +173,95 @@ struct ReplayArgs {
     seed: u64,
 }
 
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct LoadgenArgs {
+    #[command(subcommand)]
+    sub: Option<LoadgenCmd>,
+    /// The director of chorus (`chorus serve` prints it), where publishers (and, unless
+    /// --view-url, viewers) get their signalling URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Where viewers ask the director (e.g. one edge); default: --url.
+    #[arg(long)]
+    view_url: Option<String>,
+    #[arg(long, default_value = "loadgen")]
+    stream: String,
+    #[arg(long, env = "CHORUS_PUBLISH_TOKEN", hide_env_values = true)]
+    publish_token: Option<String>,
+    /// Bearer token for /api/director/subscribe, when the stream needs one.
+    #[arg(long, env = "CHORUS_SUBSCRIBE_TOKEN", hide_env_values = true)]
+    subscribe_token: Option<String>,
+    /// Directory of <id>.opus and <id>.levels files (see `chorus replay`).
+    #[arg(long, default_value = "tests/corpus/panel")]
+    corpus: PathBuf,
+    /// Comma-separated corpus speakers to publish, in order (default: all).
+    #[arg(long, value_delimiter = ',')]
+    sources: Vec<String>,
+    /// Publishers (default: one per speaker); more than speakers reuses them as <id>-1, ...
+    #[arg(long)]
+    publishers: Option<usize>,
+    /// Multiplexed tracks per viewer.
+    #[arg(long, default_value_t = 3)]
+    tracks: usize,
+    /// Viewers of the first step.
+    #[arg(long, default_value_t = 10)]
+    start: usize,
+    /// Viewers added per step.
+    #[arg(long, default_value_t = 10)]
+    step: usize,
+    /// Length of each step's steady part, measured after its joins complete.
+    #[arg(long, default_value_t = 10.0)]
+    step_secs: f64,
+    #[arg(long, default_value_t = 100)]
+    max_viewers: usize,
+    /// Hard stop: the whole run ends within this many seconds, report included.
+    #[arg(long, default_value_t = 120.0)]
+    duration: f64,
+    /// Joins in flight at once (director request to ICE + DTLS connected).
+    #[arg(long, default_value_t = 50)]
+    join_concurrency: usize,
+    /// Seconds a join may take before it counts as failed.
+    #[arg(long, default_value_t = 10.0)]
+    join_timeout: f64,
+    /// Every n-th viewer decrypts its media to measure latency (0: none).
+    #[arg(long, default_value_t = 20)]
+    sample_every: usize,
+    /// Threads owning the peers.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// The process forwarding to viewers (`chorus serve` or `chorus edge`): its CPU and memory
+    /// are sampled from /proc at each step's bounds.
+    #[arg(long)]
+    edge_pid: Option<u32>,
+    /// IP the peers' UDP sockets bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    local_ip: IpAddr,
+    /// Read the sockets at most every this many ms (datagrams pile up into batches; kernel
+    /// receive timestamps keep the latency exact).
+    #[arg(long, default_value_t = 5.0)]
+    poll_ms: f64,
+}
+
+#[derive(Subcommand)]
+enum LoadgenCmd {
+    /// The machine's floor: SRTP AES-128-GCM sealing and batched sendmmsg of the same packets
+    /// to many loopback sockets, with no chorus logic. Prints one JSON line.
+    Floor {
+        #[arg(long, default_value_t = 1_000_000)]
+        packets: u64,
+        /// Destination sockets (round robin), each with its own key.
+        #[arg(long, default_value_t = 1000)]
+        viewers: usize,
+        /// Packets per sendmmsg.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Opus payload bytes per packet.
+        #[arg(long, default_value_t = 100)]
+        payload: usize,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (what, result) = match cli.command {
@@ -200,6 +292,7 @@ fn main() -> ExitCode {
         Command::Probe(a) => ("probe", probe_cmd(a)),
         Command::Token(t) => ("token", token_cmd(t)),
         Command::Replay(a) => ("replay", replay_cmd(a)),
+        Command::Loadgen(a) => ("loadgen", loadgen_cmd(a)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -348,4 +441,48 @@ fn replay_cmd(a: ReplayArgs) -> Result<(), String> {
     let summary = serde_json::json!({ "summary": result.summary });
     writeln!(out, "{summary}").map_err(io)?;
     Ok(())
+}
+
+fn loadgen_cmd(a: LoadgenArgs) -> Result<(), String> {
+    use chorus::loadgen;
+    if let Some(LoadgenCmd::Floor {
+        packets,
+        viewers,
+        batch,
+        payload,
+    }) = a.sub
+    {
+        let out = loadgen::floor::run(&loadgen::floor::FloorOptions {
+            packets,
+            viewers,
+            batch,
+            payload,
+        })?;
+        println!("{out}");
+        return Ok(());
+    }
+    init_logs();
+    loadgen::run(loadgen::Options {
+        url: a.url,
+        view_url: a.view_url,
+        stream: a.stream,
+        publish_token: a.publish_token,
+        subscribe_token: a.subscribe_token,
+        corpus: a.corpus,
+        sources: a.sources.into_iter().filter(|s| !s.is_empty()).collect(),
+        publishers: a.publishers,
+        tracks: a.tracks,
+        start: a.start,
+        step: a.step,
+        step_secs: a.step_secs,
+        max_viewers: a.max_viewers,
+        duration: a.duration,
+        join_concurrency: a.join_concurrency,
+        join_timeout: a.join_timeout,
+        sample_every: a.sample_every,
+        threads: a.threads,
+        edge_pid: a.edge_pid,
+        local_ip: a.local_ip,
+        poll_ms: a.poll_ms,
+    })
 }

@@ -50,7 +50,8 @@ pub fn turns(levels: &[u8]) -> Vec<Turn> {
         .collect()
 }
 
-fn mode(levels: &[u8]) -> Option<u8> {
+/// The speaker's most common level: its noise floor.
+pub fn mode(levels: &[u8]) -> Option<u8> {
     let mut counts = [0usize; 128];
     for &l in levels {
         counts[(l & 0x7F) as usize] += 1;

@@ -1,0 +1,110 @@
+//! The client side of a WebRTC peer with str0m: ICE controlling with one host candidate on the
+//! peer's own loopback socket, DTLS active (the server answers passive), SRTP, RTP mode.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use str0m::change::{SdpAnswer, SdpPendingOffer};
+use str0m::config::{CryptoProvider, DtlsCert};
+use str0m::media::{Direction, MediaKind, Mid};
+use str0m::rtp::Extension;
+use str0m::{Candidate, Rtc, RtcConfig};
+
+/// What every peer of a run shares: the crypto provider and one DTLS certificate (making an
+/// ECDSA key per peer would cost more than the join itself).
+#[derive(Clone)]
+pub struct ClientCrypto {
+    provider: Arc<CryptoProvider>,
+    cert: DtlsCert,
+}
+
+impl ClientCrypto {
+    pub fn new() -> Result<ClientCrypto, String> {
+        let provider = str0m::crypto::from_feature_flags();
+        let cert = provider
+            .dtls_provider
+            .generate_certificate()
+            .ok_or("the crypto provider cannot make a DTLS certificate")?;
+        Ok(ClientCrypto {
+            provider: Arc::new(provider),
+            cert,
+        })
+    }
+}
+
+/// An offer waiting for its answer.
+pub struct Offer {
+    pub rtc: Rtc,
+    pub sdp: String,
+    pending: SdpPendingOffer,
+    /// The audio m-lines, in offer order.
+    pub mids: Vec<Mid>,
+}
+
+fn config(crypto: &ClientCrypto) -> RtcConfig {
+    RtcConfig::new()
+        .set_crypto_provider(crypto.provider.clone())
+        .set_dtls_cert(crypto.cert.clone())
+        .set_rtp_mode(true)
+        .clear_codecs()
+        .enable_opus(true, false)
+}
+
+fn offer(
+    cfg: RtcConfig,
+    local: SocketAddr,
+    dir: Direction,
+    mlines: usize,
+) -> Result<Offer, String> {
+    let mut rtc = cfg.build(Instant::now());
+    let cand = Candidate::host(local, "udp").map_err(|e| format!("host candidate: {e}"))?;
+    rtc.add_local_candidate(cand);
+    let mut api = rtc.sdp_api();
+    let mids: Vec<Mid> = (0..mlines)
+        .map(|_| api.add_media(MediaKind::Audio, dir, None, None, None))
+        .collect();
+    let (offer, pending) = api.apply().ok_or("str0m made no offer")?;
+    Ok(Offer {
+        sdp: offer.to_sdp_string(),
+        rtc,
+        pending,
+        mids,
+    })
+}
+
+/// A publisher: one send-only Opus m-line with the RFC 6464 level, as a browser sends (and
+/// no transport-cc, like the origin asks).
+pub fn publisher_offer(crypto: &ClientCrypto, local: SocketAddr) -> Result<Offer, String> {
+    let cfg = config(crypto)
+        .clear_extension_map()
+        .set_extension(1, Extension::AudioLevel)
+        .set_extension(4, Extension::RtpMid);
+    offer(cfg, local, Direction::SendOnly, 1)
+}
+
+/// A viewer: the main audio m-line plus `tracks` multiplexed ones, all receive-only, with
+/// str0m's (browser-like) default extensions.
+pub fn viewer_offer(
+    crypto: &ClientCrypto,
+    local: SocketAddr,
+    tracks: usize,
+) -> Result<Offer, String> {
+    offer(config(crypto), local, Direction::RecvOnly, 1 + tracks)
+}
+
+/// Applies the server's answer; the peer is then ready to connect.
+pub fn accept(o: Offer, answer_sdp: &str) -> Result<(Rtc, Vec<Mid>), String> {
+    let Offer {
+        mut rtc,
+        pending,
+        mids,
+        ..
+    } = o;
+    let answer = SdpAnswer::from_sdp_string(answer_sdp)
+        .map_err(|e| format!("the server's SDP answer does not parse: {e}"))?;
+    rtc.sdp_api()
+        .accept_answer(pending, answer)
+        .map_err(|e| format!("the server's SDP answer is not acceptable: {e}"))?;
+    Ok((rtc, mids))
+}

@@ -1,0 +1,329 @@
+//! Step and summary reports: counters read at the edges of a step's steady part, turned into
+//! one JSON line.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+use super::engine::{EngineHandle, Samples};
+use super::sys;
+use crate::replay::truth::percentile;
+
+/// Counters of every thread, the edge's /proc figures and our own CPU, at one instant.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub at: Option<Instant>,
+    pub received: u64,
+    pub expected: u64,
+    pub duplicates: u64,
+    pub decrypted: u64,
+    pub unmatched: u64,
+    pub excluded_received: u64,
+    pub published: u64,
+    pub truncated: u64,
+    pub timeouts: u64,
+    pub to_str0m: u64,
+    pub connected: u64,
+    pub dropped: u64,
+    pub edge_cpu_s: Option<f64>,
+    pub edge_rss_kib: Option<u64>,
+    pub self_cpu_s: f64,
+}
+
+impl Snapshot {
+    pub fn take(engines: &[EngineHandle], edge_pid: Option<u32>) -> Snapshot {
+        let mut s = Snapshot {
+            at: Some(Instant::now()),
+            ..Snapshot::default()
+        };
+        for e in engines {
+            let t = &e.stats;
+            let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            s.received += get(&t.received);
+            s.expected += get(&t.expected);
+            s.duplicates += get(&t.duplicates);
+            s.decrypted += get(&t.decrypted);
+            s.unmatched += get(&t.unmatched);
+            s.excluded_received += get(&t.excluded_received);
+            s.published += get(&t.published);
+            s.truncated += get(&t.truncated);
+            s.timeouts += get(&t.timeouts);
+            s.to_str0m += get(&t.to_str0m);
+            s.connected += get(&t.connected_viewers);
+            s.dropped += get(&t.dropped_viewers);
+        }
+        if let Some(pid) = edge_pid {
+            s.edge_cpu_s = sys::cpu_seconds(Some(pid)).ok();
+            s.edge_rss_kib = sys::rss_kib(Some(pid)).ok();
+        }
+        s.self_cpu_s = sys::cpu_seconds(None).unwrap_or(0.0);
+        s
+    }
+}
+
+/// Takes the latency samples gathered since the last call.
+pub fn take_samples(engines: &[EngineHandle]) -> Samples {
+    let mut out = Samples::default();
+    for e in engines {
+        let mut g = e.stats.samples.lock().unwrap_or_else(|p| p.into_inner());
+        out.latency_us.append(&mut g.latency_us);
+        out.switch_us.append(&mut g.switch_us);
+    }
+    out
+}
+
+/// One step's joins.
+#[derive(Debug, Default, Clone)]
+pub struct Joins {
+    pub attempted: usize,
+    /// Join times (director request to connected) of the joins that succeeded.
+    pub times: Vec<Duration>,
+    pub errors: BTreeMap<String, usize>,
+    /// From the step's first join request to its last join's end.
+    pub span: Duration,
+}
+
+impl Joins {
+    pub fn failures(&self) -> usize {
+        self.errors.values().sum()
+    }
+}
+
+fn ms(us: u64) -> Value {
+    json!((us as f64 / 10.0).round() / 100.0)
+}
+
+fn ms_dur(d: Duration) -> Value {
+    ms(d.as_micros() as u64)
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+/// p50/p95/p99/max of microsecond samples, in ms, under `prefix_`.
+pub fn percentiles(out: &mut Map<String, Value>, prefix: &str, us: &mut [u32], which: &[f64]) {
+    us.sort_unstable();
+    let v: Vec<u64> = us.iter().map(|&x| x as u64).collect();
+    for &p in which {
+        let key = if p >= 100.0 {
+            format!("{prefix}_max_ms")
+        } else {
+            format!("{prefix}_p{}_ms", p as u32)
+        };
+        out.insert(key, percentile(&v, p).map_or(Value::Null, ms));
+    }
+    out.insert(format!("{prefix}_samples"), json!(v.len()));
+}
+
+pub struct StepInput<'a> {
+    pub step: usize,
+    pub viewers: usize,
+    pub a: &'a Snapshot,
+    pub b: &'a Snapshot,
+    pub samples: Samples,
+    pub joins: &'a Joins,
+    /// The steady window's position in the corpus timeline (ms since the publishers' start).
+    pub corpus_ms: (u64, u64),
+    pub partial: bool,
+}
+
+fn opt_sub(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    Some(b? - a?)
+}
+
+pub fn step_json(s: StepInput<'_>) -> Value {
+    let mut o = Map::new();
+    let (a, b) = (s.a, s.b);
+    let secs = match (a.at, b.at) {
+        (Some(x), Some(y)) => y.duration_since(x).as_secs_f64(),
+        _ => 0.0,
+    };
+    let received = b.received - a.received;
+    let expected = b.expected - a.expected;
+    let lost = expected.saturating_sub(received);
+    o.insert("step".into(), json!(s.step));
+    o.insert("viewers".into(), json!(s.viewers));
+    o.insert("connected".into(), json!(b.connected));
+    o.insert("secs".into(), json!(round(secs, 3)));
+    o.insert("received".into(), json!(received));
+    o.insert("lost".into(), json!(lost));
+    let per_s = |x: f64| if secs > 0.0 { Some(x / secs) } else { None };
+    o.insert(
+        "pkts_per_s".into(),
+        json!(per_s(received as f64).map(|x| round(x, 1))),
+    );
+    o.insert(
+        "pkts_per_viewer_s".into(),
+        json!(per_s(received as f64)
+            .filter(|_| b.connected > 0)
+            .map(|x| round(x / b.connected as f64, 2))),
+    );
+    o.insert(
+        "loss_pct".into(),
+        json!((expected > 0).then(|| round(100.0 * lost as f64 / expected as f64, 4))),
+    );
+    o.insert("duplicates".into(), json!(b.duplicates - a.duplicates));
+    let mut samples = s.samples;
+    percentiles(
+        &mut o,
+        "lat",
+        &mut samples.latency_us,
+        &[50.0, 95.0, 99.0, 100.0],
+    );
+    percentiles(
+        &mut o,
+        "switch",
+        &mut samples.switch_us,
+        &[50.0, 95.0, 100.0],
+    );
+    let edge_cpu = opt_sub(a.edge_cpu_s, b.edge_cpu_s);
+    o.insert("edge_cpu_s".into(), json!(edge_cpu.map(|x| round(x, 3))));
+    o.insert(
+        "edge_cpu_pct".into(),
+        json!(edge_cpu.and_then(per_s).map(|x| round(100.0 * x, 1))),
+    );
+    o.insert(
+        "edge_ns_per_pkt".into(),
+        json!(edge_cpu
+            .filter(|_| received > 0)
+            .map(|c| round(c * 1e9 / received as f64, 0))),
+    );
+    o.insert("edge_rss_kib".into(), json!(b.edge_rss_kib));
+    let own = b.self_cpu_s - a.self_cpu_s;
+    o.insert("loadgen_cpu_s".into(), json!(round(own, 3)));
+    o.insert(
+        "loadgen_ns_per_pkt".into(),
+        json!((received > 0).then(|| round(own * 1e9 / received as f64, 0))),
+    );
+    let j = s.joins;
+    o.insert("joins".into(), json!(j.times.len()));
+    let span = j.span.as_secs_f64();
+    o.insert(
+        "joins_per_s".into(),
+        json!((span > 0.0 && !j.times.is_empty()).then(|| round(j.times.len() as f64 / span, 1))),
+    );
+    let mut jt: Vec<u64> = j.times.iter().map(|d| d.as_micros() as u64).collect();
+    jt.sort_unstable();
+    o.insert(
+        "join_p50_ms".into(),
+        percentile(&jt, 50.0).map_or(Value::Null, ms),
+    );
+    o.insert(
+        "join_p99_ms".into(),
+        percentile(&jt, 99.0).map_or(Value::Null, ms),
+    );
+    o.insert(
+        "join_max_ms".into(),
+        jt.last().map_or(Value::Null, |&x| ms(x)),
+    );
+    o.insert("join_failures".into(), json!(j.failures()));
+    if !j.errors.is_empty() {
+        o.insert("join_errors".into(), json!(j.errors));
+    }
+    o.insert(
+        "dropped_viewers".into(),
+        json!(b.dropped.saturating_sub(a.dropped)),
+    );
+    o.insert("decrypted".into(), json!(b.decrypted - a.decrypted));
+    o.insert("unmatched".into(), json!(b.unmatched - a.unmatched));
+    o.insert(
+        "excluded_received".into(),
+        json!(b.excluded_received - a.excluded_received),
+    );
+    o.insert("published".into(), json!(b.published - a.published));
+    // The generator's own str0m work: timeouts driven and datagrams decrypted or answered.
+    o.insert(
+        "str0m_timeouts_per_s".into(),
+        json!(per_s((b.timeouts - a.timeouts) as f64).map(|x| round(x, 0))),
+    );
+    o.insert(
+        "str0m_inputs_per_s".into(),
+        json!(per_s((b.to_str0m - a.to_str0m) as f64).map(|x| round(x, 0))),
+    );
+    o.insert("corpus_ms".into(), json!([s.corpus_ms.0, s.corpus_ms.1]));
+    if s.partial {
+        o.insert("partial".into(), json!(true));
+    }
+    Value::Object(o)
+}
+
+/// Join time as JSON ms (helper for the summary).
+pub fn join_ms(d: Duration) -> Value {
+    ms_dur(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_json_has_every_field_and_sane_values() {
+        let t = Instant::now();
+        let a = Snapshot {
+            at: Some(t),
+            received: 100,
+            expected: 100,
+            edge_cpu_s: Some(1.0),
+            self_cpu_s: 0.5,
+            ..Snapshot::default()
+        };
+        let b = Snapshot {
+            at: Some(t + Duration::from_secs(2)),
+            received: 1100,
+            expected: 1110,
+            connected: 10,
+            edge_cpu_s: Some(1.5),
+            edge_rss_kib: Some(2048),
+            self_cpu_s: 0.7,
+            ..Snapshot::default()
+        };
+        let joins = Joins {
+            attempted: 10,
+            times: (1..=10).map(|i| Duration::from_millis(i * 10)).collect(),
+            errors: BTreeMap::new(),
+            span: Duration::from_millis(500),
+        };
+        let v = step_json(StepInput {
+            step: 0,
+            viewers: 10,
+            a: &a,
+            b: &b,
+            samples: Samples {
+                latency_us: vec![1000, 2000, 3000],
+                switch_us: vec![30_000],
+            },
+            joins: &joins,
+            corpus_ms: (1000, 3000),
+            partial: false,
+        });
+        assert_eq!(v["received"], 1000);
+        assert_eq!(v["pkts_per_s"], 500.0);
+        assert_eq!(v["pkts_per_viewer_s"], 50.0);
+        assert_eq!(v["loss_pct"], 0.9901);
+        assert_eq!(v["lat_p50_ms"], 2.0);
+        assert_eq!(v["lat_max_ms"], 3.0);
+        assert_eq!(v["switch_p95_ms"], 30.0);
+        assert_eq!(v["edge_cpu_s"], 0.5);
+        assert_eq!(v["edge_cpu_pct"], 25.0);
+        assert_eq!(v["joins_per_s"], 20.0);
+        assert_eq!(v["join_p50_ms"], 50.0);
+        assert_eq!(v["join_failures"], 0);
+        for k in [
+            "step",
+            "viewers",
+            "connected",
+            "secs",
+            "lat_p95_ms",
+            "lat_p99_ms",
+            "switch_p50_ms",
+            "edge_rss_kib",
+            "join_p99_ms",
+        ] {
+            assert!(v.get(k).is_some(), "{k} missing");
+        }
+    }
+}

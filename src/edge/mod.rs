@@ -78,12 +78,19 @@ impl PendingViewer {
     }
 }
 
+/// Packets of history a viewer's audio track keeps for NACK (320 ms).
+pub const VIEWER_AUDIO_HISTORY: usize = 16;
+
 /// How the edge answers viewers. Only the header extensions a viewer uses are negotiated: each
 /// one is written into every packet of every viewer, so transport-cc and abs-send-time (no
 /// congestion control for a few audio tracks) are left out: about 5 % of str0m's cost per
-/// forwarded packet (`cargo bench --bench edge_send`).
+/// forwarded packet (`cargo bench --bench edge_send`). str0m's periodic stats are not used,
+/// and a viewer's audio history for NACK is kept short: Chrome does not NACK Opus unless asked,
+/// and each remembered packet costs memory per viewer.
 pub fn viewer_config() -> RtcConfig {
     RtcConfig::new()
+        .set_stats_interval(None)
+        .set_send_buffer_audio(VIEWER_AUDIO_HISTORY)
         .clear_codecs()
         .enable_opus(true, false)
         .enable_vp8(true)

@@ -28,6 +28,8 @@ pub const MAX_MESSAGE: usize = 256 * 1024;
 /// A session that sends more commands than this is misbehaving.
 const MAX_COMMANDS: usize = 10_000;
 pub const MAX_SOURCE_ID: usize = 128;
+/// Read and write buffer of a signalling socket.
+pub const WS_BUFFER: usize = 4096;
 
 #[derive(Deserialize)]
 pub struct WsQuery {
@@ -50,7 +52,12 @@ pub async fn upgrade(
         Err(e) => return fail(StatusCode::UNAUTHORIZED, e.to_string()),
     };
     let sid = app.next_session.fetch_add(1, Ordering::Relaxed);
+    // tungstenite's defaults (128 KiB read and 128 KiB write buffer) would be most of a
+    // viewer's memory; signalling messages are small and few, and a large offer still fits
+    // (the read buffer is only the chunk size).
     ws.max_message_size(MAX_MESSAGE)
+        .read_buffer_size(WS_BUFFER)
+        .write_buffer_size(WS_BUFFER)
         .on_upgrade(move |socket| session(socket, app, claims, sid))
 }
 

@@ -11,102 +11,18 @@
 //! - `floor_gcm`: AES-128-GCM over a 12-byte header (AAD) and 100-byte payload.
 
 use std::hint::black_box;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use str0m::change::SdpAnswer;
-use str0m::media::{Direction, MediaKind, Mid};
-use str0m::net::{Protocol, Receive};
-use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
+use str0m::{Input, Output, Rtc};
 
-use chorus::edge::viewer::OutTrack;
-use chorus::edge::viewer_config;
 use chorus::media::rewrite::InputPacket;
 use chorus::media::SourceIdx;
-use chorus::rtc::peers::answer_offer;
+use chorus::rtc::loopback::pair;
 
 const TRACKS: usize = 3;
-
-struct Pair {
-    server: Rtc,
-    client: Rtc,
-    tracks: Vec<OutTrack>,
-}
-
-fn deliver(from: &mut Rtc, to: &mut Rtc, to_addr: SocketAddr, now: Instant) -> (bool, usize) {
-    let mut connected = false;
-    let mut sent = 0;
-    loop {
-        match from.poll_output().expect("poll") {
-            Output::Timeout(_) => break,
-            Output::Transmit(t) => {
-                sent += 1;
-                if t.destination == to_addr {
-                    let r = Receive {
-                        proto: Protocol::Udp,
-                        source: t.source,
-                        destination: t.destination,
-                        contents: (&*t.contents).try_into().expect("datagram"),
-                    };
-                    to.handle_input(Input::Receive(now, r)).expect("receive");
-                }
-            }
-            Output::Event(Event::Connected) => connected = true,
-            Output::Event(_) => {}
-        }
-    }
-    (connected, sent)
-}
-
-/// A chorus viewer peer (answered by the edge's own code) and a str0m client, connected in memory.
-fn pair(i: u16, full_extensions: bool) -> Pair {
-    let now = Instant::now();
-    let c_addr: SocketAddr = format!("127.0.0.2:{}", 10_000 + i).parse().unwrap();
-    let s_addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-    let mut client = RtcConfig::new().set_rtp_mode(true).build(now);
-    client.add_local_candidate(Candidate::host(c_addr, "udp").unwrap());
-    let mut api = client.sdp_api();
-    let mids: Vec<Mid> = (0..=TRACKS)
-        .map(|_| api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None))
-        .collect();
-    let (offer, pending) = api.apply().unwrap();
-    let config = if full_extensions {
-        RtcConfig::new().clear_codecs().enable_opus(true, false)
-    } else {
-        viewer_config()
-    };
-    let (mut server, _, answer) = answer_offer(&offer.to_sdp_string(), config, s_addr).unwrap();
-    client
-        .sdp_api()
-        .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).unwrap())
-        .unwrap();
-    let mut t = now;
-    let mut up = (false, false);
-    for _ in 0..2000 {
-        client.handle_input(Input::Timeout(t)).unwrap();
-        server.handle_input(Input::Timeout(t)).unwrap();
-        let (c, _) = deliver(&mut client, &mut server, s_addr, t);
-        let (s, _) = deliver(&mut server, &mut client, c_addr, t);
-        up = (up.0 || c, up.1 || s);
-        if up == (true, true) {
-            break;
-        }
-        t += Duration::from_millis(5);
-    }
-    assert_eq!(up, (true, true), "in-memory pair connects");
-    let tracks = mids[1..]
-        .iter()
-        .map(|m| OutTrack::new(*m, 48_000))
-        .collect();
-    Pair {
-        server,
-        client,
-        tracks,
-    }
-}
 
 fn input(seq: u16) -> InputPacket {
     InputPacket {
@@ -141,7 +57,7 @@ fn bench_send(c: &mut Criterion) {
     let payload: Arc<[u8]> = Arc::from(&[0x78u8; 100][..]);
     let mut seq = 0u16;
     let mut us = 0u64;
-    let mut all = pair(2, true);
+    let mut all = pair(2, TRACKS, true);
     let _ = &all.client;
     g.bench_function("flush_each_default_extensions", |b| {
         b.iter(|| {
@@ -149,11 +65,19 @@ fn bench_send(c: &mut Criterion) {
             us += 20_000;
             let now = Instant::now();
             let t = &mut all.tracks[0];
-            t.write(&mut all.server, us, now, &input(seq), Some((true, 30)), &payload);
+            t.write(
+                &mut all.server,
+                us,
+                now,
+                &input(seq),
+                Some((true, 30)),
+                &payload,
+                None,
+            );
             black_box(flush(&mut all.server, now));
         })
     });
-    let mut p = pair(1, false);
+    let mut p = pair(1, TRACKS, false);
     let _ = &p.client;
     g.bench_function("flush_each", |b| {
         b.iter(|| {
@@ -167,6 +91,7 @@ fn bench_send(c: &mut Criterion) {
                 &input(seq),
                 Some((true, 30)),
                 &payload,
+                None,
             );
             black_box(flush(&mut p.server, now));
         })
@@ -186,6 +111,7 @@ fn bench_send(c: &mut Criterion) {
                         &input(seq),
                         Some((true, 30)),
                         &payload,
+                        None,
                     );
                 }
                 black_box(flush(&mut p.server, now));

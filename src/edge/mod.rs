@@ -23,6 +23,7 @@ use crate::relay::proto::{DatagramHeader, SourceInfo};
 use crate::rtc::host::OfferRequirements;
 use crate::rtc::offer::{check_offer, mlines, OfferError};
 use crate::rtc::peers::{answer_offer, PeerId};
+use crate::rtc::srtp_out::{tapping_provider, with_key_slot, KeySlot};
 use crate::rtc::udp::Doorbell;
 use worker::{EdgeCmd, NewViewer, Worker};
 
@@ -52,6 +53,8 @@ pub struct EdgeMetrics {
     pub udp_send_errors: AtomicU64,
     pub udp_sent: AtomicU64,
     pub udp_send_calls: AtomicU64,
+    /// Viewers whose audio is sealed and sent by the edge itself (AES-GCM SRTP).
+    pub direct_viewers: AtomicU64,
 }
 
 /// A viewer's request, from `view` or WHEP.
@@ -188,7 +191,10 @@ impl Edge {
             .filter(|m| m.media == "video")
             .find(receiving)
             .and_then(|m| m.mid.clone());
-        let (rtc, ufrag, answer) = answer_offer(offer, viewer_config(), self.candidate)?;
+        let keys = Arc::new(KeySlot::default());
+        let config = viewer_config().set_crypto_provider(tapping_provider());
+        let (rtc, ufrag, answer) =
+            with_key_slot(keys.clone(), || answer_offer(offer, config, self.candidate))?;
         let id = PeerId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let subscriber_id = format!("sub-{}-{}", id.0, crate::auth::random_secret(6));
         self.metrics.viewers_total.fetch_add(1, Ordering::Relaxed);
@@ -208,6 +214,7 @@ impl Edge {
                 pinned: opts.pinned,
                 excluded: opts.excluded,
                 events,
+                keys,
             }),
         })
     }

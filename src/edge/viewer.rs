@@ -1,18 +1,55 @@
 //! One viewer's outgoing tracks: the last rewrite (per viewer, so a viewer that changes group,
 //! or whose main source is republished, still sees one continuous stream) and the str0m write.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::Value;
 use str0m::media::{Mid, Pt};
-use str0m::rtp::{ExtensionValues, RtpWrite, SeqNo};
+use str0m::rtp::{Extension, ExtensionValues, RtpWrite, SeqNo};
 use str0m::Rtc;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::media::rewrite::{InputPacket, TrackRewriter};
+use crate::media::rtp::{write_packet, HeaderFields};
 use crate::media::selection::GroupId;
 use crate::media::SourceIdx;
+use crate::rtc::peers::Sink;
+use crate::rtc::srtp_out::{KeySlot, SrtpOut};
+
+/// One packet in this many still goes through str0m, so its sender reports keep a fresh RTP to
+/// wall-clock mapping (about one per second per track); the others are sealed and sent directly.
+const VIA_STR0M_EVERY: u64 = 50;
+
+/// How a written packet left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Not sent: late packet from before a switch, or media not negotiated.
+    No,
+    /// Queued in str0m: the peer needs a flush.
+    Str0m,
+    /// Sealed and queued on the socket directly.
+    Direct,
+}
+
+/// What the direct path needs of a viewer: its SRTP session and where its media goes.
+pub struct Direct<'a> {
+    pub srtp: &'a SrtpOut,
+    pub dest: SocketAddr,
+    pub sink: Sink<'a>,
+    pub scratch: &'a mut Vec<u8>,
+}
+
+/// What str0m negotiated for one track, read once.
+struct Negotiated {
+    pt: Pt,
+    ssrc: u32,
+    level_id: Option<u8>,
+    mid_id: Option<u8>,
+    mid: [u8; 16],
+    mid_len: usize,
+}
 
 /// One m-line the edge sends on.
 pub struct OutTrack {
@@ -20,7 +57,8 @@ pub struct OutTrack {
     rw: TrackRewriter,
     /// Extended (ROC-carrying) sequence number of the last packet written.
     ext_seq: Option<u64>,
-    pt: Option<Pt>,
+    neg: Option<Negotiated>,
+    audio: bool,
     pub packets: u64,
 }
 
@@ -33,7 +71,8 @@ impl OutTrack {
             rw: TrackRewriter::new(0, rand::random::<u16>() & 0x0FFF, rand::random())
                 .with_clock_rate(clock_rate),
             ext_seq: None,
-            pt: None,
+            neg: None,
+            audio: clock_rate == crate::media::opus::CLOCK_RATE,
             packets: 0,
         }
     }
@@ -43,9 +82,9 @@ impl OutTrack {
         self.rw.detach();
     }
 
-    /// Rewrites one packet into this viewer's numbering and queues it on the peer.
-    /// Returns false when the packet was not sent (late packet from before a switch, media
-    /// not negotiated).
+    /// Rewrites one packet into this viewer's numbering and sends it: sealed directly when the
+    /// viewer has a direct path (audio only), else queued on the peer.
+    #[allow(clippy::too_many_arguments)]
     pub fn write(
         &mut self,
         rtc: &mut Rtc,
@@ -54,23 +93,18 @@ impl OutTrack {
         input: &InputPacket,
         level: Option<(bool, u8)>,
         payload: &Arc<[u8]>,
-    ) -> bool {
+        direct: Option<Direct<'_>>,
+    ) -> Sent {
         let Ok(h) = self.rw.rewrite(now_us, input) else {
-            return false;
+            return Sent::No;
         };
-        let pt = match self.pt {
-            Some(pt) => pt,
-            None => {
-                let Some(pt) = rtc
-                    .media(self.mid)
-                    .and_then(|m| m.remote_pts().first().copied())
-                else {
-                    return false;
-                };
-                self.pt = Some(pt);
-                pt
-            }
-        };
+        if self.neg.is_none() {
+            let Some(neg) = self.negotiated(rtc) else {
+                return Sent::No;
+            };
+            self.neg = Some(neg);
+        }
+        let neg = self.neg.as_ref().expect("set above");
         let ext = match self.ext_seq {
             None => h.seq as u64,
             Some(last) => {
@@ -86,9 +120,46 @@ impl OutTrack {
         if self.ext_seq.is_none_or(|l| ext > l) {
             self.ext_seq = Some(ext);
         }
+        self.packets += 1;
+        if let Some(d) =
+            direct.filter(|_| self.audio && !self.packets.is_multiple_of(VIA_STR0M_EVERY))
+        {
+            let (mid, mid_len) = (&neg.mid, neg.mid_len);
+            let level_byte = level.map(|(v, l)| [(if v { 0x80 } else { 0 }) | (l & 0x7F)]);
+            let mut exts: [(u8, &[u8]); 2] = [(0, &[]), (0, &[])];
+            let mut n = 0;
+            if let (Some(id), Some(b)) = (neg.level_id, level_byte.as_ref()) {
+                exts[n] = (id, b);
+                n += 1;
+            }
+            if let Some(id) = neg.mid_id.filter(|_| mid_len > 0) {
+                exts[n] = (id, &mid[..mid_len]);
+                n += 1;
+            }
+            let fields = HeaderFields {
+                payload_type: *neg.pt,
+                sequence_number: h.seq,
+                timestamp: h.ts,
+                ssrc: neg.ssrc,
+                marker: h.marker,
+            };
+            let total = write_packet(d.scratch, &fields, &exts[..n], payload);
+            let Direct {
+                srtp,
+                dest,
+                mut sink,
+                scratch,
+            } = d;
+            if srtp.protect(scratch, total - payload.len(), (ext >> 16) as u32) {
+                sink.send(dest, scratch);
+                return Sent::Direct;
+            }
+            return Sent::No;
+        }
+        let pt = neg.pt;
         let mut api = rtc.direct_api();
         let Some(tx) = api.stream_tx_by_mid(self.mid, None) else {
-            return false;
+            return Sent::No;
         };
         let mut ext_vals = ExtensionValues::default();
         if let Some((voice, l)) = level {
@@ -101,8 +172,32 @@ impl OutTrack {
                 .ext_vals(ext_vals)
                 .nackable(true),
         );
-        self.packets += 1;
-        true
+        Sent::Str0m
+    }
+
+    fn negotiated(&self, rtc: &mut Rtc) -> Option<Negotiated> {
+        let media = rtc.media(self.mid)?;
+        let pt = media.remote_pts().first().copied()?;
+        let map = media.remote_extmap();
+        let level_id = map
+            .id_of(Extension::AudioLevel)
+            .filter(|id| (1..=14).contains(id));
+        let mid_id = map
+            .id_of(Extension::RtpMid)
+            .filter(|id| (1..=14).contains(id));
+        let ssrc = *rtc.direct_api().stream_tx_by_mid(self.mid, None)?.ssrc();
+        let mut mid = [0u8; 16];
+        let mid_str = self.mid.as_bytes();
+        let mid_len = mid_str.len().min(16);
+        mid[..mid_len].copy_from_slice(&mid_str[..mid_len]);
+        Some(Negotiated {
+            pt,
+            ssrc,
+            level_id,
+            mid_id,
+            mid,
+            mid_len,
+        })
     }
 }
 
@@ -122,6 +217,10 @@ pub struct Viewer {
     pub main_video: Option<OutTrack>,
     pub tracks: Vec<OutTrack>,
     pub events: UnboundedSender<Value>,
+    /// Filled by the DTLS handshake; turned into `srtp` once connected.
+    pub keys: Arc<KeySlot>,
+    /// The direct send path, when the negotiated SRTP profile allows it.
+    pub srtp: Option<SrtpOut>,
 }
 
 impl Viewer {

@@ -15,7 +15,7 @@ use str0m::{Event, Rtc};
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info};
 
-use super::viewer::{OutTrack, Viewer};
+use super::viewer::{Direct, OutTrack, Sent, Viewer};
 use super::EdgeMetrics;
 use crate::media::opus;
 use crate::media::rewrite::InputPacket;
@@ -25,7 +25,8 @@ use crate::media::stream::{CoreConfig, Output, SourceConfig, StreamCore};
 use crate::media::SourceIdx;
 use crate::relay::client::{LinkCtl, LinkRequest};
 use crate::relay::proto::{DatagramHeader, Kind, SourceInfo, DATAGRAM_HEADER, LEVEL_EXT_ID};
-use crate::rtc::peers::{CloseReason, Peer, PeerApp, PeerId, PeerSet};
+use crate::rtc::peers::{CloseReason, Peer, PeerApp, PeerId, PeerSet, Sink};
+use crate::rtc::srtp_out::{KeySlot, SrtpOut};
 use crate::rtc::udp::Doorbell;
 
 /// Selection runs this often per stream (one ranking per stream per tick).
@@ -34,6 +35,8 @@ const TICK_US: u64 = 10_000;
 const KEYFRAME_INTERVAL: Duration = Duration::from_secs(1);
 /// Video packet duration used when a main video track switches publication (30 fps at 90 kHz).
 const VIDEO_FRAME: u32 = 3000;
+/// `viewercount` goes to a stream's viewers at most this often, when the count changed.
+const VIEWERCOUNT_INTERVAL_US: u64 = 1_000_000;
 /// Commands (mostly relayed packets) taken in one go before the peers' own work gets a turn.
 /// Packets written in one round leave together: one str0m flush per viewer, not per packet.
 const CMD_BURST: usize = 256;
@@ -50,6 +53,7 @@ pub struct NewViewer {
     pub pinned: Option<String>,
     pub excluded: Vec<String>,
     pub events: UnboundedSender<Value>,
+    pub keys: Arc<KeySlot>,
 }
 
 pub enum EdgeCmd {
@@ -84,6 +88,9 @@ struct EdgeStream {
     main_viewers: HashMap<SourceIdx, Vec<PeerId>>,
     channel: Option<u32>,
     last_keyframe: Option<Instant>,
+    /// The viewer count changed since the last `viewercount` broadcast.
+    viewercount_due: bool,
+    last_viewercount_us: Option<u64>,
 }
 
 impl EdgeStream {
@@ -100,6 +107,8 @@ impl EdgeStream {
             main_viewers: HashMap::new(),
             channel: None,
             last_keyframe: None,
+            viewercount_due: false,
+            last_viewercount_us: None,
         }
     }
 
@@ -109,8 +118,8 @@ impl EdgeStream {
         }
     }
 
-    fn viewercount(&self) -> Value {
-        json!({"type": "event", "name": "viewercount", "data": {"viewercount": self.viewers.len()}})
+    fn viewercount_event(&self, n: usize) -> Value {
+        json!({"type": "event", "name": "viewercount", "data": {"viewercount": n}})
     }
 
     /// The sourceId as the protocol says it: the main source is null.
@@ -161,6 +170,17 @@ struct ViewerEvents<'a> {
 
 impl PeerApp<Viewer> for ViewerEvents<'_> {
     fn on_event(&mut self, id: PeerId, peer: &mut Peer<Viewer>, ev: Event) -> Option<CloseReason> {
+        if let Event::Connected = ev {
+            let v = &mut peer.data;
+            v.srtp = v
+                .keys
+                .take()
+                .and_then(|(km, profile, client)| SrtpOut::new(&km, profile, client));
+            debug!(%id, direct = v.srtp.is_some(), "viewer connected");
+            if v.srtp.is_some() {
+                self.metrics.direct_viewers.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if let Event::KeyframeRequest(KeyframeRequest { mid, .. }) = ev {
             let v = &peer.data;
             if v.main_video.as_ref().is_some_and(|t| t.mid == mid) {
@@ -212,7 +232,7 @@ impl PeerApp<Viewer> for ViewerEvents<'_> {
             self.link.send(LinkRequest::Unsubscribe(v.stream.clone()));
             info!(stream = v.stream.as_str(), "last viewer gone: unsubscribed");
         } else {
-            st.broadcast(&st.viewercount());
+            st.viewercount_due = true;
         }
     }
 }
@@ -226,6 +246,8 @@ pub struct Worker {
     epoch: Instant,
     next_tick_us: u64,
     touched: Vec<PeerId>,
+    /// Where direct packets are built and sealed.
+    scratch: Vec<u8>,
     seed: u64,
 }
 
@@ -245,6 +267,7 @@ impl Worker {
             epoch: Instant::now(),
             next_tick_us: 0,
             touched: Vec::new(),
+            scratch: Vec::with_capacity(1500),
             seed: rand::random(),
         })
     }
@@ -392,7 +415,10 @@ impl Worker {
                     "mediaId": mids[t], "sourceId": st.source_id(s)}}));
             }
         }
-        st.broadcast(&st.viewercount());
+        // The newcomer learns the count at once; the others with the next coalesced broadcast
+        // (one per stream per VIEWERCOUNT_INTERVAL: a join must not cost a message per viewer).
+        let _ = v.events.send(st.viewercount_event(st.viewers.len()));
+        st.viewercount_due = true;
         info!(id = %v.id, stream = v.stream.as_str(), subscriber = v.subscriber_id.as_str(), tracks = n, pinned = ?v.pinned, excluded = ?v.excluded, "viewer joined");
         let viewer = Viewer {
             stream: v.stream,
@@ -411,6 +437,8 @@ impl Worker {
                 .map(|m| OutTrack::new(m, opus::CLOCK_RATE))
                 .collect(),
             events: v.events,
+            keys: v.keys,
+            srtp: None,
         };
         self.metrics.viewers.fetch_add(1, Ordering::Relaxed);
         self.peers.insert(v.id, v.ufrag, v.rtc, viewer);
@@ -540,6 +568,14 @@ impl Worker {
             for c in &changes {
                 st.vad(c, &self.metrics);
             }
+            let due = st
+                .last_viewercount_us
+                .is_none_or(|t| now_us >= t + VIEWERCOUNT_INTERVAL_US);
+            if st.viewercount_due && due {
+                st.viewercount_due = false;
+                st.last_viewercount_us = Some(now_us);
+                st.broadcast(&st.viewercount_event(st.viewers.len()));
+            }
         }
     }
 
@@ -586,19 +622,26 @@ impl Worker {
         if let Some(ids) = st.main_viewers.get(&src) {
             for &id in ids {
                 // Nothing is written before DTLS is up: str0m would only queue it.
-                let Some(p) = self.peers.get_mut(id).filter(|p| p.connected) else {
+                let Some((p, sink)) = self.peers.get_with_sink(id) else {
                     continue;
                 };
-                let track = if video {
-                    &mut p.data.main_video
+                if !p.connected {
+                    continue;
+                }
+                let Peer {
+                    rtc, data, dest, ..
+                } = p;
+                let (track, lvl) = if video {
+                    (&mut data.main_video, None)
                 } else {
-                    &mut p.data.main_audio
+                    (&mut data.main_audio, level)
                 };
-                if let Some(t) = track {
-                    let lvl = if video { None } else { level };
-                    if t.write(&mut p.rtc, now_us, wall, &input, lvl, &payload) {
-                        self.touched.push(id);
-                    }
+                let Some(t) = track else {
+                    continue;
+                };
+                let direct = direct_path(&data.srtp, *dest, sink, &mut self.scratch);
+                if t.write(rtc, now_us, wall, &input, lvl, &payload, direct) == Sent::Str0m {
+                    self.touched.push(id);
                 }
             }
         }
@@ -607,6 +650,8 @@ impl Worker {
             let peers = &mut self.peers;
             let touched = &mut self.touched;
             let metrics = &self.metrics;
+            let scratch = &mut self.scratch;
+            let mut sent = 0u64;
             let mut changes: Vec<TrackChange> = Vec::new();
             let groups = &st.groups;
             let late_before = st.core.stats().dropped_before_switch;
@@ -631,18 +676,31 @@ impl Worker {
                         samples: input.samples,
                     };
                     for &id in groups.get(&group).map(Vec::as_slice).unwrap_or(&[]) {
-                        let Some(p) = peers.get_mut(id).filter(|p| p.connected) else {
+                        let Some((p, sink)) = peers.get_with_sink(id) else {
                             continue;
                         };
-                        if let Some(t) = p.data.tracks.get_mut(track as usize) {
-                            if t.write(&mut p.rtc, now_us, wall, &input, level, &payload) {
+                        if !p.connected {
+                            continue;
+                        }
+                        let Peer {
+                            rtc, data, dest, ..
+                        } = p;
+                        let Some(t) = data.tracks.get_mut(track as usize) else {
+                            continue;
+                        };
+                        let direct = direct_path(&data.srtp, *dest, sink, scratch);
+                        match t.write(rtc, now_us, wall, &input, level, &payload, direct) {
+                            Sent::No => {}
+                            Sent::Str0m => {
                                 touched.push(id);
-                                metrics.packets_out.fetch_add(1, Ordering::Relaxed);
+                                sent += 1;
                             }
+                            Sent::Direct => sent += 1,
                         }
                     }
                 }
             });
+            metrics.packets_out.fetch_add(sent, Ordering::Relaxed);
             if let Err(e) = result {
                 metrics.dropped_core.fetch_add(1, Ordering::Relaxed);
                 debug!("relayed packet dropped by the core: {e}");
@@ -657,4 +715,19 @@ impl Worker {
             }
         }
     }
+}
+
+/// The direct send path of a viewer, when it has one (AES-GCM keys and a known destination).
+fn direct_path<'a>(
+    srtp: &'a Option<SrtpOut>,
+    dest: Option<std::net::SocketAddr>,
+    sink: Sink<'a>,
+    scratch: &'a mut Vec<u8>,
+) -> Option<Direct<'a>> {
+    Some(Direct {
+        srtp: srtp.as_ref()?,
+        dest: dest?,
+        sink,
+        scratch,
+    })
 }

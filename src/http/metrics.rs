@@ -144,6 +144,13 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
         );
         metric(
             &mut out,
+            "chorus_edge_direct_viewers_total",
+            "counter",
+            "Viewers whose audio the edge seals and sends itself (AES-GCM SRTP), since start.",
+            &[("", g(&m.direct_viewers))],
+        );
+        metric(
+            &mut out,
             "chorus_edge_udp_datagrams_sent_total",
             "counter",
             "Datagrams the viewers' socket sent (media, RTCP, ICE, DTLS).",

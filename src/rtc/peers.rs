@@ -130,6 +130,24 @@ pub struct Peer<T> {
     pub dropped_flood: u64,
     /// The deadline this peer has in the timer heap (the earliest one pushed and not yet due).
     scheduled: Option<Instant>,
+    /// Where str0m last sent to this peer: the selected candidate pair's remote address.
+    pub dest: Option<SocketAddr>,
+}
+
+/// The thread's socket and send batch, for datagrams built outside str0m.
+pub struct Sink<'a> {
+    socket: &'a UdpSocket,
+    out: &'a mut SendBatch,
+}
+
+impl<'a> Sink<'a> {
+    pub fn new(socket: &'a UdpSocket, out: &'a mut SendBatch) -> Self {
+        Sink { socket, out }
+    }
+
+    pub fn send(&mut self, to: SocketAddr, data: &[u8]) {
+        self.out.push(self.socket, to, data);
+    }
 }
 
 /// What a media thread does with its peers' events.
@@ -202,6 +220,7 @@ impl<T> PeerSet<T> {
                 window_count: 0,
                 dropped_flood: 0,
                 scheduled: Some(now),
+                dest: None,
             },
         );
         self.timers.push(Reverse((now, id)));
@@ -209,6 +228,18 @@ impl<T> PeerSet<T> {
 
     pub fn get_mut(&mut self, id: PeerId) -> Option<&mut Peer<T>> {
         self.peers.get_mut(&id)
+    }
+
+    /// A peer together with the socket's send batch.
+    pub fn get_with_sink(&mut self, id: PeerId) -> Option<(&mut Peer<T>, Sink<'_>)> {
+        let p = self.peers.get_mut(&id)?;
+        Some((
+            p,
+            Sink {
+                socket: &self.socket,
+                out: &mut self.out,
+            },
+        ))
     }
 
     pub fn len(&self) -> usize {
@@ -234,7 +265,7 @@ impl<T> PeerSet<T> {
         }
         p.rtc.disconnect();
         while let Ok(Output::Transmit(t)) = p.rtc.poll_output() {
-            self.out.push(&self.socket, t.destination, t.contents);
+            self.out.push(&self.socket, t.destination, &t.contents);
         }
         info!(%id, %reason, dropped_flood = p.dropped_flood, "peer closed");
         app.on_closed(id, p, reason);
@@ -359,9 +390,12 @@ impl<T> PeerSet<T> {
         self.timers.peek().map(|Reverse((at, _))| *at)
     }
 
-    /// Sends what a peer has queued (after the app wrote RTP to it).
+    /// Sends what a peer has queued (after the app wrote RTP to it). str0m releases a stream's
+    /// very first packet only on the timeout after the one that queued it, hence two.
     pub fn flush(&mut self, id: PeerId, app: &mut impl PeerApp<T>) {
-        self.drive(id, Input::Timeout(Instant::now()), app);
+        let now = Instant::now();
+        self.drive(id, Input::Timeout(now), app);
+        self.drive(id, Input::Timeout(now + Duration::from_micros(1)), app);
     }
 
     /// Feeds one input and drains output; returns the peer's next timeout.
@@ -385,7 +419,10 @@ impl<T> PeerSet<T> {
             }
             match p.rtc.poll_output() {
                 Ok(Output::Timeout(t)) => break Some(t),
-                Ok(Output::Transmit(t)) => self.out.push(&self.socket, t.destination, t.contents),
+                Ok(Output::Transmit(t)) => {
+                    p.dest = Some(t.destination);
+                    self.out.push(&self.socket, t.destination, &t.contents)
+                }
                 Ok(Output::Event(ev)) => {
                     let r = match ev {
                         Event::Connected => {

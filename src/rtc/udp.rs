@@ -12,8 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use str0m::net::DatagramSend;
-
 /// Datagrams handed to the kernel in one `sendmmsg` call.
 pub const SEND_BATCH: usize = 64;
 
@@ -128,10 +126,12 @@ impl Drop for Poller {
     }
 }
 
-/// Outgoing datagrams waiting for one `sendmmsg`. The vectors keep their capacity, so a steady
-/// stream of sends allocates nothing here.
+/// Outgoing datagrams waiting for one `sendmmsg`, copied into one arena. The vectors keep their
+/// capacity, so a steady stream of sends allocates nothing here.
 pub struct SendBatch {
-    pending: Vec<(SocketAddr, DatagramSend)>,
+    arena: Vec<u8>,
+    /// (destination, start in the arena, length)
+    pending: Vec<(SocketAddr, usize, usize)>,
     addrs: Vec<libc::sockaddr_storage>,
     iovs: Vec<libc::iovec>,
     msgs: Vec<libc::mmsghdr>,
@@ -140,9 +140,13 @@ pub struct SendBatch {
     pub syscalls: u64,
 }
 
+/// Arena bytes reserved per batched datagram (an MTU-sized packet fits).
+const SLOT: usize = 1500;
+
 impl Default for SendBatch {
     fn default() -> Self {
         SendBatch {
+            arena: Vec::with_capacity(SEND_BATCH * SLOT),
             pending: Vec::with_capacity(SEND_BATCH),
             addrs: Vec::with_capacity(SEND_BATCH),
             iovs: Vec::with_capacity(SEND_BATCH),
@@ -156,8 +160,13 @@ impl Default for SendBatch {
 
 impl SendBatch {
     /// Queues a datagram; sends the batch when it is full.
-    pub fn push(&mut self, socket: &UdpSocket, to: SocketAddr, data: DatagramSend) {
-        self.pending.push((to, data));
+    pub fn push(&mut self, socket: &UdpSocket, to: SocketAddr, data: &[u8]) {
+        if self.arena.len() + data.len() > self.arena.capacity() && !self.pending.is_empty() {
+            self.flush(socket);
+        }
+        let start = self.arena.len();
+        self.arena.extend_from_slice(data);
+        self.pending.push((to, start, data.len()));
         if self.pending.len() >= SEND_BATCH {
             self.flush(socket);
         }
@@ -171,6 +180,12 @@ impl SendBatch {
         self.pending.is_empty()
     }
 
+    /// Drops what is queued without sending it.
+    pub fn discard(&mut self) {
+        self.pending.clear();
+        self.arena.clear();
+    }
+
     /// Sends everything queued. A datagram the kernel refuses (full buffer, unreachable) is
     /// counted and dropped, like a lost packet: it never stalls the others.
     pub fn flush(&mut self, socket: &UdpSocket) {
@@ -180,11 +195,11 @@ impl SendBatch {
         self.addrs.clear();
         self.iovs.clear();
         self.msgs.clear();
-        for (to, data) in &self.pending {
-            self.addrs.push(sockaddr(to));
+        for &(to, start, len) in &self.pending {
+            self.addrs.push(sockaddr(&to));
             self.iovs.push(libc::iovec {
-                iov_base: data.as_ptr() as *mut libc::c_void,
-                iov_len: data.len(),
+                iov_base: self.arena[start..].as_mut_ptr() as *mut libc::c_void,
+                iov_len: len,
             });
         }
         for i in 0..self.pending.len() {
@@ -214,6 +229,7 @@ impl SendBatch {
             }
         }
         self.pending.clear();
+        self.arena.clear();
         self.iovs.clear();
         self.msgs.clear();
     }
@@ -278,7 +294,7 @@ mod tests {
         let mut batch = SendBatch::default();
         for i in 0..(SEND_BATCH + 6) {
             let to = rx[i % 3].local_addr().unwrap();
-            batch.push(&tx, to, vec![i as u8; 10 + i].into());
+            batch.push(&tx, to, &vec![i as u8; 10 + i]);
         }
         assert_eq!(batch.len(), 6, "a full batch went out by itself");
         batch.flush(&tx);
@@ -296,7 +312,7 @@ mod tests {
         // IPv6 loopback, where the machine has it.
         if let Ok(s6) = six {
             let tx6 = UdpSocket::bind("[::1]:0").unwrap();
-            batch.push(&tx6, s6.local_addr().unwrap(), vec![7u8; 5].into());
+            batch.push(&tx6, s6.local_addr().unwrap(), &[7u8; 5]);
             batch.flush(&tx6);
             s6.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
             let mut buf = [0u8; 16];
@@ -310,8 +326,8 @@ mod tests {
         let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut batch = SendBatch::default();
         // An IPv6 destination on an IPv4 socket fails with EAFNOSUPPORT.
-        batch.push(&tx, "[::1]:9".parse().unwrap(), vec![1u8; 4].into());
-        batch.push(&tx, rx.local_addr().unwrap(), vec![2u8; 4].into());
+        batch.push(&tx, "[::1]:9".parse().unwrap(), &[1u8; 4]);
+        batch.push(&tx, rx.local_addr().unwrap(), &[2u8; 4]);
         batch.flush(&tx);
         assert_eq!((batch.errors, batch.sent), (1, 1));
         rx.set_read_timeout(Some(Duration::from_secs(1))).unwrap();

@@ -1,5 +1,19 @@
 //! Step and summary reports: counters read at the edges of a step's steady part, turned into
 //! one JSON line.
+//!
+//! A step line: `step`, `viewers` (asked for), `connected`, `secs` (the steady part, after the
+//! step's joins), `received` / `lost` / `loss_pct` / `duplicates` (RTP header counts of all
+//! viewers), `pkts_per_s`, `pkts_per_viewer_s`, `lat_{p50,p95,p99,max}_ms` and `lat_samples`
+//! (publisher send to kernel receive time, sampled viewers), `switch_{p50,p95,max}_ms` and
+//! `switch_samples` (a talk spurt's first packet sent to its source's first packet received),
+//! `edge_cpu_s`, `edge_cpu_pct`, `edge_ns_per_pkt` (edge CPU per received packet),
+//! `edge_rss_kib`, `loadgen_cpu_s`, `loadgen_ns_per_pkt`, `joins`, `joins_per_s`,
+//! `join_{p50,p99,max}_ms`, `join_failures`, `join_errors` (message -> count),
+//! `dropped_viewers` (connected, then lost), `decrypted` / `unmatched` (sampled packets),
+//! `excluded_received` (packets of a viewer's own excluded source: must be 0), `published`,
+//! `str0m_timeouts_per_s` / `str0m_inputs_per_s` (the generator's own str0m work),
+//! `corpus_ms` (the window in the corpus timeline, ms since the publishers' start, looping)
+//! and `partial` when the hard stop cut the step.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;

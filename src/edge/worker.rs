@@ -223,6 +223,7 @@ pub struct Worker {
     next_tick_us: u64,
     touched: Vec<PeerId>,
     seed: u64,
+    talking: super::talking::TalkingWatch,
 }
 
 impl Worker {
@@ -241,6 +242,7 @@ impl Worker {
             next_tick_us: 0,
             touched: Vec::new(),
             seed: rand::random(),
+            talking: Default::default(),
         })
     }
 
@@ -498,6 +500,8 @@ impl Worker {
                 st.vad(c, &self.metrics);
             }
         }
+        let cores = self.streams.iter().map(|(n, st)| (n, &st.core));
+        self.talking.update(cores, now_us, &self.link);
     }
 
     fn datagram(&mut self, hdr: DatagramHeader, d: Bytes) {

@@ -1,6 +1,8 @@
 //! Shared helpers of the process-level tests: start chorus binaries, talk HTTP and WebSocket.
 #![allow(dead_code)]
 
+pub mod ws;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -131,6 +133,16 @@ pub fn post_json(addr: SocketAddr, path: &str, bearer: Option<&str>, body: &str)
 pub fn get_json(addr: SocketAddr, path: &str) -> (u16, Value) {
     let (status, _, body) = http(addr, "GET", path, &[], b"");
     (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+/// The payload of a JWT, unverified.
+pub fn jwt_payload(jwt: &str) -> Value {
+    use base64::Engine;
+    let part = jwt.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
 }
 
 /// Polls `f` until it returns Some or the deadline passes.

@@ -450,3 +450,243 @@ async fn publish_rights_follow_the_room_role_and_a_demotion_revokes_them() {
         Some(1.0)
     );
 }
+
+/// Reads the tool's JSON lines into `seen` until one matches; panics at the end of its output.
+fn until(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    seen: &mut Vec<Value>,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    for line in lines.by_ref() {
+        let Ok(v) = serde_json::from_str::<Value>(&line.unwrap()) else {
+            continue;
+        };
+        seen.push(v.clone());
+        if pred(&v) {
+            return v;
+        }
+    }
+    let tail: Vec<String> = seen.iter().rev().take(15).map(Value::to_string).collect();
+    panic!("room.mjs ended before {what}; last lines: {tail:#?}");
+}
+
+fn is(v: &Value, event: &str, name: &str, kind: &str) -> bool {
+    v["event"] == event && v["name"] == name && (kind.is_empty() || v["type"] == kind)
+}
+
+/// (t, rms) of one received track.
+fn energy(view: &Value, mid: &str) -> Vec<(f64, f64)> {
+    view["tracks"][mid]["energy"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no track {mid}: {view}"))
+        .iter()
+        .map(|x| (x[0].as_f64().unwrap(), x[1].as_f64().unwrap()))
+        .collect()
+}
+
+fn loudest(e: &[(f64, f64)], from: f64, to: f64) -> f64 {
+    e.iter()
+        .filter(|(t, _)| *t >= from && *t < to)
+        .map(|x| x.1)
+        .fold(0.0, f64::max)
+}
+
+/// The room events (name, data) one participant's page received.
+fn room_events(report: &Value, who: &str) -> Vec<(String, Value)> {
+    report["participants"][who]["room"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_owned(), e["data"].clone()))
+        .collect()
+}
+
+#[test]
+fn sdk_audience_raises_a_hand_is_promoted_heard_by_the_others_and_demoted() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let _serial = common::serial();
+    let began = Instant::now();
+    let p = serve();
+    let a = p.http();
+    let host = room_token(a, "stage", "Host", "member", &HOST_PERMISSIONS);
+    let ana = room_token(a, "stage", "Ana", "audience", &[]);
+    let bo = room_token(a, "stage", "Bo", "audience", &[]);
+    // Everyone uses only its room token, with the SDK unmodified: the host publishes the corpus
+    // host; Ana and Bo view with two multiplexed tracks (the host pinned in the main one); Ana
+    // publishes the corpus host's opening turn once promoted.
+    let view = |me: &Member| json!({"tracks": 2, "pinned": host.id, "exclude": [me.id]});
+    let spec = json!([
+        {"name": "host", "publish": "host", "sourceId": host.id, "token": host.token, "room": host.token},
+        {"name": "ana", "publish": "host", "sourceId": ana.id, "token": ana.token, "publishLater": true,
+         "room": ana.token, "subscribeToken": ana.token, "view": view(&ana)},
+        {"name": "bo", "room": bo.token, "subscribeToken": bo.token, "view": view(&bo)},
+    ]);
+    let (dir, script) = common::node_harness("room.mjs");
+    let mut child = common::Reaped(
+        Command::new("node")
+            .current_dir(&dir)
+            .arg(script)
+            .args(["--endpoint", &format!("http://{a}"), "--stream", "stage"])
+            .args(["--seconds", "45", "--spec", &spec.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdin = child.0.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut send = |line: String| writeln!(stdin, "{line}").unwrap();
+
+    until(&mut lines, &mut seen, "setup", |v| {
+        is(v, "corpus-start", "host", "")
+    });
+    let setup_s = began.elapsed().as_secs_f64();
+    send("room ana hand.raise".into());
+    let raised = until(&mut lines, &mut seen, "the host sees the hand", |v| {
+        is(v, "room", "host", "hand.raised")
+    });
+    assert_eq!(raised["data"]["memberId"], ana.id.as_str());
+    let promote_at = common::unix_ms();
+    send(format!("room host promote {}", json!({"memberId": ana.id})));
+    let promoted = until(&mut lines, &mut seen, "member.promoted", |v| {
+        is(v, "room", "ana", "member.promoted")
+    });
+    assert_eq!(promoted["data"]["sourceId"], ana.id.as_str());
+    let old_jwt = promoted["data"]["jwt"].as_str().unwrap().to_owned();
+    // A signalling socket opened with it now, to try it again after the demotion.
+    let mut old_socket = rt.block_on(connect(a, &old_jwt)).unwrap();
+    send("publish ana".into());
+    let heard = until(&mut lines, &mut seen, "bo's vad naming ana", |v| {
+        is(v, "broadcast", "bo", "vad") && v["data"]["sourceId"] == ana.id.as_str()
+    });
+    let heard_at = heard["t"].as_f64().unwrap();
+    let mid = heard["data"]["mediaId"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_secs(3));
+    let demote_at = common::unix_ms();
+    send(format!("room host demote {}", json!({"memberId": ana.id})));
+    let gone = until(&mut lines, &mut seen, "bo's inactive for ana", |v| {
+        is(v, "broadcast", "bo", "inactive") && v["data"]["sourceId"] == ana.id.as_str()
+    });
+    let gone_at = gone["t"].as_f64().unwrap();
+
+    // The old publish JWT is refused everywhere: on the socket opened before, at a new socket,
+    // at the director; Ana's room token no longer publishes either.
+    let r = rt.block_on(call(
+        &mut old_socket,
+        &cmd(1, "publish", json!({"sdp": "x", "sourceId": ana.id})),
+    ));
+    assert!(
+        msg(&r).contains("demoted: this publish token is revoked"),
+        "{r}"
+    );
+    let refused = rt.block_on(open(&format!("ws://{a}/ws?token={old_jwt}")));
+    assert_eq!(refused.err().map(|e| e.0), Some(403));
+    let (s, v) = director(a, "publish", &old_jwt, "stage");
+    assert!(s == 403 && msg(&v).contains("revoked"), "{v}");
+    let (s, v) = director(a, "publish", &ana.token, "stage");
+    assert_eq!(s, 403, "{v}");
+
+    std::thread::sleep(Duration::from_millis(2500));
+    send("room host state".into());
+    let state = until(&mut lines, &mut seen, "the room's state", |v| {
+        v["event"] == "room-response" && v["name"] == "host" && v["command"] == "state"
+    });
+    send("quit".into());
+    let report = until(&mut lines, &mut seen, "the report", |v| {
+        v["event"] == "report"
+    });
+    drop(send);
+    assert!(
+        child.0.wait().unwrap().success(),
+        "room.mjs reported an error"
+    );
+
+    // Still in the room, as audience: two in the audience, the host alone on stage.
+    let state = &state["data"];
+    assert_eq!(state["audienceCount"], 2, "{state}");
+    assert_eq!(state["members"].as_array().unwrap().len(), 1, "{state}");
+    let parts = &report["participants"];
+    assert!(parts["ana"]["room"]["closedAt"].is_null());
+    assert_eq!(parts["ana"]["publish"]["stoppedBy"], "demoted");
+    // Ana's view ran on through it all.
+    let ana_view = &parts["ana"]["view"];
+    assert!(
+        ana_view["errors"].as_array().unwrap().is_empty(),
+        "{ana_view}"
+    );
+    assert!(ana_view["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["name"] == "inactive" && e["t"].as_f64().unwrap() >= demote_at));
+
+    // The host saw the hand go up and down, Ana come on stage, talk and go back.
+    let host_saw = room_events(&report, "host");
+    let about_ana = |n: &str, key: &str, val: Value| {
+        host_saw
+            .iter()
+            .position(|(name, d)| name == n && d["memberId"] == ana.id.as_str() && d[key] == val)
+            .unwrap_or_else(|| panic!("host never got {n} {key}={val}: {host_saw:?}"))
+    };
+    let order = [
+        about_ana("hand.raised", "userName", json!("Ana")),
+        about_ana("hand.lowered", "memberId", json!(ana.id)),
+        about_ana("member.updated", "role", json!("member")),
+        about_ana("member.talking", "talking", json!(true)),
+        about_ana("member.talking", "talking", json!(false)),
+        about_ana("member.updated", "role", json!("audience")),
+    ];
+    assert!(order[..4].windows(2).all(|w| w[0] < w[1]), "{host_saw:?}");
+    assert!(order[4] > order[3] && order[5] > order[3], "{host_saw:?}");
+    assert!(
+        host_saw
+            .iter()
+            .any(|(n, d)| n == "member.talking" && d["memberId"] == host.id.as_str()),
+        "the host's own talking is told too"
+    );
+    assert!(room_events(&report, "bo")
+        .iter()
+        .all(|(n, d)| n != "member.left" || d["memberId"] != ana.id.as_str()));
+
+    // Bo heard Ana in the track vad named, and nothing there once she was sent back.
+    let bo_view = &parts["bo"]["view"];
+    let e = energy(bo_view, &mid);
+    let while_on = loudest(&e, heard_at + 400.0, demote_at);
+    assert!(while_on > 0.02, "Ana not heard on mid {mid}: {while_on}");
+    let vads: Vec<&Value> = bo_view["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"] == "vad")
+        .collect();
+    assert!(vads
+        .iter()
+        .all(|e| e["t"].as_f64().unwrap() < gone_at || e["data"]["sourceId"] != ana.id.as_str()));
+    let emptied = vads
+        .iter()
+        .find(|e| e["data"]["mediaId"] == mid.as_str() && e["t"].as_f64().unwrap() >= demote_at)
+        .expect("a vad for Ana's track after the demotion");
+    assert!(emptied["data"]["sourceId"].is_null(), "{emptied}");
+    let end = e.last().unwrap().0;
+    for m in ["1", "2"] {
+        let after = loudest(&energy(bo_view, m), gone_at + 800.0, end);
+        assert!(
+            after < 0.005,
+            "mid {m} still sounds after the demotion: {after}"
+        );
+    }
+    eprintln!(
+        "rooms e2e: setup {setup_s:.1} s, promote -> bo's vad {:.0} ms, demote -> bo's inactive {:.0} ms, Ana on mid {mid} peak {while_on:.3}, total {:.1} s",
+        heard_at - promote_at,
+        gone_at - demote_at,
+        began.elapsed().as_secs_f64()
+    );
+}

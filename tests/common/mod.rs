@@ -145,6 +145,15 @@ pub fn jwt_payload(jwt: &str) -> Value {
     serde_json::from_slice(&bytes).unwrap()
 }
 
+/// Wall-clock milliseconds since the Unix epoch (what the browser tools' `t` fields are).
+pub fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1000.0
+}
+
 /// Polls `f` until it returns Some or the deadline passes.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + timeout;

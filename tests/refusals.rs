@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::ws::{call, connect, next_json, Ws};
-use common::{get_json, http, jwt_payload, post_json, Proc};
+use common::{get_json, http, jwt_payload, post_json, tempdir, Proc};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -26,19 +26,7 @@ fn serve_with_tokens(dir: &std::path::Path) -> (Proc, Value) {
         {"token": "sub-secret", "stream": "secret", "kind": "subscribe"},
     ]});
     std::fs::write(&tokens, file.to_string()).unwrap();
-    let p = Proc::start(
-        "serve",
-        &[
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--tokens",
-            tokens.to_str().unwrap(),
-            "--jwt-secret",
-            SECRET,
-        ],
-        &[],
-    );
+    let p = common::serve_token_file(&tokens, &["--jwt-secret", SECRET]);
     (p, file)
 }
 
@@ -129,12 +117,6 @@ fn new_tokens_work_without_restart() {
         post_json(p.http(), "/api/director/publish", Some("pub-late"), body).0,
         200
     );
-}
-
-fn tempdir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("chorus-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// A signalling socket opened with a viewer's JWT for stream "panel".
@@ -375,17 +357,7 @@ fn token_cli_creates_tokens_the_server_accepts() {
         .output()
         .unwrap();
     assert!(!bad.status.success());
-    let p = Proc::start(
-        "serve",
-        &[
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--tokens",
-            file.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let p = common::serve_token_file(&file, &[]);
     let a = p.http();
     let body = r#"{"streamName":"panel"}"#;
     assert_eq!(

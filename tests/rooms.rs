@@ -175,21 +175,9 @@ async fn room_tokens_need_the_api_key_and_a_valid_request() {
         v["data"]["role"], "audience",
         "join_as defaults to audience"
     );
-    let dir = std::env::temp_dir().join(format!("chorus-rooms-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("tokens.json");
+    let file = common::tempdir("rooms").join("tokens.json");
     std::fs::write(&file, r#"{"tokens":[]}"#).unwrap();
-    let prod = Proc::start(
-        "serve",
-        &[
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--tokens",
-            file.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let prod = common::serve_token_file(&file, &[]);
     assert!(prod.info["apiKey"].is_null());
     let (s, v) = post_json(
         prod.http(),
@@ -603,7 +591,6 @@ fn sdk_audience_raises_a_hand_is_promoted_heard_by_the_others_and_demoted() {
     let report = until(&mut lines, &mut seen, "the report", |v| {
         v["event"] == "report"
     });
-    drop(send);
     assert!(
         child.0.wait().unwrap().success(),
         "room.mjs reported an error"

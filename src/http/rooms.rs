@@ -3,6 +3,7 @@
 //! when a room token or a room member's publish JWT comes their way.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -14,6 +15,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
+use tracing::info;
 
 use super::signal::{error_message, parse_cmd, response_message};
 use super::{bearer, director, App, Refusal};
@@ -29,6 +31,10 @@ pub const MAX_USER_NAME: usize = 64;
 /// Room tokens live this long unless the request says otherwise (`ttl`, seconds).
 pub const DEFAULT_TOKEN_TTL: u64 = 12 * 3600;
 pub const MAX_TOKEN_TTL: u64 = 7 * 86_400;
+/// The server pings each room socket this often (it also keeps proxies from closing it)...
+const PING_EVERY: Duration = Duration::from_secs(20);
+/// ...and closes one that sent nothing, not even a pong, for this long.
+const SILENCE_LIMIT: Duration = Duration::from_secs(60);
 
 fn rooms(app: &App) -> Result<&Arc<RoomService>, Refusal> {
     app.rooms.as_ref().ok_or_else(|| {
@@ -298,14 +304,25 @@ async fn session(socket: WebSocket, rooms: Arc<RoomService>, g: Grant, ws_url: S
         }
     };
     let mut writer = tokio::spawn(async move {
-        while let Some(m) = rx.recv().await {
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+        loop {
+            let m = tokio::select! {
+                m = rx.recv() => m,
+                _ = ping.tick() => {
+                    if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
             match m {
-                ConnMsg::Text(t) => {
+                Some(ConnMsg::Text(t)) => {
                     if sink.send(Message::Text(t)).await.is_err() {
                         return;
                     }
                 }
-                ConnMsg::Close(reason) => {
+                Some(ConnMsg::Close(reason)) => {
                     let frame = CloseFrame {
                         code: 4000,
                         reason: reason.into(),
@@ -313,6 +330,7 @@ async fn session(socket: WebSocket, rooms: Arc<RoomService>, g: Grant, ws_url: S
                     let _ = sink.send(Message::Close(Some(frame))).await;
                     return;
                 }
+                None => break,
             }
         }
         let _ = sink.close().await;
@@ -322,8 +340,13 @@ async fn session(socket: WebSocket, rooms: Arc<RoomService>, g: Grant, ws_url: S
     };
     let mut writer_done = false;
     loop {
+        // A participant that vanished without closing (its pongs stopped) leaves the room.
         let msg = tokio::select! {
             msg = source.next() => msg,
+            _ = tokio::time::sleep(SILENCE_LIMIT) => {
+                info!(room = g.room.as_str(), member = g.member.as_str(), "room socket silent: closing it");
+                break;
+            }
             _ = &mut writer => {
                 writer_done = true;
                 break;

@@ -214,6 +214,26 @@ pub fn serve(publish_token: &str) -> Proc {
     )
 }
 
+/// `chorus serve` with a token file (no dev mode), HTTP on a free port, plus `extra` arguments.
+pub fn serve_token_file(file: &Path, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "serve",
+        "--http",
+        "127.0.0.1:0",
+        "--tokens",
+        file.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Proc::start("serve", &args, &[])
+}
+
+/// A fresh directory for one test's files.
+pub fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("chorus-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 /// `chorus origin` in dev mode, HTTP and QUIC on free ports, edges joining with `cluster_token`.
 pub fn origin(publish_token: &str, cluster_token: &str) -> Proc {
     Proc::start(

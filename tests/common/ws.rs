@@ -52,13 +52,18 @@ pub async fn call_seeing(ws: &mut Ws, text: &str) -> (Value, Vec<Value>) {
     }
 }
 
+/// The next text message, as JSON (pings and pongs skipped).
 pub async fn next_json(ws: &mut Ws) -> Value {
-    let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
-        .await
-        .expect("an answer")
-        .expect("socket open")
-        .expect("no error");
-    serde_json::from_str(m.to_text().unwrap()).unwrap()
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("an answer")
+            .expect("socket open")
+            .expect("no error");
+        if !matches!(m, Message::Ping(_) | Message::Pong(_)) {
+            return serde_json::from_str(m.to_text().unwrap()).unwrap();
+        }
+    }
 }
 
 /// Reads until the event `name` arrives; returns its data.

@@ -1,6 +1,7 @@
 //! Rooms against a real `chorus serve`: room tokens and the API key, the room socket, raise hand,
-//! promote and demote, and every refusal (each with its message, the server serving on); then
-//! the whole story with the official SDK in headless Chromium (needs scripts/setup-test-deps.sh).
+//! promote and demote, and every refusal (each with its message, the server serving on); the
+//! whole story with the official SDK in headless Chromium; and `member.talking` across an origin
+//! and an edge process (the last two need scripts/setup-test-deps.sh).
 
 mod common;
 
@@ -676,4 +677,55 @@ fn sdk_audience_raises_a_hand_is_promoted_heard_by_the_others_and_demoted() {
         gone_at - demote_at,
         began.elapsed().as_secs_f64()
     );
+}
+
+#[test]
+fn member_talking_crosses_the_origin_edge_link_in_a_split_deployment() {
+    let _serial = common::serial();
+    let origin = common::origin_with(
+        TOKEN,
+        "cluster-secret",
+        &["--jwt-ttl", "10m"],
+        &[("CHORUS_API_KEY", API_KEY)],
+    );
+    let edge = common::edge(&origin, "cluster-secret");
+    let a = origin.http();
+    let host = room_token(a, "stage", "Host", "member", &HOST_PERMISSIONS);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut h = rt.block_on(room_socket(a, "stage", &host)).unwrap();
+    rt.block_on(event(&mut h, "room.state"));
+    // A viewer at the edge, the host publishing over WHIP at the origin with its room token.
+    let _viewer = common::Reaped(
+        common::whep_command(edge.http(), "stage", &["--tracks", "1", "--seconds", "14"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let _publisher = common::Reaped(
+        common::whip_command_as(a, "stage", &host.id, "host", &host.token, 14)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // The corpus host talks for its first 6 s: the edge's voice activity says so, then says
+    // it stopped, and the room at the origin tells its participants.
+    let mut talking = |want: bool| {
+        rt.block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(20), async {
+                loop {
+                    let d = event(&mut h, "member.talking").await;
+                    if d["memberId"] == host.id.as_str() && d["talking"] == want {
+                        return;
+                    }
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("no member.talking {want} for the host"))
+        })
+    };
+    talking(true);
+    talking(false);
 }

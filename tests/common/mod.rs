@@ -236,19 +236,46 @@ pub fn tempdir(name: &str) -> PathBuf {
 
 /// `chorus origin` in dev mode, HTTP and QUIC on free ports, edges joining with `cluster_token`.
 pub fn origin(publish_token: &str, cluster_token: &str) -> Proc {
-    Proc::start(
+    origin_with(publish_token, cluster_token, &[], &[])
+}
+
+/// [`origin`] with more arguments and environment.
+pub fn origin_with(
+    publish_token: &str,
+    cluster_token: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
+    let mut all = vec![
         "origin",
+        "--http",
+        "127.0.0.1:0",
+        "--cluster",
+        "127.0.0.1:0",
+    ];
+    all.extend_from_slice(args);
+    let mut vars = vec![
+        ("CHORUS_PUBLISH_TOKEN", publish_token),
+        ("CHORUS_CLUSTER_TOKEN", cluster_token),
+    ];
+    vars.extend_from_slice(env);
+    Proc::start("origin", &all, &vars)
+}
+
+/// `chorus edge` linked to `origin` (pinning its certificate), HTTP on a free port.
+pub fn edge(origin: &Proc, cluster_token: &str) -> Proc {
+    Proc::start(
+        "edge",
         &[
-            "origin",
+            "edge",
             "--http",
             "127.0.0.1:0",
-            "--cluster",
-            "127.0.0.1:0",
+            "--origin",
+            &origin.cluster(),
+            "--origin-fingerprint",
+            origin.info["fingerprint"].as_str().unwrap(),
         ],
-        &[
-            ("CHORUS_PUBLISH_TOKEN", publish_token),
-            ("CHORUS_CLUSTER_TOKEN", cluster_token),
-        ],
+        &[("CHORUS_CLUSTER_TOKEN", cluster_token)],
     )
 }
 
@@ -270,6 +297,18 @@ pub fn whip_command(
     token: &str,
     seconds: u32,
 ) -> Command {
+    whip_command_as(http, stream, source, source, token, seconds)
+}
+
+/// tests/python/whip_publish.py publishing the corpus speaker `speaker` as sourceId `source`.
+pub fn whip_command_as(
+    http: SocketAddr,
+    stream: &str,
+    source: &str,
+    speaker: &str,
+    token: &str,
+    seconds: u32,
+) -> Command {
     let mut cmd = Command::new(python());
     cmd.arg(repo().join("tests/python/whip_publish.py"))
         .arg("--url")
@@ -283,6 +322,17 @@ pub fn whip_command(
             &seconds.to_string(),
         ])
         .arg("--file")
-        .arg(corpus().join(format!("{source}.opus")));
+        .arg(corpus().join(format!("{speaker}.opus")));
     cmd
+}
+
+/// tests/python/whep_view.py viewing `stream` (stdout piped), with `args`.
+pub fn whep_command(http: SocketAddr, stream: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(python());
+    c.arg(repo().join("tests/python/whep_view.py"))
+        .arg("--url")
+        .arg(format!("http://{http}/whep/{stream}"))
+        .args(args)
+        .stdout(Stdio::piped());
+    c
 }

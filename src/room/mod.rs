@@ -227,20 +227,20 @@ impl RoomService {
             None => return Err("this connection has left the room".into()),
         };
         let (resp, fx) = inner.rooms.command(&room, &member, conn, name, data)?;
-        let counter = match name {
-            "promote" => Some(&self.metrics.promotions),
-            "demote" => Some(&self.metrics.demotions),
-            "remove" => Some(&self.metrics.removals),
+        let change = match name {
+            "promote" => Some((&self.metrics.promotions, "member promoted")),
+            "demote" => Some((&self.metrics.demotions, "member demoted")),
+            "remove" => Some((&self.metrics.removals, "member removed")),
             _ => None,
         };
-        if let Some(c) = counter {
-            c.fetch_add(1, Ordering::Relaxed);
+        if let Some((counter, what)) = change {
+            counter.fetch_add(1, Ordering::Relaxed);
             let target = data.get("memberId").and_then(Value::as_str).unwrap_or("");
             info!(
                 room = room.as_str(),
                 by = member.as_str(),
                 member = target,
-                "{name}"
+                "{what}"
             );
         }
         self.apply(inner, fx);

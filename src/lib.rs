@@ -9,5 +9,6 @@ pub mod media;
 pub mod origin;
 pub mod relay;
 pub mod replay;
+pub mod room;
 pub mod rtc;
 pub mod server;

@@ -75,16 +75,27 @@ struct CommonServer {
     cluster_token: Option<String>,
 }
 
+#[derive(Args, Clone, Default)]
+struct RoomArgs {
+    /// Key of the room API (POST /api/rooms/{room}/tokens). Dev mode makes one when absent.
+    #[arg(long, env = "CHORUS_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+}
+
 #[derive(Args)]
 struct ServeArgs {
     #[command(flatten)]
     common: CommonServer,
+    #[command(flatten)]
+    rooms: RoomArgs,
 }
 
 #[derive(Args)]
 struct OriginArgs {
     #[command(flatten)]
     common: CommonServer,
+    #[command(flatten)]
+    rooms: RoomArgs,
     /// QUIC address edges connect to.
     #[arg(long, default_value = "127.0.0.1:7400")]
     cluster: SocketAddr,
@@ -269,6 +280,7 @@ fn main() -> ExitCode {
             "serve",
             run_server(
                 a.common,
+                a.rooms,
                 Role::Serve,
                 "127.0.0.1:0".parse().expect("valid"),
                 None,
@@ -277,12 +289,13 @@ fn main() -> ExitCode {
         ),
         Command::Origin(a) => (
             "origin",
-            run_server(a.common, Role::Origin, a.cluster, None, None),
+            run_server(a.common, a.rooms, Role::Origin, a.cluster, None, None),
         ),
         Command::Edge(a) => (
             "edge",
             run_server(
                 a.common,
+                RoomArgs::default(),
                 Role::Edge,
                 "127.0.0.1:0".parse().expect("valid"),
                 Some(a.origin),
@@ -323,6 +336,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 
 fn run_server(
     c: CommonServer,
+    rooms: RoomArgs,
     role: Role,
     cluster: SocketAddr,
     origin: Option<SocketAddr>,
@@ -340,6 +354,7 @@ fn run_server(
         public_ws: c.public_ws,
         tokens: c.tokens,
         dev_publish_token: c.publish_token,
+        api_key: rooms.api_key,
         jwt_secret: c.jwt_secret,
         jwt_ttl_secs: c.jwt_ttl,
         cluster,
@@ -353,6 +368,7 @@ fn run_server(
                 "http": format!("http://{}", running.http),
                 "cluster": running.cluster.map(|c| c.to_string()),
                 "fingerprint": running.fingerprint,
+                "apiKey": running.dev_api_key,
             })
         );
         let _ = std::io::stdout().flush();

@@ -20,6 +20,7 @@ use crate::origin::Origin;
 use crate::relay::client::{EdgeLink, LinkConfig, LinkHandler};
 use crate::relay::proto::{DatagramHeader, Kind, SourceInfo, LEVEL_EXT_ID};
 use crate::relay::server::{RelayPolicy, RelayServer};
+use crate::room::RoomService;
 use crate::rtc::host::{HostConfig, RtcHost};
 
 /// What a process runs.
@@ -47,6 +48,8 @@ pub struct ServerOptions {
     pub public_ws: Option<String>,
     pub tokens: Option<PathBuf>,
     pub dev_publish_token: Option<String>,
+    /// Key of the room API (`POST /api/rooms/{room}/tokens`); dev mode makes one when absent.
+    pub api_key: Option<String>,
     pub jwt_secret: Option<String>,
     pub jwt_ttl_secs: u64,
     /// QUIC address edges connect to (origin and serve).
@@ -62,6 +65,8 @@ pub struct Running {
     pub http: SocketAddr,
     pub cluster: Option<SocketAddr>,
     pub fingerprint: Option<String>,
+    /// The room API key, when dev mode made it (printed in the ready line).
+    pub dev_api_key: Option<String>,
 }
 
 fn load_tokens(opts: &ServerOptions) -> Result<Tokens, String> {
@@ -159,11 +164,32 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
         }
         edge = Some(e);
     }
+    let jwt = JwtKeys::new(&secret, opts.jwt_ttl_secs);
+    let mut dev_api_key = None;
+    let rooms = origin.as_ref().map(|o| {
+        let api_key = match &opts.api_key {
+            Some(k) if !k.is_empty() => Some(k.clone()),
+            _ if tokens.is_dev() => {
+                let k = random_secret(18);
+                warn!("DEV MODE: room API key (generated): {k}");
+                dev_api_key = Some(k.clone());
+                Some(k)
+            }
+            _ => {
+                warn!("no --api-key: the room API issues no room tokens");
+                None
+            }
+        };
+        let rooms = RoomService::new(&secret, jwt.clone(), api_key, o.clone());
+        rooms.start();
+        rooms
+    });
     let app = Arc::new(App {
         tokens,
-        jwt: JwtKeys::new(&secret, opts.jwt_ttl_secs),
+        jwt,
         origin,
         edge,
+        rooms,
         public_ws: opts.public_ws.clone(),
         next_session: AtomicU64::new(1),
         whep: Mutex::new(HashMap::new()),
@@ -184,6 +210,7 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
         http,
         cluster,
         fingerprint,
+        dev_api_key,
     })
 }
 

@@ -5,7 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{get_json, http, post_json, Proc};
+use common::ws::{call, connect, next_json, Ws};
+use common::{get_json, http, jwt_payload, post_json, tempdir, Proc};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -25,19 +26,7 @@ fn serve_with_tokens(dir: &std::path::Path) -> (Proc, Value) {
         {"token": "sub-secret", "stream": "secret", "kind": "subscribe"},
     ]});
     std::fs::write(&tokens, file.to_string()).unwrap();
-    let p = Proc::start(
-        "serve",
-        &[
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--tokens",
-            tokens.to_str().unwrap(),
-            "--jwt-secret",
-            SECRET,
-        ],
-        &[],
-    );
+    let p = common::serve_token_file(&tokens, &["--jwt-secret", SECRET]);
     (p, file)
 }
 
@@ -130,21 +119,6 @@ fn new_tokens_work_without_restart() {
     );
 }
 
-fn jwt_payload(jwt: &str) -> Value {
-    use base64::Engine;
-    let part = jwt.split('.').nth(1).unwrap();
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(part)
-        .unwrap();
-    serde_json::from_slice(&bytes).unwrap()
-}
-
-fn tempdir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("chorus-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// A signalling socket opened with a viewer's JWT for stream "panel".
 async fn viewer_socket(a: std::net::SocketAddr) -> Ws {
     let (_, v) = post_json(
@@ -156,38 +130,6 @@ async fn viewer_socket(a: std::net::SocketAddr) -> Ws {
     connect(a, v["data"]["jwt"].as_str().unwrap())
         .await
         .unwrap()
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn connect(addr: std::net::SocketAddr, jwt: &str) -> Result<Ws, u16> {
-    match tokio_tungstenite::connect_async(format!("ws://{addr}/ws?token={jwt}")).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
-        Err(e) => panic!("ws connect: {e}"),
-    }
-}
-
-/// Sends one text message and returns the next answer (`response` or `error`), skipping the
-/// server events that may arrive in between.
-async fn call(ws: &mut Ws, text: &str) -> Value {
-    ws.send(Message::Text(text.into())).await.unwrap();
-    loop {
-        let v = next_json(ws).await;
-        if v["type"] != "event" {
-            return v;
-        }
-    }
-}
-
-async fn next_json(ws: &mut Ws) -> Value {
-    let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
-        .await
-        .expect("an answer")
-        .expect("socket open")
-        .expect("no error");
-    serde_json::from_str(m.to_text().unwrap()).unwrap()
 }
 
 fn sign(claims: Value, secret: &str) -> String {
@@ -415,17 +357,7 @@ fn token_cli_creates_tokens_the_server_accepts() {
         .output()
         .unwrap();
     assert!(!bad.status.success());
-    let p = Proc::start(
-        "serve",
-        &[
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--tokens",
-            file.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let p = common::serve_token_file(&file, &[]);
     let a = p.http();
     let body = r#"{"streamName":"panel"}"#;
     assert_eq!(

@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use chorus::replay::{corpus as corpus_files, truth};
-use common::{corpus, get_json, node_harness, python, repo, wait_for, Proc};
+use common::{corpus, get_json, node_harness, wait_for, Proc};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "test-publish-token";
@@ -24,16 +24,6 @@ fn whip(http: std::net::SocketAddr, stream: &str, source: &str, seconds: u32) ->
         .spawn()
         .unwrap();
     common::Reaped(child)
-}
-
-fn whep_cmd(http: std::net::SocketAddr, stream: &str, args: &[&str]) -> Command {
-    let mut c = Command::new(python());
-    c.arg(repo().join("tests/python/whep_view.py"))
-        .arg("--url")
-        .arg(format!("http://{http}/whep/{stream}"))
-        .args(args)
-        .stdout(std::process::Stdio::piped());
-    c
 }
 
 /// The final `report` line of a tool's stdout.
@@ -89,7 +79,7 @@ fn aiortc_over_whep_gets_continuous_decodable_rewritten_tracks() {
         whip(p.http(), "w", "bo", 25),
     ];
     // One track for two talkers in turn: the track switches source at least once.
-    let out = whep_cmd(
+    let out = common::whep_command(
         p.http(),
         "w",
         &["--tracks", "1", "--seconds", "16", "--check"],
@@ -316,22 +306,7 @@ fn sdk_viewers_hear_who_talks_in_the_track_vad_names_and_never_themselves() {
 fn two_edges_on_one_origin_serve_their_own_viewers() {
     let _serial = common::serial();
     let origin = common::origin(TOKEN, "cluster-secret");
-    let fp = origin.info["fingerprint"].as_str().unwrap().to_owned();
-    let edge = |_: u8| {
-        Proc::start(
-            "edge",
-            &[
-                "edge",
-                "--http",
-                "127.0.0.1:0",
-                "--origin",
-                &origin.cluster(),
-                "--origin-fingerprint",
-                &fp,
-            ],
-            &[("CHORUS_CLUSTER_TOKEN", "cluster-secret")],
-        )
-    };
+    let edge = |_: u8| common::edge(&origin, "cluster-secret");
     let (e1, e2) = (edge(1), edge(2));
     // Publishing is the origin's job, viewing the edges'.
     let (s, v) = common::post_json(
@@ -361,14 +336,14 @@ fn two_edges_on_one_origin_serve_their_own_viewers() {
         whip(origin.http(), "two", "ana", 25),
         whip(origin.http(), "two", "bo", 25),
     ];
-    let v1 = whep_cmd(
+    let v1 = common::whep_command(
         e1.http(),
         "two",
         &["--tracks", "2", "--seconds", "15", "--check"],
     )
     .spawn()
     .unwrap();
-    let o2 = whep_cmd(
+    let o2 = common::whep_command(
         e2.http(),
         "two",
         &["--tracks", "2", "--seconds", "15", "--check"],
@@ -398,7 +373,7 @@ fn two_edges_on_one_origin_serve_their_own_viewers() {
 fn a_viewer_of_a_stream_not_yet_published_gets_it_when_it_starts() {
     let _serial = common::serial();
     let p = serve();
-    let viewer = whep_cmd(
+    let viewer = common::whep_command(
         p.http(),
         "later",
         &["--tracks", "1", "--seconds", "14", "--check"],
@@ -424,18 +399,19 @@ fn vanishing_and_flooding_viewers_do_not_disturb_the_others() {
         whip(p.http(), "rude", "ana", 30),
         whip(p.http(), "rude", "bo", 30),
     ];
-    let good = whep_cmd(
+    let good = common::whep_command(
         p.http(),
         "rude",
         &["--tracks", "2", "--seconds", "16", "--check"],
     )
     .spawn()
     .unwrap();
-    let mut vanishing = whep_cmd(p.http(), "rude", &["--tracks", "2", "--seconds", "30"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let flood = whep_cmd(
+    let mut vanishing =
+        common::whep_command(p.http(), "rude", &["--tracks", "2", "--seconds", "30"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+    let flood = common::whep_command(
         p.http(),
         "rude",
         &["--tracks", "2", "--seconds", "12", "--rtcp-flood", "5000"],

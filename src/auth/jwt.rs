@@ -21,12 +21,24 @@ pub struct MillicastClaims {
     pub record: bool,
 }
 
+/// A publish JWT of a room member: it publishes that member's source only, and only while the
+/// member's publish generation in the room is still this one (a demotion moves it on).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoomBinding {
+    pub room: String,
+    pub member_id: String,
+    pub generation: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     pub iat: u64,
     pub exp: u64,
     pub scope: Scope,
     pub millicast: MillicastClaims,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<RoomBinding>,
 }
 
 /// Signs and checks JWTs with one HS256 secret.
@@ -47,6 +59,11 @@ impl JwtKeys {
     }
 
     pub fn issue(&self, stream: &str, scope: Scope) -> String {
+        self.issue_bound(stream, scope, None)
+    }
+
+    /// A JWT for `stream`, bound to a room member's source when `room` is given.
+    pub fn issue_bound(&self, stream: &str, scope: Scope, room: Option<RoomBinding>) -> String {
         let now = unix_now();
         self.sign(&Claims {
             iat: now,
@@ -56,6 +73,7 @@ impl JwtKeys {
                 stream_name: stream.to_owned(),
                 record: false,
             },
+            room,
         })
     }
 

@@ -2,6 +2,7 @@
 //! core. The control plane ([`Edge`]) answers offers and hands peers to the media thread
 //! ([`worker`]), which owns them, their socket and one packet core per stream.
 
+pub mod talking;
 pub mod viewer;
 pub mod worker;
 

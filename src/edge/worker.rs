@@ -249,6 +249,7 @@ pub struct Worker {
     /// Where direct packets are built and sealed.
     scratch: Vec<u8>,
     seed: u64,
+    talking: super::talking::TalkingWatch,
 }
 
 impl Worker {
@@ -269,6 +270,7 @@ impl Worker {
             touched: Vec::new(),
             scratch: Vec::with_capacity(1500),
             seed: rand::random(),
+            talking: Default::default(),
         })
     }
 
@@ -577,6 +579,8 @@ impl Worker {
                 st.broadcast(&st.viewercount_event(st.viewers.len()));
             }
         }
+        let cores = self.streams.iter().map(|(n, st)| (n, &st.core));
+        self.talking.update(cores, now_us, &self.link);
     }
 
     fn datagram(&mut self, hdr: DatagramHeader, d: Bytes) {

@@ -9,10 +9,10 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
-use super::{bearer, fail, App, Refusal};
-use crate::auth::jwt::Scope;
+use super::{bearer, fail, rooms, App, Refusal};
+use crate::auth::jwt::{RoomBinding, Scope};
 
 pub const ACCOUNT_ID: &str = "chorus";
 /// Stream names are path segments and log fields: keep them plain.
@@ -42,7 +42,8 @@ pub fn check_stream_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn ws_url(app: &App, headers: &HeaderMap) -> String {
+/// The signalling URL to give a client that asked with these headers.
+pub fn ws_url(app: &App, headers: &HeaderMap) -> String {
     if let Some(base) = &app.public_ws {
         return format!("{base}/ws");
     }
@@ -53,17 +54,24 @@ fn ws_url(app: &App, headers: &HeaderMap) -> String {
     format!("ws://{host}/ws")
 }
 
-fn success(url: String, jwt: String) -> Response {
-    Json(json!({
-        "status": "success",
-        "data": {
-            "urls": [url],
-            "jwt": jwt,
-            "streamAccountId": ACCOUNT_ID,
-            "iceServers": [],
-        }
-    }))
-    .into_response()
+/// The data of a director answer: what the SDK's tokenGenerator must return.
+pub fn answer(url: String, jwt: String) -> Value {
+    json!({
+        "urls": [url],
+        "jwt": jwt,
+        "streamAccountId": ACCOUNT_ID,
+        "iceServers": [],
+    })
+}
+
+/// A director answer; a room member's also says which sourceId it must publish.
+fn success(url: String, jwt: String, room: Option<&RoomBinding>) -> Response {
+    let mut data = answer(url, jwt);
+    if let Some(b) = room {
+        data["sourceId"] = json!(b.member_id);
+        data["memberId"] = json!(b.member_id);
+    }
+    Json(json!({"status": "success", "data": data})).into_response()
 }
 
 /// The request and its checked stream name, or the refusal to send.
@@ -97,13 +105,17 @@ pub async fn publish(State(app): State<Arc<App>>, headers: HeaderMap, body: Byte
             );
         }
     }
-    if let Err(e) = app.tokens.check_publish(bearer(&headers), &stream) {
-        return fail(StatusCode::UNAUTHORIZED, e.to_string());
-    }
-    success(
-        ws_url(&app, &headers),
-        app.jwt.issue(&stream, Scope::Publish),
-    )
+    let token = bearer(&headers);
+    let room = match rooms::room_grant(&app, token, &stream, Scope::Publish) {
+        Some(Ok(room)) => room,
+        Some(Err(refusal)) => return refusal.into_response(),
+        None => match app.tokens.check_publish(token, &stream) {
+            Ok(()) => None,
+            Err(e) => return fail(StatusCode::UNAUTHORIZED, e.to_string()),
+        },
+    };
+    let jwt = app.jwt.issue_bound(&stream, Scope::Publish, room.clone());
+    success(ws_url(&app, &headers), jwt, room.as_ref())
 }
 
 pub async fn subscribe(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -125,8 +137,15 @@ pub async fn subscribe(State(app): State<Arc<App>>, headers: HeaderMap, body: By
         Ok((_, stream)) => stream,
         Err(refusal) => return refusal.into_response(),
     };
-    if let Err(e) = app.tokens.check_subscribe(bearer(&headers), &stream) {
-        return fail(StatusCode::UNAUTHORIZED, e.to_string());
+    let token = bearer(&headers);
+    match rooms::room_grant(&app, token, &stream, Scope::Subscribe) {
+        Some(Ok(_)) => {}
+        Some(Err(refusal)) => return refusal.into_response(),
+        None => {
+            if let Err(e) = app.tokens.check_subscribe(token, &stream) {
+                return fail(StatusCode::UNAUTHORIZED, e.to_string());
+            }
+        }
     }
-    success(url, app.jwt.issue(&stream, Scope::Subscribe))
+    success(url, app.jwt.issue(&stream, Scope::Subscribe), None)
 }

@@ -97,6 +97,46 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             &[("", g(&m.replacements_total))],
         );
     }
+    if let Some(r) = &app.rooms {
+        let g = r.gauges();
+        let m = &r.metrics;
+        let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        metric(
+            &mut out,
+            "chorus_rooms",
+            "gauge",
+            "Rooms with a connected participant.",
+            &[("", g.rooms as u64)],
+        );
+        metric(
+            &mut out,
+            "chorus_room_participants",
+            "gauge",
+            "Participants connected to a room socket, by role.",
+            &[
+                ("role=\"member\"", g.members as u64),
+                ("role=\"audience\"", (g.participants - g.members) as u64),
+            ],
+        );
+        metric(
+            &mut out,
+            "chorus_room_joins_total",
+            "counter",
+            "Room sockets opened.",
+            &[("", c(&m.joins))],
+        );
+        metric(
+            &mut out,
+            "chorus_room_role_changes_total",
+            "counter",
+            "Promotions, demotions and removals.",
+            &[
+                ("change=\"promote\"", c(&m.promotions)),
+                ("change=\"demote\"", c(&m.demotions)),
+                ("change=\"remove\"", c(&m.removals)),
+            ],
+        );
+    }
     if let Some(e) = &app.edge {
         let m = &e.metrics;
         let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);

@@ -2,6 +2,7 @@
 
 pub mod director;
 pub mod metrics;
+pub mod rooms;
 pub mod signal;
 pub mod web;
 pub mod whep;
@@ -19,10 +20,11 @@ use axum::{Json, Router};
 use serde_json::json;
 use tower_http::cors::{Any, CorsLayer};
 
-use crate::auth::jwt::{JwtKeys, Scope};
+use crate::auth::jwt::{JwtKeys, RoomBinding, Scope};
 use crate::auth::tokens::Tokens;
 use crate::edge::Edge;
 use crate::origin::Origin;
+use crate::room::RoomService;
 use crate::rtc::offer::OfferError;
 use crate::rtc::peers::PeerId;
 
@@ -34,6 +36,8 @@ pub struct App {
     pub origin: Option<Arc<Origin>>,
     /// Present where viewers are served (`serve`, `edge`).
     pub edge: Option<Arc<Edge>>,
+    /// Present with the origin.
+    pub rooms: Option<Arc<RoomService>>,
     /// Base URL put in director answers (`ws://host:port`); None = from the request's Host.
     pub public_ws: Option<String>,
     pub next_session: AtomicU64,
@@ -74,27 +78,35 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// What WHIP and WHEP check before looking at an offer: the stream name, the bearer (a director
-/// JWT of `scope` for this stream, or a long-lived token of that kind), and an SDP body.
-/// Returns the offer, or the refusal to send.
+/// JWT of `scope` for this stream, a room token, or a long-lived token of that kind), and an SDP
+/// body. Returns the offer and, for a room member, what binds its publication; or the refusal.
 pub fn sdp_request<'a>(
     app: &App,
     headers: &HeaderMap,
     stream: &str,
     scope: Scope,
     body: &'a [u8],
-) -> Result<&'a str, Refusal> {
+) -> Result<(&'a str, Option<RoomBinding>), Refusal> {
     director::check_stream_name(stream).map_err(|m| Refusal(StatusCode::BAD_REQUEST, m))?;
     let token = bearer(headers);
-    let allowed = match token.and_then(|t| app.jwt.verify(t).ok()) {
-        Some(claims) if claims.scope == scope && claims.millicast.stream_name == stream => Ok(()),
-        Some(_) => Err(format!("this JWT does not allow {scope:?} on {stream:?}")),
-        None => match scope {
-            Scope::Publish => app.tokens.check_publish(token, stream),
-            Scope::Subscribe => app.tokens.check_subscribe(token, stream),
+    let room = match rooms::room_grant(app, token, stream, scope) {
+        Some(grant) => grant?,
+        None => {
+            let allowed = match token.and_then(|t| app.jwt.verify(t).ok()) {
+                Some(claims) if claims.scope == scope && claims.millicast.stream_name == stream => {
+                    Ok(())
+                }
+                Some(_) => Err(format!("this JWT does not allow {scope:?} on {stream:?}")),
+                None => match scope {
+                    Scope::Publish => app.tokens.check_publish(token, stream),
+                    Scope::Subscribe => app.tokens.check_subscribe(token, stream),
+                }
+                .map_err(|e| e.to_string()),
+            };
+            allowed.map_err(|m| Refusal(StatusCode::UNAUTHORIZED, m))?;
+            None
         }
-        .map_err(|e| e.to_string()),
     };
-    allowed.map_err(|m| Refusal(StatusCode::UNAUTHORIZED, m))?;
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -105,8 +117,9 @@ pub fn sdp_request<'a>(
             "offers must be Content-Type: application/sdp".into(),
         ));
     }
-    std::str::from_utf8(body)
-        .map_err(|_| Refusal(StatusCode::BAD_REQUEST, "SDP offer is not UTF-8".into()))
+    let offer = std::str::from_utf8(body)
+        .map_err(|_| Refusal(StatusCode::BAD_REQUEST, "SDP offer is not UTF-8".into()))?;
+    Ok((offer, room))
 }
 
 /// A refused offer: the client's fault (400) unless something broke on our side.
@@ -141,6 +154,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/director/subscribe", post(director::subscribe))
         .route("/api/streams/{name}", get(stream_view))
         .route("/ws", get(signal::upgrade))
+        .route("/api/rooms/{room}/tokens", post(rooms::issue_token))
+        .route("/api/rooms/{room}/ws", get(rooms::upgrade))
         .route("/whip/{stream}", post(whip::publish))
         .route(
             "/whip/resource/{id}",

@@ -51,6 +51,12 @@ pub async fn upgrade(
         Ok(c) => c,
         Err(e) => return fail(StatusCode::UNAUTHORIZED, e.to_string()),
     };
+    // A room member's publish JWT stops working once the member is demoted or removed.
+    if let Some(b) = &claims.room {
+        if let Err(m) = super::rooms::check_binding(&app, b) {
+            return fail(StatusCode::FORBIDDEN, m);
+        }
+    }
     let sid = app.next_session.fetch_add(1, Ordering::Relaxed);
     // tungstenite's defaults (128 KiB read and 128 KiB write buffer) would be most of a
     // viewer's memory; signalling messages are small and few, and a large offer still fits
@@ -122,9 +128,57 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64) {
 }
 
 fn send_error(out: &Out, trans_id: Option<u64>, message: impl Into<String>) {
+    let _ = out.send(error_message(trans_id, message));
+}
+
+/// An `error` answer (logged).
+pub fn error_message(trans_id: Option<u64>, message: impl Into<String>) -> Value {
     let message = message.into();
-    info!(trans_id, %message, "signalling command refused");
-    let _ = out.send(json!({"type": "error", "transId": trans_id, "data": {"message": message}}));
+    info!(trans_id, %message, "command refused");
+    json!({"type": "error", "transId": trans_id, "data": {"message": message}})
+}
+
+/// A `response` answer.
+pub fn response_message(trans_id: u64, data: Value) -> Value {
+    json!({"type": "response", "transId": trans_id, "data": data})
+}
+
+/// A client command: `{"type":"cmd","transId":N,"name":...,"data":{...}}`.
+pub struct Cmd {
+    pub trans_id: u64,
+    pub name: String,
+    pub data: Value,
+}
+
+/// Reads one client message. Ok(None): a client event or stray response, ignored quietly.
+/// Err: the transId (if any) and why the message is refused.
+pub fn parse_cmd(text: &str) -> Result<Option<Cmd>, (Option<u64>, String)> {
+    let v: Value =
+        serde_json::from_str(text).map_err(|e| (None, format!("malformed JSON: {e}")))?;
+    match v.get("type").and_then(Value::as_str) {
+        Some("cmd") => {}
+        Some("event" | "response") => return Ok(None),
+        _ => {
+            return Err((
+                None,
+                "expected {\"type\":\"cmd\",\"transId\":N,\"name\":...,\"data\":{...}}".into(),
+            ))
+        }
+    }
+    let Some(trans_id) = v.get("transId").and_then(Value::as_u64) else {
+        return Err((None, "cmd without an integer transId".into()));
+    };
+    let name = v
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let data = v.get("data").cloned().unwrap_or(Value::Null);
+    Ok(Some(Cmd {
+        trans_id,
+        name,
+        data,
+    }))
 }
 
 /// What one signalling session holds.
@@ -144,34 +198,20 @@ struct ViewerState {
 
 fn handle_text(app: &Arc<App>, claims: &Claims, out: &Out, session: &mut Session, text: &str) {
     let sid = session.sid;
-    let v: Value = match serde_json::from_str(text) {
-        Ok(v) => v,
-        Err(e) => return send_error(out, None, format!("malformed JSON: {e}")),
-    };
-    if v.get("type").and_then(Value::as_str) != Some("cmd") {
-        // Clients may send events (none are used) or stray responses: ignore those quietly,
-        // refuse anything else.
-        if matches!(
-            v.get("type").and_then(Value::as_str),
-            Some("event" | "response")
-        ) {
-            return;
-        }
-        return send_error(
-            out,
-            None,
-            "expected {\"type\":\"cmd\",\"transId\":N,\"name\":...,\"data\":{...}}",
-        );
-    }
-    let Some(trans_id) = v.get("transId").and_then(Value::as_u64) else {
-        return send_error(out, None, "cmd without an integer transId");
+    let Cmd {
+        trans_id,
+        name,
+        data,
+    } = match parse_cmd(text) {
+        Ok(Some(cmd)) => cmd,
+        // Clients may send events (none are used) or stray responses.
+        Ok(None) => return,
+        Err((trans_id, message)) => return send_error(out, trans_id, message),
     };
     if !session.seen.insert(trans_id) {
         return send_error(out, Some(trans_id), format!("duplicate transId {trans_id}"));
     }
-    let name = v.get("name").and_then(Value::as_str).unwrap_or("");
-    let data = v.get("data").cloned().unwrap_or(Value::Null);
-    let result = match name {
+    let result = match name.as_str() {
         "publish" => publish(app, claims, sid, &data),
         "unpublish" => unpublish(app, claims, sid, &data),
         "view" => match view(app, claims, &data, out, session, trans_id) {
@@ -186,7 +226,7 @@ fn handle_text(app: &Arc<App>, claims: &Claims, out: &Out, session: &mut Session
     };
     match result {
         Ok(data) => {
-            let _ = out.send(json!({"type": "response", "transId": trans_id, "data": data}));
+            let _ = out.send(response_message(trans_id, data));
         }
         Err(message) => send_error(out, Some(trans_id), message),
     }
@@ -228,6 +268,9 @@ fn publish(app: &Arc<App>, claims: &Claims, sid: u64, data: &Value) -> Result<Va
         .and_then(Value::as_str)
         .ok_or("publish needs data.sdp, the SDP offer")?;
     let source = source_id(data)?;
+    if let Some(b) = &claims.room {
+        super::rooms::check_room_publish(app, b, source.as_deref(), sdp)?;
+    }
     let stream = &claims.millicast.stream_name;
     let origin = app
         .origin
@@ -236,6 +279,9 @@ fn publish(app: &Arc<App>, claims: &Claims, sid: u64, data: &Value) -> Result<Va
     let published = origin
         .publish(stream, source.clone(), sdp, Owner::Signalling(sid))
         .map_err(|e| e.to_string())?;
+    if let Some(b) = &claims.room {
+        super::rooms::confirm_room_publish(app, b)?;
+    }
     if published.replaced {
         warn!(stream, source = ?source, "a live publication of this sourceId was replaced");
     }

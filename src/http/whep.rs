@@ -36,7 +36,7 @@ pub async fn view(
         );
     };
     let offer = match sdp_request(&app, &headers, &stream, Scope::Subscribe, &body) {
-        Ok(o) => o,
+        Ok((o, _)) => o,
         Err(refusal) => return refusal.into_response(),
     };
     if let Some(n) = q.tracks {

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::signal::MAX_SOURCE_ID;
-use super::{fail, offer_refused, sdp_request, App};
+use super::{fail, offer_refused, rooms, sdp_request, App};
 use crate::auth::jwt::Scope;
 use crate::origin::Owner;
 
@@ -33,7 +33,7 @@ pub async fn publish(
             "this is an edge: publish at the origin",
         );
     };
-    let offer = match sdp_request(&app, &headers, &stream, Scope::Publish, &body) {
+    let (offer, room) = match sdp_request(&app, &headers, &stream, Scope::Publish, &body) {
         Ok(o) => o,
         Err(refusal) => return refusal.into_response(),
     };
@@ -47,7 +47,18 @@ pub async fn publish(
             format!("sourceId must be at most {MAX_SOURCE_ID} printable characters"),
         );
     }
-    match origin.publish(&stream, source, offer, Owner::Whip) {
+    if let Some(b) = &room {
+        if let Err(m) = rooms::check_room_publish(&app, b, source.as_deref(), offer) {
+            return fail(StatusCode::FORBIDDEN, m);
+        }
+    }
+    let published = origin.publish(&stream, source, offer, Owner::Whip);
+    if let (Ok(_), Some(b)) = (&published, &room) {
+        if let Err(m) = rooms::confirm_room_publish(&app, b) {
+            return fail(StatusCode::FORBIDDEN, m);
+        }
+    }
+    match published {
         Ok(p) => (
             StatusCode::CREATED,
             [

@@ -6,6 +6,7 @@
 //! take it: each publication's handler owns its stream's fan-out list (a read lock per packet).
 
 pub mod publication;
+pub mod talking;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -186,6 +187,8 @@ pub struct Origin {
     next_publication: AtomicU64,
     next_channel: AtomicU32,
     me: Weak<Origin>,
+    /// Who talks, as the linked edges report it.
+    pub talking: talking::TalkingBoard,
 }
 
 impl Origin {
@@ -199,6 +202,7 @@ impl Origin {
             next_publication: AtomicU64::new(1),
             next_channel: AtomicU32::new(1),
             me: me.clone(),
+            talking: talking::TalkingBoard::default(),
         })
     }
 
@@ -337,6 +341,25 @@ impl Origin {
         doomed.len()
     }
 
+    /// Ends the publication of `source`, whoever owns it (a room member sent back to the
+    /// audience). Its owner's session stays open.
+    pub fn unpublish_source(&self, stream: &str, source: &SourceKey) -> bool {
+        let mut st = self.lock();
+        let Some(s) = st.get_mut(stream) else {
+            return false;
+        };
+        let Some(src) = s.sources.remove(source) else {
+            return false;
+        };
+        self.host.remove(src.peer);
+        info!(stream, source = ?source, publication = src.publication, "source stopped");
+        s.announce(stream);
+        if s.is_idle() {
+            st.remove(stream);
+        }
+        true
+    }
+
     /// Ends every publication of an owner, in every stream (its signalling socket closed).
     pub fn drop_owner(&self, owner: Owner) {
         let streams: Vec<String> = self.lock().keys().cloned().collect();
@@ -447,6 +470,7 @@ impl Origin {
 
     /// An edge connection ended: drop all of its subscriptions.
     pub fn drop_conn(&self, conn: u64) {
+        self.talking.drop_conn(conn);
         self.edges
             .lock()
             .unwrap_or_else(|p| p.into_inner())

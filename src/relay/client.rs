@@ -172,6 +172,14 @@ impl EdgeLink {
         });
     }
 
+    pub fn talking(&self, stream: String, source: String, talking: bool) {
+        let _ = self.ctl.send(EdgeMsg::Talking {
+            stream,
+            source,
+            talking,
+        });
+    }
+
     pub fn is_closed(&self) -> bool {
         self.conn.close_reason().is_some()
     }
@@ -200,6 +208,12 @@ pub enum LinkRequest {
     Keyframe {
         stream: String,
         source: Option<String>,
+    },
+    /// A source's voice activity flipped (see [`crate::edge::talking`]).
+    Talking {
+        stream: String,
+        source: String,
+        talking: bool,
     },
 }
 
@@ -263,6 +277,7 @@ pub async fn manage_link(
                             }
                         }
                         LinkRequest::Keyframe { stream, source } => l.request_keyframe(&stream, source),
+                        LinkRequest::Talking { stream, source, talking } => l.talking(stream, source, talking),
                     }
                 }
                 _ = l.closed() => {

@@ -30,6 +30,12 @@ pub enum EdgeMsg {
         stream: String,
         source: Option<String>,
     },
+    /// This edge's voice activity says the source started (or stopped) talking.
+    Talking {
+        stream: String,
+        source: String,
+        talking: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,6 +190,11 @@ mod tests {
             EdgeMsg::Keyframe {
                 stream: "panel".into(),
                 source: Some("ana".into()),
+            },
+            EdgeMsg::Talking {
+                stream: "panel".into(),
+                source: "ana".into(),
+                talking: true,
             },
         ];
         let bytes: Vec<u8> = msgs.iter().flat_map(encode_frame).collect();

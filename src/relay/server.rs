@@ -175,6 +175,11 @@ fn handle(
         EdgeMsg::Keyframe { stream, source } => {
             origin.request_keyframe(&stream, &source);
         }
+        EdgeMsg::Talking {
+            stream,
+            source,
+            talking,
+        } => origin.talking.report(id, stream, source, talking),
     }
     Ok(())
 }

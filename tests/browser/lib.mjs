@@ -376,22 +376,30 @@ function roomPage() {
     'jitterBufferTargetDelay', 'jitterBufferEmittedCount', 'audioLevel', 'totalAudioEnergy',
     'totalSamplesDuration', 'lastPacketReceivedTimestamp', 'nackCount', 'fecPacketsReceived'];
 
-  const R = window.room = { pub: null, view: null, publishRec: null, viewRec: null, closing: false, timers: [] };
+  const R = window.room = { pub: null, view: null, publishRec: null, viewRec: null, roomRec: null, closing: false, timers: [] };
 
   function recordError(rec, role, message, fatal = false) {
     rec.errors.push([now(), message]);
     emit({ event: 'error', role, message, fatal });
   }
 
-  // o: {streamName, token, sourceId (null = main source), streamKey, connectTimeoutMs, dtx, statsMs}
+  // o: {streamName, token, sourceId (null = main source), streamKey, connectTimeoutMs, dtx, statsMs,
+  //     credentials (a director answer the first tokenGenerator call returns; later calls ask
+  //     the director with token), roomCredentials (true: the room's member.promoted data)}
   R.publish = async (o) => {
     const rec = R.publishRec = { sourceId: o.sourceId, startAt: now(), pcStates: [], events: [], errors: [] };
-    const tokenGenerator = () => millicast.Director.getPublisher({ token: o.token, streamName: o.streamName });
+    let credentials = o.credentials || (o.roomCredentials && R.roomRec && R.roomRec.credentials) || null;
+    const tokenGenerator = () => {
+      const c = credentials;
+      credentials = null;
+      return c ? Promise.resolve(c) : millicast.Director.getPublisher({ token: o.token, streamName: o.streamName });
+    };
     const p = R.pub = new millicast.Publish(null, tokenGenerator, false);
+    const stopping = () => R.closing || rec.stoppedAt;
     p.on('connectionStateChange', (s) => {
       rec.pcStates.push([now(), s]);
       emit({ event: 'pc-state', role: 'publish', state: s });
-      if (rec.publishedAt && !R.closing && (s === 'failed' || s === 'closed')) recordError(rec, 'publish', 'publish peer connection ' + s);
+      if (rec.publishedAt && !stopping() && (s === 'failed' || s === 'closed')) recordError(rec, 'publish', 'publish peer connection ' + s);
     });
     p.on('broadcastEvent', (ev) => rec.events.push({ t: now(), name: ev && ev.name, data: ev && ev.data }));
     const entry = window.harness.streams[o.streamKey];
@@ -441,7 +449,7 @@ function roomPage() {
       }, o.statsMs));
     }
     if (p.signaling) p.signaling.on('wsConnectionClose', () => {
-      if (!R.closing) recordError(rec, 'publish', 'publish signalling WebSocket closed by the server');
+      if (!stopping()) recordError(rec, 'publish', 'publish signalling WebSocket closed by the server');
     });
     return { sourceId: o.sourceId, publishedAt: rec.publishedAt, publisherId: rec.publisherId,
              signallingMs: rec.signalledAt - rec.startAt, connectMs: rec.publishedAt - rec.startAt };
@@ -571,12 +579,64 @@ function roomPage() {
   R.unproject = (mids) => command('unproject', () => R.view.unproject(mids.map(String)))
     .then((c) => Object.assign(c, { mids }));
 
-  R.report = () => ({ publish: R.publishRec, view: R.viewRec });
+  // Stops the Publish on purpose (no error is recorded for its end).
+  R.unpublish = (why) => {
+    const rec = R.publishRec;
+    if (!R.pub || !rec || rec.stoppedAt) return false;
+    rec.stoppedAt = now();
+    rec.stoppedBy = why;
+    try { R.pub.stop(); } catch {}
+    emit({ event: 'unpublished', why });
+    return true;
+  };
+
+  // The room socket (/api/rooms/ROOM/ws?token=...): every event is recorded and emitted; a
+  // member.promoted event's data (a director answer) is kept for R.publish's credentials; when
+  // this participant is sent back to the audience, its Publish stops, as an app's would.
+  R.roomConnect = (url) => new Promise((resolve, reject) => {
+    const rec = R.roomRec = { url: url.replace(/token=[^&]*/, 'token=...'), events: [], commands: [], errors: [], me: null, credentials: null };
+    const ws = R.roomWs = new WebSocket(url);
+    let transId = 0;
+    R.roomPending = {};
+    ws.onmessage = (m) => {
+      let msg;
+      try { msg = JSON.parse(m.data); } catch { recordError(rec, 'room', 'room socket sent non-JSON'); return; }
+      if (msg.type === 'event') {
+        rec.events.push({ t: now(), name: msg.name, data: msg.data });
+        emit({ event: 'room', type: msg.name, data: msg.data });
+        if (msg.name === 'room.state') { rec.me = msg.data.you && msg.data.you.memberId; resolve(msg.data); }
+        if (msg.name === 'member.promoted') rec.credentials = msg.data;
+        if (msg.name === 'member.updated' && msg.data.memberId === rec.me && msg.data.role === 'audience') R.unpublish('demoted');
+      } else if (R.roomPending[msg.transId]) {
+        R.roomPending[msg.transId](msg);
+        delete R.roomPending[msg.transId];
+      }
+    };
+    ws.onclose = (e) => {
+      rec.closedAt = now();
+      rec.close = { code: e.code, reason: e.reason };
+      if (!R.closing) emit({ event: 'room-closed', code: e.code, reason: e.reason });
+      reject(new Error('room socket closed (' + e.code + ' ' + e.reason + ')'));
+    };
+    R.roomCmd = (name, data) => new Promise((res) => {
+      const id = ++transId;
+      const c = { t: now(), name, data };
+      rec.commands.push(c);
+      R.roomPending[id] = (msg) => {
+        Object.assign(c, { doneAt: now(), ok: msg.type === 'response', data: msg.data });
+        res(c);
+      };
+      ws.send(JSON.stringify({ type: 'cmd', transId: id, name, data: data || {} }));
+    });
+  });
+
+  R.report = () => ({ publish: R.publishRec, view: R.viewRec, room: R.roomRec });
   R.stopAll = () => {
     R.closing = true;
     for (const t of R.timers) clearInterval(t);
     try { if (R.view) R.view.stop(); } catch {}
     try { if (R.pub) R.pub.stop(); } catch {}
+    try { if (R.roomWs) R.roomWs.close(); } catch {}
   };
 }
 
@@ -600,7 +660,17 @@ export async function roomView(page, o) {
   return page.evaluate((oo) => window.room.view(oo), o);
 }
 
-/** Everything the page recorded: {publish, view}. */
+/** Open the room socket at url (resolves with room.state's data); see roomPage. */
+export async function roomConnect(page, url) {
+  return page.evaluate((u) => window.room.roomConnect(u), url);
+}
+
+/** One room command: {t, name, data, ok, doneAt}; see roomPage. */
+export async function roomCommand(page, name, data) {
+  return page.evaluate(([n, d]) => window.room.roomCmd(n, d), [name, data]);
+}
+
+/** Everything the page recorded: {publish, view, room}. */
 export async function roomReport(page) {
   return page.evaluate(() => window.room.report());
 }

@@ -19,6 +19,10 @@
 //   view      {tracks: N (default 3), pinned: SOURCE, exclude: [SOURCE...],
 //              events: [...] (default active,inactive,vad,viewercount,stopped),
 //              muted: true (the <audio> element that plays each track)}
+//   token, subscribeToken   this participant's publish / subscribe token (default: the
+//             command line's); a room token works for both
+//   room      a room token: the page opens the room socket of the room named --stream
+//   publishLater  true: publish only on the `publish NAME` command
 //
 // Order: all pages open and decode their corpus; all publishers connect;
 // all viewers connect (--viewers-first swaps the two); then every publisher
@@ -28,13 +32,18 @@
 // tool exits by itself at the latest setup-timeout + seconds + 15 s after start.
 //
 // stdout: one JSON line per event ({"t":<Date.now()>,"event":...,"name":...}):
-//   starting, page, audio, published, viewing, broadcast, track, pc-state,
-//   corpus-start, project, unproject, left, error, deadline, report, exit.
+//   starting, page, audio, room-joined, published, viewing, broadcast, track, pc-state,
+//   corpus-start, room, room-response, room-closed, unpublished, project, unproject, left,
+//   error, deadline, report, exit.
 // The last line before exit is {"event":"report","participants":{...}}.
 // stdin, one command a line:
 //   project NAME SOURCE MID   view.project(SOURCE, [{media:'audio', mediaId: MID}])
 //                             (SOURCE "_" = the main source)
 //   unproject NAME MID...     view.unproject([MID...])
+//   room NAME COMMAND [JSON]  a room socket command (e.g. room host promote {"memberId":"m-x"})
+//   publish NAME              publish now (with the credentials of the room's member.promoted
+//                             event, if any) and start its corpus
+//   unpublish NAME            stop NAME's Publish
 //   leave NAME                close NAME's page abruptly (no view.stop())
 //   crash NAME                crash NAME's renderer (no WebSocket close frame)
 //   quit                      report and exit
@@ -46,7 +55,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import readline from 'node:readline';
 import {
   launchBrowser, openHarnessPage, corpusStream, parseCommandLine, commonOptions, corpusFile, emitLine, one,
-  installRoom, roomPublish, roomView, roomReport, startCorpusAt, sdkVersion,
+  installRoom, roomPublish, roomView, roomReport, startCorpusAt, sdkVersion, roomConnect, roomCommand,
 } from './lib.mjs';
 
 const T_START = Date.now();
@@ -90,14 +99,17 @@ const participants = [];
     if (typeof name !== 'string' || !name || /\s/.test(name)) usage(`spec[${i}].name must be a non-empty string without spaces`);
     if (names.has(name)) usage(`duplicate participant name ${name}`);
     names.add(name);
-    const part = { name, publish: null, view: null };
+    const part = {
+      name, publish: null, view: null,
+      token: p.token ?? null, subscribeToken: p.subscribeToken ?? null, room: p.room ?? null,
+    };
     if (p.publish !== undefined && p.publish !== null) {
       const speaker = String(p.publish);
       const file = corpusFile(speaker, corpusDir);
       if (!existsSync(file)) usage(`${name}: corpus file not found: ${file}`);
       const stem = path.basename(file).replace(/\.[^.]+$/, '');
       const sourceId = 'sourceId' in p ? (p.sourceId === null || p.sourceId === '' ? null : String(p.sourceId)) : stem;
-      part.publish = { speaker: stem, file, sourceId };
+      part.publish = { speaker: stem, file, sourceId, later: !!p.publishLater };
     }
     if (p.view !== undefined && p.view !== null && p.view !== false) {
       const v = p.view === true ? {} : p.view;
@@ -110,11 +122,11 @@ const participants = [];
         events: v.events ?? DEFAULT_EVENTS, muted: v.muted !== false,
       };
     }
-    if (!part.publish && !part.view) usage(`${name} neither publishes nor views`);
+    if (!part.publish && !part.view && !part.room) usage(`${name} neither publishes, views nor joins a room`);
     participants.push(part);
   }
 }
-if (participants.some((p) => p.publish) && !token) usage('--token is required to publish (or set CHORUS_PUBLISH_TOKEN)');
+if (participants.some((p) => p.publish && !p.token) && !token) usage('--token is required to publish (or set CHORUS_PUBLISH_TOKEN)');
 const byName = Object.fromEntries(participants.map((p) => [p.name, p]));
 
 // ---------------------------------------------------------------- output
@@ -162,6 +174,7 @@ async function finalReport() {
       name: p.name,
       publish: p.publish ? { ...p.publish, ...(p.pubInfo || {}), corpus: p.corpus || null, ...(r && r.publish ? r.publish : {}) } : null,
       view: p.view ? { spec: p.view, ...(r && r.view ? r.view : {}) } : null,
+      room: r && r.room ? r.room : null,
       left: p.left || null,
     };
   }));
@@ -206,12 +219,17 @@ async function openPage(p) {
     p.corpus = { duration: Number(info.duration.toFixed(3)), loop };
     emit({ event: 'audio', name: p.name, sourceId: p.publish.sourceId, file: p.publish.file, duration: p.corpus.duration, loop });
   }
+  if (p.room) {
+    const url = `${endpoint.replace(/^http/, 'ws')}/api/rooms/${encodeURIComponent(streamName)}/ws?token=${encodeURIComponent(p.room)}`;
+    const state = await roomConnect(page, url);
+    emit({ event: 'room-joined', name: p.name, memberId: state.you && state.you.memberId, role: state.you && state.you.role });
+  }
 }
 
-async function publishOne(p) {
+async function publishOne(p, extra = {}) {
   try {
     p.pubInfo = await roomPublish(p.page, {
-      streamName, token, sourceId: p.publish.sourceId, streamKey: 'corpus', connectTimeoutMs, dtx, statsMs,
+      streamName, token: p.token ?? token, sourceId: p.publish.sourceId, streamKey: 'corpus', connectTimeoutMs, dtx, statsMs, ...extra,
     });
   } catch (e) { throw Object.assign(new Error(`publish failed: ${cleanMsg(e)}`), { participant: p.name }); }
   emit({ event: 'published', name: p.name, ...p.pubInfo });
@@ -225,7 +243,7 @@ async function viewOne(p) {
   let info;
   try {
     info = await roomView(p.page, {
-      streamName, accountId: 'chorus', subscribeToken, connectOptions, muted: v.muted,
+      streamName, accountId: 'chorus', subscribeToken: p.subscribeToken ?? subscribeToken, connectOptions, muted: v.muted,
       sampleMs, statsMs, connectTimeoutMs,
     });
   } catch (e) { throw Object.assign(new Error(`view failed: ${cleanMsg(e)}`), { participant: p.name }); }
@@ -240,7 +258,7 @@ async function setup() {
   browser = await launchBrowser({ endpoint });
   browser.on('disconnected', () => { if (!exiting) { fail(null, 'chromium exited unexpectedly'); shutdown(1, 'error'); } });
   await Promise.all(participants.map(openPage));
-  const pubs = participants.filter((p) => p.publish);
+  const pubs = participants.filter((p) => p.publish && !p.publish.later);
   const views = participants.filter((p) => p.view);
   if (viewersFirst) { await Promise.all(views.map(viewOne)); await Promise.all(pubs.map(publishOne)); }
   else { await Promise.all(pubs.map(publishOne)); await Promise.all(views.map(viewOne)); }
@@ -290,6 +308,33 @@ async function runCommand(line) {
       const c = await p.page.evaluate((m) => window.room.unproject(m), rest);
       emit({ event: 'unproject', name, mids: rest, ok: c.ok, message: c.message, ms: c.doneAt - c.t });
       if (!c.ok) fail(name, `unproject ${rest.join(',')} refused: ${c.message}`, { command: 'unproject' });
+      return;
+    }
+    case 'room': {
+      if (!name || rest.length < 1) return fail(null, 'usage: room NAME COMMAND [JSON]');
+      const p = target(name, false); if (!p) return;
+      if (!p.room) return fail(name, `${name} has no room socket`);
+      let data = {};
+      try { data = rest.length > 1 ? JSON.parse(rest.slice(1).join(' ')) : {}; } catch (e) { return fail(name, `bad JSON for room ${rest[0]}: ${e.message}`); }
+      const c = await roomCommand(p.page, rest[0], data);
+      emit({ event: 'room-response', name, command: rest[0], ok: c.ok, data: c.data, ms: c.doneAt - c.t });
+      return;
+    }
+    case 'publish': {
+      if (!name) return fail(null, 'usage: publish NAME');
+      const p = target(name, false); if (!p) return;
+      if (!p.publish) return fail(name, `${name} has nothing to publish`);
+      await publishOne(p, { roomCredentials: true });
+      const s = await startCorpusAt(p.page, 'corpus', Date.now());
+      p.corpus = { ...p.corpus, startedWall: s.startedWall, scheduledWall: s.startedWall };
+      emit({ event: 'corpus-start', name: p.name, sourceId: p.publish.sourceId, startedWall: s.startedWall, scheduled: s.startedWall });
+      return;
+    }
+    case 'unpublish': {
+      if (!name) return fail(null, 'usage: unpublish NAME');
+      const p = target(name, false); if (!p) return;
+      const stopped = await p.page.evaluate(() => window.room.unpublish('command'));
+      emit({ event: 'unpublish', name, stopped });
       return;
     }
     case 'leave':

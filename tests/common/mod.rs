@@ -1,6 +1,8 @@
 //! Shared helpers of the process-level tests: start chorus binaries, talk HTTP and WebSocket.
 #![allow(dead_code)]
 
+pub mod ws;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -133,6 +135,25 @@ pub fn get_json(addr: SocketAddr, path: &str) -> (u16, Value) {
     (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
 }
 
+/// The payload of a JWT, unverified.
+pub fn jwt_payload(jwt: &str) -> Value {
+    use base64::Engine;
+    let part = jwt.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+/// Wall-clock milliseconds since the Unix epoch (what the browser tools' `t` fields are).
+pub fn unix_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        * 1000.0
+}
+
 /// Polls `f` until it returns Some or the deadline passes.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + timeout;
@@ -193,21 +214,68 @@ pub fn serve(publish_token: &str) -> Proc {
     )
 }
 
+/// `chorus serve` with a token file (no dev mode), HTTP on a free port, plus `extra` arguments.
+pub fn serve_token_file(file: &Path, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "serve",
+        "--http",
+        "127.0.0.1:0",
+        "--tokens",
+        file.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Proc::start("serve", &args, &[])
+}
+
+/// A fresh directory for one test's files.
+pub fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("chorus-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 /// `chorus origin` in dev mode, HTTP and QUIC on free ports, edges joining with `cluster_token`.
 pub fn origin(publish_token: &str, cluster_token: &str) -> Proc {
-    Proc::start(
+    origin_with(publish_token, cluster_token, &[], &[])
+}
+
+/// [`origin`] with more arguments and environment.
+pub fn origin_with(
+    publish_token: &str,
+    cluster_token: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
+    let mut all = vec![
         "origin",
+        "--http",
+        "127.0.0.1:0",
+        "--cluster",
+        "127.0.0.1:0",
+    ];
+    all.extend_from_slice(args);
+    let mut vars = vec![
+        ("CHORUS_PUBLISH_TOKEN", publish_token),
+        ("CHORUS_CLUSTER_TOKEN", cluster_token),
+    ];
+    vars.extend_from_slice(env);
+    Proc::start("origin", &all, &vars)
+}
+
+/// `chorus edge` linked to `origin` (pinning its certificate), HTTP on a free port.
+pub fn edge(origin: &Proc, cluster_token: &str) -> Proc {
+    Proc::start(
+        "edge",
         &[
-            "origin",
+            "edge",
             "--http",
             "127.0.0.1:0",
-            "--cluster",
-            "127.0.0.1:0",
+            "--origin",
+            &origin.cluster(),
+            "--origin-fingerprint",
+            origin.info["fingerprint"].as_str().unwrap(),
         ],
-        &[
-            ("CHORUS_PUBLISH_TOKEN", publish_token),
-            ("CHORUS_CLUSTER_TOKEN", cluster_token),
-        ],
+        &[("CHORUS_CLUSTER_TOKEN", cluster_token)],
     )
 }
 
@@ -229,6 +297,18 @@ pub fn whip_command(
     token: &str,
     seconds: u32,
 ) -> Command {
+    whip_command_as(http, stream, source, source, token, seconds)
+}
+
+/// tests/python/whip_publish.py publishing the corpus speaker `speaker` as sourceId `source`.
+pub fn whip_command_as(
+    http: SocketAddr,
+    stream: &str,
+    source: &str,
+    speaker: &str,
+    token: &str,
+    seconds: u32,
+) -> Command {
     let mut cmd = Command::new(python());
     cmd.arg(repo().join("tests/python/whip_publish.py"))
         .arg("--url")
@@ -242,6 +322,17 @@ pub fn whip_command(
             &seconds.to_string(),
         ])
         .arg("--file")
-        .arg(corpus().join(format!("{source}.opus")));
+        .arg(corpus().join(format!("{speaker}.opus")));
     cmd
+}
+
+/// tests/python/whep_view.py viewing `stream` (stdout piped), with `args`.
+pub fn whep_command(http: SocketAddr, stream: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(python());
+    c.arg(repo().join("tests/python/whep_view.py"))
+        .arg("--url")
+        .arg(format!("http://{http}/whep/{stream}"))
+        .args(args)
+        .stdout(Stdio::piped());
+    c
 }

@@ -1,0 +1,381 @@
+//! The HTTP face of rooms: `POST /api/rooms/{room}/tokens` (API key), the room socket
+//! `/api/rooms/{room}/ws?token=<room token>`, and what the director, signalling and WHIP check
+//! when a room token or a room member's publish JWT comes their way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tracing::info;
+
+use super::signal::{error_message, parse_cmd, response_message};
+use super::{bearer, director, App, Refusal};
+use crate::auth::jwt::{RoomBinding, Scope};
+use crate::auth::AuthError;
+use crate::room::state::{parse_permissions, Grant, Media, Role};
+use crate::room::{ConnMsg, RoomService};
+use crate::rtc::offer::mlines;
+
+/// Largest room socket message: commands are small.
+pub const MAX_ROOM_MESSAGE: usize = 16 * 1024;
+pub const MAX_USER_NAME: usize = 64;
+/// Room tokens live this long unless the request says otherwise (`ttl`, seconds).
+pub const DEFAULT_TOKEN_TTL: u64 = 12 * 3600;
+pub const MAX_TOKEN_TTL: u64 = 7 * 86_400;
+/// The server pings each room socket this often (it also keeps proxies from closing it)...
+const PING_EVERY: Duration = Duration::from_secs(20);
+/// ...and closes one that sent nothing, not even a pong, for this long.
+const SILENCE_LIMIT: Duration = Duration::from_secs(60);
+
+fn rooms(app: &App) -> Result<&Arc<RoomService>, Refusal> {
+    app.rooms.as_ref().ok_or_else(|| {
+        Refusal(
+            StatusCode::NOT_FOUND,
+            "this is an edge: rooms live at the origin".into(),
+        )
+    })
+}
+
+fn forbidden(m: impl Into<String>) -> Refusal {
+    Refusal(StatusCode::FORBIDDEN, m.into())
+}
+
+fn check_room_name(room: &str) -> Result<(), Refusal> {
+    director::check_stream_name(room).map_err(|m| {
+        Refusal(
+            StatusCode::BAD_REQUEST,
+            format!("bad room name (it is also the stream's name): {m}"),
+        )
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    #[serde(alias = "userName")]
+    user_name: Option<String>,
+    #[serde(alias = "joinAs")]
+    join_as: Option<String>,
+    #[serde(default)]
+    permissions: Vec<String>,
+    /// Seconds.
+    ttl: Option<u64>,
+}
+
+/// `POST /api/rooms/{room}/tokens`, bearer API key, `{user_name, join_as, permissions, ttl?}`:
+/// a room token for a new participant, with its member id.
+pub async fn issue_token(
+    State(app): State<Arc<App>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match issue(&app, &room, &headers, &body) {
+        Ok(data) => Json(json!({"status": "success", "data": data})).into_response(),
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+fn issue(app: &App, room: &str, headers: &HeaderMap, body: &[u8]) -> Result<Value, Refusal> {
+    let rooms = rooms(app)?;
+    rooms
+        .check_api_key(bearer(headers))
+        .map_err(|m| Refusal(StatusCode::UNAUTHORIZED, m))?;
+    check_room_name(room)?;
+    let bad = |m: String| Refusal(StatusCode::BAD_REQUEST, m);
+    let req: TokenRequest =
+        serde_json::from_slice(body).map_err(|e| bad(format!("malformed JSON body: {e}")))?;
+    let user_name = req
+        .user_name
+        .ok_or_else(|| bad("missing user_name".into()))?;
+    if user_name.trim().is_empty()
+        || user_name.chars().count() > MAX_USER_NAME
+        || user_name.chars().any(char::is_control)
+    {
+        return Err(bad(format!(
+            "user_name must be 1 to {MAX_USER_NAME} printable characters"
+        )));
+    }
+    let role = Role::parse(req.join_as.as_deref().unwrap_or("audience")).map_err(bad)?;
+    let permissions = parse_permissions(&req.permissions).map_err(bad)?;
+    let ttl = req.ttl.unwrap_or(DEFAULT_TOKEN_TTL);
+    if !(10..=MAX_TOKEN_TTL).contains(&ttl) {
+        return Err(bad(format!("ttl must be 10 to {MAX_TOKEN_TTL} seconds")));
+    }
+    let (token, member, expires) = rooms.issue(room, &user_name, role, &permissions, ttl);
+    Ok(json!({
+        "token": token,
+        "memberId": member,
+        "room": room,
+        "streamName": room,
+        "userName": user_name,
+        "role": role.as_str(),
+        "permissions": permissions.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+        "expiresAt": expires,
+    }))
+}
+
+/// A room credential presented to the director, WHIP or WHEP as bearer: a room token (for its
+/// room's stream: view, and publish while a member), or a member's publish JWT (publish again
+/// while not demoted). None: the bearer is neither, check it as usual. Some(Ok(binding)): allowed;
+/// a publication is then bound to the member (`binding`).
+pub fn room_grant(
+    app: &App,
+    token: Option<&str>,
+    stream: &str,
+    scope: Scope,
+) -> Option<Result<Option<RoomBinding>, Refusal>> {
+    let rooms = app.rooms.as_ref()?;
+    let token = token?;
+    match rooms.verify(token) {
+        Ok(g) => Some(grant_stream(rooms, &g, stream, scope)),
+        // Signed with the room key, so a room token, but too old.
+        Err(AuthError::Expired) => Some(Err(Refusal(
+            StatusCode::UNAUTHORIZED,
+            "room token expired".into(),
+        ))),
+        Err(_) => {
+            let claims = app.jwt.verify(token).ok()?;
+            let b = claims.room.filter(|_| scope == Scope::Publish)?;
+            if claims.scope != Scope::Publish {
+                return None;
+            }
+            Some(if b.room != stream {
+                Err(forbidden(format!(
+                    "this publish token is for room {:?}, not stream {stream:?}",
+                    b.room
+                )))
+            } else {
+                check_binding(app, &b).map(|()| Some(b)).map_err(forbidden)
+            })
+        }
+    }
+}
+
+fn grant_stream(
+    rooms: &RoomService,
+    g: &Grant,
+    stream: &str,
+    scope: Scope,
+) -> Result<Option<RoomBinding>, Refusal> {
+    if g.room != stream {
+        return Err(forbidden(format!(
+            "this room token is for room {:?}, not stream {stream:?}",
+            g.room
+        )));
+    }
+    rooms.admit(g).map_err(forbidden)?;
+    match scope {
+        Scope::Subscribe => Ok(None),
+        Scope::Publish => {
+            let right = rooms
+                .may_publish(&g.room, &g.member, None)
+                .map_err(forbidden)?;
+            Ok(Some(RoomBinding {
+                room: g.room.clone(),
+                member_id: g.member.clone(),
+                generation: right.generation,
+            }))
+        }
+    }
+}
+
+/// A member's publish JWT still works: the member was neither demoted nor removed since.
+pub fn check_binding(app: &App, b: &RoomBinding) -> Result<(), String> {
+    match &app.rooms {
+        Some(rooms) => rooms
+            .may_publish(&b.room, &b.member_id, Some(b.generation))
+            .map(|_| ()),
+        // An edge: nothing is published here anyway.
+        None => Ok(()),
+    }
+}
+
+/// Before a room member's publication: its own sourceId, still a member, and no video unless
+/// allowed.
+pub fn check_room_publish(
+    app: &App,
+    b: &RoomBinding,
+    source: Option<&str>,
+    offer: &str,
+) -> Result<(), String> {
+    if source != Some(b.member_id.as_str()) {
+        return Err(format!(
+            "a member of room {:?} publishes with sourceId {:?} (its member id) only, not {}",
+            b.room,
+            b.member_id,
+            source.map_or("the main source".to_owned(), |s| format!("{s:?}"))
+        ));
+    }
+    let rooms = app
+        .rooms
+        .as_ref()
+        .ok_or("this is an edge: publish at the origin")?;
+    let right = rooms.may_publish(&b.room, &b.member_id, Some(b.generation))?;
+    let sends_video = mlines(offer)
+        .iter()
+        .any(|m| m.media == "video" && matches!(m.direction.as_str(), "sendonly" | "sendrecv"));
+    if sends_video && right.media == Media::AudioOnly {
+        return Err(format!(
+            "member {:?} may publish audio only (mediaAllowed \"audio-only\"): offer no video",
+            b.member_id
+        ));
+    }
+    Ok(())
+}
+
+/// After a room member's publication is in place: if the member was demoted meanwhile, it is
+/// stopped again at once.
+pub fn confirm_room_publish(app: &App, b: &RoomBinding) -> Result<(), String> {
+    let result = check_binding(app, b);
+    if result.is_err() {
+        if let Some(origin) = &app.origin {
+            origin.unpublish_source(&b.room, &Some(b.member_id.clone()));
+        }
+    }
+    result
+}
+
+#[derive(Deserialize)]
+pub struct RoomQuery {
+    token: Option<String>,
+}
+
+/// `GET /api/rooms/{room}/ws?token=<room token>`: the participant's room socket.
+pub async fn upgrade(
+    State(app): State<Arc<App>>,
+    Path(room): Path<String>,
+    Query(q): Query<RoomQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let checked = (|| {
+        let rooms = rooms(&app)?.clone();
+        let token = q.token.as_deref().ok_or_else(|| {
+            Refusal(
+                StatusCode::UNAUTHORIZED,
+                "missing ?token=<room token>".into(),
+            )
+        })?;
+        let g = rooms.verify(token).map_err(|e| {
+            let m = match e {
+                AuthError::Expired => "room token expired".to_owned(),
+                e => format!("not a room token of this server: {e}"),
+            };
+            Refusal(StatusCode::UNAUTHORIZED, m)
+        })?;
+        if g.room != room {
+            return Err(forbidden(format!(
+                "this room token is for room {:?}, not {room:?}",
+                g.room
+            )));
+        }
+        rooms.admit(&g).map_err(forbidden)?;
+        Ok((rooms, g))
+    })();
+    let (rooms, g) = match checked {
+        Ok(x) => x,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let ws_url = director::ws_url(&app, &headers);
+    ws.max_message_size(MAX_ROOM_MESSAGE)
+        .on_upgrade(move |socket| session(socket, rooms, g, ws_url))
+}
+
+async fn session(socket: WebSocket, rooms: Arc<RoomService>, g: Grant, ws_url: String) {
+    let (mut sink, mut source) = socket.split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<ConnMsg>();
+    let conn = match rooms.connect(&g, ws_url, tx.clone()) {
+        Ok(conn) => conn,
+        Err(m) => {
+            let text = error_message(None, m).to_string();
+            let _ = sink.send(Message::Text(text.into())).await;
+            let _ = sink.close().await;
+            return;
+        }
+    };
+    let mut writer = tokio::spawn(async move {
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+        loop {
+            let m = tokio::select! {
+                m = rx.recv() => m,
+                _ = ping.tick() => {
+                    if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            match m {
+                Some(ConnMsg::Text(t)) => {
+                    if sink.send(Message::Text(t)).await.is_err() {
+                        return;
+                    }
+                }
+                Some(ConnMsg::Close(reason)) => {
+                    let frame = CloseFrame {
+                        code: 4000,
+                        reason: reason.into(),
+                    };
+                    let _ = sink.send(Message::Close(Some(frame))).await;
+                    return;
+                }
+                None => break,
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let send = |v: Value| {
+        let _ = tx.send(ConnMsg::Text(v.to_string().into()));
+    };
+    let mut writer_done = false;
+    loop {
+        // A participant that vanished without closing (its pongs stopped) leaves the room.
+        let msg = tokio::select! {
+            msg = source.next() => msg,
+            _ = tokio::time::sleep(SILENCE_LIMIT) => {
+                info!(room = g.room.as_str(), member = g.member.as_str(), "room socket silent: closing it");
+                break;
+            }
+            _ = &mut writer => {
+                writer_done = true;
+                break;
+            }
+        };
+        let text = match msg {
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Binary(_))) => {
+                send(error_message(
+                    None,
+                    "binary messages are not supported: send JSON text",
+                ));
+                continue;
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+            Some(Ok(_)) => continue,
+        };
+        match parse_cmd(text.as_str()) {
+            Ok(Some(cmd)) => send(match rooms.command(conn, &cmd.name, &cmd.data) {
+                Ok(data) => response_message(cmd.trans_id, data),
+                Err(m) => error_message(Some(cmd.trans_id), m),
+            }),
+            Ok(None) => {}
+            Err((trans_id, m)) => send(error_message(trans_id, m)),
+        }
+    }
+    rooms.disconnect(conn);
+    drop(tx);
+    if !writer_done {
+        let _ = writer.await;
+    }
+}

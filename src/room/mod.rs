@@ -1,0 +1,318 @@
+//! Rooms: a stream (named like the room) with an audience that listens and members that speak,
+//! raised hands, promotion and demotion, talking indicators. The decisions are in [`state`]
+//! (sans-IO); this is its driver: the room sockets' connections, carrying out effects (events,
+//! publish credentials, stopping a publication at the origin), the edges' talking reports and
+//! the expiry of old records. It runs where the origin runs (`serve`, `origin`).
+
+pub mod state;
+pub mod token;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, mpsc};
+use tracing::{info, warn};
+
+use crate::auth::jwt::{JwtKeys, RoomBinding, Scope};
+use crate::auth::{constant_time_eq, random_secret, unix_now, AuthError};
+use crate::origin::talking::Talking;
+use crate::origin::Origin;
+use state::{Effect, Gauges, Grant, Permission, PublishRight, Role, Rooms};
+use token::RoomKeys;
+
+/// What a room socket's writer gets.
+#[derive(Debug)]
+pub enum ConnMsg {
+    Text(Utf8Bytes),
+    /// Close the socket with this reason.
+    Close(String),
+}
+
+struct Conn {
+    tx: mpsc::UnboundedSender<ConnMsg>,
+    room: String,
+    member: String,
+    /// Signalling URL for this participant's publish credentials (as its director would say).
+    ws_url: String,
+}
+
+#[derive(Default)]
+struct Inner {
+    rooms: Rooms,
+    conns: HashMap<u64, Conn>,
+}
+
+/// Counters for /metrics.
+#[derive(Debug, Default)]
+pub struct RoomMetrics {
+    pub joins: AtomicU64,
+    pub promotions: AtomicU64,
+    pub demotions: AtomicU64,
+    pub removals: AtomicU64,
+}
+
+pub struct RoomService {
+    inner: Mutex<Inner>,
+    keys: RoomKeys,
+    api_key: Option<String>,
+    jwt: JwtKeys,
+    origin: Arc<Origin>,
+    next_conn: AtomicU64,
+    pub metrics: RoomMetrics,
+}
+
+impl RoomService {
+    /// Room tokens are signed with a key derived from `jwt_secret`; members' publish JWTs with
+    /// `jwt` (the director's keys). Without an API key no room token can be issued.
+    pub fn new(
+        jwt_secret: &[u8],
+        jwt: JwtKeys,
+        api_key: Option<String>,
+        origin: Arc<Origin>,
+    ) -> Arc<RoomService> {
+        Arc::new(RoomService {
+            inner: Mutex::new(Inner::default()),
+            keys: RoomKeys::derive(jwt_secret),
+            api_key: api_key.filter(|k| !k.is_empty()),
+            jwt,
+            origin,
+            next_conn: AtomicU64::new(1),
+            metrics: RoomMetrics::default(),
+        })
+    }
+
+    /// Follows the edges' talking reports and expires old records, for the life of the process.
+    pub fn start(self: &Arc<Self>) {
+        let mut talking = self.origin.talking.subscribe();
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match talking.recv().await {
+                    Ok(t) => me.talking(&t),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        warn!(missed = n, "rooms missed talking reports")
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                me.lock().rooms.expire(unix_now());
+            }
+        });
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn has_api_key(&self) -> bool {
+        self.api_key.is_some()
+    }
+
+    pub fn check_api_key(&self, bearer: Option<&str>) -> Result<(), String> {
+        match (&self.api_key, bearer) {
+            (None, _) => Err(
+                "this server has no API key (--api-key or CHORUS_API_KEY): it issues no room tokens"
+                    .into(),
+            ),
+            (Some(_), None) => Err("missing API key: send Authorization: Bearer <api key>".into()),
+            (Some(k), Some(b)) if constant_time_eq(k.as_bytes(), b.as_bytes()) => Ok(()),
+            (Some(_), Some(_)) => Err("wrong API key".into()),
+        }
+    }
+
+    /// A room token for a new participant: (token, member id, expiry in Unix seconds).
+    pub fn issue(
+        &self,
+        room: &str,
+        user_name: &str,
+        role: Role,
+        permissions: &[Permission],
+        ttl_secs: u64,
+    ) -> (String, String, u64) {
+        let member = format!("m-{}", random_secret(9));
+        let (token, exp) = self
+            .keys
+            .issue(room, &member, user_name, role, permissions, ttl_secs);
+        info!(
+            room,
+            member = member.as_str(),
+            user_name,
+            role = role.as_str(),
+            "room token issued"
+        );
+        (token, member, exp)
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Grant, AuthError> {
+        self.keys.verify(token)
+    }
+
+    /// The token's participant may use it (not removed from the room).
+    pub fn admit(&self, g: &Grant) -> Result<(), String> {
+        self.lock().rooms.admit(g, unix_now())
+    }
+
+    pub fn may_publish(
+        &self,
+        room: &str,
+        member: &str,
+        generation: Option<u32>,
+    ) -> Result<PublishRight, String> {
+        self.lock().rooms.may_publish(room, member, generation)
+    }
+
+    /// A participant's room socket opened, writing what it gets to `tx`: its connection id.
+    pub fn connect(
+        &self,
+        g: &Grant,
+        ws_url: String,
+        tx: mpsc::UnboundedSender<ConnMsg>,
+    ) -> Result<u64, String> {
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let mut inner = self.lock();
+        let fx = inner.rooms.join(g, conn, unix_now())?;
+        inner.conns.insert(
+            conn,
+            Conn {
+                tx,
+                room: g.room.clone(),
+                member: g.member.clone(),
+                ws_url,
+            },
+        );
+        self.metrics.joins.fetch_add(1, Ordering::Relaxed);
+        info!(
+            room = g.room.as_str(),
+            member = g.member.as_str(),
+            user_name = g.user_name.as_str(),
+            role = g.role.as_str(),
+            conn,
+            "participant joined the room"
+        );
+        self.apply(inner, fx);
+        Ok(conn)
+    }
+
+    /// A room socket closed.
+    pub fn disconnect(&self, conn: u64) {
+        let mut inner = self.lock();
+        let Some(c) = inner.conns.remove(&conn) else {
+            return;
+        };
+        let fx = inner.rooms.leave(&c.room, &c.member, conn);
+        info!(
+            room = c.room.as_str(),
+            member = c.member.as_str(),
+            conn,
+            "participant left the room"
+        );
+        self.apply(inner, fx);
+    }
+
+    /// One command of a room socket: its response data, or why it was refused.
+    pub fn command(&self, conn: u64, name: &str, data: &Value) -> Result<Value, String> {
+        let mut inner = self.lock();
+        let (room, member) = match inner.conns.get(&conn) {
+            Some(c) => (c.room.clone(), c.member.clone()),
+            None => return Err("this connection has left the room".into()),
+        };
+        let (resp, fx) = inner.rooms.command(&room, &member, conn, name, data)?;
+        let change = match name {
+            "promote" => Some((&self.metrics.promotions, "member promoted")),
+            "demote" => Some((&self.metrics.demotions, "member demoted")),
+            "remove" => Some((&self.metrics.removals, "member removed")),
+            _ => None,
+        };
+        if let Some((counter, what)) = change {
+            counter.fetch_add(1, Ordering::Relaxed);
+            let target = data.get("memberId").and_then(Value::as_str).unwrap_or("");
+            info!(
+                room = room.as_str(),
+                by = member.as_str(),
+                member = target,
+                "{what}"
+            );
+        }
+        self.apply(inner, fx);
+        Ok(resp)
+    }
+
+    fn talking(&self, t: &Talking) {
+        let mut inner = self.lock();
+        let fx = inner.rooms.talking(&t.stream, &t.source, t.talking);
+        self.apply(inner, fx);
+    }
+
+    pub fn gauges(&self) -> Gauges {
+        self.lock().rooms.gauges()
+    }
+
+    /// Carries out effects: messages while the lock is held (queueing never blocks), the origin
+    /// after it is released.
+    fn apply(&self, inner: MutexGuard<'_, Inner>, fx: Vec<Effect>) {
+        let mut stops = Vec::new();
+        for e in fx {
+            match e {
+                Effect::Send { to, event } => {
+                    let text = Utf8Bytes::from(event.to_string());
+                    for c in to {
+                        if let Some(conn) = inner.conns.get(&c) {
+                            let _ = conn.tx.send(ConnMsg::Text(text.clone()));
+                        }
+                    }
+                }
+                Effect::Credentials {
+                    conn,
+                    room,
+                    member,
+                    generation,
+                } => {
+                    let Some(c) = inner.conns.get(&conn) else {
+                        continue;
+                    };
+                    let jwt = self.jwt.issue_bound(
+                        &room,
+                        Scope::Publish,
+                        Some(RoomBinding {
+                            room: room.clone(),
+                            member_id: member.clone(),
+                            generation,
+                        }),
+                    );
+                    let mut data = crate::http::director::answer(c.ws_url.clone(), jwt);
+                    data["streamName"] = json!(room);
+                    data["sourceId"] = json!(member);
+                    data["memberId"] = json!(member);
+                    let event = state::event("member.promoted", data);
+                    let _ = c.tx.send(ConnMsg::Text(event.to_string().into()));
+                }
+                Effect::Close { conn, reason } => {
+                    if let Some(c) = inner.conns.get(&conn) {
+                        let _ = c.tx.send(ConnMsg::Close(reason));
+                    }
+                }
+                Effect::StopPublishing { room, member } => stops.push((room, member)),
+            }
+        }
+        drop(inner);
+        for (room, member) in stops {
+            let stopped = self.origin.unpublish_source(&room, &Some(member.clone()));
+            info!(
+                room = room.as_str(),
+                member = member.as_str(),
+                stopped,
+                "member's publication stopped"
+            );
+        }
+    }
+}

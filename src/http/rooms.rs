@@ -288,6 +288,8 @@ pub async fn upgrade(
     };
     let ws_url = director::ws_url(&app, &headers);
     ws.max_message_size(MAX_ROOM_MESSAGE)
+        .read_buffer_size(super::signal::WS_BUFFER)
+        .write_buffer_size(super::signal::WS_BUFFER)
         .on_upgrade(move |socket| session(socket, rooms, g, ws_url))
 }
 

@@ -11,6 +11,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, OnceLock};
@@ -39,6 +40,25 @@ const RECV_BURST: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerId(pub u64);
+
+/// Hashes a `PeerId` with one multiplication: ids are trusted, sequential numbers, and the peer
+/// table is looked up for every packet of every viewer (SipHash was a visible share of it).
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
 
 impl std::fmt::Display for PeerId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -116,7 +136,8 @@ pub fn shared_dtls_cert() -> Option<&'static DtlsCert> {
 }
 
 pub struct Peer<T> {
-    pub rtc: Rtc,
+    /// Boxed: str0m's state is about 10 KiB, and the peer table is walked per packet.
+    pub rtc: Box<Rtc>,
     pub data: T,
     ufrag: String,
     added: Instant,
@@ -163,7 +184,7 @@ pub struct PeerSet<T> {
     local: SocketAddr,
     poller: Poller,
     bell: Arc<Doorbell>,
-    peers: HashMap<PeerId, Peer<T>>,
+    peers: HashMap<PeerId, Peer<T>, BuildHasherDefault<IdHasher>>,
     by_ufrag: HashMap<String, PeerId>,
     by_addr: HashMap<SocketAddr, PeerId>,
     /// (deadline, peer); an entry whose peer has since rescheduled is skipped when it pops.
@@ -187,7 +208,7 @@ impl<T> PeerSet<T> {
             local,
             poller,
             bell,
-            peers: HashMap::new(),
+            peers: HashMap::default(),
             by_ufrag: HashMap::new(),
             by_addr: HashMap::new(),
             timers: BinaryHeap::new(),
@@ -210,7 +231,7 @@ impl<T> PeerSet<T> {
         self.peers.insert(
             id,
             Peer {
-                rtc,
+                rtc: Box::new(rtc),
                 data,
                 ufrag,
                 added: now,

@@ -8,6 +8,8 @@
 //! - `flush_each`: every packet is written and flushed on its own (one `Timeout` + poll per
 //!   packet per viewer).
 //! - `flush_batch/K`: K packets are written to a viewer's tracks, then one flush sends them.
+//! - `direct`: the edge's own path: header written and sealed by the edge (AES-GCM, as str0m
+//!   negotiated), one packet in 50 still through str0m; the batch is discarded, not sent.
 //! - `floor_gcm`: AES-128-GCM over a 12-byte header (AAD) and 100-byte payload.
 
 use std::hint::black_box;
@@ -18,9 +20,12 @@ use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use str0m::{Input, Output, Rtc};
 
+use chorus::edge::viewer::{Direct, Sent};
 use chorus::media::rewrite::InputPacket;
 use chorus::media::SourceIdx;
 use chorus::rtc::loopback::pair;
+use chorus::rtc::peers::Sink;
+use chorus::rtc::udp::SendBatch;
 
 const TRACKS: usize = 3;
 
@@ -118,6 +123,41 @@ fn bench_send(c: &mut Criterion) {
             })
         });
     }
+    // The direct path: the same write sealed by the edge itself (1 in 50 still via str0m, flushed
+    // as the edge would), queued in a send batch that is discarded instead of sent.
+    let mut d = pair(3, TRACKS, false);
+    let _ = &d.client;
+    let srtp = d.srtp.take().expect("AES-GCM negotiated");
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut batch = SendBatch::default();
+    let mut scratch = Vec::with_capacity(1500);
+    let dest = d.client_addr;
+    g.bench_function("direct", |b| {
+        b.iter(|| {
+            seq = seq.wrapping_add(1);
+            us += 20_000;
+            let now = Instant::now();
+            let direct = Direct {
+                srtp: &srtp,
+                dest,
+                sink: Sink::new(&sock, &mut batch),
+                scratch: &mut scratch,
+            };
+            let sent = d.tracks[0].write(
+                &mut d.server,
+                us,
+                now,
+                &input(seq),
+                Some((true, 30)),
+                &payload,
+                Some(direct),
+            );
+            if sent == Sent::Str0m {
+                black_box(flush(&mut d.server, now));
+            }
+            batch.discard();
+        })
+    });
     let key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &[7u8; 16]).unwrap());
     let mut buf = vec![0u8; 100];
     let header = [0x80u8; 12];

@@ -2,7 +2,7 @@
 # The bundled load test: how many viewers one edge core serves.
 #
 #   scripts/loadtest.sh [--start N] [--step N] [--max-viewers N] [--step-secs S]
-#                       [--duration S] [--tracks N] [--out DIR] [--no-build]
+#                       [--duration S] [--tracks N] [--out DIR] [--no-build] [--bin PATH]
 #
 # Starts `chorus origin` and `chorus edge` (the edge pinned alone on core 0 with taskset, the
 # origin and the load generator on the other core), ramps viewers with `chorus loadgen` in steps
@@ -13,11 +13,12 @@
 #   floor.json    the floor benchmark
 #   report.md     the table, the capacity point and chorus's cost as a ratio of the floor
 #   report.png    CPU per viewer, loss and latency percentiles versus viewers
-# Logs of every process are kept there too. Loopback only.
+# Logs of every process are kept there too. Loopback only. --bin runs another build (the tests
+# use the debug binary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-START=200 STEP=400 MAX=3000 STEP_SECS=8 DURATION=420 TRACKS=3 BUILD=1
+START=500 STEP=500 MAX=3000 STEP_SECS=8 DURATION=420 TRACKS=3 BUILD=1 BIN=target/release/chorus
 OUT="target/loadtest/$(date +%Y%m%d-%H%M%S)"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -29,7 +30,8 @@ while [ $# -gt 0 ]; do
     --tracks) TRACKS=$2; shift 2 ;;
     --out) OUT=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --bin) BIN=$2; BUILD=0; shift 2 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "loadtest: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -40,7 +42,6 @@ if [ "$BUILD" = 1 ]; then
   say "building release (cargo build --release)"
   cargo build --release --quiet
 fi
-BIN=target/release/chorus
 [ -x "$BIN" ] || { say "$BIN missing: run without --no-build"; exit 1; }
 command -v taskset >/dev/null || { say "taskset missing (Debian package util-linux)"; exit 1; }
 
@@ -94,15 +95,17 @@ timeout --kill-after=10 "$(( ${DURATION%.*} + 60 ))" taskset -c "$OTHER_CPU" "$B
   >"$OUT/steps.jsonl" 2>"$OUT/loadgen.log" || say "loadgen exited with $? (see $OUT/loadgen.log)"
 cleanup; PIDS=()
 
-# The floor: as many packets as the busiest step forwarded, on the edge's core, nothing else running.
-PACKETS=$(python3 - "$OUT/steps.jsonl" <<'EOF'
+# The floor: as many packets as the busiest step forwarded, to as many sockets as it had viewers,
+# on the edge's core with nothing else running.
+read -r PACKETS FLOOR_VIEWERS < <(python3 - "$OUT/steps.jsonl" <<'EOF'
 import json, sys
-steps = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith('{"step"')]
-print(max([s.get("received", 0) + s.get("lost", 0) for s in steps] + [100000]))
+steps = [s for s in (json.loads(l) for l in open(sys.argv[1]) if l.strip()) if "step" in s]
+busiest = max(steps, key=lambda s: s.get("received", 0) + s.get("lost", 0), default={})
+print(max(busiest.get("received", 0) + busiest.get("lost", 0), 100000), max(busiest.get("connected", 0), 100))
 EOF
 )
-say "floor benchmark: $PACKETS packets"
-taskset -c "$EDGE_CPU","$OTHER_CPU" "$BIN" loadgen floor --packets "$PACKETS" --viewers 2000 --batch 32 \
+say "floor benchmark: $PACKETS packets to $FLOOR_VIEWERS sockets"
+taskset -c "$EDGE_CPU","$OTHER_CPU" "$BIN" loadgen floor --packets "$PACKETS" --viewers "$FLOOR_VIEWERS" --batch 32 \
   >"$OUT/floor.json" 2>"$OUT/floor.log"
 
 VENV=target/loadtest-venv

@@ -229,3 +229,68 @@ fn refusals_and_unreachable_directors_are_clear_errors() {
     let out = loadgen(&["--url", &url, "--duration=-1"]);
     assert_fails_with(&out, "--duration must be a positive number");
 }
+
+/// `scripts/loadtest.sh`, the command users size deployments with, end to end on a small ramp
+/// with this build: origin, pinned edge, loadgen steps, floor, report table and plot.
+#[test]
+fn loadtest_script_writes_its_report() {
+    let _g = common::serial();
+    let out = common::tempdir("loadtest");
+    let status = Command::new(common::repo().join("scripts/loadtest.sh"))
+        .args([
+            "--bin",
+            env!("CARGO_BIN_EXE_chorus"),
+            "--start",
+            "6",
+            "--step",
+            "6",
+            "--max-viewers",
+            "12",
+            "--step-secs",
+            "3",
+            "--duration",
+            "60",
+            "--out",
+        ])
+        .arg(&out)
+        .status()
+        .expect("loadtest.sh runs");
+    assert!(
+        status.success(),
+        "loadtest.sh failed: see {}",
+        out.display()
+    );
+    let steps: Vec<Value> = std::fs::read_to_string(out.join("steps.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("step").is_some())
+        .collect();
+    assert_eq!(steps.len(), 2, "two steps: 6 then 12 viewers");
+    for s in &steps {
+        assert_eq!(s["connected"], s["viewers"], "every viewer connected: {s}");
+        assert!(
+            s["received"].as_u64().unwrap() > 0,
+            "packets forwarded: {s}"
+        );
+        assert!(
+            s["edge_cpu_s"].as_f64().unwrap() > 0.0,
+            "edge CPU sampled: {s}"
+        );
+    }
+    let floor: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("floor.json")).unwrap()).unwrap();
+    assert!(floor["packets"].as_u64().unwrap() >= 100_000);
+    assert!(floor["both_ns_per_pkt"].as_f64().unwrap() > 0.0);
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        report.contains("| 6 | 6 |") && report.contains("| 12 | 12 |"),
+        "{report}"
+    );
+    assert!(
+        report.contains("x the floor") || report.contains("No step"),
+        "{report}"
+    );
+    let png = std::fs::read(out.join("report.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "a PNG plot");
+}

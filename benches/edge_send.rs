@@ -20,7 +20,7 @@ use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use str0m::{Input, Output, Rtc};
 
-use chorus::edge::viewer::{Direct, Sent};
+use chorus::edge::viewer::{Direct, OutTrack, Sent};
 use chorus::media::rewrite::InputPacket;
 use chorus::media::SourceIdx;
 use chorus::rtc::loopback::pair;
@@ -56,6 +56,26 @@ fn flush(server: &mut Rtc, now: Instant) -> usize {
     }
 }
 
+/// One packet written to a track at packet time `us` (a voiced level), as the edge does.
+fn write(
+    t: &mut OutTrack,
+    server: &mut Rtc,
+    seq: u16,
+    us: u64,
+    payload: &Arc<[u8]>,
+    direct: Option<Direct<'_>>,
+) -> Sent {
+    t.write(
+        server,
+        us,
+        Instant::now(),
+        &input(seq),
+        Some((true, 30)),
+        payload,
+        direct,
+    )
+}
+
 fn bench_send(c: &mut Criterion) {
     let mut g = c.benchmark_group("edge_send");
     g.measurement_time(Duration::from_secs(4));
@@ -69,16 +89,7 @@ fn bench_send(c: &mut Criterion) {
             seq = seq.wrapping_add(1);
             us += 20_000;
             let now = Instant::now();
-            let t = &mut all.tracks[0];
-            t.write(
-                &mut all.server,
-                us,
-                now,
-                &input(seq),
-                Some((true, 30)),
-                &payload,
-                None,
-            );
+            write(&mut all.tracks[0], &mut all.server, seq, us, &payload, None);
             black_box(flush(&mut all.server, now));
         })
     });
@@ -89,15 +100,7 @@ fn bench_send(c: &mut Criterion) {
             seq = seq.wrapping_add(1);
             us += 20_000;
             let now = Instant::now();
-            p.tracks[0].write(
-                &mut p.server,
-                us,
-                now,
-                &input(seq),
-                Some((true, 30)),
-                &payload,
-                None,
-            );
+            write(&mut p.tracks[0], &mut p.server, seq, us, &payload, None);
             black_box(flush(&mut p.server, now));
         })
     });
@@ -108,13 +111,11 @@ fn bench_send(c: &mut Criterion) {
                 for i in 0..k {
                     seq = seq.wrapping_add(1);
                     us += 20_000;
-                    let t = &mut p.tracks[i % TRACKS];
-                    t.write(
+                    write(
+                        &mut p.tracks[i % TRACKS],
                         &mut p.server,
+                        seq,
                         us,
-                        now,
-                        &input(seq),
-                        Some((true, 30)),
                         &payload,
                         None,
                     );
@@ -143,12 +144,11 @@ fn bench_send(c: &mut Criterion) {
                 sink: Sink::new(&sock, &mut batch),
                 scratch: &mut scratch,
             };
-            let sent = d.tracks[0].write(
+            let sent = write(
+                &mut d.tracks[0],
                 &mut d.server,
+                seq,
                 us,
-                now,
-                &input(seq),
-                Some((true, 30)),
                 &payload,
                 Some(direct),
             );

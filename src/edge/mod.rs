@@ -14,7 +14,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde_json::Value;
 use str0m::media::Mid;
-use str0m::rtp::Extension;
 use str0m::RtcConfig;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::info;
@@ -23,7 +22,7 @@ use crate::relay::client::{manage_link, LinkConfig, LinkHandler};
 use crate::relay::proto::{DatagramHeader, SourceInfo};
 use crate::rtc::host::OfferRequirements;
 use crate::rtc::offer::{check_offer, mlines, OfferError};
-use crate::rtc::peers::{answer_offer, PeerId};
+use crate::rtc::peers::{answer_offer, media_config, PeerId};
 use crate::rtc::srtp_out::{tapping_provider, with_key_slot, KeySlot};
 use crate::rtc::udp::Doorbell;
 use worker::{EdgeCmd, NewViewer, Worker};
@@ -85,24 +84,15 @@ impl PendingViewer {
 /// Packets of history a viewer's audio track keeps for NACK (320 ms).
 pub const VIEWER_AUDIO_HISTORY: usize = 16;
 
-/// How the edge answers viewers. Only the header extensions a viewer uses are negotiated: each
-/// one is written into every packet of every viewer, so transport-cc and abs-send-time (no
-/// congestion control for a few audio tracks) are left out: about 5 % of str0m's cost per
-/// forwarded packet (`cargo bench --bench edge_send`). str0m's periodic stats are not used,
+/// How the edge answers viewers: [`media_config`] (leaving transport-cc and abs-send-time out
+/// saves about 5 % of str0m's cost per forwarded packet, `cargo bench --bench edge_send`).
+/// str0m's periodic stats are not used,
 /// and a viewer's audio history for NACK is kept short: Chrome does not NACK Opus unless asked,
 /// and each remembered packet costs memory per viewer.
 pub fn viewer_config() -> RtcConfig {
-    RtcConfig::new()
+    media_config()
         .set_stats_interval(None)
         .set_send_buffer_audio(VIEWER_AUDIO_HISTORY)
-        .clear_codecs()
-        .enable_opus(true, false)
-        .enable_vp8(true)
-        .enable_h264(true)
-        .clear_extension_map()
-        .set_extension(1, Extension::AudioLevel)
-        .set_extension(4, Extension::RtpMid)
-        .set_extension(13, Extension::VideoOrientation)
 }
 
 pub struct Edge {

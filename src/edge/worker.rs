@@ -626,12 +626,9 @@ impl Worker {
         if let Some(ids) = st.main_viewers.get(&src) {
             for &id in ids {
                 // Nothing is written before DTLS is up: str0m would only queue it.
-                let Some((p, sink)) = self.peers.get_with_sink(id) else {
+                let Some((p, sink)) = self.peers.connected_with_sink(id) else {
                     continue;
                 };
-                if !p.connected {
-                    continue;
-                }
                 let Peer {
                     rtc, data, dest, ..
                 } = p;
@@ -680,12 +677,9 @@ impl Worker {
                         samples: input.samples,
                     };
                     for &id in groups.get(&group).map(Vec::as_slice).unwrap_or(&[]) {
-                        let Some((p, sink)) = peers.get_with_sink(id) else {
+                        let Some((p, sink)) = peers.connected_with_sink(id) else {
                             continue;
                         };
-                        if !p.connected {
-                            continue;
-                        }
                         let Peer {
                             rtc, data, dest, ..
                         } = p;

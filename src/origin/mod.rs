@@ -16,12 +16,12 @@ use bytes::Bytes;
 use serde::Serialize;
 use str0m::media::MediaKind;
 use str0m::rtp::Extension;
-use str0m::RtcConfig;
 use tracing::info;
 
 use crate::relay::proto::{OriginMsg, SourceInfo, TrackInfo};
 use crate::rtc::host::{CloseReason, OfferRequirements, PeerId, RtcHost};
 use crate::rtc::offer::{mlines, OfferError};
+use crate::rtc::peers::media_config;
 use publication::{PublicationHandler, Route};
 
 /// A sourceId; None is the stream's main source.
@@ -242,19 +242,8 @@ impl Origin {
             stats.clone(),
             self.metrics.clone(),
         );
-        // No transport-cc or abs-send-time: with them, Chrome probes bandwidth with padding-only
-        // packets on the audio SSRC, whose sequence numbers would read as loss downstream once
-        // the padding is dropped. Audio ingest needs no sender-side bandwidth estimate.
-        let config = RtcConfig::new()
-            .clear_codecs()
-            .enable_opus(true, false)
-            .enable_vp8(true)
-            .enable_h264(true)
-            .clear_extension_map()
-            .set_extension(1, Extension::AudioLevel)
-            .set_extension(4, Extension::RtpMid)
-            .set_extension(10, Extension::RtpStreamId)
-            .set_extension(13, Extension::VideoOrientation);
+        // Publishers may send simulcast video: rid too.
+        let config = media_config().set_extension(10, Extension::RtpStreamId);
         let accepted = self.host.accept(
             offer,
             config,

@@ -22,6 +22,7 @@ use str0m::change::SdpOffer;
 use str0m::config::DtlsCert;
 use str0m::ice::StunMessage;
 use str0m::net::{Protocol, Receive};
+use str0m::rtp::Extension;
 use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc, RtcConfig};
 use tracing::{debug, info, warn};
 
@@ -120,6 +121,22 @@ pub fn answer_offer(
         .accept_offer(offer)
         .map_err(|e| OfferError::Rejected(e.to_string()))?;
     Ok((rtc, ufrag, answer.to_sdp_string()))
+}
+
+/// What every chorus peer negotiates: Opus, VP8 and H264, and only the header extensions it
+/// uses. No transport-cc or abs-send-time: with them, Chrome probes bandwidth with padding-only
+/// packets on the audio SSRC (whose sequence numbers read as loss downstream once the padding is
+/// dropped), and each negotiated extension is written into every packet sent.
+pub fn media_config() -> RtcConfig {
+    RtcConfig::new()
+        .clear_codecs()
+        .enable_opus(true, false)
+        .enable_vp8(true)
+        .enable_h264(true)
+        .clear_extension_map()
+        .set_extension(1, Extension::AudioLevel)
+        .set_extension(4, Extension::RtpMid)
+        .set_extension(13, Extension::VideoOrientation)
 }
 
 /// One DTLS certificate for every peer of the process: a fresh key pair per peer costs more
@@ -251,9 +268,9 @@ impl<T> PeerSet<T> {
         self.peers.get_mut(&id)
     }
 
-    /// A peer together with the socket's send batch.
-    pub fn get_with_sink(&mut self, id: PeerId) -> Option<(&mut Peer<T>, Sink<'_>)> {
-        let p = self.peers.get_mut(&id)?;
+    /// A connected peer (ICE and DTLS up) together with the socket's send batch.
+    pub fn connected_with_sink(&mut self, id: PeerId) -> Option<(&mut Peer<T>, Sink<'_>)> {
+        let p = self.peers.get_mut(&id).filter(|p| p.connected)?;
         Some((
             p,
             Sink {

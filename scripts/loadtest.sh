@@ -81,7 +81,7 @@ taskset -c "$OTHER_CPU" "$BIN" origin --http 127.0.0.1:0 --cluster 127.0.0.1:0 \
   >"$OUT/origin.json" 2>"$OUT/origin.log" &
 ORIGIN_PID=$!; PIDS+=("$ORIGIN_PID")
 ORIGIN=$(ready_line "$OUT/origin.json" "$ORIGIN_PID")
-taskset -c "$EDGE_CPU" "$BIN" edge --http 127.0.0.1:0 --origin "$(json "$ORIGIN" cluster)" \
+taskset -c "$EDGE_CPU" "$BIN" edge --media-workers 1 --http 127.0.0.1:0 --origin "$(json "$ORIGIN" cluster)" \
   --origin-fingerprint "$(json "$ORIGIN" fingerprint)" >"$OUT/edge.json" 2>"$OUT/edge.log" &
 EDGE_PID=$!; PIDS+=("$EDGE_PID")
 EDGE=$(ready_line "$OUT/edge.json" "$EDGE_PID")

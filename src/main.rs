@@ -52,6 +52,10 @@ struct CommonServer {
     /// UDP port of the media socket (0 = any free port).
     #[arg(long, default_value_t = 0)]
     media_port: u16,
+    /// Edge media threads, each with its own UDP socket and share of the viewers (default: one
+    /// per core).
+    #[arg(long)]
+    media_workers: Option<usize>,
     /// Address put in ICE candidates when deployed behind NAT or bound to 0.0.0.0.
     #[arg(long)]
     public_ip: Option<IpAddr>,
@@ -350,6 +354,9 @@ fn run_server(
         http: c.http,
         media_ip: c.media_ip,
         media_port: c.media_port,
+        media_workers: c
+            .media_workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         public_ip: c.public_ip,
         public_ws: c.public_ws,
         tokens: c.tokens,

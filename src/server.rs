@@ -42,6 +42,8 @@ pub struct ServerOptions {
     pub media_ip: IpAddr,
     /// UDP port of the publishers' socket (the edge takes any free port).
     pub media_port: u16,
+    /// Edge media threads (at least 1).
+    pub media_workers: usize,
     /// IP put in ICE candidates, when it differs from `media_ip`.
     pub public_ip: Option<IpAddr>,
     /// Base URL of the signalling socket in director answers, e.g. `wss://live.example.com`.
@@ -154,8 +156,13 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
                 }),
             },
         };
-        let (e, origin_secret) =
-            Edge::start(SocketAddr::new(opts.media_ip, 0), opts.public_ip, link).await?;
+        let (e, origin_secret) = Edge::start(
+            SocketAddr::new(opts.media_ip, 0),
+            opts.public_ip,
+            link,
+            opts.media_workers,
+        )
+        .await?;
         if opts.role == Role::Edge {
             // Viewers' JWTs are signed with the origin's key: the edge checks them with it.
             secret = base64::engine::general_purpose::STANDARD

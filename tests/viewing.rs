@@ -540,3 +540,74 @@ fn projected_source_keeps_its_track_and_unproject_keeps_a_talker_flowing() {
         assert!(m > 0.02, "mid 2 silent at {sec} s while bo talks");
     }
 }
+
+/// With two media threads, viewers are dealt to both (ids in turn): each gets the stream, one
+/// leaving does not disturb the other, and the edge holds one subscription at the origin until
+/// the last of them is gone.
+#[test]
+fn viewers_on_two_media_threads_share_one_origin_subscription() {
+    let _serial = common::serial();
+    let p = Proc::start(
+        "serve",
+        &["serve", "--http", "127.0.0.1:0", "--media-workers", "2"],
+        &[("CHORUS_PUBLISH_TOKEN", TOKEN)],
+    );
+    let _pubs = [
+        whip(p.http(), "lanes", "ana", 30),
+        whip(p.http(), "lanes", "bo", 30),
+    ];
+    let first = common::whep_command(
+        p.http(),
+        "lanes",
+        &["--tracks", "2", "--seconds", "10", "--check"],
+    )
+    .spawn()
+    .unwrap();
+    let second = common::whep_command(
+        p.http(),
+        "lanes",
+        &["--tracks", "2", "--seconds", "20", "--check"],
+    )
+    .spawn()
+    .unwrap();
+    wait_for("both viewers connected", Duration::from_secs(15), || {
+        (common::metric(p.http(), "chorus_edge_viewers ") == Some(2.0)).then_some(())
+    });
+    let edges = |p: &Proc| get_json(p.http(), "/api/streams/lanes").1["edges"].as_u64();
+    assert_eq!(edges(&p), Some(1), "one subscription for both threads");
+    let out = first.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rep = report(&out);
+    // The corpus talks from about 5 s in.
+    assert!(assert_continuous(&rep) > 50, "first viewer: {rep}");
+    assert_eq!(
+        edges(&p),
+        Some(1),
+        "still subscribed for the other thread's viewer"
+    );
+    let out = second.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        assert_continuous(&report(&out)) > 300,
+        "the second viewer kept its stream"
+    );
+    wait_for("the origin let go", Duration::from_secs(15), || {
+        (edges(&p) == Some(0)).then_some(())
+    });
+    assert_eq!(
+        common::metric(
+            p.http(),
+            "chorus_edge_dropped_total{reason=\"unknown_source\"}"
+        ),
+        Some(0.0),
+        "a thread without viewers of the stream ignores its packets without counting drops"
+    );
+}

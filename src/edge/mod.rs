@@ -1,15 +1,17 @@
 //! The edge: viewers' WebRTC sessions, fed from the origin over the relay through the packet
-//! core. The control plane ([`Edge`]) answers offers and hands peers to the media thread
-//! ([`worker`]), which owns them, their socket and one packet core per stream.
+//! core. The control plane ([`Edge`]) answers offers and deals the peers out to the media threads
+//! ([`worker`]), one per core by default: each owns its viewers, their socket and one packet core
+//! per stream it serves, and gets every relayed packet of those streams (one shared buffer).
 
 pub mod talking;
 pub mod viewer;
 pub mod worker;
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -95,52 +97,126 @@ pub fn viewer_config() -> RtcConfig {
         .set_send_buffer_audio(VIEWER_AUDIO_HISTORY)
 }
 
-pub struct Edge {
+/// What the edge's media threads share, per stream: the origin's last `Sources` (for a thread
+/// that starts following a stream after they were announced) and the viewer count at this edge.
+#[derive(Default)]
+pub struct Shared {
+    pub sources: Mutex<HashMap<String, (u32, Vec<SourceInfo>)>>,
+    pub viewers: Mutex<HashMap<String, usize>>,
+}
+
+impl Shared {
+    /// Adds `delta` viewers to a stream's count; returns the new count.
+    pub fn count_viewers(&self, stream: &str, delta: isize) -> usize {
+        let Ok(mut m) = self.viewers.lock() else {
+            return 0;
+        };
+        let n = m.entry(stream.to_owned()).or_default();
+        *n = n.saturating_add_signed(delta);
+        let now = *n;
+        if now == 0 {
+            m.remove(stream);
+        }
+        now
+    }
+
+    pub fn viewers_of(&self, stream: &str) -> usize {
+        self.viewers
+            .lock()
+            .ok()
+            .and_then(|m| m.get(stream).copied())
+            .unwrap_or(0)
+    }
+}
+
+/// The way into one media thread.
+#[derive(Clone)]
+struct Lane {
     tx: Sender<EdgeCmd>,
     bell: Arc<Doorbell>,
-    candidate: SocketAddr,
+}
+
+impl Lane {
+    fn send(&self, cmd: EdgeCmd) {
+        let _ = self.tx.send(cmd);
+        self.bell.ring();
+    }
+}
+
+pub struct Edge {
+    lanes: Vec<Lane>,
+    /// Each media thread's ICE candidate.
+    candidates: Vec<SocketAddr>,
     next_id: AtomicU64,
     pub metrics: Arc<EdgeMetrics>,
 }
 
 impl Edge {
     /// Links to the origin, binds the viewers' media socket and starts the media thread.
-    /// Returns once the origin link is up, with the origin's JWT secret (base64).
+    /// Returns once the origin link is up, with the origin's JWT secret (base64). `workers`
+    /// media threads each own a socket (any free port on `bind`'s IP) and a share of the viewers.
     pub async fn start(
         bind: SocketAddr,
         public_ip: Option<IpAddr>,
         link: LinkConfig,
+        workers: usize,
     ) -> Result<(Arc<Edge>, String), String> {
-        let socket =
-            UdpSocket::bind(bind).map_err(|e| format!("edge media socket on {bind}: {e}"))?;
-        let local = socket.local_addr().map_err(|e| e.to_string())?;
-        let ip = public_ip.unwrap_or(local.ip());
-        if ip.is_unspecified() {
-            return Err("edge media bound to an unspecified address: give --public-ip for the ICE candidates".into());
+        let mut sockets = Vec::new();
+        for _ in 0..workers.max(1) {
+            let socket =
+                UdpSocket::bind(bind).map_err(|e| format!("edge media socket on {bind}: {e}"))?;
+            let local = socket.local_addr().map_err(|e| e.to_string())?;
+            let ip = public_ip.unwrap_or(local.ip());
+            if ip.is_unspecified() {
+                return Err("edge media bound to an unspecified address: give --public-ip for the ICE candidates".into());
+            }
+            sockets.push((socket, SocketAddr::new(ip, local.port())));
         }
-        let (tx, rx) = mpsc::channel();
-        let bell = Doorbell::new().map_err(|e| format!("edge media thread wake-up: {e}"))?;
+        let shared: Arc<Shared> = Arc::default();
+        let mut lanes = Vec::new();
+        let mut receivers = Vec::new();
+        for _ in &sockets {
+            let (tx, rx) = mpsc::channel();
+            let bell = Doorbell::new().map_err(|e| format!("edge media thread wake-up: {e}"))?;
+            lanes.push(Lane { tx, bell });
+            receivers.push(rx);
+        }
+        let metrics = Arc::new(EdgeMetrics::default());
         let sink: Arc<dyn LinkHandler> = Arc::new(RelaySink {
-            tx: tx.clone(),
-            bell: bell.clone(),
+            lanes: lanes.clone(),
+            shared: shared.clone(),
+            metrics: metrics.clone(),
         });
         let (secret, ctl) = manage_link(link, sink).await?;
-        let metrics = Arc::new(EdgeMetrics::default());
-        let worker =
-            Worker::new(socket, ctl, metrics.clone(), bell.clone()).map_err(|e| e.to_string())?;
-        std::thread::Builder::new()
-            .name("media-edge".into())
-            .spawn(move || worker.run(rx))
+        let mut candidates = Vec::new();
+        for (i, ((socket, candidate), rx)) in sockets.into_iter().zip(receivers).enumerate() {
+            let worker = Worker::new(
+                socket,
+                ctl.clone(),
+                metrics.clone(),
+                lanes[i].bell.clone(),
+                shared.clone(),
+            )
             .map_err(|e| e.to_string())?;
-        info!(%local, "edge media socket ready");
+            std::thread::Builder::new()
+                .name(format!("media-edge-{i}"))
+                .spawn(move || worker.run(rx))
+                .map_err(|e| e.to_string())?;
+            info!(worker = i, %candidate, "edge media socket ready");
+            candidates.push(candidate);
+        }
         let edge = Arc::new(Edge {
-            tx,
-            bell,
-            candidate: SocketAddr::new(ip, local.port()),
+            lanes,
+            candidates,
             next_id: AtomicU64::new(1),
             metrics,
         });
         Ok((edge, secret))
+    }
+
+    /// The media thread that owns (or will own) a viewer: viewers are dealt out in turn.
+    fn lane(&self, id: PeerId) -> usize {
+        (id.0 % self.lanes.len() as u64) as usize
     }
 
     /// Answers a viewer's offer: the first audio (and video) m-line carries the main source,
@@ -184,9 +260,10 @@ impl Edge {
             .and_then(|m| m.mid.clone());
         let keys = Arc::new(KeySlot::default());
         let config = viewer_config().set_crypto_provider(tapping_provider());
-        let (rtc, ufrag, answer) =
-            with_key_slot(keys.clone(), || answer_offer(offer, config, self.candidate))?;
         let id = PeerId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let candidate = self.candidates[self.lane(id)];
+        let (rtc, ufrag, answer) =
+            with_key_slot(keys.clone(), || answer_offer(offer, config, candidate))?;
         let subscriber_id = format!("sub-{}-{}", id.0, crate::auth::random_secret(6));
         self.metrics.viewers_total.fetch_add(1, Ordering::Relaxed);
         Ok(PendingViewer {
@@ -212,43 +289,52 @@ impl Edge {
 
     pub fn commit(&self, v: PendingViewer) -> PeerId {
         let id = v.viewer.id;
-        self.send(EdgeCmd::AddViewer(v.viewer));
+        self.lanes[self.lane(id)].send(EdgeCmd::AddViewer(v.viewer));
         id
     }
 
     pub fn remove(&self, id: PeerId) {
-        self.send(EdgeCmd::RemoveViewer(id));
+        self.lanes[self.lane(id)].send(EdgeCmd::RemoveViewer(id));
     }
 
     /// Sets all of a viewer's projections: (multiplexed track index, sourceId).
     pub fn project(&self, id: PeerId, fixed: Vec<(u8, String)>) {
-        self.send(EdgeCmd::Project(id, fixed));
+        self.lanes[self.lane(id)].send(EdgeCmd::Project(id, fixed));
     }
 
-    fn send(&self, cmd: EdgeCmd) {
-        let _ = self.tx.send(cmd);
-        self.bell.ring();
+    /// Media threads (each with its own socket and viewers).
+    pub fn workers(&self) -> usize {
+        self.lanes.len()
     }
 }
 
+/// Hands what the origin relays to every media thread: each runs its own packet core per
+/// stream for its own viewers (a relayed packet is one shared `Bytes`, not a copy per thread).
 struct RelaySink {
-    tx: Sender<EdgeCmd>,
-    bell: Arc<Doorbell>,
+    lanes: Vec<Lane>,
+    shared: Arc<Shared>,
+    metrics: Arc<EdgeMetrics>,
 }
 
 impl LinkHandler for RelaySink {
     fn on_sources(&self, stream: &str, channel: u32, sources: &[SourceInfo]) {
-        let _ = self.tx.send(EdgeCmd::Sources {
-            stream: stream.to_owned(),
-            channel,
-            sources: sources.to_vec(),
-        });
-        self.bell.ring();
+        if let Ok(mut cache) = self.shared.sources.lock() {
+            cache.insert(stream.to_owned(), (channel, sources.to_vec()));
+        }
+        for lane in &self.lanes {
+            lane.send(EdgeCmd::Sources {
+                stream: stream.to_owned(),
+                channel,
+                sources: sources.to_vec(),
+            });
+        }
     }
 
     fn on_datagram(&self, hdr: DatagramHeader, datagram: Bytes) {
-        let _ = self.tx.send(EdgeCmd::Datagram(hdr, datagram));
-        self.bell.ring();
+        self.metrics.relay_packets.fetch_add(1, Ordering::Relaxed);
+        for lane in &self.lanes {
+            lane.send(EdgeCmd::Datagram(hdr, datagram.clone()));
+        }
     }
 
     fn on_closed(&self, reason: &str) {

@@ -1,7 +1,7 @@
 //! The edge's media thread: it owns the viewers' peers and socket, one packet core per stream,
 //! and turns relayed RTP into each viewer's main and multiplexed tracks plus its events.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::UdpSocket;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -16,7 +16,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info};
 
 use super::viewer::{Direct, OutTrack, Sent, Viewer};
-use super::EdgeMetrics;
+use super::{EdgeMetrics, Shared};
 use crate::media::opus;
 use crate::media::rewrite::InputPacket;
 use crate::media::rtp::{parse_audio_level, RtpView};
@@ -88,8 +88,8 @@ struct EdgeStream {
     main_viewers: HashMap<SourceIdx, Vec<PeerId>>,
     channel: Option<u32>,
     last_keyframe: Option<Instant>,
-    /// The viewer count changed since the last `viewercount` broadcast.
-    viewercount_due: bool,
+    /// The edge-wide count this thread's viewers last heard, and when.
+    last_viewercount: Option<usize>,
     last_viewercount_us: Option<u64>,
 }
 
@@ -107,7 +107,7 @@ impl EdgeStream {
             main_viewers: HashMap::new(),
             channel: None,
             last_keyframe: None,
-            viewercount_due: false,
+            last_viewercount: None,
             last_viewercount_us: None,
         }
     }
@@ -166,6 +166,7 @@ struct ViewerEvents<'a> {
     channels: &'a mut HashMap<u32, String>,
     link: &'a LinkCtl,
     metrics: &'a EdgeMetrics,
+    shared: &'a Shared,
 }
 
 impl PeerApp<Viewer> for ViewerEvents<'_> {
@@ -210,6 +211,7 @@ impl PeerApp<Viewer> for ViewerEvents<'_> {
         let v = peer.data;
         info!(%id, stream = v.stream.as_str(), subscriber = v.subscriber_id.as_str(), %reason, "viewer left");
         self.metrics.viewers.fetch_sub(1, Ordering::Relaxed);
+        self.shared.count_viewers(&v.stream, -1);
         let Some(st) = self.streams.get_mut(&v.stream) else {
             return;
         };
@@ -231,8 +233,6 @@ impl PeerApp<Viewer> for ViewerEvents<'_> {
             self.streams.remove(&v.stream);
             self.link.send(LinkRequest::Unsubscribe(v.stream.clone()));
             info!(stream = v.stream.as_str(), "last viewer gone: unsubscribed");
-        } else {
-            st.viewercount_due = true;
         }
     }
 }
@@ -246,6 +246,13 @@ pub struct Worker {
     epoch: Instant,
     next_tick_us: u64,
     touched: Vec<PeerId>,
+    /// What the origin last announced per stream, shared by the edge's media threads.
+    shared: Arc<Shared>,
+    /// Channels of streams the origin relays to this edge, followed here or not: a datagram on
+    /// one of those for a stream without viewers on this thread is another thread's.
+    known_channels: HashSet<u32>,
+    /// Socket counters already added to the shared metrics (several threads add theirs).
+    reported: (u64, u64, u64, u64),
     /// Where direct packets are built and sealed.
     scratch: Vec<u8>,
     seed: u64,
@@ -258,8 +265,12 @@ impl Worker {
         link: LinkCtl,
         metrics: Arc<EdgeMetrics>,
         bell: Arc<Doorbell>,
+        shared: Arc<Shared>,
     ) -> std::io::Result<Worker> {
         Ok(Worker {
+            shared,
+            known_channels: HashSet::new(),
+            reported: Default::default(),
             peers: PeerSet::new(socket, bell)?,
             streams: HashMap::new(),
             channels: HashMap::new(),
@@ -305,6 +316,7 @@ impl Worker {
                 channels: &mut self.channels,
                 link: &self.link,
                 metrics: &self.metrics,
+                shared: &self.shared,
             };
             let next_peer = self.peers.timeouts(now, &mut app);
             let next_tick = Duration::from_micros(
@@ -341,6 +353,7 @@ impl Worker {
             channels: &mut self.channels,
             link: &self.link,
             metrics: &self.metrics,
+            shared: &self.shared,
         };
         self.touched.sort_unstable();
         self.touched.dedup();
@@ -365,6 +378,7 @@ impl Worker {
                     channels: &mut self.channels,
                     link: &self.link,
                     metrics: &self.metrics,
+                    shared: &self.shared,
                 };
                 self.peers.close(id, CloseReason::Removed, &mut app);
             }
@@ -374,14 +388,26 @@ impl Worker {
 
     fn add_viewer(&mut self, v: NewViewer) {
         let seed = self.seed ^ v.id.0;
-        let st = self.streams.entry(v.stream.clone()).or_insert_with(|| {
+        if !self.streams.contains_key(&v.stream) {
             info!(
                 stream = v.stream.as_str(),
                 "first viewer: subscribing at the origin"
             );
             self.link.send(LinkRequest::Subscribe(v.stream.clone()));
-            EdgeStream::new(seed)
-        });
+            self.streams.insert(v.stream.clone(), EdgeStream::new(seed));
+            // Another media thread may already follow the stream: start from what the origin
+            // announced then, instead of waiting for its next announcement.
+            let cached = self
+                .shared
+                .sources
+                .lock()
+                .ok()
+                .and_then(|c| c.get(&v.stream).cloned());
+            if let Some((channel, sources)) = cached {
+                self.sources(&v.stream, channel, sources);
+            }
+        }
+        let st = self.streams.get_mut(&v.stream).expect("inserted above");
         let main_source = st.core.intern(v.pinned.as_deref().unwrap_or(""));
         let excluded: Vec<SourceIdx> = v.excluded.iter().map(|e| st.core.intern(e)).collect();
         let n = v.tracks.len() as u8;
@@ -419,8 +445,8 @@ impl Worker {
         }
         // The newcomer learns the count at once; the others with the next coalesced broadcast
         // (one per stream per VIEWERCOUNT_INTERVAL: a join must not cost a message per viewer).
-        let _ = v.events.send(st.viewercount_event(st.viewers.len()));
-        st.viewercount_due = true;
+        let count = self.shared.count_viewers(&v.stream, 1);
+        let _ = v.events.send(st.viewercount_event(count));
         info!(id = %v.id, stream = v.stream.as_str(), subscriber = v.subscriber_id.as_str(), tracks = n, pinned = ?v.pinned, excluded = ?v.excluded, "viewer joined");
         let viewer = Viewer {
             stream: v.stream,
@@ -491,6 +517,7 @@ impl Worker {
 
     fn sources(&mut self, stream: &str, channel: u32, sources: Vec<SourceInfo>) {
         let now_us = self.now_us();
+        self.known_channels.insert(channel);
         let Some(st) = self.streams.get_mut(stream) else {
             return;
         };
@@ -551,16 +578,18 @@ impl Worker {
     }
 
     fn tick(&mut self, now_us: u64) {
-        self.metrics
-            .dropped_flood
-            .store(self.peers.flood_drops, Ordering::Relaxed);
         let (sent, errors, calls) = self.peers.send_stats();
-        self.metrics.udp_sent.store(sent, Ordering::Relaxed);
-        self.metrics
-            .udp_send_errors
-            .store(errors, Ordering::Relaxed);
-        self.metrics.udp_send_calls.store(calls, Ordering::Relaxed);
-        for st in self.streams.values_mut() {
+        let now = (self.peers.flood_drops, sent, errors, calls);
+        let before = std::mem::replace(&mut self.reported, now);
+        let m = &self.metrics;
+        m.dropped_flood
+            .fetch_add(now.0 - before.0, Ordering::Relaxed);
+        m.udp_sent.fetch_add(now.1 - before.1, Ordering::Relaxed);
+        m.udp_send_errors
+            .fetch_add(now.2 - before.2, Ordering::Relaxed);
+        m.udp_send_calls
+            .fetch_add(now.3 - before.3, Ordering::Relaxed);
+        for (name, st) in self.streams.iter_mut() {
             let mut changes: Vec<TrackChange> = Vec::new();
             st.core.tick(now_us, &mut |o| {
                 if let Output::Track(c) = o {
@@ -573,10 +602,13 @@ impl Worker {
             let due = st
                 .last_viewercount_us
                 .is_none_or(|t| now_us >= t + VIEWERCOUNT_INTERVAL_US);
-            if st.viewercount_due && due {
-                st.viewercount_due = false;
-                st.last_viewercount_us = Some(now_us);
-                st.broadcast(&st.viewercount_event(st.viewers.len()));
+            if due {
+                let n = self.shared.viewers_of(name);
+                if st.last_viewercount != Some(n) {
+                    st.last_viewercount = Some(n);
+                    st.last_viewercount_us = Some(now_us);
+                    st.broadcast(&st.viewercount_event(n));
+                }
             }
         }
         let cores = self.streams.iter().map(|(n, st)| (n, &st.core));
@@ -584,7 +616,6 @@ impl Worker {
     }
 
     fn datagram(&mut self, hdr: DatagramHeader, d: Bytes) {
-        self.metrics.relay_packets.fetch_add(1, Ordering::Relaxed);
         let now_us = self.now_us();
         let wall = Instant::now();
         let Some(st) = self
@@ -592,7 +623,9 @@ impl Worker {
             .get(&hdr.channel)
             .and_then(|n| self.streams.get_mut(n))
         else {
-            self.metrics.dropped_unknown.fetch_add(1, Ordering::Relaxed);
+            if !self.known_channels.contains(&hdr.channel) {
+                self.metrics.dropped_unknown.fetch_add(1, Ordering::Relaxed);
+            }
             return;
         };
         let Some(&src) = st.by_relay.get(&hdr.source) else {

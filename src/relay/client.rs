@@ -240,7 +240,10 @@ pub async fn manage_link(
     let secret = first.jwt_secret.clone();
     let (tx, mut rx) = mpsc::unbounded_channel::<LinkRequest>();
     tokio::spawn(async move {
-        let mut wanted: std::collections::BTreeSet<String> = Default::default();
+        // Several media threads share the link: a stream is held at the origin while any of them
+        // wants it, and a source talks while any of them says so.
+        let mut wanted: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut talking: std::collections::BTreeMap<(String, String), usize> = Default::default();
         let mut link = Some(first);
         let mut backoff = std::time::Duration::from_millis(250);
         loop {
@@ -249,7 +252,7 @@ pub async fn manage_link(
                 match EdgeLink::connect(&cfg, handler.clone()).await {
                     Ok(l) => {
                         info!(origin = %cfg.origin, streams = wanted.len(), "relinked to origin");
-                        for s in &wanted {
+                        for s in wanted.keys() {
                             l.acquire(s);
                         }
                         link = Some(l);
@@ -267,17 +270,35 @@ pub async fn manage_link(
                     let Some(req) = req else { return };
                     match req {
                         LinkRequest::Subscribe(s) => {
-                            if wanted.insert(s.clone()) {
+                            let n = wanted.entry(s.clone()).or_default();
+                            *n += 1;
+                            if *n == 1 {
                                 l.acquire(&s);
                             }
                         }
                         LinkRequest::Unsubscribe(s) => {
-                            if wanted.remove(&s) {
-                                l.release(&s);
+                            if let Some(n) = wanted.get_mut(&s) {
+                                *n -= 1;
+                                if *n == 0 {
+                                    wanted.remove(&s);
+                                    l.release(&s);
+                                }
                             }
                         }
                         LinkRequest::Keyframe { stream, source } => l.request_keyframe(&stream, source),
-                        LinkRequest::Talking { stream, source, talking } => l.talking(stream, source, talking),
+                        LinkRequest::Talking { stream, source, talking: on } => {
+                            let key = (stream, source);
+                            let n = talking.entry(key.clone()).or_default();
+                            let before = *n;
+                            *n = if on { before + 1 } else { before.saturating_sub(1) };
+                            let after = *n;
+                            if after == 0 {
+                                talking.remove(&key);
+                            }
+                            if (before == 0) != (after == 0) {
+                                l.talking(key.0, key.1, on);
+                            }
+                        }
                     }
                 }
                 _ = l.closed() => {

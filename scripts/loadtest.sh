@@ -3,6 +3,7 @@
 #
 #   scripts/loadtest.sh [--start N] [--step N] [--max-viewers N] [--step-secs S]
 #                       [--duration S] [--tracks N] [--out DIR] [--no-build] [--bin PATH]
+#                       [--media-workers N] [--edge-cpus LIST]
 #
 # Starts `chorus origin` and `chorus edge` (the edge pinned alone on core 0 with taskset, the
 # origin and the load generator on the other core), ramps viewers with `chorus loadgen` in steps
@@ -14,11 +15,13 @@
 #   report.md     the table, the capacity point and chorus's cost as a ratio of the floor
 #   report.png    CPU per viewer, loss and latency percentiles versus viewers
 # Logs of every process are kept there too. Loopback only. --bin runs another build (the tests
-# use the debug binary).
+# use the debug binary). --media-workers and --edge-cpus (a taskset list, default the first core)
+# compare edge media threads; the load generator always stays on the last core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 START=500 STEP=500 MAX=3000 STEP_SECS=8 DURATION=420 TRACKS=3 BUILD=1 BIN=target/release/chorus
+WORKERS=1 EDGE_CPUS=
 OUT="target/loadtest/$(date +%Y%m%d-%H%M%S)"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -31,7 +34,9 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --bin) BIN=$2; BUILD=0; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --media-workers) WORKERS=$2; shift 2 ;;
+    --edge-cpus) EDGE_CPUS=$2; shift 2 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "loadtest: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -81,11 +86,11 @@ taskset -c "$OTHER_CPU" "$BIN" origin --http 127.0.0.1:0 --cluster 127.0.0.1:0 \
   >"$OUT/origin.json" 2>"$OUT/origin.log" &
 ORIGIN_PID=$!; PIDS+=("$ORIGIN_PID")
 ORIGIN=$(ready_line "$OUT/origin.json" "$ORIGIN_PID")
-taskset -c "$EDGE_CPU" "$BIN" edge --media-workers 1 --http 127.0.0.1:0 --origin "$(json "$ORIGIN" cluster)" \
+taskset -c "${EDGE_CPUS:-$EDGE_CPU}" "$BIN" edge --media-workers "$WORKERS" --http 127.0.0.1:0 --origin "$(json "$ORIGIN" cluster)" \
   --origin-fingerprint "$(json "$ORIGIN" fingerprint)" >"$OUT/edge.json" 2>"$OUT/edge.log" &
 EDGE_PID=$!; PIDS+=("$EDGE_PID")
 EDGE=$(ready_line "$OUT/edge.json" "$EDGE_PID")
-say "origin $(json "$ORIGIN" http) (cpu $OTHER_CPU), edge $(json "$EDGE" http) (pid $EDGE_PID, cpu $EDGE_CPU)"
+say "origin $(json "$ORIGIN" http) (cpu $OTHER_CPU), edge $(json "$EDGE" http) (pid $EDGE_PID, cpus ${EDGE_CPUS:-$EDGE_CPU}, $WORKERS media threads)"
 
 say "ramp: $START viewers + $STEP per step up to $MAX, ${STEP_SECS}s steady per step, $TRACKS tracks, stop within ${DURATION}s"
 timeout --kill-after=10 "$(( ${DURATION%.*} + 60 ))" taskset -c "$OTHER_CPU" "$BIN" loadgen \

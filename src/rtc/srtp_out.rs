@@ -8,7 +8,8 @@
 //! (str0m's public crypto-provider API; the handshake is still str0m's), derives the SRTP session
 //! key and salt (RFC 3711 §4.3, RFC 7714 §11) and seals each packet (RFC 7714 §8) straight into
 //! the send batch. Only AEAD AES-GCM profiles take this path; AES-CM-HMAC-SHA1 viewers stay on
-//! str0m's.
+//! str0m's. The same DTLS provider also builds every tapped peer's DTLS on one shared dimpl
+//! configuration (see `Tap::new_dtls`).
 
 use std::cell::RefCell;
 use std::fmt;
@@ -83,6 +84,9 @@ impl DtlsProvider for Tap {
         self.inner.generate_certificate()
     }
 
+    /// Builds the peer's DTLS on one shared, once-validated dimpl configuration: str0m's own
+    /// provider builds (and self-tests the crypto of) a fresh configuration per peer, which was
+    /// most of the edge's CPU per join (EC key generation, ECDH and ECDSA checks).
     fn new_dtls(
         &self,
         cert: &DtlsCert,
@@ -90,17 +94,48 @@ impl DtlsProvider for Tap {
         dtls_version: DtlsVersion,
         mtu: Option<usize>,
     ) -> Result<Box<dyn DtlsInstance>, CryptoError> {
-        let inner = self.inner.new_dtls(cert, now, dtls_version, mtu)?;
-        Ok(match PENDING.with(|p| p.borrow_mut().take()) {
-            Some(slot) => Box::new(TapInstance { inner, slot }),
-            None => inner,
-        })
+        let config = dimpl_config(mtu)?;
+        let cert = dimpl::DtlsCertificate {
+            certificate: cert.certificate.clone(),
+            private_key: cert.private_key.clone(),
+        };
+        let dtls = match dtls_version {
+            DtlsVersion::Dtls12 => dimpl::Dtls::new_12(config, cert, now),
+            DtlsVersion::Dtls13 => dimpl::Dtls::new_13(config, cert, now),
+            DtlsVersion::Auto => dimpl::Dtls::new_auto(config, cert, now),
+            other => return self.inner.new_dtls(&cert, now, other, mtu),
+        };
+        let slot = PENDING.with(|p| p.borrow_mut().take());
+        Ok(Box::new(TapInstance { inner: dtls, slot }))
     }
 }
 
+/// The dimpl configuration of every tapped peer, per MTU (str0m asks with one MTU).
+fn dimpl_config(mtu: Option<usize>) -> Result<Arc<dimpl::Config>, CryptoError> {
+    static CONFIGS: Mutex<Vec<(Option<usize>, Arc<dimpl::Config>)>> = Mutex::new(Vec::new());
+    let mut configs = CONFIGS
+        .lock()
+        .map_err(|_| CryptoError::Other("dimpl config lock poisoned".into()))?;
+    if let Some((_, c)) = configs.iter().find(|(m, _)| *m == mtu) {
+        return Ok(c.clone());
+    }
+    // ICE checks return routability before DTLS starts, so no server cookie (as str0m does).
+    let mut builder = dimpl::Config::builder().use_server_cookie(false);
+    if let Some(mtu) = mtu {
+        builder = builder.mtu(mtu);
+    }
+    let config = Arc::new(
+        builder
+            .build()
+            .map_err(|e| CryptoError::Other(format!("dimpl config: {e}")))?,
+    );
+    configs.push((mtu, config.clone()));
+    Ok(config)
+}
+
 struct TapInstance {
-    inner: Box<dyn DtlsInstance>,
-    slot: Arc<KeySlot>,
+    inner: dimpl::Dtls,
+    slot: Option<Arc<KeySlot>>,
 }
 
 impl fmt::Debug for TapInstance {
@@ -118,8 +153,8 @@ impl DtlsInstance for TapInstance {
     }
     fn poll_output<'a>(&mut self, buf: &'a mut [u8]) -> DtlsOutput<'a> {
         let out = self.inner.poll_output(buf);
-        if let DtlsOutput::KeyingMaterial(km, profile) = &out {
-            if let Ok(mut s) = self.slot.0.lock() {
+        if let (DtlsOutput::KeyingMaterial(km, profile), Some(slot)) = (&out, &self.slot) {
+            if let Ok(mut s) = slot.0.lock() {
                 *s = Some((km.to_vec(), *profile, self.inner.is_active()));
             }
         }

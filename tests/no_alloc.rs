@@ -75,6 +75,9 @@ unsafe impl GlobalAlloc for CountingAlloc {
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
 
+/// The counters are global: the tests of this file take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs `f` with allocation counting armed on this thread.
 #[inline(never)]
 fn counted<R>(f: impl FnOnce() -> R) -> R {
@@ -277,6 +280,10 @@ impl Driver {
 
 #[test]
 fn packet_path_does_not_allocate_once_warm() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    ALLOCS.store(0, Ordering::Relaxed);
+    ALLOC_BYTES.store(0, Ordering::Relaxed);
+    FREES.store(0, Ordering::Relaxed);
     let mut core = StreamCore::new(CoreConfig {
         seed: 7,
         ..Default::default()
@@ -426,6 +433,10 @@ fn packet_path_does_not_allocate_once_warm() {
 /// 50 that still goes through str0m is not counted: str0m allocates per packet by design.
 #[test]
 fn direct_send_path_does_not_allocate_once_warm() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    ALLOCS.store(0, Ordering::Relaxed);
+    ALLOC_BYTES.store(0, Ordering::Relaxed);
+    FREES.store(0, Ordering::Relaxed);
     use chorus::edge::viewer::{Direct, Sent};
     use chorus::media::rewrite::InputPacket;
     use chorus::rtc::loopback::pair;

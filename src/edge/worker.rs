@@ -285,6 +285,20 @@ impl Worker {
         })
     }
 
+    /// The peers, and what handles their events: everything else of the thread.
+    fn split(&mut self) -> (&mut PeerSet<Viewer>, ViewerEvents<'_>) {
+        (
+            &mut self.peers,
+            ViewerEvents {
+                streams: &mut self.streams,
+                channels: &mut self.channels,
+                link: &self.link,
+                metrics: &self.metrics,
+                shared: &self.shared,
+            },
+        )
+    }
+
     fn now_us(&self) -> u64 {
         self.epoch.elapsed().as_micros() as u64
     }
@@ -311,27 +325,18 @@ impl Worker {
                 self.next_tick_us = now_us + TICK_US;
             }
             let now = Instant::now();
-            let mut app = ViewerEvents {
-                streams: &mut self.streams,
-                channels: &mut self.channels,
-                link: &self.link,
-                metrics: &self.metrics,
-                shared: &self.shared,
-            };
-            let next_peer = self.peers.timeouts(now, &mut app);
-            let next_tick = Duration::from_micros(
-                self.next_tick_us
-                    .saturating_sub(self.epoch.elapsed().as_micros() as u64),
-            );
+            let tick_at = self.epoch + Duration::from_micros(self.next_tick_us);
+            let (peers, mut app) = self.split();
+            let next_peer = peers.timeouts(now, &mut app);
             let wait = if taken == CMD_BURST {
                 Duration::ZERO
             } else {
                 next_peer
-                    .map(|t| t.saturating_duration_since(Instant::now()))
-                    .unwrap_or(next_tick)
-                    .min(next_tick)
+                    .unwrap_or(tick_at)
+                    .min(tick_at)
+                    .saturating_duration_since(Instant::now())
             };
-            self.peers.wait(wait, || match rx.try_recv() {
+            peers.wait(wait, || match rx.try_recv() {
                 Ok(cmd) => {
                     next_cmd = Some(cmd);
                     true
@@ -339,7 +344,7 @@ impl Worker {
                 Err(TryRecvError::Empty) => false,
                 Err(TryRecvError::Disconnected) => true,
             });
-            self.peers.recv(&mut app);
+            peers.recv(&mut app);
         }
     }
 
@@ -348,19 +353,15 @@ impl Worker {
         if self.touched.is_empty() {
             return;
         }
-        let mut app = ViewerEvents {
-            streams: &mut self.streams,
-            channels: &mut self.channels,
-            link: &self.link,
-            metrics: &self.metrics,
-            shared: &self.shared,
-        };
-        self.touched.sort_unstable();
-        self.touched.dedup();
-        for &id in &self.touched {
-            self.peers.flush(id, &mut app);
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.sort_unstable();
+        touched.dedup();
+        let (peers, mut app) = self.split();
+        for &id in &touched {
+            peers.flush(id, &mut app);
         }
-        self.touched.clear();
+        touched.clear();
+        self.touched = touched;
     }
 
     fn command(&mut self, cmd: EdgeCmd) {
@@ -373,14 +374,8 @@ impl Worker {
             } => self.sources(&stream, channel, sources),
             EdgeCmd::AddViewer(v) => self.add_viewer(*v),
             EdgeCmd::RemoveViewer(id) => {
-                let mut app = ViewerEvents {
-                    streams: &mut self.streams,
-                    channels: &mut self.channels,
-                    link: &self.link,
-                    metrics: &self.metrics,
-                    shared: &self.shared,
-                };
-                self.peers.close(id, CloseReason::Removed, &mut app);
+                let (peers, mut app) = self.split();
+                peers.close(id, CloseReason::Removed, &mut app);
             }
             EdgeCmd::Project(id, fixed) => self.project(id, fixed),
         }

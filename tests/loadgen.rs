@@ -180,11 +180,7 @@ fn floor_reports_sane_figures() {
         "--batch",
         "16",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_succeeded(&out, "chorus loadgen floor");
     let lines = json_lines(&out);
     let v = &lines[0];
     assert_eq!(v["packets"], 20000, "{v}");

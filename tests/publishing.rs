@@ -320,11 +320,7 @@ fn quic_link_carries_sources_and_levels_to_a_second_process() {
         (v["edges"] == 1).then_some(())
     });
     let out = handle.join().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_succeeded(&out, "chorus probe");
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     let got: BTreeMap<String, &Value> = report["sources"]
         .as_array()
@@ -408,11 +404,7 @@ fn keyframe_requests_travel_back_to_the_publisher_and_video_is_relayed() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_succeeded(&out, "chorus probe");
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     let main = &report["sources"][0];
     assert_eq!(main["sourceId"], Value::Null, "{report}");

@@ -338,11 +338,7 @@ fn token_cli_creates_tokens_the_server_accepts() {
             .args(extra)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::assert_succeeded(&out, "chorus token create");
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     };
     let publish = create("panel", "publish", &[]);

@@ -86,11 +86,7 @@ fn aiortc_over_whep_gets_continuous_decodable_rewritten_tracks() {
     )
     .output()
     .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_succeeded(&out, "whep_view.py");
     let rep = report(&out);
     let total = assert_continuous(&rep);
     // Ana talks 5.2-11 s, bo 10.6-15 s: about 8 s of speech through the one track.
@@ -166,11 +162,7 @@ fn sdk_viewers_hear_who_talks_in_the_track_vad_names_and_never_themselves() {
         .args(["--seconds", "31", "--spec", &Value::from(spec).to_string()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_succeeded(&out, "room.mjs");
     let rep = report(&out);
     let parts = &rep["participants"];
     // Every page starts its corpus at one wall-clock instant; the corpus then loops every 30 s,
@@ -352,11 +344,7 @@ fn two_edges_on_one_origin_serve_their_own_viewers() {
     .unwrap();
     let o1 = v1.wait_with_output().unwrap();
     for (name, out) in [("edge 1", &o1), ("edge 2", &o2)] {
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::assert_succeeded(out, name);
     }
     assert!(assert_continuous(&report(&o2)) > 300);
     // Each edge subscribed once at the origin; both let go once their viewer left.
@@ -383,11 +371,7 @@ fn a_viewer_of_a_stream_not_yet_published_gets_it_when_it_starts() {
     std::thread::sleep(Duration::from_secs(2));
     let _publisher = whip(p.http(), "later", "ana", 20);
     let out = viewer.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_succeeded(&out, "whep_view.py");
     assert!(assert_continuous(&report(&out)) > 100);
 }
 
@@ -423,11 +407,7 @@ fn vanishing_and_flooding_viewers_do_not_disturb_the_others() {
     vanishing.kill().unwrap();
     let _ = vanishing.wait();
     let out = good.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_succeeded(&out, "whep_view.py");
     assert!(assert_continuous(&report(&out)) > 300);
     let _ = flood.wait_with_output();
     let flooded = common::metric(
@@ -576,11 +556,7 @@ fn viewers_on_two_media_threads_share_one_origin_subscription() {
     let edges = |p: &Proc| get_json(p.http(), "/api/streams/lanes").1["edges"].as_u64();
     assert_eq!(edges(&p), Some(1), "one subscription for both threads");
     let out = first.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_succeeded(&out, "whep_view.py (first)");
     let rep = report(&out);
     // The corpus talks from about 5 s in.
     assert!(assert_continuous(&rep) > 50, "first viewer: {rep}");
@@ -590,11 +566,7 @@ fn viewers_on_two_media_threads_share_one_origin_subscription() {
         "still subscribed for the other thread's viewer"
     );
     let out = second.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assert_succeeded(&out, "whep_view.py (second)");
     assert!(
         assert_continuous(&report(&out)) > 300,
         "the second viewer kept its stream"

@@ -279,6 +279,15 @@ pub fn edge(origin: &Proc, cluster_token: &str) -> Proc {
     )
 }
 
+/// Asserts that a tool run by a test exited successfully, showing its stderr when it did not.
+pub fn assert_succeeded(out: &std::process::Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A helper process that is killed when the test ends, pass or fail.
 pub struct Reaped(pub Child);
 

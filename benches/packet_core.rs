@@ -28,7 +28,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 use chorus::media::activity::{VadConfig, VoiceActivity};
 use chorus::media::rewrite::{InputPacket, TrackRewriter};
-use chorus::media::rtp::{write_packet, HeaderFields, RtpHeaderMut, RtpView};
+use chorus::media::rtp::{audio_level_byte, write_packet, HeaderFields, RtpHeaderMut, RtpView};
 use chorus::media::selection::GroupKey;
 use chorus::media::stream::{splitmix64, CoreConfig, Output, SourceConfig, StreamCore};
 use chorus::media::SourceIdx;
@@ -60,7 +60,7 @@ fn build_packet(ssrc: u32, seq: u16, ts: u32, level: u8, voice: bool, payload: &
         ssrc,
         marker: false,
     };
-    let level_byte = [(voice as u8) << 7 | (level & 0x7F)];
+    let level_byte = [audio_level_byte(voice, level)];
     write_packet(&mut out, &hdr, &[(LEVEL_EXT_ID, &level_byte)], payload);
     out
 }
@@ -438,7 +438,7 @@ fn tick_setup(n: usize, groups: usize) -> (StreamCore, u64) {
             write_packet(
                 &mut buf,
                 &hdr,
-                &[(LEVEL_EXT_ID, &[(voice as u8) << 7 | level])],
+                &[(LEVEL_EXT_ID, &[audio_level_byte(voice, level)])],
                 pl,
             );
             seqs[k] = seqs[k].wrapping_add(1);

@@ -11,7 +11,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use chorus::media::rtp::{write_packet, HeaderFields};
+use chorus::media::rtp::{audio_level_byte, write_packet, HeaderFields};
 use chorus::media::selection::GroupKey;
 use chorus::media::stream::{CoreConfig, Output, SourceConfig, StreamCore};
 use chorus::media::SourceIdx;
@@ -176,7 +176,7 @@ impl Driver {
             ssrc: s.ssrc,
             marker: false,
         };
-        let level_byte = [(voice as u8) << 7 | level];
+        let level_byte = [audio_level_byte(voice, level)];
         let cap = s.buf.capacity();
         write_packet(
             &mut s.buf,

@@ -12,7 +12,7 @@ use str0m::Rtc;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::media::rewrite::{InputPacket, TrackRewriter};
-use crate::media::rtp::{write_packet, HeaderFields};
+use crate::media::rtp::{audio_level_byte, write_packet, HeaderFields};
 use crate::media::selection::GroupId;
 use crate::media::SourceIdx;
 use crate::rtc::peers::Sink;
@@ -125,7 +125,7 @@ impl OutTrack {
             direct.filter(|_| self.audio && !self.packets.is_multiple_of(VIA_STR0M_EVERY))
         {
             let (mid, mid_len) = (&neg.mid, neg.mid_len);
-            let level_byte = level.map(|(v, l)| [(if v { 0x80 } else { 0 }) | (l & 0x7F)]);
+            let level_byte = level.map(|(v, l)| [audio_level_byte(v, l)]);
             let mut exts: [(u8, &[u8]); 2] = [(0, &[]), (0, &[])];
             let mut n = 0;
             if let (Some(id), Some(b)) = (neg.level_id, level_byte.as_ref()) {

@@ -276,6 +276,12 @@ pub fn parse_audio_level(data: &[u8]) -> Option<(bool, u8)> {
     Some((b & 0x80 != 0, b & 0x7F))
 }
 
+/// The RFC 6464 extension byte for `(voice_activity_flag, level)`: the inverse of
+/// [`parse_audio_level`].
+pub fn audio_level_byte(voice: bool, level: u8) -> u8 {
+    (voice as u8) << 7 | (level & 0x7F)
+}
+
 /// In-place rewrite of the fields an edge changes when it forwards a packet into another track.
 pub struct RtpHeaderMut<'a> {
     buf: &'a mut [u8],
@@ -362,6 +368,21 @@ pub struct HeaderFields {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audio_level_byte_is_what_parse_audio_level_reads() {
+        for voice in [false, true] {
+            for level in 0..=127u8 {
+                let b = audio_level_byte(voice, level);
+                assert_eq!(parse_audio_level(&[b]), Some((voice, level)));
+            }
+        }
+        assert_eq!(
+            audio_level_byte(false, 0xFF),
+            0x7F,
+            "the level cannot set the V flag"
+        );
+    }
 
     fn fields() -> HeaderFields {
         HeaderFields {

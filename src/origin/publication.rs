@@ -8,7 +8,7 @@ use str0m::media::MediaKind;
 use tracing::debug;
 
 use super::{relay_kind, Fanout, Origin, OriginMetrics, SourceKey, SourceStats};
-use crate::media::rtp::{write_packet, HeaderFields};
+use crate::media::rtp::{audio_level_byte, write_packet, HeaderFields};
 use crate::relay::proto::{DatagramHeader, LEVEL_EXT_ID};
 use crate::rtc::host::{PeerEvent, PeerHandler, PeerId};
 
@@ -102,7 +102,7 @@ impl PeerHandler for PublicationHandler {
                 // negotiated extension ids.
                 let level = m
                     .audio_level
-                    .map(|l| [l | if m.voice == Some(true) { 0x80 } else { 0 }]);
+                    .map(|l| [audio_level_byte(m.voice == Some(true), l)]);
                 let exts: &[(u8, &[u8])] = match &level {
                     Some(b) if m.kind == MediaKind::Audio => &[(LEVEL_EXT_ID, b)],
                     _ => &[],

@@ -271,13 +271,7 @@ impl<T> PeerSet<T> {
     /// A connected peer (ICE and DTLS up) together with the socket's send batch.
     pub fn connected_with_sink(&mut self, id: PeerId) -> Option<(&mut Peer<T>, Sink<'_>)> {
         let p = self.peers.get_mut(&id).filter(|p| p.connected)?;
-        Some((
-            p,
-            Sink {
-                socket: &self.socket,
-                out: &mut self.out,
-            },
-        ))
+        Some((p, Sink::new(&self.socket, &mut self.out)))
     }
 
     pub fn len(&self) -> usize {

@@ -1,0 +1,1 @@
+//! The honest publisher and viewer every abuse test keeps watching.

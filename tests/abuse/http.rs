@@ -1,0 +1,1 @@
+//! Abuse tests: http (filled in by its own change).

@@ -1,0 +1,1 @@
+//! Abuse tests: link (filled in by its own change).

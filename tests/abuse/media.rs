@@ -1,0 +1,1 @@
+//! Abuse tests: media (filled in by its own change).

@@ -1,0 +1,1 @@
+//! Abuse tests: origin (filled in by its own change).

@@ -128,6 +128,7 @@ pub fn offer_refused(e: OfferError) -> Response {
         OfferError::Malformed(_) | OfferError::Unacceptable(_) | OfferError::Rejected(_) => {
             fail(StatusCode::BAD_REQUEST, e.to_string())
         }
+        OfferError::Limit(_) => fail(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         OfferError::Internal(_) => fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

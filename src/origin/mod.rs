@@ -5,23 +5,26 @@
 //! publication's end) the media thread; nothing holds it across I/O. The packet path does not
 //! take it: each publication's handler owns its stream's fan-out list (a read lock per packet).
 
+pub mod indices;
 pub mod publication;
 pub mod talking;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Instant;
 
 use bytes::Bytes;
 use serde::Serialize;
 use str0m::media::MediaKind;
 use str0m::rtp::Extension;
-use tracing::info;
+use tracing::{error, info};
 
 use crate::relay::proto::{OriginMsg, SourceInfo, TrackInfo};
 use crate::rtc::host::{CloseReason, OfferRequirements, PeerId, RtcHost};
 use crate::rtc::offer::{mlines, OfferError};
 use crate::rtc::peers::media_config;
+use indices::SourceIndices;
 use publication::{PublicationHandler, Route};
 
 /// A sourceId; None is the stream's main source.
@@ -81,6 +84,8 @@ pub enum Owner {
 
 struct Source {
     publication: u64,
+    /// What the edges know this source by (held in the stream's [`SourceIndices`]).
+    index: u16,
     /// Unguessable: a WHIP resource URL is built from it.
     publisher_id: String,
     peer: PeerId,
@@ -93,21 +98,27 @@ struct Source {
 #[derive(Default)]
 struct Stream {
     sources: BTreeMap<SourceKey, Source>,
-    indices: HashMap<SourceKey, u16>,
+    indices: SourceIndices,
+    /// Publish attempts between their index claim and their end (answered or failed): the
+    /// stream is not idle while one is in flight, so its entry, indices and fan-out list stay
+    /// the ones the attempt's media handler was given.
+    pending: usize,
     fanout: Arc<Fanout>,
 }
 
 impl Stream {
-    fn index_of(&mut self, key: &SourceKey) -> u16 {
-        let next = self.indices.len() as u16;
-        *self.indices.entry(key.clone()).or_insert(next)
+    /// Removes a source, giving its index back.
+    fn remove_source(&mut self, key: &SourceKey) -> Option<Source> {
+        let src = self.sources.remove(key)?;
+        self.indices.release(key, Instant::now());
+        Some(src)
     }
 
     fn snapshot(&self) -> Vec<SourceInfo> {
         self.sources
             .iter()
             .map(|(k, s)| SourceInfo {
-                index: self.indices[k],
+                index: s.index,
                 source_id: k.clone(),
                 tracks: s.tracks.clone(),
                 audio_level: s.audio_level,
@@ -133,7 +144,14 @@ impl Stream {
     }
 
     fn is_idle(&self) -> bool {
-        self.sources.is_empty() && self.fanout.subs.read().map_or(true, |s| s.is_empty())
+        self.pending == 0
+            && self.sources.is_empty()
+            && self
+                .fanout
+                .subs
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
     }
 }
 
@@ -212,6 +230,10 @@ impl Origin {
 
     /// Answers a publisher's offer. A live publication with the same sourceId is replaced: the
     /// new one takes over the source (same index for the edges) and the old peer is closed.
+    ///
+    /// The attempt holds its stream (a pending count) and its source index from the claim to
+    /// its end, so the stream cannot be removed as idle while the media thread answers the
+    /// offer, whatever else happens meanwhile (failed offers, edges leaving).
     pub fn publish(
         &self,
         stream: &str,
@@ -224,11 +246,7 @@ impl Origin {
             .any(|m| m.media == "audio" && m.audio_level);
         let publication = self.next_publication.fetch_add(1, Ordering::Relaxed);
         let stats = Arc::new(SourceStats::default());
-        let (index, fanout) = {
-            let mut st = self.lock();
-            let s = st.entry(stream.to_owned()).or_default();
-            (s.index_of(&source), s.fanout.clone())
-        };
+        let (index, fanout) = self.reserve(stream, &source)?;
         let route = Route {
             stream: stream.to_owned(),
             source: source.clone(),
@@ -256,51 +274,96 @@ impl Origin {
         let (peer, answer) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                // Do not leave behind the empty stream entry made for this attempt.
-                let mut st = self.lock();
-                if st.get(stream).is_some_and(Stream::is_idle) {
-                    st.remove(stream);
-                }
+                self.finish_attempt(stream, &source);
                 return Err(e);
             }
         };
         let tracks = answer_tracks(&answer);
         let publisher_id = format!("pub-{publication}-{}", crate::auth::random_secret(9));
+        let src = Source {
+            publication,
+            index,
+            publisher_id: publisher_id.clone(),
+            peer,
+            owner,
+            tracks,
+            audio_level,
+            stats,
+        };
+        let replaced = self.commit(stream, &source, src)?;
+        Ok(Published {
+            publisher_id,
+            answer,
+            replaced,
+        })
+    }
+
+    /// The first half of a publish attempt: the stream is held and the source has its index.
+    fn reserve(&self, stream: &str, source: &SourceKey) -> Result<(u16, Arc<Fanout>), OfferError> {
         let mut st = self.lock();
         let s = st.entry(stream.to_owned()).or_default();
-        let old = s.sources.insert(
-            source.clone(),
-            Source {
-                publication,
-                publisher_id: publisher_id.clone(),
-                peer,
-                owner,
-                tracks,
-                audio_level,
-                stats,
-            },
-        );
+        match s.indices.claim(source, Instant::now()) {
+            Ok(index) => {
+                s.pending += 1;
+                Ok((index, s.fanout.clone()))
+            }
+            Err(e) => {
+                if s.is_idle() {
+                    st.remove(stream);
+                }
+                Err(OfferError::Limit(format!("stream {stream:?}: {e}")))
+            }
+        }
+    }
+
+    /// Ends an attempt that did not go live: its hold on the stream and its index go.
+    fn finish_attempt(&self, stream: &str, source: &SourceKey) {
+        let mut st = self.lock();
+        let Some(s) = st.get_mut(stream) else {
+            error!(stream, "a pending publish attempt found its stream gone");
+            return;
+        };
+        s.pending = s.pending.saturating_sub(1);
+        s.indices.release(source, Instant::now());
+        if s.is_idle() {
+            st.remove(stream);
+        }
+    }
+
+    /// The second half of a publish attempt: the answered publication goes live. Returns
+    /// whether it replaced one.
+    fn commit(&self, stream: &str, source: &SourceKey, src: Source) -> Result<bool, OfferError> {
+        let mut st = self.lock();
+        let Some(s) = st.get_mut(stream) else {
+            // Cannot happen while the attempt holds the stream; refuse rather than panic.
+            error!(stream, "a pending publish attempt found its stream gone");
+            self.host.remove(src.peer);
+            return Err(OfferError::Internal(
+                "the stream ended during the offer".into(),
+            ));
+        };
+        s.pending = s.pending.saturating_sub(1);
+        s.indices.mark_used(source);
+        let publication = src.publication;
+        // The attempt's hold on the index passes to the live publication; a replaced one's
+        // hold goes with it.
+        let old = s.sources.insert(source.clone(), src);
         let replaced = old.is_some();
         self.metrics
             .publications_total
             .fetch_add(1, Ordering::Relaxed);
-        if replaced {
+        if let Some(old) = old {
+            s.indices.release(source, Instant::now());
             self.metrics
                 .replacements_total
                 .fetch_add(1, Ordering::Relaxed);
-        }
-        if let Some(old) = old {
             self.host.remove(old.peer);
             info!(stream, source = ?source, old = old.publication, new = publication, "publication replaced");
         } else {
             info!(stream, source = ?source, publication, "source published");
         }
         s.announce(stream);
-        Ok(Published {
-            publisher_id,
-            answer,
-            replaced,
-        })
+        Ok(replaced)
     }
 
     /// Ends one owner's publication of `source` (or all of its publications with None).
@@ -316,7 +379,7 @@ impl Origin {
             .map(|(k, _)| k.clone())
             .collect();
         for k in &doomed {
-            if let Some(src) = s.sources.remove(k) {
+            if let Some(src) = s.remove_source(k) {
                 self.host.remove(src.peer);
                 info!(stream, source = ?k, publication = src.publication, "source unpublished");
             }
@@ -337,7 +400,7 @@ impl Origin {
         let Some(s) = st.get_mut(stream) else {
             return false;
         };
-        let Some(src) = s.sources.remove(source) else {
+        let Some(src) = s.remove_source(source) else {
             return false;
         };
         self.host.remove(src.peer);
@@ -360,21 +423,27 @@ impl Origin {
     /// Ends the WHIP publication with this publisher id, wherever it is (WHIP DELETE).
     pub fn unpublish_whip(&self, publisher_id: &str) -> bool {
         let mut st = self.lock();
-        for (name, s) in st.iter_mut() {
-            let key = s
-                .sources
+        let found = st.iter().find_map(|(name, s)| {
+            s.sources
                 .iter()
                 .find(|(_, v)| v.owner == Owner::Whip && v.publisher_id == publisher_id)
-                .map(|(k, _)| k.clone());
-            if let Some(k) = key {
-                let src = s.sources.remove(&k).expect("found above");
-                self.host.remove(src.peer);
-                info!(stream = name.as_str(), source = ?k, "source unpublished");
-                s.announce(name);
-                return true;
-            }
+                .map(|(k, _)| (name.clone(), k.clone()))
+        });
+        let Some((name, key)) = found else {
+            return false;
+        };
+        let Some(s) = st.get_mut(&name) else {
+            return false;
+        };
+        if let Some(src) = s.remove_source(&key) {
+            self.host.remove(src.peer);
+            info!(stream = name.as_str(), source = ?key, "source unpublished");
+            s.announce(&name);
         }
-        false
+        if s.is_idle() {
+            st.remove(&name);
+        }
+        true
     }
 
     /// Called from the media thread when a publication's peer ends for any reason.
@@ -392,7 +461,7 @@ impl Origin {
             .get(source)
             .is_some_and(|v| v.publication == publication)
         {
-            s.sources.remove(source);
+            s.remove_source(source);
             info!(stream, source = ?source, publication, %reason, "source gone");
             s.announce(stream);
         }
@@ -560,5 +629,136 @@ pub fn relay_kind(k: MediaKind) -> crate::relay::proto::Kind {
     match k {
         MediaKind::Audio => crate::relay::proto::Kind::Audio,
         MediaKind::Video => crate::relay::proto::Kind::Video,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rtc::host::HostConfig;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<OriginMsg>>);
+
+    impl EdgeSink for Recorder {
+        fn datagram(&self, _: Bytes) -> bool {
+            true
+        }
+        fn control(&self, msg: OriginMsg) {
+            self.0.lock().unwrap().push(msg);
+        }
+    }
+
+    fn origin() -> Arc<Origin> {
+        let host = RtcHost::start(
+            &HostConfig {
+                bind: "127.0.0.1:0".parse().unwrap(),
+                public_ip: None,
+            },
+            "origin-test",
+        )
+        .unwrap();
+        Origin::new(host)
+    }
+
+    fn source(publication: u64, index: u16) -> Source {
+        Source {
+            publication,
+            index,
+            publisher_id: format!("pub-{publication}"),
+            peer: PeerId(u64::MAX - publication),
+            owner: Owner::Whip,
+            tracks: Vec::new(),
+            audio_level: true,
+            stats: Arc::default(),
+        }
+    }
+
+    fn key(s: &str) -> SourceKey {
+        Some(s.to_owned())
+    }
+
+    #[test]
+    fn a_pending_attempt_holds_its_stream_through_every_removal_path() {
+        let o = origin();
+        let ana = key("ana");
+        let (index, fanout) = o.reserve("s", &ana).unwrap();
+        // Meanwhile, everything that used to remove the idle stream: an edge subscribing and
+        // leaving, a failed offer for another source, an edge connection dropping.
+        let sink: Arc<dyn EdgeSink> = Arc::new(Recorder::default());
+        o.subscribe("s", 7, sink.clone());
+        o.unsubscribe("s", 7);
+        let bo = key("bo");
+        o.reserve("s", &bo).unwrap();
+        o.finish_attempt("s", &bo);
+        o.subscribe("s", 8, sink);
+        o.drop_conn(8);
+        {
+            let st = o.lock();
+            let s = st.get("s").expect("held by the pending attempt");
+            assert!(Arc::ptr_eq(&s.fanout, &fanout), "same fan-out list");
+        }
+        assert_eq!(o.commit("s", &ana, source(1, index)), Ok(false));
+        let (streams, sources, _) = o.gauges();
+        assert_eq!((streams, sources), (1, 1));
+        assert_eq!(o.lock()["s"].snapshot()[0].index, index);
+        // The publication ends: the stream is idle and goes.
+        assert!(o.unpublish_source("s", &ana));
+        assert_eq!(o.gauges().0, 0);
+        // A commit whose stream vanished anyway is refused, not a panic.
+        let (i, _) = o.reserve("t", &ana).unwrap();
+        o.lock().remove("t");
+        assert!(matches!(
+            o.commit("t", &ana, source(2, i)),
+            Err(OfferError::Internal(_))
+        ));
+        o.finish_attempt("t", &ana);
+    }
+
+    #[test]
+    fn concurrent_attempts_edges_and_failures_never_panic() {
+        let o = origin();
+        let sink: Arc<dyn EdgeSink> = Arc::new(Recorder::default());
+        std::thread::scope(|scope| {
+            for t in 0..4u64 {
+                let o = o.clone();
+                let sink = sink.clone();
+                scope.spawn(move || {
+                    for i in 0..2000u64 {
+                        let k = key(&format!("t{t}-{}", i % 7));
+                        match i % 4 {
+                            0 => {
+                                if let Ok((idx, _)) = o.reserve("s", &k) {
+                                    let _ = o.commit("s", &k, source(t * 100_000 + i, idx));
+                                }
+                            }
+                            1 => {
+                                if o.reserve("s", &k).is_ok() {
+                                    o.finish_attempt("s", &k);
+                                }
+                            }
+                            2 => {
+                                o.subscribe("s", t, sink.clone());
+                                o.unsubscribe("s", t);
+                            }
+                            _ => {
+                                o.unpublish_source("s", &k);
+                                o.drop_conn(t);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        // Live sources never share an index.
+        let st = o.lock();
+        if let Some(s) = st.get("s") {
+            let snap = s.snapshot();
+            let mut idx: Vec<u16> = snap.iter().map(|i| i.index).collect();
+            idx.sort_unstable();
+            idx.dedup();
+            assert_eq!(idx.len(), snap.len());
+            assert_eq!(s.pending, 0);
+        }
     }
 }

@@ -68,7 +68,9 @@ struct CommonServer {
     /// Dev mode publish token (default: a random one, printed at start).
     #[arg(long, env = "CHORUS_PUBLISH_TOKEN", hide_env_values = true)]
     publish_token: Option<String>,
-    /// Secret signing the director's JWTs (default: random per start).
+    /// Secret the origin derives its JWT signing key (Ed25519) and room-token key from, instead
+    /// of the key files of --data-dir (several origins may share it). Default: the data dir's
+    /// keys, or new ones per start.
     #[arg(long, env = "CHORUS_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
     /// How long a director JWT is valid to open the signalling socket.
@@ -80,10 +82,15 @@ struct CommonServer {
 }
 
 #[derive(Args, Clone, Default)]
-struct RoomArgs {
+struct OriginSideArgs {
     /// Key of the room API (POST /api/rooms/{room}/tokens). Dev mode makes one when absent.
     #[arg(long, env = "CHORUS_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// Directory holding the origin's identity: its QUIC certificate (so a pinned
+    /// --origin-fingerprint survives a restart), JWT signing key and room-token key; made on
+    /// first start (files of mode 0600). Default: a new identity per start.
+    #[arg(long, env = "CHORUS_DATA_DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -91,7 +98,7 @@ struct ServeArgs {
     #[command(flatten)]
     common: CommonServer,
     #[command(flatten)]
-    rooms: RoomArgs,
+    rooms: OriginSideArgs,
 }
 
 #[derive(Args)]
@@ -99,7 +106,7 @@ struct OriginArgs {
     #[command(flatten)]
     common: CommonServer,
     #[command(flatten)]
-    rooms: RoomArgs,
+    rooms: OriginSideArgs,
     /// QUIC address edges connect to.
     #[arg(long, default_value = "127.0.0.1:7400")]
     cluster: SocketAddr,
@@ -299,7 +306,7 @@ fn main() -> ExitCode {
             "edge",
             run_server(
                 a.common,
-                RoomArgs::default(),
+                OriginSideArgs::default(),
                 Role::Edge,
                 "127.0.0.1:0".parse().expect("valid"),
                 Some(a.origin),
@@ -340,7 +347,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 
 fn run_server(
     c: CommonServer,
-    rooms: RoomArgs,
+    rooms: OriginSideArgs,
     role: Role,
     cluster: SocketAddr,
     origin: Option<SocketAddr>,
@@ -364,6 +371,7 @@ fn run_server(
         api_key: rooms.api_key,
         jwt_secret: c.jwt_secret,
         jwt_ttl_secs: c.jwt_ttl,
+        data_dir: rooms.data_dir,
         cluster,
         cluster_token: c.cluster_token,
     };

@@ -4,14 +4,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use base64::Engine;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::auth::jwt::JwtKeys;
+use crate::auth::identity::Identity;
+use crate::auth::jwt::{JwtSigner, JwtVerifier};
 use crate::auth::random_secret;
 use crate::auth::tokens::Tokens;
 use crate::edge::Edge;
@@ -19,7 +19,7 @@ use crate::http::{router, App};
 use crate::origin::Origin;
 use crate::relay::client::{EdgeLink, LinkConfig, LinkHandler};
 use crate::relay::proto::{DatagramHeader, Kind, SourceInfo, LEVEL_EXT_ID};
-use crate::relay::server::{RelayPolicy, RelayServer};
+use crate::relay::server::{RelayPolicy, RelayServer, SubscribePolicy};
 use crate::room::RoomService;
 use crate::rtc::host::{HostConfig, RtcHost};
 
@@ -52,8 +52,11 @@ pub struct ServerOptions {
     pub dev_publish_token: Option<String>,
     /// Key of the room API (`POST /api/rooms/{room}/tokens`); dev mode makes one when absent.
     pub api_key: Option<String>,
+    /// Seeds the JWT signing and room-token keys (instead of `data_dir`'s key files).
     pub jwt_secret: Option<String>,
     pub jwt_ttl_secs: u64,
+    /// Where the origin keeps its identity (certificate, signing keys); None = new each start.
+    pub data_dir: Option<PathBuf>,
     /// QUIC address edges connect to (origin and serve).
     pub cluster: SocketAddr,
     pub cluster_token: Option<String>,
@@ -71,16 +74,18 @@ pub struct Running {
     pub dev_api_key: Option<String>,
 }
 
-fn load_tokens(opts: &ServerOptions) -> Result<Tokens, String> {
-    Ok(match &opts.tokens {
+fn load_tokens(opts: &ServerOptions) -> Result<Option<Tokens>, String> {
+    if opts.role == Role::Edge {
+        if opts.tokens.is_some() {
+            return Err("an edge takes no --tokens (nor CHORUS_TOKENS): the origin's token policy decides who views what, and the edge asks its origin for every viewer; give the token file to chorus origin".into());
+        }
+        return Ok(None);
+    }
+    Ok(Some(match &opts.tokens {
         Some(path) => {
             let t = Tokens::file(path.clone())?;
             info!(path = %path.display(), "tokens from file");
             t
-        }
-        None if opts.role == Role::Edge => {
-            warn!("no --tokens file: every stream is open to viewers at this edge");
-            Tokens::dev(random_secret(18))
         }
         None => {
             let (token, from) = match &opts.dev_publish_token {
@@ -91,7 +96,7 @@ fn load_tokens(opts: &ServerOptions) -> Result<Tokens, String> {
             warn!("DEV MODE: publish token ({from}): {token}");
             Tokens::dev(token)
         }
-    })
+    }))
 }
 
 /// Starts what `opts.role` asks for and its HTTP server; returns once everything listens.
@@ -106,11 +111,32 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
     let mut origin = None;
     let mut cluster = None;
     let mut fingerprint = None;
-    let mut secret = match &opts.jwt_secret {
-        Some(s) if !s.is_empty() => s.clone().into_bytes(),
-        _ => random_secret(32).into_bytes(),
+    let mut signer = None;
+    let mut room_key = Vec::new();
+    // An edge's verifier starts empty and takes the origin's key from its Welcome.
+    let mut verifier = Arc::new(JwtVerifier::default());
+    let subscribe_policy: Arc<OnceLock<Arc<dyn SubscribePolicy>>> = Arc::default();
+    // serve's internal link is on loopback, but any local user could reach it: without a
+    // cluster token of the operator's, it gets a random one only the process knows.
+    let cluster_token = match (&opts.cluster_token, opts.role) {
+        (Some(t), _) if !t.is_empty() => Some(t.clone()),
+        (_, Role::Serve) => Some(random_secret(24)),
+        _ => None,
     };
     if opts.role != Role::Edge {
+        let secret = opts.jwt_secret.as_deref().filter(|s| !s.is_empty());
+        let id = Identity::load(opts.data_dir.as_deref(), secret.map(str::as_bytes))
+            .map_err(|e| format!("origin identity: {e}"))?;
+        match &id.dir {
+            Some(dir) => info!(dir = %dir.display(), "identity (relay certificate, signing keys) kept in the data dir"),
+            None => warn!("no --data-dir: this start has a new relay certificate{}; pinned edges and tokens issued before a restart stop working", if secret.is_some() { "" } else { " and new signing keys" }),
+        }
+        let s = Arc::new(
+            JwtSigner::from_pkcs8(&id.jwt_pkcs8, opts.jwt_ttl_secs)
+                .map_err(|e| format!("JWT signing key: {e}"))?,
+        );
+        verifier = Arc::new(s.verifier());
+        room_key = id.room_key.clone();
         let host = RtcHost::start(
             &HostConfig {
                 bind: SocketAddr::new(opts.media_ip, opts.media_port),
@@ -120,10 +146,10 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
         )
         .map_err(|e| format!("media socket on {}: {e}", opts.media_ip))?;
         let o = Origin::new(host);
-        let relay = RelayServer::bind(opts.cluster)?;
+        let relay = RelayServer::bind(opts.cluster, &id.cert_der, &id.cert_key_der)?;
         let addr = relay.local_addr();
         info!(cluster = %addr, fingerprint = relay.fingerprint.as_str(), "relay listening for edges (QUIC)");
-        if opts.cluster_token.is_none() && !opts.cluster.ip().is_loopback() {
+        if cluster_token.is_none() && !opts.cluster.ip().is_loopback() {
             warn!("relay is not on loopback and has no --cluster-token: any edge can join");
         }
         fingerprint = Some(relay.fingerprint.clone());
@@ -131,10 +157,12 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
         tokio::spawn(relay.run(
             o.clone(),
             RelayPolicy {
-                cluster_token: opts.cluster_token.clone(),
-                jwt_secret: base64::engine::general_purpose::STANDARD.encode(&secret),
+                cluster_token: cluster_token.clone(),
+                jwt_key: s.verify_key().clone(),
+                subscribe: subscribe_policy.clone(),
             },
         ));
+        signer = Some(s);
         origin = Some(o);
     }
     let mut edge = None;
@@ -143,57 +171,57 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
             Role::Serve => LinkConfig {
                 origin: cluster.expect("serve runs an origin"),
                 fingerprint: fingerprint.clone(),
-                cluster_token: opts.cluster_token.clone(),
+                cluster_token: cluster_token.clone(),
                 ws_url: None,
             },
             _ => LinkConfig {
                 origin: opts.origin.ok_or("an edge needs --origin HOST:PORT")?,
                 fingerprint: opts.origin_fingerprint.clone(),
-                cluster_token: opts.cluster_token.clone(),
+                cluster_token: cluster_token.clone(),
                 ws_url: Some(match &opts.public_ws {
                     Some(base) => format!("{base}/ws"),
                     None => format!("ws://{http}/ws"),
                 }),
             },
         };
-        let (e, origin_secret) = Edge::start(
+        // Viewers' JWTs are signed with the origin's key: the edge checks them with its public
+        // half, taken from the origin's Welcome (in serve, the same key).
+        let e = Edge::start(
             SocketAddr::new(opts.media_ip, 0),
             opts.public_ip,
             link,
             opts.media_workers,
+            verifier.clone(),
         )
         .await?;
-        if opts.role == Role::Edge {
-            // Viewers' JWTs are signed with the origin's key: the edge checks them with it.
-            secret = base64::engine::general_purpose::STANDARD
-                .decode(origin_secret)
-                .map_err(|e| format!("origin sent a bad JWT secret: {e}"))?;
-        }
         edge = Some(e);
     }
-    let jwt = JwtKeys::new(&secret, opts.jwt_ttl_secs);
     let mut dev_api_key = None;
-    let rooms = origin.as_ref().map(|o| {
-        let api_key = match &opts.api_key {
-            Some(k) if !k.is_empty() => Some(k.clone()),
-            _ if tokens.is_dev() => {
-                let k = random_secret(18);
-                warn!("DEV MODE: room API key (generated): {k}");
-                dev_api_key = Some(k.clone());
-                Some(k)
-            }
-            _ => {
-                warn!("no --api-key: the room API issues no room tokens");
-                None
-            }
-        };
-        let rooms = RoomService::new(&secret, jwt.clone(), api_key, o.clone());
-        rooms.start();
-        rooms
-    });
+    let rooms = match (&origin, &signer) {
+        (Some(o), Some(signer)) => {
+            let api_key = match &opts.api_key {
+                Some(k) if !k.is_empty() => Some(k.clone()),
+                _ if tokens.as_ref().is_some_and(Tokens::is_dev) => {
+                    let k = random_secret(18);
+                    warn!("DEV MODE: room API key (generated): {k}");
+                    dev_api_key = Some(k.clone());
+                    Some(k)
+                }
+                _ => {
+                    warn!("no --api-key: the room API issues no room tokens");
+                    None
+                }
+            };
+            let rooms = RoomService::new(&room_key, signer.clone(), api_key, o.clone());
+            rooms.start();
+            Some(rooms)
+        }
+        _ => None,
+    };
     let app = Arc::new(App {
         tokens,
-        jwt,
+        signer,
+        jwt: verifier,
         origin,
         edge,
         rooms,
@@ -201,6 +229,10 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
         next_session: AtomicU64::new(1),
         whep: Mutex::new(HashMap::new()),
     });
+    if app.origin.is_some() {
+        let policy: Arc<dyn SubscribePolicy> = app.clone();
+        let _ = subscribe_policy.set(policy);
+    }
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, router(app)).await {
             warn!("HTTP server stopped: {e}");

@@ -1,6 +1,7 @@
 //! Who may publish or view what: long-lived tokens (a token file, or the dev-mode token) checked
 //! by the director, and the short-lived JWTs it hands out for the signalling socket.
 
+pub mod identity;
 pub mod jwt;
 pub mod tokens;
 

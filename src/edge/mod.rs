@@ -20,7 +20,8 @@ use str0m::RtcConfig;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::info;
 
-use crate::relay::client::{manage_link, LinkConfig, LinkHandler};
+use crate::auth::jwt::JwtVerifier;
+use crate::relay::client::{manage_link, AuthorizeAnswer, LinkConfig, LinkCtl, LinkHandler};
 use crate::relay::proto::{DatagramHeader, SourceInfo};
 use crate::rtc::host::OfferRequirements;
 use crate::rtc::offer::{check_offer, mlines, OfferError};
@@ -149,18 +150,21 @@ pub struct Edge {
     candidates: Vec<SocketAddr>,
     next_id: AtomicU64,
     pub metrics: Arc<EdgeMetrics>,
+    link: LinkCtl,
 }
 
 impl Edge {
     /// Links to the origin, binds the viewers' media socket and starts the media thread.
-    /// Returns once the origin link is up, with the origin's JWT secret (base64). `workers`
-    /// media threads each own a socket (any free port on `bind`'s IP) and a share of the viewers.
+    /// Returns once the origin link is up; `keys` then holds the origin's JWT verify key (and
+    /// follows it on every relink). `workers` media threads each own a socket (any free port on
+    /// `bind`'s IP) and a share of the viewers.
     pub async fn start(
         bind: SocketAddr,
         public_ip: Option<IpAddr>,
         link: LinkConfig,
         workers: usize,
-    ) -> Result<(Arc<Edge>, String), String> {
+        keys: Arc<JwtVerifier>,
+    ) -> Result<Arc<Edge>, String> {
         let mut sockets = Vec::new();
         for _ in 0..workers.max(1) {
             let socket =
@@ -187,7 +191,7 @@ impl Edge {
             shared: shared.clone(),
             metrics: metrics.clone(),
         });
-        let (secret, ctl) = manage_link(link, sink).await?;
+        let ctl = manage_link(link, sink, keys).await?;
         let mut candidates = Vec::new();
         for (i, ((socket, candidate), rx)) in sockets.into_iter().zip(receivers).enumerate() {
             let worker = Worker::new(
@@ -210,8 +214,15 @@ impl Edge {
             candidates,
             next_id: AtomicU64::new(1),
             metrics,
+            link: ctl,
         });
-        Ok((edge, secret))
+        Ok(edge)
+    }
+
+    /// Asks the origin whether a viewer with this bearer may view `stream` (its token policy is
+    /// the only truth): a subscribe JWT, or the refusal to pass on.
+    pub async fn authorize(&self, stream: &str, token: Option<&str>) -> AuthorizeAnswer {
+        self.link.authorize(stream, token).await
     }
 
     /// The media thread that owns (or will own) a viewer: viewers are dealt out in turn.

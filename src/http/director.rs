@@ -11,8 +11,9 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{bearer, fail, rooms, App, Refusal};
+use super::{bearer, fail, relayed_refusal, rooms, App, Refusal};
 use crate::auth::jwt::{RoomBinding, Scope};
+use crate::relay::server::SubscribePolicy;
 
 pub const ACCOUNT_ID: &str = "chorus";
 /// Stream names are path segments and log fields: keep them plain.
@@ -105,16 +106,22 @@ pub async fn publish(State(app): State<Arc<App>>, headers: HeaderMap, body: Byte
             );
         }
     }
+    let (Some(tokens), Some(signer)) = (&app.tokens, &app.signer) else {
+        return fail(
+            StatusCode::NOT_FOUND,
+            "this is an edge: publish at the origin",
+        );
+    };
     let token = bearer(&headers);
     let room = match rooms::room_grant(&app, token, &stream, Scope::Publish) {
         Some(Ok(room)) => room,
         Some(Err(refusal)) => return refusal.into_response(),
-        None => match app.tokens.check_publish(token, &stream) {
+        None => match tokens.check_publish(token, &stream) {
             Ok(()) => None,
             Err(e) => return fail(StatusCode::UNAUTHORIZED, e.to_string()),
         },
     };
-    let jwt = app.jwt.issue_bound(&stream, Scope::Publish, room.clone());
+    let jwt = signer.issue_bound(&stream, Scope::Publish, room.clone());
     success(ws_url(&app, &headers), jwt, room.as_ref())
 }
 
@@ -138,14 +145,52 @@ pub async fn subscribe(State(app): State<Arc<App>>, headers: HeaderMap, body: By
         Err(refusal) => return refusal.into_response(),
     };
     let token = bearer(&headers);
-    match rooms::room_grant(&app, token, &stream, Scope::Subscribe) {
-        Some(Ok(_)) => {}
-        Some(Err(refusal)) => return refusal.into_response(),
-        None => {
-            if let Err(e) = app.tokens.check_subscribe(token, &stream) {
-                return fail(StatusCode::UNAUTHORIZED, e.to_string());
-            }
-        }
+    let jwt = match (&app.origin, &app.edge) {
+        (Some(_), _) => authorize_subscribe(&app, token, &stream),
+        // An edge signs nothing: the origin's policy decides and signs.
+        (None, Some(edge)) => edge
+            .authorize(&stream, token)
+            .await
+            .map_err(relayed_refusal),
+        (None, None) => unreachable!("a process runs an origin, an edge or both"),
+    };
+    match jwt {
+        Ok(jwt) => success(url, jwt, None),
+        Err(refusal) => refusal.into_response(),
     }
-    success(url, app.jwt.issue(&stream, Scope::Subscribe), None)
+}
+
+/// Decides a viewer where the origin runs: a room token for the stream's room, or the token
+/// policy (a subscribe token when the stream has one). Its subscribe JWT, or the refusal.
+pub fn authorize_subscribe(
+    app: &App,
+    token: Option<&str>,
+    stream: &str,
+) -> Result<String, Refusal> {
+    let (Some(tokens), Some(signer)) = (&app.tokens, &app.signer) else {
+        return Err(Refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this process holds no token policy".into(),
+        ));
+    };
+    match rooms::room_grant(app, token, stream, Scope::Subscribe) {
+        Some(Ok(_)) => {}
+        Some(Err(refusal)) => return Err(refusal),
+        None => tokens
+            .check_subscribe(token, stream)
+            .map_err(|e| Refusal(StatusCode::UNAUTHORIZED, e.to_string()))?,
+    }
+    Ok(signer.issue(stream, Scope::Subscribe))
+}
+
+/// The relay asks this for viewers at linked edges.
+impl SubscribePolicy for App {
+    fn authorize_subscribe(
+        &self,
+        stream: &str,
+        token: Option<&str>,
+    ) -> Result<String, (u16, String)> {
+        check_stream_name(stream).map_err(|m| (400, m))?;
+        authorize_subscribe(self, token, stream).map_err(|Refusal(s, m)| (s.as_u16(), m))
+    }
 }

@@ -20,7 +20,7 @@ use axum::{Json, Router};
 use serde_json::json;
 use tower_http::cors::{Any, CorsLayer};
 
-use crate::auth::jwt::{JwtKeys, RoomBinding, Scope};
+use crate::auth::jwt::{JwtSigner, JwtVerifier, RoomBinding, Scope};
 use crate::auth::tokens::Tokens;
 use crate::edge::Edge;
 use crate::origin::Origin;
@@ -30,8 +30,13 @@ use crate::rtc::peers::PeerId;
 
 /// Everything the HTTP handlers share.
 pub struct App {
-    pub tokens: Tokens,
-    pub jwt: JwtKeys,
+    /// The token policy, where an origin runs (`serve`, `origin`). An edge has none: it asks
+    /// its origin for every viewer.
+    pub tokens: Option<Tokens>,
+    /// Signs the director's JWTs: only where an origin runs.
+    pub signer: Option<Arc<JwtSigner>>,
+    /// Checks JWTs: the signer's public key, at an edge the one of the origin's last Welcome.
+    pub jwt: Arc<JwtVerifier>,
     /// Present where publications are taken (`serve`, `origin`).
     pub origin: Option<Arc<Origin>>,
     /// Present where viewers are served (`serve`, `edge`).
@@ -92,21 +97,45 @@ pub fn sdp_request<'a>(
     let room = match rooms::room_grant(app, token, stream, scope) {
         Some(grant) => grant?,
         None => {
-            let allowed = match token.and_then(|t| app.jwt.verify(t).ok()) {
-                Some(claims) if claims.scope == scope && claims.millicast.stream_name == stream => {
-                    Ok(())
+            if !jwt_allows(app, token, stream, scope)? {
+                let Some(tokens) = &app.tokens else {
+                    return Err(Refusal(
+                        StatusCode::UNAUTHORIZED,
+                        "this edge takes only a director JWT here".into(),
+                    ));
+                };
+                match scope {
+                    Scope::Publish => tokens.check_publish(token, stream),
+                    Scope::Subscribe => tokens.check_subscribe(token, stream),
                 }
-                Some(_) => Err(format!("this JWT does not allow {scope:?} on {stream:?}")),
-                None => match scope {
-                    Scope::Publish => app.tokens.check_publish(token, stream),
-                    Scope::Subscribe => app.tokens.check_subscribe(token, stream),
-                }
-                .map_err(|e| e.to_string()),
-            };
-            allowed.map_err(|m| Refusal(StatusCode::UNAUTHORIZED, m))?;
+                .map_err(|e| Refusal(StatusCode::UNAUTHORIZED, e.to_string()))?;
+            }
             None
         }
     };
+    Ok((sdp_offer(headers, body)?, room))
+}
+
+/// Whether the bearer is a director JWT of `scope` for `stream`: Ok(false) when it is no valid
+/// JWT at all (the caller checks it as a token), a refusal when it is one for something else.
+pub fn jwt_allows(
+    app: &App,
+    token: Option<&str>,
+    stream: &str,
+    scope: Scope,
+) -> Result<bool, Refusal> {
+    match token.and_then(|t| app.jwt.verify(t).ok()) {
+        Some(claims) if claims.scope == scope && claims.millicast.stream_name == stream => Ok(true),
+        Some(_) => Err(Refusal(
+            StatusCode::UNAUTHORIZED,
+            format!("this JWT does not allow {scope:?} on {stream:?}"),
+        )),
+        None => Ok(false),
+    }
+}
+
+/// The SDP offer of a WHIP or WHEP request.
+pub fn sdp_offer<'a>(headers: &HeaderMap, body: &'a [u8]) -> Result<&'a str, Refusal> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -117,9 +146,16 @@ pub fn sdp_request<'a>(
             "offers must be Content-Type: application/sdp".into(),
         ));
     }
-    let offer = std::str::from_utf8(body)
-        .map_err(|_| Refusal(StatusCode::BAD_REQUEST, "SDP offer is not UTF-8".into()))?;
-    Ok((offer, room))
+    std::str::from_utf8(body)
+        .map_err(|_| Refusal(StatusCode::BAD_REQUEST, "SDP offer is not UTF-8".into()))
+}
+
+/// An origin's refusal relayed by an edge, as an HTTP refusal.
+pub fn relayed_refusal((status, message): (u16, String)) -> Refusal {
+    Refusal(
+        StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+        message,
+    )
 }
 
 /// A refused offer: the client's fault (400) unless something broke on our side.

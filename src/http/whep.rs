@@ -10,7 +10,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::{fail, offer_refused, sdp_request, App};
+use super::{
+    bearer, fail, jwt_allows, offer_refused, relayed_refusal, sdp_offer, sdp_request, App,
+};
 use crate::auth::jwt::Scope;
 use crate::edge::{ViewOptions, MAX_TRACKS};
 use crate::rtc::offer::mlines;
@@ -35,8 +37,15 @@ pub async fn view(
             "this origin serves no viewers: view at an edge",
         );
     };
-    let offer = match sdp_request(&app, &headers, &stream, Scope::Subscribe, &body) {
-        Ok((o, _)) => o,
+    let offer = if app.origin.is_some() {
+        sdp_request(&app, &headers, &stream, Scope::Subscribe, &body).map(|(o, _)| o)
+    } else {
+        edge_allows(&app, edge, &headers, &stream)
+            .await
+            .and_then(|()| sdp_offer(&headers, &body))
+    };
+    let offer = match offer {
+        Ok(o) => o,
         Err(refusal) => return refusal.into_response(),
     };
     if let Some(n) = q.tracks {
@@ -88,6 +97,26 @@ pub async fn view(
         answer,
     )
         .into_response()
+}
+
+/// At an edge without an origin: a subscribe JWT for the stream (checked with the origin's
+/// public key), or else the origin's answer for the bearer (its token policy is the only truth).
+async fn edge_allows(
+    app: &App,
+    edge: &crate::edge::Edge,
+    headers: &HeaderMap,
+    stream: &str,
+) -> Result<(), super::Refusal> {
+    super::director::check_stream_name(stream)
+        .map_err(|m| super::Refusal(StatusCode::BAD_REQUEST, m))?;
+    let token = bearer(headers);
+    if jwt_allows(app, token, stream, Scope::Subscribe)? {
+        return Ok(());
+    }
+    edge.authorize(stream, token)
+        .await
+        .map(|_jwt| ())
+        .map_err(relayed_refusal)
 }
 
 pub async fn delete(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {

@@ -3,13 +3,26 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 pub use super::proto::DATAGRAM_HEADER;
 use super::proto::{encode_frame, DatagramHeader, EdgeMsg, FrameReader, OriginMsg, SourceInfo};
+use crate::auth::jwt::{JwtVerifier, VerifyKey};
+
+/// How long a viewer at an edge waits for the origin to authorize it before a 503.
+pub const AUTHORIZE_DEADLINE: Duration = Duration::from_secs(5);
+/// Authorize requests one link has in flight at most; more are refused at once (503).
+pub const MAX_PENDING_AUTHORIZE: usize = 1024;
+
+/// The origin's answer to an authorize request: a subscribe JWT, or (HTTP status, message).
+pub type AuthorizeAnswer = Result<String, (u16, String)>;
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<AuthorizeAnswer>>>>;
 
 /// What an edge does with what the origin sends. Called from the link's tasks.
 pub trait LinkHandler: Send + Sync + 'static {
@@ -24,7 +37,11 @@ pub struct EdgeLink {
     conn: quinn::Connection,
     ctl: mpsc::UnboundedSender<EdgeMsg>,
     refs: Mutex<HashMap<String, usize>>,
-    pub jwt_secret: String,
+    /// The origin's JWT verify key, from its `Welcome`.
+    pub verify_key: VerifyKey,
+    /// Authorize requests waiting for the origin's answer.
+    pending: Pending,
+    next_request: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -66,10 +83,21 @@ impl EdgeLink {
         .map_err(|e| e.to_string())?;
         let mut reader = FrameReader::default();
         let mut buf = vec![0u8; 16 * 1024];
-        let jwt_secret = loop {
+        let verify_key = loop {
             if let Some(msg) = reader.next_msg::<OriginMsg>().map_err(|e| e.to_string())? {
                 match msg {
-                    OriginMsg::Welcome { jwt_secret } => break jwt_secret,
+                    OriginMsg::Welcome { jwt_key, key_id } => {
+                        let key = VerifyKey::from_base64(&jwt_key)
+                            .map_err(|e| format!("origin sent a bad JWT key: {e}"))?;
+                        if key.kid != key_id {
+                            warn!(
+                                sent = key_id,
+                                computed = key.kid,
+                                "origin's key id does not match its key"
+                            );
+                        }
+                        break key;
+                    }
                     OriginMsg::Refused { reason } => {
                         return Err(format!("origin refused this edge: {reason}"))
                     }
@@ -91,7 +119,18 @@ impl EdgeLink {
             }
         });
         let h = handler.clone();
+        let pending: Pending = Arc::default();
+        let answers = pending.clone();
         tokio::spawn(async move {
+            let answer = |id: u64, a: AuthorizeAnswer| {
+                let waiter = answers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                if let Some(w) = waiter {
+                    let _ = w.send(a);
+                }
+            };
             let reason = loop {
                 match reader.next_msg::<OriginMsg>() {
                     Ok(Some(OriginMsg::Sources {
@@ -100,6 +139,18 @@ impl EdgeLink {
                         sources,
                     })) => {
                         h.on_sources(&stream, channel, &sources);
+                        continue;
+                    }
+                    Ok(Some(OriginMsg::Authorized { id, jwt })) => {
+                        answer(id, Ok(jwt));
+                        continue;
+                    }
+                    Ok(Some(OriginMsg::Unauthorized {
+                        id,
+                        status,
+                        message,
+                    })) => {
+                        answer(id, Err((status, message)));
                         continue;
                     }
                     Ok(Some(other)) => {
@@ -115,6 +166,8 @@ impl EdgeLink {
                     Err(e) => break e.to_string(),
                 }
             };
+            // Waiting viewers learn at once that no answer will come.
+            answers.lock().unwrap_or_else(|p| p.into_inner()).clear();
             h.on_closed(&reason);
         });
         let dconn = conn.clone();
@@ -135,8 +188,46 @@ impl EdgeLink {
             conn,
             ctl: ctl_tx,
             refs: Mutex::new(HashMap::new()),
-            jwt_secret,
+            verify_key,
+            pending,
+            next_request: AtomicU64::new(1),
         }))
+    }
+
+    /// Asks the origin whether a viewer with this bearer may view `stream`; the answer goes to
+    /// `reply` (dropped unanswered when the link ends).
+    pub fn authorize(
+        &self,
+        stream: String,
+        token: Option<String>,
+        reply: oneshot::Sender<AuthorizeAnswer>,
+    ) {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if p.len() >= MAX_PENDING_AUTHORIZE {
+                // Waiters that gave up (their deadline passed) free their place.
+                p.retain(|_, w| !w.is_closed());
+            }
+            if p.len() >= MAX_PENDING_AUTHORIZE {
+                let _ = reply.send(Err((
+                    503,
+                    format!("{MAX_PENDING_AUTHORIZE} viewers are already waiting for the origin: try again"),
+                )));
+                return;
+            }
+            p.insert(id, reply);
+        }
+        if self
+            .ctl
+            .send(EdgeMsg::Authorize { id, stream, token })
+            .is_err()
+        {
+            self.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        }
     }
 
     /// A viewer of `stream` arrived: subscribes at the origin if it is the first.
@@ -201,7 +292,7 @@ impl EdgeLink {
 }
 
 /// What an edge asks of its origin link.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum LinkRequest {
     Subscribe(String),
     Unsubscribe(String),
@@ -215,6 +306,12 @@ pub enum LinkRequest {
         source: String,
         talking: bool,
     },
+    /// A viewer asks to view: the origin's policy answers (see [`EdgeLink::authorize`]).
+    Authorize {
+        stream: String,
+        token: Option<String>,
+        reply: oneshot::Sender<AuthorizeAnswer>,
+    },
 }
 
 /// Sends requests to the link manager; usable from any thread.
@@ -227,17 +324,58 @@ impl LinkCtl {
     pub fn send(&self, r: LinkRequest) {
         let _ = self.tx.send(r);
     }
+
+    /// The origin's answer for a viewer of `stream` with this bearer, within
+    /// [`AUTHORIZE_DEADLINE`]; a 503 when the link is down or the origin is slow.
+    pub async fn authorize(&self, stream: &str, token: Option<&str>) -> AuthorizeAnswer {
+        let (reply, answer) = oneshot::channel();
+        self.send(LinkRequest::Authorize {
+            stream: stream.to_owned(),
+            token: token.map(str::to_owned),
+            reply,
+        });
+        match tokio::time::timeout(AUTHORIZE_DEADLINE, answer).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(_)) => Err((
+                503,
+                "this edge lost its origin link: try again shortly".into(),
+            )),
+            Err(_) => Err((
+                503,
+                format!(
+                    "the origin did not answer within {}s: try again shortly",
+                    AUTHORIZE_DEADLINE.as_secs()
+                ),
+            )),
+        }
+    }
+}
+
+/// Takes the verify key of a new `Welcome`, saying when it changed.
+fn take_key(keys: &JwtVerifier, link: &EdgeLink) {
+    let before = keys.key();
+    if keys.set(&link.verify_key) {
+        match before {
+            Some(old) => info!(
+                old = old.kid,
+                new = link.verify_key.kid,
+                "origin's JWT key changed: viewers' JWTs are checked with the new one"
+            ),
+            None => info!(kid = link.verify_key.kid, "origin's JWT key received"),
+        }
+    }
 }
 
 /// Keeps an edge linked to its origin: connects, re-subscribes what viewers want after a
-/// reconnect, and retries with backoff while the origin is away. Returns once the first
-/// connection is up, with the origin's JWT secret.
+/// reconnect, and retries with backoff while the origin is away. `keys` takes the origin's JWT
+/// verify key from every `Welcome`. Returns once the first connection is up.
 pub async fn manage_link(
     cfg: LinkConfig,
     handler: Arc<dyn LinkHandler>,
-) -> Result<(String, LinkCtl), String> {
+    keys: Arc<JwtVerifier>,
+) -> Result<LinkCtl, String> {
     let first = EdgeLink::connect(&cfg, handler.clone()).await?;
-    let secret = first.jwt_secret.clone();
+    take_key(&keys, &first);
     let (tx, mut rx) = mpsc::unbounded_channel::<LinkRequest>();
     tokio::spawn(async move {
         // Several media threads share the link: a stream is held at the origin while any of them
@@ -252,6 +390,7 @@ pub async fn manage_link(
                 match EdgeLink::connect(&cfg, handler.clone()).await {
                     Ok(l) => {
                         info!(origin = %cfg.origin, streams = wanted.len(), "relinked to origin");
+                        take_key(&keys, &l);
                         for s in wanted.keys() {
                             l.acquire(s);
                         }
@@ -286,6 +425,7 @@ pub async fn manage_link(
                             }
                         }
                         LinkRequest::Keyframe { stream, source } => l.request_keyframe(&stream, source),
+                        LinkRequest::Authorize { stream, token, reply } => l.authorize(stream, token, reply),
                         LinkRequest::Talking { stream, source, talking: on } => {
                             let key = (stream, source);
                             let n = talking.entry(key.clone()).or_default();
@@ -308,5 +448,5 @@ pub async fn manage_link(
             }
         }
     });
-    Ok((secret, LinkCtl { tx }))
+    Ok(LinkCtl { tx })
 }

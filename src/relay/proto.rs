@@ -36,13 +36,31 @@ pub enum EdgeMsg {
         source: String,
         talking: bool,
     },
+    /// A viewer at this edge asks to view `stream` with this bearer (none: an open stream):
+    /// the origin's token policy decides, and signs the subscribe JWT (an edge cannot). Answered
+    /// by `Authorized` or `Unauthorized` with the same `id`.
+    Authorize {
+        id: u64,
+        stream: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum OriginMsg {
-    /// Answer to `Hello`: the key viewers' JWTs are checked with at the edge.
-    Welcome { jwt_secret: String },
+    /// Answer to `Hello`: the public key viewers' JWTs are checked with at the edge (Ed25519,
+    /// base64 of the raw 32 bytes) and its id. It verifies; it cannot sign.
+    Welcome { jwt_key: String, key_id: String },
+    /// Answer to `Authorize`: the viewer may view; its subscribe JWT.
+    Authorized { id: u64, jwt: String },
+    /// Answer to `Authorize`: refused, with the HTTP status and message to give the viewer.
+    Unauthorized {
+        id: u64,
+        status: u16,
+        message: String,
+    },
     /// The cluster token was wrong; the connection closes after this.
     Refused { reason: String },
     /// The full source list of a subscribed stream, sent on subscribe and on every change.
@@ -195,6 +213,11 @@ mod tests {
                 stream: "panel".into(),
                 source: "ana".into(),
                 talking: true,
+            },
+            EdgeMsg::Authorize {
+                id: 3,
+                stream: "panel".into(),
+                token: Some("t".into()),
             },
         ];
         let bytes: Vec<u8> = msgs.iter().flat_map(encode_frame).collect();

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use super::proto::{encode_frame, EdgeMsg, FrameReader, OriginMsg};
 use crate::auth::constant_time_eq;
+use crate::auth::jwt::VerifyKey;
 use crate::origin::{EdgeSink, Origin};
 
 pub struct RelayServer {
@@ -17,17 +18,32 @@ pub struct RelayServer {
     pub fingerprint: String,
 }
 
+/// The origin's token policy, asked for an edge's viewers: the only truth about who may view
+/// what, so a stream private at the origin is private at every edge.
+pub trait SubscribePolicy: Send + Sync {
+    /// A subscribe JWT for `stream` given the viewer's bearer, or the HTTP status and message
+    /// of the refusal.
+    fn authorize_subscribe(
+        &self,
+        stream: &str,
+        token: Option<&str>,
+    ) -> Result<String, (u16, String)>;
+}
+
 #[derive(Clone)]
 pub struct RelayPolicy {
     /// Edges must present this in `Hello`; None = any edge may join (trusted network).
     pub cluster_token: Option<String>,
-    /// Handed to edges so they can check viewers' JWTs.
-    pub jwt_secret: String,
+    /// Handed to edges so they can check viewers' JWTs: the public key only.
+    pub jwt_key: VerifyKey,
+    /// Set once the HTTP side is built; until then `Authorize` is answered 503.
+    pub subscribe: Arc<OnceLock<Arc<dyn SubscribePolicy>>>,
 }
 
 impl RelayServer {
-    pub fn bind(addr: SocketAddr) -> Result<RelayServer, String> {
-        let (cfg, fingerprint) = super::tls::server_config()?;
+    /// Binds the relay with the origin's certificate (DER) and its PKCS#8 key.
+    pub fn bind(addr: SocketAddr, cert: &[u8], key: &[u8]) -> Result<RelayServer, String> {
+        let (cfg, fingerprint) = super::tls::server_config(cert, key)?;
         let endpoint =
             quinn::Endpoint::server(cfg, addr).map_err(|e| format!("QUIC bind {addr}: {e}"))?;
         Ok(RelayServer {
@@ -164,7 +180,8 @@ fn handle(
                 origin.register_edge(id, url);
             }
             let _ = ctl.send(OriginMsg::Welcome {
-                jwt_secret: policy.jwt_secret.clone(),
+                jwt_key: policy.jwt_key.to_base64(),
+                key_id: policy.jwt_key.kid.clone(),
             });
         }
         _ if !*welcomed => return Err("edge sent a command before hello".into()),
@@ -180,6 +197,20 @@ fn handle(
             source,
             talking,
         } => origin.talking.report(id, stream, source, talking),
+        EdgeMsg::Authorize { id, stream, token } => {
+            let answer = match policy.subscribe.get() {
+                Some(p) => p.authorize_subscribe(&stream, token.as_deref()),
+                None => Err((503, "the origin is still starting: try again".into())),
+            };
+            let _ = ctl.send(match answer {
+                Ok(jwt) => OriginMsg::Authorized { id, jwt },
+                Err((status, message)) => OriginMsg::Unauthorized {
+                    id,
+                    status,
+                    message,
+                },
+            });
+        }
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! TLS for the origin-edge QUIC link: the origin makes a self-signed certificate at start and
-//! prints its SHA-256 fingerprint; an edge pins it (`--origin-fingerprint`) or, on a trusted
+//! TLS for the origin-edge QUIC link: the origin has a self-signed certificate (made at start,
+//! or kept in its `--data-dir`) and prints its SHA-256 fingerprint; an edge pins it (`--origin-fingerprint`) or, on a trusted
 //! network, accepts any certificate with a warning.
 
 use std::sync::Arc;
@@ -37,13 +37,12 @@ fn transport() -> quinn::TransportConfig {
     t
 }
 
-/// A server config with a fresh self-signed certificate, and that certificate's fingerprint.
-pub fn server_config() -> Result<(quinn::ServerConfig, String), String> {
-    let cert = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_owned()])
-        .map_err(|e| e.to_string())?;
-    let der = CertificateDer::from(cert.cert.der().to_vec());
+/// A server config with this certificate (DER) and PKCS#8 key (see
+/// [`crate::auth::identity`]), and the certificate's fingerprint.
+pub fn server_config(cert: &[u8], key: &[u8]) -> Result<(quinn::ServerConfig, String), String> {
+    let der = CertificateDer::from(cert.to_vec());
     let fp = fingerprint(&der);
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec()));
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?

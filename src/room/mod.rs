@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc};
 use tracing::{info, warn};
 
-use crate::auth::jwt::{JwtKeys, RoomBinding, Scope};
+use crate::auth::jwt::{JwtSigner, RoomBinding, Scope};
 use crate::auth::{constant_time_eq, random_secret, unix_now, AuthError};
 use crate::origin::talking::Talking;
 use crate::origin::Origin;
@@ -59,24 +59,25 @@ pub struct RoomService {
     inner: Mutex<Inner>,
     keys: RoomKeys,
     api_key: Option<String>,
-    jwt: JwtKeys,
+    jwt: Arc<JwtSigner>,
     origin: Arc<Origin>,
     next_conn: AtomicU64,
     pub metrics: RoomMetrics,
 }
 
 impl RoomService {
-    /// Room tokens are signed with a key derived from `jwt_secret`; members' publish JWTs with
-    /// `jwt` (the director's keys). Without an API key no room token can be issued.
+    /// Room tokens are signed with the origin's room-token key `room_key`; members' publish
+    /// JWTs with `jwt` (the director's signer). Neither ever leaves the origin. Without an API
+    /// key no room token can be issued.
     pub fn new(
-        jwt_secret: &[u8],
-        jwt: JwtKeys,
+        room_key: &[u8],
+        jwt: Arc<JwtSigner>,
         api_key: Option<String>,
         origin: Arc<Origin>,
     ) -> Arc<RoomService> {
         Arc::new(RoomService {
             inner: Mutex::new(Inner::default()),
-            keys: RoomKeys::derive(jwt_secret),
+            keys: RoomKeys::new(room_key),
             api_key: api_key.filter(|k| !k.is_empty()),
             jwt,
             origin,

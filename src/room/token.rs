@@ -1,7 +1,7 @@
 //! Room tokens: HS256 JWTs naming one participant of one room (its member id, name, role and
-//! permissions). They are signed with a key derived from the server's JWT secret, so a room token
-//! can never pass for a signalling JWT nor the other way round, and they survive a restart
-//! exactly when the JWT secret does (`--jwt-secret`).
+//! permissions). They are signed and checked only at the origin, with its room-token key (kept
+//! in `--data-dir`, or derived from `--jwt-secret`): no edge ever holds it. A room token can never
+//! pass for a signalling JWT (EdDSA, the origin's other key) nor the other way round.
 
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -31,14 +31,11 @@ pub struct RoomKeys {
 }
 
 impl RoomKeys {
-    /// Keys derived from the server's JWT secret: HMAC-SHA256(secret, "chorus room tokens").
-    pub fn derive(jwt_secret: &[u8]) -> RoomKeys {
-        use aws_lc_rs::hmac;
-        let key = hmac::Key::new(hmac::HMAC_SHA256, jwt_secret);
-        let tag = hmac::sign(&key, b"chorus room tokens v1");
+    /// Keys of the origin's room-token secret (see [`crate::auth::identity`]).
+    pub fn new(secret: &[u8]) -> RoomKeys {
         RoomKeys {
-            enc: EncodingKey::from_secret(tag.as_ref()),
-            dec: DecodingKey::from_secret(tag.as_ref()),
+            enc: EncodingKey::from_secret(secret),
+            dec: DecodingKey::from_secret(secret),
         }
     }
 
@@ -96,11 +93,11 @@ impl RoomKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::jwt::{JwtKeys, Scope};
+    use crate::auth::jwt::{JwtSigner, Scope};
 
     #[test]
     fn room_tokens_and_signalling_jwts_do_not_mix() {
-        let keys = RoomKeys::derive(b"secret");
+        let keys = RoomKeys::new(b"secret");
         let (t, exp) = keys.issue(
             "stage",
             "m-1",
@@ -115,11 +112,10 @@ mod tests {
             ("stage", "m-1", Role::Member, exp)
         );
         assert_eq!(g.permissions, [Permission::MemberPromote]);
-        // A signalling JWT signed with the server's secret is not a room token, and a room token
-        // is not a signalling JWT.
-        let jwt = JwtKeys::new(b"secret", 60);
+        // A signalling JWT is not a room token, and a room token is not a signalling JWT.
+        let jwt = JwtSigner::from_pkcs8(&JwtSigner::generate_pkcs8(), 60).unwrap();
         assert!(keys.verify(&jwt.issue("stage", Scope::Publish)).is_err());
-        assert!(jwt.verify(&t).is_err());
-        assert!(RoomKeys::derive(b"other").verify(&t).is_err());
+        assert!(jwt.verifier().verify(&t).is_err());
+        assert!(RoomKeys::new(b"other").verify(&t).is_err());
     }
 }

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use super::SourceKey;
 
 /// Live sources (and pending publish attempts for new sourceIds) one stream holds at most. A
-/// panel or a room has a few speakers on stage; a thousand would already be no conversation.
-pub const MAX_SOURCES_PER_STREAM: usize = 1024;
+/// panel or a room has a few speakers on stage; 256 is far past any conversation, and bounds
+/// what one publish token can make the origin hold (~90 KiB per unconnected peer).
+pub const MAX_SOURCES_PER_STREAM: usize = 256;
 
 /// How long the index of a source that ended stays reserved before another sourceId may take
 /// it: far beyond any relayed datagram's life (audio older than ~100 ms is worthless).

@@ -58,6 +58,10 @@ pub struct EdgeMetrics {
     pub udp_send_calls: AtomicU64,
     /// Viewers whose audio is sealed and sent by the edge itself (AES-GCM SRTP).
     pub direct_viewers: AtomicU64,
+    /// Viewers the origin authorized, refused, or could not answer for (link down, deadline).
+    pub authorize_allowed: AtomicU64,
+    pub authorize_refused: AtomicU64,
+    pub authorize_unavailable: AtomicU64,
 }
 
 /// A viewer's request, from `view` or WHEP.
@@ -222,7 +226,14 @@ impl Edge {
     /// Asks the origin whether a viewer with this bearer may view `stream` (its token policy is
     /// the only truth): a subscribe JWT, or the refusal to pass on.
     pub async fn authorize(&self, stream: &str, token: Option<&str>) -> AuthorizeAnswer {
-        self.link.authorize(stream, token).await
+        let answer = self.link.authorize(stream, token).await;
+        let counter = match &answer {
+            Ok(_) => &self.metrics.authorize_allowed,
+            Err((503, _)) => &self.metrics.authorize_unavailable,
+            Err(_) => &self.metrics.authorize_refused,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        answer
     }
 
     /// The media thread that owns (or will own) a viewer: viewers are dealt out in turn.

@@ -96,6 +96,16 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             "Publications that replaced a live one of the same sourceId.",
             &[("", g(&m.replacements_total))],
         );
+        metric(
+            &mut out,
+            "chorus_origin_publish_refused_total",
+            "counter",
+            "Publish attempts refused by a stream's source limits.",
+            &[
+                ("reason=\"sources_per_stream\"", g(&m.refused_sources_limit)),
+                ("reason=\"index_space\"", g(&m.refused_index_space)),
+            ],
+        );
     }
     if let Some(r) = &app.rooms {
         let g = r.gauges();
@@ -140,6 +150,17 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     if let Some(e) = &app.edge {
         let m = &e.metrics;
         let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        metric(
+            &mut out,
+            "chorus_edge_authorize_total",
+            "counter",
+            "Viewers this edge asked its origin about, by answer.",
+            &[
+                ("result=\"allowed\"", g(&m.authorize_allowed)),
+                ("result=\"refused\"", g(&m.authorize_refused)),
+                ("result=\"unavailable\"", g(&m.authorize_unavailable)),
+            ],
+        );
         metric(
             &mut out,
             "chorus_edge_viewers",

@@ -73,6 +73,10 @@ pub struct OriginMetrics {
     pub relay_drops: AtomicU64,
     pub publications_total: AtomicU64,
     pub replacements_total: AtomicU64,
+    /// Publish attempts refused: the stream held [`indices::MAX_SOURCES_PER_STREAM`] sources.
+    pub refused_sources_limit: AtomicU64,
+    /// Publish attempts refused: every source index of the stream held or quarantined.
+    pub refused_index_space: AtomicU64,
 }
 
 /// Who owns a publication, so that owner's end can remove it.
@@ -308,6 +312,11 @@ impl Origin {
                 Ok((index, s.fanout.clone()))
             }
             Err(e) => {
+                let counter = match e {
+                    indices::IndexError::TooManySources => &self.metrics.refused_sources_limit,
+                    indices::IndexError::Exhausted => &self.metrics.refused_index_space,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
                 if s.is_idle() {
                     st.remove(stream);
                 }

@@ -271,6 +271,13 @@ fn distinct_source_id_churn_keeps_indices_exclusive_and_the_limit_clear() {
         body.contains("already has 256 sources"),
         "a clear refusal: {body}"
     );
+    assert_eq!(
+        common::metric(
+            a,
+            "chorus_origin_publish_refused_total{reason=\"sources_per_stream\"}"
+        ),
+        Some(1.0)
+    );
     eprintln!(
         "churn: 2000 failed offers and 257 publishes in {:?}",
         started.elapsed()
@@ -603,6 +610,28 @@ fn a_restarted_origin_keeps_its_identity_and_the_pinned_edge_relinks() {
     origin.child.kill().unwrap();
     origin.child.wait().unwrap();
     drop(origin);
+    // Meanwhile the edge cannot ask: a clear 503 within the deadline (5 s), not a hang.
+    let asked = Instant::now();
+    let (s, v) = post_json(
+        edge.http(),
+        "/api/director/subscribe",
+        None,
+        r#"{"streamName":"open"}"#,
+    );
+    assert_eq!(s, 503, "{v}");
+    assert!(message(&v).contains("try again shortly"), "{v}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(7),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(
+        common::metric(
+            edge.http(),
+            "chorus_edge_authorize_total{result=\"unavailable\"}"
+        ),
+        Some(1.0)
+    );
     let origin = start(&cluster);
     assert_eq!(origin.info["fingerprint"], fingerprint.as_str());
     let started = Instant::now();

@@ -76,6 +76,9 @@ pub struct Running {
 
 fn load_tokens(opts: &ServerOptions) -> Result<Option<Tokens>, String> {
     if opts.role == Role::Edge {
+        if opts.jwt_secret.as_deref().is_some_and(|s| !s.is_empty()) {
+            warn!("an edge signs nothing: --jwt-secret (CHORUS_JWT_SECRET) is ignored here; viewers' JWTs are checked with the public key the origin sends");
+        }
         if opts.tokens.is_some() {
             return Err("an edge takes no --tokens (nor CHORUS_TOKENS): the origin's token policy decides who views what, and the edge asks its origin for every viewer; give the token file to chorus origin".into());
         }

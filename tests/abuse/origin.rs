@@ -659,6 +659,12 @@ fn a_restarted_origin_keeps_its_identity_and_the_pinned_edge_relinks() {
     assert!(rt
         .block_on(common::ws::connect(edge.http(), &before))
         .is_ok());
+    // So does its room token, at the origin's room socket.
+    let url = format!(
+        "ws://{}/api/rooms/stage/ws?token={room_token}",
+        origin.http()
+    );
+    assert!(rt.block_on(common::ws::open(&url)).is_ok());
     let h = Honest::start(
         Honest::at(origin.http(), TOKEN, "honest-stream")
             .view_at(edge.http())

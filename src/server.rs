@@ -130,9 +130,11 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
         let secret = opts.jwt_secret.as_deref().filter(|s| !s.is_empty());
         let id = Identity::load(opts.data_dir.as_deref(), secret.map(str::as_bytes))
             .map_err(|e| format!("origin identity: {e}"))?;
-        match &id.dir {
-            Some(dir) => info!(dir = %dir.display(), "identity (relay certificate, signing keys) kept in the data dir"),
-            None => warn!("no --data-dir: this start has a new relay certificate{}; pinned edges and tokens issued before a restart stop working", if secret.is_some() { "" } else { " and new signing keys" }),
+        match (&id.dir, secret) {
+            (Some(dir), None) => info!(dir = %dir.display(), "identity (relay certificate, signing keys) kept in the data dir"),
+            (Some(dir), Some(_)) => info!(dir = %dir.display(), "relay certificate kept in the data dir; signing keys derived from --jwt-secret (the dir's key files are not used)"),
+            (None, Some(_)) => warn!("no --data-dir: this start has a new relay certificate; edges pinning the last one's fingerprint will not relink (signing keys derived from --jwt-secret)"),
+            (None, None) => warn!("no --data-dir: this start has a new relay certificate and new signing keys; pinned edges, JWTs and room tokens of an earlier start stop working"),
         }
         let s = Arc::new(
             JwtSigner::from_pkcs8(&id.jwt_pkcs8, opts.jwt_ttl_secs)

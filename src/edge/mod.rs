@@ -24,13 +24,18 @@ use crate::relay::client::{manage_link, LinkConfig, LinkHandler};
 use crate::relay::proto::{DatagramHeader, SourceInfo};
 use crate::rtc::host::OfferRequirements;
 use crate::rtc::offer::{check_offer, mlines, OfferError};
-use crate::rtc::peers::{answer_offer, media_config, PeerId};
+use crate::rtc::peers::{answer_offer, media_config, ConnectSlot, PeerId, PeerStats};
 use crate::rtc::srtp_out::{tapping_provider, with_key_slot, KeySlot};
+use crate::rtc::supervise::spawn_media;
 use crate::rtc::udp::Doorbell;
 use worker::{EdgeCmd, NewViewer, Worker};
 
 /// More multiplexed tracks than this in one offer is refused.
 pub const MAX_TRACKS: usize = 16;
+/// A view naming more excluded sourceIds than this is refused. An app excludes its own user's
+/// source, or a few; each name is interned on a media thread while the view lasts, so this bounds
+/// what one viewer holds there (with [`crate::http::signal::MAX_SOURCE_ID`] bytes per name).
+pub const MAX_EXCLUDED: usize = 64;
 
 /// Counters the edge keeps for /metrics.
 #[derive(Debug, Default)]
@@ -49,12 +54,13 @@ pub struct EdgeMetrics {
     pub dropped_before_switch: AtomicU64,
     /// Relayed packets the packet core refused (malformed, oversized).
     pub dropped_core: AtomicU64,
-    /// Viewer datagrams over the per-peer budget.
-    pub dropped_flood: AtomicU64,
-    /// Datagrams to viewers the kernel refused.
-    pub udp_send_errors: AtomicU64,
-    pub udp_sent: AtomicU64,
-    pub udp_send_calls: AtomicU64,
+    /// Packets for a viewer's track not sent, by [`viewer::NotSent`] reason.
+    pub dropped_viewer_before_switch: AtomicU64,
+    pub dropped_not_negotiated: AtomicU64,
+    pub dropped_seal: AtomicU64,
+    /// The media threads' sockets and peers (flood drops, send errors, unroutable, STUN refused,
+    /// peer ends by reason), shared by every media thread.
+    pub peers: Arc<PeerStats>,
     /// Viewers whose audio is sealed and sent by the edge itself (AES-GCM SRTP).
     pub direct_viewers: AtomicU64,
 }
@@ -198,9 +204,7 @@ impl Edge {
                 shared.clone(),
             )
             .map_err(|e| e.to_string())?;
-            std::thread::Builder::new()
-                .name(format!("media-edge-{i}"))
-                .spawn(move || worker.run(rx))
+            spawn_media(format!("media-edge-{i}"), move |hb| worker.run(rx, &hb))
                 .map_err(|e| e.to_string())?;
             info!(worker = i, %candidate, "edge media socket ready");
             candidates.push(candidate);
@@ -253,6 +257,7 @@ impl Edge {
         if let Some(n) = opts.max_tracks {
             tracks.truncate(n);
         }
+        check_names(&opts)?;
         let main_video = lines
             .iter()
             .filter(|m| m.media == "video")
@@ -260,6 +265,7 @@ impl Edge {
             .and_then(|m| m.mid.clone());
         let keys = Arc::new(KeySlot::default());
         let config = viewer_config().set_crypto_provider(tapping_provider());
+        let slot = ConnectSlot::acquire()?;
         let id = PeerId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let candidate = self.candidates[self.lane(id)];
         let (rtc, ufrag, answer) =
@@ -283,6 +289,7 @@ impl Edge {
                 excluded: opts.excluded,
                 events,
                 keys,
+                slot,
             }),
         })
     }
@@ -306,6 +313,25 @@ impl Edge {
     pub fn workers(&self) -> usize {
         self.lanes.len()
     }
+}
+
+/// Refuses a view that names too many sources, or names no publisher could have.
+fn check_names(opts: &ViewOptions) -> Result<(), OfferError> {
+    use crate::http::signal::MAX_SOURCE_ID;
+    if opts.excluded.len() > MAX_EXCLUDED {
+        return Err(OfferError::Unacceptable(format!(
+            "{} excluded sourceIds; at most {MAX_EXCLUDED} per view",
+            opts.excluded.len()
+        )));
+    }
+    let names = opts.excluded.iter().chain(&opts.pinned);
+    if let Some(long) = names.into_iter().find(|n| n.len() > MAX_SOURCE_ID) {
+        return Err(OfferError::Unacceptable(format!(
+            "a sourceId of {} bytes; sourceIds are at most {MAX_SOURCE_ID}",
+            long.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Hands what the origin relays to every media thread: each runs its own packet core per

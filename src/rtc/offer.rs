@@ -11,6 +11,8 @@ pub enum OfferError {
     Unacceptable(String),
     /// str0m refused it.
     Rejected(String),
+    /// Fine, but the server is at a limit right now (too many peers still connecting).
+    Busy(String),
     Internal(String),
 }
 
@@ -20,6 +22,7 @@ impl std::fmt::Display for OfferError {
             OfferError::Malformed(m) => write!(f, "malformed SDP offer: {m}"),
             OfferError::Unacceptable(m) => write!(f, "{m}"),
             OfferError::Rejected(m) => write!(f, "SDP offer rejected: {m}"),
+            OfferError::Busy(m) => write!(f, "busy: {m}"),
             OfferError::Internal(m) => write!(f, "internal error: {m}"),
         }
     }

@@ -54,6 +54,8 @@ pub struct EdgeMetrics {
     pub dropped_before_switch: AtomicU64,
     /// Relayed packets the packet core refused (malformed, oversized).
     pub dropped_core: AtomicU64,
+    /// sourceIds the media threads' packet cores hold (live, or named by a viewer's view).
+    pub interned_names: AtomicU64,
     /// Packets for a viewer's track not sent, by [`viewer::NotSent`] reason.
     pub dropped_viewer_before_switch: AtomicU64,
     pub dropped_not_negotiated: AtomicU64,

@@ -262,6 +262,8 @@ pub struct Worker {
     scratch: Vec<u8>,
     seed: u64,
     talking: super::talking::TalkingWatch,
+    /// This thread's share of `EdgeMetrics::interned_names`, as last added.
+    interned: u64,
 }
 
 impl Worker {
@@ -286,6 +288,7 @@ impl Worker {
             scratch: Vec::with_capacity(1500),
             seed: rand::random(),
             talking: Default::default(),
+            interned: 0,
         })
     }
 
@@ -447,7 +450,8 @@ impl Worker {
         // (one per stream per VIEWERCOUNT_INTERVAL: a join must not cost a message per viewer).
         let count = self.shared.count_viewers(&v.stream, 1);
         let _ = v.events.send(st.viewercount_event(count));
-        info!(id = %v.id, stream = v.stream.as_str(), subscriber = v.subscriber_id.as_str(), tracks = n, pinned = ?v.pinned, excluded = ?v.excluded, "viewer joined");
+        info!(id = %v.id, stream = v.stream.as_str(), subscriber = v.subscriber_id.as_str(), tracks = n, pinned = ?v.pinned, excluded = v.excluded.len(), "viewer joined");
+        debug!(id = %v.id, excluded = ?v.excluded, "viewer excludes");
         let viewer = Viewer {
             stream: v.stream,
             subscriber_id: v.subscriber_id,
@@ -605,6 +609,18 @@ impl Worker {
         }
         let cores = self.streams.iter().map(|(n, st)| (n, &st.core));
         self.talking.update(cores, now_us, &self.link);
+        let interned: u64 = self
+            .streams
+            .values()
+            .map(|st| st.core.interned() as u64)
+            .sum();
+        let before = std::mem::replace(&mut self.interned, interned);
+        let gauge = &self.metrics.interned_names;
+        if interned >= before {
+            gauge.fetch_add(interned - before, Ordering::Relaxed);
+        } else {
+            gauge.fetch_sub(before - interned, Ordering::Relaxed);
+        }
     }
 
     fn datagram(&mut self, hdr: DatagramHeader, d: Bytes) {

@@ -235,6 +235,13 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
         peers_closed(&mut out, "chorus_edge_peers_closed_total", p);
         metric(
             &mut out,
+            "chorus_edge_interned_names",
+            "gauge",
+            "sourceIds held by the packet cores: live sources and those current views name.",
+            &[("", g(&m.interned_names))],
+        );
+        metric(
+            &mut out,
             "chorus_edge_direct_viewers_total",
             "counter",
             "Viewers whose audio the edge seals and sends itself (AES-GCM SRTP), since start.",

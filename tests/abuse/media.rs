@@ -272,7 +272,17 @@ fn sdp_value<'a>(sdp: &'a str, key: &str) -> &'a str {
 #[test]
 fn spoofed_stun_does_not_divert_a_viewer() {
     let _serial = common::serial();
-    let p = common::serve(TOKEN);
+    // The publishers' socket on a known port, to aim at it too.
+    let origin_media = UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let port = origin_media.port().to_string();
+    let p = common::Proc::start(
+        "serve",
+        &["serve", "--http", "127.0.0.1:0", "--media-port", &port],
+        &[("CHORUS_PUBLISH_TOKEN", TOKEN)],
+    );
     let http = p.http();
     let h = Honest::start(Honest::at(http, TOKEN, "honest-stun").seconds(14));
     // The victim: a second viewer of the honest stream, its one multiplexed track following
@@ -303,6 +313,7 @@ fn spoofed_stun_does_not_divert_a_viewer() {
             .sha1_hmac_provider
             .sha1_hmac(k, d)
     };
+    let origin_unroutable0 = metric(http, "chorus_origin_dropped_total{reason=\"unroutable\"}");
     let refused0 = metric(http, "chorus_edge_dropped_total{reason=\"stun_refused\"}");
     let unroutable0 = metric(http, "chorus_edge_dropped_total{reason=\"unroutable\"}");
     let spoofers: Vec<UdpSocket> = (0..20)
@@ -319,6 +330,8 @@ fn spoofed_stun_does_not_divert_a_viewer() {
             s.send_to(&buf[..n], edge).unwrap();
             s.send_to(&[0x17, 0xfe, 0xfd, round, 0, 0, 0], edge)
                 .unwrap();
+            s.send_to(&[0x17, 0xfe, 0xfd, round, 0, 0, 0], origin_media)
+                .unwrap();
             sent += 1;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -332,7 +345,13 @@ fn spoofed_stun_does_not_divert_a_viewer() {
         unroutable >= sent,
         "{unroutable} unroutable of {sent} junk datagrams"
     );
-    eprintln!("{refused} spoofed STUN refused, {unroutable} junk datagrams unroutable");
+    let at_origin =
+        metric(http, "chorus_origin_dropped_total{reason=\"unroutable\"}") - origin_unroutable0;
+    assert!(
+        at_origin >= sent,
+        "{at_origin} unroutable at the origin of {sent}"
+    );
+    eprintln!("{refused} spoofed STUN refused, {unroutable} junk datagrams unroutable at the edge, {at_origin} at the origin");
 
     // The victim heard its track to the end, without a gap.
     let mut victim = victim;

@@ -369,3 +369,25 @@ impl LinkHandler for RelaySink {
         tracing::warn!("origin link closed: {reason}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_view_names_at_most_64_sources_of_at_most_128_bytes() {
+        let view = |excluded: usize, len: usize| ViewOptions {
+            pinned: Some("p".repeat(len)),
+            excluded: (0..excluded).map(|i| format!("{i}")).collect(),
+            max_tracks: None,
+        };
+        assert_eq!(check_names(&view(MAX_EXCLUDED, 128)), Ok(()));
+        let too_many = check_names(&view(MAX_EXCLUDED + 1, 1)).unwrap_err();
+        assert!(
+            too_many.to_string().contains("at most 64 per view"),
+            "{too_many}"
+        );
+        let too_long = check_names(&view(0, 129)).unwrap_err();
+        assert!(too_long.to_string().contains("at most 128"), "{too_long}");
+    }
+}

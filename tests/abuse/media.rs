@@ -89,7 +89,7 @@ fn view_names_are_capped_and_released_with_the_view() {
     let _serial = common::serial();
     let p = common::serve(TOKEN);
     let http = p.http();
-    let h = Honest::start(Honest::at(http, TOKEN, "honest-names").seconds(20));
+    let h = Honest::start(Honest::at(http, TOKEN, "honest-names").seconds(26));
     let baseline = metric(http, "chorus_edge_interned_names");
 
     // As many distinct names as a request line takes (hyper answers 414 past 64 KiB of URI).
@@ -119,6 +119,7 @@ fn view_names_are_capped_and_released_with_the_view() {
     // 60 views, each excluding 64 names of 128 bytes no other view uses; half are DELETEd,
     // the other half never connect and lapse.
     let views = 60;
+    let rss_before = rss_kib(p.child.id());
     let mut locations = Vec::new();
     for v in 0..views {
         let names: Vec<String> = (0..64)
@@ -136,7 +137,11 @@ fn view_names_are_capped_and_released_with_the_view() {
         let n = metric(http, "chorus_edge_interned_names");
         (n >= baseline + views * 64).then_some(n)
     });
-    eprintln!("interned names: {baseline} before, {held} with {views} views");
+    let rss_held = rss_kib(p.child.id());
+    eprintln!(
+        "interned names: {baseline} before, {held} with {views} views; RSS {rss_before} -> {rss_held} KiB ({} KiB per unconnected view)",
+        rss_held.saturating_sub(rss_before) / views
+    );
     for l in &locations[..30] {
         let (status, _, _) = common::http(http, "DELETE", l, &[], b"");
         assert_eq!(status, 200, "DELETE {l}");
@@ -157,6 +162,30 @@ fn view_names_are_capped_and_released_with_the_view() {
         (n <= baseline).then_some(n)
     });
     eprintln!("{lapsed} views lapsed; interned names back to {after}");
+    // A second round with other names, all DELETEd: the memory of the first is reused.
+    let rss_round1 = rss_kib(p.child.id());
+    for v in 0..views {
+        let names: Vec<String> = (0..64)
+            .map(|i| format!("r2-{v:03}-{i:02}-{}", "m".repeat(118)))
+            .collect();
+        let (status, location, body) = whep(
+            http,
+            "abuse-names",
+            &format!("tracks=1&exclude={}", names.join(",")),
+        );
+        assert_eq!(status, 201, "round 2, view {v}: {body}");
+        let (status, _, _) = common::http(http, "DELETE", &location.unwrap(), &[], b"");
+        assert_eq!(status, 200);
+    }
+    common::wait_for("round 2 released", Duration::from_secs(3), || {
+        (metric(http, "chorus_edge_interned_names") <= baseline).then_some(())
+    });
+    let rss_round2 = rss_kib(p.child.id());
+    eprintln!("RSS after round 1 {rss_round1} KiB, after round 2 {rss_round2} KiB");
+    assert!(
+        rss_round2 < rss_round1 + 4 * 1024,
+        "a second round of names grew the RSS from {rss_round1} to {rss_round2} KiB"
+    );
     assert_rss_below(
         p.child.id(),
         RSS_BOUND_KIB,

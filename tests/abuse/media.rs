@@ -403,6 +403,27 @@ fn spoofed_stun_does_not_divert_a_viewer() {
     assert!(track["packets"].as_u64().unwrap_or(0) > 50, "{track}");
     assert_eq!(track["seq_gaps"], 0, "{track}");
     assert!(metric(http, "chorus_edge_switches_total") > 0);
+    // Every drop reason of the media threads is exported, moved or not.
+    let (_, _, body) = common::http(http, "GET", "/metrics", &[], b"");
+    let body = String::from_utf8_lossy(&body);
+    for line in [
+        "chorus_origin_dropped_total{reason=\"publisher_flood\"}",
+        "chorus_origin_dropped_total{reason=\"undeclared_ssrc\"}",
+        "chorus_origin_dropped_total{reason=\"stun_refused\"}",
+        "chorus_origin_dropped_total{reason=\"udp_send\"}",
+        "chorus_origin_peers_closed_total{reason=\"connect_timeout\"}",
+        "chorus_edge_dropped_total{reason=\"viewer_before_switch\"}",
+        "chorus_edge_dropped_total{reason=\"not_negotiated\"}",
+        "chorus_edge_dropped_total{reason=\"seal\"}",
+        "chorus_edge_dropped_total{reason=\"viewer_flood\"}",
+        "chorus_edge_dropped_total{reason=\"udp_send\"}",
+        "chorus_edge_peers_closed_total{reason=\"removed\"}",
+        "chorus_edge_interned_names",
+        "chorus_unconnected_peers",
+        "chorus_unconnected_refused_total",
+    ] {
+        assert!(body.contains(line), "{line} in /metrics");
+    }
     assert_rss_below(p.child.id(), RSS_BOUND_KIB, "serve after spoofed STUN");
     h.assert_gapless();
 }

@@ -84,7 +84,7 @@ fn direct_packets_decrypt_in_a_str0m_client_in_order() {
                     }
                 }
             }
-            Sent::No => panic!("packet {i} not sent"),
+            Sent::Dropped(why) => panic!("packet {i} not sent: {why:?}"),
         }
         batch.flush(&tx);
         sent_payloads.push((payload, level));

@@ -25,13 +25,18 @@ use crate::relay::client::{manage_link, AuthorizeAnswer, LinkConfig, LinkCtl, Li
 use crate::relay::proto::{DatagramHeader, SourceInfo};
 use crate::rtc::host::OfferRequirements;
 use crate::rtc::offer::{check_offer, mlines, OfferError};
-use crate::rtc::peers::{answer_offer, media_config, PeerId};
+use crate::rtc::peers::{answer_offer, media_config, ConnectSlot, PeerId, PeerStats};
 use crate::rtc::srtp_out::{tapping_provider, with_key_slot, KeySlot};
+use crate::rtc::supervise::spawn_media;
 use crate::rtc::udp::Doorbell;
 use worker::{EdgeCmd, NewViewer, Worker};
 
 /// More multiplexed tracks than this in one offer is refused.
 pub const MAX_TRACKS: usize = 16;
+/// A view naming more excluded sourceIds than this is refused. An app excludes its own user's
+/// source, or a few; each name is interned on a media thread while the view lasts, so this bounds
+/// what one viewer holds there (with [`crate::http::signal::MAX_SOURCE_ID`] bytes per name).
+pub const MAX_EXCLUDED: usize = 64;
 
 /// Counters the edge keeps for /metrics.
 #[derive(Debug, Default)]
@@ -50,12 +55,15 @@ pub struct EdgeMetrics {
     pub dropped_before_switch: AtomicU64,
     /// Relayed packets the packet core refused (malformed, oversized).
     pub dropped_core: AtomicU64,
-    /// Viewer datagrams over the per-peer budget.
-    pub dropped_flood: AtomicU64,
-    /// Datagrams to viewers the kernel refused.
-    pub udp_send_errors: AtomicU64,
-    pub udp_sent: AtomicU64,
-    pub udp_send_calls: AtomicU64,
+    /// sourceIds the media threads' packet cores hold (live, or named by a viewer's view).
+    pub interned_names: AtomicU64,
+    /// Packets for a viewer's track not sent, by [`viewer::NotSent`] reason.
+    pub dropped_viewer_before_switch: AtomicU64,
+    pub dropped_not_negotiated: AtomicU64,
+    pub dropped_seal: AtomicU64,
+    /// The media threads' sockets and peers (flood drops, send errors, unroutable, STUN refused,
+    /// peer ends by reason), shared by every media thread.
+    pub peers: Arc<PeerStats>,
     /// Viewers whose audio is sealed and sent by the edge itself (AES-GCM SRTP).
     pub direct_viewers: AtomicU64,
     /// Viewers the origin authorized, refused, or could not answer for (link down, deadline).
@@ -206,9 +214,7 @@ impl Edge {
                 shared.clone(),
             )
             .map_err(|e| e.to_string())?;
-            std::thread::Builder::new()
-                .name(format!("media-edge-{i}"))
-                .spawn(move || worker.run(rx))
+            spawn_media(format!("media-edge-{i}"), move |hb| worker.run(rx, &hb))
                 .map_err(|e| e.to_string())?;
             info!(worker = i, %candidate, "edge media socket ready");
             candidates.push(candidate);
@@ -275,6 +281,7 @@ impl Edge {
         if let Some(n) = opts.max_tracks {
             tracks.truncate(n);
         }
+        check_names(&opts)?;
         let main_video = lines
             .iter()
             .filter(|m| m.media == "video")
@@ -282,6 +289,7 @@ impl Edge {
             .and_then(|m| m.mid.clone());
         let keys = Arc::new(KeySlot::default());
         let config = viewer_config().set_crypto_provider(tapping_provider());
+        let slot = ConnectSlot::acquire()?;
         let id = PeerId(self.next_id.fetch_add(1, Ordering::Relaxed));
         let candidate = self.candidates[self.lane(id)];
         let (rtc, ufrag, answer) =
@@ -305,6 +313,7 @@ impl Edge {
                 excluded: opts.excluded,
                 events,
                 keys,
+                slot,
             }),
         })
     }
@@ -328,6 +337,25 @@ impl Edge {
     pub fn workers(&self) -> usize {
         self.lanes.len()
     }
+}
+
+/// Refuses a view that names too many sources, or names no publisher could have.
+fn check_names(opts: &ViewOptions) -> Result<(), OfferError> {
+    use crate::http::signal::MAX_SOURCE_ID;
+    if opts.excluded.len() > MAX_EXCLUDED {
+        return Err(OfferError::Unacceptable(format!(
+            "{} excluded sourceIds; at most {MAX_EXCLUDED} per view",
+            opts.excluded.len()
+        )));
+    }
+    let names = opts.excluded.iter().chain(&opts.pinned);
+    if let Some(long) = names.into_iter().find(|n| n.len() > MAX_SOURCE_ID) {
+        return Err(OfferError::Unacceptable(format!(
+            "a sourceId of {} bytes; sourceIds are at most {MAX_SOURCE_ID}",
+            long.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Hands what the origin relays to every media thread: each runs its own packet core per
@@ -361,5 +389,27 @@ impl LinkHandler for RelaySink {
 
     fn on_closed(&self, reason: &str) {
         tracing::warn!("origin link closed: {reason}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_view_names_at_most_64_sources_of_at_most_128_bytes() {
+        let view = |excluded: usize, len: usize| ViewOptions {
+            pinned: Some("p".repeat(len)),
+            excluded: (0..excluded).map(|i| format!("{i}")).collect(),
+            max_tracks: None,
+        };
+        assert_eq!(check_names(&view(MAX_EXCLUDED, 128)), Ok(()));
+        let too_many = check_names(&view(MAX_EXCLUDED + 1, 1)).unwrap_err();
+        assert!(
+            too_many.to_string().contains("at most 64 per view"),
+            "{too_many}"
+        );
+        let too_long = check_names(&view(0, 129)).unwrap_err();
+        assert!(too_long.to_string().contains("at most 128"), "{too_long}");
     }
 }

@@ -53,7 +53,10 @@ impl TalkingWatch {
             let talkers = &mut entry.1;
             for s in core.live_sources() {
                 let talking = core.voice(s, now_us) != Voice::Silent;
-                let known = talkers.iter().position(|(i, _)| *i == s);
+                // By name too: an index released and reused between two updates is another source.
+                let known = talkers
+                    .iter()
+                    .position(|(i, n)| *i == s && n == core.name(s));
                 match (talking, known) {
                     (true, None) => {
                         talkers.push((s, core.name(s).to_owned()));
@@ -68,7 +71,7 @@ impl TalkingWatch {
             }
             // Talkers whose source went away.
             talkers.retain(|(s, source)| {
-                let live = core.is_live(*s);
+                let live = core.is_live(*s) && core.name(*s) == source;
                 if !live {
                     sink.talking(name, source, false);
                 }

@@ -22,11 +22,22 @@ use crate::rtc::srtp_out::{KeySlot, SrtpOut};
 /// wall-clock mapping (about one per second per track); the others are sealed and sent directly.
 const VIA_STR0M_EVERY: u64 = 50;
 
+/// Why a packet for a viewer's track was not sent (each is counted in /metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotSent {
+    /// A late packet from before the track's last switch (its numbering moved on).
+    BeforeSwitch,
+    /// The viewer's m-line for it was not negotiated (rejected, no codec, no send stream).
+    NotNegotiated,
+    /// The direct path could not seal it (SRTP index exhausted or the buffer too small).
+    Seal,
+}
+
 /// How a written packet left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sent {
-    /// Not sent: late packet from before a switch, or media not negotiated.
-    No,
+    /// Not sent, and why.
+    Dropped(NotSent),
     /// Queued in str0m: the peer needs a flush.
     Str0m,
     /// Sealed and queued on the socket directly.
@@ -96,11 +107,11 @@ impl OutTrack {
         direct: Option<Direct<'_>>,
     ) -> Sent {
         let Ok(h) = self.rw.rewrite(now_us, input) else {
-            return Sent::No;
+            return Sent::Dropped(NotSent::BeforeSwitch);
         };
         if self.neg.is_none() {
             let Some(neg) = self.negotiated(rtc) else {
-                return Sent::No;
+                return Sent::Dropped(NotSent::NotNegotiated);
             };
             self.neg = Some(neg);
         }
@@ -154,12 +165,12 @@ impl OutTrack {
                 sink.send(dest, scratch);
                 return Sent::Direct;
             }
-            return Sent::No;
+            return Sent::Dropped(NotSent::Seal);
         }
         let pt = neg.pt;
         let mut api = rtc.direct_api();
         let Some(tx) = api.stream_tx_by_mid(self.mid, None) else {
-            return Sent::No;
+            return Sent::Dropped(NotSent::NotNegotiated);
         };
         let mut ext_vals = ExtensionValues::default();
         if let Some((voice, l)) = level {

@@ -15,7 +15,7 @@ use str0m::{Event, Rtc};
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info};
 
-use super::viewer::{Direct, OutTrack, Sent, Viewer};
+use super::viewer::{Direct, NotSent, OutTrack, Sent, Viewer};
 use super::{EdgeMetrics, Shared};
 use crate::media::opus;
 use crate::media::rewrite::InputPacket;
@@ -25,8 +25,9 @@ use crate::media::stream::{CoreConfig, Output, SourceConfig, StreamCore};
 use crate::media::SourceIdx;
 use crate::relay::client::{LinkCtl, LinkRequest};
 use crate::relay::proto::{DatagramHeader, Kind, SourceInfo, DATAGRAM_HEADER, LEVEL_EXT_ID};
-use crate::rtc::peers::{CloseReason, Peer, PeerApp, PeerId, PeerSet, Sink};
+use crate::rtc::peers::{CloseReason, ConnectSlot, Peer, PeerApp, PeerId, PeerSet, Sink};
 use crate::rtc::srtp_out::{KeySlot, SrtpOut};
+use crate::rtc::supervise::Heartbeat;
 use crate::rtc::udp::Doorbell;
 
 /// Selection runs this often per stream (one ranking per stream per tick).
@@ -54,6 +55,8 @@ pub struct NewViewer {
     pub excluded: Vec<String>,
     pub events: UnboundedSender<Value>,
     pub keys: Arc<KeySlot>,
+    /// Its place among the process's unconnected peers, until it connects.
+    pub slot: ConnectSlot,
 }
 
 pub enum EdgeCmd {
@@ -142,6 +145,7 @@ impl EdgeStream {
 
     /// Tells the viewers of the change's group which source its track now carries.
     fn vad(&self, c: &TrackChange, metrics: &EdgeMetrics) {
+        metrics.switches.fetch_add(1, Ordering::Relaxed);
         let Some(ids) = self.groups.get(&c.group) else {
             return;
         };
@@ -225,6 +229,9 @@ impl PeerApp<Viewer> for ViewerEvents<'_> {
         st.core.leave(v.group);
         if let Some(m) = st.main_viewers.get_mut(&v.main_source) {
             m.retain(|x| *x != id);
+            if m.is_empty() {
+                st.main_viewers.remove(&v.main_source);
+            }
         }
         if st.viewers.is_empty() {
             if let Some(c) = st.channel {
@@ -251,12 +258,12 @@ pub struct Worker {
     /// Channels of streams the origin relays to this edge, followed here or not: a datagram on
     /// one of those for a stream without viewers on this thread is another thread's.
     known_channels: HashSet<u32>,
-    /// Socket counters already added to the shared metrics (several threads add theirs).
-    reported: (u64, u64, u64, u64),
     /// Where direct packets are built and sealed.
     scratch: Vec<u8>,
     seed: u64,
     talking: super::talking::TalkingWatch,
+    /// This thread's share of `EdgeMetrics::interned_names`, as last added.
+    interned: u64,
 }
 
 impl Worker {
@@ -270,8 +277,7 @@ impl Worker {
         Ok(Worker {
             shared,
             known_channels: HashSet::new(),
-            reported: Default::default(),
-            peers: PeerSet::new(socket, bell)?,
+            peers: PeerSet::new(socket, bell, metrics.peers.clone())?,
             streams: HashMap::new(),
             channels: HashMap::new(),
             link,
@@ -282,6 +288,7 @@ impl Worker {
             scratch: Vec::with_capacity(1500),
             seed: rand::random(),
             talking: Default::default(),
+            interned: 0,
         })
     }
 
@@ -303,9 +310,10 @@ impl Worker {
         self.epoch.elapsed().as_micros() as u64
     }
 
-    pub fn run(mut self, rx: Receiver<EdgeCmd>) {
+    pub fn run(mut self, rx: Receiver<EdgeCmd>, hb: &Heartbeat) {
         let mut next_cmd: Option<EdgeCmd> = None;
         loop {
+            hb.beat();
             let mut taken = 0;
             while taken < CMD_BURST {
                 match next_cmd.take().map_or_else(|| rx.try_recv(), Ok) {
@@ -442,7 +450,8 @@ impl Worker {
         // (one per stream per VIEWERCOUNT_INTERVAL: a join must not cost a message per viewer).
         let count = self.shared.count_viewers(&v.stream, 1);
         let _ = v.events.send(st.viewercount_event(count));
-        info!(id = %v.id, stream = v.stream.as_str(), subscriber = v.subscriber_id.as_str(), tracks = n, pinned = ?v.pinned, excluded = ?v.excluded, "viewer joined");
+        info!(id = %v.id, stream = v.stream.as_str(), subscriber = v.subscriber_id.as_str(), tracks = n, pinned = ?v.pinned, excluded = v.excluded.len(), "viewer joined");
+        debug!(id = %v.id, excluded = ?v.excluded, "viewer excludes");
         let viewer = Viewer {
             stream: v.stream,
             subscriber_id: v.subscriber_id,
@@ -464,7 +473,7 @@ impl Worker {
             srtp: None,
         };
         self.metrics.viewers.fetch_add(1, Ordering::Relaxed);
-        self.peers.insert(v.id, v.ufrag, v.rtc, viewer);
+        self.peers.insert(v.id, v.ufrag, v.rtc, viewer, v.slot);
     }
 
     fn project(&mut self, id: PeerId, fixed: Vec<(u8, String)>) {
@@ -552,6 +561,9 @@ impl Worker {
             .collect();
         for s in gone {
             let info = st.live.remove(&s).expect("listed above");
+            // The core may release the index (and reuse it for another name): nothing of this
+            // edge may still route relay datagrams to it.
+            st.by_relay.retain(|_, v| *v != s);
             let mut changes = Vec::new();
             st.core.unpublish(now_us, s, &mut |o| {
                 if let Output::Track(c) = o {
@@ -573,17 +585,6 @@ impl Worker {
     }
 
     fn tick(&mut self, now_us: u64) {
-        let (sent, errors, calls) = self.peers.send_stats();
-        let now = (self.peers.flood_drops, sent, errors, calls);
-        let before = std::mem::replace(&mut self.reported, now);
-        let m = &self.metrics;
-        m.dropped_flood
-            .fetch_add(now.0 - before.0, Ordering::Relaxed);
-        m.udp_sent.fetch_add(now.1 - before.1, Ordering::Relaxed);
-        m.udp_send_errors
-            .fetch_add(now.2 - before.2, Ordering::Relaxed);
-        m.udp_send_calls
-            .fetch_add(now.3 - before.3, Ordering::Relaxed);
         for (name, st) in self.streams.iter_mut() {
             let mut changes: Vec<TrackChange> = Vec::new();
             st.core.tick(now_us, &mut |o| {
@@ -608,6 +609,18 @@ impl Worker {
         }
         let cores = self.streams.iter().map(|(n, st)| (n, &st.core));
         self.talking.update(cores, now_us, &self.link);
+        let interned: u64 = self
+            .streams
+            .values()
+            .map(|st| st.core.interned() as u64)
+            .sum();
+        let before = std::mem::replace(&mut self.interned, interned);
+        let gauge = &self.metrics.interned_names;
+        if interned >= before {
+            gauge.fetch_add(interned - before, Ordering::Relaxed);
+        } else {
+            gauge.fetch_sub(before - interned, Ordering::Relaxed);
+        }
     }
 
     fn datagram(&mut self, hdr: DatagramHeader, d: Bytes) {
@@ -669,8 +682,10 @@ impl Worker {
                     continue;
                 };
                 let direct = direct_path(&data.srtp, *dest, sink, &mut self.scratch);
-                if t.write(rtc, now_us, wall, &input, lvl, &payload, direct) == Sent::Str0m {
-                    self.touched.push(id);
+                match t.write(rtc, now_us, wall, &input, lvl, &payload, direct) {
+                    Sent::Str0m => self.touched.push(id),
+                    Sent::Direct => {}
+                    Sent::Dropped(why) => count_not_sent(&self.metrics, why),
                 }
             }
         }
@@ -716,7 +731,7 @@ impl Worker {
                         };
                         let direct = direct_path(&data.srtp, *dest, sink, scratch);
                         match t.write(rtc, now_us, wall, &input, level, &payload, direct) {
-                            Sent::No => {}
+                            Sent::Dropped(why) => count_not_sent(metrics, why),
                             Sent::Str0m => {
                                 touched.push(id);
                                 sent += 1;
@@ -741,6 +756,15 @@ impl Worker {
             }
         }
     }
+}
+
+fn count_not_sent(m: &EdgeMetrics, why: NotSent) {
+    let c = match why {
+        NotSent::BeforeSwitch => &m.dropped_viewer_before_switch,
+        NotSent::NotNegotiated => &m.dropped_not_negotiated,
+        NotSent::Seal => &m.dropped_seal,
+    };
+    c.fetch_add(1, Ordering::Relaxed);
 }
 
 /// The direct send path of a viewer, when it has one (AES-GCM keys and a known destination).

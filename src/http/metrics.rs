@@ -9,6 +9,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 
 use super::App;
+use crate::rtc::peers::{ConnectSlot, PeerStats};
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -21,10 +22,44 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str
     }
 }
 
+/// How a media thread's peers ended, by reason.
+fn peers_closed(out: &mut String, name: &str, p: &PeerStats) {
+    let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    metric(
+        out,
+        name,
+        "counter",
+        "Peers ended, by reason (connect_timeout: answered, never connected in time).",
+        &[
+            ("reason=\"removed\"", g(&p.closed_removed)),
+            ("reason=\"connect_timeout\"", g(&p.closed_connect_timeout)),
+            ("reason=\"ice_timeout\"", g(&p.closed_ice_timeout)),
+            ("reason=\"remote_closed\"", g(&p.closed_remote)),
+            ("reason=\"failed\"", g(&p.closed_failed)),
+        ],
+    );
+}
+
 pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     let mut out = String::new();
+    let (unconnected, refused) = ConnectSlot::gauges();
+    metric(
+        &mut out,
+        "chorus_unconnected_peers",
+        "gauge",
+        "Answered peers (publishers and viewers) not connected yet.",
+        &[("", unconnected as u64)],
+    );
+    metric(
+        &mut out,
+        "chorus_unconnected_refused_total",
+        "counter",
+        "Offers refused because too many answered peers were still connecting.",
+        &[("", refused)],
+    );
     if let Some(o) = &app.origin {
         let m = &o.metrics;
+        let p = o.peer_stats();
         let (streams, sources, edges) = o.gauges();
         let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         metric(
@@ -73,8 +108,14 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             &[
                 ("reason=\"padding\"", g(&m.padding_dropped)),
                 ("reason=\"relay\"", g(&m.relay_drops)),
+                ("reason=\"publisher_flood\"", g(&p.flood_drops)),
+                ("reason=\"undeclared_ssrc\"", g(&p.undeclared_ssrc)),
+                ("reason=\"unroutable\"", g(&p.unroutable)),
+                ("reason=\"stun_refused\"", g(&p.stun_refused)),
+                ("reason=\"udp_send\"", g(&p.send_errors)),
             ],
         );
+        peers_closed(&mut out, "chorus_origin_peers_closed_total", p);
         metric(
             &mut out,
             "chorus_origin_relay_datagrams_total",
@@ -149,6 +190,7 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     }
     if let Some(e) = &app.edge {
         let m = &e.metrics;
+        let p = &m.peers;
         let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         metric(
             &mut out,
@@ -199,9 +241,25 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
                 ("reason=\"malformed\"", g(&m.dropped_malformed)),
                 ("reason=\"core\"", g(&m.dropped_core)),
                 ("reason=\"before_switch\"", g(&m.dropped_before_switch)),
-                ("reason=\"viewer_flood\"", g(&m.dropped_flood)),
-                ("reason=\"udp_send\"", g(&m.udp_send_errors)),
+                (
+                    "reason=\"viewer_before_switch\"",
+                    g(&m.dropped_viewer_before_switch),
+                ),
+                ("reason=\"not_negotiated\"", g(&m.dropped_not_negotiated)),
+                ("reason=\"seal\"", g(&m.dropped_seal)),
+                ("reason=\"viewer_flood\"", g(&p.flood_drops)),
+                ("reason=\"unroutable\"", g(&p.unroutable)),
+                ("reason=\"stun_refused\"", g(&p.stun_refused)),
+                ("reason=\"udp_send\"", g(&p.send_errors)),
             ],
+        );
+        peers_closed(&mut out, "chorus_edge_peers_closed_total", p);
+        metric(
+            &mut out,
+            "chorus_edge_interned_names",
+            "gauge",
+            "sourceIds held by the packet cores: live sources and those current views name.",
+            &[("", g(&m.interned_names))],
         );
         metric(
             &mut out,
@@ -215,14 +273,14 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             "chorus_edge_udp_datagrams_sent_total",
             "counter",
             "Datagrams the viewers' socket sent (media, RTCP, ICE, DTLS).",
-            &[("", g(&m.udp_sent))],
+            &[("", g(&p.sent))],
         );
         metric(
             &mut out,
             "chorus_edge_sendmmsg_calls_total",
             "counter",
             "sendmmsg calls those datagrams took.",
-            &[("", g(&m.udp_send_calls))],
+            &[("", g(&p.send_calls))],
         );
         metric(
             &mut out,

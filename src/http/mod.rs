@@ -1,6 +1,7 @@
 //! The HTTP face of chorus: director API, signalling WebSocket, WHIP, stream introspection.
 
 pub mod director;
+pub mod health;
 pub mod metrics;
 pub mod rooms;
 pub mod signal;
@@ -186,7 +187,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/demo.css", get(web::demo_css))
         .route("/sdk/millicast.umd.js", get(web::sdk))
         .route("/metrics", get(metrics::metrics))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(health::healthz))
         .route("/api/director/publish", post(director::publish))
         .route("/api/director/subscribe", post(director::subscribe))
         .route("/api/streams/{name}", get(stream_view))

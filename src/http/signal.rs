@@ -322,7 +322,7 @@ fn unpublish(app: &Arc<App>, claims: &Claims, sid: u64, data: &Value) -> Result<
 fn source_list(data: &Value, field: &str) -> Result<Vec<String>, String> {
     match data.get(field) {
         None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(a)) if a.len() <= 256 => a
+        Some(Value::Array(a)) if a.len() <= crate::edge::MAX_EXCLUDED => a
             .iter()
             .map(|v| match v {
                 Value::Null => Ok(String::new()),
@@ -330,7 +330,10 @@ fn source_list(data: &Value, field: &str) -> Result<Vec<String>, String> {
                 _ => Err(format!("{field} must hold sourceId strings")),
             })
             .collect(),
-        Some(_) => Err(format!("{field} must be an array of at most 256 sourceIds")),
+        Some(_) => Err(format!(
+            "{field} must be an array of at most {} sourceIds",
+            crate::edge::MAX_EXCLUDED
+        )),
     }
 }
 

@@ -80,15 +80,38 @@ pub enum Output<'a> {
 #[derive(Debug)]
 struct Source {
     live: bool,
+    /// Groups whose key names this source (pinned, excluded or projected).
+    refs: u32,
     cfg: SourceConfig,
     activity: VoiceActivity,
 }
 
+/// The sources a group's key names: they stay interned while the group exists.
+type KeyNames = SmallVec<[SourceIdx; 8]>;
+
+fn key_names(key: &GroupKey) -> KeyNames {
+    let mut v: KeyNames = key.pinned().into_iter().collect();
+    v.extend(key.excluded().iter().copied());
+    v.extend(key.fixed().iter().map(|(_, s)| *s));
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// A stream's sourceIds are interned to [`SourceIdx`]es, and released again: a name stays while
+/// it is live (published) or named by a group of viewers, then its index is reused. So the table
+/// never holds more than the live sources plus what the current viewers name (each view names at
+/// most its pinned source, its excluded ones and its projections), and the per-tick scans walk
+/// only the live sources.
 pub struct StreamCore {
     cfg: CoreConfig,
     names: Vec<String>,
     index: HashMap<String, SourceIdx>,
     sources: Vec<Source>,
+    /// Indices of released names, for reuse.
+    free: Vec<u32>,
+    /// The live sources, ascending (the order every scan used before).
+    live: Vec<SourceIdx>,
     selector: Selector,
     /// Rewriters by group id, one per track.
     rewriters: Vec<SmallVec<[TrackRewriter; 4]>>,
@@ -104,6 +127,8 @@ impl StreamCore {
             names: Vec::new(),
             index: HashMap::new(),
             sources: Vec::new(),
+            free: Vec::new(),
+            live: Vec::new(),
             rewriters: Vec::new(),
             scratch: Box::new([0; MAX_PACKET]),
             stats: CoreStats::default(),
@@ -111,20 +136,53 @@ impl StreamCore {
     }
 
     /// The index of a sourceId, known to the stream whether live or not (so a viewer can exclude
-    /// a source before it publishes).
+    /// a source before it publishes). The name stays interned once it is published or named by a
+    /// group ([`join`](Self::join)); an index interned for neither is released by
+    /// [`release_if_unused`](Self::release_if_unused), or reused by the next name that is.
     pub fn intern(&mut self, name: &str) -> SourceIdx {
         if let Some(&i) = self.index.get(name) {
             return i;
         }
-        let i = SourceIdx(self.names.len() as u32);
-        self.names.push(name.to_owned());
-        self.index.insert(name.to_owned(), i);
-        self.sources.push(Source {
+        let fresh = Source {
             live: false,
+            refs: 0,
             cfg: SourceConfig::default(),
             activity: VoiceActivity::new(&self.cfg.vad),
-        });
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.names[i as usize] = name.to_owned();
+                self.sources[i as usize] = fresh;
+                SourceIdx(i)
+            }
+            None => {
+                self.names.push(name.to_owned());
+                self.sources.push(fresh);
+                SourceIdx(self.names.len() as u32 - 1)
+            }
+        };
+        self.index.insert(name.to_owned(), i);
         i
+    }
+
+    /// Releases `s` if it is neither live nor named by a group: its index may be reused.
+    pub fn release_if_unused(&mut self, s: SourceIdx) {
+        let Some(src) = self.sources.get(s.0 as usize) else {
+            return;
+        };
+        if src.live || src.refs > 0 {
+            return;
+        }
+        let name = std::mem::take(&mut self.names[s.0 as usize]);
+        if self.index.get(&name) == Some(&s) {
+            self.index.remove(&name);
+            self.free.push(s.0);
+        }
+    }
+
+    /// Interned names right now (live, named by a group, or not yet released).
+    pub fn interned(&self) -> usize {
+        self.index.len()
     }
 
     pub fn lookup(&self, name: &str) -> Option<SourceIdx> {
@@ -142,16 +200,23 @@ impl StreamCore {
         src.live = true;
         src.cfg = cfg;
         src.activity = VoiceActivity::new(&self.cfg.vad);
+        if let Err(at) = self.live.binary_search(&i) {
+            self.live.insert(at, i);
+        }
         i
     }
 
-    /// The source stopped: its tracks empty now.
+    /// The source stopped: its tracks empty now, and its name is released unless a group names it.
     pub fn unpublish(&mut self, now_us: u64, s: SourceIdx, out: &mut impl FnMut(Output<'_>)) {
         if let Some(src) = self.sources.get_mut(s.0 as usize) {
             src.live = false;
         }
+        if let Ok(at) = self.live.binary_search(&s) {
+            self.live.remove(at);
+        }
         self.selector.remove_source(now_us, s);
         self.flush_events(out);
+        self.release_if_unused(s);
     }
 
     pub fn is_live(&self, s: SourceIdx) -> bool {
@@ -159,17 +224,22 @@ impl StreamCore {
     }
 
     pub fn live_sources(&self) -> impl Iterator<Item = SourceIdx> + '_ {
-        self.sources
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.live)
-            .map(|(i, _)| SourceIdx(i as u32))
+        self.live.iter().copied()
     }
 
-    /// Adds a viewer with this key; viewers with equal keys share a group.
+    /// Adds a viewer with this key; viewers with equal keys share a group. A new group keeps the
+    /// names its key uses interned until it is gone.
     pub fn join(&mut self, key: GroupKey) -> GroupId {
         let tracks = key.tracks();
+        let names = key_names(&key);
         let gid = self.selector.join(key);
+        if self.selector.refs(gid) == 1 {
+            for s in names {
+                if let Some(src) = self.sources.get_mut(s.0 as usize) {
+                    src.refs += 1;
+                }
+            }
+        }
         let gi = gid.0 as usize;
         if self.rewriters.len() <= gi {
             self.rewriters.resize_with(gi + 1, SmallVec::new);
@@ -198,9 +268,20 @@ impl StreamCore {
         gid
     }
 
+    /// Removes a viewer from its group; the last one out ends the group and releases its names.
     pub fn leave(&mut self, gid: GroupId) {
+        let names = match self.selector.group_key(gid) {
+            Some(k) if self.selector.refs(gid) == 1 => key_names(k),
+            _ => KeyNames::new(),
+        };
         if self.selector.leave(gid) {
             self.rewriters[gid.0 as usize].clear();
+            for s in names {
+                if let Some(src) = self.sources.get_mut(s.0 as usize) {
+                    src.refs = src.refs.saturating_sub(1);
+                }
+                self.release_if_unused(s);
+            }
         }
     }
 
@@ -316,14 +397,10 @@ impl StreamCore {
     /// Re-ranks the stream and updates every group's tracks. Call every 10-20 ms of packet time.
     pub fn tick(&mut self, now_us: u64, out: &mut impl FnMut(Output<'_>)) {
         let (sources, vad) = (&self.sources, &self.cfg.vad);
-        let live = sources
+        let live = self
+            .live
             .iter()
-            .enumerate()
-            .filter(|(_, s)| s.live)
-            .map(|(i, _)| {
-                let s = SourceIdx(i as u32);
-                (s, standing_of(sources, vad, s, now_us))
-            });
+            .map(|&s| (s, standing_of(sources, vad, s, now_us)));
         self.selector
             .tick(now_us, live, |x| standing_of(sources, vad, x, now_us));
         self.flush_events(out);
@@ -511,5 +588,47 @@ mod tests {
         assert!(core.rewriter(g1, 0).is_none());
         let log = feed(&mut core, a, 1_240_000, 62, &[20]);
         assert_eq!(log, ["pkt0"]);
+    }
+
+    #[test]
+    fn names_are_released_with_the_last_group_that_names_them() {
+        let mut core = StreamCore::new(CoreConfig::default());
+        let a = core.publish("a", levelled());
+        let main = core.intern("");
+        let base = core.join(GroupKey::new(1, Some(main), []));
+        assert_eq!(core.interned(), 2);
+        // Many viewers, each excluding names no publisher has, come and go.
+        for round in 0..50 {
+            let excluded: Vec<SourceIdx> = (0..64)
+                .map(|i| core.intern(&format!("ghost-{round}-{i}")))
+                .collect();
+            let g = core.join(GroupKey::new(1, Some(main), excluded.clone()));
+            let g2 = core.join(GroupKey::new(1, Some(main), excluded));
+            assert_eq!(g, g2);
+            assert_eq!(core.interned(), 66);
+            core.leave(g);
+            assert_eq!(core.interned(), 66, "still named by the second viewer");
+            core.leave(g2);
+            assert_eq!(core.interned(), 2);
+        }
+        assert!(
+            core.names.len() <= 66,
+            "indices are reused: {}",
+            core.names.len()
+        );
+        // A live source excluded by a group that ends stays; one unpublished and named by
+        // nobody goes, and its index comes back fresh for another name.
+        let g = core.join(GroupKey::new(1, Some(main), [a]));
+        core.leave(g);
+        assert_eq!(core.lookup("a"), Some(a));
+        core.unpublish(0, a, &mut |_| {});
+        assert_eq!(core.lookup("a"), None);
+        let b = core.publish("b", levelled());
+        assert_eq!(b, a, "index reused");
+        assert_eq!(core.name(b), "b");
+        assert_eq!(core.live_sources().collect::<Vec<_>>(), [b]);
+        let log = room_then_speech(&mut core, b, 0, 0, &[20, 20]);
+        assert_eq!(log, ["track0=Some(0)", "pkt0"]);
+        core.leave(base);
     }
 }

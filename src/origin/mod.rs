@@ -228,6 +228,11 @@ impl Origin {
         })
     }
 
+    /// The media thread's socket and peer counters (flood drops, send errors, peer ends...).
+    pub fn peer_stats(&self) -> &Arc<crate::rtc::peers::PeerStats> {
+        self.host.stats()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Stream>> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

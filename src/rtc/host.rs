@@ -9,16 +9,16 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use str0m::media::{KeyframeRequestKind, MediaKind, Mid};
 use str0m::{Event, Rtc, RtcConfig};
-use tracing::info;
+use tracing::{debug, info};
 
 use super::offer::{check_offer, OfferError};
-use super::peers::{answer_offer, Peer, PeerApp, PeerSet};
+use super::peers::{answer_offer, ConnectSlot, Peer, PeerApp, PeerSet, PeerStats};
 pub use super::peers::{CloseReason, PeerId};
+use super::supervise::{spawn_media, Heartbeat};
 use super::udp::Doorbell;
 
 /// Upper bound on how long commands wait for the thread to notice them.
@@ -58,6 +58,7 @@ enum Cmd {
         ufrag: String,
         rtc: Box<Rtc>,
         handler: Box<dyn PeerHandler>,
+        slot: ConnectSlot,
     },
     Remove(PeerId),
     RequestKeyframe(PeerId, Mid),
@@ -78,6 +79,7 @@ pub struct RtcHost {
     bell: Arc<Doorbell>,
     candidate_addr: SocketAddr,
     next_id: Arc<AtomicU64>,
+    stats: Arc<PeerStats>,
 }
 
 impl RtcHost {
@@ -95,17 +97,22 @@ impl RtcHost {
         let (tx, rx) = mpsc::channel();
         let thread_name = format!("media-{name}");
         let bell = Doorbell::new()?;
-        let peers = PeerSet::new(socket, bell.clone())?;
-        thread::Builder::new()
-            .name(thread_name)
-            .spawn(move || run(peers, rx))?;
+        let stats = Arc::new(PeerStats::default());
+        let peers = PeerSet::new(socket, bell.clone(), stats.clone())?;
+        spawn_media(thread_name, move |hb| run(peers, rx, &hb))?;
         info!(%local, candidate = %candidate_addr, "{name} media socket ready");
         Ok(RtcHost {
             tx,
             bell,
             candidate_addr,
             next_id: Arc::new(AtomicU64::new(1)),
+            stats,
         })
+    }
+
+    /// The media thread's socket and peer counters.
+    pub fn stats(&self) -> &Arc<PeerStats> {
+        &self.stats
     }
 
     pub fn candidate_addr(&self) -> SocketAddr {
@@ -122,6 +129,7 @@ impl RtcHost {
         handler: Box<dyn PeerHandler>,
     ) -> Result<(PeerId, String), OfferError> {
         check_offer(offer_sdp, requirements)?;
+        let slot = ConnectSlot::acquire()?;
         let (rtc, ufrag, answer) = answer_offer(offer_sdp, config, self.candidate_addr)?;
         let id = PeerId(self.next_id.fetch_add(1, Ordering::Relaxed));
         self.tx
@@ -130,6 +138,7 @@ impl RtcHost {
                 ufrag,
                 rtc: Box::new(rtc),
                 handler,
+                slot,
             })
             .map_err(|_| OfferError::Internal("media thread is gone".into()))?;
         self.bell.ring();
@@ -157,7 +166,9 @@ pub struct OfferRequirements {
 }
 
 /// Routes str0m events to each publisher's handler.
-struct Handlers;
+struct Handlers {
+    stats: Arc<PeerStats>,
+}
 
 impl PeerApp<Box<dyn PeerHandler>> for Handlers {
     fn on_event(
@@ -170,12 +181,19 @@ impl PeerApp<Box<dyn PeerHandler>> for Handlers {
             Event::Connected => p.data.on_event(id, PeerEvent::Connected),
             Event::RtpPacket(pkt) => {
                 // A packet of an SSRC no m-line declares is not media we asked for.
-                let (mid, kind) = p
+                let declared = p
                     .rtc
                     .direct_api()
                     .stream_rx(&pkt.header.ssrc)
                     .map(|s| s.mid())
-                    .and_then(|mid| p.rtc.media(mid).map(|m| (mid, m.kind())))?;
+                    .and_then(|mid| p.rtc.media(mid).map(|m| (mid, m.kind())));
+                let Some((mid, kind)) = declared else {
+                    let n = self.stats.undeclared_ssrc.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n.is_power_of_two() {
+                        debug!(%id, ssrc = *pkt.header.ssrc, count = n, "RTP of an undeclared SSRC dropped");
+                    }
+                    return None;
+                };
                 let ext = &pkt.header.ext_vals;
                 let media = MediaIn {
                     mid,
@@ -201,10 +219,13 @@ impl PeerApp<Box<dyn PeerHandler>> for Handlers {
     }
 }
 
-fn run(mut peers: PeerSet<Box<dyn PeerHandler>>, rx: Receiver<Cmd>) {
-    let mut app = Handlers;
+fn run(mut peers: PeerSet<Box<dyn PeerHandler>>, rx: Receiver<Cmd>, hb: &Heartbeat) {
+    let mut app = Handlers {
+        stats: peers.stats().clone(),
+    };
     let mut next_cmd: Option<Cmd> = None;
     loop {
+        hb.beat();
         loop {
             let cmd = match next_cmd.take().map_or_else(|| rx.try_recv(), Ok) {
                 Ok(cmd) => cmd,
@@ -223,7 +244,8 @@ fn run(mut peers: PeerSet<Box<dyn PeerHandler>>, rx: Receiver<Cmd>) {
                     ufrag,
                     rtc,
                     handler,
-                } => peers.insert(id, ufrag, *rtc, handler),
+                    slot,
+                } => peers.insert(id, ufrag, *rtc, handler, slot),
                 Cmd::Remove(id) => peers.close(id, CloseReason::Removed, &mut app),
                 Cmd::RequestKeyframe(id, mid) => {
                     if let Some(p) = peers.get_mut(id) {

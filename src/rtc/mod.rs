@@ -5,4 +5,5 @@ pub mod loopback;
 pub mod offer;
 pub mod peers;
 pub mod srtp_out;
+pub mod supervise;
 pub mod udp;

@@ -11,7 +11,8 @@ pub enum OfferError {
     Unacceptable(String),
     /// str0m refused it.
     Rejected(String),
-    /// A stated limit is reached (sources per stream, say): the message says which.
+    /// A stated limit is reached (sources per stream, peers still connecting): the message
+    /// says which. Answered 503: it may clear.
     Limit(String),
     Internal(String),
 }

@@ -14,6 +14,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -29,13 +30,127 @@ use tracing::{debug, info, warn};
 use super::offer::OfferError;
 use super::udp::{Doorbell, Poller, SendBatch};
 
-/// A peer that has not completed ICE + DTLS within this time is dropped.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A peer that has not completed ICE + DTLS within this time is dropped (counted as
+/// `connect_timeout`). A browser on loopback or a LAN connects in well under a second, over TURN in
+/// one or two; each answered peer holds about 90 KiB until it connects or lapses.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Answered but not yet connected peers per process (origin and edge together); a new offer past
+/// this is refused with [`OfferError::Limit`] (HTTP 503). At about 90 KiB each this bounds the
+/// memory of offers that never connect to about 90 MiB, and lets 100 offers per second through
+/// the [`CONNECT_TIMEOUT`] even if none of them connects.
+pub const MAX_UNCONNECTED_PEERS: usize = 1000;
 /// Datagrams one peer may send per second before the excess is dropped. A viewer sends a few
 /// RTCP reports and consent checks per second; a publisher 50-100 media packets per track.
 pub const MAX_DATAGRAMS_PER_SEC: u32 = 2000;
+/// STUN binding requests per second that one peer's ufrag may bring from addresses not yet
+/// routed to it (each costs an HMAC-SHA1 check). A browser checks each candidate pair a few
+/// times a second; a spoofer that knows a ufrag gets no more than this, and never eats the peer's
+/// own [`MAX_DATAGRAMS_PER_SEC`].
+pub const MAX_UNVERIFIED_STUN_PER_SEC: u32 = 100;
 /// Remote addresses remembered per peer (one per candidate pair the browser tries).
 const MAX_REMOTES: usize = 8;
+
+/// Counters of one or more media threads' sockets and peers, read by /metrics. A thread adds to
+/// them as things happen (rare events) or once per loop (the send counters).
+#[derive(Debug, Default)]
+pub struct PeerStats {
+    /// Datagrams sent, refused by the kernel, and the `sendmmsg` calls they took.
+    pub sent: AtomicU64,
+    pub send_errors: AtomicU64,
+    pub send_calls: AtomicU64,
+    /// Datagrams over a peer's [`MAX_DATAGRAMS_PER_SEC`].
+    pub flood_drops: AtomicU64,
+    /// Datagrams from an unknown address that are not STUN for a known ufrag.
+    pub unroutable: AtomicU64,
+    /// STUN for a known ufrag from a new address that str0m refused (bad MESSAGE-INTEGRITY,
+    /// wrong remote ufrag, not a binding request), or over [`MAX_UNVERIFIED_STUN_PER_SEC`].
+    pub stun_refused: AtomicU64,
+    /// Peer ends, by reason (see [`CloseReason`]).
+    pub closed_removed: AtomicU64,
+    pub closed_connect_timeout: AtomicU64,
+    pub closed_ice_timeout: AtomicU64,
+    pub closed_remote: AtomicU64,
+    pub closed_failed: AtomicU64,
+    /// RTP of an SSRC no m-line of the peer declares (publishers; counted by the host).
+    pub undeclared_ssrc: AtomicU64,
+}
+
+impl PeerStats {
+    fn closed(&self, reason: CloseReason) {
+        let c = match reason {
+            CloseReason::Removed => &self.closed_removed,
+            CloseReason::ConnectTimeout => &self.closed_connect_timeout,
+            CloseReason::IceTimeout => &self.closed_ice_timeout,
+            CloseReason::RemoteClosed => &self.closed_remote,
+            CloseReason::Failed => &self.closed_failed,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+static UNCONNECTED: AtomicUsize = AtomicUsize::new(0);
+static UNCONNECTED_REFUSED: AtomicU64 = AtomicU64::new(0);
+
+/// The process-wide cap: [`MAX_UNCONNECTED_PEERS`], or in debug builds (tests only)
+/// `CHORUS_TEST_MAX_UNCONNECTED`, so a test can reach it with a handful of offers.
+fn max_unconnected() -> usize {
+    #[cfg(debug_assertions)]
+    {
+        static CAP: OnceLock<usize> = OnceLock::new();
+        *CAP.get_or_init(|| {
+            std::env::var("CHORUS_TEST_MAX_UNCONNECTED")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(MAX_UNCONNECTED_PEERS)
+        })
+    }
+    #[cfg(not(debug_assertions))]
+    MAX_UNCONNECTED_PEERS
+}
+
+/// One answered peer not connected yet, counted against [`MAX_UNCONNECTED_PEERS`] from the offer
+/// until it connects or ends (the count goes down when this is dropped).
+#[derive(Debug)]
+pub struct ConnectSlot(());
+
+impl ConnectSlot {
+    /// Takes a slot, or refuses the offer when the process has too many unconnected peers.
+    pub fn acquire() -> Result<ConnectSlot, OfferError> {
+        let cap = max_unconnected();
+        let taken = UNCONNECTED.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < cap).then_some(n + 1)
+        });
+        match taken {
+            Ok(_) => Ok(ConnectSlot(())),
+            Err(n) => {
+                let refused = UNCONNECTED_REFUSED.fetch_add(1, Ordering::Relaxed) + 1;
+                if refused.is_power_of_two() {
+                    warn!(
+                        unconnected = n,
+                        cap, refused, "offer refused: too many unconnected peers"
+                    );
+                }
+                Err(OfferError::Limit(format!(
+                    "busy: {n} answered peers are still connecting (at most {cap}): try again in a few seconds"
+                )))
+            }
+        }
+    }
+
+    /// (unconnected peers now, offers refused at the cap since start), for /metrics.
+    pub fn gauges() -> (usize, u64) {
+        (
+            UNCONNECTED.load(Ordering::Relaxed),
+            UNCONNECTED_REFUSED.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for ConnectSlot {
+    fn drop(&mut self) {
+        UNCONNECTED.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 /// Datagrams read from the socket in one go before the thread looks at its other work.
 const RECV_BURST: usize = 256;
 
@@ -72,7 +187,9 @@ impl std::fmt::Display for PeerId {
 pub enum CloseReason {
     /// The control plane removed it (unpublish, replaced, signalling closed).
     Removed,
-    /// ICE never completed, or consent checks stopped arriving.
+    /// ICE and DTLS did not complete within [`CONNECT_TIMEOUT`].
+    ConnectTimeout,
+    /// Consent checks stopped arriving.
     IceTimeout,
     /// The remote closed DTLS / sent BYE.
     RemoteClosed,
@@ -84,6 +201,7 @@ impl std::fmt::Display for CloseReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             CloseReason::Removed => "removed",
+            CloseReason::ConnectTimeout => "not connected in time",
             CloseReason::IceTimeout => "ICE timeout",
             CloseReason::RemoteClosed => "closed by remote",
             CloseReason::Failed => "failed",
@@ -165,7 +283,11 @@ pub struct Peer<T> {
     /// Input budget: datagrams taken in the current one-second window.
     window_start: Instant,
     window_count: u32,
+    /// STUN from addresses not routed to this peer yet, in the current window.
+    unverified_count: u32,
     pub dropped_flood: u64,
+    /// Held until the peer connects: it counts against [`MAX_UNCONNECTED_PEERS`].
+    slot: Option<ConnectSlot>,
     /// The deadline this peer has in the timer heap (the earliest one pushed and not yet due).
     scheduled: Option<Instant>,
     /// Where str0m last sent to this peer: the selected candidate pair's remote address.
@@ -208,15 +330,20 @@ pub struct PeerSet<T> {
     timers: BinaryHeap<Reverse<(Instant, PeerId)>>,
     out: SendBatch,
     due: Vec<PeerId>,
-    pub unroutable: u64,
-    /// Datagrams dropped over any peer's budget, since start.
-    pub flood_drops: u64,
+    stats: Arc<PeerStats>,
+    /// The send batch's counters already added to `stats`.
+    reported: (u64, u64, u64),
     buf: Vec<u8>,
 }
 
 impl<T> PeerSet<T> {
-    /// Takes the thread's socket; `bell` is rung by whoever queues work for the thread.
-    pub fn new(socket: UdpSocket, bell: Arc<Doorbell>) -> std::io::Result<Self> {
+    /// Takes the thread's socket; `bell` is rung by whoever queues work for the thread; the
+    /// thread counts into `stats` (several threads may share one).
+    pub fn new(
+        socket: UdpSocket,
+        bell: Arc<Doorbell>,
+        stats: Arc<PeerStats>,
+    ) -> std::io::Result<Self> {
         let local = socket.local_addr()?;
         socket.set_nonblocking(true)?;
         let poller = Poller::new(&socket, bell.clone())?;
@@ -231,18 +358,28 @@ impl<T> PeerSet<T> {
             timers: BinaryHeap::new(),
             out: SendBatch::default(),
             due: Vec::new(),
-            unroutable: 0,
-            flood_drops: 0,
+            stats,
+            reported: (0, 0, 0),
             buf: vec![0; 2048],
         })
     }
 
-    /// Datagrams sent, send errors, and `sendmmsg` calls, since start.
-    pub fn send_stats(&self) -> (u64, u64, u64) {
-        (self.out.sent, self.out.errors, self.out.syscalls)
+    pub fn stats(&self) -> &Arc<PeerStats> {
+        &self.stats
     }
 
-    pub fn insert(&mut self, id: PeerId, ufrag: String, rtc: Rtc, data: T) {
+    /// Adds what the send batch counted since the last call to the shared stats.
+    fn report_sends(&mut self) {
+        let now = (self.out.sent, self.out.errors, self.out.syscalls);
+        let before = std::mem::replace(&mut self.reported, now);
+        let s = &self.stats;
+        s.sent.fetch_add(now.0 - before.0, Ordering::Relaxed);
+        s.send_errors.fetch_add(now.1 - before.1, Ordering::Relaxed);
+        s.send_calls.fetch_add(now.2 - before.2, Ordering::Relaxed);
+    }
+
+    /// Adds an answered peer; `slot` is its place among the unconnected peers until it connects.
+    pub fn insert(&mut self, id: PeerId, ufrag: String, rtc: Rtc, data: T, slot: ConnectSlot) {
         let now = Instant::now();
         self.by_ufrag.insert(ufrag.clone(), id);
         self.peers.insert(
@@ -256,7 +393,9 @@ impl<T> PeerSet<T> {
                 remotes: SmallVec::new(),
                 window_start: now,
                 window_count: 0,
+                unverified_count: 0,
                 dropped_flood: 0,
+                slot: Some(slot),
                 scheduled: Some(now),
                 dest: None,
             },
@@ -291,10 +430,16 @@ impl<T> PeerSet<T> {
         let Some(mut p) = self.peers.remove(&id) else {
             return;
         };
-        self.by_ufrag.remove(&p.ufrag);
-        for a in &p.remotes {
-            self.by_addr.remove(a);
+        // Only the mappings that point at this peer: another peer's are not this one's to end.
+        if self.by_ufrag.get(&p.ufrag) == Some(&id) {
+            self.by_ufrag.remove(&p.ufrag);
         }
+        for a in &p.remotes {
+            if self.by_addr.get(a) == Some(&id) {
+                self.by_addr.remove(a);
+            }
+        }
+        self.stats.closed(reason);
         p.rtc.disconnect();
         while let Ok(Output::Transmit(t)) = p.rtc.poll_output() {
             self.out.push(&self.socket, t.destination, &t.contents);
@@ -308,6 +453,7 @@ impl<T> PeerSet<T> {
     /// queued just before the sleep is never left waiting.
     pub fn wait(&mut self, wait: Duration, has_work: impl FnOnce() -> bool) {
         self.out.flush(&self.socket);
+        self.report_sends();
         if wait.is_zero() {
             return;
         }
@@ -342,50 +488,12 @@ impl<T> PeerSet<T> {
     }
 
     fn datagram(&mut self, data: &[u8], from: SocketAddr, app: &mut impl PeerApp<T>) {
-        let id = match self.by_addr.get(&from) {
-            Some(&id) => Some(id),
-            None => StunMessage::parse(data)
-                .ok()
-                .and_then(|m| m.split_username().map(|(local, _)| local.to_owned()))
-                .and_then(|ufrag| self.by_ufrag.get(&ufrag).copied()),
-        };
-        let Some(id) = id else {
-            self.unroutable += 1;
-            if self.unroutable.is_power_of_two() {
-                debug!(%from, count = self.unroutable, "datagram for no known peer dropped");
-            }
-            return;
-        };
         let Ok(contents) = data.try_into() else {
-            return;
-        };
-        let Some(p) = self.peers.get_mut(&id) else {
+            // Neither STUN, DTLS, RTP nor RTCP: nobody's.
+            self.count_unroutable(from);
             return;
         };
         let now = Instant::now();
-        if now.duration_since(p.window_start) >= Duration::from_secs(1) {
-            p.window_start = now;
-            p.window_count = 0;
-        }
-        p.window_count += 1;
-        if p.window_count > MAX_DATAGRAMS_PER_SEC {
-            p.dropped_flood += 1;
-            self.flood_drops += 1;
-            if p.dropped_flood.is_power_of_two() {
-                warn!(%id, dropped = p.dropped_flood, "peer floods: datagrams over budget dropped");
-            }
-            return;
-        }
-        if !p.remotes.contains(&from) {
-            // Only STUN can introduce an address (it carries the ufrag); bound the set so a
-            // peer cannot grow the routing table without end.
-            if p.remotes.len() >= MAX_REMOTES {
-                let old = p.remotes.remove(0);
-                self.by_addr.remove(&old);
-            }
-            p.remotes.push(from);
-            self.by_addr.insert(from, id);
-        }
         let input = Input::Receive(
             now,
             Receive {
@@ -395,7 +503,68 @@ impl<T> PeerSet<T> {
                 contents,
             },
         );
+        let (id, routed) = match self.by_addr.get(&from) {
+            Some(&id) => (id, true),
+            None => {
+                let by_ufrag = StunMessage::parse(data)
+                    .ok()
+                    .and_then(|m| m.split_username().map(|(local, _)| local.to_owned()))
+                    .and_then(|ufrag| self.by_ufrag.get(&ufrag).copied());
+                let Some(id) = by_ufrag else {
+                    self.count_unroutable(from);
+                    return;
+                };
+                (id, false)
+            }
+        };
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if now.duration_since(p.window_start) >= Duration::from_secs(1) {
+            p.window_start = now;
+            p.window_count = 0;
+            p.unverified_count = 0;
+        }
+        if !routed {
+            // A new address: only a binding request that str0m accepts for this peer (its
+            // ufrags, and MESSAGE-INTEGRITY keyed with its ICE password) may route it here. An
+            // address routed to a live peer never gets here, so it cannot be taken over. Anyone
+            // who saw the ufrag can send these: they have their own budget, not the peer's.
+            p.unverified_count += 1;
+            if p.unverified_count > MAX_UNVERIFIED_STUN_PER_SEC || !p.rtc.accepts(&input) {
+                let n = self.stats.stun_refused.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    warn!(%id, %from, refused = n, "STUN for a peer from a new address refused (integrity, ufrag or budget)");
+                }
+                return;
+            }
+            if p.remotes.len() >= MAX_REMOTES {
+                let old = p.remotes.remove(0);
+                if self.by_addr.get(&old) == Some(&id) {
+                    self.by_addr.remove(&old);
+                }
+            }
+            p.remotes.push(from);
+            self.by_addr.insert(from, id);
+        } else {
+            p.window_count += 1;
+            if p.window_count > MAX_DATAGRAMS_PER_SEC {
+                p.dropped_flood += 1;
+                self.stats.flood_drops.fetch_add(1, Ordering::Relaxed);
+                if p.dropped_flood.is_power_of_two() {
+                    warn!(%id, dropped = p.dropped_flood, "peer floods: datagrams over budget dropped");
+                }
+                return;
+            }
+        }
         self.drive(id, input, app);
+    }
+
+    fn count_unroutable(&self, from: SocketAddr) {
+        let n = self.stats.unroutable.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            debug!(%from, count = n, "datagram for no known peer dropped");
+        }
     }
 
     /// Drives the peers whose timeout is due; returns the earliest deadline still pending.
@@ -459,6 +628,7 @@ impl<T> PeerSet<T> {
                     let r = match ev {
                         Event::Connected => {
                             p.connected = true;
+                            p.slot = None;
                             info!(%id, "peer connected");
                             app.on_event(id, p, Event::Connected)
                         }
@@ -481,7 +651,7 @@ impl<T> PeerSet<T> {
             }
         };
         if !p.connected && p.added.elapsed() > CONNECT_TIMEOUT {
-            end = Some(CloseReason::IceTimeout);
+            end = Some(CloseReason::ConnectTimeout);
         }
         if let Some(reason) = end {
             self.close(id, reason, app);
@@ -499,5 +669,151 @@ impl<T> PeerSet<T> {
             }
         }
         timeout
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use str0m::ice::TransId;
+    use str0m::media::{Direction, MediaKind};
+
+    struct NoApp;
+    impl PeerApp<()> for NoApp {
+        fn on_event(&mut self, _: PeerId, _: &mut Peer<()>, _: Event) -> Option<CloseReason> {
+            None
+        }
+        fn on_closed(&mut self, _: PeerId, _: Peer<()>, _: CloseReason) {}
+    }
+
+    fn sdp_value<'a>(sdp: &'a str, key: &str) -> &'a str {
+        sdp.lines()
+            .find_map(|l| l.trim_end().strip_prefix(key))
+            .unwrap_or_else(|| panic!("{key} in {sdp}"))
+    }
+
+    /// A peer answered on `set`: (its id, "server:client" ufrags, its ICE password).
+    fn answered(set: &mut PeerSet<()>, id: u64) -> (PeerId, String, String) {
+        let mut client = RtcConfig::new().build(Instant::now());
+        let mut api = client.sdp_api();
+        api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+        let (offer, _) = api.apply().unwrap();
+        let offer = offer.to_sdp_string();
+        let (rtc, ufrag, answer) = answer_offer(&offer, media_config(), set.local).unwrap();
+        let user = format!("{ufrag}:{}", sdp_value(&offer, "a=ice-ufrag:"));
+        let pwd = sdp_value(&answer, "a=ice-pwd:").to_owned();
+        let slot = ConnectSlot::acquire().unwrap();
+        set.insert(PeerId(id), ufrag, rtc, (), slot);
+        (PeerId(id), user, pwd)
+    }
+
+    fn binding_request(user: &str, pwd: &str) -> Vec<u8> {
+        let hmac = |k: &[u8], p: &[&[u8]]| {
+            str0m::crypto::from_feature_flags()
+                .sha1_hmac_provider
+                .sha1_hmac(k, p)
+        };
+        let mut buf = vec![0u8; 512];
+        let msg = StunMessage::binding_request(user, TransId::new(), true, 7, 100, false);
+        let n = msg.to_bytes(Some(pwd.as_bytes()), &mut buf, hmac).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    fn set() -> PeerSet<()> {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        PeerSet::new(socket, Doorbell::new().unwrap(), Arc::default()).unwrap()
+    }
+
+    #[test]
+    fn only_stun_with_the_peers_integrity_routes_an_address() {
+        let mut set = set();
+        let (id, user, pwd) = answered(&mut set, 1);
+        let spoofer: SocketAddr = "127.0.0.9:4000".parse().unwrap();
+        // The right ufrags, a wrong password: refused, counted, not routed.
+        set.datagram(
+            &binding_request(&user, "not-the-password-at-all"),
+            spoofer,
+            &mut NoApp,
+        );
+        assert_eq!(set.by_addr.get(&spoofer), None);
+        assert_eq!(set.stats.stun_refused.load(Ordering::Relaxed), 1);
+        // No integrity at all: the same.
+        let hmac = |_: &[u8], _: &[&[u8]]| [0u8; 20];
+        let mut buf = vec![0u8; 512];
+        let n = StunMessage::binding_request(&user, TransId::new(), true, 7, 100, false)
+            .to_bytes(None, &mut buf, hmac)
+            .unwrap();
+        set.datagram(&buf[..n], spoofer, &mut NoApp);
+        assert_eq!(set.by_addr.get(&spoofer), None);
+        let refused = |s: &PeerStats| {
+            s.stun_refused.load(Ordering::Relaxed) + s.unroutable.load(Ordering::Relaxed)
+        };
+        assert_eq!(refused(&set.stats), 2);
+        // The peer's own check: routed.
+        let honest: SocketAddr = "127.0.0.2:5000".parse().unwrap();
+        set.datagram(&binding_request(&user, &pwd), honest, &mut NoApp);
+        assert_eq!(set.by_addr.get(&honest), Some(&id));
+        assert!(set.peers[&id].remotes.contains(&honest));
+        // Non-STUN from an unknown address goes nowhere.
+        set.datagram(
+            &[0x80, 0x60, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1],
+            spoofer,
+            &mut NoApp,
+        );
+        assert_eq!(refused(&set.stats), 3);
+        assert_eq!(set.by_addr.len(), 1);
+    }
+
+    #[test]
+    fn unverified_stun_has_its_own_budget_and_leaves_the_peers_alone() {
+        let mut set = set();
+        let (id, user, pwd) = answered(&mut set, 1);
+        let honest: SocketAddr = "127.0.0.2:5000".parse().unwrap();
+        set.datagram(&binding_request(&user, &pwd), honest, &mut NoApp);
+        let bad = binding_request(&user, "wrong-password-wrong-password");
+        for i in 0..(MAX_UNVERIFIED_STUN_PER_SEC + 50) {
+            let from = SocketAddr::new([127, 0, 0, 9].into(), 1000 + i as u16);
+            set.datagram(&bad, from, &mut NoApp);
+        }
+        assert_eq!(
+            set.stats.stun_refused.load(Ordering::Relaxed),
+            (MAX_UNVERIFIED_STUN_PER_SEC + 50) as u64
+        );
+        let p = &set.peers[&id];
+        assert_eq!(p.window_count, 0, "the peer's own budget is untouched");
+        assert_eq!(p.remotes.as_slice(), &[honest]);
+        assert_eq!(set.by_addr.len(), 1);
+    }
+
+    #[test]
+    fn a_routed_address_is_not_taken_over_and_a_close_removes_only_its_own() {
+        let mut set = set();
+        let (a, user_a, pwd_a) = answered(&mut set, 1);
+        let (b, user_b, pwd_b) = answered(&mut set, 2);
+        let shared: SocketAddr = "127.0.0.2:5000".parse().unwrap();
+        set.datagram(&binding_request(&user_a, &pwd_a), shared, &mut NoApp);
+        // B's own, valid check from A's address (a spoofed source): A keeps it.
+        set.datagram(&binding_request(&user_b, &pwd_b), shared, &mut NoApp);
+        // (It came from an address routed to A, so it went to A's str0m, which ignores it.)
+        assert_eq!(set.by_addr.get(&shared), Some(&a));
+        let other: SocketAddr = "127.0.0.3:5000".parse().unwrap();
+        set.datagram(&binding_request(&user_b, &pwd_b), other, &mut NoApp);
+        assert_eq!(set.by_addr.get(&other), Some(&b));
+        // Even if B remembered A's address, closing B leaves A's route and ufrag alone.
+        set.peers.get_mut(&b).unwrap().remotes.push(shared);
+        set.close(b, CloseReason::Removed, &mut NoApp);
+        assert_eq!(set.by_addr.get(&shared), Some(&a));
+        assert_eq!(set.by_addr.get(&other), None);
+        assert!(set.by_ufrag.values().any(|v| *v == a));
+        assert_eq!(set.stats.closed_removed.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn connect_slots_are_counted_until_dropped() {
+        let before = ConnectSlot::gauges().0;
+        let s = ConnectSlot::acquire().unwrap();
+        assert!(ConnectSlot::gauges().0 > before || before >= max_unconnected());
+        drop(s);
     }
 }

@@ -4,13 +4,16 @@
 
 use std::sync::Arc;
 
+use std::net::SocketAddr;
+
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::{fail, offer_refused, sdp_request, App};
+use super::resources::Session;
+use super::{bearer, fail, offer_refused, sdp_request, too_many_offers, App};
 use crate::auth::jwt::Scope;
 use crate::edge::{ViewOptions, MAX_TRACKS};
 use crate::rtc::offer::mlines;
@@ -24,6 +27,7 @@ pub struct WhepQuery {
 
 pub async fn view(
     State(app): State<Arc<App>>,
+    peer: ConnectInfo<SocketAddr>,
     Path(stream): Path<String>,
     Query(q): Query<WhepQuery>,
     headers: HeaderMap,
@@ -66,19 +70,18 @@ pub async fn view(
         excluded,
         max_tracks: q.tracks,
     };
+    if let Err(e) = app.take_offer(super::listen::peer_ip(&peer)) {
+        return too_many_offers(e);
+    }
     // WHEP has no event channel: events have nowhere to go.
     let (events, _) = tokio::sync::mpsc::unbounded_channel();
     let pending = match edge.prepare(&stream, offer, opts, events) {
         Ok(p) => p,
         Err(e) => return offer_refused(e),
     };
-    let resource = pending.subscriber_id.clone();
     let answer = pending.answer.clone();
     let id = edge.commit(pending);
-    app.whep
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(resource.clone(), id);
+    let resource = app.resources.create(Session::Whep(id), bearer(&headers));
     (
         StatusCode::CREATED,
         [
@@ -90,17 +93,18 @@ pub async fn view(
         .into_response()
 }
 
-pub async fn delete(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
-    let peer = app
-        .whep
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&id);
-    match (peer, &app.edge) {
-        (Some(peer), Some(edge)) => {
+/// `DELETE /whep/resource/{id}` with the bearer that created it (none for an open stream's).
+pub async fn delete(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    match (app.resources.take(&id, false, bearer(&headers)), &app.edge) {
+        (Ok(Session::Whep(peer)), Some(edge)) => {
             edge.remove(peer);
             StatusCode::OK.into_response()
         }
+        (Err(refusal), _) => refusal.into_response(),
         _ => fail(StatusCode::NOT_FOUND, format!("no WHEP session {id:?}")),
     }
 }

@@ -372,7 +372,7 @@ async fn session(
                 }
                 continue;
             }
-            Some(Err(e)) => break socket::read_error(e, &metrics),
+            Some(Err(e)) => break socket::read_error(e, &metrics, MAX_ROOM_MESSAGE),
             Some(Ok(Message::Close(_))) | None => break None,
             Some(Ok(_)) => continue,
         };
@@ -413,6 +413,10 @@ async fn session(
         );
     }
     if !writer_done {
+        let closed_by_us = ending.is_some();
         socket::finish(tx, writer, ending).await;
+        if closed_by_us {
+            socket::linger(source).await;
+        }
     }
 }

@@ -187,7 +187,7 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64, pee
             Ok(Message::Close(_)) => break None,
             Ok(_) => continue,
             Err(e) => {
-                let ending = socket::read_error(e, &metrics);
+                let ending = socket::read_error(e, &metrics, MAX_MESSAGE);
                 if let Some(e) = &ending {
                     info!(session = sid, "{}", e.reason);
                 }
@@ -225,7 +225,11 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64, pee
     if writer_done {
         return;
     }
+    let closed_by_us = ending.is_some();
     socket::finish(tx, writer, ending).await;
+    if closed_by_us {
+        socket::linger(source).await;
+    }
 }
 
 /// An `error` answer (logged by its socket: once per session at info).

@@ -10,7 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-use super::limits::{HttpMetrics, WS_MAX_MESSAGE, WS_WRITE_DEADLINE};
+use super::limits::{HttpMetrics, WS_WRITE_DEADLINE};
 
 /// WebSocket close codes (RFC 6455 §7.4.1).
 pub(crate) const CLOSE_POLICY: u16 = 1008;
@@ -70,7 +70,7 @@ pub(crate) async fn write_loop(
     let _ = tokio::time::timeout(WS_WRITE_DEADLINE, sink.close()).await;
 }
 
-/// A read error: a frame or message over `max` ([`WS_MAX_MESSAGE`] for signalling) ends the socket with 1009 and is
+/// A read error: a frame or message over `max` (`WS_MAX_MESSAGE` for signalling) ends the socket with 1009 and is
 /// counted; any other error just ends it.
 pub(crate) fn read_error(e: axum::Error, metrics: &HttpMetrics, max: usize) -> Option<Ending> {
     // axum's tungstenite (not the version this crate's client uses) says "Space limit exceeded:

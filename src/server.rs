@@ -257,6 +257,22 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
         opts.limits.clone(),
         admin_on_main,
     ));
+    if let Some(edge) = &app.edge {
+        // Room removals the origin sends over the link end the removed members' views here.
+        let mut removed = edge.revocations.subscribe();
+        let app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                match removed.recv().await {
+                    Ok((room, member)) => app.end_room_views(&room, &member),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        warn!(missed = n, "missed room removals")
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+    }
     if let (Some(l), Some(addr)) = (admin_listener, admin) {
         info!(admin = %addr, "/metrics and /api/streams on the admin address");
         let (router, limits, metrics) = (

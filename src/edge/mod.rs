@@ -149,6 +149,8 @@ pub struct Edge {
     candidates: Vec<SocketAddr>,
     next_id: AtomicU64,
     pub metrics: Arc<EdgeMetrics>,
+    /// Room members the origin removed (room, member id): their views here are ended.
+    pub revocations: tokio::sync::broadcast::Sender<(String, String)>,
 }
 
 impl Edge {
@@ -182,10 +184,12 @@ impl Edge {
             receivers.push(rx);
         }
         let metrics = Arc::new(EdgeMetrics::default());
+        let revocations = tokio::sync::broadcast::channel(crate::origin::REVOCATIONS_QUEUE).0;
         let sink: Arc<dyn LinkHandler> = Arc::new(RelaySink {
             lanes: lanes.clone(),
             shared: shared.clone(),
             metrics: metrics.clone(),
+            revocations: revocations.clone(),
         });
         let (secret, ctl) = manage_link(link, sink).await?;
         let mut candidates = Vec::new();
@@ -210,6 +214,7 @@ impl Edge {
             candidates,
             next_id: AtomicU64::new(1),
             metrics,
+            revocations,
         });
         Ok((edge, secret))
     }
@@ -314,9 +319,15 @@ struct RelaySink {
     lanes: Vec<Lane>,
     shared: Arc<Shared>,
     metrics: Arc<EdgeMetrics>,
+    revocations: tokio::sync::broadcast::Sender<(String, String)>,
 }
 
 impl LinkHandler for RelaySink {
+    fn on_revoke(&self, room: &str, member: &str) {
+        // No receiver (no HTTP yet) is not an error: there are no views to end.
+        let _ = self.revocations.send((room.to_owned(), member.to_owned()));
+    }
+
     fn on_sources(&self, stream: &str, channel: u32, sources: &[SourceInfo]) {
         if let Ok(mut cache) = self.shared.sources.lock() {
             cache.insert(stream.to_owned(), (channel, sources.to_vec()));

@@ -138,14 +138,20 @@ pub async fn subscribe(State(app): State<Arc<App>>, headers: HeaderMap, body: By
         Err(refusal) => return refusal.into_response(),
     };
     let token = bearer(&headers);
-    match rooms::room_grant(&app, token, &stream, Scope::Subscribe) {
-        Some(Ok(_)) => {}
+    let room = match rooms::room_grant(&app, token, &stream, Scope::Subscribe) {
+        Some(Ok(room)) => room,
         Some(Err(refusal)) => return refusal.into_response(),
         None => {
             if let Err(e) = app.tokens.check_subscribe(token, &stream) {
                 return fail(StatusCode::UNAUTHORIZED, e.to_string());
             }
+            None
         }
-    }
-    success(url, app.jwt.issue(&stream, Scope::Subscribe), None)
+    };
+    // A room participant's viewer JWT names it: its removal ends the view at every edge.
+    success(
+        url,
+        app.jwt.issue_bound(&stream, Scope::Subscribe, room),
+        None,
+    )
 }

@@ -5,6 +5,7 @@ pub mod limits;
 pub(crate) mod listen;
 pub mod metrics;
 pub(crate) mod resources;
+pub(crate) mod room_views;
 pub mod rooms;
 pub mod signal;
 pub(crate) mod socket;
@@ -51,6 +52,8 @@ pub struct App {
     pub limits: limits::HttpLimits,
     pub(crate) offers: limits::OfferLimiter,
     pub http_metrics: Arc<limits::HttpMetrics>,
+    /// Room participants' views here, ended when the member is removed.
+    pub(crate) room_views: room_views::RoomViews,
     /// `/metrics` and `/api/streams` are on the public listener too (dev mode on loopback,
     /// without `--admin-http`); otherwise only on the admin listener.
     pub admin_on_main: bool,
@@ -78,10 +81,32 @@ impl App {
             public_ws,
             next_session: AtomicU64::new(1),
             resources: resources::Resources::default(),
+            room_views: room_views::RoomViews::default(),
             offers: limits::OfferLimiter::new(&limits),
             limits,
             http_metrics: Arc::new(limits::HttpMetrics::default()),
             admin_on_main,
+        }
+    }
+
+    /// A room member was removed at the origin: its views here end.
+    pub fn end_room_views(&self, room: &str, member: &str) {
+        let views = self.room_views.revoke(room, member);
+        tracing::info!(
+            room,
+            member,
+            views = views.len(),
+            "room member removed: its views end"
+        );
+        for v in views {
+            match v {
+                room_views::View::Session(_, removed) => removed.notify_one(),
+                room_views::View::Whep(peer) => {
+                    if let Some(edge) = &self.edge {
+                        edge.remove(peer);
+                    }
+                }
+            }
         }
     }
 
@@ -151,18 +176,19 @@ pub fn sdp_request<'a>(
         Some(grant) => grant?,
         None => {
             let allowed = match token.and_then(|t| app.jwt.verify(t).ok()) {
+                // A room participant's viewer JWT keeps its binding (its removal ends the view).
                 Some(claims) if claims.scope == scope && claims.millicast.stream_name == stream => {
-                    Ok(())
+                    Ok(claims.room.filter(|_| scope == Scope::Subscribe))
                 }
                 Some(_) => Err(format!("this JWT does not allow {scope:?} on {stream:?}")),
                 None => match scope {
                     Scope::Publish => app.tokens.check_publish(token, stream),
                     Scope::Subscribe => app.tokens.check_subscribe(token, stream),
                 }
+                .map(|()| None)
                 .map_err(|e| e.to_string()),
             };
-            allowed.map_err(|m| Refusal(StatusCode::UNAUTHORIZED, m))?;
-            None
+            allowed.map_err(|m| Refusal(StatusCode::UNAUTHORIZED, m))?
         }
     };
     let ct = headers

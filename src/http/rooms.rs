@@ -179,7 +179,12 @@ fn grant_stream(
     }
     rooms.admit(g).map_err(forbidden)?;
     match scope {
-        Scope::Subscribe => Ok(None),
+        // A view is bound to the member too, so that its removal ends it.
+        Scope::Subscribe => Ok(Some(RoomBinding {
+            room: g.room.clone(),
+            member_id: g.member.clone(),
+            generation: 0,
+        })),
         Scope::Publish => {
             let right = rooms
                 .may_publish(&g.room, &g.member, None)

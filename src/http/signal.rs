@@ -59,9 +59,14 @@ pub async fn upgrade(
         Ok(c) => c,
         Err(e) => return fail(StatusCode::UNAUTHORIZED, e.to_string()),
     };
-    // A room member's publish JWT stops working once the member is demoted or removed.
+    // A room member's publish JWT stops working once the member is demoted or removed; a room
+    // participant's viewer JWT once it is removed.
     if let Some(b) = &claims.room {
-        if let Err(m) = super::rooms::check_binding(&app, b) {
+        let checked = match claims.scope {
+            Scope::Publish => super::rooms::check_binding(&app, b),
+            Scope::Subscribe => app.room_views.check(&b.room, &b.member_id),
+        };
+        if let Err(m) = checked {
             return fail(StatusCode::FORBIDDEN, m);
         }
     }
@@ -137,6 +142,7 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64, pee
         seen: HashSet::new(),
         viewer: None,
         events,
+        removed: Arc::new(tokio::sync::Notify::new()),
     };
     let rate = f64::from(WS_COMMANDS_PER_SEC);
     let mut bucket = Bucket::full(2.0 * rate, Instant::now());
@@ -145,6 +151,13 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64, pee
     let ending: Option<Ending> = loop {
         let msg = tokio::select! {
             m = tokio::time::timeout(silence, source.next()) => m,
+            _ = session.removed.notified() => {
+                let room = claims.room.as_ref().map_or("", |b| b.room.as_str());
+                break Some(Ending {
+                    code: crate::room::CLOSE_ROOM,
+                    reason: format!("removed from room {room:?}: this view has ended"),
+                });
+            }
             Some(ev) = events_rx.recv() => {
                 out.send(ev);
                 if out.overflowed() {
@@ -206,6 +219,9 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64, pee
     }
     if let (Some(edge), Some(v)) = (&app.edge, &session.viewer) {
         edge.remove(v.id);
+    }
+    if let (Some(b), Some(_)) = (&claims.room, &session.viewer) {
+        app.room_views.remove_session(&b.room, &b.member_id, sid);
     }
     let refused = out.refused.get();
     match &ending {
@@ -289,6 +305,8 @@ struct Session {
     viewer: Option<ViewerState>,
     /// Where the edge sends this session's viewer events.
     events: mpsc::UnboundedSender<Value>,
+    /// Told when the room participant this session views for is removed.
+    removed: Arc<tokio::sync::Notify>,
 }
 
 struct ViewerState {
@@ -487,6 +505,12 @@ fn view(
             session.events.clone(),
         )
         .map_err(|e| e.to_string())?;
+    // Registered before it is answered: a removal from now on ends it (the uncommitted
+    // viewer of a refused one is just dropped).
+    if let Some(b) = &claims.room {
+        let view = super::room_views::View::Session(session.sid, session.removed.clone());
+        app.room_views.add(&b.room, &b.member_id, view)?;
+    }
     out.send(json!({"type": "response", "transId": trans_id, "data": {
         "sdp": pending.answer,
         "subscriberId": pending.subscriber_id,

@@ -39,10 +39,15 @@ pub async fn view(
             "this origin serves no viewers: view at an edge",
         );
     };
-    let offer = match sdp_request(&app, &headers, &stream, Scope::Subscribe, &body) {
-        Ok((o, _)) => o,
+    let (offer, room) = match sdp_request(&app, &headers, &stream, Scope::Subscribe, &body) {
+        Ok(o) => o,
         Err(refusal) => return refusal.into_response(),
     };
+    if let Some(b) = &room {
+        if let Err(m) = app.room_views.check(&b.room, &b.member_id) {
+            return fail(StatusCode::FORBIDDEN, m);
+        }
+    }
     if let Some(n) = q.tracks {
         let available = mlines(offer)
             .iter()
@@ -81,6 +86,11 @@ pub async fn view(
     };
     let answer = pending.answer.clone();
     let id = edge.commit(pending);
+    if let Some(b) = &room {
+        let _ = app
+            .room_views
+            .add(&b.room, &b.member_id, super::room_views::View::Whep(id));
+    }
     let resource = app.resources.create(Session::Whep(id), bearer(&headers));
     (
         StatusCode::CREATED,

@@ -166,6 +166,24 @@ fn handle(
             let _ = ctl.send(OriginMsg::Welcome {
                 jwt_secret: policy.jwt_secret.clone(),
             });
+            // Room removals follow, for the edge to end the removed members' views.
+            let mut removed = origin.revocations.subscribe();
+            let ctl = ctl.clone();
+            tokio::spawn(async move {
+                loop {
+                    match removed.recv().await {
+                        Ok((room, member)) => {
+                            if ctl.send(OriginMsg::Revoke { room, member }).is_err() {
+                                return;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            warn!(missed = n, "edge link missed room removals")
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            });
         }
         _ if !*welcomed => return Err("edge sent a command before hello".into()),
         EdgeMsg::Subscribe { stream } => {

@@ -244,6 +244,13 @@ impl RoomService {
         if let Some((counter, what)) = change {
             counter.fetch_add(1, Ordering::Relaxed);
             let target = data.get("memberId").and_then(Value::as_str).unwrap_or("");
+            if name == "remove" {
+                // Every edge (this process's too, over its link) ends the member's views.
+                let _ = self
+                    .origin
+                    .revocations
+                    .send((room.clone(), target.to_owned()));
+            }
             info!(
                 room = room.as_str(),
                 by = member.as_str(),

@@ -725,3 +725,99 @@ fn dev_mode_refuses_a_public_address() {
         assert!(err.contains("--dev-public"), "{err}");
     }
 }
+
+/// Hole 13: removing a room member ends the view it already has, at an edge of a split
+/// deployment (told over the origin link), and its viewer JWT no longer opens a view there.
+#[test]
+fn removing_a_member_ends_its_view_at_the_edge() {
+    let _serial = common::serial();
+    let origin = common::origin(TOKEN, "http-abuse-cluster");
+    let edge = common::edge(&origin, "http-abuse-cluster");
+    let (o, e) = (origin.http(), edge.http());
+    let key = origin.info["apiKey"].as_str().unwrap().to_owned();
+    let token = |user: &str, join_as: &str, perms: &[&str]| {
+        let body = json!({"user_name": user, "join_as": join_as, "permissions": perms});
+        let (s, v) = post_json(o, "/api/rooms/hall/tokens", Some(&key), &body.to_string());
+        assert_eq!(s, 200, "{v}");
+        (
+            v["data"]["token"].as_str().unwrap().to_owned(),
+            v["data"]["memberId"].as_str().unwrap().to_owned(),
+        )
+    };
+    let (host, _) = token("Host", "member", &["room.member.remove"]);
+    let (ana, ana_id) = token("Ana", "audience", &[]);
+    common::wait_for("the edge to link", Duration::from_secs(10), || {
+        (post_json(
+            o,
+            "/api/director/subscribe",
+            Some(&ana),
+            r#"{"streamName":"hall"}"#,
+        )
+        .0 == 200)
+            .then_some(())
+    });
+    let (s, v) = post_json(
+        o,
+        "/api/director/subscribe",
+        Some(&ana),
+        r#"{"streamName":"hall"}"#,
+    );
+    assert_eq!(s, 200, "{v}");
+    let url = v["data"]["urls"][0].as_str().unwrap().to_owned();
+    let jwt = v["data"]["jwt"].as_str().unwrap().to_owned();
+    assert!(url.contains(&e.to_string()), "{url} is the edge's");
+    assert_eq!(
+        common::jwt_payload(&jwt)["room"]["memberId"],
+        ana_id.as_str()
+    );
+    rt().block_on(async {
+        let mut view = ws_from(2, e, &format!("/ws?token={jwt}")).await;
+        let cmd = json!({"type": "cmd", "transId": 1, "name": "view",
+            "data": {"streamId": "hall", "sdp": offer(false, 2)}});
+        view.send(Message::Text(cmd.to_string().into()))
+            .await
+            .unwrap();
+        let answer = loop {
+            match tokio::time::timeout(Duration::from_secs(5), view.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if v["type"] != "event" {
+                        break v;
+                    }
+                }
+                other => panic!("no answer to view: {other:?}"),
+            }
+        };
+        assert_eq!(answer["type"], "response", "{answer}");
+        common::wait_for("the viewer at the edge", Duration::from_secs(5), || {
+            (common::metric(e, "chorus_edge_viewers ") == Some(1.0)).then_some(())
+        });
+        let mut h = ws_from(3, o, &format!("/api/rooms/hall/ws?token={host}")).await;
+        let cmd =
+            json!({"type": "cmd", "transId": 1, "name": "remove", "data": {"memberId": ana_id}});
+        h.send(Message::Text(cmd.to_string().into())).await.unwrap();
+        let (code, reason) = close_of(&mut view, Duration::from_secs(5))
+            .await
+            .expect("the view's socket is closed with a reason");
+        assert_eq!(code, 4000, "{reason}");
+        assert!(reason.contains("removed from room \"hall\""), "{reason}");
+        common::wait_for("the viewer to go", Duration::from_secs(5), || {
+            (common::metric(e, "chorus_edge_viewers ") == Some(0.0)).then_some(())
+        });
+        // The same JWT, still within its life, no longer opens a view at the edge.
+        let again = tokio_tungstenite::client_async(
+            format!("ws://{e}/ws?token={jwt}"),
+            connect_from(2, e).await,
+        )
+        .await;
+        match again {
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                assert_eq!(r.status().as_u16(), 403)
+            }
+            other => panic!(
+                "the removed member's JWT opened a socket: {:?}",
+                other.map(|_| ())
+            ),
+        }
+    });
+}

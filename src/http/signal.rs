@@ -604,3 +604,28 @@ fn unproject(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Valu
     push_projections(app, v);
     Ok(json!({}))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_marks_the_session_as_not_reading_and_refusals_are_counted() {
+        let (tx, _rx) = mpsc::channel(2);
+        let out = Out {
+            tx,
+            overflowed: Cell::new(false),
+            refused: Cell::new(0),
+            sid: 1,
+        };
+        out.send(json!({}));
+        out.refuse(Some(1), "no".into());
+        assert!(!out.overflowed());
+        out.send(json!({}));
+        assert!(
+            out.overflowed(),
+            "the third message does not fit a queue of two"
+        );
+        assert_eq!(out.refused.get(), 1);
+    }
+}

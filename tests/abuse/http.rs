@@ -19,8 +19,8 @@ use crate::honest::{assert_rss_below, rss_kib, Honest};
 
 const TOKEN: &str = "http-abuse-token";
 /// RSS bound of `serve` under each attack here: the honest pair plus the attack's bounded cost
-/// (about 60 MiB idle in a debug build).
-const RSS_BOUND_KIB: u64 = 300 * 1024;
+/// (measured: 37 to 44 MiB in a debug build).
+const RSS_BOUND_KIB: u64 = 150 * 1024;
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -824,4 +824,71 @@ fn removing_a_member_ends_its_view_at_the_edge() {
     });
     h.assert_gapless();
     assert_rss_below(edge.child.id(), RSS_BOUND_KIB, "edge after the removal");
+}
+
+/// Hole 9: the process-wide caps hold against many addresses: past `--max-connections` a
+/// connection gets 503 at once, past `--offers-per-sec` an offer from a fresh address gets 429.
+#[test]
+fn the_process_wide_connection_and_offer_caps_hold_across_addresses() {
+    let _serial = common::serial();
+    let p = Proc::start(
+        "serve",
+        &[
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--max-connections",
+            "30",
+            "--offers-per-sec",
+            "5",
+        ],
+        &[("CHORUS_PUBLISH_TOKEN", TOKEN)],
+    );
+    let a = p.http();
+    let body = offer(false, 2);
+    rt().block_on(async {
+        // 30 idle connections from 30 addresses fill the process; the 31st is refused.
+        let mut held = Vec::new();
+        for host in 2..32u8 {
+            held.push(connect_from(host, a).await);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut extra = connect_from(40, a).await;
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(2), extra.read_to_end(&mut got))
+            .await
+            .expect("refused at once")
+            .ok();
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 503"), "{got}");
+        assert!(got.contains("maximum of 30 connections"), "{got}");
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // 10 offers at once pass (2 x 5 per second), from 10 addresses; the next is refused
+        // whatever its address.
+        let mut statuses = Vec::new();
+        for host in 50..62u8 {
+            let mut tcp = connect_from(host, a).await;
+            let req = format!(
+                "POST /whep/caps?tracks=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            tcp.write_all(req.as_bytes()).await.unwrap();
+            let mut resp = Vec::new();
+            tcp.read_to_end(&mut resp).await.unwrap();
+            let resp = String::from_utf8_lossy(&resp).into_owned();
+            if !resp.starts_with("HTTP/1.1 201") {
+                assert!(resp.contains("at most 5 offers per second"), "{resp}");
+            }
+            statuses.push(resp[9..12].to_owned());
+        }
+        let answered = statuses.iter().filter(|s| *s == "201").count();
+        assert!((10..=11).contains(&answered), "{statuses:?}");
+        assert_eq!(statuses.last().map(String::as_str), Some("429"), "{statuses:?}");
+    });
+    assert_eq!(
+        common::metric(a, "chorus_http_refused_total{reason=\"connections\"}"),
+        Some(1.0)
+    );
+    assert_eq!(get_json(a, "/healthz").0, 200);
 }

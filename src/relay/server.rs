@@ -171,7 +171,12 @@ fn handle(
             let ctl = ctl.clone();
             tokio::spawn(async move {
                 loop {
-                    match removed.recv().await {
+                    // Ends with the edge's connection, not only at its next send.
+                    let next = tokio::select! {
+                        r = removed.recv() => r,
+                        _ = ctl.closed() => return,
+                    };
+                    match next {
                         Ok((room, member)) => {
                             if ctl.send(OriginMsg::Revoke { room, member }).is_err() {
                                 return;

@@ -81,12 +81,16 @@ export CHORUS_CLUSTER_TOKEN="cluster-$(date +%s%N)"
 # Per-viewer info lines (join, leave) cost the control plane more than the join itself at
 # hundreds of joins per second; warnings still show.
 export CHORUS_LOG=${CHORUS_LOG:-warn}
+# Every viewer and publisher of the load generator comes from 127.0.0.1: lift the per-address
+# connection cap and the offer rates (defaults: 256 connections per IP, 20 offers/s per IP,
+# 100/s in all), which would otherwise cap the join rate being measured.
+LIMITS=(--max-connections 100000 --max-connections-per-ip 100000 --offers-per-sec 100000 --offers-per-sec-per-ip 100000)
 
-taskset -c "$OTHER_CPU" "$BIN" origin --http 127.0.0.1:0 --cluster 127.0.0.1:0 \
+taskset -c "$OTHER_CPU" "$BIN" origin --http 127.0.0.1:0 --cluster 127.0.0.1:0 "${LIMITS[@]}" \
   >"$OUT/origin.json" 2>"$OUT/origin.log" &
 ORIGIN_PID=$!; PIDS+=("$ORIGIN_PID")
 ORIGIN=$(ready_line "$OUT/origin.json" "$ORIGIN_PID")
-taskset -c "${EDGE_CPUS:-$EDGE_CPU}" "$BIN" edge --media-workers "$WORKERS" --http 127.0.0.1:0 --origin "$(json "$ORIGIN" cluster)" \
+taskset -c "${EDGE_CPUS:-$EDGE_CPU}" "$BIN" edge --media-workers "$WORKERS" --http 127.0.0.1:0 "${LIMITS[@]}" --origin "$(json "$ORIGIN" cluster)" \
   --origin-fingerprint "$(json "$ORIGIN" fingerprint)" >"$OUT/edge.json" 2>"$OUT/edge.log" &
 EDGE_PID=$!; PIDS+=("$EDGE_PID")
 EDGE=$(ready_line "$OUT/edge.json" "$EDGE_PID")

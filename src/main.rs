@@ -79,6 +79,31 @@ struct CommonServer {
     /// Shared secret edges present to join this origin.
     #[arg(long, env = "CHORUS_CLUSTER_TOKEN", hide_env_values = true)]
     cluster_token: Option<String>,
+    /// Address of /metrics and /api/streams (operators only). Without it they are served on
+    /// --http only in dev mode on loopback.
+    #[arg(long)]
+    admin_http: Option<SocketAddr>,
+    /// Let dev mode (no --tokens: every stream open) bind HTTP or media beyond loopback.
+    #[arg(long)]
+    dev_public: bool,
+    /// Most open HTTP connections (WebSockets included).
+    #[arg(long, default_value_t = chorus::http::limits::MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Most open HTTP connections from one IP (raise it behind a reverse proxy).
+    #[arg(long, default_value_t = chorus::http::limits::MAX_CONNECTIONS_PER_IP)]
+    max_connections_per_ip: usize,
+    /// SDP offers (WHIP, WHEP, publish, view) taken per second, all clients together.
+    #[arg(long, default_value_t = chorus::http::limits::OFFERS_PER_SEC)]
+    offers_per_sec: u32,
+    /// SDP offers taken per second from one IP.
+    #[arg(long, default_value_t = chorus::http::limits::OFFERS_PER_SEC_PER_IP)]
+    offers_per_sec_per_ip: u32,
+    /// Tests only: ping signalling sockets this often (ms) instead of every 20 s.
+    #[arg(long, hide = true)]
+    ws_ping_ms: Option<u64>,
+    /// Tests only: close a signalling socket silent this long (ms) instead of 60 s.
+    #[arg(long, hide = true)]
+    ws_silence_ms: Option<u64>,
 }
 
 #[derive(Args, Clone, Default)]
@@ -374,6 +399,22 @@ fn run_server(
         data_dir: rooms.data_dir,
         cluster,
         cluster_token: c.cluster_token,
+        admin_http: c.admin_http,
+        dev_public: c.dev_public,
+        limits: {
+            use std::time::Duration;
+            let d = chorus::http::limits::HttpLimits::default();
+            chorus::http::limits::HttpLimits {
+                max_connections: c.max_connections,
+                max_connections_per_ip: c.max_connections_per_ip,
+                offers_per_sec: c.offers_per_sec,
+                offers_per_sec_per_ip: c.offers_per_sec_per_ip,
+                ws_ping_every: c.ws_ping_ms.map_or(d.ws_ping_every, Duration::from_millis),
+                ws_silence_limit: c
+                    .ws_silence_ms
+                    .map_or(d.ws_silence_limit, Duration::from_millis),
+            }
+        },
     };
     runtime()?.block_on(async {
         let running = server::start(&opts).await?;
@@ -381,6 +422,7 @@ fn run_server(
             "{}",
             serde_json::json!({
                 "http": format!("http://{}", running.http),
+                "admin": running.admin.map(|a| format!("http://{a}")),
                 "cluster": running.cluster.map(|c| c.to_string()),
                 "fingerprint": running.fingerprint,
                 "apiKey": running.dev_api_key,

@@ -1,9 +1,8 @@
 //! Process wiring: `chorus serve`, `chorus origin`, `chorus edge` and `chorus probe`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -15,7 +14,8 @@ use crate::auth::jwt::{JwtSigner, JwtVerifier};
 use crate::auth::random_secret;
 use crate::auth::tokens::Tokens;
 use crate::edge::Edge;
-use crate::http::{router, App};
+use crate::http::limits::HttpLimits;
+use crate::http::{admin_router, router, App};
 use crate::origin::Origin;
 use crate::relay::client::{EdgeLink, LinkConfig, LinkHandler};
 use crate::relay::proto::{DatagramHeader, Kind, SourceInfo, LEVEL_EXT_ID};
@@ -63,11 +63,19 @@ pub struct ServerOptions {
     /// The origin an edge links to (edge only).
     pub origin: Option<SocketAddr>,
     pub origin_fingerprint: Option<String>,
+    /// Where `/metrics` and `/api/streams` are served (`--admin-http`); without it they are on
+    /// the main HTTP address only in dev mode on loopback.
+    pub admin_http: Option<SocketAddr>,
+    /// Dev mode (no token file) may bind beyond loopback (`--dev-public`).
+    pub dev_public: bool,
+    pub limits: HttpLimits,
 }
 
 /// A running process's addresses, printed as one JSON line when ready.
 pub struct Running {
     pub http: SocketAddr,
+    /// The admin listener, when there is one.
+    pub admin: Option<SocketAddr>,
     pub cluster: Option<SocketAddr>,
     pub fingerprint: Option<String>,
     /// The room API key, when dev mode made it (printed in the ready line).
@@ -102,8 +110,37 @@ fn load_tokens(opts: &ServerOptions) -> Result<Option<Tokens>, String> {
     }))
 }
 
+/// Dev mode opens every stream to viewers and prints its publish token: on an address others
+/// reach, that is a server anyone can publish to and view. Refused unless asked for.
+fn check_dev_exposure(opts: &ServerOptions) -> Result<(), String> {
+    if opts.tokens.is_some() || opts.role == Role::Edge {
+        return Ok(());
+    }
+    let mut exposed = Vec::new();
+    if !opts.http.ip().is_loopback() {
+        exposed.push(format!("HTTP on {}", opts.http));
+    }
+    if !opts.media_ip.is_loopback() {
+        exposed.push(format!("media on {}", opts.media_ip));
+    }
+    if exposed.is_empty() {
+        return Ok(());
+    }
+    let what = exposed.join(" and ");
+    if opts.dev_public {
+        warn!("DEV MODE ON A PUBLIC ADDRESS (--dev-public): {what}; every stream is open to anyone who reaches it");
+        return Ok(());
+    }
+    Err(format!(
+        "refusing to start: dev mode (no --tokens) opens every stream to viewers, and {what} is beyond loopback, \
+         so anyone who reaches it could view every stream. Give --tokens FILE (see `chorus token create`), \
+         bind to 127.0.0.1, or pass --dev-public to expose dev mode on purpose"
+    ))
+}
+
 /// Starts what `opts.role` asks for and its HTTP server; returns once everything listens.
 pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
+    check_dev_exposure(opts)?;
     let tokens = load_tokens(opts)?;
     // Bound first: an edge announces its signalling URL to the origin when it links.
     let listener = tokio::net::TcpListener::bind(opts.http)
@@ -223,26 +260,73 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
         }
         _ => None,
     };
-    let app = Arc::new(App {
+    // Operators' endpoints (per-source state with publisher ids, counters) stay off the public
+    // listener: on --admin-http, or on the main one in dev mode on loopback.
+    let admin_on_main = opts.admin_http.is_none() && tokens.as_ref().is_some_and(Tokens::is_dev) && http.ip().is_loopback();
+    let mut admin = None;
+    let admin_listener = match opts.admin_http {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("admin HTTP on {addr}: {e}"))?;
+            admin = Some(l.local_addr().map_err(|e| e.to_string())?);
+            Some(l)
+        }
+        None => {
+            if !admin_on_main {
+                warn!("no --admin-http: /metrics and /api/streams are not served");
+            }
+            None
+        }
+    };
+    let app = Arc::new(App::new(
         tokens,
         signer,
-        jwt: verifier,
+        verifier,
         origin,
         edge,
         rooms,
-        public_ws: opts.public_ws.clone(),
-        next_session: AtomicU64::new(1),
-        whep: Mutex::new(HashMap::new()),
-    });
+        opts.public_ws.clone(),
+        opts.limits.clone(),
+        admin_on_main,
+    ));
     if app.origin.is_some() {
         let policy: Arc<dyn SubscribePolicy> = app.clone();
         let _ = subscribe_policy.set(policy);
     }
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(app)).await {
-            warn!("HTTP server stopped: {e}");
-        }
-    });
+    if let Some(edge) = &app.edge {
+        // Room removals the origin sends over the link end the removed members' views here.
+        let mut removed = edge.revocations.subscribe();
+        let app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                match removed.recv().await {
+                    Ok((room, member)) => app.end_room_views(&room, &member),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        warn!(missed = n, "missed room removals")
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+    }
+    if let (Some(l), Some(addr)) = (admin_listener, admin) {
+        info!(admin = %addr, "/metrics and /api/streams on the admin address");
+        let (router, limits, metrics) = (
+            admin_router(app.clone()),
+            opts.limits.clone(),
+            app.http_metrics.clone(),
+        );
+        tokio::spawn(async move { crate::http::listen::serve(l, router, &limits, metrics).await });
+    }
+    let (router, limits, metrics) = (
+        router(app.clone()),
+        opts.limits.clone(),
+        app.http_metrics.clone(),
+    );
+    tokio::spawn(
+        async move { crate::http::listen::serve(listener, router, &limits, metrics).await },
+    );
     match opts.role {
         Role::Serve => {
             info!("chorus serving on http://{http}/ (demo page), director and signalling there too")
@@ -252,6 +336,7 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
     }
     Ok(Running {
         http,
+        admin,
         cluster,
         fingerprint,
         dev_api_key,

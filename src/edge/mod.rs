@@ -163,6 +163,8 @@ pub struct Edge {
     next_id: AtomicU64,
     pub metrics: Arc<EdgeMetrics>,
     link: LinkCtl,
+    /// Room members the origin removed (room, member id): their views here are ended.
+    pub revocations: tokio::sync::broadcast::Sender<(String, String)>,
 }
 
 impl Edge {
@@ -198,10 +200,12 @@ impl Edge {
             receivers.push(rx);
         }
         let metrics = Arc::new(EdgeMetrics::default());
+        let revocations = tokio::sync::broadcast::channel(crate::origin::REVOCATIONS_QUEUE).0;
         let sink: Arc<dyn LinkHandler> = Arc::new(RelaySink {
             lanes: lanes.clone(),
             shared: shared.clone(),
             metrics: metrics.clone(),
+            revocations: revocations.clone(),
         });
         let ctl = manage_link(link, sink, keys).await?;
         let mut candidates = Vec::new();
@@ -225,6 +229,7 @@ impl Edge {
             next_id: AtomicU64::new(1),
             metrics,
             link: ctl,
+            revocations,
         });
         Ok(edge)
     }
@@ -364,9 +369,15 @@ struct RelaySink {
     lanes: Vec<Lane>,
     shared: Arc<Shared>,
     metrics: Arc<EdgeMetrics>,
+    revocations: tokio::sync::broadcast::Sender<(String, String)>,
 }
 
 impl LinkHandler for RelaySink {
+    fn on_revoke(&self, room: &str, member: &str) {
+        // No receiver (no HTTP yet) is not an error: there are no views to end.
+        let _ = self.revocations.send((room.to_owned(), member.to_owned()));
+    }
+
     fn on_sources(&self, stream: &str, channel: u32, sources: &[SourceInfo]) {
         if let Ok(mut cache) = self.shared.sources.lock() {
             cache.insert(stream.to_owned(), (channel, sources.to_vec()));

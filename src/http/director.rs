@@ -173,14 +173,18 @@ pub fn authorize_subscribe(
             "this process holds no token policy".into(),
         ));
     };
-    match rooms::room_grant(app, token, stream, Scope::Subscribe) {
-        Some(Ok(_)) => {}
+    let room = match rooms::room_grant(app, token, stream, Scope::Subscribe) {
+        Some(Ok(room)) => room,
         Some(Err(refusal)) => return Err(refusal),
-        None => tokens
-            .check_subscribe(token, stream)
-            .map_err(|e| Refusal(StatusCode::UNAUTHORIZED, e.to_string()))?,
-    }
-    Ok(signer.issue(stream, Scope::Subscribe))
+        None => {
+            tokens
+                .check_subscribe(token, stream)
+                .map_err(|e| Refusal(StatusCode::UNAUTHORIZED, e.to_string()))?;
+            None
+        }
+    };
+    // A room participant's viewer JWT names it: its removal ends the view at every edge.
+    Ok(signer.issue_bound(stream, Scope::Subscribe, room))
 }
 
 /// The relay asks this for viewers at linked edges.

@@ -300,5 +300,6 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             ],
         );
     }
+    app.http_metrics.write(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

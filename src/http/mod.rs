@@ -2,32 +2,38 @@
 
 pub mod director;
 pub mod health;
+pub mod limits;
+pub(crate) mod listen;
 pub mod metrics;
+pub(crate) mod resources;
+pub(crate) mod room_views;
 pub mod rooms;
 pub mod signal;
+pub(crate) mod socket;
 pub mod web;
 pub mod whep;
 pub mod whip;
 
-use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tower_http::cors::{Any, CorsLayer};
 
-use crate::auth::jwt::{JwtSigner, JwtVerifier, RoomBinding, Scope};
+use crate::auth::jwt::{Claims, JwtSigner, JwtVerifier, RoomBinding, Scope};
 use crate::auth::tokens::Tokens;
 use crate::edge::Edge;
 use crate::origin::Origin;
 use crate::room::RoomService;
 use crate::rtc::offer::OfferError;
-use crate::rtc::peers::PeerId;
 
 /// Everything the HTTP handlers share.
 pub struct App {
@@ -47,14 +53,93 @@ pub struct App {
     /// Base URL put in director answers (`ws://host:port`); None = from the request's Host.
     pub public_ws: Option<String>,
     pub next_session: AtomicU64,
-    /// WHEP resource id -> viewer peer, for DELETE.
-    pub whep: Mutex<HashMap<String, PeerId>>,
+    /// WHIP and WHEP resources, for DELETE with the creating credential.
+    pub(crate) resources: resources::Resources,
+    pub limits: limits::HttpLimits,
+    pub(crate) offers: limits::OfferLimiter,
+    pub http_metrics: Arc<limits::HttpMetrics>,
+    /// Room participants' views here, ended when the member is removed.
+    pub(crate) room_views: room_views::RoomViews,
+    /// `/metrics` and `/api/streams` are on the public listener too (dev mode on loopback,
+    /// without `--admin-http`); otherwise only on the admin listener.
+    pub admin_on_main: bool,
 }
+
+impl App {
+    /// The HTTP state of a process; the rest of the fields start empty.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        tokens: Option<Tokens>,
+        signer: Option<Arc<JwtSigner>>,
+        jwt: Arc<JwtVerifier>,
+        origin: Option<Arc<Origin>>,
+        edge: Option<Arc<Edge>>,
+        rooms: Option<Arc<RoomService>>,
+        public_ws: Option<String>,
+        limits: limits::HttpLimits,
+        admin_on_main: bool,
+    ) -> App {
+        App {
+            tokens,
+            signer,
+            jwt,
+            origin,
+            edge,
+            rooms,
+            public_ws,
+            next_session: AtomicU64::new(1),
+            resources: resources::Resources::default(),
+            room_views: room_views::RoomViews::default(),
+            offers: limits::OfferLimiter::new(&limits),
+            limits,
+            http_metrics: Arc::new(limits::HttpMetrics::default()),
+            admin_on_main,
+        }
+    }
+
+    /// A room member was removed at the origin: its views here end.
+    pub fn end_room_views(&self, room: &str, member: &str) {
+        let views = self.room_views.revoke(room, member);
+        tracing::info!(
+            room,
+            member,
+            views = views.len(),
+            "room member removed: its views end"
+        );
+        for v in views {
+            match v {
+                room_views::View::Session(_, removed) => removed.notify_one(),
+                room_views::View::Whep(peer) => {
+                    if let Some(edge) = &self.edge {
+                        edge.remove(peer);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One SDP offer from `ip`, against the offer rate limits.
+    pub(crate) fn take_offer(&self, ip: IpAddr) -> Result<(), limits::OfferRefused> {
+        let r = self.offers.take(Some(ip), Instant::now());
+        if r.is_err() {
+            limits::HttpMetrics::add(&self.http_metrics.offers_limited);
+        }
+        r
+    }
+}
+
+/// Refusals are logged at info at most once a second (a flood of bad requests is not a flood
+/// of log lines), the others at debug.
+static REFUSAL_LOG: listen::LogEvery = listen::LogEvery::new(Duration::from_secs(1));
 
 /// The `{"status":"fail"}` body the SDK expects, with a status code.
 pub fn fail(status: StatusCode, message: impl Into<String>) -> Response {
     let message = message.into();
-    tracing::info!(%status, %message, "request refused");
+    if REFUSAL_LOG.ready() {
+        tracing::info!(%status, %message, "request refused (further refusals this second at debug)");
+    } else {
+        tracing::debug!(%status, %message, "request refused");
+    }
     (
         status,
         Json(json!({"status": "fail", "data": {"message": message}})),
@@ -98,40 +183,47 @@ pub fn sdp_request<'a>(
     let room = match rooms::room_grant(app, token, stream, scope) {
         Some(grant) => grant?,
         None => {
-            if !jwt_allows(app, token, stream, scope)? {
-                let Some(tokens) = &app.tokens else {
-                    return Err(Refusal(
-                        StatusCode::UNAUTHORIZED,
-                        "this edge takes only a director JWT here".into(),
-                    ));
-                };
-                match scope {
-                    Scope::Publish => tokens.check_publish(token, stream),
-                    Scope::Subscribe => tokens.check_subscribe(token, stream),
+            match jwt_allows(app, token, stream, scope)? {
+                // A room participant's viewer JWT keeps its binding (its removal ends the view).
+                Some(claims) => claims.room.filter(|_| scope == Scope::Subscribe),
+                None => {
+                    let Some(tokens) = &app.tokens else {
+                        return Err(Refusal(
+                            StatusCode::UNAUTHORIZED,
+                            "this edge takes only a director JWT here".into(),
+                        ));
+                    };
+                    match scope {
+                        Scope::Publish => tokens.check_publish(token, stream),
+                        Scope::Subscribe => tokens.check_subscribe(token, stream),
+                    }
+                    .map_err(|e| Refusal(StatusCode::UNAUTHORIZED, e.to_string()))?;
+                    None
                 }
-                .map_err(|e| Refusal(StatusCode::UNAUTHORIZED, e.to_string()))?;
             }
-            None
         }
     };
     Ok((sdp_offer(headers, body)?, room))
 }
 
-/// Whether the bearer is a director JWT of `scope` for `stream`: Ok(false) when it is no valid
-/// JWT at all (the caller checks it as a token), a refusal when it is one for something else.
+/// The claims of the bearer when it is a director JWT of `scope` for `stream`: Ok(None) when it
+/// is no valid JWT at all (the caller checks it as a token), a refusal when it is one for
+/// something else.
 pub fn jwt_allows(
     app: &App,
     token: Option<&str>,
     stream: &str,
     scope: Scope,
-) -> Result<bool, Refusal> {
+) -> Result<Option<Claims>, Refusal> {
     match token.and_then(|t| app.jwt.verify(t).ok()) {
-        Some(claims) if claims.scope == scope && claims.millicast.stream_name == stream => Ok(true),
+        Some(claims) if claims.scope == scope && claims.millicast.stream_name == stream => {
+            Ok(Some(claims))
+        }
         Some(_) => Err(Refusal(
             StatusCode::UNAUTHORIZED,
             format!("this JWT does not allow {scope:?} on {stream:?}"),
         )),
-        None => Ok(false),
+        None => Ok(None),
     }
 }
 
@@ -159,6 +251,34 @@ pub fn relayed_refusal((status, message): (u16, String)) -> Refusal {
     )
 }
 
+/// 429 with Retry-After: an offer over the rate limit.
+pub(crate) fn too_many_offers(e: limits::OfferRefused) -> Response {
+    let retry = e.retry_after().as_secs().max(1).to_string();
+    let mut r = fail(StatusCode::TOO_MANY_REQUESTS, e.to_string());
+    if let Ok(v) = header::HeaderValue::from_str(&retry) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
+/// Every request is answered within [`limits::REQUEST_TIMEOUT`] (its body read included) or
+/// refused with 408.
+async fn deadline(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limits::REQUEST_TIMEOUT, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => {
+            limits::HttpMetrics::add(&app.http_metrics.request_timeouts);
+            fail(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request was not complete within {} s",
+                    limits::REQUEST_TIMEOUT.as_secs()
+                ),
+            )
+        }
+    }
+}
+
 /// A refused offer: the client's fault (400) unless something broke on our side.
 pub fn offer_refused(e: OfferError) -> Response {
     match e {
@@ -181,16 +301,14 @@ pub fn router(app: Arc<App>) -> Router {
             header::IF_MATCH,
         ])
         .expose_headers([header::LOCATION, header::ETAG]);
-    Router::new()
+    let mut r = Router::new()
         .route("/", get(web::index))
         .route("/demo.js", get(web::demo_js))
         .route("/demo.css", get(web::demo_css))
         .route("/sdk/millicast.umd.js", get(web::sdk))
-        .route("/metrics", get(metrics::metrics))
         .route("/healthz", get(health::healthz))
         .route("/api/director/publish", post(director::publish))
         .route("/api/director/subscribe", post(director::subscribe))
-        .route("/api/streams/{name}", get(stream_view))
         .route("/ws", get(signal::upgrade))
         .route("/api/rooms/{room}/tokens", post(rooms::issue_token))
         .route("/api/rooms/{room}/ws", get(rooms::upgrade))
@@ -203,8 +321,28 @@ pub fn router(app: Arc<App>) -> Router {
         .route(
             "/whep/resource/{id}",
             delete(whep::delete).patch(whip::patch),
-        )
-        .layer(cors)
+        );
+    if app.admin_on_main {
+        r = r.merge(admin_routes());
+    }
+    r.layer(cors)
+        .layer(DefaultBodyLimit::max(limits::MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), deadline))
+        .with_state(app)
+}
+
+/// What only operators see: per-source state (with publisher ids) and counters.
+fn admin_routes() -> Router<Arc<App>> {
+    Router::new()
+        .route("/metrics", get(metrics::metrics))
+        .route("/api/streams/{name}", get(stream_view))
+}
+
+/// The admin listener's router (`--admin-http`): no CORS (no web page reads it), health too.
+pub fn admin_router(app: Arc<App>) -> Router {
+    admin_routes()
+        .route("/healthz", get(health::healthz))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), deadline))
         .with_state(app)
 }
 

@@ -3,10 +3,10 @@
 //! when a room token or a room member's publish JWT comes their way.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -14,18 +14,22 @@ use axum::Json;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
-use tracing::info;
+use tokio::sync::{mpsc, Notify};
+use tracing::{debug, info};
 
+use super::limits::{
+    Bucket, HttpMetrics, ROOM_COMMANDS_PER_SEC, WS_MAX_REFUSED, WS_OUT_QUEUE, WS_WRITE_DEADLINE,
+};
 use super::signal::{error_message, parse_cmd, response_message};
+use super::socket::{self, Ending};
 use super::{bearer, director, App, Refusal};
 use crate::auth::jwt::{RoomBinding, Scope};
 use crate::auth::AuthError;
 use crate::room::state::{parse_permissions, Grant, Media, Role};
-use crate::room::{ConnMsg, RoomService};
+use crate::room::{ConnMsg, ConnTx, RoomService};
 use crate::rtc::offer::mlines;
 
-/// Largest room socket message: commands are small.
+/// Largest room socket message and frame: commands are small.
 pub const MAX_ROOM_MESSAGE: usize = 16 * 1024;
 pub const MAX_USER_NAME: usize = 64;
 /// Room tokens live this long unless the request says otherwise (`ttl`, seconds).
@@ -175,7 +179,12 @@ fn grant_stream(
     }
     rooms.admit(g).map_err(forbidden)?;
     match scope {
-        Scope::Subscribe => Ok(None),
+        // A view is bound to the member too, so that its removal ends it.
+        Scope::Subscribe => Ok(Some(RoomBinding {
+            room: g.room.clone(),
+            member_id: g.member.clone(),
+            generation: 0,
+        })),
         Scope::Publish => {
             let right = rooms
                 .may_publish(&g.room, &g.member, None)
@@ -288,96 +297,131 @@ pub async fn upgrade(
     };
     let ws_url = director::ws_url(&app, &headers);
     ws.max_message_size(MAX_ROOM_MESSAGE)
+        .max_frame_size(MAX_ROOM_MESSAGE)
         .read_buffer_size(super::signal::WS_BUFFER)
         .write_buffer_size(super::signal::WS_BUFFER)
-        .on_upgrade(move |socket| session(socket, rooms, g, ws_url))
+        .on_upgrade(move |socket| session(socket, app, rooms, g, ws_url))
 }
 
-async fn session(socket: WebSocket, rooms: Arc<RoomService>, g: Grant, ws_url: String) {
+async fn session(
+    socket: WebSocket,
+    app: Arc<App>,
+    rooms: Arc<RoomService>,
+    g: Grant,
+    ws_url: String,
+) {
+    let metrics = app.http_metrics.clone();
     let (mut sink, mut source) = socket.split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<ConnMsg>();
-    let conn = match rooms.connect(&g, ws_url, tx.clone()) {
+    let (tx, rx) = mpsc::channel::<ConnMsg>(WS_OUT_QUEUE);
+    let overflow = Arc::new(Notify::new());
+    let conn_tx = ConnTx {
+        tx: tx.clone(),
+        overflow: overflow.clone(),
+    };
+    let conn = match rooms.connect(&g, ws_url, conn_tx) {
         Ok(conn) => conn,
         Err(m) => {
             let text = error_message(None, m).to_string();
-            let _ = sink.send(Message::Text(text.into())).await;
-            let _ = sink.close().await;
+            let _ = tokio::time::timeout(WS_WRITE_DEADLINE, sink.send(Message::Text(text.into())))
+                .await;
+            let _ = tokio::time::timeout(WS_WRITE_DEADLINE, sink.close()).await;
             return;
         }
     };
-    let mut writer = tokio::spawn(async move {
-        let mut ping =
-            tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
-        loop {
-            let m = tokio::select! {
-                m = rx.recv() => m,
-                _ = ping.tick() => {
-                    if sink.send(Message::Ping(Bytes::new())).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            match m {
-                Some(ConnMsg::Text(t)) => {
-                    if sink.send(Message::Text(t)).await.is_err() {
-                        return;
-                    }
-                }
-                Some(ConnMsg::Close(reason)) => {
-                    let frame = CloseFrame {
-                        code: 4000,
-                        reason: reason.into(),
-                    };
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                    return;
-                }
-                None => break,
-            }
-        }
-        let _ = sink.close().await;
-    });
+    let mut writer = tokio::spawn(socket::write_loop(sink, rx, PING_EVERY, metrics.clone()));
     let send = |v: Value| {
-        let _ = tx.send(ConnMsg::Text(v.to_string().into()));
+        if tx.try_send(ConnMsg::Text(v.to_string().into())).is_err() {
+            overflow.notify_one();
+        }
+    };
+    let rate = f64::from(ROOM_COMMANDS_PER_SEC);
+    let mut bucket = Bucket::full(2.0 * rate, Instant::now());
+    let mut refused = 0u32;
+    let mut refuse = |trans_id: Option<u64>, m: String| {
+        refused += 1;
+        if refused == 1 {
+            info!(room = g.room.as_str(), member = g.member.as_str(), %m, "room command refused (further refusals of this socket at debug)");
+        } else {
+            debug!(room = g.room.as_str(), member = g.member.as_str(), %m, "room command refused");
+        }
+        send(error_message(trans_id, m));
+        refused
     };
     let mut writer_done = false;
-    loop {
+    let ending: Option<Ending> = loop {
         // A participant that vanished without closing (its pongs stopped) leaves the room.
         let msg = tokio::select! {
             msg = source.next() => msg,
             _ = tokio::time::sleep(SILENCE_LIMIT) => {
                 info!(room = g.room.as_str(), member = g.member.as_str(), "room socket silent: closing it");
-                break;
+                break Some(socket::silent(&metrics, SILENCE_LIMIT));
+            }
+            _ = overflow.notified() => {
+                info!(room = g.room.as_str(), member = g.member.as_str(), "room socket not reading: closing it");
+                break Some(socket::not_reading(&metrics, WS_OUT_QUEUE));
             }
             _ = &mut writer => {
                 writer_done = true;
-                break;
+                break None;
             }
         };
         let text = match msg {
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Binary(_))) => {
-                send(error_message(
+                let n = refuse(
                     None,
-                    "binary messages are not supported: send JSON text",
-                ));
+                    "binary messages are not supported: send JSON text".into(),
+                );
+                if n >= WS_MAX_REFUSED {
+                    break Some(socket::too_many_refused(&metrics, n));
+                }
                 continue;
             }
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+            Some(Err(e)) => break socket::read_error(e, &metrics, MAX_ROOM_MESSAGE),
+            Some(Ok(Message::Close(_))) | None => break None,
             Some(Ok(_)) => continue,
         };
-        match parse_cmd(text.as_str()) {
-            Ok(Some(cmd)) => send(match rooms.command(conn, &cmd.name, &cmd.data) {
-                Ok(data) => response_message(cmd.trans_id, data),
-                Err(m) => error_message(Some(cmd.trans_id), m),
-            }),
-            Ok(None) => {}
-            Err((trans_id, m)) => send(error_message(trans_id, m)),
+        let n = if let Err(retry) = bucket.take(rate, 2.0 * rate, Instant::now()) {
+            HttpMetrics::add(&metrics.ws_commands_limited);
+            refuse(
+                None,
+                format!(
+                    "too many room commands: at most {ROOM_COMMANDS_PER_SEC} per second; retry in {} ms",
+                    retry.as_millis().max(1)
+                ),
+            )
+        } else {
+            match parse_cmd(text.as_str()) {
+                Ok(Some(cmd)) => match rooms.command(conn, &cmd.name, &cmd.data) {
+                    Ok(data) => {
+                        send(response_message(cmd.trans_id, data));
+                        0
+                    }
+                    Err(m) => refuse(Some(cmd.trans_id), m),
+                },
+                Ok(None) => 0,
+                Err((trans_id, m)) => refuse(trans_id, m),
+            }
+        };
+        if n >= WS_MAX_REFUSED {
+            break Some(socket::too_many_refused(&metrics, n));
         }
-    }
+    };
     rooms.disconnect(conn);
-    drop(tx);
+    if let Some(e) = &ending {
+        info!(
+            room = g.room.as_str(),
+            member = g.member.as_str(),
+            code = e.code,
+            reason = e.reason.as_str(),
+            "room socket closed by the server"
+        );
+    }
     if !writer_done {
-        let _ = writer.await;
+        let closed_by_us = ending.is_some();
+        socket::finish(tx, writer, ending).await;
+        if closed_by_us {
+            socket::linger(source).await;
+        }
     }
 }

@@ -3,28 +3,35 @@
 //! the same transId, plus server `event`s. Every bad message gets a clear `error` and the
 //! session goes on; nothing a client sends can take the server down.
 
+use std::cell::Cell;
 use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
+use super::limits::{
+    Bucket, HttpMetrics, WS_COMMANDS_PER_SEC, WS_MAX_MESSAGE, WS_MAX_REFUSED, WS_OUT_QUEUE,
+};
+use super::socket::{self, Ending, WsOut};
 use super::{fail, App};
 use crate::auth::jwt::{Claims, Scope};
 use crate::edge::ViewOptions;
 use crate::origin::Owner;
 use crate::rtc::peers::PeerId;
 
-/// Largest signalling message: an SDP offer with many m-lines is a few tens of KiB.
-pub const MAX_MESSAGE: usize = 256 * 1024;
+/// Largest signalling message and frame (see [`WS_MAX_MESSAGE`]).
+pub const MAX_MESSAGE: usize = WS_MAX_MESSAGE;
 /// A session that sends more commands than this is misbehaving.
 const MAX_COMMANDS: usize = 10_000;
 pub const MAX_SOURCE_ID: usize = 128;
@@ -38,6 +45,7 @@ pub struct WsQuery {
 
 pub async fn upgrade(
     State(app): State<Arc<App>>,
+    peer: ConnectInfo<SocketAddr>,
     Query(q): Query<WsQuery>,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -51,90 +59,198 @@ pub async fn upgrade(
         Ok(c) => c,
         Err(e) => return fail(StatusCode::UNAUTHORIZED, e.to_string()),
     };
-    // A room member's publish JWT stops working once the member is demoted or removed.
+    // A room member's publish JWT stops working once the member is demoted or removed; a room
+    // participant's viewer JWT once it is removed.
     if let Some(b) = &claims.room {
-        if let Err(m) = super::rooms::check_binding(&app, b) {
+        let checked = match claims.scope {
+            Scope::Publish => super::rooms::check_binding(&app, b),
+            Scope::Subscribe => app.room_views.check(&b.room, &b.member_id),
+        };
+        if let Err(m) = checked {
             return fail(StatusCode::FORBIDDEN, m);
         }
     }
     let sid = app.next_session.fetch_add(1, Ordering::Relaxed);
+    let ip = super::listen::peer_ip(&peer);
     // tungstenite's defaults (128 KiB read and 128 KiB write buffer) would be most of a
     // viewer's memory; signalling messages are small and few, and a large offer still fits
-    // (the read buffer is only the chunk size).
+    // (the read buffer is only the chunk size). A frame over the limit is refused from its
+    // header, before its payload is read.
     ws.max_message_size(MAX_MESSAGE)
+        .max_frame_size(MAX_MESSAGE)
         .read_buffer_size(WS_BUFFER)
         .write_buffer_size(WS_BUFFER)
-        .on_upgrade(move |socket| session(socket, app, claims, sid))
+        .on_upgrade(move |socket| session(socket, app, claims, sid, ip))
 }
 
-/// Outgoing messages of one session.
-type Out = mpsc::UnboundedSender<Value>;
+/// Outgoing messages of one session: a bounded queue. A full queue means the client does not
+/// read; the session then ends ([`Out::overflowed`]). Refusals are counted for the session's
+/// limit and logged once.
+pub(crate) struct Out {
+    tx: mpsc::Sender<WsOut>,
+    overflowed: Cell<bool>,
+    refused: Cell<u32>,
+    sid: u64,
+}
 
-async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64) {
-    let stream = claims.millicast.stream_name.clone();
-    info!(session = sid, stream, scope = ?claims.scope, "signalling session opened");
-    let (mut sink, mut source) = socket.split();
-    let (out, mut out_rx) = mpsc::unbounded_channel::<Value>();
-    let writer = tokio::spawn(async move {
-        while let Some(v) = out_rx.recv().await {
-            if sink
-                .send(Message::Text(v.to_string().into()))
-                .await
-                .is_err()
-            {
-                break;
-            }
+impl Out {
+    pub(crate) fn send(&self, v: Value) {
+        if self.tx.try_send(WsOut::Text(v.to_string().into())).is_err() {
+            self.overflowed.set(true);
         }
-        let _ = sink.close().await;
-    });
+    }
+
+    fn overflowed(&self) -> bool {
+        self.overflowed.get()
+    }
+
+    fn refuse(&self, trans_id: Option<u64>, message: String) {
+        let n = self.refused.get() + 1;
+        self.refused.set(n);
+        if n == 1 {
+            info!(session = self.sid, trans_id, %message, "command refused (further refusals of this session at debug, counted at its close)");
+        } else {
+            debug!(session = self.sid, trans_id, %message, "command refused");
+        }
+        self.send(error_message(trans_id, message));
+    }
+}
+
+async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64, peer: IpAddr) {
+    let stream = claims.millicast.stream_name.clone();
+    info!(session = sid, stream, scope = ?claims.scope, %peer, "signalling session opened");
+    let metrics = app.http_metrics.clone();
+    let (sink, mut source) = socket.split();
+    let (tx, rx) = mpsc::channel::<WsOut>(WS_OUT_QUEUE);
+    let mut writer = tokio::spawn(socket::write_loop(
+        sink,
+        rx,
+        app.limits.ws_ping_every,
+        metrics.clone(),
+    ));
+    // The edge's events for this session's viewer: drained into the bounded queue at once.
+    let (events, mut events_rx) = mpsc::unbounded_channel::<Value>();
+    let out = Out {
+        tx: tx.clone(),
+        overflowed: Cell::new(false),
+        refused: Cell::new(0),
+        sid,
+    };
     let mut session = Session {
         sid,
+        peer,
         seen: HashSet::new(),
         viewer: None,
+        events,
+        removed: Arc::new(tokio::sync::Notify::new()),
     };
-    while let Some(msg) = source.next().await {
-        let text = match msg {
-            Ok(Message::Text(t)) => t,
-            Ok(Message::Binary(_)) => {
-                send_error(
-                    &out,
-                    None,
-                    "binary messages are not supported: send JSON text",
-                );
+    let rate = f64::from(WS_COMMANDS_PER_SEC);
+    let mut bucket = Bucket::full(2.0 * rate, Instant::now());
+    let silence = app.limits.ws_silence_limit;
+    let mut writer_done = false;
+    let ending: Option<Ending> = loop {
+        let msg = tokio::select! {
+            m = tokio::time::timeout(silence, source.next()) => m,
+            _ = session.removed.notified() => {
+                let room = claims.room.as_ref().map_or("", |b| b.room.as_str());
+                break Some(Ending {
+                    code: crate::room::CLOSE_ROOM,
+                    reason: format!("removed from room {room:?}: this view has ended"),
+                });
+            }
+            Some(ev) = events_rx.recv() => {
+                out.send(ev);
+                if out.overflowed() {
+                    break Some(socket::not_reading(&metrics, WS_OUT_QUEUE));
+                }
                 continue;
             }
-            Ok(Message::Close(_)) => break,
-            Ok(_) => continue,
-            Err(e) => {
-                info!(session = sid, "signalling socket error: {e}");
-                break;
+            _ = &mut writer => {
+                writer_done = true;
+                break None;
             }
         };
-        if session.seen.len() >= MAX_COMMANDS {
-            send_error(&out, None, "too many commands on one session");
-            break;
+        let msg = match msg {
+            Err(_) => break Some(socket::silent(&metrics, silence)),
+            Ok(None) => break None,
+            Ok(Some(m)) => m,
+        };
+        match msg {
+            Ok(Message::Text(text)) => {
+                if let Err(retry) = bucket.take(rate, 2.0 * rate, Instant::now()) {
+                    HttpMetrics::add(&metrics.ws_commands_limited);
+                    out.refuse(
+                        None,
+                        format!(
+                            "too many commands: at most {WS_COMMANDS_PER_SEC} per second; retry in {} ms",
+                            retry.as_millis().max(1)
+                        ),
+                    );
+                } else if session.seen.len() >= MAX_COMMANDS {
+                    out.refuse(None, "too many commands on one session".into());
+                    break Some(socket::too_many_refused(&metrics, out.refused.get()));
+                } else {
+                    handle_text(&app, &claims, &out, &mut session, text.as_str());
+                }
+            }
+            Ok(Message::Binary(_)) => out.refuse(
+                None,
+                "binary messages are not supported: send JSON text".into(),
+            ),
+            Ok(Message::Close(_)) => break None,
+            Ok(_) => continue,
+            Err(e) => {
+                let ending = socket::read_error(e, &metrics, MAX_MESSAGE);
+                if let Some(e) = &ending {
+                    info!(session = sid, "{}", e.reason);
+                }
+                break ending;
+            }
         }
-        handle_text(&app, &claims, &out, &mut session, text.as_str());
-    }
+        if out.overflowed() {
+            break Some(socket::not_reading(&metrics, WS_OUT_QUEUE));
+        }
+        if out.refused.get() >= WS_MAX_REFUSED {
+            break Some(socket::too_many_refused(&metrics, out.refused.get()));
+        }
+    };
     if let Some(origin) = &app.origin {
         origin.drop_owner(Owner::Signalling(sid));
     }
     if let (Some(edge), Some(v)) = (&app.edge, &session.viewer) {
         edge.remove(v.id);
     }
+    if let (Some(b), Some(_)) = (&claims.room, &session.viewer) {
+        app.room_views.remove_session(&b.room, &b.member_id, sid);
+    }
+    let refused = out.refused.get();
+    match &ending {
+        Some(e) => {
+            info!(
+                session = sid,
+                refused,
+                code = e.code,
+                reason = e.reason.as_str(),
+                "signalling session closed by the server"
+            )
+        }
+        None => info!(session = sid, refused, "signalling session closed"),
+    }
     drop(out);
-    let _ = writer.await;
-    info!(session = sid, "signalling session closed");
+    drop(session);
+    if writer_done {
+        return;
+    }
+    let closed_by_us = ending.is_some();
+    socket::finish(tx, writer, ending).await;
+    if closed_by_us {
+        socket::linger(source).await;
+    }
 }
 
-fn send_error(out: &Out, trans_id: Option<u64>, message: impl Into<String>) {
-    let _ = out.send(error_message(trans_id, message));
-}
-
-/// An `error` answer (logged).
+/// An `error` answer (logged by its socket: once per session at info).
 pub fn error_message(trans_id: Option<u64>, message: impl Into<String>) -> Value {
     let message = message.into();
-    info!(trans_id, %message, "command refused");
     json!({"type": "error", "transId": trans_id, "data": {"message": message}})
 }
 
@@ -184,8 +300,13 @@ pub fn parse_cmd(text: &str) -> Result<Option<Cmd>, (Option<u64>, String)> {
 /// What one signalling session holds.
 struct Session {
     sid: u64,
+    peer: IpAddr,
     seen: HashSet<u64>,
     viewer: Option<ViewerState>,
+    /// Where the edge sends this session's viewer events.
+    events: mpsc::UnboundedSender<Value>,
+    /// Told when the room participant this session views for is removed.
+    removed: Arc<tokio::sync::Notify>,
 }
 
 struct ViewerState {
@@ -206,13 +327,13 @@ fn handle_text(app: &Arc<App>, claims: &Claims, out: &Out, session: &mut Session
         Ok(Some(cmd)) => cmd,
         // Clients may send events (none are used) or stray responses.
         Ok(None) => return,
-        Err((trans_id, message)) => return send_error(out, trans_id, message),
+        Err((trans_id, message)) => return out.refuse(trans_id, message),
     };
     if !session.seen.insert(trans_id) {
-        return send_error(out, Some(trans_id), format!("duplicate transId {trans_id}"));
+        return out.refuse(Some(trans_id), format!("duplicate transId {trans_id}"));
     }
     let result = match name.as_str() {
-        "publish" => publish(app, claims, sid, &data),
+        "publish" => publish(app, claims, sid, session.peer, &data),
         "unpublish" => unpublish(app, claims, sid, &data),
         "view" => match view(app, claims, &data, out, session, trans_id) {
             // The answer is already sent, ahead of the viewer's first events.
@@ -225,10 +346,8 @@ fn handle_text(app: &Arc<App>, claims: &Claims, out: &Out, session: &mut Session
         other => Err(format!("unknown command {other:?}")),
     };
     match result {
-        Ok(data) => {
-            let _ = out.send(response_message(trans_id, data));
-        }
-        Err(message) => send_error(out, Some(trans_id), message),
+        Ok(data) => out.send(response_message(trans_id, data)),
+        Err(message) => out.refuse(Some(trans_id), message),
     }
 }
 
@@ -258,7 +377,13 @@ fn check_stream(claims: &Claims, data: &Value, field: &str) -> Result<(), String
     }
 }
 
-fn publish(app: &Arc<App>, claims: &Claims, sid: u64, data: &Value) -> Result<Value, String> {
+fn publish(
+    app: &Arc<App>,
+    claims: &Claims,
+    sid: u64,
+    peer: IpAddr,
+    data: &Value,
+) -> Result<Value, String> {
     if claims.scope != Scope::Publish {
         return Err("this token may view, not publish".into());
     }
@@ -276,6 +401,7 @@ fn publish(app: &Arc<App>, claims: &Claims, sid: u64, data: &Value) -> Result<Va
         .origin
         .as_ref()
         .ok_or("this is an edge: publish at the origin")?;
+    app.take_offer(peer).map_err(|e| e.to_string())?;
     let published = origin
         .publish(stream, source.clone(), sdp, Owner::Signalling(sid))
         .map_err(|e| e.to_string())?;
@@ -368,6 +494,7 @@ fn view(
         Some(_) => return Err("pinnedSourceId must be a string".into()),
     };
     let excluded = source_list(data, "excludedSourceIds")?;
+    app.take_offer(session.peer).map_err(|e| e.to_string())?;
     let stream = &claims.millicast.stream_name;
     let pending = edge
         .prepare(
@@ -378,10 +505,16 @@ fn view(
                 excluded,
                 max_tracks: None,
             },
-            out.clone(),
+            session.events.clone(),
         )
         .map_err(|e| e.to_string())?;
-    let _ = out.send(json!({"type": "response", "transId": trans_id, "data": {
+    // Registered before it is answered: a removal from now on ends it (the uncommitted
+    // viewer of a refused one is just dropped).
+    if let Some(b) = &claims.room {
+        let view = super::room_views::View::Session(session.sid, session.removed.clone());
+        app.room_views.add(&b.room, &b.member_id, view)?;
+    }
+    out.send(json!({"type": "response", "transId": trans_id, "data": {
         "sdp": pending.answer,
         "subscriberId": pending.subscriber_id,
         "streamViewId": pending.subscriber_id,
@@ -473,4 +606,29 @@ fn unproject(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Valu
     v.projected.retain(|(m, _)| !mids.contains(m));
     push_projections(app, v);
     Ok(json!({}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_marks_the_session_as_not_reading_and_refusals_are_counted() {
+        let (tx, _rx) = mpsc::channel(2);
+        let out = Out {
+            tx,
+            overflowed: Cell::new(false),
+            refused: Cell::new(0),
+            sid: 1,
+        };
+        out.send(json!({}));
+        out.refuse(Some(1), "no".into());
+        assert!(!out.overflowed());
+        out.send(json!({}));
+        assert!(
+            out.overflowed(),
+            "the third message does not fit a queue of two"
+        );
+        assert_eq!(out.refused.get(), 1);
+    }
 }

@@ -4,16 +4,20 @@
 
 use std::sync::Arc;
 
+use std::net::SocketAddr;
+
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
+use super::resources::Session;
 use super::{
-    bearer, fail, jwt_allows, offer_refused, relayed_refusal, sdp_offer, sdp_request, App,
+    bearer, fail, jwt_allows, offer_refused, relayed_refusal, sdp_offer, sdp_request,
+    too_many_offers, App,
 };
-use crate::auth::jwt::Scope;
+use crate::auth::jwt::{RoomBinding, Scope};
 use crate::edge::{ViewOptions, MAX_TRACKS};
 use crate::rtc::offer::mlines;
 
@@ -26,6 +30,7 @@ pub struct WhepQuery {
 
 pub async fn view(
     State(app): State<Arc<App>>,
+    peer: ConnectInfo<SocketAddr>,
     Path(stream): Path<String>,
     Query(q): Query<WhepQuery>,
     headers: HeaderMap,
@@ -37,17 +42,23 @@ pub async fn view(
             "this origin serves no viewers: view at an edge",
         );
     };
-    let offer = if app.origin.is_some() {
-        sdp_request(&app, &headers, &stream, Scope::Subscribe, &body).map(|(o, _)| o)
+    let request = if app.origin.is_some() {
+        sdp_request(&app, &headers, &stream, Scope::Subscribe, &body)
     } else {
-        edge_allows(&app, edge, &headers, &stream)
-            .await
-            .and_then(|()| sdp_offer(&headers, &body))
+        match edge_allows(&app, edge, &headers, &stream).await {
+            Ok(room) => sdp_offer(&headers, &body).map(|o| (o, room)),
+            Err(refusal) => Err(refusal),
+        }
     };
-    let offer = match offer {
+    let (offer, room) = match request {
         Ok(o) => o,
         Err(refusal) => return refusal.into_response(),
     };
+    if let Some(b) = &room {
+        if let Err(m) = app.room_views.check(&b.room, &b.member_id) {
+            return fail(StatusCode::FORBIDDEN, m);
+        }
+    }
     if let Some(n) = q.tracks {
         let available = mlines(offer)
             .iter()
@@ -75,19 +86,23 @@ pub async fn view(
         excluded,
         max_tracks: q.tracks,
     };
+    if let Err(e) = app.take_offer(super::listen::peer_ip(&peer)) {
+        return too_many_offers(e);
+    }
     // WHEP has no event channel: events have nowhere to go.
     let (events, _) = tokio::sync::mpsc::unbounded_channel();
     let pending = match edge.prepare(&stream, offer, opts, events) {
         Ok(p) => p,
         Err(e) => return offer_refused(e),
     };
-    let resource = pending.subscriber_id.clone();
     let answer = pending.answer.clone();
     let id = edge.commit(pending);
-    app.whep
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(resource.clone(), id);
+    if let Some(b) = &room {
+        let _ = app
+            .room_views
+            .add(&b.room, &b.member_id, super::room_views::View::Whep(id));
+    }
+    let resource = app.resources.create(Session::Whep(id), bearer(&headers));
     (
         StatusCode::CREATED,
         [
@@ -106,30 +121,33 @@ async fn edge_allows(
     edge: &crate::edge::Edge,
     headers: &HeaderMap,
     stream: &str,
-) -> Result<(), super::Refusal> {
+) -> Result<Option<RoomBinding>, super::Refusal> {
     super::director::check_stream_name(stream)
         .map_err(|m| super::Refusal(StatusCode::BAD_REQUEST, m))?;
     let token = bearer(headers);
-    if jwt_allows(app, token, stream, Scope::Subscribe)? {
-        return Ok(());
+    if let Some(claims) = jwt_allows(app, token, stream, Scope::Subscribe)? {
+        return Ok(claims.room);
     }
-    edge.authorize(stream, token)
+    let jwt = edge
+        .authorize(stream, token)
         .await
-        .map(|_jwt| ())
-        .map_err(relayed_refusal)
+        .map_err(relayed_refusal)?;
+    // The origin binds a room participant's viewer JWT to it: keep that for its removal.
+    Ok(app.jwt.verify(&jwt).ok().and_then(|c| c.room))
 }
 
-pub async fn delete(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
-    let peer = app
-        .whep
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&id);
-    match (peer, &app.edge) {
-        (Some(peer), Some(edge)) => {
+/// `DELETE /whep/resource/{id}` with the bearer that created it (none for an open stream's).
+pub async fn delete(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    match (app.resources.take(&id, false, bearer(&headers)), &app.edge) {
+        (Ok(Session::Whep(peer)), Some(edge)) => {
             edge.remove(peer);
             StatusCode::OK.into_response()
         }
+        (Err(refusal), _) => refusal.into_response(),
         _ => fail(StatusCode::NOT_FOUND, format!("no WHEP session {id:?}")),
     }
 }

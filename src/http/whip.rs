@@ -3,14 +3,17 @@
 
 use std::sync::Arc;
 
+use std::net::SocketAddr;
+
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
+use super::resources::Session;
 use super::signal::MAX_SOURCE_ID;
-use super::{fail, offer_refused, rooms, sdp_request, App};
+use super::{bearer, fail, offer_refused, rooms, sdp_request, too_many_offers, App};
 use crate::auth::jwt::Scope;
 use crate::origin::Owner;
 
@@ -22,6 +25,7 @@ pub struct WhipQuery {
 
 pub async fn publish(
     State(app): State<Arc<App>>,
+    peer: ConnectInfo<SocketAddr>,
     Path(stream): Path<String>,
     Query(q): Query<WhipQuery>,
     headers: HeaderMap,
@@ -52,6 +56,9 @@ pub async fn publish(
             return fail(StatusCode::FORBIDDEN, m);
         }
     }
+    if let Err(e) = app.take_offer(super::listen::peer_ip(&peer)) {
+        return too_many_offers(e);
+    }
     let published = origin.publish(&stream, source, offer, Owner::Whip);
     if let (Ok(_), Some(b)) = (&published, &room) {
         if let Err(m) = rooms::confirm_room_publish(&app, b) {
@@ -59,32 +66,53 @@ pub async fn publish(
         }
     }
     match published {
-        Ok(p) => (
-            StatusCode::CREATED,
-            [
-                (header::CONTENT_TYPE, "application/sdp".to_owned()),
-                (
-                    header::LOCATION,
-                    format!("/whip/resource/{}", p.publisher_id),
-                ),
-            ],
-            p.answer,
-        )
-            .into_response(),
+        Ok(p) => {
+            // The resource id is not the publisher id (which operators see in /api/streams):
+            // 128 random bits, ended only with the bearer that created it.
+            let id = app
+                .resources
+                .create(Session::Whip(p.publisher_id), bearer(&headers));
+            (
+                StatusCode::CREATED,
+                [
+                    (header::CONTENT_TYPE, "application/sdp".to_owned()),
+                    (header::LOCATION, format!("/whip/resource/{id}")),
+                ],
+                p.answer,
+            )
+                .into_response()
+        }
         Err(e) => offer_refused(e),
     }
 }
 
-pub async fn delete(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
-    if app.origin.as_ref().is_some_and(|o| o.unpublish_whip(&id)) {
-        StatusCode::OK.into_response()
-    } else {
-        fail(StatusCode::NOT_FOUND, format!("no WHIP session {id:?}"))
+/// `DELETE /whip/resource/{id}` with the bearer that created it (RFC 9725 §4.2).
+pub async fn delete(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    match app.resources.take(&id, true, bearer(&headers)) {
+        Ok(Session::Whip(publisher)) => {
+            // Already gone (replaced, or its peer ended) is still a successful end.
+            let _ = app.origin.as_ref().map(|o| o.unpublish_whip(&publisher));
+            StatusCode::OK.into_response()
+        }
+        Ok(Session::Whep(_)) => fail(StatusCode::NOT_FOUND, format!("no WHIP session {id:?}")),
+        Err(refusal) => refusal.into_response(),
     }
 }
 
-/// Trickle ICE and ICE restarts are not supported (RFC 9725 §4.3.1: answer 405).
-pub async fn patch() -> Response {
+/// Trickle ICE and ICE restarts are not supported (RFC 9725 §4.3.1: answer 405), to the holder
+/// of the resource's credential; others get 404 or 401 as for DELETE.
+pub async fn patch(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(refusal) = app.resources.check(&id, bearer(&headers)) {
+        return refusal.into_response();
+    }
     (
         StatusCode::METHOD_NOT_ALLOWED,
         [(header::ALLOW, "POST, DELETE")],

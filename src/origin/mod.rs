@@ -199,6 +199,10 @@ pub struct StreamView {
     pub edges: usize,
 }
 
+/// Room removals queued to each edge's link at most (a removal is rare: a burst past this is
+/// logged by the link as lagged, and those views end by their own sessions' checks instead).
+pub const REVOCATIONS_QUEUE: usize = 256;
+
 pub struct Origin {
     host: RtcHost,
     pub metrics: Arc<OriginMetrics>,
@@ -211,6 +215,8 @@ pub struct Origin {
     me: Weak<Origin>,
     /// Who talks, as the linked edges report it.
     pub talking: talking::TalkingBoard,
+    /// Room members removed (room, member id), for every linked edge to end their views.
+    pub revocations: tokio::sync::broadcast::Sender<(String, String)>,
 }
 
 impl Origin {
@@ -225,6 +231,7 @@ impl Origin {
             next_channel: AtomicU32::new(1),
             me: me.clone(),
             talking: talking::TalkingBoard::default(),
+            revocations: tokio::sync::broadcast::channel(REVOCATIONS_QUEUE).0,
         })
     }
 

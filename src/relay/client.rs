@@ -30,6 +30,8 @@ pub trait LinkHandler: Send + Sync + 'static {
     /// `datagram` is the whole datagram; the RTP packet starts at [`DATAGRAM_HEADER`].
     fn on_datagram(&self, hdr: DatagramHeader, datagram: bytes::Bytes);
     fn on_closed(&self, reason: &str);
+    /// A room member was removed at the origin: end its views here.
+    fn on_revoke(&self, _room: &str, _member: &str) {}
 }
 
 pub struct EdgeLink {
@@ -151,6 +153,10 @@ impl EdgeLink {
                         message,
                     })) => {
                         answer(id, Err((status, message)));
+                        continue;
+                    }
+                    Ok(Some(OriginMsg::Revoke { room, member })) => {
+                        h.on_revoke(&room, &member);
                         continue;
                     }
                     Ok(Some(other)) => {

@@ -70,6 +70,8 @@ pub enum OriginMsg {
         channel: u32,
         sources: Vec<SourceInfo>,
     },
+    /// A room member was removed: the edge ends its views and refuses its viewer JWTs.
+    Revoke { room: String, member: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -183,6 +183,29 @@ fn handle(
                 jwt_key: policy.jwt_key.to_base64(),
                 key_id: policy.jwt_key.kid.clone(),
             });
+            // Room removals follow, for the edge to end the removed members' views.
+            let mut removed = origin.revocations.subscribe();
+            let ctl = ctl.clone();
+            tokio::spawn(async move {
+                loop {
+                    // Ends with the edge's connection, not only at its next send.
+                    let next = tokio::select! {
+                        r = removed.recv() => r,
+                        _ = ctl.closed() => return,
+                    };
+                    match next {
+                        Ok((room, member)) => {
+                            if ctl.send(OriginMsg::Revoke { room, member }).is_err() {
+                                return;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            warn!(missed = n, "edge link missed room removals")
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            });
         }
         _ if !*welcomed => return Err("edge sent a command before hello".into()),
         EdgeMsg::Subscribe { stream } => {

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use serde_json::{json, Value};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, Notify};
 use tracing::{info, warn};
 
 use crate::auth::jwt::{JwtSigner, RoomBinding, Scope};
@@ -24,16 +24,29 @@ use crate::origin::Origin;
 use state::{Effect, Gauges, Grant, Permission, PublishRight, Role, Rooms};
 use token::RoomKeys;
 
-/// What a room socket's writer gets.
-#[derive(Debug)]
-pub enum ConnMsg {
-    Text(Utf8Bytes),
-    /// Close the socket with this reason.
-    Close(String),
+/// What a room socket's writer gets (a close carries [`CLOSE_ROOM`] for the room's own ends).
+pub use crate::http::socket::WsOut as ConnMsg;
+
+/// The close code of a room's own ends (`room.removed`, a second socket taking over).
+pub const CLOSE_ROOM: u16 = 4000;
+
+/// A room socket's side of its connection: the bounded queue its writer drains, and what tells
+/// it that the queue overflowed (the participant does not read: its socket is closed).
+pub struct ConnTx {
+    pub tx: mpsc::Sender<ConnMsg>,
+    pub overflow: Arc<Notify>,
+}
+
+impl ConnTx {
+    fn send(&self, m: ConnMsg) {
+        if self.tx.try_send(m).is_err() {
+            self.overflow.notify_one();
+        }
+    }
 }
 
 struct Conn {
-    tx: mpsc::UnboundedSender<ConnMsg>,
+    tx: ConnTx,
     room: String,
     member: String,
     /// Signalling URL for this participant's publish credentials (as its director would say).
@@ -173,12 +186,7 @@ impl RoomService {
     }
 
     /// A participant's room socket opened, writing what it gets to `tx`: its connection id.
-    pub fn connect(
-        &self,
-        g: &Grant,
-        ws_url: String,
-        tx: mpsc::UnboundedSender<ConnMsg>,
-    ) -> Result<u64, String> {
+    pub fn connect(&self, g: &Grant, ws_url: String, tx: ConnTx) -> Result<u64, String> {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.lock();
         let fx = inner.rooms.join(g, conn, unix_now())?;
@@ -237,6 +245,13 @@ impl RoomService {
         if let Some((counter, what)) = change {
             counter.fetch_add(1, Ordering::Relaxed);
             let target = data.get("memberId").and_then(Value::as_str).unwrap_or("");
+            if name == "remove" {
+                // Every edge (this process's too, over its link) ends the member's views.
+                let _ = self
+                    .origin
+                    .revocations
+                    .send((room.clone(), target.to_owned()));
+            }
             info!(
                 room = room.as_str(),
                 by = member.as_str(),
@@ -268,7 +283,7 @@ impl RoomService {
                     let text = Utf8Bytes::from(event.to_string());
                     for c in to {
                         if let Some(conn) = inner.conns.get(&c) {
-                            let _ = conn.tx.send(ConnMsg::Text(text.clone()));
+                            conn.tx.send(ConnMsg::Text(text.clone()));
                         }
                     }
                 }
@@ -295,11 +310,11 @@ impl RoomService {
                     data["sourceId"] = json!(member);
                     data["memberId"] = json!(member);
                     let event = state::event("member.promoted", data);
-                    let _ = c.tx.send(ConnMsg::Text(event.to_string().into()));
+                    c.tx.send(ConnMsg::Text(event.to_string().into()));
                 }
                 Effect::Close { conn, reason } => {
                     if let Some(c) = inner.conns.get(&conn) {
-                        let _ = c.tx.send(ConnMsg::Close(reason));
+                        c.tx.send(ConnMsg::Close(CLOSE_ROOM, reason));
                     }
                 }
                 Effect::StopPublishing { room, member } => stops.push((room, member)),

@@ -262,7 +262,10 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
     };
     // Operators' endpoints (per-source state with publisher ids, counters) stay off the public
     // listener: on --admin-http, or on the main one in dev mode on loopback.
-    let admin_on_main = opts.admin_http.is_none() && tokens.as_ref().is_some_and(Tokens::is_dev) && http.ip().is_loopback();
+    // An edge holds no token policy: on loopback it is as local as dev mode.
+    let admin_on_main = opts.admin_http.is_none()
+        && (tokens.as_ref().is_some_and(Tokens::is_dev) || opts.role == Role::Edge)
+        && http.ip().is_loopback();
     let mut admin = None;
     let admin_listener = match opts.admin_http {
         Some(addr) => {

@@ -87,7 +87,7 @@ fn base36(mut n: u32) -> String {
 #[test]
 fn view_names_are_capped_and_released_with_the_view() {
     let _serial = common::serial();
-    let p = common::serve(TOKEN);
+    let p = common::serve_with(TOKEN, common::LIFT_ADDRESS_LIMITS);
     let http = p.http();
     let h = Honest::start(Honest::at(http, TOKEN, "honest-names").seconds(26));
     let baseline = metric(http, "chorus_edge_interned_names");

@@ -125,7 +125,7 @@ fn message(v: &Value) -> String {
 #[test]
 fn publish_race_failing_offers_publishes_and_edge_churn_at_one_stream() {
     let _serial = common::serial();
-    let origin = common::origin(TOKEN, CLUSTER);
+    let origin = common::origin_with(TOKEN, CLUSTER, common::LIFT_ADDRESS_LIMITS, &[]);
     let edge = common::edge(&origin, CLUSTER);
     let h = Honest::start(
         Honest::at(origin.http(), TOKEN, "honest-stream")
@@ -243,7 +243,7 @@ fn publish_race_failing_offers_publishes_and_edge_churn_at_one_stream() {
 #[test]
 fn distinct_source_id_churn_keeps_indices_exclusive_and_the_limit_clear() {
     let _serial = common::serial();
-    let origin = common::origin(TOKEN, CLUSTER);
+    let origin = common::origin_with(TOKEN, CLUSTER, common::LIFT_ADDRESS_LIMITS, &[]);
     let edge = common::edge(&origin, CLUSTER);
     let h = Honest::start(
         Honest::at(origin.http(), TOKEN, "honest-stream")

@@ -207,12 +207,26 @@ pub fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
 
 /// `chorus serve` in dev mode with this publish token, HTTP on a free port.
 pub fn serve(publish_token: &str) -> Proc {
-    Proc::start(
-        "serve",
-        &["serve", "--http", "127.0.0.1:0"],
-        &[("CHORUS_PUBLISH_TOKEN", publish_token)],
-    )
+    serve_with(publish_token, &[])
 }
+
+/// [`serve`] with more arguments.
+pub fn serve_with(publish_token: &str, extra: &[&str]) -> Proc {
+    let mut args = vec!["serve", "--http", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    Proc::start("serve", &args, &[("CHORUS_PUBLISH_TOKEN", publish_token)])
+}
+
+/// Arguments that lift the per-address offer rates and connection cap, for tests whose many
+/// offers all come from 127.0.0.1 on purpose (they test another limit).
+pub const LIFT_ADDRESS_LIMITS: &[&str] = &[
+    "--offers-per-sec",
+    "100000",
+    "--offers-per-sec-per-ip",
+    "100000",
+    "--max-connections-per-ip",
+    "100000",
+];
 
 /// `chorus serve` with a token file (no dev mode), HTTP on a free port, plus `extra` arguments.
 pub fn serve_token_file(file: &Path, extra: &[&str]) -> Proc {

@@ -26,7 +26,8 @@ pub const MAX_CONNECTIONS: usize = 10_000;
 pub const MAX_CONNECTIONS_PER_IP: usize = 256;
 /// Default of `--offers-per-sec`: SDP offers (WHIP, WHEP, signalling `publish` and `view`) the
 /// process takes per second, all clients together; bursts of twice this pass. Each offer costs a
-/// peer (about 90 KiB) that lives up to 30 s unconnected: 100/s bounds that at about 270 MiB.
+/// peer (about 90 KiB) that lives up to [`crate::rtc::peers::CONNECT_TIMEOUT`] unconnected, and
+/// the media side caps those at [`crate::rtc::peers::MAX_UNCONNECTED_PEERS`].
 pub const OFFERS_PER_SEC: u32 = 100;
 /// Default of `--offers-per-sec-per-ip`: offers per second from one IP (bursts of 2.5 times
 /// this pass: a page that publishes and views a few sources at once is never refused).

@@ -373,7 +373,8 @@ fn a_publisher_that_vanishes_is_removed_after_ice_timeout() {
 #[test]
 fn keyframe_requests_travel_back_to_the_publisher_and_video_is_relayed() {
     let _serial = common::serial();
-    let p = serve();
+    // serve's QUIC port takes only edges with its cluster token: the probe gets it too.
+    let p = common::serve_with(TOKEN, &["--cluster-token", "kf-cluster"]);
     // `_` publishes without a sourceId: the stream's main source, with video.
     let mut tool = sdk_publisher(
         &p,
@@ -401,6 +402,8 @@ fn keyframe_requests_travel_back_to_the_publisher_and_video_is_relayed() {
             "4",
             "--keyframe-every",
             "1",
+            "--cluster-token",
+            "kf-cluster",
         ])
         .output()
         .unwrap();

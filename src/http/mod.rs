@@ -4,6 +4,7 @@ pub mod director;
 pub mod metrics;
 pub mod rooms;
 pub mod signal;
+pub mod signal_cmd;
 pub mod web;
 pub mod whep;
 pub mod whip;

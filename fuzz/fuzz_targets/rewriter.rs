@@ -38,7 +38,13 @@ const SAMPLES: [u32; 7] = [120, 240, 480, 960, 1920, 2880, 5760];
 #[derive(Debug, Arbitrary)]
 enum Op {
     /// Next packet of a source after `skip % 8` lost ones.
-    Next { src: u8, skip: u8, dt_us: u16, marker: bool, dur: u8 },
+    Next {
+        src: u8,
+        skip: u8,
+        dt_us: u16,
+        marker: bool,
+        dur: u8,
+    },
     /// A burst of `n % 32` in-order packets, 20 ms apart.
     Burst { src: u8, n: u8 },
     /// Re-send (duplicate) or deliver late (reorder) the packet `back % 64 + 1` before the next.
@@ -52,7 +58,14 @@ enum Op {
     /// Time passes without packets.
     Sleep { dt_us: u32 },
     /// A fully arbitrary header on a source.
-    Raw { src: u8, ssrc: u32, seq: u16, ts: u32, marker: bool, dur: u8 },
+    Raw {
+        src: u8,
+        ssrc: u32,
+        seq: u16,
+        ts: u32,
+        marker: bool,
+        dur: u8,
+    },
 }
 
 #[derive(Debug, Arbitrary)]
@@ -112,7 +125,13 @@ fn liveness() -> bool {
 }
 
 impl Model {
-    fn check(&mut self, r: &TrackRewriter, now: u64, p: &InputPacket, got: Result<Rewritten, RewriteDrop>) {
+    fn check(
+        &mut self,
+        r: &TrackRewriter,
+        now: u64,
+        p: &InputPacket,
+        got: Result<Rewritten, RewriteDrop>,
+    ) {
         let (anchor0, head0) = (self.anchor, self.head);
         let ctx = || format!("packet {p:?} at {now} us, anchor {anchor0:?}, head {head0:?}");
         let continues = match self.anchor {
@@ -121,7 +140,11 @@ impl Model {
                 if delta.abs() > MAX_SEQ_JUMP {
                     // A restart of the sender's numbering, either way: a new anchor.
                     if liveness() {
-                        assert!(got.is_ok(), "source restarted {delta} on the same SSRC: packet dropped; {}", ctx());
+                        assert!(
+                            got.is_ok(),
+                            "source restarted {delta} on the same SSRC: packet dropped; {}",
+                            ctx()
+                        );
                     }
                     None
                 } else if a.highest_ext + delta < 0 {
@@ -133,38 +156,79 @@ impl Model {
             }
             _ => None,
         };
-        let out = got.unwrap_or_else(|e| panic!("dropped ({e:?}) a packet that must be forwarded: {}", ctx()));
+        let out = got.unwrap_or_else(|e| {
+            panic!("dropped ({e:?}) a packet that must be forwarded: {}", ctx())
+        });
         assert_eq!(out.ssrc, self.track_ssrc, "{}", ctx());
 
         let ext = match continues {
             Some((mut a, delta)) => {
-                assert_eq!(out.seq, p.seq.wrapping_add(a.seq_off), "seq mapping changed within an anchor: {}", ctx());
-                assert_eq!(out.ts, p.ts.wrapping_add(a.ts_off), "ts mapping changed within an anchor: {}", ctx());
+                assert_eq!(
+                    out.seq,
+                    p.seq.wrapping_add(a.seq_off),
+                    "seq mapping changed within an anchor: {}",
+                    ctx()
+                );
+                assert_eq!(
+                    out.ts,
+                    p.ts.wrapping_add(a.ts_off),
+                    "ts mapping changed within an anchor: {}",
+                    ctx()
+                );
                 assert_eq!(out.marker, p.marker, "marker not passed through: {}", ctx());
                 let head = self.head.expect("an anchor implies a head");
                 let ext = head.ext + out.seq.wrapping_sub(head.seq) as i16 as i64;
                 if delta > 0 {
                     a.highest_ext += delta;
                     a.highest_seq = p.seq;
-                    self.head = Some(Head { ext, seq: out.seq, ts: out.ts, at_us: now, samples: p.samples });
+                    self.head = Some(Head {
+                        ext,
+                        seq: out.seq,
+                        ts: out.ts,
+                        at_us: now,
+                        samples: p.samples,
+                    });
                 }
                 self.anchor = Some(a);
                 ext
             }
             None => {
-                assert!(out.marker, "no marker on the first packet of an anchor: {}", ctx());
+                assert!(
+                    out.marker,
+                    "no marker on the first packet of an anchor: {}",
+                    ctx()
+                );
                 let ext = match self.head {
                     None => {
-                        assert_eq!((out.seq, out.ts), (self.first_seq, self.first_ts), "{}", ctx());
+                        assert_eq!(
+                            (out.seq, out.ts),
+                            (self.first_seq, self.first_ts),
+                            "{}",
+                            ctx()
+                        );
                         0
                     }
                     Some(h) => {
-                        assert_eq!(out.seq, h.seq.wrapping_add(1), "seq does not continue at a switch: {}", ctx());
+                        assert_eq!(
+                            out.seq,
+                            h.seq.wrapping_add(1),
+                            "seq does not continue at a switch: {}",
+                            ctx()
+                        );
                         let adv = out.ts.wrapping_sub(h.ts);
-                        assert!(adv as i32 > 0, "ts did not advance at a switch ({adv}): {}", ctx());
+                        assert!(
+                            adv as i32 > 0,
+                            "ts did not advance at a switch ({adv}): {}",
+                            ctx()
+                        );
                         let elapsed = (now.saturating_sub(h.at_us) as u128 * 48_000 / 1_000_000)
                             .min(u32::MAX as u128 / 2) as u32;
-                        assert_eq!(adv, elapsed.max(h.samples), "ts advance is not the elapsed time: {}", ctx());
+                        assert_eq!(
+                            adv,
+                            elapsed.max(h.samples),
+                            "ts advance is not the elapsed time: {}",
+                            ctx()
+                        );
                         h.ext + 1
                     }
                 };
@@ -178,14 +242,24 @@ impl Model {
                     seq_off: out.seq.wrapping_sub(p.seq),
                     ts_off: out.ts.wrapping_sub(p.ts),
                 });
-                self.head = Some(Head { ext, seq: out.seq, ts: out.ts, at_us: now, samples: p.samples });
+                self.head = Some(Head {
+                    ext,
+                    seq: out.seq,
+                    ts: out.ts,
+                    at_us: now,
+                    samples: p.samples,
+                });
                 ext
             }
         };
         let id = self.anchor.unwrap().id;
         match self.owners.get(&ext) {
             Some(&(other, _)) if other != id => {
-                panic!("output seq {} (ext {ext}) reused across anchors {other} and {id}: {}", out.seq, ctx())
+                panic!(
+                    "output seq {} (ext {ext}) reused across anchors {other} and {id}: {}",
+                    out.seq,
+                    ctx()
+                )
             }
             _ => {}
         }
@@ -220,7 +294,11 @@ fn run(s: Script) {
         window: VecDeque::new(),
         owners: HashMap::new(),
     };
-    let mut gens: Vec<Gen> = s.starts.iter().map(|&(ssrc, seq, ts)| Gen { ssrc, seq, ts }).collect();
+    let mut gens: Vec<Gen> = s
+        .starts
+        .iter()
+        .map(|&(ssrc, seq, ts)| Gen { ssrc, seq, ts })
+        .collect();
     let mut now: u64 = 0;
     let feed = |r: &mut TrackRewriter, m: &mut Model, now: u64, p: InputPacket| {
         let got = r.rewrite(now, &p);
@@ -228,14 +306,27 @@ fn run(s: Script) {
     };
     // Builds the next packet of a source and advances it.
     let next = |g: &mut Gen, src: usize, marker: bool, samples: u32| {
-        let p = InputPacket { source: SourceIdx(src as u32), ssrc: g.ssrc, seq: g.seq, ts: g.ts, marker, samples };
+        let p = InputPacket {
+            source: SourceIdx(src as u32),
+            ssrc: g.ssrc,
+            seq: g.seq,
+            ts: g.ts,
+            marker,
+            samples,
+        };
         g.seq = g.seq.wrapping_add(1);
         g.ts = g.ts.wrapping_add(samples);
         p
     };
     for op in s.ops.into_iter().take(4096) {
         match op {
-            Op::Next { src, skip, dt_us, marker, dur } => {
+            Op::Next {
+                src,
+                skip,
+                dt_us,
+                marker,
+                dur,
+            } => {
                 let i = src as usize % 4;
                 let samples = SAMPLES[dur as usize % SAMPLES.len()];
                 let g = &mut gens[i];
@@ -281,7 +372,14 @@ fn run(s: Script) {
                 assert_eq!(r.current_source(), None);
             }
             Op::Sleep { dt_us } => now += dt_us as u64,
-            Op::Raw { src, ssrc, seq, ts, marker, dur } => {
+            Op::Raw {
+                src,
+                ssrc,
+                seq,
+                ts,
+                marker,
+                dur,
+            } => {
                 let p = InputPacket {
                     source: SourceIdx(src as u32 % 4),
                     ssrc,

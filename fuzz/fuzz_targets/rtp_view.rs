@@ -27,7 +27,10 @@ fuzz_target!(|data: &[u8]| {
             check_rewrite(data, v);
         }
         (Err(e), Err(r)) => assert_eq!(e, r, "error kind differs from the reference"),
-        _ => panic!("chorus {parsed:?} vs reference {reference:?} on {}", hex(data)),
+        _ => panic!(
+            "chorus {parsed:?} vs reference {reference:?} on {}",
+            hex(data)
+        ),
     }
     differential(data, parsed.ok().as_ref());
 });
@@ -44,8 +47,15 @@ fn check_view(data: &[u8], v: &RtpView<'_>) {
     assert_eq!(v.marker(), data[1] & 0x80 != 0);
     let csrcs: Vec<u32> = v.csrcs().collect();
     assert_eq!(csrcs.len(), v.csrc_count());
-    assert_eq!(v.header_len() + v.payload().len() + v.padding_len(), data.len());
-    assert_eq!(v.has_padding(), v.padding_len() > 0, "P bit set but no padding, or vice versa");
+    assert_eq!(
+        v.header_len() + v.payload().len() + v.padding_len(),
+        data.len()
+    );
+    assert_eq!(
+        v.has_padding(),
+        v.padding_len() > 0,
+        "P bit set but no padding, or vice versa"
+    );
     if v.has_padding() {
         assert_eq!(v.padding_len(), *data.last().unwrap() as usize);
     }
@@ -95,7 +105,11 @@ fn check_view(data: &[u8], v: &RtpView<'_>) {
     assert!(it.next().is_none());
     for id in 0..=255u8 {
         let first = seen.iter().find(|(i, _)| *i == id).map(|(_, d)| *d);
-        assert_eq!(v.extension(id), first, "extension({id}) disagrees with the iterator");
+        assert_eq!(
+            v.extension(id),
+            first,
+            "extension({id}) disagrees with the iterator"
+        );
     }
 }
 
@@ -104,7 +118,10 @@ fn check_against_spec(v: &RtpView<'_>, r: &spec::Packet<'_>) {
     assert_eq!(v.payload(), r.payload);
     assert_eq!(v.extension_profile(), r.profile);
     let got: Vec<_> = v.extensions().collect();
-    assert_eq!(got, r.elements, "RFC 8285 elements differ from the reference");
+    assert_eq!(
+        got, r.elements,
+        "RFC 8285 elements differ from the reference"
+    );
 }
 
 /// Rewrites the four forwarded fields in a copy and re-parses it.
@@ -127,7 +144,13 @@ fn check_rewrite(data: &[u8], v: &RtpView<'_>) {
     }
     let w = RtpView::parse(&buf).expect("rewritten packet still parses");
     assert_eq!(
-        (w.sequence_number(), w.timestamp(), w.ssrc(), w.marker(), w.payload_type()),
+        (
+            w.sequence_number(),
+            w.timestamp(),
+            w.ssrc(),
+            w.marker(),
+            w.payload_type()
+        ),
         (seq, ts, ssrc, marker, pt & 0x7F)
     );
     assert_eq!(buf[0], data[0]);
@@ -342,7 +365,8 @@ fn differential(data: &[u8], ours: Option<&RtpView<'_>>) {
         // ID-0 byte, which the two parsers step over differently, is involved).
         if let Some(v) = ours {
             let has_id0 = v.extension_profile() == Some(ONE_BYTE_PROFILE)
-                && v.extension_data().is_some_and(|d| d.iter().any(|&b| b != 0 && b >> 4 == 0));
+                && v.extension_data()
+                    .is_some_and(|d| d.iter().any(|&b| b != 0 && b >> 4 == 0));
             assert!(
                 v.extensions().any(|e| e.is_err()) || has_id0,
                 "oracle overruns the block but chorus sees no malformed element: {}",
@@ -398,26 +422,44 @@ fn compare(data: &[u8], v: &RtpView<'_>, p: &rtp::packet::Packet, walk: OracleWa
     assert_eq!(h.ssrc, v.ssrc(), "{}", ctx());
     assert_eq!(h.csrc, v.csrcs().collect::<Vec<_>>(), "{}", ctx());
     assert_eq!(h.extension, v.extension_profile().is_some(), "{}", ctx());
-    assert_eq!(h.extension_profile, v.extension_profile().unwrap_or(0), "{}", ctx());
+    assert_eq!(
+        h.extension_profile,
+        v.extension_profile().unwrap_or(0),
+        "{}",
+        ctx()
+    );
 
     let OracleWalk::Ends { aligned, id0 } = walk else {
         unreachable!("oracle not called when it would panic")
     };
     let ours_ok: Vec<(u8, &[u8])> = v.extensions().filter_map(Result::ok).collect();
     let ours_err = v.extensions().any(|e| e.is_err());
-    let theirs: Vec<(u8, &[u8])> = h.extensions.iter().map(|e| (e.id, &e.payload[..])).collect();
+    let theirs: Vec<(u8, &[u8])> = h
+        .extensions
+        .iter()
+        .map(|e| (e.id, &e.payload[..]))
+        .collect();
     match v.extension_profile() {
         None => assert!(theirs.is_empty()),
         Some(ONE_BYTE_PROFILE | TWO_BYTE_PROFILE) if !id0 => {
             if aligned {
-                assert!(!ours_err, "chorus reports a malformed element the oracle parsed: {}", ctx());
+                assert!(
+                    !ours_err,
+                    "chorus reports a malformed element the oracle parsed: {}",
+                    ctx()
+                );
                 assert_eq!(ours_ok, theirs, "RFC 8285 elements differ: {}", ctx());
             } else {
                 // An element ran past the block (chorus: one Err; the oracle reads on into the
                 // payload) or ID 15 stopped the walk. Either way the elements chorus yields
                 // are exactly the oracle's leading ones.
                 assert!(ours_ok.len() <= theirs.len(), "{}", ctx());
-                assert_eq!(ours_ok[..], theirs[..ours_ok.len()], "leading elements differ: {}", ctx());
+                assert_eq!(
+                    ours_ok[..],
+                    theirs[..ours_ok.len()],
+                    "leading elements differ: {}",
+                    ctx()
+                );
             }
         }
         Some(ONE_BYTE_PROFILE | TWO_BYTE_PROFILE) => {} // id0: see OracleWalk
@@ -426,7 +468,12 @@ fn compare(data: &[u8], v: &RtpView<'_>, p: &rtp::packet::Packet, walk: OracleWa
             // includes the RFC 8285 two-byte profiles with app bits (0x1001..=0x100F, RFC 8285
             // §4.3), comes back as one element id 0 holding the whole block. Compare the block.
             let block = v.extension_data().unwrap();
-            assert_eq!(theirs, vec![(0u8, block)], "raw extension block differs: {}", ctx());
+            assert_eq!(
+                theirs,
+                vec![(0u8, block)],
+                "raw extension block differs: {}",
+                ctx()
+            );
         }
     }
     if aligned {

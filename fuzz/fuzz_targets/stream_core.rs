@@ -20,19 +20,52 @@ use libfuzzer_sys::fuzz_target;
 #[derive(Debug, Arbitrary)]
 enum Op {
     /// A well-formed packet: level in -dBov (None = no extension), payload size and TOC.
-    Packet { src: u8, dt_us: u16, level: Option<u8>, len: u8, toc: u8, skip: u8, marker: bool },
+    Packet {
+        src: u8,
+        dt_us: u16,
+        level: Option<u8>,
+        len: u8,
+        toc: u8,
+        skip: u8,
+        marker: bool,
+    },
     /// A burst of `n % 16` talking packets 20 ms apart, ticking every other one.
-    Talk { src: u8, n: u8, loud: u8 },
+    Talk {
+        src: u8,
+        n: u8,
+        loud: u8,
+    },
     /// A well-formed packet with some bytes overwritten.
-    Mutated { src: u8, at: Vec<(u16, u8)>, truncate: Option<u16> },
+    Mutated {
+        src: u8,
+        at: Vec<(u16, u8)>,
+        truncate: Option<u16>,
+    },
     /// An arbitrary datagram.
-    Raw { src: u8, bytes: Vec<u8> },
-    Tick { dt_us: u16 },
-    Sleep { dt_us: u32 },
-    Unpublish { src: u8 },
-    Republish { src: u8, with_level: bool },
+    Raw {
+        src: u8,
+        bytes: Vec<u8>,
+    },
+    Tick {
+        dt_us: u16,
+    },
+    Sleep {
+        dt_us: u32,
+    },
+    Unpublish {
+        src: u8,
+    },
+    Republish {
+        src: u8,
+        with_level: bool,
+    },
     /// The source restarts its RTP stream (new SSRC, seq, ts) without republishing.
-    Restart { src: u8, ssrc: u32, seq: u16, ts: u32 },
+    Restart {
+        src: u8,
+        ssrc: u32,
+        seq: u16,
+        ts: u32,
+    },
 }
 
 #[derive(Debug, Arbitrary)]
@@ -58,27 +91,50 @@ struct World {
 
 impl World {
     fn group_index(&self, g: GroupId) -> usize {
-        self.groups.iter().position(|(id, _)| *id == g).expect("event for an unknown group")
+        self.groups
+            .iter()
+            .position(|(id, _)| *id == g)
+            .expect("event for an unknown group")
     }
 
-    fn on_output(&mut self, core_ssrc: &dyn Fn(GroupId, u8) -> Option<u32>, input: Option<(SourceIdx, &[u8])>, o: Output<'_>) {
+    fn on_output(
+        &mut self,
+        core_ssrc: &dyn Fn(GroupId, u8) -> Option<u32>,
+        input: Option<(SourceIdx, &[u8])>,
+        o: Output<'_>,
+    ) {
         match o {
             Output::Track(tc) => {
                 let gi = self.group_index(tc.group);
                 let key = &self.groups[gi].1;
                 let tracks = &mut self.tracks[gi];
-                assert!((tc.track as usize) < tracks.len(), "track {} out of range", tc.track);
+                assert!(
+                    (tc.track as usize) < tracks.len(),
+                    "track {} out of range",
+                    tc.track
+                );
                 if let Some(s) = tc.source {
-                    assert!(key.admits(s), "{s:?} placed in a group that does not admit it");
+                    assert!(
+                        key.admits(s),
+                        "{s:?} placed in a group that does not admit it"
+                    );
                 }
                 tracks[tc.track as usize] = tc.source;
                 let placed: Vec<_> = tracks.iter().flatten().collect();
                 let mut dedup = placed.clone();
                 dedup.sort();
                 dedup.dedup();
-                assert_eq!(dedup.len(), placed.len(), "a source in two tracks of one group: {tracks:?}");
+                assert_eq!(
+                    dedup.len(),
+                    placed.len(),
+                    "a source in two tracks of one group: {tracks:?}"
+                );
             }
-            Output::Packet { group, track, packet } => {
+            Output::Packet {
+                group,
+                track,
+                packet,
+            } => {
                 let (from, orig) = input.expect("packet output outside on_packet");
                 let gi = self.group_index(group);
                 assert_eq!(
@@ -87,7 +143,11 @@ impl World {
                     "packet of {from:?} sent on group {group:?} track {track} that holds another source"
                 );
                 let v = RtpView::parse(packet).expect("emitted packet does not parse");
-                assert_eq!(Some(v.ssrc()), core_ssrc(group, track), "wrong SSRC for the group track");
+                assert_eq!(
+                    Some(v.ssrc()),
+                    core_ssrc(group, track),
+                    "wrong SSRC for the group track"
+                );
                 assert_eq!(packet.len(), orig.len());
                 assert_eq!(packet[0], orig[0]);
                 assert_eq!(packet[1] & 0x7F, orig[1] & 0x7F);
@@ -100,7 +160,13 @@ impl World {
 }
 
 fn packet(buf: &mut Vec<u8>, s: &mut Src, level: Option<u8>, len: usize, toc: u8, marker: bool) {
-    let hdr = HeaderFields { payload_type: 111, sequence_number: s.seq, timestamp: s.ts, ssrc: s.ssrc, marker };
+    let hdr = HeaderFields {
+        payload_type: 111,
+        sequence_number: s.seq,
+        timestamp: s.ts,
+        ssrc: s.ssrc,
+        marker,
+    };
     let mut payload = vec![0xA5u8; len];
     if let Some(b) = payload.first_mut() {
         *b = toc;
@@ -116,16 +182,36 @@ fn packet(buf: &mut Vec<u8>, s: &mut Src, level: Option<u8>, len: usize, toc: u8
 }
 
 fn run(script: Script) {
-    let mut core = StreamCore::new(CoreConfig { seed: script.seed, ..Default::default() });
+    let mut core = StreamCore::new(CoreConfig {
+        seed: script.seed,
+        ..Default::default()
+    });
     let mut srcs: Vec<Src> = (0..3u32)
         .map(|i| {
             let level_id = (i != 2).then_some(1 + i as u8);
-            let idx = core.publish(&format!("s{i}"), SourceConfig { level_ext_id: level_id });
-            Src { idx, ssrc: 0x1000 + i, seq: (i as u16) * 20_000, ts: i * 1_000_000, level_id }
+            let idx = core.publish(
+                &format!("s{i}"),
+                SourceConfig {
+                    level_ext_id: level_id,
+                },
+            );
+            Src {
+                idx,
+                ssrc: 0x1000 + i,
+                seq: (i as u16) * 20_000,
+                ts: i * 1_000_000,
+                level_id,
+            }
         })
         .collect();
-    let keys = [GroupKey::new(2, None, []), GroupKey::new(3, Some(SourceIdx(0)), [SourceIdx(2)])];
-    let mut world = World { groups: Vec::new(), tracks: Vec::new() };
+    let keys = [
+        GroupKey::new(2, None, []),
+        GroupKey::new(3, Some(SourceIdx(0)), [SourceIdx(2)]),
+    ];
+    let mut world = World {
+        groups: Vec::new(),
+        tracks: Vec::new(),
+    };
     for k in keys {
         let g = core.join(k.clone());
         world.tracks.push(vec![None; k.tracks() as usize]);
@@ -143,17 +229,32 @@ fn run(script: Script) {
         ($src:expr, $bytes:expr) => {{
             let bytes: &[u8] = $bytes;
             let s: SourceIdx = $src;
-            let mut w = std::mem::replace(&mut world, World { groups: Vec::new(), tracks: Vec::new() });
+            let mut w = std::mem::replace(
+                &mut world,
+                World {
+                    groups: Vec::new(),
+                    tracks: Vec::new(),
+                },
+            );
             let snapshot: Vec<Vec<u32>> = w
                 .groups
                 .iter()
-                .map(|(g, k)| (0..k.tracks()).map(|t| core.rewriter(*g, t).unwrap().ssrc()).collect())
+                .map(|(g, k)| {
+                    (0..k.tracks())
+                        .map(|t| core.rewriter(*g, t).unwrap().ssrc())
+                        .collect()
+                })
                 .collect();
             let groups = w.groups.clone();
             let ssrc_of = move |g: GroupId, t: u8| {
-                groups.iter().position(|(id, _)| *id == g).and_then(|gi| snapshot[gi].get(t as usize).copied())
+                groups
+                    .iter()
+                    .position(|(id, _)| *id == g)
+                    .and_then(|gi| snapshot[gi].get(t as usize).copied())
             };
-            let r = core.on_packet(now, s, bytes, &mut |o| w.on_output(&ssrc_of, Some((s, bytes)), o));
+            let r = core.on_packet(now, s, bytes, &mut |o| {
+                w.on_output(&ssrc_of, Some((s, bytes)), o)
+            });
             world = w;
             match r {
                 Ok(()) => accepted += 1,
@@ -168,7 +269,13 @@ fn run(script: Script) {
     }
     macro_rules! tick {
         () => {{
-            let mut w = std::mem::replace(&mut world, World { groups: Vec::new(), tracks: Vec::new() });
+            let mut w = std::mem::replace(
+                &mut world,
+                World {
+                    groups: Vec::new(),
+                    tracks: Vec::new(),
+                },
+            );
             core.tick(now, &mut |o| w.on_output(&|_, _| None, None, o));
             world = w;
         }};
@@ -176,7 +283,15 @@ fn run(script: Script) {
 
     for op in script.ops.into_iter().take(2048) {
         match op {
-            Op::Packet { src, dt_us, level, len, toc, skip, marker } => {
+            Op::Packet {
+                src,
+                dt_us,
+                level,
+                len,
+                toc,
+                skip,
+                marker,
+            } => {
                 now += dt_us as u64;
                 let s = &mut srcs[src as usize % 3];
                 s.seq = s.seq.wrapping_add((skip % 4) as u16);
@@ -190,7 +305,14 @@ fn run(script: Script) {
                     now += 20_000;
                     let s = &mut srcs[src as usize % 3];
                     let level = [10u8, 25, 15, 30][(k as usize + loud as usize) % 4];
-                    packet(&mut buf, s, Some(level), 40 + (loud as usize % 80), 0x78, false);
+                    packet(
+                        &mut buf,
+                        s,
+                        Some(level),
+                        40 + (loud as usize % 80),
+                        0x78,
+                        false,
+                    );
                     let idx = s.idx;
                     let pkt = buf.clone();
                     send!(idx, &pkt);
@@ -225,18 +347,32 @@ fn run(script: Script) {
             Op::Sleep { dt_us } => now += dt_us as u64,
             Op::Unpublish { src } => {
                 let idx = srcs[src as usize % 3].idx;
-                let mut w = std::mem::replace(&mut world, World { groups: Vec::new(), tracks: Vec::new() });
+                let mut w = std::mem::replace(
+                    &mut world,
+                    World {
+                        groups: Vec::new(),
+                        tracks: Vec::new(),
+                    },
+                );
                 core.unpublish(now, idx, &mut |o| w.on_output(&|_, _| None, None, o));
                 world = w;
                 assert!(!core.is_live(idx));
                 for t in &world.tracks {
-                    assert!(!t.contains(&Some(idx)), "unpublished source still holds a track");
+                    assert!(
+                        !t.contains(&Some(idx)),
+                        "unpublished source still holds a track"
+                    );
                 }
             }
             Op::Republish { src, with_level } => {
                 let s = &mut srcs[src as usize % 3];
                 s.level_id = with_level.then_some(1 + (src % 14));
-                let idx = core.publish(&format!("s{}", src % 3), SourceConfig { level_ext_id: s.level_id });
+                let idx = core.publish(
+                    &format!("s{}", src % 3),
+                    SourceConfig {
+                        level_ext_id: s.level_id,
+                    },
+                );
                 assert_eq!(idx, s.idx);
             }
             Op::Restart { src, ssrc, seq, ts } => {
@@ -247,7 +383,10 @@ fn run(script: Script) {
         // The selector agrees with the events we saw.
         for (gi, (g, _)) in world.groups.iter().enumerate() {
             let now_tracks: Vec<_> = core.selector().tracks(*g).collect();
-            assert_eq!(now_tracks, world.tracks[gi], "selector state differs from its events");
+            assert_eq!(
+                now_tracks, world.tracks[gi],
+                "selector state differs from its events"
+            );
         }
     }
     let st = core.stats();

@@ -9,6 +9,7 @@ pub(crate) mod resources;
 pub(crate) mod room_views;
 pub mod rooms;
 pub mod signal;
+pub mod signal_cmd;
 pub(crate) mod socket;
 pub mod web;
 pub mod whep;

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use super::limits::{
     Bucket, HttpMetrics, WS_COMMANDS_PER_SEC, WS_MAX_MESSAGE, WS_MAX_REFUSED, WS_OUT_QUEUE,
 };
+use super::signal_cmd::{Project, Publish, Unproject, Unpublish, View};
 use super::socket::{self, Ending, WsOut};
 use super::{fail, App};
 use crate::auth::jwt::{Claims, Scope};
@@ -351,21 +352,6 @@ fn handle_text(app: &Arc<App>, claims: &Claims, out: &Out, session: &mut Session
     }
 }
 
-/// Reads an optional sourceId; "" and null both mean the main source.
-pub fn source_id(data: &Value) -> Result<Option<String>, String> {
-    match data.get("sourceId") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.is_empty() => Ok(None),
-        Some(Value::String(s)) if s.len() <= MAX_SOURCE_ID && !s.chars().any(char::is_control) => {
-            Ok(Some(s.clone()))
-        }
-        Some(Value::String(_)) => Err(format!(
-            "sourceId must be at most {MAX_SOURCE_ID} printable characters"
-        )),
-        Some(_) => Err("sourceId must be a string".into()),
-    }
-}
-
 /// The stream a command names must be the JWT's.
 fn check_stream(claims: &Claims, data: &Value, field: &str) -> Result<(), String> {
     match data.get(field).and_then(Value::as_str) {
@@ -388,11 +374,7 @@ fn publish(
         return Err("this token may view, not publish".into());
     }
     check_stream(claims, data, "name")?;
-    let sdp = data
-        .get("sdp")
-        .and_then(Value::as_str)
-        .ok_or("publish needs data.sdp, the SDP offer")?;
-    let source = source_id(data)?;
+    let Publish { sdp, source } = Publish::parse(data).map_err(|e| e.to_string())?;
     if let Some(b) = &claims.room {
         super::rooms::check_room_publish(app, b, source.as_deref(), sdp)?;
     }
@@ -424,11 +406,7 @@ fn unpublish(app: &Arc<App>, claims: &Claims, sid: u64, data: &Value) -> Result<
     if claims.scope != Scope::Publish {
         return Err("this token may view, not publish".into());
     }
-    let source = if data.get("sourceId").is_some() {
-        Some(source_id(data)?)
-    } else {
-        None
-    };
+    let Unpublish { source } = Unpublish::parse(data).map_err(|e| e.to_string())?;
     let origin = app
         .origin
         .as_ref()
@@ -442,25 +420,6 @@ fn unpublish(app: &Arc<App>, claims: &Claims, sid: u64, data: &Value) -> Result<
         return Err("nothing published on this session".into());
     }
     Ok(json!({"unpublished": n}))
-}
-
-/// Reads a list of sourceIds (`excludedSourceIds`); null and "" mean the main source.
-fn source_list(data: &Value, field: &str) -> Result<Vec<String>, String> {
-    match data.get(field) {
-        None | Some(Value::Null) => Ok(Vec::new()),
-        Some(Value::Array(a)) if a.len() <= crate::edge::MAX_EXCLUDED => a
-            .iter()
-            .map(|v| match v {
-                Value::Null => Ok(String::new()),
-                Value::String(s) if s.len() <= MAX_SOURCE_ID => Ok(s.clone()),
-                _ => Err(format!("{field} must hold sourceId strings")),
-            })
-            .collect(),
-        Some(_) => Err(format!(
-            "{field} must be an array of at most {} sourceIds",
-            crate::edge::MAX_EXCLUDED
-        )),
-    }
 }
 
 fn view(
@@ -484,16 +443,11 @@ fn view(
         return Err("this session already views: open another socket for another view".into());
     }
     check_stream(claims, data, "streamId")?;
-    let sdp = data
-        .get("sdp")
-        .and_then(Value::as_str)
-        .ok_or("view needs data.sdp, the SDP offer")?;
-    let pinned = match data.get("pinnedSourceId") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.len() <= MAX_SOURCE_ID => Some(s.clone()),
-        Some(_) => return Err("pinnedSourceId must be a string".into()),
-    };
-    let excluded = source_list(data, "excludedSourceIds")?;
+    let View {
+        sdp,
+        pinned,
+        excluded,
+    } = View::parse(data).map_err(|e| e.to_string())?;
     app.take_offer(session.peer).map_err(|e| e.to_string())?;
     let stream = &claims.millicast.stream_name;
     let pending = edge
@@ -554,32 +508,7 @@ fn project(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Value,
         .viewer
         .as_mut()
         .ok_or("project needs a view on this session first")?;
-    let source = source_id(data)?.unwrap_or_default();
-    let mapping = data
-        .get("mapping")
-        .and_then(Value::as_array)
-        .ok_or("project needs data.mapping, a list of {media, mediaId}")?;
-    let mut mids = Vec::new();
-    for m in mapping {
-        if m.get("media")
-            .and_then(Value::as_str)
-            .is_some_and(|k| k != "audio")
-        {
-            return Err("only audio can be projected into a multiplexed track".into());
-        }
-        let mid = match m.get("mediaId") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
-            _ => return Err("each mapping needs a mediaId".into()),
-        };
-        if !v.tracks.contains(&mid) {
-            return Err(format!(
-                "mediaId {mid:?} is not one of this view's multiplexed tracks {:?}",
-                v.tracks
-            ));
-        }
-        mids.push(mid);
-    }
+    let Project { source, mids } = Project::parse(data, &v.tracks).map_err(|e| e.to_string())?;
     for mid in mids {
         v.projected.retain(|(m, s)| *m != mid && *s != source);
         v.projected.push((mid, source.clone()));
@@ -593,16 +522,7 @@ fn unproject(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Valu
         .viewer
         .as_mut()
         .ok_or("unproject needs a view on this session first")?;
-    let mids: Vec<String> = data
-        .get("mediaIds")
-        .and_then(Value::as_array)
-        .ok_or("unproject needs data.mediaIds")?
-        .iter()
-        .map(|m| match m {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        })
-        .collect();
+    let Unproject { mids } = Unproject::parse(data).map_err(|e| e.to_string())?;
     v.projected.retain(|(m, _)| !mids.contains(m));
     push_projections(app, v);
     Ok(json!({}))

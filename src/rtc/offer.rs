@@ -99,7 +99,13 @@ pub fn normalize(sdp: &str) -> String {
                             .map(str::trim)
                             .filter(|p| !p.is_empty())
                             .collect();
-                        out.push_str(&format!("a=fmtp:{pt} {}", params.join(";")));
+                        // No parameters left: no trailing space either (it would be
+                        // trimmed on a second pass, and a strict parser may trip on it).
+                        if params.is_empty() {
+                            out.push_str(&format!("a=fmtp:{pt}"));
+                        } else {
+                            out.push_str(&format!("a=fmtp:{pt} {}", params.join(";")));
+                        }
                     }
                     None => out.push_str(line),
                 }
@@ -202,5 +208,18 @@ mod tests {
             "v=0\r\ns=-\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111 96\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:96 multiopus/48000/6\r\na=mid:0\r\na=fmtp:111 minptime=10;useinbandfec=1;stereo=1\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\nb=AS:500\r\na=mid:1\r\n"
         );
         assert_eq!(normalize(&n), n, "idempotent");
+    }
+
+    /// Found by fuzz/fuzz_targets/sdp_offer.rs: an `a=fmtp` whose parameters are all empty came
+    /// out with a trailing space, which the next pass trimmed (normalize was not idempotent).
+    #[test]
+    fn fmtp_without_parameters_has_no_trailing_space() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=fmtp:111 ; \r\n";
+        let n = normalize(sdp);
+        assert_eq!(
+            n,
+            "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=fmtp:111\r\n"
+        );
+        assert_eq!(normalize(&n), n);
     }
 }

@@ -75,6 +75,23 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
                 ("reason=\"relay\"", g(&m.relay_drops)),
             ],
         );
+        let by: Vec<(String, u64)> = crate::origin::RelayDrop::ALL
+            .iter()
+            .map(|r| {
+                (
+                    format!("reason=\"{}\"", r.label()),
+                    g(&m.relay_drops_by[*r as usize]),
+                )
+            })
+            .collect();
+        let by: Vec<(&str, u64)> = by.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(
+            &mut out,
+            "chorus_origin_relay_dropped_total",
+            "counter",
+            "Datagrams to edges lost on the link, by reason (send_buffer_full: the link's datagram buffer was full and quinn dropped the oldest queued one).",
+            &by,
+        );
         metric(
             &mut out,
             "chorus_origin_relay_datagrams_total",
@@ -175,12 +192,30 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             "Packets dropped at the edge, by reason.",
             &[
                 ("reason=\"unknown_source\"", g(&m.dropped_unknown)),
+                ("reason=\"unknown_channel\"", g(&m.dropped_unknown_channel)),
                 ("reason=\"malformed\"", g(&m.dropped_malformed)),
+                ("reason=\"relay_malformed\"", g(&m.dropped_relay_malformed)),
+                ("reason=\"lane_full\"", g(&m.dropped_lane_full)),
+                ("reason=\"stale\"", g(&m.dropped_stale)),
                 ("reason=\"core\"", g(&m.dropped_core)),
                 ("reason=\"before_switch\"", g(&m.dropped_before_switch)),
                 ("reason=\"viewer_flood\"", g(&m.dropped_flood)),
                 ("reason=\"udp_send\"", g(&m.udp_send_errors)),
             ],
+        );
+        metric(
+            &mut out,
+            "chorus_edge_lane_commands_dropped_total",
+            "counter",
+            "Commands a stuck media thread's lane could not take.",
+            &[("", g(&m.lane_control_full))],
+        );
+        metric(
+            &mut out,
+            "chorus_edge_link_losses_total",
+            "counter",
+            "Times the link to the origin was lost (viewers were told their sources went inactive).",
+            &[("", g(&m.link_losses))],
         );
         metric(
             &mut out,

@@ -29,9 +29,42 @@ pub type SourceKey = Option<String>;
 
 /// Where a subscribed edge's datagrams and control messages go (a QUIC connection).
 pub trait EdgeSink: Send + Sync {
-    /// Sends one datagram; false if it was dropped (connection gone or datagram too large).
-    fn datagram(&self, d: Bytes) -> bool;
+    /// Sends one datagram; Err says what was dropped and why.
+    fn datagram(&self, d: Bytes) -> Result<(), RelayDrop>;
     fn control(&self, msg: OriginMsg);
+}
+
+/// Why the fan-out lost a datagram on its way to an edge (`chorus_origin_relay_dropped_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayDrop {
+    /// Sent, but the link's datagram send buffer was full: quinn dropped the oldest queued
+    /// datagram to make room (congestion; audio that old is worthless anyway).
+    Evicted,
+    /// Larger than the link's datagram limit (path MTU).
+    TooLarge,
+    /// The edge's connection is gone (it is being dropped).
+    ConnectionLost,
+    /// The edge did not negotiate datagrams.
+    Unsupported,
+}
+
+impl RelayDrop {
+    pub const ALL: [RelayDrop; 4] = [
+        RelayDrop::Evicted,
+        RelayDrop::TooLarge,
+        RelayDrop::ConnectionLost,
+        RelayDrop::Unsupported,
+    ];
+
+    /// The `reason` label in /metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            RelayDrop::Evicted => "send_buffer_full",
+            RelayDrop::TooLarge => "too_large",
+            RelayDrop::ConnectionLost => "connection_lost",
+            RelayDrop::Unsupported => "unsupported",
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -68,6 +101,8 @@ pub struct OriginMetrics {
     pub padding_dropped: AtomicU64,
     pub relay_datagrams: AtomicU64,
     pub relay_drops: AtomicU64,
+    /// `relay_drops` by [`RelayDrop`], in the order of [`RelayDrop::ALL`].
+    pub relay_drops_by: [AtomicU64; 4],
     pub publications_total: AtomicU64,
     pub replacements_total: AtomicU64,
 }

@@ -126,9 +126,10 @@ impl PeerHandler for PublicationHandler {
                     .write(&mut d);
                     d.extend_from_slice(&self.rtp);
                     self.metrics.relay_datagrams.fetch_add(1, Ordering::Relaxed);
-                    if !sub.sink.datagram(Bytes::from(d)) {
+                    if let Err(why) = sub.sink.datagram(Bytes::from(d)) {
                         self.stats.relay_drops.fetch_add(1, Ordering::Relaxed);
                         self.metrics.relay_drops.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.relay_drops_by[why as usize].fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }

@@ -1,16 +1,27 @@
 //! Origin side of the relay: accepts edge connections, answers their control messages.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 use tracing::{info, warn};
 
+use super::client::CONTROL_WRITE_TIMEOUT;
 use super::proto::{encode_frame, EdgeMsg, FrameReader, OriginMsg};
 use crate::auth::constant_time_eq;
-use crate::origin::{EdgeSink, Origin};
+use crate::origin::{EdgeSink, Origin, RelayDrop};
+
+/// An edge must open its control stream and send `Hello` within this after the handshake, or it
+/// is disconnected: a connection that never says who it is holds nothing for long.
+pub const EDGE_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Control messages (source lists) queued at most for one edge. An edge whose queue is full has
+/// stopped reading its control stream: it is disconnected (logged) rather than buffered for; it
+/// relinks and gets every source list afresh.
+pub const EDGE_CONTROL_QUEUE: usize = 1024;
 
 pub struct RelayServer {
     pub endpoint: quinn::Endpoint,
@@ -69,17 +80,45 @@ impl RelayServer {
 
 struct QuicSink {
     conn: quinn::Connection,
-    ctl: mpsc::UnboundedSender<OriginMsg>,
+    id: u64,
+    ctl: mpsc::Sender<OriginMsg>,
+    /// Set once the edge was disconnected for a full control queue (logged once).
+    stalled: AtomicBool,
 }
 
 impl EdgeSink for QuicSink {
-    fn datagram(&self, d: Bytes) -> bool {
-        self.conn.send_datagram(d).is_ok()
+    fn datagram(&self, d: Bytes) -> Result<(), RelayDrop> {
+        // quinn makes room for a datagram by dropping the oldest queued ones: the freshest audio
+        // goes first, and each such send is counted as an eviction.
+        let evicts = self.conn.datagram_send_buffer_space() < d.len() + DATAGRAM_OVERHEAD;
+        match self.conn.send_datagram(d) {
+            Ok(()) if evicts => Err(RelayDrop::Evicted),
+            Ok(()) => Ok(()),
+            Err(quinn::SendDatagramError::TooLarge) => Err(RelayDrop::TooLarge),
+            Err(quinn::SendDatagramError::ConnectionLost(_)) => Err(RelayDrop::ConnectionLost),
+            Err(_) => Err(RelayDrop::Unsupported),
+        }
     }
     fn control(&self, msg: OriginMsg) {
-        let _ = self.ctl.send(msg);
+        match self.ctl.try_send(msg) {
+            Ok(()) | Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                if !self.stalled.swap(true, Ordering::Relaxed) {
+                    warn!(
+                        conn = self.id,
+                        queued = EDGE_CONTROL_QUEUE,
+                        "edge is not reading its control stream: disconnecting it"
+                    );
+                }
+                self.conn.close(3u32.into(), b"control backlog");
+            }
+        }
     }
 }
+
+/// What quinn counts against the datagram send buffer per queued datagram besides its bytes (an
+/// estimate: a `Bytes` handle).
+const DATAGRAM_OVERHEAD: usize = 32;
 
 async fn serve_edge(
     conn: quinn::Connection,
@@ -87,27 +126,64 @@ async fn serve_edge(
     origin: &Arc<Origin>,
     policy: &RelayPolicy,
 ) -> Result<(), String> {
-    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<OriginMsg>();
+    let (mut send, mut recv) =
+        match tokio::time::timeout(EDGE_HELLO_TIMEOUT, conn.accept_bi()).await {
+            Ok(s) => s.map_err(|e| e.to_string())?,
+            Err(_) => {
+                conn.close(1u32.into(), b"no hello in time");
+                return Err(format!(
+                    "edge opened no control stream within {EDGE_HELLO_TIMEOUT:?}"
+                ));
+            }
+        };
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<OriginMsg>(EDGE_CONTROL_QUEUE);
+    let wconn = conn.clone();
     let writer = tokio::spawn(async move {
-        while let Some(msg) = ctl_rx.recv().await {
-            if send.write_all(&encode_frame(&msg)).await.is_err() {
-                break;
+        loop {
+            let msg = tokio::select! {
+                msg = ctl_rx.recv() => msg,
+                // The subscriptions (which hold senders) outlive a lost connection until the
+                // caller drops them: do not wait for them to notice.
+                _ = wconn.closed() => return,
+            };
+            let Some(msg) = msg else { break };
+            match tokio::time::timeout(CONTROL_WRITE_TIMEOUT, send.write_all(&encode_frame(&msg)))
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    warn!(conn = id, "edge did not take a control frame within {CONTROL_WRITE_TIMEOUT:?}: disconnecting it");
+                    wconn.close(3u32.into(), b"control stream stalled");
+                    return;
+                }
             }
         }
         // Let the last frame (a refusal, say) reach the edge before the connection closes.
         let _ = send.finish();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
     });
     let sink: Arc<dyn EdgeSink> = Arc::new(QuicSink {
         conn: conn.clone(),
+        id,
         ctl: ctl_tx.clone(),
+        stalled: AtomicBool::new(false),
     });
     let mut reader = FrameReader::default();
     let mut welcomed = false;
     let mut buf = vec![0u8; 16 * 1024];
+    let hello_by = tokio::time::Instant::now() + EDGE_HELLO_TIMEOUT;
     let result = loop {
-        let n = match recv.read(&mut buf).await {
+        let read = recv.read(&mut buf);
+        let read = if welcomed {
+            read.await
+        } else {
+            match tokio::time::timeout_at(hello_by, read).await {
+                Ok(r) => r,
+                Err(_) => break Err(format!("edge sent no hello within {EDGE_HELLO_TIMEOUT:?}")),
+            }
+        };
+        let n = match read {
             Ok(Some(n)) => n,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e.to_string()),
@@ -130,7 +206,12 @@ async fn serve_edge(
     };
     drop(ctl_tx);
     drop(sink);
-    let _ = writer.await;
+    // The origin's subscriptions still hold the sink (they go with `drop_conn` after this), so
+    // the writer may not see its queue close: give it a moment for a last frame, no more.
+    if let Err(e) = &result {
+        warn!(conn = id, "closing edge link: {e}");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
     if let Err(e) = &result {
         conn.close(1u32.into(), e.as_bytes());
     }
@@ -143,7 +224,7 @@ fn handle(
     origin: &Arc<Origin>,
     policy: &RelayPolicy,
     sink: &Arc<dyn EdgeSink>,
-    ctl: &mpsc::UnboundedSender<OriginMsg>,
+    ctl: &mpsc::Sender<OriginMsg>,
     welcomed: &mut bool,
 ) -> Result<(), String> {
     match msg {
@@ -154,7 +235,7 @@ fn handle(
                 (Some(_), None) => false,
             };
             if !ok {
-                let _ = ctl.send(OriginMsg::Refused {
+                let _ = ctl.try_send(OriginMsg::Refused {
                     reason: "wrong or missing cluster token".into(),
                 });
                 return Err("edge refused: wrong or missing cluster token".into());
@@ -163,7 +244,7 @@ fn handle(
             if let Some(url) = ws_url {
                 origin.register_edge(id, url);
             }
-            let _ = ctl.send(OriginMsg::Welcome {
+            let _ = ctl.try_send(OriginMsg::Welcome {
                 jwt_secret: policy.jwt_secret.clone(),
             });
         }

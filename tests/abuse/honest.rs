@@ -1,1 +1,222 @@
-//! The honest publisher and viewer every abuse test keeps watching.
+//! The honest publisher and viewer every abuse test keeps watching: a WHIP publisher (aiortc,
+//! sourceId `honest`, a corpus speaker looped) and a WHEP viewer pinned to it, on a stream of its
+//! own. An attack on another stream, socket or endpoint must not cost this viewer one packet.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common;
+
+/// The sourceId the honest publisher publishes.
+pub const SOURCE: &str = "honest";
+
+/// Where the honest pair publishes and views, and for how long.
+#[derive(Debug, Clone)]
+pub struct HonestCfg {
+    publish: SocketAddr,
+    publish_token: String,
+    view: SocketAddr,
+    view_token: Option<String>,
+    stream: String,
+    seconds: u32,
+    speaker: &'static str,
+}
+
+impl HonestCfg {
+    /// The viewer watches at another process (an edge) than the one it publishes to.
+    pub fn view_at(mut self, edge: SocketAddr) -> Self {
+        self.view = edge;
+        self
+    }
+
+    /// A subscribe token (or JWT) for the viewer, when the stream is private.
+    pub fn view_token(mut self, token: &str) -> Self {
+        self.view_token = Some(token.to_owned());
+        self
+    }
+
+    /// How long the viewer receives once connected (default 10 s).
+    pub fn seconds(mut self, s: u32) -> Self {
+        self.seconds = s;
+        self
+    }
+}
+
+/// The JSON lines a tool prints, collected by a thread as they come.
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<Value>>>);
+
+impl Lines {
+    fn follow(child: &mut Child) -> Lines {
+        let lines = Lines::default();
+        let out = child.stdout.take().expect("stdout piped");
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    sink.0.lock().unwrap_or_else(|p| p.into_inner()).push(v);
+                }
+            }
+        });
+        lines
+    }
+
+    fn find(&self, event: &str) -> Option<Value> {
+        let all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter().find(|v| v["event"] == event).cloned()
+    }
+
+    fn wait(&self, who: &str, event: &str, timeout: Duration) -> Value {
+        common::wait_for(&format!("{who}: {event:?}"), timeout, || self.find(event))
+    }
+}
+
+/// A running honest publisher and viewer; both are killed when dropped.
+pub struct Honest {
+    cfg: HonestCfg,
+    _publisher: common::Reaped,
+    viewer: common::Reaped,
+    viewer_lines: Lines,
+}
+
+impl Honest {
+    /// Publish and view at `http` (a `serve` or an origin), stream `stream`.
+    pub fn at(http: SocketAddr, publish_token: &str, stream: &str) -> HonestCfg {
+        HonestCfg {
+            publish: http,
+            publish_token: publish_token.to_owned(),
+            view: http,
+            view_token: None,
+            stream: stream.to_owned(),
+            seconds: 10,
+            speaker: "host",
+        }
+    }
+
+    /// Starts the publisher, waits until it is connected, then starts the viewer and waits until
+    /// it is connected too: the attack that follows runs while media flows.
+    pub fn start(cfg: HonestCfg) -> Honest {
+        let mut publisher = common::whip_command_as(
+            cfg.publish,
+            &cfg.stream,
+            SOURCE,
+            cfg.speaker,
+            &cfg.publish_token,
+            cfg.seconds + 60,
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("whip_publish.py starts");
+        let publisher_lines = Lines::follow(&mut publisher);
+        let publisher = common::Reaped(publisher);
+        publisher_lines.wait("honest publisher", "connected", Duration::from_secs(30));
+        // Let the first packets reach the origin before the viewer asks for the source.
+        std::thread::sleep(Duration::from_millis(500));
+        let seconds = cfg.seconds.to_string();
+        let mut args = vec![
+            "--tracks",
+            "1",
+            "--pinned",
+            SOURCE,
+            "--seconds",
+            &seconds,
+            "--check",
+        ];
+        if let Some(t) = &cfg.view_token {
+            args.extend(["--token", t.as_str()]);
+        }
+        let mut viewer = common::whep_command(cfg.view, &cfg.stream, &args)
+            .spawn()
+            .expect("whep_view.py starts");
+        let viewer_lines = Lines::follow(&mut viewer);
+        let viewer = common::Reaped(viewer);
+        viewer_lines.wait("honest viewer", "connected", Duration::from_secs(30));
+        Honest {
+            cfg,
+            _publisher: publisher,
+            viewer,
+            viewer_lines,
+        }
+    }
+
+    /// The honest stream's name.
+    pub fn stream(&self) -> &str {
+        &self.cfg.stream
+    }
+
+    /// Waits for the viewer's report and checks its main track: at least 80 % of the packets
+    /// the publisher sent at 50 a second while the viewer listened, 0 sequence gaps, 0
+    /// duplicates, 0 reorders, one SSRC, decodable. Returns the track's report.
+    pub fn assert_gapless(mut self) -> Value {
+        let limit = Duration::from_secs(u64::from(self.cfg.seconds) + 30);
+        let end = Instant::now() + limit;
+        let status = loop {
+            if let Some(s) = self.viewer.0.try_wait().expect("viewer status") {
+                break s;
+            }
+            assert!(
+                Instant::now() < end,
+                "the honest viewer did not finish within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        // The reader thread has the last lines once the pipe closes.
+        let report = self
+            .viewer_lines
+            .wait("honest viewer", "report", Duration::from_secs(5));
+        assert!(status.success(), "honest viewer exited {status}: {report}");
+        let main = &report["tracks"]["0"];
+        let packets = main["packets"].as_u64().unwrap_or(0);
+        let want = u64::from(self.cfg.seconds) * 50 * 8 / 10;
+        assert!(
+            packets >= want,
+            "honest viewer got {packets} packets, want >= {want}: {main}"
+        );
+        for field in [
+            "seq_gaps",
+            "seq_duplicates",
+            "seq_reorders",
+            "decode_errors",
+        ] {
+            assert_eq!(main[field], 0, "honest viewer: {field} in {main}");
+        }
+        assert_eq!(main["ssrcs"].as_array().map(Vec::len), Some(1), "{main}");
+        main.clone()
+    }
+}
+
+/// A process's resident set, in KiB (VmRSS of /proc/PID/status).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("process {pid} is gone: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// Asserts that process `pid` is alive and its RSS is under `kib`.
+pub fn assert_rss_below(pid: u32, kib: u64, what: &str) {
+    let rss = rss_kib(pid);
+    assert!(rss < kib, "{what}: RSS {rss} KiB, bound {kib} KiB");
+    eprintln!("{what}: RSS {rss} KiB (bound {kib} KiB)");
+}
+
+/// The harness itself: with nothing attacking, the honest pair is gapless.
+#[test]
+fn honest_pair_is_gapless_when_left_alone() {
+    let _serial = common::serial();
+    let p = common::serve("honest-token");
+    let h = Honest::start(Honest::at(p.http(), "honest-token", "honest-alone").seconds(6));
+    let main = h.assert_gapless();
+    assert_rss_below(p.child.id(), 400 * 1024, "serve");
+    eprintln!("honest main track: {main}");
+}

@@ -29,6 +29,8 @@ pub const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests of the media threads to the link manager queued at most (subscriptions, keyframe
 /// requests, talking reports); beyond it they are dropped, counted and logged.
 pub const LINK_REQUEST_QUEUE: usize = 4096;
+/// A link that keeps sending malformed datagrams is logged at most this often (each is counted).
+pub const MALFORMED_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Relink attempts start this soon after a loss and back off to at most [`RELINK_BACKOFF_MAX`].
 pub const RELINK_BACKOFF_MIN: Duration = Duration::from_millis(250);
 pub const RELINK_BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -208,15 +210,20 @@ impl EdgeLink {
         let dconn = conn.clone();
         tokio::spawn(async move {
             let mut malformed = 0u64;
+            let mut logged: Option<std::time::Instant> = None;
             while let Ok(d) = dconn.read_datagram().await {
                 match DatagramHeader::parse(&d).map(|(h, _)| h) {
                     Some(hdr) => handler.on_datagram(hdr, d),
                     None => {
                         handler.on_malformed();
                         malformed += 1;
-                        // Counted in /metrics; logged on the first and every 1000th only.
-                        if malformed % 1000 == 1 {
-                            warn!(malformed, "malformed relay datagrams dropped");
+                        // Counted in /metrics; logged at most every MALFORMED_LOG_EVERY.
+                        if logged.is_none_or(|t| t.elapsed() >= MALFORMED_LOG_EVERY) {
+                            logged = Some(std::time::Instant::now());
+                            warn!(
+                                malformed,
+                                "malformed relay datagrams dropped (total on this link)"
+                            );
                         }
                     }
                 }

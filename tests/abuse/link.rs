@@ -277,7 +277,7 @@ fn link_origin_restart_viewers_keep_their_session_and_audio_returns() {
             .iter()
             .filter(|s| s["t"].as_f64().unwrap() <= at)
             .filter_map(|s| s["packetsReceived"].as_f64())
-            .last()
+            .next_back()
             .unwrap_or(0.0)
     };
     let gap_kill = (audio_back_at - killed_at) / 1000.0;
@@ -630,7 +630,7 @@ fn link_edge_bounds_and_counts_a_flooding_origin() {
             for _ in 0..200 {
                 seq = seq.wrapping_add(1);
                 let mut d = Vec::with_capacity(120);
-                let channel = if seq % 10 == 0 { 99 } else { 7 };
+                let channel = if seq.is_multiple_of(10) { 99 } else { 7 };
                 DatagramHeader {
                     channel,
                     source: 0,

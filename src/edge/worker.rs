@@ -817,3 +817,7 @@ fn direct_path<'a>(
         scratch,
     })
 }
+
+#[cfg(test)]
+#[path = "worker_link_tests.rs"]
+mod link_tests;

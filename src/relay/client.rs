@@ -352,6 +352,17 @@ impl LinkCtl {
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
+
+    /// A `LinkCtl` whose requests go to the returned queue instead of a link manager.
+    #[cfg(test)]
+    pub(crate) fn detached() -> (LinkCtl, mpsc::Receiver<LinkRequest>) {
+        let (tx, rx) = mpsc::channel(LINK_REQUEST_QUEUE);
+        let ctl = LinkCtl {
+            tx,
+            dropped: Arc::default(),
+        };
+        (ctl, rx)
+    }
 }
 
 /// Keeps an edge linked to its origin: connects, re-subscribes what viewers want after a

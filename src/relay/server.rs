@@ -208,7 +208,7 @@ async fn serve_edge(
     drop(sink);
     // The origin's subscriptions still hold the sink (they go with `drop_conn` after this), so
     // the writer may not see its queue close: give it a moment for a last frame, no more.
-    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     if let Err(e) = &result {
         conn.close(1u32.into(), e.as_bytes());
     }

@@ -43,7 +43,8 @@ pub const RELAY_LANE_PACKETS: usize = 1024;
 /// link state) that must not be dropped for audio; a lane full even of those means the thread is
 /// stuck, and the command is dropped, counted (`lane_control_full`) and logged.
 pub const LANE_CONTROL_HEADROOM: usize = 1024;
-/// Relayed audio older than this (time since it left the link, queued in a lane) is dropped and
+/// Relayed audio older than this when its media thread takes it (time queued on the link, from
+/// the origin's send stamp over the link's delay floor, plus time in the lane) is dropped and
 /// counted (`stale`), never forwarded: late audio is worth less than a gap.
 pub const MAX_RELAY_AGE: Duration = Duration::from_millis(100);
 
@@ -432,9 +433,11 @@ impl LinkHandler for RelaySink {
         }
     }
 
-    fn on_datagram(&self, hdr: DatagramHeader, datagram: Bytes) {
+    fn on_datagram(&self, hdr: DatagramHeader, datagram: Bytes, queued: Duration) {
         self.metrics.relay_packets.fetch_add(1, Ordering::Relaxed);
-        let arrived = Instant::now();
+        // Its age counts from when it would have arrived had it not queued on the link.
+        let now = Instant::now();
+        let arrived = now.checked_sub(queued).unwrap_or(now);
         for lane in &self.lanes {
             lane.send_packet(hdr, datagram.clone(), arrived);
         }

@@ -381,7 +381,9 @@ impl Worker {
     fn command(&mut self, cmd: EdgeCmd) {
         match cmd {
             EdgeCmd::Datagram(p) => {
-                if p.arrived.elapsed() > super::MAX_RELAY_AGE {
+                // Late video is still needed by the decoder (a frame spans packets); late audio
+                // is only noise.
+                if p.hdr.kind == Kind::Audio && p.arrived.elapsed() > super::MAX_RELAY_AGE {
                     self.metrics.dropped_stale.fetch_add(1, Ordering::Relaxed);
                     return;
                 }

@@ -12,7 +12,9 @@ use tokio::sync::mpsc::error::TrySendError;
 use tracing::{debug, info, warn};
 
 pub use super::proto::DATAGRAM_HEADER;
-use super::proto::{encode_frame, DatagramHeader, EdgeMsg, FrameReader, OriginMsg, SourceInfo};
+use super::proto::{
+    encode_frame, DatagramHeader, EdgeMsg, FrameReader, LinkDelay, OriginMsg, SourceInfo,
+};
 
 /// The QUIC handshake with the origin must finish within this, or the attempt is given up (and
 /// retried by [`manage_link`]): an origin that is down must not hold a connect for quinn's idle
@@ -61,8 +63,10 @@ impl From<LinkError> for String {
 /// What an edge does with what the origin sends. Called from the link's tasks.
 pub trait LinkHandler: Send + Sync + 'static {
     fn on_sources(&self, stream: &str, channel: u32, sources: &[SourceInfo]);
-    /// `datagram` is the whole datagram; the RTP packet starts at [`DATAGRAM_HEADER`].
-    fn on_datagram(&self, hdr: DatagramHeader, datagram: bytes::Bytes);
+    /// `datagram` is the whole datagram; the RTP packet starts at [`DATAGRAM_HEADER`]. `queued`
+    /// is how long it queued on the link before it was read (from its send stamp, see
+    /// [`LinkDelay`]).
+    fn on_datagram(&self, hdr: DatagramHeader, datagram: bytes::Bytes, queued: Duration);
     fn on_closed(&self, reason: &str);
     /// A datagram without a valid relay header arrived (counted, dropped).
     fn on_malformed(&self) {}
@@ -211,9 +215,15 @@ impl EdgeLink {
         tokio::spawn(async move {
             let mut malformed = 0u64;
             let mut logged: Option<std::time::Instant> = None;
+            let mut delay = LinkDelay::default();
+            let epoch = std::time::Instant::now();
             while let Ok(d) = dconn.read_datagram().await {
                 match DatagramHeader::parse(&d).map(|(h, _)| h) {
-                    Some(hdr) => handler.on_datagram(hdr, d),
+                    Some(hdr) => {
+                        let now_ms = epoch.elapsed().as_millis() as u64;
+                        let queued = delay.age_ms(now_ms, hdr.sent_ms);
+                        handler.on_datagram(hdr, d, Duration::from_millis(queued.into()))
+                    }
                     None => {
                         handler.on_malformed();
                         malformed += 1;

@@ -9,7 +9,8 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-pub const ALPN: &[u8] = b"chorus-relay/1";
+/// Version 2: datagrams carry the origin's send time (an 11-byte tag).
+pub const ALPN: &[u8] = b"chorus-relay/2";
 pub const SERVER_NAME: &str = "chorus-origin";
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {

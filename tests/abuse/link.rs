@@ -635,6 +635,7 @@ fn link_edge_bounds_and_counts_a_flooding_origin() {
                     channel,
                     source: 0,
                     kind: Kind::Audio,
+                    sent_ms: start.elapsed().as_millis() as u32,
                 }
                 .write(&mut d);
                 // RTP: V=2, X=1 (one-byte extension with the level), PT 111.

@@ -116,6 +116,20 @@ impl EdgeSink for QuicSink {
     }
 }
 
+/// Streams one edge connection may hold subscribed at once. A real edge holds one subscription
+/// per stream its viewers watch; subscriptions past this are ignored (logged once per
+/// connection), as each costs the origin a stream entry and a source list.
+pub const MAX_EDGE_SUBSCRIPTIONS: usize = 10_000;
+
+/// What the origin knows of one edge connection while it lasts.
+#[derive(Default)]
+struct EdgeSession {
+    welcomed: bool,
+    subscribed: std::collections::HashSet<String>,
+    /// The subscription limit was hit (logged once).
+    over_limit: bool,
+}
+
 /// What quinn counts against the datagram send buffer per queued datagram besides its bytes (an
 /// estimate: a `Bytes` handle).
 const DATAGRAM_OVERHEAD: usize = 32;
@@ -170,12 +184,12 @@ async fn serve_edge(
         stalled: AtomicBool::new(false),
     });
     let mut reader = FrameReader::default();
-    let mut welcomed = false;
+    let mut session = EdgeSession::default();
     let mut buf = vec![0u8; 16 * 1024];
     let hello_by = tokio::time::Instant::now() + EDGE_HELLO_TIMEOUT;
     let result = loop {
         let read = recv.read(&mut buf);
-        let read = if welcomed {
+        let read = if session.welcomed {
             read.await
         } else {
             match tokio::time::timeout_at(hello_by, read).await {
@@ -190,9 +204,15 @@ async fn serve_edge(
         };
         reader.push(&buf[..n]);
         let step = loop {
+            // Backpressure on the edge's own requests (each subscription is answered with a
+            // source list): an edge that asks faster than its queue drains waits here, so only a
+            // peer that stops reading fills the queue.
+            if let Err(e) = room_to_answer(&ctl_tx, &conn).await {
+                break Err(e);
+            }
             match reader.next_msg::<EdgeMsg>() {
                 Ok(Some(msg)) => {
-                    if let Err(e) = handle(msg, id, origin, policy, &sink, &ctl_tx, &mut welcomed) {
+                    if let Err(e) = handle(msg, id, origin, policy, &sink, &ctl_tx, &mut session) {
                         break Err(e);
                     }
                 }
@@ -215,6 +235,27 @@ async fn serve_edge(
     result
 }
 
+/// Waits until at least half of an edge's control queue is free (its writer drains it), for at
+/// most [`CONTROL_WRITE_TIMEOUT`].
+async fn room_to_answer(
+    ctl: &mpsc::Sender<OriginMsg>,
+    conn: &quinn::Connection,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + CONTROL_WRITE_TIMEOUT;
+    while ctl.capacity() < EDGE_CONTROL_QUEUE / 2 {
+        if conn.close_reason().is_some() {
+            return Err("connection closed".into());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "edge is not reading its control stream ({CONTROL_WRITE_TIMEOUT:?} without room in its queue)"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
+
 fn handle(
     msg: EdgeMsg,
     id: u64,
@@ -222,7 +263,7 @@ fn handle(
     policy: &RelayPolicy,
     sink: &Arc<dyn EdgeSink>,
     ctl: &mpsc::Sender<OriginMsg>,
-    welcomed: &mut bool,
+    session: &mut EdgeSession,
 ) -> Result<(), String> {
     match msg {
         EdgeMsg::Hello { token, ws_url } => {
@@ -237,7 +278,7 @@ fn handle(
                 });
                 return Err("edge refused: wrong or missing cluster token".into());
             }
-            *welcomed = true;
+            session.welcomed = true;
             if let Some(url) = ws_url {
                 origin.register_edge(id, url);
             }
@@ -245,11 +286,36 @@ fn handle(
                 jwt_secret: policy.jwt_secret.clone(),
             });
         }
-        _ if !*welcomed => return Err("edge sent a command before hello".into()),
+        _ if !session.welcomed => return Err("edge sent a command before hello".into()),
         EdgeMsg::Subscribe { stream } => {
+            // Refused subscriptions are ignored, not punished with a disconnect: the link also
+            // carries every other stream this edge's viewers watch.
+            if let Err(e) = crate::http::director::check_stream_name(&stream) {
+                warn!(conn = id, "edge subscription ignored: {e}");
+                return Ok(());
+            }
+            if session.subscribed.contains(&stream) {
+                // Already subscribed: a second subscription would relay every packet twice.
+                return Ok(());
+            }
+            if session.subscribed.len() >= MAX_EDGE_SUBSCRIPTIONS {
+                if !session.over_limit {
+                    session.over_limit = true;
+                    warn!(
+                        conn = id,
+                        "edge subscribes to more than {MAX_EDGE_SUBSCRIPTIONS} streams: further subscriptions ignored"
+                    );
+                }
+                return Ok(());
+            }
             origin.subscribe(&stream, id, sink.clone());
+            session.subscribed.insert(stream);
         }
-        EdgeMsg::Unsubscribe { stream } => origin.unsubscribe(&stream, id),
+        EdgeMsg::Unsubscribe { stream } => {
+            if session.subscribed.remove(&stream) {
+                origin.unsubscribe(&stream, id);
+            }
+        }
         EdgeMsg::Keyframe { stream, source } => {
             origin.request_keyframe(&stream, &source);
         }

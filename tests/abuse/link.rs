@@ -710,3 +710,114 @@ fn link_edge_bounds_and_counts_a_flooding_origin() {
     assert_rss_below(edge.child.id(), RSS_BOUND_KIB, "edge after the flood");
     endpoint.close(0u32.into(), b"");
 }
+
+/// A fake edge that reads its control stream but subscribes to more streams than any edge has
+/// (and to one stream twice): the origin holds at most its stated limit of subscriptions for one
+/// connection (each costs a stream entry), relays a doubly subscribed stream once, and drops them
+/// all when the edge goes. The honest viewer stays gapless.
+#[test]
+fn link_origin_bounds_one_edges_subscriptions() {
+    use chorus::relay::proto::{encode_frame, EdgeMsg, FrameReader, OriginMsg};
+    let _serial = common::serial();
+    let p = common::serve(TOKEN);
+    let h = Honest::start(Honest::at(p.http(), TOKEN, "honest-link-subs").seconds(14));
+    let rt = runtime();
+    let origin = cluster_addr(&p);
+    let http = p.http();
+    let limit = chorus::relay::server::MAX_EDGE_SUBSCRIPTIONS;
+    let (streams_held, lists, open) = rt.block_on(async move {
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        ep.set_default_client_config(fake_edge_config(1 << 20));
+        let c = ep
+            .connect(origin, chorus::relay::tls::SERVER_NAME)
+            .unwrap()
+            .await
+            .expect("handshake");
+        let (mut send, mut recv) = c.open_bi().await.unwrap();
+        send.write_all(&encode_frame(&EdgeMsg::Hello {
+            token: None,
+            ws_url: None,
+        }))
+        .await
+        .unwrap();
+        // Read everything the origin says, counting its source lists.
+        let lists = Arc::new(Mutex::new(0usize));
+        let counted = lists.clone();
+        tokio::spawn(async move {
+            let mut reader = FrameReader::default();
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(Some(n)) = recv.read(&mut buf).await {
+                reader.push(&buf[..n]);
+                while let Ok(Some(m)) = reader.next_msg::<OriginMsg>() {
+                    if matches!(m, OriginMsg::Sources { .. }) {
+                        *counted.lock().unwrap() += 1;
+                    }
+                }
+            }
+        });
+        let mut batch = Vec::new();
+        for name in ["honest-link-subs", "honest-link-subs"]
+            .into_iter()
+            .map(String::from)
+            .chain((0..limit + 2_000).map(|i| format!("many-{i}")))
+        {
+            batch.extend(encode_frame(&EdgeMsg::Subscribe { stream: name }));
+            if batch.len() > 32 * 1024 {
+                send.write_all(&batch).await.unwrap();
+                batch.clear();
+            }
+        }
+        send.write_all(&batch).await.unwrap();
+        // Let the origin work through them.
+        let held = loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let before = tokio::task::spawn_blocking(move || {
+                common::metric(http, "chorus_origin_streams ").unwrap_or(0.0)
+            })
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let after = tokio::task::spawn_blocking(move || {
+                common::metric(http, "chorus_origin_streams ").unwrap_or(0.0)
+            })
+            .await
+            .unwrap();
+            if before == after && after > 1.0 {
+                break after;
+            }
+        };
+        let edges = tokio::task::spawn_blocking(move || {
+            common::get_json(http, "/api/streams/honest-link-subs").1["edges"].as_u64()
+        })
+        .await
+        .unwrap();
+        // The fake edge plus the serve's own edge.
+        assert_eq!(edges, Some(2), "a doubled subscription is held twice");
+        let open = c.close_reason().is_none();
+        let n = *lists.lock().unwrap();
+        c.close(0u32.into(), b"done");
+        (held, n, open)
+    });
+    eprintln!(
+        "one edge asked for {} subscriptions: the origin holds {streams_held} streams, sent {lists} source lists",
+        limit + 2_002
+    );
+    assert!(open, "the edge was disconnected instead of refused");
+    // The honest stream is one of the subscribed ones.
+    assert!(
+        streams_held <= (limit + 1) as f64,
+        "{streams_held} streams held for one edge"
+    );
+    assert!(lists <= limit, "{lists} source lists sent");
+    wait_for(
+        "the edge's streams dropped",
+        Duration::from_secs(15),
+        || (common::metric(p.http(), "chorus_origin_streams ")? <= 1.0).then_some(()),
+    );
+    assert_rss_below(
+        p.child.id(),
+        RSS_BOUND_KIB,
+        "serve after 12,000 subscriptions",
+    );
+    h.assert_gapless();
+}

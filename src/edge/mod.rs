@@ -86,6 +86,8 @@ pub struct EdgeMetrics {
     pub lane_control_full: AtomicU64,
     /// Times the link to the origin was lost.
     pub link_losses: AtomicU64,
+    /// Media threads' requests to the link manager dropped for a full queue.
+    pub link_requests_dropped: Arc<AtomicU64>,
 }
 
 /// A viewer's request, from `view` or WHEP.
@@ -291,6 +293,7 @@ impl Edge {
             metrics: metrics.clone(),
         });
         let (secret, ctl) = manage_link(link, sink).await?;
+        let ctl = ctl.counting_drops_in(metrics.link_requests_dropped.clone());
         let mut candidates = Vec::new();
         for (i, ((socket, candidate), rx)) in sockets.into_iter().zip(receivers).enumerate() {
             let worker = Worker::new(

@@ -189,7 +189,7 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             &mut out,
             "chorus_edge_dropped_total",
             "counter",
-            "Packets dropped at the edge, by reason.",
+            "Packets dropped at the edge, by reason (unknown_channel, lane_full and stale count per media thread: each gets its own copy).",
             &[
                 ("reason=\"unknown_source\"", g(&m.dropped_unknown)),
                 ("reason=\"unknown_channel\"", g(&m.dropped_unknown_channel)),
@@ -209,6 +209,13 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             "counter",
             "Commands a stuck media thread's lane could not take.",
             &[("", g(&m.lane_control_full))],
+        );
+        metric(
+            &mut out,
+            "chorus_edge_link_requests_dropped_total",
+            "counter",
+            "Media threads' requests to the origin link (subscriptions, keyframes, talking) dropped for a full queue.",
+            &[("", m.link_requests_dropped.load(Ordering::Relaxed))],
         );
         metric(
             &mut out,

@@ -363,6 +363,12 @@ impl LinkCtl {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// The same requests, counting drops in `counter` (a /metrics counter).
+    pub fn counting_drops_in(mut self, counter: Arc<AtomicU64>) -> LinkCtl {
+        self.dropped = counter;
+        self
+    }
+
     /// A `LinkCtl` whose requests go to the returned queue instead of a link manager.
     #[cfg(test)]
     pub(crate) fn detached() -> (LinkCtl, mpsc::Receiver<LinkRequest>) {

@@ -185,9 +185,15 @@ impl EdgeLink {
             }
         });
         let h = handler.clone();
+        let rconn = conn.clone();
         tokio::spawn(async move {
             let reason = loop {
                 match reader.next_msg::<OriginMsg>() {
+                    // A list still buffered when the link died is void: it must not follow the
+                    // link-down its viewers were told of.
+                    Ok(Some(OriginMsg::Sources { .. })) if rconn.close_reason().is_some() => {
+                        break "origin link closed".into();
+                    }
                     Ok(Some(OriginMsg::Sources {
                         stream,
                         channel,

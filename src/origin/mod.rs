@@ -455,7 +455,9 @@ impl Origin {
             channel,
             sources: s.snapshot(),
         });
-        info!(stream, conn, channel, "edge subscribed");
+        // Per subscription, so debug: an edge may hold thousands (see MAX_EDGE_SUBSCRIPTIONS);
+        // the edge's connect and end are logged at info.
+        tracing::debug!(stream, conn, channel, "edge subscribed");
         channel
     }
 
@@ -467,7 +469,7 @@ impl Origin {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|sub| sub.conn != conn);
-        info!(stream, conn, "edge unsubscribed");
+        tracing::debug!(stream, conn, "edge unsubscribed");
         if s.is_idle() {
             st.remove(stream);
         }

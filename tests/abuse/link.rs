@@ -819,5 +819,17 @@ fn link_origin_bounds_one_edges_subscriptions() {
         RSS_BOUND_KIB,
         "serve after 12,000 subscriptions",
     );
+    let drops = |r: &str| {
+        common::metric(
+            p.http(),
+            &format!("chorus_edge_dropped_total{{reason=\"{r}\"}}"),
+        )
+        .unwrap_or(-1.0)
+    };
+    eprintln!(
+        "edge drops meanwhile: stale {}, lane_full {}",
+        drops("stale"),
+        drops("lane_full")
+    );
     h.assert_gapless();
 }

@@ -379,7 +379,7 @@ impl LinkHandler for Probe {
         }
     }
 
-    fn on_datagram(&self, hdr: DatagramHeader, datagram: bytes::Bytes) {
+    fn on_datagram(&self, hdr: DatagramHeader, datagram: bytes::Bytes, _queued: Duration) {
         let rtp = &datagram[crate::relay::proto::DATAGRAM_HEADER..];
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.channel != Some(hdr.channel) {

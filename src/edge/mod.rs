@@ -9,16 +9,17 @@ pub mod worker;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Sender};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::Value;
 use str0m::media::Mid;
 use str0m::RtcConfig;
 use tokio::sync::mpsc::UnboundedSender;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::auth::jwt::JwtVerifier;
 use crate::relay::client::{manage_link, AuthorizeAnswer, LinkConfig, LinkCtl, LinkHandler};
@@ -37,6 +38,21 @@ pub const MAX_TRACKS: usize = 16;
 /// source, or a few; each name is interned on a media thread while the view lasts, so this bounds
 /// what one viewer holds there (with [`crate::http::signal::MAX_SOURCE_ID`] bytes per name).
 pub const MAX_EXCLUDED: usize = 64;
+
+/// Relayed packets queued at most for one media thread: about 100 ms of 200 sources talking at
+/// once (50 packets a second each). A full lane refuses the newest packet (counted as
+/// `lane_full`): the thread is more than its bound behind, and what it still holds is older than
+/// audio is worth; dropping the oldest instead would have the link's reader take from the media
+/// thread's end of the queue, racing it, and could drop a source list.
+pub const RELAY_LANE_PACKETS: usize = 1024;
+/// Room kept in each media thread's lane beyond the packets, for commands (viewers, source lists,
+/// link state) that must not be dropped for audio; a lane full even of those means the thread is
+/// stuck, and the command is dropped, counted (`lane_control_full`) and logged.
+pub const LANE_CONTROL_HEADROOM: usize = 1024;
+/// Relayed audio older than this when its media thread takes it (time queued on the link, from
+/// the origin's send stamp over the link's delay floor, plus time in the lane) is dropped and
+/// counted (`stale`), never forwarded: late audio is worth less than a gap.
+pub const MAX_RELAY_AGE: Duration = Duration::from_millis(100);
 
 /// Counters the edge keeps for /metrics.
 #[derive(Debug, Default)]
@@ -70,6 +86,21 @@ pub struct EdgeMetrics {
     pub authorize_allowed: AtomicU64,
     pub authorize_refused: AtomicU64,
     pub authorize_unavailable: AtomicU64,
+    /// Relayed datagrams on a channel no stream of this edge follows (another link's, a stale
+    /// one after a relink).
+    pub dropped_unknown_channel: AtomicU64,
+    /// Relay datagrams without a valid header.
+    pub dropped_relay_malformed: AtomicU64,
+    /// Relayed packets refused by a full media-thread lane ([`RELAY_LANE_PACKETS`]).
+    pub dropped_lane_full: AtomicU64,
+    /// Relayed packets older than [`MAX_RELAY_AGE`] when their media thread took them.
+    pub dropped_stale: AtomicU64,
+    /// Commands a stuck media thread's lane could not take ([`LANE_CONTROL_HEADROOM`]).
+    pub lane_control_full: AtomicU64,
+    /// Times the link to the origin was lost.
+    pub link_losses: AtomicU64,
+    /// Media threads' requests to the link manager dropped for a full queue.
+    pub link_requests_dropped: Arc<AtomicU64>,
 }
 
 /// A viewer's request, from `view` or WHEP.
@@ -142,17 +173,92 @@ impl Shared {
     }
 }
 
-/// The way into one media thread.
+/// The way into one media thread: one bounded queue for relayed packets and commands alike, so a
+/// source list is always taken before the packets that follow it.
 #[derive(Clone)]
 struct Lane {
-    tx: Sender<EdgeCmd>,
+    tx: SyncSender<EdgeCmd>,
     bell: Arc<Doorbell>,
+    /// Relayed packets in the queue now (each holds a [`LaneTicket`]).
+    packets: Arc<AtomicUsize>,
+    metrics: Arc<EdgeMetrics>,
 }
 
 impl Lane {
+    fn new(metrics: Arc<EdgeMetrics>) -> Result<(Lane, mpsc::Receiver<EdgeCmd>), String> {
+        let (tx, rx) = mpsc::sync_channel(RELAY_LANE_PACKETS + LANE_CONTROL_HEADROOM);
+        let bell = Doorbell::new().map_err(|e| format!("edge media thread wake-up: {e}"))?;
+        let lane = Lane {
+            tx,
+            bell,
+            packets: Arc::default(),
+            metrics,
+        };
+        Ok((lane, rx))
+    }
+
+    /// A command: never refused for packets (the headroom is kept for commands).
     fn send(&self, cmd: EdgeCmd) {
-        let _ = self.tx.send(cmd);
-        self.bell.ring();
+        match self.tx.try_send(cmd) {
+            Ok(()) => self.bell.ring(),
+            Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                let n = self
+                    .metrics
+                    .lane_control_full
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
+                if n % 1000 == 1 {
+                    warn!(
+                        dropped = n,
+                        "edge media thread not taking commands: lane full, command dropped"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A relayed packet: refused (counted) when the lane already holds its share of packets.
+    fn send_packet(&self, hdr: DatagramHeader, data: Bytes, arrived: Instant) {
+        if self.packets.load(Ordering::Relaxed) >= RELAY_LANE_PACKETS {
+            self.metrics
+                .dropped_lane_full
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let ticket = LaneTicket::new(&self.packets);
+        let cmd = EdgeCmd::Datagram(worker::RelayPacket {
+            hdr,
+            data,
+            arrived,
+            _ticket: ticket,
+        });
+        match self.tx.try_send(cmd) {
+            Ok(()) => self.bell.ring(),
+            Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                self.metrics
+                    .dropped_lane_full
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Counts a relayed packet in its lane while it is queued (and being handled): taken on send,
+/// given back when the media thread is done with the packet.
+pub struct LaneTicket(Arc<AtomicUsize>);
+
+impl LaneTicket {
+    fn new(count: &Arc<AtomicUsize>) -> LaneTicket {
+        count.fetch_add(1, Ordering::Relaxed);
+        LaneTicket(count.clone())
+    }
+}
+
+impl Drop for LaneTicket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -191,15 +297,14 @@ impl Edge {
             sockets.push((socket, SocketAddr::new(ip, local.port())));
         }
         let shared: Arc<Shared> = Arc::default();
+        let metrics = Arc::new(EdgeMetrics::default());
         let mut lanes = Vec::new();
         let mut receivers = Vec::new();
         for _ in &sockets {
-            let (tx, rx) = mpsc::channel();
-            let bell = Doorbell::new().map_err(|e| format!("edge media thread wake-up: {e}"))?;
-            lanes.push(Lane { tx, bell });
+            let (lane, rx) = Lane::new(metrics.clone())?;
+            lanes.push(lane);
             receivers.push(rx);
         }
-        let metrics = Arc::new(EdgeMetrics::default());
         let revocations = tokio::sync::broadcast::channel(crate::origin::REVOCATIONS_QUEUE).0;
         let sink: Arc<dyn LinkHandler> = Arc::new(RelaySink {
             lanes: lanes.clone(),
@@ -208,6 +313,7 @@ impl Edge {
             revocations: revocations.clone(),
         });
         let ctl = manage_link(link, sink, keys).await?;
+        let ctl = ctl.counting_drops_in(metrics.link_requests_dropped.clone());
         let mut candidates = Vec::new();
         for (i, ((socket, candidate), rx)) in sockets.into_iter().zip(receivers).enumerate() {
             let worker = Worker::new(
@@ -391,15 +497,35 @@ impl LinkHandler for RelaySink {
         }
     }
 
-    fn on_datagram(&self, hdr: DatagramHeader, datagram: Bytes) {
+    fn on_datagram(&self, hdr: DatagramHeader, datagram: Bytes, queued: Duration) {
         self.metrics.relay_packets.fetch_add(1, Ordering::Relaxed);
+        // Its age counts from when it would have arrived had it not queued on the link.
+        let now = Instant::now();
+        let arrived = now.checked_sub(queued).unwrap_or(now);
         for lane in &self.lanes {
-            lane.send(EdgeCmd::Datagram(hdr, datagram.clone()));
+            lane.send_packet(hdr, datagram.clone(), arrived);
         }
     }
 
     fn on_closed(&self, reason: &str) {
         tracing::warn!("origin link closed: {reason}");
+    }
+
+    fn on_malformed(&self) {
+        self.metrics
+            .dropped_relay_malformed
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn on_link_down(&self) {
+        self.metrics.link_losses.fetch_add(1, Ordering::Relaxed);
+        // A media thread that starts following a stream now must wait for the next link's list.
+        if let Ok(mut cache) = self.shared.sources.lock() {
+            cache.clear();
+        }
+        for lane in &self.lanes {
+            lane.send(EdgeCmd::LinkDown);
+        }
     }
 }
 

@@ -69,7 +69,21 @@ pub enum EdgeCmd {
         channel: u32,
         sources: Vec<SourceInfo>,
     },
-    Datagram(DatagramHeader, Bytes),
+    Datagram(RelayPacket),
+    /// The origin link is gone: its channels and source indices are void, its sources inactive
+    /// until the next link announces them.
+    LinkDown,
+}
+
+/// One relayed datagram in a media thread's lane.
+pub struct RelayPacket {
+    pub hdr: DatagramHeader,
+    /// The whole datagram; the RTP packet starts at [`DATAGRAM_HEADER`].
+    pub data: Bytes,
+    /// When the link's reader took it: its age decides whether it is still worth forwarding.
+    pub arrived: Instant,
+    /// Holds the packet's place in its lane's bound until it is handled.
+    pub _ticket: super::LaneTicket,
 }
 
 /// What the stream knows of each of its viewers, for events (no peer access needed).
@@ -374,7 +388,16 @@ impl Worker {
 
     fn command(&mut self, cmd: EdgeCmd) {
         match cmd {
-            EdgeCmd::Datagram(hdr, d) => self.datagram(hdr, d),
+            EdgeCmd::Datagram(p) => {
+                // Late video is still needed by the decoder (a frame spans packets); late audio
+                // is only noise.
+                if p.hdr.kind == Kind::Audio && p.arrived.elapsed() > super::MAX_RELAY_AGE {
+                    self.metrics.dropped_stale.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                self.datagram(p.hdr, p.data)
+            }
+            EdgeCmd::LinkDown => self.link_down(),
             EdgeCmd::Sources {
                 stream,
                 channel,
@@ -526,12 +549,15 @@ impl Worker {
             return;
         };
         if let Some(old) = st.channel.replace(channel) {
-            if old != channel {
+            // Only this stream's own mapping goes: after a relink another stream may hold it.
+            if old != channel && self.channels.get(&old).is_some_and(|s| s == stream) {
                 self.channels.remove(&old);
             }
         }
         self.channels.insert(channel, stream.to_owned());
         let had_sources = !st.live.is_empty();
+        // The list is complete: indices it does not name are no source of this stream any more.
+        st.by_relay.clear();
         let mut seen = Vec::new();
         for info in sources {
             let name = info.source_id.clone().unwrap_or_default();
@@ -584,6 +610,40 @@ impl Worker {
         }
     }
 
+    /// The origin link is gone. Every source its viewers were told is active goes `inactive`
+    /// (their tracks empty, with `vad` events), and the channels and source indices of that link
+    /// are forgotten: the next origin numbers them afresh, and its source list makes the sources
+    /// `active` again with fresh voice activity. Viewers keep their sessions throughout.
+    fn link_down(&mut self) {
+        let now_us = self.now_us();
+        self.channels.clear();
+        self.known_channels.clear();
+        for (name, st) in self.streams.iter_mut() {
+            st.channel = None;
+            st.by_relay.clear();
+            let mut gone: Vec<(SourceIdx, SourceInfo)> = st.live.drain().collect();
+            gone.sort_by_key(|(_, i)| i.index);
+            for (s, info) in gone {
+                let mut changes = Vec::new();
+                st.core.unpublish(now_us, s, &mut |o| {
+                    if let Output::Track(c) = o {
+                        changes.push(c)
+                    }
+                });
+                for c in &changes {
+                    st.vad(c, &self.metrics);
+                }
+                st.broadcast(&json!({"type": "event", "name": "inactive", "data": {
+                    "streamId": name, "sourceId": info.source_id}}));
+            }
+            info!(
+                stream = name.as_str(),
+                viewers = st.viewers.len(),
+                "origin link lost: sources inactive until it is back"
+            );
+        }
+    }
+
     fn tick(&mut self, now_us: u64) {
         for (name, st) in self.streams.iter_mut() {
             let mut changes: Vec<TrackChange> = Vec::new();
@@ -632,7 +692,9 @@ impl Worker {
             .and_then(|n| self.streams.get_mut(n))
         else {
             if !self.known_channels.contains(&hdr.channel) {
-                self.metrics.dropped_unknown.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .dropped_unknown_channel
+                    .fetch_add(1, Ordering::Relaxed);
             }
             return;
         };
@@ -781,3 +843,7 @@ fn direct_path<'a>(
         scratch,
     })
 }
+
+#[cfg(test)]
+#[path = "worker_link_tests.rs"]
+mod link_tests;

@@ -116,6 +116,23 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             ],
         );
         peers_closed(&mut out, "chorus_origin_peers_closed_total", p);
+        let by: Vec<(String, u64)> = crate::origin::RelayDrop::ALL
+            .iter()
+            .map(|r| {
+                (
+                    format!("reason=\"{}\"", r.label()),
+                    g(&m.relay_drops_by[*r as usize]),
+                )
+            })
+            .collect();
+        let by: Vec<(&str, u64)> = by.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(
+            &mut out,
+            "chorus_origin_relay_dropped_total",
+            "counter",
+            "Datagrams to edges lost on the link, by reason (send_buffer_full: the link's datagram buffer was full and quinn dropped the oldest queued one).",
+            &by,
+        );
         metric(
             &mut out,
             "chorus_origin_relay_datagrams_total",
@@ -235,10 +252,14 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             &mut out,
             "chorus_edge_dropped_total",
             "counter",
-            "Packets dropped at the edge, by reason.",
+            "Packets dropped at the edge, by reason (unknown_channel, lane_full and stale count per media thread: each gets its own copy).",
             &[
                 ("reason=\"unknown_source\"", g(&m.dropped_unknown)),
+                ("reason=\"unknown_channel\"", g(&m.dropped_unknown_channel)),
                 ("reason=\"malformed\"", g(&m.dropped_malformed)),
+                ("reason=\"relay_malformed\"", g(&m.dropped_relay_malformed)),
+                ("reason=\"lane_full\"", g(&m.dropped_lane_full)),
+                ("reason=\"stale\"", g(&m.dropped_stale)),
                 ("reason=\"core\"", g(&m.dropped_core)),
                 ("reason=\"before_switch\"", g(&m.dropped_before_switch)),
                 (
@@ -260,6 +281,27 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             "gauge",
             "sourceIds held by the packet cores: live sources and those current views name.",
             &[("", g(&m.interned_names))],
+        );
+        metric(
+            &mut out,
+            "chorus_edge_lane_commands_dropped_total",
+            "counter",
+            "Commands a stuck media thread's lane could not take.",
+            &[("", g(&m.lane_control_full))],
+        );
+        metric(
+            &mut out,
+            "chorus_edge_link_requests_dropped_total",
+            "counter",
+            "Media threads' requests to the origin link (subscriptions, keyframes, talking) dropped for a full queue.",
+            &[("", m.link_requests_dropped.load(Ordering::Relaxed))],
+        );
+        metric(
+            &mut out,
+            "chorus_edge_link_losses_total",
+            "counter",
+            "Times the link to the origin was lost (viewers were told their sources went inactive).",
+            &[("", g(&m.link_losses))],
         );
         metric(
             &mut out,

@@ -32,9 +32,42 @@ pub type SourceKey = Option<String>;
 
 /// Where a subscribed edge's datagrams and control messages go (a QUIC connection).
 pub trait EdgeSink: Send + Sync {
-    /// Sends one datagram; false if it was dropped (connection gone or datagram too large).
-    fn datagram(&self, d: Bytes) -> bool;
+    /// Sends one datagram; Err says what was dropped and why.
+    fn datagram(&self, d: Bytes) -> Result<(), RelayDrop>;
     fn control(&self, msg: OriginMsg);
+}
+
+/// Why the fan-out lost a datagram on its way to an edge (`chorus_origin_relay_dropped_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayDrop {
+    /// Sent, but the link's datagram send buffer was full: quinn dropped the oldest queued
+    /// datagram to make room (congestion; audio that old is worthless anyway).
+    Evicted,
+    /// Larger than the link's datagram limit (path MTU).
+    TooLarge,
+    /// The edge's connection is gone (it is being dropped).
+    ConnectionLost,
+    /// The edge did not negotiate datagrams.
+    Unsupported,
+}
+
+impl RelayDrop {
+    pub const ALL: [RelayDrop; 4] = [
+        RelayDrop::Evicted,
+        RelayDrop::TooLarge,
+        RelayDrop::ConnectionLost,
+        RelayDrop::Unsupported,
+    ];
+
+    /// The `reason` label in /metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            RelayDrop::Evicted => "send_buffer_full",
+            RelayDrop::TooLarge => "too_large",
+            RelayDrop::ConnectionLost => "connection_lost",
+            RelayDrop::Unsupported => "unsupported",
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -71,6 +104,8 @@ pub struct OriginMetrics {
     pub padding_dropped: AtomicU64,
     pub relay_datagrams: AtomicU64,
     pub relay_drops: AtomicU64,
+    /// `relay_drops` by [`RelayDrop`], in the order of [`RelayDrop::ALL`].
+    pub relay_drops_by: [AtomicU64; 4],
     pub publications_total: AtomicU64,
     pub replacements_total: AtomicU64,
     /// Publish attempts refused: the stream held [`indices::MAX_SOURCES_PER_STREAM`] sources.
@@ -510,7 +545,9 @@ impl Origin {
             channel,
             sources: s.snapshot(),
         });
-        info!(stream, conn, channel, "edge subscribed");
+        // Per subscription, so debug: an edge may hold thousands (see MAX_EDGE_SUBSCRIPTIONS);
+        // the edge's connect and end are logged at info.
+        tracing::debug!(stream, conn, channel, "edge subscribed");
         channel
     }
 
@@ -522,7 +559,7 @@ impl Origin {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|sub| sub.conn != conn);
-        info!(stream, conn, "edge unsubscribed");
+        tracing::debug!(stream, conn, "edge unsubscribed");
         if s.is_idle() {
             st.remove(stream);
         }
@@ -662,8 +699,8 @@ mod tests {
     struct Recorder(Mutex<Vec<OriginMsg>>);
 
     impl EdgeSink for Recorder {
-        fn datagram(&self, _: Bytes) -> bool {
-            true
+        fn datagram(&self, _: Bytes) -> Result<(), RelayDrop> {
+            Ok(())
         }
         fn control(&self, msg: OriginMsg) {
             self.0.lock().unwrap().push(msg);

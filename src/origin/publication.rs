@@ -9,7 +9,7 @@ use tracing::debug;
 
 use super::{relay_kind, Fanout, Origin, OriginMetrics, SourceKey, SourceStats};
 use crate::media::rtp::{audio_level_byte, write_packet, HeaderFields};
-use crate::relay::proto::{DatagramHeader, LEVEL_EXT_ID};
+use crate::relay::proto::{origin_clock_ms, DatagramHeader, LEVEL_EXT_ID};
 use crate::rtc::host::{PeerEvent, PeerHandler, PeerId};
 
 /// Which source of which stream a publication feeds.
@@ -115,6 +115,7 @@ impl PeerHandler for PublicationHandler {
                     marker: m.marker,
                 };
                 write_packet(&mut self.rtp, &hdr, exts, m.payload);
+                let sent_ms = origin_clock_ms();
                 for sub in subs.iter() {
                     let mut d =
                         Vec::with_capacity(crate::relay::proto::DATAGRAM_HEADER + self.rtp.len());
@@ -122,13 +123,15 @@ impl PeerHandler for PublicationHandler {
                         channel: sub.channel,
                         source: self.index,
                         kind: relay_kind(m.kind),
+                        sent_ms,
                     }
                     .write(&mut d);
                     d.extend_from_slice(&self.rtp);
                     self.metrics.relay_datagrams.fetch_add(1, Ordering::Relaxed);
-                    if !sub.sink.datagram(Bytes::from(d)) {
+                    if let Err(why) = sub.sink.datagram(Bytes::from(d)) {
                         self.stats.relay_drops.fetch_add(1, Ordering::Relaxed);
                         self.metrics.relay_drops.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.relay_drops_by[why as usize].fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }

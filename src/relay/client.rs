@@ -7,11 +7,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 pub use super::proto::DATAGRAM_HEADER;
-use super::proto::{encode_frame, DatagramHeader, EdgeMsg, FrameReader, OriginMsg, SourceInfo};
+use super::proto::{
+    encode_frame, DatagramHeader, EdgeMsg, FrameReader, LinkDelay, OriginMsg, SourceInfo,
+};
 use crate::auth::jwt::{JwtVerifier, VerifyKey};
 
 /// How long a viewer at an edge waits for the origin to authorize it before a 503.
@@ -24,20 +27,73 @@ pub type AuthorizeAnswer = Result<String, (u16, String)>;
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<AuthorizeAnswer>>>>;
 
+/// The QUIC handshake with the origin must finish within this, or the attempt is given up (and
+/// retried by [`manage_link`]): an origin that is down must not hold a connect for quinn's idle
+/// timeout.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The origin must answer `Hello` (with `Welcome` or `Refused`) within this after the handshake.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
+/// Control messages to the origin queued at most; a full queue means the origin stopped reading
+/// the control stream, and the link is closed (and retried) rather than grown.
+pub const CONTROL_QUEUE: usize = 256;
+/// One control frame must be written within this, or the link is closed: a peer that stopped
+/// reading must not hold the writer (and, through the bounded queue, everything else) forever.
+pub const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests of the media threads to the link manager queued at most (subscriptions, keyframe
+/// requests, talking reports); beyond it they are dropped, counted and logged.
+pub const LINK_REQUEST_QUEUE: usize = 4096;
+/// A link that keeps sending malformed datagrams is logged at most this often (each is counted).
+pub const MALFORMED_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Relink attempts start this soon after a loss and back off to at most [`RELINK_BACKOFF_MAX`].
+pub const RELINK_BACKOFF_MIN: Duration = Duration::from_millis(250);
+pub const RELINK_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Why the link to the origin could not be made (or was lost).
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot set up the QUIC endpoint: {0}")]
+    Endpoint(String),
+    #[error("cannot reach origin {origin}: {reason}")]
+    Unreachable { origin: SocketAddr, reason: String },
+    #[error("origin {0} did not complete the QUIC handshake within {CONNECT_TIMEOUT:?}")]
+    ConnectTimeout(SocketAddr),
+    #[error("origin {0} did not answer hello within {HELLO_TIMEOUT:?}")]
+    HelloTimeout(SocketAddr),
+    #[error("origin refused this edge: {0}")]
+    Refused(String),
+    #[error("origin link failed during hello: {0}")]
+    Hello(String),
+    #[error("origin sent a bad JWT key: {0}")]
+    BadKey(String),
+}
+
+impl From<LinkError> for String {
+    fn from(e: LinkError) -> String {
+        e.to_string()
+    }
+}
+
 /// What an edge does with what the origin sends. Called from the link's tasks.
 pub trait LinkHandler: Send + Sync + 'static {
     fn on_sources(&self, stream: &str, channel: u32, sources: &[SourceInfo]);
-    /// `datagram` is the whole datagram; the RTP packet starts at [`DATAGRAM_HEADER`].
-    fn on_datagram(&self, hdr: DatagramHeader, datagram: bytes::Bytes);
+    /// `datagram` is the whole datagram; the RTP packet starts at [`DATAGRAM_HEADER`]. `queued`
+    /// is how long it queued on the link before it was read (from its send stamp, see
+    /// [`LinkDelay`]).
+    fn on_datagram(&self, hdr: DatagramHeader, datagram: bytes::Bytes, queued: Duration);
     fn on_closed(&self, reason: &str);
     /// A room member was removed at the origin: end its views here.
     fn on_revoke(&self, _room: &str, _member: &str) {}
+    /// A datagram without a valid relay header arrived (counted, dropped).
+    fn on_malformed(&self) {}
+    /// The link to the origin is gone: every channel and source index it announced is void.
+    /// [`manage_link`] calls this before it relinks, so it comes before anything of the next link.
+    fn on_link_down(&self) {}
 }
 
 pub struct EdgeLink {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
-    ctl: mpsc::UnboundedSender<EdgeMsg>,
+    ctl: mpsc::Sender<EdgeMsg>,
     refs: Mutex<HashMap<String, usize>>,
     /// The origin's JWT verify key, from its `Welcome`.
     pub verify_key: VerifyKey,
@@ -60,7 +116,7 @@ impl EdgeLink {
     pub async fn connect(
         cfg: &LinkConfig,
         handler: Arc<dyn LinkHandler>,
-    ) -> Result<Arc<EdgeLink>, String> {
+    ) -> Result<Arc<EdgeLink>, LinkError> {
         if cfg.fingerprint.is_none() {
             warn!(origin = %cfg.origin, "origin certificate not pinned: pass --origin-fingerprint outside a trusted network");
         }
@@ -69,58 +125,97 @@ impl EdgeLink {
         } else {
             "[::]:0".parse().expect("valid")
         };
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| e.to_string())?;
-        endpoint.set_default_client_config(super::tls::client_config(cfg.fingerprint.clone())?);
-        let conn = endpoint
+        let mut endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| LinkError::Endpoint(e.to_string()))?;
+        endpoint.set_default_client_config(
+            super::tls::client_config(cfg.fingerprint.clone()).map_err(LinkError::Endpoint)?,
+        );
+        let unreachable = |reason: String| LinkError::Unreachable {
+            origin: cfg.origin,
+            reason,
+        };
+        let connecting = endpoint
             .connect(cfg.origin, super::tls::SERVER_NAME)
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| format!("cannot reach origin {}: {e}", cfg.origin))?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        send.write_all(&encode_frame(&EdgeMsg::Hello {
-            token: cfg.cluster_token.clone(),
-            ws_url: cfg.ws_url.clone(),
-        }))
-        .await
-        .map_err(|e| e.to_string())?;
-        let mut reader = FrameReader::default();
-        let mut buf = vec![0u8; 16 * 1024];
-        let verify_key = loop {
-            if let Some(msg) = reader.next_msg::<OriginMsg>().map_err(|e| e.to_string())? {
-                match msg {
-                    OriginMsg::Welcome { jwt_key, key_id } => {
-                        let key = VerifyKey::from_base64(&jwt_key)
-                            .map_err(|e| format!("origin sent a bad JWT key: {e}"))?;
-                        if key.kid != key_id {
-                            warn!(
-                                sent = key_id,
-                                computed = key.kid,
-                                "origin's key id does not match its key"
-                            );
-                        }
-                        break key;
-                    }
-                    OriginMsg::Refused { reason } => {
-                        return Err(format!("origin refused this edge: {reason}"))
-                    }
-                    other => return Err(format!("origin sent {other:?} before welcome")),
-                }
-            }
-            match recv.read(&mut buf).await.map_err(|e| e.to_string())? {
-                Some(n) => reader.push(&buf[..n]),
-                None => return Err("origin closed the link during hello".into()),
+            .map_err(|e| unreachable(e.to_string()))?;
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(c) => c.map_err(|e| unreachable(e.to_string()))?,
+            Err(_) => {
+                endpoint.close(0u32.into(), b"connect timeout");
+                return Err(LinkError::ConnectTimeout(cfg.origin));
             }
         };
+        let mut reader = FrameReader::default();
+        let mut buf = vec![0u8; 16 * 1024];
+        let hello = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            send.write_all(&encode_frame(&EdgeMsg::Hello {
+                token: cfg.cluster_token.clone(),
+                ws_url: cfg.ws_url.clone(),
+            }))
+            .await
+            .map_err(|e| e.to_string())?;
+            let welcome = loop {
+                if let Some(msg) = reader.next_msg::<OriginMsg>().map_err(|e| e.to_string())? {
+                    match msg {
+                        OriginMsg::Welcome { jwt_key, key_id } => break (jwt_key, key_id),
+                        OriginMsg::Refused { reason } => return Ok(Err(reason)),
+                        other => return Err(format!("origin sent {other:?} before welcome")),
+                    }
+                }
+                match recv.read(&mut buf).await.map_err(|e| e.to_string())? {
+                    Some(n) => reader.push(&buf[..n]),
+                    None => return Err("origin closed the link during hello".into()),
+                }
+            };
+            Ok(Ok((send, recv, welcome)))
+        };
+        let (mut send, mut recv, (jwt_key, key_id)) =
+            match tokio::time::timeout(HELLO_TIMEOUT, hello).await {
+                Ok(Ok(Ok(linked))) => linked,
+                Ok(Ok(Err(reason))) => return Err(LinkError::Refused(reason)),
+                Ok(Err(e)) => {
+                    conn.close(1u32.into(), b"hello failed");
+                    return Err(LinkError::Hello(e));
+                }
+                Err(_) => {
+                    conn.close(1u32.into(), b"no welcome in time");
+                    return Err(LinkError::HelloTimeout(cfg.origin));
+                }
+            };
+        let verify_key = VerifyKey::from_base64(&jwt_key).map_err(|e| {
+            conn.close(1u32.into(), b"bad JWT key");
+            LinkError::BadKey(e.to_string())
+        })?;
+        if verify_key.kid != key_id {
+            warn!(
+                sent = key_id,
+                computed = verify_key.kid,
+                "origin's key id does not match its key"
+            );
+        }
         info!(origin = %cfg.origin, "linked to origin");
-        let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<EdgeMsg>();
+        let (ctl_tx, mut ctl_rx) = mpsc::channel::<EdgeMsg>(CONTROL_QUEUE);
+        let wconn = conn.clone();
         tokio::spawn(async move {
             while let Some(msg) = ctl_rx.recv().await {
-                if send.write_all(&encode_frame(&msg)).await.is_err() {
-                    break;
+                match tokio::time::timeout(
+                    CONTROL_WRITE_TIMEOUT,
+                    send.write_all(&encode_frame(&msg)),
+                )
+                .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        warn!("origin did not take a control frame within {CONTROL_WRITE_TIMEOUT:?}: closing the link");
+                        wconn.close(2u32.into(), b"control stream stalled");
+                        break;
+                    }
                 }
             }
         });
         let h = handler.clone();
+        let rconn = conn.clone();
         let pending: Pending = Arc::default();
         let answers = pending.clone();
         tokio::spawn(async move {
@@ -135,6 +230,11 @@ impl EdgeLink {
             };
             let reason = loop {
                 match reader.next_msg::<OriginMsg>() {
+                    // A list still buffered when the link died is void: it must not follow the
+                    // link-down its viewers were told of.
+                    Ok(Some(OriginMsg::Sources { .. })) if rconn.close_reason().is_some() => {
+                        break "origin link closed".into();
+                    }
                     Ok(Some(OriginMsg::Sources {
                         stream,
                         channel,
@@ -179,12 +279,27 @@ impl EdgeLink {
         let dconn = conn.clone();
         tokio::spawn(async move {
             let mut malformed = 0u64;
+            let mut logged: Option<std::time::Instant> = None;
+            let mut delay = LinkDelay::default();
+            let epoch = std::time::Instant::now();
             while let Ok(d) = dconn.read_datagram().await {
                 match DatagramHeader::parse(&d).map(|(h, _)| h) {
-                    Some(hdr) => handler.on_datagram(hdr, d),
+                    Some(hdr) => {
+                        let now_ms = epoch.elapsed().as_millis() as u64;
+                        let queued = delay.age_ms(now_ms, hdr.sent_ms);
+                        handler.on_datagram(hdr, d, Duration::from_millis(queued.into()))
+                    }
                     None => {
+                        handler.on_malformed();
                         malformed += 1;
-                        debug!(malformed, "malformed relay datagram dropped");
+                        // Counted in /metrics; logged at most every MALFORMED_LOG_EVERY.
+                        if logged.is_none_or(|t| t.elapsed() >= MALFORMED_LOG_EVERY) {
+                            logged = Some(std::time::Instant::now());
+                            warn!(
+                                malformed,
+                                "malformed relay datagrams dropped (total on this link)"
+                            );
+                        }
                     }
                 }
             }
@@ -224,15 +339,21 @@ impl EdgeLink {
             }
             p.insert(id, reply);
         }
-        if self
-            .ctl
-            .send(EdgeMsg::Authorize { id, stream, token })
-            .is_err()
-        {
-            self.pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+        self.send_ctl(EdgeMsg::Authorize { id, stream, token });
+    }
+
+    /// Queues a control message; an origin that does not take them (full queue) is disconnected
+    /// rather than buffered for, and [`manage_link`] relinks.
+    fn send_ctl(&self, msg: EdgeMsg) {
+        match self.ctl.try_send(msg) {
+            Ok(()) | Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full(_)) => {
+                warn!(
+                    queued = CONTROL_QUEUE,
+                    "origin is not reading its control stream: closing the link"
+                );
+                self.conn.close(2u32.into(), b"control backlog");
+            }
         }
     }
 
@@ -242,7 +363,7 @@ impl EdgeLink {
         let n = refs.entry(stream.to_owned()).or_insert(0);
         *n += 1;
         if *n == 1 {
-            let _ = self.ctl.send(EdgeMsg::Subscribe {
+            self.send_ctl(EdgeMsg::Subscribe {
                 stream: stream.to_owned(),
             });
         }
@@ -255,7 +376,7 @@ impl EdgeLink {
             *n -= 1;
             if *n == 0 {
                 refs.remove(stream);
-                let _ = self.ctl.send(EdgeMsg::Unsubscribe {
+                self.send_ctl(EdgeMsg::Unsubscribe {
                     stream: stream.to_owned(),
                 });
             }
@@ -263,14 +384,14 @@ impl EdgeLink {
     }
 
     pub fn request_keyframe(&self, stream: &str, source: Option<String>) {
-        let _ = self.ctl.send(EdgeMsg::Keyframe {
+        self.send_ctl(EdgeMsg::Keyframe {
             stream: stream.to_owned(),
             source,
         });
     }
 
     pub fn talking(&self, stream: String, source: String, talking: bool) {
-        let _ = self.ctl.send(EdgeMsg::Talking {
+        self.send_ctl(EdgeMsg::Talking {
             stream,
             source,
             talking,
@@ -320,15 +441,43 @@ pub enum LinkRequest {
     },
 }
 
-/// Sends requests to the link manager; usable from any thread.
+/// Sends requests to the link manager; usable from any thread, never blocks.
 #[derive(Clone)]
 pub struct LinkCtl {
-    tx: mpsc::UnboundedSender<LinkRequest>,
+    tx: mpsc::Sender<LinkRequest>,
+    dropped: Arc<AtomicU64>,
 }
 
 impl LinkCtl {
     pub fn send(&self, r: LinkRequest) {
-        let _ = self.tx.send(r);
+        if let Err(TrySendError::Full(r)) = self.tx.try_send(r) {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n % 1000 == 1 {
+                warn!(dropped = n, request = ?r, "link manager queue full ({LINK_REQUEST_QUEUE}): request dropped");
+            }
+        }
+    }
+
+    /// Requests dropped because the link manager's queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The same requests, counting drops in `counter` (a /metrics counter).
+    pub fn counting_drops_in(mut self, counter: Arc<AtomicU64>) -> LinkCtl {
+        self.dropped = counter;
+        self
+    }
+
+    /// A `LinkCtl` whose requests go to the returned queue instead of a link manager.
+    #[cfg(test)]
+    pub(crate) fn detached() -> (LinkCtl, mpsc::Receiver<LinkRequest>) {
+        let (tx, rx) = mpsc::channel(LINK_REQUEST_QUEUE);
+        let ctl = LinkCtl {
+            tx,
+            dropped: Arc::default(),
+        };
+        (ctl, rx)
     }
 
     /// The origin's answer for a viewer of `stream` with this bearer, within
@@ -379,80 +528,143 @@ pub async fn manage_link(
     cfg: LinkConfig,
     handler: Arc<dyn LinkHandler>,
     keys: Arc<JwtVerifier>,
-) -> Result<LinkCtl, String> {
+) -> Result<LinkCtl, LinkError> {
     let first = EdgeLink::connect(&cfg, handler.clone()).await?;
     take_key(&keys, &first);
-    let (tx, mut rx) = mpsc::unbounded_channel::<LinkRequest>();
+    let (tx, mut rx) = mpsc::channel::<LinkRequest>(LINK_REQUEST_QUEUE);
     tokio::spawn(async move {
-        // Several media threads share the link: a stream is held at the origin while any of them
-        // wants it, and a source talks while any of them says so.
-        let mut wanted: std::collections::BTreeMap<String, usize> = Default::default();
-        let mut talking: std::collections::BTreeMap<(String, String), usize> = Default::default();
+        let mut wants = Wants::default();
         let mut link = Some(first);
-        let mut backoff = std::time::Duration::from_millis(250);
+        let mut backoff = RELINK_BACKOFF_MIN;
         loop {
             let Some(l) = link.clone() else {
-                tokio::time::sleep(backoff).await;
+                // While the origin is away, requests still update what is wanted (so the queue
+                // drains and the next link subscribes the right streams).
+                let retry = tokio::time::sleep(backoff);
+                tokio::pin!(retry);
+                loop {
+                    tokio::select! {
+                        req = rx.recv() => match req {
+                            Some(req) => wants.apply(req, None),
+                            None => return,
+                        },
+                        _ = &mut retry => break,
+                    }
+                }
                 match EdgeLink::connect(&cfg, handler.clone()).await {
                     Ok(l) => {
-                        info!(origin = %cfg.origin, streams = wanted.len(), "relinked to origin");
+                        info!(origin = %cfg.origin, streams = wants.streams.len(), "relinked to origin");
                         take_key(&keys, &l);
-                        for s in wanted.keys() {
+                        for s in wants.streams.keys() {
                             l.acquire(s);
                         }
                         link = Some(l);
-                        backoff = std::time::Duration::from_millis(250);
+                        backoff = RELINK_BACKOFF_MIN;
                     }
                     Err(e) => {
                         warn!("origin link: {e}; retrying in {backoff:?}");
-                        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                        backoff = (backoff * 2).min(RELINK_BACKOFF_MAX);
                     }
                 }
                 continue;
             };
             tokio::select! {
-                req = rx.recv() => {
-                    let Some(req) = req else { return };
-                    match req {
-                        LinkRequest::Subscribe(s) => {
-                            let n = wanted.entry(s.clone()).or_default();
-                            *n += 1;
-                            if *n == 1 {
-                                l.acquire(&s);
-                            }
-                        }
-                        LinkRequest::Unsubscribe(s) => {
-                            if let Some(n) = wanted.get_mut(&s) {
-                                *n -= 1;
-                                if *n == 0 {
-                                    wanted.remove(&s);
-                                    l.release(&s);
-                                }
-                            }
-                        }
-                        LinkRequest::Keyframe { stream, source } => l.request_keyframe(&stream, source),
-                        LinkRequest::Authorize { stream, token, reply } => l.authorize(stream, token, reply),
-                        LinkRequest::Talking { stream, source, talking: on } => {
-                            let key = (stream, source);
-                            let n = talking.entry(key.clone()).or_default();
-                            let before = *n;
-                            *n = if on { before + 1 } else { before.saturating_sub(1) };
-                            let after = *n;
-                            if after == 0 {
-                                talking.remove(&key);
-                            }
-                            if (before == 0) != (after == 0) {
-                                l.talking(key.0, key.1, on);
-                            }
-                        }
-                    }
-                }
+                req = rx.recv() => match req {
+                    Some(req) => wants.apply(req, Some(&l)),
+                    None => return,
+                },
                 _ = l.closed() => {
-                    warn!(origin = %cfg.origin, "origin link lost");
+                    let why = l.conn.close_reason().map(|r| r.to_string()).unwrap_or_default();
+                    warn!(origin = %cfg.origin, streams = wants.streams.len(), "origin link lost: {why}; viewers are told their sources are inactive");
+                    // Channels and source indices were the old link's: void them before the
+                    // next link announces its own.
+                    handler.on_link_down();
+                    // The next origin knows nothing of who talks: reports start over.
+                    wants.talking.clear();
                     link = None;
                 }
             }
         }
     });
-    Ok(LinkCtl { tx })
+    Ok(LinkCtl {
+        tx,
+        dropped: Arc::default(),
+    })
+}
+
+/// What the edge's media threads want of the origin. Several share the link: a stream is held at
+/// the origin while any of them wants it, and a source talks while any of them says so.
+#[derive(Default)]
+struct Wants {
+    streams: std::collections::BTreeMap<String, usize>,
+    talking: std::collections::BTreeMap<(String, String), usize>,
+}
+
+impl Wants {
+    /// Applies one request; tells the origin over `link` when the edge-wide answer changes.
+    fn apply(&mut self, req: LinkRequest, link: Option<&EdgeLink>) {
+        match req {
+            LinkRequest::Subscribe(s) => {
+                let n = self.streams.entry(s.clone()).or_default();
+                *n += 1;
+                if *n == 1 {
+                    if let Some(l) = link {
+                        l.acquire(&s);
+                    }
+                }
+            }
+            LinkRequest::Unsubscribe(s) => {
+                if let Some(n) = self.streams.get_mut(&s) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.streams.remove(&s);
+                        if let Some(l) = link {
+                            l.release(&s);
+                        }
+                    }
+                }
+            }
+            LinkRequest::Keyframe { stream, source } => {
+                if let Some(l) = link {
+                    l.request_keyframe(&stream, source)
+                }
+            }
+            LinkRequest::Talking {
+                stream,
+                source,
+                talking: on,
+            } => {
+                let key = (stream, source);
+                let n = self.talking.entry(key.clone()).or_default();
+                let before = *n;
+                *n = if on {
+                    before + 1
+                } else {
+                    before.saturating_sub(1)
+                };
+                let after = *n;
+                if after == 0 {
+                    self.talking.remove(&key);
+                }
+                if (before == 0) != (after == 0) {
+                    if let Some(l) = link {
+                        l.talking(key.0, key.1, on);
+                    }
+                }
+            }
+            LinkRequest::Authorize {
+                stream,
+                token,
+                reply,
+            } => match link {
+                Some(l) => l.authorize(stream, token, reply),
+                None => {
+                    let _ = reply.send(Err((
+                        503,
+                        "this edge has no link to its origin right now: try again shortly".into(),
+                    )));
+                }
+            },
+        }
+    }
 }

@@ -1,12 +1,14 @@
 //! The origin-edge wire format, sans-IO: control messages on one QUIC stream (u32 big-endian
-//! length, then JSON), and one QUIC datagram per RTP packet with a 7-byte tag.
+//! length, then JSON), and one QUIC datagram per RTP packet with an 11-byte tag.
 
 use serde::{Deserialize, Serialize};
 
 /// Control messages larger than this are a protocol error: a source list is a few KiB.
 pub const MAX_CONTROL_FRAME: usize = 1 << 20;
-/// `channel` (u32) + source index (u16) + kind (u8).
-pub const DATAGRAM_HEADER: usize = 7;
+/// `channel` (u32) + source index (u16) + kind (u8) + the origin's send time (u32, ms).
+pub const DATAGRAM_HEADER: usize = 11;
+/// The one-way delay floor of a link is the least delay seen over the last one to two of these.
+pub const DELAY_WINDOW_MS: u64 = 5_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -107,6 +109,9 @@ pub struct DatagramHeader {
     pub channel: u32,
     pub source: u16,
     pub kind: Kind,
+    /// When the origin handed the datagram to the link, in ms of its own clock
+    /// ([`origin_clock_ms`]): the edge compares it with its own to see how long it queued.
+    pub sent_ms: u32,
 }
 
 impl DatagramHeader {
@@ -114,6 +119,7 @@ impl DatagramHeader {
         out.extend_from_slice(&self.channel.to_be_bytes());
         out.extend_from_slice(&self.source.to_be_bytes());
         out.push(self.kind as u8);
+        out.extend_from_slice(&self.sent_ms.to_be_bytes());
     }
 
     /// Splits a datagram into its header and RTP packet.
@@ -131,9 +137,57 @@ impl DatagramHeader {
                 channel: u32::from_be_bytes([d[0], d[1], d[2], d[3]]),
                 source: u16::from_be_bytes([d[4], d[5]]),
                 kind,
+                sent_ms: u32::from_be_bytes([d[7], d[8], d[9], d[10]]),
             },
             &d[DATAGRAM_HEADER..],
         ))
+    }
+}
+
+/// The origin's clock for [`DatagramHeader::sent_ms`]: ms since the process first asked,
+/// wrapping (only differences matter).
+pub fn origin_clock_ms() -> u32 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u32
+}
+
+/// How long a link's datagrams queued on their way (origin send buffer, network queues, the
+/// receiver's buffer), from their send stamps: the one-way delay of each, less the least delay
+/// seen over the last [`DELAY_WINDOW_MS`] to twice that. The two clocks need not agree (only
+/// their difference is used), and the window follows their drift.
+#[derive(Debug, Default)]
+pub struct LinkDelay {
+    /// The first delay seen: later ones are kept relative to it, so wrapping clocks compare.
+    base: Option<u32>,
+    bucket: u64,
+    cur_min: Option<i64>,
+    prev_min: Option<i64>,
+}
+
+impl LinkDelay {
+    /// The queueing age in ms of a datagram stamped `sent_ms` that arrived at `now_ms` (the
+    /// receiver's clock).
+    pub fn age_ms(&mut self, now_ms: u64, sent_ms: u32) -> u32 {
+        let delay = (now_ms as u32).wrapping_sub(sent_ms);
+        let base = *self.base.get_or_insert(delay);
+        let rel = delay.wrapping_sub(base) as i32 as i64;
+        let bucket = now_ms / DELAY_WINDOW_MS;
+        if bucket != self.bucket {
+            self.prev_min = if bucket == self.bucket + 1 {
+                self.cur_min
+            } else {
+                None
+            };
+            self.cur_min = None;
+            self.bucket = bucket;
+        }
+        let cur = self.cur_min.map_or(rel, |m| m.min(rel));
+        self.cur_min = Some(cur);
+        let floor = self.prev_min.map_or(cur, |p| p.min(cur));
+        (rel - floor).clamp(0, u32::MAX as i64) as u32
     }
 }
 
@@ -255,13 +309,36 @@ mod tests {
             channel: 9,
             source: 3,
             kind: Kind::Video,
+            sent_ms: 0xDEAD_BEEF,
         };
         let mut d = Vec::new();
         h.write(&mut d);
+        assert_eq!(d.len(), DATAGRAM_HEADER);
         d.extend_from_slice(b"rtp");
         assert_eq!(DatagramHeader::parse(&d), Some((h, &b"rtp"[..])));
-        assert_eq!(DatagramHeader::parse(&d[..6]), None);
+        assert_eq!(DatagramHeader::parse(&d[..DATAGRAM_HEADER - 1]), None);
         d[6] = 9;
         assert_eq!(DatagramHeader::parse(&d), None);
+    }
+
+    #[test]
+    fn link_delay_sees_queueing_whatever_the_clocks() {
+        // The clocks are ~49 days apart and wrap in between; the path takes 20 ms.
+        let offset: u32 = u32::MAX - 1_000;
+        let sent =
+            |edge_ms: u64, queued: u64| ((edge_ms - 20 - queued) as u32).wrapping_sub(offset);
+        let mut l = LinkDelay::default();
+        for t in (10_000..12_000).step_by(20) {
+            assert_eq!(l.age_ms(t, sent(t, 0)), 0);
+        }
+        // A burst that sat 150 ms in a queue, then the queue drains.
+        assert_eq!(l.age_ms(12_000, sent(12_000, 150)), 150);
+        assert_eq!(l.age_ms(12_020, sent(12_020, 80)), 80);
+        assert_eq!(l.age_ms(12_040, sent(12_040, 0)), 0);
+        // The path gets 40 ms slower for good: after a window or two that is the new floor.
+        for t in (12_060..30_000).step_by(20) {
+            l.age_ms(t, sent(t, 40));
+        }
+        assert_eq!(l.age_ms(30_000, sent(30_000, 40)), 0);
     }
 }

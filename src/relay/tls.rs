@@ -9,7 +9,8 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-pub const ALPN: &[u8] = b"chorus-relay/1";
+/// Version 2: datagrams carry the origin's send time (an 11-byte tag).
+pub const ALPN: &[u8] = b"chorus-relay/2";
 pub const SERVER_NAME: &str = "chorus-origin";
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -21,17 +22,24 @@ pub fn fingerprint(cert: &[u8]) -> String {
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Each side pings this often when idle, so a lost peer is noticed within [`LINK_IDLE_TIMEOUT`].
+pub const LINK_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(1);
+/// A link that hears nothing for this long is closed: an edge then tells its viewers their
+/// sources are inactive and relinks. Five missed keep-alives.
+pub const LINK_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// quinn's datagram send and receive buffers: about 100 ms of a link at 10 Mbit/s (some 150
+/// Opus sources talking at once, or a few with video). When full, the sender's quinn drops the
+/// oldest queued datagram (counted at the origin as `send_buffer_full`): queued audio older than
+/// that is worth less than a gap, so the buffers are sized to what is worth sending, not to
+/// seconds of backlog.
+pub const LINK_DATAGRAM_BUFFER: usize = 128 * 1024;
+
 fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(std::time::Duration::from_secs(2)));
-    t.max_idle_timeout(Some(
-        std::time::Duration::from_secs(10)
-            .try_into()
-            .expect("in range"),
-    ));
-    // Room for a burst of audio from many sources without dropping on the receiving side.
-    t.datagram_receive_buffer_size(Some(4 << 20));
-    t.datagram_send_buffer_size(4 << 20);
+    t.keep_alive_interval(Some(LINK_KEEPALIVE));
+    t.max_idle_timeout(Some(LINK_IDLE_TIMEOUT.try_into().expect("in range")));
+    t.datagram_receive_buffer_size(Some(LINK_DATAGRAM_BUFFER));
+    t.datagram_send_buffer_size(LINK_DATAGRAM_BUFFER);
     // Video RTP is up to ~1200 bytes plus our 7-byte tag: start above the 1200-byte default.
     t.initial_mtu(1400);
     t

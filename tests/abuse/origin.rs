@@ -85,7 +85,7 @@ impl LinkHandler for Capture {
     fn on_sources(&self, _stream: &str, _channel: u32, sources: &[SourceInfo]) {
         *self.sources.lock().unwrap() = sources.to_vec();
     }
-    fn on_datagram(&self, _: DatagramHeader, _: bytes::Bytes) {}
+    fn on_datagram(&self, _: DatagramHeader, _: bytes::Bytes, _: std::time::Duration) {}
     fn on_closed(&self, _: &str) {}
 }
 
@@ -569,7 +569,10 @@ fn serve_quic_port_refuses_a_client_without_the_cluster_token() {
             Arc::new(Capture::default()),
         ));
         let err = joined.err().expect("refused");
-        assert!(err.contains("wrong or missing cluster token"), "{err}");
+        assert!(
+            err.to_string().contains("wrong or missing cluster token"),
+            "{err}"
+        );
     }
     h.assert_gapless();
     assert_rss_below(p.child.id(), RSS_BOUND_KIB, "serve");

@@ -176,6 +176,29 @@ impl EdgeStream {
             }
         }
     }
+
+    /// A source left the stream (or the link that announced it): its tracks empty, with `vad`
+    /// events, and the viewers hear `inactive`.
+    fn source_gone(
+        &mut self,
+        now_us: u64,
+        stream: &str,
+        s: SourceIdx,
+        info: &SourceInfo,
+        metrics: &EdgeMetrics,
+    ) {
+        let mut changes = Vec::new();
+        self.core.unpublish(now_us, s, &mut |o| {
+            if let Output::Track(c) = o {
+                changes.push(c)
+            }
+        });
+        for c in &changes {
+            self.vad(c, metrics);
+        }
+        self.broadcast(&json!({"type": "event", "name": "inactive", "data": {
+            "streamId": stream, "sourceId": info.source_id}}));
+    }
 }
 
 /// Handles viewers' str0m events and their end, with access to everything but the peers.
@@ -590,17 +613,7 @@ impl Worker {
             // The core may release the index (and reuse it for another name): nothing of this
             // edge may still route relay datagrams to it.
             st.by_relay.retain(|_, v| *v != s);
-            let mut changes = Vec::new();
-            st.core.unpublish(now_us, s, &mut |o| {
-                if let Output::Track(c) = o {
-                    changes.push(c)
-                }
-            });
-            for c in &changes {
-                st.vad(c, &self.metrics);
-            }
-            st.broadcast(&json!({"type": "event", "name": "inactive", "data": {
-                "streamId": stream, "sourceId": info.source_id}}));
+            st.source_gone(now_us, stream, s, &info, &self.metrics);
             info!(stream, source = ?info.source_id, "source inactive");
         }
         if had_sources && st.live.is_empty() {
@@ -624,17 +637,7 @@ impl Worker {
             let mut gone: Vec<(SourceIdx, SourceInfo)> = st.live.drain().collect();
             gone.sort_by_key(|(_, i)| i.index);
             for (s, info) in gone {
-                let mut changes = Vec::new();
-                st.core.unpublish(now_us, s, &mut |o| {
-                    if let Output::Track(c) = o {
-                        changes.push(c)
-                    }
-                });
-                for c in &changes {
-                    st.vad(c, &self.metrics);
-                }
-                st.broadcast(&json!({"type": "event", "name": "inactive", "data": {
-                    "streamId": name, "sourceId": info.source_id}}));
+                st.source_gone(now_us, name, s, &info, &self.metrics);
             }
             info!(
                 stream = name.as_str(),

@@ -50,10 +50,11 @@ impl HonestCfg {
 
 /// The JSON lines a tool prints, collected by a thread as they come.
 #[derive(Clone, Default)]
-struct Lines(Arc<Mutex<Vec<Value>>>);
+pub struct Lines(Arc<Mutex<Vec<Value>>>);
 
 impl Lines {
-    fn follow(child: &mut Child) -> Lines {
+    /// Collects `child`'s stdout (piped) from now on.
+    pub fn follow(child: &mut Child) -> Lines {
         let lines = Lines::default();
         let out = child.stdout.take().expect("stdout piped");
         let sink = lines.clone();
@@ -68,13 +69,28 @@ impl Lines {
         lines
     }
 
-    fn find(&self, event: &str) -> Option<Value> {
+    /// The first line so far that `f` accepts.
+    pub fn find(&self, f: impl Fn(&Value) -> bool) -> Option<Value> {
         let all = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        all.iter().find(|v| v["event"] == event).cloned()
+        all.iter().find(|v| f(v)).cloned()
     }
 
-    fn wait(&self, who: &str, event: &str, timeout: Duration) -> Value {
-        common::wait_for(&format!("{who}: {event:?}"), timeout, || self.find(event))
+    /// How many lines so far `f` accepts.
+    pub fn count(&self, f: impl Fn(&Value) -> bool) -> usize {
+        let all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter().filter(|v| f(v)).count()
+    }
+
+    /// Waits for a line that `f` accepts.
+    pub fn wait(&self, what: &str, timeout: Duration, f: impl Fn(&Value) -> bool) -> Value {
+        common::wait_for(what, timeout, || self.find(&f))
+    }
+
+    /// Waits for the line of this `event`.
+    fn event(&self, who: &str, event: &str, timeout: Duration) -> Value {
+        self.wait(&format!("{who}: {event:?}"), timeout, |v| {
+            v["event"] == event
+        })
     }
 }
 
@@ -116,7 +132,7 @@ impl Honest {
         .expect("whip_publish.py starts");
         let publisher_lines = Lines::follow(&mut publisher);
         let publisher = common::Reaped(publisher);
-        publisher_lines.wait("honest publisher", "connected", Duration::from_secs(30));
+        publisher_lines.event("honest publisher", "connected", Duration::from_secs(30));
         // Let the first packets reach the origin before the viewer asks for the source.
         std::thread::sleep(Duration::from_millis(500));
         let seconds = cfg.seconds.to_string();
@@ -137,7 +153,7 @@ impl Honest {
             .expect("whep_view.py starts");
         let viewer_lines = Lines::follow(&mut viewer);
         let viewer = common::Reaped(viewer);
-        viewer_lines.wait("honest viewer", "connected", Duration::from_secs(30));
+        viewer_lines.event("honest viewer", "connected", Duration::from_secs(30));
         Honest {
             cfg,
             _publisher: publisher,
@@ -170,7 +186,7 @@ impl Honest {
         // The reader thread has the last lines once the pipe closes.
         let report = self
             .viewer_lines
-            .wait("honest viewer", "report", Duration::from_secs(5));
+            .event("honest viewer", "report", Duration::from_secs(5));
         assert!(status.success(), "honest viewer exited {status}: {report}");
         let main = &report["tracks"]["0"];
         let packets = main["packets"].as_u64().unwrap_or(0);

@@ -14,7 +14,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::common::{self, get_json, http, post_json, Proc};
+use crate::common::{self, get_json, http, post_json};
 use crate::honest::{assert_rss_below, rss_kib, Honest};
 
 const TOKEN: &str = "http-abuse-token";
@@ -422,19 +422,7 @@ fn a_socket_that_never_reads_and_floods_bad_commands_is_closed() {
 #[test]
 fn signalling_sockets_are_pinged_and_closed_when_silent() {
     let _serial = common::serial();
-    let p = Proc::start(
-        "serve",
-        &[
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--ws-ping-ms",
-            "300",
-            "--ws-silence-ms",
-            "1500",
-        ],
-        &[("CHORUS_PUBLISH_TOKEN", TOKEN)],
-    );
+    let p = common::serve_with(TOKEN, &["--ws-ping-ms", "300", "--ws-silence-ms", "1500"]);
     let a = p.http();
     let jwt = subscribe_jwt(a, "quiet");
     rt().block_on(async {
@@ -487,17 +475,7 @@ fn signalling_sockets_are_pinged_and_closed_when_silent() {
 #[test]
 fn slowloris_connections_are_capped_and_cut() {
     let _serial = common::serial();
-    let p = Proc::start(
-        "serve",
-        &[
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--max-connections-per-ip",
-            "40",
-        ],
-        &[("CHORUS_PUBLISH_TOKEN", TOKEN)],
-    );
+    let p = common::serve_with(TOKEN, &["--max-connections-per-ip", "40"]);
     let a = p.http();
     let h = Honest::start(Honest::at(a, TOKEN, "honest-slowloris").seconds(14));
     rt().block_on(async {
@@ -831,19 +809,7 @@ fn removing_a_member_ends_its_view_at_the_edge() {
 #[test]
 fn the_process_wide_connection_and_offer_caps_hold_across_addresses() {
     let _serial = common::serial();
-    let p = Proc::start(
-        "serve",
-        &[
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--max-connections",
-            "30",
-            "--offers-per-sec",
-            "5",
-        ],
-        &[("CHORUS_PUBLISH_TOKEN", TOKEN)],
-    );
+    let p = common::serve_with(TOKEN, &["--max-connections", "30", "--offers-per-sec", "5"]);
     let a = p.http();
     let body = offer(false, 2);
     rt().block_on(async {

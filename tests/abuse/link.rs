@@ -3,7 +3,7 @@
 //! datagrams on the link. The fakes on the other end of the link are quinn endpoints in the test
 //! itself, speaking the relay protocol (or refusing to).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::common::{self, corpus, node_harness, wait_for, Proc, Reaped};
-use crate::honest::{assert_rss_below, Honest};
+use crate::honest::{assert_rss_below, Honest, Lines};
 
 const TOKEN: &str = "link-token";
 const CLUSTER: &str = "link-cluster";
@@ -47,58 +47,6 @@ fn start_origin(http: SocketAddr, cluster: SocketAddr, data_dir: &std::path::Pat
     )
 }
 
-/// An edge of `origin`, pinning its certificate (which its data dir keeps across restarts).
-fn start_edge(origin: &Proc) -> Proc {
-    Proc::start(
-        "edge",
-        &[
-            "edge",
-            "--http",
-            "127.0.0.1:0",
-            "--origin",
-            &origin.cluster(),
-            "--origin-fingerprint",
-            origin.info["fingerprint"].as_str().unwrap(),
-        ],
-        &[("CHORUS_CLUSTER_TOKEN", CLUSTER)],
-    )
-}
-
-/// JSON lines a tool prints, collected as they come, with a test-clock stamp.
-#[derive(Clone, Default)]
-struct Lines(Arc<Mutex<Vec<Value>>>);
-
-impl Lines {
-    fn follow(child: &mut Child) -> Lines {
-        let lines = Lines::default();
-        let out = child.stdout.take().expect("stdout piped");
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    sink.0.lock().unwrap_or_else(|p| p.into_inner()).push(v);
-                }
-            }
-        });
-        lines
-    }
-
-    fn find(&self, f: impl Fn(&Value) -> bool) -> Option<Value> {
-        let all = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        all.iter().find(|v| f(v)).cloned()
-    }
-
-    fn count(&self, f: impl Fn(&Value) -> bool) -> usize {
-        let all = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        all.iter().filter(|v| f(v)).count()
-    }
-
-    fn wait(&self, what: &str, timeout: Duration, f: impl Fn(&Value) -> bool) -> Value {
-        wait_for(what, timeout, || self.find(&f))
-    }
-}
-
 fn whip(http: SocketAddr, stream: &str, source: &str, speaker: &str) -> (Reaped, Lines) {
     let mut c = common::whip_command_as(http, stream, source, speaker, TOKEN, 120)
         .stdout(Stdio::piped())
@@ -120,7 +68,7 @@ fn link_origin_restart_viewers_keep_their_session_and_audio_returns() {
     let (http, cluster) = free_ports();
     let data_dir = common::tempdir("link-restart");
     let mut origin = start_origin(http, cluster, &data_dir);
-    let edge = start_edge(&origin);
+    let edge = common::edge(&origin, CLUSTER);
     // "zz-other" is subscribed at the old origin before "fault"; the new origin numbers them in
     // name order: their channels swap.
     let (other_pub, other_lines) = whip(http, "zz-other", "other", "ana");
@@ -431,7 +379,7 @@ fn cluster_addr(p: &Proc) -> SocketAddr {
 #[test]
 fn link_origin_disconnects_edges_that_never_say_hello() {
     let _serial = common::serial();
-    let p = common::serve(TOKEN);
+    let p = common::serve_with(TOKEN, &["--cluster-token", CLUSTER]);
     let h = Honest::start(Honest::at(p.http(), TOKEN, "honest-link-hello").seconds(12));
     let rt = runtime();
     let origin = cluster_addr(&p);
@@ -485,7 +433,7 @@ fn link_origin_disconnects_edges_that_never_say_hello() {
 fn link_origin_disconnects_an_edge_that_never_reads_its_control_stream() {
     use chorus::relay::proto::{encode_frame, EdgeMsg, FrameReader, OriginMsg};
     let _serial = common::serial();
-    let p = common::serve(TOKEN);
+    let p = common::serve_with(TOKEN, &["--cluster-token", CLUSTER]);
     let h = Honest::start(Honest::at(p.http(), TOKEN, "honest-link-read").seconds(12));
     let rt = runtime();
     let origin = cluster_addr(&p);
@@ -500,7 +448,7 @@ fn link_origin_disconnects_an_edge_that_never_reads_its_control_stream() {
             .expect("handshake");
         let (mut send, mut recv) = c.open_bi().await.unwrap();
         send.write_all(&encode_frame(&EdgeMsg::Hello {
-            token: None,
+            token: Some(CLUSTER.to_owned()),
             ws_url: None,
         }))
         .await
@@ -583,13 +531,13 @@ fn link_edge_bounds_and_counts_a_flooding_origin() {
                 };
                 let mut reader = FrameReader::default();
                 let mut buf = [0u8; 4096];
-                let key = chorus::auth::jwt::JwtSigner::from_pkcs8(
+                // The fake origin signs like a real one: the edge asks it to authorize viewers.
+                let signer = chorus::auth::jwt::JwtSigner::from_pkcs8(
                     &chorus::auth::jwt::JwtSigner::generate_pkcs8(),
                     60,
                 )
-                .unwrap()
-                .verify_key()
-                .clone();
+                .unwrap();
+                let key = signer.verify_key().clone();
                 loop {
                     let Ok(Some(n)) = recv.read(&mut buf).await else {
                         return;
@@ -625,6 +573,12 @@ fn link_edge_bounds_and_counts_a_flooding_origin() {
                                     let n = flood(&conn).await;
                                     *done.lock().unwrap() = Some(n);
                                 });
+                            }
+                            EdgeMsg::Authorize { id, stream, .. } => {
+                                let jwt =
+                                    signer.issue(&stream, chorus::auth::jwt::Scope::Subscribe);
+                                let a = OriginMsg::Authorized { id, jwt };
+                                send.write_all(&encode_frame(&a)).await.unwrap();
                             }
                             _ => {}
                         }
@@ -730,7 +684,7 @@ fn link_edge_bounds_and_counts_a_flooding_origin() {
 fn link_origin_bounds_one_edges_subscriptions() {
     use chorus::relay::proto::{encode_frame, EdgeMsg, FrameReader, OriginMsg};
     let _serial = common::serial();
-    let p = common::serve(TOKEN);
+    let p = common::serve_with(TOKEN, &["--cluster-token", CLUSTER]);
     let h = Honest::start(Honest::at(p.http(), TOKEN, "honest-link-subs").seconds(14));
     let rt = runtime();
     let origin = cluster_addr(&p);
@@ -746,7 +700,7 @@ fn link_origin_bounds_one_edges_subscriptions() {
             .expect("handshake");
         let (mut send, mut recv) = c.open_bi().await.unwrap();
         send.write_all(&encode_frame(&EdgeMsg::Hello {
-            token: None,
+            token: Some(CLUSTER.to_owned()),
             ws_url: None,
         }))
         .await

@@ -307,11 +307,7 @@ fn spoofed_stun_does_not_divert_a_viewer() {
         .local_addr()
         .unwrap();
     let port = origin_media.port().to_string();
-    let p = common::Proc::start(
-        "serve",
-        &["serve", "--http", "127.0.0.1:0", "--media-port", &port],
-        &[("CHORUS_PUBLISH_TOKEN", TOKEN)],
-    );
+    let p = common::serve_with(TOKEN, &["--media-port", &port]);
     let http = p.http();
     let h = Honest::start(Honest::at(http, TOKEN, "honest-stun").seconds(14));
     // The victim: a second viewer of the honest stream, its one multiplexed track following

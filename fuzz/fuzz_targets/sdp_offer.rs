@@ -8,8 +8,9 @@
 //! 3. `normalize` is idempotent, keeps the m-line summary (`mlines`) unchanged, and keeps every
 //!    non-empty line (up to `a=fmtp` spacing) in the same media section.
 //! 4. An offer `check_offer` passes goes through `answer_offer` as the WHIP/WHEP/signalling
-//!    path does (`normalize`, str0m's `SdpOffer::from_sdp_string`, `accept_offer`): no panic, and
-//!    an answer str0m produced parses back as an answer.
+//!    path does (`normalize`, str0m's `SdpOffer::from_sdp_string`, `accept_offer`): no panic
+//!    gets out (str0m's own, caught inside, are refusals), and an answer str0m produced parses
+//!    back as an answer.
 #![no_main]
 
 use std::net::SocketAddr;
@@ -62,12 +63,34 @@ fuzz_target!(|data: &[u8]| {
 
     if accepted {
         let candidate: SocketAddr = "127.0.0.1:4000".parse().unwrap();
-        if let Ok((_rtc, ufrag, answer)) = answer_offer(sdp, media_config(), candidate) {
+        if let Ok((_rtc, ufrag, answer)) =
+            str0m_quiet(|| answer_offer(sdp, media_config(), candidate))
+        {
             assert!(!ufrag.is_empty());
             SdpAnswer::from_sdp_string(&answer).expect("str0m parses its own answer");
         }
     }
 });
+
+/// libfuzzer-sys's panic hook aborts on every panic, even one caught further in, and
+/// `answer_offer` catches str0m's panics on purpose (they refuse the offer): the hook is silent
+/// for the call. A panic that escapes `answer_offer` is re-raised with the fuzzer's hook back.
+fn str0m_quiet<T>(f: impl FnOnce() -> T) -> T {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    match r {
+        Ok(v) => v,
+        Err(p) => {
+            let why = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned());
+            panic!("answer_offer let a panic out: {why:?}")
+        }
+    }
+}
 
 /// Each media section's non-empty lines (trailing whitespace and `a=fmtp` spacing aside),
 /// sorted: what `normalize` may reorder but must keep.

@@ -14,6 +14,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -226,19 +227,36 @@ pub fn answer_offer(
         (true, Some(cert)) => config.set_dtls_cert(cert.clone()),
         _ => config,
     };
-    let mut rtc = config
-        .set_ice_lite(true)
-        .set_rtp_mode(true)
-        .set_local_ice_credentials(creds)
-        .build(Instant::now());
-    let cand =
-        Candidate::host(candidate, "udp").map_err(|e| OfferError::Internal(e.to_string()))?;
-    rtc.add_local_candidate(cand);
-    let answer = rtc
-        .sdp_api()
-        .accept_offer(offer)
-        .map_err(|e| OfferError::Rejected(e.to_string()))?;
-    Ok((rtc, ufrag, answer.to_sdp_string()))
+    // str0m asserts on some offers it parsed (its payload-type negotiation panics with "Pt
+    // locked multiple times" on colliding PTs, found by fuzz/fuzz_targets/sdp_offer.rs): an SDP
+    // from the network must not panic the server, so a panic while negotiating refuses this
+    // offer. Nothing outlives it: the half-built `Rtc` is dropped.
+    let negotiate = move || {
+        let mut rtc = config
+            .set_ice_lite(true)
+            .set_rtp_mode(true)
+            .set_local_ice_credentials(creds)
+            .build(Instant::now());
+        let cand =
+            Candidate::host(candidate, "udp").map_err(|e| OfferError::Internal(e.to_string()))?;
+        rtc.add_local_candidate(cand);
+        let answer = rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| OfferError::Rejected(e.to_string()))?;
+        Ok((rtc, answer.to_sdp_string()))
+    };
+    let (rtc, answer) =
+        std::panic::catch_unwind(AssertUnwindSafe(negotiate)).map_err(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            debug!(offer = offer_sdp, "str0m panicked on an offer: {why}");
+            OfferError::Rejected(format!("str0m cannot negotiate this offer ({why})"))
+        })??;
+    Ok((rtc, ufrag, answer))
 }
 
 /// What every chorus peer negotiates: Opus, VP8 and H264, and only the header extensions it
@@ -815,5 +833,17 @@ mod tests {
         let s = ConnectSlot::acquire().unwrap();
         assert!(ConnectSlot::gauges().0 > before || before >= max_unconnected());
         drop(s);
+    }
+
+    /// Found by fuzz/fuzz_targets/sdp_offer.rs (kept as its seed): str0m's PT negotiation
+    /// panics ("Pt locked multiple times: 101") on this offer. It must be a refusal instead.
+    #[test]
+    fn an_offer_str0m_panics_on_is_refused() {
+        let sdp = include_str!("../../fuzz/seeds/sdp_offer/crash-str0m-pt-locked-twice");
+        let candidate = "127.0.0.1:4000".parse().unwrap();
+        match answer_offer(sdp, media_config(), candidate) {
+            Err(OfferError::Rejected(m)) => assert!(m.contains("Pt locked multiple times"), "{m}"),
+            other => panic!("expected a refusal, got {:?}", other.map(|(_, u, _)| u)),
+        }
     }
 }

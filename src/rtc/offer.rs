@@ -102,7 +102,7 @@ pub fn normalize(sdp: &str) -> String {
                         // No parameters left: no trailing space either (it would be
                         // trimmed on a second pass, and a strict parser may trip on it).
                         if params.is_empty() {
-                            out.push_str(&format!("a=fmtp:{pt}"));
+                            out.push_str(&format!("a=fmtp:{}", pt.trim_end()));
                         } else {
                             out.push_str(&format!("a=fmtp:{pt} {}", params.join(";")));
                         }
@@ -215,6 +215,14 @@ mod tests {
     #[test]
     fn fmtp_without_parameters_has_no_trailing_space() {
         let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=fmtp:111 ; \r\n";
+        let n = normalize(sdp);
+        assert_eq!(
+            n,
+            "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=fmtp:111\r\n"
+        );
+        assert_eq!(normalize(&n), n);
+        // Nor does a payload type that ends in other whitespace (a lone CR or a tab).
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=fmtp:111\r ;\r\n";
         let n = normalize(sdp);
         assert_eq!(
             n,

@@ -108,7 +108,7 @@ fn opt_string(u: &mut Unstructured) -> Result<Option<String>> {
 }
 
 fn edge_msg(u: &mut Unstructured) -> Result<EdgeMsg> {
-    Ok(match u.int_in_range(0..=4)? {
+    Ok(match u.int_in_range(0..=5)? {
         0 => EdgeMsg::Hello {
             token: opt_string(u)?,
             ws_url: opt_string(u)?,
@@ -123,21 +123,40 @@ fn edge_msg(u: &mut Unstructured) -> Result<EdgeMsg> {
             stream: u.arbitrary()?,
             source: opt_string(u)?,
         },
-        _ => EdgeMsg::Talking {
+        4 => EdgeMsg::Talking {
             stream: u.arbitrary()?,
             source: u.arbitrary()?,
             talking: u.arbitrary()?,
+        },
+        _ => EdgeMsg::Authorize {
+            id: u.arbitrary()?,
+            stream: u.arbitrary()?,
+            token: opt_string(u)?,
         },
     })
 }
 
 fn origin_msg(u: &mut Unstructured) -> Result<OriginMsg> {
-    Ok(match u.int_in_range(0..=2)? {
+    Ok(match u.int_in_range(0..=5)? {
         0 => OriginMsg::Welcome {
-            jwt_secret: u.arbitrary()?,
+            jwt_key: u.arbitrary()?,
+            key_id: u.arbitrary()?,
         },
         1 => OriginMsg::Refused {
             reason: u.arbitrary()?,
+        },
+        2 => OriginMsg::Authorized {
+            id: u.arbitrary()?,
+            jwt: u.arbitrary()?,
+        },
+        3 => OriginMsg::Unauthorized {
+            id: u.arbitrary()?,
+            status: u.arbitrary()?,
+            message: u.arbitrary()?,
+        },
+        4 => OriginMsg::Revoke {
+            room: u.arbitrary()?,
+            member: u.arbitrary()?,
         },
         _ => {
             let n = u.int_in_range(0..=8)?;

@@ -458,11 +458,6 @@ impl LinkCtl {
         }
     }
 
-    /// Requests dropped because the link manager's queue was full.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-
     /// The same requests, counting drops in `counter` (a /metrics counter).
     pub fn counting_drops_in(mut self, counter: Arc<AtomicU64>) -> LinkCtl {
         self.dropped = counter;

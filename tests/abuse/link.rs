@@ -355,6 +355,35 @@ fn wait_output(mut c: Child, limit: Duration) -> std::process::Output {
     c.wait_with_output().unwrap()
 }
 
+/// A hand-made edge: a QUIC client (receive window `window`) that says `Hello` with the
+/// cluster token on its control stream.
+async fn hand_made_edge(
+    origin: SocketAddr,
+    window: u32,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+) {
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(fake_edge_config(window));
+    let c = ep
+        .connect(origin, chorus::relay::tls::SERVER_NAME)
+        .unwrap()
+        .await
+        .expect("handshake");
+    let (mut send, recv) = c.open_bi().await.unwrap();
+    use chorus::relay::proto::{encode_frame, EdgeMsg};
+    send.write_all(&encode_frame(&EdgeMsg::Hello {
+        token: Some(CLUSTER.to_owned()),
+        ws_url: None,
+    }))
+    .await
+    .unwrap();
+    (ep, c, send, recv)
+}
+
 /// A client config for the test's fake edges: the relay's own, with a receive window for the
 /// control stream of `window` bytes (a small one fills as soon as the peer stops reading).
 fn fake_edge_config(window: u32) -> quinn::ClientConfig {
@@ -439,20 +468,7 @@ fn link_origin_disconnects_an_edge_that_never_reads_its_control_stream() {
     let origin = cluster_addr(&p);
     let t0 = Instant::now();
     let (sent, reason) = rt.block_on(async move {
-        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        ep.set_default_client_config(fake_edge_config(4096));
-        let c = ep
-            .connect(origin, chorus::relay::tls::SERVER_NAME)
-            .unwrap()
-            .await
-            .expect("handshake");
-        let (mut send, mut recv) = c.open_bi().await.unwrap();
-        send.write_all(&encode_frame(&EdgeMsg::Hello {
-            token: Some(CLUSTER.to_owned()),
-            ws_url: None,
-        }))
-        .await
-        .unwrap();
+        let (_ep, c, mut send, mut recv) = hand_made_edge(origin, 4096).await;
         let mut reader = FrameReader::default();
         let mut buf = [0u8; 4096];
         loop {
@@ -691,20 +707,7 @@ fn link_origin_bounds_one_edges_subscriptions() {
     let http = p.http();
     let limit = chorus::relay::server::MAX_EDGE_SUBSCRIPTIONS;
     let (streams_held, lists, open) = rt.block_on(async move {
-        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        ep.set_default_client_config(fake_edge_config(1 << 20));
-        let c = ep
-            .connect(origin, chorus::relay::tls::SERVER_NAME)
-            .unwrap()
-            .await
-            .expect("handshake");
-        let (mut send, mut recv) = c.open_bi().await.unwrap();
-        send.write_all(&encode_frame(&EdgeMsg::Hello {
-            token: Some(CLUSTER.to_owned()),
-            ws_url: None,
-        }))
-        .await
-        .unwrap();
+        let (_ep, c, mut send, mut recv) = hand_made_edge(origin, 1 << 20).await;
         // Read everything the origin says, counting its source lists.
         let lists = Arc::new(Mutex::new(0usize));
         let counted = lists.clone();

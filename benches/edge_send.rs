@@ -23,9 +23,9 @@ use str0m::{Input, Output, Rtc};
 use chorus::edge::viewer::{Direct, OutTrack, Sent};
 use chorus::media::rewrite::InputPacket;
 use chorus::media::SourceIdx;
+use chorus::net::send::SendBatch;
 use chorus::rtc::loopback::pair;
 use chorus::rtc::peers::Sink;
-use chorus::rtc::udp::SendBatch;
 
 const TRACKS: usize = 3;
 

@@ -100,7 +100,7 @@ say "ramp: $START viewers + $STEP per step up to $MAX, ${STEP_SECS}s steady per 
 timeout --kill-after=10 "$(( ${DURATION%.*} + 60 ))" taskset -c "$OTHER_CPU" "$BIN" loadgen \
   --url "$(json "$ORIGIN" http)" --view-url "$(json "$EDGE" http)" \
   --tracks "$TRACKS" --start "$START" --step "$STEP" --max-viewers "$MAX" \
-  --step-secs "$STEP_SECS" --duration "$DURATION" --edge-pid "$EDGE_PID" --join-concurrency 200 \
+  --step-secs "$STEP_SECS" --duration "$DURATION" --edge-pid "$EDGE_PID" --origin-pid "$ORIGIN_PID" --join-concurrency 200 \
   >"$OUT/steps.jsonl" 2>"$OUT/loadgen.log" || say "loadgen exited with $? (see $OUT/loadgen.log)"
 cleanup; PIDS=()
 

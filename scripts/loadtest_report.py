@@ -54,8 +54,9 @@ def main():
     floor_ns = floor["both_ns_per_pkt"]
     rows = [
         "| viewers | connected | pkts/s out | edge CPU % | edge µs CPU / viewer·s | edge ns / pkt | ratio to floor | "
-        "loss % | latency p50 / p95 / p99 / max ms | switch p50 / p95 ms | edge RSS KiB / viewer | joins/s | join p99 ms |",
-        "|" + "---|" * 13,
+        "loss % | latency p50 / p95 / p99 / max ms | switch p50 / p95 ms | edge RSS KiB / viewer | joins/s | join p99 ms | "
+        "gen CPU % | gen ns / pkt (viewer threads) | origin CPU % | gen core headroom % |",
+        "|" + "---|" * 17,
     ]
     capacity, reason = None, None
     for s in steps:
@@ -69,7 +70,9 @@ def main():
             f"| {cpu_per_viewer:.1f} | {fmt(ns, 0)} | {fmt(ratio, 2)} | {fmt(s.get('loss_pct'), 4)} "
             f"| {fmt(s.get('lat_p50_ms'), 2)} / {fmt(s.get('lat_p95_ms'), 2)} / {fmt(s.get('lat_p99_ms'), 2)} / {fmt(s.get('lat_max_ms'), 2)} "
             f"| {fmt(s.get('switch_p50_ms'), 0)} / {fmt(s.get('switch_p95_ms'), 0)} "
-            f"| {fmt(rss / v if rss else None, 1)} | {fmt(s.get('joins_per_s'))} | {fmt(s.get('join_p99_ms'), 0)} |"
+            f"| {fmt(rss / v if rss else None, 1)} | {fmt(s.get('joins_per_s'))} | {fmt(s.get('join_p99_ms'), 0)} "
+            f"| {fmt(s.get('loadgen_cpu_pct'))} | {fmt(s.get('loadgen_ns_per_pkt'), 0)} ({fmt(s.get('loadgen_viewers_ns_per_pkt'), 0)}) "
+            f"| {fmt(s.get('origin_cpu_pct'))} | {fmt(s.get('gen_core_headroom_pct'))} |"
         )
         r = within(s)
         if r is None and reason is None:
@@ -91,6 +94,15 @@ def main():
             f"loss {capacity.get('loss_pct')} %, {fmt(ns, 0)} ns of edge CPU per packet = "
             f"{fmt(ns / floor_ns if ns else None, 2)}x the floor."
         )
+        lines.append(
+            f"The generator at that point: {fmt(capacity.get('loadgen_cpu_pct'))} % of its core "
+            f"({fmt(capacity.get('loadgen_ns_per_pkt'), 0)} ns per received packet, "
+            f"{fmt(capacity.get('loadgen_viewers_ns_per_pkt'), 0)} ns of it in the viewers' threads, "
+            f"{fmt(capacity.get('pkts_per_recvmmsg'), 2)} packets per recvmmsg), the origin beside it "
+            f"{fmt(capacity.get('origin_cpu_pct'))} %: {fmt(capacity.get('gen_core_headroom_pct'))} % of that core left."
+        )
+        if (capacity.get("gen_core_headroom_pct") or 100) < 10:
+            lines.append("That core is nearly full: the generator, not the edge, may bound this figure.")
     else:
         lines.append("No step was within capacity.")
     if reason:

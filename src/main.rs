@@ -281,6 +281,10 @@ struct LoadgenArgs {
     /// are sampled from /proc at each step's bounds.
     #[arg(long)]
     edge_pid: Option<u32>,
+    /// The origin, when it shares this generator's core: its CPU is reported per step beside
+    /// the generator's own, and the core's headroom is what both leave.
+    #[arg(long)]
+    origin_pid: Option<u32>,
     /// IP the peers' UDP sockets bind.
     #[arg(long, default_value = "127.0.0.1")]
     local_ip: IpAddr,
@@ -555,6 +559,7 @@ fn loadgen_cmd(a: LoadgenArgs) -> Result<(), String> {
         sample_every: a.sample_every,
         threads: a.threads,
         edge_pid: a.edge_pid,
+        origin_pid: a.origin_pid,
         local_ip: a.local_ip,
         poll_ms: a.poll_ms,
     })

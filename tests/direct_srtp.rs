@@ -13,9 +13,9 @@ use str0m::{Event, Input, Output};
 use chorus::edge::viewer::{Direct, Sent};
 use chorus::media::rewrite::InputPacket;
 use chorus::media::SourceIdx;
+use chorus::net::send::SendBatch;
 use chorus::rtc::loopback::{pair, SERVER};
 use chorus::rtc::peers::Sink;
-use chorus::rtc::udp::SendBatch;
 
 #[test]
 fn direct_packets_decrypt_in_a_str0m_client_in_order() {

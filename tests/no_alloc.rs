@@ -439,9 +439,9 @@ fn direct_send_path_does_not_allocate_once_warm() {
     FREES.store(0, Ordering::Relaxed);
     use chorus::edge::viewer::{Direct, Sent};
     use chorus::media::rewrite::InputPacket;
+    use chorus::net::send::SendBatch;
     use chorus::rtc::loopback::pair;
     use chorus::rtc::peers::Sink;
-    use chorus::rtc::udp::SendBatch;
     use std::sync::Arc;
     use std::time::Instant;
 

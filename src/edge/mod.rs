@@ -22,6 +22,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::{info, warn};
 
 use crate::auth::jwt::JwtVerifier;
+use crate::net::poll::Doorbell;
 use crate::relay::client::{manage_link, AuthorizeAnswer, LinkConfig, LinkCtl, LinkHandler};
 use crate::relay::proto::{DatagramHeader, SourceInfo};
 use crate::rtc::host::OfferRequirements;
@@ -29,7 +30,6 @@ use crate::rtc::offer::{check_offer, mlines, OfferError};
 use crate::rtc::peers::{answer_offer, media_config, ConnectSlot, PeerId, PeerStats};
 use crate::rtc::srtp_out::{tapping_provider, with_key_slot, KeySlot};
 use crate::rtc::supervise::spawn_media;
-use crate::rtc::udp::Doorbell;
 use worker::{EdgeCmd, NewViewer, Worker};
 
 /// More multiplexed tracks than this in one offer is refused.

@@ -23,12 +23,12 @@ use crate::media::rtp::{parse_audio_level, RtpView};
 use crate::media::selection::{GroupId, GroupKey, TrackChange};
 use crate::media::stream::{CoreConfig, Output, SourceConfig, StreamCore};
 use crate::media::SourceIdx;
+use crate::net::poll::Doorbell;
 use crate::relay::client::{LinkCtl, LinkRequest};
 use crate::relay::proto::{DatagramHeader, Kind, SourceInfo, DATAGRAM_HEADER, LEVEL_EXT_ID};
 use crate::rtc::peers::{CloseReason, ConnectSlot, Peer, PeerApp, PeerId, PeerSet, Sink};
 use crate::rtc::srtp_out::{KeySlot, SrtpOut};
 use crate::rtc::supervise::Heartbeat;
-use crate::rtc::udp::Doorbell;
 
 /// Selection runs this often per stream (one ranking per stream per tick).
 const TICK_US: u64 = 10_000;

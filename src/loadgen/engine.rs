@@ -24,7 +24,8 @@ use tracing::{debug, info, warn};
 
 use super::counter::{is_rtp, rtp_ids, SeqCounter};
 use super::matcher::{Matcher, SwitchTracker};
-use super::sys::{self, Epoll, EventFd, RecvBatch};
+use crate::net::poll::{Epoll, EventFd};
+use crate::net::recv::{realtime_ns, RecvBatch};
 
 /// 20 ms Opus frames.
 pub const FRAME: Duration = Duration::from_millis(20);
@@ -113,6 +114,11 @@ pub struct ThreadStats {
     pub timeouts: AtomicU64,
     /// Datagrams handed to str0m.
     pub to_str0m: AtomicU64,
+    /// `recvmmsg` calls made (packets per call says how much each read syscall is shared).
+    pub recv_calls: AtomicU64,
+    /// The thread's Linux thread id (0 until it runs), for its CPU time in
+    /// /proc/self/task/TID/stat.
+    pub tid: AtomicU64,
     pub samples: Mutex<Samples>,
 }
 
@@ -129,6 +135,7 @@ struct Local {
     truncated: u64,
     timeouts: u64,
     to_str0m: u64,
+    recv_calls: u64,
     samples: Samples,
     /// Peers of this thread still connecting (a gauge, not published).
     connecting: usize,
@@ -262,6 +269,9 @@ struct Engine {
 
 impl Engine {
     fn run(&mut self) {
+        // SAFETY: plain syscall, no arguments.
+        let tid = unsafe { libc::gettid() };
+        self.stats.tid.store(tid as u64, Ordering::Relaxed);
         let mut last_poll = Instant::now();
         let mut stopping = false;
         while !stopping {
@@ -479,7 +489,7 @@ impl Engine {
                 );
                 pb.seq += 1;
                 pb.ts = pb.ts.wrapping_add(f.samples);
-                let ns = sys::realtime_ns();
+                let ns = realtime_ns();
                 self.cfg.matcher.record_send(pb.source, k, ns);
                 if f.spurt {
                     self.cfg.matcher.record_spurt(pb.source, ns);
@@ -527,6 +537,7 @@ impl Engine {
             let Some(p) = self.peers.get(slot).and_then(Option::as_ref) else {
                 return;
             };
+            self.local.recv_calls += 1;
             let n = match self.batch.recv(p.fd) {
                 Ok(n) => n,
                 Err(e) => {
@@ -594,7 +605,7 @@ impl Engine {
                 contents,
             },
         );
-        let rx_ns = rx_ns.unwrap_or_else(sys::realtime_ns);
+        let rx_ns = rx_ns.unwrap_or_else(realtime_ns);
         self.local.to_str0m += 1;
         let end = drive_peer(
             p,
@@ -669,6 +680,7 @@ impl Engine {
             (&s.truncated, &mut l.truncated),
             (&s.timeouts, &mut l.timeouts),
             (&s.to_str0m, &mut l.to_str0m),
+            (&s.recv_calls, &mut l.recv_calls),
         ] {
             if *v > 0 {
                 a.fetch_add(*v, Ordering::Relaxed);
@@ -760,8 +772,7 @@ fn drive_peer(
                     if let Role::Viewer(v) = &mut p.role {
                         stats.connected_viewers.fetch_add(1, Ordering::Relaxed);
                         if v.sampled {
-                            v.switch =
-                                Some(SwitchTracker::new(cfg.sources.len(), sys::realtime_ns()));
+                            v.switch = Some(SwitchTracker::new(cfg.sources.len(), realtime_ns()));
                         }
                     }
                     debug!(

@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
 use serde_json::{json, Value};
 
-use super::sys::{self, Epoll, RecvBatch, SendBatch};
+use crate::net::poll::Epoll;
+use crate::net::recv::{RecvBatch, SLOT_BYTES};
+use crate::net::send::SlotBatch;
+use crate::net::sockopt::{raise_nofile, set_buffers, udp_socket};
 
 pub const HEADER: usize = 12;
 pub const TAG: usize = 16;
@@ -143,13 +146,13 @@ pub fn run(o: &FloorOptions) -> Result<Value, String> {
     if o.packets == 0 || o.viewers == 0 || o.batch == 0 {
         return Err("--packets, --viewers and --batch must be at least 1".into());
     }
-    if o.payload + HEADER + TAG > sys::SLOT_BYTES {
+    if o.payload + HEADER + TAG > SLOT_BYTES {
         return Err(format!(
             "--payload must be at most {}",
-            sys::SLOT_BYTES - HEADER - TAG
+            SLOT_BYTES - HEADER - TAG
         ));
     }
-    if (sys::raise_nofile() as usize) < o.viewers + 64 {
+    if (raise_nofile() as usize) < o.viewers + 64 {
         return Err(format!(
             "{} destination sockets exceed the open file limit: raise it with ulimit -n",
             o.viewers
@@ -158,8 +161,8 @@ pub fn run(o: &FloorOptions) -> Result<Value, String> {
     let ip: std::net::IpAddr = [127, 0, 0, 1].into();
     let mut sockets = Vec::with_capacity(o.viewers);
     for _ in 0..o.viewers {
-        let s = sys::udp_socket(ip).map_err(|e| format!("UDP socket: {e}"))?;
-        sys::set_buffers(&s, 1 << 20, 0);
+        let s = udp_socket(ip).map_err(|e| format!("UDP socket: {e}"))?;
+        set_buffers(&s, 1 << 20, 0);
         sockets.push(s);
     }
     let mut dests: Vec<Dest> = sockets
@@ -194,16 +197,16 @@ pub fn run(o: &FloorOptions) -> Result<Value, String> {
             .map_err(|e| e.to_string())?
     };
     let socket = UdpSocket::bind((ip, 0)).map_err(|e| format!("UDP socket: {e}"))?;
-    sys::set_buffers(&socket, 0, 4 << 20);
+    set_buffers(&socket, 0, 4 << 20);
     let b = o.batch;
-    let mut tx = SendBatch::new(b, HEADER + o.payload + TAG, dests[0].addr);
+    let mut tx = SlotBatch::new(b, HEADER + o.payload + TAG, dests[0].addr);
     let fd = socket.as_raw_fd();
     let v = dests.len();
     let packets = o.packets;
     // Warm-up: caches, page faults, the receiver's first wakeups.
     let warm = (packets / 20).clamp(b as u64, 20_000);
     let mut next = 0usize;
-    let encrypt = |dests: &mut [Dest], tx: &mut SendBatch, n: usize, next: &mut usize| {
+    let encrypt = |dests: &mut [Dest], tx: &mut SlotBatch, n: usize, next: &mut usize| {
         for i in 0..n {
             let d = &mut dests[*next];
             tx.lens[i] = seal(d, &payload, &mut tx.bufs[i]);

@@ -6,16 +6,17 @@
 //!
 //! Layout: [`signal`] (director + WebSocket), [`peer`] (str0m client offers), [`engine`] (the
 //! epoll threads that own the peers), [`counter`] (loss from clear RTP headers), [`matcher`]
-//! (payload → send time, talk spurts), [`report`] (step JSON), [`floor`], [`sys`] (libc).
+//! (payload → send time, talk spurts), [`report`] (step JSON), [`floor`], [`procfs`] (CPU and memory figures); sockets are
+//! [`crate::net`]'s.
 
 pub mod counter;
 pub mod engine;
 pub mod floor;
 pub mod matcher;
 pub mod peer;
+pub mod procfs;
 pub mod report;
 pub mod signal;
-pub mod sys;
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -28,6 +29,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::{info, warn};
 
 use crate::media::opus;
+use crate::net::sockopt;
 use crate::replay::{corpus, truth};
 use engine::{Cmd, EngineConfig, EngineHandle, Frame, NewPeer};
 use matcher::Matcher;
@@ -62,6 +64,8 @@ pub struct Options {
     pub sample_every: usize,
     pub threads: usize,
     pub edge_pid: Option<u32>,
+    /// The origin, when it shares the generator's core: its CPU is reported beside ours.
+    pub origin_pid: Option<u32>,
     pub local_ip: IpAddr,
     /// Sockets are read at most this often (ms).
     pub poll_ms: f64,
@@ -89,6 +93,7 @@ impl Default for Options {
             sample_every: 20,
             threads: 1,
             edge_pid: None,
+            origin_pid: None,
             local_ip: IpAddr::from([127, 0, 0, 1]),
             poll_ms: 5.0,
         }
@@ -230,7 +235,7 @@ pub fn run(opts: Options) -> Result<(), String> {
         "corpus loaded"
     );
     let need = (pubs.len() + opts.max_viewers) * 2 + 64;
-    let limit = sys::raise_nofile();
+    let limit = sockopt::raise_nofile();
     if (limit as usize) < need {
         return Err(format!(
             "{} viewers need about {need} open files (a UDP socket and a WebSocket each); \
@@ -326,7 +331,7 @@ async fn join(ctx: &Ctx, side: Side, started: Instant) -> Result<(Signalling, Du
         ),
     };
     let grant = signal::director(base, kind, &body, bearer, ctx.http_timeout).await?;
-    let socket = sys::udp_socket(o.local_ip).map_err(|e| format!("UDP socket: {e}"))?;
+    let socket = sockopt::udp_socket(o.local_ip).map_err(|e| format!("UDP socket: {e}"))?;
     let local = socket.local_addr().map_err(|e| e.to_string())?;
     let (offer, name, data, label, engine) = match side {
         Side::Publisher { source } => {
@@ -339,7 +344,8 @@ async fn join(ctx: &Ctx, side: Side, started: Instant) -> Result<(Signalling, Du
         Side::Viewer { index } => {
             let (sampled, excluded) = viewer_role(o, ctx.source_ids.len(), index);
             if sampled {
-                sys::enable_rx_timestamps(&socket).map_err(|e| format!("SO_TIMESTAMPNS: {e}"))?;
+                sockopt::enable_rx_timestamps(&socket)
+                    .map_err(|e| format!("SO_TIMESTAMPNS: {e}"))?;
             }
             let offer = peer::viewer_offer(&ctx.crypto, local, o.tracks)?;
             let data = json!({
@@ -503,7 +509,11 @@ async fn ramp(ctx: Arc<Ctx>, started: Instant, deadline: Instant) -> Result<Valu
     let mut first_rss: Option<(usize, u64)> = None;
     let mut last_rss: Option<(usize, u64)> = None;
     let mut stopped_by = "done";
-    let run_a = Snapshot::take(&ctx.engines, o.edge_pid);
+    let pids = report::Pids {
+        edge: o.edge_pid,
+        origin: o.origin_pid,
+    };
+    let run_a = Snapshot::take(&ctx.engines, pids);
     let mut run_b = run_a.clone();
     for step in 0.. {
         // Joins of this step.
@@ -539,13 +549,13 @@ async fn ramp(ctx: Arc<Ctx>, started: Instant, deadline: Instant) -> Result<Valu
             warn!(step, errors = ?joins.errors, "some viewers did not join");
         }
         // The steady part: from the end of the joins to the end of the step.
-        let a = Snapshot::take(&ctx.engines, o.edge_pid);
+        let a = Snapshot::take(&ctx.engines, pids);
         drop(report::take_samples(&ctx.engines));
         let end = (Instant::now() + Duration::from_secs_f64(o.step_secs)).min(deadline);
         if !out_of_time {
             tokio::time::sleep_until(tokio::time::Instant::from_std(end)).await;
         }
-        let b = Snapshot::take(&ctx.engines, o.edge_pid);
+        let b = Snapshot::take(&ctx.engines, pids);
         let samples = report::take_samples(&ctx.engines);
         all_samples
             .latency_us
@@ -585,7 +595,7 @@ async fn ramp(ctx: Arc<Ctx>, started: Instant, deadline: Instant) -> Result<Valu
         }
         target = (target + o.step).min(o.max_viewers);
     }
-    let end = Snapshot::take(&ctx.engines, o.edge_pid);
+    let end = Snapshot::take(&ctx.engines, pids);
     let received = run_b.received - run_a.received;
     let expected = run_b.expected - run_a.expected;
     let mut sum = serde_json::Map::new();
@@ -659,10 +669,14 @@ async fn ramp(ctx: Arc<Ctx>, started: Instant, deadline: Instant) -> Result<Valu
         "loadgen_cpu_s".into(),
         json!((end.self_cpu_s * 1000.0).round() / 1000.0),
     );
+    sum.insert(
+        "origin_cpu_s".into(),
+        json!(report_sub(run_a.origin_cpu_s, end.origin_cpu_s)),
+    );
     sum.insert("published".into(), json!(end.published - run_a.published));
     sum.insert("excluded_received".into(), json!(end.excluded_received));
     sum.insert("dropped_viewers".into(), json!(end.dropped));
-    sum.insert("loadgen_rss_kib".into(), json!(sys::rss_kib(None).ok()));
+    sum.insert("loadgen_rss_kib".into(), json!(procfs::rss_kib(None).ok()));
     sum.insert("ambiguous_frames".into(), json!(ctx.ambiguous));
     Ok(Value::Object(sum))
 }

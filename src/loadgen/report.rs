@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 
 use super::engine::{EngineHandle, Samples};
-use super::sys;
+use super::procfs;
 use crate::replay::truth::percentile;
 
 /// Counters of every thread, the edge's /proc figures and our own CPU, at one instant.
@@ -41,17 +41,46 @@ pub struct Snapshot {
     pub to_str0m: u64,
     pub connected: u64,
     pub dropped: u64,
+    pub recv_calls: u64,
     pub edge_cpu_s: Option<f64>,
     pub edge_rss_kib: Option<u64>,
+    /// The origin shares the generator's core in `scripts/loadtest.sh`: its CPU is part of
+    /// what that core has left.
+    pub origin_cpu_s: Option<f64>,
     pub self_cpu_s: f64,
+    /// CPU of the threads that own the viewers (receive, count, decrypt the sampled ones).
+    pub viewers_cpu_s: f64,
+    /// CPU of the publishers' thread (str0m, SRTP, the 20 ms clock).
+    pub publishers_cpu_s: f64,
+}
+
+/// The processes whose CPU and memory a snapshot reads from /proc.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pids {
+    pub edge: Option<u32>,
+    pub origin: Option<u32>,
 }
 
 impl Snapshot {
-    pub fn take(engines: &[EngineHandle], edge_pid: Option<u32>) -> Snapshot {
+    /// `engines`: the viewers' threads, then the publishers' thread last (as `run` spawns them).
+    pub fn take(engines: &[EngineHandle], pids: Pids) -> Snapshot {
         let mut s = Snapshot {
             at: Some(Instant::now()),
             ..Snapshot::default()
         };
+        for (i, e) in engines.iter().enumerate() {
+            let tid = e.stats.tid.load(Ordering::Relaxed);
+            let cpu = if tid > 0 {
+                procfs::thread_cpu_seconds(tid).unwrap_or(0.0)
+            } else {
+                0.0
+            };
+            if i + 1 == engines.len() {
+                s.publishers_cpu_s += cpu;
+            } else {
+                s.viewers_cpu_s += cpu;
+            }
+        }
         for e in engines {
             let t = &e.stats;
             let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
@@ -65,14 +94,18 @@ impl Snapshot {
             s.truncated += get(&t.truncated);
             s.timeouts += get(&t.timeouts);
             s.to_str0m += get(&t.to_str0m);
+            s.recv_calls += get(&t.recv_calls);
             s.connected += get(&t.connected_viewers);
             s.dropped += get(&t.dropped_viewers);
         }
-        if let Some(pid) = edge_pid {
-            s.edge_cpu_s = sys::cpu_seconds(Some(pid)).ok();
-            s.edge_rss_kib = sys::rss_kib(Some(pid)).ok();
+        if let Some(pid) = pids.edge {
+            s.edge_cpu_s = procfs::cpu_seconds(Some(pid)).ok();
+            s.edge_rss_kib = procfs::rss_kib(Some(pid)).ok();
         }
-        s.self_cpu_s = sys::cpu_seconds(None).unwrap_or(0.0);
+        if let Some(pid) = pids.origin {
+            s.origin_cpu_s = procfs::cpu_seconds(Some(pid)).ok();
+        }
+        s.self_cpu_s = procfs::cpu_seconds(None).unwrap_or(0.0);
         s
     }
 }
@@ -208,10 +241,48 @@ pub fn step_json(s: StepInput<'_>) -> Value {
     );
     o.insert("edge_rss_kib".into(), json!(b.edge_rss_kib));
     let own = b.self_cpu_s - a.self_cpu_s;
+    let pct = |cpu: f64| per_s(cpu).map(|x| round(100.0 * x, 1));
+    let ns_per_pkt = |cpu: f64| (received > 0).then(|| round(cpu * 1e9 / received as f64, 0));
     o.insert("loadgen_cpu_s".into(), json!(round(own, 3)));
+    o.insert("loadgen_cpu_pct".into(), json!(pct(own)));
+    o.insert("loadgen_ns_per_pkt".into(), json!(ns_per_pkt(own)));
+    // Where the generator's CPU goes: the viewers' threads (per received packet: the cost
+    // that grows with the measurement), the publishers' thread, and the rest (joins: HTTP,
+    // WebSocket, offers on the control thread).
+    let viewers_cpu = b.viewers_cpu_s - a.viewers_cpu_s;
+    let publishers_cpu = b.publishers_cpu_s - a.publishers_cpu_s;
+    o.insert("loadgen_viewers_cpu_pct".into(), json!(pct(viewers_cpu)));
     o.insert(
-        "loadgen_ns_per_pkt".into(),
-        json!((received > 0).then(|| round(own * 1e9 / received as f64, 0))),
+        "loadgen_viewers_ns_per_pkt".into(),
+        json!(ns_per_pkt(viewers_cpu)),
+    );
+    o.insert(
+        "loadgen_publishers_cpu_pct".into(),
+        json!(pct(publishers_cpu)),
+    );
+    o.insert(
+        "loadgen_control_cpu_pct".into(),
+        json!(pct((own - viewers_cpu - publishers_cpu).max(0.0))),
+    );
+    let calls = b.recv_calls - a.recv_calls;
+    o.insert(
+        "pkts_per_recvmmsg".into(),
+        json!((calls > 0).then(|| round(received as f64 / calls as f64, 2))),
+    );
+    let origin_cpu = opt_sub(a.origin_cpu_s, b.origin_cpu_s);
+    o.insert("origin_cpu_pct".into(), json!(origin_cpu.and_then(pct)));
+    // The share of one core the generator leaves: itself alone, and with the origin that
+    // scripts/loadtest.sh pins beside it. Near 0 the generator bounds the measurement.
+    let loadgen_pct = pct(own);
+    o.insert(
+        "loadgen_headroom_pct".into(),
+        json!(loadgen_pct.map(|p| round(100.0 - p, 1))),
+    );
+    o.insert(
+        "gen_core_headroom_pct".into(),
+        json!(loadgen_pct
+            .zip(origin_cpu.and_then(pct))
+            .map(|(l, o)| round(100.0 - l - o, 1))),
     );
     let j = s.joins;
     o.insert("joins".into(), json!(j.times.len()));

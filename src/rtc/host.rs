@@ -19,7 +19,7 @@ use super::offer::{check_offer, OfferError};
 use super::peers::{answer_offer, ConnectSlot, Peer, PeerApp, PeerSet, PeerStats};
 pub use super::peers::{CloseReason, PeerId};
 use super::supervise::{spawn_media, Heartbeat};
-use super::udp::Doorbell;
+use crate::net::poll::Doorbell;
 
 /// Upper bound on how long commands wait for the thread to notice them.
 const MAX_WAIT: Duration = Duration::from_millis(5);

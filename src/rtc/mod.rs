@@ -6,4 +6,3 @@ pub mod offer;
 pub mod peers;
 pub mod srtp_out;
 pub mod supervise;
-pub mod udp;

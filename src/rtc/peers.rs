@@ -29,7 +29,8 @@ use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc, 
 use tracing::{debug, info, warn};
 
 use super::offer::OfferError;
-use super::udp::{Doorbell, Poller, SendBatch};
+use crate::net::poll::{Doorbell, Poller};
+use crate::net::send::SendBatch;
 
 /// A peer that has not completed ICE + DTLS within this time is dropped (counted as
 /// `connect_timeout`). A browser on loopback or a LAN connects in well under a second, over TURN in

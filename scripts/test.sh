@@ -27,6 +27,10 @@ cargo fmt --all -- --check
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
 
+# The server without the tools (loadgen, replay, probe, in-memory peers) must build on its own.
+log "cargo clippy --no-default-features (the server alone)"
+cargo clippy --no-default-features --all-targets --quiet -- -D warnings
+
 # --all-targets also runs each criterion benchmark once, as a smoke test (figures: cargo bench).
 log "cargo test --all-targets (unit, property, corpus, CLI, benchmark smoke)"
 cargo test --all-targets --quiet

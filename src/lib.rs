@@ -1,14 +1,19 @@
 //! chorus: an open real-time audio edge that forwards, to every viewer, only the few sources of a
 //! stream that are talking, in a fixed set of multiplexed tracks.
+//!
+//! The feature `tools` (default) adds the test and measurement tools: `loadgen`, `replay`
+//! and the in-memory peers `rtc::loopback`; without it the crate is the server alone.
 
 pub mod auth;
 pub mod edge;
 pub mod http;
+#[cfg(feature = "tools")]
 pub mod loadgen;
 pub mod media;
 pub mod net;
 pub mod origin;
 pub mod relay;
+#[cfg(feature = "tools")]
 pub mod replay;
 pub mod room;
 pub mod rtc;

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use chorus::auth::tokens::{parse_ttl, TokenFile, TokenKind};
+#[cfg(feature = "tools")]
 use chorus::relay::client::LinkConfig;
+#[cfg(feature = "tools")]
 use chorus::replay::{self, ReplayOptions};
 use chorus::server::{self, Role, ServerOptions};
 
@@ -29,13 +31,16 @@ enum Command {
     Origin(OriginArgs),
     /// An edge: serves viewers, fed by an origin over QUIC.
     Edge(EdgeArgs),
+    #[cfg(feature = "tools")]
     /// Subscribes to a stream at an origin like an edge would, and prints what arrives as JSON.
     Probe(ProbeArgs),
     /// Manages publish and subscribe tokens in a token file.
     #[command(subcommand)]
     Token(TokenCmd),
+    #[cfg(feature = "tools")]
     /// Replays a speech corpus through the packet core and prints each track change as JSON.
     Replay(ReplayArgs),
+    #[cfg(feature = "tools")]
     /// Load test: real WebRTC publishers and a ramp of viewers against a running chorus; one
     /// JSON line per step (packets, loss, latency, joins, edge CPU and memory) and a summary.
     Loadgen(LoadgenArgs),
@@ -149,6 +154,7 @@ struct EdgeArgs {
     origin_fingerprint: Option<String>,
 }
 
+#[cfg(feature = "tools")]
 #[derive(Args)]
 struct ProbeArgs {
     /// The origin's QUIC address (its --cluster).
@@ -189,6 +195,7 @@ enum TokenCmd {
     },
 }
 
+#[cfg(feature = "tools")]
 #[derive(Args)]
 struct ReplayArgs {
     /// Directory of <id>.opus (Ogg Opus) and optional <id>.levels files.
@@ -220,6 +227,7 @@ struct ReplayArgs {
     seed: u64,
 }
 
+#[cfg(feature = "tools")]
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
 struct LoadgenArgs {
@@ -294,6 +302,7 @@ struct LoadgenArgs {
     poll_ms: f64,
 }
 
+#[cfg(feature = "tools")]
 #[derive(Subcommand)]
 enum LoadgenCmd {
     /// The machine's floor: SRTP AES-128-GCM sealing and batched sendmmsg of the same packets
@@ -342,9 +351,12 @@ fn main() -> ExitCode {
                 a.origin_fingerprint,
             ),
         ),
+        #[cfg(feature = "tools")]
         Command::Probe(a) => ("probe", probe_cmd(a)),
         Command::Token(t) => ("token", token_cmd(t)),
+        #[cfg(feature = "tools")]
         Command::Replay(a) => ("replay", replay_cmd(a)),
+        #[cfg(feature = "tools")]
         Command::Loadgen(a) => ("loadgen", loadgen_cmd(a)),
     };
     match result {
@@ -439,6 +451,7 @@ fn run_server(
     })
 }
 
+#[cfg(feature = "tools")]
 fn probe_cmd(a: ProbeArgs) -> Result<(), String> {
     init_logs();
     let link = LinkConfig {
@@ -487,6 +500,7 @@ fn token_cmd(t: TokenCmd) -> Result<(), String> {
     }
 }
 
+#[cfg(feature = "tools")]
 fn replay_cmd(a: ReplayArgs) -> Result<(), String> {
     if !(0.0..=1.0).contains(&a.loss) {
         return Err(format!("--loss must be between 0 and 1, got {}", a.loss));
@@ -520,6 +534,7 @@ fn replay_cmd(a: ReplayArgs) -> Result<(), String> {
     Ok(())
 }
 
+#[cfg(feature = "tools")]
 fn loadgen_cmd(a: LoadgenArgs) -> Result<(), String> {
     use chorus::loadgen;
     if let Some(LoadgenCmd::Floor {

@@ -1,6 +1,7 @@
 //! WebRTC peers (str0m) on media threads: offer checks, the socket-owning loop, peer routing.
 
 pub mod host;
+#[cfg(feature = "tools")]
 pub mod loopback;
 pub mod offer;
 pub mod peers;

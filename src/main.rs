@@ -300,6 +300,10 @@ struct LoadgenArgs {
     /// receive timestamps keep the latency exact).
     #[arg(long, default_value_t = 5.0)]
     poll_ms: f64,
+    /// Sampled viewers hand every packet to str0m to decrypt (the generator's former receive
+    /// path, dearer), instead of opening their SRTP themselves once DTLS is up.
+    #[arg(long)]
+    decrypt_with_str0m: bool,
 }
 
 #[cfg(feature = "tools")]
@@ -577,5 +581,6 @@ fn loadgen_cmd(a: LoadgenArgs) -> Result<(), String> {
         origin_pid: a.origin_pid,
         local_ip: a.local_ip,
         poll_ms: a.poll_ms,
+        lean_rx: !a.decrypt_with_str0m,
     })
 }

@@ -75,6 +75,15 @@ impl SeqCounter {
         self.expected().saturating_sub(self.received)
     }
 
+    /// The SRTP rollover counter of `seq` (the high bits of its extended number, the one
+    /// closest to the highest seen), counting from 0 at this SSRC's first packet as the sender
+    /// does (RFC 3711 §3.3.1).
+    pub fn roc(&self, seq: u16) -> u32 {
+        let delta = seq.wrapping_sub(self.max as u16) as i16 as i64;
+        let ext = (self.max as i64 + delta).max(0) as u64;
+        ((ext >> 16).saturating_sub(1)) as u32
+    }
+
     pub fn on_seq(&mut self, seq: u16) -> Delta {
         // The extended number closest to the highest seen.
         let delta = seq.wrapping_sub(self.max as u16) as i16 as i64;
@@ -126,6 +135,17 @@ impl SeqCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roc_counts_wraps_from_the_first_packet() {
+        let (mut c, _) = SeqCounter::new(1, 65_534);
+        assert_eq!(c.roc(65_534), 0);
+        assert_eq!(c.roc(1), 1, "just past the wrap, before it is seen");
+        c.on_seq(65_535);
+        c.on_seq(2);
+        assert_eq!(c.roc(2), 1);
+        assert_eq!(c.roc(65_533), 0, "a late packet from before the wrap");
+    }
 
     fn feed(seqs: &[u16]) -> (SeqCounter, Delta) {
         let (mut c, mut total) = SeqCounter::new(7, seqs[0]);

@@ -24,8 +24,10 @@ use tracing::{debug, info, warn};
 
 use super::counter::{is_rtp, rtp_ids, SeqCounter};
 use super::matcher::{Matcher, SwitchTracker};
+use super::srtp_in::SrtpIn;
 use crate::net::poll::{Epoll, EventFd};
-use crate::net::recv::{realtime_ns, RecvBatch};
+use crate::net::recv::{realtime_ns, RecvBatch, SLOT_BYTES};
+use crate::rtc::srtp_out::KeySlot;
 
 /// 20 ms Opus frames.
 pub const FRAME: Duration = Duration::from_millis(20);
@@ -64,6 +66,9 @@ pub struct NewPeer {
     /// Told once: connected (at that instant) or why not.
     pub done: Option<oneshot::Sender<Result<Instant, String>>>,
     pub label: String,
+    /// Where the DTLS tap leaves the peer's keying material (sampled viewers on the lean
+    /// receive path).
+    pub keys: Option<Arc<KeySlot>>,
 }
 
 pub enum Cmd {
@@ -114,6 +119,10 @@ pub struct ThreadStats {
     pub timeouts: AtomicU64,
     /// Datagrams handed to str0m.
     pub to_str0m: AtomicU64,
+    /// Sampled SRTP packets opened on the generator's own path (not str0m's).
+    pub opened: AtomicU64,
+    /// Sampled SRTP packets that did not open (malformed, or failed authentication).
+    pub open_failed: AtomicU64,
     /// `recvmmsg` calls made (packets per call says how much each read syscall is shared).
     pub recv_calls: AtomicU64,
     /// The thread's Linux thread id (0 until it runs), for its CPU time in
@@ -135,6 +144,8 @@ struct Local {
     truncated: u64,
     timeouts: u64,
     to_str0m: u64,
+    opened: u64,
+    open_failed: u64,
     recv_calls: u64,
     samples: Samples,
     /// Peers of this thread still connecting (a gauge, not published).
@@ -158,6 +169,9 @@ struct Viewer {
     excluded: Option<usize>,
     ssrcs: SmallVec<[SeqCounter; 4]>,
     switch: Option<SwitchTracker>,
+    /// The tap's slot until DTLS is up, then the session that opens this viewer's SRTP.
+    keys: Option<Arc<KeySlot>>,
+    srtp: Option<SrtpIn>,
 }
 
 // Viewers are the many: their counters stay inline (no pointer chase per packet); a peer's
@@ -235,6 +249,7 @@ pub fn spawn(cfg: EngineConfig) -> std::io::Result<EngineHandle> {
         publishers: Vec::new(),
         start: None,
         batch: RecvBatch::new(BATCH),
+        scratch: vec![0; SLOT_BYTES],
         ready: Vec::with_capacity(EVENTS),
         local: Local::default(),
         stats: stats.clone(),
@@ -261,6 +276,8 @@ struct Engine {
     publishers: Vec<usize>,
     start: Option<Instant>,
     batch: RecvBatch,
+    /// A copy of the datagram being opened (the lean receive path decrypts in place).
+    scratch: Vec<u8>,
     ready: Vec<u64>,
     local: Local,
     stats: Arc<ThreadStats>,
@@ -374,6 +391,8 @@ impl Engine {
                     excluded,
                     ssrcs: SmallVec::new(),
                     switch: None,
+                    keys: peer.keys.clone(),
+                    srtp: None,
                 });
                 self.add(*peer, role);
             }
@@ -569,15 +588,18 @@ impl Engine {
             if is_rtp(d.data) {
                 let (ssrc, seq) = rtp_ids(d.data);
                 let full = v.ssrcs.len() >= MAX_SSRCS;
+                let mut roc = None;
                 match v.ssrcs.iter_mut().find(|c| c.ssrc == ssrc) {
                     Some(c) => {
                         let delta = c.on_seq(seq);
                         self.local.expected += delta.expected;
                         self.local.received += delta.received;
                         self.local.duplicates += delta.duplicate as u64;
+                        roc = (!delta.duplicate).then(|| c.roc(seq));
                     }
                     None if !full => {
                         let (c, delta) = SeqCounter::new(ssrc, seq);
+                        roc = Some(c.roc(seq));
                         v.ssrcs.push(c);
                         self.local.expected += delta.expected;
                         self.local.received += delta.received;
@@ -585,6 +607,24 @@ impl Engine {
                     None => {}
                 }
                 if !v.sampled {
+                    return;
+                }
+                if let Some(srtp) = &v.srtp {
+                    // A duplicate is counted above and not matched again (str0m's replay
+                    // protection dropped it too).
+                    let Some(roc) = roc else {
+                        return;
+                    };
+                    let rx_ns = d.rx_ns.unwrap_or_else(realtime_ns);
+                    let buf = &mut self.scratch[..d.data.len()];
+                    buf.copy_from_slice(d.data);
+                    match srtp.open(buf, roc) {
+                        Some(payload) => {
+                            self.local.opened += 1;
+                            on_media(v, payload, rx_ns, &self.cfg, &mut self.local);
+                        }
+                        None => self.local.open_failed += 1,
+                    }
                     return;
                 }
             }
@@ -681,6 +721,8 @@ impl Engine {
             (&s.timeouts, &mut l.timeouts),
             (&s.to_str0m, &mut l.to_str0m),
             (&s.recv_calls, &mut l.recv_calls),
+            (&s.opened, &mut l.opened),
+            (&s.open_failed, &mut l.open_failed),
         ] {
             if *v > 0 {
                 a.fetch_add(*v, Ordering::Relaxed);
@@ -724,6 +766,29 @@ impl Engine {
 fn flush_transmits(p: &mut Peer) {
     while let Ok(Output::Transmit(t)) = p.rtc.poll_output() {
         let _ = p.socket.send_to(&t.contents, t.destination);
+    }
+}
+
+/// A sampled viewer's decrypted payload: matched to its send time (added latency), checked
+/// against the viewer's excluded source, and fed to the switch tracker.
+fn on_media(v: &mut Viewer, payload: &[u8], rx_ns: u64, cfg: &EngineConfig, local: &mut Local) {
+    local.decrypted += 1;
+    match cfg.matcher.lookup(payload) {
+        Some(m) if m.send_ns > 0 => {
+            if v.excluded == Some(m.source as usize) {
+                local.excluded += 1;
+            }
+            let lat = rx_ns.saturating_sub(m.send_ns);
+            if rx_ns >= m.send_ns && lat < MAX_LATENCY_NS {
+                local.samples.latency_us.push((lat / 1000) as u32);
+            }
+            if let Some(sw) = v.switch.as_mut() {
+                if let Some(ns) = sw.on_packet(&cfg.matcher, &m, rx_ns) {
+                    local.samples.switch_us.push((ns / 1000) as u32);
+                }
+            }
+        }
+        _ => local.unmatched += 1,
     }
 }
 
@@ -771,6 +836,13 @@ fn drive_peer(
                     }
                     if let Role::Viewer(v) = &mut p.role {
                         stats.connected_viewers.fetch_add(1, Ordering::Relaxed);
+                        // The slot holds (material, profile, we were the DTLS client): the
+                        // sender of what we open is the other side.
+                        if let Some((material, profile, client)) =
+                            v.keys.take().and_then(|k| k.take())
+                        {
+                            v.srtp = SrtpIn::new(&material, profile, !client);
+                        }
                         if v.sampled {
                             v.switch = Some(SwitchTracker::new(cfg.sources.len(), realtime_ns()));
                         }
@@ -787,24 +859,7 @@ fn drive_peer(
                 Event::Closed => return Some("closed by the server".into()),
                 Event::RtpPacket(pkt) => {
                     if let (Role::Viewer(v), Some(rx)) = (&mut p.role, rx_ns) {
-                        local.decrypted += 1;
-                        match cfg.matcher.lookup(&pkt.payload) {
-                            Some(m) if m.send_ns > 0 => {
-                                if v.excluded == Some(m.source as usize) {
-                                    local.excluded += 1;
-                                }
-                                let lat = rx.saturating_sub(m.send_ns);
-                                if rx >= m.send_ns && lat < MAX_LATENCY_NS {
-                                    local.samples.latency_us.push((lat / 1000) as u32);
-                                }
-                                if let Some(sw) = v.switch.as_mut() {
-                                    if let Some(ns) = sw.on_packet(&cfg.matcher, &m, rx) {
-                                        local.samples.switch_us.push((ns / 1000) as u32);
-                                    }
-                                }
-                            }
-                            _ => local.unmatched += 1,
-                        }
+                        on_media(v, &pkt.payload, rx, cfg, local);
                     }
                 }
                 _ => {}

@@ -17,6 +17,7 @@ pub mod peer;
 pub mod procfs;
 pub mod report;
 pub mod signal;
+pub mod srtp_in;
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -69,6 +70,9 @@ pub struct Options {
     pub local_ip: IpAddr,
     /// Sockets are read at most this often (ms).
     pub poll_ms: f64,
+    /// Sampled viewers open their SRTP themselves once DTLS is up ([`srtp_in`]) instead of
+    /// handing every packet to str0m.
+    pub lean_rx: bool,
 }
 
 impl Default for Options {
@@ -96,6 +100,7 @@ impl Default for Options {
             origin_pid: None,
             local_ip: IpAddr::from([127, 0, 0, 1]),
             poll_ms: 5.0,
+            lean_rx: true,
         }
     }
 }
@@ -333,13 +338,13 @@ async fn join(ctx: &Ctx, side: Side, started: Instant) -> Result<(Signalling, Du
     let grant = signal::director(base, kind, &body, bearer, ctx.http_timeout).await?;
     let socket = sockopt::udp_socket(o.local_ip).map_err(|e| format!("UDP socket: {e}"))?;
     let local = socket.local_addr().map_err(|e| e.to_string())?;
-    let (offer, name, data, label, engine) = match side {
+    let (offer, name, data, label, engine, keys) = match side {
         Side::Publisher { source } => {
             let offer = peer::publisher_offer(&ctx.crypto, local)?;
             let data = json!({"name": o.stream, "sdp": offer.sdp, "codec": "opus",
                               "sourceId": ctx.source_ids[source]});
             let label = format!("publisher {}", ctx.source_ids[source]);
-            (offer, "publish", data, label, ctx.opts.threads)
+            (offer, "publish", data, label, ctx.opts.threads, None)
         }
         Side::Viewer { index } => {
             let (sampled, excluded) = viewer_role(o, ctx.source_ids.len(), index);
@@ -347,7 +352,8 @@ async fn join(ctx: &Ctx, side: Side, started: Instant) -> Result<(Signalling, Du
                 sockopt::enable_rx_timestamps(&socket)
                     .map_err(|e| format!("SO_TIMESTAMPNS: {e}"))?;
             }
-            let offer = peer::viewer_offer(&ctx.crypto, local, o.tracks)?;
+            let keys = (sampled && o.lean_rx).then(Arc::default);
+            let offer = peer::viewer_offer(&ctx.crypto, local, o.tracks, keys.clone())?;
             let data = json!({
                 "streamId": o.stream,
                 "sdp": offer.sdp,
@@ -361,6 +367,7 @@ async fn join(ctx: &Ctx, side: Side, started: Instant) -> Result<(Signalling, Du
                 data,
                 format!("viewer {index}"),
                 index % o.threads,
+                keys,
             )
         }
     };
@@ -378,6 +385,7 @@ async fn join(ctx: &Ctx, side: Side, started: Instant) -> Result<(Signalling, Du
         started,
         done: Some(tx),
         label,
+        keys,
     });
     let cmd = match side {
         Side::Publisher { source } => Cmd::Publisher { peer, source },

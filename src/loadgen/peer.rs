@@ -11,6 +11,8 @@ use str0m::media::{Direction, MediaKind, Mid};
 use str0m::rtp::Extension;
 use str0m::{Candidate, Rtc, RtcConfig};
 
+use crate::rtc::srtp_out::{tapping_provider, with_key_slot, KeySlot};
+
 /// What every peer of a run shares: the crypto provider and one DTLS certificate (making an
 /// ECDSA key per peer would cost more than the join itself).
 #[derive(Clone)]
@@ -20,16 +22,16 @@ pub struct ClientCrypto {
 }
 
 impl ClientCrypto {
+    /// str0m's provider behind the edge's DTLS tap: one shared DTLS configuration for every
+    /// peer (cheaper joins), and the keying material of the peers that ask for it
+    /// ([`viewer_offer`] with a key slot), for the generator's own SRTP receive path.
     pub fn new() -> Result<ClientCrypto, String> {
-        let provider = str0m::crypto::from_feature_flags();
+        let provider = tapping_provider();
         let cert = provider
             .dtls_provider
             .generate_certificate()
             .ok_or("the crypto provider cannot make a DTLS certificate")?;
-        Ok(ClientCrypto {
-            provider: Arc::new(provider),
-            cert,
-        })
+        Ok(ClientCrypto { provider, cert })
     }
 }
 
@@ -56,8 +58,12 @@ fn offer(
     local: SocketAddr,
     dir: Direction,
     mlines: usize,
+    keys: Option<Arc<KeySlot>>,
 ) -> Result<Offer, String> {
-    let mut rtc = cfg.build(Instant::now());
+    let mut rtc = match keys {
+        Some(slot) => with_key_slot(slot, || cfg.build(Instant::now())),
+        None => cfg.build(Instant::now()),
+    };
     let cand = Candidate::host(local, "udp").map_err(|e| format!("host candidate: {e}"))?;
     rtc.add_local_candidate(cand);
     let mut api = rtc.sdp_api();
@@ -80,17 +86,19 @@ pub fn publisher_offer(crypto: &ClientCrypto, local: SocketAddr) -> Result<Offer
         .clear_extension_map()
         .set_extension(1, Extension::AudioLevel)
         .set_extension(4, Extension::RtpMid);
-    offer(cfg, local, Direction::SendOnly, 1)
+    offer(cfg, local, Direction::SendOnly, 1, None)
 }
 
 /// A viewer: the main audio m-line plus `tracks` multiplexed ones, all receive-only, with
-/// str0m's (browser-like) default extensions.
+/// str0m's (browser-like) default extensions. With `keys`, the DTLS keying material lands there
+/// once the handshake ends.
 pub fn viewer_offer(
     crypto: &ClientCrypto,
     local: SocketAddr,
     tracks: usize,
+    keys: Option<Arc<KeySlot>>,
 ) -> Result<Offer, String> {
-    offer(config(crypto), local, Direction::RecvOnly, 1 + tracks)
+    offer(config(crypto), local, Direction::RecvOnly, 1 + tracks, keys)
 }
 
 /// Applies the server's answer; the peer is then ready to connect.

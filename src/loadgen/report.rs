@@ -10,6 +10,12 @@
 //! `edge_rss_kib`, `loadgen_cpu_s`, `loadgen_ns_per_pkt`, `joins`, `joins_per_s`,
 //! `join_{p50,p99,max}_ms`, `join_failures`, `join_errors` (message -> count),
 //! `dropped_viewers` (connected, then lost), `decrypted` / `unmatched` (sampled packets),
+//! `opened` / `open_failed` (of those, opened on the generator's own SRTP path, and the ones
+//! that did not authenticate), the generator's own cost: `loadgen_cpu_pct`,
+//! `loadgen_viewers_cpu_pct` / `loadgen_viewers_ns_per_pkt` (its viewers' threads),
+//! `loadgen_publishers_cpu_pct`, `loadgen_control_cpu_pct` (joins), `pkts_per_recvmmsg`,
+//! `loadgen_headroom_pct` (its core's share left), `origin_cpu_pct` (`--origin-pid`) and
+//! `gen_core_headroom_pct` (what both leave of the core they share),
 //! `excluded_received` (packets of a viewer's own excluded source: must be 0), `published`,
 //! `str0m_timeouts_per_s` / `str0m_inputs_per_s` (the generator's own str0m work),
 //! `corpus_ms` (the window in the corpus timeline, ms since the publishers' start, looping)
@@ -42,6 +48,8 @@ pub struct Snapshot {
     pub connected: u64,
     pub dropped: u64,
     pub recv_calls: u64,
+    pub opened: u64,
+    pub open_failed: u64,
     pub edge_cpu_s: Option<f64>,
     pub edge_rss_kib: Option<u64>,
     /// The origin shares the generator's core in `scripts/loadtest.sh`: its CPU is part of
@@ -95,6 +103,8 @@ impl Snapshot {
             s.timeouts += get(&t.timeouts);
             s.to_str0m += get(&t.to_str0m);
             s.recv_calls += get(&t.recv_calls);
+            s.opened += get(&t.opened);
+            s.open_failed += get(&t.open_failed);
             s.connected += get(&t.connected_viewers);
             s.dropped += get(&t.dropped_viewers);
         }
@@ -315,6 +325,8 @@ pub fn step_json(s: StepInput<'_>) -> Value {
     );
     o.insert("decrypted".into(), json!(b.decrypted - a.decrypted));
     o.insert("unmatched".into(), json!(b.unmatched - a.unmatched));
+    o.insert("opened".into(), json!(b.opened - a.opened));
+    o.insert("open_failed".into(), json!(b.open_failed - a.open_failed));
     o.insert(
         "excluded_received".into(),
         json!(b.excluded_received - a.excluded_received),

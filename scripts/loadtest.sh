@@ -3,7 +3,7 @@
 #
 #   scripts/loadtest.sh [--start N] [--step N] [--max-viewers N] [--step-secs S]
 #                       [--duration S] [--tracks N] [--out DIR] [--no-build] [--bin PATH]
-#                       [--media-workers N] [--edge-cpus LIST]
+#                       [--media-workers N] [--edge-cpus LIST] [--loadgen-arg ARG]...
 #
 # Starts `chorus origin` and `chorus edge` (the edge pinned alone on core 0 with taskset, the
 # origin and the load generator on the other core), ramps viewers with `chorus loadgen` in steps
@@ -16,12 +16,13 @@
 #   report.png    CPU per viewer, loss and latency percentiles versus viewers
 # Logs of every process are kept there too. Loopback only. --bin runs another build (the tests
 # use the debug binary). --media-workers and --edge-cpus (a taskset list, default the first core)
-# compare edge media threads; the load generator always stays on the last core.
+# compare edge media threads; the load generator always stays on the last core. --loadgen-arg
+# passes one more argument to `chorus loadgen` (e.g. --loadgen-arg=--poll-ms=20).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 START=500 STEP=500 MAX=3000 STEP_SECS=8 DURATION=420 TRACKS=3 BUILD=1 BIN=target/release/chorus
-WORKERS=1 EDGE_CPUS=
+WORKERS=1 EDGE_CPUS= LOADGEN_ARGS=()
 OUT="target/loadtest/$(date +%Y%m%d-%H%M%S)"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -36,7 +37,9 @@ while [ $# -gt 0 ]; do
     --bin) BIN=$2; BUILD=0; shift 2 ;;
     --media-workers) WORKERS=$2; shift 2 ;;
     --edge-cpus) EDGE_CPUS=$2; shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    --loadgen-arg) LOADGEN_ARGS+=("$2"); shift 2 ;;
+    --loadgen-arg=*) LOADGEN_ARGS+=("${1#--loadgen-arg=}"); shift ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "loadtest: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -101,6 +104,7 @@ timeout --kill-after=10 "$(( ${DURATION%.*} + 60 ))" taskset -c "$OTHER_CPU" "$B
   --url "$(json "$ORIGIN" http)" --view-url "$(json "$EDGE" http)" \
   --tracks "$TRACKS" --start "$START" --step "$STEP" --max-viewers "$MAX" \
   --step-secs "$STEP_SECS" --duration "$DURATION" --edge-pid "$EDGE_PID" --origin-pid "$ORIGIN_PID" --join-concurrency 200 \
+  ${LOADGEN_ARGS[@]+"${LOADGEN_ARGS[@]}"} \
   >"$OUT/steps.jsonl" 2>"$OUT/loadgen.log" || say "loadgen exited with $? (see $OUT/loadgen.log)"
 cleanup; PIDS=()
 

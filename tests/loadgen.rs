@@ -162,6 +162,16 @@ fn ramp_against_serve_measures_what_viewers_get() {
         "edge CPU not measured: {step}"
     );
     assert!(step["edge_rss_kib"].as_u64().unwrap() > 1000, "{step}");
+    // The sampled viewers opened their SRTP on the generator's own path, every packet of it,
+    // and the generator measured itself.
+    assert_eq!(step["opened"], step["decrypted"], "{step}");
+    assert_eq!(step["open_failed"], 0, "{step}");
+    assert!(step["loadgen_cpu_pct"].as_f64().unwrap() > 0.0, "{step}");
+    assert!(
+        step["loadgen_viewers_ns_per_pkt"].as_f64().is_some(),
+        "{step}"
+    );
+    assert!(step["pkts_per_recvmmsg"].as_f64().unwrap() > 0.0, "{step}");
     // Exclusion holds: no viewer ever got its own source.
     assert_eq!(step["excluded_received"], 0, "{step}");
     assert_eq!(summary["excluded_received"], 0, "{summary}");
@@ -273,6 +283,9 @@ fn loadtest_script_writes_its_report() {
             s["edge_cpu_s"].as_f64().unwrap() > 0.0,
             "edge CPU sampled: {s}"
         );
+        // The script passes the origin's pid: its CPU and the shared core's headroom.
+        assert!(s["origin_cpu_pct"].as_f64().is_some(), "origin CPU: {s}");
+        assert!(s["gen_core_headroom_pct"].as_f64().is_some(), "{s}");
     }
     let floor: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("floor.json")).unwrap()).unwrap();
@@ -287,6 +300,7 @@ fn loadtest_script_writes_its_report() {
         report.contains("x the floor") || report.contains("No step"),
         "{report}"
     );
+    assert!(report.contains("gen core headroom %"), "{report}");
     let png = std::fs::read(out.join("report.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "a PNG plot");
 }

@@ -6,6 +6,7 @@ pub mod edge;
 pub mod http;
 pub mod loadgen;
 pub mod media;
+pub mod millicast;
 pub mod origin;
 pub mod relay;
 pub mod replay;

@@ -6,7 +6,9 @@
 //! take it: each publication's handler owns its stream's fan-out list (a read lock per packet).
 
 pub mod indices;
+pub mod media_thread;
 pub mod publication;
+pub mod relay_server;
 pub mod talking;
 
 use std::collections::{BTreeMap, HashMap};
@@ -21,10 +23,12 @@ use str0m::rtp::Extension;
 use tracing::{error, info};
 
 use crate::relay::proto::{OriginMsg, SourceInfo, TrackInfo};
-use crate::rtc::host::{CloseReason, OfferRequirements, PeerId, RtcHost};
+use crate::rtc::offer::OfferRequirements;
 use crate::rtc::offer::{mlines, OfferError};
 use crate::rtc::peers::media_config;
+use crate::rtc::peers::{CloseReason, PeerId};
 use indices::SourceIndices;
+use media_thread::RtcHost;
 use publication::{PublicationHandler, Route};
 
 /// A sourceId; None is the stream's main source.
@@ -692,8 +696,8 @@ pub fn relay_kind(k: MediaKind) -> crate::relay::proto::Kind {
 
 #[cfg(test)]
 mod tests {
+    use super::media_thread::HostConfig;
     use super::*;
-    use crate::rtc::host::HostConfig;
 
     #[derive(Default)]
     struct Recorder(Mutex<Vec<OriginMsg>>);

@@ -10,6 +10,7 @@ pub mod http;
 #[cfg(feature = "tools")]
 pub mod loadgen;
 pub mod media;
+pub mod millicast;
 pub mod net;
 pub mod origin;
 pub mod relay;

@@ -485,7 +485,7 @@ fn token_cmd(t: TokenCmd) -> Result<(), String> {
             tokens,
         } => {
             if stream != "*" {
-                chorus::http::director::check_stream_name(&stream)?;
+                chorus::millicast::check_stream_name(&stream).map_err(|e| e.to_string())?;
             }
             let kind = if kind == "publish" {
                 TokenKind::Publish

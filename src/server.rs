@@ -16,12 +16,12 @@ use crate::auth::tokens::Tokens;
 use crate::edge::Edge;
 use crate::http::limits::HttpLimits;
 use crate::http::{admin_router, router, App};
+use crate::origin::media_thread::{HostConfig, RtcHost};
+use crate::origin::relay_server::{RelayPolicy, RelayServer, SubscribePolicy};
 use crate::origin::Origin;
 use crate::relay::client::{EdgeLink, LinkConfig, LinkHandler};
 use crate::relay::proto::{DatagramHeader, Kind, SourceInfo, LEVEL_EXT_ID};
-use crate::relay::server::{RelayPolicy, RelayServer, SubscribePolicy};
 use crate::room::RoomService;
-use crate::rtc::host::{HostConfig, RtcHost};
 
 /// What a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,7 +1,7 @@
 //! The rooms' state machine (`chorus::room::state::Rooms`) driven by an arbitrary script: up to
 //! six participants in two rooms, with arbitrary roles, permissions and token lifetimes, joining
 //! and leaving (also with stale connection ids), sending every room command with arbitrary
-//! targets and data, or arbitrary text through the room socket's parser (`parse_cmd`), talking
+//! targets and data, or arbitrary text through the room socket's parser (`parse_command`), talking
 //! reports for anyone, time passing and records expiring.
 //!
 //! Checked against a model of the connections (which the effects must agree with):
@@ -23,7 +23,7 @@
 use std::collections::{HashMap, HashSet};
 
 use arbitrary::{Arbitrary, Unstructured};
-use chorus::http::signal::parse_cmd;
+use chorus::http::socket::parse_command;
 use chorus::room::state::{Effect, Grant, Permission, Role, Rooms, COMMANDS};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
@@ -250,7 +250,7 @@ impl Model {
                 self.command(rooms, who, name, &data);
             }
             Op::Raw { who, text } => {
-                if let Ok(Some(cmd)) = parse_cmd(&text) {
+                if let Ok(Some(cmd)) = parse_command(&text) {
                     self.command(rooms, who, &cmd.name, &cmd.data);
                 }
             }

@@ -15,7 +15,7 @@
 
 use std::net::SocketAddr;
 
-use chorus::rtc::host::OfferRequirements;
+use chorus::rtc::offer::OfferRequirements;
 use chorus::rtc::offer::{check_offer, mlines, normalize, OfferError, MAX_OFFER_BYTES};
 use chorus::rtc::peers::{answer_offer, media_config};
 use libfuzzer_sys::fuzz_target;

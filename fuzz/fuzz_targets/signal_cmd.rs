@@ -1,4 +1,4 @@
-//! The signalling socket's parsing (`chorus::http::signal::parse_cmd` for the
+//! The signalling socket's parsing (`chorus::http::socket::parse_command` for the
 //! `{"type":"cmd","transId":N,"name":...,"data":{...}}` envelope, `chorus::http::signal_cmd` for
 //! each command's data) on arbitrary text, as `/ws` and the room socket receive it.
 //!
@@ -12,7 +12,8 @@
 //!    view's tracks), and re-encoding what was parsed parses back to the same.
 #![no_main]
 
-use chorus::http::signal::{parse_cmd, MAX_SOURCE_ID};
+use chorus::http::socket::parse_command;
+use chorus::millicast::MAX_SOURCE_ID;
 use chorus::http::signal_cmd::{Project, Publish, Unproject, Unpublish, View, MAX_SOURCE_LIST};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
@@ -21,9 +22,9 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    match parse_cmd(text) {
+    match parse_command(text) {
         Ok(Some(cmd)) => {
-            let v: Value = serde_json::from_str(text).expect("parse_cmd accepted it");
+            let v: Value = serde_json::from_str(text).expect("parse_command accepted it");
             assert_eq!(v["type"], "cmd");
             assert_eq!(v["transId"].as_u64(), Some(cmd.trans_id));
             assert_eq!(
@@ -33,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(v.get("data").cloned().unwrap_or(Value::Null), cmd.data);
             let again =
                 json!({"type": "cmd", "transId": cmd.trans_id, "name": cmd.name, "data": cmd.data});
-            let back = parse_cmd(&again.to_string())
+            let back = parse_command(&again.to_string())
                 .expect("re-encoded cmd")
                 .expect("a cmd");
             assert_eq!(
@@ -43,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
             commands(&cmd.data);
         }
         Ok(None) => {
-            let v: Value = serde_json::from_str(text).expect("parse_cmd read it");
+            let v: Value = serde_json::from_str(text).expect("parse_command read it");
             assert!(matches!(v["type"].as_str(), Some("event" | "response")));
         }
         Err((trans_id, message)) => {

@@ -25,8 +25,7 @@ use crate::auth::jwt::JwtVerifier;
 use crate::net::poll::Doorbell;
 use crate::relay::client::{manage_link, AuthorizeAnswer, LinkConfig, LinkCtl, LinkHandler};
 use crate::relay::proto::{DatagramHeader, SourceInfo};
-use crate::rtc::host::OfferRequirements;
-use crate::rtc::offer::{check_offer, mlines, OfferError};
+use crate::rtc::offer::{check_offer, mlines, OfferError, OfferRequirements};
 use crate::rtc::peers::{answer_offer, media_config, ConnectSlot, PeerId, PeerStats};
 use crate::rtc::srtp_out::{tapping_provider, with_key_slot, KeySlot};
 use crate::rtc::supervise::spawn_media;
@@ -36,7 +35,7 @@ use worker::{EdgeCmd, NewViewer, Worker};
 pub const MAX_TRACKS: usize = 16;
 /// A view naming more excluded sourceIds than this is refused. An app excludes its own user's
 /// source, or a few; each name is interned on a media thread while the view lasts, so this bounds
-/// what one viewer holds there (with [`crate::http::signal::MAX_SOURCE_ID`] bytes per name).
+/// what one viewer holds there (with [`crate::millicast::MAX_SOURCE_ID`] bytes per name).
 pub const MAX_EXCLUDED: usize = 64;
 
 /// Relayed packets queued at most for one media thread: about 100 ms of 200 sources talking at
@@ -452,7 +451,7 @@ impl Edge {
 
 /// Refuses a view that names too many sources, or names no publisher could have.
 fn check_names(opts: &ViewOptions) -> Result<(), OfferError> {
-    use crate::http::signal::MAX_SOURCE_ID;
+    use crate::millicast::MAX_SOURCE_ID;
     if opts.excluded.len() > MAX_EXCLUDED {
         return Err(OfferError::Unacceptable(format!(
             "{} excluded sourceIds; at most {MAX_EXCLUDED} per view",

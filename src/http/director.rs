@@ -9,15 +9,12 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::{bearer, fail, relayed_refusal, rooms, App, Refusal};
 use crate::auth::jwt::{RoomBinding, Scope};
-use crate::relay::server::SubscribePolicy;
-
-pub const ACCOUNT_ID: &str = "chorus";
-/// Stream names are path segments and log fields: keep them plain.
-pub const MAX_STREAM_NAME: usize = 128;
+use crate::millicast::{check_stream_name, director_answer};
+use crate::origin::relay_server::SubscribePolicy;
 
 /// The body of both director calls (`streamAccountId` and other fields are not used).
 #[derive(Deserialize)]
@@ -26,21 +23,6 @@ struct DirectorReq {
     stream_name: Option<String>,
     #[serde(default)]
     stream_type: Option<String>,
-}
-
-pub fn check_stream_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > MAX_STREAM_NAME {
-        return Err(format!(
-            "streamName must be 1 to {MAX_STREAM_NAME} characters"
-        ));
-    }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "-_.~".contains(c))
-    {
-        return Err("streamName may only hold letters, digits and - _ . ~".into());
-    }
-    Ok(())
 }
 
 /// The signalling URL to give a client that asked with these headers.
@@ -55,19 +37,9 @@ pub fn ws_url(app: &App, headers: &HeaderMap) -> String {
     format!("ws://{host}/ws")
 }
 
-/// The data of a director answer: what the SDK's tokenGenerator must return.
-pub fn answer(url: String, jwt: String) -> Value {
-    json!({
-        "urls": [url],
-        "jwt": jwt,
-        "streamAccountId": ACCOUNT_ID,
-        "iceServers": [],
-    })
-}
-
 /// A director answer; a room member's also says which sourceId it must publish.
 fn success(url: String, jwt: String, room: Option<&RoomBinding>) -> Response {
-    let mut data = answer(url, jwt);
+    let mut data = director_answer(url, jwt);
     if let Some(b) = room {
         data["sourceId"] = json!(b.member_id);
         data["memberId"] = json!(b.member_id);
@@ -83,7 +55,7 @@ fn parse_request(body: &[u8]) -> Result<(DirectorReq, String), Refusal> {
         .stream_name
         .clone()
         .ok_or_else(|| Refusal(StatusCode::BAD_REQUEST, "missing streamName".into()))?;
-    check_stream_name(&stream).map_err(|m| Refusal(StatusCode::BAD_REQUEST, m))?;
+    check_stream_name(&stream).map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
     Ok((req, stream))
 }
 
@@ -194,7 +166,7 @@ impl SubscribePolicy for App {
         stream: &str,
         token: Option<&str>,
     ) -> Result<String, (u16, String)> {
-        check_stream_name(stream).map_err(|m| (400, m))?;
+        check_stream_name(stream).map_err(|e| (400, e.to_string()))?;
         authorize_subscribe(self, token, stream).map_err(|Refusal(s, m)| (s.as_u16(), m))
     }
 }

@@ -10,7 +10,7 @@ pub(crate) mod room_views;
 pub mod rooms;
 pub mod signal;
 pub mod signal_cmd;
-pub(crate) mod socket;
+pub mod socket;
 pub mod web;
 pub mod whep;
 pub mod whip;
@@ -179,7 +179,8 @@ pub fn sdp_request<'a>(
     scope: Scope,
     body: &'a [u8],
 ) -> Result<(&'a str, Option<RoomBinding>), Refusal> {
-    director::check_stream_name(stream).map_err(|m| Refusal(StatusCode::BAD_REQUEST, m))?;
+    crate::millicast::check_stream_name(stream)
+        .map_err(|e| Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
     let token = bearer(headers);
     let room = match rooms::room_grant(app, token, stream, scope) {
         Some(grant) => grant?,

@@ -20,11 +20,11 @@ use tracing::{debug, info};
 use super::limits::{
     Bucket, HttpMetrics, ROOM_COMMANDS_PER_SEC, WS_MAX_REFUSED, WS_OUT_QUEUE, WS_WRITE_DEADLINE,
 };
-use super::signal::{error_message, parse_cmd, response_message};
-use super::socket::{self, Ending};
+use super::socket::{self, error_message, parse_command, response_message, Ending};
 use super::{bearer, director, App, Refusal};
 use crate::auth::jwt::{RoomBinding, Scope};
 use crate::auth::AuthError;
+use crate::millicast::check_stream_name;
 use crate::room::state::{parse_permissions, Grant, Media, Role};
 use crate::room::{ConnMsg, ConnTx, RoomService};
 use crate::rtc::offer::mlines;
@@ -54,7 +54,7 @@ fn forbidden(m: impl Into<String>) -> Refusal {
 }
 
 fn check_room_name(room: &str) -> Result<(), Refusal> {
-    director::check_stream_name(room).map_err(|m| {
+    check_stream_name(room).map_err(|m| {
         Refusal(
             StatusCode::BAD_REQUEST,
             format!("bad room name (it is also the stream's name): {m}"),
@@ -298,8 +298,8 @@ pub async fn upgrade(
     let ws_url = director::ws_url(&app, &headers);
     ws.max_message_size(MAX_ROOM_MESSAGE)
         .max_frame_size(MAX_ROOM_MESSAGE)
-        .read_buffer_size(super::signal::WS_BUFFER)
-        .write_buffer_size(super::signal::WS_BUFFER)
+        .read_buffer_size(socket::WS_BUFFER)
+        .write_buffer_size(socket::WS_BUFFER)
         .on_upgrade(move |socket| session(socket, app, rooms, g, ws_url))
 }
 
@@ -391,7 +391,7 @@ async fn session(
                 ),
             )
         } else {
-            match parse_cmd(text.as_str()) {
+            match parse_command(text.as_str()) {
                 Ok(Some(cmd)) => match rooms.command(conn, &cmd.name, &cmd.data) {
                     Ok(data) => {
                         send(response_message(cmd.trans_id, data));

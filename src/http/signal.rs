@@ -24,7 +24,9 @@ use super::limits::{
     Bucket, HttpMetrics, WS_COMMANDS_PER_SEC, WS_MAX_MESSAGE, WS_MAX_REFUSED, WS_OUT_QUEUE,
 };
 use super::signal_cmd::{Project, Publish, Unproject, Unpublish, View};
-use super::socket::{self, Ending, WsOut};
+use super::socket::{
+    self, error_message, parse_command, response_message, Ending, WsCommand, WsOut,
+};
 use super::{fail, App};
 use crate::auth::jwt::{Claims, Scope};
 use crate::edge::ViewOptions;
@@ -35,9 +37,6 @@ use crate::rtc::peers::PeerId;
 pub const MAX_MESSAGE: usize = WS_MAX_MESSAGE;
 /// A session that sends more commands than this is misbehaving.
 const MAX_COMMANDS: usize = 10_000;
-pub const MAX_SOURCE_ID: usize = 128;
-/// Read and write buffer of a signalling socket.
-pub const WS_BUFFER: usize = 4096;
 
 #[derive(Deserialize)]
 pub struct WsQuery {
@@ -79,8 +78,8 @@ pub async fn upgrade(
     // header, before its payload is read.
     ws.max_message_size(MAX_MESSAGE)
         .max_frame_size(MAX_MESSAGE)
-        .read_buffer_size(WS_BUFFER)
-        .write_buffer_size(WS_BUFFER)
+        .read_buffer_size(socket::WS_BUFFER)
+        .write_buffer_size(socket::WS_BUFFER)
         .on_upgrade(move |socket| session(socket, app, claims, sid, ip))
 }
 
@@ -249,55 +248,6 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64, pee
     }
 }
 
-/// An `error` answer (logged by its socket: once per session at info).
-pub fn error_message(trans_id: Option<u64>, message: impl Into<String>) -> Value {
-    let message = message.into();
-    json!({"type": "error", "transId": trans_id, "data": {"message": message}})
-}
-
-/// A `response` answer.
-pub fn response_message(trans_id: u64, data: Value) -> Value {
-    json!({"type": "response", "transId": trans_id, "data": data})
-}
-
-/// A client command: `{"type":"cmd","transId":N,"name":...,"data":{...}}`.
-pub struct Cmd {
-    pub trans_id: u64,
-    pub name: String,
-    pub data: Value,
-}
-
-/// Reads one client message. Ok(None): a client event or stray response, ignored quietly.
-/// Err: the transId (if any) and why the message is refused.
-pub fn parse_cmd(text: &str) -> Result<Option<Cmd>, (Option<u64>, String)> {
-    let v: Value =
-        serde_json::from_str(text).map_err(|e| (None, format!("malformed JSON: {e}")))?;
-    match v.get("type").and_then(Value::as_str) {
-        Some("cmd") => {}
-        Some("event" | "response") => return Ok(None),
-        _ => {
-            return Err((
-                None,
-                "expected {\"type\":\"cmd\",\"transId\":N,\"name\":...,\"data\":{...}}".into(),
-            ))
-        }
-    }
-    let Some(trans_id) = v.get("transId").and_then(Value::as_u64) else {
-        return Err((None, "cmd without an integer transId".into()));
-    };
-    let name = v
-        .get("name")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_owned();
-    let data = v.get("data").cloned().unwrap_or(Value::Null);
-    Ok(Some(Cmd {
-        trans_id,
-        name,
-        data,
-    }))
-}
-
 /// What one signalling session holds.
 struct Session {
     sid: u64,
@@ -320,11 +270,11 @@ struct ViewerState {
 
 fn handle_text(app: &Arc<App>, claims: &Claims, out: &Out, session: &mut Session, text: &str) {
     let sid = session.sid;
-    let Cmd {
+    let WsCommand {
         trans_id,
         name,
         data,
-    } = match parse_cmd(text) {
+    } = match parse_command(text) {
         Ok(Some(cmd)) => cmd,
         // Clients may send events (none are used) or stray responses.
         Ok(None) => return,

@@ -6,7 +6,7 @@
 
 use serde_json::Value;
 
-use super::signal::MAX_SOURCE_ID;
+use crate::millicast::MAX_SOURCE_ID;
 
 /// Most sourceIds one `excludedSourceIds` list may name: the edge's per-view bound.
 pub const MAX_SOURCE_LIST: usize = crate::edge::MAX_EXCLUDED;

@@ -7,15 +7,21 @@ use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::limits::{HttpMetrics, WS_WRITE_DEADLINE};
+use crate::room::ConnMsg;
 
 /// WebSocket close codes (RFC 6455 §7.4.1).
 pub(crate) const CLOSE_POLICY: u16 = 1008;
 pub(crate) const CLOSE_TOO_BIG: u16 = 1009;
 pub(crate) const CLOSE_GOING_AWAY: u16 = 1001;
+
+/// Read and write buffer of a signalling or room socket: tungstenite's defaults (128 KiB each)
+/// would be most of a viewer's memory, and the messages are small and few.
+pub const WS_BUFFER: usize = 4096;
 
 /// What a socket's writer sends.
 #[derive(Debug)]
@@ -23,6 +29,74 @@ pub enum WsOut {
     Text(Utf8Bytes),
     /// A close frame with this code and reason, then the end.
     Close(u16, String),
+}
+
+/// An `error` answer (logged by its socket: once per session at info).
+pub fn error_message(trans_id: Option<u64>, message: impl Into<String>) -> Value {
+    let message = message.into();
+    json!({"type": "error", "transId": trans_id, "data": {"message": message}})
+}
+
+/// A `response` answer.
+pub fn response_message(trans_id: u64, data: Value) -> Value {
+    json!({"type": "response", "transId": trans_id, "data": data})
+}
+
+/// A client command: `{"type":"cmd","transId":N,"name":...,"data":{...}}`.
+pub struct WsCommand {
+    pub trans_id: u64,
+    pub name: String,
+    pub data: Value,
+}
+
+/// Reads one client message. Ok(None): a client event or stray response, ignored quietly.
+/// Err: the transId (if any) and why the message is refused.
+pub fn parse_command(text: &str) -> Result<Option<WsCommand>, (Option<u64>, String)> {
+    let v: Value =
+        serde_json::from_str(text).map_err(|e| (None, format!("malformed JSON: {e}")))?;
+    match v.get("type").and_then(Value::as_str) {
+        Some("cmd") => {}
+        Some("event" | "response") => return Ok(None),
+        _ => {
+            return Err((
+                None,
+                "expected {\"type\":\"cmd\",\"transId\":N,\"name\":...,\"data\":{...}}".into(),
+            ))
+        }
+    }
+    let Some(trans_id) = v.get("transId").and_then(Value::as_u64) else {
+        return Err((None, "cmd without an integer transId".into()));
+    };
+    let name = v
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let data = v.get("data").cloned().unwrap_or(Value::Null);
+    Ok(Some(WsCommand {
+        trans_id,
+        name,
+        data,
+    }))
+}
+
+/// A room connection's queue carries the same two kinds of message.
+impl From<ConnMsg> for WsOut {
+    fn from(m: ConnMsg) -> WsOut {
+        match m {
+            ConnMsg::Text(t) => WsOut::Text(t),
+            ConnMsg::Close(code, reason) => WsOut::Close(code, reason),
+        }
+    }
+}
+
+impl From<WsOut> for ConnMsg {
+    fn from(m: WsOut) -> ConnMsg {
+        match m {
+            WsOut::Text(t) => ConnMsg::Text(t),
+            WsOut::Close(code, reason) => ConnMsg::Close(code, reason),
+        }
+    }
 }
 
 /// Why the server ends a socket: the close frame it sends, and the counter it moves.
@@ -34,16 +108,16 @@ pub(crate) struct Ending {
 /// The socket writer: queued messages in order, a ping every `ping_every`, each write within
 /// [`WS_WRITE_DEADLINE`] (a peer that stopped reading ends the socket, it cannot hold the
 /// writer). Returns when the queue closes, a write fails or times out, or after a close frame.
-pub(crate) async fn write_loop(
+pub(crate) async fn write_loop<M: Into<WsOut>>(
     mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<WsOut>,
+    mut rx: mpsc::Receiver<M>,
     ping_every: Duration,
     metrics: Arc<HttpMetrics>,
 ) {
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     loop {
         let m = tokio::select! {
-            m = rx.recv() => match m {
+            m = rx.recv() => match m.map(Into::into) {
                 Some(WsOut::Text(t)) => Message::Text(t),
                 Some(WsOut::Close(code, reason)) => {
                     let frame = CloseFrame { code, reason: reason.into() };
@@ -115,14 +189,17 @@ pub(crate) fn too_many_refused(metrics: &HttpMetrics, refused: u32) -> Ending {
 
 /// Queues the close frame (waiting a write deadline at most for room), then lets the writer end
 /// (it ends by itself within its own deadlines; past twice that it is aborted).
-pub(crate) async fn finish(
-    tx: mpsc::Sender<WsOut>,
+pub(crate) async fn finish<M: From<WsOut>>(
+    tx: mpsc::Sender<M>,
     mut writer: tokio::task::JoinHandle<()>,
     ending: Option<Ending>,
 ) {
     if let Some(e) = ending {
-        let _ =
-            tokio::time::timeout(WS_WRITE_DEADLINE, tx.send(WsOut::Close(e.code, e.reason))).await;
+        let _ = tokio::time::timeout(
+            WS_WRITE_DEADLINE,
+            tx.send(WsOut::Close(e.code, e.reason).into()),
+        )
+        .await;
     }
     drop(tx);
     if tokio::time::timeout(2 * WS_WRITE_DEADLINE + Duration::from_secs(1), &mut writer)

@@ -122,8 +122,8 @@ async fn edge_allows(
     headers: &HeaderMap,
     stream: &str,
 ) -> Result<Option<RoomBinding>, super::Refusal> {
-    super::director::check_stream_name(stream)
-        .map_err(|m| super::Refusal(StatusCode::BAD_REQUEST, m))?;
+    crate::millicast::check_stream_name(stream)
+        .map_err(|e| super::Refusal(StatusCode::BAD_REQUEST, e.to_string()))?;
     let token = bearer(headers);
     if let Some(claims) = jwt_allows(app, token, stream, Scope::Subscribe)? {
         return Ok(claims.room);

@@ -12,9 +12,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::resources::Session;
-use super::signal::MAX_SOURCE_ID;
 use super::{bearer, fail, offer_refused, rooms, sdp_request, too_many_offers, App};
 use crate::auth::jwt::Scope;
+use crate::millicast::{source_id_ok, MAX_SOURCE_ID};
 use crate::origin::Owner;
 
 #[derive(Deserialize)]
@@ -42,10 +42,7 @@ pub async fn publish(
         Err(refusal) => return refusal.into_response(),
     };
     let source = q.source_id.filter(|s| !s.is_empty());
-    if source
-        .as_ref()
-        .is_some_and(|s| s.len() > MAX_SOURCE_ID || s.chars().any(char::is_control))
-    {
+    if source.as_ref().is_some_and(|s| !source_id_ok(s)) {
         return fail(
             StatusCode::BAD_REQUEST,
             format!("sourceId must be at most {MAX_SOURCE_ID} printable characters"),

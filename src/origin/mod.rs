@@ -6,7 +6,9 @@
 //! take it: each publication's handler owns its stream's fan-out list (a read lock per packet).
 
 pub mod indices;
+pub mod media_thread;
 pub mod publication;
+pub mod relay_server;
 pub mod talking;
 
 use std::collections::{BTreeMap, HashMap};
@@ -21,10 +23,12 @@ use str0m::rtp::Extension;
 use tracing::{error, info};
 
 use crate::relay::proto::{OriginMsg, SourceInfo, TrackInfo};
-use crate::rtc::host::{CloseReason, OfferRequirements, PeerId, RtcHost};
+use crate::rtc::offer::OfferRequirements;
 use crate::rtc::offer::{mlines, OfferError};
 use crate::rtc::peers::media_config;
+use crate::rtc::peers::{CloseReason, PeerId};
 use indices::SourceIndices;
+use media_thread::RtcHost;
 use publication::{PublicationHandler, Route};
 
 /// A sourceId; None is the stream's main source.
@@ -119,6 +123,33 @@ pub struct OriginMetrics {
 pub enum Owner {
     Signalling(u64),
     Whip,
+}
+
+/// Why a publication ended (logged by [`Origin::remove`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Removal {
+    /// Its owner unpublished it (`unpublish`).
+    Unpublished,
+    /// Stopped whoever owns it: a room member sent back to the audience, or removed.
+    Stopped,
+    /// Its owner's signalling session closed.
+    OwnerGone,
+    /// Its WHIP resource was deleted.
+    WhipDeleted,
+    /// Its peer ended on the media thread.
+    PeerClosed(CloseReason),
+}
+
+impl std::fmt::Display for Removal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Removal::Unpublished => f.write_str("unpublished"),
+            Removal::Stopped => f.write_str("stopped"),
+            Removal::OwnerGone => f.write_str("owner's session closed"),
+            Removal::WhipDeleted => f.write_str("WHIP resource deleted"),
+            Removal::PeerClosed(r) => write!(f, "peer closed: {r}"),
+        }
+    }
 }
 
 struct Source {
@@ -424,82 +455,29 @@ impl Origin {
 
     /// Ends one owner's publication of `source` (or all of its publications with None).
     pub fn unpublish(&self, stream: &str, source: Option<&SourceKey>, owner: Owner) -> usize {
-        let mut st = self.lock();
-        let Some(s) = st.get_mut(stream) else {
-            return 0;
-        };
-        let doomed: Vec<SourceKey> = s
-            .sources
-            .iter()
-            .filter(|(k, v)| v.owner == owner && source.is_none_or(|want| want == *k))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in &doomed {
-            if let Some(src) = s.remove_source(k) {
-                self.host.remove(src.peer);
-                info!(stream, source = ?k, publication = src.publication, "source unpublished");
-            }
-        }
-        if !doomed.is_empty() {
-            s.announce(stream);
-        }
-        if s.is_idle() {
-            st.remove(stream);
-        }
-        doomed.len()
+        self.remove(
+            Some(stream),
+            |k, v| v.owner == owner && source.is_none_or(|want| want == k),
+            Removal::Unpublished,
+        )
     }
 
     /// Ends the publication of `source`, whoever owns it (a room member sent back to the
     /// audience). Its owner's session stays open.
     pub fn unpublish_source(&self, stream: &str, source: &SourceKey) -> bool {
-        let mut st = self.lock();
-        let Some(s) = st.get_mut(stream) else {
-            return false;
-        };
-        let Some(src) = s.remove_source(source) else {
-            return false;
-        };
-        self.host.remove(src.peer);
-        info!(stream, source = ?source, publication = src.publication, "source stopped");
-        s.announce(stream);
-        if s.is_idle() {
-            st.remove(stream);
-        }
-        true
+        self.remove(Some(stream), |k, _| k == source, Removal::Stopped) > 0
     }
 
     /// Ends every publication of an owner, in every stream (its signalling socket closed).
     pub fn drop_owner(&self, owner: Owner) {
-        let streams: Vec<String> = self.lock().keys().cloned().collect();
-        for s in streams {
-            self.unpublish(&s, None, owner);
-        }
+        self.remove(None, |_, v| v.owner == owner, Removal::OwnerGone);
     }
 
     /// Ends the WHIP publication with this publisher id, wherever it is (WHIP DELETE).
     pub fn unpublish_whip(&self, publisher_id: &str) -> bool {
-        let mut st = self.lock();
-        let found = st.iter().find_map(|(name, s)| {
-            s.sources
-                .iter()
-                .find(|(_, v)| v.owner == Owner::Whip && v.publisher_id == publisher_id)
-                .map(|(k, _)| (name.clone(), k.clone()))
-        });
-        let Some((name, key)) = found else {
-            return false;
-        };
-        let Some(s) = st.get_mut(&name) else {
-            return false;
-        };
-        if let Some(src) = s.remove_source(&key) {
-            self.host.remove(src.peer);
-            info!(stream = name.as_str(), source = ?key, "source unpublished");
-            s.announce(&name);
-        }
-        if s.is_idle() {
-            st.remove(&name);
-        }
-        true
+        let whip =
+            |_: &SourceKey, v: &Source| v.owner == Owner::Whip && v.publisher_id == publisher_id;
+        self.remove(None, whip, Removal::WhipDeleted) > 0
     }
 
     /// Called from the media thread when a publication's peer ends for any reason.
@@ -510,20 +488,52 @@ impl Origin {
         publication: u64,
         reason: CloseReason,
     ) {
-        let mut st = self.lock();
-        let Some(s) = st.get_mut(stream) else { return };
         // A replaced publication closing must not take its successor down.
-        if s.sources
-            .get(source)
-            .is_some_and(|v| v.publication == publication)
-        {
-            s.remove_source(source);
-            info!(stream, source = ?source, publication, %reason, "source gone");
-            s.announce(stream);
+        let this = |k: &SourceKey, v: &Source| k == source && v.publication == publication;
+        self.remove(Some(stream), this, Removal::PeerClosed(reason));
+    }
+
+    /// The one way a live publication ends: those of `stream` (every stream with None) that
+    /// `doomed` picks are removed with their indices given back, their peers ended (unless the
+    /// peer is what ended), the edges told the new source list, and streams left idle dropped.
+    /// Returns how many were removed.
+    fn remove(
+        &self,
+        stream: Option<&str>,
+        doomed: impl Fn(&SourceKey, &Source) -> bool,
+        reason: Removal,
+    ) -> usize {
+        let mut st = self.lock();
+        let names: Vec<String> = match stream {
+            Some(name) => vec![name.to_owned()],
+            None => st.keys().cloned().collect(),
+        };
+        let mut removed = 0;
+        for name in names {
+            let Some(s) = st.get_mut(&name) else { continue };
+            let keys: Vec<SourceKey> = s
+                .sources
+                .iter()
+                .filter(|(k, v)| doomed(k, v))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in &keys {
+                if let Some(src) = s.remove_source(k) {
+                    if !matches!(reason, Removal::PeerClosed(_)) {
+                        self.host.remove(src.peer);
+                    }
+                    info!(stream = name.as_str(), source = ?k, publication = src.publication, %reason, "source removed");
+                    removed += 1;
+                }
+            }
+            if !keys.is_empty() {
+                s.announce(&name);
+            }
+            if s.is_idle() {
+                st.remove(&name);
+            }
         }
-        if s.is_idle() {
-            st.remove(stream);
-        }
+        removed
     }
 
     /// An edge subscribes; it gets the source list now and on every change.
@@ -692,8 +702,8 @@ pub fn relay_kind(k: MediaKind) -> crate::relay::proto::Kind {
 
 #[cfg(test)]
 mod tests {
+    use super::media_thread::HostConfig;
     use super::*;
-    use crate::rtc::host::HostConfig;
 
     #[derive(Default)]
     struct Recorder(Mutex<Vec<OriginMsg>>);

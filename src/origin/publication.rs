@@ -7,10 +7,11 @@ use bytes::Bytes;
 use str0m::media::MediaKind;
 use tracing::debug;
 
+use super::media_thread::{PeerEvent, PeerHandler};
 use super::{relay_kind, Fanout, Origin, OriginMetrics, SourceKey, SourceStats};
 use crate::media::rtp::{audio_level_byte, write_packet, HeaderFields};
 use crate::relay::proto::{origin_clock_ms, DatagramHeader, LEVEL_EXT_ID};
-use crate::rtc::host::{PeerEvent, PeerHandler, PeerId};
+use crate::rtc::peers::PeerId;
 
 /// Which source of which stream a publication feeds.
 pub struct Route {

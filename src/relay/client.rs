@@ -135,7 +135,7 @@ impl EdgeLink {
             reason,
         };
         let connecting = endpoint
-            .connect(cfg.origin, super::tls::SERVER_NAME)
+            .connect(cfg.origin, crate::auth::identity::CERT_SERVER_NAME)
             .map_err(|e| unreachable(e.to_string()))?;
         let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
             Ok(c) => c.map_err(|e| unreachable(e.to_string()))?,

@@ -1,6 +1,7 @@
 //! The origin-edge link over QUIC (quinn): a control stream and one datagram per RTP packet.
+//! Its wire protocol, TLS and the edge's side live here; the origin's side, which serves the
+//! origin's state, is [`crate::origin::relay_server`].
 
 pub mod client;
 pub mod proto;
-pub mod server;
 pub mod tls;

@@ -11,7 +11,6 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 
 /// Version 2: datagrams carry the origin's send time (an 11-byte tag).
 pub const ALPN: &[u8] = b"chorus-relay/2";
-pub const SERVER_NAME: &str = "chorus-origin";
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
@@ -137,5 +136,17 @@ impl ServerCertVerifier for Pinned {
         provider()
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::auth::identity::Identity;
+
+    #[test]
+    fn the_origin_identity_certificate_serves_quic() {
+        let i = Identity::load(None, None).unwrap();
+        let (_, fp) = super::server_config(&i.cert_der, &i.cert_key_der).unwrap();
+        assert_eq!(fp, super::fingerprint(&i.cert_der));
     }
 }

@@ -25,7 +25,12 @@ use state::{Effect, Gauges, Grant, Permission, PublishRight, Role, Rooms};
 use token::RoomKeys;
 
 /// What a room socket's writer gets (a close carries [`CLOSE_ROOM`] for the room's own ends).
-pub use crate::http::socket::WsOut as ConnMsg;
+#[derive(Debug)]
+pub enum ConnMsg {
+    Text(Utf8Bytes),
+    /// A close frame with this code and reason, then the end.
+    Close(u16, String),
+}
 
 /// The close code of a room's own ends (`room.removed`, a second socket taking over).
 pub const CLOSE_ROOM: u16 = 4000;
@@ -305,7 +310,7 @@ impl RoomService {
                             generation,
                         }),
                     );
-                    let mut data = crate::http::director::answer(c.ws_url.clone(), jwt);
+                    let mut data = crate::millicast::director_answer(c.ws_url.clone(), jwt);
                     data["streamName"] = json!(room);
                     data["sourceId"] = json!(member);
                     data["memberId"] = json!(member);

@@ -1,7 +1,14 @@
 //! Checks on an SDP offer before str0m sees it, so a refusal says what is wrong in words a
 //! client developer can act on.
 
-use super::host::OfferRequirements;
+/// What the offer must contain to be accepted.
+#[derive(Debug, Clone, Copy)]
+pub struct OfferRequirements {
+    /// A publisher's offer: some audio m-line sends.
+    pub audio_send: bool,
+    /// A viewer's offer: some audio m-line receives.
+    pub audio_recv: bool,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OfferError {

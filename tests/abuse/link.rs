@@ -369,7 +369,7 @@ async fn hand_made_edge(
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     ep.set_default_client_config(fake_edge_config(window));
     let c = ep
-        .connect(origin, chorus::relay::tls::SERVER_NAME)
+        .connect(origin, chorus::auth::identity::CERT_SERVER_NAME)
         .unwrap()
         .await
         .expect("handshake");
@@ -420,7 +420,7 @@ fn link_origin_disconnects_edges_that_never_say_hello() {
         // 50 that open nothing, 50 that open the control stream and send nothing.
         for i in 0..100 {
             let c = ep
-                .connect(origin, chorus::relay::tls::SERVER_NAME)
+                .connect(origin, chorus::auth::identity::CERT_SERVER_NAME)
                 .unwrap()
                 .await
                 .expect("handshake");
@@ -705,7 +705,7 @@ fn link_origin_bounds_one_edges_subscriptions() {
     let rt = runtime();
     let origin = cluster_addr(&p);
     let http = p.http();
-    let limit = chorus::relay::server::MAX_EDGE_SUBSCRIPTIONS;
+    let limit = chorus::origin::relay_server::MAX_EDGE_SUBSCRIPTIONS;
     let (streams_held, lists, open) = rt.block_on(async move {
         let (_ep, c, mut send, mut recv) = hand_made_edge(origin, 1 << 20).await;
         // Read everything the origin says, counting its source lists.

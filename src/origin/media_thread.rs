@@ -15,10 +15,11 @@ use str0m::media::{KeyframeRequestKind, MediaKind, Mid};
 use str0m::{Event, Rtc, RtcConfig};
 use tracing::{debug, info};
 
-use super::offer::{check_offer, OfferError};
-use super::peers::{answer_offer, ConnectSlot, Peer, PeerApp, PeerSet, PeerStats};
-pub use super::peers::{CloseReason, PeerId};
-use super::supervise::{spawn_media, Heartbeat};
+use crate::rtc::offer::{check_offer, OfferError, OfferRequirements};
+use crate::rtc::peers::{
+    answer_offer, CloseReason, ConnectSlot, Peer, PeerApp, PeerId, PeerSet, PeerStats,
+};
+use crate::rtc::supervise::{spawn_media, Heartbeat};
 use crate::net::poll::Doorbell;
 
 /// Upper bound on how long commands wait for the thread to notice them.
@@ -154,15 +155,6 @@ impl RtcHost {
         let _ = self.tx.send(Cmd::RequestKeyframe(id, mid));
         self.bell.ring();
     }
-}
-
-/// What the offer must contain to be accepted.
-#[derive(Debug, Clone, Copy)]
-pub struct OfferRequirements {
-    /// A publisher's offer: some audio m-line sends.
-    pub audio_send: bool,
-    /// A viewer's offer: some audio m-line receives.
-    pub audio_recv: bool,
 }
 
 /// Routes str0m events to each publisher's handler.

@@ -10,11 +10,11 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tracing::{info, warn};
 
-use super::client::CONTROL_WRITE_TIMEOUT;
-use super::proto::{encode_frame, EdgeMsg, FrameReader, OriginMsg};
+use super::{EdgeSink, Origin, RelayDrop};
 use crate::auth::constant_time_eq;
 use crate::auth::jwt::VerifyKey;
-use crate::origin::{EdgeSink, Origin, RelayDrop};
+use crate::relay::client::CONTROL_WRITE_TIMEOUT;
+use crate::relay::proto::{encode_frame, EdgeMsg, FrameReader, OriginMsg};
 
 /// An edge must open its control stream and send `Hello` within this after the handshake, or it
 /// is disconnected: a connection that never says who it is holds nothing for long.
@@ -54,7 +54,7 @@ pub struct RelayPolicy {
 impl RelayServer {
     /// Binds the relay with the origin's certificate (DER) and its PKCS#8 key.
     pub fn bind(addr: SocketAddr, cert: &[u8], key: &[u8]) -> Result<RelayServer, String> {
-        let (cfg, fingerprint) = super::tls::server_config(cert, key)?;
+        let (cfg, fingerprint) = crate::relay::tls::server_config(cert, key)?;
         let endpoint =
             quinn::Endpoint::server(cfg, addr).map_err(|e| format!("QUIC bind {addr}: {e}"))?;
         Ok(RelayServer {
@@ -327,7 +327,7 @@ fn handle(
         EdgeMsg::Subscribe { stream } => {
             // Refused subscriptions are ignored, not punished with a disconnect: the link also
             // carries every other stream this edge's viewers watch.
-            if let Err(e) = crate::http::director::check_stream_name(&stream) {
+            if let Err(e) = crate::millicast::check_stream_name(&stream) {
                 warn!(conn = id, "edge subscription ignored: {e}");
                 return Ok(());
             }

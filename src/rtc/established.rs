@@ -25,18 +25,18 @@ use crate::media::rtp::{write_packet, HeaderFields};
 /// A viewer whose consent checks stop for this long is gone. str0m's ICE-lite agent drops a
 /// pair after the same 15 s without a binding request (`is` crate, `RECENT_BINDING_REQUEST`);
 /// RFC 7675's 30 s is the checking side's figure, and a browser checks every 2.5-5 s.
-pub(crate) const CONSENT_TIMEOUT: Duration = Duration::from_secs(15);
+pub const CONSENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Packets remembered per track for NACK: 320 ms of 20 ms Opus, more than a loopback or LAN
 /// round trip and a receiver's NACK delay; each costs one refcount on the relay datagram.
-pub(crate) const NACK_HISTORY: usize = 16;
+pub const NACK_HISTORY: usize = 16;
 /// Times one remembered packet may be sent again: a second NACK for it is answered once
 /// more (the first retransmission may be lost too), the rest are ignored, so a viewer's
 /// NACKs can never make the edge send more than this many copies of what it forwarded.
-pub(crate) const MAX_RESENDS: u8 = 2;
+pub const MAX_RESENDS: u8 = 2;
 /// One sender report per track this often (what the 1-in-50 str0m packets gave before, and
 /// str0m's own audio interval): a receiver's RTP to wall-clock mapping and loss figures stay
 /// fresh for a few bytes a second.
-pub(crate) const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// The CNAME of every SDES chunk (RFC 3550 §6.5.1): one per viewer session is all it names.
 const CNAME: &[u8] = b"chorus";
 
@@ -79,7 +79,7 @@ fn add(c: &AtomicU64, n: u64) {
 }
 
 /// Where a lean viewer's datagrams go: the peer set's send batch, or a test's list.
-pub(crate) trait Emit {
+pub trait Emit {
     fn emit(&mut self, to: SocketAddr, data: &[u8]);
 }
 
@@ -92,7 +92,7 @@ impl Emit for Vec<(SocketAddr, Vec<u8>)> {
 /// The ICE credentials consent checks are verified against: USERNAME `local:remote`,
 /// MESSAGE-INTEGRITY keyed with the local password (RFC 8445 §7.2.2).
 #[derive(Debug, Clone)]
-pub(crate) struct IceLite {
+pub struct IceLite {
     pub local_ufrag: String,
     pub local_pwd: String,
     pub remote_ufrag: String,
@@ -111,7 +111,7 @@ fn sha1_hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 20] {
 
 impl IceLite {
     /// A binding request for this viewer: its ufrags, its integrity.
-    pub(crate) fn verify<'a>(&self, data: &'a [u8]) -> Option<StunMessage<'a>> {
+    pub fn verify<'a>(&self, data: &'a [u8]) -> Option<StunMessage<'a>> {
         let msg = StunMessage::parse(data).ok()?;
         if !msg.is_binding_request() {
             return None;
@@ -127,7 +127,7 @@ impl IceLite {
 
 /// What one track needs to be sent without str0m, read from str0m's negotiation.
 #[derive(Debug, Clone)]
-pub(crate) struct TrackSpec {
+pub struct TrackSpec {
     pub ssrc: u32,
     pub pt: u8,
     pub clock_rate: u32,
@@ -165,7 +165,7 @@ struct TrackTx {
 
 /// Why a lean viewer ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Ended {
+pub enum Ended {
     /// No consent check for [`CONSENT_TIMEOUT`].
     ConsentExpired,
     /// A DTLS alert (close_notify) after the switch.
@@ -173,7 +173,7 @@ pub(crate) enum Ended {
 }
 
 /// A connected viewer's transport after the handshake.
-pub(crate) struct Established {
+pub struct Established {
     ice: IceLite,
     srtp: SrtpOut,
     rtcp_out: Srtcp,
@@ -221,7 +221,7 @@ fn ntp(now: Instant) -> u64 {
 impl Established {
     /// The lean state of a viewer whose handshake gave `material` (`client`: this side was the
     /// DTLS client). None unless the profile is AEAD AES-GCM.
-    pub(crate) fn new(
+    pub fn new(
         ice: IceLite,
         material: &[u8],
         profile: SrtpProfile,
@@ -260,12 +260,12 @@ impl Established {
     }
 
     /// Where this viewer's media goes (the address of its last nominated consent check).
-    pub(crate) fn dest(&self) -> SocketAddr {
+    pub fn dest(&self) -> SocketAddr {
         self.dest
     }
 
     /// The next time [`Established::handle_timeout`] has something to do.
-    pub(crate) fn poll_timeout(&self) -> Instant {
+    pub fn poll_timeout(&self) -> Instant {
         self.next_report.min(self.last_consent + CONSENT_TIMEOUT)
     }
 
@@ -280,7 +280,7 @@ impl Established {
     /// built with); `ext_seq` is the extended sequence number (its high bits the ROC). The
     /// packet is counted and remembered for NACK. False if it could not be sealed.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn send_rtp(
+    pub fn send_rtp(
         &mut self,
         now: Instant,
         track: usize,
@@ -317,7 +317,7 @@ impl Established {
 
     /// Answers a consent check (a binding request with this viewer's credentials) from `from`.
     /// False, counted, if it is not one.
-    pub(crate) fn handle_stun(
+    pub fn handle_stun(
         &mut self,
         now: Instant,
         from: SocketAddr,
@@ -347,13 +347,13 @@ impl Established {
     }
 
     /// Whether a binding request would be accepted (for routing a new address to this peer).
-    pub(crate) fn accepts_stun(&self, data: &[u8]) -> bool {
+    pub fn accepts_stun(&self, data: &[u8]) -> bool {
         self.ice.verify(data).is_some()
     }
 
     /// A DTLS record after the switch: an alert (close_notify) ends the viewer; a late
     /// handshake record has no one to answer it, and is counted.
-    pub(crate) fn handle_dtls(&mut self, data: &[u8], stats: &RtcpStats) -> Option<Ended> {
+    pub fn handle_dtls(&mut self, data: &[u8], stats: &RtcpStats) -> Option<Ended> {
         if data.first() == Some(&21) {
             return Some(Ended::Closed);
         }
@@ -363,7 +363,7 @@ impl Established {
 
     /// One SRTCP datagram from the viewer: opened, then each RTCP packet in it handled.
     /// Garbage is counted and dropped.
-    pub(crate) fn handle_rtcp(
+    pub fn handle_rtcp(
         &mut self,
         data: &[u8],
         scratch: &mut Vec<u8>,
@@ -500,7 +500,7 @@ impl Established {
     }
 
     /// Sends what is due at `now`: sender reports; ends the viewer if consent expired.
-    pub(crate) fn handle_timeout(
+    pub fn handle_timeout(
         &mut self,
         now: Instant,
         scratch: &mut Vec<u8>,
@@ -535,7 +535,7 @@ impl Established {
 
     /// An RTCP BYE for every track (RFC 3550 §6.6): the viewer learns at once that the edge
     /// ended it, as str0m's DTLS close told it before.
-    pub(crate) fn bye(&mut self, scratch: &mut Vec<u8>, out: &mut impl Emit) {
+    pub fn bye(&mut self, scratch: &mut Vec<u8>, out: &mut impl Emit) {
         let Some(first) = self.tracks.first() else {
             return;
         };

@@ -1,6 +1,6 @@
 //! WebRTC peers (str0m) on media threads: offer checks, the socket-owning loop, peer routing.
 
-pub(crate) mod established;
+pub mod established;
 pub mod host;
 pub mod loopback;
 pub mod offer;

@@ -4,6 +4,8 @@
 //! it receives count every packet sent on the track; a packet lost on the way is NACKed by the
 //! client and sent again from the history; its consent checks are answered.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::Ordering;
@@ -22,6 +24,43 @@ use chorus::rtc::established::{Established, RtcpStats};
 use chorus::rtc::loopback::{pair, SERVER};
 use chorus::rtc::peers::{PeerOut, Sink};
 use chorus::rtc::udp::SendBatch;
+
+/// Counts the bytes this thread holds (allocated minus freed), for the memory test.
+struct LiveBytes;
+
+thread_local! {
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+}
+
+fn live() -> isize {
+    LIVE.with(Cell::get)
+}
+
+fn count(delta: isize) {
+    let _ = LIVE.try_with(|l| l.set(l.get() + delta));
+}
+
+unsafe impl GlobalAlloc for LiveBytes {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count(layout.size() as isize);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count(layout.size() as isize);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count(new_size as isize - layout.size() as isize);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        count(-(layout.size() as isize));
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: LiveBytes = LiveBytes;
 
 /// What the client got: RTP packets and the (packets, octets) of the sender reports.
 #[derive(Default)]
@@ -257,4 +296,109 @@ fn lean_packets_and_reports_decrypt_in_a_str0m_client_and_a_nack_is_answered() {
         got.reports, expected_reports,
         "each SR counts every packet sent on the track before it"
     );
+}
+
+/// The heap a connected viewer's transport holds (this thread's allocator count, N viewers of
+/// 3 tracks): its str0m `Rtc` freshly connected and after 150 packets per track went through
+/// it (what every viewer held before, and what a viewer that keeps str0m still holds), against
+/// its lean state after the switch, with a full NACK history.
+#[test]
+fn a_lean_viewer_holds_a_fraction_of_its_str0m_peer() {
+    const N: usize = 10;
+    let now = Instant::now();
+    let payload = Bytes::from(vec![0x78u8; 80]);
+    let mut servers = Vec::new();
+    let mut rest = Vec::new();
+    for i in 0..N {
+        let mut p = pair(200 + i as u16, 3, false);
+        let server = Box::new(std::mem::replace(
+            &mut p.server,
+            str0m::RtcConfig::new().build(now),
+        ));
+        servers.push(server);
+        rest.push(p);
+    }
+    // Freshly connected.
+    let before = live();
+    drop(servers.pop());
+    let fresh = before - live();
+    // After media through str0m (its send buffers and stream state fill up).
+    for (server, p) in servers.iter_mut().zip(&mut rest) {
+        for k in 0..450u16 {
+            let input = InputPacket {
+                source: SourceIdx(1),
+                ssrc: 5,
+                seq: k,
+                ts: 960 * k as u32,
+                marker: false,
+                samples: 960,
+            };
+            let t = &mut p.tracks[(k % 3) as usize];
+            let out = PeerOut::Str0m(server);
+            let at = now + Duration::from_millis(20 * k as u64 / 3);
+            t.write(
+                out,
+                20_000 * (k / 3) as u64,
+                at,
+                &input,
+                Some((true, 30)),
+                &payload,
+            );
+            server.handle_input(Input::Timeout(at)).unwrap();
+            while let Ok(o) = server.poll_output() {
+                if let Output::Timeout(_) = o {
+                    break;
+                }
+            }
+        }
+    }
+    let before = live();
+    drop(servers);
+    let used = (before - live()) / (N as isize - 1);
+    // Lean: the switch, then a full history on every track.
+    let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut batch = SendBatch::default();
+    let mut scratch = Vec::with_capacity(1500);
+    // (The pairs' servers are stand-ins now; the lean state needs their negotiation: new pairs.)
+    let mut leans = Vec::new();
+    let mut pairs: Vec<_> = (0..N).map(|i| pair(300 + i as u16, 3, false)).collect();
+    let before = live();
+    for p in &mut pairs {
+        leans.push(Box::new(p.go_lean(now).unwrap()));
+    }
+    for (lean, p) in leans.iter_mut().zip(&mut pairs) {
+        for k in 0..150u16 {
+            let input = InputPacket {
+                source: SourceIdx(1),
+                ssrc: 5,
+                seq: k,
+                ts: 960 * k as u32,
+                marker: false,
+                samples: 960,
+            };
+            for t in &mut p.tracks {
+                let out = PeerOut::Lean {
+                    lean,
+                    sink: Sink::new(&tx, &mut batch),
+                    scratch: &mut scratch,
+                };
+                t.write(
+                    out,
+                    20_000 * k as u64,
+                    now,
+                    &input,
+                    Some((true, 30)),
+                    &payload,
+                );
+            }
+            batch.discard();
+        }
+    }
+    let lean = (live() - before) / N as isize;
+    eprintln!(
+        "per viewer, 3 tracks: str0m Rtc {fresh} B connected, {used} B after 150 packets a \
+         track; lean state {lean} B"
+    );
+    assert!(lean * 5 < fresh, "lean {lean} B vs str0m {fresh} B");
+    assert!(lean < 16 * 1024, "lean {lean} B");
 }

@@ -399,6 +399,14 @@ fn a_lean_viewer_holds_a_fraction_of_its_str0m_peer() {
         "per viewer, 3 tracks: str0m Rtc {fresh} B connected, {used} B after 150 packets a \
          track; lean state {lean} B"
     );
+    eprintln!(
+        "inline sizes: Established {} B (boxed, counted above), Rtc {} B, OutTrack {} B, \
+         Peer<Viewer> {} B",
+        std::mem::size_of::<Established>(),
+        std::mem::size_of::<str0m::Rtc>(),
+        std::mem::size_of::<chorus::edge::viewer::OutTrack>(),
+        std::mem::size_of::<chorus::rtc::peers::Peer<chorus::edge::viewer::Viewer>>(),
+    );
     assert!(lean * 5 < fresh, "lean {lean} B vs str0m {fresh} B");
     assert!(lean < 16 * 1024, "lean {lean} B");
 }

@@ -904,8 +904,8 @@ impl<T> PeerSet<T> {
                         Event::Connected => {
                             p.connected = true;
                             p.slot = None;
-                            info!(%id, "peer connected");
                             let r = app.on_event(id, p, Event::Connected);
+                            info!(%id, lean = p.lean.is_some(), "peer connected");
                             if p.lean.is_some() {
                                 self.stats.lean_switched.fetch_add(1, Ordering::Relaxed);
                             }

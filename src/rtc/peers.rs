@@ -962,6 +962,7 @@ mod tests {
     use super::*;
     use str0m::ice::TransId;
     use str0m::media::{Direction, MediaKind};
+    use str0m::net::Protocol;
 
     struct NoApp;
     impl PeerApp<()> for NoApp {
@@ -1092,6 +1093,114 @@ mod tests {
         assert_eq!(set.by_addr.get(&other), None);
         assert!(set.by_ufrag.values().any(|v| *v == a));
         assert_eq!(set.stats.closed_removed.load(Ordering::Relaxed), 1);
+    }
+
+    /// Goes lean on `Connected` with the keys its handshake left, no tracks.
+    struct LeanApp(Arc<crate::rtc::srtp_out::KeySlot>);
+    impl PeerApp<()> for LeanApp {
+        fn on_event(&mut self, _: PeerId, p: &mut Peer<()>, ev: Event) -> Option<CloseReason> {
+            if let (Event::Connected, Some((km, profile, client))) = (ev, self.0.take()) {
+                assert!(p.go_lean(&km, profile, client, [], Instant::now()));
+            }
+            None
+        }
+        fn on_closed(&mut self, _: PeerId, _: Peer<()>, _: CloseReason) {}
+    }
+
+    /// A real handshake over loopback with a str0m client, then the switch: str0m is kept
+    /// for DTLS only until the grace ends, then dropped; the consent deadline, on the peer
+    /// set's timer heap, ends the peer as an ICE timeout.
+    #[test]
+    fn a_lean_peer_drops_str0m_after_the_grace_and_ends_without_consent() {
+        use crate::rtc::srtp_out::{tapping_provider, with_key_slot, KeySlot};
+        let mut set = set();
+        let keys = Arc::new(KeySlot::default());
+        let client_sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client_sock.set_nonblocking(true).unwrap();
+        let c_addr = client_sock.local_addr().unwrap();
+        let t0 = Instant::now();
+        let mut client = RtcConfig::new().set_rtp_mode(true).build(t0);
+        client.add_local_candidate(Candidate::host(c_addr, "udp").unwrap());
+        let mut api = client.sdp_api();
+        api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+        let (offer, pending) = api.apply().unwrap();
+        let config = media_config().set_crypto_provider(tapping_provider());
+        let (rtc, ufrag, answer) = with_key_slot(keys.clone(), || {
+            answer_offer(&offer.to_sdp_string(), config, set.local)
+        })
+        .unwrap();
+        client
+            .sdp_api()
+            .accept_answer(
+                pending,
+                str0m::change::SdpAnswer::from_sdp_string(&answer).unwrap(),
+            )
+            .unwrap();
+        set.insert(PeerId(1), ufrag, rtc, (), ConnectSlot::acquire().unwrap());
+        let mut app = LeanApp(keys);
+        let mut buf = [0u8; 2000];
+        let deadline = t0 + Duration::from_secs(5);
+        while !set.peers[&PeerId(1)].is_lean() {
+            assert!(Instant::now() < deadline, "connects within 5 s");
+            let now = Instant::now();
+            client.handle_input(Input::Timeout(now)).unwrap();
+            while let Ok(o) = client.poll_output() {
+                match o {
+                    Output::Timeout(_) => break,
+                    Output::Transmit(t) => {
+                        client_sock.send_to(&t.contents, t.destination).unwrap();
+                    }
+                    Output::Event(_) => {}
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            set.recv(&mut app);
+            set.timeouts(Instant::now(), &mut app);
+            set.wait(Duration::ZERO, || true);
+            while let Ok((n, from)) = client_sock.recv_from(&mut buf) {
+                let r = Receive {
+                    proto: Protocol::Udp,
+                    source: from,
+                    destination: c_addr,
+                    contents: (&buf[..n]).try_into().unwrap(),
+                };
+                client
+                    .handle_input(Input::Receive(Instant::now(), r))
+                    .unwrap();
+            }
+        }
+        let switched = Instant::now();
+        assert!(
+            set.peers[&PeerId(1)].rtc.is_some(),
+            "str0m kept for the grace"
+        );
+        assert_eq!(set.stats.lean_switched.load(Ordering::Relaxed), 1);
+        set.timeouts(switched + DTLS_GRACE + Duration::from_millis(1), &mut app);
+        assert!(
+            !set.peers[&PeerId(1)].rtc.is_some(),
+            "str0m dropped after the grace"
+        );
+        assert_eq!(set.stats.lean_str0m_dropped.load(Ordering::Relaxed), 1);
+        // Nothing on the wire that a lean peer takes (not STUN, not SRTCP): counted, dropped.
+        let unexpected = set.stats.lean.unexpected.load(Ordering::Relaxed);
+        set.lean_datagram(
+            PeerId(1),
+            Instant::now(),
+            Input::Timeout(Instant::now()),
+            c_addr,
+            &[0x80, 111, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1],
+            &mut app,
+        );
+        assert_eq!(
+            set.stats.lean.unexpected.load(Ordering::Relaxed),
+            unexpected + 1
+        );
+        set.timeouts(
+            switched + crate::rtc::established::CONSENT_TIMEOUT + Duration::from_secs(1),
+            &mut app,
+        );
+        assert!(set.peers.is_empty(), "consent expired");
+        assert_eq!(set.stats.closed_ice_timeout.load(Ordering::Relaxed), 1);
     }
 
     #[test]

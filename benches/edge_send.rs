@@ -8,24 +8,25 @@
 //! - `flush_each`: every packet is written and flushed on its own (one `Timeout` + poll per
 //!   packet per viewer).
 //! - `flush_batch/K`: K packets are written to a viewer's tracks, then one flush sends them.
-//! - `direct`: the edge's own path: header written and sealed by the edge (AES-GCM, as str0m
-//!   negotiated), one packet in 50 still through str0m; the batch is discarded, not sent.
+//! - `lean`: the edge's own path after the handshake (`rtc::established`): header written and
+//!   sealed by the viewer's lean state (AES-GCM, as str0m negotiated), counted for its sender
+//!   reports and kept for NACK; every packet, no str0m; the batch is discarded, not sent.
 //! - `floor_gcm`: AES-128-GCM over a 12-byte header (AAD) and 100-byte payload.
 
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM};
+use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use str0m::{Input, Output, Rtc};
 
-use chorus::edge::viewer::{Direct, OutTrack, Sent};
+use chorus::edge::viewer::{OutTrack, Sent};
 use chorus::media::rewrite::InputPacket;
 use chorus::media::SourceIdx;
 use chorus::net::send::SendBatch;
 use chorus::rtc::loopback::pair;
-use chorus::rtc::peers::Sink;
+use chorus::rtc::peers::{PeerOut, Sink};
 
 const TRACKS: usize = 3;
 
@@ -57,29 +58,21 @@ fn flush(server: &mut Rtc, now: Instant) -> usize {
 }
 
 /// One packet written to a track at packet time `us` (a voiced level), as the edge does.
-fn write(
-    t: &mut OutTrack,
-    server: &mut Rtc,
-    seq: u16,
-    us: u64,
-    payload: &Arc<[u8]>,
-    direct: Option<Direct<'_>>,
-) -> Sent {
+fn write(t: &mut OutTrack, out: PeerOut<'_>, seq: u16, us: u64, payload: &Bytes) -> Sent {
     t.write(
-        server,
+        out,
         us,
         Instant::now(),
         &input(seq),
         Some((true, 30)),
         payload,
-        direct,
     )
 }
 
 fn bench_send(c: &mut Criterion) {
     let mut g = c.benchmark_group("edge_send");
     g.measurement_time(Duration::from_secs(4));
-    let payload: Arc<[u8]> = Arc::from(&[0x78u8; 100][..]);
+    let payload = Bytes::from_static(&[0x78u8; 100]);
     let mut seq = 0u16;
     let mut us = 0u64;
     let mut all = pair(2, TRACKS, true);
@@ -89,7 +82,8 @@ fn bench_send(c: &mut Criterion) {
             seq = seq.wrapping_add(1);
             us += 20_000;
             let now = Instant::now();
-            write(&mut all.tracks[0], &mut all.server, seq, us, &payload, None);
+            let out = PeerOut::Str0m(&mut all.server);
+            write(&mut all.tracks[0], out, seq, us, &payload);
             black_box(flush(&mut all.server, now));
         })
     });
@@ -100,7 +94,13 @@ fn bench_send(c: &mut Criterion) {
             seq = seq.wrapping_add(1);
             us += 20_000;
             let now = Instant::now();
-            write(&mut p.tracks[0], &mut p.server, seq, us, &payload, None);
+            write(
+                &mut p.tracks[0],
+                PeerOut::Str0m(&mut p.server),
+                seq,
+                us,
+                &payload,
+            );
             black_box(flush(&mut p.server, now));
         })
     });
@@ -111,50 +111,32 @@ fn bench_send(c: &mut Criterion) {
                 for i in 0..k {
                     seq = seq.wrapping_add(1);
                     us += 20_000;
-                    write(
-                        &mut p.tracks[i % TRACKS],
-                        &mut p.server,
-                        seq,
-                        us,
-                        &payload,
-                        None,
-                    );
+                    let out = PeerOut::Str0m(&mut p.server);
+                    write(&mut p.tracks[i % TRACKS], out, seq, us, &payload);
                 }
                 black_box(flush(&mut p.server, now));
             })
         });
     }
-    // The direct path: the same write sealed by the edge itself (1 in 50 still via str0m, flushed
-    // as the edge would), queued in a send batch that is discarded instead of sent.
+    // The lean path: the same write sealed by the viewer's lean state, queued in a send batch
+    // that is discarded instead of sent.
     let mut d = pair(3, TRACKS, false);
     let _ = &d.client;
-    let srtp = d.srtp.take().expect("AES-GCM negotiated");
+    let mut lean = d.go_lean(Instant::now()).expect("AES-GCM negotiated");
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut batch = SendBatch::default();
     let mut scratch = Vec::with_capacity(1500);
-    let dest = d.client_addr;
-    g.bench_function("direct", |b| {
+    g.bench_function("lean", |b| {
         b.iter(|| {
             seq = seq.wrapping_add(1);
             us += 20_000;
-            let now = Instant::now();
-            let direct = Direct {
-                srtp: &srtp,
-                dest,
+            let out = PeerOut::Lean {
+                lean: &mut lean,
                 sink: Sink::new(&sock, &mut batch),
                 scratch: &mut scratch,
             };
-            let sent = write(
-                &mut d.tracks[0],
-                &mut d.server,
-                seq,
-                us,
-                &payload,
-                Some(direct),
-            );
-            if sent == Sent::Str0m {
-                black_box(flush(&mut d.server, now));
-            }
+            let sent = write(&mut d.tracks[0], out, seq, us, &payload);
+            assert_eq!(sent, Sent::Direct);
             batch.discard();
         })
     });

@@ -126,8 +126,10 @@ impl PendingViewer {
     }
 }
 
-/// Packets of history a viewer's audio track keeps for NACK (320 ms).
-pub const VIEWER_AUDIO_HISTORY: usize = 16;
+/// Packets of history a viewer's audio track keeps for NACK (320 ms): the lean path's
+/// [`NACK_HISTORY`](crate::rtc::established::NACK_HISTORY), so a viewer that keeps str0m
+/// (AES-CM, main video) gets the same.
+pub const VIEWER_AUDIO_HISTORY: usize = crate::rtc::established::NACK_HISTORY;
 
 /// How the edge answers viewers: [`media_config`] (leaving transport-cc and abs-send-time out
 /// saves about 5 % of str0m's cost per forwarded packet, `cargo bench --bench edge_send`).

@@ -1,26 +1,27 @@
 //! One viewer's outgoing tracks: the last rewrite (per viewer, so a viewer that changes group,
-//! or whose main source is republished, still sees one continuous stream) and the str0m write.
+//! or whose main source is republished, still sees one continuous stream) and the one place a
+//! packet leaves for a viewer: sealed by its lean state (`rtc::established`), or written to
+//! str0m for the viewers that keep it (AES-CM profile, a main video track). One send path per
+//! viewer, so whoever sends its sender reports counts every packet.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use serde_json::Value;
+use smallvec::SmallVec;
 use str0m::media::{Mid, Pt};
 use str0m::rtp::{Extension, ExtensionValues, RtpWrite, SeqNo};
 use str0m::Rtc;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::media::rewrite::{InputPacket, TrackRewriter};
-use crate::media::rtp::{audio_level_byte, write_packet, HeaderFields};
+use crate::media::rtp::audio_level_byte;
 use crate::media::selection::GroupId;
 use crate::media::SourceIdx;
-use crate::rtc::peers::Sink;
-use crate::rtc::srtp_out::{KeySlot, SrtpOut};
-
-/// One packet in this many still goes through str0m, so its sender reports keep a fresh RTP to
-/// wall-clock mapping (about one per second per track); the others are sealed and sent directly.
-const VIA_STR0M_EVERY: u64 = 50;
+use crate::rtc::established::TrackSpec;
+use crate::rtc::peers::{Peer, PeerOut};
+use crate::rtc::srtp_out::KeySlot;
 
 /// Why a packet for a viewer's track was not sent (each is counted in /metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +30,7 @@ pub enum NotSent {
     BeforeSwitch,
     /// The viewer's m-line for it was not negotiated (rejected, no codec, no send stream).
     NotNegotiated,
-    /// The direct path could not seal it (SRTP index exhausted or the buffer too small).
+    /// The lean path could not seal it (SRTP index exhausted or the buffer too small).
     Seal,
 }
 
@@ -44,32 +45,17 @@ pub enum Sent {
     Direct,
 }
 
-/// What the direct path needs of a viewer: its SRTP session and where its media goes.
-pub struct Direct<'a> {
-    pub srtp: &'a SrtpOut,
-    pub dest: SocketAddr,
-    pub sink: Sink<'a>,
-    pub scratch: &'a mut Vec<u8>,
-}
-
-/// What str0m negotiated for one track, read once.
-struct Negotiated {
-    pt: Pt,
-    ssrc: u32,
-    level_id: Option<u8>,
-    mid_id: Option<u8>,
-    mid: [u8; 16],
-    mid_len: usize,
-}
-
 /// One m-line the edge sends on.
 pub struct OutTrack {
     pub mid: Mid,
     rw: TrackRewriter,
     /// Extended (ROC-carrying) sequence number of the last packet written.
     ext_seq: Option<u64>,
-    neg: Option<Negotiated>,
-    audio: bool,
+    /// The payload type str0m negotiated (the str0m path).
+    pt: Option<Pt>,
+    /// This track's index in its viewer's lean state, once it went lean.
+    pub lean: Option<usize>,
+    clock_rate: u32,
     pub packets: u64,
 }
 
@@ -82,8 +68,9 @@ impl OutTrack {
             rw: TrackRewriter::new(0, rand::random::<u16>() & 0x0FFF, rand::random())
                 .with_clock_rate(clock_rate),
             ext_seq: None,
-            neg: None,
-            audio: clock_rate == crate::media::opus::CLOCK_RATE,
+            pt: None,
+            lean: None,
+            clock_rate,
             packets: 0,
         }
     }
@@ -93,29 +80,21 @@ impl OutTrack {
         self.rw.detach();
     }
 
-    /// Rewrites one packet into this viewer's numbering and sends it: sealed directly when the
-    /// viewer has a direct path (audio only), else queued on the peer.
-    #[allow(clippy::too_many_arguments)]
+    /// Numbers one packet into this viewer's stream and sends it the one way the viewer has:
+    /// sealed by its lean state into the send batch (counted, kept for NACK), or queued on
+    /// its str0m peer. `payload` is the relay datagram's payload slice (a refcount, no copy).
     pub fn write(
         &mut self,
-        rtc: &mut Rtc,
+        out: PeerOut<'_>,
         now_us: u64,
         wallclock: Instant,
         input: &InputPacket,
         level: Option<(bool, u8)>,
-        payload: &Arc<[u8]>,
-        direct: Option<Direct<'_>>,
+        payload: &Bytes,
     ) -> Sent {
         let Ok(h) = self.rw.rewrite(now_us, input) else {
             return Sent::Dropped(NotSent::BeforeSwitch);
         };
-        if self.neg.is_none() {
-            let Some(neg) = self.negotiated(rtc) else {
-                return Sent::Dropped(NotSent::NotNegotiated);
-            };
-            self.neg = Some(neg);
-        }
-        let neg = self.neg.as_ref().expect("set above");
         let ext = match self.ext_seq {
             None => h.seq as u64,
             Some(last) => {
@@ -131,64 +110,61 @@ impl OutTrack {
         if self.ext_seq.is_none_or(|l| ext > l) {
             self.ext_seq = Some(ext);
         }
-        self.packets += 1;
-        if let Some(d) =
-            direct.filter(|_| self.audio && !self.packets.is_multiple_of(VIA_STR0M_EVERY))
-        {
-            let (mid, mid_len) = (&neg.mid, neg.mid_len);
-            let level_byte = level.map(|(v, l)| [audio_level_byte(v, l)]);
-            let mut exts: [(u8, &[u8]); 2] = [(0, &[]), (0, &[])];
-            let mut n = 0;
-            if let (Some(id), Some(b)) = (neg.level_id, level_byte.as_ref()) {
-                exts[n] = (id, b);
-                n += 1;
-            }
-            if let Some(id) = neg.mid_id.filter(|_| mid_len > 0) {
-                exts[n] = (id, &mid[..mid_len]);
-                n += 1;
-            }
-            let fields = HeaderFields {
-                payload_type: *neg.pt,
-                sequence_number: h.seq,
-                timestamp: h.ts,
-                ssrc: neg.ssrc,
-                marker: h.marker,
-            };
-            let total = write_packet(d.scratch, &fields, &exts[..n], payload);
-            let Direct {
-                srtp,
-                dest,
+        match out {
+            PeerOut::Lean {
+                lean,
                 mut sink,
                 scratch,
-            } = d;
-            if srtp.protect(scratch, total - payload.len(), (ext >> 16) as u32) {
-                sink.send(dest, scratch);
-                return Sent::Direct;
+            } => {
+                let Some(track) = self.lean else {
+                    return Sent::Dropped(NotSent::NotNegotiated);
+                };
+                let level = level.map(|(v, l)| audio_level_byte(v, l));
+                if !lean.send_rtp(
+                    wallclock, track, ext, h.ts, h.marker, level, payload, scratch, &mut sink,
+                ) {
+                    return Sent::Dropped(NotSent::Seal);
+                }
+                self.packets += 1;
+                Sent::Direct
             }
-            return Sent::Dropped(NotSent::Seal);
+            PeerOut::Str0m(rtc) => {
+                if self.pt.is_none() {
+                    self.pt = rtc
+                        .media(self.mid)
+                        .and_then(|m| m.remote_pts().first().copied());
+                }
+                let Some(pt) = self.pt else {
+                    return Sent::Dropped(NotSent::NotNegotiated);
+                };
+                let mut api = rtc.direct_api();
+                let Some(tx) = api.stream_tx_by_mid(self.mid, None) else {
+                    return Sent::Dropped(NotSent::NotNegotiated);
+                };
+                let mut ext_vals = ExtensionValues::default();
+                if let Some((voice, l)) = level {
+                    ext_vals.audio_level = Some(-(l as i8));
+                    ext_vals.voice_activity = Some(voice);
+                }
+                // str0m keeps its own copy (its NACK history): the fallback path's one
+                // allocation per packet.
+                let payload: Arc<[u8]> = Arc::from(&payload[..]);
+                tx.write_rtp(
+                    RtpWrite::new(pt, SeqNo::from(ext), h.ts, wallclock, payload)
+                        .marker(h.marker)
+                        .ext_vals(ext_vals)
+                        .nackable(true),
+                );
+                self.packets += 1;
+                Sent::Str0m
+            }
         }
-        let pt = neg.pt;
-        let mut api = rtc.direct_api();
-        let Some(tx) = api.stream_tx_by_mid(self.mid, None) else {
-            return Sent::Dropped(NotSent::NotNegotiated);
-        };
-        let mut ext_vals = ExtensionValues::default();
-        if let Some((voice, l)) = level {
-            ext_vals.audio_level = Some(-(l as i8));
-            ext_vals.voice_activity = Some(voice);
-        }
-        tx.write_rtp(
-            RtpWrite::new(pt, SeqNo::from(ext), h.ts, wallclock, payload.clone())
-                .marker(h.marker)
-                .ext_vals(ext_vals)
-                .nackable(true),
-        );
-        Sent::Str0m
     }
 
-    fn negotiated(&self, rtc: &mut Rtc) -> Option<Negotiated> {
+    /// What the lean path needs of this track, read from str0m's negotiation.
+    pub fn lean_spec(&self, rtc: &mut Rtc) -> Option<TrackSpec> {
         let media = rtc.media(self.mid)?;
-        let pt = media.remote_pts().first().copied()?;
+        let pt = *media.remote_pts().first().copied()?;
         let map = media.remote_extmap();
         let level_id = map
             .id_of(Extension::AudioLevel)
@@ -197,19 +173,48 @@ impl OutTrack {
             .id_of(Extension::RtpMid)
             .filter(|id| (1..=14).contains(id));
         let ssrc = *rtc.direct_api().stream_tx_by_mid(self.mid, None)?.ssrc();
-        let mut mid = [0u8; 16];
         let mid_str = self.mid.as_bytes();
-        let mid_len = mid_str.len().min(16);
-        mid[..mid_len].copy_from_slice(&mid_str[..mid_len]);
-        Some(Negotiated {
-            pt,
+        let mid = SmallVec::from_slice(&mid_str[..mid_str.len().min(16)]);
+        Some(TrackSpec {
             ssrc,
+            pt,
+            clock_rate: self.clock_rate,
             level_id,
             mid_id,
             mid,
-            mid_len,
         })
     }
+}
+
+/// On `Connected`: a viewer with no main video whose handshake chose an AES-GCM profile
+/// leaves str0m for its media (see `rtc::established`). True if it did; otherwise every
+/// packet keeps going through str0m.
+pub fn go_lean(peer: &mut Peer<Viewer>, now: Instant) -> bool {
+    let v = &mut peer.data;
+    let Some((km, profile, client)) = v.keys.take() else {
+        return false;
+    };
+    if v.main_video.is_some() {
+        return false;
+    }
+    let Some(rtc) = peer.rtc.get_mut() else {
+        return false;
+    };
+    let mut specs: SmallVec<[TrackSpec; 4]> = SmallVec::new();
+    for t in v.main_audio.iter_mut().chain(v.tracks.iter_mut()) {
+        t.lean = t.lean_spec(rtc).map(|s| {
+            specs.push(s);
+            specs.len() - 1
+        });
+    }
+    if peer.go_lean(&km, profile, client, specs, now) {
+        return true;
+    }
+    let v = &mut peer.data;
+    for t in v.main_audio.iter_mut().chain(v.tracks.iter_mut()) {
+        t.lean = None;
+    }
+    false
 }
 
 /// A viewer as the edge's media thread knows it.
@@ -228,10 +233,8 @@ pub struct Viewer {
     pub main_video: Option<OutTrack>,
     pub tracks: Vec<OutTrack>,
     pub events: UnboundedSender<Value>,
-    /// Filled by the DTLS handshake; turned into `srtp` once connected.
+    /// Filled by the DTLS handshake; taken by [`go_lean`] once connected.
     pub keys: Arc<KeySlot>,
-    /// The direct send path, when the negotiated SRTP profile allows it.
-    pub srtp: Option<SrtpOut>,
 }
 
 impl Viewer {

@@ -15,7 +15,7 @@ use str0m::{Event, Rtc};
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info};
 
-use super::viewer::{Direct, NotSent, OutTrack, Sent, Viewer};
+use super::viewer::{NotSent, OutTrack, Sent, Viewer};
 use super::{EdgeMetrics, Shared};
 use crate::media::opus;
 use crate::media::rewrite::InputPacket;
@@ -26,8 +26,8 @@ use crate::media::SourceIdx;
 use crate::net::poll::Doorbell;
 use crate::relay::client::{LinkCtl, LinkRequest};
 use crate::relay::proto::{DatagramHeader, Kind, SourceInfo, DATAGRAM_HEADER, LEVEL_EXT_ID};
-use crate::rtc::peers::{CloseReason, ConnectSlot, Peer, PeerApp, PeerId, PeerSet, Sink};
-use crate::rtc::srtp_out::{KeySlot, SrtpOut};
+use crate::rtc::peers::{CloseReason, ConnectSlot, Peer, PeerApp, PeerId, PeerSet};
+use crate::rtc::srtp_out::KeySlot;
 use crate::rtc::supervise::Heartbeat;
 
 /// Selection runs this often per stream (one ranking per stream per tick).
@@ -213,13 +213,9 @@ struct ViewerEvents<'a> {
 impl PeerApp<Viewer> for ViewerEvents<'_> {
     fn on_event(&mut self, id: PeerId, peer: &mut Peer<Viewer>, ev: Event) -> Option<CloseReason> {
         if let Event::Connected = ev {
-            let v = &mut peer.data;
-            v.srtp = v
-                .keys
-                .take()
-                .and_then(|(km, profile, client)| SrtpOut::new(&km, profile, client));
-            debug!(%id, direct = v.srtp.is_some(), "viewer connected");
-            if v.srtp.is_some() {
+            let lean = super::viewer::go_lean(peer, Instant::now());
+            debug!(%id, lean, "viewer connected");
+            if lean {
                 self.metrics.direct_viewers.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -295,8 +291,6 @@ pub struct Worker {
     /// Channels of streams the origin relays to this edge, followed here or not: a datagram on
     /// one of those for a stream without viewers on this thread is another thread's.
     known_channels: HashSet<u32>,
-    /// Where direct packets are built and sealed.
-    scratch: Vec<u8>,
     seed: u64,
     talking: super::talking::TalkingWatch,
     /// This thread's share of `EdgeMetrics::interned_names`, as last added.
@@ -322,7 +316,6 @@ impl Worker {
             epoch: Instant::now(),
             next_tick_us: 0,
             touched: Vec::new(),
-            scratch: Vec::with_capacity(1500),
             seed: rand::random(),
             talking: Default::default(),
             interned: 0,
@@ -516,7 +509,6 @@ impl Worker {
                 .collect(),
             events: v.events,
             keys: v.keys,
-            srtp: None,
         };
         self.metrics.viewers.fetch_add(1, Ordering::Relaxed);
         self.peers.insert(v.id, v.ufrag, v.rtc, viewer, v.slot);
@@ -712,8 +704,9 @@ impl Worker {
                 .fetch_add(1, Ordering::Relaxed);
             return;
         };
-        // One copy of the payload per relayed packet, shared by every viewer's write.
-        let payload: Arc<[u8]> = Arc::from(view.payload());
+        // The payload is the datagram's own bytes: every viewer's write (and history) holds a
+        // refcount, nobody copies it.
+        let payload = d.slice_ref(view.payload());
         let level = view.extension(LEVEL_EXT_ID).and_then(parse_audio_level);
         let video = hdr.kind == Kind::Video;
         let input = InputPacket {
@@ -732,12 +725,9 @@ impl Worker {
         if let Some(ids) = st.main_viewers.get(&src) {
             for &id in ids {
                 // Nothing is written before DTLS is up: str0m would only queue it.
-                let Some((p, sink)) = self.peers.connected_with_sink(id) else {
+                let Some((data, out)) = self.peers.writer(id) else {
                     continue;
                 };
-                let Peer {
-                    rtc, data, dest, ..
-                } = p;
                 let (track, lvl) = if video {
                     (&mut data.main_video, None)
                 } else {
@@ -746,8 +736,7 @@ impl Worker {
                 let Some(t) = track else {
                     continue;
                 };
-                let direct = direct_path(&data.srtp, *dest, sink, &mut self.scratch);
-                match t.write(rtc, now_us, wall, &input, lvl, &payload, direct) {
+                match t.write(out, now_us, wall, &input, lvl, &payload) {
                     Sent::Str0m => self.touched.push(id),
                     Sent::Direct => {}
                     Sent::Dropped(why) => count_not_sent(&self.metrics, why),
@@ -759,7 +748,6 @@ impl Worker {
             let peers = &mut self.peers;
             let touched = &mut self.touched;
             let metrics = &self.metrics;
-            let scratch = &mut self.scratch;
             let mut sent = 0u64;
             let mut changes: Vec<TrackChange> = Vec::new();
             let groups = &st.groups;
@@ -785,17 +773,13 @@ impl Worker {
                         samples: input.samples,
                     };
                     for &id in groups.get(&group).map(Vec::as_slice).unwrap_or(&[]) {
-                        let Some((p, sink)) = peers.connected_with_sink(id) else {
+                        let Some((data, out)) = peers.writer(id) else {
                             continue;
                         };
-                        let Peer {
-                            rtc, data, dest, ..
-                        } = p;
                         let Some(t) = data.tracks.get_mut(track as usize) else {
                             continue;
                         };
-                        let direct = direct_path(&data.srtp, *dest, sink, scratch);
-                        match t.write(rtc, now_us, wall, &input, level, &payload, direct) {
+                        match t.write(out, now_us, wall, &input, level, &payload) {
                             Sent::Dropped(why) => count_not_sent(metrics, why),
                             Sent::Str0m => {
                                 touched.push(id);
@@ -830,21 +814,6 @@ fn count_not_sent(m: &EdgeMetrics, why: NotSent) {
         NotSent::Seal => &m.dropped_seal,
     };
     c.fetch_add(1, Ordering::Relaxed);
-}
-
-/// The direct send path of a viewer, when it has one (AES-GCM keys and a known destination).
-fn direct_path<'a>(
-    srtp: &'a Option<SrtpOut>,
-    dest: Option<std::net::SocketAddr>,
-    sink: Sink<'a>,
-    scratch: &'a mut Vec<u8>,
-) -> Option<Direct<'a>> {
-    Some(Direct {
-        srtp: srtp.as_ref()?,
-        dest: dest?,
-        sink,
-        scratch,
-    })
 }
 
 #[cfg(test)]

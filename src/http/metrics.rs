@@ -310,6 +310,45 @@ pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             "Viewers whose audio the edge seals and sends itself (AES-GCM SRTP), since start.",
             &[("", g(&m.direct_viewers))],
         );
+        let l = &p.lean;
+        metric(
+            &mut out,
+            "chorus_edge_lean_viewers_total",
+            "counter",
+            "Viewers that left str0m after their handshake (switched), and whose str0m state the DTLS grace then dropped.",
+            &[
+                ("state=\"switched\"", g(&p.lean_switched)),
+                ("state=\"str0m_dropped\"", g(&p.lean_str0m_dropped)),
+            ],
+        );
+        metric(
+            &mut out,
+            "chorus_edge_lean_rtcp_total",
+            "counter",
+            "What lean viewers' ICE consent checks and SRTCP brought and what the edge answered.",
+            &[
+                ("kind=\"stun_answered\"", g(&l.stun_answered)),
+                ("kind=\"sender_reports\"", g(&l.sr_sent)),
+                ("kind=\"rr_blocks\"", g(&l.rr_blocks)),
+                ("kind=\"rr_lost_packets\"", g(&l.rr_lost)),
+                ("kind=\"nack_requested\"", g(&l.nack_requested)),
+                ("kind=\"nack_resent\"", g(&l.nack_resent)),
+                ("kind=\"nack_missed\"", g(&l.nack_missed)),
+                ("kind=\"pli\"", g(&l.pli)),
+            ],
+        );
+        metric(
+            &mut out,
+            "chorus_edge_lean_dropped_total",
+            "counter",
+            "Datagrams from lean viewers dropped, by reason.",
+            &[
+                ("reason=\"stun_refused\"", g(&l.stun_refused)),
+                ("reason=\"srtcp_unauthenticated\"", g(&l.unauthenticated)),
+                ("reason=\"rtcp_malformed\"", g(&l.malformed)),
+                ("reason=\"unexpected\"", g(&l.unexpected)),
+            ],
+        );
         metric(
             &mut out,
             "chorus_edge_udp_datagrams_sent_total",

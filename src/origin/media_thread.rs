@@ -15,12 +15,12 @@ use str0m::media::{KeyframeRequestKind, MediaKind, Mid};
 use str0m::{Event, Rtc, RtcConfig};
 use tracing::{debug, info};
 
+use crate::net::poll::Doorbell;
 use crate::rtc::offer::{check_offer, OfferError, OfferRequirements};
 use crate::rtc::peers::{
     answer_offer, CloseReason, ConnectSlot, Peer, PeerApp, PeerId, PeerSet, PeerStats,
 };
 use crate::rtc::supervise::{spawn_media, Heartbeat};
-use crate::net::poll::Doorbell;
 
 /// Upper bound on how long commands wait for the thread to notice them.
 const MAX_WAIT: Duration = Duration::from_millis(5);

@@ -7,14 +7,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use str0m::change::SdpAnswer;
+use str0m::crypto::dtls::SrtpProfile;
 use str0m::media::{Direction, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 
 use crate::edge::viewer::OutTrack;
 use crate::edge::viewer_config;
+use crate::rtc::established::{Established, IceLite};
 use crate::rtc::peers::answer_offer;
-use crate::rtc::srtp_out::{tapping_provider, with_key_slot, KeySlot, SrtpOut};
+use crate::rtc::srtp_out::{tapping_provider, with_key_slot, KeySlot};
 
 pub const SERVER: &str = "127.0.0.1:5000";
 
@@ -23,9 +25,32 @@ pub struct Pair {
     pub client: Rtc,
     /// The multiplexed tracks, as the edge writes them.
     pub tracks: Vec<OutTrack>,
-    /// The server's direct SRTP sender, when the negotiated profile allows one.
-    pub srtp: Option<SrtpOut>,
+    /// The server's DTLS-SRTP keying material, profile and DTLS role, until
+    /// [`Pair::go_lean`] takes it.
+    pub keys: Option<(Vec<u8>, SrtpProfile, bool)>,
     pub client_addr: SocketAddr,
+}
+
+impl Pair {
+    /// What the edge does on `Connected`: the server's lean state, built from its keys and
+    /// str0m's negotiation, each track numbered into it. None unless AES-GCM was negotiated.
+    pub fn go_lean(&mut self, now: Instant) -> Option<Established> {
+        let (km, profile, client) = self.keys.take()?;
+        let mut specs = Vec::new();
+        for t in &mut self.tracks {
+            t.lean = t.lean_spec(&mut self.server).map(|s| {
+                specs.push(s);
+                specs.len() - 1
+            });
+        }
+        let creds = self.server.direct_api().local_ice_credentials();
+        let ice = IceLite {
+            local_ufrag: creds.ufrag,
+            local_pwd: creds.pass,
+            remote_ufrag: self.client.direct_api().local_ice_credentials().ufrag,
+        };
+        Established::new(ice, &km, profile, client, specs, self.client_addr, now)
+    }
 }
 
 /// Feeds everything `from` sends to `to`; returns whether `from` reported Connected, and the
@@ -59,7 +84,11 @@ pub fn pair(i: u16, tracks: usize, full_extensions: bool) -> Pair {
     let now = Instant::now();
     let c_addr: SocketAddr = format!("127.0.0.2:{}", 10_000 + i).parse().unwrap();
     let s_addr: SocketAddr = SERVER.parse().unwrap();
-    let mut client = RtcConfig::new().set_rtp_mode(true).build(now);
+    // Raw packets: a test reads the sender reports the client received.
+    let mut client = RtcConfig::new()
+        .set_rtp_mode(true)
+        .enable_raw_packets(true)
+        .build(now);
     client.add_local_candidate(Candidate::host(c_addr, "udp").unwrap());
     let mut api = client.sdp_api();
     let mids: Vec<Mid> = (0..=tracks)
@@ -99,14 +128,11 @@ pub fn pair(i: u16, tracks: usize, full_extensions: bool) -> Pair {
         .iter()
         .map(|m| OutTrack::new(*m, 48_000))
         .collect();
-    let srtp = keys
-        .take()
-        .and_then(|(km, profile, client)| SrtpOut::new(&km, profile, client));
     Pair {
         server,
         client,
         tracks,
-        srtp,
+        keys: keys.take(),
         client_addr: c_addr,
     }
 }

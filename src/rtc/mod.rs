@@ -1,6 +1,7 @@
 //! WebRTC peers (str0m) on media threads: offer checks, the socket-owning loop, peer routing.
 //! The origin's media thread is [`crate::origin::media_thread`], the edge's [`crate::edge::worker`].
 
+pub mod established;
 #[cfg(feature = "tools")]
 pub mod loopback;
 pub mod offer;

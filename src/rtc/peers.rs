@@ -14,6 +14,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::ErrorKind;
 use std::net::{SocketAddr, UdpSocket};
+use std::ops::{Deref, DerefMut};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -22,12 +23,14 @@ use std::time::{Duration, Instant};
 use smallvec::SmallVec;
 use str0m::change::SdpOffer;
 use str0m::config::DtlsCert;
+use str0m::crypto::dtls::SrtpProfile;
 use str0m::ice::StunMessage;
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::Extension;
 use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc, RtcConfig};
 use tracing::{debug, info, warn};
 
+use super::established::{Emit, Ended, Established, IceLite, RtcpStats, TrackSpec};
 use super::offer::OfferError;
 use crate::net::poll::{Doorbell, Poller};
 use crate::net::send::SendBatch;
@@ -51,6 +54,13 @@ pub const MAX_DATAGRAMS_PER_SEC: u32 = 2000;
 pub const MAX_UNVERIFIED_STUN_PER_SEC: u32 = 100;
 /// Remote addresses remembered per peer (one per candidate pair the browser tries).
 const MAX_REMOTES: usize = 8;
+/// How long a viewer that went lean keeps its str0m `Rtc` for DTLS only. str0m answers as the
+/// DTLS server (`a=setup:passive`), so its last flight (ChangeCipherSpec, Finished) may be lost
+/// after it reports `Connected`; the browser then resends its own last flight, which only
+/// str0m's DTLS can answer. 8 s covers a browser's first three retransmissions (1 + 2 + 4 s,
+/// RFC 6347 §4.2.4.1). Meanwhile str0m sends only DTLS: media, reports and consent answers
+/// are the lean state's, so one sender counts every packet.
+pub const DTLS_GRACE: Duration = Duration::from_secs(8);
 
 /// Counters of one or more media threads' sockets and peers, read by /metrics. A thread adds to
 /// them as things happen (rare events) or once per loop (the send counters).
@@ -75,6 +85,11 @@ pub struct PeerStats {
     pub closed_failed: AtomicU64,
     /// RTP of an SSRC no m-line of the peer declares (publishers; counted by the host).
     pub undeclared_ssrc: AtomicU64,
+    /// Viewers that left str0m after their handshake, and those whose `Rtc` the grace ended.
+    pub lean_switched: AtomicU64,
+    pub lean_str0m_dropped: AtomicU64,
+    /// What the lean viewers' consent checks and SRTCP brought (see [`RtcpStats`]).
+    pub lean: RtcpStats,
 }
 
 impl PeerStats {
@@ -289,9 +304,48 @@ pub fn shared_dtls_cert() -> Option<&'static DtlsCert> {
     .as_ref()
 }
 
+/// A peer's str0m state: every origin peer's, and every viewer's until its lean switch plus
+/// [`DTLS_GRACE`]. Boxed: str0m's state is about 10 KiB inline (90 KiB with what it points
+/// to), and the peer table is walked per packet. It derefs to the `Rtc` for code that only
+/// meets str0m peers (the origin's media thread, whose peers never go lean); code that may
+/// meet a lean viewer asks [`Str0m::get_mut`].
+pub struct Str0m(Option<Box<Rtc>>);
+
+impl Str0m {
+    pub fn get_mut(&mut self) -> Option<&mut Rtc> {
+        self.0.as_deref_mut()
+    }
+
+    pub fn is_some(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl Deref for Str0m {
+    type Target = Rtc;
+    fn deref(&self) -> &Rtc {
+        self.0
+            .as_deref()
+            .expect("str0m state of a peer that never goes lean")
+    }
+}
+
+impl DerefMut for Str0m {
+    fn deref_mut(&mut self) -> &mut Rtc {
+        self.0
+            .as_deref_mut()
+            .expect("str0m state of a peer that never goes lean")
+    }
+}
+
 pub struct Peer<T> {
-    /// Boxed: str0m's state is about 10 KiB, and the peer table is walked per packet.
-    pub rtc: Box<Rtc>,
+    pub rtc: Str0m,
+    /// What carries a lean viewer's media after its handshake (see [`Peer::go_lean`]).
+    lean: Option<Box<Established>>,
+    /// When `rtc` goes, for a lean peer still in its [`DTLS_GRACE`].
+    rtc_until: Option<Instant>,
+    /// The browser's ICE ufrag, from the first consent check str0m accepted.
+    remote_ufrag: Option<String>,
     pub data: T,
     ufrag: String,
     added: Instant,
@@ -313,6 +367,55 @@ pub struct Peer<T> {
     pub dest: Option<SocketAddr>,
 }
 
+impl<T> Peer<T> {
+    /// Leaves str0m behind for media: from now on `lean` answers consent checks, seals the
+    /// peer's RTP and speaks its SRTCP, and str0m is kept for DTLS only until [`DTLS_GRACE`]
+    /// ends. `material`, `profile` and `client` are the DTLS-SRTP keys; `tracks` what str0m
+    /// negotiated for each track. False (nothing changed) unless the profile is AES-GCM and
+    /// the peer's ICE credentials and destination are known.
+    pub fn go_lean(
+        &mut self,
+        material: &[u8],
+        profile: SrtpProfile,
+        client: bool,
+        tracks: impl IntoIterator<Item = TrackSpec>,
+        now: Instant,
+    ) -> bool {
+        let (Some(rtc), Some(remote_ufrag), Some(dest)) =
+            (self.rtc.get_mut(), self.remote_ufrag.clone(), self.dest)
+        else {
+            return false;
+        };
+        let creds = rtc.direct_api().local_ice_credentials();
+        let ice = IceLite {
+            local_ufrag: creds.ufrag,
+            local_pwd: creds.pass,
+            remote_ufrag,
+        };
+        let Some(lean) = Established::new(ice, material, profile, client, tracks, dest, now) else {
+            return false;
+        };
+        self.lean = Some(Box::new(lean));
+        self.rtc_until = Some(now + DTLS_GRACE);
+        true
+    }
+
+    pub fn is_lean(&self) -> bool {
+        self.lean.is_some()
+    }
+}
+
+/// How a packet leaves for one connected peer: the lean state's seal into the send batch, or
+/// str0m's send path.
+pub enum PeerOut<'a> {
+    Lean {
+        lean: &'a mut Established,
+        sink: Sink<'a>,
+        scratch: &'a mut Vec<u8>,
+    },
+    Str0m(&'a mut Rtc),
+}
+
 /// The thread's socket and send batch, for datagrams built outside str0m.
 pub struct Sink<'a> {
     socket: &'a UdpSocket,
@@ -326,6 +429,12 @@ impl<'a> Sink<'a> {
 
     pub fn send(&mut self, to: SocketAddr, data: &[u8]) {
         self.out.push(self.socket, to, data);
+    }
+}
+
+impl Emit for Sink<'_> {
+    fn emit(&mut self, to: SocketAddr, data: &[u8]) {
+        self.send(to, data);
     }
 }
 
@@ -353,6 +462,8 @@ pub struct PeerSet<T> {
     /// The send batch's counters already added to `stats`.
     reported: (u64, u64, u64),
     buf: Vec<u8>,
+    /// Where lean peers' packets are built and sealed.
+    scratch: Vec<u8>,
 }
 
 impl<T> PeerSet<T> {
@@ -380,6 +491,7 @@ impl<T> PeerSet<T> {
             stats,
             reported: (0, 0, 0),
             buf: vec![0; 2048],
+            scratch: Vec::with_capacity(2048),
         })
     }
 
@@ -404,7 +516,10 @@ impl<T> PeerSet<T> {
         self.peers.insert(
             id,
             Peer {
-                rtc: Box::new(rtc),
+                rtc: Str0m(Some(Box::new(rtc))),
+                lean: None,
+                rtc_until: None,
+                remote_ufrag: None,
                 data,
                 ufrag,
                 added: now,
@@ -430,6 +545,21 @@ impl<T> PeerSet<T> {
     pub fn connected_with_sink(&mut self, id: PeerId) -> Option<(&mut Peer<T>, Sink<'_>)> {
         let p = self.peers.get_mut(&id).filter(|p| p.connected)?;
         Some((p, Sink::new(&self.socket, &mut self.out)))
+    }
+
+    /// A connected peer's data and the one way its packets leave.
+    pub fn writer(&mut self, id: PeerId) -> Option<(&mut T, PeerOut<'_>)> {
+        let p = self.peers.get_mut(&id).filter(|p| p.connected)?;
+        let out = match (p.lean.as_deref_mut(), p.rtc.0.as_deref_mut()) {
+            (Some(lean), _) => PeerOut::Lean {
+                lean,
+                sink: Sink::new(&self.socket, &mut self.out),
+                scratch: &mut self.scratch,
+            },
+            (None, Some(rtc)) => PeerOut::Str0m(rtc),
+            (None, None) => return None,
+        };
+        Some((&mut p.data, out))
     }
 
     pub fn len(&self) -> usize {
@@ -459,9 +589,17 @@ impl<T> PeerSet<T> {
             }
         }
         self.stats.closed(reason);
-        p.rtc.disconnect();
-        while let Ok(Output::Transmit(t)) = p.rtc.poll_output() {
-            self.out.push(&self.socket, t.destination, &t.contents);
+        if let Some(rtc) = p.rtc.get_mut() {
+            rtc.disconnect();
+            while let Ok(Output::Transmit(t)) = rtc.poll_output() {
+                self.out.push(&self.socket, t.destination, &t.contents);
+            }
+        }
+        if let Some(lean) = p.lean.as_deref_mut() {
+            lean.bye(
+                &mut self.scratch,
+                &mut Sink::new(&self.socket, &mut self.out),
+            );
         }
         info!(%id, %reason, dropped_flood = p.dropped_flood, "peer closed");
         app.on_closed(id, p, reason);
@@ -550,7 +688,12 @@ impl<T> PeerSet<T> {
             // address routed to a live peer never gets here, so it cannot be taken over. Anyone
             // who saw the ufrag can send these: they have their own budget, not the peer's.
             p.unverified_count += 1;
-            if p.unverified_count > MAX_UNVERIFIED_STUN_PER_SEC || !p.rtc.accepts(&input) {
+            let accepted = match (p.lean.as_deref(), p.rtc.0.as_deref()) {
+                (Some(lean), _) => lean.accepts_stun(data),
+                (None, Some(rtc)) => rtc.accepts(&input),
+                (None, None) => false,
+            };
+            if p.unverified_count > MAX_UNVERIFIED_STUN_PER_SEC || !accepted {
                 let n = self.stats.stun_refused.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
                     warn!(%id, %from, refused = n, "STUN for a peer from a new address refused (integrity, ufrag or budget)");
@@ -565,6 +708,11 @@ impl<T> PeerSet<T> {
             }
             p.remotes.push(from);
             self.by_addr.insert(from, id);
+            if p.remote_ufrag.is_none() {
+                p.remote_ufrag = StunMessage::parse(data)
+                    .ok()
+                    .and_then(|m| m.split_username().map(|(_, remote)| remote.to_owned()));
+            }
         } else {
             p.window_count += 1;
             if p.window_count > MAX_DATAGRAMS_PER_SEC {
@@ -576,7 +724,102 @@ impl<T> PeerSet<T> {
                 return;
             }
         }
+        if p.lean.is_some() {
+            self.lean_datagram(id, now, input, from, data, app);
+            return;
+        }
         self.drive(id, input, app);
+    }
+
+    /// A datagram for a lean peer: STUN and SRTCP are the lean state's, DTLS str0m's while it
+    /// is kept (an alert after that ends the peer); anything else is counted and dropped.
+    fn lean_datagram(
+        &mut self,
+        id: PeerId,
+        now: Instant,
+        input: Input<'_>,
+        from: SocketAddr,
+        data: &[u8],
+        app: &mut impl PeerApp<T>,
+    ) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let Some(lean) = p.lean.as_deref_mut() else {
+            return;
+        };
+        let stats = &self.stats.lean;
+        let mut sink = Sink::new(&self.socket, &mut self.out);
+        match data[0] {
+            0..=3 => {
+                lean.handle_stun(now, from, data, stats, &mut sink);
+            }
+            20..=63 if p.rtc.is_some() => {
+                self.drive(id, input, app);
+                return;
+            }
+            20..=63 => {
+                if let Some(Ended::Closed) = lean.handle_dtls(data, stats) {
+                    self.close(id, CloseReason::RemoteClosed, app);
+                }
+                return;
+            }
+            128..=191 if data.len() > 1 && (192..=223).contains(&data[1]) => {
+                lean.handle_rtcp(data, &mut self.scratch, stats, &mut sink);
+            }
+            _ => {
+                stats.unexpected.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Self::schedule(&mut self.timers, id, p, lean_deadline(p));
+    }
+
+    /// Pushes `t` into the timer heap unless the peer already waits for an earlier one.
+    fn schedule(
+        timers: &mut BinaryHeap<Reverse<(Instant, PeerId)>>,
+        id: PeerId,
+        p: &mut Peer<T>,
+        t: Option<Instant>,
+    ) {
+        if let Some(t) = t {
+            if p.scheduled.is_none_or(|s| t < s) {
+                p.scheduled = Some(t);
+                timers.push(Reverse((t, id)));
+            }
+        }
+    }
+
+    /// A lean peer's timer: its reports and consent deadline; str0m's end of grace; str0m's
+    /// own timeout while it is kept.
+    fn lean_timeout(&mut self, id: PeerId, now: Instant, app: &mut impl PeerApp<T>) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let Some(lean) = p.lean.as_deref_mut() else {
+            return;
+        };
+        if p.rtc_until.is_some_and(|t| now >= t) {
+            p.rtc = Str0m(None);
+            p.rtc_until = None;
+            self.stats
+                .lean_str0m_dropped
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(%id, "lean peer: str0m state dropped");
+        }
+        let mut sink = Sink::new(&self.socket, &mut self.out);
+        if let Err(e) = lean.handle_timeout(now, &mut self.scratch, &self.stats.lean, &mut sink) {
+            let reason = match e {
+                Ended::ConsentExpired => CloseReason::IceTimeout,
+                Ended::Closed => CloseReason::RemoteClosed,
+            };
+            self.close(id, reason, app);
+            return;
+        }
+        if p.rtc.is_some() {
+            self.drive(id, Input::Timeout(now), app);
+        } else {
+            Self::schedule(&mut self.timers, id, p, lean_deadline(p));
+        }
     }
 
     fn count_unroutable(&self, from: SocketAddr) {
@@ -603,7 +846,11 @@ impl<T> PeerSet<T> {
             }
         }
         for &id in &due {
-            self.drive(id, Input::Timeout(now), app);
+            if self.peers.get(&id).is_some_and(|p| p.lean.is_some()) {
+                self.lean_timeout(id, now, app);
+            } else {
+                self.drive(id, Input::Timeout(now), app);
+            }
         }
         due.clear();
         self.due = due;
@@ -626,19 +873,29 @@ impl<T> PeerSet<T> {
         app: &mut impl PeerApp<T>,
     ) -> Option<Instant> {
         let p = self.peers.get_mut(&id)?;
-        if let Err(e) = p.rtc.handle_input(input) {
+        let rtc = p.rtc.0.as_deref_mut()?;
+        if let Err(e) = rtc.handle_input(input) {
             warn!(%id, "peer input failed: {e}");
             self.close(id, CloseReason::Failed, app);
             return None;
         }
         let mut end = None;
         let timeout = loop {
-            if !p.rtc.is_alive() {
+            let Some(rtc) = p.rtc.0.as_deref_mut() else {
+                break None;
+            };
+            if !rtc.is_alive() {
                 end = Some(CloseReason::RemoteClosed);
                 break None;
             }
-            match p.rtc.poll_output() {
+            match rtc.poll_output() {
                 Ok(Output::Timeout(t)) => break Some(t),
+                // Once lean, str0m speaks only DTLS: RTCP and consent are the lean state's.
+                Ok(Output::Transmit(t)) if p.lean.is_some() => {
+                    if matches!(t.contents.first(), Some(20..=63)) {
+                        self.out.push(&self.socket, t.destination, &t.contents)
+                    }
+                }
                 Ok(Output::Transmit(t)) => {
                     p.dest = Some(t.destination);
                     self.out.push(&self.socket, t.destination, &t.contents)
@@ -648,8 +905,12 @@ impl<T> PeerSet<T> {
                         Event::Connected => {
                             p.connected = true;
                             p.slot = None;
-                            info!(%id, "peer connected");
-                            app.on_event(id, p, Event::Connected)
+                            let r = app.on_event(id, p, Event::Connected);
+                            info!(%id, lean = p.lean.is_some(), "peer connected");
+                            if p.lean.is_some() {
+                                self.stats.lean_switched.fetch_add(1, Ordering::Relaxed);
+                            }
+                            r
                         }
                         Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
                             Some(CloseReason::IceTimeout)
@@ -681,14 +942,20 @@ impl<T> PeerSet<T> {
             Some(t) if !p.connected => Some(t.min(p.added + CONNECT_TIMEOUT)),
             t => t,
         };
-        if let Some(t) = timeout {
-            if p.scheduled.is_none_or(|s| t < s) {
-                p.scheduled = Some(t);
-                self.timers.push(Reverse((t, id)));
-            }
-        }
+        // A lean peer in its grace also wakes for its reports, consent and the grace's end.
+        let timeout = match (timeout, lean_deadline(p)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Self::schedule(&mut self.timers, id, p, timeout);
         timeout
     }
+}
+
+/// When a lean peer next needs its timer: its own deadline, or str0m's end of grace.
+fn lean_deadline<T>(p: &Peer<T>) -> Option<Instant> {
+    let lean = p.lean.as_deref()?.poll_timeout();
+    Some(p.rtc_until.map_or(lean, |g| g.min(lean)))
 }
 
 #[cfg(test)]
@@ -696,6 +963,7 @@ mod tests {
     use super::*;
     use str0m::ice::TransId;
     use str0m::media::{Direction, MediaKind};
+    use str0m::net::Protocol;
 
     struct NoApp;
     impl PeerApp<()> for NoApp {
@@ -826,6 +1094,114 @@ mod tests {
         assert_eq!(set.by_addr.get(&other), None);
         assert!(set.by_ufrag.values().any(|v| *v == a));
         assert_eq!(set.stats.closed_removed.load(Ordering::Relaxed), 1);
+    }
+
+    /// Goes lean on `Connected` with the keys its handshake left, no tracks.
+    struct LeanApp(Arc<crate::rtc::srtp_out::KeySlot>);
+    impl PeerApp<()> for LeanApp {
+        fn on_event(&mut self, _: PeerId, p: &mut Peer<()>, ev: Event) -> Option<CloseReason> {
+            if let (Event::Connected, Some((km, profile, client))) = (ev, self.0.take()) {
+                assert!(p.go_lean(&km, profile, client, [], Instant::now()));
+            }
+            None
+        }
+        fn on_closed(&mut self, _: PeerId, _: Peer<()>, _: CloseReason) {}
+    }
+
+    /// A real handshake over loopback with a str0m client, then the switch: str0m is kept
+    /// for DTLS only until the grace ends, then dropped; the consent deadline, on the peer
+    /// set's timer heap, ends the peer as an ICE timeout.
+    #[test]
+    fn a_lean_peer_drops_str0m_after_the_grace_and_ends_without_consent() {
+        use crate::rtc::srtp_out::{tapping_provider, with_key_slot, KeySlot};
+        let mut set = set();
+        let keys = Arc::new(KeySlot::default());
+        let client_sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client_sock.set_nonblocking(true).unwrap();
+        let c_addr = client_sock.local_addr().unwrap();
+        let t0 = Instant::now();
+        let mut client = RtcConfig::new().set_rtp_mode(true).build(t0);
+        client.add_local_candidate(Candidate::host(c_addr, "udp").unwrap());
+        let mut api = client.sdp_api();
+        api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+        let (offer, pending) = api.apply().unwrap();
+        let config = media_config().set_crypto_provider(tapping_provider());
+        let (rtc, ufrag, answer) = with_key_slot(keys.clone(), || {
+            answer_offer(&offer.to_sdp_string(), config, set.local)
+        })
+        .unwrap();
+        client
+            .sdp_api()
+            .accept_answer(
+                pending,
+                str0m::change::SdpAnswer::from_sdp_string(&answer).unwrap(),
+            )
+            .unwrap();
+        set.insert(PeerId(1), ufrag, rtc, (), ConnectSlot::acquire().unwrap());
+        let mut app = LeanApp(keys);
+        let mut buf = [0u8; 2000];
+        let deadline = t0 + Duration::from_secs(5);
+        while !set.peers[&PeerId(1)].is_lean() {
+            assert!(Instant::now() < deadline, "connects within 5 s");
+            let now = Instant::now();
+            client.handle_input(Input::Timeout(now)).unwrap();
+            while let Ok(o) = client.poll_output() {
+                match o {
+                    Output::Timeout(_) => break,
+                    Output::Transmit(t) => {
+                        client_sock.send_to(&t.contents, t.destination).unwrap();
+                    }
+                    Output::Event(_) => {}
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            set.recv(&mut app);
+            set.timeouts(Instant::now(), &mut app);
+            set.wait(Duration::ZERO, || true);
+            while let Ok((n, from)) = client_sock.recv_from(&mut buf) {
+                let r = Receive {
+                    proto: Protocol::Udp,
+                    source: from,
+                    destination: c_addr,
+                    contents: (&buf[..n]).try_into().unwrap(),
+                };
+                client
+                    .handle_input(Input::Receive(Instant::now(), r))
+                    .unwrap();
+            }
+        }
+        let switched = Instant::now();
+        assert!(
+            set.peers[&PeerId(1)].rtc.is_some(),
+            "str0m kept for the grace"
+        );
+        assert_eq!(set.stats.lean_switched.load(Ordering::Relaxed), 1);
+        set.timeouts(switched + DTLS_GRACE + Duration::from_millis(1), &mut app);
+        assert!(
+            !set.peers[&PeerId(1)].rtc.is_some(),
+            "str0m dropped after the grace"
+        );
+        assert_eq!(set.stats.lean_str0m_dropped.load(Ordering::Relaxed), 1);
+        // Nothing on the wire that a lean peer takes (not STUN, not SRTCP): counted, dropped.
+        let unexpected = set.stats.lean.unexpected.load(Ordering::Relaxed);
+        set.lean_datagram(
+            PeerId(1),
+            Instant::now(),
+            Input::Timeout(Instant::now()),
+            c_addr,
+            &[0x80, 111, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1],
+            &mut app,
+        );
+        assert_eq!(
+            set.stats.lean.unexpected.load(Ordering::Relaxed),
+            unexpected + 1
+        );
+        set.timeouts(
+            switched + crate::rtc::established::CONSENT_TIMEOUT + Duration::from_secs(1),
+            &mut app,
+        );
+        assert!(set.peers.is_empty(), "consent expired");
+        assert_eq!(set.stats.closed_ice_timeout.load(Ordering::Relaxed), 1);
     }
 
     #[test]

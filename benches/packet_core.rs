@@ -27,7 +27,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 use chorus::media::activity::{VadConfig, VoiceActivity};
-use chorus::media::rewrite::{InputPacket, TrackRewriter};
+use chorus::media::rewrite::{Feed, InputPacket, TrackRewriter};
 use chorus::media::rtp::{audio_level_byte, write_packet, HeaderFields, RtpHeaderMut, RtpView};
 use chorus::media::selection::GroupKey;
 use chorus::media::stream::{splitmix64, CoreConfig, Output, SourceConfig, StreamCore};
@@ -204,7 +204,7 @@ fn bench_rewrite(c: &mut Criterion) {
         let (mut seq, mut ts, mut now) = (1000u16, 5_000_000u32, 0u64);
         b.iter(|| {
             let input = InputPacket {
-                source: SourceIdx(3),
+                source: Feed::Source(SourceIdx(3)),
                 ssrc: 0xAAAA_0001,
                 seq,
                 ts,
@@ -232,7 +232,7 @@ fn bench_rewrite(c: &mut Criterion) {
         b.iter(|| {
             let s = ((n / 50) & 1) as usize;
             let input = InputPacket {
-                source: SourceIdx(s as u32),
+                source: Feed::Source(SourceIdx(s as u32)),
                 ssrc: ssrcs[s],
                 seq: seqs[s],
                 ts: tss[s],
@@ -300,7 +300,7 @@ fn fanout_setup(fanout: usize) -> FanoutSetup {
     let mut noise: Vec<Vec<u8>> = (1..11)
         .map(|k| build_packet(0xCAFE_0000 + k, 0, 0, 70, false, &payload))
         .collect();
-    let mut sink = |o: Output<'_>| {
+    let mut sink = |o: Output| {
         black_box(o);
     };
     // 2 s of all sources, a tick every 20 ms.
@@ -321,7 +321,7 @@ fn fanout_setup(fanout: usize) -> FanoutSetup {
 }
 
 #[inline(always)]
-fn on_packet_step(s: &mut FanoutSetup, sink: &mut impl FnMut(Output<'_>)) {
+fn on_packet_step(s: &mut FanoutSetup, sink: &mut impl FnMut(Output)) {
     let n = s.pkts.len();
     let p = &mut s.pkts[s.i];
     set_seq_ts(p, s.seq, s.ts);
@@ -341,7 +341,7 @@ fn bench_on_packet(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("talker_groups", fanout), |b| {
             let mut s = fanout_setup(fanout);
             let before = s.core.stats().packets_out;
-            let mut sink = |o: Output<'_>| {
+            let mut sink = |o: Output| {
                 black_box(o);
             };
             b.iter(|| on_packet_step(&mut s, &mut sink));
@@ -393,7 +393,7 @@ fn tick_setup(n: usize, groups: usize) -> (StreamCore, u64) {
     let payload = opus_payload(4);
     let dtx_payload = [TOC];
     let mut buf = Vec::with_capacity(128);
-    let mut sink = |o: Output<'_>| {
+    let mut sink = |o: Output| {
         black_box(o);
     };
     let mut seqs = vec![0u16; n];
@@ -471,7 +471,7 @@ fn bench_selection_tick(c: &mut Criterion) {
             g.bench_with_input(BenchmarkId::new(name, n), &n, |b, &n| {
                 let (mut core, at) = tick_setup(n, groups);
                 let switches = core.stats().switches;
-                let mut sink = |o: Output<'_>| {
+                let mut sink = |o: Output| {
                     black_box(o);
                 };
                 b.iter(|| core.tick(black_box(at), &mut sink));

@@ -11,7 +11,7 @@ use str0m::net::{Protocol, Receive};
 use str0m::{Event, Input, Output};
 
 use chorus::edge::viewer::{Direct, Sent};
-use chorus::media::rewrite::InputPacket;
+use chorus::media::rewrite::{Feed, InputPacket};
 use chorus::media::SourceIdx;
 use chorus::rtc::loopback::{pair, SERVER};
 use chorus::rtc::peers::Sink;
@@ -41,7 +41,7 @@ fn direct_packets_decrypt_in_a_str0m_client_in_order() {
     for i in 0..n {
         let payload: Arc<[u8]> = Arc::from(vec![i as u8; 20 + (i as usize % 50)]);
         let input = InputPacket {
-            source: SourceIdx(1),
+            source: Feed::Source(SourceIdx(1)),
             ssrc: 99,
             seq: first_seq.wrapping_add(i),
             ts: 960 * i as u32,

@@ -193,9 +193,9 @@ impl Driver {
         let (mut n, mut groups, mut tracks) = (0usize, 0u64, 0usize);
         let core = &mut self.core;
         let _ = counted(|| {
-            core.on_packet(now_us, s, packet, &mut |o: Output<'_>| match o {
-                Output::Packet { group, packet, .. } => {
-                    std::hint::black_box(packet);
+            core.on_packet(now_us, s, packet, &mut |o: Output| match o {
+                Output::Packet { group, header, .. } => {
+                    std::hint::black_box(header);
                     n += 1;
                     groups |= 1 << (group.0 % 64);
                 }
@@ -215,7 +215,7 @@ impl Driver {
         let mut tracks = 0usize;
         let core = &mut self.core;
         counted(|| {
-            core.tick(now_us, &mut |o: Output<'_>| {
+            core.tick(now_us, &mut |o: Output| {
                 if let Output::Track(_) = o {
                     tracks += 1;
                 }
@@ -438,7 +438,7 @@ fn direct_send_path_does_not_allocate_once_warm() {
     ALLOC_BYTES.store(0, Ordering::Relaxed);
     FREES.store(0, Ordering::Relaxed);
     use chorus::edge::viewer::{Direct, Sent};
-    use chorus::media::rewrite::InputPacket;
+    use chorus::media::rewrite::{Feed, InputPacket};
     use chorus::rtc::loopback::pair;
     use chorus::rtc::peers::Sink;
     use chorus::rtc::udp::SendBatch;
@@ -458,7 +458,7 @@ fn direct_send_path_does_not_allocate_once_warm() {
     let (mut direct, mut direct_allocs, mut direct_frees) = (0u32, 0usize, 0usize);
     for i in 0..6_000u16 {
         let input = InputPacket {
-            source: SourceIdx(1),
+            source: Feed::Source(SourceIdx(1)),
             ssrc: 5,
             seq: i,
             ts: i as u32 * 960,

@@ -3,6 +3,8 @@
 //! ([`worker`]), one per core by default: each owns its viewers, their socket and one packet core
 //! per stream it serves, and gets every relayed packet of those streams (one shared buffer).
 
+pub mod core;
+pub mod events;
 pub mod talking;
 pub mod viewer;
 pub mod worker;
@@ -15,7 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::Value;
 use str0m::media::Mid;
 use str0m::RtcConfig;
 use tokio::sync::mpsc::UnboundedSender;
@@ -365,7 +366,7 @@ impl Edge {
         stream: &str,
         offer: &str,
         opts: ViewOptions,
-        events: UnboundedSender<Value>,
+        events: UnboundedSender<events::ViewerEvent>,
     ) -> Result<PendingViewer, OfferError> {
         check_offer(
             offer,

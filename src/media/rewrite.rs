@@ -3,6 +3,7 @@
 //! real elapsed time at a switch, and a marker bit on the first packet after each switch.
 
 use super::opus::CLOCK_RATE;
+use super::selection::GroupId;
 use super::SourceIdx;
 
 /// A sequence jump larger than this within one source is a restart, not loss.
@@ -17,10 +18,20 @@ pub struct Rewritten {
     pub marker: bool,
 }
 
+/// What feeds a rewriter: a rewriter re-anchors when its feed changes. A group's track is fed by
+/// publishers' sources; a viewer's track by a group's track (already one continuous stream, so
+/// the viewer re-anchors only when it moves to another group) or, for its main tracks, straight
+/// by the pinned source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feed {
+    Source(SourceIdx),
+    Group(GroupId, u8),
+}
+
 /// The input header fields the rewriter needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InputPacket {
-    pub source: SourceIdx,
+    pub source: Feed,
     pub ssrc: u32,
     pub seq: u16,
     pub ts: u32,
@@ -38,7 +49,7 @@ pub enum RewriteDrop {
 
 #[derive(Debug, Clone, Copy)]
 struct Anchor {
-    source: SourceIdx,
+    source: Feed,
     in_ssrc: u32,
     /// Extended input sequence numbers of the first packet after the switch and the highest seen.
     first_ext: i64,
@@ -93,8 +104,8 @@ impl TrackRewriter {
             .then_some((self.out_seq, self.out_ts, self.out_at_us))
     }
 
-    /// The source currently feeding this track (the last one a packet was forwarded from).
-    pub fn current_source(&self) -> Option<SourceIdx> {
+    /// What currently feeds this track (the last one a packet was forwarded from).
+    pub fn current_source(&self) -> Option<Feed> {
         self.anchor.map(|a| a.source)
     }
 
@@ -185,7 +196,7 @@ mod tests {
 
     fn pkt(source: u32, seq: u16, ts: u32) -> InputPacket {
         InputPacket {
-            source: SourceIdx(source),
+            source: Feed::Source(SourceIdx(source)),
             ssrc: 1000 + source,
             seq,
             ts,

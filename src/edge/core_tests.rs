@@ -441,3 +441,53 @@ fn swapped_channels_keep_both_streams_mapped_even_without_a_link_down() {
     assert_eq!(c.channels.get(&1).map(String::as_str), Some("a"));
     assert_eq!(c.channels.get(&2).map(String::as_str), Some("z"));
 }
+
+#[test]
+fn typed_events_serialize_to_the_millicast_json_sent_before() {
+    use crate::http::signal::event_json;
+    use serde_json::json;
+    let stream: Arc<str> = "panel".into();
+    let ana: Option<Arc<str>> = Some("ana".into());
+    let active = ViewerEvent::Active(Arc::new(ActiveSource {
+        stream: stream.clone(),
+        source: None,
+        media: vec!["audio".into(), "video".into()],
+    }));
+    assert_eq!(
+        event_json(&active),
+        json!({"type": "event", "name": "active", "data": {"streamId": "panel", "sourceId": null,
+            "tracks": [{"trackId": "audio", "media": "audio"}, {"trackId": "video", "media": "video"}]}})
+    );
+    let inactive = ViewerEvent::Inactive {
+        stream: stream.clone(),
+        source: ana.clone(),
+    };
+    assert_eq!(
+        event_json(&inactive),
+        json!({"type": "event", "name": "inactive", "data": {"streamId": "panel", "sourceId": "ana"}})
+    );
+    let vad = ViewerEvent::Vad {
+        mid: Mid::from("2"),
+        source: ana,
+    };
+    assert_eq!(
+        event_json(&vad),
+        json!({"type": "event", "name": "vad", "data": {"mediaId": "2", "sourceId": "ana"}})
+    );
+    let empty = ViewerEvent::Vad {
+        mid: Mid::from("3"),
+        source: None,
+    };
+    assert_eq!(
+        event_json(&empty),
+        json!({"type": "event", "name": "vad", "data": {"mediaId": "3", "sourceId": null}})
+    );
+    assert_eq!(
+        event_json(&ViewerEvent::ViewerCount(12)),
+        json!({"type": "event", "name": "viewercount", "data": {"viewercount": 12}})
+    );
+    assert_eq!(
+        event_json(&ViewerEvent::Stopped { stream }),
+        json!({"type": "event", "name": "stopped", "data": {"streamId": "panel"}})
+    );
+}

@@ -1,7 +1,8 @@
 //! The edge: viewers' WebRTC sessions, fed from the origin over the relay through the packet
 //! core. The control plane ([`Edge`]) answers offers and deals the peers out to the media threads
-//! ([`worker`]), one per core by default: each owns its viewers, their socket and one packet core
-//! per stream it serves, and gets every relayed packet of those streams (one shared buffer).
+//! ([`worker`]), one per core by default: each owns its viewers, their socket and an edge core
+//! ([`core`], sans-IO: one packet core per stream it serves, the viewers' groups and events), and
+//! gets every relayed packet of those streams (one shared buffer).
 
 pub mod core;
 pub mod events;

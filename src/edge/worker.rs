@@ -284,23 +284,18 @@ impl Worker {
         }
         let direct = direct_path(&data.srtp, *dest, sink, &mut self.scratch);
         let m = &self.metrics;
-        match t.write(
-            rtc,
-            now_us,
-            wall,
-            &w.input,
-            w.level,
-            &self.payload.1,
-            direct,
-        ) {
-            Sent::Str0m => {
-                self.touched.push(w.viewer);
-                m.packets_out.fetch_add(1, Ordering::Relaxed);
-            }
-            Sent::Direct => {
-                m.packets_out.fetch_add(1, Ordering::Relaxed);
-            }
+        let payload = &self.payload.1;
+        let sent = t.write(rtc, now_us, wall, &w.input, w.level, payload, direct);
+        if sent == Sent::Str0m {
+            self.touched.push(w.viewer);
+        }
+        match sent {
             Sent::Dropped(why) => count_not_sent(m, why),
+            // The counter is the multiplexed tracks' (as /metrics describes it).
+            _ if matches!(w.track, TrackRef::Mux(_)) => {
+                m.packets_out.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
         }
     }
 

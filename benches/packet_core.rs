@@ -486,9 +486,104 @@ fn bench_selection_tick(c: &mut Criterion) {
     g.finish();
 }
 
+/// The edge core's whole packet path for one relayed datagram of a talker: one parse, the
+/// packet core (activity, selection, one rewrite per group), then one `Write` per viewer of the
+/// group, polled and dropped (the driver's seal and send are `edge_send`'s).
+fn bench_edge_core(c: &mut Criterion) {
+    use bytes::Bytes;
+    use chorus::edge::core::{EdgeCore, Join, Output as EdgeOutput, Relayed};
+    use chorus::relay::proto::{DatagramHeader, Kind, SourceInfo, TrackInfo};
+    use chorus::rtc::peers::PeerId;
+
+    let mut g = c.benchmark_group("edge_core");
+    let payload = opus_payload(5);
+    let hdr = DatagramHeader {
+        channel: 1,
+        source: 0,
+        kind: Kind::Audio,
+        sent_ms: 0,
+    };
+    // Prebuilt datagrams (a Bytes is immutable): 20 000 consecutive packets, then a restart.
+    let datagrams: Vec<Bytes> = (0..20_000u32)
+        .map(|i| {
+            let (level, voice) = continuous_level(i as usize, 0xB0B, 0);
+            let seq = i as u16;
+            let mut d = Vec::with_capacity(128);
+            hdr.write(&mut d);
+            d.extend(build_packet(
+                0xCAFE_0000,
+                seq,
+                i * FRAME_SAMPLES,
+                level,
+                voice,
+                &payload,
+            ));
+            let b = Bytes::from(d);
+            drop(b.clone());
+            b
+        })
+        .collect();
+    for viewers in [1u64, 100] {
+        g.bench_function(BenchmarkId::new("handle_packet_viewers", viewers), |b| {
+            let mut core = EdgeCore::new(Default::default(), Default::default(), 3);
+            for id in 0..viewers {
+                core.handle_join(
+                    0,
+                    PeerId(id),
+                    Join {
+                        stream: "s".into(),
+                        tracks: ["1", "2", "3"].into_iter().map(Into::into).collect(),
+                        ..Join::default()
+                    },
+                );
+            }
+            let info = SourceInfo {
+                index: 0,
+                source_id: Some("talker".into()),
+                tracks: vec![TrackInfo {
+                    media: "audio".into(),
+                    mid: "0".into(),
+                }],
+                audio_level: true,
+            };
+            core.handle_sources(0, "s", 1, vec![info]);
+            let (mut i, mut now) = (0usize, 0u64);
+            let mut step = |core: &mut EdgeCore| {
+                now += FRAME_US;
+                let p = Relayed {
+                    hdr,
+                    data: datagrams[i].clone(),
+                    arrived_us: now,
+                };
+                i = if i + 1 == datagrams.len() { 0 } else { i + 1 };
+                core.handle_packet(now, p);
+                core.handle_timeout(now);
+                let mut n = 0;
+                while let Some(o) = core.poll_output() {
+                    if let EdgeOutput::Write(w) = o {
+                        black_box(&w);
+                        n += 1;
+                    }
+                }
+                n
+            };
+            for _ in 0..100 {
+                step(&mut core);
+            }
+            assert_eq!(
+                step(&mut core),
+                viewers,
+                "the talker should reach every viewer"
+            );
+            b.iter(|| step(&mut core));
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config(Criterion::default());
-    targets = bench_parse_activity, bench_rewrite, bench_on_packet, bench_selection_tick
+    targets = bench_parse_activity, bench_rewrite, bench_on_packet, bench_selection_tick, bench_edge_core
 }
 criterion_main!(benches);

@@ -261,6 +261,32 @@ mod tests {
     }
 
     #[test]
+    fn a_viewer_moving_to_another_group_reanchors_once_and_stays_continuous() {
+        // A viewer's rewriter is fed a group's track: already one stream (its own SSRC and
+        // numbering), so only a move to another group's track re-anchors it.
+        let group = |g: u32, seq: u16, ssrc: u32| InputPacket {
+            source: Feed::Group(GroupId(g), 0),
+            ssrc,
+            seq,
+            ts: seq as u32 * 960,
+            marker: false,
+            samples: 960,
+        };
+        let mut r = TrackRewriter::new(9, 100, 0);
+        let a = r.rewrite(0, &group(1, 7000, 11)).unwrap();
+        let b = r.rewrite(20_000, &group(1, 7001, 11)).unwrap();
+        assert_eq!(
+            (b.seq, b.ts.wrapping_sub(a.ts), b.marker),
+            (101, 960, false)
+        );
+        // Same sequence numbers, another group: a new feed, even with an equal SSRC.
+        let c = r.rewrite(40_000, &group(2, 7001, 11)).unwrap();
+        assert_eq!((c.seq, c.ts.wrapping_sub(b.ts), c.marker), (102, 960, true));
+        let d = r.rewrite(60_000, &group(2, 7002, 11)).unwrap();
+        assert_eq!((d.seq, d.marker), (103, false));
+    }
+
+    #[test]
     fn switch_within_one_frame_still_advances_a_frame() {
         let mut r = TrackRewriter::new(1, 0, 0);
         r.rewrite(0, &pkt(1, 10, 0)).unwrap();

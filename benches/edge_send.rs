@@ -22,7 +22,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use str0m::{Input, Output, Rtc};
 
 use chorus::edge::viewer::{OutTrack, Sent};
-use chorus::media::rewrite::InputPacket;
+use chorus::media::rewrite::{Feed, InputPacket};
 use chorus::media::SourceIdx;
 use chorus::net::send::SendBatch;
 use chorus::rtc::loopback::pair;
@@ -32,7 +32,7 @@ const TRACKS: usize = 3;
 
 fn input(seq: u16) -> InputPacket {
     InputPacket {
-        source: SourceIdx(1),
+        source: Feed::Source(SourceIdx(1)),
         ssrc: 42,
         seq,
         ts: seq as u32 * 960,

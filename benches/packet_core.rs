@@ -27,7 +27,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 use chorus::media::activity::{VadConfig, VoiceActivity};
-use chorus::media::rewrite::{InputPacket, TrackRewriter};
+use chorus::media::rewrite::{Feed, InputPacket, TrackRewriter};
 use chorus::media::rtp::{audio_level_byte, write_packet, HeaderFields, RtpHeaderMut, RtpView};
 use chorus::media::selection::GroupKey;
 use chorus::media::stream::{splitmix64, CoreConfig, Output, SourceConfig, StreamCore};
@@ -204,7 +204,7 @@ fn bench_rewrite(c: &mut Criterion) {
         let (mut seq, mut ts, mut now) = (1000u16, 5_000_000u32, 0u64);
         b.iter(|| {
             let input = InputPacket {
-                source: SourceIdx(3),
+                source: Feed::Source(SourceIdx(3)),
                 ssrc: 0xAAAA_0001,
                 seq,
                 ts,
@@ -232,7 +232,7 @@ fn bench_rewrite(c: &mut Criterion) {
         b.iter(|| {
             let s = ((n / 50) & 1) as usize;
             let input = InputPacket {
-                source: SourceIdx(s as u32),
+                source: Feed::Source(SourceIdx(s as u32)),
                 ssrc: ssrcs[s],
                 seq: seqs[s],
                 ts: tss[s],
@@ -300,7 +300,7 @@ fn fanout_setup(fanout: usize) -> FanoutSetup {
     let mut noise: Vec<Vec<u8>> = (1..11)
         .map(|k| build_packet(0xCAFE_0000 + k, 0, 0, 70, false, &payload))
         .collect();
-    let mut sink = |o: Output<'_>| {
+    let mut sink = |o: Output| {
         black_box(o);
     };
     // 2 s of all sources, a tick every 20 ms.
@@ -321,7 +321,7 @@ fn fanout_setup(fanout: usize) -> FanoutSetup {
 }
 
 #[inline(always)]
-fn on_packet_step(s: &mut FanoutSetup, sink: &mut impl FnMut(Output<'_>)) {
+fn on_packet_step(s: &mut FanoutSetup, sink: &mut impl FnMut(Output)) {
     let n = s.pkts.len();
     let p = &mut s.pkts[s.i];
     set_seq_ts(p, s.seq, s.ts);
@@ -341,7 +341,7 @@ fn bench_on_packet(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("talker_groups", fanout), |b| {
             let mut s = fanout_setup(fanout);
             let before = s.core.stats().packets_out;
-            let mut sink = |o: Output<'_>| {
+            let mut sink = |o: Output| {
                 black_box(o);
             };
             b.iter(|| on_packet_step(&mut s, &mut sink));
@@ -393,7 +393,7 @@ fn tick_setup(n: usize, groups: usize) -> (StreamCore, u64) {
     let payload = opus_payload(4);
     let dtx_payload = [TOC];
     let mut buf = Vec::with_capacity(128);
-    let mut sink = |o: Output<'_>| {
+    let mut sink = |o: Output| {
         black_box(o);
     };
     let mut seqs = vec![0u16; n];
@@ -471,7 +471,7 @@ fn bench_selection_tick(c: &mut Criterion) {
             g.bench_with_input(BenchmarkId::new(name, n), &n, |b, &n| {
                 let (mut core, at) = tick_setup(n, groups);
                 let switches = core.stats().switches;
-                let mut sink = |o: Output<'_>| {
+                let mut sink = |o: Output| {
                     black_box(o);
                 };
                 b.iter(|| core.tick(black_box(at), &mut sink));
@@ -486,9 +486,104 @@ fn bench_selection_tick(c: &mut Criterion) {
     g.finish();
 }
 
+/// The edge core's whole packet path for one relayed datagram of a talker: one parse, the
+/// packet core (activity, selection, one rewrite per group), then one `Write` per viewer of the
+/// group, polled and dropped (the driver's seal and send are `edge_send`'s).
+fn bench_edge_core(c: &mut Criterion) {
+    use bytes::Bytes;
+    use chorus::edge::core::{EdgeCore, Join, Output as EdgeOutput, Relayed};
+    use chorus::relay::proto::{DatagramHeader, Kind, SourceInfo, TrackInfo};
+    use chorus::rtc::peers::PeerId;
+
+    let mut g = c.benchmark_group("edge_core");
+    let payload = opus_payload(5);
+    let hdr = DatagramHeader {
+        channel: 1,
+        source: 0,
+        kind: Kind::Audio,
+        sent_ms: 0,
+    };
+    // Prebuilt datagrams (a Bytes is immutable): 20 000 consecutive packets, then a restart.
+    let datagrams: Vec<Bytes> = (0..20_000u32)
+        .map(|i| {
+            let (level, voice) = continuous_level(i as usize, 0xB0B, 0);
+            let seq = i as u16;
+            let mut d = Vec::with_capacity(128);
+            hdr.write(&mut d);
+            d.extend(build_packet(
+                0xCAFE_0000,
+                seq,
+                i * FRAME_SAMPLES,
+                level,
+                voice,
+                &payload,
+            ));
+            let b = Bytes::from(d);
+            drop(b.clone());
+            b
+        })
+        .collect();
+    for viewers in [1u64, 100] {
+        g.bench_function(BenchmarkId::new("handle_packet_viewers", viewers), |b| {
+            let mut core = EdgeCore::new(Default::default(), Default::default(), 3);
+            for id in 0..viewers {
+                core.handle_join(
+                    0,
+                    PeerId(id),
+                    Join {
+                        stream: "s".into(),
+                        tracks: ["1", "2", "3"].into_iter().map(Into::into).collect(),
+                        ..Join::default()
+                    },
+                );
+            }
+            let info = SourceInfo {
+                index: 0,
+                source_id: Some("talker".into()),
+                tracks: vec![TrackInfo {
+                    media: "audio".into(),
+                    mid: "0".into(),
+                }],
+                audio_level: true,
+            };
+            core.handle_sources(0, "s", 1, vec![info]);
+            let (mut i, mut now) = (0usize, 0u64);
+            let mut step = |core: &mut EdgeCore| {
+                now += FRAME_US;
+                let p = Relayed {
+                    hdr,
+                    data: datagrams[i].clone(),
+                    arrived_us: now,
+                };
+                i = if i + 1 == datagrams.len() { 0 } else { i + 1 };
+                core.handle_packet(now, p);
+                core.handle_timeout(now);
+                let mut n = 0;
+                while let Some(o) = core.poll_output() {
+                    if let EdgeOutput::Write(w) = o {
+                        black_box(&w);
+                        n += 1;
+                    }
+                }
+                n
+            };
+            for _ in 0..100 {
+                step(&mut core);
+            }
+            assert_eq!(
+                step(&mut core),
+                viewers,
+                "the talker should reach every viewer"
+            );
+            b.iter(|| step(&mut core));
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config(Criterion::default());
-    targets = bench_parse_activity, bench_rewrite, bench_on_packet, bench_selection_tick
+    targets = bench_parse_activity, bench_rewrite, bench_on_packet, bench_selection_tick, bench_edge_core
 }
 criterion_main!(benches);

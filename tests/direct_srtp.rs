@@ -18,7 +18,7 @@ use str0m::rtp::RawPacket;
 use str0m::{Event, Input, Output};
 
 use chorus::edge::viewer::Sent;
-use chorus::media::rewrite::InputPacket;
+use chorus::media::rewrite::{Feed, InputPacket};
 use chorus::media::SourceIdx;
 use chorus::net::send::SendBatch;
 use chorus::rtc::established::{Established, RtcpStats};
@@ -183,7 +183,7 @@ fn lean_packets_and_reports_decrypt_in_a_str0m_client_and_a_nack_is_answered() {
         }
         let payload = Bytes::from(vec![i as u8; 20 + (i as usize % 50)]);
         let input = InputPacket {
-            source: SourceIdx(1),
+            source: Feed::Source(SourceIdx(1)),
             ssrc: 99,
             seq: first_seq.wrapping_add(i),
             ts: 960 * i as u32,
@@ -326,7 +326,7 @@ fn a_lean_viewer_holds_a_fraction_of_its_str0m_peer() {
     for (server, p) in servers.iter_mut().zip(&mut rest) {
         for k in 0..450u16 {
             let input = InputPacket {
-                source: SourceIdx(1),
+                source: Feed::Source(SourceIdx(1)),
                 ssrc: 5,
                 seq: k,
                 ts: 960 * k as u32,
@@ -369,7 +369,7 @@ fn a_lean_viewer_holds_a_fraction_of_its_str0m_peer() {
     for (lean, p) in leans.iter_mut().zip(&mut pairs) {
         for k in 0..150u16 {
             let input = InputPacket {
-                source: SourceIdx(1),
+                source: Feed::Source(SourceIdx(1)),
                 ssrc: 5,
                 seq: k,
                 ts: 960 * k as u32,

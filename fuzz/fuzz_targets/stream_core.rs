@@ -3,9 +3,8 @@
 //! quiet), byte-mutated packets, fully arbitrary datagrams, ticks, unpublish / republish and
 //! time jumps.
 //!
-//! Checked: never panics; every emitted packet parses with `RtpView`, has the same length as
-//! the input and differs from it only in seq / ts / SSRC / marker, carries the SSRC of its
-//! group track's rewriter, and comes from the source that the last `Track` event put in that
+//! Checked: never panics; every emitted packet (header fields only: the payload stays the
+//! input's) keeps the input's marker, carries the SSRC of its group track's rewriter, and comes from the source that the last `Track` event put in that
 //! track; `Track` events only name sources the group admits and never the same source in two
 //! tracks of a group; the core's stats add up.
 #![no_main]
@@ -101,7 +100,7 @@ impl World {
         &mut self,
         core_ssrc: &dyn Fn(GroupId, u8) -> Option<u32>,
         input: Option<(SourceIdx, &[u8])>,
-        o: Output<'_>,
+        o: Output,
     ) {
         match o {
             Output::Track(tc) => {
@@ -133,7 +132,8 @@ impl World {
             Output::Packet {
                 group,
                 track,
-                packet,
+                header,
+                ..
             } => {
                 let (from, orig) = input.expect("packet output outside on_packet");
                 let gi = self.group_index(group);
@@ -142,18 +142,13 @@ impl World {
                     Some(from),
                     "packet of {from:?} sent on group {group:?} track {track} that holds another source"
                 );
-                let v = RtpView::parse(packet).expect("emitted packet does not parse");
                 assert_eq!(
-                    Some(v.ssrc()),
+                    Some(header.ssrc),
                     core_ssrc(group, track),
                     "wrong SSRC for the group track"
                 );
-                assert_eq!(packet.len(), orig.len());
-                assert_eq!(packet[0], orig[0]);
-                assert_eq!(packet[1] & 0x7F, orig[1] & 0x7F);
-                assert_eq!(&packet[12..], &orig[12..]);
                 let o = RtpView::parse(orig).unwrap();
-                assert!(v.marker() || !o.marker(), "input marker lost");
+                assert!(header.marker || !o.marker(), "input marker lost");
             }
         }
     }

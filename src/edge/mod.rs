@@ -1,8 +1,11 @@
 //! The edge: viewers' WebRTC sessions, fed from the origin over the relay through the packet
 //! core. The control plane ([`Edge`]) answers offers and deals the peers out to the media threads
-//! ([`worker`]), one per core by default: each owns its viewers, their socket and one packet core
-//! per stream it serves, and gets every relayed packet of those streams (one shared buffer).
+//! ([`worker`]), one per core by default: each owns its viewers, their socket and an edge core
+//! ([`core`], sans-IO: one packet core per stream it serves, the viewers' groups and events), and
+//! gets every relayed packet of those streams (one shared buffer).
 
+pub mod core;
+pub mod events;
 pub mod talking;
 pub mod viewer;
 pub mod worker;
@@ -15,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::Value;
 use str0m::media::Mid;
 use str0m::RtcConfig;
 use tokio::sync::mpsc::UnboundedSender;
@@ -366,7 +368,7 @@ impl Edge {
         stream: &str,
         offer: &str,
         opts: ViewOptions,
-        events: UnboundedSender<Value>,
+        events: UnboundedSender<events::ViewerEvent>,
     ) -> Result<PendingViewer, OfferError> {
         check_offer(
             offer,

@@ -1,6 +1,6 @@
-//! Who talks, per stream, from the edge's own voice activity: once a tick the media thread hands
-//! every stream's packet core to [`TalkingWatch::update`], which tells the origin (over the link)
-//! each time a source starts or stops talking. Rooms turn that into `member.talking` events.
+//! Who talks, per stream, from the edge's own voice activity: once a tick the edge core hands
+//! every stream's packet core to [`TalkingWatch::update`], which tells the origin (a link request
+//! in the core's output) each time a source starts or stops talking. Rooms turn that into `member.talking` events.
 //! Talking is the packet core's judgement (a talkspurt or its hangover), so short pauses between
 //! words do not flicker. Nothing is allocated per tick, only per flip.
 
@@ -9,21 +9,10 @@ use std::collections::HashMap;
 use crate::media::activity::Voice;
 use crate::media::stream::StreamCore;
 use crate::media::SourceIdx;
-use crate::relay::client::{LinkCtl, LinkRequest};
 
-/// Where the flips go: the origin link (a trait so tests can watch).
+/// Where the flips go: the edge core's output queue (a trait so tests can watch).
 pub trait TalkingSink {
-    fn talking(&self, stream: &str, source: &str, talking: bool);
-}
-
-impl TalkingSink for LinkCtl {
-    fn talking(&self, stream: &str, source: &str, talking: bool) {
-        self.send(LinkRequest::Talking {
-            stream: stream.to_owned(),
-            source: source.to_owned(),
-            talking,
-        });
-    }
+    fn talking(&mut self, stream: &str, source: &str, talking: bool);
 }
 
 #[derive(Default)]
@@ -40,7 +29,7 @@ impl TalkingWatch {
         &mut self,
         streams: impl Iterator<Item = (&'a String, &'a StreamCore)>,
         now_us: u64,
-        sink: &impl TalkingSink,
+        sink: &mut impl TalkingSink,
     ) {
         self.updates += 1;
         let now = self.updates;
@@ -99,7 +88,7 @@ mod tests {
     struct Seen(RefCell<Vec<(String, String, bool)>>);
 
     impl TalkingSink for Seen {
-        fn talking(&self, stream: &str, source: &str, talking: bool) {
+        fn talking(&mut self, stream: &str, source: &str, talking: bool) {
             self.0
                 .borrow_mut()
                 .push((stream.into(), source.into(), talking));
@@ -127,21 +116,21 @@ mod tests {
             },
         );
         let name = "room".to_owned();
-        let (mut w, seen) = (TalkingWatch::default(), Seen::default());
+        let (mut w, mut seen) = (TalkingWatch::default(), Seen::default());
         let mut t = 0;
         // Quiet, then loud speech for a second: one "talking" flip.
         for seq in 0..150u16 {
             let level = if seq < 100 { 90 } else { 20 + (seq % 7) as u8 };
             core.on_packet(t, ana, &packet(seq, level), &mut |_| {})
                 .unwrap();
-            w.update(std::iter::once((&name, &core)), t, &seen);
+            w.update(std::iter::once((&name, &core)), t, &mut seen);
             t += 20_000;
         }
         let flips = seen.0.borrow().clone();
         assert_eq!(flips, vec![("room".into(), "ana".into(), true)]);
         // Silence long past the hangover: one "silent" flip.
         for _ in 0..100 {
-            w.update(std::iter::once((&name, &core)), t, &seen);
+            w.update(std::iter::once((&name, &core)), t, &mut seen);
             t += 20_000;
         }
         assert_eq!(seen.0.borrow().len(), 2);
@@ -150,11 +139,11 @@ mod tests {
         for seq in 150..200u16 {
             core.on_packet(t, ana, &packet(seq, 20 + (seq % 5) as u8), &mut |_| {})
                 .unwrap();
-            w.update(std::iter::once((&name, &core)), t, &seen);
+            w.update(std::iter::once((&name, &core)), t, &mut seen);
             t += 20_000;
         }
         assert!(seen.0.borrow()[2].2);
-        w.update(std::iter::empty(), t, &seen);
+        w.update(std::iter::empty(), t, &mut seen);
         assert_eq!(
             seen.0.borrow().last().unwrap(),
             &("room".into(), "ana".into(), false)

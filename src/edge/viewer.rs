@@ -8,17 +8,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use serde_json::Value;
 use smallvec::SmallVec;
 use str0m::media::{Mid, Pt};
 use str0m::rtp::{Extension, ExtensionValues, RtpWrite, SeqNo};
 use str0m::Rtc;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::events::ViewerEvent;
 use crate::media::rewrite::{InputPacket, TrackRewriter};
 use crate::media::rtp::audio_level_byte;
-use crate::media::selection::GroupId;
-use crate::media::SourceIdx;
 use crate::rtc::established::TrackSpec;
 use crate::rtc::peers::{Peer, PeerOut};
 use crate::rtc::srtp_out::KeySlot;
@@ -104,7 +102,7 @@ impl OutTrack {
         };
         if let Some(l) = self.ext_seq {
             if ext > l + 1 {
-                tracing::debug!(mid = %self.mid, gap = ext - l - 1, in_seq = input.seq, in_src = input.source.0, marker = h.marker, "output sequence gap");
+                tracing::debug!(mid = %self.mid, gap = ext - l - 1, in_seq = input.seq, in_src = ?input.source, marker = h.marker, "output sequence gap");
             }
         }
         if self.ext_seq.is_none_or(|l| ext > l) {
@@ -217,28 +215,15 @@ pub fn go_lean(peer: &mut Peer<Viewer>, now: Instant) -> bool {
     false
 }
 
-/// A viewer as the edge's media thread knows it.
+/// A viewer as the edge's media thread knows it: its peer's side. What it asked for and its
+/// group are the edge core's (`edge::core`).
 pub struct Viewer {
     pub stream: String,
     pub subscriber_id: String,
-    pub tracks_n: u8,
-    pub pinned: Option<String>,
-    pub excluded: Vec<String>,
-    /// (multiplexed track index, sourceId) the viewer projected.
-    pub fixed: Vec<(u8, String)>,
-    pub group: GroupId,
-    /// The source in the main tracks: the pinned one, or the stream's main source.
-    pub main_source: SourceIdx,
     pub main_audio: Option<OutTrack>,
     pub main_video: Option<OutTrack>,
     pub tracks: Vec<OutTrack>,
-    pub events: UnboundedSender<Value>,
+    pub events: UnboundedSender<ViewerEvent>,
     /// Filled by the DTLS handshake; taken by [`go_lean`] once connected.
     pub keys: Arc<KeySlot>,
-}
-
-impl Viewer {
-    pub fn send(&self, v: Value) {
-        let _ = self.events.send(v);
-    }
 }

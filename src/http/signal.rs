@@ -29,6 +29,7 @@ use super::socket::{
 };
 use super::{fail, App};
 use crate::auth::jwt::{Claims, Scope};
+use crate::edge::events::ViewerEvent;
 use crate::edge::ViewOptions;
 use crate::origin::Owner;
 use crate::rtc::peers::PeerId;
@@ -129,7 +130,7 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64, pee
         metrics.clone(),
     ));
     // The edge's events for this session's viewer: drained into the bounded queue at once.
-    let (events, mut events_rx) = mpsc::unbounded_channel::<Value>();
+    let (events, mut events_rx) = mpsc::unbounded_channel::<ViewerEvent>();
     let out = Out {
         tx: tx.clone(),
         overflowed: Cell::new(false),
@@ -159,7 +160,7 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64, pee
                 });
             }
             Some(ev) = events_rx.recv() => {
-                out.send(ev);
+                out.send(event_json(&ev));
                 if out.overflowed() {
                     break Some(socket::not_reading(&metrics, WS_OUT_QUEUE));
                 }
@@ -255,7 +256,7 @@ struct Session {
     seen: HashSet<u64>,
     viewer: Option<ViewerState>,
     /// Where the edge sends this session's viewer events.
-    events: mpsc::UnboundedSender<Value>,
+    events: mpsc::UnboundedSender<ViewerEvent>,
     /// Told when the room participant this session views for is removed.
     removed: Arc<tokio::sync::Notify>,
 }
@@ -476,6 +477,30 @@ fn unproject(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Valu
     v.projected.retain(|(m, _)| !mids.contains(m));
     push_projections(app, v);
     Ok(json!({}))
+}
+
+/// A viewer event as the Millicast SDK reads it: built here, where the socket writes it, not on
+/// the media thread that decided it.
+pub(crate) fn event_json(ev: &ViewerEvent) -> Value {
+    let data = match ev {
+        ViewerEvent::Active(a) => {
+            let tracks: Vec<Value> = a
+                .media
+                .iter()
+                .map(|m| json!({"trackId": m, "media": m}))
+                .collect();
+            json!({"streamId": &*a.stream, "sourceId": a.source.as_deref(), "tracks": tracks})
+        }
+        ViewerEvent::Inactive { stream, source } => {
+            json!({"streamId": &**stream, "sourceId": source.as_deref()})
+        }
+        ViewerEvent::Vad { mid, source } => {
+            json!({"mediaId": mid.to_string(), "sourceId": source.as_deref()})
+        }
+        ViewerEvent::ViewerCount(n) => json!({ "viewercount": n }),
+        ViewerEvent::Stopped { stream } => json!({ "streamId": &**stream }),
+    };
+    json!({"type": "event", "name": ev.name(), "data": data})
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! real elapsed time at a switch, and a marker bit on the first packet after each switch.
 
 use super::opus::CLOCK_RATE;
+use super::selection::GroupId;
 use super::SourceIdx;
 
 /// A sequence jump larger than this within one source is a restart, not loss.
@@ -17,10 +18,20 @@ pub struct Rewritten {
     pub marker: bool,
 }
 
+/// What feeds a rewriter: a rewriter re-anchors when its feed changes. A group's track is fed by
+/// publishers' sources; a viewer's track by a group's track (already one continuous stream, so
+/// the viewer re-anchors only when it moves to another group) or, for its main tracks, straight
+/// by the pinned source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feed {
+    Source(SourceIdx),
+    Group(GroupId, u8),
+}
+
 /// The input header fields the rewriter needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InputPacket {
-    pub source: SourceIdx,
+    pub source: Feed,
     pub ssrc: u32,
     pub seq: u16,
     pub ts: u32,
@@ -38,7 +49,7 @@ pub enum RewriteDrop {
 
 #[derive(Debug, Clone, Copy)]
 struct Anchor {
-    source: SourceIdx,
+    source: Feed,
     in_ssrc: u32,
     /// Extended input sequence numbers of the first packet after the switch and the highest seen.
     first_ext: i64,
@@ -93,8 +104,8 @@ impl TrackRewriter {
             .then_some((self.out_seq, self.out_ts, self.out_at_us))
     }
 
-    /// The source currently feeding this track (the last one a packet was forwarded from).
-    pub fn current_source(&self) -> Option<SourceIdx> {
+    /// What currently feeds this track (the last one a packet was forwarded from).
+    pub fn current_source(&self) -> Option<Feed> {
         self.anchor.map(|a| a.source)
     }
 
@@ -185,7 +196,7 @@ mod tests {
 
     fn pkt(source: u32, seq: u16, ts: u32) -> InputPacket {
         InputPacket {
-            source: SourceIdx(source),
+            source: Feed::Source(SourceIdx(source)),
             ssrc: 1000 + source,
             seq,
             ts,
@@ -247,6 +258,32 @@ mod tests {
         // 1 s later the same source comes back with 50 packets skipped: no gap in the output.
         let b = r.rewrite(1_000_000, &pkt(1, 60, 48_000)).unwrap();
         assert_eq!((b.seq, b.ts, b.marker), (1, 48_000, true));
+    }
+
+    #[test]
+    fn a_viewer_moving_to_another_group_reanchors_once_and_stays_continuous() {
+        // A viewer's rewriter is fed a group's track: already one stream (its own SSRC and
+        // numbering), so only a move to another group's track re-anchors it.
+        let group = |g: u32, seq: u16, ssrc: u32| InputPacket {
+            source: Feed::Group(GroupId(g), 0),
+            ssrc,
+            seq,
+            ts: seq as u32 * 960,
+            marker: false,
+            samples: 960,
+        };
+        let mut r = TrackRewriter::new(9, 100, 0);
+        let a = r.rewrite(0, &group(1, 7000, 11)).unwrap();
+        let b = r.rewrite(20_000, &group(1, 7001, 11)).unwrap();
+        assert_eq!(
+            (b.seq, b.ts.wrapping_sub(a.ts), b.marker),
+            (101, 960, false)
+        );
+        // Same sequence numbers, another group: a new feed, even with an equal SSRC.
+        let c = r.rewrite(40_000, &group(2, 7001, 11)).unwrap();
+        assert_eq!((c.seq, c.ts.wrapping_sub(b.ts), c.marker), (102, 960, true));
+        let d = r.rewrite(60_000, &group(2, 7002, 11)).unwrap();
+        assert_eq!((d.seq, d.marker), (103, false));
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! One stream's packet core: its sources, their voice activity, the shared selection and one
 //! rewriter per (group, track). Plain data in, data out: time is an argument, output goes to a
 //! callback in the order it must be acted on (a track change before the first packet it brings).
+//! A packet is parsed once, by whoever received it: the core takes the [`RtpView`] and emits, per
+//! (group, track) that carries it, only the rewritten header fields; the payload and extensions
+//! stay where they are, in the caller's buffer.
 
 use std::collections::HashMap;
 
@@ -8,8 +11,8 @@ use smallvec::SmallVec;
 
 use super::activity::{Transition, VadConfig, Voice, VoiceActivity};
 use super::opus;
-use super::rewrite::{InputPacket, RewriteDrop, TrackRewriter};
-use super::rtp::{RtpError, RtpHeaderMut, RtpView};
+use super::rewrite::{Feed, InputPacket, RewriteDrop, Rewritten, TrackRewriter};
+use super::rtp::{RtpError, RtpView};
 use super::selection::{GroupId, GroupKey, SelectionConfig, Selector, Standing, TrackChange};
 use super::SourceIdx;
 
@@ -65,15 +68,18 @@ pub struct CoreStats {
 }
 
 /// What the core asks its driver to do, in order.
-#[derive(Debug)]
-pub enum Output<'a> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
     /// A track of a group changed source: tell that group's viewers (the `vad` event).
     Track(TrackChange),
-    /// Send this rewritten packet on `track` to every viewer of `group`.
+    /// Send the packet being handled on `track` to every viewer of `group`, with these header
+    /// fields (SSRC, sequence number, timestamp, marker) in place of its own.
     Packet {
         group: GroupId,
         track: u8,
-        packet: &'a [u8],
+        header: Rewritten,
+        /// Its audio duration in samples (what a further rewrite of this stream needs).
+        samples: u32,
     },
 }
 
@@ -115,7 +121,6 @@ pub struct StreamCore {
     selector: Selector,
     /// Rewriters by group id, one per track.
     rewriters: Vec<SmallVec<[TrackRewriter; 4]>>,
-    scratch: Box<[u8; MAX_PACKET]>,
     stats: CoreStats,
 }
 
@@ -130,7 +135,6 @@ impl StreamCore {
             free: Vec::new(),
             live: Vec::new(),
             rewriters: Vec::new(),
-            scratch: Box::new([0; MAX_PACKET]),
             stats: CoreStats::default(),
         }
     }
@@ -207,7 +211,7 @@ impl StreamCore {
     }
 
     /// The source stopped: its tracks empty now, and its name is released unless a group names it.
-    pub fn unpublish(&mut self, now_us: u64, s: SourceIdx, out: &mut impl FnMut(Output<'_>)) {
+    pub fn unpublish(&mut self, now_us: u64, s: SourceIdx, out: &mut impl FnMut(Output)) {
         if let Some(src) = self.sources.get_mut(s.0 as usize) {
             src.live = false;
         }
@@ -305,44 +309,72 @@ impl StreamCore {
         standing_of(&self.sources, &self.cfg.vad, s, now_us)
     }
 
-    /// One packet of source `s` arrived at `now_us`.
+    /// One packet of source `s` arrived at `now_us`, as bytes: parsed here, then
+    /// [`on_rtp`](Self::on_rtp). For callers that have not parsed it themselves (replay, fuzz).
     pub fn on_packet(
         &mut self,
         now_us: u64,
         s: SourceIdx,
         packet: &[u8],
-        out: &mut impl FnMut(Output<'_>),
+        out: &mut impl FnMut(Output),
     ) -> Result<(), Drop> {
-        let result = self.ingest(now_us, s, packet, out);
-        match result {
-            Err(Drop::Malformed(_)) => self.stats.dropped_malformed += 1,
-            Err(Drop::TooLarge(_)) => self.stats.dropped_too_large += 1,
-            Err(Drop::UnknownSource) => self.stats.dropped_unknown_source += 1,
-            Ok(()) => {}
+        match RtpView::parse(packet) {
+            Ok(view) => self.on_rtp(now_us, s, &view, out),
+            Err(e) => {
+                let drop = if packet.len() > MAX_PACKET {
+                    Drop::TooLarge(packet.len())
+                } else {
+                    Drop::Malformed(e)
+                };
+                self.count(drop);
+                Err(drop)
+            }
+        }
+    }
+
+    /// One packet of source `s` arrived at `now_us`, parsed by the caller.
+    pub fn on_rtp(
+        &mut self,
+        now_us: u64,
+        s: SourceIdx,
+        view: &RtpView<'_>,
+        out: &mut impl FnMut(Output),
+    ) -> Result<(), Drop> {
+        let result = self.ingest(now_us, s, view, out);
+        if let Err(d) = result {
+            self.count(d);
         }
         result
+    }
+
+    fn count(&mut self, d: Drop) {
+        match d {
+            Drop::Malformed(_) => self.stats.dropped_malformed += 1,
+            Drop::TooLarge(_) => self.stats.dropped_too_large += 1,
+            Drop::UnknownSource => self.stats.dropped_unknown_source += 1,
+        }
     }
 
     fn ingest(
         &mut self,
         now_us: u64,
         s: SourceIdx,
-        packet: &[u8],
-        out: &mut impl FnMut(Output<'_>),
+        view: &RtpView<'_>,
+        out: &mut impl FnMut(Output),
     ) -> Result<(), Drop> {
-        if packet.len() > MAX_PACKET {
-            return Err(Drop::TooLarge(packet.len()));
+        let len = view.as_bytes().len();
+        if len > MAX_PACKET {
+            return Err(Drop::TooLarge(len));
         }
-        let view = RtpView::parse(packet).map_err(Drop::Malformed)?;
         let src = match self.sources.get_mut(s.0 as usize) {
             Some(src) if src.live => src,
             _ => return Err(Drop::UnknownSource),
         };
         self.stats.packets_in += 1;
-        self.stats.bytes_in += packet.len() as u64;
+        self.stats.bytes_in += len as u64;
         let transition =
             src.activity
-                .observe_packet(&self.cfg.vad, now_us, &view, src.cfg.level_ext_id);
+                .observe_packet(&self.cfg.vad, now_us, view, src.cfg.level_ext_id);
         if transition == Transition::Onset {
             self.stats.onsets += 1;
             let (sources, vad) = (&self.sources, &self.cfg.vad);
@@ -355,14 +387,13 @@ impl StreamCore {
             return Ok(());
         }
         let input = InputPacket {
-            source: s,
+            source: Feed::Source(s),
             ssrc: view.ssrc(),
             seq: view.sequence_number(),
             ts: view.timestamp(),
             marker: view.marker(),
             samples: opus::packet_info(view.payload()).map_or(960, |i| i.samples),
         };
-        let len = packet.len();
         for &(gid, track) in places {
             let Some(rw) = self
                 .rewriters
@@ -372,20 +403,14 @@ impl StreamCore {
                 continue;
             };
             match rw.rewrite(now_us, &input) {
-                Ok(h) => {
-                    let buf = &mut self.scratch[..len];
-                    buf.copy_from_slice(packet);
-                    let mut hdr = RtpHeaderMut::new(buf).expect("parsed above");
-                    hdr.set_ssrc(h.ssrc);
-                    hdr.set_sequence_number(h.seq);
-                    hdr.set_timestamp(h.ts);
-                    hdr.set_marker(h.marker);
+                Ok(header) => {
                     self.stats.packets_out += 1;
                     self.stats.bytes_out += len as u64;
                     out(Output::Packet {
                         group: gid,
                         track,
-                        packet: &self.scratch[..len],
+                        header,
+                        samples: input.samples,
                     });
                 }
                 Err(RewriteDrop::BeforeSwitch) => self.stats.dropped_before_switch += 1,
@@ -395,7 +420,7 @@ impl StreamCore {
     }
 
     /// Re-ranks the stream and updates every group's tracks. Call every 10-20 ms of packet time.
-    pub fn tick(&mut self, now_us: u64, out: &mut impl FnMut(Output<'_>)) {
+    pub fn tick(&mut self, now_us: u64, out: &mut impl FnMut(Output)) {
         let (sources, vad) = (&self.sources, &self.cfg.vad);
         let live = self
             .live
@@ -406,7 +431,7 @@ impl StreamCore {
         self.flush_events(out);
     }
 
-    fn flush_events(&mut self, out: &mut impl FnMut(Output<'_>)) {
+    fn flush_events(&mut self, out: &mut impl FnMut(Output)) {
         let events = self.selector.events();
         self.stats.switches += events.len() as u64;
         for e in events.drain(..) {
@@ -487,7 +512,7 @@ mod tests {
         let mut log = Vec::new();
         for (i, &l) in levels.iter().enumerate() {
             let now = t0 + i as u64 * 20_000;
-            let mut sink = |o: Output<'_>| {
+            let mut sink = |o: Output| {
                 log.push(match o {
                     Output::Track(c) => format!("track{}={:?}", c.track, c.source.map(|s| s.0)),
                     Output::Packet { track, .. } => format!("pkt{track}"),
@@ -516,7 +541,7 @@ mod tests {
         let ghost = core.intern("ghost");
         core.join(GroupKey::new(1, None, []));
         let mut n = 0;
-        let mut sink = |_: Output<'_>| n += 1;
+        let mut sink = |_: Output| n += 1;
         assert_eq!(
             core.on_packet(0, a, &[0x80, 0], &mut sink),
             Err(Drop::Malformed(RtpError::TooShort))

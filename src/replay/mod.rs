@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::media::opus;
-use crate::media::rtp::{write_packet, HeaderFields, RtpView};
+use crate::media::rtp::{write_packet, HeaderFields};
 use crate::media::selection::GroupKey;
 use crate::media::stream::{splitmix64, CoreConfig, CoreStats, Output, SourceConfig, StreamCore};
 use crate::media::SourceIdx;
@@ -253,7 +253,7 @@ pub fn run(speakers: &[Speaker], opts: &ReplayOptions) -> Result<ReplayResult, S
     let tick_us = opts.tick_ms.max(1) as u64 * 1000;
     let mut next_tick = 0u64;
     for s in &sent {
-        let mut sink = |o: Output<'_>, current: Option<(u32, u64, u64)>| match o {
+        let mut sink = |o: Output, current: Option<(u32, u64, u64)>| match o {
             Output::Track(c) if c.group == group => changes.push(Change {
                 t_ms: c.at_us / 1000,
                 track: c.track,
@@ -262,19 +262,19 @@ pub fn run(speakers: &[Speaker], opts: &ReplayOptions) -> Result<ReplayResult, S
             Output::Packet {
                 group: g,
                 track,
-                packet,
+                header,
+                ..
             } if g == group => {
                 let (source, send_us, arrival_us) =
                     current.expect("packets only come from on_packet");
-                let v = RtpView::parse(packet).expect("core emits valid RTP");
                 forwarded.push(Forwarded {
                     track,
                     source,
                     send_us,
                     arrival_us,
-                    seq: v.sequence_number(),
-                    ts: v.timestamp(),
-                    marker: v.marker(),
+                    seq: header.seq,
+                    ts: header.ts,
+                    marker: header.marker,
                 });
             }
             _ => {}

@@ -1,0 +1,741 @@
+//! The edge core: every decision of an edge media thread, sans-IO, in the shape of quinn-proto's
+//! `Connection`. Inputs are `handle_*` calls with `now` (µs since an epoch the driver owns, the
+//! packet core's clock: the only clock here); outputs are polled with [`EdgeCore::poll_output`],
+//! one ordered queue, so an event that announces a track change leaves before the first packet
+//! it brings by construction, however many packets a round holds. No sockets, no peers, no
+//! channels: the driver (`worker.rs`) feeds it and acts on what it polls, in order.
+//!
+//! A relayed packet is parsed once here ([`RtpView`]); the packet core takes the view and emits,
+//! per (group, track), the rewritten header fields; each viewer of the group gets a [`Write`] of
+//! them, with its level and the payload as a slice of the relayed datagram (no copy).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use str0m::media::Mid;
+use tracing::{debug, info};
+
+use super::events::{ActiveSource, ViewerEvent};
+use super::talking::{TalkingSink, TalkingWatch};
+use super::{EdgeMetrics, Shared};
+use crate::media::opus;
+use crate::media::rewrite::{Feed, InputPacket};
+use crate::media::rtp::{parse_audio_level, RtpView};
+use crate::media::selection::{GroupId, GroupKey, TrackChange};
+use crate::media::stream::{CoreConfig, Output as CoreOutput, SourceConfig, StreamCore};
+use crate::media::SourceIdx;
+use crate::relay::client::LinkRequest;
+use crate::relay::proto::{DatagramHeader, Kind, SourceInfo, DATAGRAM_HEADER, LEVEL_EXT_ID};
+use crate::rtc::peers::PeerId;
+
+/// Selection runs this often per stream: one ranking per stream per tick, half a 20 ms frame, so
+/// an onset missed by `on_onset` is still picked up within a frame.
+pub(crate) const TICK_US: u64 = 10_000;
+/// A viewer's keyframe requests reach the origin at most this often per stream: one keyframe a
+/// second serves every viewer that joined or lost packets meanwhile, and a crowd asking at once
+/// must not make the publisher send nothing but keyframes.
+pub(crate) const KEYFRAME_INTERVAL_US: u64 = 1_000_000;
+/// Video packet duration used when a main video track switches publication (30 fps at 90 kHz).
+pub(crate) const VIDEO_FRAME: u32 = 3000;
+/// `viewercount` goes to a stream's viewers at most this often, when the count changed: a crowd
+/// joining must not cost a message per viewer per join.
+pub(crate) const VIEWERCOUNT_INTERVAL_US: u64 = 1_000_000;
+/// Relayed audio older than [`super::MAX_RELAY_AGE`] is dropped, in the core's clock.
+pub(crate) const MAX_RELAY_AGE_US: u64 = super::MAX_RELAY_AGE.as_micros() as u64;
+
+/// Which of a viewer's tracks a write is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackRef {
+    MainAudio,
+    MainVideo,
+    /// Multiplexed track k (its index among the viewer's multiplexed m-lines).
+    Mux(u8),
+}
+
+/// One packet for one viewer's track.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    pub viewer: PeerId,
+    pub track: TrackRef,
+    /// The header fields the viewer's own numbering starts from: the group's rewritten fields
+    /// (fed by the group's track) or, on a main track, the publisher's (fed by the source).
+    pub input: InputPacket,
+    /// RFC 6464 (voice, level), when the publisher sent one.
+    pub level: Option<(bool, u8)>,
+    /// The Opus (or video) payload: a slice of the relayed datagram.
+    pub payload: Bytes,
+}
+
+/// What the core asks of its driver, in the order it must be done.
+#[derive(Debug)]
+pub enum Output {
+    Write(Write),
+    Event(PeerId, ViewerEvent),
+    Link(LinkRequest),
+}
+
+/// One relayed datagram, as the link's reader took it.
+#[derive(Debug, Clone)]
+pub struct Relayed {
+    pub hdr: DatagramHeader,
+    /// The whole datagram; the RTP packet starts at [`DATAGRAM_HEADER`].
+    pub data: Bytes,
+    /// When it arrived, in the core's clock: its age decides whether it is still worth sending.
+    pub arrived_us: u64,
+}
+
+/// A viewer joining: what its `view` asked for and what its offer negotiated.
+#[derive(Debug, Clone, Default)]
+pub struct Join {
+    pub stream: String,
+    pub pinned: Option<String>,
+    pub excluded: Vec<String>,
+    /// Its main video m-line, if any (keyframe requests on it go to the origin).
+    pub main_video: Option<Mid>,
+    /// The mids of its multiplexed tracks, in order.
+    pub tracks: Vec<Mid>,
+}
+
+/// What the core knows of a viewer. Its group is stored here, and only here.
+struct ViewerState {
+    stream: Arc<str>,
+    group: GroupId,
+    /// The source in its main tracks: the pinned one, or the stream's main source.
+    main_source: SourceIdx,
+    /// Exclusion wins over pinning: a viewer that excludes its main source hears nothing there.
+    main_excluded: bool,
+    main_video: Option<Mid>,
+    tracks: Vec<Mid>,
+    excluded: Vec<String>,
+}
+
+/// A live source as the origin announced it.
+struct LiveSource {
+    /// Its index in the relay's datagrams.
+    index: u16,
+    name: Option<Arc<str>>,
+    active: Arc<ActiveSource>,
+}
+
+struct EdgeStream {
+    name: Arc<str>,
+    core: StreamCore,
+    /// Relay source index -> core source.
+    by_relay: HashMap<u16, SourceIdx>,
+    live: HashMap<SourceIdx, LiveSource>,
+    /// Every viewer of the stream on this thread.
+    viewers: Vec<PeerId>,
+    /// Viewers by group id (the packet core's group ids are small and reused).
+    groups: Vec<Vec<PeerId>>,
+    main_viewers: HashMap<SourceIdx, Vec<PeerId>>,
+    channel: Option<u32>,
+    last_keyframe_us: Option<u64>,
+    /// The edge-wide count this thread's viewers last heard, and when.
+    last_viewercount: Option<usize>,
+    last_viewercount_us: Option<u64>,
+}
+
+impl EdgeStream {
+    fn new(name: &str, seed: u64) -> Self {
+        EdgeStream {
+            name: name.into(),
+            core: StreamCore::new(CoreConfig {
+                seed,
+                ..CoreConfig::default()
+            }),
+            by_relay: HashMap::new(),
+            live: HashMap::new(),
+            viewers: Vec::new(),
+            groups: Vec::new(),
+            main_viewers: HashMap::new(),
+            channel: None,
+            last_keyframe_us: None,
+            last_viewercount: None,
+            last_viewercount_us: None,
+        }
+    }
+
+    fn group_mut(&mut self, g: GroupId) -> &mut Vec<PeerId> {
+        let i = g.0 as usize;
+        if self.groups.len() <= i {
+            self.groups.resize_with(i + 1, Vec::new);
+        }
+        &mut self.groups[i]
+    }
+
+    fn broadcast(&self, out: &mut VecDeque<Output>, ev: &ViewerEvent) {
+        for &id in &self.viewers {
+            out.push_back(Output::Event(id, ev.clone()));
+        }
+    }
+}
+
+/// The sourceId a track change names (None: the main source, or an empty track).
+fn source_name(live: &HashMap<SourceIdx, LiveSource>, s: Option<SourceIdx>) -> Option<Arc<str>> {
+    live.get(&s?).and_then(|l| l.name.clone())
+}
+
+/// Tells the viewers of the change's group which source its track now carries.
+fn vad(
+    c: &TrackChange,
+    groups: &[Vec<PeerId>],
+    live: &HashMap<SourceIdx, LiveSource>,
+    viewers: &HashMap<PeerId, ViewerState>,
+    out: &mut VecDeque<Output>,
+    metrics: &EdgeMetrics,
+) {
+    metrics.switches.fetch_add(1, Ordering::Relaxed);
+    let Some(ids) = groups.get(c.group.0 as usize) else {
+        return;
+    };
+    let source = source_name(live, c.source);
+    for id in ids {
+        if let Some(mid) = viewers.get(id).and_then(|v| v.tracks.get(c.track as usize)) {
+            out.push_back(Output::Event(
+                *id,
+                ViewerEvent::Vad {
+                    mid: *mid,
+                    source: source.clone(),
+                },
+            ));
+            metrics.vad_events.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Talking flips go out as link requests, in order with everything else.
+struct LinkOut<'a>(&'a mut VecDeque<Output>);
+
+impl TalkingSink for LinkOut<'_> {
+    fn talking(&mut self, stream: &str, source: &str, talking: bool) {
+        self.0.push_back(Output::Link(LinkRequest::Talking {
+            stream: stream.to_owned(),
+            source: source.to_owned(),
+            talking,
+        }));
+    }
+}
+
+/// One media thread's decisions: its streams, their packet cores, its viewers' groups.
+pub struct EdgeCore {
+    streams: HashMap<String, EdgeStream>,
+    channels: HashMap<u32, String>,
+    /// Channels of streams the origin relays to this edge, followed here or not: a datagram on
+    /// one of those for a stream without viewers on this thread is another thread's.
+    known_channels: HashSet<u32>,
+    viewers: HashMap<PeerId, ViewerState>,
+    out: VecDeque<Output>,
+    metrics: Arc<EdgeMetrics>,
+    /// What the origin last announced per stream, and the edge's viewer counts, shared by the
+    /// edge's media threads.
+    shared: Arc<Shared>,
+    seed: u64,
+    next_tick_us: u64,
+    talking: TalkingWatch,
+    /// This thread's share of `EdgeMetrics::interned_names`, as last added.
+    interned: u64,
+}
+
+impl EdgeCore {
+    pub fn new(metrics: Arc<EdgeMetrics>, shared: Arc<Shared>, seed: u64) -> Self {
+        EdgeCore {
+            streams: HashMap::new(),
+            channels: HashMap::new(),
+            known_channels: HashSet::new(),
+            viewers: HashMap::new(),
+            out: VecDeque::new(),
+            metrics,
+            shared,
+            seed,
+            next_tick_us: 0,
+            talking: TalkingWatch::default(),
+            interned: 0,
+        }
+    }
+
+    /// The next thing to do, in order.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) is due next.
+    pub fn poll_timeout(&self) -> u64 {
+        self.next_tick_us
+    }
+
+    /// The tick: selection, coalesced `viewercount`, talking reports, gauges.
+    pub fn handle_timeout(&mut self, now_us: u64) {
+        if now_us < self.next_tick_us {
+            return;
+        }
+        self.next_tick_us = now_us + TICK_US;
+        let EdgeCore {
+            streams,
+            viewers,
+            out,
+            metrics,
+            shared,
+            talking,
+            ..
+        } = self;
+        for (name, st) in streams.iter_mut() {
+            let EdgeStream {
+                core, groups, live, ..
+            } = &mut *st;
+            core.tick(now_us, &mut |o| {
+                if let CoreOutput::Track(c) = o {
+                    vad(&c, groups, live, viewers, out, metrics);
+                }
+            });
+            let due = st
+                .last_viewercount_us
+                .is_none_or(|t| now_us >= t + VIEWERCOUNT_INTERVAL_US);
+            if due {
+                let n = shared.viewers_of(name);
+                if st.last_viewercount != Some(n) {
+                    st.last_viewercount = Some(n);
+                    st.last_viewercount_us = Some(now_us);
+                    st.broadcast(out, &ViewerEvent::ViewerCount(n));
+                }
+            }
+        }
+        let cores = streams.iter().map(|(n, st)| (n, &st.core));
+        talking.update(cores, now_us, &mut LinkOut(out));
+        let interned: u64 = streams.values().map(|st| st.core.interned() as u64).sum();
+        let before = std::mem::replace(&mut self.interned, interned);
+        let gauge = &self.metrics.interned_names;
+        if interned >= before {
+            gauge.fetch_add(interned - before, Ordering::Relaxed);
+        } else {
+            gauge.fetch_sub(before - interned, Ordering::Relaxed);
+        }
+    }
+
+    /// A viewer joins (its peer is the driver's). It hears at once every live source (`active`:
+    /// the SDK plays nothing before one), what each multiplexed track carries now (`vad`), and
+    /// the viewer count; the first viewer of a stream subscribes to it.
+    pub fn handle_join(&mut self, now_us: u64, id: PeerId, j: Join) {
+        if !self.streams.contains_key(&j.stream) {
+            info!(
+                stream = j.stream.as_str(),
+                "first viewer: subscribing at the origin"
+            );
+            self.out
+                .push_back(Output::Link(LinkRequest::Subscribe(j.stream.clone())));
+            let seed = self.seed ^ id.0;
+            self.streams
+                .insert(j.stream.clone(), EdgeStream::new(&j.stream, seed));
+            // Another media thread may already follow the stream: start from what the origin
+            // announced then, instead of waiting for its next announcement.
+            let cached = self
+                .shared
+                .sources
+                .lock()
+                .ok()
+                .and_then(|c| c.get(&j.stream).cloned());
+            if let Some((channel, sources)) = cached {
+                self.handle_sources(now_us, &j.stream, channel, sources);
+            }
+        }
+        let st = self.streams.get_mut(&j.stream).expect("inserted above");
+        let main_source = st.core.intern(j.pinned.as_deref().unwrap_or(""));
+        let excluded: Vec<SourceIdx> = j.excluded.iter().map(|e| st.core.intern(e)).collect();
+        let n = j.tracks.len() as u8;
+        let main_excluded = excluded.contains(&main_source);
+        let group = st.core.join(GroupKey::new(n, Some(main_source), excluded));
+        st.group_mut(group).push(id);
+        if !main_excluded {
+            st.main_viewers.entry(main_source).or_default().push(id);
+        }
+        st.viewers.push(id);
+        let mut live: Vec<&LiveSource> = st.live.values().collect();
+        live.sort_by_key(|l| l.index);
+        for l in live {
+            self.out
+                .push_back(Output::Event(id, ViewerEvent::Active(l.active.clone())));
+        }
+        for (t, s) in st.core.selector().tracks(group).enumerate() {
+            if let (Some(s), Some(mid)) = (s, j.tracks.get(t)) {
+                let source = source_name(&st.live, Some(s));
+                self.out
+                    .push_back(Output::Event(id, ViewerEvent::Vad { mid: *mid, source }));
+            }
+        }
+        // The newcomer learns the count at once; the others with the next coalesced broadcast.
+        let count = self.shared.count_viewers(&j.stream, 1);
+        self.out
+            .push_back(Output::Event(id, ViewerEvent::ViewerCount(count)));
+        self.metrics.viewers.fetch_add(1, Ordering::Relaxed);
+        debug!(%id, excluded = ?j.excluded, "viewer excludes");
+        self.viewers.insert(
+            id,
+            ViewerState {
+                stream: st.name.clone(),
+                group,
+                main_source,
+                main_excluded,
+                main_video: j.main_video,
+                tracks: j.tracks,
+                excluded: j.excluded,
+            },
+        );
+    }
+
+    /// A viewer left; the last one of a stream unsubscribes from it.
+    pub fn handle_leave(&mut self, id: PeerId) {
+        let Some(v) = self.viewers.remove(&id) else {
+            return;
+        };
+        self.metrics.viewers.fetch_sub(1, Ordering::Relaxed);
+        self.shared.count_viewers(&v.stream, -1);
+        let Some(st) = self.streams.get_mut(&*v.stream) else {
+            return;
+        };
+        st.viewers.retain(|x| *x != id);
+        st.group_mut(v.group).retain(|x| *x != id);
+        st.core.leave(v.group);
+        if !v.main_excluded {
+            if let Some(m) = st.main_viewers.get_mut(&v.main_source) {
+                m.retain(|x| *x != id);
+                if m.is_empty() {
+                    st.main_viewers.remove(&v.main_source);
+                }
+            }
+        }
+        if st.viewers.is_empty() {
+            if let Some(c) = st.channel {
+                if self.channels.get(&c).is_some_and(|s| **s == *v.stream) {
+                    self.channels.remove(&c);
+                }
+            }
+            self.streams.remove(&*v.stream);
+            self.out
+                .push_back(Output::Link(LinkRequest::Unsubscribe(v.stream.to_string())));
+            info!(stream = &*v.stream, "last viewer gone: unsubscribed");
+        }
+    }
+
+    /// Sets a viewer's projections, (multiplexed track index, sourceId): it moves to the group
+    /// of its new key and hears `vad` for every track that changed.
+    pub fn handle_project(&mut self, now_us: u64, id: PeerId, fixed: &[(u8, String)]) {
+        let Some(v) = self.viewers.get_mut(&id) else {
+            return;
+        };
+        let Some(st) = self.streams.get_mut(&*v.stream) else {
+            return;
+        };
+        let excluded: Vec<SourceIdx> = v.excluded.iter().map(|e| st.core.intern(e)).collect();
+        let fixed_idx: Vec<(u8, SourceIdx)> =
+            fixed.iter().map(|(t, s)| (*t, st.core.intern(s))).collect();
+        let key = GroupKey::new(v.tracks.len() as u8, Some(v.main_source), excluded)
+            .with_fixed(fixed_idx);
+        let old = v.group;
+        let before: Vec<Option<SourceIdx>> = st.core.selector().tracks(old).collect();
+        let new = st.core.join_from(now_us, key, &before);
+        st.core.leave(old);
+        if new != old {
+            st.group_mut(old).retain(|x| *x != id);
+            st.group_mut(new).push(id);
+            v.group = new;
+        }
+        for (t, s) in st.core.selector().tracks(new).enumerate() {
+            if before.get(t) == Some(&s) {
+                continue;
+            }
+            if let Some(mid) = v.tracks.get(t) {
+                let source = source_name(&st.live, s);
+                self.out
+                    .push_back(Output::Event(id, ViewerEvent::Vad { mid: *mid, source }));
+            }
+        }
+        info!(%id, ?fixed, "viewer projections changed");
+    }
+
+    /// A viewer asked for a keyframe on `mid`: passed to the origin if it is its main video, at
+    /// most once per [`KEYFRAME_INTERVAL_US`] per stream.
+    pub fn handle_keyframe_request(&mut self, now_us: u64, id: PeerId, mid: Mid) {
+        let Some(v) = self.viewers.get(&id) else {
+            return;
+        };
+        if v.main_video != Some(mid) {
+            return;
+        }
+        let Some(st) = self.streams.get_mut(&*v.stream) else {
+            return;
+        };
+        let due = st
+            .last_keyframe_us
+            .is_none_or(|t| now_us >= t + KEYFRAME_INTERVAL_US);
+        if !due {
+            return;
+        }
+        st.last_keyframe_us = Some(now_us);
+        let source = match st.core.name(v.main_source) {
+            "" => None,
+            n => Some(n.to_owned()),
+        };
+        debug!(%id, stream = &*v.stream, "keyframe request sent to the origin");
+        self.out.push_back(Output::Link(LinkRequest::Keyframe {
+            stream: v.stream.to_string(),
+            source,
+        }));
+    }
+
+    /// The origin's complete source list for a stream, on `channel`.
+    pub fn handle_sources(
+        &mut self,
+        now_us: u64,
+        stream: &str,
+        channel: u32,
+        sources: Vec<SourceInfo>,
+    ) {
+        self.known_channels.insert(channel);
+        let Some(st) = self.streams.get_mut(stream) else {
+            return;
+        };
+        if let Some(old) = st.channel.replace(channel) {
+            // Only this stream's own mapping goes: after a relink another stream may hold it.
+            if old != channel && self.channels.get(&old).is_some_and(|s| s == stream) {
+                self.channels.remove(&old);
+            }
+        }
+        self.channels.insert(channel, stream.to_owned());
+        let had_sources = !st.live.is_empty();
+        // The list is complete: indices it does not name are no source of this stream any more.
+        st.by_relay.clear();
+        let mut seen = Vec::new();
+        for info in sources {
+            let name = info.source_id.clone().unwrap_or_default();
+            let idx = st.core.intern(&name);
+            seen.push(idx);
+            st.by_relay.insert(info.index, idx);
+            if let Some(l) = st.live.get_mut(&idx) {
+                l.index = info.index;
+                continue;
+            }
+            st.core.publish(
+                &name,
+                SourceConfig {
+                    level_ext_id: info.audio_level.then_some(LEVEL_EXT_ID),
+                },
+            );
+            let source: Option<Arc<str>> = info.source_id.as_deref().map(Arc::from);
+            let active = Arc::new(ActiveSource {
+                stream: st.name.clone(),
+                source: source.clone(),
+                media: info.tracks.iter().map(|t| t.media.clone()).collect(),
+            });
+            st.broadcast(&mut self.out, &ViewerEvent::Active(active.clone()));
+            self.metrics
+                .active_events
+                .fetch_add(st.viewers.len() as u64, Ordering::Relaxed);
+            info!(stream, source = ?info.source_id, "source active");
+            st.live.insert(
+                idx,
+                LiveSource {
+                    index: info.index,
+                    name: source,
+                    active,
+                },
+            );
+        }
+        let mut gone: Vec<SourceIdx> = st
+            .live
+            .keys()
+            .copied()
+            .filter(|s| !seen.contains(s))
+            .collect();
+        gone.sort_unstable();
+        for s in gone {
+            // The core may release the index (and reuse it for another name): nothing of this
+            // edge may still route relay datagrams to it.
+            st.by_relay.retain(|_, v| *v != s);
+            source_gone(now_us, st, s, &self.viewers, &mut self.out, &self.metrics);
+        }
+        if had_sources && st.live.is_empty() {
+            let ev = ViewerEvent::Stopped {
+                stream: st.name.clone(),
+            };
+            st.broadcast(&mut self.out, &ev);
+        }
+    }
+
+    /// The origin link is gone. Every source its viewers were told is active goes `inactive`
+    /// (their tracks empty, with `vad` events), and the channels and source indices of that link
+    /// are forgotten: the next origin numbers them afresh, and its source list makes the sources
+    /// `active` again with fresh voice activity. Viewers keep their sessions throughout.
+    pub fn handle_link_down(&mut self, now_us: u64) {
+        self.channels.clear();
+        self.known_channels.clear();
+        for st in self.streams.values_mut() {
+            st.channel = None;
+            st.by_relay.clear();
+            let mut gone: Vec<(u16, SourceIdx)> =
+                st.live.iter().map(|(s, l)| (l.index, *s)).collect();
+            gone.sort_unstable();
+            for (_, s) in gone {
+                source_gone(now_us, st, s, &self.viewers, &mut self.out, &self.metrics);
+            }
+            info!(
+                stream = &*st.name,
+                viewers = st.viewers.len(),
+                "origin link lost: sources inactive until it is back"
+            );
+        }
+    }
+
+    /// A relayed packet: one parse, then the main tracks of the viewers who pinned its source
+    /// (straight through) and, for audio, the multiplexed tracks the packet core gives it.
+    pub fn handle_packet(&mut self, now_us: u64, p: Relayed) {
+        let m = &*self.metrics;
+        // Late video is still needed by the decoder (a frame spans packets); late audio is only
+        // noise.
+        let video = p.hdr.kind == Kind::Video;
+        if !video && now_us.saturating_sub(p.arrived_us) > MAX_RELAY_AGE_US {
+            m.dropped_stale.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let Some(st) = self
+            .channels
+            .get(&p.hdr.channel)
+            .and_then(|n| self.streams.get_mut(n))
+        else {
+            if !self.known_channels.contains(&p.hdr.channel) {
+                m.dropped_unknown_channel.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        };
+        let Some(&src) = st.by_relay.get(&p.hdr.source) else {
+            m.dropped_unknown.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Some(rtp) = p.data.get(DATAGRAM_HEADER..) else {
+            m.dropped_malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Ok(view) = RtpView::parse(rtp) else {
+            m.dropped_malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let start = DATAGRAM_HEADER + view.header_len();
+        let payload = p.data.slice(start..start + view.payload().len());
+        let level = view.extension(LEVEL_EXT_ID).and_then(parse_audio_level);
+        let samples = if video {
+            VIDEO_FRAME
+        } else {
+            opus::packet_info(view.payload()).map_or(960, |i| i.samples)
+        };
+        let out = &mut self.out;
+        if let Some(ids) = st.main_viewers.get(&src) {
+            let input = InputPacket {
+                source: Feed::Source(src),
+                ssrc: view.ssrc(),
+                seq: view.sequence_number(),
+                ts: view.timestamp(),
+                marker: view.marker(),
+                samples,
+            };
+            let (track, level) = if video {
+                (TrackRef::MainVideo, None)
+            } else {
+                (TrackRef::MainAudio, level)
+            };
+            for &viewer in ids {
+                out.push_back(Output::Write(Write {
+                    viewer,
+                    track,
+                    input,
+                    level,
+                    payload: payload.clone(),
+                }));
+            }
+        }
+        if video {
+            return;
+        }
+        let EdgeStream {
+            core, groups, live, ..
+        } = st;
+        let viewers = &self.viewers;
+        let late_before = core.stats().dropped_before_switch;
+        let result = core.on_rtp(now_us, src, &view, &mut |o| match o {
+            CoreOutput::Track(c) => vad(&c, groups, live, viewers, out, m),
+            CoreOutput::Packet {
+                group,
+                track,
+                header,
+                samples,
+            } => {
+                // The group's stream is already one continuous stream; each viewer re-anchors
+                // it only when it moves to another group.
+                let input = InputPacket {
+                    source: Feed::Group(group, track),
+                    ssrc: header.ssrc,
+                    seq: header.seq,
+                    ts: header.ts,
+                    marker: header.marker,
+                    samples,
+                };
+                let ids = groups.get(group.0 as usize).map_or(&[][..], Vec::as_slice);
+                for &viewer in ids {
+                    out.push_back(Output::Write(Write {
+                        viewer,
+                        track: TrackRef::Mux(track),
+                        input,
+                        level,
+                        payload: payload.clone(),
+                    }));
+                }
+            }
+        });
+        if let Err(e) = result {
+            m.dropped_core.fetch_add(1, Ordering::Relaxed);
+            debug!("relayed packet dropped by the core: {e}");
+        }
+        let late = core.stats().dropped_before_switch - late_before;
+        if late > 0 {
+            m.dropped_before_switch.fetch_add(late, Ordering::Relaxed);
+        }
+    }
+
+    /// Viewers on this thread.
+    pub fn viewers(&self) -> usize {
+        self.viewers.len()
+    }
+}
+
+/// A source left the stream (or the link that announced it): its tracks empty, with `vad`
+/// events, and the viewers hear `inactive`. It leaves `live` first: the sources the selector
+/// moves into its tracks are still there, named.
+fn source_gone(
+    now_us: u64,
+    st: &mut EdgeStream,
+    s: SourceIdx,
+    viewers: &HashMap<PeerId, ViewerState>,
+    out: &mut VecDeque<Output>,
+    metrics: &EdgeMetrics,
+) {
+    let Some(gone) = st.live.remove(&s) else {
+        return;
+    };
+    let EdgeStream {
+        core, groups, live, ..
+    } = &mut *st;
+    core.unpublish(now_us, s, &mut |o| {
+        if let CoreOutput::Track(c) = o {
+            vad(&c, groups, live, viewers, out, metrics);
+        }
+    });
+    let ev = ViewerEvent::Inactive {
+        stream: st.name.clone(),
+        source: gone.name,
+    };
+    st.broadcast(out, &ev);
+    info!(stream = &*st.name, source = ?gone.active.source, "source inactive");
+}
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

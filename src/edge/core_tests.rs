@@ -1,0 +1,493 @@
+//! The edge core's decisions, without sockets or peers (like quinn-proto's `Pair` tests): feed
+//! inputs with a hand-held clock, read the ordered output.
+
+use super::*;
+use crate::media::rtp::{write_packet, HeaderFields};
+use crate::relay::proto::TrackInfo;
+
+const AUDIO: Kind = Kind::Audio;
+
+fn core() -> EdgeCore {
+    EdgeCore::new(Arc::default(), Arc::default(), 1)
+}
+
+fn mid(k: usize) -> Mid {
+    Mid::from(format!("{}", k + 1).as_str())
+}
+
+fn source(index: u16, id: &str) -> SourceInfo {
+    SourceInfo {
+        index,
+        source_id: Some(id.into()),
+        tracks: vec![TrackInfo {
+            media: "audio".into(),
+            mid: "0".into(),
+        }],
+        audio_level: true,
+    }
+}
+
+fn join(c: &mut EdgeCore, now: u64, id: u64, stream: &str, tracks: usize) {
+    c.handle_join(
+        now,
+        PeerId(id),
+        Join {
+            stream: stream.into(),
+            tracks: (0..tracks).map(mid).collect(),
+            ..Join::default()
+        },
+    );
+}
+
+/// A relayed audio datagram of relay source `index` on `channel`, with an RFC 6464 level.
+fn relayed(channel: u32, index: u16, seq: u16, level: u8, now: u64) -> Relayed {
+    let mut data = Vec::new();
+    DatagramHeader {
+        channel,
+        source: index,
+        kind: AUDIO,
+        sent_ms: 0,
+    }
+    .write(&mut data);
+    let mut rtp = Vec::new();
+    let hdr = HeaderFields {
+        payload_type: 111,
+        sequence_number: seq,
+        timestamp: seq as u32 * 960,
+        ssrc: 100 + index as u32,
+        marker: false,
+    };
+    write_packet(&mut rtp, &hdr, &[(LEVEL_EXT_ID, &[level])], &[0x78; 60]);
+    data.extend_from_slice(&rtp);
+    Relayed {
+        hdr: DatagramHeader {
+            channel,
+            source: index,
+            kind: AUDIO,
+            sent_ms: 0,
+        },
+        data: Bytes::from(data),
+        arrived_us: now,
+    }
+}
+
+/// Everything polled, as short strings: `e1 vad 1=ana`, `w1 mux0`, `link sub a`, ...
+fn drain(c: &mut EdgeCore) -> Vec<String> {
+    let mut log = Vec::new();
+    while let Some(o) = c.poll_output() {
+        log.push(match o {
+            Output::Write(w) => {
+                let t = match w.track {
+                    TrackRef::MainAudio => "main".to_string(),
+                    TrackRef::MainVideo => "video".to_string(),
+                    TrackRef::Mux(k) => format!("mux{k}"),
+                };
+                format!("w{} {t}", w.viewer.0)
+            }
+            Output::Event(id, ev) => {
+                let what = match &ev {
+                    ViewerEvent::Vad { mid, source } => {
+                        format!("vad {mid}={}", source.as_deref().unwrap_or("-"))
+                    }
+                    ViewerEvent::ViewerCount(n) => format!("viewercount {n}"),
+                    ev => format!("{} {}", ev.name(), ev.source().unwrap_or("-")),
+                };
+                format!("e{} {what}", id.0)
+            }
+            Output::Link(r) => match r {
+                LinkRequest::Subscribe(s) => format!("link sub {s}"),
+                LinkRequest::Unsubscribe(s) => format!("link unsub {s}"),
+                LinkRequest::Keyframe { stream, source } => {
+                    format!("link keyframe {stream} {}", source.unwrap_or_default())
+                }
+                LinkRequest::Talking {
+                    source, talking, ..
+                } => format!("link talking {source} {talking}"),
+                LinkRequest::Authorize { stream, .. } => format!("link authorize {stream}"),
+            },
+        });
+    }
+    log
+}
+
+/// Events for viewer `id` only, without the viewer counts.
+fn events_of(log: &[String], id: u64) -> Vec<String> {
+    let p = format!("e{id} ");
+    log.iter()
+        .filter(|l| l.starts_with(&p) && !l.contains("viewercount"))
+        .map(|l| l[p.len()..].to_string())
+        .collect()
+}
+
+/// Feeds relay source `index` 20 ms packets from `t0` (1.2 s of room noise, then `speech`
+/// packets of speech), ticking every 10 ms; returns the next time and the log.
+fn talk(
+    c: &mut EdgeCore,
+    ch: u32,
+    index: u16,
+    t0: u64,
+    seq0: u16,
+    speech: usize,
+) -> (u64, Vec<String>) {
+    let mut log = Vec::new();
+    let mut now = t0;
+    for i in 0..60 + speech {
+        let level = if i < 60 { 70 } else { 20 + (i % 5) as u8 };
+        c.handle_packet(now, relayed(ch, index, seq0 + i as u16, level, now));
+        c.handle_timeout(now + 10_000);
+        log.extend(drain(c));
+        now += 20_000;
+    }
+    (now, log)
+}
+
+#[test]
+fn a_join_hears_active_and_the_current_tracks_before_any_packet() {
+    let mut c = core();
+    join(&mut c, 0, 1, "s", 2);
+    assert_eq!(drain(&mut c), ["link sub s", "e1 viewercount 1"]);
+    c.handle_sources(0, "s", 7, vec![source(0, "ana"), source(1, "bo")]);
+    assert_eq!(drain(&mut c), ["e1 active ana", "e1 active bo"]);
+    let (now, log) = talk(&mut c, 7, 0, 0, 0, 5);
+    assert!(log.contains(&"e1 vad 1=ana".to_string()), "{log:?}");
+    // A second viewer: every live source, then what the tracks carry, then the count; packets
+    // only after.
+    join(&mut c, now, 2, "s", 2);
+    c.handle_packet(now, relayed(7, 0, 200, 20, now));
+    let log = drain(&mut c);
+    assert_eq!(
+        log,
+        [
+            "e2 active ana",
+            "e2 active bo",
+            "e2 vad 1=ana",
+            "e2 viewercount 2",
+            "w1 mux0",
+            "w2 mux0"
+        ]
+    );
+}
+
+#[test]
+fn a_track_change_is_announced_before_its_first_packet_whatever_the_round() {
+    let mut c = core();
+    for id in 1..=40 {
+        join(&mut c, 0, id, "s", 1);
+    }
+    c.handle_sources(0, "s", 3, vec![source(0, "ana")]);
+    drain(&mut c);
+    // Nothing is drained for a whole talkspurt: the queue holds the round, in order.
+    let mut now = 0;
+    for i in 0..80u16 {
+        let level = if i < 60 { 70 } else { 20 };
+        c.handle_packet(now, relayed(3, 0, i, level, now));
+        c.handle_timeout(now + 10_000);
+        now += 20_000;
+    }
+    let log = drain(&mut c);
+    for id in 1..=40 {
+        let vad = log.iter().position(|l| *l == format!("e{id} vad 1=ana"));
+        let first = log.iter().position(|l| *l == format!("w{id} mux0"));
+        assert!(vad.is_some() && first.is_some(), "viewer {id}: {log:?}");
+        assert!(vad < first, "viewer {id}: its first packet before its vad");
+    }
+    assert_eq!(c.metrics.vad_events.load(Ordering::Relaxed), 40);
+}
+
+#[test]
+fn keyframe_requests_reach_the_origin_once_a_second_per_stream() {
+    let mut c = core();
+    let video = Mid::from("v");
+    for id in [1, 2] {
+        c.handle_join(
+            0,
+            PeerId(id),
+            Join {
+                stream: "s".into(),
+                pinned: Some("cam".into()),
+                main_video: Some(video),
+                ..Join::default()
+            },
+        );
+    }
+    drain(&mut c);
+    let asked = |c: &mut EdgeCore| drain(c).iter().filter(|l| l.contains("keyframe")).count();
+    c.handle_keyframe_request(100, PeerId(1), video);
+    assert_eq!(drain(&mut c), ["link keyframe s cam"]);
+    c.handle_keyframe_request(500_000, PeerId(2), video);
+    c.handle_keyframe_request(900_000, PeerId(1), video);
+    assert_eq!(asked(&mut c), 0, "throttled per stream, whoever asks");
+    // Not its main video: nothing.
+    c.handle_keyframe_request(2_000_000, PeerId(1), Mid::from("a"));
+    assert_eq!(asked(&mut c), 0);
+    c.handle_keyframe_request(1_000_100, PeerId(2), video);
+    assert_eq!(asked(&mut c), 1);
+}
+
+#[test]
+fn viewercount_goes_to_a_newcomer_at_once_and_to_all_at_most_once_a_second() {
+    let mut c = core();
+    c.handle_timeout(0);
+    for id in 1..=3 {
+        join(&mut c, 1000 * id, id, "s", 1);
+    }
+    let log = drain(&mut c);
+    assert_eq!(
+        log.iter()
+            .filter(|l| l.contains("viewercount"))
+            .collect::<Vec<_>>(),
+        ["e1 viewercount 1", "e2 viewercount 2", "e3 viewercount 3"]
+    );
+    // The next tick tells everyone the count once; the ones within the second stay quiet.
+    let counts = |c: &mut EdgeCore, now| {
+        c.handle_timeout(now);
+        drain(c)
+            .into_iter()
+            .filter(|l| l.contains("viewercount"))
+            .count()
+    };
+    assert_eq!(counts(&mut c, 10_000), 3);
+    join(&mut c, 20_000, 4, "s", 1);
+    assert_eq!(drain(&mut c), ["e4 viewercount 4"]);
+    let mut sent = 0;
+    for t in 3..100 {
+        sent += counts(&mut c, t * 10_000);
+    }
+    assert_eq!(sent, 0, "coalesced: the change waits for the interval");
+    assert_eq!(counts(&mut c, 1_010_000), 4);
+    assert_eq!(counts(&mut c, 2_500_000), 0, "unchanged: nothing");
+}
+
+#[test]
+fn link_down_makes_sources_inactive_and_the_next_list_active_again() {
+    let mut c = core();
+    join(&mut c, 0, 1, "s", 1);
+    c.handle_sources(0, "s", 1, vec![source(0, "ana")]);
+    let (now, _) = talk(&mut c, 1, 0, 0, 0, 3);
+    c.handle_link_down(now);
+    assert_eq!(events_of(&drain(&mut c), 1), ["vad 1=-", "inactive ana"]);
+    // The old channel is void: its datagrams are counted as unknown.
+    c.handle_packet(now, relayed(1, 0, 500, 20, now));
+    assert!(drain(&mut c).is_empty());
+    assert_eq!(c.metrics.dropped_unknown_channel.load(Ordering::Relaxed), 1);
+    c.handle_sources(now, "s", 9, vec![source(4, "ana")]);
+    assert_eq!(events_of(&drain(&mut c), 1), ["active ana"]);
+    // Fresh voice activity: ana talks her way back into the track.
+    let (_, log) = talk(&mut c, 9, 4, now, 600, 3);
+    assert!(log.contains(&"e1 vad 1=ana".to_string()), "{log:?}");
+}
+
+#[test]
+fn unknown_channels_sources_and_malformed_packets_are_counted_and_dropped() {
+    let mut c = core();
+    join(&mut c, 0, 1, "s", 1);
+    c.handle_sources(0, "s", 1, vec![source(0, "ana")]);
+    // Another thread's stream: its channel is known, its packets are not this thread's.
+    c.handle_sources(0, "elsewhere", 2, vec![source(0, "zed")]);
+    drain(&mut c);
+    c.handle_packet(0, relayed(2, 0, 1, 20, 0));
+    c.handle_packet(0, relayed(5, 0, 1, 20, 0));
+    c.handle_packet(0, relayed(1, 3, 1, 20, 0));
+    let mut bad = relayed(1, 0, 1, 20, 0);
+    bad.data = bad.data.slice(..DATAGRAM_HEADER + 5);
+    c.handle_packet(0, bad);
+    let mut short = relayed(1, 0, 1, 20, 0);
+    short.data = short.data.slice(..4);
+    c.handle_packet(0, short);
+    // Audio older than the relay's age limit.
+    c.handle_packet(MAX_RELAY_AGE_US + 1, relayed(1, 0, 2, 20, 0));
+    assert!(drain(&mut c).is_empty());
+    let m = &c.metrics;
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    assert_eq!(
+        (
+            n(&m.dropped_unknown_channel),
+            n(&m.dropped_unknown),
+            n(&m.dropped_malformed),
+            n(&m.dropped_stale)
+        ),
+        (1, 1, 2, 1)
+    );
+}
+
+#[test]
+fn the_first_viewer_subscribes_and_the_last_one_out_unsubscribes() {
+    let mut c = core();
+    join(&mut c, 0, 1, "s", 1);
+    join(&mut c, 0, 2, "s", 1);
+    c.handle_sources(0, "s", 1, vec![source(0, "ana")]);
+    let log = drain(&mut c);
+    assert_eq!(log.iter().filter(|l| l.starts_with("link")).count(), 1);
+    c.handle_leave(PeerId(1));
+    assert!(drain(&mut c).is_empty());
+    c.handle_leave(PeerId(2));
+    assert_eq!(drain(&mut c), ["link unsub s"]);
+    assert!(c.streams.is_empty() && c.channels.is_empty() && c.viewers.is_empty());
+    assert_eq!(c.metrics.viewers.load(Ordering::Relaxed), 0);
+    // A leave of a viewer that is gone changes nothing.
+    c.handle_leave(PeerId(2));
+    assert!(drain(&mut c).is_empty());
+}
+
+#[test]
+fn a_projection_moves_the_viewer_and_tells_it_what_changed() {
+    let mut c = core();
+    join(&mut c, 0, 1, "s", 2);
+    join(&mut c, 0, 2, "s", 2);
+    c.handle_sources(0, "s", 1, vec![source(0, "ana"), source(1, "bo")]);
+    let (now, _) = talk(&mut c, 1, 0, 0, 0, 3);
+    c.handle_project(now, PeerId(1), &[(1, "bo".to_string())]);
+    // The new group starts from the tracks it had (ana stays, nothing to tell); its next
+    // ranking puts bo in the projected track, for this viewer only.
+    assert!(drain(&mut c).is_empty());
+    c.handle_timeout(now + 10_000);
+    assert_eq!(events_of(&drain(&mut c), 1), ["vad 2=bo"]);
+    let (g1, g2) = (c.viewers[&PeerId(1)].group, c.viewers[&PeerId(2)].group);
+    assert_ne!(g1, g2);
+    // One packet of ana: each group's own rewrite, fed to its viewers.
+    c.handle_packet(now, relayed(1, 0, 100, 20, now));
+    let mut log = drain(&mut c);
+    log.sort();
+    assert_eq!(log, ["w1 mux0", "w2 mux0"]);
+}
+
+#[test]
+fn a_write_carries_the_groups_header_and_a_slice_of_the_datagram() {
+    let mut c = core();
+    join(&mut c, 0, 1, "s", 1);
+    c.handle_sources(0, "s", 1, vec![source(0, "ana")]);
+    let (now, _) = talk(&mut c, 1, 0, 0, 0, 3);
+    let p = relayed(1, 0, 100, 20, now);
+    let data = p.data.clone();
+    c.handle_packet(now, p);
+    let Some(Output::Write(w)) = c.poll_output() else {
+        panic!("a write");
+    };
+    let st = &c.streams["s"];
+    let g = c.viewers[&PeerId(1)].group;
+    let rw = st.core.rewriter(g, 0).unwrap();
+    assert_eq!(w.input.source, Feed::Group(g, 0));
+    assert_eq!(w.input.ssrc, rw.ssrc());
+    assert_eq!(Some(w.input.seq), rw.last_sent().map(|l| l.0));
+    assert_eq!(w.level, Some((false, 20)));
+    assert_eq!(&w.payload[..], &[0x78; 60]);
+    // No copy: the payload is the datagram's own memory.
+    assert_eq!(w.payload.as_ptr(), data[data.len() - 60..].as_ptr());
+}
+
+// The origin link's properties (channels, indices, relinks), moved from the media thread.
+
+#[test]
+fn a_restarted_origin_renumbering_channels_reaches_every_stream() {
+    let mut c = core();
+    join(&mut c, 0, 1, "a", 1);
+    join(&mut c, 0, 2, "z", 1);
+    drain(&mut c);
+    // The old origin: z subscribed first.
+    c.handle_sources(0, "z", 1, vec![source(0, "zed")]);
+    c.handle_sources(0, "a", 2, vec![source(0, "ana"), source(1, "bo")]);
+    let log = drain(&mut c);
+    assert_eq!(events_of(&log, 1), ["active ana", "active bo"]);
+    assert_eq!(events_of(&log, 2), ["active zed"]);
+    // The link goes: every active source goes inactive, no `stopped`.
+    c.handle_link_down(0);
+    let log = drain(&mut c);
+    assert_eq!(events_of(&log, 1), ["inactive ana", "inactive bo"]);
+    assert_eq!(events_of(&log, 2), ["inactive zed"]);
+    assert!(c.channels.is_empty() && c.known_channels.is_empty());
+    // The new origin numbers the streams in name order, and bo published first this time.
+    c.handle_sources(0, "a", 1, vec![source(0, "bo"), source(1, "ana")]);
+    c.handle_sources(0, "z", 2, vec![source(0, "zed")]);
+    let log = drain(&mut c);
+    assert_eq!(events_of(&log, 1), ["active bo", "active ana"]);
+    assert_eq!(events_of(&log, 2), ["active zed"]);
+    assert_eq!(c.channels.get(&1).map(String::as_str), Some("a"));
+    assert_eq!(c.channels.get(&2).map(String::as_str), Some("z"));
+    let st = &c.streams["a"];
+    let bo = st.core.lookup("bo").unwrap();
+    let ana = st.core.lookup("ana").unwrap();
+    assert_eq!(st.by_relay.get(&0), Some(&bo));
+    assert_eq!(st.by_relay.get(&1), Some(&ana));
+    assert!(st.core.is_live(bo) && st.core.is_live(ana));
+}
+
+#[test]
+fn a_source_list_forgets_indices_it_no_longer_names() {
+    let mut c = core();
+    join(&mut c, 0, 1, "a", 1);
+    c.handle_sources(0, "a", 1, vec![source(0, "ana"), source(1, "bo")]);
+    drain(&mut c);
+    c.handle_sources(0, "a", 1, vec![source(1, "bo")]);
+    assert_eq!(events_of(&drain(&mut c), 1), ["inactive ana"]);
+    let st = &c.streams["a"];
+    assert_eq!(st.by_relay.get(&0), None);
+    // Gone: not live, and (no view names it) its name released by the core.
+    assert!(st.core.lookup("ana").is_none_or(|i| !st.core.is_live(i)));
+    // The last source going stops the stream.
+    c.handle_sources(0, "a", 1, vec![]);
+    assert_eq!(events_of(&drain(&mut c), 1), ["inactive bo", "stopped -"]);
+}
+
+#[test]
+fn swapped_channels_keep_both_streams_mapped_even_without_a_link_down() {
+    let mut c = core();
+    join(&mut c, 0, 1, "a", 1);
+    join(&mut c, 0, 2, "z", 1);
+    c.handle_sources(0, "z", 1, vec![source(0, "zed")]);
+    c.handle_sources(0, "a", 2, vec![source(0, "ana")]);
+    // a takes 1 from z, then z takes 2 from a: neither may unmap the other's new channel.
+    c.handle_sources(0, "a", 1, vec![source(0, "ana")]);
+    c.handle_sources(0, "z", 2, vec![source(0, "zed")]);
+    assert_eq!(c.channels.get(&1).map(String::as_str), Some("a"));
+    assert_eq!(c.channels.get(&2).map(String::as_str), Some("z"));
+}
+
+#[test]
+fn typed_events_serialize_to_the_millicast_json_sent_before() {
+    use crate::http::signal::event_json;
+    use serde_json::json;
+    let stream: Arc<str> = "panel".into();
+    let ana: Option<Arc<str>> = Some("ana".into());
+    let active = ViewerEvent::Active(Arc::new(ActiveSource {
+        stream: stream.clone(),
+        source: None,
+        media: vec!["audio".into(), "video".into()],
+    }));
+    assert_eq!(
+        event_json(&active),
+        json!({"type": "event", "name": "active", "data": {"streamId": "panel", "sourceId": null,
+            "tracks": [{"trackId": "audio", "media": "audio"}, {"trackId": "video", "media": "video"}]}})
+    );
+    let inactive = ViewerEvent::Inactive {
+        stream: stream.clone(),
+        source: ana.clone(),
+    };
+    assert_eq!(
+        event_json(&inactive),
+        json!({"type": "event", "name": "inactive", "data": {"streamId": "panel", "sourceId": "ana"}})
+    );
+    let vad = ViewerEvent::Vad {
+        mid: Mid::from("2"),
+        source: ana,
+    };
+    assert_eq!(
+        event_json(&vad),
+        json!({"type": "event", "name": "vad", "data": {"mediaId": "2", "sourceId": "ana"}})
+    );
+    let empty = ViewerEvent::Vad {
+        mid: Mid::from("3"),
+        source: None,
+    };
+    assert_eq!(
+        event_json(&empty),
+        json!({"type": "event", "name": "vad", "data": {"mediaId": "3", "sourceId": null}})
+    );
+    assert_eq!(
+        event_json(&ViewerEvent::ViewerCount(12)),
+        json!({"type": "event", "name": "viewercount", "data": {"viewercount": 12}})
+    );
+    assert_eq!(
+        event_json(&ViewerEvent::Stopped { stream }),
+        json!({"type": "event", "name": "stopped", "data": {"streamId": "panel"}})
+    );
+}

@@ -1,0 +1,61 @@
+//! What a viewer is told, typed: the edge core decides these on the media thread; their
+//! Millicast JSON is built where the signalling socket writes them (`http::signal`), off the
+//! media thread. Names are shared (`Arc<str>`): one event broadcast to a stream's viewers is a
+//! reference count per viewer, not a string copy.
+
+use std::sync::Arc;
+
+use str0m::media::Mid;
+
+/// One event for one viewer, in the order the edge core emitted it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ViewerEvent {
+    /// A source of the stream is live (sent for every live source right after `view`).
+    Active(Arc<ActiveSource>),
+    /// A source stopped (or the link that announced it is gone).
+    Inactive {
+        stream: Arc<str>,
+        /// None: the stream's main source.
+        source: Option<Arc<str>>,
+    },
+    /// A multiplexed track (by its mid) now carries this source; None: the track is empty.
+    Vad { mid: Mid, source: Option<Arc<str>> },
+    /// Viewers of the stream at this edge.
+    ViewerCount(usize),
+    /// The stream's last source went.
+    Stopped { stream: Arc<str> },
+}
+
+/// A live source as `active` announces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveSource {
+    pub stream: Arc<str>,
+    /// None: the stream's main source.
+    pub source: Option<Arc<str>>,
+    /// The media kinds of its tracks ("audio", "video").
+    pub media: Vec<String>,
+}
+
+impl ViewerEvent {
+    /// The event's Millicast name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ViewerEvent::Active(_) => "active",
+            ViewerEvent::Inactive { .. } => "inactive",
+            ViewerEvent::Vad { .. } => "vad",
+            ViewerEvent::ViewerCount(_) => "viewercount",
+            ViewerEvent::Stopped { .. } => "stopped",
+        }
+    }
+
+    /// The source it names, if any (None also for the main source).
+    pub fn source(&self) -> Option<&str> {
+        match self {
+            ViewerEvent::Active(a) => a.source.as_deref(),
+            ViewerEvent::Inactive { source, .. } | ViewerEvent::Vad { source, .. } => {
+                source.as_deref()
+            }
+            ViewerEvent::ViewerCount(_) | ViewerEvent::Stopped { .. } => None,
+        }
+    }
+}

@@ -89,6 +89,8 @@ export CHORUS_LOG=${CHORUS_LOG:-warn}
 # 100/s in all), which would otherwise cap the join rate being measured.
 LIMITS=(--max-connections 100000 --max-connections-per-ip 100000 --offers-per-sec 100000 --offers-per-sec-per-ip 100000)
 
+# A reused --out holds the last run's ready lines: the new processes' must not be mistaken for them.
+rm -f "$OUT/origin.json" "$OUT/edge.json"
 taskset -c "$OTHER_CPU" "$BIN" origin --http 127.0.0.1:0 --cluster 127.0.0.1:0 "${LIMITS[@]}" \
   >"$OUT/origin.json" 2>"$OUT/origin.log" &
 ORIGIN_PID=$!; PIDS+=("$ORIGIN_PID")

@@ -299,8 +299,8 @@ struct LoadgenArgs {
     #[arg(long, default_value = "127.0.0.1")]
     local_ip: IpAddr,
     /// Read the sockets at most every this many ms (datagrams pile up into batches; kernel
-    /// receive timestamps keep the latency exact). The default lets a viewer's 4 tracks (200
-    /// packets/s) share one recvmmsg; peers still connecting are read every 1 ms.
+    /// receive timestamps keep the latency exact). The default lets about 6 packets share one
+    /// recvmmsg; peers still connecting are read every 1 ms.
     #[arg(long, default_value_t = loadgen::DEFAULT_POLL_MS)]
     poll_ms: f64,
     /// Sampled viewers hand every packet to str0m to decrypt (the generator's former receive

@@ -365,7 +365,11 @@ mod tests {
             received: 100,
             expected: 100,
             edge_cpu_s: Some(1.0),
+            origin_cpu_s: Some(2.0),
             self_cpu_s: 0.5,
+            viewers_cpu_s: 0.1,
+            publishers_cpu_s: 0.1,
+            recv_calls: 10,
             ..Snapshot::default()
         };
         let b = Snapshot {
@@ -375,7 +379,11 @@ mod tests {
             connected: 10,
             edge_cpu_s: Some(1.5),
             edge_rss_kib: Some(2048),
+            origin_cpu_s: Some(2.2),
             self_cpu_s: 0.7,
+            viewers_cpu_s: 0.2,
+            publishers_cpu_s: 0.15,
+            recv_calls: 260,
             ..Snapshot::default()
         };
         let joins = Joins {
@@ -409,6 +417,17 @@ mod tests {
         assert_eq!(v["joins_per_s"], 20.0);
         assert_eq!(v["join_p50_ms"], 50.0);
         assert_eq!(v["join_failures"], 0);
+        // The generator: 0.2 s of 2 s (10 %), 0.1 s of it in the viewers' threads (100 µs per
+        // packet of 1000), 0.05 s publishers, the rest control; the origin 10 %: 80 % left.
+        assert_eq!(v["loadgen_cpu_pct"], 10.0);
+        assert_eq!(v["loadgen_headroom_pct"], 90.0);
+        assert_eq!(v["loadgen_viewers_cpu_pct"], 5.0);
+        assert_eq!(v["loadgen_viewers_ns_per_pkt"], 100_000.0);
+        assert_eq!(v["loadgen_publishers_cpu_pct"], 2.5);
+        assert_eq!(v["loadgen_control_cpu_pct"], 2.5);
+        assert_eq!(v["pkts_per_recvmmsg"], 4.0);
+        assert_eq!(v["origin_cpu_pct"], 10.0);
+        assert_eq!(v["gen_core_headroom_pct"], 80.0);
         for k in [
             "step",
             "viewers",

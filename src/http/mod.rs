@@ -1,6 +1,7 @@
 //! The HTTP face of chorus: director API, signalling WebSocket, WHIP, stream introspection.
 
 pub mod director;
+pub(crate) mod flow;
 pub mod health;
 pub mod limits;
 pub(crate) mod listen;
@@ -134,8 +135,8 @@ impl App {
 static REFUSAL_LOG: listen::LogEvery = listen::LogEvery::new(Duration::from_secs(1));
 
 /// The `{"status":"fail"}` body the SDK expects, with a status code.
-pub fn fail(status: StatusCode, message: impl Into<String>) -> Response {
-    let message = message.into();
+pub fn fail(status: StatusCode, message: impl std::fmt::Display) -> Response {
+    let message = message.to_string();
     if REFUSAL_LOG.ready() {
         tracing::info!(%status, %message, "request refused (further refusals this second at debug)");
     } else {

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
+use crate::room::state::RoomError;
 use crate::rtc::peers::PeerId;
 
 /// Removed members remembered (to refuse their still-valid viewer JWTs); past it the oldest is
@@ -41,18 +42,16 @@ impl RoomViews {
     }
 
     /// The member was removed from the room here: refused.
-    pub(crate) fn check(&self, room: &str, member: &str) -> Result<(), String> {
+    pub(crate) fn check(&self, room: &str, member: &str) -> Result<(), RoomError> {
         let inner = self.lock();
         if inner.revoked.iter().any(|(r, m)| r == room && m == member) {
-            return Err(format!(
-                "member {member:?} was removed from room {room:?}: its viewer tokens no longer work"
-            ));
+            return Err(RoomError::ViewRevoked(room.to_owned(), member.to_owned()));
         }
         Ok(())
     }
 
     /// A view of a room participant began.
-    pub(crate) fn add(&self, room: &str, member: &str, view: View) -> Result<(), String> {
+    pub(crate) fn add(&self, room: &str, member: &str, view: View) -> Result<(), RoomError> {
         self.check(room, member)?;
         self.lock()
             .views

@@ -18,12 +18,13 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
+use super::flow::{self, Ender, FlowError, PublishAsk, ViewAsk};
 use super::limits::{
     Bucket, HttpMetrics, WS_COMMANDS_PER_SEC, WS_MAX_MESSAGE, WS_MAX_REFUSED, WS_OUT_QUEUE,
 };
-use super::signal_cmd::{Project, Publish, Unproject, Unpublish, View};
+use super::signal_cmd::{CmdError, Project, Publish, Unproject, Unpublish, View};
 use super::socket::{
     self, error_message, parse_command, response_message, Ending, WsCommand, WsOut,
 };
@@ -66,8 +67,8 @@ pub async fn upgrade(
             Scope::Publish => super::rooms::check_binding(&app, b),
             Scope::Subscribe => app.room_views.check(&b.room, &b.member_id),
         };
-        if let Err(m) = checked {
-            return fail(StatusCode::FORBIDDEN, m);
+        if let Err(e) = checked {
+            return fail(StatusCode::FORBIDDEN, e);
         }
     }
     let sid = app.next_session.fetch_add(1, Ordering::Relaxed);
@@ -293,22 +294,48 @@ fn handle_text(app: &Arc<App>, claims: &Claims, out: &Out, session: &mut Session
         },
         "project" => project(app, &data, session),
         "unproject" => unproject(app, &data, session),
-        "" => Err("cmd without a name".to_owned()),
-        other => Err(format!("unknown command {other:?}")),
+        "" => Err(CommandError::NoName),
+        other => Err(CommandError::Unknown(other.to_owned())),
     };
     match result {
         Ok(data) => out.send(response_message(trans_id, data)),
-        Err(message) => out.refuse(Some(trans_id), message),
+        Err(e) => out.refuse(Some(trans_id), e.to_string()),
     }
 }
 
+/// Why a signalling command was refused: the message of its `error` answer.
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    #[error("cmd without a name")]
+    NoName,
+    #[error("unknown command {0:?}")]
+    Unknown(String),
+    #[error("this token may view, not publish")]
+    ViewToken,
+    #[error("this token may publish, not view: get one from /api/director/subscribe")]
+    PublishToken,
+    #[error("this token is for stream {token:?}, not {asked:?}")]
+    OtherStream { token: String, asked: String },
+    #[error(transparent)]
+    Data(#[from] CmdError),
+    #[error(transparent)]
+    Flow(#[from] FlowError),
+    #[error("nothing published on this session")]
+    NothingPublished,
+    #[error("this session already views: open another socket for another view")]
+    AlreadyViewing,
+    /// The command.
+    #[error("{0} needs a view on this session first")]
+    NoView(&'static str),
+}
+
 /// The stream a command names must be the JWT's.
-fn check_stream(claims: &Claims, data: &Value, field: &str) -> Result<(), String> {
+fn check_stream(claims: &Claims, data: &Value, field: &str) -> Result<(), CommandError> {
     match data.get(field).and_then(Value::as_str) {
-        Some(n) if n != claims.millicast.stream_name => Err(format!(
-            "this token is for stream {:?}, not {n:?}",
-            claims.millicast.stream_name
-        )),
+        Some(n) if n != claims.millicast.stream_name => Err(CommandError::OtherStream {
+            token: claims.millicast.stream_name.clone(),
+            asked: n.to_owned(),
+        }),
         _ => Ok(()),
     }
 }
@@ -319,30 +346,23 @@ fn publish(
     sid: u64,
     peer: IpAddr,
     data: &Value,
-) -> Result<Value, String> {
+) -> Result<Value, CommandError> {
     if claims.scope != Scope::Publish {
-        return Err("this token may view, not publish".into());
+        return Err(CommandError::ViewToken);
     }
     check_stream(claims, data, "name")?;
-    let Publish { sdp, source } = Publish::parse(data).map_err(|e| e.to_string())?;
-    if let Some(b) = &claims.room {
-        super::rooms::check_room_publish(app, b, source.as_deref(), sdp)?;
-    }
-    let stream = &claims.millicast.stream_name;
-    let origin = app
-        .origin
-        .as_ref()
-        .ok_or("this is an edge: publish at the origin")?;
-    app.take_offer(peer).map_err(|e| e.to_string())?;
-    let published = origin
-        .publish(stream, source.clone(), sdp, Owner::Signalling(sid))
-        .map_err(|e| e.to_string())?;
-    if let Some(b) = &claims.room {
-        super::rooms::confirm_room_publish(app, b)?;
-    }
-    if published.replaced {
-        warn!(stream, source = ?source, "a live publication of this sourceId was replaced");
-    }
+    let Publish { sdp, source } = Publish::parse(data)?;
+    let published = flow::publish(
+        app,
+        PublishAsk {
+            stream: &claims.millicast.stream_name,
+            source,
+            offer: sdp,
+            room: claims.room.as_ref(),
+            owner: Owner::Signalling(sid),
+            peer,
+        },
+    )?;
     Ok(json!({
         "sdp": published.answer,
         "publisherId": published.publisher_id,
@@ -352,22 +372,24 @@ fn publish(
     }))
 }
 
-fn unpublish(app: &Arc<App>, claims: &Claims, sid: u64, data: &Value) -> Result<Value, String> {
+fn unpublish(
+    app: &Arc<App>,
+    claims: &Claims,
+    sid: u64,
+    data: &Value,
+) -> Result<Value, CommandError> {
     if claims.scope != Scope::Publish {
-        return Err("this token may view, not publish".into());
+        return Err(CommandError::ViewToken);
     }
-    let Unpublish { source } = Unpublish::parse(data).map_err(|e| e.to_string())?;
-    let origin = app
-        .origin
-        .as_ref()
-        .ok_or("this is an edge: publish at the origin")?;
+    let Unpublish { source } = Unpublish::parse(data)?;
+    let origin = app.origin.as_ref().ok_or(FlowError::NotAnOrigin)?;
     let n = origin.unpublish(
         &claims.millicast.stream_name,
         source.as_ref(),
         Owner::Signalling(sid),
     );
     if n == 0 {
-        return Err("nothing published on this session".into());
+        return Err(CommandError::NothingPublished);
     }
     Ok(json!({"unpublished": n}))
 }
@@ -379,54 +401,52 @@ fn view(
     out: &Out,
     session: &mut Session,
     trans_id: u64,
-) -> Result<(), String> {
-    let edge = app
-        .edge
-        .as_ref()
-        .ok_or("this origin serves no viewers: view at an edge (chorus edge)")?;
+) -> Result<(), CommandError> {
+    if app.edge.is_none() {
+        return Err(FlowError::NotAnEdge.into());
+    }
     if claims.scope != Scope::Subscribe {
-        return Err(
-            "this token may publish, not view: get one from /api/director/subscribe".into(),
-        );
+        return Err(CommandError::PublishToken);
     }
     if session.viewer.is_some() {
-        return Err("this session already views: open another socket for another view".into());
+        return Err(CommandError::AlreadyViewing);
     }
     check_stream(claims, data, "streamId")?;
     let View {
         sdp,
         pinned,
         excluded,
-    } = View::parse(data).map_err(|e| e.to_string())?;
-    app.take_offer(session.peer).map_err(|e| e.to_string())?;
+    } = View::parse(data)?;
     let stream = &claims.millicast.stream_name;
-    let pending = edge
-        .prepare(
+    let prepared = flow::prepare_view(
+        app,
+        ViewAsk {
             stream,
-            sdp,
-            ViewOptions {
+            offer: sdp,
+            opts: ViewOptions {
                 pinned,
                 excluded,
                 max_tracks: None,
             },
-            session.events.clone(),
-        )
-        .map_err(|e| e.to_string())?;
-    // Registered before it is answered: a removal from now on ends it (the uncommitted
-    // viewer of a refused one is just dropped).
-    if let Some(b) = &claims.room {
-        let view = super::room_views::View::Session(session.sid, session.removed.clone());
-        app.room_views.add(&b.room, &b.member_id, view)?;
-    }
-    out.send(json!({"type": "response", "transId": trans_id, "data": {
-        "sdp": pending.answer,
-        "subscriberId": pending.subscriber_id,
-        "streamViewId": pending.subscriber_id,
-        "clusterId": "chorus",
-        "streamId": stream,
-    }}));
+            room: claims.room.as_ref(),
+            ender: Ender::Session(session.sid, session.removed.clone()),
+            peer: session.peer,
+            events: session.events.clone(),
+        },
+    )?;
+    let pending = &prepared.pending;
+    out.send(response_message(
+        trans_id,
+        json!({
+            "sdp": pending.answer,
+            "subscriberId": pending.subscriber_id,
+            "streamViewId": pending.subscriber_id,
+            "clusterId": "chorus",
+            "streamId": stream,
+        }),
+    ));
     let tracks = pending.tracks.clone();
-    let id = edge.commit(pending);
+    let id = prepared.commit();
     session.viewer = Some(ViewerState {
         id,
         tracks,
@@ -453,12 +473,12 @@ fn push_projections(app: &Arc<App>, v: &ViewerState) {
 
 /// `project {sourceId, mapping: [{trackId|media, mediaId}]}`: the source plays in that track
 /// until unprojected; the other tracks keep following voice activity.
-fn project(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Value, String> {
+fn project(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Value, CommandError> {
     let v = session
         .viewer
         .as_mut()
-        .ok_or("project needs a view on this session first")?;
-    let Project { source, mids } = Project::parse(data, &v.tracks).map_err(|e| e.to_string())?;
+        .ok_or(CommandError::NoView("project"))?;
+    let Project { source, mids } = Project::parse(data, &v.tracks)?;
     for mid in mids {
         v.projected.retain(|(m, s)| *m != mid && *s != source);
         v.projected.push((mid, source.clone()));
@@ -467,12 +487,12 @@ fn project(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Value,
     Ok(json!({}))
 }
 
-fn unproject(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Value, String> {
+fn unproject(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Value, CommandError> {
     let v = session
         .viewer
         .as_mut()
-        .ok_or("unproject needs a view on this session first")?;
-    let Unproject { mids } = Unproject::parse(data).map_err(|e| e.to_string())?;
+        .ok_or(CommandError::NoView("unproject"))?;
+    let Unproject { mids } = Unproject::parse(data)?;
     v.projected.retain(|(m, _)| !mids.contains(m));
     push_projections(app, v);
     Ok(json!({}))

@@ -1,0 +1,158 @@
+//! The one publish flow and the one view flow, shared by the signalling socket and WHIP/WHEP:
+//! the room checks, the offer rate limit, answering the offer and committing it happen here,
+//! in this order, for every transport. The transports only check their credential, parse their
+//! request and reply (JSON on the socket, HTTP for WHIP/WHEP).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::Notify;
+use tracing::warn;
+
+use super::limits::OfferRefused;
+use super::room_views::View;
+use super::{fail, offer_refused, rooms, too_many_offers, App};
+use crate::auth::jwt::RoomBinding;
+use crate::edge::{Edge, PendingViewer, ViewOptions};
+use crate::origin::{Owner, Published};
+use crate::room::state::RoomError;
+use crate::rtc::offer::OfferError;
+use crate::rtc::peers::PeerId;
+
+/// Why a publication or a view was refused. WHIP and WHEP answer with [`FlowError::status`],
+/// the signalling socket with the message.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    #[error("this is an edge: publish at the origin")]
+    NotAnOrigin,
+    #[error("this origin serves no viewers: view at an edge (chorus edge)")]
+    NotAnEdge,
+    /// A room's rule: not this member's source, demoted, removed, audio only.
+    #[error(transparent)]
+    Room(#[from] RoomError),
+    #[error(transparent)]
+    TooManyOffers(#[from] OfferRefused),
+    #[error(transparent)]
+    Offer(#[from] OfferError),
+}
+
+impl FlowError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            FlowError::NotAnOrigin | FlowError::NotAnEdge => StatusCode::NOT_FOUND,
+            FlowError::Room(_) => StatusCode::FORBIDDEN,
+            FlowError::TooManyOffers(_) => StatusCode::TOO_MANY_REQUESTS,
+            FlowError::Offer(e) => match e {
+                OfferError::Malformed(_)
+                | OfferError::Unacceptable(_)
+                | OfferError::Rejected(_) => StatusCode::BAD_REQUEST,
+                OfferError::Limit(_) => StatusCode::SERVICE_UNAVAILABLE,
+                OfferError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+        }
+    }
+}
+
+impl IntoResponse for FlowError {
+    fn into_response(self) -> Response {
+        match self {
+            FlowError::TooManyOffers(e) => too_many_offers(e),
+            FlowError::Offer(e) => offer_refused(e),
+            other => fail(other.status(), other),
+        }
+    }
+}
+
+/// A publication asked for, its credential checked by its transport.
+pub(crate) struct PublishAsk<'a> {
+    pub stream: &'a str,
+    /// None: the stream's main source.
+    pub source: Option<String>,
+    pub offer: &'a str,
+    /// The room member the credential binds the publication to.
+    pub room: Option<&'a RoomBinding>,
+    pub owner: Owner,
+    pub peer: IpAddr,
+}
+
+/// Publishes: a room member's rules, the offer rate limit, the origin's answer; a member
+/// demoted meanwhile is stopped again at once.
+pub(crate) fn publish(app: &App, ask: PublishAsk<'_>) -> Result<Published, FlowError> {
+    let origin = app.origin.as_ref().ok_or(FlowError::NotAnOrigin)?;
+    if let Some(b) = ask.room {
+        rooms::check_room_publish(app, b, ask.source.as_deref(), ask.offer)?;
+    }
+    app.take_offer(ask.peer)?;
+    let source = ask.source.clone();
+    let published = origin.publish(ask.stream, ask.source, ask.offer, ask.owner)?;
+    if let Some(b) = ask.room {
+        rooms::confirm_room_publish(app, b)?;
+    }
+    if published.replaced {
+        warn!(stream = ask.stream, source = ?source, "a live publication of this sourceId was replaced");
+    }
+    Ok(published)
+}
+
+/// How a room's removal of the viewing participant ends this view.
+pub(crate) enum Ender {
+    /// The signalling session (its id) is told to close.
+    Session(u64, Arc<Notify>),
+    /// The WHEP viewer is removed.
+    Whep,
+}
+
+/// A view asked for, its credential checked by its transport.
+pub(crate) struct ViewAsk<'a> {
+    pub stream: &'a str,
+    pub offer: &'a str,
+    pub opts: ViewOptions,
+    /// The room participant the credential binds the view to.
+    pub room: Option<&'a RoomBinding>,
+    pub ender: Ender,
+    pub peer: IpAddr,
+    /// Where the viewer's events go (WHEP: nowhere).
+    pub events: UnboundedSender<Value>,
+}
+
+/// A view answered by the edge, to commit once its answer is sent.
+pub(crate) struct PreparedView<'a> {
+    edge: &'a Edge,
+    pub pending: PendingViewer,
+}
+
+impl PreparedView<'_> {
+    /// The second half of a view, once answered: the viewer goes live (its first events
+    /// follow the answer).
+    pub(crate) fn commit(self) -> PeerId {
+        self.edge.commit(self.pending)
+    }
+}
+
+/// The first half of a view: a removed participant refused, the offer rate limit, the edge's
+/// answer, and the view registered with its room before it is answered (a removal from then on
+/// ends it; a refused one's uncommitted viewer is just dropped). The transport replies, then
+/// commits.
+pub(crate) fn prepare_view<'a>(
+    app: &'a App,
+    ask: ViewAsk<'_>,
+) -> Result<PreparedView<'a>, FlowError> {
+    let edge = app.edge.as_deref().ok_or(FlowError::NotAnEdge)?;
+    if let Some(b) = ask.room {
+        app.room_views.check(&b.room, &b.member_id)?;
+    }
+    app.take_offer(ask.peer)?;
+    let pending = edge.prepare(ask.stream, ask.offer, ask.opts, ask.events)?;
+    if let Some(b) = ask.room {
+        let view = match ask.ender {
+            Ender::Session(sid, removed) => View::Session(sid, removed),
+            Ender::Whep => View::Whep(pending.id()),
+        };
+        app.room_views.add(&b.room, &b.member_id, view)?;
+    }
+    Ok(PreparedView { edge, pending })
+}

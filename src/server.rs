@@ -16,7 +16,7 @@ use crate::auth::tokens::{TokenFileError, Tokens};
 use crate::edge::Edge;
 use crate::http::limits::HttpLimits;
 use crate::http::{admin_router, router, App};
-use crate::origin::media_thread::{HostConfig, RtcHost};
+use crate::origin::media_thread::{MediaThread, MediaThreadConfig};
 use crate::origin::relay_server::{RelayBindError, RelayPolicy, RelayServer, SubscribePolicy};
 use crate::origin::Origin;
 use crate::relay::client::{EdgeLink, LinkConfig, LinkHandler};
@@ -212,8 +212,8 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
         );
         verifier = Arc::new(s.verifier());
         room_key = id.room_key.clone();
-        let host = RtcHost::start(
-            &HostConfig {
+        let host = MediaThread::start(
+            &MediaThreadConfig {
                 bind: SocketAddr::new(opts.media_ip, opts.media_port),
                 public_ip: opts.public_ip,
             },

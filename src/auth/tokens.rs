@@ -150,7 +150,8 @@ impl TokenFile {
     }
 }
 
-enum Source {
+/// Where the token policy comes from: dev mode's one publish token, or a token file.
+enum TokenStore {
     Dev {
         publish_token: String,
     },
@@ -161,13 +162,13 @@ enum Source {
 }
 
 pub struct Tokens {
-    source: Source,
+    source: TokenStore,
 }
 
 impl Tokens {
     pub fn dev(publish_token: String) -> Tokens {
         Tokens {
-            source: Source::Dev { publish_token },
+            source: TokenStore::Dev { publish_token },
         }
     }
 
@@ -175,7 +176,7 @@ impl Tokens {
         let file = TokenFile::load(&path)?;
         let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
         Ok(Tokens {
-            source: Source::File {
+            source: TokenStore::File {
                 path,
                 cache: Mutex::new((mtime, file)),
             },
@@ -183,12 +184,12 @@ impl Tokens {
     }
 
     pub fn is_dev(&self) -> bool {
-        matches!(self.source, Source::Dev { .. })
+        matches!(self.source, TokenStore::Dev { .. })
     }
 
     pub fn check_publish(&self, token: Option<&str>, stream: &str) -> Result<(), AuthError> {
         match &self.source {
-            Source::Dev { publish_token } => {
+            TokenStore::Dev { publish_token } => {
                 let t = token.ok_or(AuthError::Missing)?;
                 if constant_time_eq(t.as_bytes(), publish_token.as_bytes()) {
                     Ok(())
@@ -196,7 +197,7 @@ impl Tokens {
                     Err(AuthError::Unknown)
                 }
             }
-            Source::File { .. } => {
+            TokenStore::File { .. } => {
                 self.with_file(|f| f.check(token, stream, TokenKind::Publish, unix_now()))
             }
         }
@@ -204,8 +205,8 @@ impl Tokens {
 
     pub fn check_subscribe(&self, token: Option<&str>, stream: &str) -> Result<(), AuthError> {
         match &self.source {
-            Source::Dev { .. } => Ok(()),
-            Source::File { .. } => self.with_file(|f| {
+            TokenStore::Dev { .. } => Ok(()),
+            TokenStore::File { .. } => self.with_file(|f| {
                 if f.needs_subscribe_token(stream) {
                     f.check(token, stream, TokenKind::Subscribe, unix_now())
                 } else {
@@ -216,7 +217,7 @@ impl Tokens {
     }
 
     fn with_file<T>(&self, f: impl FnOnce(&TokenFile) -> T) -> T {
-        let Source::File { path, cache } = &self.source else {
+        let TokenStore::File { path, cache } = &self.source else {
             unreachable!("only called for file sources")
         };
         let mut guard = cache.lock().unwrap_or_else(|p| p.into_inner());

@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 use tracing::warn;
 
 use super::limits::OfferRefused;
-use super::room_views::View;
+use super::room_views::HeldView;
 use super::{fail, offer_refused, rooms, too_many_offers, App};
 use crate::auth::jwt::RoomBinding;
 use crate::edge::{Edge, PendingViewer, ViewOptions};
@@ -149,8 +149,8 @@ pub(crate) fn prepare_view<'a>(
     let pending = edge.prepare(ask.stream, ask.offer, ask.opts, ask.events)?;
     if let Some(b) = ask.room {
         let view = match ask.ender {
-            Ender::Session(sid, removed) => View::Session(sid, removed),
-            Ender::Whep => View::Whep(pending.id()),
+            Ender::Session(sid, removed) => HeldView::Session(sid, removed),
+            Ender::Whep => HeldView::Whep(pending.id()),
         };
         app.room_views.add(&b.room, &b.member_id, view)?;
     }

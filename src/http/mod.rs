@@ -110,8 +110,8 @@ impl App {
         );
         for v in views {
             match v {
-                room_views::View::Session(_, removed) => removed.notify_one(),
-                room_views::View::Whep(peer) => {
+                room_views::HeldView::Session(_, removed) => removed.notify_one(),
+                room_views::HeldView::Whep(peer) => {
                     if let Some(edge) = &self.edge {
                         edge.remove(peer);
                     }

@@ -17,7 +17,7 @@ pub const MAX_REVOKED: usize = 4096;
 
 /// A view to end.
 #[derive(Debug, Clone)]
-pub(crate) enum View {
+pub(crate) enum HeldView {
     /// A signalling session (its id), told to close.
     Session(u64, Arc<Notify>),
     Whep(PeerId),
@@ -27,7 +27,7 @@ type Key = (String, String);
 
 #[derive(Default)]
 struct Inner {
-    views: HashMap<Key, Vec<View>>,
+    views: HashMap<Key, Vec<HeldView>>,
     revoked: VecDeque<Key>,
 }
 
@@ -51,7 +51,7 @@ impl RoomViews {
     }
 
     /// A view of a room participant began.
-    pub(crate) fn add(&self, room: &str, member: &str, view: View) -> Result<(), RoomError> {
+    pub(crate) fn add(&self, room: &str, member: &str, view: HeldView) -> Result<(), RoomError> {
         self.check(room, member)?;
         self.lock()
             .views
@@ -66,7 +66,7 @@ impl RoomViews {
         let mut inner = self.lock();
         let key = (room.to_owned(), member.to_owned());
         if let Some(v) = inner.views.get_mut(&key) {
-            v.retain(|view| !matches!(view, View::Session(s, _) if *s == sid));
+            v.retain(|view| !matches!(view, HeldView::Session(s, _) if *s == sid));
             if v.is_empty() {
                 inner.views.remove(&key);
             }
@@ -74,7 +74,7 @@ impl RoomViews {
     }
 
     /// The member was removed: its views, to end, and its JWTs refused from now on.
-    pub(crate) fn revoke(&self, room: &str, member: &str) -> Vec<View> {
+    pub(crate) fn revoke(&self, room: &str, member: &str) -> Vec<HeldView> {
         let mut inner = self.lock();
         let key = (room.to_owned(), member.to_owned());
         if inner.revoked.len() >= MAX_REVOKED {

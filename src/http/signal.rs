@@ -24,7 +24,7 @@ use super::flow::{self, Ender, FlowError, PublishAsk, ViewAsk};
 use super::limits::{
     Bucket, HttpMetrics, WS_COMMANDS_PER_SEC, WS_MAX_MESSAGE, WS_MAX_REFUSED, WS_OUT_QUEUE,
 };
-use super::signal_cmd::{CmdError, Project, Publish, Unproject, Unpublish, View};
+use super::signal_cmd::{CmdError, ProjectCmd, PublishCmd, UnprojectCmd, UnpublishCmd, ViewCmd};
 use super::socket::{
     self, error_message, parse_command, response_message, Ending, WsCommand, WsOut,
 };
@@ -351,7 +351,7 @@ fn publish(
         return Err(CommandError::ViewToken);
     }
     check_stream(claims, data, "name")?;
-    let Publish { sdp, source } = Publish::parse(data)?;
+    let PublishCmd { sdp, source } = PublishCmd::parse(data)?;
     let published = flow::publish(
         app,
         PublishAsk {
@@ -381,7 +381,7 @@ fn unpublish(
     if claims.scope != Scope::Publish {
         return Err(CommandError::ViewToken);
     }
-    let Unpublish { source } = Unpublish::parse(data)?;
+    let UnpublishCmd { source } = UnpublishCmd::parse(data)?;
     let origin = app.origin.as_ref().ok_or(FlowError::NotAnOrigin)?;
     let n = origin.unpublish(
         &claims.millicast.stream_name,
@@ -412,11 +412,11 @@ fn view(
         return Err(CommandError::AlreadyViewing);
     }
     check_stream(claims, data, "streamId")?;
-    let View {
+    let ViewCmd {
         sdp,
         pinned,
         excluded,
-    } = View::parse(data)?;
+    } = ViewCmd::parse(data)?;
     let stream = &claims.millicast.stream_name;
     let prepared = flow::prepare_view(
         app,
@@ -478,7 +478,7 @@ fn project(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Value,
         .viewer
         .as_mut()
         .ok_or(CommandError::NoView("project"))?;
-    let Project { source, mids } = Project::parse(data, &v.tracks)?;
+    let ProjectCmd { source, mids } = ProjectCmd::parse(data, &v.tracks)?;
     for mid in mids {
         v.projected.retain(|(m, s)| *m != mid && *s != source);
         v.projected.push((mid, source.clone()));
@@ -492,7 +492,7 @@ fn unproject(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Valu
         .viewer
         .as_mut()
         .ok_or(CommandError::NoView("unproject"))?;
-    let Unproject { mids } = Unproject::parse(data)?;
+    let UnprojectCmd { mids } = UnprojectCmd::parse(data)?;
     v.projected.retain(|(m, _)| !mids.contains(m));
     push_projections(app, v);
     Ok(json!({}))

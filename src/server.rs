@@ -19,7 +19,7 @@ use crate::http::{admin_router, router, App};
 use crate::origin::media_thread::{MediaThread, MediaThreadConfig};
 use crate::origin::relay_server::{RelayBindError, RelayPolicy, RelayServer, SubscribePolicy};
 use crate::origin::Origin;
-use crate::relay::client::{EdgeLink, LinkConfig, LinkHandler};
+use crate::relay::client::{EdgeLink, LinkConfig, LinkError, LinkHandler};
 use crate::relay::proto::{DatagramHeader, Kind, SourceInfo, LEVEL_EXT_ID};
 use crate::room::RoomService;
 
@@ -456,7 +456,7 @@ pub async fn probe(
     stream: &str,
     seconds: u64,
     keyframes: Option<KeyframeRequests>,
-) -> Result<serde_json::Value, String> {
+) -> Result<serde_json::Value, LinkError> {
     let probe = Arc::new(Probe {
         state: Mutex::new(ProbeState::default()),
     });

@@ -15,7 +15,7 @@ use tracing::warn;
 
 use super::limits::OfferRefused;
 use super::room_views::HeldView;
-use super::{fail, offer_refused, rooms, too_many_offers, App};
+use super::{fail, rooms, too_many_offers, App};
 use crate::auth::jwt::RoomBinding;
 use crate::edge::{Edge, PendingViewer, ViewOptions};
 use crate::origin::{Owner, Published};
@@ -46,6 +46,7 @@ impl FlowError {
             FlowError::NotAnOrigin | FlowError::NotAnEdge => StatusCode::NOT_FOUND,
             FlowError::Room(_) => StatusCode::FORBIDDEN,
             FlowError::TooManyOffers(_) => StatusCode::TOO_MANY_REQUESTS,
+            // A refused offer is the client's fault unless it may clear or broke on our side.
             FlowError::Offer(e) => match e {
                 OfferError::Malformed(_)
                 | OfferError::Unacceptable(_)
@@ -61,7 +62,6 @@ impl IntoResponse for FlowError {
     fn into_response(self) -> Response {
         match self {
             FlowError::TooManyOffers(e) => too_many_offers(e),
-            FlowError::Offer(e) => offer_refused(e),
             other => fail(other.status(), other),
         }
     }

@@ -35,7 +35,6 @@ use crate::auth::tokens::Tokens;
 use crate::edge::Edge;
 use crate::origin::Origin;
 use crate::room::RoomService;
-use crate::rtc::offer::OfferError;
 
 /// Everything the HTTP handlers share.
 pub struct App {
@@ -279,17 +278,6 @@ async fn deadline(State(app): State<Arc<App>>, req: Request, next: Next) -> Resp
                 ),
             )
         }
-    }
-}
-
-/// A refused offer: the client's fault (400) unless something broke on our side.
-pub fn offer_refused(e: OfferError) -> Response {
-    match e {
-        OfferError::Malformed(_) | OfferError::Unacceptable(_) | OfferError::Rejected(_) => {
-            fail(StatusCode::BAD_REQUEST, e.to_string())
-        }
-        OfferError::Limit(_) => fail(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        OfferError::Internal(_) => fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

@@ -15,8 +15,10 @@ use tracing::warn;
 
 use super::limits::OfferRefused;
 use super::room_views::HeldView;
-use super::{fail, rooms, too_many_offers, App};
+use super::{fail, rooms, too_many_offers, App, Refusal};
 use crate::auth::jwt::RoomBinding;
+use crate::auth::jwt::Scope;
+use crate::auth::tokens::Tokens;
 use crate::edge::{Edge, PendingViewer, ViewOptions};
 use crate::origin::{Owner, Published};
 use crate::room::state::RoomError;
@@ -65,6 +67,37 @@ impl IntoResponse for FlowError {
             other => fail(other.status(), other),
         }
     }
+}
+
+/// The token policy's answer for `scope` on `stream` (401 with its reason when it refuses).
+pub(crate) fn check_policy(
+    tokens: &Tokens,
+    token: Option<&str>,
+    stream: &str,
+    scope: Scope,
+) -> Result<(), Refusal> {
+    match scope {
+        Scope::Publish => tokens.check_publish(token, stream),
+        Scope::Subscribe => tokens.check_subscribe(token, stream),
+    }
+    .map_err(|e| Refusal(StatusCode::UNAUTHORIZED, e.to_string()))
+}
+
+/// Who may publish or view `stream` with this bearer where the origin's policy is (the
+/// director): a room credential for the stream's room, bound to its member, or else the token
+/// policy. WHIP and WHEP ([`super::sdp_request`]) also take a director JWT in between.
+pub(crate) fn authorize(
+    app: &App,
+    tokens: &Tokens,
+    token: Option<&str>,
+    stream: &str,
+    scope: Scope,
+) -> Result<Option<RoomBinding>, Refusal> {
+    if let Some(grant) = rooms::room_grant(app, token, stream, scope) {
+        return grant;
+    }
+    check_policy(tokens, token, stream, scope)?;
+    Ok(None)
 }
 
 /// A publication asked for, its credential checked by its transport.

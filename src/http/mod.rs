@@ -195,11 +195,7 @@ pub fn sdp_request<'a>(
                             "this edge takes only a director JWT here".into(),
                         ));
                     };
-                    match scope {
-                        Scope::Publish => tokens.check_publish(token, stream),
-                        Scope::Subscribe => tokens.check_subscribe(token, stream),
-                    }
-                    .map_err(|e| Refusal(StatusCode::UNAUTHORIZED, e.to_string()))?;
+                    flow::check_policy(tokens, token, stream, scope)?;
                     None
                 }
             }

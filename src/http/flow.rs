@@ -189,3 +189,42 @@ pub(crate) fn prepare_view<'a>(
     }
     Ok(PreparedView { edge, pending })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// WHIP and WHEP keep the statuses their clients and tests rely on.
+    #[test]
+    fn refusals_keep_their_http_statuses() {
+        let cases = [
+            (FlowError::NotAnOrigin, StatusCode::NOT_FOUND),
+            (FlowError::NotAnEdge, StatusCode::NOT_FOUND),
+            (
+                FlowError::Room(RoomError::AudioOnly("m-1".into())),
+                StatusCode::FORBIDDEN,
+            ),
+            (
+                FlowError::Offer(OfferError::Malformed("x".into())),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                FlowError::Offer(OfferError::Limit("x".into())),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                FlowError::Offer(OfferError::Internal("x".into())),
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+        ];
+        for (e, status) in cases {
+            assert_eq!(e.status(), status, "{e}");
+            assert_eq!(e.into_response().status(), status);
+        }
+        let room = FlowError::Room(RoomError::AudioOnly("m-1".into()));
+        assert_eq!(
+            room.to_string(),
+            "member \"m-1\" may publish audio only (mediaAllowed \"audio-only\"): offer no video"
+        );
+    }
+}

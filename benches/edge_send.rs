@@ -21,11 +21,11 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use str0m::{Input, Output, Rtc};
 
+use chorus::edge::loopback::pair;
 use chorus::edge::viewer::{OutTrack, Sent};
 use chorus::media::rewrite::{Feed, InputPacket};
 use chorus::media::SourceIdx;
 use chorus::net::send::SendBatch;
-use chorus::rtc::loopback::pair;
 use chorus::rtc::peers::{PeerOut, Sink};
 
 const TRACKS: usize = 3;

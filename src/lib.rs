@@ -2,7 +2,7 @@
 //! stream that are talking, in a fixed set of multiplexed tracks.
 //!
 //! The feature `tools` (default) adds the test and measurement tools: `loadgen`, `replay`
-//! and the in-memory peers `rtc::loopback`; without it the crate is the server alone.
+//! and the in-memory peers `edge::loopback`; without it the crate is the server alone.
 
 pub mod auth;
 pub mod edge;

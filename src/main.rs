@@ -440,7 +440,7 @@ fn run_server(
         },
     };
     runtime()?.block_on(async {
-        let running = server::start(&opts).await?;
+        let running = server::start(&opts).await.map_err(|e| e.to_string())?;
         println!(
             "{}",
             serde_json::json!({
@@ -492,9 +492,9 @@ fn token_cmd(t: TokenCmd) -> Result<(), String> {
             } else {
                 TokenKind::Subscribe
             };
-            let mut file = TokenFile::load(&tokens)?;
+            let mut file = TokenFile::load(&tokens).map_err(|e| e.to_string())?;
             let entry = file.create(&stream, kind, ttl);
-            file.save(&tokens)?;
+            file.save(&tokens).map_err(|e| e.to_string())?;
             eprintln!(
                 "added a {} token for stream {stream:?} to {}{}",
                 kind.as_str(),

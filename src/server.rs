@@ -9,17 +9,17 @@ use std::time::Duration;
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::auth::identity::Identity;
+use crate::auth::identity::{Identity, IdentityError};
 use crate::auth::jwt::{JwtSigner, JwtVerifier};
 use crate::auth::random_secret;
-use crate::auth::tokens::Tokens;
+use crate::auth::tokens::{TokenFileError, Tokens};
 use crate::edge::Edge;
 use crate::http::limits::HttpLimits;
 use crate::http::{admin_router, router, App};
-use crate::origin::media_thread::{HostConfig, RtcHost};
-use crate::origin::relay_server::{RelayPolicy, RelayServer, SubscribePolicy};
+use crate::origin::media_thread::{MediaThread, MediaThreadConfig};
+use crate::origin::relay_server::{RelayBindError, RelayPolicy, RelayServer, SubscribePolicy};
 use crate::origin::Origin;
-use crate::relay::client::{EdgeLink, LinkConfig, LinkHandler};
+use crate::relay::client::{EdgeLink, LinkConfig, LinkError, LinkHandler};
 use crate::relay::proto::{DatagramHeader, Kind, SourceInfo, LEVEL_EXT_ID};
 use crate::room::RoomService;
 
@@ -82,13 +82,51 @@ pub struct Running {
     pub dev_api_key: Option<String>,
 }
 
-fn load_tokens(opts: &ServerOptions) -> Result<Option<Tokens>, String> {
+/// Why a server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("an edge takes no --tokens (nor CHORUS_TOKENS): the origin's token policy decides who views what, and the edge asks its origin for every viewer; give the token file to chorus origin")]
+    EdgeTokens,
+    #[error("an edge needs --origin HOST:PORT")]
+    NoOrigin,
+    #[error(transparent)]
+    Tokens(#[from] TokenFileError),
+    /// What is beyond loopback ("HTTP on ... and media on ...").
+    #[error("refusing to start: dev mode (no --tokens) opens every stream to viewers, and {0} is beyond loopback, \
+         so anyone who reaches it could view every stream. Give --tokens FILE (see `chorus token create`), \
+         bind to 127.0.0.1, or pass --dev-public to expose dev mode on purpose")]
+    DevExposed(String),
+    /// What could not be bound or read ("HTTP on 127.0.0.1:8080").
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("origin identity: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("JWT signing key: {0}")]
+    JwtKey(String),
+    #[error(transparent)]
+    Relay(#[from] RelayBindError),
+    /// The edge's own start (its media sockets, its link).
+    #[error("{0}")]
+    Edge(String),
+}
+
+fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> StartError {
+    move |source| StartError::Io {
+        what: what.to_string(),
+        source,
+    }
+}
+
+fn load_tokens(opts: &ServerOptions) -> Result<Option<Tokens>, StartError> {
     if opts.role == Role::Edge {
         if opts.jwt_secret.as_deref().is_some_and(|s| !s.is_empty()) {
             warn!("an edge signs nothing: --jwt-secret (CHORUS_JWT_SECRET) is ignored here; viewers' JWTs are checked with the public key the origin sends");
         }
         if opts.tokens.is_some() {
-            return Err("an edge takes no --tokens (nor CHORUS_TOKENS): the origin's token policy decides who views what, and the edge asks its origin for every viewer; give the token file to chorus origin".into());
+            return Err(StartError::EdgeTokens);
         }
         return Ok(None);
     }
@@ -112,7 +150,7 @@ fn load_tokens(opts: &ServerOptions) -> Result<Option<Tokens>, String> {
 
 /// Dev mode opens every stream to viewers and prints its publish token: on an address others
 /// reach, that is a server anyone can publish to and view. Refused unless asked for.
-fn check_dev_exposure(opts: &ServerOptions) -> Result<(), String> {
+fn check_dev_exposure(opts: &ServerOptions) -> Result<(), StartError> {
     if opts.tokens.is_some() || opts.role == Role::Edge {
         return Ok(());
     }
@@ -131,22 +169,18 @@ fn check_dev_exposure(opts: &ServerOptions) -> Result<(), String> {
         warn!("DEV MODE ON A PUBLIC ADDRESS (--dev-public): {what}; every stream is open to anyone who reaches it");
         return Ok(());
     }
-    Err(format!(
-        "refusing to start: dev mode (no --tokens) opens every stream to viewers, and {what} is beyond loopback, \
-         so anyone who reaches it could view every stream. Give --tokens FILE (see `chorus token create`), \
-         bind to 127.0.0.1, or pass --dev-public to expose dev mode on purpose"
-    ))
+    Err(StartError::DevExposed(what))
 }
 
 /// Starts what `opts.role` asks for and its HTTP server; returns once everything listens.
-pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
+pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
     check_dev_exposure(opts)?;
     let tokens = load_tokens(opts)?;
     // Bound first: an edge announces its signalling URL to the origin when it links.
     let listener = tokio::net::TcpListener::bind(opts.http)
         .await
-        .map_err(|e| format!("HTTP on {}: {e}", opts.http))?;
-    let http = listener.local_addr().map_err(|e| e.to_string())?;
+        .map_err(io(format!("HTTP on {}", opts.http)))?;
+    let http = listener.local_addr().map_err(io("HTTP address"))?;
 
     let mut origin = None;
     let mut cluster = None;
@@ -165,8 +199,7 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
     };
     if opts.role != Role::Edge {
         let secret = opts.jwt_secret.as_deref().filter(|s| !s.is_empty());
-        let id = Identity::load(opts.data_dir.as_deref(), secret.map(str::as_bytes))
-            .map_err(|e| format!("origin identity: {e}"))?;
+        let id = Identity::load(opts.data_dir.as_deref(), secret.map(str::as_bytes))?;
         match (&id.dir, secret) {
             (Some(dir), None) => info!(dir = %dir.display(), "identity (relay certificate, signing keys) kept in the data dir"),
             (Some(dir), Some(_)) => info!(dir = %dir.display(), "relay certificate kept in the data dir; signing keys derived from --jwt-secret (the dir's key files are not used)"),
@@ -175,18 +208,18 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
         }
         let s = Arc::new(
             JwtSigner::from_pkcs8(&id.jwt_pkcs8, opts.jwt_ttl_secs)
-                .map_err(|e| format!("JWT signing key: {e}"))?,
+                .map_err(|e| StartError::JwtKey(e.to_string()))?,
         );
         verifier = Arc::new(s.verifier());
         room_key = id.room_key.clone();
-        let host = RtcHost::start(
-            &HostConfig {
+        let host = MediaThread::start(
+            &MediaThreadConfig {
                 bind: SocketAddr::new(opts.media_ip, opts.media_port),
                 public_ip: opts.public_ip,
             },
             "origin",
         )
-        .map_err(|e| format!("media socket on {}: {e}", opts.media_ip))?;
+        .map_err(io(format!("media socket on {}", opts.media_ip)))?;
         let o = Origin::new(host);
         let relay = RelayServer::bind(opts.cluster, &id.cert_der, &id.cert_key_der)?;
         let addr = relay.local_addr();
@@ -217,7 +250,7 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
                 ws_url: None,
             },
             _ => LinkConfig {
-                origin: opts.origin.ok_or("an edge needs --origin HOST:PORT")?,
+                origin: opts.origin.ok_or(StartError::NoOrigin)?,
                 fingerprint: opts.origin_fingerprint.clone(),
                 cluster_token: cluster_token.clone(),
                 ws_url: Some(match &opts.public_ws {
@@ -235,7 +268,8 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
             opts.media_workers,
             verifier.clone(),
         )
-        .await?;
+        .await
+        .map_err(StartError::Edge)?;
         edge = Some(e);
     }
     let mut dev_api_key = None;
@@ -271,8 +305,8 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, String> {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
-                .map_err(|e| format!("admin HTTP on {addr}: {e}"))?;
-            admin = Some(l.local_addr().map_err(|e| e.to_string())?);
+                .map_err(io(format!("admin HTTP on {addr}")))?;
+            admin = Some(l.local_addr().map_err(io("admin HTTP address"))?);
             Some(l)
         }
         None => {
@@ -422,7 +456,7 @@ pub async fn probe(
     stream: &str,
     seconds: u64,
     keyframes: Option<KeyframeRequests>,
-) -> Result<serde_json::Value, String> {
+) -> Result<serde_json::Value, LinkError> {
     let probe = Arc::new(Probe {
         state: Mutex::new(ProbeState::default()),
     });

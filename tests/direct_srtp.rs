@@ -17,12 +17,12 @@ use str0m::rtp::rtcp::Rtcp;
 use str0m::rtp::RawPacket;
 use str0m::{Event, Input, Output};
 
+use chorus::edge::loopback::{pair, SERVER};
 use chorus::edge::viewer::Sent;
 use chorus::media::rewrite::{Feed, InputPacket};
 use chorus::media::SourceIdx;
 use chorus::net::send::SendBatch;
 use chorus::rtc::established::{Established, RtcpStats};
-use chorus::rtc::loopback::{pair, SERVER};
 use chorus::rtc::peers::{PeerOut, Sink};
 
 /// Counts the bytes this thread holds (allocated minus freed), for the memory test.
@@ -73,7 +73,7 @@ struct Got {
 /// client sends back to the edge's lean state (as the peer set routes it: STUN, SRTCP).
 #[allow(clippy::too_many_arguments)]
 fn exchange(
-    p: &mut chorus::rtc::loopback::Pair,
+    p: &mut chorus::edge::loopback::Pair,
     lean: &mut Established,
     rx: &UdpSocket,
     tx: &UdpSocket,
@@ -108,7 +108,7 @@ fn exchange(
 /// Polls the client until it sleeps (str0m wants that after every input).
 #[allow(clippy::too_many_arguments)]
 fn drain(
-    p: &mut chorus::rtc::loopback::Pair,
+    p: &mut chorus::edge::loopback::Pair,
     lean: &mut Established,
     tx: &UdpSocket,
     batch: &mut SendBatch,

@@ -437,10 +437,10 @@ fn direct_send_path_does_not_allocate_once_warm() {
     ALLOCS.store(0, Ordering::Relaxed);
     ALLOC_BYTES.store(0, Ordering::Relaxed);
     FREES.store(0, Ordering::Relaxed);
+    use chorus::edge::loopback::pair;
     use chorus::edge::viewer::Sent;
     use chorus::media::rewrite::{Feed, InputPacket};
     use chorus::net::send::SendBatch;
-    use chorus::rtc::loopback::pair;
     use chorus::rtc::peers::{PeerOut, Sink};
     use std::time::Instant;
 

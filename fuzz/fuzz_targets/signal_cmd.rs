@@ -14,7 +14,7 @@
 
 use chorus::http::socket::parse_command;
 use chorus::millicast::MAX_SOURCE_ID;
-use chorus::http::signal_cmd::{Project, Publish, Unproject, Unpublish, View, MAX_SOURCE_LIST};
+use chorus::http::signal_cmd::{ProjectCmd, PublishCmd, UnprojectCmd, UnpublishCmd, ViewCmd, MAX_SOURCE_LIST};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
 
@@ -70,17 +70,17 @@ fn source_ok(s: &str) {
 const TRACKS: [&str; 3] = ["0", "1", "7"];
 
 fn commands(data: &Value) {
-    match Publish::parse(data) {
+    match PublishCmd::parse(data) {
         Ok(p) => {
             if let Some(s) = &p.source {
                 source_ok(s);
             }
             let again = json!({"sdp": p.sdp, "sourceId": p.source});
-            assert_eq!(Publish::parse(&again), Ok(p));
+            assert_eq!(PublishCmd::parse(&again), Ok(p));
         }
         Err(e) => assert!(!e.to_string().is_empty()),
     }
-    match Unpublish::parse(data) {
+    match UnpublishCmd::parse(data) {
         Ok(p) => {
             if let Some(Some(s)) = &p.source {
                 source_ok(s);
@@ -89,23 +89,23 @@ fn commands(data: &Value) {
                 None => json!({}),
                 Some(s) => json!({"sourceId": s}),
             };
-            assert_eq!(Unpublish::parse(&again), Ok(p));
+            assert_eq!(UnpublishCmd::parse(&again), Ok(p));
         }
         Err(e) => assert!(!e.to_string().is_empty()),
     }
-    match View::parse(data) {
+    match ViewCmd::parse(data) {
         Ok(v) => {
             assert!(v.pinned.as_ref().is_none_or(|s| s.len() <= MAX_SOURCE_ID));
             assert!(v.excluded.len() <= MAX_SOURCE_LIST);
             assert!(v.excluded.iter().all(|s| s.len() <= MAX_SOURCE_ID));
             let again =
                 json!({"sdp": v.sdp, "pinnedSourceId": v.pinned, "excludedSourceIds": v.excluded});
-            assert_eq!(View::parse(&again), Ok(v));
+            assert_eq!(ViewCmd::parse(&again), Ok(v));
         }
         Err(e) => assert!(!e.to_string().is_empty()),
     }
     let tracks: Vec<String> = TRACKS.iter().map(|t| t.to_string()).collect();
-    match Project::parse(data, &tracks) {
+    match ProjectCmd::parse(data, &tracks) {
         Ok(p) => {
             if !p.source.is_empty() {
                 source_ok(&p.source);
@@ -119,18 +119,18 @@ fn commands(data: &Value) {
                 .map(|m| json!({"media": "audio", "mediaId": m}))
                 .collect();
             let again = json!({"sourceId": p.source, "mapping": mapping});
-            assert_eq!(Project::parse(&again, &tracks), Ok(p));
+            assert_eq!(ProjectCmd::parse(&again, &tracks), Ok(p));
         }
         Err(e) => assert!(!e.to_string().is_empty()),
     }
-    match Unproject::parse(data) {
+    match UnprojectCmd::parse(data) {
         Ok(p) => {
             assert_eq!(
                 data["mediaIds"].as_array().map(Vec::len),
                 Some(p.mids.len())
             );
             let again = json!({"mediaIds": p.mids});
-            assert_eq!(Unproject::parse(&again), Ok(p));
+            assert_eq!(UnprojectCmd::parse(&again), Ok(p));
         }
         Err(e) => assert!(!e.to_string().is_empty()),
     }

@@ -48,29 +48,56 @@ impl TokenEntry {
     }
 }
 
+/// A token file that cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    #[error("{}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", .path.display())]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// A `--ttl` that is not a duration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a duration: {0:?} (use e.g. 90s, 10m, 12h, 7d)")]
+pub struct BadDuration(pub String);
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenFile {
     pub tokens: Vec<TokenEntry>,
 }
 
 impl TokenFile {
-    pub fn load(path: &Path) -> Result<TokenFile, String> {
+    pub fn load(path: &Path) -> Result<TokenFile, TokenFileError> {
         match std::fs::read(path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))
-            }
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| TokenFileError::Json {
+                path: path.to_owned(),
+                source,
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TokenFile::default()),
-            Err(e) => Err(format!("{}: {e}", path.display())),
+            Err(source) => Err(TokenFileError::Io {
+                path: path.to_owned(),
+                source,
+            }),
         }
     }
 
     /// Writes via a temporary file and a rename, so a server never reads half a file.
-    pub fn save(&self, path: &Path) -> Result<(), String> {
+    pub fn save(&self, path: &Path) -> Result<(), TokenFileError> {
         let tmp = path.with_extension("tmp");
         let body = serde_json::to_vec_pretty(self).expect("token file serializes");
         std::fs::write(&tmp, body)
             .and_then(|_| std::fs::rename(&tmp, path))
-            .map_err(|e| format!("{}: {e}", path.display()))
+            .map_err(|source| TokenFileError::Io {
+                path: path.to_owned(),
+                source,
+            })
     }
 
     /// Adds a new random token and returns it.
@@ -123,7 +150,8 @@ impl TokenFile {
     }
 }
 
-enum Source {
+/// Where the token policy comes from: dev mode's one publish token, or a token file.
+enum TokenStore {
     Dev {
         publish_token: String,
     },
@@ -134,21 +162,21 @@ enum Source {
 }
 
 pub struct Tokens {
-    source: Source,
+    source: TokenStore,
 }
 
 impl Tokens {
     pub fn dev(publish_token: String) -> Tokens {
         Tokens {
-            source: Source::Dev { publish_token },
+            source: TokenStore::Dev { publish_token },
         }
     }
 
-    pub fn file(path: PathBuf) -> Result<Tokens, String> {
+    pub fn file(path: PathBuf) -> Result<Tokens, TokenFileError> {
         let file = TokenFile::load(&path)?;
         let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
         Ok(Tokens {
-            source: Source::File {
+            source: TokenStore::File {
                 path,
                 cache: Mutex::new((mtime, file)),
             },
@@ -156,12 +184,12 @@ impl Tokens {
     }
 
     pub fn is_dev(&self) -> bool {
-        matches!(self.source, Source::Dev { .. })
+        matches!(self.source, TokenStore::Dev { .. })
     }
 
     pub fn check_publish(&self, token: Option<&str>, stream: &str) -> Result<(), AuthError> {
         match &self.source {
-            Source::Dev { publish_token } => {
+            TokenStore::Dev { publish_token } => {
                 let t = token.ok_or(AuthError::Missing)?;
                 if constant_time_eq(t.as_bytes(), publish_token.as_bytes()) {
                     Ok(())
@@ -169,7 +197,7 @@ impl Tokens {
                     Err(AuthError::Unknown)
                 }
             }
-            Source::File { .. } => {
+            TokenStore::File { .. } => {
                 self.with_file(|f| f.check(token, stream, TokenKind::Publish, unix_now()))
             }
         }
@@ -177,8 +205,8 @@ impl Tokens {
 
     pub fn check_subscribe(&self, token: Option<&str>, stream: &str) -> Result<(), AuthError> {
         match &self.source {
-            Source::Dev { .. } => Ok(()),
-            Source::File { .. } => self.with_file(|f| {
+            TokenStore::Dev { .. } => Ok(()),
+            TokenStore::File { .. } => self.with_file(|f| {
                 if f.needs_subscribe_token(stream) {
                     f.check(token, stream, TokenKind::Subscribe, unix_now())
                 } else {
@@ -189,7 +217,7 @@ impl Tokens {
     }
 
     fn with_file<T>(&self, f: impl FnOnce(&TokenFile) -> T) -> T {
-        let Source::File { path, cache } = &self.source else {
+        let TokenStore::File { path, cache } = &self.source else {
             unreachable!("only called for file sources")
         };
         let mut guard = cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -209,7 +237,7 @@ impl Tokens {
 }
 
 /// Parses a duration like `90`, `30s`, `10m`, `12h` or `7d` into seconds.
-pub fn parse_ttl(s: &str) -> Result<u64, String> {
+pub fn parse_ttl(s: &str) -> Result<u64, BadDuration> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
         Some((i, 's')) => (&s[..i], 1),
@@ -222,7 +250,7 @@ pub fn parse_ttl(s: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .filter(|&n| n > 0)
-        .ok_or_else(|| format!("not a duration: {s:?} (use e.g. 90s, 10m, 12h, 7d)"))
+        .ok_or_else(|| BadDuration(s.to_owned()))
 }
 
 #[cfg(test)]

@@ -444,7 +444,6 @@ fn swapped_channels_keep_both_streams_mapped_even_without_a_link_down() {
 
 #[test]
 fn typed_events_serialize_to_the_millicast_json_sent_before() {
-    use crate::http::signal::event_json;
     use serde_json::json;
     let stream: Arc<str> = "panel".into();
     let ana: Option<Arc<str>> = Some("ana".into());
@@ -454,7 +453,7 @@ fn typed_events_serialize_to_the_millicast_json_sent_before() {
         media: vec!["audio".into(), "video".into()],
     }));
     assert_eq!(
-        event_json(&active),
+        active.to_json(),
         json!({"type": "event", "name": "active", "data": {"streamId": "panel", "sourceId": null,
             "tracks": [{"trackId": "audio", "media": "audio"}, {"trackId": "video", "media": "video"}]}})
     );
@@ -463,7 +462,7 @@ fn typed_events_serialize_to_the_millicast_json_sent_before() {
         source: ana.clone(),
     };
     assert_eq!(
-        event_json(&inactive),
+        inactive.to_json(),
         json!({"type": "event", "name": "inactive", "data": {"streamId": "panel", "sourceId": "ana"}})
     );
     let vad = ViewerEvent::Vad {
@@ -471,7 +470,7 @@ fn typed_events_serialize_to_the_millicast_json_sent_before() {
         source: ana,
     };
     assert_eq!(
-        event_json(&vad),
+        vad.to_json(),
         json!({"type": "event", "name": "vad", "data": {"mediaId": "2", "sourceId": "ana"}})
     );
     let empty = ViewerEvent::Vad {
@@ -479,15 +478,15 @@ fn typed_events_serialize_to_the_millicast_json_sent_before() {
         source: None,
     };
     assert_eq!(
-        event_json(&empty),
+        empty.to_json(),
         json!({"type": "event", "name": "vad", "data": {"mediaId": "3", "sourceId": null}})
     );
     assert_eq!(
-        event_json(&ViewerEvent::ViewerCount(12)),
+        ViewerEvent::ViewerCount(12).to_json(),
         json!({"type": "event", "name": "viewercount", "data": {"viewercount": 12}})
     );
     assert_eq!(
-        event_json(&ViewerEvent::Stopped { stream }),
+        ViewerEvent::Stopped { stream }.to_json(),
         json!({"type": "event", "name": "stopped", "data": {"streamId": "panel"}})
     );
 }

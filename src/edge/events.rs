@@ -1,9 +1,11 @@
 //! What a viewer is told, typed: the edge core decides these on the media thread; their
-//! Millicast JSON is built where the signalling socket writes them (`http::signal`), off the
-//! media thread. Names are shared (`Arc<str>`): one event broadcast to a stream's viewers is a
+//! Millicast JSON ([`ViewerEvent::to_json`]) is built where the signalling socket writes them
+//! (`http::signal`), off the media thread. Names are shared (`Arc<str>`): one event broadcast to a stream's viewers is a
 //! reference count per viewer, not a string copy.
 
 use std::sync::Arc;
+
+use serde_json::{json, Value};
 
 use str0m::media::Mid;
 
@@ -37,6 +39,30 @@ pub struct ActiveSource {
 }
 
 impl ViewerEvent {
+    /// The event as the Millicast SDK reads it. Called where the signalling socket writes it,
+    /// never on the media thread that decided it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let data = match self {
+            ViewerEvent::Active(a) => {
+                let tracks: Vec<Value> = a
+                    .media
+                    .iter()
+                    .map(|m| json!({"trackId": m, "media": m}))
+                    .collect();
+                json!({"streamId": &*a.stream, "sourceId": a.source.as_deref(), "tracks": tracks})
+            }
+            ViewerEvent::Inactive { stream, source } => {
+                json!({"streamId": &**stream, "sourceId": source.as_deref()})
+            }
+            ViewerEvent::Vad { mid, source } => {
+                json!({"mediaId": mid.to_string(), "sourceId": source.as_deref()})
+            }
+            ViewerEvent::ViewerCount(n) => json!({ "viewercount": n }),
+            ViewerEvent::Stopped { stream } => json!({ "streamId": &**stream }),
+        };
+        json!({"type": "event", "name": self.name(), "data": data})
+    }
+
     /// The event's Millicast name.
     pub fn name(&self) -> &'static str {
         match self {

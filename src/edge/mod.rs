@@ -6,6 +6,8 @@
 
 pub mod core;
 pub mod events;
+#[cfg(feature = "tools")]
+pub mod loopback;
 pub mod talking;
 pub mod viewer;
 pub mod worker;

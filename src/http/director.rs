@@ -11,7 +11,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{bearer, fail, relayed_refusal, rooms, App, Refusal};
+use super::{bearer, fail, flow, relayed_refusal, App, Refusal};
 use crate::auth::jwt::{RoomBinding, Scope};
 use crate::millicast::{check_stream_name, director_answer};
 use crate::origin::relay_server::SubscribePolicy;
@@ -85,13 +85,9 @@ pub async fn publish(State(app): State<Arc<App>>, headers: HeaderMap, body: Byte
         );
     };
     let token = bearer(&headers);
-    let room = match rooms::room_grant(&app, token, &stream, Scope::Publish) {
-        Some(Ok(room)) => room,
-        Some(Err(refusal)) => return refusal.into_response(),
-        None => match tokens.check_publish(token, &stream) {
-            Ok(()) => None,
-            Err(e) => return fail(StatusCode::UNAUTHORIZED, e.to_string()),
-        },
+    let room = match flow::authorize(&app, tokens, token, &stream, Scope::Publish) {
+        Ok(room) => room,
+        Err(refusal) => return refusal.into_response(),
     };
     let jwt = signer.issue_bound(&stream, Scope::Publish, room.clone());
     success(ws_url(&app, &headers), jwt, room.as_ref())
@@ -145,16 +141,7 @@ pub fn authorize_subscribe(
             "this process holds no token policy".into(),
         ));
     };
-    let room = match rooms::room_grant(app, token, stream, Scope::Subscribe) {
-        Some(Ok(room)) => room,
-        Some(Err(refusal)) => return Err(refusal),
-        None => {
-            tokens
-                .check_subscribe(token, stream)
-                .map_err(|e| Refusal(StatusCode::UNAUTHORIZED, e.to_string()))?;
-            None
-        }
-    };
+    let room = flow::authorize(app, tokens, token, stream, Scope::Subscribe)?;
     // A room participant's viewer JWT names it: its removal ends the view at every edge.
     Ok(signer.issue_bound(stream, Scope::Subscribe, room))
 }

@@ -1,6 +1,7 @@
 //! The HTTP face of chorus: director API, signalling WebSocket, WHIP, stream introspection.
 
 pub mod director;
+pub(crate) mod flow;
 pub mod health;
 pub mod limits;
 pub(crate) mod listen;
@@ -34,7 +35,6 @@ use crate::auth::tokens::Tokens;
 use crate::edge::Edge;
 use crate::origin::Origin;
 use crate::room::RoomService;
-use crate::rtc::offer::OfferError;
 
 /// Everything the HTTP handlers share.
 pub struct App {
@@ -109,8 +109,8 @@ impl App {
         );
         for v in views {
             match v {
-                room_views::View::Session(_, removed) => removed.notify_one(),
-                room_views::View::Whep(peer) => {
+                room_views::HeldView::Session(_, removed) => removed.notify_one(),
+                room_views::HeldView::Whep(peer) => {
                     if let Some(edge) = &self.edge {
                         edge.remove(peer);
                     }
@@ -134,8 +134,8 @@ impl App {
 static REFUSAL_LOG: listen::LogEvery = listen::LogEvery::new(Duration::from_secs(1));
 
 /// The `{"status":"fail"}` body the SDK expects, with a status code.
-pub fn fail(status: StatusCode, message: impl Into<String>) -> Response {
-    let message = message.into();
+pub fn fail(status: StatusCode, message: impl std::fmt::Display) -> Response {
+    let message = message.to_string();
     if REFUSAL_LOG.ready() {
         tracing::info!(%status, %message, "request refused (further refusals this second at debug)");
     } else {
@@ -195,11 +195,7 @@ pub fn sdp_request<'a>(
                             "this edge takes only a director JWT here".into(),
                         ));
                     };
-                    match scope {
-                        Scope::Publish => tokens.check_publish(token, stream),
-                        Scope::Subscribe => tokens.check_subscribe(token, stream),
-                    }
-                    .map_err(|e| Refusal(StatusCode::UNAUTHORIZED, e.to_string()))?;
+                    flow::check_policy(tokens, token, stream, scope)?;
                     None
                 }
             }
@@ -278,17 +274,6 @@ async fn deadline(State(app): State<Arc<App>>, req: Request, next: Next) -> Resp
                 ),
             )
         }
-    }
-}
-
-/// A refused offer: the client's fault (400) unless something broke on our side.
-pub fn offer_refused(e: OfferError) -> Response {
-    match e {
-        OfferError::Malformed(_) | OfferError::Unacceptable(_) | OfferError::Rejected(_) => {
-            fail(StatusCode::BAD_REQUEST, e.to_string())
-        }
-        OfferError::Limit(_) => fail(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        OfferError::Internal(_) => fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
+use crate::room::state::RoomError;
 use crate::rtc::peers::PeerId;
 
 /// Removed members remembered (to refuse their still-valid viewer JWTs); past it the oldest is
@@ -16,7 +17,7 @@ pub const MAX_REVOKED: usize = 4096;
 
 /// A view to end.
 #[derive(Debug, Clone)]
-pub(crate) enum View {
+pub(crate) enum HeldView {
     /// A signalling session (its id), told to close.
     Session(u64, Arc<Notify>),
     Whep(PeerId),
@@ -26,7 +27,7 @@ type Key = (String, String);
 
 #[derive(Default)]
 struct Inner {
-    views: HashMap<Key, Vec<View>>,
+    views: HashMap<Key, Vec<HeldView>>,
     revoked: VecDeque<Key>,
 }
 
@@ -41,18 +42,16 @@ impl RoomViews {
     }
 
     /// The member was removed from the room here: refused.
-    pub(crate) fn check(&self, room: &str, member: &str) -> Result<(), String> {
+    pub(crate) fn check(&self, room: &str, member: &str) -> Result<(), RoomError> {
         let inner = self.lock();
         if inner.revoked.iter().any(|(r, m)| r == room && m == member) {
-            return Err(format!(
-                "member {member:?} was removed from room {room:?}: its viewer tokens no longer work"
-            ));
+            return Err(RoomError::ViewRevoked(room.to_owned(), member.to_owned()));
         }
         Ok(())
     }
 
     /// A view of a room participant began.
-    pub(crate) fn add(&self, room: &str, member: &str, view: View) -> Result<(), String> {
+    pub(crate) fn add(&self, room: &str, member: &str, view: HeldView) -> Result<(), RoomError> {
         self.check(room, member)?;
         self.lock()
             .views
@@ -67,7 +66,7 @@ impl RoomViews {
         let mut inner = self.lock();
         let key = (room.to_owned(), member.to_owned());
         if let Some(v) = inner.views.get_mut(&key) {
-            v.retain(|view| !matches!(view, View::Session(s, _) if *s == sid));
+            v.retain(|view| !matches!(view, HeldView::Session(s, _) if *s == sid));
             if v.is_empty() {
                 inner.views.remove(&key);
             }
@@ -75,7 +74,7 @@ impl RoomViews {
     }
 
     /// The member was removed: its views, to end, and its JWTs refused from now on.
-    pub(crate) fn revoke(&self, room: &str, member: &str) -> Vec<View> {
+    pub(crate) fn revoke(&self, room: &str, member: &str) -> Vec<HeldView> {
         let mut inner = self.lock();
         let key = (room.to_owned(), member.to_owned());
         if inner.revoked.len() >= MAX_REVOKED {

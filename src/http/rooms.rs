@@ -25,7 +25,7 @@ use super::{bearer, director, App, Refusal};
 use crate::auth::jwt::{RoomBinding, Scope};
 use crate::auth::AuthError;
 use crate::millicast::check_stream_name;
-use crate::room::state::{parse_permissions, Grant, Media, Role};
+use crate::room::state::{parse_permissions, Grant, Media, Role, RoomError};
 use crate::room::{ConnMsg, ConnTx, RoomService};
 use crate::rtc::offer::mlines;
 
@@ -49,8 +49,8 @@ fn rooms(app: &App) -> Result<&Arc<RoomService>, Refusal> {
     })
 }
 
-fn forbidden(m: impl Into<String>) -> Refusal {
-    Refusal(StatusCode::FORBIDDEN, m.into())
+fn forbidden(m: impl std::fmt::Display) -> Refusal {
+    Refusal(StatusCode::FORBIDDEN, m.to_string())
 }
 
 fn check_room_name(room: &str) -> Result<(), Refusal> {
@@ -93,7 +93,7 @@ fn issue(app: &App, room: &str, headers: &HeaderMap, body: &[u8]) -> Result<Valu
     let rooms = rooms(app)?;
     rooms
         .check_api_key(bearer(headers))
-        .map_err(|m| Refusal(StatusCode::UNAUTHORIZED, m))?;
+        .map_err(|e| Refusal(StatusCode::UNAUTHORIZED, e.to_string()))?;
     check_room_name(room)?;
     let bad = |m: String| Refusal(StatusCode::BAD_REQUEST, m);
     let req: TokenRequest =
@@ -109,8 +109,9 @@ fn issue(app: &App, room: &str, headers: &HeaderMap, body: &[u8]) -> Result<Valu
             "user_name must be 1 to {MAX_USER_NAME} printable characters"
         )));
     }
-    let role = Role::parse(req.join_as.as_deref().unwrap_or("audience")).map_err(bad)?;
-    let permissions = parse_permissions(&req.permissions).map_err(bad)?;
+    let role = Role::parse(req.join_as.as_deref().unwrap_or("audience"))
+        .map_err(|e| bad(e.to_string()))?;
+    let permissions = parse_permissions(&req.permissions).map_err(|e| bad(e.to_string()))?;
     let ttl = req.ttl.unwrap_or(DEFAULT_TOKEN_TTL);
     if !(10..=MAX_TOKEN_TTL).contains(&ttl) {
         return Err(bad(format!("ttl must be 10 to {MAX_TOKEN_TTL} seconds")));
@@ -199,7 +200,7 @@ fn grant_stream(
 }
 
 /// A member's publish JWT still works: the member was neither demoted nor removed since.
-pub fn check_binding(app: &App, b: &RoomBinding) -> Result<(), String> {
+pub fn check_binding(app: &App, b: &RoomBinding) -> Result<(), RoomError> {
     match &app.rooms {
         Some(rooms) => rooms
             .may_publish(&b.room, &b.member_id, Some(b.generation))
@@ -216,35 +217,28 @@ pub fn check_room_publish(
     b: &RoomBinding,
     source: Option<&str>,
     offer: &str,
-) -> Result<(), String> {
+) -> Result<(), RoomError> {
     if source != Some(b.member_id.as_str()) {
-        return Err(format!(
-            "a member of room {:?} publishes with sourceId {:?} (its member id) only, not {}",
-            b.room,
-            b.member_id,
-            source.map_or("the main source".to_owned(), |s| format!("{s:?}"))
-        ));
+        return Err(RoomError::NotItsSource {
+            room: b.room.clone(),
+            member: b.member_id.clone(),
+            given: source.map_or("the main source".to_owned(), |s| format!("{s:?}")),
+        });
     }
-    let rooms = app
-        .rooms
-        .as_ref()
-        .ok_or("this is an edge: publish at the origin")?;
+    let rooms = app.rooms.as_ref().ok_or(RoomError::NotAtOrigin)?;
     let right = rooms.may_publish(&b.room, &b.member_id, Some(b.generation))?;
     let sends_video = mlines(offer)
         .iter()
         .any(|m| m.media == "video" && matches!(m.direction.as_str(), "sendonly" | "sendrecv"));
     if sends_video && right.media == Media::AudioOnly {
-        return Err(format!(
-            "member {:?} may publish audio only (mediaAllowed \"audio-only\"): offer no video",
-            b.member_id
-        ));
+        return Err(RoomError::AudioOnly(b.member_id.clone()));
     }
     Ok(())
 }
 
 /// After a room member's publication is in place: if the member was demoted meanwhile, it is
 /// stopped again at once.
-pub fn confirm_room_publish(app: &App, b: &RoomBinding) -> Result<(), String> {
+pub fn confirm_room_publish(app: &App, b: &RoomBinding) -> Result<(), RoomError> {
     let result = check_binding(app, b);
     if result.is_err() {
         if let Some(origin) = &app.origin {
@@ -397,7 +391,7 @@ async fn session(
                         send(response_message(cmd.trans_id, data));
                         0
                     }
-                    Err(m) => refuse(Some(cmd.trans_id), m),
+                    Err(e) => refuse(Some(cmd.trans_id), e.to_string()),
                 },
                 Ok(None) => 0,
                 Err((trans_id, m)) => refuse(trans_id, m),

@@ -18,12 +18,13 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
+use super::flow::{self, Ender, FlowError, PublishAsk, ViewAsk};
 use super::limits::{
     Bucket, HttpMetrics, WS_COMMANDS_PER_SEC, WS_MAX_MESSAGE, WS_MAX_REFUSED, WS_OUT_QUEUE,
 };
-use super::signal_cmd::{Project, Publish, Unproject, Unpublish, View};
+use super::signal_cmd::{CmdError, ProjectCmd, PublishCmd, UnprojectCmd, UnpublishCmd, ViewCmd};
 use super::socket::{
     self, error_message, parse_command, response_message, Ending, WsCommand, WsOut,
 };
@@ -67,8 +68,8 @@ pub async fn upgrade(
             Scope::Publish => super::rooms::check_binding(&app, b),
             Scope::Subscribe => app.room_views.check(&b.room, &b.member_id),
         };
-        if let Err(m) = checked {
-            return fail(StatusCode::FORBIDDEN, m);
+        if let Err(e) = checked {
+            return fail(StatusCode::FORBIDDEN, e);
         }
     }
     let sid = app.next_session.fetch_add(1, Ordering::Relaxed);
@@ -160,7 +161,7 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64, pee
                 });
             }
             Some(ev) = events_rx.recv() => {
-                out.send(event_json(&ev));
+                out.send(ev.to_json());
                 if out.overflowed() {
                     break Some(socket::not_reading(&metrics, WS_OUT_QUEUE));
                 }
@@ -294,22 +295,48 @@ fn handle_text(app: &Arc<App>, claims: &Claims, out: &Out, session: &mut Session
         },
         "project" => project(app, &data, session),
         "unproject" => unproject(app, &data, session),
-        "" => Err("cmd without a name".to_owned()),
-        other => Err(format!("unknown command {other:?}")),
+        "" => Err(CommandError::NoName),
+        other => Err(CommandError::Unknown(other.to_owned())),
     };
     match result {
         Ok(data) => out.send(response_message(trans_id, data)),
-        Err(message) => out.refuse(Some(trans_id), message),
+        Err(e) => out.refuse(Some(trans_id), e.to_string()),
     }
 }
 
+/// Why a signalling command was refused: the message of its `error` answer.
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    #[error("cmd without a name")]
+    NoName,
+    #[error("unknown command {0:?}")]
+    Unknown(String),
+    #[error("this token may view, not publish")]
+    ViewToken,
+    #[error("this token may publish, not view: get one from /api/director/subscribe")]
+    PublishToken,
+    #[error("this token is for stream {token:?}, not {asked:?}")]
+    OtherStream { token: String, asked: String },
+    #[error(transparent)]
+    Data(#[from] CmdError),
+    #[error(transparent)]
+    Flow(#[from] FlowError),
+    #[error("nothing published on this session")]
+    NothingPublished,
+    #[error("this session already views: open another socket for another view")]
+    AlreadyViewing,
+    /// The command.
+    #[error("{0} needs a view on this session first")]
+    NoView(&'static str),
+}
+
 /// The stream a command names must be the JWT's.
-fn check_stream(claims: &Claims, data: &Value, field: &str) -> Result<(), String> {
+fn check_stream(claims: &Claims, data: &Value, field: &str) -> Result<(), CommandError> {
     match data.get(field).and_then(Value::as_str) {
-        Some(n) if n != claims.millicast.stream_name => Err(format!(
-            "this token is for stream {:?}, not {n:?}",
-            claims.millicast.stream_name
-        )),
+        Some(n) if n != claims.millicast.stream_name => Err(CommandError::OtherStream {
+            token: claims.millicast.stream_name.clone(),
+            asked: n.to_owned(),
+        }),
         _ => Ok(()),
     }
 }
@@ -320,30 +347,23 @@ fn publish(
     sid: u64,
     peer: IpAddr,
     data: &Value,
-) -> Result<Value, String> {
+) -> Result<Value, CommandError> {
     if claims.scope != Scope::Publish {
-        return Err("this token may view, not publish".into());
+        return Err(CommandError::ViewToken);
     }
     check_stream(claims, data, "name")?;
-    let Publish { sdp, source } = Publish::parse(data).map_err(|e| e.to_string())?;
-    if let Some(b) = &claims.room {
-        super::rooms::check_room_publish(app, b, source.as_deref(), sdp)?;
-    }
-    let stream = &claims.millicast.stream_name;
-    let origin = app
-        .origin
-        .as_ref()
-        .ok_or("this is an edge: publish at the origin")?;
-    app.take_offer(peer).map_err(|e| e.to_string())?;
-    let published = origin
-        .publish(stream, source.clone(), sdp, Owner::Signalling(sid))
-        .map_err(|e| e.to_string())?;
-    if let Some(b) = &claims.room {
-        super::rooms::confirm_room_publish(app, b)?;
-    }
-    if published.replaced {
-        warn!(stream, source = ?source, "a live publication of this sourceId was replaced");
-    }
+    let PublishCmd { sdp, source } = PublishCmd::parse(data)?;
+    let published = flow::publish(
+        app,
+        PublishAsk {
+            stream: &claims.millicast.stream_name,
+            source,
+            offer: sdp,
+            room: claims.room.as_ref(),
+            owner: Owner::Signalling(sid),
+            peer,
+        },
+    )?;
     Ok(json!({
         "sdp": published.answer,
         "publisherId": published.publisher_id,
@@ -353,22 +373,24 @@ fn publish(
     }))
 }
 
-fn unpublish(app: &Arc<App>, claims: &Claims, sid: u64, data: &Value) -> Result<Value, String> {
+fn unpublish(
+    app: &Arc<App>,
+    claims: &Claims,
+    sid: u64,
+    data: &Value,
+) -> Result<Value, CommandError> {
     if claims.scope != Scope::Publish {
-        return Err("this token may view, not publish".into());
+        return Err(CommandError::ViewToken);
     }
-    let Unpublish { source } = Unpublish::parse(data).map_err(|e| e.to_string())?;
-    let origin = app
-        .origin
-        .as_ref()
-        .ok_or("this is an edge: publish at the origin")?;
+    let UnpublishCmd { source } = UnpublishCmd::parse(data)?;
+    let origin = app.origin.as_ref().ok_or(FlowError::NotAnOrigin)?;
     let n = origin.unpublish(
         &claims.millicast.stream_name,
         source.as_ref(),
         Owner::Signalling(sid),
     );
     if n == 0 {
-        return Err("nothing published on this session".into());
+        return Err(CommandError::NothingPublished);
     }
     Ok(json!({"unpublished": n}))
 }
@@ -380,54 +402,52 @@ fn view(
     out: &Out,
     session: &mut Session,
     trans_id: u64,
-) -> Result<(), String> {
-    let edge = app
-        .edge
-        .as_ref()
-        .ok_or("this origin serves no viewers: view at an edge (chorus edge)")?;
+) -> Result<(), CommandError> {
+    if app.edge.is_none() {
+        return Err(FlowError::NotAnEdge.into());
+    }
     if claims.scope != Scope::Subscribe {
-        return Err(
-            "this token may publish, not view: get one from /api/director/subscribe".into(),
-        );
+        return Err(CommandError::PublishToken);
     }
     if session.viewer.is_some() {
-        return Err("this session already views: open another socket for another view".into());
+        return Err(CommandError::AlreadyViewing);
     }
     check_stream(claims, data, "streamId")?;
-    let View {
+    let ViewCmd {
         sdp,
         pinned,
         excluded,
-    } = View::parse(data).map_err(|e| e.to_string())?;
-    app.take_offer(session.peer).map_err(|e| e.to_string())?;
+    } = ViewCmd::parse(data)?;
     let stream = &claims.millicast.stream_name;
-    let pending = edge
-        .prepare(
+    let prepared = flow::prepare_view(
+        app,
+        ViewAsk {
             stream,
-            sdp,
-            ViewOptions {
+            offer: sdp,
+            opts: ViewOptions {
                 pinned,
                 excluded,
                 max_tracks: None,
             },
-            session.events.clone(),
-        )
-        .map_err(|e| e.to_string())?;
-    // Registered before it is answered: a removal from now on ends it (the uncommitted
-    // viewer of a refused one is just dropped).
-    if let Some(b) = &claims.room {
-        let view = super::room_views::View::Session(session.sid, session.removed.clone());
-        app.room_views.add(&b.room, &b.member_id, view)?;
-    }
-    out.send(json!({"type": "response", "transId": trans_id, "data": {
-        "sdp": pending.answer,
-        "subscriberId": pending.subscriber_id,
-        "streamViewId": pending.subscriber_id,
-        "clusterId": "chorus",
-        "streamId": stream,
-    }}));
+            room: claims.room.as_ref(),
+            ender: Ender::Session(session.sid, session.removed.clone()),
+            peer: session.peer,
+            events: session.events.clone(),
+        },
+    )?;
+    let pending = &prepared.pending;
+    out.send(response_message(
+        trans_id,
+        json!({
+            "sdp": pending.answer,
+            "subscriberId": pending.subscriber_id,
+            "streamViewId": pending.subscriber_id,
+            "clusterId": "chorus",
+            "streamId": stream,
+        }),
+    ));
     let tracks = pending.tracks.clone();
-    let id = edge.commit(pending);
+    let id = prepared.commit();
     session.viewer = Some(ViewerState {
         id,
         tracks,
@@ -454,12 +474,12 @@ fn push_projections(app: &Arc<App>, v: &ViewerState) {
 
 /// `project {sourceId, mapping: [{trackId|media, mediaId}]}`: the source plays in that track
 /// until unprojected; the other tracks keep following voice activity.
-fn project(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Value, String> {
+fn project(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Value, CommandError> {
     let v = session
         .viewer
         .as_mut()
-        .ok_or("project needs a view on this session first")?;
-    let Project { source, mids } = Project::parse(data, &v.tracks).map_err(|e| e.to_string())?;
+        .ok_or(CommandError::NoView("project"))?;
+    let ProjectCmd { source, mids } = ProjectCmd::parse(data, &v.tracks)?;
     for mid in mids {
         v.projected.retain(|(m, s)| *m != mid && *s != source);
         v.projected.push((mid, source.clone()));
@@ -468,39 +488,15 @@ fn project(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Value,
     Ok(json!({}))
 }
 
-fn unproject(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Value, String> {
+fn unproject(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Value, CommandError> {
     let v = session
         .viewer
         .as_mut()
-        .ok_or("unproject needs a view on this session first")?;
-    let Unproject { mids } = Unproject::parse(data).map_err(|e| e.to_string())?;
+        .ok_or(CommandError::NoView("unproject"))?;
+    let UnprojectCmd { mids } = UnprojectCmd::parse(data)?;
     v.projected.retain(|(m, _)| !mids.contains(m));
     push_projections(app, v);
     Ok(json!({}))
-}
-
-/// A viewer event as the Millicast SDK reads it: built here, where the socket writes it, not on
-/// the media thread that decided it.
-pub(crate) fn event_json(ev: &ViewerEvent) -> Value {
-    let data = match ev {
-        ViewerEvent::Active(a) => {
-            let tracks: Vec<Value> = a
-                .media
-                .iter()
-                .map(|m| json!({"trackId": m, "media": m}))
-                .collect();
-            json!({"streamId": &*a.stream, "sourceId": a.source.as_deref(), "tracks": tracks})
-        }
-        ViewerEvent::Inactive { stream, source } => {
-            json!({"streamId": &**stream, "sourceId": source.as_deref()})
-        }
-        ViewerEvent::Vad { mid, source } => {
-            json!({"mediaId": mid.to_string(), "sourceId": source.as_deref()})
-        }
-        ViewerEvent::ViewerCount(n) => json!({ "viewercount": n }),
-        ViewerEvent::Stopped { stream } => json!({ "streamId": &**stream }),
-    };
-    json!({"type": "event", "name": ev.name(), "data": data})
 }
 
 #[cfg(test)]

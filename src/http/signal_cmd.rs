@@ -69,18 +69,18 @@ pub fn source_list(data: &Value, field: &'static str) -> Result<Vec<String>, Cmd
 
 /// `publish {sdp, sourceId?}` (the stream `name` is checked against the token by the handler).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Publish<'a> {
+pub struct PublishCmd<'a> {
     pub sdp: &'a str,
     pub source: Option<String>,
 }
 
-impl<'a> Publish<'a> {
+impl<'a> PublishCmd<'a> {
     pub fn parse(data: &'a Value) -> Result<Self, CmdError> {
         let sdp = data
             .get("sdp")
             .and_then(Value::as_str)
             .ok_or(CmdError::MissingSdp("publish"))?;
-        Ok(Publish {
+        Ok(PublishCmd {
             sdp,
             source: source_id(data)?,
         })
@@ -90,30 +90,30 @@ impl<'a> Publish<'a> {
 /// `unpublish {sourceId?}`: `source` None stops every publication of the session, Some(None)
 /// the main source's, Some(Some(id)) that sourceId's.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unpublish {
+pub struct UnpublishCmd {
     pub source: Option<Option<String>>,
 }
 
-impl Unpublish {
+impl UnpublishCmd {
     pub fn parse(data: &Value) -> Result<Self, CmdError> {
         let source = if data.get("sourceId").is_some() {
             Some(source_id(data)?)
         } else {
             None
         };
-        Ok(Unpublish { source })
+        Ok(UnpublishCmd { source })
     }
 }
 
 /// `view {sdp, pinnedSourceId?, excludedSourceIds?}` (`streamId` is checked by the handler).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct View<'a> {
+pub struct ViewCmd<'a> {
     pub sdp: &'a str,
     pub pinned: Option<String>,
     pub excluded: Vec<String>,
 }
 
-impl<'a> View<'a> {
+impl<'a> ViewCmd<'a> {
     pub fn parse(data: &'a Value) -> Result<Self, CmdError> {
         let sdp = data
             .get("sdp")
@@ -125,7 +125,7 @@ impl<'a> View<'a> {
             Some(_) => return Err(CmdError::BadPinned),
         };
         let excluded = source_list(data, "excludedSourceIds")?;
-        Ok(View {
+        Ok(ViewCmd {
             sdp,
             pinned,
             excluded,
@@ -137,12 +137,12 @@ impl<'a> View<'a> {
 /// tracks have the mids `tracks`: the source ("" = main) and the mids it goes to, each one of
 /// `tracks`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Project {
+pub struct ProjectCmd {
     pub source: String,
     pub mids: Vec<String>,
 }
 
-impl Project {
+impl ProjectCmd {
     pub fn parse(data: &Value, tracks: &[String]) -> Result<Self, CmdError> {
         let source = source_id(data)?.unwrap_or_default();
         let mapping = data
@@ -170,18 +170,18 @@ impl Project {
             }
             mids.push(mid);
         }
-        Ok(Project { source, mids })
+        Ok(ProjectCmd { source, mids })
     }
 }
 
 /// `unproject {mediaIds}`: the mids whose projection ends (numbers and other values read as
 /// their JSON text).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unproject {
+pub struct UnprojectCmd {
     pub mids: Vec<String>,
 }
 
-impl Unproject {
+impl UnprojectCmd {
     pub fn parse(data: &Value) -> Result<Self, CmdError> {
         let mids = data
             .get("mediaIds")
@@ -193,7 +193,7 @@ impl Unproject {
                 other => other.to_string(),
             })
             .collect();
-        Ok(Unproject { mids })
+        Ok(UnprojectCmd { mids })
     }
 }
 
@@ -206,66 +206,70 @@ mod tests {
     fn publish_and_unpublish_read_sdp_and_source() {
         let d = json!({"sdp": "v=0", "sourceId": "ana"});
         assert_eq!(
-            Publish::parse(&d),
-            Ok(Publish {
+            PublishCmd::parse(&d),
+            Ok(PublishCmd {
                 sdp: "v=0",
                 source: Some("ana".into())
             })
         );
         let main = json!({"sdp": "v=0", "sourceId": ""});
-        assert_eq!(Publish::parse(&main).unwrap().source, None);
+        assert_eq!(PublishCmd::parse(&main).unwrap().source, None);
         assert_eq!(
-            Publish::parse(&json!({"sourceId": "ana"}))
+            PublishCmd::parse(&json!({"sourceId": "ana"}))
                 .unwrap_err()
                 .to_string(),
             "publish needs data.sdp, the SDP offer"
         );
         let long = json!({"sdp": "v=0", "sourceId": "x".repeat(MAX_SOURCE_ID + 1)});
-        assert_eq!(Publish::parse(&long), Err(CmdError::BadSourceId));
+        assert_eq!(PublishCmd::parse(&long), Err(CmdError::BadSourceId));
         let ctl = json!({"sdp": "v=0", "sourceId": "a\u{7}"});
-        assert_eq!(Publish::parse(&ctl), Err(CmdError::BadSourceId));
+        assert_eq!(PublishCmd::parse(&ctl), Err(CmdError::BadSourceId));
         let num = json!({"sdp": "v=0", "sourceId": 7});
         assert_eq!(
-            Publish::parse(&num).unwrap_err().to_string(),
+            PublishCmd::parse(&num).unwrap_err().to_string(),
             "sourceId must be a string"
         );
-        assert_eq!(Unpublish::parse(&json!({})).unwrap().source, None);
+        assert_eq!(UnpublishCmd::parse(&json!({})).unwrap().source, None);
         assert_eq!(
-            Unpublish::parse(&json!({"sourceId": null})).unwrap().source,
+            UnpublishCmd::parse(&json!({"sourceId": null}))
+                .unwrap()
+                .source,
             Some(None)
         );
         assert_eq!(
-            Unpublish::parse(&json!({"sourceId": "bo"})).unwrap().source,
+            UnpublishCmd::parse(&json!({"sourceId": "bo"}))
+                .unwrap()
+                .source,
             Some(Some("bo".into()))
         );
-        assert!(Unpublish::parse(&json!({"sourceId": []})).is_err());
+        assert!(UnpublishCmd::parse(&json!({"sourceId": []})).is_err());
     }
 
     #[test]
     fn view_reads_pinned_and_bounded_exclusions() {
         let d = json!({"sdp": "v=0", "pinnedSourceId": "ana", "excludedSourceIds": [null, "bo"]});
         assert_eq!(
-            View::parse(&d),
-            Ok(View {
+            ViewCmd::parse(&d),
+            Ok(ViewCmd {
                 sdp: "v=0",
                 pinned: Some("ana".into()),
                 excluded: vec![String::new(), "bo".into()],
             })
         );
         assert_eq!(
-            View::parse(&json!({})).unwrap_err().to_string(),
+            ViewCmd::parse(&json!({})).unwrap_err().to_string(),
             "view needs data.sdp, the SDP offer"
         );
         let pinned = json!({"sdp": "v=0", "pinnedSourceId": 1});
-        assert_eq!(View::parse(&pinned), Err(CmdError::BadPinned));
+        assert_eq!(ViewCmd::parse(&pinned), Err(CmdError::BadPinned));
         let many = json!({"sdp": "v=0", "excludedSourceIds": vec!["a"; MAX_SOURCE_LIST + 1]});
         assert_eq!(
-            View::parse(&many).unwrap_err().to_string(),
+            ViewCmd::parse(&many).unwrap_err().to_string(),
             "excludedSourceIds must be an array of at most 64 sourceIds"
         );
         let bad = json!({"sdp": "v=0", "excludedSourceIds": [1]});
         assert_eq!(
-            View::parse(&bad).unwrap_err().to_string(),
+            ViewCmd::parse(&bad).unwrap_err().to_string(),
             "excludedSourceIds must hold sourceId strings"
         );
     }
@@ -275,14 +279,14 @@ mod tests {
         let tracks = vec!["0".to_owned(), "1".to_owned()];
         let d = json!({"sourceId": "ana", "mapping": [{"media": "audio", "mediaId": "1"}, {"mediaId": 0}]});
         assert_eq!(
-            Project::parse(&d, &tracks),
-            Ok(Project {
+            ProjectCmd::parse(&d, &tracks),
+            Ok(ProjectCmd {
                 source: "ana".into(),
                 mids: vec!["1".into(), "0".into()]
             })
         );
         assert_eq!(
-            Project::parse(&json!({"sourceId": "ana"}), &tracks)
+            ProjectCmd::parse(&json!({"sourceId": "ana"}), &tracks)
                 .unwrap_err()
                 .to_string(),
             "project needs data.mapping, a list of {media, mediaId}"
@@ -290,22 +294,28 @@ mod tests {
         // The first bad mapping entry decides the error, as the handler always did.
         let d = json!({"mapping": [{"mediaId": "7"}, {"media": "video", "mediaId": "0"}]});
         assert_eq!(
-            Project::parse(&d, &tracks).unwrap_err().to_string(),
+            ProjectCmd::parse(&d, &tracks).unwrap_err().to_string(),
             r#"mediaId "7" is not one of this view's multiplexed tracks ["0", "1"]"#
         );
         let d = json!({"mapping": [{"media": "video", "mediaId": "7"}]});
-        assert_eq!(Project::parse(&d, &tracks), Err(CmdError::NotAudio));
+        assert_eq!(ProjectCmd::parse(&d, &tracks), Err(CmdError::NotAudio));
         let d = json!({"mapping": [{"media": "audio"}]});
-        assert_eq!(Project::parse(&d, &tracks), Err(CmdError::MissingMediaId));
+        assert_eq!(
+            ProjectCmd::parse(&d, &tracks),
+            Err(CmdError::MissingMediaId)
+        );
     }
 
     #[test]
     fn unproject_reads_media_ids_as_text() {
         let d = json!({"mediaIds": ["1", 2, null]});
         assert_eq!(
-            Unproject::parse(&d).unwrap().mids,
+            UnprojectCmd::parse(&d).unwrap().mids,
             vec!["1".to_owned(), "2".into(), "null".into()]
         );
-        assert_eq!(Unproject::parse(&json!({})), Err(CmdError::MissingMediaIds));
+        assert_eq!(
+            UnprojectCmd::parse(&json!({})),
+            Err(CmdError::MissingMediaIds)
+        );
     }
 }

@@ -32,8 +32,8 @@ pub enum WsOut {
 }
 
 /// An `error` answer (logged by its socket: once per session at info).
-pub fn error_message(trans_id: Option<u64>, message: impl Into<String>) -> Value {
-    let message = message.into();
+pub fn error_message(trans_id: Option<u64>, message: impl std::fmt::Display) -> Value {
+    let message = message.to_string();
     json!({"type": "error", "transId": trans_id, "data": {"message": message}})
 }
 

@@ -12,11 +12,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
+use super::flow::{self, Ender, FlowError, ViewAsk};
 use super::resources::Session;
-use super::{
-    bearer, fail, jwt_allows, offer_refused, relayed_refusal, sdp_offer, sdp_request,
-    too_many_offers, App,
-};
+use super::{bearer, fail, jwt_allows, relayed_refusal, sdp_offer, sdp_request, App};
 use crate::auth::jwt::{RoomBinding, Scope};
 use crate::edge::{ViewOptions, MAX_TRACKS};
 use crate::rtc::offer::mlines;
@@ -37,10 +35,7 @@ pub async fn view(
     body: Bytes,
 ) -> Response {
     let Some(edge) = &app.edge else {
-        return fail(
-            StatusCode::NOT_FOUND,
-            "this origin serves no viewers: view at an edge",
-        );
+        return FlowError::NotAnEdge.into_response();
     };
     let request = if app.origin.is_some() {
         sdp_request(&app, &headers, &stream, Scope::Subscribe, &body)
@@ -54,11 +49,6 @@ pub async fn view(
         Ok(o) => o,
         Err(refusal) => return refusal.into_response(),
     };
-    if let Some(b) = &room {
-        if let Err(m) = app.room_views.check(&b.room, &b.member_id) {
-            return fail(StatusCode::FORBIDDEN, m);
-        }
-    }
     if let Some(n) = q.tracks {
         let available = mlines(offer)
             .iter()
@@ -86,22 +76,23 @@ pub async fn view(
         excluded,
         max_tracks: q.tracks,
     };
-    if let Err(e) = app.take_offer(super::listen::peer_ip(&peer)) {
-        return too_many_offers(e);
-    }
     // WHEP has no event channel: events have nowhere to go.
     let (events, _) = tokio::sync::mpsc::unbounded_channel();
-    let pending = match edge.prepare(&stream, offer, opts, events) {
-        Ok(p) => p,
-        Err(e) => return offer_refused(e),
+    let ask = ViewAsk {
+        stream: &stream,
+        offer,
+        opts,
+        room: room.as_ref(),
+        ender: Ender::Whep,
+        peer: super::listen::peer_ip(&peer),
+        events,
     };
-    let answer = pending.answer.clone();
-    let id = edge.commit(pending);
-    if let Some(b) = &room {
-        let _ = app
-            .room_views
-            .add(&b.room, &b.member_id, super::room_views::View::Whep(id));
-    }
+    let prepared = match flow::prepare_view(&app, ask) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let answer = prepared.pending.answer.clone();
+    let id = prepared.commit();
     let resource = app.resources.create(Session::Whep(id), bearer(&headers));
     (
         StatusCode::CREATED,

@@ -11,8 +11,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
+use super::flow::{self, FlowError, PublishAsk};
 use super::resources::Session;
-use super::{bearer, fail, offer_refused, rooms, sdp_request, too_many_offers, App};
+use super::{bearer, fail, sdp_request, App};
 use crate::auth::jwt::Scope;
 use crate::millicast::{source_id_ok, MAX_SOURCE_ID};
 use crate::origin::Owner;
@@ -31,12 +32,9 @@ pub async fn publish(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let Some(origin) = &app.origin else {
-        return fail(
-            StatusCode::NOT_FOUND,
-            "this is an edge: publish at the origin",
-        );
-    };
+    if app.origin.is_none() {
+        return FlowError::NotAnOrigin.into_response();
+    }
     let (offer, room) = match sdp_request(&app, &headers, &stream, Scope::Publish, &body) {
         Ok(o) => o,
         Err(refusal) => return refusal.into_response(),
@@ -48,20 +46,17 @@ pub async fn publish(
             format!("sourceId must be at most {MAX_SOURCE_ID} printable characters"),
         );
     }
-    if let Some(b) = &room {
-        if let Err(m) = rooms::check_room_publish(&app, b, source.as_deref(), offer) {
-            return fail(StatusCode::FORBIDDEN, m);
-        }
-    }
-    if let Err(e) = app.take_offer(super::listen::peer_ip(&peer)) {
-        return too_many_offers(e);
-    }
-    let published = origin.publish(&stream, source, offer, Owner::Whip);
-    if let (Ok(_), Some(b)) = (&published, &room) {
-        if let Err(m) = rooms::confirm_room_publish(&app, b) {
-            return fail(StatusCode::FORBIDDEN, m);
-        }
-    }
+    let published = flow::publish(
+        &app,
+        PublishAsk {
+            stream: &stream,
+            source,
+            offer,
+            room: room.as_ref(),
+            owner: Owner::Whip,
+            peer: super::listen::peer_ip(&peer),
+        },
+    );
     match published {
         Ok(p) => {
             // The resource id is not the publisher id (which operators see in /api/streams):
@@ -79,7 +74,7 @@ pub async fn publish(
             )
                 .into_response()
         }
-        Err(e) => offer_refused(e),
+        Err(e) => e.into_response(),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The origin's media thread: one UDP socket and every publisher peer on it.
 //!
-//! The control plane answers an offer with [`RtcHost::accept`] and hands the peer over; from then
+//! The control plane answers an offer with [`MediaThread::accept`] and hands the peer over; from then
 //! on only this thread touches it. Each peer's events go to its [`PeerHandler`], called on this
 //! thread, which must not block.
 
@@ -53,7 +53,7 @@ pub trait PeerHandler: Send + 'static {
     fn on_event(&mut self, peer: PeerId, ev: PeerEvent<'_>);
 }
 
-enum Cmd {
+enum MediaCmd {
     Add {
         id: PeerId,
         ufrag: String,
@@ -66,7 +66,7 @@ enum Cmd {
 }
 
 #[derive(Debug, Clone)]
-pub struct HostConfig {
+pub struct MediaThreadConfig {
     /// Address the UDP socket binds (port 0 = any free port).
     pub bind: SocketAddr,
     /// Address put in ICE candidates when it differs from the bound one (NAT, 0.0.0.0 bind).
@@ -75,16 +75,16 @@ pub struct HostConfig {
 
 /// Handle to the media thread. Cheap to clone.
 #[derive(Clone)]
-pub struct RtcHost {
-    tx: Sender<Cmd>,
+pub struct MediaThread {
+    tx: Sender<MediaCmd>,
     bell: Arc<Doorbell>,
     candidate_addr: SocketAddr,
     next_id: Arc<AtomicU64>,
     stats: Arc<PeerStats>,
 }
 
-impl RtcHost {
-    pub fn start(cfg: &HostConfig, name: &str) -> std::io::Result<RtcHost> {
+impl MediaThread {
+    pub fn start(cfg: &MediaThreadConfig, name: &str) -> std::io::Result<MediaThread> {
         let socket = UdpSocket::bind(cfg.bind)?;
         let local = socket.local_addr()?;
         let ip = cfg.public_ip.unwrap_or(local.ip());
@@ -102,7 +102,7 @@ impl RtcHost {
         let peers = PeerSet::new(socket, bell.clone(), stats.clone())?;
         spawn_media(thread_name, move |hb| run(peers, rx, &hb))?;
         info!(%local, candidate = %candidate_addr, "{name} media socket ready");
-        Ok(RtcHost {
+        Ok(MediaThread {
             tx,
             bell,
             candidate_addr,
@@ -134,7 +134,7 @@ impl RtcHost {
         let (rtc, ufrag, answer) = answer_offer(offer_sdp, config, self.candidate_addr)?;
         let id = PeerId(self.next_id.fetch_add(1, Ordering::Relaxed));
         self.tx
-            .send(Cmd::Add {
+            .send(MediaCmd::Add {
                 id,
                 ufrag,
                 rtc: Box::new(rtc),
@@ -147,12 +147,12 @@ impl RtcHost {
     }
 
     pub fn remove(&self, id: PeerId) {
-        let _ = self.tx.send(Cmd::Remove(id));
+        let _ = self.tx.send(MediaCmd::Remove(id));
         self.bell.ring();
     }
 
     pub fn request_keyframe(&self, id: PeerId, mid: Mid) {
-        let _ = self.tx.send(Cmd::RequestKeyframe(id, mid));
+        let _ = self.tx.send(MediaCmd::RequestKeyframe(id, mid));
         self.bell.ring();
     }
 }
@@ -211,11 +211,11 @@ impl PeerApp<Box<dyn PeerHandler>> for Handlers {
     }
 }
 
-fn run(mut peers: PeerSet<Box<dyn PeerHandler>>, rx: Receiver<Cmd>, hb: &Heartbeat) {
+fn run(mut peers: PeerSet<Box<dyn PeerHandler>>, rx: Receiver<MediaCmd>, hb: &Heartbeat) {
     let mut app = Handlers {
         stats: peers.stats().clone(),
     };
-    let mut next_cmd: Option<Cmd> = None;
+    let mut next_cmd: Option<MediaCmd> = None;
     loop {
         hb.beat();
         loop {
@@ -231,15 +231,15 @@ fn run(mut peers: PeerSet<Box<dyn PeerHandler>>, rx: Receiver<Cmd>, hb: &Heartbe
                 }
             };
             match cmd {
-                Cmd::Add {
+                MediaCmd::Add {
                     id,
                     ufrag,
                     rtc,
                     handler,
                     slot,
                 } => peers.insert(id, ufrag, *rtc, handler, slot),
-                Cmd::Remove(id) => peers.close(id, CloseReason::Removed, &mut app),
-                Cmd::RequestKeyframe(id, mid) => {
+                MediaCmd::Remove(id) => peers.close(id, CloseReason::Removed, &mut app),
+                MediaCmd::RequestKeyframe(id, mid) => {
                     if let Some(p) = peers.get_mut(id) {
                         if let Some(rx) = p.rtc.direct_api().stream_rx_by_mid(mid, None) {
                             rx.request_keyframe(KeyframeRequestKind::Pli);

@@ -28,7 +28,7 @@ use crate::rtc::offer::{mlines, OfferError};
 use crate::rtc::peers::media_config;
 use crate::rtc::peers::{CloseReason, PeerId};
 use indices::SourceIndices;
-use media_thread::RtcHost;
+use media_thread::MediaThread;
 use publication::{PublicationHandler, Route};
 
 /// A sourceId; None is the stream's main source.
@@ -152,7 +152,8 @@ impl std::fmt::Display for Removal {
     }
 }
 
-struct Source {
+/// A source's live publication: the peer it arrives from and who may end it.
+struct LivePublication {
     publication: u64,
     /// What the edges know this source by (held in the stream's [`SourceIndices`]).
     index: u16,
@@ -167,7 +168,7 @@ struct Source {
 
 #[derive(Default)]
 struct Stream {
-    sources: BTreeMap<SourceKey, Source>,
+    sources: BTreeMap<SourceKey, LivePublication>,
     indices: SourceIndices,
     /// Publish attempts between their index claim and their end (answered or failed): the
     /// stream is not idle while one is in flight, so its entry, indices and fan-out list stay
@@ -178,7 +179,7 @@ struct Stream {
 
 impl Stream {
     /// Removes a source, giving its index back.
-    fn remove_source(&mut self, key: &SourceKey) -> Option<Source> {
+    fn remove_source(&mut self, key: &SourceKey) -> Option<LivePublication> {
         let src = self.sources.remove(key)?;
         self.indices.release(key, Instant::now());
         Some(src)
@@ -270,7 +271,7 @@ pub struct StreamView {
 pub const REVOCATIONS_QUEUE: usize = 256;
 
 pub struct Origin {
-    host: RtcHost,
+    host: MediaThread,
     pub metrics: Arc<OriginMetrics>,
     /// Linked edges that serve viewers: (relay connection, signalling URL).
     edges: Mutex<Vec<(u64, String)>>,
@@ -286,7 +287,7 @@ pub struct Origin {
 }
 
 impl Origin {
-    pub fn new(host: RtcHost) -> Arc<Origin> {
+    pub fn new(host: MediaThread) -> Arc<Origin> {
         Arc::new_cyclic(|me| Origin {
             host,
             metrics: Arc::new(OriginMetrics::default()),
@@ -362,7 +363,7 @@ impl Origin {
         };
         let tracks = answer_tracks(&answer);
         let publisher_id = format!("pub-{publication}-{}", crate::auth::random_secret(9));
-        let src = Source {
+        let src = LivePublication {
             publication,
             index,
             publisher_id: publisher_id.clone(),
@@ -419,7 +420,12 @@ impl Origin {
 
     /// The second half of a publish attempt: the answered publication goes live. Returns
     /// whether it replaced one.
-    fn commit(&self, stream: &str, source: &SourceKey, src: Source) -> Result<bool, OfferError> {
+    fn commit(
+        &self,
+        stream: &str,
+        source: &SourceKey,
+        src: LivePublication,
+    ) -> Result<bool, OfferError> {
         let mut st = self.lock();
         let Some(s) = st.get_mut(stream) else {
             // Cannot happen while the attempt holds the stream; refuse rather than panic.
@@ -475,8 +481,9 @@ impl Origin {
 
     /// Ends the WHIP publication with this publisher id, wherever it is (WHIP DELETE).
     pub fn unpublish_whip(&self, publisher_id: &str) -> bool {
-        let whip =
-            |_: &SourceKey, v: &Source| v.owner == Owner::Whip && v.publisher_id == publisher_id;
+        let whip = |_: &SourceKey, v: &LivePublication| {
+            v.owner == Owner::Whip && v.publisher_id == publisher_id
+        };
         self.remove(None, whip, Removal::WhipDeleted) > 0
     }
 
@@ -489,7 +496,7 @@ impl Origin {
         reason: CloseReason,
     ) {
         // A replaced publication closing must not take its successor down.
-        let this = |k: &SourceKey, v: &Source| k == source && v.publication == publication;
+        let this = |k: &SourceKey, v: &LivePublication| k == source && v.publication == publication;
         self.remove(Some(stream), this, Removal::PeerClosed(reason));
     }
 
@@ -500,7 +507,7 @@ impl Origin {
     fn remove(
         &self,
         stream: Option<&str>,
-        doomed: impl Fn(&SourceKey, &Source) -> bool,
+        doomed: impl Fn(&SourceKey, &LivePublication) -> bool,
         reason: Removal,
     ) -> usize {
         let mut st = self.lock();
@@ -702,7 +709,7 @@ pub fn relay_kind(k: MediaKind) -> crate::relay::proto::Kind {
 
 #[cfg(test)]
 mod tests {
-    use super::media_thread::HostConfig;
+    use super::media_thread::MediaThreadConfig;
     use super::*;
 
     #[derive(Default)]
@@ -718,8 +725,8 @@ mod tests {
     }
 
     fn origin() -> Arc<Origin> {
-        let host = RtcHost::start(
-            &HostConfig {
+        let host = MediaThread::start(
+            &MediaThreadConfig {
                 bind: "127.0.0.1:0".parse().unwrap(),
                 public_ip: None,
             },
@@ -729,8 +736,8 @@ mod tests {
         Origin::new(host)
     }
 
-    fn source(publication: u64, index: u16) -> Source {
-        Source {
+    fn source(publication: u64, index: u16) -> LivePublication {
+        LivePublication {
             publication,
             index,
             publisher_id: format!("pub-{publication}"),

@@ -15,6 +15,7 @@ use crate::auth::constant_time_eq;
 use crate::auth::jwt::VerifyKey;
 use crate::relay::client::CONTROL_WRITE_TIMEOUT;
 use crate::relay::proto::{encode_frame, EdgeMsg, FrameReader, OriginMsg};
+use crate::relay::tls::TlsError;
 
 /// An edge must open its control stream and send `Hello` within this after the handshake, or it
 /// is disconnected: a connection that never says who it is holds nothing for long.
@@ -51,12 +52,24 @@ pub struct RelayPolicy {
     pub subscribe: Arc<OnceLock<Arc<dyn SubscribePolicy>>>,
 }
 
+/// Why the relay could not listen.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayBindError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("QUIC bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
 impl RelayServer {
     /// Binds the relay with the origin's certificate (DER) and its PKCS#8 key.
-    pub fn bind(addr: SocketAddr, cert: &[u8], key: &[u8]) -> Result<RelayServer, String> {
+    pub fn bind(addr: SocketAddr, cert: &[u8], key: &[u8]) -> Result<RelayServer, RelayBindError> {
         let (cfg, fingerprint) = crate::relay::tls::server_config(cert, key)?;
-        let endpoint =
-            quinn::Endpoint::server(cfg, addr).map_err(|e| format!("QUIC bind {addr}: {e}"))?;
+        let endpoint = quinn::Endpoint::server(cfg, addr)
+            .map_err(|source| RelayBindError::Bind { addr, source })?;
         Ok(RelayServer {
             endpoint,
             fingerprint,

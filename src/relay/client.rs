@@ -128,7 +128,8 @@ impl EdgeLink {
         let mut endpoint =
             quinn::Endpoint::client(bind).map_err(|e| LinkError::Endpoint(e.to_string()))?;
         endpoint.set_default_client_config(
-            super::tls::client_config(cfg.fingerprint.clone()).map_err(LinkError::Endpoint)?,
+            super::tls::client_config(cfg.fingerprint.clone())
+                .map_err(|e| LinkError::Endpoint(e.to_string()))?,
         );
         let unreachable = |reason: String| LinkError::Unreachable {
             origin: cfg.origin,

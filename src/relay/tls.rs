@@ -44,20 +44,27 @@ fn transport() -> quinn::TransportConfig {
     t
 }
 
+/// A TLS setup for the relay that rustls or quinn refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("relay TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("relay TLS for QUIC: {0}")]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+}
+
 /// A server config with this certificate (DER) and PKCS#8 key (see
 /// [`crate::auth::identity`]), and the certificate's fingerprint.
-pub fn server_config(cert: &[u8], key: &[u8]) -> Result<(quinn::ServerConfig, String), String> {
+pub fn server_config(cert: &[u8], key: &[u8]) -> Result<(quinn::ServerConfig, String), TlsError> {
     let der = CertificateDer::from(cert.to_vec());
     let fp = fingerprint(&der);
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec()));
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
-        .with_single_cert(vec![der], key)
-        .map_err(|e| e.to_string())?;
+        .with_single_cert(vec![der], key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = QuicServerConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let crypto = QuicServerConfig::try_from(tls)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(Arc::new(transport()));
     Ok((cfg, fp))
@@ -65,17 +72,16 @@ pub fn server_config(cert: &[u8], key: &[u8]) -> Result<(quinn::ServerConfig, St
 
 /// A client config that accepts the origin whose certificate has this fingerprint (hex
 /// SHA-256), or any origin when `pin` is None.
-pub fn client_config(pin: Option<String>) -> Result<quinn::ClientConfig, String> {
+pub fn client_config(pin: Option<String>) -> Result<quinn::ClientConfig, TlsError> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
+        .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(Pinned {
             pin: pin.map(|p| p.to_ascii_lowercase().replace(':', "")),
         }))
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let crypto = QuicClientConfig::try_from(tls)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(Arc::new(transport()));
     Ok(cfg)

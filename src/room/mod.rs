@@ -21,7 +21,7 @@ use crate::auth::jwt::{JwtSigner, RoomBinding, Scope};
 use crate::auth::{constant_time_eq, random_secret, unix_now, AuthError};
 use crate::origin::talking::Talking;
 use crate::origin::Origin;
-use state::{Effect, Gauges, Grant, Permission, PublishRight, Role, Rooms};
+use state::{Effect, Gauges, Grant, Permission, PublishRight, Role, RoomError, Rooms};
 use token::RoomKeys;
 
 /// What a room socket's writer gets (a close carries [`CLOSE_ROOM`] for the room's own ends).
@@ -137,15 +137,12 @@ impl RoomService {
         self.api_key.is_some()
     }
 
-    pub fn check_api_key(&self, bearer: Option<&str>) -> Result<(), String> {
+    pub fn check_api_key(&self, bearer: Option<&str>) -> Result<(), RoomError> {
         match (&self.api_key, bearer) {
-            (None, _) => Err(
-                "this server has no API key (--api-key or CHORUS_API_KEY): it issues no room tokens"
-                    .into(),
-            ),
-            (Some(_), None) => Err("missing API key: send Authorization: Bearer <api key>".into()),
+            (None, _) => Err(RoomError::NoApiKey),
+            (Some(_), None) => Err(RoomError::MissingApiKey),
             (Some(k), Some(b)) if constant_time_eq(k.as_bytes(), b.as_bytes()) => Ok(()),
-            (Some(_), Some(_)) => Err("wrong API key".into()),
+            (Some(_), Some(_)) => Err(RoomError::WrongApiKey),
         }
     }
 
@@ -177,7 +174,7 @@ impl RoomService {
     }
 
     /// The token's participant may use it (not removed from the room).
-    pub fn admit(&self, g: &Grant) -> Result<(), String> {
+    pub fn admit(&self, g: &Grant) -> Result<(), RoomError> {
         self.lock().rooms.admit(g, unix_now())
     }
 
@@ -186,12 +183,12 @@ impl RoomService {
         room: &str,
         member: &str,
         generation: Option<u32>,
-    ) -> Result<PublishRight, String> {
+    ) -> Result<PublishRight, RoomError> {
         self.lock().rooms.may_publish(room, member, generation)
     }
 
     /// A participant's room socket opened, writing what it gets to `tx`: its connection id.
-    pub fn connect(&self, g: &Grant, ws_url: String, tx: ConnTx) -> Result<u64, String> {
+    pub fn connect(&self, g: &Grant, ws_url: String, tx: ConnTx) -> Result<u64, RoomError> {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.lock();
         let fx = inner.rooms.join(g, conn, unix_now())?;
@@ -234,11 +231,11 @@ impl RoomService {
     }
 
     /// One command of a room socket: its response data, or why it was refused.
-    pub fn command(&self, conn: u64, name: &str, data: &Value) -> Result<Value, String> {
+    pub fn command(&self, conn: u64, name: &str, data: &Value) -> Result<Value, RoomError> {
         let mut inner = self.lock();
         let (room, member) = match inner.conns.get(&conn) {
             Some(c) => (c.room.clone(), c.member.clone()),
-            None => return Err("this connection has left the room".into()),
+            None => return Err(RoomError::Left),
         };
         let (resp, fx) = inner.rooms.command(&room, &member, conn, name, data)?;
         let change = match name {

@@ -40,22 +40,16 @@ impl Permission {
         }
     }
 
-    pub fn parse(s: &str) -> Result<Permission, String> {
+    pub fn parse(s: &str) -> Result<Permission, RoomError> {
         Permission::ALL
             .into_iter()
             .find(|p| p.as_str() == s)
-            .ok_or_else(|| {
-                let valid: Vec<&str> = Permission::ALL.iter().map(|p| p.as_str()).collect();
-                format!(
-                    "unknown permission {s:?}; valid permissions: {}",
-                    valid.join(", ")
-                )
-            })
+            .ok_or_else(|| RoomError::UnknownPermission(s.to_owned()))
     }
 }
 
 /// Parses a permission list: sorted, without duplicates.
-pub fn parse_permissions<S: AsRef<str>>(list: &[S]) -> Result<Vec<Permission>, String> {
+pub fn parse_permissions<S: AsRef<str>>(list: &[S]) -> Result<Vec<Permission>, RoomError> {
     let mut out = list
         .iter()
         .map(|s| Permission::parse(s.as_ref()))
@@ -66,18 +60,92 @@ pub fn parse_permissions<S: AsRef<str>>(list: &[S]) -> Result<Vec<Permission>, S
 }
 
 /// Reads an optional permission list from a command's data.
-fn permissions_field(data: &Value) -> Result<Option<Vec<Permission>>, String> {
+fn permissions_field(data: &Value) -> Result<Option<Vec<Permission>>, RoomError> {
     match data.get("permissions") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Array(a)) => {
             let names = a
                 .iter()
-                .map(|v| v.as_str().ok_or("permissions must be strings"))
+                .map(|v| v.as_str().ok_or(RoomError::PermissionsNotStrings))
                 .collect::<Result<Vec<_>, _>>()?;
             parse_permissions(&names).map(Some)
         }
-        Some(_) => Err("permissions must be an array of strings".into()),
+        Some(_) => Err(RoomError::PermissionsNotStrings),
     }
+}
+
+/// Why a room refuses a token, a command or a publication: the message the participant reads.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RoomError {
+    #[error("unknown permission {0:?}; valid permissions: {valid}", valid = Permission::ALL.map(Permission::as_str).join(", "))]
+    UnknownPermission(String),
+    #[error("permissions must be an array of strings")]
+    PermissionsNotStrings,
+    #[error("join_as must be \"audience\" or \"member\", not {0:?}")]
+    BadRole(String),
+    /// The JSON value given.
+    #[error("mediaAllowed must be \"audio-only\" or \"all\", not {0}")]
+    BadMedia(String),
+    /// (permission, command)
+    #[error("missing permission {0:?}: {1} is not allowed")]
+    MissingPermission(&'static str, String),
+    #[error("no participant {id:?} in room {room:?}")]
+    NoParticipant { room: String, id: String },
+    #[error("room token expired")]
+    TokenExpired,
+    #[error("member {member:?} was removed from room {room:?}")]
+    Removed { room: String, member: String },
+    #[error("this connection has left the room")]
+    Left,
+    /// The command's name.
+    #[error("{0} needs data.memberId")]
+    NeedsMemberId(String),
+    #[error("a member is on stage already: only the audience raises a hand")]
+    HandOnStage,
+    #[error("{0:?} is a member already")]
+    AlreadyMember(String),
+    #[error(
+        "{0:?} is not connected to the room: only a connected audience participant can be promoted"
+    )]
+    NotConnected(String),
+    #[error("{0:?} is not a member (it is in the audience): only members can be demoted")]
+    NotAMember(String),
+    #[error("cmd without a name")]
+    NoCommandName,
+    #[error("unknown command {0:?}; commands: {list}", list = COMMANDS.join(", "))]
+    UnknownCommand(String),
+    /// (room, member)
+    #[error("member {1:?} is unknown in room {0:?}")]
+    UnknownMember(String, String),
+    /// (room, member)
+    #[error("member {1:?} was removed from room {0:?}: its publish token is revoked")]
+    PublishRevoked(String, String),
+    #[error("member {member:?} is in the audience of room {room:?}{why}: it may not publish", why = if *demoted { " (demoted: this publish token is revoked)" } else { "" })]
+    InAudience {
+        room: String,
+        member: String,
+        demoted: bool,
+    },
+    #[error("this server has no API key (--api-key or CHORUS_API_KEY): it issues no room tokens")]
+    NoApiKey,
+    #[error("missing API key: send Authorization: Bearer <api key>")]
+    MissingApiKey,
+    #[error("wrong API key")]
+    WrongApiKey,
+    /// The sourceId given, quoted, or "the main source".
+    #[error("a member of room {room:?} publishes with sourceId {member:?} (its member id) only, not {given}")]
+    NotItsSource {
+        room: String,
+        member: String,
+        given: String,
+    },
+    #[error("member {0:?} may publish audio only (mediaAllowed \"audio-only\"): offer no video")]
+    AudioOnly(String),
+    #[error("this is an edge: publish at the origin")]
+    NotAtOrigin,
+    /// (room, member)
+    #[error("member {1:?} was removed from room {0:?}: its viewer tokens no longer work")]
+    ViewRevoked(String, String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,13 +164,11 @@ impl Role {
         }
     }
 
-    pub fn parse(s: &str) -> Result<Role, String> {
+    pub fn parse(s: &str) -> Result<Role, RoomError> {
         match s {
             "audience" => Ok(Role::Audience),
             "member" => Ok(Role::Member),
-            other => Err(format!(
-                "join_as must be \"audience\" or \"member\", not {other:?}"
-            )),
+            other => Err(RoomError::BadRole(other.to_owned())),
         }
     }
 }
@@ -123,13 +189,11 @@ impl Media {
         }
     }
 
-    pub fn parse(v: &Value) -> Result<Media, String> {
+    pub fn parse(v: &Value) -> Result<Media, RoomError> {
         match v.as_str() {
             Some("audio-only") => Ok(Media::AudioOnly),
             Some("all") => Ok(Media::All),
-            _ => Err(format!(
-                "mediaAllowed must be \"audio-only\" or \"all\", not {v}"
-            )),
+            _ => Err(RoomError::BadMedia(v.to_string())),
         }
     }
 }
@@ -177,14 +241,11 @@ impl Participant {
         })
     }
 
-    fn may(&self, p: Permission, command: &str) -> Result<(), String> {
+    fn may(&self, p: Permission, command: &str) -> Result<(), RoomError> {
         if self.permissions.contains(&p) {
             Ok(())
         } else {
-            Err(format!(
-                "missing permission {:?}: {command} is not allowed",
-                p.as_str()
-            ))
+            Err(RoomError::MissingPermission(p.as_str(), command.to_owned()))
         }
     }
 }
@@ -231,11 +292,14 @@ impl Room {
         })
     }
 
-    fn get(&self, room: &str, id: &str) -> Result<&Participant, String> {
+    fn get(&self, room: &str, id: &str) -> Result<&Participant, RoomError> {
         self.people
             .get(id)
             .filter(|p| !p.removed)
-            .ok_or_else(|| format!("no participant {id:?} in room {room:?}"))
+            .ok_or_else(|| RoomError::NoParticipant {
+                room: room.to_owned(),
+                id: id.to_owned(),
+            })
     }
 }
 
@@ -297,9 +361,9 @@ pub struct Rooms {
 impl Rooms {
     /// Makes sure a token's participant has a record (made from the token on its first use)
     /// and may still come in: not removed, not expired.
-    pub fn admit(&mut self, g: &Grant, now: u64) -> Result<(), String> {
+    pub fn admit(&mut self, g: &Grant, now: u64) -> Result<(), RoomError> {
         if g.expires <= now {
-            return Err("room token expired".into());
+            return Err(RoomError::TokenExpired);
         }
         let room = self.rooms.entry(g.room.clone()).or_default();
         let p = room
@@ -319,17 +383,17 @@ impl Rooms {
                 expires: g.expires,
             });
         if p.removed {
-            return Err(format!(
-                "member {:?} was removed from room {:?}",
-                g.member, g.room
-            ));
+            return Err(RoomError::Removed {
+                room: g.room.clone(),
+                member: g.member.clone(),
+            });
         }
         Ok(())
     }
 
     /// A participant's room socket `conn` opened: it gets the room's state, the others learn
     /// of it. A second socket of the same member takes over from the first, which is closed.
-    pub fn join(&mut self, g: &Grant, conn: u64, now: u64) -> Result<Vec<Effect>, String> {
+    pub fn join(&mut self, g: &Grant, conn: u64, now: u64) -> Result<Vec<Effect>, RoomError> {
         self.admit(g, now)?;
         let room = self.rooms.get_mut(&g.room).expect("admitted");
         let p = room.people.get_mut(&g.member).expect("admitted");
@@ -400,29 +464,24 @@ impl Rooms {
         conn: u64,
         name: &str,
         data: &Value,
-    ) -> Result<(Value, Vec<Effect>), String> {
-        let room = self
-            .rooms
-            .get_mut(room_name)
-            .ok_or("this connection has left the room")?;
+    ) -> Result<(Value, Vec<Effect>), RoomError> {
+        let room = self.rooms.get_mut(room_name).ok_or(RoomError::Left)?;
         let me = room
             .people
             .get(member)
             .filter(|p| p.conn == Some(conn) && !p.removed)
-            .ok_or("this connection has left the room")?;
-        let target = || -> Result<String, String> {
+            .ok_or(RoomError::Left)?;
+        let target = || -> Result<String, RoomError> {
             data.get("memberId")
                 .and_then(Value::as_str)
                 .map(str::to_owned)
-                .ok_or_else(|| format!("{name} needs data.memberId"))
+                .ok_or_else(|| RoomError::NeedsMemberId(name.to_owned()))
         };
         match name {
             "state" => Ok((room.snapshot(room_name, member), Vec::new())),
             "hand.raise" => {
                 if me.role == Role::Member {
-                    return Err(
-                        "a member is on stage already: only the audience raises a hand".into(),
-                    );
+                    return Err(RoomError::HandOnStage);
                 }
                 let p = room.people.get_mut(member).expect("checked");
                 if p.hand {
@@ -459,12 +518,10 @@ impl Rooms {
                 };
                 let t = room.get(room_name, &id)?;
                 if t.role == Role::Member {
-                    return Err(format!("{id:?} is a member already"));
+                    return Err(RoomError::AlreadyMember(id));
                 }
                 let Some(t_conn) = t.conn else {
-                    return Err(format!(
-                        "{id:?} is not connected to the room: only a connected audience participant can be promoted"
-                    ));
+                    return Err(RoomError::NotConnected(id));
                 };
                 let t = room.people.get_mut(&id).expect("found above");
                 t.role = Role::Member;
@@ -505,9 +562,7 @@ impl Rooms {
                 }
                 let t = room.get(room_name, &id)?;
                 if t.role != Role::Member {
-                    return Err(format!(
-                        "{id:?} is not a member (it is in the audience): only members can be demoted"
-                    ));
+                    return Err(RoomError::NotAMember(id));
                 }
                 let t = room.people.get_mut(&id).expect("found above");
                 t.role = Role::Audience;
@@ -594,11 +649,8 @@ impl Rooms {
                 }];
                 Ok((json!({"muted": mute}), fx))
             }
-            "" => Err("cmd without a name".into()),
-            other => Err(format!(
-                "unknown command {other:?}; commands: {}",
-                COMMANDS.join(", ")
-            )),
+            "" => Err(RoomError::NoCommandName),
+            other => Err(RoomError::UnknownCommand(other.to_owned())),
         }
     }
 
@@ -631,26 +683,23 @@ impl Rooms {
         room_name: &str,
         member: &str,
         generation: Option<u32>,
-    ) -> Result<PublishRight, String> {
+    ) -> Result<PublishRight, RoomError> {
+        let who = || (room_name.to_owned(), member.to_owned());
         let p = self
             .rooms
             .get(room_name)
             .and_then(|r| r.people.get(member))
-            .ok_or_else(|| format!("member {member:?} is unknown in room {room_name:?}"))?;
+            .ok_or_else(|| RoomError::UnknownMember(who().0, who().1))?;
         if p.removed {
-            return Err(format!(
-                "member {member:?} was removed from room {room_name:?}: its publish token is revoked"
-            ));
+            return Err(RoomError::PublishRevoked(who().0, who().1));
         }
         if generation.is_some_and(|g| g != p.generation) || p.role != Role::Member {
-            return Err(format!(
-                "member {member:?} is in the audience of room {room_name:?}{}: it may not publish",
-                if generation.is_some() {
-                    " (demoted: this publish token is revoked)"
-                } else {
-                    ""
-                }
-            ));
+            let (room, member) = who();
+            return Err(RoomError::InAudience {
+                room,
+                member,
+                demoted: generation.is_some(),
+            });
         }
         Ok(PublishRight {
             generation: p.generation,
@@ -812,6 +861,7 @@ mod tests {
         assert!(r
             .may_publish("r", "b", None)
             .unwrap_err()
+            .to_string()
             .contains("audience"));
         // A talks, then is demoted: its publication stops, its JWT of generation 0 is revoked.
         assert_eq!(r.talking("r", "a", true).len(), 1);
@@ -829,7 +879,7 @@ mod tests {
         assert_eq!(sent(&fx, "member.talking")["talking"], false);
         assert_eq!(sent(&fx, "member.updated")["role"], "audience");
         assert_eq!(sent(&fx, "room.audience_count")["count"], 2);
-        let err = r.may_publish("r", "a", Some(0)).unwrap_err();
+        let err = r.may_publish("r", "a", Some(0)).unwrap_err().to_string();
         assert!(err.contains("revoked"), "{err}");
         assert!(r.may_publish("r", "a", None).is_err());
         // Still in the room, as audience: it may raise its hand again, and be promoted again
@@ -858,30 +908,36 @@ mod tests {
         let mut r = room();
         let err = r
             .command("r", "a", 2, "promote", &json!({"memberId": "b"}))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             err,
             "missing permission \"room.member.promote\": promote is not allowed"
         );
         let err = r
             .command("r", "a", 2, "demote", &json!({"memberId": "host"}))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("room.member.demote"), "{err}");
         let err = r
             .command("r", "host", 1, "demote", &json!({"memberId": "b"}))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not a member"), "{err}");
         let err = r
             .command("r", "host", 1, "demote", &json!({"memberId": "nobody"}))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no participant \"nobody\""), "{err}");
         let err = r
             .command("r", "host", 1, "promote", &json!({"memberId": "host"}))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("member already"), "{err}");
         let err = r
             .command("r", "host", 1, "promote", &json!({}))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("needs data.memberId"), "{err}");
         let err = r
             .command(
@@ -891,7 +947,8 @@ mod tests {
                 "promote",
                 &json!({"memberId": "a", "permissions": ["room.fly"]}),
             )
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("unknown permission \"room.fly\"") && err.contains("room.member.promote")
         );
@@ -903,23 +960,30 @@ mod tests {
                 "promote",
                 &json!({"memberId": "a", "mediaAllowed": "smell"}),
             )
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("mediaAllowed"), "{err}");
         let err = r
             .command("r", "host", 1, "hand.raise", &json!({}))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("only the audience"), "{err}");
         let err = r
             .command("r", "a", 2, "audio.mute", &json!({}))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("room.self.audio_mute"), "{err}");
-        let err = r.command("r", "a", 2, "dance", &json!({})).unwrap_err();
+        let err = r
+            .command("r", "a", 2, "dance", &json!({}))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown command \"dance\""), "{err}");
         // Not connected: cannot be promoted.
         r.leave("r", "b", 3);
         let err = r
             .command("r", "host", 1, "promote", &json!({"memberId": "b"}))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not connected"), "{err}");
         // Nothing changed.
         assert_eq!(r.gauges().members, 1);
@@ -966,15 +1030,18 @@ mod tests {
         }));
         let err = r
             .join(&grant("a", Role::Audience, &[]), 9, NOW)
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("removed"), "{err}");
         assert!(r
             .may_publish("r", "a", None)
             .unwrap_err()
+            .to_string()
             .contains("removed"));
         assert!(r
             .command("r", "a", 2, "hand.raise", &json!({}))
             .unwrap_err()
+            .to_string()
             .contains("left the room"));
     }
 
@@ -1000,13 +1067,17 @@ mod tests {
         // Expired tokens do not come in; records of gone participants expire with them.
         let mut old = grant("z", Role::Audience, &[]);
         old.expires = NOW;
-        assert_eq!(r.join(&old, 8, NOW).unwrap_err(), "room token expired");
+        assert_eq!(
+            r.join(&old, 8, NOW).unwrap_err().to_string(),
+            "room token expired"
+        );
         r.leave("r", "b", 3);
         r.expire(NOW + 100);
         assert_eq!(r.gauges().participants, 2);
         assert!(r
             .may_publish("r", "b", None)
             .unwrap_err()
+            .to_string()
             .contains("unknown"));
         r.leave("r", "host", 1);
         r.leave("r", "a", 7);
@@ -1025,6 +1096,9 @@ mod tests {
         assert_eq!(p, [Permission::MemberPromote, Permission::SelfAudioMute]);
         assert!(parse_permissions(&["room.member.fly"]).is_err());
         assert_eq!(Role::parse("member"), Ok(Role::Member));
-        assert!(Role::parse("host").unwrap_err().contains("join_as"));
+        assert!(Role::parse("host")
+            .unwrap_err()
+            .to_string()
+            .contains("join_as"));
     }
 }

@@ -80,8 +80,9 @@ impl RoomKeys {
             return Err(AuthError::BadJwt("not a room token".into()));
         }
         Ok(Grant {
-            role: Role::parse(&c.role).map_err(AuthError::BadJwt)?,
-            permissions: parse_permissions(&c.permissions).map_err(AuthError::BadJwt)?,
+            role: Role::parse(&c.role).map_err(|e| AuthError::BadJwt(e.to_string()))?,
+            permissions: parse_permissions(&c.permissions)
+                .map_err(|e| AuthError::BadJwt(e.to_string()))?,
             room: c.room,
             member: c.sub,
             user_name: c.name,

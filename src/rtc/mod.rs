@@ -2,8 +2,6 @@
 //! The origin's media thread is [`crate::origin::media_thread`], the edge's [`crate::edge::worker`].
 
 pub mod established;
-#[cfg(feature = "tools")]
-pub mod loopback;
 pub mod offer;
 pub mod peers;
 pub mod srtp_out;

@@ -12,8 +12,8 @@ use str0m::media::{Direction, MediaKind, Mid};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, Input, Output, Rtc, RtcConfig};
 
-use crate::edge::viewer::OutTrack;
-use crate::edge::viewer_config;
+use super::viewer::OutTrack;
+use super::viewer_config;
 use crate::rtc::established::{Established, IceLite};
 use crate::rtc::peers::answer_offer;
 use crate::rtc::srtp_out::{tapping_provider, with_key_slot, KeySlot};

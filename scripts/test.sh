@@ -24,6 +24,9 @@ scripts/setup-test-deps.sh
 log "cargo fmt --check"
 cargo fmt --all -- --check
 
+log "no two modules import each other (scripts/import-cycles.py)"
+python3 scripts/import-cycles.py
+
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
 

@@ -354,19 +354,19 @@ fn bench_on_packet(c: &mut Criterion) {
 }
 
 #[derive(Clone, Copy, PartialEq)]
-enum Role {
+enum Behaviour {
     Talker,
     Hangover,
     Dtx,
     Noise,
 }
 
-fn role(k: usize) -> Role {
+fn role(k: usize) -> Behaviour {
     match k % 20 {
-        0 => Role::Talker,
-        1 | 2 => Role::Hangover,
-        3..=7 => Role::Dtx,
-        _ => Role::Noise,
+        0 => Behaviour::Talker,
+        1 | 2 => Behaviour::Hangover,
+        3..=7 => Behaviour::Dtx,
+        _ => Behaviour::Noise,
     }
 }
 
@@ -405,17 +405,17 @@ fn tick_setup(n: usize, groups: usize) -> (StreamCore, u64) {
             let r = splitmix64((k * 1_000_003 + step) as u64);
             let (level, voice, dtx) = match role(k) {
                 // Talkers start at 0.6 s, each with its own loudness so scores differ.
-                Role::Talker if step >= 30 => {
+                Behaviour::Talker if step >= 30 => {
                     let (l, v) = continuous_level(step, k as u64, ((k / 20) % 10) as u8);
                     (l, v, false)
                 }
                 // Talking from 0.2 s to 1.4 s: about 0.6 s into their hangover at 2 s.
-                Role::Hangover if (10..70).contains(&step) => {
+                Behaviour::Hangover if (10..70).contains(&step) => {
                     let (l, v) = continuous_level(step, k as u64, 4);
                     (l, v, false)
                 }
                 // Room noise until 0.5 s, then DTX: one frame every 400 ms.
-                Role::Dtx if step >= 25 => {
+                Behaviour::Dtx if step >= 25 => {
                     if (step + k) % 20 != 0 {
                         tss[k] = tss[k].wrapping_add(FRAME_SAMPLES);
                         continue;

@@ -12,7 +12,7 @@ use chorus::loadgen;
 use chorus::relay::client::LinkConfig;
 #[cfg(feature = "tools")]
 use chorus::replay::{self, ReplayOptions};
-use chorus::server::{self, Role, ServerOptions};
+use chorus::server::{self, NodeKind, ServerOptions};
 
 #[derive(Parser)]
 #[command(
@@ -337,7 +337,7 @@ fn main() -> ExitCode {
             run_server(
                 a.common,
                 a.rooms,
-                Role::Serve,
+                NodeKind::Serve,
                 "127.0.0.1:0".parse().expect("valid"),
                 None,
                 None,
@@ -345,14 +345,14 @@ fn main() -> ExitCode {
         ),
         Command::Origin(a) => (
             "origin",
-            run_server(a.common, a.rooms, Role::Origin, a.cluster, None, None),
+            run_server(a.common, a.rooms, NodeKind::Origin, a.cluster, None, None),
         ),
         Command::Edge(a) => (
             "edge",
             run_server(
                 a.common,
                 OriginSideArgs::default(),
-                Role::Edge,
+                NodeKind::Edge,
                 "127.0.0.1:0".parse().expect("valid"),
                 Some(a.origin),
                 a.origin_fingerprint,
@@ -396,7 +396,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 fn run_server(
     c: CommonServer,
     rooms: OriginSideArgs,
-    role: Role,
+    role: NodeKind,
     cluster: SocketAddr,
     origin: Option<SocketAddr>,
     origin_fingerprint: Option<String>,

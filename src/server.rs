@@ -25,7 +25,7 @@ use crate::room::RoomService;
 
 /// What a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub enum NodeKind {
     /// Director + origin + edge in one process (the edge linked to the origin over loopback QUIC).
     Serve,
     /// Director + origin: publications, fan-out to edges.
@@ -36,7 +36,7 @@ pub enum Role {
 
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
-    pub role: Role,
+    pub role: NodeKind,
     pub http: SocketAddr,
     /// IP the media UDP sockets bind.
     pub media_ip: IpAddr,
@@ -121,7 +121,7 @@ fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> StartError
 }
 
 fn load_tokens(opts: &ServerOptions) -> Result<Option<Tokens>, StartError> {
-    if opts.role == Role::Edge {
+    if opts.role == NodeKind::Edge {
         if opts.jwt_secret.as_deref().is_some_and(|s| !s.is_empty()) {
             warn!("an edge signs nothing: --jwt-secret (CHORUS_JWT_SECRET) is ignored here; viewers' JWTs are checked with the public key the origin sends");
         }
@@ -151,7 +151,7 @@ fn load_tokens(opts: &ServerOptions) -> Result<Option<Tokens>, StartError> {
 /// Dev mode opens every stream to viewers and prints its publish token: on an address others
 /// reach, that is a server anyone can publish to and view. Refused unless asked for.
 fn check_dev_exposure(opts: &ServerOptions) -> Result<(), StartError> {
-    if opts.tokens.is_some() || opts.role == Role::Edge {
+    if opts.tokens.is_some() || opts.role == NodeKind::Edge {
         return Ok(());
     }
     let mut exposed = Vec::new();
@@ -194,10 +194,10 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
     // cluster token of the operator's, it gets a random one only the process knows.
     let cluster_token = match (&opts.cluster_token, opts.role) {
         (Some(t), _) if !t.is_empty() => Some(t.clone()),
-        (_, Role::Serve) => Some(random_secret(24)),
+        (_, NodeKind::Serve) => Some(random_secret(24)),
         _ => None,
     };
-    if opts.role != Role::Edge {
+    if opts.role != NodeKind::Edge {
         let secret = opts.jwt_secret.as_deref().filter(|s| !s.is_empty());
         let id = Identity::load(opts.data_dir.as_deref(), secret.map(str::as_bytes))?;
         match (&id.dir, secret) {
@@ -241,9 +241,9 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
         origin = Some(o);
     }
     let mut edge = None;
-    if opts.role != Role::Origin {
+    if opts.role != NodeKind::Origin {
         let link = match opts.role {
-            Role::Serve => LinkConfig {
+            NodeKind::Serve => LinkConfig {
                 origin: cluster.expect("serve runs an origin"),
                 fingerprint: fingerprint.clone(),
                 cluster_token: cluster_token.clone(),
@@ -298,7 +298,7 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
     // listener: on --admin-http, or on the main one in dev mode on loopback.
     // An edge holds no token policy: on loopback it is as local as dev mode.
     let admin_on_main = opts.admin_http.is_none()
-        && (tokens.as_ref().is_some_and(Tokens::is_dev) || opts.role == Role::Edge)
+        && (tokens.as_ref().is_some_and(Tokens::is_dev) || opts.role == NodeKind::Edge)
         && http.ip().is_loopback();
     let mut admin = None;
     let admin_listener = match opts.admin_http {
@@ -365,11 +365,11 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
         async move { crate::http::listen::serve(listener, router, &limits, metrics).await },
     );
     match opts.role {
-        Role::Serve => {
+        NodeKind::Serve => {
             info!("chorus serving on http://{http}/ (demo page), director and signalling there too")
         }
-        Role::Origin => info!("origin: director and signalling on http://{http}"),
-        Role::Edge => info!("edge: viewers' signalling on http://{http}"),
+        NodeKind::Origin => info!("origin: director and signalling on http://{http}"),
+        NodeKind::Edge => info!("edge: viewers' signalling on http://{http}"),
     }
     Ok(Running {
         http,

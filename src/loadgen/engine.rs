@@ -71,7 +71,7 @@ pub struct NewPeer {
     pub keys: Option<Arc<KeySlot>>,
 }
 
-pub enum Cmd {
+pub enum EngineCmd {
     Publisher {
         peer: Box<NewPeer>,
         /// Index into the sources.
@@ -164,7 +164,7 @@ struct Publisher {
     phase: Duration,
 }
 
-struct Viewer {
+struct ClientViewer {
     sampled: bool,
     excluded: Option<usize>,
     ssrcs: SmallVec<[SeqCounter; 4]>,
@@ -177,12 +177,12 @@ struct Viewer {
 // Viewers are the many: their counters stay inline (no pointer chase per packet); a peer's
 // str0m state dwarfs either variant anyway.
 #[allow(clippy::large_enum_variant)]
-enum Role {
+enum ClientRole {
     Publisher(Publisher),
-    Viewer(Viewer),
+    Viewer(ClientViewer),
 }
 
-struct Peer {
+struct ClientPeer {
     socket: UdpSocket,
     fd: RawFd,
     local: SocketAddr,
@@ -193,19 +193,19 @@ struct Peer {
     /// The timeout currently in the heap for this peer.
     timeout: Option<Instant>,
     label: String,
-    role: Role,
+    role: ClientRole,
 }
 
 /// Handle to a running thread.
 pub struct EngineHandle {
-    tx: Sender<Cmd>,
+    tx: Sender<EngineCmd>,
     wake: Arc<EventFd>,
     pub stats: Arc<ThreadStats>,
     join: Option<JoinHandle<()>>,
 }
 
 impl EngineHandle {
-    pub fn send(&self, cmd: Cmd) {
+    pub fn send(&self, cmd: EngineCmd) {
         if self.tx.send(cmd).is_ok() {
             self.wake.wake();
         }
@@ -213,7 +213,7 @@ impl EngineHandle {
 
     /// Stops the thread and waits for it (it closes its peers first).
     pub fn stop(&mut self) {
-        self.send(Cmd::Stop);
+        self.send(EngineCmd::Stop);
         if let Some(j) = self.join.take() {
             let _ = j.join();
         }
@@ -269,8 +269,8 @@ pub fn spawn(cfg: EngineConfig) -> std::io::Result<EngineHandle> {
 struct Engine {
     epoll: Epoll,
     wake: Arc<EventFd>,
-    rx: Receiver<Cmd>,
-    peers: Vec<Option<Peer>>,
+    rx: Receiver<EngineCmd>,
+    peers: Vec<Option<ClientPeer>>,
     free: Vec<usize>,
     heap: BinaryHeap<Reverse<(Instant, usize)>>,
     publishers: Vec<usize>,
@@ -298,7 +298,7 @@ impl Engine {
             }
             loop {
                 match self.rx.try_recv() {
-                    Ok(Cmd::Stop) | Err(TryRecvError::Disconnected) => {
+                    Ok(EngineCmd::Stop) | Err(TryRecvError::Disconnected) => {
                         stopping = true;
                         break;
                     }
@@ -361,14 +361,14 @@ impl Engine {
         self.shutdown();
     }
 
-    fn command(&mut self, cmd: Cmd) {
+    fn command(&mut self, cmd: EngineCmd) {
         match cmd {
-            Cmd::Publisher { peer, source } => {
+            EngineCmd::Publisher { peer, source } => {
                 let Some(&mid) = peer.mids.first() else {
                     return;
                 };
                 let n = self.cfg.sources.len().max(1) as u32;
-                let role = Role::Publisher(Publisher {
+                let role = ClientRole::Publisher(Publisher {
                     source,
                     mid,
                     pt: None,
@@ -381,12 +381,12 @@ impl Engine {
                     self.publishers.push(slot);
                 }
             }
-            Cmd::Viewer {
+            EngineCmd::Viewer {
                 peer,
                 sampled,
                 excluded,
             } => {
-                let role = Role::Viewer(Viewer {
+                let role = ClientRole::Viewer(ClientViewer {
                     sampled,
                     excluded,
                     ssrcs: SmallVec::new(),
@@ -396,12 +396,12 @@ impl Engine {
                 });
                 self.add(*peer, role);
             }
-            Cmd::Start(t0) => self.start = Some(t0),
-            Cmd::Stop => {}
+            EngineCmd::Start(t0) => self.start = Some(t0),
+            EngineCmd::Stop => {}
         }
     }
 
-    fn add(&mut self, p: NewPeer, role: Role) -> Option<usize> {
+    fn add(&mut self, p: NewPeer, role: ClientRole) -> Option<usize> {
         let NewPeer {
             socket,
             rtc,
@@ -433,7 +433,7 @@ impl Engine {
             return None;
         }
         self.local.connecting += 1;
-        self.peers[slot] = Some(Peer {
+        self.peers[slot] = Some(ClientPeer {
             socket,
             fd,
             local,
@@ -459,7 +459,7 @@ impl Engine {
             let Some(p) = self.peers[slot].as_mut() else {
                 continue;
             };
-            let Role::Publisher(pb) = &mut p.role else {
+            let ClientRole::Publisher(pb) = &mut p.role else {
                 continue;
             };
             if !p.connected {
@@ -584,7 +584,7 @@ impl Engine {
             self.local.truncated += 1;
             return;
         }
-        if let Role::Viewer(v) = &mut p.role {
+        if let ClientRole::Viewer(v) = &mut p.role {
             if is_rtp(d.data) {
                 let (ssrc, seq) = rtp_ids(d.data);
                 let full = v.ssrcs.len() >= MAX_SSRCS;
@@ -695,7 +695,7 @@ impl Engine {
             self.local.connecting = self.local.connecting.saturating_sub(1);
         }
         if p.connected {
-            if let Role::Viewer(_) = p.role {
+            if let ClientRole::Viewer(_) = p.role {
                 self.stats.connected_viewers.fetch_sub(1, Ordering::Relaxed);
                 self.stats.dropped_viewers.fetch_add(1, Ordering::Relaxed);
             }
@@ -748,7 +748,7 @@ impl Engine {
                     let _ = d.send(Err("the run ended before it connected".into()));
                 }
                 if p.connected {
-                    if let Role::Viewer(_) = p.role {
+                    if let ClientRole::Viewer(_) = p.role {
                         self.stats.connected_viewers.fetch_sub(1, Ordering::Relaxed);
                     }
                 }
@@ -763,7 +763,7 @@ impl Engine {
     }
 }
 
-fn flush_transmits(p: &mut Peer) {
+fn flush_transmits(p: &mut ClientPeer) {
     while let Ok(Output::Transmit(t)) = p.rtc.poll_output() {
         let _ = p.socket.send_to(&t.contents, t.destination);
     }
@@ -771,7 +771,13 @@ fn flush_transmits(p: &mut Peer) {
 
 /// A sampled viewer's decrypted payload: matched to its send time (added latency), checked
 /// against the viewer's excluded source, and fed to the switch tracker.
-fn on_media(v: &mut Viewer, payload: &[u8], rx_ns: u64, cfg: &EngineConfig, local: &mut Local) {
+fn on_media(
+    v: &mut ClientViewer,
+    payload: &[u8],
+    rx_ns: u64,
+    cfg: &EngineConfig,
+    local: &mut Local,
+) {
     local.decrypted += 1;
     match cfg.matcher.lookup(payload) {
         Some(m) if m.send_ns > 0 => {
@@ -795,7 +801,7 @@ fn on_media(v: &mut Viewer, payload: &[u8], rx_ns: u64, cfg: &EngineConfig, loca
 /// Feeds one input to a peer and drains its output. Returns why the peer must end, if it must.
 #[allow(clippy::too_many_arguments)]
 fn drive_peer(
-    p: &mut Peer,
+    p: &mut ClientPeer,
     input: Input<'_>,
     rx_ns: Option<u64>,
     cfg: &EngineConfig,
@@ -834,7 +840,7 @@ fn drive_peer(
                     if let Some(d) = p.done.take() {
                         let _ = d.send(Ok(now));
                     }
-                    if let Role::Viewer(v) = &mut p.role {
+                    if let ClientRole::Viewer(v) = &mut p.role {
                         stats.connected_viewers.fetch_add(1, Ordering::Relaxed);
                         // The slot holds (material, profile, we were the DTLS client): the
                         // sender of what we open is the other side.
@@ -858,7 +864,7 @@ fn drive_peer(
                 }
                 Event::Closed => return Some("closed by the server".into()),
                 Event::RtpPacket(pkt) => {
-                    if let (Role::Viewer(v), Some(rx)) = (&mut p.role, rx_ns) {
+                    if let (ClientRole::Viewer(v), Some(rx)) = (&mut p.role, rx_ns) {
                         on_media(v, &pkt.payload, rx, cfg, local);
                     }
                 }

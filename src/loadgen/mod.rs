@@ -32,7 +32,7 @@ use tracing::{info, warn};
 use crate::media::opus;
 use crate::net::sockopt;
 use crate::replay::{corpus, truth};
-use engine::{Cmd, EngineConfig, EngineHandle, Frame, NewPeer};
+use engine::{EngineCmd, EngineConfig, EngineHandle, Frame, NewPeer};
 use matcher::Matcher;
 use peer::ClientCrypto;
 use report::{Joins, Snapshot, StepInput};
@@ -397,10 +397,10 @@ async fn join(ctx: &Ctx, side: Side, started: Instant) -> Result<(Signalling, Du
         keys,
     });
     let cmd = match side {
-        Side::Publisher { source } => Cmd::Publisher { peer, source },
+        Side::Publisher { source } => EngineCmd::Publisher { peer, source },
         Side::Viewer { index } => {
             let (sampled, excluded) = viewer_role(o, ctx.source_ids.len(), index);
-            Cmd::Viewer {
+            EngineCmd::Viewer {
                 peer,
                 sampled,
                 excluded: Some(excluded),
@@ -506,7 +506,7 @@ async fn ramp(ctx: Arc<Ctx>, started: Instant, deadline: Instant) -> Result<Valu
     }
     let t0 = Instant::now() + Duration::from_millis(50);
     for e in &ctx.engines {
-        e.send(Cmd::Start(t0));
+        e.send(EngineCmd::Start(t0));
     }
     info!(
         publishers = ctx.source_ids.len(),

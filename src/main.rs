@@ -467,11 +467,15 @@ fn probe_cmd(a: ProbeArgs) -> Result<(), String> {
         cluster_token: a.cluster_token,
         ws_url: None,
     };
-    let keyframes = a.keyframe_every.map(|secs| server::KeyframeRequests {
-        source: a.keyframe_source,
-        every: std::time::Duration::from_secs(secs.max(1)),
-    });
-    let report = runtime()?.block_on(server::probe(link, &a.stream, a.seconds, keyframes))?;
+    let keyframes = a
+        .keyframe_every
+        .map(|secs| chorus::relay::probe::KeyframeRequests {
+            source: a.keyframe_source,
+            every: std::time::Duration::from_secs(secs.max(1)),
+        });
+    let report = runtime()?.block_on(chorus::relay::probe::probe(
+        link, &a.stream, a.seconds, keyframes,
+    ))?;
     println!("{report}");
     Ok(())
 }

@@ -3,5 +3,7 @@
 //! origin's state, is [`crate::origin::relay_server`].
 
 pub mod client;
+#[cfg(feature = "tools")]
+pub mod probe;
 pub mod proto;
 pub mod tls;

@@ -168,7 +168,7 @@ struct TrackTx {
 pub enum Ended {
     /// No consent check for [`CONSENT_TIMEOUT`].
     ConsentExpired,
-    /// A DTLS alert (close_notify) after the switch.
+    /// The viewer said BYE in authenticated SRTCP (RFC 3550 §6.6).
     Closed,
 }
 
@@ -187,6 +187,8 @@ pub struct Established {
     dest: SocketAddr,
     last_consent: Instant,
     next_report: Instant,
+    /// An authenticated BYE came: the next timeout ends the viewer.
+    said_bye: bool,
 }
 
 impl std::fmt::Debug for Established {
@@ -256,6 +258,7 @@ impl Established {
             dest,
             last_consent: now,
             next_report: now + REPORT_INTERVAL,
+            said_bye: false,
         })
     }
 
@@ -266,6 +269,10 @@ impl Established {
 
     /// The next time [`Established::handle_timeout`] has something to do.
     pub fn poll_timeout(&self) -> Instant {
+        if self.said_bye {
+            // Already past: the peer set's timer ends the viewer at once.
+            return self.last_consent;
+        }
         self.next_report.min(self.last_consent + CONSENT_TIMEOUT)
     }
 
@@ -351,12 +358,11 @@ impl Established {
         self.ice.verify(data).is_some()
     }
 
-    /// A DTLS record after the switch: an alert (close_notify) ends the viewer; a late
-    /// handshake record has no one to answer it, and is counted.
-    pub fn handle_dtls(&mut self, data: &[u8], stats: &RtcpStats) -> Option<Ended> {
-        if data.first() == Some(&21) {
-            return Some(Ended::Closed);
-        }
+    /// A DTLS record after the switch (str0m, which held the DTLS keys, is gone): counted,
+    /// never acted on. An alert cannot be authenticated here, and one forged byte 21 from
+    /// anyone who knows the 5-tuple must not end a viewer; a viewer that closes stops its
+    /// consent checks (or says BYE in SRTCP) and ends by that.
+    pub fn handle_dtls(&mut self, _data: &[u8], stats: &RtcpStats) -> Option<Ended> {
         add(&stats.unexpected, 1);
         None
     }
@@ -399,7 +405,8 @@ impl Established {
                 RR => self.report_blocks(pkt, 8, stats),
                 RTPFB if pkt[0] & 0x1F == 1 => self.nack(pkt, scratch, stats, out),
                 PSFB if matches!(pkt[0] & 0x1F, 1 | 4) => add(&stats.pli, 1),
-                // SDES, BYE, XR, REMB, transport-cc...: nothing a lean sender acts on.
+                BYE => self.said_bye = true,
+                // SDES, XR, REMB, transport-cc...: nothing a lean sender acts on.
                 _ => {}
             }
             at = end;
@@ -507,6 +514,9 @@ impl Established {
         stats: &RtcpStats,
         out: &mut impl Emit,
     ) -> Result<(), Ended> {
+        if self.said_bye {
+            return Err(Ended::Closed);
+        }
         if now >= self.last_consent + CONSENT_TIMEOUT {
             return Err(Ended::ConsentExpired);
         }
@@ -520,9 +530,10 @@ impl Established {
             let Some((last_ts, at)) = t.last else {
                 continue;
             };
-            let elapsed = now.saturating_duration_since(at).as_micros() as u64;
+            // In u128: a track silent for long at a high clock rate overflows u64.
+            let elapsed = now.saturating_duration_since(at).as_micros();
             let rtp_ts =
-                last_ts.wrapping_add((elapsed * t.spec.clock_rate as u64 / 1_000_000) as u32);
+                last_ts.wrapping_add((elapsed * t.spec.clock_rate as u128 / 1_000_000) as u32);
             scratch.clear();
             sender_report(scratch, t.spec.ssrc, ntp, rtp_ts, t.packets, t.octets);
             if self.seal_rtcp(scratch) {
@@ -613,6 +624,46 @@ fn sender_report(buf: &mut Vec<u8>, ssrc: u32, ntp: u64, rtp_ts: u32, packets: u
     buf.extend_from_slice(&[1, CNAME.len() as u8]);
     buf.extend_from_slice(CNAME);
     buf.resize(buf.len() + 1 + padded - chunk, 0);
+}
+
+/// The viewer's end of a lean session, for tests and fuzzing from outside the crate: it seals
+/// SRTCP with the keys the viewer holds (a hostile viewer's malformed RTCP gets past the
+/// authentication) and builds consent checks with its ICE credentials.
+#[cfg(feature = "tools")]
+pub struct ViewerSide {
+    sealer: Srtcp,
+}
+
+#[cfg(feature = "tools")]
+impl ViewerSide {
+    /// The viewer of a lean state built with `material`, `profile` and `client` (the edge's
+    /// role, as given to [`Established::new`]).
+    pub fn new(material: &[u8], profile: SrtpProfile, client: bool) -> Option<ViewerSide> {
+        Some(ViewerSide {
+            sealer: Srtcp::new(material, profile, !client)?,
+        })
+    }
+
+    /// Seals `packet` (at least 8 bytes) as SRTCP with index `index`. False if too short.
+    pub fn seal_rtcp(&self, packet: &mut Vec<u8>, index: u32) -> bool {
+        self.sealer.seal(packet, index)
+    }
+
+    /// A binding request with `ice`'s credentials (as the viewer sends it) into `buf`: its
+    /// length, or None if `buf` is too short.
+    pub fn consent_check(ice: &IceLite, use_candidate: bool, buf: &mut [u8]) -> Option<usize> {
+        let user = format!("{}:{}", ice.local_ufrag, ice.remote_ufrag);
+        let msg = StunMessage::binding_request(
+            &user,
+            str0m::ice::TransId::new(),
+            true,
+            7,
+            100,
+            use_candidate,
+        );
+        msg.to_bytes(Some(ice.local_pwd.as_bytes()), buf, sha1_hmac)
+            .ok()
+    }
 }
 
 #[cfg(test)]

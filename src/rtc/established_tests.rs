@@ -359,13 +359,98 @@ fn garbage_is_counted_and_dropped() {
     }
     assert_eq!(stats.malformed.load(Ordering::Relaxed), 4);
     assert!(out.is_empty());
-    // A late handshake record is counted; an alert ends the viewer.
+    // A late handshake record and an alert are counted, never acted on.
     assert_eq!(e.handle_dtls(&[22, 0xfe, 0xfd], &stats), None);
+    assert_eq!(e.handle_dtls(&[21, 0xfe, 0xfd], &stats), None);
+    assert_eq!(stats.unexpected.load(Ordering::Relaxed), 2);
+}
+
+/// Found by reading for the fuzz target: a DTLS alert is unauthenticated once str0m is gone,
+/// so one forged byte 21 from anyone who knows the 5-tuple ended the viewer.
+#[test]
+fn a_forged_dtls_alert_does_not_end_the_viewer() {
+    let t0 = Instant::now();
+    let mut e = lean(t0);
+    let stats = RtcpStats::default();
+    let (mut out, mut scratch) = (Vec::new(), Vec::new());
+    // close_notify as a DTLS 1.2 record of epoch 1 would carry it, but not sealed by anyone.
+    let alert = [21, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 1, 0, 2, 1, 0];
+    assert_eq!(e.handle_dtls(&alert, &stats), None);
+    assert!(e.poll_timeout() > t0);
     assert_eq!(
-        e.handle_dtls(&[21, 0xfe, 0xfd], &stats),
-        Some(Ended::Closed)
+        e.handle_timeout(
+            t0 + Duration::from_millis(10),
+            &mut scratch,
+            &stats,
+            &mut out
+        ),
+        Ok(())
     );
-    assert_eq!(stats.unexpected.load(Ordering::Relaxed), 1);
+}
+
+/// A viewer that closes says BYE in authenticated SRTCP: the next timeout ends it (at once:
+/// its deadline is already past).
+#[test]
+fn an_authenticated_bye_ends_the_viewer_at_its_next_timeout() {
+    let t0 = Instant::now();
+    let mut e = lean(t0);
+    let stats = RtcpStats::default();
+    let (mut out, mut scratch) = (Vec::new(), Vec::new());
+    let bye = rtcp::goodbye::Goodbye {
+        sources: vec![VIEWER_SSRC],
+        reason: Bytes::new(),
+    };
+    let rr = rtcp::receiver_report::ReceiverReport {
+        ssrc: VIEWER_SSRC,
+        ..Default::default()
+    };
+    e.handle_rtcp(
+        &sealed_from_viewer(0, &[Box::new(rr), Box::new(bye)]),
+        &mut scratch,
+        &stats,
+        &mut out,
+    );
+    let t1 = t0 + Duration::from_millis(1);
+    assert!(e.poll_timeout() <= t1);
+    assert_eq!(
+        e.handle_timeout(t1, &mut scratch, &stats, &mut out),
+        Err(Ended::Closed)
+    );
+}
+
+/// An SR's RTP time after a long silence at a high clock rate: computed in u128, no overflow.
+#[test]
+fn a_long_silence_at_a_high_clock_rate_does_not_overflow_the_report() {
+    let t0 = Instant::now();
+    let tracks = [TrackSpec {
+        clock_rate: u32::MAX,
+        ..spec(SSRC)
+    }];
+    let mut e = Established::new(
+        ice(),
+        &material(),
+        SrtpProfile::AEAD_AES_128_GCM,
+        false,
+        tracks,
+        viewer_addr(),
+        t0,
+    )
+    .unwrap();
+    let stats = RtcpStats::default();
+    let (mut out, mut scratch) = (Vec::new(), Vec::new());
+    send(&mut e, t0, 0, 1, &mut out);
+    // Consent kept for two hours: elapsed µs times 2^32 is past u64.
+    let req = binding_request("edge:view", &ice().local_pwd, false);
+    let mut now = t0;
+    for _ in 0..(2 * 3600 / 10) {
+        now += Duration::from_secs(10);
+        assert!(e.handle_stun(now, viewer_addr(), &req, &stats, &mut out));
+    }
+    assert_eq!(
+        e.handle_timeout(now, &mut scratch, &stats, &mut out),
+        Ok(())
+    );
+    assert_eq!(stats.sr_sent.load(Ordering::Relaxed), 1);
 }
 
 #[test]

@@ -5,12 +5,12 @@
 use serde_json::{json, Value};
 
 /// The `streamAccountId` of every answer: one account per deployment.
-pub const ACCOUNT_ID: &str = "chorus";
+pub(crate) const ACCOUNT_ID: &str = "chorus";
 /// Stream names are path segments and log fields: keep them plain.
-pub const MAX_STREAM_NAME: usize = 128;
+pub(crate) const MAX_STREAM_NAME: usize = 128;
 /// A sourceId is a name a viewer may pin or exclude, kept by the edge per viewer: bounded so
 /// that a view's names stay small (the edge's `MAX_EXCLUDED` of them per viewer).
-pub const MAX_SOURCE_ID: usize = 128;
+pub(crate) const MAX_SOURCE_ID: usize = 128;
 
 /// A stream (or room) name that chorus does not take, with the rule it breaks.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,12 +36,12 @@ pub fn check_stream_name(name: &str) -> Result<(), NameError> {
 }
 
 /// A sourceId is at most [`MAX_SOURCE_ID`] bytes with no control character.
-pub fn source_id_ok(s: &str) -> bool {
+pub(crate) fn source_id_ok(s: &str) -> bool {
     s.len() <= MAX_SOURCE_ID && !s.chars().any(char::is_control)
 }
 
 /// The data of a director answer: where to signal and the JWT to signal with.
-pub fn director_answer(url: String, jwt: String) -> Value {
+pub(crate) fn director_answer(url: String, jwt: String) -> Value {
     json!({
         "urls": [url],
         "jwt": jwt,

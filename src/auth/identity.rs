@@ -14,15 +14,15 @@ use std::path::{Path, PathBuf};
 
 use super::jwt::JwtSigner;
 
-pub const CERT_FILE: &str = "relay-cert.der";
-pub const CERT_KEY_FILE: &str = "relay-key.pk8";
+pub(crate) const CERT_FILE: &str = "relay-cert.der";
+pub(crate) const CERT_KEY_FILE: &str = "relay-key.pk8";
 pub const JWT_KEY_FILE: &str = "jwt-ed25519.pk8";
 /// The name the QUIC certificate is issued for, which edges ask for when they connect (they
 /// pin the certificate's fingerprint, not a CA: the name only has to agree).
 pub const CERT_SERVER_NAME: &str = "chorus-origin";
-pub const ROOM_KEY_FILE: &str = "room-token.key";
+pub(crate) const ROOM_KEY_FILE: &str = "room-token.key";
 /// Length of a generated room-token key (HS256 secret).
-pub const ROOM_KEY_BYTES: usize = 32;
+pub(crate) const ROOM_KEY_BYTES: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {

@@ -17,7 +17,7 @@ pub enum Scope {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct MillicastClaims {
+pub(crate) struct MillicastClaims {
     pub stream_name: String,
     #[serde(default)]
     pub record: bool,
@@ -27,14 +27,14 @@ pub struct MillicastClaims {
 /// member's publish generation in the room is still this one (a demotion moves it on).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct RoomBinding {
+pub(crate) struct RoomBinding {
     pub room: String,
     pub member_id: String,
     pub generation: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Claims {
+pub(crate) struct Claims {
     pub iat: u64,
     pub exp: u64,
     pub scope: Scope,
@@ -63,7 +63,7 @@ pub struct VerifyKey {
 }
 
 impl VerifyKey {
-    pub fn new(ed25519: Vec<u8>) -> Result<VerifyKey, KeyError> {
+    pub(crate) fn new(ed25519: Vec<u8>) -> Result<VerifyKey, KeyError> {
         if ed25519.len() != 32 {
             return Err(KeyError::BadPublicKey(format!("{} bytes", ed25519.len())));
         }
@@ -78,7 +78,7 @@ impl VerifyKey {
         base64::engine::general_purpose::STANDARD.encode(&self.ed25519)
     }
 
-    pub fn from_base64(b64: &str) -> Result<VerifyKey, KeyError> {
+    pub(crate) fn from_base64(b64: &str) -> Result<VerifyKey, KeyError> {
         use base64::Engine;
         let raw = base64::engine::general_purpose::STANDARD
             .decode(b64)
@@ -106,7 +106,7 @@ impl JwtSigner {
     }
 
     /// The key of a 32-byte seed (derived from `--jwt-secret`), as PKCS#8.
-    pub fn pkcs8_from_seed(seed: &[u8]) -> Result<Vec<u8>, KeyError> {
+    pub(crate) fn pkcs8_from_seed(seed: &[u8]) -> Result<Vec<u8>, KeyError> {
         use aws_lc_rs::signature::Ed25519KeyPair;
         let pair = Ed25519KeyPair::from_seed_unchecked(seed)
             .map_err(|e| KeyError::BadPrivateKey(e.to_string()))?;
@@ -141,7 +141,12 @@ impl JwtSigner {
     }
 
     /// A JWT for `stream`, bound to a room member's source when `room` is given.
-    pub fn issue_bound(&self, stream: &str, scope: Scope, room: Option<RoomBinding>) -> String {
+    pub(crate) fn issue_bound(
+        &self,
+        stream: &str,
+        scope: Scope,
+        room: Option<RoomBinding>,
+    ) -> String {
         let now = unix_now();
         self.sign(&Claims {
             iat: now,
@@ -155,7 +160,7 @@ impl JwtSigner {
         })
     }
 
-    pub fn sign(&self, claims: &Claims) -> String {
+    pub(crate) fn sign(&self, claims: &Claims) -> String {
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(self.public.kid.clone());
         encode(&header, claims, &self.enc).expect("EdDSA signing with a checked key cannot fail")
@@ -171,14 +176,14 @@ pub struct JwtVerifier {
 }
 
 impl JwtVerifier {
-    pub fn new(key: &VerifyKey) -> JwtVerifier {
+    pub(crate) fn new(key: &VerifyKey) -> JwtVerifier {
         let v = JwtVerifier::default();
         v.set(key);
         v
     }
 
     /// Takes `key` from now on; true when it differs from the one held.
-    pub fn set(&self, key: &VerifyKey) -> bool {
+    pub(crate) fn set(&self, key: &VerifyKey) -> bool {
         let mut held = self.key.write().unwrap_or_else(|p| p.into_inner());
         if held.as_ref().is_some_and(|(k, _)| k == key) {
             return false;
@@ -188,14 +193,14 @@ impl JwtVerifier {
     }
 
     /// The key held now.
-    pub fn key(&self) -> Option<VerifyKey> {
+    pub(crate) fn key(&self) -> Option<VerifyKey> {
         let held = self.key.read().unwrap_or_else(|p| p.into_inner());
         held.as_ref().map(|(k, _)| k.clone())
     }
 
     /// Checks signature (EdDSA only: an HS256 or `none` JWT is refused) and expiry; the caller
     /// checks stream and scope against the request.
-    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+    pub(crate) fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let held = self.key.read().unwrap_or_else(|p| p.into_inner());
         let Some((_, dec)) = held.as_ref() else {
             return Err(AuthError::BadJwt("no origin key yet".into()));

@@ -7,7 +7,7 @@ pub mod tokens;
 
 /// Why a request was refused. Every variant maps to a 401 with a `fail` body.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuthError {
+pub(crate) enum AuthError {
     Missing,
     Unknown,
     Expired,
@@ -34,14 +34,14 @@ impl std::fmt::Display for AuthError {
 impl std::error::Error for AuthError {}
 
 /// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
 /// Compares secrets without an early exit, so timing does not leak how much matched.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
@@ -49,7 +49,7 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// A fresh random secret, URL-safe base64 of `bytes` random bytes.
-pub fn random_secret(bytes: usize) -> String {
+pub(crate) fn random_secret(bytes: usize) -> String {
     use base64::Engine;
     let buf: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf)

@@ -161,18 +161,18 @@ enum TokenStore {
     },
 }
 
-pub struct Tokens {
+pub(crate) struct Tokens {
     source: TokenStore,
 }
 
 impl Tokens {
-    pub fn dev(publish_token: String) -> Tokens {
+    pub(crate) fn dev(publish_token: String) -> Tokens {
         Tokens {
             source: TokenStore::Dev { publish_token },
         }
     }
 
-    pub fn file(path: PathBuf) -> Result<Tokens, TokenFileError> {
+    pub(crate) fn file(path: PathBuf) -> Result<Tokens, TokenFileError> {
         let file = TokenFile::load(&path)?;
         let mtime = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
         Ok(Tokens {
@@ -183,11 +183,11 @@ impl Tokens {
         })
     }
 
-    pub fn is_dev(&self) -> bool {
+    pub(crate) fn is_dev(&self) -> bool {
         matches!(self.source, TokenStore::Dev { .. })
     }
 
-    pub fn check_publish(&self, token: Option<&str>, stream: &str) -> Result<(), AuthError> {
+    pub(crate) fn check_publish(&self, token: Option<&str>, stream: &str) -> Result<(), AuthError> {
         match &self.source {
             TokenStore::Dev { publish_token } => {
                 let t = token.ok_or(AuthError::Missing)?;
@@ -203,7 +203,11 @@ impl Tokens {
         }
     }
 
-    pub fn check_subscribe(&self, token: Option<&str>, stream: &str) -> Result<(), AuthError> {
+    pub(crate) fn check_subscribe(
+        &self,
+        token: Option<&str>,
+        stream: &str,
+    ) -> Result<(), AuthError> {
         match &self.source {
             TokenStore::Dev { .. } => Ok(()),
             TokenStore::File { .. } => self.with_file(|f| {

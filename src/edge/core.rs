@@ -384,7 +384,7 @@ impl EdgeCore {
     }
 
     /// A viewer left; the last one of a stream unsubscribes from it.
-    pub fn handle_leave(&mut self, id: PeerId) {
+    pub(crate) fn handle_leave(&mut self, id: PeerId) {
         let Some(v) = self.viewers.remove(&id) else {
             return;
         };
@@ -419,7 +419,7 @@ impl EdgeCore {
 
     /// Sets a viewer's projections, (multiplexed track index, sourceId): it moves to the group
     /// of its new key and hears `vad` for every track that changed.
-    pub fn handle_project(&mut self, now_us: u64, id: PeerId, fixed: &[(u8, String)]) {
+    pub(crate) fn handle_project(&mut self, now_us: u64, id: PeerId, fixed: &[(u8, String)]) {
         let Some(v) = self.viewers.get_mut(&id) else {
             return;
         };
@@ -455,7 +455,7 @@ impl EdgeCore {
 
     /// A viewer asked for a keyframe on `mid`: passed to the origin if it is its main video, at
     /// most once per [`KEYFRAME_INTERVAL_US`] per stream.
-    pub fn handle_keyframe_request(&mut self, now_us: u64, id: PeerId, mid: Mid) {
+    pub(crate) fn handle_keyframe_request(&mut self, now_us: u64, id: PeerId, mid: Mid) {
         let Some(v) = self.viewers.get(&id) else {
             return;
         };
@@ -566,7 +566,7 @@ impl EdgeCore {
     /// (their tracks empty, with `vad` events), and the channels and source indices of that link
     /// are forgotten: the next origin numbers them afresh, and its source list makes the sources
     /// `active` again with fresh voice activity. Viewers keep their sessions throughout.
-    pub fn handle_link_down(&mut self, now_us: u64) {
+    pub(crate) fn handle_link_down(&mut self, now_us: u64) {
         self.channels.clear();
         self.known_channels.clear();
         for st in self.streams.values_mut() {
@@ -698,11 +698,6 @@ impl EdgeCore {
         if late > 0 {
             m.dropped_before_switch.fetch_add(late, Ordering::Relaxed);
         }
-    }
-
-    /// Viewers on this thread.
-    pub fn viewers(&self) -> usize {
-        self.viewers.len()
     }
 }
 

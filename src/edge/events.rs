@@ -39,9 +39,21 @@ pub struct ActiveSource {
 }
 
 impl ViewerEvent {
+    /// The source it names, if any (None also for the main source).
+    #[cfg(test)]
+    pub(crate) fn source(&self) -> Option<&str> {
+        match self {
+            ViewerEvent::Active(a) => a.source.as_deref(),
+            ViewerEvent::Inactive { source, .. } | ViewerEvent::Vad { source, .. } => {
+                source.as_deref()
+            }
+            ViewerEvent::ViewerCount(_) | ViewerEvent::Stopped { .. } => None,
+        }
+    }
+
     /// The event as the Millicast SDK reads it. Called where the signalling socket writes it,
     /// never on the media thread that decided it.
-    pub fn to_json(&self) -> serde_json::Value {
+    pub(crate) fn to_json(&self) -> serde_json::Value {
         let data = match self {
             ViewerEvent::Active(a) => {
                 let tracks: Vec<Value> = a
@@ -64,24 +76,13 @@ impl ViewerEvent {
     }
 
     /// The event's Millicast name.
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             ViewerEvent::Active(_) => "active",
             ViewerEvent::Inactive { .. } => "inactive",
             ViewerEvent::Vad { .. } => "vad",
             ViewerEvent::ViewerCount(_) => "viewercount",
             ViewerEvent::Stopped { .. } => "stopped",
-        }
-    }
-
-    /// The source it names, if any (None also for the main source).
-    pub fn source(&self) -> Option<&str> {
-        match self {
-            ViewerEvent::Active(a) => a.source.as_deref(),
-            ViewerEvent::Inactive { source, .. } | ViewerEvent::Vad { source, .. } => {
-                source.as_deref()
-            }
-            ViewerEvent::ViewerCount(_) | ViewerEvent::Stopped { .. } => None,
         }
     }
 }

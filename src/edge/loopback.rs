@@ -55,7 +55,7 @@ impl Pair {
 
 /// Feeds everything `from` sends to `to`; returns whether `from` reported Connected, and the
 /// RTP packets `from` received meanwhile (sequence number, payload).
-pub fn deliver(from: &mut Rtc, to: &mut Rtc, to_addr: SocketAddr, now: Instant) -> bool {
+pub(crate) fn deliver(from: &mut Rtc, to: &mut Rtc, to_addr: SocketAddr, now: Instant) -> bool {
     let mut connected = false;
     loop {
         match from.poll_output().expect("poll") {

@@ -5,12 +5,12 @@
 //! gets every relayed packet of those streams (one shared buffer).
 
 pub mod core;
-pub mod events;
+pub(crate) mod events;
 #[cfg(feature = "tools")]
 pub mod loopback;
-pub mod talking;
+pub(crate) mod talking;
 pub mod viewer;
-pub mod worker;
+pub(crate) mod worker;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -36,26 +36,26 @@ use crate::rtc::supervise::spawn_media;
 use worker::{EdgeCmd, NewViewer, Worker};
 
 /// More multiplexed tracks than this in one offer is refused.
-pub const MAX_TRACKS: usize = 16;
+pub(crate) const MAX_TRACKS: usize = 16;
 /// A view naming more excluded sourceIds than this is refused. An app excludes its own user's
 /// source, or a few; each name is interned on a media thread while the view lasts, so this bounds
 /// what one viewer holds there (with [`crate::millicast::MAX_SOURCE_ID`] bytes per name).
-pub const MAX_EXCLUDED: usize = 64;
+pub(crate) const MAX_EXCLUDED: usize = 64;
 
 /// Relayed packets queued at most for one media thread: about 100 ms of 200 sources talking at
 /// once (50 packets a second each). A full lane refuses the newest packet (counted as
 /// `lane_full`): the thread is more than its bound behind, and what it still holds is older than
 /// audio is worth; dropping the oldest instead would have the link's reader take from the media
 /// thread's end of the queue, racing it, and could drop a source list.
-pub const RELAY_LANE_PACKETS: usize = 1024;
+pub(crate) const RELAY_LANE_PACKETS: usize = 1024;
 /// Room kept in each media thread's lane beyond the packets, for commands (viewers, source lists,
 /// link state) that must not be dropped for audio; a lane full even of those means the thread is
 /// stuck, and the command is dropped, counted (`lane_control_full`) and logged.
-pub const LANE_CONTROL_HEADROOM: usize = 1024;
+pub(crate) const LANE_CONTROL_HEADROOM: usize = 1024;
 /// Relayed audio older than this when its media thread takes it (time queued on the link, from
 /// the origin's send stamp over the link's delay floor, plus time in the lane) is dropped and
 /// counted (`stale`), never forwarded: late audio is worth less than a gap.
-pub const MAX_RELAY_AGE: Duration = Duration::from_millis(100);
+pub(crate) const MAX_RELAY_AGE: Duration = Duration::from_millis(100);
 
 /// Counters the edge keeps for /metrics.
 #[derive(Debug, Default)]
@@ -108,7 +108,7 @@ pub struct EdgeMetrics {
 
 /// A viewer's request, from `view` or WHEP.
 #[derive(Debug, Clone, Default)]
-pub struct ViewOptions {
+pub(crate) struct ViewOptions {
     pub pinned: Option<String>,
     pub excluded: Vec<String>,
     /// WHEP's `tracks`: at most this many multiplexed tracks (the offer decides otherwise).
@@ -117,7 +117,7 @@ pub struct ViewOptions {
 
 /// An answered offer whose peer is not on the media thread yet: the caller sends the answer
 /// first, then [`Edge::commit`]s, so no event can overtake the answer.
-pub struct PendingViewer {
+pub(crate) struct PendingViewer {
     viewer: Box<NewViewer>,
     pub answer: String,
     pub subscriber_id: String,
@@ -125,7 +125,7 @@ pub struct PendingViewer {
 }
 
 impl PendingViewer {
-    pub fn id(&self) -> PeerId {
+    pub(crate) fn id(&self) -> PeerId {
         self.viewer.id
     }
 }
@@ -133,14 +133,14 @@ impl PendingViewer {
 /// Packets of history a viewer's audio track keeps for NACK (320 ms): the lean path's
 /// [`NACK_HISTORY`](crate::rtc::established::NACK_HISTORY), so a viewer that keeps str0m
 /// (AES-CM, main video) gets the same.
-pub const VIEWER_AUDIO_HISTORY: usize = crate::rtc::established::NACK_HISTORY;
+pub(crate) const VIEWER_AUDIO_HISTORY: usize = crate::rtc::established::NACK_HISTORY;
 
 /// How the edge answers viewers: [`media_config`] (leaving transport-cc and abs-send-time out
 /// saves about 5 % of str0m's cost per forwarded packet, `cargo bench --bench edge_send`).
 /// str0m's periodic stats are not used,
 /// and a viewer's audio history for NACK is kept short: Chrome does not NACK Opus unless asked,
 /// and each remembered packet costs memory per viewer.
-pub fn viewer_config() -> RtcConfig {
+pub(crate) fn viewer_config() -> RtcConfig {
     media_config()
         .set_stats_interval(None)
         .set_send_buffer_audio(VIEWER_AUDIO_HISTORY)
@@ -156,7 +156,7 @@ pub struct Shared {
 
 impl Shared {
     /// Adds `delta` viewers to a stream's count; returns the new count.
-    pub fn count_viewers(&self, stream: &str, delta: isize) -> usize {
+    pub(crate) fn count_viewers(&self, stream: &str, delta: isize) -> usize {
         let Ok(mut m) = self.viewers.lock() else {
             return 0;
         };
@@ -169,7 +169,7 @@ impl Shared {
         now
     }
 
-    pub fn viewers_of(&self, stream: &str) -> usize {
+    pub(crate) fn viewers_of(&self, stream: &str) -> usize {
         self.viewers
             .lock()
             .ok()
@@ -252,7 +252,7 @@ impl Lane {
 
 /// Counts a relayed packet in its lane while it is queued (and being handled): taken on send,
 /// given back when the media thread is done with the packet.
-pub struct LaneTicket(Arc<AtomicUsize>);
+pub(crate) struct LaneTicket(Arc<AtomicUsize>);
 
 impl LaneTicket {
     fn new(count: &Arc<AtomicUsize>) -> LaneTicket {
@@ -267,7 +267,7 @@ impl Drop for LaneTicket {
     }
 }
 
-pub struct Edge {
+pub(crate) struct Edge {
     lanes: Vec<Lane>,
     /// Each media thread's ICE candidate.
     candidates: Vec<SocketAddr>,
@@ -283,7 +283,7 @@ impl Edge {
     /// Returns once the origin link is up; `keys` then holds the origin's JWT verify key (and
     /// follows it on every relink). `workers` media threads each own a socket (any free port on
     /// `bind`'s IP) and a share of the viewers.
-    pub async fn start(
+    pub(crate) async fn start(
         bind: SocketAddr,
         public_ip: Option<IpAddr>,
         link: LinkConfig,
@@ -347,7 +347,7 @@ impl Edge {
 
     /// Asks the origin whether a viewer with this bearer may view `stream` (its token policy is
     /// the only truth): a subscribe JWT, or the refusal to pass on.
-    pub async fn authorize(&self, stream: &str, token: Option<&str>) -> AuthorizeAnswer {
+    pub(crate) async fn authorize(&self, stream: &str, token: Option<&str>) -> AuthorizeAnswer {
         let answer = self.link.authorize(stream, token).await;
         let counter = match &answer {
             Ok(_) => &self.metrics.authorize_allowed,
@@ -365,7 +365,7 @@ impl Edge {
 
     /// Answers a viewer's offer: the first audio (and video) m-line carries the main source,
     /// every further receiving audio m-line is a multiplexed track.
-    pub fn prepare(
+    pub(crate) fn prepare(
         &self,
         stream: &str,
         offer: &str,
@@ -434,24 +434,19 @@ impl Edge {
         })
     }
 
-    pub fn commit(&self, v: PendingViewer) -> PeerId {
+    pub(crate) fn commit(&self, v: PendingViewer) -> PeerId {
         let id = v.viewer.id;
         self.lanes[self.lane(id)].send(EdgeCmd::AddViewer(v.viewer));
         id
     }
 
-    pub fn remove(&self, id: PeerId) {
+    pub(crate) fn remove(&self, id: PeerId) {
         self.lanes[self.lane(id)].send(EdgeCmd::RemoveViewer(id));
     }
 
     /// Sets all of a viewer's projections: (multiplexed track index, sourceId).
-    pub fn project(&self, id: PeerId, fixed: Vec<(u8, String)>) {
+    pub(crate) fn project(&self, id: PeerId, fixed: Vec<(u8, String)>) {
         self.lanes[self.lane(id)].send(EdgeCmd::Project(id, fixed));
-    }
-
-    /// Media threads (each with its own socket and viewers).
-    pub fn workers(&self) -> usize {
-        self.lanes.len()
     }
 }
 

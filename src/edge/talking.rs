@@ -11,12 +11,12 @@ use crate::media::stream::StreamCore;
 use crate::media::SourceIdx;
 
 /// Where the flips go: the edge core's output queue (a trait so tests can watch).
-pub trait TalkingSink {
+pub(crate) trait TalkingSink {
     fn talking(&mut self, stream: &str, source: &str, talking: bool);
 }
 
 #[derive(Default)]
-pub struct TalkingWatch {
+pub(crate) struct TalkingWatch {
     /// Stream -> (the update it was last seen in, the sources reported talking).
     streams: HashMap<String, (u64, Vec<(SourceIdx, String)>)>,
     updates: u64,
@@ -25,7 +25,7 @@ pub struct TalkingWatch {
 impl TalkingWatch {
     /// Compares every live source's voice with what was last reported and reports the flips. A
     /// stream no longer listed (its last viewer left this edge) reports its talkers as silent.
-    pub fn update<'a>(
+    pub(crate) fn update<'a>(
         &mut self,
         streams: impl Iterator<Item = (&'a String, &'a StreamCore)>,
         now_us: u64,

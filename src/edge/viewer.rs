@@ -58,7 +58,7 @@ pub struct OutTrack {
 }
 
 impl OutTrack {
-    pub fn new(mid: Mid, clock_rate: u32) -> Self {
+    pub(crate) fn new(mid: Mid, clock_rate: u32) -> Self {
         // The viewer's stream starts at a small sequence number: a fresh SRTP receiver assumes
         // ROC 0, and starting low keeps the first rollover far away.
         OutTrack {
@@ -160,7 +160,7 @@ impl OutTrack {
     }
 
     /// What the lean path needs of this track, read from str0m's negotiation.
-    pub fn lean_spec(&self, rtc: &mut Rtc) -> Option<TrackSpec> {
+    pub(crate) fn lean_spec(&self, rtc: &mut Rtc) -> Option<TrackSpec> {
         let media = rtc.media(self.mid)?;
         let pt = *media.remote_pts().first().copied()?;
         let map = media.remote_extmap();

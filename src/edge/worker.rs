@@ -31,7 +31,7 @@ use crate::rtc::supervise::Heartbeat;
 /// Packets written in one round leave together: one str0m flush per viewer, not per packet.
 const CMD_BURST: usize = 256;
 
-pub struct NewViewer {
+pub(crate) struct NewViewer {
     pub id: PeerId,
     pub ufrag: String,
     pub rtc: Rtc,
@@ -48,7 +48,7 @@ pub struct NewViewer {
     pub slot: ConnectSlot,
 }
 
-pub enum EdgeCmd {
+pub(crate) enum EdgeCmd {
     AddViewer(Box<NewViewer>),
     RemoveViewer(PeerId),
     /// Sets a viewer's projections: (multiplexed track index, sourceId).
@@ -65,7 +65,7 @@ pub enum EdgeCmd {
 }
 
 /// One relayed datagram in a media thread's lane.
-pub struct RelayPacket {
+pub(crate) struct RelayPacket {
     pub hdr: DatagramHeader,
     /// The whole datagram; the RTP packet starts at [`crate::relay::proto::DATAGRAM_HEADER`].
     pub data: Bytes,
@@ -118,7 +118,7 @@ impl PeerApp<Viewer> for ViewerEvents<'_> {
     }
 }
 
-pub struct Worker {
+pub(crate) struct Worker {
     peers: PeerSet<Viewer>,
     core: EdgeCore,
     link: LinkCtl,
@@ -129,7 +129,7 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(
+    pub(crate) fn new(
         socket: UdpSocket,
         link: LinkCtl,
         metrics: Arc<EdgeMetrics>,
@@ -158,7 +158,7 @@ impl Worker {
         )
     }
 
-    pub fn run(mut self, rx: Receiver<EdgeCmd>, hb: &Heartbeat) {
+    pub(crate) fn run(mut self, rx: Receiver<EdgeCmd>, hb: &Heartbeat) {
         let mut next_cmd: Option<EdgeCmd> = None;
         loop {
             hb.beat();

@@ -26,7 +26,7 @@ struct DirectorReq {
 }
 
 /// The signalling URL to give a client that asked with these headers.
-pub fn ws_url(app: &App, headers: &HeaderMap) -> String {
+pub(crate) fn ws_url(app: &App, headers: &HeaderMap) -> String {
     if let Some(base) = &app.public_ws {
         return format!("{base}/ws");
     }
@@ -59,7 +59,11 @@ fn parse_request(body: &[u8]) -> Result<(DirectorReq, String), Refusal> {
     Ok((req, stream))
 }
 
-pub async fn publish(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(crate) async fn publish(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     if app.origin.is_none() {
         return fail(
             StatusCode::NOT_FOUND,
@@ -93,7 +97,11 @@ pub async fn publish(State(app): State<Arc<App>>, headers: HeaderMap, body: Byte
     success(ws_url(&app, &headers), jwt, room.as_ref())
 }
 
-pub async fn subscribe(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(crate) async fn subscribe(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     // Viewers go to this process's edge, or else to a linked edge, in turn.
     let url = match (&app.edge, &app.origin) {
         (Some(_), _) => ws_url(&app, &headers),
@@ -130,7 +138,7 @@ pub async fn subscribe(State(app): State<Arc<App>>, headers: HeaderMap, body: By
 
 /// Decides a viewer where the origin runs: a room token for the stream's room, or the token
 /// policy (a subscribe token when the stream has one). Its subscribe JWT, or the refusal.
-pub fn authorize_subscribe(
+pub(crate) fn authorize_subscribe(
     app: &App,
     token: Option<&str>,
     stream: &str,

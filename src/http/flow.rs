@@ -28,7 +28,7 @@ use crate::rtc::peers::PeerId;
 /// Why a publication or a view was refused. WHIP and WHEP answer with [`FlowError::status`],
 /// the signalling socket with the message.
 #[derive(Debug, thiserror::Error)]
-pub enum FlowError {
+pub(crate) enum FlowError {
     #[error("this is an edge: publish at the origin")]
     NotAnOrigin,
     #[error("this origin serves no viewers: view at an edge (chorus edge)")]
@@ -43,7 +43,7 @@ pub enum FlowError {
 }
 
 impl FlowError {
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             FlowError::NotAnOrigin | FlowError::NotAnEdge => StatusCode::NOT_FOUND,
             FlowError::Room(_) => StatusCode::FORBIDDEN,

@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::rtc::supervise;
 
-pub async fn healthz() -> Response {
+pub(crate) async fn healthz() -> Response {
     let stale = supervise::stale();
     if stale.is_empty() {
         return "ok".into_response();

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 /// A client has this long to send a request's head (request line and headers), counted from
 /// the connection's start or the end of its previous response: slowloris connections and idle
 /// keep-alive connections are closed after it.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request (body included) is answered within this long, or refused with 408: a body trickled
 /// in byte by byte cannot hold a connection.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request body: an SDP offer of 1 + 16 audio m-lines (the most WHEP takes) is about
 /// 25 KiB; director and room bodies are a few hundred bytes.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -38,24 +38,24 @@ const MAX_TRACKED_IPS: usize = 65_536;
 
 /// Largest signalling WebSocket message and frame: an SDP offer (see [`MAX_BODY`]) in JSON.
 /// A larger frame is refused from its header, before its payload is read.
-pub const WS_MAX_MESSAGE: usize = 64 * 1024;
+pub(crate) const WS_MAX_MESSAGE: usize = 64 * 1024;
 /// Messages queued to one socket's writer. A client that does not read fills it and is closed
 /// ("not reading"): a socket never holds more than this in memory.
-pub const WS_OUT_QUEUE: usize = 128;
+pub(crate) const WS_OUT_QUEUE: usize = 128;
 /// One message to a socket must be written within this long, or the socket is closed: a peer
 /// that stopped reading cannot hold a writer.
-pub const WS_WRITE_DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const WS_WRITE_DEADLINE: Duration = Duration::from_secs(10);
 /// Commands per second one signalling socket may send (bursts of 2 times this pass); past it a
 /// command is refused with an error (and counted as refused).
-pub const WS_COMMANDS_PER_SEC: u32 = 20;
+pub(crate) const WS_COMMANDS_PER_SEC: u32 = 20;
 /// Refused commands after which a signalling or room socket is closed: a client that keeps
 /// sending bad commands is broken or hostile.
-pub const WS_MAX_REFUSED: u32 = 32;
+pub(crate) const WS_MAX_REFUSED: u32 = 32;
 /// The server pings each signalling socket this often (proxies close idle sockets: nginx after
 /// 60 s)...
-pub const WS_PING_EVERY: Duration = Duration::from_secs(20);
+pub(crate) const WS_PING_EVERY: Duration = Duration::from_secs(20);
 /// ...and closes one that sent nothing, not even a pong, for this long.
-pub const WS_SILENCE_LIMIT: Duration = Duration::from_secs(60);
+pub(crate) const WS_SILENCE_LIMIT: Duration = Duration::from_secs(60);
 /// Commands per second one room socket may send (bursts of 2 times this pass).
 pub const ROOM_COMMANDS_PER_SEC: u32 = 10;
 
@@ -190,7 +190,7 @@ impl OfferLimiter {
 
 /// What the HTTP surface refused or closed, by reason, for `/metrics`.
 #[derive(Debug, Default)]
-pub struct HttpMetrics {
+pub(crate) struct HttpMetrics {
     pub refused_connections: AtomicU64,
     pub refused_connections_per_ip: AtomicU64,
     pub header_timeouts: AtomicU64,
@@ -211,7 +211,7 @@ impl HttpMetrics {
     }
 
     /// The Prometheus text of these counters.
-    pub fn write(&self, out: &mut String) {
+    pub(crate) fn write(&self, out: &mut String) {
         use std::fmt::Write;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let _ = writeln!(

@@ -40,7 +40,7 @@ fn peers_closed(out: &mut String, name: &str, p: &PeerStats) {
     );
 }
 
-pub async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     let mut out = String::new();
     let (unconnected, refused) = ConnectSlot::gauges();
     metric(

@@ -1,20 +1,20 @@
 //! The HTTP face of chorus: director API, signalling WebSocket, WHIP, stream introspection.
 
-pub mod director;
+pub(crate) mod director;
 pub(crate) mod flow;
-pub mod health;
+pub(crate) mod health;
 pub mod limits;
 pub(crate) mod listen;
-pub mod metrics;
+pub(crate) mod metrics;
 pub(crate) mod resources;
 pub(crate) mod room_views;
-pub mod rooms;
-pub mod signal;
+pub(crate) mod rooms;
+pub(crate) mod signal;
 pub mod signal_cmd;
 pub mod socket;
-pub mod web;
-pub mod whep;
-pub mod whip;
+pub(crate) mod web;
+pub(crate) mod whep;
+pub(crate) mod whip;
 
 use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
@@ -37,7 +37,7 @@ use crate::origin::Origin;
 use crate::room::RoomService;
 
 /// Everything the HTTP handlers share.
-pub struct App {
+pub(crate) struct App {
     /// The token policy, where an origin runs (`serve`, `origin`). An edge has none: it asks
     /// its origin for every viewer.
     pub tokens: Option<Tokens>,
@@ -69,7 +69,7 @@ pub struct App {
 impl App {
     /// The HTTP state of a process; the rest of the fields start empty.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
+    pub(crate) fn new(
         tokens: Option<Tokens>,
         signer: Option<Arc<JwtSigner>>,
         jwt: Arc<JwtVerifier>,
@@ -99,7 +99,7 @@ impl App {
     }
 
     /// A room member was removed at the origin: its views here end.
-    pub fn end_room_views(&self, room: &str, member: &str) {
+    pub(crate) fn end_room_views(&self, room: &str, member: &str) {
         let views = self.room_views.revoke(room, member);
         tracing::info!(
             room,
@@ -134,7 +134,7 @@ impl App {
 static REFUSAL_LOG: listen::LogEvery = listen::LogEvery::new(Duration::from_secs(1));
 
 /// The `{"status":"fail"}` body the SDK expects, with a status code.
-pub fn fail(status: StatusCode, message: impl std::fmt::Display) -> Response {
+pub(crate) fn fail(status: StatusCode, message: impl std::fmt::Display) -> Response {
     let message = message.to_string();
     if REFUSAL_LOG.ready() {
         tracing::info!(%status, %message, "request refused (further refusals this second at debug)");
@@ -150,7 +150,7 @@ pub fn fail(status: StatusCode, message: impl std::fmt::Display) -> Response {
 
 /// A refusal, turned into a `fail` response where it is returned.
 #[derive(Debug)]
-pub struct Refusal(pub StatusCode, pub String);
+pub(crate) struct Refusal(pub StatusCode, pub String);
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
@@ -159,7 +159,7 @@ impl IntoResponse for Refusal {
 }
 
 /// The token of an `Authorization: Bearer ...` header.
-pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)?
         .to_str()
@@ -172,7 +172,7 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// What WHIP and WHEP check before looking at an offer: the stream name, the bearer (a director
 /// JWT of `scope` for this stream, a room token, or a long-lived token of that kind), and an SDP
 /// body. Returns the offer and, for a room member, what binds its publication; or the refusal.
-pub fn sdp_request<'a>(
+pub(crate) fn sdp_request<'a>(
     app: &App,
     headers: &HeaderMap,
     stream: &str,
@@ -207,7 +207,7 @@ pub fn sdp_request<'a>(
 /// The claims of the bearer when it is a director JWT of `scope` for `stream`: Ok(None) when it
 /// is no valid JWT at all (the caller checks it as a token), a refusal when it is one for
 /// something else.
-pub fn jwt_allows(
+pub(crate) fn jwt_allows(
     app: &App,
     token: Option<&str>,
     stream: &str,
@@ -226,7 +226,7 @@ pub fn jwt_allows(
 }
 
 /// The SDP offer of a WHIP or WHEP request.
-pub fn sdp_offer<'a>(headers: &HeaderMap, body: &'a [u8]) -> Result<&'a str, Refusal> {
+pub(crate) fn sdp_offer<'a>(headers: &HeaderMap, body: &'a [u8]) -> Result<&'a str, Refusal> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -242,7 +242,7 @@ pub fn sdp_offer<'a>(headers: &HeaderMap, body: &'a [u8]) -> Result<&'a str, Ref
 }
 
 /// An origin's refusal relayed by an edge, as an HTTP refusal.
-pub fn relayed_refusal((status, message): (u16, String)) -> Refusal {
+pub(crate) fn relayed_refusal((status, message): (u16, String)) -> Refusal {
     Refusal(
         StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
         message,
@@ -277,7 +277,7 @@ async fn deadline(State(app): State<Arc<App>>, req: Request, next: Next) -> Resp
     }
 }
 
-pub fn router(app: Arc<App>) -> Router {
+pub(crate) fn router(app: Arc<App>) -> Router {
     let cors = CorsLayer::new()
         .allow_origin(Any)
         .allow_methods(Any)
@@ -326,7 +326,7 @@ fn admin_routes() -> Router<Arc<App>> {
 }
 
 /// The admin listener's router (`--admin-http`): no CORS (no web page reads it), health too.
-pub fn admin_router(app: Arc<App>) -> Router {
+pub(crate) fn admin_router(app: Arc<App>) -> Router {
     admin_routes()
         .route("/healthz", get(health::healthz))
         .layer(axum::middleware::from_fn_with_state(app.clone(), deadline))

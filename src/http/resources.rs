@@ -13,7 +13,7 @@ use crate::rtc::peers::PeerId;
 
 /// Resources remembered at once; past it the oldest is forgotten (its session goes on, and ends
 /// with its peer; only its DELETE then answers 404). Far above what one process serves.
-pub const MAX_RESOURCES: usize = 65_536;
+pub(crate) const MAX_RESOURCES: usize = 65_536;
 
 /// What a resource ends.
 #[derive(Debug, Clone, PartialEq, Eq)]

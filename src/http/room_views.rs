@@ -13,7 +13,7 @@ use crate::rtc::peers::PeerId;
 
 /// Removed members remembered (to refuse their still-valid viewer JWTs); past it the oldest is
 /// forgotten. A viewer JWT lives 60 s by default, and removals are rare.
-pub const MAX_REVOKED: usize = 4096;
+pub(crate) const MAX_REVOKED: usize = 4096;
 
 /// A view to end.
 #[derive(Debug, Clone)]

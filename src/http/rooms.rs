@@ -30,11 +30,11 @@ use crate::room::{ConnMsg, ConnTx, RoomService};
 use crate::rtc::offer::mlines;
 
 /// Largest room socket message and frame: commands are small.
-pub const MAX_ROOM_MESSAGE: usize = 16 * 1024;
-pub const MAX_USER_NAME: usize = 64;
+pub(crate) const MAX_ROOM_MESSAGE: usize = 16 * 1024;
+pub(crate) const MAX_USER_NAME: usize = 64;
 /// Room tokens live this long unless the request says otherwise (`ttl`, seconds).
-pub const DEFAULT_TOKEN_TTL: u64 = 12 * 3600;
-pub const MAX_TOKEN_TTL: u64 = 7 * 86_400;
+pub(crate) const DEFAULT_TOKEN_TTL: u64 = 12 * 3600;
+pub(crate) const MAX_TOKEN_TTL: u64 = 7 * 86_400;
 /// The server pings each room socket this often (it also keeps proxies from closing it)...
 const PING_EVERY: Duration = Duration::from_secs(20);
 /// ...and closes one that sent nothing, not even a pong, for this long.
@@ -77,7 +77,7 @@ struct TokenRequest {
 
 /// `POST /api/rooms/{room}/tokens`, bearer API key, `{user_name, join_as, permissions, ttl?}`:
 /// a room token for a new participant, with its member id.
-pub async fn issue_token(
+pub(crate) async fn issue_token(
     State(app): State<Arc<App>>,
     Path(room): Path<String>,
     headers: HeaderMap,
@@ -133,7 +133,7 @@ fn issue(app: &App, room: &str, headers: &HeaderMap, body: &[u8]) -> Result<Valu
 /// room's stream: view, and publish while a member), or a member's publish JWT (publish again
 /// while not demoted). None: the bearer is neither, check it as usual. Some(Ok(binding)): allowed;
 /// a publication is then bound to the member (`binding`).
-pub fn room_grant(
+pub(crate) fn room_grant(
     app: &App,
     token: Option<&str>,
     stream: &str,
@@ -200,7 +200,7 @@ fn grant_stream(
 }
 
 /// A member's publish JWT still works: the member was neither demoted nor removed since.
-pub fn check_binding(app: &App, b: &RoomBinding) -> Result<(), RoomError> {
+pub(crate) fn check_binding(app: &App, b: &RoomBinding) -> Result<(), RoomError> {
     match &app.rooms {
         Some(rooms) => rooms
             .may_publish(&b.room, &b.member_id, Some(b.generation))
@@ -212,7 +212,7 @@ pub fn check_binding(app: &App, b: &RoomBinding) -> Result<(), RoomError> {
 
 /// Before a room member's publication: its own sourceId, still a member, and no video unless
 /// allowed.
-pub fn check_room_publish(
+pub(crate) fn check_room_publish(
     app: &App,
     b: &RoomBinding,
     source: Option<&str>,
@@ -238,7 +238,7 @@ pub fn check_room_publish(
 
 /// After a room member's publication is in place: if the member was demoted meanwhile, it is
 /// stopped again at once.
-pub fn confirm_room_publish(app: &App, b: &RoomBinding) -> Result<(), RoomError> {
+pub(crate) fn confirm_room_publish(app: &App, b: &RoomBinding) -> Result<(), RoomError> {
     let result = check_binding(app, b);
     if result.is_err() {
         if let Some(origin) = &app.origin {
@@ -249,12 +249,12 @@ pub fn confirm_room_publish(app: &App, b: &RoomBinding) -> Result<(), RoomError>
 }
 
 #[derive(Deserialize)]
-pub struct RoomQuery {
+pub(crate) struct RoomQuery {
     token: Option<String>,
 }
 
 /// `GET /api/rooms/{room}/ws?token=<room token>`: the participant's room socket.
-pub async fn upgrade(
+pub(crate) async fn upgrade(
     State(app): State<Arc<App>>,
     Path(room): Path<String>,
     Query(q): Query<RoomQuery>,

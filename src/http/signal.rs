@@ -36,16 +36,16 @@ use crate::origin::Owner;
 use crate::rtc::peers::PeerId;
 
 /// Largest signalling message and frame (see [`WS_MAX_MESSAGE`]).
-pub const MAX_MESSAGE: usize = WS_MAX_MESSAGE;
+pub(crate) const MAX_MESSAGE: usize = WS_MAX_MESSAGE;
 /// A session that sends more commands than this is misbehaving.
 const MAX_COMMANDS: usize = 10_000;
 
 #[derive(Deserialize)]
-pub struct WsQuery {
+pub(crate) struct WsQuery {
     token: Option<String>,
 }
 
-pub async fn upgrade(
+pub(crate) async fn upgrade(
     State(app): State<Arc<App>>,
     peer: ConnectInfo<SocketAddr>,
     Query(q): Query<WsQuery>,

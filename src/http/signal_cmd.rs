@@ -9,11 +9,11 @@ use serde_json::Value;
 use crate::millicast::MAX_SOURCE_ID;
 
 /// Most sourceIds one `excludedSourceIds` list may name: the edge's per-view bound.
-pub const MAX_SOURCE_LIST: usize = crate::edge::MAX_EXCLUDED;
+pub(crate) const MAX_SOURCE_LIST: usize = crate::edge::MAX_EXCLUDED;
 
 /// Why a command's data is refused; the message goes back to the client in its `error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CmdError {
+pub(crate) enum CmdError {
     #[error("{0} needs data.sdp, the SDP offer")]
     MissingSdp(&'static str),
     #[error("sourceId must be at most {MAX_SOURCE_ID} printable characters")]
@@ -39,7 +39,7 @@ pub enum CmdError {
 }
 
 /// Reads an optional sourceId; "" and null both mean the main source.
-pub fn source_id(data: &Value) -> Result<Option<String>, CmdError> {
+pub(crate) fn source_id(data: &Value) -> Result<Option<String>, CmdError> {
     match data.get("sourceId") {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.is_empty() => Ok(None),
@@ -52,7 +52,7 @@ pub fn source_id(data: &Value) -> Result<Option<String>, CmdError> {
 }
 
 /// Reads a list of sourceIds (`excludedSourceIds`); null and "" mean the main source.
-pub fn source_list(data: &Value, field: &'static str) -> Result<Vec<String>, CmdError> {
+pub(crate) fn source_list(data: &Value, field: &'static str) -> Result<Vec<String>, CmdError> {
     match data.get(field) {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Array(a)) if a.len() <= MAX_SOURCE_LIST => a
@@ -69,13 +69,13 @@ pub fn source_list(data: &Value, field: &'static str) -> Result<Vec<String>, Cmd
 
 /// `publish {sdp, sourceId?}` (the stream `name` is checked against the token by the handler).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PublishCmd<'a> {
+pub(crate) struct PublishCmd<'a> {
     pub sdp: &'a str,
     pub source: Option<String>,
 }
 
 impl<'a> PublishCmd<'a> {
-    pub fn parse(data: &'a Value) -> Result<Self, CmdError> {
+    pub(crate) fn parse(data: &'a Value) -> Result<Self, CmdError> {
         let sdp = data
             .get("sdp")
             .and_then(Value::as_str)
@@ -90,12 +90,12 @@ impl<'a> PublishCmd<'a> {
 /// `unpublish {sourceId?}`: `source` None stops every publication of the session, Some(None)
 /// the main source's, Some(Some(id)) that sourceId's.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UnpublishCmd {
+pub(crate) struct UnpublishCmd {
     pub source: Option<Option<String>>,
 }
 
 impl UnpublishCmd {
-    pub fn parse(data: &Value) -> Result<Self, CmdError> {
+    pub(crate) fn parse(data: &Value) -> Result<Self, CmdError> {
         let source = if data.get("sourceId").is_some() {
             Some(source_id(data)?)
         } else {
@@ -107,14 +107,14 @@ impl UnpublishCmd {
 
 /// `view {sdp, pinnedSourceId?, excludedSourceIds?}` (`streamId` is checked by the handler).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ViewCmd<'a> {
+pub(crate) struct ViewCmd<'a> {
     pub sdp: &'a str,
     pub pinned: Option<String>,
     pub excluded: Vec<String>,
 }
 
 impl<'a> ViewCmd<'a> {
-    pub fn parse(data: &'a Value) -> Result<Self, CmdError> {
+    pub(crate) fn parse(data: &'a Value) -> Result<Self, CmdError> {
         let sdp = data
             .get("sdp")
             .and_then(Value::as_str)
@@ -137,13 +137,13 @@ impl<'a> ViewCmd<'a> {
 /// tracks have the mids `tracks`: the source ("" = main) and the mids it goes to, each one of
 /// `tracks`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProjectCmd {
+pub(crate) struct ProjectCmd {
     pub source: String,
     pub mids: Vec<String>,
 }
 
 impl ProjectCmd {
-    pub fn parse(data: &Value, tracks: &[String]) -> Result<Self, CmdError> {
+    pub(crate) fn parse(data: &Value, tracks: &[String]) -> Result<Self, CmdError> {
         let source = source_id(data)?.unwrap_or_default();
         let mapping = data
             .get("mapping")
@@ -177,12 +177,12 @@ impl ProjectCmd {
 /// `unproject {mediaIds}`: the mids whose projection ends (numbers and other values read as
 /// their JSON text).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UnprojectCmd {
+pub(crate) struct UnprojectCmd {
     pub mids: Vec<String>,
 }
 
 impl UnprojectCmd {
-    pub fn parse(data: &Value) -> Result<Self, CmdError> {
+    pub(crate) fn parse(data: &Value) -> Result<Self, CmdError> {
         let mids = data
             .get("mediaIds")
             .and_then(Value::as_array)

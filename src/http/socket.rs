@@ -21,29 +21,29 @@ pub(crate) const CLOSE_GOING_AWAY: u16 = 1001;
 
 /// Read and write buffer of a signalling or room socket: tungstenite's defaults (128 KiB each)
 /// would be most of a viewer's memory, and the messages are small and few.
-pub const WS_BUFFER: usize = 4096;
+pub(crate) const WS_BUFFER: usize = 4096;
 
 /// What a socket's writer sends.
 #[derive(Debug)]
-pub enum WsOut {
+pub(crate) enum WsOut {
     Text(Utf8Bytes),
     /// A close frame with this code and reason, then the end.
     Close(u16, String),
 }
 
 /// An `error` answer (logged by its socket: once per session at info).
-pub fn error_message(trans_id: Option<u64>, message: impl std::fmt::Display) -> Value {
+pub(crate) fn error_message(trans_id: Option<u64>, message: impl std::fmt::Display) -> Value {
     let message = message.to_string();
     json!({"type": "error", "transId": trans_id, "data": {"message": message}})
 }
 
 /// A `response` answer.
-pub fn response_message(trans_id: u64, data: Value) -> Value {
+pub(crate) fn response_message(trans_id: u64, data: Value) -> Value {
     json!({"type": "response", "transId": trans_id, "data": data})
 }
 
 /// A client command: `{"type":"cmd","transId":N,"name":...,"data":{...}}`.
-pub struct WsCommand {
+pub(crate) struct WsCommand {
     pub trans_id: u64,
     pub name: String,
     pub data: Value,
@@ -51,7 +51,7 @@ pub struct WsCommand {
 
 /// Reads one client message. Ok(None): a client event or stray response, ignored quietly.
 /// Err: the transId (if any) and why the message is refused.
-pub fn parse_command(text: &str) -> Result<Option<WsCommand>, (Option<u64>, String)> {
+pub(crate) fn parse_command(text: &str) -> Result<Option<WsCommand>, (Option<u64>, String)> {
     let v: Value =
         serde_json::from_str(text).map_err(|e| (None, format!("malformed JSON: {e}")))?;
     match v.get("type").and_then(Value::as_str) {

@@ -8,20 +8,20 @@ const DEMO_JS: &str = include_str!("../../web/demo.js");
 const DEMO_CSS: &str = include_str!("../../web/demo.css");
 
 /// The SDK version the demo and the tests are written against.
-pub const SDK_VERSION: &str = "0.6.1";
+pub(crate) const SDK_VERSION: &str = "0.6.1";
 
-pub async fn index() -> impl IntoResponse {
+pub(crate) async fn index() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX)
 }
 
-pub async fn demo_js() -> impl IntoResponse {
+pub(crate) async fn demo_js() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
         DEMO_JS,
     )
 }
 
-pub async fn demo_css() -> impl IntoResponse {
+pub(crate) async fn demo_css() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
         DEMO_CSS,
@@ -43,7 +43,7 @@ fn local_sdk() -> Option<std::path::PathBuf> {
 
 /// Serves the SDK from a local npm install when there is one, otherwise sends the browser to
 /// the package on a public CDN (the page then needs the internet, the server does not).
-pub async fn sdk() -> Response {
+pub(crate) async fn sdk() -> Response {
     match local_sdk().map(std::fs::read) {
         Some(Ok(body)) => (
             StatusCode::OK,

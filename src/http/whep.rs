@@ -20,13 +20,13 @@ use crate::edge::{ViewOptions, MAX_TRACKS};
 use crate::rtc::offer::mlines;
 
 #[derive(Deserialize)]
-pub struct WhepQuery {
+pub(crate) struct WhepQuery {
     tracks: Option<usize>,
     pinned: Option<String>,
     exclude: Option<String>,
 }
 
-pub async fn view(
+pub(crate) async fn view(
     State(app): State<Arc<App>>,
     peer: ConnectInfo<SocketAddr>,
     Path(stream): Path<String>,
@@ -128,7 +128,7 @@ async fn edge_allows(
 }
 
 /// `DELETE /whep/resource/{id}` with the bearer that created it (none for an open stream's).
-pub async fn delete(
+pub(crate) async fn delete(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
     headers: HeaderMap,

@@ -19,12 +19,12 @@ use crate::millicast::{source_id_ok, MAX_SOURCE_ID};
 use crate::origin::Owner;
 
 #[derive(Deserialize)]
-pub struct WhipQuery {
+pub(crate) struct WhipQuery {
     #[serde(rename = "sourceId")]
     source_id: Option<String>,
 }
 
-pub async fn publish(
+pub(crate) async fn publish(
     State(app): State<Arc<App>>,
     peer: ConnectInfo<SocketAddr>,
     Path(stream): Path<String>,
@@ -79,7 +79,7 @@ pub async fn publish(
 }
 
 /// `DELETE /whip/resource/{id}` with the bearer that created it (RFC 9725 §4.2).
-pub async fn delete(
+pub(crate) async fn delete(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -97,7 +97,7 @@ pub async fn delete(
 
 /// Trickle ICE and ICE restarts are not supported (RFC 9725 §4.3.1: answer 405), to the holder
 /// of the resource's credential; others get 404 or 401 as for DELETE.
-pub async fn patch(
+pub(crate) async fn patch(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
     headers: HeaderMap,

@@ -4,18 +4,18 @@
 //! duplicates within the last [`WINDOW`] sequence numbers are recognized.
 
 /// How far back (in sequence numbers) a duplicate is recognized.
-pub const WINDOW: u64 = 128;
+pub(crate) const WINDOW: u64 = 128;
 
 /// Whether a datagram is SRTP (not RTCP, STUN or DTLS), by RFC 7983 / RFC 5761 demultiplexing:
 /// first byte 128..=191 (RTP version 2) and a second byte outside 192..=223 (RTCP types).
 #[inline]
-pub fn is_rtp(d: &[u8]) -> bool {
+pub(crate) fn is_rtp(d: &[u8]) -> bool {
     d.len() >= 12 && (128..=191).contains(&d[0]) && !(192..=223).contains(&d[1])
 }
 
 /// (ssrc, sequence number) of an RTP datagram that passed [`is_rtp`].
 #[inline]
-pub fn rtp_ids(d: &[u8]) -> (u32, u16) {
+pub(crate) fn rtp_ids(d: &[u8]) -> (u32, u16) {
     (
         u32::from_be_bytes([d[8], d[9], d[10], d[11]]),
         u16::from_be_bytes([d[2], d[3]]),
@@ -24,7 +24,7 @@ pub fn rtp_ids(d: &[u8]) -> (u32, u16) {
 
 /// What one packet changed, to keep running totals without rescanning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Delta {
+pub(crate) struct Delta {
     pub expected: u64,
     pub received: u64,
     pub duplicate: bool,
@@ -32,7 +32,7 @@ pub struct Delta {
 
 /// One SSRC's reception state.
 #[derive(Debug, Clone)]
-pub struct SeqCounter {
+pub(crate) struct SeqCounter {
     pub ssrc: u32,
     /// Lowest and highest extended sequence numbers seen (offset by 2^16 so reordering before
     /// the first packet cannot go below zero).
@@ -45,7 +45,7 @@ pub struct SeqCounter {
 }
 
 impl SeqCounter {
-    pub fn new(ssrc: u32, first_seq: u16) -> (SeqCounter, Delta) {
+    pub(crate) fn new(ssrc: u32, first_seq: u16) -> (SeqCounter, Delta) {
         let ext = (1 << 16) + first_seq as u64;
         let c = SeqCounter {
             ssrc,
@@ -66,25 +66,27 @@ impl SeqCounter {
     }
 
     /// Packets the sender numbered between the first and the highest seen.
-    pub fn expected(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn expected(&self) -> u64 {
         self.max - self.base + 1
     }
 
     /// Lost packets so far (negative never: late duplicates outside the window are rare).
-    pub fn lost(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn lost(&self) -> u64 {
         self.expected().saturating_sub(self.received)
     }
 
     /// The SRTP rollover counter of `seq` (the high bits of its extended number, the one
     /// closest to the highest seen), counting from 0 at this SSRC's first packet as the sender
     /// does (RFC 3711 §3.3.1).
-    pub fn roc(&self, seq: u16) -> u32 {
+    pub(crate) fn roc(&self, seq: u16) -> u32 {
         let delta = seq.wrapping_sub(self.max as u16) as i16 as i64;
         let ext = (self.max as i64 + delta).max(0) as u64;
         ((ext >> 16).saturating_sub(1)) as u32
     }
 
-    pub fn on_seq(&mut self, seq: u16) -> Delta {
+    pub(crate) fn on_seq(&mut self, seq: u16) -> Delta {
         // The extended number closest to the highest seen.
         let delta = seq.wrapping_sub(self.max as u16) as i16 as i64;
         let ext = (self.max as i64 + delta).max(0) as u64;

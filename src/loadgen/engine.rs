@@ -30,7 +30,7 @@ use crate::net::recv::{realtime_ns, RecvBatch, SLOT_BYTES};
 use crate::rtc::srtp_out::KeySlot;
 
 /// 20 ms Opus frames.
-pub const FRAME: Duration = Duration::from_millis(20);
+pub(crate) const FRAME: Duration = Duration::from_millis(20);
 /// Datagrams per recvmmsg.
 const BATCH: usize = 32;
 /// recvmmsg rounds per ready socket per wakeup (level-triggered epoll brings it back).
@@ -45,7 +45,7 @@ const MAX_LATENCY_NS: u64 = 10_000_000_000;
 
 /// One corpus frame as a publisher sends it.
 #[derive(Clone)]
-pub struct Frame {
+pub(crate) struct Frame {
     pub payload: Arc<[u8]>,
     /// RFC 6464 level (0 loudest .. 127 silence), when the corpus has levels.
     pub level: Option<u8>,
@@ -57,7 +57,7 @@ pub struct Frame {
 }
 
 /// A peer whose offer was answered, handed to a thread to connect.
-pub struct NewPeer {
+pub(crate) struct NewPeer {
     pub socket: UdpSocket,
     pub rtc: Rtc,
     pub mids: Vec<Mid>,
@@ -71,7 +71,7 @@ pub struct NewPeer {
     pub keys: Option<Arc<KeySlot>>,
 }
 
-pub enum EngineCmd {
+pub(crate) enum EngineCmd {
     Publisher {
         peer: Box<NewPeer>,
         /// Index into the sources.
@@ -88,7 +88,7 @@ pub enum EngineCmd {
 }
 
 #[derive(Debug, Default, Clone)]
-pub struct Samples {
+pub(crate) struct Samples {
     /// Added latency of sampled packets (µs).
     pub latency_us: Vec<u32>,
     /// Switch latency (µs).
@@ -97,7 +97,7 @@ pub struct Samples {
 
 /// What a thread reports, read by the orchestrator at step boundaries.
 #[derive(Debug, Default)]
-pub struct ThreadStats {
+pub(crate) struct ThreadStats {
     /// Distinct RTP packets viewers received (header count).
     pub received: AtomicU64,
     /// Packets the edge numbered (per SSRC, first to highest sequence number).
@@ -197,7 +197,7 @@ struct ClientPeer {
 }
 
 /// Handle to a running thread.
-pub struct EngineHandle {
+pub(crate) struct EngineHandle {
     tx: Sender<EngineCmd>,
     wake: Arc<EventFd>,
     pub stats: Arc<ThreadStats>,
@@ -205,14 +205,14 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    pub fn send(&self, cmd: EngineCmd) {
+    pub(crate) fn send(&self, cmd: EngineCmd) {
         if self.tx.send(cmd).is_ok() {
             self.wake.wake();
         }
     }
 
     /// Stops the thread and waits for it (it closes its peers first).
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.send(EngineCmd::Stop);
         if let Some(j) = self.join.take() {
             let _ = j.join();
@@ -220,7 +220,7 @@ impl EngineHandle {
     }
 }
 
-pub struct EngineConfig {
+pub(crate) struct EngineConfig {
     pub id: usize,
     pub sources: Arc<Vec<Vec<Frame>>>,
     pub matcher: Arc<Matcher>,
@@ -233,7 +233,7 @@ pub struct EngineConfig {
     pub join_timeout: Duration,
 }
 
-pub fn spawn(cfg: EngineConfig) -> std::io::Result<EngineHandle> {
+pub(crate) fn spawn(cfg: EngineConfig) -> std::io::Result<EngineHandle> {
     let (tx, rx) = mpsc::channel();
     let wake = Arc::new(EventFd::new()?);
     let stats = Arc::new(ThreadStats::default());

@@ -18,7 +18,7 @@ use crate::net::recv::{RecvBatch, SLOT_BYTES};
 use crate::net::send::SlotBatch;
 use crate::net::sockopt::{raise_nofile, set_buffers, udp_socket};
 
-pub const HEADER: usize = 12;
+pub(crate) const HEADER: usize = 12;
 pub const TAG: usize = 16;
 
 #[derive(Debug, Clone)]
@@ -51,7 +51,7 @@ struct Dest {
 }
 
 /// RFC 7714 section 8.1: IV = (0x0000 || SSRC || ROC || SEQ) XOR salt.
-pub fn srtp_gcm_iv(salt: &[u8; 12], ssrc: u32, index: u64) -> [u8; 12] {
+pub(crate) fn srtp_gcm_iv(salt: &[u8; 12], ssrc: u32, index: u64) -> [u8; 12] {
     let mut iv = [0u8; 12];
     iv[2..6].copy_from_slice(&ssrc.to_be_bytes());
     iv[6..10].copy_from_slice(&((index >> 16) as u32).to_be_bytes());

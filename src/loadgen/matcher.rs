@@ -13,11 +13,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::replay::truth;
 
 /// A talk spurt starts on a voiced frame after at least this many unvoiced ones (300 ms).
-pub const SPURT_GAP_FRAMES: usize = 15;
+pub(crate) const SPURT_GAP_FRAMES: usize = 15;
 
 /// FNV-1a-style 64-bit hash over 8-byte words, with a final mix: fast, deterministic, and
 /// more than enough to tell a few thousand Opus frames apart.
-pub fn payload_hash(b: &[u8]) -> u64 {
+pub(crate) fn payload_hash(b: &[u8]) -> u64 {
     const K: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ (b.len() as u64).wrapping_mul(K);
     let mut chunks = b.chunks_exact(8);
@@ -34,7 +34,7 @@ pub fn payload_hash(b: &[u8]) -> u64 {
 /// Which frames start a talk spurt: voiced (20 dB above the speaker's most common level, as
 /// the replay's ground truth says) after at least [`SPURT_GAP_FRAMES`] unvoiced frames,
 /// counting across the loop from the last frame back to the first.
-pub fn spurt_starts(levels: &[u8]) -> Vec<bool> {
+pub(crate) fn spurt_starts(levels: &[u8]) -> Vec<bool> {
     let n = levels.len();
     let Some(limit) = truth::mode(levels).and_then(|m| m.checked_sub(truth::VOICED_DB)) else {
         return vec![false; n];
@@ -50,7 +50,7 @@ pub fn spurt_starts(levels: &[u8]) -> Vec<bool> {
 
 /// A received payload, identified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Match {
+pub(crate) struct Match {
     /// Publisher index.
     pub source: u16,
     pub frame: u32,
@@ -58,7 +58,7 @@ pub struct Match {
     pub send_ns: u64,
 }
 
-pub struct Matcher {
+pub(crate) struct Matcher {
     /// hash -> (publisher, frame) for payloads that occur once.
     table: HashMap<u64, (u16, u32)>,
     /// Per publisher, per frame: the latest send time.
@@ -70,7 +70,7 @@ pub struct Matcher {
 
 impl Matcher {
     /// `frames[p]` is publisher p's payload sequence.
-    pub fn new<P: AsRef<[u8]>>(frames: &[Vec<P>]) -> Matcher {
+    pub(crate) fn new<P: AsRef<[u8]>>(frames: &[Vec<P>]) -> Matcher {
         let mut count: HashMap<u64, (u32, u16, u32)> = HashMap::new();
         for (p, list) in frames.iter().enumerate() {
             for (k, f) in list.iter().enumerate() {
@@ -97,13 +97,13 @@ impl Matcher {
         }
     }
 
-    pub fn record_send(&self, source: usize, frame: usize, ns: u64) {
+    pub(crate) fn record_send(&self, source: usize, frame: usize, ns: u64) {
         if let Some(s) = self.sends.get(source).and_then(|f| f.get(frame)) {
             s.store(ns, Ordering::Relaxed);
         }
     }
 
-    pub fn lookup(&self, payload: &[u8]) -> Option<Match> {
+    pub(crate) fn lookup(&self, payload: &[u8]) -> Option<Match> {
         let &(source, frame) = self.table.get(&payload_hash(payload))?;
         let send_ns = self.sends[source as usize][frame as usize].load(Ordering::Relaxed);
         Some(Match {
@@ -114,14 +114,14 @@ impl Matcher {
     }
 
     /// A publisher sent the first packet of a talk spurt.
-    pub fn record_spurt(&self, source: usize, ns: u64) {
+    pub(crate) fn record_spurt(&self, source: usize, ns: u64) {
         if let Some(s) = self.spurts.get(source) {
             s.store(ns, Ordering::Relaxed);
         }
     }
 
     /// Send time of the first packet of the source's latest talk spurt (0: none yet).
-    pub fn spurt(&self, source: usize) -> u64 {
+    pub(crate) fn spurt(&self, source: usize) -> u64 {
         self.spurts
             .get(source)
             .map_or(0, |s| s.load(Ordering::Relaxed))
@@ -130,14 +130,14 @@ impl Matcher {
 
 /// One sampled viewer's switch-latency state: per source, the spurt already measured.
 #[derive(Debug, Clone)]
-pub struct SwitchTracker {
+pub(crate) struct SwitchTracker {
     measured: Vec<u64>,
     /// Spurts that started before this time (the viewer's connection) are not measured.
     since_ns: u64,
 }
 
 impl SwitchTracker {
-    pub fn new(sources: usize, since_ns: u64) -> SwitchTracker {
+    pub(crate) fn new(sources: usize, since_ns: u64) -> SwitchTracker {
         SwitchTracker {
             measured: vec![0; sources],
             since_ns,
@@ -146,7 +146,7 @@ impl SwitchTracker {
 
     /// A packet of `m.source` arrived at `rx_ns`. Returns the switch latency (ns) when this is
     /// the first packet of that source since its latest spurt began.
-    pub fn on_packet(&mut self, matcher: &Matcher, m: &Match, rx_ns: u64) -> Option<u64> {
+    pub(crate) fn on_packet(&mut self, matcher: &Matcher, m: &Match, rx_ns: u64) -> Option<u64> {
         let s = m.source as usize;
         let spurt = matcher.spurt(s);
         let seen = self.measured.get_mut(s)?;

@@ -9,15 +9,15 @@
 //! (payload → send time, talk spurts), [`report`] (step JSON), [`floor`], [`procfs`] (CPU and memory figures); sockets are
 //! [`crate::net`]'s.
 
-pub mod counter;
+pub(crate) mod counter;
 pub mod engine;
 pub mod floor;
-pub mod matcher;
-pub mod peer;
-pub mod procfs;
-pub mod report;
-pub mod signal;
-pub mod srtp_in;
+pub(crate) mod matcher;
+pub(crate) mod peer;
+pub(crate) mod procfs;
+pub(crate) mod report;
+pub(crate) mod signal;
+pub(crate) mod srtp_in;
 
 use std::io::Write;
 use std::net::IpAddr;

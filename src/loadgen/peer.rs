@@ -16,7 +16,7 @@ use crate::rtc::srtp_out::{tapping_provider, with_key_slot, KeySlot};
 /// What every peer of a run shares: the crypto provider and one DTLS certificate (making an
 /// ECDSA key per peer would cost more than the join itself).
 #[derive(Clone)]
-pub struct ClientCrypto {
+pub(crate) struct ClientCrypto {
     provider: Arc<CryptoProvider>,
     cert: DtlsCert,
 }
@@ -25,7 +25,7 @@ impl ClientCrypto {
     /// str0m's provider behind the edge's DTLS tap: one shared DTLS configuration for every
     /// peer (cheaper joins), and the keying material of the peers that ask for it
     /// ([`viewer_offer`] with a key slot), for the generator's own SRTP receive path.
-    pub fn new() -> Result<ClientCrypto, String> {
+    pub(crate) fn new() -> Result<ClientCrypto, String> {
         let provider = tapping_provider();
         let cert = provider
             .dtls_provider
@@ -36,7 +36,7 @@ impl ClientCrypto {
 }
 
 /// An offer waiting for its answer.
-pub struct Offer {
+pub(crate) struct Offer {
     pub rtc: Rtc,
     pub sdp: String,
     pending: SdpPendingOffer,
@@ -81,7 +81,7 @@ fn offer(
 
 /// A publisher: one send-only Opus m-line with the RFC 6464 level, as a browser sends (and
 /// no transport-cc, like the origin asks).
-pub fn publisher_offer(crypto: &ClientCrypto, local: SocketAddr) -> Result<Offer, String> {
+pub(crate) fn publisher_offer(crypto: &ClientCrypto, local: SocketAddr) -> Result<Offer, String> {
     let cfg = config(crypto)
         .clear_extension_map()
         .set_extension(1, Extension::AudioLevel)
@@ -92,7 +92,7 @@ pub fn publisher_offer(crypto: &ClientCrypto, local: SocketAddr) -> Result<Offer
 /// A viewer: the main audio m-line plus `tracks` multiplexed ones, all receive-only, with
 /// str0m's (browser-like) default extensions. With `keys`, the DTLS keying material lands there
 /// once the handshake ends.
-pub fn viewer_offer(
+pub(crate) fn viewer_offer(
     crypto: &ClientCrypto,
     local: SocketAddr,
     tracks: usize,
@@ -102,7 +102,7 @@ pub fn viewer_offer(
 }
 
 /// Applies the server's answer; the peer is then ready to connect.
-pub fn accept(o: Offer, answer_sdp: &str) -> Result<(Rtc, Vec<Mid>), String> {
+pub(crate) fn accept(o: Offer, answer_sdp: &str) -> Result<(Rtc, Vec<Mid>), String> {
     let Offer {
         mut rtc,
         pending,

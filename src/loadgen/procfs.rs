@@ -3,7 +3,7 @@
 use std::io;
 
 /// CPU seconds (user + system) of a process, from /proc/PID/stat (`None`: self).
-pub fn cpu_seconds(pid: Option<u32>) -> io::Result<f64> {
+pub(crate) fn cpu_seconds(pid: Option<u32>) -> io::Result<f64> {
     let path = match pid {
         Some(p) => format!("/proc/{p}/stat"),
         None => "/proc/self/stat".to_owned(),
@@ -18,7 +18,7 @@ pub fn cpu_seconds(pid: Option<u32>) -> io::Result<f64> {
 }
 
 /// CPU seconds (user + system) of one thread of this process, from /proc/self/task/TID/stat.
-pub fn thread_cpu_seconds(tid: u64) -> io::Result<f64> {
+pub(crate) fn thread_cpu_seconds(tid: u64) -> io::Result<f64> {
     let path = format!("/proc/self/task/{tid}/stat");
     let text = std::fs::read_to_string(&path)?;
     parse_stat_cpu(&text).ok_or_else(|| {
@@ -30,7 +30,7 @@ pub fn thread_cpu_seconds(tid: u64) -> io::Result<f64> {
 }
 
 /// utime + stime in clock ticks, converted to seconds.
-pub fn parse_stat_cpu(text: &str) -> Option<f64> {
+pub(crate) fn parse_stat_cpu(text: &str) -> Option<f64> {
     // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
     let rest = &text[text.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -44,7 +44,7 @@ pub fn parse_stat_cpu(text: &str) -> Option<f64> {
 }
 
 /// Resident memory (KiB) of a process, from /proc/PID/status VmRSS.
-pub fn rss_kib(pid: Option<u32>) -> io::Result<u64> {
+pub(crate) fn rss_kib(pid: Option<u32>) -> io::Result<u64> {
     let path = match pid {
         Some(p) => format!("/proc/{p}/status"),
         None => "/proc/self/status".to_owned(),

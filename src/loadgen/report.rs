@@ -33,7 +33,7 @@ use crate::replay::truth::percentile;
 
 /// Counters of every thread, the edge's /proc figures and our own CPU, at one instant.
 #[derive(Debug, Clone, Default)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     pub at: Option<Instant>,
     pub received: u64,
     pub expected: u64,
@@ -64,14 +64,14 @@ pub struct Snapshot {
 
 /// The processes whose CPU and memory a snapshot reads from /proc.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Pids {
+pub(crate) struct Pids {
     pub edge: Option<u32>,
     pub origin: Option<u32>,
 }
 
 impl Snapshot {
     /// `engines`: the viewers' threads, then the publishers' thread last (as `run` spawns them).
-    pub fn take(engines: &[EngineHandle], pids: Pids) -> Snapshot {
+    pub(crate) fn take(engines: &[EngineHandle], pids: Pids) -> Snapshot {
         let mut s = Snapshot {
             at: Some(Instant::now()),
             ..Snapshot::default()
@@ -121,7 +121,7 @@ impl Snapshot {
 }
 
 /// Takes the latency samples gathered since the last call.
-pub fn take_samples(engines: &[EngineHandle]) -> Samples {
+pub(crate) fn take_samples(engines: &[EngineHandle]) -> Samples {
     let mut out = Samples::default();
     for e in engines {
         let mut g = e.stats.samples.lock().unwrap_or_else(|p| p.into_inner());
@@ -133,7 +133,7 @@ pub fn take_samples(engines: &[EngineHandle]) -> Samples {
 
 /// One step's joins.
 #[derive(Debug, Default, Clone)]
-pub struct Joins {
+pub(crate) struct Joins {
     pub attempted: usize,
     /// Join times (director request to connected) of the joins that succeeded.
     pub times: Vec<Duration>,
@@ -143,7 +143,7 @@ pub struct Joins {
 }
 
 impl Joins {
-    pub fn failures(&self) -> usize {
+    pub(crate) fn failures(&self) -> usize {
         self.errors.values().sum()
     }
 }
@@ -162,7 +162,12 @@ fn round(x: f64, digits: i32) -> f64 {
 }
 
 /// p50/p95/p99/max of microsecond samples, in ms, under `prefix_`.
-pub fn percentiles(out: &mut Map<String, Value>, prefix: &str, us: &mut [u32], which: &[f64]) {
+pub(crate) fn percentiles(
+    out: &mut Map<String, Value>,
+    prefix: &str,
+    us: &mut [u32],
+    which: &[f64],
+) {
     us.sort_unstable();
     let v: Vec<u64> = us.iter().map(|&x| x as u64).collect();
     for &p in which {
@@ -176,7 +181,7 @@ pub fn percentiles(out: &mut Map<String, Value>, prefix: &str, us: &mut [u32], w
     out.insert(format!("{prefix}_samples"), json!(v.len()));
 }
 
-pub struct StepInput<'a> {
+pub(crate) struct StepInput<'a> {
     pub step: usize,
     pub viewers: usize,
     pub a: &'a Snapshot,
@@ -192,7 +197,7 @@ fn opt_sub(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     Some(b? - a?)
 }
 
-pub fn step_json(s: StepInput<'_>) -> Value {
+pub(crate) fn step_json(s: StepInput<'_>) -> Value {
     let mut o = Map::new();
     let (a, b) = (s.a, s.b);
     let secs = match (a.at, b.at) {
@@ -349,7 +354,7 @@ pub fn step_json(s: StepInput<'_>) -> Value {
 }
 
 /// Join time as JSON ms (helper for the summary).
-pub fn join_ms(d: Duration) -> Value {
+pub(crate) fn join_ms(d: Duration) -> Value {
     ms_dur(d)
 }
 

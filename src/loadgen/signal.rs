@@ -15,13 +15,13 @@ const MAX_HTTP_BODY: usize = 1 << 20;
 
 /// `http://host:port[/prefix]` split into what a request needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpBase {
+pub(crate) struct HttpBase {
     pub host_port: String,
     pub prefix: String,
 }
 
 impl HttpBase {
-    pub fn parse(url: &str) -> Result<HttpBase, String> {
+    pub(crate) fn parse(url: &str) -> Result<HttpBase, String> {
         let rest = url.strip_prefix("http://").ok_or_else(|| {
             format!("--url must start with http:// (the director of chorus), got {url:?}")
         })?;
@@ -46,13 +46,13 @@ impl HttpBase {
 
 /// What the director gives a client.
 #[derive(Debug, Clone)]
-pub struct Grant {
+pub(crate) struct Grant {
     pub ws_url: String,
     pub jwt: String,
 }
 
 /// A director request: `POST {base}/api/director/{publish|subscribe}`.
-pub async fn director(
+pub(crate) async fn director(
     base: &HttpBase,
     kind: &str,
     body: &Value,
@@ -126,7 +126,7 @@ async fn post_json(
 }
 
 /// (status, body) of an HTTP/1.1 response read to its end.
-pub fn parse_http_response(resp: &[u8]) -> Result<(u16, Vec<u8>), String> {
+pub(crate) fn parse_http_response(resp: &[u8]) -> Result<(u16, Vec<u8>), String> {
     let split = resp
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -175,7 +175,7 @@ fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, String> {
 }
 
 /// An open signalling WebSocket.
-pub struct Signalling {
+pub(crate) struct Signalling {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     next_trans: u64,
     /// Events that arrived while waiting for a response.
@@ -183,7 +183,7 @@ pub struct Signalling {
 }
 
 impl Signalling {
-    pub async fn connect(g: &Grant, timeout: Duration) -> Result<Signalling, String> {
+    pub(crate) async fn connect(g: &Grant, timeout: Duration) -> Result<Signalling, String> {
         if !g.ws_url.starts_with("ws://") {
             return Err(format!(
                 "signalling URL {:?}: only ws:// is supported by loadgen",
@@ -204,7 +204,7 @@ impl Signalling {
     }
 
     /// Sends a command and waits for its response; an `error` answer becomes Err.
-    pub async fn command(
+    pub(crate) async fn command(
         &mut self,
         name: &str,
         data: Value,
@@ -260,7 +260,7 @@ impl Signalling {
     /// Reads (and drops) whatever the server sends until it closes the socket; the server
     /// queues events per viewer, so a client that stops reading would grow its memory.
     /// Returns why it ended.
-    pub async fn drain(mut self) -> String {
+    pub(crate) async fn drain(mut self) -> String {
         while let Some(msg) = self.ws.next().await {
             match msg {
                 Ok(Message::Close(c)) => {

@@ -20,7 +20,7 @@ const TAG_LEN: usize = 16;
 const SALT_LEN: usize = 12;
 
 /// The receiving half of one peer's SRTP session (AEAD AES-GCM only).
-pub struct SrtpIn {
+pub(crate) struct SrtpIn {
     key: LessSafeKey,
     salt: [u8; SALT_LEN],
 }
@@ -29,7 +29,11 @@ impl SrtpIn {
     /// From DTLS-SRTP keying material (RFC 5764 §4.2: client key, server key, client salt,
     /// server salt). `sender_is_client` says whose packets this opens. None for profiles other
     /// than AES-GCM (those peers stay on str0m's path).
-    pub fn new(material: &[u8], profile: SrtpProfile, sender_is_client: bool) -> Option<SrtpIn> {
+    pub(crate) fn new(
+        material: &[u8],
+        profile: SrtpProfile,
+        sender_is_client: bool,
+    ) -> Option<SrtpIn> {
         let (key_len, aead) = match profile {
             SrtpProfile::AEAD_AES_128_GCM => (16, &AES_128_GCM),
             SrtpProfile::AEAD_AES_256_GCM => (32, &AES_256_GCM),
@@ -56,7 +60,7 @@ impl SrtpIn {
     /// Opens the SRTP packet `packet` in place; returns its RTP payload (padding removed), or
     /// None when the packet is malformed or does not authenticate. `roc` is the sender's
     /// rollover counter for this packet's sequence number.
-    pub fn open<'a>(&self, packet: &'a mut [u8], roc: u32) -> Option<&'a [u8]> {
+    pub(crate) fn open<'a>(&self, packet: &'a mut [u8], roc: u32) -> Option<&'a [u8]> {
         let header_len = rtp_header_len(packet)?;
         if packet.len() < header_len + TAG_LEN {
             return None;
@@ -87,7 +91,7 @@ impl SrtpIn {
 }
 
 /// Length of the RTP header (fixed part, CSRCs, header extension), None when it does not fit.
-pub fn rtp_header_len(p: &[u8]) -> Option<usize> {
+pub(crate) fn rtp_header_len(p: &[u8]) -> Option<usize> {
     if p.len() < 12 {
         return None;
     }

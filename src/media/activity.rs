@@ -84,7 +84,7 @@ pub enum Measurement {
 
 impl Measurement {
     /// Measures a packet. `level_ext_id` is the RFC 6464 extension id negotiated in the SDP.
-    pub fn of(pkt: &RtpView<'_>, level_ext_id: Option<u8>) -> Measurement {
+    pub(crate) fn of(pkt: &RtpView<'_>, level_ext_id: Option<u8>) -> Measurement {
         let payload = pkt.payload();
         let level = level_ext_id
             .and_then(|id| pkt.extension(id))
@@ -320,7 +320,7 @@ impl VoiceActivity {
     }
 
     /// The ranking score at `now_us`: decays while the source sends nothing (DTX, loss).
-    pub fn score_at(&self, cfg: &VadConfig, now_us: u64) -> f32 {
+    pub(crate) fn score_at(&self, cfg: &VadConfig, now_us: u64) -> f32 {
         let idle = now_us.saturating_sub(self.score_at_us);
         // Packets refresh the score every 20 ms; only a longer silence in arrivals decays it.
         if idle <= 60_000 {
@@ -341,11 +341,6 @@ impl VoiceActivity {
         } else {
             Voice::Silent
         }
-    }
-
-    /// dB (or bytes) of the last measurement above the floor; i16::MIN after silence.
-    pub fn last_excess(&self) -> i16 {
-        self.last_excess
     }
 }
 

@@ -8,7 +8,7 @@ const BUCKETS: usize = 8;
 const EMPTY: u8 = u8::MAX;
 
 #[derive(Debug, Clone)]
-pub struct NoiseFloor {
+pub(crate) struct NoiseFloor {
     mins: [u8; BUCKETS],
     /// Bucket number (time / bucket length) of the newest bucket.
     head: u64,
@@ -18,7 +18,7 @@ pub struct NoiseFloor {
 
 impl NoiseFloor {
     /// `window_us` is split into 8 buckets; the floor forgets a value 7/8 to 1 window after it.
-    pub fn new(window_us: u64) -> Self {
+    pub(crate) fn new(window_us: u64) -> Self {
         NoiseFloor {
             mins: [EMPTY; BUCKETS],
             head: 0,
@@ -28,7 +28,7 @@ impl NoiseFloor {
     }
 
     /// Records a loudness sample (higher is louder) at `now_us`.
-    pub fn observe(&mut self, now_us: u64, value: u8) {
+    pub(crate) fn observe(&mut self, now_us: u64, value: u8) {
         self.advance(now_us);
         let v = value.min(EMPTY - 1);
         let slot = &mut self.mins[(self.head % BUCKETS as u64) as usize];
@@ -41,7 +41,7 @@ impl NoiseFloor {
     }
 
     /// Current floor, or None when nothing was observed within the window.
-    pub fn floor(&self) -> Option<u8> {
+    pub(crate) fn floor(&self) -> Option<u8> {
         (self.cached != EMPTY).then_some(self.cached)
     }
 

@@ -4,7 +4,7 @@
 
 pub mod activity;
 pub mod floor;
-pub mod opus;
+pub(crate) mod opus;
 pub mod rewrite;
 pub mod rtp;
 pub mod selection;

@@ -1,21 +1,22 @@
 //! Opus packet facts an edge can read without decoding: the TOC byte (RFC 6716 §3.1) and DTX.
 
 /// Opus RTP clock rate (RFC 7587): always 48 kHz, whatever the coded bandwidth.
-pub const CLOCK_RATE: u32 = 48_000;
+pub(crate) const CLOCK_RATE: u32 = 48_000;
 
 /// A payload this small carries no speech: libopus DTX and comfort-noise frames are 1-3 bytes,
 /// while the smallest active 20 ms SILK frame is well over 10.
-pub const DTX_MAX_PAYLOAD: usize = 3;
+pub(crate) const DTX_MAX_PAYLOAD: usize = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     Silk,
     Hybrid,
     Celt,
 }
 
+#[cfg(test)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Bandwidth {
+pub(crate) enum Bandwidth {
     Narrow,
     Medium,
     Wide,
@@ -24,7 +25,7 @@ pub enum Bandwidth {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpusError {
+pub(crate) enum OpusError {
     Empty,
     /// Code 3 packet without its frame-count byte.
     MissingFrameCount,
@@ -48,7 +49,7 @@ impl std::error::Error for OpusError {}
 
 /// The table of contents byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Toc {
+pub(crate) struct Toc {
     pub config: u8,
     pub stereo: bool,
     /// Frame packing code 0-3.
@@ -56,21 +57,22 @@ pub struct Toc {
 }
 
 impl Toc {
-    pub fn from_byte(b: u8) -> Toc {
+    pub(crate) fn from_byte(b: u8) -> Toc {
         Toc {
             config: b >> 3,
             stereo: b & 0x04 != 0,
             code: b & 0x03,
         }
     }
-    pub fn mode(&self) -> Mode {
+    pub(crate) fn mode(&self) -> Mode {
         match self.config {
             0..=11 => Mode::Silk,
             12..=15 => Mode::Hybrid,
             _ => Mode::Celt,
         }
     }
-    pub fn bandwidth(&self) -> Bandwidth {
+    #[cfg(test)]
+    pub(crate) fn bandwidth(&self) -> Bandwidth {
         match self.config {
             0..=3 | 16..=19 => Bandwidth::Narrow,
             4..=7 => Bandwidth::Medium,
@@ -79,8 +81,9 @@ impl Toc {
             _ => Bandwidth::Full,
         }
     }
+
     /// Duration of one frame in 48 kHz samples.
-    pub fn frame_samples(&self) -> u32 {
+    pub(crate) fn frame_samples(&self) -> u32 {
         const SILK: [u32; 4] = [480, 960, 1920, 2880];
         const HYBRID: [u32; 2] = [480, 960];
         const CELT: [u32; 4] = [120, 240, 480, 960];
@@ -95,7 +98,7 @@ impl Toc {
 
 /// What the TOC (and, for code 3, the frame count byte) says about a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PacketInfo {
+pub(crate) struct PacketInfo {
     pub toc: Toc,
     pub frames: u8,
     /// Audio duration of the packet in 48 kHz samples.
@@ -103,7 +106,7 @@ pub struct PacketInfo {
 }
 
 /// Reads the TOC of an Opus payload. Does not validate frame lengths: an edge never decodes.
-pub fn packet_info(payload: &[u8]) -> Result<PacketInfo, OpusError> {
+pub(crate) fn packet_info(payload: &[u8]) -> Result<PacketInfo, OpusError> {
     let toc = Toc::from_byte(*payload.first().ok_or(OpusError::Empty)?);
     let frames = match toc.code {
         0 => 1,
@@ -129,21 +132,21 @@ pub fn packet_info(payload: &[u8]) -> Result<PacketInfo, OpusError> {
 }
 
 /// True when the payload is a DTX / comfort-noise frame rather than coded audio.
-pub fn is_dtx_payload(payload: &[u8]) -> bool {
+pub(crate) fn is_dtx_payload(payload: &[u8]) -> bool {
     payload.len() <= DTX_MAX_PAYLOAD
 }
 
 /// Detects DTX gaps: consecutive sequence numbers whose timestamps advance by more than the
 /// previous packet's duration mean the sender stopped sending during silence.
 #[derive(Debug, Default, Clone)]
-pub struct DtxGap {
+pub(crate) struct DtxGap {
     last: Option<(u16, u32, u32)>,
 }
 
 impl DtxGap {
     /// Feeds a packet in arrival order; returns the silent gap before it in samples (0 if none).
     /// Reordered or lost packets never report a gap: only a consecutive sequence number can.
-    pub fn observe(&mut self, seq: u16, ts: u32, samples: u32) -> u32 {
+    pub(crate) fn observe(&mut self, seq: u16, ts: u32, samples: u32) -> u32 {
         let gap = match self.last {
             Some((lseq, lts, lsamples)) if seq == lseq.wrapping_add(1) => {
                 let advance = ts.wrapping_sub(lts);

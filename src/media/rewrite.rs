@@ -88,7 +88,7 @@ impl TrackRewriter {
     }
 
     /// For a non-Opus track (video: 90 kHz): the clock a switch's elapsed time is counted in.
-    pub fn with_clock_rate(mut self, clock_rate: u32) -> Self {
+    pub(crate) fn with_clock_rate(mut self, clock_rate: u32) -> Self {
         self.clock_rate = clock_rate;
         self
     }

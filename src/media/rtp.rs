@@ -37,10 +37,10 @@ impl fmt::Display for RtpError {
 impl std::error::Error for RtpError {}
 
 /// RFC 8285 one-byte header extension profile.
-pub const ONE_BYTE_PROFILE: u16 = 0xBEDE;
+pub(crate) const ONE_BYTE_PROFILE: u16 = 0xBEDE;
 /// RFC 8285 two-byte header extension profile (the low 4 bits are app bits).
-pub const TWO_BYTE_PROFILE_MASK: u16 = 0xFFF0;
-pub const TWO_BYTE_PROFILE: u16 = 0x1000;
+pub(crate) const TWO_BYTE_PROFILE_MASK: u16 = 0xFFF0;
+pub(crate) const TWO_BYTE_PROFILE: u16 = 0x1000;
 
 const FIXED_HEADER: usize = 12;
 
@@ -145,7 +145,7 @@ impl<'a> RtpView<'a> {
         })
     }
     /// The extension block's profile field (0xBEDE for one-byte elements), if the X bit is set.
-    pub fn extension_profile(&self) -> Option<u16> {
+    pub(crate) fn extension_profile(&self) -> Option<u16> {
         self.ext_at
             .map(|o| u16::from_be_bytes([self.buf[o], self.buf[o + 1]]))
     }
@@ -271,7 +271,7 @@ impl<'a> Extensions<'a> {
 
 /// RFC 6464 client-to-mixer audio level: `(voice_activity_flag, level)` where level is -dBov,
 /// 0 the loudest and 127 silence.
-pub fn parse_audio_level(data: &[u8]) -> Option<(bool, u8)> {
+pub(crate) fn parse_audio_level(data: &[u8]) -> Option<(bool, u8)> {
     let b = *data.first()?;
     Some((b & 0x80 != 0, b & 0x7F))
 }

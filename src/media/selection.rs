@@ -50,7 +50,7 @@ impl GroupKey {
 
     /// The same key with these tracks fixed to these sources (a later entry for the same track
     /// wins; a source fixed twice keeps its last track). Tracks out of range are ignored.
-    pub fn with_fixed(mut self, fixed: impl IntoIterator<Item = (u8, SourceIdx)>) -> Self {
+    pub(crate) fn with_fixed(mut self, fixed: impl IntoIterator<Item = (u8, SourceIdx)>) -> Self {
         for (t, s) in fixed {
             if t >= self.tracks {
                 continue;
@@ -61,7 +61,7 @@ impl GroupKey {
         self.fixed.sort_unstable();
         self
     }
-    pub fn fixed(&self) -> &[(u8, SourceIdx)] {
+    pub(crate) fn fixed(&self) -> &[(u8, SourceIdx)] {
         &self.fixed
     }
     fn fixed_source(&self, track: u8) -> Option<SourceIdx> {
@@ -73,7 +73,7 @@ impl GroupKey {
     pub fn tracks(&self) -> u8 {
         self.tracks
     }
-    pub fn pinned(&self) -> Option<SourceIdx> {
+    pub(crate) fn pinned(&self) -> Option<SourceIdx> {
         self.pinned
     }
     pub fn excluded(&self) -> &[SourceIdx] {
@@ -99,13 +99,13 @@ pub struct Standing {
 
 impl Standing {
     /// Not published.
-    pub const GONE: Standing = Standing {
+    pub(crate) const GONE: Standing = Standing {
         voice: Voice::Silent,
         score: 0.0,
         live: false,
     };
     /// Published, not talking.
-    pub const QUIET: Standing = Standing {
+    pub(crate) const QUIET: Standing = Standing {
         voice: Voice::Silent,
         score: 0.0,
         live: true,
@@ -171,7 +171,7 @@ pub struct Selector {
 }
 
 impl Selector {
-    pub fn new(cfg: SelectionConfig) -> Self {
+    pub(crate) fn new(cfg: SelectionConfig) -> Self {
         Selector {
             cfg,
             ..Default::default()
@@ -212,7 +212,7 @@ impl Selector {
     }
 
     /// Removes one viewer from a group; returns true when the group is gone with it.
-    pub fn leave(&mut self, id: GroupId) -> bool {
+    pub(crate) fn leave(&mut self, id: GroupId) -> bool {
         let Some(g) = self.groups.get_mut(id.0 as usize).and_then(Option::as_mut) else {
             return false;
         };
@@ -232,14 +232,14 @@ impl Selector {
     }
 
     /// How many viewers share this group.
-    pub fn refs(&self, id: GroupId) -> u32 {
+    pub(crate) fn refs(&self, id: GroupId) -> u32 {
         self.group(id).map_or(0, |g| g.refs)
     }
 
     /// Starts a just-created group from another's assignment (a viewer moving groups keeps
     /// hearing who it heard): each voice-activated track takes `tracks[t]` if it is admitted,
     /// audible per `standing`, and not placed yet. No events: nothing changed for the viewer.
-    pub fn seed(
+    pub(crate) fn seed(
         &mut self,
         id: GroupId,
         now_us: u64,
@@ -279,14 +279,6 @@ impl Selector {
             .flat_map(|g| g.slots.iter().map(|s| s.source))
     }
 
-    pub fn group_ids(&self) -> impl Iterator<Item = GroupId> + '_ {
-        self.groups
-            .iter()
-            .enumerate()
-            .filter(|(_, g)| g.is_some())
-            .map(|(i, _)| GroupId(i as u32))
-    }
-
     /// Where a source's packets go.
     pub fn placements(&self, s: SourceIdx) -> &[(GroupId, u8)] {
         self.placements
@@ -295,13 +287,13 @@ impl Selector {
     }
 
     /// Changes since the last call, in the order they happened.
-    pub fn events(&mut self) -> &mut Vec<TrackChange> {
+    pub(crate) fn events(&mut self) -> &mut Vec<TrackChange> {
         &mut self.events
     }
 
     /// A source started talking: give it a free slot in every group that admits it, now.
     /// Slots held by sources in hangover count as free for this.
-    pub fn on_onset(
+    pub(crate) fn on_onset(
         &mut self,
         now_us: u64,
         s: SourceIdx,
@@ -317,7 +309,7 @@ impl Selector {
     }
 
     /// A source left the stream: its tracks empty at once.
-    pub fn remove_source(&mut self, now_us: u64, s: SourceIdx) {
+    pub(crate) fn remove_source(&mut self, now_us: u64, s: SourceIdx) {
         let Some(places) = self.placements.get_mut(s.0 as usize) else {
             return;
         };

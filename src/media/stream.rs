@@ -143,7 +143,7 @@ impl StreamCore {
     /// a source before it publishes). The name stays interned once it is published or named by a
     /// group ([`join`](Self::join)); an index interned for neither is released by
     /// [`release_if_unused`](Self::release_if_unused), or reused by the next name that is.
-    pub fn intern(&mut self, name: &str) -> SourceIdx {
+    pub(crate) fn intern(&mut self, name: &str) -> SourceIdx {
         if let Some(&i) = self.index.get(name) {
             return i;
         }
@@ -170,7 +170,7 @@ impl StreamCore {
     }
 
     /// Releases `s` if it is neither live nor named by a group: its index may be reused.
-    pub fn release_if_unused(&mut self, s: SourceIdx) {
+    pub(crate) fn release_if_unused(&mut self, s: SourceIdx) {
         let Some(src) = self.sources.get(s.0 as usize) else {
             return;
         };
@@ -185,11 +185,11 @@ impl StreamCore {
     }
 
     /// Interned names right now (live, named by a group, or not yet released).
-    pub fn interned(&self) -> usize {
+    pub(crate) fn interned(&self) -> usize {
         self.index.len()
     }
 
-    pub fn lookup(&self, name: &str) -> Option<SourceIdx> {
+    pub(crate) fn lookup(&self, name: &str) -> Option<SourceIdx> {
         self.index.get(name).copied()
     }
 
@@ -211,7 +211,7 @@ impl StreamCore {
     }
 
     /// The source stopped: its tracks empty now, and its name is released unless a group names it.
-    pub fn unpublish(&mut self, now_us: u64, s: SourceIdx, out: &mut impl FnMut(Output)) {
+    pub(crate) fn unpublish(&mut self, now_us: u64, s: SourceIdx, out: &mut impl FnMut(Output)) {
         if let Some(src) = self.sources.get_mut(s.0 as usize) {
             src.live = false;
         }
@@ -223,11 +223,11 @@ impl StreamCore {
         self.release_if_unused(s);
     }
 
-    pub fn is_live(&self, s: SourceIdx) -> bool {
+    pub(crate) fn is_live(&self, s: SourceIdx) -> bool {
         self.sources.get(s.0 as usize).is_some_and(|s| s.live)
     }
 
-    pub fn live_sources(&self) -> impl Iterator<Item = SourceIdx> + '_ {
+    pub(crate) fn live_sources(&self) -> impl Iterator<Item = SourceIdx> + '_ {
         self.live.iter().copied()
     }
 
@@ -262,7 +262,12 @@ impl StreamCore {
 
     /// Joins `key` for a viewer leaving a group whose tracks carried `from`: a group created
     /// now starts with those sources in the same tracks where they still fit.
-    pub fn join_from(&mut self, now_us: u64, key: GroupKey, from: &[Option<SourceIdx>]) -> GroupId {
+    pub(crate) fn join_from(
+        &mut self,
+        now_us: u64,
+        key: GroupKey,
+        from: &[Option<SourceIdx>],
+    ) -> GroupId {
         let gid = self.join(key);
         if self.selector.refs(gid) == 1 {
             let (sources, vad) = (&self.sources, &self.cfg.vad);
@@ -273,7 +278,7 @@ impl StreamCore {
     }
 
     /// Removes a viewer from its group; the last one out ends the group and releases its names.
-    pub fn leave(&mut self, gid: GroupId) {
+    pub(crate) fn leave(&mut self, gid: GroupId) {
         let names = match self.selector.group_key(gid) {
             Some(k) if self.selector.refs(gid) == 1 => key_names(k),
             _ => KeyNames::new(),
@@ -333,7 +338,7 @@ impl StreamCore {
     }
 
     /// One packet of source `s` arrived at `now_us`, parsed by the caller.
-    pub fn on_rtp(
+    pub(crate) fn on_rtp(
         &mut self,
         now_us: u64,
         s: SourceIdx,

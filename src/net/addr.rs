@@ -4,7 +4,7 @@ use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 /// `a` as a kernel socket address.
-pub fn sockaddr(a: &SocketAddr) -> libc::sockaddr_storage {
+pub(crate) fn sockaddr(a: &SocketAddr) -> libc::sockaddr_storage {
     // SAFETY: all-zero is a valid sockaddr_storage; one of the two variants is written over it.
     let mut s: libc::sockaddr_storage = unsafe { zeroed() };
     std_to_sockaddr(*a, &mut s);
@@ -12,7 +12,7 @@ pub fn sockaddr(a: &SocketAddr) -> libc::sockaddr_storage {
 }
 
 /// The length of `a`'s kernel socket address.
-pub fn addr_len(a: &SocketAddr) -> libc::socklen_t {
+pub(crate) fn addr_len(a: &SocketAddr) -> libc::socklen_t {
     (match a {
         SocketAddr::V4(_) => size_of::<libc::sockaddr_in>(),
         SocketAddr::V6(_) => size_of::<libc::sockaddr_in6>(),
@@ -20,7 +20,7 @@ pub fn addr_len(a: &SocketAddr) -> libc::socklen_t {
 }
 
 /// A kernel socket address as std's, `None` for a family other than IPv4/IPv6.
-pub fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+pub(crate) fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match ss.ss_family as libc::c_int {
         libc::AF_INET => {
             // SAFETY: the family says this storage holds a sockaddr_in.
@@ -47,7 +47,10 @@ pub fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
 }
 
 /// Writes `addr` into a sockaddr_storage; returns the length to pass to the kernel.
-pub fn std_to_sockaddr(addr: SocketAddr, ss: &mut libc::sockaddr_storage) -> libc::socklen_t {
+pub(crate) fn std_to_sockaddr(
+    addr: SocketAddr,
+    ss: &mut libc::sockaddr_storage,
+) -> libc::socklen_t {
     match addr {
         SocketAddr::V4(a) => {
             // SAFETY: sockaddr_storage is large enough and aligned for sockaddr_in.

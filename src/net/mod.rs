@@ -5,11 +5,11 @@
 //!
 //! Linux only, like the rest of the media path.
 
-pub mod addr;
-pub mod poll;
-pub mod recv;
+pub(crate) mod addr;
+pub(crate) mod poll;
+pub(crate) mod recv;
 pub mod send;
-pub mod sockopt;
+pub(crate) mod sockopt;
 
 use std::io;
 

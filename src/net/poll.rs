@@ -15,13 +15,13 @@ use super::check;
 /// Wakes a media thread that sleeps in [`Poller::wait`]. Cheap when the thread is awake: one
 /// atomic swap, no syscall.
 #[derive(Debug)]
-pub struct Doorbell {
+pub(crate) struct Doorbell {
     fd: EventFd,
     sleeping: AtomicBool,
 }
 
 impl Doorbell {
-    pub fn new() -> io::Result<Arc<Doorbell>> {
+    pub(crate) fn new() -> io::Result<Arc<Doorbell>> {
         Ok(Arc::new(Doorbell {
             fd: EventFd::new()?,
             sleeping: AtomicBool::new(false),
@@ -29,7 +29,7 @@ impl Doorbell {
     }
 
     /// Call after queueing work for the thread.
-    pub fn ring(&self) {
+    pub(crate) fn ring(&self) {
         if self.sleeping.swap(false, Ordering::AcqRel) {
             self.fd.wake();
         }
@@ -37,17 +37,17 @@ impl Doorbell {
 
     /// The thread is about to sleep: from now on a [`ring`](Self::ring) writes the eventfd.
     /// The thread must look for work once more after arming, then wait.
-    pub fn arm(&self) {
+    pub(crate) fn arm(&self) {
         self.sleeping.store(true, Ordering::Release);
     }
 
-    pub fn disarm(&self) {
+    pub(crate) fn disarm(&self) {
         self.sleeping.store(false, Ordering::Release);
     }
 }
 
 /// Waits until the socket is readable, the doorbell rings, or a timeout passes.
-pub struct Poller {
+pub(crate) struct Poller {
     epoll: Epoll,
     bell: Arc<Doorbell>,
 }
@@ -56,7 +56,7 @@ const TOKEN_SOCKET: u64 = 1;
 const TOKEN_BELL: u64 = 2;
 
 impl Poller {
-    pub fn new(socket: &UdpSocket, bell: Arc<Doorbell>) -> io::Result<Poller> {
+    pub(crate) fn new(socket: &UdpSocket, bell: Arc<Doorbell>) -> io::Result<Poller> {
         let epoll = Epoll::new(2)?;
         epoll.add(socket.as_raw_fd(), TOKEN_SOCKET)?;
         epoll.add(bell.fd.fd(), TOKEN_BELL)?;
@@ -65,7 +65,7 @@ impl Poller {
 
     /// Sleeps up to `timeout` (whole milliseconds, rounded up); the caller armed the doorbell
     /// and found no work after arming.
-    pub fn wait(&self, timeout: Duration) {
+    pub(crate) fn wait(&self, timeout: Duration) {
         let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
         let mut events: [libc::epoll_event; 2] = [libc::epoll_event { events: 0, u64: 0 }; 2];
         // SAFETY: the buffer holds 2 events and we pass 2.
@@ -80,7 +80,7 @@ impl Poller {
 }
 
 /// An epoll instance (level-triggered, readable events only).
-pub struct Epoll {
+pub(crate) struct Epoll {
     fd: RawFd,
     events: Vec<libc::epoll_event>,
     /// The kernel lacks epoll_pwait2.
@@ -88,7 +88,7 @@ pub struct Epoll {
 }
 
 impl Epoll {
-    pub fn new(capacity: usize) -> io::Result<Epoll> {
+    pub(crate) fn new(capacity: usize) -> io::Result<Epoll> {
         // SAFETY: plain syscall.
         let fd = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         Ok(Epoll {
@@ -98,7 +98,7 @@ impl Epoll {
         })
     }
 
-    pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+    pub(crate) fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
         let mut ev = libc::epoll_event {
             events: libc::EPOLLIN as u32,
             u64: token,
@@ -107,7 +107,7 @@ impl Epoll {
         check(unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_ADD, fd, &mut ev) }).map(drop)
     }
 
-    pub fn remove(&self, fd: RawFd) {
+    pub(crate) fn remove(&self, fd: RawFd) {
         let mut ev = libc::epoll_event { events: 0, u64: 0 };
         // SAFETY: ev lives across the call.
         unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_DEL, fd, &mut ev) };
@@ -115,7 +115,7 @@ impl Epoll {
 
     /// Waits up to `timeout` and returns the ready tokens: microsecond precision with
     /// epoll_pwait2 (Linux 5.11+), whole milliseconds (rounded up) without it.
-    pub fn wait(&mut self, timeout: Duration) -> io::Result<impl Iterator<Item = u64> + '_> {
+    pub(crate) fn wait(&mut self, timeout: Duration) -> io::Result<impl Iterator<Item = u64> + '_> {
         let ptr = self.events.as_mut_ptr();
         let len = self.events.len() as libc::c_int;
         let mut n = -1;
@@ -164,27 +164,27 @@ impl Drop for Epoll {
 
 /// An eventfd another thread writes to wake an epoll wait.
 #[derive(Debug)]
-pub struct EventFd(RawFd);
+pub(crate) struct EventFd(RawFd);
 
 impl EventFd {
-    pub fn new() -> io::Result<EventFd> {
+    pub(crate) fn new() -> io::Result<EventFd> {
         // SAFETY: plain syscall.
         let fd = check(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
         Ok(EventFd(fd))
     }
 
-    pub fn fd(&self) -> RawFd {
+    pub(crate) fn fd(&self) -> RawFd {
         self.0
     }
 
-    pub fn wake(&self) {
+    pub(crate) fn wake(&self) {
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a valid u64. A full counter (EAGAIN) still leaves the fd
         // readable, which is all a wake needs.
         unsafe { libc::write(self.0, (&one as *const u64).cast(), 8) };
     }
 
-    pub fn drain(&self) {
+    pub(crate) fn drain(&self) {
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a valid u64.
         unsafe { libc::read(self.0, (&mut v as *mut u64).cast(), 8) };

@@ -13,7 +13,7 @@ const SCM_TIMESTAMPNS: libc::c_int = SO_TIMESTAMPNS;
 
 /// Wall clock in nanoseconds since the Unix epoch (CLOCK_REALTIME, the clock of the kernel's
 /// receive timestamps).
-pub fn realtime_ns() -> u64 {
+pub(crate) fn realtime_ns() -> u64 {
     let mut ts: libc::timespec = unsafe { zeroed() };
     // SAFETY: ts is a valid timespec to write into.
     unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
@@ -22,10 +22,10 @@ pub fn realtime_ns() -> u64 {
 
 /// Room for one SCM_TIMESTAMPNS control message.
 const CMSG_SPACE: usize = 64;
-pub const SLOT_BYTES: usize = 2048;
+pub(crate) const SLOT_BYTES: usize = 2048;
 
 /// Preallocated buffers for `recvmmsg`: nothing is allocated per datagram.
-pub struct RecvBatch {
+pub(crate) struct RecvBatch {
     bufs: Vec<u8>,
     addrs: Vec<libc::sockaddr_storage>,
     cmsgs: Vec<[u64; CMSG_SPACE / 8]>,
@@ -39,7 +39,7 @@ pub struct RecvBatch {
 unsafe impl Send for RecvBatch {}
 
 /// One received datagram.
-pub struct Datagram<'a> {
+pub(crate) struct Datagram<'a> {
     pub data: &'a [u8],
     pub from: Option<SocketAddr>,
     /// Kernel receive time (ns since the epoch), when the socket asked for it.
@@ -48,7 +48,7 @@ pub struct Datagram<'a> {
 }
 
 impl RecvBatch {
-    pub fn new(slots: usize) -> RecvBatch {
+    pub(crate) fn new(slots: usize) -> RecvBatch {
         let slots = slots.max(1);
         let mut b = RecvBatch {
             bufs: vec![0; slots * SLOT_BYTES],
@@ -78,12 +78,12 @@ impl RecvBatch {
         b
     }
 
-    pub fn slots(&self) -> usize {
+    pub(crate) fn slots(&self) -> usize {
         self.hdrs.len()
     }
 
     /// One `recvmmsg` (non-blocking). Returns how many datagrams arrived (0 when none).
-    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+    pub(crate) fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
         self.n = 0;
         // What the kernel overwrote last time.
         for m in &mut self.hdrs {
@@ -113,7 +113,7 @@ impl RecvBatch {
         Ok(self.n)
     }
 
-    pub fn get(&self, i: usize) -> Datagram<'_> {
+    pub(crate) fn get(&self, i: usize) -> Datagram<'_> {
         let h = &self.hdrs[i];
         let len = (h.msg_len as usize).min(SLOT_BYTES);
         let data = &self.bufs[i * SLOT_BYTES..i * SLOT_BYTES + len];

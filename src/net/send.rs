@@ -58,7 +58,8 @@ impl SendBatch {
         }
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.pending.len()
     }
 
@@ -126,7 +127,7 @@ impl SendBatch {
 unsafe impl Send for SendBatch {}
 
 /// Preallocated `sendmmsg` state: sends `bufs[i][..lens[i]]` to `dests[i]`.
-pub struct SlotBatch {
+pub(crate) struct SlotBatch {
     pub bufs: Vec<Vec<u8>>,
     pub lens: Vec<usize>,
     pub dests: Vec<SocketAddr>,
@@ -139,7 +140,7 @@ pub struct SlotBatch {
 unsafe impl Send for SlotBatch {}
 
 impl SlotBatch {
-    pub fn new(slots: usize, slot_bytes: usize, dest: SocketAddr) -> SlotBatch {
+    pub(crate) fn new(slots: usize, slot_bytes: usize, dest: SocketAddr) -> SlotBatch {
         SlotBatch {
             bufs: vec![vec![0u8; slot_bytes]; slots],
             lens: vec![0; slots],
@@ -159,7 +160,7 @@ impl SlotBatch {
 
     /// Sends the first `n` slots with as few `sendmmsg` calls as it takes. A datagram the
     /// kernel refuses (full buffer, ICMP error) is dropped, not retried.
-    pub fn send(&mut self, fd: RawFd, n: usize) -> io::Result<usize> {
+    pub(crate) fn send(&mut self, fd: RawFd, n: usize) -> io::Result<usize> {
         send_batch(
             fd,
             &mut self.hdrs,

@@ -12,7 +12,7 @@ use super::check;
 pub(crate) const SO_TIMESTAMPNS: libc::c_int = 35;
 
 /// Asks the kernel for a receive timestamp (CLOCK_REALTIME) on each datagram.
-pub fn enable_rx_timestamps(s: &UdpSocket) -> io::Result<()> {
+pub(crate) fn enable_rx_timestamps(s: &UdpSocket) -> io::Result<()> {
     let on: libc::c_int = 1;
     // SAFETY: option value is a valid c_int.
     check(unsafe {
@@ -28,7 +28,7 @@ pub fn enable_rx_timestamps(s: &UdpSocket) -> io::Result<()> {
 }
 
 /// Sets SO_RCVBUF / SO_SNDBUF (best effort: the kernel caps them at its maximum).
-pub fn set_buffers(s: &UdpSocket, rcv: usize, snd: usize) {
+pub(crate) fn set_buffers(s: &UdpSocket, rcv: usize, snd: usize) {
     for (opt, v) in [(libc::SO_RCVBUF, rcv), (libc::SO_SNDBUF, snd)] {
         if v == 0 {
             continue;
@@ -48,7 +48,7 @@ pub fn set_buffers(s: &UdpSocket, rcv: usize, snd: usize) {
 }
 
 /// Raises the soft limit of open files to the hard limit; returns the new soft limit.
-pub fn raise_nofile() -> u64 {
+pub(crate) fn raise_nofile() -> u64 {
     let mut r: libc::rlimit = unsafe { zeroed() };
     // SAFETY: r is a valid rlimit.
     unsafe {
@@ -69,7 +69,7 @@ pub fn raise_nofile() -> u64 {
 }
 
 /// A UDP socket bound to `ip` on a free port, non-blocking.
-pub fn udp_socket(ip: IpAddr) -> io::Result<UdpSocket> {
+pub(crate) fn udp_socket(ip: IpAddr) -> io::Result<UdpSocket> {
     let s = UdpSocket::bind(SocketAddr::new(ip, 0))?;
     s.set_nonblocking(true)?;
     Ok(s)

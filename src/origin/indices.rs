@@ -17,17 +17,17 @@ use super::SourceKey;
 /// Live sources (and pending publish attempts for new sourceIds) one stream holds at most. A
 /// panel or a room has a few speakers on stage; 256 is far past any conversation, and bounds
 /// what one publish token can make the origin hold (~90 KiB per unconnected peer).
-pub const MAX_SOURCES_PER_STREAM: usize = 256;
+pub(crate) const MAX_SOURCES_PER_STREAM: usize = 256;
 
 /// How long the index of a source that ended stays reserved before another sourceId may take
 /// it: far beyond any relayed datagram's life (audio older than ~100 ms is worthless).
-pub const INDEX_QUARANTINE: Duration = Duration::from_secs(5);
+pub(crate) const INDEX_QUARANTINE: Duration = Duration::from_secs(5);
 
 /// The whole index space of a stream (the datagram tag's u16).
 const INDEX_SPACE: u32 = 1 << 16;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum IndexError {
+pub(crate) enum IndexError {
     #[error(
         "the stream already has {MAX_SOURCES_PER_STREAM} sources (the most one stream takes): \
          end one before publishing another sourceId"
@@ -64,7 +64,7 @@ pub(crate) struct SourceIndices {
 
 impl SourceIndices {
     /// Takes (or shares) the index of `key` for one more holder.
-    pub fn claim(&mut self, key: &SourceKey, now: Instant) -> Result<u16, IndexError> {
+    pub(crate) fn claim(&mut self, key: &SourceKey, now: Instant) -> Result<u16, IndexError> {
         if let Some(h) = self.held.get_mut(key) {
             h.holders += 1;
             return Ok(h.index);
@@ -115,14 +115,14 @@ impl SourceIndices {
     }
 
     /// A publication with `key`'s index went live.
-    pub fn mark_used(&mut self, key: &SourceKey) {
+    pub(crate) fn mark_used(&mut self, key: &SourceKey) {
         if let Some(h) = self.held.get_mut(key) {
             h.used = true;
         }
     }
 
     /// One holder of `key` lets go (an attempt failed or finished, a publication ended).
-    pub fn release(&mut self, key: &SourceKey, now: Instant) {
+    pub(crate) fn release(&mut self, key: &SourceKey, now: Instant) {
         let Some(h) = self.held.get_mut(key) else {
             return;
         };
@@ -142,7 +142,7 @@ impl SourceIndices {
 
     /// Sourceids holding an index (live or pending).
     #[cfg(test)]
-    pub fn held(&self) -> usize {
+    pub(crate) fn held(&self) -> usize {
         self.held.len()
     }
 }

@@ -27,8 +27,7 @@ const MAX_WAIT: Duration = Duration::from_millis(5);
 
 /// One incoming RTP packet, decrypted, with what the SDP says about it.
 #[derive(Debug)]
-pub struct MediaIn<'a> {
-    pub mid: Mid,
+pub(crate) struct MediaIn<'a> {
     pub kind: MediaKind,
     pub ssrc: u32,
     pub seq: u16,
@@ -42,14 +41,14 @@ pub struct MediaIn<'a> {
     pub payload: &'a [u8],
 }
 
-pub enum PeerEvent<'a> {
+pub(crate) enum PeerEvent<'a> {
     Connected,
     Media(MediaIn<'a>),
     Closed(CloseReason),
 }
 
 /// Receives one peer's events on the media thread.
-pub trait PeerHandler: Send + 'static {
+pub(crate) trait PeerHandler: Send + 'static {
     fn on_event(&mut self, peer: PeerId, ev: PeerEvent<'_>);
 }
 
@@ -66,7 +65,7 @@ enum MediaCmd {
 }
 
 #[derive(Debug, Clone)]
-pub struct MediaThreadConfig {
+pub(crate) struct MediaThreadConfig {
     /// Address the UDP socket binds (port 0 = any free port).
     pub bind: SocketAddr,
     /// Address put in ICE candidates when it differs from the bound one (NAT, 0.0.0.0 bind).
@@ -75,7 +74,7 @@ pub struct MediaThreadConfig {
 
 /// Handle to the media thread. Cheap to clone.
 #[derive(Clone)]
-pub struct MediaThread {
+pub(crate) struct MediaThread {
     tx: Sender<MediaCmd>,
     bell: Arc<Doorbell>,
     candidate_addr: SocketAddr,
@@ -84,7 +83,7 @@ pub struct MediaThread {
 }
 
 impl MediaThread {
-    pub fn start(cfg: &MediaThreadConfig, name: &str) -> std::io::Result<MediaThread> {
+    pub(crate) fn start(cfg: &MediaThreadConfig, name: &str) -> std::io::Result<MediaThread> {
         let socket = UdpSocket::bind(cfg.bind)?;
         let local = socket.local_addr()?;
         let ip = cfg.public_ip.unwrap_or(local.ip());
@@ -112,17 +111,13 @@ impl MediaThread {
     }
 
     /// The media thread's socket and peer counters.
-    pub fn stats(&self) -> &Arc<PeerStats> {
+    pub(crate) fn stats(&self) -> &Arc<PeerStats> {
         &self.stats
-    }
-
-    pub fn candidate_addr(&self) -> SocketAddr {
-        self.candidate_addr
     }
 
     /// Answers an offer with a new peer in `config` shape; the peer then lives on the media
     /// thread and reports to `handler`.
-    pub fn accept(
+    pub(crate) fn accept(
         &self,
         offer_sdp: &str,
         config: RtcConfig,
@@ -146,12 +141,12 @@ impl MediaThread {
         Ok((id, answer))
     }
 
-    pub fn remove(&self, id: PeerId) {
+    pub(crate) fn remove(&self, id: PeerId) {
         let _ = self.tx.send(MediaCmd::Remove(id));
         self.bell.ring();
     }
 
-    pub fn request_keyframe(&self, id: PeerId, mid: Mid) {
+    pub(crate) fn request_keyframe(&self, id: PeerId, mid: Mid) {
         let _ = self.tx.send(MediaCmd::RequestKeyframe(id, mid));
         self.bell.ring();
     }
@@ -179,7 +174,7 @@ impl PeerApp<Box<dyn PeerHandler>> for Handlers {
                     .stream_rx(&pkt.header.ssrc)
                     .map(|s| s.mid())
                     .and_then(|mid| p.rtc.media(mid).map(|m| (mid, m.kind())));
-                let Some((mid, kind)) = declared else {
+                let Some((_, kind)) = declared else {
                     let n = self.stats.undeclared_ssrc.fetch_add(1, Ordering::Relaxed) + 1;
                     if n.is_power_of_two() {
                         debug!(%id, ssrc = *pkt.header.ssrc, count = n, "RTP of an undeclared SSRC dropped");
@@ -188,7 +183,6 @@ impl PeerApp<Box<dyn PeerHandler>> for Handlers {
                 };
                 let ext = &pkt.header.ext_vals;
                 let media = MediaIn {
-                    mid,
                     kind,
                     ssrc: *pkt.header.ssrc,
                     seq: pkt.header.sequence_number,

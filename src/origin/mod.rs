@@ -5,11 +5,11 @@
 //! publication's end) the media thread; nothing holds it across I/O. The packet path does not
 //! take it: each publication's handler owns its stream's fan-out list (a read lock per packet).
 
-pub mod indices;
-pub mod media_thread;
-pub mod publication;
+pub(crate) mod indices;
+pub(crate) mod media_thread;
+pub(crate) mod publication;
 pub mod relay_server;
-pub mod talking;
+pub(crate) mod talking;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -32,10 +32,10 @@ use media_thread::MediaThread;
 use publication::{PublicationHandler, Route};
 
 /// A sourceId; None is the stream's main source.
-pub type SourceKey = Option<String>;
+pub(crate) type SourceKey = Option<String>;
 
 /// Where a subscribed edge's datagrams and control messages go (a QUIC connection).
-pub trait EdgeSink: Send + Sync {
+pub(crate) trait EdgeSink: Send + Sync {
     /// Sends one datagram; Err says what was dropped and why.
     fn datagram(&self, d: Bytes) -> Result<(), RelayDrop>;
     fn control(&self, msg: OriginMsg);
@@ -43,7 +43,7 @@ pub trait EdgeSink: Send + Sync {
 
 /// Why the fan-out lost a datagram on its way to an edge (`chorus_origin_relay_dropped_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RelayDrop {
+pub(crate) enum RelayDrop {
     /// Sent, but the link's datagram send buffer was full: quinn dropped the oldest queued
     /// datagram to make room (congestion; audio that old is worthless anyway).
     Evicted,
@@ -56,7 +56,7 @@ pub enum RelayDrop {
 }
 
 impl RelayDrop {
-    pub const ALL: [RelayDrop; 4] = [
+    pub(crate) const ALL: [RelayDrop; 4] = [
         RelayDrop::Evicted,
         RelayDrop::TooLarge,
         RelayDrop::ConnectionLost,
@@ -64,7 +64,7 @@ impl RelayDrop {
     ];
 
     /// The `reason` label in /metrics.
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             RelayDrop::Evicted => "send_buffer_full",
             RelayDrop::TooLarge => "too_large",
@@ -75,7 +75,7 @@ impl RelayDrop {
 }
 
 #[derive(Clone)]
-pub struct Sub {
+pub(crate) struct Sub {
     pub conn: u64,
     pub channel: u32,
     pub sink: Arc<dyn EdgeSink>,
@@ -83,13 +83,13 @@ pub struct Sub {
 
 /// The edges subscribed to one stream; read per packet, written on (un)subscribe.
 #[derive(Default)]
-pub struct Fanout {
+pub(crate) struct Fanout {
     pub subs: RwLock<Vec<Sub>>,
 }
 
 /// Counters of one source, updated on the media thread.
 #[derive(Debug, Default)]
-pub struct SourceStats {
+pub(crate) struct SourceStats {
     pub audio_packets: AtomicU64,
     pub audio_bytes: AtomicU64,
     pub level_packets: AtomicU64,
@@ -101,7 +101,7 @@ pub struct SourceStats {
 
 /// Origin-wide counters for /metrics (they outlive publications).
 #[derive(Debug, Default)]
-pub struct OriginMetrics {
+pub(crate) struct OriginMetrics {
     pub audio_packets: AtomicU64,
     pub video_packets: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -120,7 +120,7 @@ pub struct OriginMetrics {
 
 /// Who owns a publication, so that owner's end can remove it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Owner {
+pub(crate) enum Owner {
     Signalling(u64),
     Whip,
 }
@@ -227,14 +227,14 @@ impl Stream {
 }
 
 #[derive(Debug, Clone)]
-pub struct Published {
+pub(crate) struct Published {
     pub publisher_id: String,
     pub answer: String,
     pub replaced: bool,
 }
 
 #[derive(Debug, Serialize)]
-pub struct SourceView {
+pub(crate) struct SourceView {
     #[serde(rename = "sourceId")]
     pub source_id: Option<String>,
     #[serde(rename = "publisherId")]
@@ -245,7 +245,7 @@ pub struct SourceView {
 }
 
 #[derive(Debug, Serialize)]
-pub struct AudioView {
+pub(crate) struct AudioView {
     pub packets: u64,
     pub bytes: u64,
     #[serde(rename = "levelPackets")]
@@ -255,12 +255,12 @@ pub struct AudioView {
 }
 
 #[derive(Debug, Serialize)]
-pub struct VideoView {
+pub(crate) struct VideoView {
     pub packets: u64,
 }
 
 #[derive(Debug, Serialize)]
-pub struct StreamView {
+pub(crate) struct StreamView {
     pub stream: String,
     pub sources: Vec<SourceView>,
     pub edges: usize,
@@ -268,9 +268,9 @@ pub struct StreamView {
 
 /// Room removals queued to each edge's link at most (a removal is rare: a burst past this is
 /// logged by the link as lagged, and those views end by their own sessions' checks instead).
-pub const REVOCATIONS_QUEUE: usize = 256;
+pub(crate) const REVOCATIONS_QUEUE: usize = 256;
 
-pub struct Origin {
+pub(crate) struct Origin {
     host: MediaThread,
     pub metrics: Arc<OriginMetrics>,
     /// Linked edges that serve viewers: (relay connection, signalling URL).
@@ -287,7 +287,7 @@ pub struct Origin {
 }
 
 impl Origin {
-    pub fn new(host: MediaThread) -> Arc<Origin> {
+    pub(crate) fn new(host: MediaThread) -> Arc<Origin> {
         Arc::new_cyclic(|me| Origin {
             host,
             metrics: Arc::new(OriginMetrics::default()),
@@ -303,7 +303,7 @@ impl Origin {
     }
 
     /// The media thread's socket and peer counters (flood drops, send errors, peer ends...).
-    pub fn peer_stats(&self) -> &Arc<crate::rtc::peers::PeerStats> {
+    pub(crate) fn peer_stats(&self) -> &Arc<crate::rtc::peers::PeerStats> {
         self.host.stats()
     }
 
@@ -317,7 +317,7 @@ impl Origin {
     /// The attempt holds its stream (a pending count) and its source index from the claim to
     /// its end, so the stream cannot be removed as idle while the media thread answers the
     /// offer, whatever else happens meanwhile (failed offers, edges leaving).
-    pub fn publish(
+    pub(crate) fn publish(
         &self,
         stream: &str,
         source: SourceKey,
@@ -460,7 +460,12 @@ impl Origin {
     }
 
     /// Ends one owner's publication of `source` (or all of its publications with None).
-    pub fn unpublish(&self, stream: &str, source: Option<&SourceKey>, owner: Owner) -> usize {
+    pub(crate) fn unpublish(
+        &self,
+        stream: &str,
+        source: Option<&SourceKey>,
+        owner: Owner,
+    ) -> usize {
         self.remove(
             Some(stream),
             |k, v| v.owner == owner && source.is_none_or(|want| want == k),
@@ -470,17 +475,17 @@ impl Origin {
 
     /// Ends the publication of `source`, whoever owns it (a room member sent back to the
     /// audience). Its owner's session stays open.
-    pub fn unpublish_source(&self, stream: &str, source: &SourceKey) -> bool {
+    pub(crate) fn unpublish_source(&self, stream: &str, source: &SourceKey) -> bool {
         self.remove(Some(stream), |k, _| k == source, Removal::Stopped) > 0
     }
 
     /// Ends every publication of an owner, in every stream (its signalling socket closed).
-    pub fn drop_owner(&self, owner: Owner) {
+    pub(crate) fn drop_owner(&self, owner: Owner) {
         self.remove(None, |_, v| v.owner == owner, Removal::OwnerGone);
     }
 
     /// Ends the WHIP publication with this publisher id, wherever it is (WHIP DELETE).
-    pub fn unpublish_whip(&self, publisher_id: &str) -> bool {
+    pub(crate) fn unpublish_whip(&self, publisher_id: &str) -> bool {
         let whip = |_: &SourceKey, v: &LivePublication| {
             v.owner == Owner::Whip && v.publisher_id == publisher_id
         };
@@ -544,7 +549,7 @@ impl Origin {
     }
 
     /// An edge subscribes; it gets the source list now and on every change.
-    pub fn subscribe(&self, stream: &str, conn: u64, sink: Arc<dyn EdgeSink>) -> u32 {
+    pub(crate) fn subscribe(&self, stream: &str, conn: u64, sink: Arc<dyn EdgeSink>) -> u32 {
         let channel = self.next_channel.fetch_add(1, Ordering::Relaxed);
         let mut st = self.lock();
         let s = st.entry(stream.to_owned()).or_default();
@@ -568,7 +573,7 @@ impl Origin {
         channel
     }
 
-    pub fn unsubscribe(&self, stream: &str, conn: u64) {
+    pub(crate) fn unsubscribe(&self, stream: &str, conn: u64) {
         let mut st = self.lock();
         let Some(s) = st.get_mut(stream) else { return };
         s.fanout
@@ -583,7 +588,7 @@ impl Origin {
     }
 
     /// A linked edge serves viewers at `ws_url`: the director may send subscribers there.
-    pub fn register_edge(&self, conn: u64, ws_url: String) {
+    pub(crate) fn register_edge(&self, conn: u64, ws_url: String) {
         info!(conn, ws_url = ws_url.as_str(), "edge serves viewers");
         self.edges
             .lock()
@@ -592,7 +597,7 @@ impl Origin {
     }
 
     /// The signalling URL of a linked edge for the next subscriber, in turn.
-    pub fn pick_edge(&self) -> Option<String> {
+    pub(crate) fn pick_edge(&self) -> Option<String> {
         let edges = self.edges.lock().unwrap_or_else(|p| p.into_inner());
         if edges.is_empty() {
             return None;
@@ -602,7 +607,7 @@ impl Origin {
     }
 
     /// An edge connection ended: drop all of its subscriptions.
-    pub fn drop_conn(&self, conn: u64) {
+    pub(crate) fn drop_conn(&self, conn: u64) {
         self.talking.drop_conn(conn);
         self.edges
             .lock()
@@ -620,7 +625,7 @@ impl Origin {
     }
 
     /// Asks the publisher of `source` for a video keyframe (a viewer's PLI, via its edge).
-    pub fn request_keyframe(&self, stream: &str, source: &SourceKey) -> bool {
+    pub(crate) fn request_keyframe(&self, stream: &str, source: &SourceKey) -> bool {
         let st = self.lock();
         let Some(src) = st.get(stream).and_then(|s| s.sources.get(source)) else {
             return false;
@@ -633,7 +638,7 @@ impl Origin {
         true
     }
 
-    pub fn stream_view(&self, stream: &str) -> Option<StreamView> {
+    pub(crate) fn stream_view(&self, stream: &str) -> Option<StreamView> {
         let st = self.lock();
         let s = st.get(stream)?;
         let sources = s
@@ -664,12 +669,8 @@ impl Origin {
         })
     }
 
-    pub fn stream_names(&self) -> Vec<String> {
-        self.lock().keys().cloned().collect()
-    }
-
     /// (streams, live sources, subscribed edges) right now.
-    pub fn gauges(&self) -> (usize, usize, usize) {
+    pub(crate) fn gauges(&self) -> (usize, usize, usize) {
         let st = self.lock();
         let sources = st.values().map(|s| s.sources.len()).sum();
         let edges = st
@@ -700,7 +701,7 @@ fn answer_tracks(answer: &str) -> Vec<TrackInfo> {
 }
 
 /// Which relayed kind a str0m media kind is.
-pub fn relay_kind(k: MediaKind) -> crate::relay::proto::Kind {
+pub(crate) fn relay_kind(k: MediaKind) -> crate::relay::proto::Kind {
     match k {
         MediaKind::Audio => crate::relay::proto::Kind::Audio,
         MediaKind::Video => crate::relay::proto::Kind::Video,

@@ -14,7 +14,7 @@ use crate::relay::proto::{origin_clock_ms, DatagramHeader, LEVEL_EXT_ID};
 use crate::rtc::peers::PeerId;
 
 /// Which source of which stream a publication feeds.
-pub struct Route {
+pub(crate) struct Route {
     pub stream: String,
     pub source: SourceKey,
     pub publication: u64,
@@ -22,7 +22,7 @@ pub struct Route {
     pub index: u16,
 }
 
-pub struct PublicationHandler {
+pub(crate) struct PublicationHandler {
     origin: Weak<Origin>,
     stream: String,
     source: SourceKey,
@@ -36,7 +36,7 @@ pub struct PublicationHandler {
 }
 
 impl PublicationHandler {
-    pub fn new(
+    pub(crate) fn new(
         origin: Weak<Origin>,
         route: Route,
         fanout: Arc<Fanout>,

@@ -19,20 +19,20 @@ use crate::relay::tls::TlsError;
 
 /// An edge must open its control stream and send `Hello` within this after the handshake, or it
 /// is disconnected: a connection that never says who it is holds nothing for long.
-pub const EDGE_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const EDGE_HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Control messages (source lists) queued at most for one edge. An edge whose queue is full has
 /// stopped reading its control stream: it is disconnected (logged) rather than buffered for; it
 /// relinks and gets every source list afresh.
-pub const EDGE_CONTROL_QUEUE: usize = 1024;
+pub(crate) const EDGE_CONTROL_QUEUE: usize = 1024;
 
-pub struct RelayServer {
+pub(crate) struct RelayServer {
     pub endpoint: quinn::Endpoint,
     pub fingerprint: String,
 }
 
 /// The origin's token policy, asked for an edge's viewers: the only truth about who may view
 /// what, so a stream private at the origin is private at every edge.
-pub trait SubscribePolicy: Send + Sync {
+pub(crate) trait SubscribePolicy: Send + Sync {
     /// A subscribe JWT for `stream` given the viewer's bearer, or the HTTP status and message
     /// of the refusal.
     fn authorize_subscribe(
@@ -43,7 +43,7 @@ pub trait SubscribePolicy: Send + Sync {
 }
 
 #[derive(Clone)]
-pub struct RelayPolicy {
+pub(crate) struct RelayPolicy {
     /// Edges must present this in `Hello`; None = any edge may join (trusted network).
     pub cluster_token: Option<String>,
     /// Handed to edges so they can check viewers' JWTs: the public key only.
@@ -66,7 +66,11 @@ pub enum RelayBindError {
 
 impl RelayServer {
     /// Binds the relay with the origin's certificate (DER) and its PKCS#8 key.
-    pub fn bind(addr: SocketAddr, cert: &[u8], key: &[u8]) -> Result<RelayServer, RelayBindError> {
+    pub(crate) fn bind(
+        addr: SocketAddr,
+        cert: &[u8],
+        key: &[u8],
+    ) -> Result<RelayServer, RelayBindError> {
         let (cfg, fingerprint) = crate::relay::tls::server_config(cert, key)?;
         let endpoint = quinn::Endpoint::server(cfg, addr)
             .map_err(|source| RelayBindError::Bind { addr, source })?;
@@ -76,13 +80,13 @@ impl RelayServer {
         })
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
+    pub(crate) fn local_addr(&self) -> SocketAddr {
         self.endpoint
             .local_addr()
             .expect("bound endpoint has an address")
     }
 
-    pub async fn run(self, origin: Arc<Origin>, policy: RelayPolicy) {
+    pub(crate) async fn run(self, origin: Arc<Origin>, policy: RelayPolicy) {
         static CONN_IDS: AtomicU64 = AtomicU64::new(1);
         while let Some(incoming) = self.endpoint.accept().await {
             let origin = origin.clone();

@@ -8,13 +8,13 @@ use tokio::sync::broadcast;
 
 /// One source of one stream started or stopped talking.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Talking {
+pub(crate) struct Talking {
     pub stream: String,
     pub source: String,
     pub talking: bool,
 }
 
-pub struct TalkingBoard {
+pub(crate) struct TalkingBoard {
     tx: broadcast::Sender<Talking>,
     /// (stream, source) -> the edge connections that say it talks.
     claims: Mutex<HashMap<(String, String), Vec<u64>>>,
@@ -31,12 +31,12 @@ impl Default for TalkingBoard {
 
 impl TalkingBoard {
     /// Every flip from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Talking> {
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Talking> {
         self.tx.subscribe()
     }
 
     /// Edge connection `conn` says `source` of `stream` talks (or stopped).
-    pub fn report(&self, conn: u64, stream: String, source: String, talking: bool) {
+    pub(crate) fn report(&self, conn: u64, stream: String, source: String, talking: bool) {
         let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
         let key = (stream, source);
         let before = claims.get(&key).is_some_and(|c| !c.is_empty());
@@ -63,7 +63,7 @@ impl TalkingBoard {
     }
 
     /// An edge connection ended: what only it said talks stops.
-    pub fn drop_conn(&self, conn: u64) {
+    pub(crate) fn drop_conn(&self, conn: u64) {
         let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
         let mut silent = Vec::new();
         claims.retain(|key, c| {

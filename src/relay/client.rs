@@ -11,42 +11,41 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-pub use super::proto::DATAGRAM_HEADER;
 use super::proto::{
     encode_frame, DatagramHeader, EdgeMsg, FrameReader, LinkDelay, OriginMsg, SourceInfo,
 };
 use crate::auth::jwt::{JwtVerifier, VerifyKey};
 
 /// How long a viewer at an edge waits for the origin to authorize it before a 503.
-pub const AUTHORIZE_DEADLINE: Duration = Duration::from_secs(5);
+pub(crate) const AUTHORIZE_DEADLINE: Duration = Duration::from_secs(5);
 /// Authorize requests one link has in flight at most; more are refused at once (503).
-pub const MAX_PENDING_AUTHORIZE: usize = 1024;
+pub(crate) const MAX_PENDING_AUTHORIZE: usize = 1024;
 
 /// The origin's answer to an authorize request: a subscribe JWT, or (HTTP status, message).
-pub type AuthorizeAnswer = Result<String, (u16, String)>;
+pub(crate) type AuthorizeAnswer = Result<String, (u16, String)>;
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<AuthorizeAnswer>>>>;
 
 /// The QUIC handshake with the origin must finish within this, or the attempt is given up (and
 /// retried by [`manage_link`]): an origin that is down must not hold a connect for quinn's idle
 /// timeout.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The origin must answer `Hello` (with `Welcome` or `Refused`) within this after the handshake.
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
 /// Control messages to the origin queued at most; a full queue means the origin stopped reading
 /// the control stream, and the link is closed (and retried) rather than grown.
-pub const CONTROL_QUEUE: usize = 256;
+pub(crate) const CONTROL_QUEUE: usize = 256;
 /// One control frame must be written within this, or the link is closed: a peer that stopped
 /// reading must not hold the writer (and, through the bounded queue, everything else) forever.
-pub const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests of the media threads to the link manager queued at most (subscriptions, keyframe
 /// requests, talking reports); beyond it they are dropped, counted and logged.
-pub const LINK_REQUEST_QUEUE: usize = 4096;
+pub(crate) const LINK_REQUEST_QUEUE: usize = 4096;
 /// A link that keeps sending malformed datagrams is logged at most this often (each is counted).
-pub const MALFORMED_LOG_EVERY: Duration = Duration::from_secs(10);
+pub(crate) const MALFORMED_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Relink attempts start this soon after a loss and back off to at most [`RELINK_BACKOFF_MAX`].
-pub const RELINK_BACKOFF_MIN: Duration = Duration::from_millis(250);
-pub const RELINK_BACKOFF_MAX: Duration = Duration::from_secs(2);
+pub(crate) const RELINK_BACKOFF_MIN: Duration = Duration::from_millis(250);
+pub(crate) const RELINK_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// Why the link to the origin could not be made (or was lost).
 #[derive(Debug, thiserror::Error)]
@@ -318,7 +317,7 @@ impl EdgeLink {
 
     /// Asks the origin whether a viewer with this bearer may view `stream`; the answer goes to
     /// `reply` (dropped unanswered when the link ends).
-    pub fn authorize(
+    pub(crate) fn authorize(
         &self,
         stream: String,
         token: Option<String>,
@@ -384,14 +383,14 @@ impl EdgeLink {
         }
     }
 
-    pub fn request_keyframe(&self, stream: &str, source: Option<String>) {
+    pub(crate) fn request_keyframe(&self, stream: &str, source: Option<String>) {
         self.send_ctl(EdgeMsg::Keyframe {
             stream: stream.to_owned(),
             source,
         });
     }
 
-    pub fn talking(&self, stream: String, source: String, talking: bool) {
+    pub(crate) fn talking(&self, stream: String, source: String, talking: bool) {
         self.send_ctl(EdgeMsg::Talking {
             stream,
             source,
@@ -399,12 +398,8 @@ impl EdgeLink {
         });
     }
 
-    pub fn is_closed(&self) -> bool {
-        self.conn.close_reason().is_some()
-    }
-
     /// Resolves when the connection to the origin is gone.
-    pub async fn closed(&self) {
+    pub(crate) async fn closed(&self) {
         self.conn.closed().await;
     }
 
@@ -444,13 +439,13 @@ pub enum LinkRequest {
 
 /// Sends requests to the link manager; usable from any thread, never blocks.
 #[derive(Clone)]
-pub struct LinkCtl {
+pub(crate) struct LinkCtl {
     tx: mpsc::Sender<LinkRequest>,
     dropped: Arc<AtomicU64>,
 }
 
 impl LinkCtl {
-    pub fn send(&self, r: LinkRequest) {
+    pub(crate) fn send(&self, r: LinkRequest) {
         if let Err(TrySendError::Full(r)) = self.tx.try_send(r) {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n % 1000 == 1 {
@@ -460,7 +455,7 @@ impl LinkCtl {
     }
 
     /// The same requests, counting drops in `counter` (a /metrics counter).
-    pub fn counting_drops_in(mut self, counter: Arc<AtomicU64>) -> LinkCtl {
+    pub(crate) fn counting_drops_in(mut self, counter: Arc<AtomicU64>) -> LinkCtl {
         self.dropped = counter;
         self
     }
@@ -478,7 +473,7 @@ impl LinkCtl {
 
     /// The origin's answer for a viewer of `stream` with this bearer, within
     /// [`AUTHORIZE_DEADLINE`]; a 503 when the link is down or the origin is slow.
-    pub async fn authorize(&self, stream: &str, token: Option<&str>) -> AuthorizeAnswer {
+    pub(crate) async fn authorize(&self, stream: &str, token: Option<&str>) -> AuthorizeAnswer {
         let (reply, answer) = oneshot::channel();
         self.send(LinkRequest::Authorize {
             stream: stream.to_owned(),
@@ -520,7 +515,7 @@ fn take_key(keys: &JwtVerifier, link: &EdgeLink) {
 /// Keeps an edge linked to its origin: connects, re-subscribes what viewers want after a
 /// reconnect, and retries with backoff while the origin is away. `keys` takes the origin's JWT
 /// verify key from every `Welcome`. Returns once the first connection is up.
-pub async fn manage_link(
+pub(crate) async fn manage_link(
     cfg: LinkConfig,
     handler: Arc<dyn LinkHandler>,
     keys: Arc<JwtVerifier>,

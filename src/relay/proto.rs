@@ -4,9 +4,9 @@
 use serde::{Deserialize, Serialize};
 
 /// Control messages larger than this are a protocol error: a source list is a few KiB.
-pub const MAX_CONTROL_FRAME: usize = 1 << 20;
+pub(crate) const MAX_CONTROL_FRAME: usize = 1 << 20;
 /// `channel` (u32) + source index (u16) + kind (u8) + the origin's send time (u32, ms).
-pub const DATAGRAM_HEADER: usize = 11;
+pub(crate) const DATAGRAM_HEADER: usize = 11;
 /// The one-way delay floor of a link is the least delay seen over the last one to two of these.
 pub const DELAY_WINDOW_MS: u64 = 5_000;
 
@@ -123,7 +123,7 @@ impl DatagramHeader {
     }
 
     /// Splits a datagram into its header and RTP packet.
-    pub fn parse(d: &[u8]) -> Option<(DatagramHeader, &[u8])> {
+    pub(crate) fn parse(d: &[u8]) -> Option<(DatagramHeader, &[u8])> {
         if d.len() < DATAGRAM_HEADER {
             return None;
         }
@@ -146,7 +146,7 @@ impl DatagramHeader {
 
 /// The origin's clock for [`DatagramHeader::sent_ms`]: ms since the process first asked,
 /// wrapping (only differences matter).
-pub fn origin_clock_ms() -> u32 {
+pub(crate) fn origin_clock_ms() -> u32 {
     static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     EPOCH
         .get_or_init(std::time::Instant::now)
@@ -159,7 +159,7 @@ pub fn origin_clock_ms() -> u32 {
 /// seen over the last [`DELAY_WINDOW_MS`] to twice that. The two clocks need not agree (only
 /// their difference is used), and the window follows their drift.
 #[derive(Debug, Default)]
-pub struct LinkDelay {
+pub(crate) struct LinkDelay {
     /// The first delay seen: later ones are kept relative to it, so wrapping clocks compare.
     base: Option<u32>,
     bucket: u64,
@@ -170,7 +170,7 @@ pub struct LinkDelay {
 impl LinkDelay {
     /// The queueing age in ms of a datagram stamped `sent_ms` that arrived at `now_ms` (the
     /// receiver's clock).
-    pub fn age_ms(&mut self, now_ms: u64, sent_ms: u32) -> u32 {
+    pub(crate) fn age_ms(&mut self, now_ms: u64, sent_ms: u32) -> u32 {
         let delay = (now_ms as u32).wrapping_sub(sent_ms);
         let base = *self.base.get_or_insert(delay);
         let rel = delay.wrapping_sub(base) as i32 as i64;

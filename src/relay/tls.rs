@@ -10,28 +10,28 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 /// Version 2: datagrams carry the origin's send time (an 11-byte tag).
-pub const ALPN: &[u8] = b"chorus-relay/2";
+pub(crate) const ALPN: &[u8] = b"chorus-relay/2";
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-pub fn fingerprint(cert: &[u8]) -> String {
+pub(crate) fn fingerprint(cert: &[u8]) -> String {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert);
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Each side pings this often when idle, so a lost peer is noticed within [`LINK_IDLE_TIMEOUT`].
-pub const LINK_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(1);
+pub(crate) const LINK_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(1);
 /// A link that hears nothing for this long is closed: an edge then tells its viewers their
 /// sources are inactive and relinks. Five missed keep-alives.
-pub const LINK_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const LINK_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// quinn's datagram send and receive buffers: about 100 ms of a link at 10 Mbit/s (some 150
 /// Opus sources talking at once, or a few with video). When full, the sender's quinn drops the
 /// oldest queued datagram (counted at the origin as `send_buffer_full`): queued audio older than
 /// that is worth less than a gap, so the buffers are sized to what is worth sending, not to
 /// seconds of backlog.
-pub const LINK_DATAGRAM_BUFFER: usize = 128 * 1024;
+pub(crate) const LINK_DATAGRAM_BUFFER: usize = 128 * 1024;
 
 fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();

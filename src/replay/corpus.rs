@@ -87,7 +87,7 @@ pub fn read_levels(path: &Path) -> Result<Vec<u8>, CorpusError> {
 }
 
 /// Parses one level per line; `#` starts a comment. Errors with (1-based line, text).
-pub fn parse_levels(text: &str) -> Result<Vec<u8>, (usize, String)> {
+pub(crate) fn parse_levels(text: &str) -> Result<Vec<u8>, (usize, String)> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let t = line.split('#').next().unwrap_or("").trim();

@@ -19,7 +19,7 @@ use corpus::Speaker;
 use truth::{percentile, Turn};
 
 /// The one-byte extension id the replay's "browser" uses for the RFC 6464 level.
-pub const LEVEL_EXT_ID: u8 = 1;
+pub(crate) const LEVEL_EXT_ID: u8 = 1;
 pub const FRAME_US: u64 = 20_000;
 const OPUS_PT: u8 = 111;
 

@@ -29,13 +29,16 @@ impl std::error::Error for OggError {}
 
 /// The audio packets of an Ogg Opus file (after OpusHead and OpusTags), and its pre-skip.
 #[derive(Debug, Clone)]
-pub struct OggOpus {
+pub(crate) struct OggOpus {
+    // The header's fields: replay needs only the packets, the reader's tests check these.
+    #[allow(dead_code)]
     pub channels: u8,
+    #[allow(dead_code)]
     pub pre_skip: u16,
     pub packets: Vec<Vec<u8>>,
 }
 
-pub fn read_ogg_opus(data: &[u8]) -> Result<OggOpus, OggError> {
+pub(crate) fn read_ogg_opus(data: &[u8]) -> Result<OggOpus, OggError> {
     let packets = read_packets(data)?;
     let head = packets.first().ok_or(OggError::NotOpus)?;
     if head.len() < 19 || &head[..8] != b"OpusHead" {
@@ -58,7 +61,7 @@ pub fn read_ogg_opus(data: &[u8]) -> Result<OggOpus, OggError> {
 }
 
 /// All packets of all pages, in order, with continued packets joined across pages.
-pub fn read_packets(data: &[u8]) -> Result<Vec<Vec<u8>>, OggError> {
+pub(crate) fn read_packets(data: &[u8]) -> Result<Vec<Vec<u8>>, OggError> {
     let mut out = Vec::new();
     let mut partial: Vec<u8> = Vec::new();
     let mut at = 0;

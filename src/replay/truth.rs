@@ -9,9 +9,9 @@ pub struct Turn {
 }
 
 /// A frame is voiced when it is this many dB louder than the speaker's most common level.
-pub const VOICED_DB: u8 = 20;
+pub(crate) const VOICED_DB: u8 = 20;
 /// Pauses up to 700 ms stay inside one turn (sentence breaks); longer ones end it.
-pub const MERGE_GAP_FRAMES: usize = 35;
+pub(crate) const MERGE_GAP_FRAMES: usize = 35;
 /// Fewer voiced frames than this is a click, not a turn.
 pub const MIN_VOICED_FRAMES: usize = 3;
 
@@ -51,7 +51,7 @@ pub fn turns(levels: &[u8]) -> Vec<Turn> {
 }
 
 /// The speaker's most common level: its noise floor.
-pub fn mode(levels: &[u8]) -> Option<u8> {
+pub(crate) fn mode(levels: &[u8]) -> Option<u8> {
     let mut counts = [0usize; 128];
     for &l in levels {
         counts[(l & 0x7F) as usize] += 1;
@@ -64,7 +64,7 @@ pub fn mode(levels: &[u8]) -> Option<u8> {
 }
 
 /// Nearest-rank percentile of a sorted slice.
-pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
+pub(crate) fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
     if sorted.is_empty() {
         return None;
     }

@@ -5,7 +5,7 @@
 //! the expiry of old records. It runs where the origin runs (`serve`, `origin`).
 
 pub mod state;
-pub mod token;
+pub(crate) mod token;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,18 +26,18 @@ use token::RoomKeys;
 
 /// What a room socket's writer gets (a close carries [`CLOSE_ROOM`] for the room's own ends).
 #[derive(Debug)]
-pub enum ConnMsg {
+pub(crate) enum ConnMsg {
     Text(Utf8Bytes),
     /// A close frame with this code and reason, then the end.
     Close(u16, String),
 }
 
 /// The close code of a room's own ends (`room.removed`, a second socket taking over).
-pub const CLOSE_ROOM: u16 = 4000;
+pub(crate) const CLOSE_ROOM: u16 = 4000;
 
 /// A room socket's side of its connection: the bounded queue its writer drains, and what tells
 /// it that the queue overflowed (the participant does not read: its socket is closed).
-pub struct ConnTx {
+pub(crate) struct ConnTx {
     pub tx: mpsc::Sender<ConnMsg>,
     pub overflow: Arc<Notify>,
 }
@@ -66,14 +66,14 @@ struct Inner {
 
 /// Counters for /metrics.
 #[derive(Debug, Default)]
-pub struct RoomMetrics {
+pub(crate) struct RoomMetrics {
     pub joins: AtomicU64,
     pub promotions: AtomicU64,
     pub demotions: AtomicU64,
     pub removals: AtomicU64,
 }
 
-pub struct RoomService {
+pub(crate) struct RoomService {
     inner: Mutex<Inner>,
     keys: RoomKeys,
     api_key: Option<String>,
@@ -87,7 +87,7 @@ impl RoomService {
     /// Room tokens are signed with the origin's room-token key `room_key`; members' publish
     /// JWTs with `jwt` (the director's signer). Neither ever leaves the origin. Without an API
     /// key no room token can be issued.
-    pub fn new(
+    pub(crate) fn new(
         room_key: &[u8],
         jwt: Arc<JwtSigner>,
         api_key: Option<String>,
@@ -105,7 +105,7 @@ impl RoomService {
     }
 
     /// Follows the edges' talking reports and expires old records, for the life of the process.
-    pub fn start(self: &Arc<Self>) {
+    pub(crate) fn start(self: &Arc<Self>) {
         let mut talking = self.origin.talking.subscribe();
         let me = self.clone();
         tokio::spawn(async move {
@@ -133,11 +133,7 @@ impl RoomService {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn has_api_key(&self) -> bool {
-        self.api_key.is_some()
-    }
-
-    pub fn check_api_key(&self, bearer: Option<&str>) -> Result<(), RoomError> {
+    pub(crate) fn check_api_key(&self, bearer: Option<&str>) -> Result<(), RoomError> {
         match (&self.api_key, bearer) {
             (None, _) => Err(RoomError::NoApiKey),
             (Some(_), None) => Err(RoomError::MissingApiKey),
@@ -147,7 +143,7 @@ impl RoomService {
     }
 
     /// A room token for a new participant: (token, member id, expiry in Unix seconds).
-    pub fn issue(
+    pub(crate) fn issue(
         &self,
         room: &str,
         user_name: &str,
@@ -169,16 +165,16 @@ impl RoomService {
         (token, member, exp)
     }
 
-    pub fn verify(&self, token: &str) -> Result<Grant, AuthError> {
+    pub(crate) fn verify(&self, token: &str) -> Result<Grant, AuthError> {
         self.keys.verify(token)
     }
 
     /// The token's participant may use it (not removed from the room).
-    pub fn admit(&self, g: &Grant) -> Result<(), RoomError> {
+    pub(crate) fn admit(&self, g: &Grant) -> Result<(), RoomError> {
         self.lock().rooms.admit(g, unix_now())
     }
 
-    pub fn may_publish(
+    pub(crate) fn may_publish(
         &self,
         room: &str,
         member: &str,
@@ -188,7 +184,7 @@ impl RoomService {
     }
 
     /// A participant's room socket opened, writing what it gets to `tx`: its connection id.
-    pub fn connect(&self, g: &Grant, ws_url: String, tx: ConnTx) -> Result<u64, RoomError> {
+    pub(crate) fn connect(&self, g: &Grant, ws_url: String, tx: ConnTx) -> Result<u64, RoomError> {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.lock();
         let fx = inner.rooms.join(g, conn, unix_now())?;
@@ -215,7 +211,7 @@ impl RoomService {
     }
 
     /// A room socket closed.
-    pub fn disconnect(&self, conn: u64) {
+    pub(crate) fn disconnect(&self, conn: u64) {
         let mut inner = self.lock();
         let Some(c) = inner.conns.remove(&conn) else {
             return;
@@ -231,7 +227,7 @@ impl RoomService {
     }
 
     /// One command of a room socket: its response data, or why it was refused.
-    pub fn command(&self, conn: u64, name: &str, data: &Value) -> Result<Value, RoomError> {
+    pub(crate) fn command(&self, conn: u64, name: &str, data: &Value) -> Result<Value, RoomError> {
         let mut inner = self.lock();
         let (room, member) = match inner.conns.get(&conn) {
             Some(c) => (c.room.clone(), c.member.clone()),
@@ -271,7 +267,7 @@ impl RoomService {
         self.apply(inner, fx);
     }
 
-    pub fn gauges(&self) -> Gauges {
+    pub(crate) fn gauges(&self) -> Gauges {
         self.lock().rooms.gauges()
     }
 

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::{json, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Permission {
+pub(crate) enum Permission {
     MemberPromote,
     MemberDemote,
     MemberRemove,
@@ -22,7 +22,7 @@ pub enum Permission {
 }
 
 impl Permission {
-    pub const ALL: [Permission; 5] = [
+    pub(crate) const ALL: [Permission; 5] = [
         Permission::MemberPromote,
         Permission::MemberDemote,
         Permission::MemberRemove,
@@ -30,7 +30,7 @@ impl Permission {
         Permission::SelfAudioUnmute,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Permission::MemberPromote => "room.member.promote",
             Permission::MemberDemote => "room.member.demote",
@@ -40,7 +40,7 @@ impl Permission {
         }
     }
 
-    pub fn parse(s: &str) -> Result<Permission, RoomError> {
+    pub(crate) fn parse(s: &str) -> Result<Permission, RoomError> {
         Permission::ALL
             .into_iter()
             .find(|p| p.as_str() == s)
@@ -49,7 +49,7 @@ impl Permission {
 }
 
 /// Parses a permission list: sorted, without duplicates.
-pub fn parse_permissions<S: AsRef<str>>(list: &[S]) -> Result<Vec<Permission>, RoomError> {
+pub(crate) fn parse_permissions<S: AsRef<str>>(list: &[S]) -> Result<Vec<Permission>, RoomError> {
     let mut out = list
         .iter()
         .map(|s| Permission::parse(s.as_ref()))
@@ -76,7 +76,7 @@ fn permissions_field(data: &Value) -> Result<Option<Vec<Permission>>, RoomError>
 
 /// Why a room refuses a token, a command or a publication: the message the participant reads.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RoomError {
+pub(crate) enum RoomError {
     #[error("unknown permission {0:?}; valid permissions: {valid}", valid = Permission::ALL.map(Permission::as_str).join(", "))]
     UnknownPermission(String),
     #[error("permissions must be an array of strings")]
@@ -149,7 +149,7 @@ pub enum RoomError {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     /// Listens only.
     Audience,
     /// On stage: may publish its own source.
@@ -157,14 +157,14 @@ pub enum Role {
 }
 
 impl Role {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Role::Audience => "audience",
             Role::Member => "member",
         }
     }
 
-    pub fn parse(s: &str) -> Result<Role, RoomError> {
+    pub(crate) fn parse(s: &str) -> Result<Role, RoomError> {
         match s {
             "audience" => Ok(Role::Audience),
             "member" => Ok(Role::Member),
@@ -175,21 +175,21 @@ impl Role {
 
 /// What a member may publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Media {
+pub(crate) enum Media {
     AudioOnly,
     /// Audio, and video on its main track.
     All,
 }
 
 impl Media {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Media::AudioOnly => "audio-only",
             Media::All => "all",
         }
     }
 
-    pub fn parse(v: &Value) -> Result<Media, RoomError> {
+    pub(crate) fn parse(v: &Value) -> Result<Media, RoomError> {
         match v.as_str() {
             Some("audio-only") => Ok(Media::AudioOnly),
             Some("all") => Ok(Media::All),
@@ -200,7 +200,7 @@ impl Media {
 
 /// What a checked room token says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Grant {
+pub(crate) struct Grant {
     pub room: String,
     pub member: String,
     pub user_name: String,
@@ -305,7 +305,7 @@ impl Room {
 
 /// What the driver must do after a change, in order.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Effect {
+pub(crate) enum Effect {
     /// Send this `{"type":"event",...}` message to these room connections.
     Send { to: Vec<u64>, event: Value },
     /// Send `member.promoted` with fresh publish credentials (generation `generation`) to `conn`.
@@ -322,27 +322,27 @@ pub enum Effect {
 }
 
 /// A room event message.
-pub fn event(name: &str, data: Value) -> Value {
+pub(crate) fn event(name: &str, data: Value) -> Value {
     json!({"type": "event", "name": name, "data": data})
 }
 
 /// What a publish JWT may do, once checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PublishRight {
+pub(crate) struct PublishRight {
     pub generation: u32,
     pub media: Media,
 }
 
 /// Room, participant and member counts of connected participants.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Gauges {
+pub(crate) struct Gauges {
     pub rooms: usize,
     pub participants: usize,
     pub members: usize,
 }
 
 /// Command names the room socket takes.
-pub const COMMANDS: [&str; 8] = [
+pub(crate) const COMMANDS: [&str; 8] = [
     "hand.raise",
     "hand.lower",
     "promote",
@@ -354,14 +354,14 @@ pub const COMMANDS: [&str; 8] = [
 ];
 
 #[derive(Default)]
-pub struct Rooms {
+pub(crate) struct Rooms {
     rooms: HashMap<String, Room>,
 }
 
 impl Rooms {
     /// Makes sure a token's participant has a record (made from the token on its first use)
     /// and may still come in: not removed, not expired.
-    pub fn admit(&mut self, g: &Grant, now: u64) -> Result<(), RoomError> {
+    pub(crate) fn admit(&mut self, g: &Grant, now: u64) -> Result<(), RoomError> {
         if g.expires <= now {
             return Err(RoomError::TokenExpired);
         }
@@ -393,7 +393,12 @@ impl Rooms {
 
     /// A participant's room socket `conn` opened: it gets the room's state, the others learn
     /// of it. A second socket of the same member takes over from the first, which is closed.
-    pub fn join(&mut self, g: &Grant, conn: u64, now: u64) -> Result<Vec<Effect>, RoomError> {
+    pub(crate) fn join(
+        &mut self,
+        g: &Grant,
+        conn: u64,
+        now: u64,
+    ) -> Result<Vec<Effect>, RoomError> {
         self.admit(g, now)?;
         let room = self.rooms.get_mut(&g.room).expect("admitted");
         let p = room.people.get_mut(&g.member).expect("admitted");
@@ -428,7 +433,7 @@ impl Rooms {
 
     /// Room socket `conn` of `member` closed. Its publication (if any) is not touched: it
     /// belongs to the member's signalling session.
-    pub fn leave(&mut self, room_name: &str, member: &str, conn: u64) -> Vec<Effect> {
+    pub(crate) fn leave(&mut self, room_name: &str, member: &str, conn: u64) -> Vec<Effect> {
         let Some(room) = self.rooms.get_mut(room_name) else {
             return Vec::new();
         };
@@ -457,7 +462,7 @@ impl Rooms {
     }
 
     /// One command of `member`'s room socket `conn`: the response data and the effects.
-    pub fn command(
+    pub(crate) fn command(
         &mut self,
         room_name: &str,
         member: &str,
@@ -656,7 +661,7 @@ impl Rooms {
 
     /// A source of the stream `room_name` started or stopped talking (the edges' voice
     /// activity). Only members' flips are told, each once.
-    pub fn talking(&mut self, room_name: &str, source: &str, talking: bool) -> Vec<Effect> {
+    pub(crate) fn talking(&mut self, room_name: &str, source: &str, talking: bool) -> Vec<Effect> {
         let Some(room) = self.rooms.get_mut(room_name) else {
             return Vec::new();
         };
@@ -678,7 +683,7 @@ impl Rooms {
 
     /// May `member` publish in `room_name` now, with a JWT of `generation` (None: asking for a
     /// new one)?
-    pub fn may_publish(
+    pub(crate) fn may_publish(
         &self,
         room_name: &str,
         member: &str,
@@ -708,7 +713,7 @@ impl Rooms {
     }
 
     /// Forgets participants whose token expired and who are not connected, and empty rooms.
-    pub fn expire(&mut self, now: u64) {
+    pub(crate) fn expire(&mut self, now: u64) {
         for room in self.rooms.values_mut() {
             room.people
                 .retain(|_, p| p.conn.is_some() || p.expires > now);
@@ -716,7 +721,7 @@ impl Rooms {
         self.rooms.retain(|_, r| !r.people.is_empty());
     }
 
-    pub fn gauges(&self) -> Gauges {
+    pub(crate) fn gauges(&self) -> Gauges {
         let mut g = Gauges::default();
         for room in self.rooms.values() {
             let connected = room.people.values().filter(|p| p.conn.is_some());

@@ -10,10 +10,10 @@ use super::state::{parse_permissions, Grant, Permission, Role};
 use crate::auth::{unix_now, AuthError};
 
 /// The `typ` claim of room tokens.
-pub const TYP: &str = "chorus-room";
+pub(crate) const TYP: &str = "chorus-room";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RoomClaims {
+pub(crate) struct RoomClaims {
     pub typ: String,
     pub iat: u64,
     pub exp: u64,
@@ -25,14 +25,14 @@ pub struct RoomClaims {
     pub permissions: Vec<String>,
 }
 
-pub struct RoomKeys {
+pub(crate) struct RoomKeys {
     enc: EncodingKey,
     dec: DecodingKey,
 }
 
 impl RoomKeys {
     /// Keys of the origin's room-token secret (see [`crate::auth::identity`]).
-    pub fn new(secret: &[u8]) -> RoomKeys {
+    pub(crate) fn new(secret: &[u8]) -> RoomKeys {
         RoomKeys {
             enc: EncodingKey::from_secret(secret),
             dec: DecodingKey::from_secret(secret),
@@ -40,7 +40,7 @@ impl RoomKeys {
     }
 
     /// A token for a new participant, valid `ttl_secs`.
-    pub fn issue(
+    pub(crate) fn issue(
         &self,
         room: &str,
         member: &str,
@@ -66,7 +66,7 @@ impl RoomKeys {
     }
 
     /// Checks signature, expiry and shape.
-    pub fn verify(&self, token: &str) -> Result<Grant, AuthError> {
+    pub(crate) fn verify(&self, token: &str) -> Result<Grant, AuthError> {
         let mut v = Validation::new(Algorithm::HS256);
         v.leeway = 0;
         v.set_required_spec_claims(&["exp"]);

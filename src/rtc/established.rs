@@ -25,18 +25,18 @@ use crate::media::rtp::{write_packet, HeaderFields};
 /// A viewer whose consent checks stop for this long is gone. str0m's ICE-lite agent drops a
 /// pair after the same 15 s without a binding request (`is` crate, `RECENT_BINDING_REQUEST`);
 /// RFC 7675's 30 s is the checking side's figure, and a browser checks every 2.5-5 s.
-pub const CONSENT_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const CONSENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Packets remembered per track for NACK: 320 ms of 20 ms Opus, more than a loopback or LAN
 /// round trip and a receiver's NACK delay; each costs one refcount on the relay datagram.
-pub const NACK_HISTORY: usize = 16;
+pub(crate) const NACK_HISTORY: usize = 16;
 /// Times one remembered packet may be sent again: a second NACK for it is answered once
 /// more (the first retransmission may be lost too), the rest are ignored, so a viewer's
 /// NACKs can never make the edge send more than this many copies of what it forwarded.
-pub const MAX_RESENDS: u8 = 2;
+pub(crate) const MAX_RESENDS: u8 = 2;
 /// One sender report per track this often (what the 1-in-50 str0m packets gave before, and
 /// str0m's own audio interval): a receiver's RTP to wall-clock mapping and loss figures stay
 /// fresh for a few bytes a second.
-pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// The CNAME of every SDES chunk (RFC 3550 §6.5.1): one per viewer session is all it names.
 const CNAME: &[u8] = b"chorus";
 
@@ -111,7 +111,7 @@ fn sha1_hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 20] {
 
 impl IceLite {
     /// A binding request for this viewer: its ufrags, its integrity.
-    pub fn verify<'a>(&self, data: &'a [u8]) -> Option<StunMessage<'a>> {
+    pub(crate) fn verify<'a>(&self, data: &'a [u8]) -> Option<StunMessage<'a>> {
         let msg = StunMessage::parse(data).ok()?;
         if !msg.is_binding_request() {
             return None;
@@ -223,7 +223,7 @@ fn ntp(now: Instant) -> u64 {
 impl Established {
     /// The lean state of a viewer whose handshake gave `material` (`client`: this side was the
     /// DTLS client). None unless the profile is AEAD AES-GCM.
-    pub fn new(
+    pub(crate) fn new(
         ice: IceLite,
         material: &[u8],
         profile: SrtpProfile,
@@ -287,7 +287,7 @@ impl Established {
     /// built with); `ext_seq` is the extended sequence number (its high bits the ROC). The
     /// packet is counted and remembered for NACK. False if it could not be sealed.
     #[allow(clippy::too_many_arguments)]
-    pub fn send_rtp(
+    pub(crate) fn send_rtp(
         &mut self,
         now: Instant,
         track: usize,
@@ -354,7 +354,7 @@ impl Established {
     }
 
     /// Whether a binding request would be accepted (for routing a new address to this peer).
-    pub fn accepts_stun(&self, data: &[u8]) -> bool {
+    pub(crate) fn accepts_stun(&self, data: &[u8]) -> bool {
         self.ice.verify(data).is_some()
     }
 
@@ -362,7 +362,7 @@ impl Established {
     /// never acted on. An alert cannot be authenticated here, and one forged byte 21 from
     /// anyone who knows the 5-tuple must not end a viewer; a viewer that closes stops its
     /// consent checks (or says BYE in SRTCP) and ends by that.
-    pub fn handle_dtls(&mut self, _data: &[u8], stats: &RtcpStats) -> Option<Ended> {
+    pub(crate) fn handle_dtls(&mut self, _data: &[u8], stats: &RtcpStats) -> Option<Ended> {
         add(&stats.unexpected, 1);
         None
     }
@@ -546,7 +546,7 @@ impl Established {
 
     /// An RTCP BYE for every track (RFC 3550 §6.6): the viewer learns at once that the edge
     /// ended it, as str0m's DTLS close told it before.
-    pub fn bye(&mut self, scratch: &mut Vec<u8>, out: &mut impl Emit) {
+    pub(crate) fn bye(&mut self, scratch: &mut Vec<u8>, out: &mut impl Emit) {
         let Some(first) = self.tracks.first() else {
             return;
         };

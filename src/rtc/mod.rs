@@ -4,5 +4,5 @@
 pub mod established;
 pub mod offer;
 pub mod peers;
-pub mod srtp_out;
-pub mod supervise;
+pub(crate) mod srtp_out;
+pub(crate) mod supervise;

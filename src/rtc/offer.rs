@@ -3,7 +3,7 @@
 
 /// What the offer must contain to be accepted.
 #[derive(Debug, Clone, Copy)]
-pub struct OfferRequirements {
+pub(crate) struct OfferRequirements {
     /// A publisher's offer: some audio m-line sends.
     pub audio_send: bool,
     /// A viewer's offer: some audio m-line receives.
@@ -11,7 +11,7 @@ pub struct OfferRequirements {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OfferError {
+pub(crate) enum OfferError {
     /// Not parseable as SDP.
     Malformed(String),
     /// Parseable, but not what this endpoint takes.
@@ -39,18 +39,18 @@ impl std::fmt::Display for OfferError {
 impl std::error::Error for OfferError {}
 
 /// Largest offer accepted: a browser offer with many m-lines is a few KiB.
-pub const MAX_OFFER_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_OFFER_BYTES: usize = 64 * 1024;
 
 /// A summary of the offer's m-lines: (media, direction, has the RFC 6464 extension).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MLine {
+pub(crate) struct MLine {
     pub media: String,
     pub direction: String,
     pub audio_level: bool,
     pub mid: Option<String>,
 }
 
-pub fn mlines(sdp: &str) -> Vec<MLine> {
+pub(crate) fn mlines(sdp: &str) -> Vec<MLine> {
     let mut out: Vec<MLine> = Vec::new();
     for line in sdp.lines().map(str::trim_end) {
         if let Some(rest) = line.strip_prefix("m=") {
@@ -84,7 +84,7 @@ pub fn mlines(sdp: &str) -> Vec<MLine> {
 /// server must take what its clients send, so: within each media section the `i=`, `c=`, `b=`
 /// and `k=` lines move right after `m=` in their original order, and spaces around the `;`
 /// separators of `a=fmtp` parameters go.
-pub fn normalize(sdp: &str) -> String {
+pub(crate) fn normalize(sdp: &str) -> String {
     let mut out = String::with_capacity(sdp.len() + 16);
     let mut section: Vec<&str> = Vec::new();
     let flush = |section: &mut Vec<&str>, out: &mut String| {
@@ -138,7 +138,7 @@ pub fn normalize(sdp: &str) -> String {
     out
 }
 
-pub fn check_offer(sdp: &str, req: OfferRequirements) -> Result<(), OfferError> {
+pub(crate) fn check_offer(sdp: &str, req: OfferRequirements) -> Result<(), OfferError> {
     if sdp.len() > MAX_OFFER_BYTES {
         return Err(OfferError::Malformed(format!(
             "{} bytes, more than {MAX_OFFER_BYTES}",

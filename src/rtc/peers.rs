@@ -38,20 +38,20 @@ use crate::net::send::SendBatch;
 /// A peer that has not completed ICE + DTLS within this time is dropped (counted as
 /// `connect_timeout`). A browser on loopback or a LAN connects in well under a second, over TURN in
 /// one or two; each answered peer holds about 90 KiB until it connects or lapses.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Answered but not yet connected peers per process (origin and edge together); a new offer past
 /// this is refused with [`OfferError::Limit`] (HTTP 503). At about 90 KiB each this bounds the
 /// memory of offers that never connect to about 90 MiB, and lets 100 offers per second through
 /// the [`CONNECT_TIMEOUT`] even if none of them connects.
-pub const MAX_UNCONNECTED_PEERS: usize = 1000;
+pub(crate) const MAX_UNCONNECTED_PEERS: usize = 1000;
 /// Datagrams one peer may send per second before the excess is dropped. A viewer sends a few
 /// RTCP reports and consent checks per second; a publisher 50-100 media packets per track.
-pub const MAX_DATAGRAMS_PER_SEC: u32 = 2000;
+pub(crate) const MAX_DATAGRAMS_PER_SEC: u32 = 2000;
 /// STUN binding requests per second that one peer's ufrag may bring from addresses not yet
 /// routed to it (each costs an HMAC-SHA1 check). A browser checks each candidate pair a few
 /// times a second; a spoofer that knows a ufrag gets no more than this, and never eats the peer's
 /// own [`MAX_DATAGRAMS_PER_SEC`].
-pub const MAX_UNVERIFIED_STUN_PER_SEC: u32 = 100;
+pub(crate) const MAX_UNVERIFIED_STUN_PER_SEC: u32 = 100;
 /// Remote addresses remembered per peer (one per candidate pair the browser tries).
 const MAX_REMOTES: usize = 8;
 /// How long a viewer that went lean keeps its str0m `Rtc` for DTLS only. str0m answers as the
@@ -60,7 +60,7 @@ const MAX_REMOTES: usize = 8;
 /// str0m's DTLS can answer. 8 s covers a browser's first three retransmissions (1 + 2 + 4 s,
 /// RFC 6347 §4.2.4.1). Meanwhile str0m sends only DTLS: media, reports and consent answers
 /// are the lean state's, so one sender counts every packet.
-pub const DTLS_GRACE: Duration = Duration::from_secs(8);
+pub(crate) const DTLS_GRACE: Duration = Duration::from_secs(8);
 
 /// Counters of one or more media threads' sockets and peers, read by /metrics. A thread adds to
 /// them as things happen (rare events) or once per loop (the send counters).
@@ -128,11 +128,11 @@ fn max_unconnected() -> usize {
 /// One answered peer not connected yet, counted against [`MAX_UNCONNECTED_PEERS`] from the offer
 /// until it connects or ends (the count goes down when this is dropped).
 #[derive(Debug)]
-pub struct ConnectSlot(());
+pub(crate) struct ConnectSlot(());
 
 impl ConnectSlot {
     /// Takes a slot, or refuses the offer when the process has too many unconnected peers.
-    pub fn acquire() -> Result<ConnectSlot, OfferError> {
+    pub(crate) fn acquire() -> Result<ConnectSlot, OfferError> {
         let cap = max_unconnected();
         let taken = UNCONNECTED.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
             (n < cap).then_some(n + 1)
@@ -155,7 +155,7 @@ impl ConnectSlot {
     }
 
     /// (unconnected peers now, offers refused at the cap since start), for /metrics.
-    pub fn gauges() -> (usize, u64) {
+    pub(crate) fn gauges() -> (usize, u64) {
         (
             UNCONNECTED.load(Ordering::Relaxed),
             UNCONNECTED_REFUSED.load(Ordering::Relaxed),
@@ -177,7 +177,7 @@ pub struct PeerId(pub u64);
 /// Hashes a `PeerId` with one multiplication: ids are trusted, sequential numbers, and the peer
 /// table is looked up for every packet of every viewer (SipHash was a visible share of it).
 #[derive(Default)]
-pub struct IdHasher(u64);
+pub(crate) struct IdHasher(u64);
 
 impl Hasher for IdHasher {
     fn finish(&self) -> u64 {
@@ -201,7 +201,7 @@ impl std::fmt::Display for PeerId {
 
 /// Why a peer ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
+pub(crate) enum CloseReason {
     /// The control plane removed it (unpublish, replaced, signalling closed).
     Removed,
     /// ICE and DTLS did not complete within [`CONNECT_TIMEOUT`].
@@ -228,7 +228,7 @@ impl std::fmt::Display for CloseReason {
 
 /// Answers an offer with a new ICE-lite, RTP-mode peer whose only candidate is `candidate`.
 /// Runs on the control plane; the returned `Rtc` is then handed to a media thread.
-pub fn answer_offer(
+pub(crate) fn answer_offer(
     offer_sdp: &str,
     config: RtcConfig,
     candidate: SocketAddr,
@@ -279,7 +279,7 @@ pub fn answer_offer(
 /// uses. No transport-cc or abs-send-time: with them, Chrome probes bandwidth with padding-only
 /// packets on the audio SSRC (whose sequence numbers read as loss downstream once the padding is
 /// dropped), and each negotiated extension is written into every packet sent.
-pub fn media_config() -> RtcConfig {
+pub(crate) fn media_config() -> RtcConfig {
     RtcConfig::new()
         .clear_codecs()
         .enable_opus(true, false)
@@ -294,7 +294,7 @@ pub fn media_config() -> RtcConfig {
 /// One DTLS certificate for every peer of the process: a fresh key pair per peer costs more
 /// than the rest of a join (ICE, DTLS, SRTP set-up) together. The fingerprint in each answer is
 /// this certificate's; the DTLS keys are still per session.
-pub fn shared_dtls_cert() -> Option<&'static DtlsCert> {
+pub(crate) fn shared_dtls_cert() -> Option<&'static DtlsCert> {
     static CERT: OnceLock<Option<DtlsCert>> = OnceLock::new();
     CERT.get_or_init(|| {
         str0m::crypto::from_feature_flags()
@@ -312,11 +312,11 @@ pub fn shared_dtls_cert() -> Option<&'static DtlsCert> {
 pub struct Str0m(Option<Box<Rtc>>);
 
 impl Str0m {
-    pub fn get_mut(&mut self) -> Option<&mut Rtc> {
+    pub(crate) fn get_mut(&mut self) -> Option<&mut Rtc> {
         self.0.as_deref_mut()
     }
 
-    pub fn is_some(&self) -> bool {
+    pub(crate) fn is_some(&self) -> bool {
         self.0.is_some()
     }
 }
@@ -368,6 +368,11 @@ pub struct Peer<T> {
 }
 
 impl<T> Peer<T> {
+    #[cfg(test)]
+    pub(crate) fn is_lean(&self) -> bool {
+        self.lean.is_some()
+    }
+
     /// Leaves str0m behind for media: from now on `lean` answers consent checks, seals the
     /// peer's RTP and speaks its SRTCP, and str0m is kept for DTLS only until [`DTLS_GRACE`]
     /// ends. `material`, `profile` and `client` are the DTLS-SRTP keys; `tracks` what str0m
@@ -399,10 +404,6 @@ impl<T> Peer<T> {
         self.rtc_until = Some(now + DTLS_GRACE);
         true
     }
-
-    pub fn is_lean(&self) -> bool {
-        self.lean.is_some()
-    }
 }
 
 /// How a packet leaves for one connected peer: the lean state's seal into the send batch, or
@@ -427,7 +428,7 @@ impl<'a> Sink<'a> {
         Sink { socket, out }
     }
 
-    pub fn send(&mut self, to: SocketAddr, data: &[u8]) {
+    pub(crate) fn send(&mut self, to: SocketAddr, data: &[u8]) {
         self.out.push(self.socket, to, data);
     }
 }
@@ -439,14 +440,14 @@ impl Emit for Sink<'_> {
 }
 
 /// What a media thread does with its peers' events.
-pub trait PeerApp<T> {
+pub(crate) trait PeerApp<T> {
     /// Handles one event; a returned reason ends the peer.
     fn on_event(&mut self, id: PeerId, peer: &mut Peer<T>, ev: Event) -> Option<CloseReason>;
     /// The peer has ended (after it was removed from the set).
     fn on_closed(&mut self, id: PeerId, peer: Peer<T>, reason: CloseReason);
 }
 
-pub struct PeerSet<T> {
+pub(crate) struct PeerSet<T> {
     socket: UdpSocket,
     local: SocketAddr,
     poller: Poller,
@@ -469,7 +470,7 @@ pub struct PeerSet<T> {
 impl<T> PeerSet<T> {
     /// Takes the thread's socket; `bell` is rung by whoever queues work for the thread; the
     /// thread counts into `stats` (several threads may share one).
-    pub fn new(
+    pub(crate) fn new(
         socket: UdpSocket,
         bell: Arc<Doorbell>,
         stats: Arc<PeerStats>,
@@ -495,7 +496,7 @@ impl<T> PeerSet<T> {
         })
     }
 
-    pub fn stats(&self) -> &Arc<PeerStats> {
+    pub(crate) fn stats(&self) -> &Arc<PeerStats> {
         &self.stats
     }
 
@@ -510,7 +511,14 @@ impl<T> PeerSet<T> {
     }
 
     /// Adds an answered peer; `slot` is its place among the unconnected peers until it connects.
-    pub fn insert(&mut self, id: PeerId, ufrag: String, rtc: Rtc, data: T, slot: ConnectSlot) {
+    pub(crate) fn insert(
+        &mut self,
+        id: PeerId,
+        ufrag: String,
+        rtc: Rtc,
+        data: T,
+        slot: ConnectSlot,
+    ) {
         let now = Instant::now();
         self.by_ufrag.insert(ufrag.clone(), id);
         self.peers.insert(
@@ -537,18 +545,12 @@ impl<T> PeerSet<T> {
         self.timers.push(Reverse((now, id)));
     }
 
-    pub fn get_mut(&mut self, id: PeerId) -> Option<&mut Peer<T>> {
+    pub(crate) fn get_mut(&mut self, id: PeerId) -> Option<&mut Peer<T>> {
         self.peers.get_mut(&id)
     }
 
-    /// A connected peer (ICE and DTLS up) together with the socket's send batch.
-    pub fn connected_with_sink(&mut self, id: PeerId) -> Option<(&mut Peer<T>, Sink<'_>)> {
-        let p = self.peers.get_mut(&id).filter(|p| p.connected)?;
-        Some((p, Sink::new(&self.socket, &mut self.out)))
-    }
-
     /// A connected peer's data and the one way its packets leave.
-    pub fn writer(&mut self, id: PeerId) -> Option<(&mut T, PeerOut<'_>)> {
+    pub(crate) fn writer(&mut self, id: PeerId) -> Option<(&mut T, PeerOut<'_>)> {
         let p = self.peers.get_mut(&id).filter(|p| p.connected)?;
         let out = match (p.lean.as_deref_mut(), p.rtc.0.as_deref_mut()) {
             (Some(lean), _) => PeerOut::Lean {
@@ -562,20 +564,12 @@ impl<T> PeerSet<T> {
         Some((&mut p.data, out))
     }
 
-    pub fn len(&self) -> usize {
-        self.peers.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.peers.is_empty()
     }
 
-    pub fn ids(&self) -> Vec<PeerId> {
-        self.peers.keys().copied().collect()
-    }
-
     /// Ends a peer: flushes its DTLS close so the remote learns at once, then tells the app.
-    pub fn close(&mut self, id: PeerId, reason: CloseReason, app: &mut impl PeerApp<T>) {
+    pub(crate) fn close(&mut self, id: PeerId, reason: CloseReason, app: &mut impl PeerApp<T>) {
         let Some(mut p) = self.peers.remove(&id) else {
             return;
         };
@@ -608,7 +602,7 @@ impl<T> PeerSet<T> {
     /// Sends what the peers queued, then sleeps until a datagram arrives, the doorbell rings
     /// or `wait` passes. `has_work` is asked once more after the doorbell is armed, so work
     /// queued just before the sleep is never left waiting.
-    pub fn wait(&mut self, wait: Duration, has_work: impl FnOnce() -> bool) {
+    pub(crate) fn wait(&mut self, wait: Duration, has_work: impl FnOnce() -> bool) {
         self.out.flush(&self.socket);
         self.report_sends();
         if wait.is_zero() {
@@ -623,7 +617,7 @@ impl<T> PeerSet<T> {
     }
 
     /// Routes the datagrams waiting on the socket (up to a burst). Returns how many there were.
-    pub fn recv(&mut self, app: &mut impl PeerApp<T>) -> usize {
+    pub(crate) fn recv(&mut self, app: &mut impl PeerApp<T>) -> usize {
         let mut buf = std::mem::take(&mut self.buf);
         let mut n = 0;
         while n < RECV_BURST {
@@ -831,7 +825,7 @@ impl<T> PeerSet<T> {
 
     /// Drives the peers whose timeout is due; returns the earliest deadline still pending.
     /// A peer that asks to be driven again at once waits for the next call.
-    pub fn timeouts(&mut self, now: Instant, app: &mut impl PeerApp<T>) -> Option<Instant> {
+    pub(crate) fn timeouts(&mut self, now: Instant, app: &mut impl PeerApp<T>) -> Option<Instant> {
         let mut due = std::mem::take(&mut self.due);
         while let Some(&Reverse((at, id))) = self.timers.peek() {
             if at > now {
@@ -859,14 +853,14 @@ impl<T> PeerSet<T> {
 
     /// Sends what a peer has queued (after the app wrote RTP to it). str0m releases a stream's
     /// very first packet only on the timeout after the one that queued it, hence two.
-    pub fn flush(&mut self, id: PeerId, app: &mut impl PeerApp<T>) {
+    pub(crate) fn flush(&mut self, id: PeerId, app: &mut impl PeerApp<T>) {
         let now = Instant::now();
         self.drive(id, Input::Timeout(now), app);
         self.drive(id, Input::Timeout(now + Duration::from_micros(1)), app);
     }
 
     /// Feeds one input and drains output; returns the peer's next timeout.
-    pub fn drive(
+    pub(crate) fn drive(
         &mut self,
         id: PeerId,
         input: Input<'_>,

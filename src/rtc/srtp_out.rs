@@ -29,7 +29,7 @@ use str0m::crypto::CryptoError;
 use str0m::crypto::CryptoProvider;
 
 /// AES-GCM authentication tag appended to every SRTP packet.
-pub const TAG_LEN: usize = 16;
+pub(crate) const TAG_LEN: usize = 16;
 const SALT_LEN: usize = 12;
 
 /// Where one peer's DTLS instance leaves its keying material once the handshake ends.
@@ -38,7 +38,7 @@ pub struct KeySlot(Mutex<Option<(Vec<u8>, SrtpProfile, bool)>>);
 
 impl KeySlot {
     /// The material, the profile, and whether this side was the DTLS client.
-    pub fn take(&self) -> Option<(Vec<u8>, SrtpProfile, bool)> {
+    pub(crate) fn take(&self) -> Option<(Vec<u8>, SrtpProfile, bool)> {
         self.0.lock().ok()?.take()
     }
 }
@@ -49,7 +49,7 @@ thread_local! {
 
 /// Runs `build` (which builds one `Rtc` from a config using [`tapping_provider`]) so that the
 /// peer's keys end up in `slot`.
-pub fn with_key_slot<R>(slot: Arc<KeySlot>, build: impl FnOnce() -> R) -> R {
+pub(crate) fn with_key_slot<R>(slot: Arc<KeySlot>, build: impl FnOnce() -> R) -> R {
     PENDING.with(|p| *p.borrow_mut() = Some(slot));
     let r = build();
     PENDING.with(|p| p.borrow_mut().take());
@@ -57,7 +57,7 @@ pub fn with_key_slot<R>(slot: Arc<KeySlot>, build: impl FnOnce() -> R) -> R {
 }
 
 /// str0m's default crypto provider with a DTLS provider that reports keying material.
-pub fn tapping_provider() -> Arc<CryptoProvider> {
+pub(crate) fn tapping_provider() -> Arc<CryptoProvider> {
     static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     P.get_or_init(|| {
         let mut p = str0m::crypto::from_feature_flags();
@@ -185,7 +185,7 @@ impl DtlsInstance for TapInstance {
 }
 
 /// One viewer's outgoing SRTP session (AEAD AES-GCM).
-pub struct SrtpOut {
+pub(crate) struct SrtpOut {
     key: LessSafeKey,
     salt: [u8; SALT_LEN],
 }
@@ -245,7 +245,7 @@ fn session(
 impl SrtpOut {
     /// From DTLS-SRTP keying material (RFC 5764 §4.2: client key, server key, client salt,
     /// server salt). `client` says which side sends. None for profiles this path does not do.
-    pub fn new(material: &[u8], profile: SrtpProfile, client: bool) -> Option<SrtpOut> {
+    pub(crate) fn new(material: &[u8], profile: SrtpProfile, client: bool) -> Option<SrtpOut> {
         // RFC 3711 §4.3.1: label 0x00 is the SRTP encryption key, 0x02 its salt.
         let (key, salt) = session(material, profile, client, 0x00)?;
         Some(SrtpOut { key, salt })
@@ -254,7 +254,7 @@ impl SrtpOut {
     /// Seals `packet` in place: `header_len` bytes of RTP header (the AAD), then the payload,
     /// which is encrypted, then the tag is appended. `roc` is the rollover counter (the high
     /// bits of the sender's extended sequence number).
-    pub fn protect(&self, packet: &mut Vec<u8>, header_len: usize, roc: u32) -> bool {
+    pub(crate) fn protect(&self, packet: &mut Vec<u8>, header_len: usize, roc: u32) -> bool {
         if packet.len() < header_len || header_len < 12 {
             return false;
         }

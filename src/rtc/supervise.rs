@@ -17,10 +17,10 @@ use tracing::error;
 /// A media thread whose heartbeat is older than this makes `/healthz` answer 503. Its loop wakes
 /// at least every 10 ms (the edge's selection tick, the origin's command wait), so this is two
 /// hundred missed loops: a stuck thread, not a slow one.
-pub const STALL_AFTER: Duration = Duration::from_secs(2);
+pub(crate) const STALL_AFTER: Duration = Duration::from_secs(2);
 
 /// The process exit status after a media thread panicked (EX_SOFTWARE).
-pub const EXIT_MEDIA_PANIC: i32 = 70;
+pub(crate) const EXIT_MEDIA_PANIC: i32 = 70;
 
 /// Value of a heartbeat whose thread has ended by itself (its control plane went away).
 const RETIRED: u64 = u64::MAX;
@@ -36,7 +36,7 @@ fn now_ms() -> u64 {
 
 /// One media thread's liveness.
 #[derive(Debug)]
-pub struct Heartbeat {
+pub(crate) struct Heartbeat {
     name: String,
     last_ms: AtomicU64,
     #[cfg(debug_assertions)]
@@ -45,7 +45,7 @@ pub struct Heartbeat {
 
 impl Heartbeat {
     /// Called once per loop of the thread.
-    pub fn beat(&self) {
+    pub(crate) fn beat(&self) {
         let now = now_ms();
         self.last_ms.store(now, Ordering::Relaxed);
         #[cfg(debug_assertions)]
@@ -61,7 +61,7 @@ fn registry() -> &'static Mutex<Vec<Arc<Heartbeat>>> {
 }
 
 /// Media threads silent for longer than [`STALL_AFTER`]: (thread name, time since its last beat).
-pub fn stale() -> Vec<(String, Duration)> {
+pub(crate) fn stale() -> Vec<(String, Duration)> {
     let now = now_ms();
     let reg = registry().lock().unwrap_or_else(|p| p.into_inner());
     reg.iter()
@@ -76,7 +76,7 @@ pub fn stale() -> Vec<(String, Duration)> {
 /// Starts a media thread named `name` running `body` with its heartbeat. If `body` panics, the
 /// panic is logged with the thread's name and the process exits with [`EXIT_MEDIA_PANIC`]: every
 /// peer of that thread has lost its media, and a process that keeps answering HTTP would hide it.
-pub fn spawn_media<F>(name: String, body: F) -> std::io::Result<JoinHandle<()>>
+pub(crate) fn spawn_media<F>(name: String, body: F) -> std::io::Result<JoinHandle<()>>
 where
     F: FnOnce(Arc<Heartbeat>) + Send + 'static,
 {
@@ -118,14 +118,14 @@ mod test_fault {
     use std::time::Duration;
 
     #[derive(Debug)]
-    pub struct Fault {
+    pub(super) struct Fault {
         at_ms: u64,
         panic: bool,
         fired: AtomicBool,
     }
 
     impl Fault {
-        pub fn from_env(thread: &str) -> Option<Fault> {
+        pub(super) fn from_env(thread: &str) -> Option<Fault> {
             let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
             if let Ok(only) = std::env::var("CHORUS_TEST_FAULT_MEDIA_THREAD") {
                 if only != thread {
@@ -147,7 +147,7 @@ mod test_fault {
             })
         }
 
-        pub fn maybe_fire(&self, thread: &str, now_ms: u64) {
+        pub(super) fn maybe_fire(&self, thread: &str, now_ms: u64) {
             if now_ms < self.at_ms || self.fired.swap(true, Ordering::Relaxed) {
                 return;
             }

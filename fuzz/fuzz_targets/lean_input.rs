@@ -265,9 +265,9 @@ impl Run {
             Op::Advance(ms) => {
                 self.now += Duration::from_millis(ms as u64);
                 let mut out = Counter::default();
-                let r = self
-                    .lean
-                    .handle_timeout(self.now, &mut self.scratch, &self.stats, &mut out);
+                let r =
+                    self.lean
+                        .handle_timeout(self.now, &mut self.scratch, &self.stats, &mut out);
                 assert!(out.n <= SSRCS.len());
                 if r.is_err() {
                     self.ended = true;

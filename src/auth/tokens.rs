@@ -36,7 +36,7 @@ impl TokenKind {
 /// One token of the token file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenEntry {
-    /// The secret the bearer presents (random, 24 bytes).
+    /// The secret the bearer presents (24 random bytes, URL-safe base64).
     pub token: String,
     /// Stream name, or `*` for every stream.
     pub stream: String,
@@ -45,7 +45,7 @@ pub struct TokenEntry {
     /// Unix seconds; none = never expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<u64>,
-    /// Unix seconds it was made at (0 in files written before this was kept).
+    /// Unix seconds it was made at (0 when the file does not say).
     #[serde(default)]
     pub created: u64,
 }

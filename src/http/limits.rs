@@ -70,9 +70,9 @@ pub struct HttpLimits {
     pub offers_per_sec: u32,
     /// `--offers-per-sec-per-ip` (default [`OFFERS_PER_SEC_PER_IP`]).
     pub offers_per_sec_per_ip: u32,
-    /// How often signalling sockets are pinged (default 20 s; tests shorten it).
+    /// How often signalling sockets are pinged (default 20 s; tests shorten it, `--ws-ping-ms`).
     pub ws_ping_every: Duration,
-    /// A signalling socket silent this long is closed (default 60 s; tests shorten it).
+    /// A signalling socket silent this long is closed (default 60 s; `--ws-silence-ms`).
     pub ws_silence_limit: Duration,
 }
 

@@ -25,7 +25,7 @@ pub struct SendBatch {
     pub sent: u64,
     /// Datagrams the kernel refused (dropped, not retried).
     pub errors: u64,
-    /// `sendmmsg`/`sendto` calls made.
+    /// `sendmmsg` calls made.
     pub syscalls: u64,
 }
 

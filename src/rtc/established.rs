@@ -145,7 +145,7 @@ pub struct TrackSpec {
     pub clock_rate: u32,
     /// One-byte header extension ids of the audio level and the mid, when negotiated.
     pub level_id: Option<u8>,
-    /// See `level_id`.
+    /// The mid's extension id, when negotiated (see `level_id`).
     pub mid_id: Option<u8>,
     /// The track's mid, as the mid extension carries it.
     pub mid: SmallVec<[u8; 16]>,

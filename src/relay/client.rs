@@ -63,13 +63,13 @@ pub enum LinkError {
     /// The QUIC handshake took longer than [`CONNECT_TIMEOUT`].
     #[error("origin {0} did not complete the QUIC handshake within {CONNECT_TIMEOUT:?}")]
     ConnectTimeout(SocketAddr),
-    /// The origin sent nothing within [`HELLO_TIMEOUT`] of the handshake.
+    /// No `Welcome` or `Refused` within [`HELLO_TIMEOUT`] of the handshake.
     #[error("origin {0} did not answer hello within {HELLO_TIMEOUT:?}")]
     HelloTimeout(SocketAddr),
     /// The origin answered `Refused` (its reason).
     #[error("origin refused this edge: {0}")]
     Refused(String),
-    /// The control stream failed before `Welcome` (the error).
+    /// The control stream broke, or brought something else, before `Welcome` (what).
     #[error("origin link failed during hello: {0}")]
     Hello(String),
     /// The `Welcome` key is not an Ed25519 public key.

@@ -70,7 +70,7 @@ pub struct PeerStats {
     pub sent: AtomicU64,
     /// Datagrams the kernel refused.
     pub send_errors: AtomicU64,
-    /// `sendmmsg`/`sendto` calls made.
+    /// `sendmmsg` calls made.
     pub send_calls: AtomicU64,
     /// Datagrams over a peer's [`MAX_DATAGRAMS_PER_SEC`].
     pub flood_drops: AtomicU64,

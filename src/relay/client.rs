@@ -53,6 +53,7 @@ pub enum LinkError {
     /// The client endpoint or its TLS configuration could not be made.
     #[error("cannot set up the QUIC endpoint: {0}")]
     Endpoint(String),
+    /// The QUIC connection failed (no answer, or a certificate that is not the pinned one).
     #[error("cannot reach origin {origin}: {reason}")]
     Unreachable {
         /// The origin's relay address.

@@ -61,10 +61,10 @@ pub enum LinkError {
         /// What quinn said.
         reason: String,
     },
-    /// The QUIC handshake took longer than [`CONNECT_TIMEOUT`].
+    /// The QUIC handshake took longer than `CONNECT_TIMEOUT`.
     #[error("origin {0} did not complete the QUIC handshake within {CONNECT_TIMEOUT:?}")]
     ConnectTimeout(SocketAddr),
-    /// No `Welcome` or `Refused` within [`HELLO_TIMEOUT`] of the handshake.
+    /// No `Welcome` or `Refused` within `HELLO_TIMEOUT` of the handshake.
     #[error("origin {0} did not answer hello within {HELLO_TIMEOUT:?}")]
     HelloTimeout(SocketAddr),
     /// The origin answered `Refused` (its reason).
@@ -92,7 +92,7 @@ pub trait LinkHandler: Send + Sync + 'static {
     /// is how long it queued on the link before it was read (from its send stamp, see
     /// [`LinkDelay`]).
     fn on_datagram(&self, hdr: DatagramHeader, datagram: bytes::Bytes, queued: Duration);
-    /// The link is closed (the reason, for the log); [`manage_link`] relinks.
+    /// The link is closed (the reason, for the log); `manage_link` relinks.
     fn on_closed(&self, reason: &str);
     /// A room member was removed at the origin: end its views here.
     fn on_revoke(&self, _room: &str, _member: &str) {}

@@ -166,7 +166,7 @@ pub struct DatagramHeader {
 }
 
 impl DatagramHeader {
-    /// Appends the header's [`DATAGRAM_HEADER`] bytes to `out`.
+    /// Appends the header's `DATAGRAM_HEADER` bytes to `out`.
     pub fn write(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.channel.to_be_bytes());
         out.extend_from_slice(&self.source.to_be_bytes());
@@ -255,7 +255,7 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Vec<u8> {
 /// A control frame that could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FrameError {
-    /// The length prefix is past [`MAX_CONTROL_FRAME`] (the length).
+    /// The length prefix is past `MAX_CONTROL_FRAME` (the length).
     TooLarge(usize),
     /// The body is not a valid message (the parser's message).
     Json(String),

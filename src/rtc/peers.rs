@@ -81,7 +81,7 @@ pub struct PeerStats {
     pub stun_refused: AtomicU64,
     /// Peer ends, by reason (see [`CloseReason`]).
     pub closed_removed: AtomicU64,
-    /// Peers that did not connect within [`CONNECT_TIMEOUT`].
+    /// Peers that did not connect within `CONNECT_TIMEOUT`.
     pub closed_connect_timeout: AtomicU64,
     /// Peers whose consent checks stopped.
     pub closed_ice_timeout: AtomicU64,
@@ -93,7 +93,7 @@ pub struct PeerStats {
     pub undeclared_ssrc: AtomicU64,
     /// Viewers that left str0m after their handshake, and those whose `Rtc` the grace ended.
     pub lean_switched: AtomicU64,
-    /// Lean viewers whose str0m state was dropped after [`DTLS_GRACE`].
+    /// Lean viewers whose str0m state was dropped after `DTLS_GRACE`.
     pub lean_str0m_dropped: AtomicU64,
     /// What the lean viewers' consent checks and SRTCP brought (see [`RtcpStats`]).
     pub lean: RtcpStats,
@@ -348,7 +348,7 @@ impl DerefMut for Str0m {
 
 /// One peer of a set: its str0m (or, after the handshake, lean) state and the host's data `T`.
 pub struct Peer<T> {
-    /// Its str0m state; gone for a lean viewer after [`DTLS_GRACE`].
+    /// Its str0m state; gone for a lean viewer after `DTLS_GRACE`.
     pub rtc: Str0m,
     /// What carries a lean viewer's media after its handshake (see [`Peer::go_lean`]).
     lean: Option<Box<Established>>,
@@ -370,7 +370,7 @@ pub struct Peer<T> {
     window_count: u32,
     /// STUN from addresses not routed to this peer yet, in the current window.
     unverified_count: u32,
-    /// Datagrams of this peer dropped over [`MAX_DATAGRAMS_PER_SEC`].
+    /// Datagrams of this peer dropped over `MAX_DATAGRAMS_PER_SEC`.
     pub dropped_flood: u64,
     /// Held until the peer connects: it counts against [`MAX_UNCONNECTED_PEERS`].
     slot: Option<ConnectSlot>,

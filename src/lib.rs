@@ -4,7 +4,7 @@
 //! The feature `tools` (default) adds the test and measurement tools: `loadgen`, `replay`
 //! and the in-memory peers `edge::loopback`; without it the crate is the server alone.
 
-#![warn(unreachable_pub)]
+#![warn(unreachable_pub, missing_docs)]
 // What the tools share with the server (batched receive, the floor's send batch, socket options)
 // is dead in a server-only build; the default build still reports dead code.
 #![cfg_attr(not(feature = "tools"), allow(dead_code))]

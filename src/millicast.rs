@@ -15,8 +15,10 @@ pub(crate) const MAX_SOURCE_ID: usize = 128;
 /// A stream (or room) name that chorus does not take, with the rule it breaks.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
+    /// Empty, or longer than `MAX_STREAM_NAME`.
     #[error("streamName must be 1 to {MAX_STREAM_NAME} characters")]
     Length,
+    /// Holds a character outside `[A-Za-z0-9-_.~]`.
     #[error("streamName may only hold letters, digits and - _ . ~")]
     Characters,
 }

@@ -30,9 +30,12 @@ pub enum NodeKind {
     Edge,
 }
 
+/// How a process is set up: its role and what its flags say.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
+    /// What the process runs.
     pub role: NodeKind,
+    /// The HTTP address (`--http`): director, WHIP, WHEP, signalling.
     pub http: SocketAddr,
     /// IP the media UDP sockets bind.
     pub media_ip: IpAddr,
@@ -44,35 +47,44 @@ pub struct ServerOptions {
     pub public_ip: Option<IpAddr>,
     /// Base URL of the signalling socket in director answers, e.g. `wss://live.example.com`.
     pub public_ws: Option<String>,
+    /// Token file (`--tokens`); None = dev mode (every stream open to viewers).
     pub tokens: Option<PathBuf>,
+    /// The dev mode publish token (`--publish-token`); None or empty = a random one.
     pub dev_publish_token: Option<String>,
     /// Key of the room API (`POST /api/rooms/{room}/tokens`); dev mode makes one when absent.
     pub api_key: Option<String>,
     /// Seeds the JWT signing and room-token keys (instead of `data_dir`'s key files).
     pub jwt_secret: Option<String>,
+    /// How long a director JWT is valid, in seconds (`--jwt-ttl`).
     pub jwt_ttl_secs: u64,
     /// Where the origin keeps its identity (certificate, signing keys); None = new each start.
     pub data_dir: Option<PathBuf>,
     /// QUIC address edges connect to (origin and serve).
     pub cluster: SocketAddr,
+    /// Secret edges present to join the origin (`--cluster-token`); serve makes one when None.
     pub cluster_token: Option<String>,
     /// The origin an edge links to (edge only).
     pub origin: Option<SocketAddr>,
+    /// Hex SHA-256 of the origin's certificate the edge pins; None = accept any (logged).
     pub origin_fingerprint: Option<String>,
     /// Where `/metrics` and `/api/streams` are served (`--admin-http`); without it they are on
     /// the main HTTP address only in dev mode on loopback.
     pub admin_http: Option<SocketAddr>,
     /// Dev mode (no token file) may bind beyond loopback (`--dev-public`).
     pub dev_public: bool,
+    /// The HTTP and WebSocket limits (flags).
     pub limits: HttpLimits,
 }
 
 /// A running process's addresses, printed as one JSON line when ready.
 pub struct Running {
+    /// Where HTTP is served.
     pub http: SocketAddr,
     /// The admin listener, when there is one.
     pub admin: Option<SocketAddr>,
+    /// The origin's relay (QUIC) address; None on an edge.
     pub cluster: Option<SocketAddr>,
+    /// Hex SHA-256 of the relay certificate, for edges to pin; None on an edge.
     pub fingerprint: Option<String>,
     /// The room API key, when dev mode made it (printed in the ready line).
     pub dev_api_key: Option<String>,
@@ -81,10 +93,13 @@ pub struct Running {
 /// Why a server did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// `--tokens` given to an edge.
     #[error("an edge takes no --tokens (nor CHORUS_TOKENS): the origin's token policy decides who views what, and the edge asks its origin for every viewer; give the token file to chorus origin")]
     EdgeTokens,
+    /// An edge without `--origin`.
     #[error("an edge needs --origin HOST:PORT")]
     NoOrigin,
+    /// The token file could not be read.
     #[error(transparent)]
     Tokens(#[from] TokenFileError),
     /// What is beyond loopback ("HTTP on ... and media on ...").
@@ -95,13 +110,18 @@ pub enum StartError {
     /// What could not be bound or read ("HTTP on 127.0.0.1:8080").
     #[error("{what}: {source}")]
     Io {
+        /// What it was ("HTTP on 127.0.0.1:8080").
         what: String,
+        /// What the OS said.
         source: std::io::Error,
     },
+    /// The origin's identity could not be loaded or made.
     #[error("origin identity: {0}")]
     Identity(#[from] IdentityError),
+    /// The JWT signing key was refused (the reason).
     #[error("JWT signing key: {0}")]
     JwtKey(String),
+    /// The relay could not listen.
     #[error(transparent)]
     Relay(#[from] RelayBindError),
     /// The edge's own start (its media sockets, its link).

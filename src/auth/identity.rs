@@ -16,6 +16,7 @@ use super::jwt::JwtSigner;
 
 pub(crate) const CERT_FILE: &str = "relay-cert.der";
 pub(crate) const CERT_KEY_FILE: &str = "relay-key.pk8";
+/// File name of the JWT signing key (Ed25519, PKCS#8) in the data dir.
 pub const JWT_KEY_FILE: &str = "jwt-ed25519.pk8";
 /// The name the QUIC certificate is issued for, which edges ask for when they connect (they
 /// pin the certificate's fingerprint, not a CA: the name only has to agree).
@@ -24,15 +25,26 @@ pub(crate) const ROOM_KEY_FILE: &str = "room-token.key";
 /// Length of a generated room-token key (HS256 secret).
 pub(crate) const ROOM_KEY_BYTES: usize = 32;
 
+/// An identity file that cannot be read, written or made.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
+    /// A file or the data dir could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// What the OS said.
         source: std::io::Error,
     },
+    /// A key that does not parse or is too short, or a certificate without its key.
     #[error("{}: {message}", path.display())]
-    Bad { path: PathBuf, message: String },
+    Bad {
+        /// The file or directory (`--jwt-secret` for a key derived from it).
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// The QUIC certificate could not be generated (the generator's message).
     #[error("cannot make the relay certificate: {0}")]
     Cert(String),
 }
@@ -41,6 +53,7 @@ pub enum IdentityError {
 pub struct Identity {
     /// The QUIC certificate (DER) and its PKCS#8 key.
     pub cert_der: Vec<u8>,
+    /// The certificate's private key (PKCS#8, DER).
     pub cert_key_der: Vec<u8>,
     /// The JWT signing key (Ed25519, PKCS#8).
     pub jwt_pkcs8: Vec<u8>,

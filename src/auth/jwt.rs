@@ -8,10 +8,13 @@ use serde::{Deserialize, Serialize};
 
 use super::{unix_now, AuthError};
 
+/// What a JWT lets its bearer do with its stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scope {
+    /// Publish to the stream (WHIP, signalling `publish`).
     Publish,
+    /// View the stream (WHEP, signalling `view`).
     Subscribe,
 }
 
@@ -46,8 +49,10 @@ pub(crate) struct Claims {
 /// A key a JWT or a key file was refused for.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
+    /// A private key that is not Ed25519 PKCS#8 (the parser's message).
     #[error("not an Ed25519 PKCS#8 private key: {0}")]
     BadPrivateKey(String),
+    /// A public key that is not base64 of 32 bytes.
     #[error("not an Ed25519 public key (base64 of 32 bytes): {0}")]
     BadPublicKey(String),
 }
@@ -92,6 +97,7 @@ impl VerifyKey {
 pub struct JwtSigner {
     enc: EncodingKey,
     public: VerifyKey,
+    /// Lifetime of the JWTs it issues, in seconds.
     pub ttl_secs: u64,
 }
 
@@ -116,6 +122,7 @@ impl JwtSigner {
         Ok(doc.as_ref().to_vec())
     }
 
+    /// A signer of this PKCS#8 Ed25519 key whose JWTs live `ttl_secs` seconds.
     pub fn from_pkcs8(der: &[u8], ttl_secs: u64) -> Result<JwtSigner, KeyError> {
         use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
         let pair =
@@ -127,6 +134,7 @@ impl JwtSigner {
         })
     }
 
+    /// The public half of the key, for edges and verifiers.
     pub fn verify_key(&self) -> &VerifyKey {
         &self.public
     }
@@ -136,6 +144,7 @@ impl JwtSigner {
         JwtVerifier::new(&self.public)
     }
 
+    /// A JWT for `stream` with `scope`, bound to no room member.
     pub fn issue(&self, stream: &str, scope: Scope) -> String {
         self.issue_bound(stream, scope, None)
     }

@@ -13,14 +13,18 @@ use serde::{Deserialize, Serialize};
 
 use super::{constant_time_eq, random_secret, unix_now, AuthError};
 
+/// What a token in the token file lets its bearer do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenKind {
+    /// Publish (WHIP, signalling `publish`).
     Publish,
+    /// View (WHEP, signalling `view`).
     Subscribe,
 }
 
 impl TokenKind {
+    /// The kind as the token file and the CLI spell it.
     pub fn as_str(self) -> &'static str {
         match self {
             TokenKind::Publish => "publish",
@@ -29,15 +33,19 @@ impl TokenKind {
     }
 }
 
+/// One token of the token file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenEntry {
+    /// The secret the bearer presents (24 random bytes, URL-safe base64).
     pub token: String,
     /// Stream name, or `*` for every stream.
     pub stream: String,
+    /// What it lets the bearer do.
     pub kind: TokenKind,
     /// Unix seconds; none = never expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<u64>,
+    /// Unix seconds it was made at (0 when the file does not say).
     #[serde(default)]
     pub created: u64,
 }
@@ -51,14 +59,20 @@ impl TokenEntry {
 /// A token file that cannot be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenFileError {
+    /// The file could not be read or written.
     #[error("{}: {source}", .path.display())]
     Io {
+        /// The token file.
         path: PathBuf,
+        /// What the OS said.
         source: std::io::Error,
     },
+    /// The file is not a valid token file.
     #[error("{}: {source}", .path.display())]
     Json {
+        /// The token file.
         path: PathBuf,
+        /// What the JSON parser said.
         source: serde_json::Error,
     },
 }
@@ -68,12 +82,15 @@ pub enum TokenFileError {
 #[error("not a duration: {0:?} (use e.g. 90s, 10m, 12h, 7d)")]
 pub struct BadDuration(pub String);
 
+/// The tokens a server accepts, as kept in the `--tokens` JSON file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenFile {
+    /// Every token, in the order they were made.
     pub tokens: Vec<TokenEntry>,
 }
 
 impl TokenFile {
+    /// Reads the file; a missing file is an empty one.
     pub fn load(path: &Path) -> Result<TokenFile, TokenFileError> {
         match std::fs::read(path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| TokenFileError::Json {

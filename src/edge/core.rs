@@ -48,7 +48,9 @@ pub(crate) const MAX_RELAY_AGE_US: u64 = super::MAX_RELAY_AGE.as_micros() as u64
 /// Which of a viewer's tracks a write is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrackRef {
+    /// The main audio track (the pinned source, or the stream's main source).
     MainAudio,
+    /// The main video track.
     MainVideo,
     /// Multiplexed track k (its index among the viewer's multiplexed m-lines).
     Mux(u8),
@@ -57,7 +59,9 @@ pub enum TrackRef {
 /// One packet for one viewer's track.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Write {
+    /// The viewer it goes to.
     pub viewer: PeerId,
+    /// Which of its tracks.
     pub track: TrackRef,
     /// The header fields the viewer's own numbering starts from: the group's rewritten fields
     /// (fed by the group's track) or, on a main track, the publisher's (fed by the source).
@@ -71,14 +75,18 @@ pub struct Write {
 /// What the core asks of its driver, in the order it must be done.
 #[derive(Debug)]
 pub enum Output {
+    /// Send a packet to a viewer's track.
     Write(Write),
+    /// Send an event to a viewer's signalling socket.
     Event(PeerId, ViewerEvent),
+    /// Ask the origin link for something.
     Link(LinkRequest),
 }
 
 /// One relayed datagram, as the link's reader took it.
 #[derive(Debug, Clone)]
 pub struct Relayed {
+    /// Its relay header.
     pub hdr: DatagramHeader,
     /// The whole datagram; the RTP packet starts at [`DATAGRAM_HEADER`].
     pub data: Bytes,
@@ -89,8 +97,11 @@ pub struct Relayed {
 /// A viewer joining: what its `view` asked for and what its offer negotiated.
 #[derive(Debug, Clone, Default)]
 pub struct Join {
+    /// The stream to view.
     pub stream: String,
+    /// The sourceId pinned to the main tracks; None = the main source.
     pub pinned: Option<String>,
+    /// sourceIds never to play in its multiplexed tracks.
     pub excluded: Vec<String>,
     /// Its main video m-line, if any (keyframe requests on it go to the origin).
     pub main_video: Option<Mid>,
@@ -239,6 +250,7 @@ pub struct EdgeCore {
 }
 
 impl EdgeCore {
+    /// An empty core; `seed` seeds its rewriters' SSRCs and starting numbers.
     pub fn new(metrics: Arc<EdgeMetrics>, shared: Arc<Shared>, seed: u64) -> Self {
         EdgeCore {
             streams: HashMap::new(),

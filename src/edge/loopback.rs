@@ -18,16 +18,21 @@ use crate::rtc::established::{Established, IceLite};
 use crate::rtc::peers::answer_offer;
 use crate::rtc::srtp_out::{tapping_provider, with_key_slot, KeySlot};
 
+/// The edge side's address (the client's is 127.0.0.2).
 pub const SERVER: &str = "127.0.0.1:5000";
 
+/// A connected edge viewer and its client, from [`pair`].
 pub struct Pair {
+    /// The edge's side of the viewer.
     pub server: Rtc,
+    /// The viewer's client, which receives.
     pub client: Rtc,
     /// The multiplexed tracks, as the edge writes them.
     pub tracks: Vec<OutTrack>,
     /// The server's DTLS-SRTP keying material, profile and DTLS role, until
     /// [`Pair::go_lean`] takes it.
     pub keys: Option<(Vec<u8>, SrtpProfile, bool)>,
+    /// The client's address, as the server sees it.
     pub client_addr: SocketAddr,
 }
 

@@ -60,13 +60,21 @@ pub(crate) const MAX_RELAY_AGE: Duration = Duration::from_millis(100);
 /// Counters the edge keeps for /metrics.
 #[derive(Debug, Default)]
 pub struct EdgeMetrics {
+    /// Connected viewers now (a gauge).
     pub viewers: AtomicU64,
+    /// Viewer offers answered since start.
     pub viewers_total: AtomicU64,
+    /// Packets received from the origin.
     pub relay_packets: AtomicU64,
+    /// Packets written to viewers' multiplexed tracks.
     pub packets_out: AtomicU64,
+    /// Relayed packets of a source index the stream's `Sources` did not announce.
     pub dropped_unknown: AtomicU64,
+    /// Relayed datagrams too short for RTP, or not valid RTP.
     pub dropped_malformed: AtomicU64,
+    /// `vad` events sent to viewers (a track changed source).
     pub vad_events: AtomicU64,
+    /// `active` events sent to viewers (a source went live), one per viewer told.
     pub active_events: AtomicU64,
     /// Track changes (a multiplexed track taking a source or emptying), per group.
     pub switches: AtomicU64,
@@ -78,7 +86,9 @@ pub struct EdgeMetrics {
     pub interned_names: AtomicU64,
     /// Packets for a viewer's track not sent, by [`viewer::NotSent`] reason.
     pub dropped_viewer_before_switch: AtomicU64,
+    /// Packets for an m-line the viewer did not negotiate.
     pub dropped_not_negotiated: AtomicU64,
+    /// Packets the lean path could not seal.
     pub dropped_seal: AtomicU64,
     /// The media threads' sockets and peers (flood drops, send errors, unroutable, STUN refused,
     /// peer ends by reason), shared by every media thread.
@@ -87,7 +97,9 @@ pub struct EdgeMetrics {
     pub direct_viewers: AtomicU64,
     /// Viewers the origin authorized, refused, or could not answer for (link down, deadline).
     pub authorize_allowed: AtomicU64,
+    /// Viewers the origin refused.
     pub authorize_refused: AtomicU64,
+    /// Viewers the origin could not answer for (link down, deadline passed).
     pub authorize_unavailable: AtomicU64,
     /// Relayed datagrams on a channel no stream of this edge follows (another link's, a stale
     /// one after a relink).
@@ -150,7 +162,9 @@ pub(crate) fn viewer_config() -> RtcConfig {
 /// that starts following a stream after they were announced) and the viewer count at this edge.
 #[derive(Default)]
 pub struct Shared {
+    /// Per stream, the channel and source list of the origin's last `Sources`.
     pub sources: Mutex<HashMap<String, (u32, Vec<SourceInfo>)>>,
+    /// Per stream, its viewers at this edge (every media thread's together).
     pub viewers: Mutex<HashMap<String, usize>>,
 }
 

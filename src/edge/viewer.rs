@@ -45,6 +45,7 @@ pub enum Sent {
 
 /// One m-line the edge sends on.
 pub struct OutTrack {
+    /// The m-line's mid.
     pub mid: Mid,
     rw: TrackRewriter,
     /// Extended (ROC-carrying) sequence number of the last packet written.
@@ -54,6 +55,7 @@ pub struct OutTrack {
     /// This track's index in its viewer's lean state, once it went lean.
     pub lean: Option<usize>,
     clock_rate: u32,
+    /// Packets written on it (either path).
     pub packets: u64,
 }
 
@@ -218,11 +220,17 @@ pub fn go_lean(peer: &mut Peer<Viewer>, now: Instant) -> bool {
 /// A viewer as the edge's media thread knows it: its peer's side. What it asked for and its
 /// group are the edge core's (`edge::core`).
 pub struct Viewer {
+    /// The stream it views.
     pub stream: String,
+    /// The id the edge gave it (`sub-N-...`), returned with its answer.
     pub subscriber_id: String,
+    /// Its main audio m-line, if negotiated.
     pub main_audio: Option<OutTrack>,
+    /// Its main video m-line, if negotiated.
     pub main_video: Option<OutTrack>,
+    /// Its multiplexed audio m-lines, in order.
     pub tracks: Vec<OutTrack>,
+    /// Events for its signalling socket.
     pub events: UnboundedSender<ViewerEvent>,
     /// Filled by the DTLS handshake; taken by [`go_lean`] once connected.
     pub keys: Arc<KeySlot>,

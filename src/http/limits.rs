@@ -62,11 +62,17 @@ pub const ROOM_COMMANDS_PER_SEC: u32 = 10;
 /// The limits a process runs with (flags; defaults above).
 #[derive(Debug, Clone)]
 pub struct HttpLimits {
+    /// `--max-connections` (default [`MAX_CONNECTIONS`]).
     pub max_connections: usize,
+    /// `--max-connections-per-ip` (default [`MAX_CONNECTIONS_PER_IP`]).
     pub max_connections_per_ip: usize,
+    /// `--offers-per-sec` (default [`OFFERS_PER_SEC`]).
     pub offers_per_sec: u32,
+    /// `--offers-per-sec-per-ip` (default [`OFFERS_PER_SEC_PER_IP`]).
     pub offers_per_sec_per_ip: u32,
+    /// How often signalling sockets are pinged (default 20 s; tests shorten it, `--ws-ping-ms`).
     pub ws_ping_every: Duration,
+    /// A signalling socket silent this long is closed (default 60 s; `--ws-silence-ms`).
     pub ws_silence_limit: Duration,
 }
 

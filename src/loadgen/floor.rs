@@ -19,13 +19,19 @@ use crate::net::send::SlotBatch;
 use crate::net::sockopt::{raise_nofile, set_buffers, udp_socket};
 
 pub(crate) const HEADER: usize = 12;
+/// Bytes of the AES-GCM tag after each sealed payload.
 pub const TAG: usize = 16;
 
+/// What a floor run sends (`chorus loadgen floor`'s flags).
 #[derive(Debug, Clone)]
 pub struct FloorOptions {
+    /// Packets to seal and send.
     pub packets: u64,
+    /// Destination sockets (round robin), each with its own key.
     pub viewers: usize,
+    /// Packets per `sendmmsg`.
     pub batch: usize,
+    /// Payload bytes per packet.
     pub payload: usize,
 }
 
@@ -142,6 +148,7 @@ fn timed(
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// Runs the floor and returns its JSON line; an error for bad options or sockets.
 pub fn run(o: &FloorOptions) -> Result<Value, String> {
     if o.packets == 0 || o.viewers == 0 || o.batch == 0 {
         return Err("--packets, --viewers and --batch must be at least 1".into());

@@ -47,35 +47,50 @@ use signal::{HttpBase, Signalling};
 /// join times measure the server.
 pub const DEFAULT_POLL_MS: f64 = 100.0;
 
+/// What a load run does (`chorus loadgen`'s flags).
 #[derive(Debug, Clone)]
 pub struct Options {
     /// The director (and signalling) chorus answers at, e.g. http://127.0.0.1:8080.
     pub url: String,
     /// Where viewers ask for their signalling URL (default: `url`).
     pub view_url: Option<String>,
+    /// The stream published and viewed.
     pub stream: String,
+    /// Bearer token for the publish director, when the server needs one.
     pub publish_token: Option<String>,
+    /// Bearer token for the subscribe director, when the stream needs one.
     pub subscribe_token: Option<String>,
+    /// Directory of `<id>.opus` and `<id>.levels` files (see [`crate::replay::corpus`]).
     pub corpus: PathBuf,
     /// Corpus speakers to publish, in order (default: all, sorted).
     pub sources: Vec<String>,
     /// How many publishers (default: one per chosen speaker). More than speakers reuses them.
     pub publishers: Option<usize>,
+    /// Multiplexed tracks per viewer (1 to 16).
     pub tracks: usize,
+    /// Viewers of the first step.
     pub start: usize,
+    /// Viewers added per step.
     pub step: usize,
+    /// Length of each step's steady part (s), measured after its joins complete.
     pub step_secs: f64,
+    /// The ramp stops at this many viewers.
     pub max_viewers: usize,
     /// Hard stop: the run ends within this many seconds.
     pub duration: f64,
+    /// Joins in flight at once (director request to ICE + DTLS connected).
     pub join_concurrency: usize,
+    /// Seconds a join may take before it counts as failed.
     pub join_timeout: f64,
     /// Every n-th viewer decrypts to measure latency (0: none).
     pub sample_every: usize,
+    /// Threads owning the viewers (the publishers get one more).
     pub threads: usize,
+    /// The process forwarding to viewers: its CPU and memory are read from /proc at each step.
     pub edge_pid: Option<u32>,
     /// The origin, when it shares the generator's core: its CPU is reported beside ours.
     pub origin_pid: Option<u32>,
+    /// IP the peers' UDP sockets bind.
     pub local_ip: IpAddr,
     /// Sockets are read at most this often (ms).
     pub poll_ms: f64,

@@ -33,6 +33,7 @@ pub struct VadConfig {
     pub size_threshold_bytes: u8,
     /// A talkspurt starts after this many voiced packets among the last `onset_window`.
     pub onset_voiced: u8,
+    /// The number of recent packets `onset_voiced` counts in.
     pub onset_window: u8,
     /// A source still counts as talking this long after its last voiced packet (between syllables).
     pub talk_hold_us: u64,
@@ -46,7 +47,9 @@ pub struct VadConfig {
     /// taken as at most `cold_floor_prior`, and a packet is voiced only if the levels seen so far
     /// span `cold_range_db` (speech is modulated; a fan switched on with the microphone is not).
     pub cold_us: u64,
+    /// Highest floor (loudness) assumed while cold.
     pub cold_floor_prior: u8,
+    /// Spread of levels (dB) a cold source must show before a packet counts as voiced.
     pub cold_range_db: u8,
 }
 
@@ -75,11 +78,22 @@ impl Default for VadConfig {
 pub enum Measurement {
     /// DTX, comfort noise, digital silence or an empty payload. A DTX packet may still carry
     /// the level of the room (the sender measures it before encoding): that feeds the floor.
-    Silence { room_loudness: Option<u8> },
+    Silence {
+        /// The room's loudness the packet carries, if any (as `loudness` of `Level`).
+        room_loudness: Option<u8>,
+    },
     /// RFC 6464 level: `loudness` = 127 - level (dB above -127 dBov), `voice` = the V flag.
-    Level { loudness: u8, voice: bool },
+    Level {
+        /// 127 - the RFC 6464 level: 0 = digital silence, 127 = 0 dBov.
+        loudness: u8,
+        /// The sender's V flag.
+        voice: bool,
+    },
     /// Payload bytes scaled to a 20 ms frame.
-    Size { bytes: u8 },
+    Size {
+        /// Bytes per 20 ms of audio.
+        bytes: u8,
+    },
 }
 
 impl Measurement {
@@ -116,20 +130,24 @@ impl Measurement {
 /// Where a source stands at a given time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Voice {
+    /// Not in a talkspurt, or past its hangover.
     Silent,
     /// Stopped talking recently: keeps a slot it holds, does not claim a new one.
     Hangover,
+    /// In a talkspurt: voiced packets within the last `talk_hold_us`.
     Talking,
 }
 
 /// Result of observing one packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
+    /// Nothing changed.
     None,
     /// A talkspurt started (or resumed after its hangover ran out) with this packet.
     Onset,
 }
 
+/// One source's voice activity: its noise floors, onset history, talkspurt and activity score.
 #[derive(Debug, Clone)]
 pub struct VoiceActivity {
     level_floor: NoiseFloor,
@@ -158,6 +176,7 @@ pub struct VoiceActivity {
 }
 
 impl VoiceActivity {
+    /// The state of a source not heard yet.
     pub fn new(cfg: &VadConfig) -> Self {
         VoiceActivity {
             level_floor: NoiseFloor::new(cfg.floor_window_us),
@@ -203,6 +222,7 @@ impl VoiceActivity {
         self.observe(cfg, now_us, m)
     }
 
+    /// Takes one packet's measurement at `now_us`; says whether a talkspurt started with it.
     pub fn observe(&mut self, cfg: &VadConfig, now_us: u64, m: Measurement) -> Transition {
         let first_seen = *self.first_seen_us.get_or_insert(now_us);
         let cold = now_us.saturating_sub(first_seen) < cfg.cold_us;
@@ -329,6 +349,7 @@ impl VoiceActivity {
         self.score * (-(idle as f32) / cfg.score_tau_us as f32).exp()
     }
 
+    /// Where the source stands at `now_us`.
     pub fn voice(&self, cfg: &VadConfig, now_us: u64) -> Voice {
         if !self.talkspurt {
             return Voice::Silent;

@@ -12,9 +12,13 @@ const MAX_SEQ_JUMP: i64 = 3000;
 /// Header values for a forwarded packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rewritten {
+    /// The track's own SSRC.
     pub ssrc: u32,
+    /// The next number of the track's gapless sequence.
     pub seq: u16,
+    /// The timestamp on the track's clock (advanced by the real elapsed time at a switch).
     pub ts: u32,
+    /// The input's marker, or set on the first packet after a switch.
     pub marker: bool,
 }
 
@@ -24,17 +28,24 @@ pub struct Rewritten {
 /// by the pinned source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Feed {
+    /// A publisher's source.
     Source(SourceIdx),
+    /// A group's track (the group, the track's index in it).
     Group(GroupId, u8),
 }
 
 /// The input header fields the rewriter needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InputPacket {
+    /// What the packet came from.
     pub source: Feed,
+    /// Its SSRC (a new one re-anchors, as a new feed does).
     pub ssrc: u32,
+    /// Its sequence number.
     pub seq: u16,
+    /// Its RTP timestamp.
     pub ts: u32,
+    /// Its marker bit.
     pub marker: bool,
     /// Audio duration in samples (960 for 20 ms Opus).
     pub samples: u32,
@@ -59,6 +70,7 @@ struct Anchor {
     ts_delta: u32,
 }
 
+/// One output track's continuous RTP stream, fed by whichever source the track carries.
 #[derive(Debug, Clone)]
 pub struct TrackRewriter {
     ssrc: u32,
@@ -93,6 +105,7 @@ impl TrackRewriter {
         self
     }
 
+    /// The track's SSRC.
     pub fn ssrc(&self) -> u32 {
         self.ssrc
     }
@@ -115,6 +128,7 @@ impl TrackRewriter {
         self.anchor = None;
     }
 
+    /// The header to forward `p` with at `now_us`, or why it is dropped.
     #[inline]
     pub fn rewrite(&mut self, now_us: u64, p: &InputPacket) -> Result<Rewritten, RewriteDrop> {
         let mut switched = false;

@@ -68,6 +68,7 @@ impl fmt::Debug for RtpView<'_> {
 }
 
 impl<'a> RtpView<'a> {
+    /// Validates the header, CSRCs, extension block and padding of `buf`.
     pub fn parse(buf: &'a [u8]) -> Result<Self, RtpError> {
         if buf.len() < FIXED_HEADER {
             return Err(RtpError::TooShort);
@@ -110,33 +111,43 @@ impl<'a> RtpView<'a> {
         })
     }
 
+    /// The whole packet.
     pub fn as_bytes(&self) -> &'a [u8] {
         self.buf
     }
+    /// The M bit.
     pub fn marker(&self) -> bool {
         self.buf[1] & 0x80 != 0
     }
+    /// The payload type (7 bits).
     pub fn payload_type(&self) -> u8 {
         self.buf[1] & 0x7F
     }
+    /// The sequence number.
     pub fn sequence_number(&self) -> u16 {
         u16::from_be_bytes([self.buf[2], self.buf[3]])
     }
+    /// The RTP timestamp.
     pub fn timestamp(&self) -> u32 {
         u32::from_be_bytes([self.buf[4], self.buf[5], self.buf[6], self.buf[7]])
     }
+    /// The sender's SSRC.
     pub fn ssrc(&self) -> u32 {
         u32::from_be_bytes([self.buf[8], self.buf[9], self.buf[10], self.buf[11]])
     }
+    /// The P bit.
     pub fn has_padding(&self) -> bool {
         self.buf[0] & 0x20 != 0
     }
+    /// Bytes of padding at the end (0 when the P bit is clear).
     pub fn padding_len(&self) -> usize {
         self.buf.len() - self.payload_end
     }
+    /// The CC field: how many CSRCs follow the fixed header.
     pub fn csrc_count(&self) -> usize {
         (self.buf[0] & 0x0F) as usize
     }
+    /// The contributing sources' SSRCs.
     pub fn csrcs(&self) -> impl Iterator<Item = u32> + 'a {
         let buf = self.buf;
         (0..self.csrc_count()).map(move |i| {
@@ -184,6 +195,7 @@ impl<'a> RtpView<'a> {
     pub fn header_len(&self) -> usize {
         self.payload_at
     }
+    /// The payload, without the padding.
     pub fn payload(&self) -> &'a [u8] {
         &self.buf[self.payload_at..self.payload_end]
     }
@@ -299,22 +311,27 @@ impl<'a> RtpHeaderMut<'a> {
         }
         Ok(RtpHeaderMut { buf })
     }
+    /// Sets the M bit.
     #[inline]
     pub fn set_marker(&mut self, marker: bool) {
         self.buf[1] = (self.buf[1] & 0x7F) | if marker { 0x80 } else { 0 };
     }
+    /// Sets the payload type (its low 7 bits).
     #[inline]
     pub fn set_payload_type(&mut self, pt: u8) {
         self.buf[1] = (self.buf[1] & 0x80) | (pt & 0x7F);
     }
+    /// Sets the sequence number.
     #[inline]
     pub fn set_sequence_number(&mut self, seq: u16) {
         self.buf[2..4].copy_from_slice(&seq.to_be_bytes());
     }
+    /// Sets the RTP timestamp.
     #[inline]
     pub fn set_timestamp(&mut self, ts: u32) {
         self.buf[4..8].copy_from_slice(&ts.to_be_bytes());
     }
+    /// Sets the SSRC.
     #[inline]
     pub fn set_ssrc(&mut self, ssrc: u32) {
         self.buf[8..12].copy_from_slice(&ssrc.to_be_bytes());
@@ -358,10 +375,15 @@ pub fn write_packet(
 /// The header fields a packetizer chooses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeaderFields {
+    /// The payload type (7 bits).
     pub payload_type: u8,
+    /// The sequence number.
     pub sequence_number: u16,
+    /// The RTP timestamp.
     pub timestamp: u32,
+    /// The SSRC.
     pub ssrc: u32,
+    /// The M bit.
     pub marker: bool,
 }
 

@@ -17,6 +17,7 @@ use smallvec::SmallVec;
 use super::activity::Voice;
 use super::SourceIdx;
 
+/// Names a group of viewers that share one selection; reused after the group is gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct GroupId(pub u32);
 
@@ -32,6 +33,7 @@ pub struct GroupKey {
 }
 
 impl GroupKey {
+    /// The key of viewers asking for `tracks` tracks, with this pinned source and these excluded.
     pub fn new(
         tracks: u8,
         pinned: Option<SourceIdx>,
@@ -70,12 +72,14 @@ impl GroupKey {
             .find(|(t, _)| *t == track)
             .map(|(_, s)| *s)
     }
+    /// How many voice-activated tracks the group has.
     pub fn tracks(&self) -> u8 {
         self.tracks
     }
     pub(crate) fn pinned(&self) -> Option<SourceIdx> {
         self.pinned
     }
+    /// The sources that never get a slot, sorted.
     pub fn excluded(&self) -> &[SourceIdx] {
         &self.excluded
     }
@@ -91,7 +95,9 @@ impl GroupKey {
 /// A source's standing at the time of a decision.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Standing {
+    /// Talking, in hangover or silent.
     pub voice: Voice,
+    /// The activity score it is ranked by (1.0 = just at the voiced threshold).
     pub score: f32,
     /// Published right now (a projected track shows its source whenever it is live).
     pub live: bool,
@@ -112,6 +118,7 @@ impl Standing {
     };
 }
 
+/// How sources are switched into and out of slots.
 #[derive(Debug, Clone)]
 pub struct SelectionConfig {
     /// A talker may take a talking holder's slot only with a score this much higher
@@ -133,9 +140,13 @@ impl Default for SelectionConfig {
 /// A change of the source in one track of one group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TrackChange {
+    /// The group.
     pub group: GroupId,
+    /// The track's index in the group.
     pub track: u8,
+    /// The source now in the track; None = it is empty.
     pub source: Option<SourceIdx>,
+    /// When, in packet time (µs).
     pub at_us: u64,
 }
 
@@ -158,6 +169,7 @@ struct Ranked {
     standing: Standing,
 }
 
+/// Every group of one stream and which source holds each of its slots (see the module doc).
 #[derive(Debug, Default)]
 pub struct Selector {
     cfg: SelectionConfig,
@@ -268,6 +280,7 @@ impl Selector {
         }
     }
 
+    /// The key a group was made for, while the group exists.
     pub fn group_key(&self, id: GroupId) -> Option<&GroupKey> {
         self.group(id).map(|g| &g.key)
     }

@@ -19,15 +19,19 @@ use super::SourceIdx;
 /// Largest packet the core forwards: a UDP payload that fits a 1500-byte Ethernet MTU.
 pub const MAX_PACKET: usize = 1472;
 
+/// What the core needs to know of one source.
 #[derive(Debug, Clone, Default)]
 pub struct SourceConfig {
     /// RFC 6464 audio level extension id from the publisher's SDP, if negotiated.
     pub level_ext_id: Option<u8>,
 }
 
+/// A stream core's settings.
 #[derive(Debug, Clone, Default)]
 pub struct CoreConfig {
+    /// Voice activity detection: levels, hangover, onset rules.
     pub vad: VadConfig,
+    /// How sources are ranked and switched into tracks.
     pub selection: SelectionConfig,
     /// Seeds the output SSRCs and starting sequence numbers / timestamps.
     pub seed: u64,
@@ -36,7 +40,9 @@ pub struct CoreConfig {
 /// Why an incoming packet was not used. Every drop is counted in [`CoreStats`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Drop {
+    /// Not a valid RTP packet.
     Malformed(RtpError),
+    /// Longer than [`MAX_PACKET`] (its length).
     TooLarge(usize),
     /// The source index is not a live source of this stream.
     UnknownSource,
@@ -52,18 +58,28 @@ impl std::fmt::Display for Drop {
     }
 }
 
+/// What a stream core counted since it was made.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CoreStats {
+    /// Packets of live sources taken in (before selection).
     pub packets_in: u64,
+    /// Their bytes.
     pub bytes_in: u64,
+    /// Packets forwarded: one per (group, track) that carried a packet.
     pub packets_out: u64,
+    /// Their bytes (whole packets, as received).
     pub bytes_out: u64,
+    /// Drops of [`Drop::Malformed`].
     pub dropped_malformed: u64,
+    /// Drops of [`Drop::TooLarge`].
     pub dropped_too_large: u64,
+    /// Drops of [`Drop::UnknownSource`].
     pub dropped_unknown_source: u64,
     /// Packets of a track's source that arrived late, from before it was switched in.
     pub dropped_before_switch: u64,
+    /// Track changes: a source switched into (or out of) a group's track.
     pub switches: u64,
+    /// Times a source's voice activity started (onsets).
     pub onsets: u64,
 }
 
@@ -75,8 +91,11 @@ pub enum Output {
     /// Send the packet being handled on `track` to every viewer of `group`, with these header
     /// fields (SSRC, sequence number, timestamp, marker) in place of its own.
     Packet {
+        /// The group of viewers whose track it goes to.
         group: GroupId,
+        /// The track's index in the group.
         track: u8,
+        /// The header fields to send it with.
         header: Rewritten,
         /// Its audio duration in samples (what a further rewrite of this stream needs).
         samples: u32,
@@ -125,6 +144,7 @@ pub struct StreamCore {
 }
 
 impl StreamCore {
+    /// An empty core: no sources, no groups.
     pub fn new(cfg: CoreConfig) -> Self {
         StreamCore {
             selector: Selector::new(cfg.selection.clone()),
@@ -193,6 +213,7 @@ impl StreamCore {
         self.index.get(name).copied()
     }
 
+    /// The sourceId interned as `s` (panics on an index this core never gave).
     pub fn name(&self, s: SourceIdx) -> &str {
         &self.names[s.0 as usize]
     }
@@ -294,18 +315,22 @@ impl StreamCore {
         }
     }
 
+    /// The selection: groups, their tracks and who is in them.
     pub fn selector(&self) -> &Selector {
         &self.selector
     }
 
+    /// The rewriter of one track of a group, if both exist.
     pub fn rewriter(&self, gid: GroupId, track: u8) -> Option<&TrackRewriter> {
         self.rewriters.get(gid.0 as usize)?.get(track as usize)
     }
 
+    /// What the core counted so far.
     pub fn stats(&self) -> &CoreStats {
         &self.stats
     }
 
+    /// Source `s`'s voice activity at `now_us`.
     pub fn voice(&self, s: SourceIdx, now_us: u64) -> Voice {
         self.standing(s, now_us).voice
     }

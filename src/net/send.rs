@@ -21,8 +21,11 @@ pub struct SendBatch {
     addrs: Vec<libc::sockaddr_storage>,
     iovs: Vec<libc::iovec>,
     msgs: Vec<libc::mmsghdr>,
+    /// Datagrams the kernel took.
     pub sent: u64,
+    /// Datagrams the kernel refused (dropped, not retried).
     pub errors: u64,
+    /// `sendmmsg` calls made.
     pub syscalls: u64,
 }
 
@@ -63,6 +66,7 @@ impl SendBatch {
         self.pending.len()
     }
 
+    /// True when nothing is queued.
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty()
     }

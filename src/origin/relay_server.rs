@@ -55,11 +55,15 @@ pub(crate) struct RelayPolicy {
 /// Why the relay could not listen.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayBindError {
+    /// The TLS configuration could not be made.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The UDP socket could not be bound.
     #[error("QUIC bind {addr}: {source}")]
     Bind {
+        /// The address asked for.
         addr: SocketAddr,
+        /// What the OS said.
         source: std::io::Error,
     },
 }

@@ -50,18 +50,30 @@ pub(crate) const RELINK_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Why the link to the origin could not be made (or was lost).
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
+    /// The client endpoint or its TLS configuration could not be made.
     #[error("cannot set up the QUIC endpoint: {0}")]
     Endpoint(String),
+    /// The QUIC connection failed (no answer, or a certificate that is not the pinned one).
     #[error("cannot reach origin {origin}: {reason}")]
-    Unreachable { origin: SocketAddr, reason: String },
+    Unreachable {
+        /// The origin's relay address.
+        origin: SocketAddr,
+        /// What quinn said.
+        reason: String,
+    },
+    /// The QUIC handshake took longer than `CONNECT_TIMEOUT`.
     #[error("origin {0} did not complete the QUIC handshake within {CONNECT_TIMEOUT:?}")]
     ConnectTimeout(SocketAddr),
+    /// No `Welcome` or `Refused` within `HELLO_TIMEOUT` of the handshake.
     #[error("origin {0} did not answer hello within {HELLO_TIMEOUT:?}")]
     HelloTimeout(SocketAddr),
+    /// The origin answered `Refused` (its reason).
     #[error("origin refused this edge: {0}")]
     Refused(String),
+    /// The control stream broke, or brought something else, before `Welcome` (what).
     #[error("origin link failed during hello: {0}")]
     Hello(String),
+    /// The `Welcome` key is not an Ed25519 public key.
     #[error("origin sent a bad JWT key: {0}")]
     BadKey(String),
 }
@@ -74,11 +86,13 @@ impl From<LinkError> for String {
 
 /// What an edge does with what the origin sends. Called from the link's tasks.
 pub trait LinkHandler: Send + Sync + 'static {
+    /// A subscribed stream's full source list, and the channel its datagrams carry.
     fn on_sources(&self, stream: &str, channel: u32, sources: &[SourceInfo]);
     /// `datagram` is the whole datagram; the RTP packet starts at [`DATAGRAM_HEADER`]. `queued`
     /// is how long it queued on the link before it was read (from its send stamp, see
     /// [`LinkDelay`]).
     fn on_datagram(&self, hdr: DatagramHeader, datagram: bytes::Bytes, queued: Duration);
+    /// The link is closed (the reason, for the log); `manage_link` relinks.
     fn on_closed(&self, reason: &str);
     /// A room member was removed at the origin: end its views here.
     fn on_revoke(&self, _room: &str, _member: &str) {}
@@ -89,6 +103,8 @@ pub trait LinkHandler: Send + Sync + 'static {
     fn on_link_down(&self) {}
 }
 
+/// An edge's QUIC connection to the origin: its control stream, its datagrams and the streams
+/// it subscribed to (reference-counted).
 pub struct EdgeLink {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
@@ -101,17 +117,21 @@ pub struct EdgeLink {
     next_request: AtomicU64,
 }
 
+/// Where and how an edge links to its origin.
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
+    /// The origin's relay (QUIC) address.
     pub origin: SocketAddr,
     /// Hex SHA-256 of the origin's certificate; None = accept any (logged).
     pub fingerprint: Option<String>,
+    /// Sent in `Hello` (`--cluster-token`); None = the origin wants none.
     pub cluster_token: Option<String>,
     /// This edge's signalling URL, announced so the origin's director can send viewers here.
     pub ws_url: Option<String>,
 }
 
 impl EdgeLink {
+    /// Connects, says `Hello` and waits for `Welcome`; the link's tasks then feed `handler`.
     pub async fn connect(
         cfg: &LinkConfig,
         handler: Arc<dyn LinkHandler>,
@@ -417,22 +437,33 @@ impl EdgeLink {
 /// What an edge asks of its origin link.
 #[derive(Debug)]
 pub enum LinkRequest {
+    /// A media thread has a first viewer of this stream: subscribe on the edge's first.
     Subscribe(String),
+    /// A media thread's last viewer of this stream left: unsubscribe after the edge's last.
     Unsubscribe(String),
+    /// A viewer asks for a keyframe of this source's video.
     Keyframe {
+        /// The stream's name.
         stream: String,
+        /// The source's id; None = the main source.
         source: Option<String>,
     },
     /// A source's voice activity flipped (see [`crate::edge::talking`]).
     Talking {
+        /// The stream's name.
         stream: String,
+        /// The source's id.
         source: String,
+        /// True when it started talking, false when it stopped.
         talking: bool,
     },
     /// A viewer asks to view: the origin's policy answers (see [`EdgeLink::authorize`]).
     Authorize {
+        /// The stream the viewer asks for.
         stream: String,
+        /// The viewer's bearer token or JWT; None = none given.
         token: Option<String>,
+        /// Where the origin's answer goes (dropped unanswered when the link fails or times out).
         reply: oneshot::Sender<AuthorizeAnswer>,
     },
 }

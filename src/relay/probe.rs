@@ -77,6 +77,7 @@ impl LinkHandler for Probe {
 pub struct KeyframeRequests {
     /// None = the main source.
     pub source: Option<String>,
+    /// How often one is sent.
     pub every: Duration,
 }
 

@@ -10,86 +10,130 @@ pub(crate) const DATAGRAM_HEADER: usize = 11;
 /// The one-way delay floor of a link is the least delay seen over the last one to two of these.
 pub const DELAY_WINDOW_MS: u64 = 5_000;
 
+/// A control message from an edge to the origin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EdgeMsg {
     /// First message: proves the edge may join the cluster.
     Hello {
+        /// The cluster token (`--cluster-token`); None when the edge has none.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         token: Option<String>,
         /// Where this edge's viewers connect (its signalling socket), for the origin's director.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ws_url: Option<String>,
     },
+    /// Start relaying this stream to the edge (its first viewer arrived).
     Subscribe {
+        /// The stream's name.
         stream: String,
     },
+    /// Stop relaying this stream to the edge (its last viewer left).
     Unsubscribe {
+        /// The stream's name.
         stream: String,
     },
     /// A viewer needs a keyframe of this source's video.
     Keyframe {
+        /// The stream's name.
         stream: String,
+        /// The source's id; None = the main source.
         source: Option<String>,
     },
     /// This edge's voice activity says the source started (or stopped) talking.
     Talking {
+        /// The stream's name.
         stream: String,
+        /// The source's id.
         source: String,
+        /// True when it started talking, false when it stopped.
         talking: bool,
     },
     /// A viewer at this edge asks to view `stream` with this bearer (none: an open stream):
     /// the origin's token policy decides, and signs the subscribe JWT (an edge cannot). Answered
     /// by `Authorized` or `Unauthorized` with the same `id`.
     Authorize {
+        /// Chosen by the edge, echoed in the answer.
         id: u64,
+        /// The stream the viewer asks for.
         stream: String,
+        /// The viewer's bearer token or JWT; None = none given.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         token: Option<String>,
     },
 }
 
+/// A control message from the origin to an edge.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum OriginMsg {
     /// Answer to `Hello`: the public key viewers' JWTs are checked with at the edge (Ed25519,
     /// base64 of the raw 32 bytes) and its id. It verifies; it cannot sign.
-    Welcome { jwt_key: String, key_id: String },
+    Welcome {
+        /// Base64 of the raw Ed25519 public key.
+        jwt_key: String,
+        /// The key's id, as JWTs name it in `kid`.
+        key_id: String,
+    },
     /// Answer to `Authorize`: the viewer may view; its subscribe JWT.
-    Authorized { id: u64, jwt: String },
+    Authorized {
+        /// The `id` of the `Authorize` it answers.
+        id: u64,
+        /// The viewer's subscribe JWT.
+        jwt: String,
+    },
     /// Answer to `Authorize`: refused, with the HTTP status and message to give the viewer.
     Unauthorized {
+        /// The `id` of the `Authorize` it answers.
         id: u64,
+        /// The HTTP status to answer the viewer with.
         status: u16,
+        /// The message to give the viewer.
         message: String,
     },
     /// The cluster token was wrong; the connection closes after this.
-    Refused { reason: String },
+    Refused {
+        /// Why, for the edge's log.
+        reason: String,
+    },
     /// The full source list of a subscribed stream, sent on subscribe and on every change.
     /// Datagrams for this stream carry `channel`.
     Sources {
+        /// The stream's name.
         stream: String,
+        /// Tags this stream's datagrams on this link.
         channel: u32,
+        /// Every source the stream has now.
         sources: Vec<SourceInfo>,
     },
     /// A room member was removed: the edge ends its views and refuses its viewer JWTs.
-    Revoke { room: String, member: String },
+    Revoke {
+        /// The room's name.
+        room: String,
+        /// The removed member's id.
+        member: String,
+    },
 }
 
+/// One source of a stream, as the origin announces it to edges.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceInfo {
     /// Stable per stream for the life of the origin: datagrams carry it instead of the name.
     pub index: u16,
     /// None = the stream's main source (published without a sourceId).
     pub source_id: Option<String>,
+    /// Its audio and video tracks, in the publisher's SDP order.
     pub tracks: Vec<TrackInfo>,
     /// Audio packets carry the RFC 6464 level as one-byte extension id [`LEVEL_EXT_ID`].
     pub audio_level: bool,
 }
 
+/// One track of a source.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrackInfo {
+    /// `audio` or `video`.
     pub media: String,
+    /// The track's mid in the publisher's SDP.
     pub mid: String,
 }
 
@@ -97,17 +141,24 @@ pub struct TrackInfo {
 /// publisher negotiated.
 pub const LEVEL_EXT_ID: u8 = 1;
 
+/// What a datagram's RTP packet carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
+    /// An audio (Opus) packet.
     Audio = 0,
+    /// A video packet.
     Video = 1,
 }
 
+/// The 11-byte tag in front of each relayed RTP packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DatagramHeader {
+    /// The stream, as its `Sources` message named it.
     pub channel: u32,
+    /// The source's [`SourceInfo::index`].
     pub source: u16,
+    /// Audio or video.
     pub kind: Kind,
     /// When the origin handed the datagram to the link, in ms of its own clock
     /// ([`origin_clock_ms`]): the edge compares it with its own to see how long it queued.
@@ -115,6 +166,7 @@ pub struct DatagramHeader {
 }
 
 impl DatagramHeader {
+    /// Appends the header's `DATAGRAM_HEADER` bytes to `out`.
     pub fn write(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.channel.to_be_bytes());
         out.extend_from_slice(&self.source.to_be_bytes());
@@ -200,9 +252,12 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Vec<u8> {
     out
 }
 
+/// A control frame that could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FrameError {
+    /// The length prefix is past `MAX_CONTROL_FRAME` (the length).
     TooLarge(usize),
+    /// The body is not a valid message (the parser's message).
     Json(String),
 }
 
@@ -224,6 +279,7 @@ pub struct FrameReader {
 }
 
 impl FrameReader {
+    /// Appends bytes read from the stream.
     pub fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }

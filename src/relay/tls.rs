@@ -47,8 +47,10 @@ fn transport() -> quinn::TransportConfig {
 /// A TLS setup for the relay that rustls or quinn refused.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// rustls refused the certificate, key or configuration.
     #[error("relay TLS: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The rustls configuration has no cipher suite QUIC can use.
     #[error("relay TLS for QUIC: {0}")]
     Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
 }

@@ -6,15 +6,23 @@ use std::path::{Path, PathBuf};
 
 use super::ogg::{read_ogg_opus, OggError};
 
+/// A corpus directory that cannot be loaded.
 #[derive(Debug)]
 pub enum CorpusError {
+    /// A file or the directory could not be read.
     Io(PathBuf, std::io::Error),
+    /// An `.opus` file is not readable Ogg Opus.
     Ogg(PathBuf, OggError),
+    /// A `.levels` line that is not a level 0-127.
     Level {
+        /// The levels file.
         file: PathBuf,
+        /// The line's number, from 1.
         line: usize,
+        /// What it holds.
         text: String,
     },
+    /// No `<id>.opus` file in the directory.
     Empty(PathBuf),
 }
 
@@ -33,8 +41,10 @@ impl fmt::Display for CorpusError {
 
 impl std::error::Error for CorpusError {}
 
+/// One speaker of a corpus: `<id>.opus` and, if present, `<id>.levels`.
 #[derive(Debug, Clone)]
 pub struct Speaker {
+    /// The file name without its extension.
     pub id: String,
     /// Opus packets, one per frame, in order.
     pub packets: Vec<Vec<u8>>,
@@ -77,6 +87,7 @@ pub fn load(dir: &Path) -> Result<Vec<Speaker>, CorpusError> {
         .collect()
 }
 
+/// Reads a levels file: one level (0-127) a line; blank lines and `#` comments skipped.
 pub fn read_levels(path: &Path) -> Result<Vec<u8>, CorpusError> {
     let text = std::fs::read_to_string(path).map_err(|e| CorpusError::Io(path.into(), e))?;
     parse_levels(&text).map_err(|(line, text)| CorpusError::Level {

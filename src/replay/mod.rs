@@ -20,13 +20,18 @@ use truth::{percentile, Turn};
 
 /// The one-byte extension id the replay's "browser" uses for the RFC 6464 level.
 pub(crate) const LEVEL_EXT_ID: u8 = 1;
+/// One packet per 20 ms frame, as a browser sends Opus.
 pub const FRAME_US: u64 = 20_000;
 const OPUS_PT: u8 = 111;
 
+/// What to replay and how: the view asked for and the network model.
 #[derive(Debug, Clone)]
 pub struct ReplayOptions {
+    /// Multiplexed tracks of the view (at least 1).
     pub tracks: u8,
+    /// The speaker id pinned to the main track; None = none.
     pub pinned: Option<String>,
+    /// Speaker ids the view excludes.
     pub exclude: Vec<String>,
     /// Put the RFC 6464 level in each packet (a browser does).
     pub levels: bool,
@@ -36,6 +41,7 @@ pub struct ReplayOptions {
     pub loss: f64,
     /// Each packet is delayed by a uniform 0..=jitter_ms.
     pub jitter_ms: u32,
+    /// Seeds the network model and the core: the same seed gives the same run.
     pub seed: u64,
     /// Selection tick period.
     pub tick_ms: u32,
@@ -60,38 +66,56 @@ impl Default for ReplayOptions {
 /// One line of output: a track changed source.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Change {
+    /// When, in ms of packet time.
     pub t_ms: u64,
+    /// The track's index.
     pub track: u8,
+    /// The speaker now in it; None = it emptied.
     pub source: Option<String>,
 }
 
 /// A packet the core forwarded, with what the replay knows about it.
 #[derive(Debug, Clone, Copy)]
 pub struct Forwarded {
+    /// The track it went to.
     pub track: u8,
+    /// The speaker's index (corpus order).
     pub source: u32,
+    /// When the "browser" sent it (µs).
     pub send_us: u64,
+    /// When it reached the core, after the jitter (µs).
     pub arrival_us: u64,
+    /// Its rewritten sequence number.
     pub seq: u16,
+    /// Its rewritten timestamp.
     pub ts: u32,
+    /// Its rewritten marker bit.
     pub marker: bool,
 }
 
+/// Percentiles of a latency, in ms.
 #[derive(Debug, Clone, Serialize)]
 pub struct Latency {
+    /// The median.
     pub p50: u64,
+    /// The 95th percentile.
     pub p95: u64,
+    /// The largest.
     pub max: u64,
 }
 
+/// A replay's figures, measured against the corpus's ground truth ([`truth`]).
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
+    /// Multiplexed tracks of the view.
     pub tracks: u8,
+    /// Speakers in the corpus.
     pub sources: usize,
     /// Track changes, including a track emptying.
     pub switches: usize,
     /// Turns of sources this viewer may hear (not pinned, not excluded).
     pub turns: usize,
+    /// Of those, turns that reached a track.
     pub turns_heard: usize,
     /// From a turn's first voiced packet (send time) to the first packet of it in a track.
     pub latency_ms: Option<Latency>,
@@ -105,18 +129,28 @@ pub struct Summary {
     pub seq_discontinuities: usize,
     /// First packets after a switch whose timestamp did not advance past the track's last one.
     pub ts_backwards_at_switch: usize,
+    /// Packets the "browsers" sent, the lost included.
     pub packets_sent: u64,
+    /// Packets the network model lost.
     pub packets_lost: u64,
+    /// Packets the core took in ([`CoreStats::packets_in`]).
     pub packets_in: u64,
+    /// Packets the core forwarded, to any track ([`CoreStats::packets_out`]).
     pub packets_out: u64,
+    /// Late packets from before a switch, not forwarded.
     pub dropped_before_switch: u64,
 }
 
+/// Everything a replay produced.
 #[derive(Debug)]
 pub struct ReplayResult {
+    /// Every track change of the view's group, in order.
     pub changes: Vec<Change>,
+    /// Every packet forwarded to the view's group, in order.
     pub forwarded: Vec<Forwarded>,
+    /// The figures.
     pub summary: Summary,
+    /// The core's own counters.
     pub stats: CoreStats,
 }
 
@@ -219,6 +253,7 @@ fn packetize(speakers: &[Speaker], opts: &ReplayOptions, rng: &mut Rng) -> Packe
     }
 }
 
+/// Replays `speakers` through one stream core with one view; an error for a bad option.
 pub fn run(speakers: &[Speaker], opts: &ReplayOptions) -> Result<ReplayResult, String> {
     if opts.tracks == 0 {
         return Err("--tracks must be at least 1".into());

@@ -2,14 +2,18 @@
 
 use std::fmt;
 
+/// An Ogg Opus file that cannot be read (byte offsets are of the page).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OggError {
     /// No "OggS" capture pattern where a page should start.
     BadCapture(usize),
+    /// A page runs past the end of the file.
     Truncated(usize),
+    /// A page fails its CRC.
     BadChecksum(usize),
     /// The first packet is not an OpusHead.
     NotOpus,
+    /// An OpusHead version this reader does not know.
     UnsupportedVersion(u8),
 }
 

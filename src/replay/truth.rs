@@ -4,7 +4,9 @@
 /// A turn: a run of voiced frames, with pauses shorter than `MERGE_GAP_FRAMES` inside it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Turn {
+    /// Its first voiced frame (20 ms frames from the file's start).
     pub first_frame: usize,
+    /// Its last voiced frame.
     pub last_frame: usize,
 }
 
@@ -15,6 +17,7 @@ pub(crate) const MERGE_GAP_FRAMES: usize = 35;
 /// Fewer voiced frames than this is a click, not a turn.
 pub const MIN_VOICED_FRAMES: usize = 3;
 
+/// The turns of a speaker's levels (one per frame).
 pub fn turns(levels: &[u8]) -> Vec<Turn> {
     let Some(mode) = mode(levels) else {
         return vec![];

@@ -59,18 +59,23 @@ pub struct RtcpStats {
     pub sr_sent: AtomicU64,
     /// Report blocks about our tracks received, and the packets they newly say were lost.
     pub rr_blocks: AtomicU64,
+    /// Packets report blocks newly said were lost.
     pub rr_lost: AtomicU64,
     /// Sequence numbers NACKed; answered from the history; not there (older than
     /// [`NACK_HISTORY`] packets, never sent, or resent [`MAX_RESENDS`] times already).
     pub nack_requested: AtomicU64,
+    /// NACKed packets sent again from the history.
     pub nack_resent: AtomicU64,
+    /// NACKed packets not in the history (or resent too often).
     pub nack_missed: AtomicU64,
     /// PLI and FIR (nothing to do: a lean viewer gets no video).
     pub pli: AtomicU64,
     /// SRTCP that does not authenticate or replays an index; RTCP inside that does not parse;
     /// RTP, DTLS or anything else a lean viewer has no business sending.
     pub unauthenticated: AtomicU64,
+    /// RTCP inside authenticated SRTCP that does not parse.
     pub malformed: AtomicU64,
+    /// Datagrams a lean viewer has no business sending (RTP, DTLS, other).
     pub unexpected: AtomicU64,
 }
 
@@ -80,6 +85,7 @@ fn add(c: &AtomicU64, n: u64) {
 
 /// Where a lean viewer's datagrams go: the peer set's send batch, or a test's list.
 pub trait Emit {
+    /// Sends (or queues) one datagram to `to`.
     fn emit(&mut self, to: SocketAddr, data: &[u8]);
 }
 
@@ -93,8 +99,11 @@ impl Emit for Vec<(SocketAddr, Vec<u8>)> {
 /// MESSAGE-INTEGRITY keyed with the local password (RFC 8445 §7.2.2).
 #[derive(Debug, Clone)]
 pub struct IceLite {
+    /// Our ICE ufrag, as str0m's answer gave it.
     pub local_ufrag: String,
+    /// Our ICE password: consent checks' MESSAGE-INTEGRITY key.
     pub local_pwd: String,
+    /// The browser's ufrag, from the first consent check str0m accepted.
     pub remote_ufrag: String,
 }
 
@@ -128,12 +137,17 @@ impl IceLite {
 /// What one track needs to be sent without str0m, read from str0m's negotiation.
 #[derive(Debug, Clone)]
 pub struct TrackSpec {
+    /// The SSRC str0m chose for the track.
     pub ssrc: u32,
+    /// The negotiated payload type.
     pub pt: u8,
+    /// The codec's RTP clock rate (48000 for Opus).
     pub clock_rate: u32,
     /// One-byte header extension ids of the audio level and the mid, when negotiated.
     pub level_id: Option<u8>,
+    /// The mid's extension id, when negotiated (see `level_id`).
     pub mid_id: Option<u8>,
+    /// The track's mid, as the mid extension carries it.
     pub mid: SmallVec<[u8; 16]>,
 }
 

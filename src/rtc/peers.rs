@@ -68,7 +68,9 @@ pub(crate) const DTLS_GRACE: Duration = Duration::from_secs(8);
 pub struct PeerStats {
     /// Datagrams sent, refused by the kernel, and the `sendmmsg` calls they took.
     pub sent: AtomicU64,
+    /// Datagrams the kernel refused.
     pub send_errors: AtomicU64,
+    /// `sendmmsg` calls made.
     pub send_calls: AtomicU64,
     /// Datagrams over a peer's [`MAX_DATAGRAMS_PER_SEC`].
     pub flood_drops: AtomicU64,
@@ -79,14 +81,19 @@ pub struct PeerStats {
     pub stun_refused: AtomicU64,
     /// Peer ends, by reason (see [`CloseReason`]).
     pub closed_removed: AtomicU64,
+    /// Peers that did not connect within `CONNECT_TIMEOUT`.
     pub closed_connect_timeout: AtomicU64,
+    /// Peers whose consent checks stopped.
     pub closed_ice_timeout: AtomicU64,
+    /// Peers the remote closed.
     pub closed_remote: AtomicU64,
+    /// Peers str0m reported an error for.
     pub closed_failed: AtomicU64,
     /// RTP of an SSRC no m-line of the peer declares (publishers; counted by the host).
     pub undeclared_ssrc: AtomicU64,
     /// Viewers that left str0m after their handshake, and those whose `Rtc` the grace ended.
     pub lean_switched: AtomicU64,
+    /// Lean viewers whose str0m state was dropped after `DTLS_GRACE`.
     pub lean_str0m_dropped: AtomicU64,
     /// What the lean viewers' consent checks and SRTCP brought (see [`RtcpStats`]).
     pub lean: RtcpStats,
@@ -171,6 +178,7 @@ impl Drop for ConnectSlot {
 /// Datagrams read from the socket in one go before the thread looks at its other work.
 const RECV_BURST: usize = 256;
 
+/// Names a peer: a sequential number its host hands out, not reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PeerId(pub u64);
 
@@ -338,7 +346,9 @@ impl DerefMut for Str0m {
     }
 }
 
+/// One peer of a set: its str0m (or, after the handshake, lean) state and the host's data `T`.
 pub struct Peer<T> {
+    /// Its str0m state; gone for a lean viewer after `DTLS_GRACE`.
     pub rtc: Str0m,
     /// What carries a lean viewer's media after its handshake (see [`Peer::go_lean`]).
     lean: Option<Box<Established>>,
@@ -346,9 +356,11 @@ pub struct Peer<T> {
     rtc_until: Option<Instant>,
     /// The browser's ICE ufrag, from the first consent check str0m accepted.
     remote_ufrag: Option<String>,
+    /// What the host keeps with the peer (a viewer, a publication).
     pub data: T,
     ufrag: String,
     added: Instant,
+    /// ICE and DTLS completed.
     pub connected: bool,
     /// Every address this peer's STUN came from: a browser checks several candidate pairs
     /// and may move media between them, so all stay routable, not just the latest.
@@ -358,6 +370,7 @@ pub struct Peer<T> {
     window_count: u32,
     /// STUN from addresses not routed to this peer yet, in the current window.
     unverified_count: u32,
+    /// Datagrams of this peer dropped over `MAX_DATAGRAMS_PER_SEC`.
     pub dropped_flood: u64,
     /// Held until the peer connects: it counts against [`MAX_UNCONNECTED_PEERS`].
     slot: Option<ConnectSlot>,
@@ -409,11 +422,16 @@ impl<T> Peer<T> {
 /// How a packet leaves for one connected peer: the lean state's seal into the send batch, or
 /// str0m's send path.
 pub enum PeerOut<'a> {
+    /// A lean viewer: sealed here, queued on the thread's send batch.
     Lean {
+        /// The viewer's lean state.
         lean: &'a mut Established,
+        /// Where its datagrams go.
         sink: Sink<'a>,
+        /// A buffer to seal into, reused.
         scratch: &'a mut Vec<u8>,
     },
+    /// A peer still on str0m: written through its `Rtc`.
     Str0m(&'a mut Rtc),
 }
 
@@ -424,6 +442,7 @@ pub struct Sink<'a> {
 }
 
 impl<'a> Sink<'a> {
+    /// A sink onto `socket` through the send batch `out`.
     pub fn new(socket: &'a UdpSocket, out: &'a mut SendBatch) -> Self {
         Sink { socket, out }
     }

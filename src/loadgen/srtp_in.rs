@@ -11,9 +11,9 @@
 //! str0m's.
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
-use aws_lc_rs::cipher::{EncryptingKey, EncryptionContext, UnboundCipherKey, AES_128, AES_256};
-use aws_lc_rs::iv::FixedLength;
 use str0m::crypto::dtls::SrtpProfile;
+
+use crate::rtc::srtp_out::derive;
 
 /// AES-GCM authentication tag at the end of every SRTP packet.
 const TAG_LEN: usize = 16;
@@ -101,24 +101,6 @@ pub(crate) fn rtp_header_len(p: &[u8]) -> Option<usize> {
         len += 4 + 4 * words;
     }
     (len <= p.len()).then_some(len)
-}
-
-/// The SRTP key derivation function with a key derivation rate of 0: AES in counter mode over
-/// (salt XOR label at byte 7), the block counter in the last two bytes.
-fn derive(master_key: &[u8], master_salt: &[u8], label: u8, out: &mut [u8]) -> Option<()> {
-    let alg = if master_key.len() == 16 {
-        &AES_128
-    } else {
-        &AES_256
-    };
-    let key = EncryptingKey::ctr(UnboundCipherKey::new(alg, master_key).ok()?).ok()?;
-    let mut iv = [0u8; 16];
-    iv[..master_salt.len()].copy_from_slice(master_salt);
-    iv[7] ^= label;
-    out.fill(0);
-    key.less_safe_encrypt(out, EncryptionContext::Iv128(FixedLength::from(iv)))
-        .ok()?;
-    Some(())
 }
 
 #[cfg(test)]

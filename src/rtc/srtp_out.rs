@@ -372,7 +372,12 @@ impl Srtcp {
 
 /// The SRTP key derivation function with a key derivation rate of 0: AES in counter mode over
 /// (salt XOR label at byte 7), the block counter in the last two bytes.
-fn derive(master_key: &[u8], master_salt: &[u8], label: u8, out: &mut [u8]) -> Option<()> {
+pub(crate) fn derive(
+    master_key: &[u8],
+    master_salt: &[u8],
+    label: u8,
+    out: &mut [u8],
+) -> Option<()> {
     let alg = if master_key.len() == 16 {
         &AES_128
     } else {

@@ -10,10 +10,10 @@
 //! A packet that fails to open is counted (`open_failed`), never matched. ICE, DTLS and RTCP stay
 //! str0m's.
 
-use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce};
 use str0m::crypto::dtls::SrtpProfile;
 
-use crate::rtc::srtp_out::derive;
+use crate::rtc::srtp_out::session;
 
 /// AES-GCM authentication tag at the end of every SRTP packet.
 const TAG_LEN: usize = 16;
@@ -34,26 +34,7 @@ impl SrtpIn {
         profile: SrtpProfile,
         sender_is_client: bool,
     ) -> Option<SrtpIn> {
-        let (key_len, aead) = match profile {
-            SrtpProfile::AEAD_AES_128_GCM => (16, &AES_128_GCM),
-            SrtpProfile::AEAD_AES_256_GCM => (32, &AES_256_GCM),
-            _ => return None,
-        };
-        if material.len() < 2 * (key_len + SALT_LEN) {
-            return None;
-        }
-        let (k, s) = if sender_is_client {
-            (0, 2 * key_len)
-        } else {
-            (key_len, 2 * key_len + SALT_LEN)
-        };
-        let master_key = &material[k..k + key_len];
-        let master_salt = &material[s..s + SALT_LEN];
-        let mut session_key = [0u8; 32];
-        derive(master_key, master_salt, 0x00, &mut session_key[..key_len])?;
-        let mut salt = [0u8; SALT_LEN];
-        derive(master_key, master_salt, 0x02, &mut salt)?;
-        let key = LessSafeKey::new(UnboundKey::new(aead, &session_key[..key_len]).ok()?);
+        let (key, salt) = session(material, profile, sender_is_client, 0x00)?;
         Some(SrtpIn { key, salt })
     }
 

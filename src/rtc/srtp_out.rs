@@ -221,7 +221,7 @@ fn master(
 }
 
 /// The session key (label `key_label`) and salt (label `key_label + 2`) of one direction.
-fn session(
+pub(crate) fn session(
     material: &[u8],
     profile: SrtpProfile,
     client: bool,
@@ -372,12 +372,7 @@ impl Srtcp {
 
 /// The SRTP key derivation function with a key derivation rate of 0: AES in counter mode over
 /// (salt XOR label at byte 7), the block counter in the last two bytes.
-pub(crate) fn derive(
-    master_key: &[u8],
-    master_salt: &[u8],
-    label: u8,
-    out: &mut [u8],
-) -> Option<()> {
+fn derive(master_key: &[u8], master_salt: &[u8], label: u8, out: &mut [u8]) -> Option<()> {
     let alg = if master_key.len() == 16 {
         &AES_128
     } else {

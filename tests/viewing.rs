@@ -146,6 +146,7 @@ fn sdk_viewers_hear_who_talks_in_the_track_vad_names_and_never_themselves() {
         .map(|s| json!({"name": s, "publish": s, "view": {"tracks": 3, "pinned": "host", "exclude": [s]}}))
         .collect();
     let (dir, script) = node_harness("room.mjs");
+    let kernel_drops_before = common::udp_rcvbuf_errors();
     let out = Command::new("node")
         .current_dir(&dir)
         .arg(script)
@@ -163,6 +164,14 @@ fn sdk_viewers_hear_who_talks_in_the_track_vad_names_and_never_themselves() {
         .output()
         .unwrap();
     common::assert_succeeded(&out, "room.mjs");
+    // Losses someone counted: chorus's own drops, and the kernel's for full receive buffers
+    // (a browser or chorus that fell behind on this 2-core machine). A gap a viewer sees
+    // beyond those is a packet chorus lost without saying so.
+    let counted = common::media_drops(p.http());
+    let kernel = common::udp_rcvbuf_errors().saturating_sub(kernel_drops_before);
+    if counted + kernel > 0 {
+        eprintln!("losses during the room: {counted} counted by chorus, {kernel} by the kernel");
+    }
     let rep = report(&out);
     let parts = &rep["participants"];
     // Every page starts its corpus at one wall-clock instant; the corpus then loops every 30 s,
@@ -272,11 +281,17 @@ fn sdk_viewers_hear_who_talks_in_the_track_vad_names_and_never_themselves() {
                 );
             }
         }
-        // Chrome's own receive stats: nothing lost, little concealment (past the first seconds).
+        // Chrome's own receive stats: nothing lost that nobody counted, little concealment
+        // (past the first seconds).
         for (mid, series) in v["stats"].as_object().unwrap() {
             let s = series.as_array().unwrap();
             let last = s.last().unwrap();
-            assert_eq!(last["packetsLost"], 0, "{me} mid {mid}: {last}");
+            // Negative when duplicates arrived (RFC 3550's cumulative count): nothing lost.
+            let lost = last["packetsLost"].as_i64().expect("packetsLost").max(0) as u64;
+            assert!(
+                lost <= counted + kernel,
+                "{me} mid {mid}: {lost} lost, {counted} counted by chorus, {kernel} by the kernel: {last}"
+            );
             let Some(base) = s.get(3) else { continue };
             let conceal = |x: &Value| {
                 x["concealedSamples"].as_f64().unwrap_or(0.0)

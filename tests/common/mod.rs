@@ -205,6 +205,43 @@ pub fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Media packets a chorus process counted as dropped (every `reason` of its /metrics that is
+/// audio lost on the way, not refused input): a gap a viewer may see that the server reported.
+pub fn media_drops(addr: SocketAddr) -> u64 {
+    const LOSSES: &[&str] = &[
+        "chorus_edge_dropped_total{reason=\"lane_full\"}",
+        "chorus_edge_dropped_total{reason=\"stale\"}",
+        "chorus_edge_dropped_total{reason=\"core\"}",
+        "chorus_edge_dropped_total{reason=\"seal\"}",
+        "chorus_edge_dropped_total{reason=\"udp_send\"}",
+        "chorus_origin_dropped_total{reason=\"relay\"}",
+        "chorus_origin_dropped_total{reason=\"udp_send\"}",
+        "chorus_origin_relay_dropped_total{reason=\"send_buffer_full\"}",
+    ];
+    let (_, _, body) = http(addr, "GET", "/metrics", &[], b"");
+    let body = String::from_utf8_lossy(&body);
+    body.lines()
+        .filter(|l| LOSSES.iter().any(|n| l.starts_with(n)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// UDP datagrams the kernel dropped on receipt for a full socket buffer, in this network
+/// namespace (`RcvbufErrors` of /proc/net/snmp): a loss no process saw, browsers' included.
+pub fn udp_rcvbuf_errors() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// `chorus serve` in dev mode with this publish token, HTTP on a free port.
 pub fn serve(publish_token: &str) -> Proc {
     serve_with(publish_token, &[])

@@ -184,6 +184,64 @@ proptest! {
         }
     }
 
+    /// End-to-end encryption: the payload is ciphertext (its first byte too), so nothing the
+    /// core decides may depend on its bytes, only on the header and the payload's size. Two cores
+    /// fed the same headers and sizes, one with Opus-like payloads and one with arbitrary bytes
+    /// (with or without the level extension), must decide the same.
+    #[test]
+    #[allow(clippy::needless_range_loop)] // si and seg index every source's script
+    fn payload_bytes_decide_nothing(
+        activity in prop::collection::vec(prop::collection::vec(any::<bool>(), 20), 4),
+        noise in prop::collection::vec(any::<u8>(), 64),
+        with_level in any::<bool>(),
+        tracks in 1u8..4,
+    ) {
+        let ext = with_level.then_some(1u8);
+        let mut cores: Vec<StreamCore> = (0..2).map(|_| StreamCore::new(CoreConfig::default())).collect();
+        let mut outs: Vec<Vec<Output>> = vec![Vec::new(), Vec::new()];
+        for core in &mut cores {
+            for i in 0..4 {
+                core.publish(&format!("s{i}"), SourceConfig { level_ext_id: ext });
+            }
+            core.join(GroupKey::new(tracks, None, []));
+        }
+        let mut buf = Vec::new();
+        for seg in 0..20 {
+            for frame in 0..10u64 {
+                let now = seg as u64 * 200_000 + frame * 20_000;
+                for si in 0..4usize {
+                    let talking = activity[si][seg];
+                    let level = if talking { [20u8, 30, 15, 25][frame as usize % 4] } else { 70 };
+                    // A VBR encoder's sizes: speech larger than room noise; 28 bytes of AES-GCM
+                    // overhead on top, as an encoded transform adds.
+                    let size = 28 + if talking { 80 + (frame as usize * 7) % 40 } else { 50 + (frame as usize * 3) % 12 };
+                    let n = (seg * 10 + frame as usize) as u16;
+                    let hdr = HeaderFields { payload_type: 111, sequence_number: n, timestamp: n as u32 * 960, ssrc: si as u32, marker: false };
+                    let level_byte = [level];
+                    let exts: Vec<(u8, &[u8])> = ext.map(|id| (id, &level_byte[..])).into_iter().collect();
+                    for (c, core) in cores.iter_mut().enumerate() {
+                        let payload: Vec<u8> = if c == 0 {
+                            std::iter::once(0x78).chain(std::iter::repeat_n(0x55, size - 1)).collect()
+                        } else {
+                            (0..size).map(|k| noise[(k + si * 13 + n as usize) % noise.len()] ^ (k as u8)).collect()
+                        };
+                        write_packet(&mut buf, &hdr, &exts, &payload);
+                        let out = &mut outs[c];
+                        core.on_packet(now + si as u64 * 1000, SourceIdx(si as u32), &buf, &mut |o| out.push(o)).unwrap();
+                    }
+                }
+                for (c, core) in cores.iter_mut().enumerate() {
+                    let out = &mut outs[c];
+                    core.tick(now + 10_000, &mut |o| out.push(o));
+                }
+            }
+        }
+        // Not vacuous: something was forwarded when someone talked.
+        let talked = activity.iter().any(|a| a.iter().any(|&x| x));
+        prop_assert_eq!(outs[0].iter().any(|o| matches!(o, Output::Packet { .. })), talked);
+        prop_assert_eq!(&outs[0], &outs[1]);
+    }
+
     #[test]
     fn steady_noise_never_reads_as_speech(
         base in 20u8..100,

@@ -20,7 +20,6 @@ use tracing::{debug, info};
 use super::events::{ActiveSource, ViewerEvent};
 use super::talking::{TalkingSink, TalkingWatch};
 use super::{EdgeMetrics, Shared};
-use crate::media::opus;
 use crate::media::rewrite::{Feed, InputPacket};
 use crate::media::rtp::{parse_audio_level, RtpView};
 use crate::media::selection::{GroupId, GroupKey, TrackChange};
@@ -637,7 +636,9 @@ impl EdgeCore {
         let samples = if video {
             VIDEO_FRAME
         } else {
-            opus::packet_info(view.payload()).map_or(960, |i| i.samples)
+            // From the timestamps (as of the source's last packet), never from the payload,
+            // which may be end-to-end encrypted.
+            st.core.frame_samples(src)
         };
         let out = &mut self.out;
         if let Some(ids) = st.main_viewers.get(&src) {

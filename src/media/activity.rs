@@ -17,8 +17,14 @@
 //!
 //! DTX frames (tiny payloads) and digital silence (level 127) always read as silence and are kept
 //! out of the floor, so a muted microphone does not drag the floor down to zero.
+//!
+//! Nothing here needs the payload to be valid Opus: an end-to-end encrypted payload (its TOC
+//! byte ciphertext too) is measured by its size alone, a packet's duration comes from the RTP
+//! timestamps ([`FrameClock`]), and a constant encryption overhead only raises the size floor
+//! the size is compared with.
 
 use super::floor::NoiseFloor;
+use super::frame_clock::FrameClock;
 use super::opus::{self, DtxGap};
 use super::rtp::{parse_audio_level, RtpView};
 
@@ -97,8 +103,9 @@ pub enum Measurement {
 }
 
 impl Measurement {
-    /// Measures a packet. `level_ext_id` is the RFC 6464 extension id negotiated in the SDP.
-    pub(crate) fn of(pkt: &RtpView<'_>, level_ext_id: Option<u8>) -> Measurement {
+    /// Measures a packet that lasts `samples`. `level_ext_id` is the RFC 6464 extension id
+    /// negotiated in the SDP.
+    pub(crate) fn of(pkt: &RtpView<'_>, level_ext_id: Option<u8>, samples: u32) -> Measurement {
         let payload = pkt.payload();
         let level = level_ext_id
             .and_then(|id| pkt.extension(id))
@@ -119,7 +126,6 @@ impl Measurement {
                 voice,
             };
         }
-        let samples = opus::packet_info(payload).map(|i| i.samples).unwrap_or(960);
         let per_20ms = payload.len() as u64 * 960 / samples.max(120) as u64;
         Measurement::Size {
             bytes: per_20ms.min(250) as u8,
@@ -155,6 +161,8 @@ pub struct VoiceActivity {
     /// Size mode smoothing (x4 fixed point) so one large frame is not an onset.
     size_avg_q2: u16,
     dtx: DtxGap,
+    /// The packets' duration, from their timestamps.
+    frames: FrameClock,
     /// Bit i set = the i-th most recent packet was voiced.
     history: u8,
     talkspurt: bool,
@@ -183,6 +191,7 @@ impl VoiceActivity {
             size_floor: NoiseFloor::new(cfg.floor_window_us),
             size_avg_q2: 0,
             dtx: DtxGap::default(),
+            frames: FrameClock::default(),
             history: 0,
             talkspurt: false,
             last_voiced_us: 0,
@@ -198,6 +207,11 @@ impl VoiceActivity {
         }
     }
 
+    /// How long this source's packets last (samples), from their timestamps.
+    pub(crate) fn frame_samples(&self) -> u32 {
+        self.frames.frame()
+    }
+
     /// Parses nothing itself: takes the packet view and its measurement.
     pub fn observe_packet(
         &mut self,
@@ -206,10 +220,8 @@ impl VoiceActivity {
         pkt: &RtpView<'_>,
         level_ext_id: Option<u8>,
     ) -> Transition {
-        let m = Measurement::of(pkt, level_ext_id);
-        let samples = opus::packet_info(pkt.payload())
-            .map(|i| i.samples)
-            .unwrap_or(960);
+        let samples = self.frames.observe(pkt.sequence_number(), pkt.timestamp());
+        let m = Measurement::of(pkt, level_ext_id, samples);
         if self
             .dtx
             .observe(pkt.sequence_number(), pkt.timestamp(), samples)

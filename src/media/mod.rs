@@ -4,6 +4,7 @@
 
 pub mod activity;
 pub mod floor;
+pub(crate) mod frame_clock;
 pub(crate) mod opus;
 pub mod rewrite;
 pub mod rtp;

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use smallvec::SmallVec;
 
 use super::activity::{Transition, VadConfig, Voice, VoiceActivity};
-use super::opus;
+use super::frame_clock::DEFAULT_FRAME;
 use super::rewrite::{Feed, InputPacket, RewriteDrop, Rewritten, TrackRewriter};
 use super::rtp::{RtpError, RtpView};
 use super::selection::{GroupId, GroupKey, SelectionConfig, Selector, Standing, TrackChange};
@@ -248,6 +248,14 @@ impl StreamCore {
         self.sources.get(s.0 as usize).is_some_and(|s| s.live)
     }
 
+    /// How long a source's packets last (samples), learnt from its timestamps: what a rewrite
+    /// of its packets outside the core (a main track) needs.
+    pub(crate) fn frame_samples(&self, s: SourceIdx) -> u32 {
+        self.sources
+            .get(s.0 as usize)
+            .map_or(DEFAULT_FRAME, |src| src.activity.frame_samples())
+    }
+
     pub(crate) fn live_sources(&self) -> impl Iterator<Item = SourceIdx> + '_ {
         self.live.iter().copied()
     }
@@ -405,6 +413,8 @@ impl StreamCore {
         let transition =
             src.activity
                 .observe_packet(&self.cfg.vad, now_us, view, src.cfg.level_ext_id);
+        // From the timestamps: the payload may be end-to-end encrypted.
+        let samples = src.activity.frame_samples();
         if transition == Transition::Onset {
             self.stats.onsets += 1;
             let (sources, vad) = (&self.sources, &self.cfg.vad);
@@ -422,7 +432,7 @@ impl StreamCore {
             seq: view.sequence_number(),
             ts: view.timestamp(),
             marker: view.marker(),
-            samples: opus::packet_info(view.payload()).map_or(960, |i| i.samples),
+            samples,
         };
         for &(gid, track) in places {
             let Some(rw) = self

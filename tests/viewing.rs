@@ -128,6 +128,30 @@ fn vad_intervals(
     out
 }
 
+/// Turns by speaker.
+type Turns<'a> = BTreeMap<&'a str, Vec<(f64, f64)>>;
+
+/// When each publisher of a room report started its corpus, the horizon of what can be checked,
+/// and every speaker's turns in wall-clock ms. Every page starts its corpus at one wall-clock
+/// instant; the corpus then loops every 30 s, so only the first 29.5 s are checked.
+fn corpus_clock<'a>(rep: &Value, speakers: &[&'a str]) -> (BTreeMap<&'a str, f64>, f64, Turns<'a>) {
+    let parts = &rep["participants"];
+    let start: BTreeMap<&str, f64> = speakers
+        .iter()
+        .map(|s| {
+            let c = &parts[s]["publish"]["corpus"];
+            let t = c["startedWall"].as_f64().or(rep["corpusStartAt"].as_f64());
+            (*s, t.expect("corpus start time"))
+        })
+        .collect();
+    let horizon = start.values().fold(f64::MAX, |a, b| a.min(*b)) + 29_500.0;
+    let turns = speakers
+        .iter()
+        .map(|s| (*s, turns_at(s, start[s])))
+        .collect();
+    (start, horizon, turns)
+}
+
 fn inside(turns: &[(f64, f64)], a: f64, b: f64) -> bool {
     turns.iter().any(|&(s, e)| s <= a && b <= e)
 }
@@ -174,21 +198,7 @@ fn sdk_viewers_hear_who_talks_in_the_track_vad_names_and_never_themselves() {
     }
     let rep = report(&out);
     let parts = &rep["participants"];
-    // Every page starts its corpus at one wall-clock instant; the corpus then loops every 30 s,
-    // so only the first 29.5 s are checked.
-    let start: BTreeMap<&str, f64> = speakers
-        .iter()
-        .map(|s| {
-            let p = &parts[s]["publish"]["corpus"];
-            let t = p["startedWall"].as_f64().or(rep["corpusStartAt"].as_f64());
-            (*s, t.expect("corpus start time"))
-        })
-        .collect();
-    let horizon = start.values().fold(f64::MAX, |a, b| a.min(*b)) + 29_500.0;
-    let turns: BTreeMap<&str, Vec<(f64, f64)>> = speakers
-        .iter()
-        .map(|s| (*s, turns_at(s, start[s])))
-        .collect();
+    let (start, horizon, turns) = corpus_clock(&rep, &speakers);
     for me in speakers {
         let v = &parts[me]["view"];
         let events = v["events"].as_array().unwrap();
@@ -597,4 +607,232 @@ fn viewers_on_two_media_threads_share_one_origin_subscription() {
         Some(0.0),
         "a thread without viewers of the stream ignores its packets without counting drops"
     );
+}
+
+/// (from, to, source) intervals of one track, from its vad events.
+type Intervals = Vec<(f64, f64, Option<String>)>;
+
+/// (frames, failures) of a page's encoded transforms on one side ("send" or "recv").
+fn e2ee_counts(report: &Value, side: &str) -> (u64, u64) {
+    let all = report.as_object().into_iter().flatten();
+    all.filter(|(_, c)| c["side"] == side)
+        .fold((0, 0), |(f, x), (_, c)| {
+            (
+                f + c["frames"].as_u64().unwrap_or(0),
+                x + c["failed"].as_u64().unwrap_or(0),
+            )
+        })
+}
+
+/// What one end-to-end encrypted room measured, for one viewer.
+#[derive(Debug, Default)]
+struct Heard {
+    /// Share of the publishers' talk time during which `vad` had them in a track.
+    vad_agreement: f64,
+    /// Median delay from a turn's start to its `vad` (ms), over the turns announced.
+    onset_ms: f64,
+    /// Turns never announced within 1.5 s of their start.
+    missed_turns: usize,
+    /// Energy samples of a track while its `vad` source talks: mean, and the share above 0.02.
+    talk_energy: f64,
+    talk_loud: f64,
+    /// Energy while its `vad` source is silent (past a 0.5 s tail) or the track is empty.
+    quiet_energy: f64,
+    /// Chrome's packetsLost summed over the tracks.
+    lost: u64,
+    /// Concealed (non-silent) share of the samples past the first seconds, worst track.
+    concealed: f64,
+}
+
+/// Runs three publishers (`ana`, `bo`, `dee`) and the viewers `keyed` (3 tracks, the key) and
+/// `keyless` (3 tracks, no key) for 31 s. `e2ee`: the publishers encrypt their payloads end to
+/// end with a key chorus never sees; `level`: their offers keep the RFC 6464 extension.
+fn e2ee_room(e2ee: bool, level: bool) -> BTreeMap<String, Heard> {
+    const KEY: &str = "000102030405060708090a0b0c0d0e0f";
+    let p = serve();
+    let speakers = ["ana", "bo", "dee"];
+    let mut spec: Vec<Value> = speakers
+        .iter()
+        .map(|s| {
+            let mut v = json!({"name": s, "publish": s, "noLevel": !level});
+            if e2ee {
+                v["e2ee"] = json!(KEY);
+            }
+            v
+        })
+        .collect();
+    let mut keyed = json!({"name": "keyed", "view": {"tracks": 3}});
+    if e2ee {
+        keyed["e2ee"] = json!(KEY);
+    }
+    spec.push(keyed);
+    spec.push(json!({"name": "keyless", "view": {"tracks": 3}}));
+    let (dir, script) = node_harness("room.mjs");
+    let out = Command::new("node")
+        .current_dir(&dir)
+        .arg(script)
+        .args(["--endpoint", &format!("http://{}", p.http())])
+        .args(["--stream", "sealed", "--token", TOKEN])
+        .arg("--corpus")
+        .arg(corpus())
+        .args(["--seconds", "31", "--spec", &Value::from(spec).to_string()])
+        .output()
+        .unwrap();
+    common::assert_succeeded(&out, "room.mjs");
+    let rep = report(&out);
+    let parts = &rep["participants"];
+    for s in speakers {
+        // The offer really had (or lacked) the level extension.
+        let sdp = parts[s]["publish"]["offerSdp"].as_str().unwrap_or_default();
+        assert_eq!(sdp.contains("ssrc-audio-level"), level, "{s}: offer {sdp}");
+        if e2ee {
+            let (sealed, failed) = e2ee_counts(&parts[s]["e2ee"], "send");
+            assert!(sealed > 1000 && failed == 0, "{s}: {}", parts[s]["e2ee"]);
+        }
+    }
+    if e2ee {
+        // The keyed viewer opened what it got; the keyless one had no transform at all.
+        let (opened, failed) = e2ee_counts(&parts["keyed"]["e2ee"], "recv");
+        assert!(
+            opened > 300 && failed == 0,
+            "keyed: {}",
+            parts["keyed"]["e2ee"]
+        );
+        assert_eq!(e2ee_counts(&parts["keyless"]["e2ee"], "recv"), (0, 0));
+    }
+    let (start, horizon, turns) = corpus_clock(&rep, &speakers);
+    let talking = |s: &str, t: f64| turns.get(s).is_some_and(|ts| inside(ts, t, t));
+    let mut heard = BTreeMap::new();
+    for me in ["keyed", "keyless"] {
+        let v = &parts[me]["view"];
+        let events = v["events"].as_array().unwrap();
+        let begin = start.values().fold(f64::MAX, |a, b| a.min(*b));
+        let mut h = Heard::default();
+        // Who each track carried, from vad.
+        let mids: Vec<String> = v["tracks"].as_object().unwrap().keys().cloned().collect();
+        let carried: Vec<(String, Intervals)> = mids
+            .iter()
+            .map(|m| (m.clone(), vad_intervals(events, m, begin, horizon)))
+            .collect();
+        let in_track = |s: &str, t: f64| {
+            carried.iter().any(|(_, iv)| {
+                iv.iter()
+                    .any(|(a, b, src)| *a <= t && t < *b && src.as_deref() == Some(s))
+            })
+        };
+        // Agreement, sampled every 20 ms of talk; onsets per turn.
+        let (mut talk, mut agreed) = (0u64, 0u64);
+        let mut onsets = Vec::new();
+        for s in speakers {
+            for &(a, b) in &turns[s] {
+                if a < begin + 2000.0 || b > horizon {
+                    continue;
+                }
+                let mut t = a;
+                while t < b {
+                    talk += 1;
+                    agreed += in_track(s, t) as u64;
+                    t += 20.0;
+                }
+                let first = events
+                    .iter()
+                    .filter(|e| e["name"] == "vad" && e["data"]["sourceId"] == s)
+                    .map(|e| e["t"].as_f64().unwrap())
+                    .filter(|&t| t >= a - 300.0 && t <= a + 1500.0)
+                    .fold(f64::MAX, f64::min);
+                if first == f64::MAX {
+                    h.missed_turns += usize::from(!in_track(s, a - 1.0));
+                } else {
+                    onsets.push((first - a).max(0.0));
+                }
+            }
+        }
+        h.vad_agreement = agreed as f64 / talk.max(1) as f64;
+        onsets.sort_by(f64::total_cmp);
+        h.onset_ms = onsets.get(onsets.len() / 2).copied().unwrap_or(f64::NAN);
+        // Energy against who talks, past the jitter buffer's delay.
+        let (mut loud_n, mut loud_sum, mut loud_hits, mut quiet_n, mut quiet_sum) =
+            (0u64, 0.0, 0u64, 0u64, 0.0);
+        for (mid, iv) in &carried {
+            for x in v["tracks"][mid]["energy"].as_array().unwrap() {
+                let (t, e) = (x[0].as_f64().unwrap(), x[1].as_f64().unwrap());
+                if t < begin + 2000.0 || t > horizon {
+                    continue;
+                }
+                let src = iv
+                    .iter()
+                    .find(|(a, b, _)| *a <= t - 200.0 && t - 200.0 < *b)
+                    .and_then(|(_, _, s)| s.clone());
+                match src {
+                    Some(s) if talking(&s, t - 200.0) && talking(&s, t - 700.0) => {
+                        loud_n += 1;
+                        loud_sum += e;
+                        loud_hits += (e > 0.02) as u64;
+                    }
+                    Some(s) if !overlaps(&turns[s.as_str()], t - 1500.0, t + 200.0) => {
+                        quiet_n += 1;
+                        quiet_sum += e;
+                    }
+                    None => {
+                        quiet_n += 1;
+                        quiet_sum += e;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        h.talk_energy = loud_sum / loud_n.max(1) as f64;
+        h.talk_loud = loud_hits as f64 / loud_n.max(1) as f64;
+        h.quiet_energy = quiet_sum / quiet_n.max(1) as f64;
+        for series in v["stats"].as_object().unwrap().values() {
+            let s = series.as_array().unwrap();
+            let last = s.last().unwrap();
+            h.lost += last["packetsLost"].as_i64().unwrap_or(0).max(0) as u64;
+            let Some(base) = s.get(3) else { continue };
+            let conceal = |x: &Value| {
+                x["concealedSamples"].as_f64().unwrap_or(0.0)
+                    - x["silentConcealedSamples"].as_f64().unwrap_or(0.0)
+            };
+            let total = last["totalSamplesReceived"].as_f64().unwrap()
+                - base["totalSamplesReceived"].as_f64().unwrap();
+            h.concealed = h
+                .concealed
+                .max((conceal(last) - conceal(base)) / total.max(1.0));
+        }
+        eprintln!("e2ee={e2ee} level={level} {me}: {h:?}");
+        heard.insert(me.to_owned(), h);
+    }
+    heard
+}
+
+#[test]
+fn end_to_end_encrypted_payloads_are_selected_and_forwarded_untouched() {
+    let _serial = common::serial();
+    let plain = e2ee_room(false, true);
+    let sealed = e2ee_room(true, true);
+    let sizes = e2ee_room(true, false);
+    eprintln!("plain: {plain:?}\nsealed: {sealed:?}\nsealed, no level: {sizes:?}");
+    let base = &plain["keyed"];
+    for (run, h) in [
+        ("plain", &plain),
+        ("sealed", &sealed),
+        ("sealed, no level", &sizes),
+    ] {
+        let k = &h["keyed"];
+        // Selection follows the talkers as well as on plaintext (within a few points), and the
+        // key holder hears each track's source: loud while it talks, silent when it does not.
+        assert!(
+            k.vad_agreement > 0.9 && k.vad_agreement > base.vad_agreement - 0.05,
+            "{run}: {k:?} against plaintext {base:?}"
+        );
+        assert!(k.missed_turns <= 1, "{run}: {k:?}");
+        assert!(k.talk_loud > 0.6 && k.quiet_energy < 0.005, "{run}: {k:?}");
+        assert!(k.concealed < 0.05, "{run}: {k:?}");
+    }
+    // Without the key, a decoder fed the forwarded ciphertext fails and conceals: what chorus
+    // forwarded was ciphertext, untouched. With plaintext, the same viewer hears like the other.
+    for h in [&sealed["keyless"], &sizes["keyless"]] {
+        assert!(h.concealed > 0.1, "keyless: {h:?}");
+    }
+    assert!(plain["keyless"].concealed < 0.05, "{:?}", plain["keyless"]);
 }

@@ -376,7 +376,92 @@ function roomPage() {
     'jitterBufferTargetDelay', 'jitterBufferEmittedCount', 'audioLevel', 'totalAudioEnergy',
     'totalSamplesDuration', 'lastPacketReceivedTimestamp', 'nackCount', 'fecPacketsReceived'];
 
-  const R = window.room = { pub: null, view: null, publishRec: null, viewRec: null, roomRec: null, closing: false, timers: [] };
+  const R = window.room = { pub: null, view: null, publishRec: null, viewRec: null, roomRec: null, closing: false, timers: [], e2ee: {} };
+
+  // End-to-end encryption with the browser's encoded transform (RTCRtpScriptTransform): a
+  // worker seals every encoded frame with AES-GCM under a key the server never sees (12-byte
+  // IV || ciphertext || 16-byte tag: 28 bytes of overhead) and opens it on the receiving side;
+  // a frame that does not open is dropped and counted. Counters by side and mid in R.e2ee.
+  const E2EE_WORKER = `
+    self.onrtctransform = async (ev) => {
+      const t = ev.transformer;
+      const { side, key, mid } = t.options;
+      const c = { side, mid, frames: 0, failed: 0 };
+      self.postMessage(c);
+      const raw = new Uint8Array(key.match(/../g).map((h) => parseInt(h, 16)));
+      let k;
+      try {
+        k = await crypto.subtle.importKey('raw', raw, 'AES-GCM', false, ['encrypt', 'decrypt']);
+      } catch (e) {
+        c.error = String(e) + ' (secure context: ' + self.isSecureContext + ')';
+        self.postMessage(c);
+        return;
+      }
+      await t.readable.pipeThrough(new TransformStream({
+        async transform(frame, ctl) {
+          const data = new Uint8Array(frame.data);
+          try {
+            if (side === 'send') {
+              const iv = crypto.getRandomValues(new Uint8Array(12));
+              const ct = new Uint8Array(await crypto.subtle.encrypt({ name: 'AES-GCM', iv }, k, data));
+              const out = new Uint8Array(12 + ct.length);
+              out.set(iv);
+              out.set(ct, 12);
+              frame.data = out.buffer;
+            } else {
+              if (data.length < 28) throw new Error('too short');
+              frame.data = await crypto.subtle.decrypt({ name: 'AES-GCM', iv: data.subarray(0, 12) }, k, data.subarray(12));
+            }
+            c.frames++;
+            ctl.enqueue(frame);
+          } catch { c.failed++; }
+          if ((c.frames + c.failed) % 25 === 0) self.postMessage(c);
+        },
+      })).pipeTo(t.writable);
+    };`;
+  let e2eeWorker = null;
+  const e2eeTransform = (side, key, mid) => {
+    if (!e2eeWorker) {
+      e2eeWorker = new Worker(URL.createObjectURL(new Blob([E2EE_WORKER], { type: 'text/javascript' })));
+      e2eeWorker.onmessage = (m) => { R.e2ee[m.data.side + ':' + m.data.mid] = m.data; };
+      e2eeWorker.onerror = (e) => emit({ event: 'error', role: 'e2ee', message: 'e2ee worker: ' + (e.message || e), fatal: true });
+    }
+    return new RTCRtpScriptTransform(e2eeWorker, { side, key, mid: String(mid) });
+  };
+  // Chromium runs a transform only if it is set when its sender or receiver is made (set later,
+  // it never sees a frame): with a key, every audio transceiver and track this page adds gets
+  // one at once, encrypting what it sends and decrypting what it receives.
+  let e2eeInstalled = false;
+  const installE2ee = (key) => {
+    if (e2eeInstalled) return;
+    e2eeInstalled = true;
+    let n = 0;
+    const proto = RTCPeerConnection.prototype;
+    const addTransceiver = proto.addTransceiver, addTrack = proto.addTrack;
+    proto.addTransceiver = function (trackOrKind, init) {
+      const tr = addTransceiver.call(this, trackOrKind, init);
+      const kind = typeof trackOrKind === 'string' ? trackOrKind : trackOrKind.kind;
+      const dir = (init && init.direction) || 'sendrecv';
+      if (kind === 'audio' && dir === 'recvonly') tr.receiver.transform = e2eeTransform('recv', key, 'rx' + n++);
+      else if (kind === 'audio' && typeof trackOrKind !== 'string') tr.sender.transform = e2eeTransform('send', key, 'tx' + n++);
+      return tr;
+    };
+    proto.addTrack = function (track, ...streams) {
+      const sender = addTrack.call(this, track, ...streams);
+      if (track.kind === 'audio') sender.transform = e2eeTransform('send', key, 'tx' + n++);
+      return sender;
+    };
+  };
+  // Offers without the RFC 6464 audio level extension (createOffer patched while a Publish
+  // connects): the server can then only use payload sizes for voice activity.
+  const withoutAudioLevel = async (run) => {
+    const orig = RTCPeerConnection.prototype.createOffer;
+    RTCPeerConnection.prototype.createOffer = async function (...a) {
+      const d = await orig.apply(this, a);
+      return { type: d.type, sdp: d.sdp.replace(/^a=extmap:\d+ urn:ietf:params:rtp-hdrext:ssrc-audio-level\r?\n/mg, '') };
+    };
+    try { return await run(); } finally { RTCPeerConnection.prototype.createOffer = orig; }
+  };
 
   function recordError(rec, role, message, fatal = false) {
     rec.errors.push([now(), message]);
@@ -384,6 +469,7 @@ function roomPage() {
   }
 
   // o: {streamName, token, sourceId (null = main source), streamKey, connectTimeoutMs, dtx, statsMs,
+  //     e2ee (hex AES key: encrypt the payloads end to end), noLevel (offer no audio level),
   //     credentials (a director answer the first tokenGenerator call returns; later calls ask
   //     the director with token), roomCredentials (true: the room's member.promoted data)}
   R.publish = async (o) => {
@@ -394,6 +480,7 @@ function roomPage() {
       credentials = null;
       return c ? Promise.resolve(c) : millicast.Director.getPublisher({ token: o.token, streamName: o.streamName });
     };
+    if (o.e2ee) installE2ee(o.e2ee);
     const p = R.pub = new millicast.Publish(null, tokenGenerator, false);
     const stopping = () => R.closing || rec.stoppedAt;
     p.on('connectionStateChange', (s) => {
@@ -407,8 +494,10 @@ function roomPage() {
     const opts = { mediaStream: entry.stream, disableVideo: true, codec: 'vp8', dtx: !!o.dtx };
     if (o.sourceId !== null && o.sourceId !== undefined) opts.sourceId = o.sourceId;
     try {
-      await withTimeout(p.connect(opts), o.connectTimeoutMs, 'Publish.connect()');
+      const connect = () => withTimeout(p.connect(opts), o.connectTimeoutMs, 'Publish.connect()');
+      await (o.noLevel ? withoutAudioLevel(connect) : connect());
       rec.signalledAt = now();
+      rec.offerSdp = p.getRTCPeerConnection().localDescription.sdp;
       await waitConnected(p.getRTCPeerConnection(), o.connectTimeoutMs);
     } catch (e) {
       try { p.stop(); } catch {}
@@ -456,7 +545,7 @@ function roomPage() {
   };
 
   // o: {streamName, accountId, subscribeToken, connectOptions (ViewConnectOptions),
-  //     muted, sampleMs, statsMs, connectTimeoutMs}
+  //     muted, sampleMs, statsMs, connectTimeoutMs, e2ee (hex AES key: decrypt every track)}
   R.view = async (o) => {
     const rec = R.viewRec = {
       options: o.connectOptions, muted: o.muted !== false, sampleMs: o.sampleMs, statsMs: o.statsMs,
@@ -467,6 +556,7 @@ function roomPage() {
     const sub = { streamName: o.streamName, streamAccountId: o.accountId || 'chorus' };
     if (o.subscribeToken) sub.subscriberToken = o.subscribeToken;
     const tokenGenerator = () => millicast.Director.getSubscriber(sub);
+    if (o.e2ee) installE2ee(o.e2ee);
     const v = R.view = new millicast.View(null, tokenGenerator, null, false);
     const analysers = {};
     v.on('broadcastEvent', (ev) => {
@@ -630,7 +720,7 @@ function roomPage() {
     });
   });
 
-  R.report = () => ({ publish: R.publishRec, view: R.viewRec, room: R.roomRec });
+  R.report = () => ({ publish: R.publishRec, view: R.viewRec, room: R.roomRec, e2ee: R.e2ee });
   R.stopAll = () => {
     R.closing = true;
     for (const t of R.timers) clearInterval(t);

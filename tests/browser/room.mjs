@@ -23,6 +23,9 @@
 //             command line's); a room token works for both
 //   room      a room token: the page opens the room socket of the room named --stream
 //   publishLater  true: publish only on the `publish NAME` command
+//   e2ee      a hex AES-128/256 key: the participant encrypts its published payloads end to end
+//             (RTCRtpScriptTransform, AES-GCM) and decrypts every track it views with it
+//   noLevel   true: its publish offer drops the RFC 6464 audio level extension
 //
 // Order: all pages open and decode their corpus; all publishers connect;
 // all viewers connect (--viewers-first swaps the two); then every publisher
@@ -102,7 +105,9 @@ const participants = [];
     const part = {
       name, publish: null, view: null,
       token: p.token ?? null, subscribeToken: p.subscribeToken ?? null, room: p.room ?? null,
+      e2ee: p.e2ee ?? null, noLevel: !!p.noLevel,
     };
+    if (part.e2ee !== null && !/^([0-9a-fA-F]{32}|[0-9a-fA-F]{64})$/.test(part.e2ee)) usage(`${name}: e2ee must be a 32- or 64-digit hex key`);
     if (p.publish !== undefined && p.publish !== null) {
       const speaker = String(p.publish);
       const file = corpusFile(speaker, corpusDir);
@@ -175,6 +180,7 @@ async function finalReport() {
       publish: p.publish ? { ...p.publish, ...(p.pubInfo || {}), corpus: p.corpus || null, ...(r && r.publish ? r.publish : {}) } : null,
       view: p.view ? { spec: p.view, ...(r && r.view ? r.view : {}) } : null,
       room: r && r.room ? r.room : null,
+      e2ee: r && r.e2ee ? r.e2ee : null,
       left: p.left || null,
     };
   }));
@@ -229,7 +235,8 @@ async function openPage(p) {
 async function publishOne(p, extra = {}) {
   try {
     p.pubInfo = await roomPublish(p.page, {
-      streamName, token: p.token ?? token, sourceId: p.publish.sourceId, streamKey: 'corpus', connectTimeoutMs, dtx, statsMs, ...extra,
+      streamName, token: p.token ?? token, sourceId: p.publish.sourceId, streamKey: 'corpus', connectTimeoutMs, dtx, statsMs,
+      e2ee: p.e2ee, noLevel: p.noLevel, ...extra,
     });
   } catch (e) { throw Object.assign(new Error(`publish failed: ${cleanMsg(e)}`), { participant: p.name }); }
   emit({ event: 'published', name: p.name, ...p.pubInfo });
@@ -244,7 +251,7 @@ async function viewOne(p) {
   try {
     info = await roomView(p.page, {
       streamName, accountId: 'chorus', subscribeToken: p.subscribeToken ?? subscribeToken, connectOptions, muted: v.muted,
-      sampleMs, statsMs, connectTimeoutMs,
+      sampleMs, statsMs, connectTimeoutMs, e2ee: p.e2ee,
     });
   } catch (e) { throw Object.assign(new Error(`view failed: ${cleanMsg(e)}`), { participant: p.name }); }
   emit({ event: 'viewing', name: p.name, ...info });

@@ -200,6 +200,9 @@ impl Driver {
                     groups |= 1 << (group.0 % 64);
                 }
                 Output::Track(_) => tracks += 1,
+                Output::Ending { header, .. } => {
+                    std::hint::black_box(header);
+                }
             })
         });
         self.out_packets += n;

@@ -321,5 +321,11 @@ fn check(
                 *bad = Some("input marker lost".into());
             }
         }
+        // An ending belongs to the group's track; it carries no source's audio.
+        Output::Ending { group, .. } => {
+            if key_of(group).is_none() {
+                *bad = Some(format!("ending for unknown group {group:?}"));
+            }
+        }
     }
 }

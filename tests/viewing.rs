@@ -827,7 +827,9 @@ fn end_to_end_encrypted_payloads_are_selected_and_forwarded_untouched() {
         );
         assert!(k.missed_turns <= 1, "{run}: {k:?}");
         assert!(k.talk_loud > 0.6 && k.quiet_energy < 0.005, "{run}: {k:?}");
-        assert!(k.concealed < 0.05, "{run}: {k:?}");
+        // An emptied track ends in silence frames: the decoder goes quiet instead of
+        // stretching (issue 13 asks at most 0.5 %; 1 % leaves room for a loaded machine).
+        assert!(k.concealed < 0.01, "{run}: {k:?}");
     }
     // Without the key, a decoder fed the forwarded ciphertext fails and conceals: what chorus
     // forwarded was ciphertext, untouched. With plaintext, the same viewer hears like the other.

@@ -150,6 +150,23 @@ impl World {
                 let o = RtpView::parse(orig).unwrap();
                 assert!(header.marker || !o.marker(), "input marker lost");
             }
+            // A track's audio ends just before it is announced empty: it still holds a source.
+            Output::Ending {
+                group,
+                track,
+                header,
+            } => {
+                let gi = self.group_index(group);
+                assert!(
+                    self.tracks[gi].get(track as usize).copied().flatten().is_some(),
+                    "ending on group {group:?} track {track}, which holds nothing"
+                );
+                assert_eq!(
+                    Some(header.ssrc),
+                    core_ssrc(group, track),
+                    "wrong SSRC for the ending"
+                );
+            }
         }
     }
 }

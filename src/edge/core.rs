@@ -20,7 +20,8 @@ use tracing::{debug, info};
 use super::events::{ActiveSource, ViewerEvent};
 use super::talking::{TalkingSink, TalkingWatch};
 use super::{EdgeMetrics, Shared};
-use crate::media::rewrite::{Feed, InputPacket};
+use crate::media::opus;
+use crate::media::rewrite::{Feed, InputPacket, Rewritten};
 use crate::media::rtp::{parse_audio_level, RtpView};
 use crate::media::selection::{GroupId, GroupKey, TrackChange};
 use crate::media::stream::{CoreConfig, Output as CoreOutput, SourceConfig, StreamCore};
@@ -296,9 +297,7 @@ impl EdgeCore {
                 core, groups, live, ..
             } = &mut *st;
             core.tick(now_us, &mut |o| {
-                if let CoreOutput::Track(c) = o {
-                    vad(&c, groups, live, viewers, out, metrics);
-                }
+                track_output(o, groups, live, viewers, out, metrics);
             });
             let due = st
                 .last_viewercount_us
@@ -680,28 +679,12 @@ impl EdgeCore {
                 track,
                 header,
                 samples,
-            } => {
-                // The group's stream is already one continuous stream; each viewer re-anchors
-                // it only when it moves to another group.
-                let input = InputPacket {
-                    source: Feed::Group(group, track),
-                    ssrc: header.ssrc,
-                    seq: header.seq,
-                    ts: header.ts,
-                    marker: header.marker,
-                    samples,
-                };
-                let ids = groups.get(group.0 as usize).map_or(&[][..], Vec::as_slice);
-                for &viewer in ids {
-                    out.push_back(Output::Write(Write {
-                        viewer,
-                        track: TrackRef::Mux(track),
-                        input,
-                        level,
-                        payload: payload.clone(),
-                    }));
-                }
-            }
+            } => write_group(group, track, header, samples, level, &payload, groups, out),
+            CoreOutput::Ending {
+                group,
+                track,
+                header,
+            } => write_ending(group, track, header, groups, out),
         });
         if let Err(e) = result {
             m.dropped_core.fetch_add(1, Ordering::Relaxed);
@@ -732,9 +715,7 @@ fn source_gone(
         core, groups, live, ..
     } = &mut *st;
     core.unpublish(now_us, s, &mut |o| {
-        if let CoreOutput::Track(c) = o {
-            vad(&c, groups, live, viewers, out, metrics);
-        }
+        track_output(o, groups, live, viewers, out, metrics);
     });
     let ev = ViewerEvent::Inactive {
         stream: st.name.clone(),
@@ -742,6 +723,76 @@ fn source_gone(
     };
     st.broadcast(out, &ev);
     info!(stream = &*st.name, source = ?gone.active.source, "source inactive");
+}
+
+/// What the packet core says outside a packet (a tick, a source gone): track changes and the
+/// silence that ends an emptied track. (It forwards packets only while handling one.)
+fn track_output(
+    o: CoreOutput,
+    groups: &[Vec<PeerId>],
+    live: &HashMap<SourceIdx, LiveSource>,
+    viewers: &HashMap<PeerId, ViewerState>,
+    out: &mut VecDeque<Output>,
+    metrics: &EdgeMetrics,
+) {
+    match o {
+        CoreOutput::Track(c) => vad(&c, groups, live, viewers, out, metrics),
+        CoreOutput::Ending {
+            group,
+            track,
+            header,
+        } => write_ending(group, track, header, groups, out),
+        CoreOutput::Packet { .. } => {}
+    }
+}
+
+/// A track's audio ending in silence when it empties ([`CoreOutput::Ending`]): the silence
+/// frame to every viewer of the group, numbered like any packet of the group's track, with the
+/// level of digital silence.
+fn write_ending(
+    group: GroupId,
+    track: u8,
+    header: Rewritten,
+    groups: &[Vec<PeerId>],
+    out: &mut VecDeque<Output>,
+) {
+    let silence = Bytes::from_static(&opus::SILENCE_FRAME);
+    let level = Some((false, 127));
+    let samples = opus::SILENCE_SAMPLES;
+    write_group(group, track, header, samples, level, &silence, groups, out);
+}
+
+/// One `Write` per viewer of `group` on its track `track`. The group's stream is already one
+/// continuous stream; each viewer re-anchors it only when it moves to another group.
+#[allow(clippy::too_many_arguments)]
+fn write_group(
+    group: GroupId,
+    track: u8,
+    header: Rewritten,
+    samples: u32,
+    level: Option<(bool, u8)>,
+    payload: &Bytes,
+    groups: &[Vec<PeerId>],
+    out: &mut VecDeque<Output>,
+) {
+    let input = InputPacket {
+        source: Feed::Group(group, track),
+        ssrc: header.ssrc,
+        seq: header.seq,
+        ts: header.ts,
+        marker: header.marker,
+        samples,
+    };
+    let ids = groups.get(group.0 as usize).map_or(&[][..], Vec::as_slice);
+    for &viewer in ids {
+        out.push_back(Output::Write(Write {
+            viewer,
+            track: TrackRef::Mux(track),
+            input,
+            level,
+            payload: payload.clone(),
+        }));
+    }
 }
 
 #[cfg(test)]

@@ -375,6 +375,51 @@ fn a_write_carries_the_groups_header_and_a_slice_of_the_datagram() {
     assert_eq!(w.payload.as_ptr(), data[data.len() - 60..].as_ptr());
 }
 
+#[test]
+fn an_emptied_track_ends_with_silence_frames_before_its_vad() {
+    let mut c = core();
+    join(&mut c, 0, 1, "s", 1);
+    c.handle_sources(0, "s", 1, vec![source(0, "ana")]);
+    let (mut now, _) = talk(&mut c, 1, 0, 0, 0, 10);
+    let mut outs = Vec::new();
+    // Room noise past the hangover: the track empties.
+    for i in 0..100u16 {
+        c.handle_packet(now, relayed(1, 0, 70 + i, 70, now));
+        c.handle_timeout(now + 10_000);
+        while let Some(o) = c.poll_output() {
+            outs.push(o);
+        }
+        now += 20_000;
+    }
+    let vad = outs
+        .iter()
+        .position(|o| matches!(o, Output::Event(_, ViewerEvent::Vad { source: None, .. })))
+        .expect("the track empties");
+    let silent: Vec<&Write> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Write(w) if w.payload[..] == opus::SILENCE_FRAME => Some(w),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(silent.len(), crate::media::stream::ENDING_FRAMES);
+    // They are the last writes before the vad, in one sequence, with the level of silence.
+    let writes_before: Vec<&Write> = outs[..vad]
+        .iter()
+        .filter_map(|o| match o {
+            Output::Write(w) => Some(w),
+            _ => None,
+        })
+        .collect();
+    let tail = &writes_before[writes_before.len() - silent.len()..];
+    assert!(tail.iter().zip(&silent).all(|(a, b)| std::ptr::eq(*a, *b)));
+    for w in tail.windows(2) {
+        assert_eq!(w[1].input.seq, w[0].input.seq.wrapping_add(1));
+    }
+    assert!(silent.iter().all(|w| w.level == Some((false, 127))));
+    assert!(outs[vad..].iter().all(|o| !matches!(o, Output::Write(_))));
+}
+
 // The origin link's properties (channels, indices, relinks), moved from the media thread.
 
 #[test]

@@ -6,6 +6,11 @@ pub(crate) const CLOCK_RATE: u32 = 48_000;
 /// A payload this small carries no speech: libopus DTX and comfort-noise frames are 1-3 bytes,
 /// while the smallest active 20 ms SILK frame is well over 10.
 pub(crate) const DTX_MAX_PAYLOAD: usize = 3;
+/// A 20 ms Opus frame of digital silence (TOC 0xF8: CELT fullband 20 ms, mono, one frame; then
+/// the range coder's encoding of silence): what a track ends with when it empties.
+pub(crate) static SILENCE_FRAME: [u8; 3] = [0xF8, 0xFF, 0xFE];
+/// Its duration in samples.
+pub(crate) const SILENCE_SAMPLES: u32 = 960;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {

@@ -128,6 +128,25 @@ impl TrackRewriter {
         self.anchor = None;
     }
 
+    /// The header of a frame of `samples` that follows the last packet sent, at `now_us` (the
+    /// track's audio ending in silence when it empties); None before anything was sent. The next
+    /// source anchors after it.
+    pub(crate) fn follow_on(&mut self, now_us: u64, samples: u32) -> Option<Rewritten> {
+        if !self.started {
+            return None;
+        }
+        self.out_seq = self.out_seq.wrapping_add(1);
+        self.out_ts = self.out_ts.wrapping_add(self.out_samples);
+        self.out_at_us = now_us;
+        self.out_samples = samples;
+        Some(Rewritten {
+            ssrc: self.ssrc,
+            seq: self.out_seq,
+            ts: self.out_ts,
+            marker: false,
+        })
+    }
+
     /// The header to forward `p` with at `now_us`, or why it is dropped.
     #[inline]
     pub fn rewrite(&mut self, now_us: u64, p: &InputPacket) -> Result<Rewritten, RewriteDrop> {

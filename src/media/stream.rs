@@ -11,6 +11,7 @@ use smallvec::SmallVec;
 
 use super::activity::{Transition, VadConfig, Voice, VoiceActivity};
 use super::frame_clock::DEFAULT_FRAME;
+use super::opus;
 use super::rewrite::{Feed, InputPacket, RewriteDrop, Rewritten, TrackRewriter};
 use super::rtp::{RtpError, RtpView};
 use super::selection::{GroupId, GroupKey, SelectionConfig, Selector, Standing, TrackChange};
@@ -81,6 +82,8 @@ pub struct CoreStats {
     pub switches: u64,
     /// Times a source's voice activity started (onsets).
     pub onsets: u64,
+    /// Silence frames that ended a track's audio when it emptied ([`Output::Ending`]).
+    pub ending_frames: u64,
 }
 
 /// What the core asks its driver to do, in order.
@@ -100,7 +103,22 @@ pub enum Output {
         /// Its audio duration in samples (what a further rewrite of this stream needs).
         samples: u32,
     },
+    /// Send an Opus silence frame ([`opus::SILENCE_FRAME`], 20 ms) on `track` to every viewer of
+    /// `group`, with these header fields: the track emptied, and its audio ends in silence so
+    /// the viewer's decoder goes quiet instead of stretching the last frame it had.
+    Ending {
+        /// The group of viewers whose track it goes to.
+        group: GroupId,
+        /// The track's index in the group.
+        track: u8,
+        /// The header fields to send it with (continuing the track's numbering).
+        header: Rewritten,
+    },
 }
+
+/// Silence frames sent when a track empties: one would do; three survive a lost packet and give
+/// the receiver's jitter buffer 60 ms of real silence to drain into.
+pub(crate) const ENDING_FRAMES: usize = 3;
 
 #[derive(Debug)]
 struct Source {
@@ -480,6 +498,21 @@ impl StreamCore {
                 .get_mut(e.group.0 as usize)
                 .and_then(|r| r.get_mut(e.track as usize))
             {
+                // The old source's last packet is out: end its audio before the track says it
+                // is empty.
+                if e.source.is_none() {
+                    for _ in 0..ENDING_FRAMES {
+                        let Some(header) = rw.follow_on(e.at_us, opus::SILENCE_SAMPLES) else {
+                            break;
+                        };
+                        self.stats.ending_frames += 1;
+                        out(Output::Ending {
+                            group: e.group,
+                            track: e.track,
+                            header,
+                        });
+                    }
+                }
                 rw.detach();
             }
             out(Output::Track(e));
@@ -556,6 +589,7 @@ mod tests {
                 log.push(match o {
                     Output::Track(c) => format!("track{}={:?}", c.track, c.source.map(|s| s.0)),
                     Output::Packet { track, .. } => format!("pkt{track}"),
+                    Output::Ending { track, .. } => format!("end{track}"),
                 })
             };
             core.on_packet(now, s, &packet(seq0 + i as u16, l), &mut sink)
@@ -563,6 +597,51 @@ mod tests {
             core.tick(now + 10_000, &mut sink);
         }
         log
+    }
+
+    #[test]
+    fn an_emptied_track_ends_in_silence_frames_that_continue_its_numbering() {
+        let mut core = StreamCore::new(CoreConfig::default());
+        let a = core.publish("a", levelled());
+        core.join(GroupKey::new(1, None, []));
+        let mut headers: Vec<(char, Rewritten)> = Vec::new();
+        let mut order = Vec::new();
+        for i in 0..200u16 {
+            let now = i as u64 * 20_000;
+            // 1.2 s of room noise, 1 s of speech, then room noise past the hangover.
+            let level = if (60..110).contains(&i) { 20 } else { 70 };
+            let mut sink = |o: Output| match o {
+                Output::Packet { header, .. } => headers.push(('p', header)),
+                Output::Ending { header, .. } => {
+                    headers.push(('e', header));
+                    order.push("end");
+                }
+                Output::Track(c) => order.push(if c.source.is_some() { "in" } else { "out" }),
+            };
+            core.on_packet(now, a, &packet(i, level), &mut sink)
+                .unwrap();
+            core.tick(now + 10_000, &mut sink);
+        }
+        // In, then the silence frames, then the vad that empties the track.
+        assert_eq!(order, ["in", "end", "end", "end", "out"]);
+        let ends: Vec<_> = headers.iter().filter(|(k, _)| *k == 'e').collect();
+        assert_eq!(ends.len(), ENDING_FRAMES);
+        // One gapless sequence: seq +1 and ts +960 (20 ms) from the last packet on.
+        for w in headers.windows(2) {
+            let (a, b) = (w[0].1, w[1].1);
+            assert_eq!(b.seq, a.seq.wrapping_add(1), "{headers:?}");
+            assert_eq!(b.ts.wrapping_sub(a.ts), 960, "{headers:?}");
+            assert_eq!(b.ssrc, a.ssrc);
+        }
+        assert_eq!(headers.last().unwrap().0, 'e');
+        assert_eq!(core.stats().ending_frames, ENDING_FRAMES as u64);
+    }
+
+    #[test]
+    fn a_track_never_fed_ends_without_silence_frames() {
+        // An empty track that is emptied again (nothing was ever sent on it) sends nothing.
+        let mut t = TrackRewriter::new(1, 100, 0);
+        assert!(t.follow_on(0, 960).is_none());
     }
 
     #[test]

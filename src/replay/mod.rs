@@ -91,6 +91,9 @@ pub struct Forwarded {
     pub ts: u32,
     /// Its rewritten marker bit.
     pub marker: bool,
+    /// A silence frame that ended the track's audio as it emptied (`source` is then the source
+    /// it ended, the times those of the packet or tick that emptied the track).
+    pub silence: bool,
 }
 
 /// Percentiles of a latency, in ms.
@@ -310,6 +313,32 @@ pub fn run(speakers: &[Speaker], opts: &ReplayOptions) -> Result<ReplayResult, S
                     seq: header.seq,
                     ts: header.ts,
                     marker: header.marker,
+                    silence: false,
+                });
+            }
+            // Part of the track's numbering: the continuity check sees it.
+            Output::Ending {
+                group: g,
+                track,
+                header,
+            } if g == group => {
+                let at = current.map_or(0, |(_, _, arrival)| arrival);
+                // The source whose audio it ends: the track's holder until the change after it.
+                let holder = changes
+                    .iter()
+                    .rev()
+                    .find(|c: &&Change| c.track == track)
+                    .and_then(|c| c.source.as_ref())
+                    .and_then(|n| names.iter().position(|x| x == n));
+                forwarded.push(Forwarded {
+                    track,
+                    source: holder.map_or(0, |i| i as u32),
+                    send_us: at,
+                    arrival_us: at,
+                    seq: header.seq,
+                    ts: header.ts,
+                    marker: header.marker,
+                    silence: true,
                 });
             }
             _ => {}
@@ -399,7 +428,9 @@ fn summarize(speakers: &[Speaker], opts: &ReplayOptions, run: &Run<'_>) -> Summa
             n_turns += 1;
             let heard = forwarded
                 .iter()
-                .filter(|f| f.source == si as u32 && f.send_us >= first && f.send_us <= last)
+                .filter(|f| {
+                    !f.silence && f.source == si as u32 && f.send_us >= first && f.send_us <= last
+                })
                 .map(|f| f.arrival_us)
                 .min();
             if let Some(h) = heard {

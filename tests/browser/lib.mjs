@@ -381,7 +381,8 @@ function roomPage() {
   // End-to-end encryption with the browser's encoded transform (RTCRtpScriptTransform): a
   // worker seals every encoded frame with AES-GCM under a key the server never sees (12-byte
   // IV || ciphertext || 16-byte tag: 28 bytes of overhead) and opens it on the receiving side;
-  // a frame that does not open is dropped and counted. Counters by side and mid in R.e2ee.
+  // a frame that does not open is dropped and counted, one shorter than the overhead passes
+  // in clear (chorus's silence frames). Counters by side and mid in R.e2ee.
   const E2EE_WORKER = `
     self.onrtctransform = async (ev) => {
       const t = ev.transformer;
@@ -408,8 +409,13 @@ function roomPage() {
               out.set(iv);
               out.set(ct, 12);
               frame.data = out.buffer;
+            } else if (data.length < 28) {
+              // Shorter than the overhead: not ours. chorus ends an emptied track with 3-byte
+              // Opus silence frames in clear; they go to the decoder as they are.
+              c.clear = (c.clear || 0) + 1;
+              ctl.enqueue(frame);
+              return;
             } else {
-              if (data.length < 28) throw new Error('too short');
               frame.data = await crypto.subtle.decrypt({ name: 'AES-GCM', iv: data.subarray(0, 12) }, k, data.subarray(12));
             }
             c.frames++;

@@ -82,6 +82,13 @@ fn every_turn_is_heard_within_60ms_p95_and_fan_never_holds_a_track() {
         check_viewer_guarantees(&r, &o, &names);
         let lat = r.summary.latency_ms.as_ref().expect("turns were heard");
         assert!(lat.p95 <= 60, "{o:?}: p95 latency {} ms", lat.p95);
+        // What never reaches a track: the first voiced packet before the onset packet today
+        // (no pre-roll yet), never more than the time to be heard.
+        let clip = r.summary.clipped_ms.as_ref().expect("turns were heard");
+        assert!(
+            clip.p95 <= lat.p95 && clip.p95 <= 60,
+            "{o:?}: clipped {clip:?}"
+        );
         // Lossless, in-order input: each track is one gapless RTP sequence.
         assert_eq!(r.summary.seq_discontinuities, 0, "{o:?}");
         assert_eq!(r.summary.dropped_before_switch, 0);

@@ -107,6 +107,15 @@ pub struct Latency {
     pub max: u64,
 }
 
+/// p50, p95 and max in ms of sorted µs values; None if there are none.
+fn percentiles_ms(sorted: &[u64]) -> Option<Latency> {
+    (!sorted.is_empty()).then(|| Latency {
+        p50: percentile(sorted, 50.0).unwrap_or(0) / 1000,
+        p95: percentile(sorted, 95.0).unwrap_or(0) / 1000,
+        max: sorted.last().copied().unwrap_or(0) / 1000,
+    })
+}
+
 /// A replay's figures, measured against the corpus's ground truth ([`truth`]).
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
@@ -122,6 +131,9 @@ pub struct Summary {
     pub turns_heard: usize,
     /// From a turn's first voiced packet (send time) to the first packet of it in a track.
     pub latency_ms: Option<Latency>,
+    /// Speech of a turn that never reached a track: from its first voiced packet to the first
+    /// packet of it forwarded (send times), per turn heard. What the listener never hears.
+    pub clipped_ms: Option<Latency>,
     /// A source lost its track inside one of its turns while at most N sources were talking.
     pub cut_while_talking: usize,
     /// Time each source held a track.
@@ -419,6 +431,7 @@ fn summarize(speakers: &[Speaker], opts: &ReplayOptions, run: &Run<'_>) -> Summa
 
     // Latency from each admitted turn's first voiced packet to its first forwarded packet.
     let mut latencies = Vec::new();
+    let mut clipped = Vec::new();
     let mut n_turns = 0;
     for (si, sp) in speakers.iter().enumerate() {
         if !admitted(&sp.id) {
@@ -426,24 +439,23 @@ fn summarize(speakers: &[Speaker], opts: &ReplayOptions, run: &Run<'_>) -> Summa
         }
         for &(first, last) in &turns[si] {
             n_turns += 1;
-            let heard = forwarded
-                .iter()
-                .filter(|f| {
+            let of_turn = || {
+                forwarded.iter().filter(|f| {
                     !f.silence && f.source == si as u32 && f.send_us >= first && f.send_us <= last
                 })
-                .map(|f| f.arrival_us)
-                .min();
-            if let Some(h) = heard {
+            };
+            if let Some(h) = of_turn().map(|f| f.arrival_us).min() {
                 latencies.push(h.saturating_sub(first));
+            }
+            if let Some(s) = of_turn().map(|f| f.send_us).min() {
+                clipped.push(s - first);
             }
         }
     }
     latencies.sort_unstable();
-    let latency_ms = (!latencies.is_empty()).then(|| Latency {
-        p50: percentile(&latencies, 50.0).unwrap_or(0) / 1000,
-        p95: percentile(&latencies, 95.0).unwrap_or(0) / 1000,
-        max: latencies.last().copied().unwrap_or(0) / 1000,
-    });
+    let latency_ms = percentiles_ms(&latencies);
+    clipped.sort_unstable();
+    let clipped_ms = percentiles_ms(&clipped);
 
     // Replay the change log: time held, and cuts while talking.
     let index = |n: &str| names.iter().position(|x| x == n);
@@ -523,6 +535,7 @@ fn summarize(speakers: &[Speaker], opts: &ReplayOptions, run: &Run<'_>) -> Summa
         turns: n_turns,
         turns_heard: latencies.len(),
         latency_ms,
+        clipped_ms,
         cut_while_talking: cuts,
         held_ms: by_name(&held),
         held_outside_turns_ms: by_name(&held_outside),

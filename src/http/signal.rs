@@ -72,6 +72,18 @@ pub(crate) async fn upgrade(
             return fail(StatusCode::FORBIDDEN, e);
         }
     }
+    // Only the stream's owner takes its publications: the lease is this origin's, or free and
+    // taken now; another origin's is a 409 naming it.
+    if claims.scope == Scope::Publish && app.origin.is_some() {
+        if let Err(e) = app
+            .cluster
+            .ensure_owner(&claims.millicast.stream_name)
+            .await
+        {
+            let super::Refusal(status, message) = super::cluster::refusal(e);
+            return fail(status, message);
+        }
+    }
     let sid = app.next_session.fetch_add(1, Ordering::Relaxed);
     let ip = super::listen::peer_ip(&peer);
     // tungstenite's defaults (128 KiB read and 128 KiB write buffer) would be most of a

@@ -23,6 +23,11 @@ pub(crate) use node::{Load, NodeEntry, NodeKind, NodeRecord, NodeState};
 /// so one slow or lost write does not make a live node vanish.
 pub(crate) const NODE_HEARTBEAT: Duration = Duration::from_secs(2);
 
+/// How soon a node tries again after a heartbeat failed: the registry's connection comes back
+/// on the call after it returns, so a short retry re-registers the node within about a second
+/// of Redis's return instead of a heartbeat or two later.
+pub(crate) const NODE_RETRY: Duration = Duration::from_millis(500);
+
 /// How long a node's record lives without a heartbeat: a node that died (SIGKILL, power, a
 /// partition) is gone from the registry this long after its last write at most.
 pub(crate) const NODE_TTL: Duration = Duration::from_secs(6);
@@ -409,20 +414,18 @@ impl Cluster {
     }
 }
 
-/// Writes this node's record now and every [`NODE_HEARTBEAT`], with what `record` says at the
-/// time (its load changes); logs the first registration and each one after an outage.
+/// Writes this node's record now and every [`NODE_HEARTBEAT`] (every [`NODE_RETRY`] while it
+/// fails), with what `record` says at the time (its load changes); logs the first
+/// registration and each one after an outage.
 pub(crate) fn spawn_heartbeat(
     cluster: Arc<Cluster>,
     record: impl Fn() -> NodeRecord + Send + Sync + 'static,
 ) {
     tokio::spawn(async move {
         let mut registered = false;
-        let mut tick = tokio::time::interval(NODE_HEARTBEAT);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
             let r = record();
-            match cluster.registry.put_node(&r).await {
+            let next = match cluster.registry.put_node(&r).await {
                 Ok(()) => {
                     let back = cluster.outage.ok();
                     if !registered || back {
@@ -434,9 +437,14 @@ pub(crate) fn spawn_heartbeat(
                         );
                         registered = true;
                     }
+                    NODE_HEARTBEAT
                 }
-                Err(e) => cluster.outage.failed("the node heartbeat", &e),
-            }
+                Err(e) => {
+                    cluster.outage.failed("the node heartbeat", &e);
+                    NODE_RETRY
+                }
+            };
+            tokio::time::sleep(next).await;
         }
     });
 }

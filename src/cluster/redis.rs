@@ -305,10 +305,21 @@ mod tests {
     }
 
     impl Server {
+        /// Like tests/common's `Redis` (which the crate's own tests cannot reach).
         fn start(port: u16) -> Server {
+            let port_arg = port.to_string();
+            let args = [
+                "--port",
+                &port_arg,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ];
             let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
+                .args(args)
                 .stdout(Stdio::null())
                 .spawn()
                 .expect("redis-server runs (scripts/setup-test-deps.sh installs it)");

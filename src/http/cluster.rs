@@ -34,8 +34,8 @@ pub(crate) async fn view(State(app): State<Arc<App>>, headers: HeaderMap) -> Res
         return fail(StatusCode::UNAUTHORIZED, e);
     }
     let c = &app.cluster;
-    let registry = c.registry();
-    let (nodes, owners) = match (registry.nodes().await, registry.owners().await) {
+    // The nodes placement and ownership see: records with a recent heartbeat.
+    let (nodes, owners) = match (c.live_nodes().await, c.registry().owners().await) {
         (Ok(n), Ok(o)) => (n, o),
         (Err(e), _) | (_, Err(e)) => {
             c.outage.failed("reading /api/cluster", &e);

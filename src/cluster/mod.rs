@@ -10,6 +10,7 @@ pub(crate) mod node;
 pub(crate) mod placement;
 pub(crate) mod redis;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -196,8 +197,33 @@ pub(crate) struct Cluster {
     pub(crate) holder: String,
     epoch: Instant,
     holds: Mutex<holds::Holds>,
+    /// Open publishers' signalling sessions per stream: a stream keeps its lease while one is
+    /// open, so a publisher between two publications is not refused.
+    sessions: Mutex<HashMap<String, usize>>,
     assignments: Mutex<placement::Assignments>,
     pub(crate) outage: Outage,
+}
+
+/// A publisher's signalling session on a stream, counted while it lives.
+pub(crate) struct PublisherSession {
+    cluster: Arc<Cluster>,
+    stream: String,
+}
+
+impl Drop for PublisherSession {
+    fn drop(&mut self) {
+        let mut s = self
+            .cluster
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = s.get_mut(&self.stream) {
+            *n -= 1;
+            if *n == 0 {
+                s.remove(&self.stream);
+            }
+        }
+    }
 }
 
 impl Cluster {
@@ -212,6 +238,7 @@ impl Cluster {
             boot,
             epoch: Instant::now(),
             holds: Mutex::default(),
+            sessions: Mutex::default(),
             assignments: Mutex::default(),
             outage: Outage::default(),
         })
@@ -327,6 +354,20 @@ impl Cluster {
             .held(stream, now)
     }
 
+    /// Counts a publisher's signalling session on `stream` until the value is dropped.
+    pub(crate) fn publisher_session(self: &Arc<Self>, stream: &str) -> PublisherSession {
+        *self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(stream.to_owned())
+            .or_default() += 1;
+        PublisherSession {
+            cluster: self.clone(),
+            stream: stream.to_owned(),
+        }
+    }
+
     fn confirmed(&self, stream: &str) {
         let now = self.now();
         self.holds
@@ -335,13 +376,21 @@ impl Cluster {
             .confirmed(stream, now);
     }
 
-    /// One round of lease upkeep: refreshes the leases of streams published here (`live`) or
-    /// lately, releases the others.
+    /// One round of lease upkeep: refreshes the leases of streams published here (`live`, or
+    /// with a publisher's session open) or lately, releases the others.
     pub(crate) async fn keep_leases(&self, live: &[String]) {
+        let mut live = live.to_vec();
+        live.extend(
+            self.sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .cloned(),
+        );
         let plan = {
             let now = self.now();
             let mut h = self.holds.lock().unwrap_or_else(|p| p.into_inner());
-            h.plan(now, live)
+            h.plan(now, &live)
         };
         for (stream, action) in plan {
             match action {
@@ -467,4 +516,72 @@ pub(crate) fn spawn_lease_keeper(
             cluster.keep_leases(&live()).await;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::node::tests::record;
+    use super::*;
+
+    /// Two origins over one in-memory registry: what two processes do over Redis.
+    fn pair() -> (Arc<Cluster>, Arc<Cluster>, Arc<dyn Registry>) {
+        let r: Arc<dyn Registry> = Arc::new(memory::MemoryRegistry::default());
+        (
+            Cluster::new(r.clone(), true, "o1".into()),
+            Cluster::new(r.clone(), true, "o2".into()),
+            r,
+        )
+    }
+
+    async fn register(c: &Cluster, r: &dyn Registry, publications: u64) {
+        let mut n = record(&c.id, NodeKind::Origin, publications).record;
+        n.boot = c.boot.clone();
+        r.put_node(&n).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn both_directors_send_a_publisher_to_the_least_loaded_origin_which_alone_takes_it() {
+        let (o1, o2, r) = pair();
+        register(&o1, &*r, 1).await;
+        register(&o2, &*r, 0).await;
+        // o1's director: o2 is less loaded and gets the lease.
+        assert_eq!(
+            o1.publish_target("s", "ws://me").await.unwrap(),
+            "ws://o2/ws"
+        );
+        assert_eq!(o2.publish_target("s", "ws://me").await.unwrap(), "ws://me");
+        assert!(o2.ensure_owner("s").await.is_ok());
+        match o1.ensure_owner("s").await {
+            Err(ClusterError::OwnedElsewhere { owner, url, .. }) => {
+                assert_eq!((owner.as_str(), url.as_str()), ("o2", "ws://o2/ws"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(o2.holds_now("s") && !o1.holds_now("s"));
+    }
+
+    #[tokio::test]
+    async fn a_holder_without_a_live_record_is_reported_gone() {
+        let (o1, o2, r) = pair();
+        register(&o1, &*r, 0).await;
+        assert!(
+            o2.ensure_owner("s").await.is_ok(),
+            "o2 has no record, but may claim"
+        );
+        assert!(matches!(
+            o1.publish_target("s", "ws://me").await,
+            Err(ClusterError::OwnerGone { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_open_publisher_session_keeps_its_lease_in_upkeep() {
+        let (o1, _, r) = pair();
+        o1.ensure_owner("s").await.unwrap();
+        let session = o1.publisher_session("s");
+        o1.keep_leases(&[]).await;
+        assert_eq!(r.owner("s").await.unwrap(), Some(o1.holder.clone()));
+        drop(session);
+        assert!(o1.sessions.lock().unwrap().is_empty());
+    }
 }

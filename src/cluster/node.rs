@@ -105,7 +105,7 @@ pub(crate) fn least_loaded_origin<'a>(nodes: &'a [NodeEntry], me: &str) -> Optio
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn record(id: &str, kind: NodeKind, publications: u64) -> NodeEntry {

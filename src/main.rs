@@ -130,7 +130,7 @@ struct OriginSideArgs {
 struct ClusterArgs {
     /// The cluster's Redis, e.g. redis://127.0.0.1:6379: membership, stream ownership, viewer
     /// placement. Without it this process is alone (an in-memory registry).
-    #[arg(long, env = "CHORUS_REDIS")]
+    #[arg(long, env = "CHORUS_REDIS", hide_env_values = true)]
     redis: Option<String>,
     /// This node's id in the cluster (letters, digits, '-', '_', '.'; default: generated).
     #[arg(long)]

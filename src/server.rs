@@ -239,7 +239,8 @@ fn start_cluster(
     let registry: Arc<dyn cluster::Registry> = match &opts.redis {
         Some(url) => Arc::new(
             cluster::redis::RedisRegistry::open(url)
-                .map_err(|e| StartError::Cluster(format!("--redis {url:?}: {e}")))?,
+                // The URL may carry a password: not repeated in the error.
+                .map_err(|e| StartError::Cluster(format!("--redis: {e}")))?,
         ),
         None => Arc::new(cluster::memory::MemoryRegistry::default()),
     };

@@ -107,11 +107,26 @@ fn subscribe(p: &Proc, stream: &str) -> Result<String, (u16, String)> {
     }
 }
 
-fn publish_url(p: &Proc, stream: &str) -> String {
+/// A director's publish answer at `p`.
+fn director_publish(p: &Proc, stream: &str) -> Value {
     let body = format!(r#"{{"streamName":"{stream}","streamType":"WebRtc"}}"#);
     let (status, v) = post_json(p.http(), "/api/director/publish", Some(PUBLISH), &body);
     assert_eq!(status, 200, "publish at {}: {v}", p.http());
-    v["data"]["urls"][0].as_str().unwrap().to_owned()
+    v["data"].clone()
+}
+
+fn publish_url(p: &Proc, stream: &str) -> String {
+    director_publish(p, stream)["urls"][0]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn publish_jwt(p: &Proc, stream: &str) -> String {
+    director_publish(p, stream)["jwt"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 /// A WHIP publish of `stream` at `p` with a bogus offer: (status, body).
@@ -182,6 +197,19 @@ fn both_directors_name_one_owner_and_the_other_origin_refuses_the_stream() {
     // At the owner the same request gets past ownership (and fails on the bogus offer).
     let (status, body) = whip(owner, "panel");
     assert_eq!(status, 400, "{body}");
+    // The other director's publish JWT opens the owner's signalling socket (shared
+    // --jwt-secret); the other origin refuses the upgrade with the owner's name.
+    let jwt = publish_jwt(other, "panel");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        assert!(common::ws::connect(owner.http(), &jwt).await.is_ok());
+        let refused = common::ws::open(&format!("{}?token={jwt}", ws_of(other))).await;
+        let Err((status, message)) = refused else {
+            panic!("the other origin opened a publish socket for the owner's stream")
+        };
+        assert_eq!(status, 409, "{message}");
+        assert!(message.contains(owner_id), "{message}");
+    });
     // Another stream: the least-loaded origin, named alike by both.
     assert_eq!(publish_url(&o2, "other"), publish_url(&o1, "other"));
 }
@@ -286,4 +314,63 @@ fn a_redis_outage_is_survived_and_every_node_registers_again_when_it_is_back() {
         back.elapsed().as_millis()
     );
     assert_eq!(publish_url(&o2, "panel"), publish_url(&o1, "panel"));
+}
+
+/// The holder of `stream`'s lease as `p`'s `/api/cluster` lists it.
+fn lease_owner(p: &Proc, stream: &str) -> Option<String> {
+    cluster_view(p)["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stream"] == stream)
+        .map(|s| s["owner"].as_str().unwrap().to_owned())
+}
+
+#[test]
+fn a_published_stream_keeps_its_lease_past_its_ttl_and_gives_it_up_after() {
+    let (_serial, _redis, o1, o2) = two_origins();
+    wait_registered(&o1, &["o1", "o2"]);
+    let url = publish_url(&o2, "live");
+    let (owner, owner_id) = if url == ws_of(&o1) {
+        (&o1, "o1")
+    } else {
+        (&o2, "o2")
+    };
+    let claimed = Instant::now();
+    // aiortc publishes over WHIP at the owner for 14 s.
+    let publisher = common::whip_command(owner.http(), "live", "ana", PUBLISH, 14)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _publisher = common::Reaped(publisher);
+    common::wait_for(
+        "the owner reports its publication",
+        Duration::from_secs(10),
+        || {
+            let view = cluster_view(&o1);
+            let node = view["nodes"]
+                .as_array()?
+                .iter()
+                .find(|n| n["id"] == owner_id)?
+                .clone();
+            (node["load"]["publications"].as_u64()? >= 1).then_some(())
+        },
+    );
+    // Past the lease's 10 s: refreshed while published.
+    std::thread::sleep(Duration::from_secs(12).saturating_sub(claimed.elapsed()));
+    assert_eq!(lease_owner(&o1, "live").as_deref(), Some(owner_id));
+    // The publication ends at about 14 s; the lease goes 10 s later, at the next upkeep round.
+    let released = common::wait_for("the lease given up", Duration::from_secs(25), || {
+        lease_owner(&o1, "live")
+            .is_none()
+            .then(|| claimed.elapsed())
+    });
+    println!(
+        "a stream's lease was given up {} ms after its claim (published 14 s)",
+        released.as_millis()
+    );
+    assert!(
+        released >= Duration::from_secs(20),
+        "released at {released:?}: too early"
+    );
 }

@@ -27,6 +27,8 @@ const NODES_INDEX: &str = "chorus:nodes";
 const STREAM_PREFIX: &str = "chorus:stream:";
 
 /// Every indexed record with its remaining life; ids whose record expired leave the index.
+/// It reads keys it computes rather than ones passed in KEYS: fine on one Redis (the design's),
+/// not on a Redis Cluster, where the keys would sit on other shards.
 const NODES_SCRIPT: &str = r"
 local ids = redis.call('SMEMBERS', KEYS[1])
 local out = {}

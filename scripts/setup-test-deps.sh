@@ -5,6 +5,8 @@
 #   - Node deps of tests/browser (@millicast/sdk, playwright-core; npm ci
 #                                 only if node_modules is missing or stale)
 #   - Python venv tests/python/.venv with aiortc (only if missing or stale)
+#   - Debian's redis-server      (the cluster tests start their own; apt only
+#                                 if missing; never started or enabled here)
 # Usage: scripts/setup-test-deps.sh [--no-browser] [--no-python]
 set -euo pipefail
 
@@ -19,7 +21,7 @@ for a in "$@"; do
   case "$a" in
     --no-browser) want_browser=0 ;;
     --no-python) want_python=0 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "setup-test-deps: unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -110,6 +112,15 @@ if [ "$want_python" -eq 1 ]; then
     cp "$req" "$stamp"
     say "installed $("$VENV/bin/python" -c 'import aiortc, av; print("aiortc", aiortc.__version__, "/ PyAV", av.__version__)')"
   fi
+fi
+
+# ------------------------------------------------------------------ redis
+# tests/cluster.rs and the Redis registry's unit tests run their own
+# redis-server on a free port; nothing here starts one.
+if command -v redis-server >/dev/null 2>&1; then
+  say "redis-server present: $(redis-server --version | head -n1)"
+else
+  apt_install redis-server
 fi
 
 say "done"

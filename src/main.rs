@@ -125,6 +125,18 @@ struct OriginSideArgs {
     data_dir: Option<PathBuf>,
 }
 
+/// Joining a cluster (`chorus origin` and `chorus edge`).
+#[derive(Args, Clone, Default)]
+struct ClusterArgs {
+    /// The cluster's Redis, e.g. redis://127.0.0.1:6379: membership, stream ownership, viewer
+    /// placement. Without it this process is alone (an in-memory registry).
+    #[arg(long, env = "CHORUS_REDIS", hide_env_values = true)]
+    redis: Option<String>,
+    /// This node's id in the cluster (letters, digits, '-', '_', '.'; default: generated).
+    #[arg(long)]
+    node_id: Option<String>,
+}
+
 #[derive(Args)]
 struct ServeArgs {
     #[command(flatten)]
@@ -142,6 +154,8 @@ struct OriginArgs {
     /// QUIC address edges connect to.
     #[arg(long, default_value = "127.0.0.1:7400")]
     cluster: SocketAddr,
+    #[command(flatten)]
+    join: ClusterArgs,
 }
 
 #[derive(Args)]
@@ -154,6 +168,22 @@ struct EdgeArgs {
     /// Hex SHA-256 of the origin certificate (printed by the origin at start).
     #[arg(long)]
     origin_fingerprint: Option<String>,
+    #[command(flatten)]
+    join: ClusterArgs,
+    /// The region this edge serves (viewers may ask the director for one).
+    #[arg(long)]
+    region: Option<String>,
+    /// Most viewers directors send this edge (default: no limit).
+    #[arg(long)]
+    capacity: Option<u32>,
+}
+
+/// Where a node sits in the cluster: what `run_server` passes on from the flags.
+#[derive(Default)]
+struct Placement {
+    join: ClusterArgs,
+    region: Option<String>,
+    capacity: Option<u32>,
 }
 
 #[cfg(feature = "tools")]
@@ -341,11 +371,23 @@ fn main() -> ExitCode {
                 "127.0.0.1:0".parse().expect("valid"),
                 None,
                 None,
+                Placement::default(),
             ),
         ),
         Command::Origin(a) => (
             "origin",
-            run_server(a.common, a.rooms, NodeKind::Origin, a.cluster, None, None),
+            run_server(
+                a.common,
+                a.rooms,
+                NodeKind::Origin,
+                a.cluster,
+                None,
+                None,
+                Placement {
+                    join: a.join,
+                    ..Placement::default()
+                },
+            ),
         ),
         Command::Edge(a) => (
             "edge",
@@ -356,6 +398,11 @@ fn main() -> ExitCode {
                 "127.0.0.1:0".parse().expect("valid"),
                 Some(a.origin),
                 a.origin_fingerprint,
+                Placement {
+                    join: a.join,
+                    region: a.region,
+                    capacity: a.capacity,
+                },
             ),
         ),
         #[cfg(feature = "tools")]
@@ -400,9 +447,14 @@ fn run_server(
     cluster: SocketAddr,
     origin: Option<SocketAddr>,
     origin_fingerprint: Option<String>,
+    place: Placement,
 ) -> Result<(), String> {
     init_logs();
     let opts = ServerOptions {
+        redis: place.join.redis,
+        node_id: place.join.node_id,
+        region: place.region,
+        capacity: place.capacity,
         role,
         origin,
         origin_fingerprint,
@@ -449,6 +501,7 @@ fn run_server(
                 "cluster": running.cluster.map(|c| c.to_string()),
                 "fingerprint": running.fingerprint,
                 "apiKey": running.dev_api_key,
+                "node": running.node_id,
             })
         );
         let _ = std::io::stdout().flush();

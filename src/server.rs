@@ -10,6 +10,7 @@ use crate::auth::identity::{Identity, IdentityError};
 use crate::auth::jwt::{JwtSigner, JwtVerifier};
 use crate::auth::random_secret;
 use crate::auth::tokens::{TokenFileError, Tokens};
+use crate::cluster::{self, Cluster, Load, NodeRecord, NodeState};
 use crate::edge::Edge;
 use crate::http::limits::HttpLimits;
 use crate::http::{admin_router, router, App};
@@ -74,6 +75,14 @@ pub struct ServerOptions {
     pub dev_public: bool,
     /// The HTTP and WebSocket limits (flags).
     pub limits: HttpLimits,
+    /// The cluster's Redis (`--redis URL`); None = an in-memory registry of this process alone.
+    pub redis: Option<String>,
+    /// This node's id in the cluster (`--node-id`); None = generated.
+    pub node_id: Option<String>,
+    /// The edge's region (`--region`), which viewers may ask for.
+    pub region: Option<String>,
+    /// Most viewers the director sends this edge (`--capacity`); None = no limit.
+    pub capacity: Option<u32>,
 }
 
 /// A running process's addresses, printed as one JSON line when ready.
@@ -88,6 +97,8 @@ pub struct Running {
     pub fingerprint: Option<String>,
     /// The room API key, when dev mode made it (printed in the ready line).
     pub dev_api_key: Option<String>,
+    /// This node's id in the cluster.
+    pub node_id: String,
 }
 
 /// Why a server did not start.
@@ -127,6 +138,9 @@ pub enum StartError {
     /// The edge's own start (its media sockets, its link).
     #[error("{0}")]
     Edge(String),
+    /// `--redis` or `--node-id` refused (why).
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> StartError {
@@ -186,6 +200,96 @@ fn check_dev_exposure(opts: &ServerOptions) -> Result<(), StartError> {
         return Ok(());
     }
     Err(StartError::DevExposed(what))
+}
+
+/// Longest `--node-id`: ids are part of every key and lease holder.
+pub(crate) const MAX_NODE_ID: usize = 64;
+
+/// The node's place in the cluster (in memory without `--redis`), its heartbeat and, where an
+/// origin runs, its lease upkeep.
+fn start_cluster(
+    opts: &ServerOptions,
+    http: SocketAddr,
+    relay: Option<SocketAddr>,
+    fingerprint: Option<String>,
+    origin: &Option<Arc<Origin>>,
+    edge: &Option<Arc<Edge>>,
+) -> Result<Arc<Cluster>, StartError> {
+    let kind = match opts.role {
+        NodeKind::Serve => cluster::NodeKind::Serve,
+        NodeKind::Origin => cluster::NodeKind::Origin,
+        NodeKind::Edge => cluster::NodeKind::Edge,
+    };
+    let id = match &opts.node_id {
+        Some(id) => {
+            let ok = !id.is_empty()
+                && id.len() <= MAX_NODE_ID
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !ok {
+                return Err(StartError::Cluster(format!(
+                    "--node-id must be 1 to {MAX_NODE_ID} letters, digits, '-', '_' or '.'"
+                )));
+            }
+            id.clone()
+        }
+        None => format!("{}-{}", kind.as_str(), random_secret(6)),
+    };
+    let registry: Arc<dyn cluster::Registry> = match &opts.redis {
+        Some(url) => Arc::new(
+            cluster::redis::RedisRegistry::open(url)
+                // The URL may carry a password: not repeated in the error.
+                .map_err(|e| StartError::Cluster(format!("--redis: {e}")))?,
+        ),
+        None => Arc::new(cluster::memory::MemoryRegistry::default()),
+    };
+    let c = Cluster::new(registry, opts.redis.is_some(), id);
+    if opts.redis.is_some() {
+        info!(
+            id = c.id.as_str(),
+            boot = c.boot.as_str(),
+            "cluster node with a Redis registry"
+        );
+    }
+    let ws = match &opts.public_ws {
+        Some(base) => format!("{base}/ws"),
+        None => format!(
+            "ws://{}/ws",
+            SocketAddr::new(opts.public_ip.unwrap_or(http.ip()), http.port())
+        ),
+    };
+    let base = NodeRecord {
+        id: c.id.clone(),
+        kind,
+        boot: c.boot.clone(),
+        http: format!("http://{http}"),
+        ws,
+        relay: relay.map(|a| a.to_string()),
+        fingerprint,
+        region: opts.region.clone(),
+        capacity: opts.capacity,
+        load: Load::default(),
+        streams: Vec::new(),
+        state: NodeState::Serving,
+    };
+    let (o, e) = (origin.clone(), edge.clone());
+    cluster::spawn_heartbeat(c.clone(), move || {
+        let mut r = base.clone();
+        if let Some(o) = &o {
+            r.load.publications = o.gauges().1 as u64;
+        }
+        if let Some(e) = &e {
+            let (viewers, streams) = e.load(cluster::MAX_ADVERTISED_STREAMS);
+            r.load.viewers = viewers;
+            r.streams = streams;
+        }
+        r
+    });
+    if let Some(o) = origin.clone() {
+        cluster::spawn_lease_keeper(c.clone(), move || o.live_streams());
+    }
+    Ok(c)
 }
 
 /// Starts what `opts.role` asks for and its HTTP server; returns once everything listens.
@@ -332,7 +436,10 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
             None
         }
     };
+    let node = start_cluster(opts, http, cluster, fingerprint.clone(), &origin, &edge)?;
+    let node_id = node.id.clone();
     let app = Arc::new(App::new(
+        node,
         tokens,
         signer,
         verifier,
@@ -393,5 +500,6 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
         cluster,
         fingerprint,
         dev_api_key,
+        node_id,
     })
 }

@@ -288,6 +288,8 @@ pub(crate) struct Edge {
     next_id: AtomicU64,
     pub metrics: Arc<EdgeMetrics>,
     link: LinkCtl,
+    /// Viewer counts per stream, for the cluster record.
+    shared: Arc<Shared>,
     /// Room members the origin removed (room, member id): their views here are ended.
     pub revocations: tokio::sync::broadcast::Sender<(String, String)>,
 }
@@ -354,9 +356,19 @@ impl Edge {
             next_id: AtomicU64::new(1),
             metrics,
             link: ctl,
+            shared,
             revocations,
         });
         Ok(edge)
+    }
+
+    /// (viewers here, streams with viewers here, at most `max` of them): the edge's cluster load.
+    pub(crate) fn load(&self, max: usize) -> (u64, Vec<String>) {
+        let Ok(m) = self.shared.viewers.lock() else {
+            return (0, Vec::new());
+        };
+        let viewers = m.values().map(|&n| n as u64).sum();
+        (viewers, m.keys().take(max).cloned().collect())
     }
 
     /// Asks the origin whether a viewer with this bearer may view `stream` (its token policy is

@@ -23,6 +23,9 @@ struct DirectorReq {
     stream_name: Option<String>,
     #[serde(default)]
     stream_type: Option<String>,
+    /// The region a viewer would rather be served in (cluster placement; optional).
+    #[serde(default)]
+    region: Option<String>,
 }
 
 /// The signalling URL to give a client that asked with these headers.
@@ -93,8 +96,18 @@ pub(crate) async fn publish(
         Ok(room) => room,
         Err(refusal) => return refusal.into_response(),
     };
+    // The stream's owner takes its publications: this origin, or the lease holder's URL
+    // (the least-loaded origin takes a free stream).
+    let url = match app
+        .cluster
+        .publish_target(&stream, &ws_url(&app, &headers))
+        .await
+    {
+        Ok(url) => url,
+        Err(e) => return super::cluster::refusal(e).into_response(),
+    };
     let jwt = signer.issue_bound(&stream, Scope::Publish, room.clone());
-    success(ws_url(&app, &headers), jwt, room.as_ref())
+    success(url, jwt, room.as_ref())
 }
 
 pub(crate) async fn subscribe(
@@ -102,9 +115,20 @@ pub(crate) async fn subscribe(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    // Viewers go to this process's edge, or else to a linked edge, in turn.
+    let (stream, region) = match parse_request(&body) {
+        Ok((req, stream)) => (stream, req.region),
+        Err(refusal) => return refusal.into_response(),
+    };
+    // Viewers go to this process's edge; in a cluster (--redis) to the edge placement picks;
+    // else to a linked edge, in turn.
     let url = match (&app.edge, &app.origin) {
         (Some(_), _) => ws_url(&app, &headers),
+        (None, Some(_)) if app.cluster.shared => {
+            match app.cluster.place_viewer(&stream, region.as_deref()).await {
+                Ok(url) => url,
+                Err(e) => return super::cluster::refusal(e).into_response(),
+            }
+        }
         (None, Some(origin)) => match origin.pick_edge() {
             Some(url) => url,
             None => {
@@ -115,10 +139,6 @@ pub(crate) async fn subscribe(
             }
         },
         (None, None) => unreachable!("a process runs an origin, an edge or both"),
-    };
-    let stream = match parse_request(&body) {
-        Ok((_, stream)) => stream,
-        Err(refusal) => return refusal.into_response(),
     };
     let token = bearer(&headers);
     let jwt = match (&app.origin, &app.edge) {

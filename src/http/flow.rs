@@ -33,6 +33,10 @@ pub(crate) enum FlowError {
     NotAnOrigin,
     #[error("this origin serves no viewers: view at an edge (chorus edge)")]
     NotAnEdge,
+    /// The stream's lease is not this origin's now (lost to another, or unconfirmed for its
+    /// whole life during a registry outage).
+    #[error("this origin no longer holds stream {0:?} (its lease was lost or could not be renewed): publish again through the director")]
+    NotOwner(String),
     /// A room's rule: not this member's source, demoted, removed, audio only.
     #[error(transparent)]
     Room(#[from] RoomError),
@@ -47,6 +51,7 @@ impl FlowError {
         match self {
             FlowError::NotAnOrigin | FlowError::NotAnEdge => StatusCode::NOT_FOUND,
             FlowError::Room(_) => StatusCode::FORBIDDEN,
+            FlowError::NotOwner(_) => StatusCode::CONFLICT,
             FlowError::TooManyOffers(_) => StatusCode::TOO_MANY_REQUESTS,
             // A refused offer is the client's fault unless it may clear or broke on our side.
             FlowError::Offer(e) => match e {
@@ -116,6 +121,11 @@ pub(crate) struct PublishAsk<'a> {
 /// demoted meanwhile is stopped again at once.
 pub(crate) fn publish(app: &App, ask: PublishAsk<'_>) -> Result<Published, FlowError> {
     let origin = app.origin.as_ref().ok_or(FlowError::NotAnOrigin)?;
+    // The transports took or checked the lease before (the `/ws` upgrade, WHIP); it may have
+    // been lost since.
+    if !app.cluster.holds_now(ask.stream) {
+        return Err(FlowError::NotOwner(ask.stream.to_owned()));
+    }
     if let Some(b) = ask.room {
         rooms::check_room_publish(app, b, ask.source.as_deref(), ask.offer)?;
     }
@@ -200,6 +210,7 @@ mod tests {
         let cases = [
             (FlowError::NotAnOrigin, StatusCode::NOT_FOUND),
             (FlowError::NotAnEdge, StatusCode::NOT_FOUND),
+            (FlowError::NotOwner("s".into()), StatusCode::CONFLICT),
             (
                 FlowError::Room(RoomError::AudioOnly("m-1".into())),
                 StatusCode::FORBIDDEN,

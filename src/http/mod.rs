@@ -1,5 +1,6 @@
 //! The HTTP face of chorus: director API, signalling WebSocket, WHIP, stream introspection.
 
+pub(crate) mod cluster;
 pub(crate) mod director;
 pub(crate) mod flow;
 pub(crate) mod health;
@@ -32,12 +33,16 @@ use tower_http::cors::{Any, CorsLayer};
 
 use crate::auth::jwt::{Claims, JwtSigner, JwtVerifier, RoomBinding, Scope};
 use crate::auth::tokens::Tokens;
+use crate::cluster::Cluster;
 use crate::edge::Edge;
 use crate::origin::Origin;
 use crate::room::RoomService;
 
 /// Everything the HTTP handlers share.
 pub(crate) struct App {
+    /// This node's place in the cluster: the registry (in memory without `--redis`), its
+    /// stream leases, its viewer placement.
+    pub cluster: Arc<Cluster>,
     /// The token policy, where an origin runs (`serve`, `origin`). An edge has none: it asks
     /// its origin for every viewer.
     pub tokens: Option<Tokens>,
@@ -70,6 +75,7 @@ impl App {
     /// The HTTP state of a process; the rest of the fields start empty.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
+        cluster: Arc<Cluster>,
         tokens: Option<Tokens>,
         signer: Option<Arc<JwtSigner>>,
         jwt: Arc<JwtVerifier>,
@@ -81,6 +87,7 @@ impl App {
         admin_on_main: bool,
     ) -> App {
         App {
+            cluster,
             tokens,
             signer,
             jwt,
@@ -298,6 +305,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/api/director/subscribe", post(director::subscribe))
         .route("/ws", get(signal::upgrade))
         .route("/api/rooms/{room}/tokens", post(rooms::issue_token))
+        .route("/api/cluster", get(cluster::view))
         .route("/api/rooms/{room}/ws", get(rooms::upgrade))
         .route("/whip/{stream}", post(whip::publish))
         .route(

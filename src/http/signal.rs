@@ -72,6 +72,18 @@ pub(crate) async fn upgrade(
             return fail(StatusCode::FORBIDDEN, e);
         }
     }
+    // Only the stream's owner takes its publications: the lease is this origin's, or free and
+    // taken now; another origin's is a 409 naming it.
+    let mut publishing = None;
+    if claims.scope == Scope::Publish && app.origin.is_some() {
+        let stream = &claims.millicast.stream_name;
+        if let Err(e) = app.cluster.ensure_owner(stream).await {
+            let super::Refusal(status, message) = super::cluster::refusal(e);
+            return fail(status, message);
+        }
+        // The lease is kept while this session is open, published or not yet.
+        publishing = Some(app.cluster.publisher_session(stream));
+    }
     let sid = app.next_session.fetch_add(1, Ordering::Relaxed);
     let ip = super::listen::peer_ip(&peer);
     // tungstenite's defaults (128 KiB read and 128 KiB write buffer) would be most of a
@@ -82,7 +94,10 @@ pub(crate) async fn upgrade(
         .max_frame_size(MAX_MESSAGE)
         .read_buffer_size(socket::WS_BUFFER)
         .write_buffer_size(socket::WS_BUFFER)
-        .on_upgrade(move |socket| session(socket, app, claims, sid, ip))
+        .on_upgrade(move |socket| async move {
+            session(socket, app, claims, sid, ip).await;
+            drop(publishing);
+        })
 }
 
 /// Outgoing messages of one session: a bounded queue. A full queue means the client does not

@@ -39,6 +39,9 @@ pub(crate) async fn publish(
         Ok(o) => o,
         Err(refusal) => return refusal.into_response(),
     };
+    if let Err(e) = app.cluster.ensure_owner(&stream).await {
+        return super::cluster::refusal(e).into_response();
+    }
     let source = q.source_id.filter(|s| !s.is_empty());
     if source.as_ref().is_some_and(|s| !source_id_ok(s)) {
         return fail(

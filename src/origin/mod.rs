@@ -669,6 +669,15 @@ impl Origin {
         })
     }
 
+    /// Streams with a live publication or one being answered: the leases this origin keeps.
+    pub(crate) fn live_streams(&self) -> Vec<String> {
+        self.lock()
+            .iter()
+            .filter(|(_, s)| !s.sources.is_empty() || s.pending > 0)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// (streams, live sources, subscribed edges) right now.
     pub(crate) fn gauges(&self) -> (usize, usize, usize) {
         let st = self.lock();

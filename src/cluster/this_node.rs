@@ -1,0 +1,436 @@
+//! This node in the cluster: its identity, the leases it holds, the viewers its director sent
+//! out lately, and the tasks that keep its record and leases alive.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tracing::{info, warn};
+
+use super::{
+    holds, mono_ms, node, placement, Claim, NodeEntry, NodeKind, NodeRecord, NodeState, Outage,
+    Refresh, Registry, RegistryError, LEASE_REFRESH, LEASE_TTL, NODE_HEARTBEAT, NODE_RETRY,
+    NODE_STALE, UNLIMITED_CAPACITY,
+};
+
+/// Why a publish or a placement could not be decided.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ClusterError {
+    /// The registry did not answer.
+    #[error("the cluster registry is unreachable ({0}); try again shortly")]
+    Registry(#[from] RegistryError),
+    /// Another origin holds the stream's lease (stream, owner id, its signalling URL).
+    #[error("stream {stream:?} is owned by origin {owner:?}: publish there ({url}) or through any director")]
+    OwnedElsewhere {
+        stream: String,
+        owner: String,
+        url: String,
+    },
+    /// The lease's holder has no live record (stream, holder).
+    #[error("stream {stream:?} is held by {holder:?}, which is not serving; its lease lapses within {} s, then publish again", LEASE_TTL.as_secs())]
+    OwnerGone { stream: String, holder: String },
+    /// The placement's refusal.
+    #[error(transparent)]
+    Placement(#[from] placement::PlacementError),
+}
+
+/// This node's place in the cluster: its registry, its identity, the leases it holds and the
+/// viewers its director sent out lately.
+pub(crate) struct Cluster {
+    registry: Arc<dyn Registry>,
+    /// True with `--redis`: several processes share the registry.
+    pub(crate) shared: bool,
+    pub(crate) id: String,
+    pub(crate) boot: String,
+    /// `{id}/{boot}`: what this node's leases hold.
+    pub(crate) holder: String,
+    epoch: Instant,
+    holds: Mutex<holds::Holds>,
+    /// Open publishers' signalling sessions per stream: a stream keeps its lease while one is
+    /// open, so a publisher between two publications is not refused.
+    sessions: Mutex<HashMap<String, usize>>,
+    assignments: Mutex<placement::Assignments>,
+    pub(crate) outage: Outage,
+}
+
+/// A publisher's signalling session on a stream, counted while it lives.
+pub(crate) struct PublisherSession {
+    cluster: Arc<Cluster>,
+    stream: String,
+}
+
+impl Drop for PublisherSession {
+    fn drop(&mut self) {
+        let mut s = self
+            .cluster
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = s.get_mut(&self.stream) {
+            *n -= 1;
+            if *n == 0 {
+                s.remove(&self.stream);
+            }
+        }
+    }
+}
+
+impl Cluster {
+    /// A node of `registry`, named `id`; its boot id is new at every start.
+    pub(crate) fn new(registry: Arc<dyn Registry>, shared: bool, id: String) -> Arc<Cluster> {
+        let boot = crate::auth::random_secret(6);
+        Arc::new(Cluster {
+            registry,
+            shared,
+            holder: format!("{id}/{boot}"),
+            id,
+            boot,
+            epoch: Instant::now(),
+            holds: Mutex::default(),
+            sessions: Mutex::default(),
+            assignments: Mutex::default(),
+            outage: Outage::default(),
+        })
+    }
+
+    pub(crate) fn registry(&self) -> &dyn Registry {
+        &*self.registry
+    }
+
+    fn now(&self) -> u64 {
+        mono_ms(self.epoch)
+    }
+
+    /// Live nodes whose heartbeat is recent (see [`NODE_STALE`]).
+    pub(crate) async fn live_nodes(&self) -> Result<Vec<NodeEntry>, RegistryError> {
+        let nodes = self
+            .outage
+            .note("reading nodes", self.registry.nodes().await)?;
+        Ok(nodes.into_iter().filter(|n| n.age < NODE_STALE).collect())
+    }
+
+    /// Where a publisher of `stream` goes, asked at this origin's director: the lease holder's
+    /// signalling URL (`own_url` when it is this origin). With no holder, the least-loaded
+    /// serving origin gets the lease.
+    pub(crate) async fn publish_target(
+        &self,
+        stream: &str,
+        own_url: &str,
+    ) -> Result<String, ClusterError> {
+        // A lease this origin holds (confirmed within its life) needs no round trip, and keeps
+        // its publishers coming here through a registry outage.
+        if self.holds_now(stream) {
+            return Ok(own_url.to_owned());
+        }
+        let owner = self
+            .outage
+            .note("reading a stream owner", self.registry.owner(stream).await)?;
+        let nodes = self.live_nodes().await?;
+        let holder = match owner {
+            Some(h) => h,
+            None => {
+                let candidate = node::least_loaded_origin(&nodes, &self.id)
+                    .map_or_else(|| self.holder.clone(), |n| n.record.holder());
+                match self.outage.note(
+                    "claiming a stream",
+                    self.registry.claim(stream, &candidate).await,
+                )? {
+                    Claim::Won => {
+                        info!(stream, holder = candidate.as_str(), "stream lease claimed");
+                        candidate
+                    }
+                    Claim::Held(h) => h,
+                }
+            }
+        };
+        if holder == self.holder {
+            self.confirmed(stream);
+            return Ok(own_url.to_owned());
+        }
+        match nodes.iter().find(|n| n.record.holder() == holder) {
+            Some(n) => Ok(n.record.ws.clone()),
+            None => Err(ClusterError::OwnerGone {
+                stream: stream.to_owned(),
+                holder,
+            }),
+        }
+    }
+
+    /// Before this origin takes a publication of `stream`: it holds the lease (recently
+    /// confirmed), or takes it now if it is free; refused if another origin holds it.
+    pub(crate) async fn ensure_owner(&self, stream: &str) -> Result<(), ClusterError> {
+        if self.holds_now(stream) {
+            return Ok(());
+        }
+        let claim = self.outage.note(
+            "claiming a stream",
+            self.registry.claim(stream, &self.holder).await,
+        )?;
+        match claim {
+            Claim::Won => {
+                info!(
+                    stream,
+                    holder = self.holder.as_str(),
+                    "stream lease claimed"
+                );
+                self.confirmed(stream);
+                Ok(())
+            }
+            Claim::Held(h) => {
+                let nodes = self.live_nodes().await.unwrap_or_default();
+                let owner = h.split('/').next().unwrap_or(&h).to_owned();
+                match nodes.iter().find(|n| n.record.holder() == h) {
+                    Some(n) => Err(ClusterError::OwnedElsewhere {
+                        stream: stream.to_owned(),
+                        owner,
+                        url: n.record.ws.clone(),
+                    }),
+                    None => Err(ClusterError::OwnerGone {
+                        stream: stream.to_owned(),
+                        holder: h,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// True while this origin's lease on `stream` was confirmed less than [`LEASE_TTL`] ago.
+    pub(crate) fn holds_now(&self, stream: &str) -> bool {
+        let now = self.now();
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .held(stream, now)
+    }
+
+    /// Counts a publisher's signalling session on `stream` until the value is dropped.
+    pub(crate) fn publisher_session(self: &Arc<Self>, stream: &str) -> PublisherSession {
+        *self
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(stream.to_owned())
+            .or_default() += 1;
+        PublisherSession {
+            cluster: self.clone(),
+            stream: stream.to_owned(),
+        }
+    }
+
+    fn confirmed(&self, stream: &str) {
+        let now = self.now();
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .confirmed(stream, now);
+    }
+
+    /// One round of lease upkeep: refreshes the leases of streams published here (`live`, or
+    /// with a publisher's session open) or lately, releases the others.
+    pub(crate) async fn keep_leases(&self, live: &[String]) {
+        let mut live = live.to_vec();
+        live.extend(
+            self.sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .cloned(),
+        );
+        let plan = {
+            let now = self.now();
+            let mut h = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+            h.plan(now, &live)
+        };
+        for (stream, action) in plan {
+            match action {
+                holds::Action::Refresh => {
+                    let r = self.registry.refresh(&stream, &self.holder).await;
+                    match self.outage.note("refreshing a lease", r) {
+                        Ok(Refresh::Kept) => self.confirmed(&stream),
+                        Ok(Refresh::Reclaimed) => {
+                            info!(stream, "stream lease had lapsed and was free: reclaimed");
+                            self.confirmed(&stream);
+                        }
+                        Ok(Refresh::Lost(other)) => {
+                            warn!(stream, holder = other.as_str(), "stream lease lost to another origin: new publications here are refused");
+                            self.holds
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .forget(&stream);
+                        }
+                        // Kept in the table: it stops counting as held once unconfirmed for
+                        // LEASE_TTL, and the next round tries again.
+                        Err(_) => {}
+                    }
+                }
+                holds::Action::Release => {
+                    let r = self.registry.release(&stream, &self.holder).await;
+                    if let Ok(released) = self.outage.note("releasing a lease", r) {
+                        info!(
+                            stream,
+                            released, "stream has no publication here: lease given up"
+                        );
+                    }
+                    self.holds
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .forget(&stream);
+                }
+            }
+        }
+    }
+
+    /// Picks the edge for a viewer of `stream` among the registered edges (requested region
+    /// first), counting the viewers this director sent out lately; its signalling URL.
+    pub(crate) async fn place_viewer(
+        &self,
+        stream: &str,
+        region: Option<&str>,
+    ) -> Result<String, ClusterError> {
+        let nodes = self.live_nodes().await?;
+        let now = self.now();
+        let mut a = self.assignments.lock().unwrap_or_else(|p| p.into_inner());
+        let edges: Vec<placement::Candidate<'_>> = nodes
+            .iter()
+            .filter(|n| n.record.kind == NodeKind::Edge)
+            .map(|n| {
+                let r = &n.record;
+                placement::Candidate {
+                    id: &r.id,
+                    region: r.region.as_deref(),
+                    capacity: r.capacity.unwrap_or(UNLIMITED_CAPACITY),
+                    load: r.load.viewers + a.pending(&r.id, now),
+                    carries: r.streams.iter().any(|s| s == stream) || a.carries(&r.id, stream, now),
+                    serving: r.state == NodeState::Serving,
+                }
+            })
+            .collect();
+        let i = placement::choose(&edges, region)?;
+        let id = edges[i].id;
+        a.assigned(id, stream, now);
+        let url = nodes
+            .iter()
+            .find(|n| n.record.id == id)
+            .map(|n| n.record.ws.clone())
+            .unwrap_or_default();
+        Ok(url)
+    }
+}
+
+/// Writes this node's record now and every [`NODE_HEARTBEAT`] (every [`NODE_RETRY`] while it
+/// fails), with what `record` says at the time (its load changes); logs the first
+/// registration and each one after an outage.
+pub(crate) fn spawn_heartbeat(
+    cluster: Arc<Cluster>,
+    record: impl Fn() -> NodeRecord + Send + Sync + 'static,
+) {
+    tokio::spawn(async move {
+        let mut registered = false;
+        loop {
+            let r = record();
+            let next = match cluster.registry.put_node(&r).await {
+                Ok(()) => {
+                    let back = cluster.outage.ok();
+                    if !registered || back {
+                        info!(
+                            id = r.id.as_str(),
+                            kind = r.kind.as_str(),
+                            ws = r.ws.as_str(),
+                            "node registered in the cluster"
+                        );
+                        registered = true;
+                    }
+                    NODE_HEARTBEAT
+                }
+                Err(e) => {
+                    cluster.outage.failed("the node heartbeat", &e);
+                    NODE_RETRY
+                }
+            };
+            tokio::time::sleep(next).await;
+        }
+    });
+}
+
+/// Refreshes and releases this origin's leases every [`LEASE_REFRESH`].
+pub(crate) fn spawn_lease_keeper(
+    cluster: Arc<Cluster>,
+    live: impl Fn() -> Vec<String> + Send + Sync + 'static,
+) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(LEASE_REFRESH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            cluster.keep_leases(&live()).await;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::node::tests::record;
+    use super::*;
+
+    /// Two origins over one in-memory registry: what two processes do over Redis.
+    fn pair() -> (Arc<Cluster>, Arc<Cluster>, Arc<dyn Registry>) {
+        let r: Arc<dyn Registry> = Arc::new(super::super::memory::MemoryRegistry::default());
+        (
+            Cluster::new(r.clone(), true, "o1".into()),
+            Cluster::new(r.clone(), true, "o2".into()),
+            r,
+        )
+    }
+
+    async fn register(c: &Cluster, r: &dyn Registry, publications: u64) {
+        let mut n = record(&c.id, NodeKind::Origin, publications).record;
+        n.boot = c.boot.clone();
+        r.put_node(&n).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn both_directors_send_a_publisher_to_the_least_loaded_origin_which_alone_takes_it() {
+        let (o1, o2, r) = pair();
+        register(&o1, &*r, 1).await;
+        register(&o2, &*r, 0).await;
+        // o1's director: o2 is less loaded and gets the lease.
+        assert_eq!(
+            o1.publish_target("s", "ws://me").await.unwrap(),
+            "ws://o2/ws"
+        );
+        assert_eq!(o2.publish_target("s", "ws://me").await.unwrap(), "ws://me");
+        assert!(o2.ensure_owner("s").await.is_ok());
+        match o1.ensure_owner("s").await {
+            Err(ClusterError::OwnedElsewhere { owner, url, .. }) => {
+                assert_eq!((owner.as_str(), url.as_str()), ("o2", "ws://o2/ws"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(o2.holds_now("s") && !o1.holds_now("s"));
+    }
+
+    #[tokio::test]
+    async fn a_holder_without_a_live_record_is_reported_gone() {
+        let (o1, o2, r) = pair();
+        register(&o1, &*r, 0).await;
+        assert!(
+            o2.ensure_owner("s").await.is_ok(),
+            "o2 has no record, but may claim"
+        );
+        assert!(matches!(
+            o1.publish_target("s", "ws://me").await,
+            Err(ClusterError::OwnerGone { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_open_publisher_session_keeps_its_lease_in_upkeep() {
+        let (o1, _, r) = pair();
+        o1.ensure_owner("s").await.unwrap();
+        let session = o1.publisher_session("s");
+        o1.keep_leases(&[]).await;
+        assert_eq!(r.owner("s").await.unwrap(), Some(o1.holder.clone()));
+        drop(session);
+        assert!(o1.sessions.lock().unwrap().is_empty());
+    }
+}

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use chorus::auth::tokens::{parse_ttl, TokenFile, TokenKind};
+use chorus::http::forwarded::Cidr;
 #[cfg(feature = "tools")]
 use chorus::loadgen;
 #[cfg(feature = "tools")]
@@ -111,6 +112,15 @@ struct CommonServer {
     /// Tests only: close a signalling socket silent this long (ms) instead of 60 s.
     #[arg(long, hide = true)]
     ws_silence_ms: Option<u64>,
+    /// A reverse proxy (IP or CIDR range, repeatable) whose Forwarded / X-Forwarded-Proto /
+    /// X-Forwarded-Host / X-Forwarded-For headers are believed; from any other peer they are
+    /// ignored.
+    #[arg(long = "trusted-proxy", value_name = "CIDR")]
+    trusted_proxy: Vec<Cidr>,
+    /// Path prefix every route lives under, e.g. /chorus (the proxy passes the path on
+    /// unchanged). Default: the root.
+    #[arg(long, default_value = "", env = "CHORUS_BASE_PATH")]
+    base_path: String,
 }
 
 #[derive(Args, Clone, Default)]
@@ -438,6 +448,8 @@ fn run_server(
                     .map_or(d.ws_silence_limit, Duration::from_millis),
             }
         },
+        trusted_proxies: c.trusted_proxy,
+        base_path: c.base_path,
     };
     runtime()?.block_on(async {
         let running = server::start(&opts).await.map_err(|e| e.to_string())?;

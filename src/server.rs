@@ -11,7 +11,9 @@ use crate::auth::jwt::{JwtSigner, JwtVerifier};
 use crate::auth::random_secret;
 use crate::auth::tokens::{TokenFileError, Tokens};
 use crate::edge::Edge;
+use crate::http::forwarded::{Cidr, TrustedProxies, MAX_TRUSTED_PROXIES};
 use crate::http::limits::HttpLimits;
+use crate::http::public_url::{check_base_path, BasePathError, PublicUrls};
 use crate::http::{admin_router, router, App};
 use crate::origin::media_thread::{MediaThread, MediaThreadConfig};
 use crate::origin::relay_server::{RelayBindError, RelayPolicy, RelayServer, SubscribePolicy};
@@ -74,6 +76,10 @@ pub struct ServerOptions {
     pub dev_public: bool,
     /// The HTTP and WebSocket limits (flags).
     pub limits: HttpLimits,
+    /// Peers whose `Forwarded` / `X-Forwarded-*` headers are believed (`--trusted-proxy`).
+    pub trusted_proxies: Vec<Cidr>,
+    /// Path prefix of every route (`--base-path`, e.g. `/chorus`); empty = the root.
+    pub base_path: String,
 }
 
 /// A running process's addresses, printed as one JSON line when ready.
@@ -127,6 +133,37 @@ pub enum StartError {
     /// The edge's own start (its media sockets, its link).
     #[error("{0}")]
     Edge(String),
+    /// `--base-path` is not a path prefix.
+    #[error(transparent)]
+    BasePath(#[from] BasePathError),
+    /// More `--trusted-proxy` ranges than [`MAX_TRUSTED_PROXIES`].
+    #[error("at most {MAX_TRUSTED_PROXIES} --trusted-proxy ranges (got {0}); use wider ranges")]
+    TooManyProxies(usize),
+}
+
+/// The checked `--trusted-proxy` ranges and `--base-path`.
+fn public_urls(opts: &ServerOptions) -> Result<PublicUrls, StartError> {
+    if opts.trusted_proxies.len() > MAX_TRUSTED_PROXIES {
+        return Err(StartError::TooManyProxies(opts.trusted_proxies.len()));
+    }
+    let urls = PublicUrls {
+        trusted: TrustedProxies::new(opts.trusted_proxies.clone()),
+        base_path: check_base_path(&opts.base_path)?,
+    };
+    if !opts.trusted_proxies.is_empty() {
+        let ranges: Vec<String> = opts.trusted_proxies.iter().map(|c| c.to_string()).collect();
+        info!(
+            ranges = ranges.join(" ").as_str(),
+            "forwarded headers believed from these peers only"
+        );
+    }
+    if !urls.base_path.is_empty() {
+        info!(
+            base_path = urls.base_path.as_str(),
+            "every route is under the base path"
+        );
+    }
+    Ok(urls)
 }
 
 fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> StartError {
@@ -191,6 +228,7 @@ fn check_dev_exposure(opts: &ServerOptions) -> Result<(), StartError> {
 /// Starts what `opts.role` asks for and its HTTP server; returns once everything listens.
 pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
     check_dev_exposure(opts)?;
+    let public = public_urls(opts)?;
     let tokens = load_tokens(opts)?;
     // Bound first: an edge announces its signalling URL to the origin when it links.
     let listener = tokio::net::TcpListener::bind(opts.http)
@@ -271,7 +309,7 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
                 cluster_token: cluster_token.clone(),
                 ws_url: Some(match &opts.public_ws {
                     Some(base) => format!("{base}/ws"),
-                    None => format!("ws://{http}/ws"),
+                    None => format!("ws://{http}{}/ws", public.base_path),
                 }),
             },
         };
@@ -332,17 +370,21 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
             None
         }
     };
-    let app = Arc::new(App::new(
-        tokens,
-        signer,
-        verifier,
-        origin,
-        edge,
-        rooms,
-        opts.public_ws.clone(),
-        opts.limits.clone(),
-        admin_on_main,
-    ));
+    let base = public.base_path.clone();
+    let app = Arc::new(
+        App::new(
+            tokens,
+            signer,
+            verifier,
+            origin,
+            edge,
+            rooms,
+            opts.public_ws.clone(),
+            opts.limits.clone(),
+            admin_on_main,
+        )
+        .with_public(public),
+    );
     if app.origin.is_some() {
         let policy: Arc<dyn SubscribePolicy> = app.clone();
         let _ = subscribe_policy.set(policy);
@@ -382,10 +424,10 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
     );
     match opts.role {
         NodeKind::Serve => {
-            info!("chorus serving on http://{http}/ (demo page), director and signalling there too")
+            info!("chorus serving on http://{http}{base}/ (demo page), director and signalling there too")
         }
-        NodeKind::Origin => info!("origin: director and signalling on http://{http}"),
-        NodeKind::Edge => info!("edge: viewers' signalling on http://{http}"),
+        NodeKind::Origin => info!("origin: director and signalling on http://{http}{base}"),
+        NodeKind::Edge => info!("edge: viewers' signalling on http://{http}{base}"),
     }
     Ok(Running {
         http,

@@ -10,6 +10,7 @@
 #![cfg_attr(not(feature = "tools"), allow(dead_code))]
 
 pub mod auth;
+pub mod config_file;
 pub mod edge;
 pub mod http;
 #[cfg(feature = "tools")]

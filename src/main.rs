@@ -3,7 +3,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use chorus::auth::tokens::{parse_ttl, TokenFile, TokenKind};
 use chorus::http::forwarded::Cidr;
@@ -51,6 +51,10 @@ enum Command {
 
 #[derive(Args, Clone)]
 struct CommonServer {
+    /// TOML file of settings, keys named like these long flags (http = "127.0.0.1:8080",
+    /// trusted-proxy = ["127.0.0.1"]); flags and environment variables override it.
+    #[arg(long, env = "CHORUS_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
     /// HTTP address: director API, signalling WebSocket, WHIP, demo page.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
@@ -340,7 +344,15 @@ enum LoadgenCmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv =
+        match chorus::config_file::with_config(&Cli::command(), std::env::args_os().collect()) {
+            Ok(argv) => argv,
+            Err(e) => {
+                eprintln!("chorus: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    let cli = Cli::parse_from(argv);
     let (what, result) = match cli.command {
         Command::Serve(a) => (
             "serve",
@@ -412,6 +424,9 @@ fn run_server(
     origin_fingerprint: Option<String>,
 ) -> Result<(), String> {
     init_logs();
+    if let Some(path) = &c.config {
+        tracing::info!(path = %path.display(), "settings from the config file (flags and environment override it)");
+    }
     let opts = ServerOptions {
         role,
         origin,

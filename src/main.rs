@@ -61,9 +61,13 @@ struct CommonServer {
     /// IP the media (WebRTC) UDP socket binds.
     #[arg(long, default_value = "127.0.0.1")]
     media_ip: IpAddr,
-    /// UDP port of the media socket (0 = any free port).
+    /// UDP port of the publishers' media socket (the origin's; 0 = any free port).
     #[arg(long, default_value_t = 0)]
     media_port: u16,
+    /// First UDP port of the edge's media sockets (viewers' WebRTC), one per media worker:
+    /// this port and the next --media-workers - 1 (0 = any free ports).
+    #[arg(long, default_value_t = 0)]
+    edge_media_port: u16,
     /// Edge media threads, each with its own UDP socket and share of the viewers (default: one
     /// per core).
     #[arg(long)]
@@ -434,6 +438,7 @@ fn run_server(
         http: c.http,
         media_ip: c.media_ip,
         media_port: c.media_port,
+        edge_media_port: c.edge_media_port,
         media_workers: c
             .media_workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),

@@ -41,8 +41,11 @@ pub struct ServerOptions {
     pub http: SocketAddr,
     /// IP the media UDP sockets bind.
     pub media_ip: IpAddr,
-    /// UDP port of the publishers' socket (the edge takes any free port).
+    /// UDP port of the publishers' socket.
     pub media_port: u16,
+    /// First UDP port of the edge's media sockets, one per worker (`--edge-media-port`);
+    /// 0 = any free ports.
+    pub edge_media_port: u16,
     /// Edge media threads (at least 1).
     pub media_workers: usize,
     /// IP put in ICE candidates, when it differs from `media_ip`.
@@ -316,7 +319,7 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
         // Viewers' JWTs are signed with the origin's key: the edge checks them with its public
         // half, taken from the origin's Welcome (in serve, the same key).
         let e = Edge::start(
-            SocketAddr::new(opts.media_ip, 0),
+            SocketAddr::new(opts.media_ip, opts.edge_media_port),
             opts.public_ip,
             link,
             opts.media_workers,

@@ -72,12 +72,23 @@ async fn forward(mut req: Request, path: &str, next: Next) -> Response {
 /// `POST {base}`: the SDK's director call, sent on to `/api/director/publish` or `/subscribe`.
 async fn director(req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
-    let bytes = match to_bytes(body, limits::MAX_BODY).await {
-        Ok(b) => b,
-        Err(_) => {
+    // Read here, before the inner router's deadline applies: the same deadline, the same cap.
+    let read = tokio::time::timeout(limits::REQUEST_TIMEOUT, to_bytes(body, limits::MAX_BODY));
+    let bytes = match read.await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
             return fail(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("a director request is at most {} bytes", limits::MAX_BODY),
+            )
+        }
+        Err(_) => {
+            return fail(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request was not complete within {} s",
+                    limits::REQUEST_TIMEOUT.as_secs()
+                ),
             )
         }
     };

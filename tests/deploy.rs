@@ -379,3 +379,43 @@ fn sdk_through_nginx_tls_under_a_path_and_an_idle_publisher_stays_published() {
         began.elapsed().as_secs_f64()
     );
 }
+
+/// The shipped `scripts/deploy/chorus.toml` is a valid configuration: chorus starts from it,
+/// with only its addresses and paths overridden by flags (which win over the file).
+#[test]
+fn the_shipped_config_file_starts_chorus() {
+    let dir = common::tempdir("deploy-toml");
+    // A missing token file is an empty one: nobody may publish, which is all this needs.
+    let tokens = dir.join("tokens.json");
+    let config = common::repo().join("scripts/deploy/chorus.toml");
+    let p = common::Proc::start(
+        "serve",
+        &[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--tokens",
+            tokens.to_str().unwrap(),
+            "--data-dir",
+            dir.join("data").to_str().unwrap(),
+            "--http",
+            "127.0.0.1:0",
+            "--admin-http",
+            "127.0.0.1:0",
+            "--media-ip",
+            "127.0.0.1",
+            "--public-ip",
+            "127.0.0.1",
+            "--media-port",
+            "0",
+            "--edge-media-port",
+            "0",
+        ],
+        &[],
+    );
+    // The file's base path holds: the routes are under /chorus.
+    let (s, _, _) = common::http(p.http(), "GET", &format!("{BASE}/healthz"), &[], b"");
+    assert_eq!(s, 200);
+    let (s, _, _) = common::http(p.http(), "GET", "/healthz", &[], b"");
+    assert_eq!(s, 404);
+}

@@ -157,6 +157,35 @@ fn curl_json(args: &[&str]) -> (u16, Value) {
     )
 }
 
+/// Opens the demo page at `public` in Chromium and has its SDK ask the director for a view:
+/// `{endpoint, url}` (the SDK's endpoint, the signalling URL of the answer).
+fn demo_page_director(public: &str) -> Value {
+    const SCRIPT: &str = r#"
+import { launchBrowser } from './lib.mjs';
+const browser = await launchBrowser();
+try {
+  const page = await (await browser.newContext()).newPage();
+  await page.goto(process.argv[1] + '/', { waitUntil: 'load', timeout: 20000 });
+  const out = await page.evaluate(async () => {
+    const d = await millicast.Director.getSubscriber({ streamName: 'deploy', streamAccountId: 'chorus' });
+    return { endpoint: millicast.Director.getEndpoint(), url: d.urls[0] };
+  });
+  console.log(JSON.stringify(out));
+} finally { await browser.close(); }
+"#;
+    let (bdir, _) = common::node_harness("lib.mjs");
+    let out = Command::new("node")
+        .current_dir(&bdir)
+        .args(["--input-type=module", "-e", SCRIPT, public])
+        .env("CHORUS_CHROMIUM_ARGS", "--ignore-certificate-errors")
+        .output()
+        .expect("node runs");
+    common::assert_succeeded(&out, "the demo page in Chromium");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
 /// What the origin receives from `source` (packets), asked at chorus itself (dev mode on
 /// loopback serves the admin routes under the base path).
 fn packets_from(chorus: SocketAddr, source: &str) -> Option<u64> {
@@ -266,6 +295,12 @@ fn sdk_through_nginx_tls_under_a_path_and_an_idle_publisher_stays_published() {
     ]);
     assert_eq!(s, 200, "{v}");
     let room_token = v["data"]["token"].as_str().unwrap().to_owned();
+
+    // The demo page itself in Chromium, through nginx: it loads the SDK from under the prefix
+    // and points it at https://host/chorus, whose director call (the SDK's, unmodified) answers.
+    let demo = demo_page_director(&public);
+    assert_eq!(demo["endpoint"], public.as_str(), "{demo}");
+    assert_eq!(demo["url"], want_ws.as_str(), "{demo}");
 
     // The SDK in Chromium through nginx: a publisher of the corpus host, a listener with the
     // host pinned, and a room participant (room socket, view with its room token). Nobody sends

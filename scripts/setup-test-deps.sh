@@ -7,6 +7,8 @@
 #   - Python venv tests/python/.venv with aiortc (only if missing or stale)
 #   - Debian's redis-server      (the cluster tests start their own; apt only
 #                                 if missing; never started or enabled here)
+#   - Debian's nginx and curl    (tests/deploy.rs: chorus behind a TLS proxy; apt only if
+#                                 missing; the test runs nginx itself, no service is started)
 # Usage: scripts/setup-test-deps.sh [--no-browser] [--no-python]
 set -euo pipefail
 
@@ -21,7 +23,7 @@ for a in "$@"; do
   case "$a" in
     --no-browser) want_browser=0 ;;
     --no-python) want_python=0 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "setup-test-deps: unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -121,6 +123,24 @@ if command -v redis-server >/dev/null 2>&1; then
   say "redis-server present: $(redis-server --version | head -n1)"
 else
   apt_install redis-server
+fi
+
+# ------------------------------------------------------------------ reverse proxy
+# tests/deploy.rs starts nginx as its own child (nginx -p DIR ...); Debian's package would also
+# start the system service where an init runs it: it is stopped and disabled again at once when
+# this script installed it, so only the test's own instance ever listens.
+if [ "$want_browser" -eq 1 ]; then
+  if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then
+    say "nginx present: $(/usr/sbin/nginx -v 2>&1 | head -n1)"
+  else
+    apt_install nginx
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+      $SUDO systemctl disable --now nginx >/dev/null 2>&1 || true
+    fi
+  fi
+  if ! command -v curl >/dev/null 2>&1; then
+    apt_install curl
+  fi
 fi
 
 say "done"

@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub(crate) mod cluster;
+pub mod config_file;
 pub mod edge;
 pub mod http;
 #[cfg(feature = "tools")]

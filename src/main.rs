@@ -3,9 +3,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use chorus::auth::tokens::{parse_ttl, TokenFile, TokenKind};
+use chorus::http::forwarded::Cidr;
 #[cfg(feature = "tools")]
 use chorus::loadgen;
 #[cfg(feature = "tools")]
@@ -50,15 +51,23 @@ enum Command {
 
 #[derive(Args, Clone)]
 struct CommonServer {
+    /// TOML file of settings, keys named like these long flags (http = "127.0.0.1:8080",
+    /// trusted-proxy = ["127.0.0.1"]); flags and environment variables override it.
+    #[arg(long, env = "CHORUS_CONFIG", value_name = "PATH")]
+    config: Option<PathBuf>,
     /// HTTP address: director API, signalling WebSocket, WHIP, demo page.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http: SocketAddr,
     /// IP the media (WebRTC) UDP socket binds.
     #[arg(long, default_value = "127.0.0.1")]
     media_ip: IpAddr,
-    /// UDP port of the media socket (0 = any free port).
+    /// UDP port of the publishers' media socket (the origin's; 0 = any free port).
     #[arg(long, default_value_t = 0)]
     media_port: u16,
+    /// First UDP port of the edge's media sockets (viewers' WebRTC), one per media worker:
+    /// this port and the next --media-workers - 1 (0 = any free ports).
+    #[arg(long, default_value_t = 0)]
+    edge_media_port: u16,
     /// Edge media threads, each with its own UDP socket and share of the viewers (default: one
     /// per core).
     #[arg(long)]
@@ -111,6 +120,15 @@ struct CommonServer {
     /// Tests only: close a signalling socket silent this long (ms) instead of 60 s.
     #[arg(long, hide = true)]
     ws_silence_ms: Option<u64>,
+    /// A reverse proxy (IP or CIDR range, repeatable) whose Forwarded / X-Forwarded-Proto /
+    /// X-Forwarded-Host / X-Forwarded-For headers are believed; from any other peer they are
+    /// ignored.
+    #[arg(long = "trusted-proxy", value_name = "CIDR")]
+    trusted_proxy: Vec<Cidr>,
+    /// Path prefix every route lives under, e.g. /chorus (the proxy passes the path on
+    /// unchanged). Default: the root.
+    #[arg(long, default_value = "", env = "CHORUS_BASE_PATH")]
+    base_path: String,
 }
 
 #[derive(Args, Clone, Default)]
@@ -360,7 +378,15 @@ enum LoadgenCmd {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv =
+        match chorus::config_file::with_config(&Cli::command(), std::env::args_os().collect()) {
+            Ok(argv) => argv,
+            Err(e) => {
+                eprintln!("chorus: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    let cli = Cli::parse_from(argv);
     let (what, result) = match cli.command {
         Command::Serve(a) => (
             "serve",
@@ -450,6 +476,9 @@ fn run_server(
     place: Placement,
 ) -> Result<(), String> {
     init_logs();
+    if let Some(path) = &c.config {
+        tracing::info!(path = %path.display(), "settings from the config file (flags and environment override it)");
+    }
     let opts = ServerOptions {
         redis: place.join.redis,
         node_id: place.join.node_id,
@@ -461,6 +490,7 @@ fn run_server(
         http: c.http,
         media_ip: c.media_ip,
         media_port: c.media_port,
+        edge_media_port: c.edge_media_port,
         media_workers: c
             .media_workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
@@ -490,6 +520,8 @@ fn run_server(
                     .map_or(d.ws_silence_limit, Duration::from_millis),
             }
         },
+        trusted_proxies: c.trusted_proxy,
+        base_path: c.base_path,
     };
     runtime()?.block_on(async {
         let running = server::start(&opts).await.map_err(|e| e.to_string())?;

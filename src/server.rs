@@ -12,7 +12,9 @@ use crate::auth::random_secret;
 use crate::auth::tokens::{TokenFileError, Tokens};
 use crate::cluster::{self, Cluster, Load, NodeRecord, NodeState};
 use crate::edge::Edge;
+use crate::http::forwarded::{Cidr, TrustedProxies, MAX_TRUSTED_PROXIES};
 use crate::http::limits::HttpLimits;
+use crate::http::public_url::{check_base_path, BasePathError, PublicUrls};
 use crate::http::{admin_router, router, App};
 use crate::origin::media_thread::{MediaThread, MediaThreadConfig};
 use crate::origin::relay_server::{RelayBindError, RelayPolicy, RelayServer, SubscribePolicy};
@@ -40,8 +42,11 @@ pub struct ServerOptions {
     pub http: SocketAddr,
     /// IP the media UDP sockets bind.
     pub media_ip: IpAddr,
-    /// UDP port of the publishers' socket (the edge takes any free port).
+    /// UDP port of the publishers' socket.
     pub media_port: u16,
+    /// First UDP port of the edge's media sockets, one per worker (`--edge-media-port`);
+    /// 0 = any free ports.
+    pub edge_media_port: u16,
     /// Edge media threads (at least 1).
     pub media_workers: usize,
     /// IP put in ICE candidates, when it differs from `media_ip`.
@@ -83,6 +88,10 @@ pub struct ServerOptions {
     pub region: Option<String>,
     /// Most viewers the director sends this edge (`--capacity`); None = no limit.
     pub capacity: Option<u32>,
+    /// Peers whose `Forwarded` / `X-Forwarded-*` headers are believed (`--trusted-proxy`).
+    pub trusted_proxies: Vec<Cidr>,
+    /// Path prefix of every route (`--base-path`, e.g. `/chorus`); empty = the root.
+    pub base_path: String,
 }
 
 /// A running process's addresses, printed as one JSON line when ready.
@@ -141,6 +150,37 @@ pub enum StartError {
     /// `--redis` or `--node-id` refused (why).
     #[error("cluster: {0}")]
     Cluster(String),
+    /// `--base-path` is not a path prefix.
+    #[error(transparent)]
+    BasePath(#[from] BasePathError),
+    /// More `--trusted-proxy` ranges than [`MAX_TRUSTED_PROXIES`].
+    #[error("at most {MAX_TRUSTED_PROXIES} --trusted-proxy ranges (got {0}); use wider ranges")]
+    TooManyProxies(usize),
+}
+
+/// The checked `--trusted-proxy` ranges and `--base-path`.
+fn public_urls(opts: &ServerOptions) -> Result<PublicUrls, StartError> {
+    if opts.trusted_proxies.len() > MAX_TRUSTED_PROXIES {
+        return Err(StartError::TooManyProxies(opts.trusted_proxies.len()));
+    }
+    let urls = PublicUrls {
+        trusted: TrustedProxies::new(opts.trusted_proxies.clone()),
+        base_path: check_base_path(&opts.base_path)?,
+    };
+    if !opts.trusted_proxies.is_empty() {
+        let ranges: Vec<String> = opts.trusted_proxies.iter().map(|c| c.to_string()).collect();
+        info!(
+            ranges = ranges.join(" ").as_str(),
+            "forwarded headers believed from these peers only"
+        );
+    }
+    if !urls.base_path.is_empty() {
+        info!(
+            base_path = urls.base_path.as_str(),
+            "every route is under the base path"
+        );
+    }
+    Ok(urls)
 }
 
 fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> StartError {
@@ -295,6 +335,7 @@ fn start_cluster(
 /// Starts what `opts.role` asks for and its HTTP server; returns once everything listens.
 pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
     check_dev_exposure(opts)?;
+    let public = public_urls(opts)?;
     let tokens = load_tokens(opts)?;
     // Bound first: an edge announces its signalling URL to the origin when it links.
     let listener = tokio::net::TcpListener::bind(opts.http)
@@ -375,14 +416,14 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
                 cluster_token: cluster_token.clone(),
                 ws_url: Some(match &opts.public_ws {
                     Some(base) => format!("{base}/ws"),
-                    None => format!("ws://{http}/ws"),
+                    None => format!("ws://{http}{}/ws", public.base_path),
                 }),
             },
         };
         // Viewers' JWTs are signed with the origin's key: the edge checks them with its public
         // half, taken from the origin's Welcome (in serve, the same key).
         let e = Edge::start(
-            SocketAddr::new(opts.media_ip, 0),
+            SocketAddr::new(opts.media_ip, opts.edge_media_port),
             opts.public_ip,
             link,
             opts.media_workers,
@@ -438,18 +479,22 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
     };
     let node = start_cluster(opts, http, cluster, fingerprint.clone(), &origin, &edge)?;
     let node_id = node.id.clone();
-    let app = Arc::new(App::new(
-        node,
-        tokens,
-        signer,
-        verifier,
-        origin,
-        edge,
-        rooms,
-        opts.public_ws.clone(),
-        opts.limits.clone(),
-        admin_on_main,
-    ));
+    let base = public.base_path.clone();
+    let app = Arc::new(
+        App::new(
+            node,
+            tokens,
+            signer,
+            verifier,
+            origin,
+            edge,
+            rooms,
+            opts.public_ws.clone(),
+            opts.limits.clone(),
+            admin_on_main,
+        )
+        .with_public(public),
+    );
     if app.origin.is_some() {
         let policy: Arc<dyn SubscribePolicy> = app.clone();
         let _ = subscribe_policy.set(policy);
@@ -489,10 +534,10 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
     );
     match opts.role {
         NodeKind::Serve => {
-            info!("chorus serving on http://{http}/ (demo page), director and signalling there too")
+            info!("chorus serving on http://{http}{base}/ (demo page), director and signalling there too")
         }
-        NodeKind::Origin => info!("origin: director and signalling on http://{http}"),
-        NodeKind::Edge => info!("edge: viewers' signalling on http://{http}"),
+        NodeKind::Origin => info!("origin: director and signalling on http://{http}{base}"),
+        NodeKind::Edge => info!("edge: viewers' signalling on http://{http}{base}"),
     }
     Ok(Running {
         http,

@@ -7,6 +7,7 @@ mod common;
 
 use std::net::SocketAddr;
 
+use common::room_tool::{energy, loudest, until};
 use common::ws::{call, call_seeing, connect, event, open, Ws};
 use common::{get_json, http, jwt_payload, post_json, Proc};
 use serde_json::{json, Value};
@@ -440,45 +441,8 @@ async fn publish_rights_follow_the_room_role_and_a_demotion_revokes_them() {
     );
 }
 
-/// Reads the tool's JSON lines into `seen` until one matches; panics at the end of its output.
-fn until(
-    lines: &mut impl Iterator<Item = std::io::Result<String>>,
-    seen: &mut Vec<Value>,
-    what: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    for line in lines.by_ref() {
-        let Ok(v) = serde_json::from_str::<Value>(&line.unwrap()) else {
-            continue;
-        };
-        seen.push(v.clone());
-        if pred(&v) {
-            return v;
-        }
-    }
-    let tail: Vec<String> = seen.iter().rev().take(15).map(Value::to_string).collect();
-    panic!("room.mjs ended before {what}; last lines: {tail:#?}");
-}
-
 fn is(v: &Value, event: &str, name: &str, kind: &str) -> bool {
     v["event"] == event && v["name"] == name && (kind.is_empty() || v["type"] == kind)
-}
-
-/// (t, rms) of one received track.
-fn energy(view: &Value, mid: &str) -> Vec<(f64, f64)> {
-    view["tracks"][mid]["energy"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no track {mid}: {view}"))
-        .iter()
-        .map(|x| (x[0].as_f64().unwrap(), x[1].as_f64().unwrap()))
-        .collect()
-}
-
-fn loudest(e: &[(f64, f64)], from: f64, to: f64) -> f64 {
-    e.iter()
-        .filter(|(t, _)| *t >= from && *t < to)
-        .map(|x| x.1)
-        .fold(0.0, f64::max)
 }
 
 /// The room events (name, data) one participant's page received.

@@ -1,8 +1,9 @@
 // chorus demo: the example of using the official Millicast JS SDK
-// (@millicast/sdk, loaded as the global `millicast` from /sdk/millicast.umd.js)
+// (@millicast/sdk, loaded as the global `millicast` from sdk/millicast.umd.js)
 // against a chorus server. Nothing here is specific to chorus except the
 // Director endpoint: the page is served by chorus, so it points the SDK at
-// its own origin. Plain JS, no build step.
+// the directory it was loaded from (the origin, or the origin plus chorus's
+// --base-path behind a proxy). Plain JS, no build step.
 //
 // Publish: getUserMedia -> millicast.Publish with a sourceId.
 // View:    millicast.View with N multiplexed audio tracks. The server sends
@@ -15,7 +16,10 @@
 // `active`).
 'use strict';
 
-millicast.Director.setEndpoint(location.origin);
+// At the root this is the origin (the SDK appends /api/director/...); under a
+// base path the SDK posts both director calls to https://host/base itself,
+// which chorus answers.
+millicast.Director.setEndpoint(new URL('.', location.href).href);
 
 const $ = (id) => document.getElementById(id);
 let audioCtx = null; // one AudioContext for all level meters, made on a click

@@ -297,8 +297,9 @@ pub(crate) struct Edge {
 impl Edge {
     /// Links to the origin, binds the viewers' media socket and starts the media thread.
     /// Returns once the origin link is up; `keys` then holds the origin's JWT verify key (and
-    /// follows it on every relink). `workers` media threads each own a socket (any free port on
-    /// `bind`'s IP) and a share of the viewers.
+    /// follows it on every relink). `workers` media threads each own a socket and a share of
+    /// the viewers: on `bind`'s port and the next ones (so a firewall opens a known range), or
+    /// any free ports when it is 0.
     pub(crate) async fn start(
         bind: SocketAddr,
         public_ip: Option<IpAddr>,
@@ -307,7 +308,13 @@ impl Edge {
         keys: Arc<JwtVerifier>,
     ) -> Result<Arc<Edge>, String> {
         let mut sockets = Vec::new();
-        for _ in 0..workers.max(1) {
+        for i in 0..workers.max(1) {
+            let mut bind = bind;
+            if bind.port() != 0 {
+                let port = u16::try_from(usize::from(bind.port()) + i)
+                    .map_err(|_| format!("edge media ports from {bind}: past port 65535"))?;
+                bind.set_port(port);
+            }
             let socket =
                 UdpSocket::bind(bind).map_err(|e| format!("edge media socket on {bind}: {e}"))?;
             let local = socket.local_addr().map_err(|e| e.to_string())?;

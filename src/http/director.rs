@@ -4,13 +4,16 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{header, HeaderMap, StatusCode};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::listen::peer_ip;
 use super::{bearer, fail, flow, relayed_refusal, App, Refusal};
 use crate::auth::jwt::{RoomBinding, Scope};
 use crate::millicast::{check_stream_name, director_answer};
@@ -28,16 +31,11 @@ struct DirectorReq {
     region: Option<String>,
 }
 
-/// The signalling URL to give a client that asked with these headers.
-pub(crate) fn ws_url(app: &App, headers: &HeaderMap) -> String {
-    if let Some(base) = &app.public_ws {
-        return format!("{base}/ws");
-    }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("127.0.0.1:8080");
-    format!("ws://{host}/ws")
+/// The signalling URL to give a client that asked from `peer` with these headers: see
+/// [`super::public_url::PublicUrls::ws_url`].
+pub(crate) fn ws_url(app: &App, peer: &ConnectInfo<SocketAddr>, headers: &HeaderMap) -> String {
+    app.public
+        .ws_url(app.public_ws.as_deref(), peer_ip(peer), headers)
 }
 
 /// A director answer; a room member's also says which sourceId it must publish.
@@ -64,6 +62,7 @@ fn parse_request(body: &[u8]) -> Result<(DirectorReq, String), Refusal> {
 
 pub(crate) async fn publish(
     State(app): State<Arc<App>>,
+    peer: ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -100,7 +99,7 @@ pub(crate) async fn publish(
     // (the least-loaded origin takes a free stream).
     let url = match app
         .cluster
-        .publish_target(&stream, &ws_url(&app, &headers))
+        .publish_target(&stream, &ws_url(&app, &peer, &headers))
         .await
     {
         Ok(url) => url,
@@ -112,6 +111,7 @@ pub(crate) async fn publish(
 
 pub(crate) async fn subscribe(
     State(app): State<Arc<App>>,
+    peer: ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -122,7 +122,7 @@ pub(crate) async fn subscribe(
     // Viewers go to this process's edge; in a cluster (--redis) to the edge placement picks;
     // else to a linked edge, in turn.
     let url = match (&app.edge, &app.origin) {
-        (Some(_), _) => ws_url(&app, &headers),
+        (Some(_), _) => ws_url(&app, &peer, &headers),
         (None, Some(_)) if app.cluster.shared => {
             match app.cluster.place_viewer(&stream, region.as_deref()).await {
                 Ok(url) => url,

@@ -1,12 +1,15 @@
 //! The HTTP face of chorus: director API, signalling WebSocket, WHIP, stream introspection.
 
+pub(crate) mod base_path;
 pub(crate) mod cluster;
 pub(crate) mod director;
 pub(crate) mod flow;
+pub mod forwarded;
 pub(crate) mod health;
 pub mod limits;
 pub(crate) mod listen;
 pub(crate) mod metrics;
+pub mod public_url;
 pub(crate) mod resources;
 pub(crate) mod room_views;
 pub(crate) mod rooms;
@@ -69,6 +72,8 @@ pub(crate) struct App {
     /// `/metrics` and `/api/streams` are on the public listener too (dev mode on loopback,
     /// without `--admin-http`); otherwise only on the admin listener.
     pub admin_on_main: bool,
+    /// How answers name this server: trusted proxies' forwarded headers, the base path.
+    pub(crate) public: public_url::PublicUrls,
 }
 
 impl App {
@@ -102,7 +107,20 @@ impl App {
             limits,
             http_metrics: Arc::new(limits::HttpMetrics::default()),
             admin_on_main,
+            public: public_url::PublicUrls::default(),
         }
+    }
+
+    /// Behind `--trusted-proxy` ranges and under `--base-path` (checked).
+    pub(crate) fn with_public(mut self, public: public_url::PublicUrls) -> App {
+        self.public = public;
+        self
+    }
+
+    /// The address a request is counted against (per-IP offer rate): the client a trusted
+    /// proxy forwarded, else the peer.
+    pub(crate) fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        self.public.origin(peer, headers).client
     }
 
     /// A room member was removed at the origin: its views here end.
@@ -320,10 +338,16 @@ pub(crate) fn router(app: Arc<App>) -> Router {
     if app.admin_on_main {
         r = r.merge(admin_routes());
     }
-    r.layer(cors)
+    let r = r
+        .layer(cors)
         .layer(DefaultBodyLimit::max(limits::MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(app.clone(), deadline))
-        .with_state(app)
+        .with_state(app.clone());
+    if app.public.base_path.is_empty() {
+        r
+    } else {
+        base_path::mount(r, app)
+    }
 }
 
 /// What only operators see: per-source state (with publisher ids) and counters.

@@ -2,12 +2,13 @@
 //! `/api/rooms/{room}/ws?token=<room token>`, and what the director, signalling and WHIP check
 //! when a room token or a room member's publish JWT comes their way.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -256,6 +257,7 @@ pub(crate) struct RoomQuery {
 /// `GET /api/rooms/{room}/ws?token=<room token>`: the participant's room socket.
 pub(crate) async fn upgrade(
     State(app): State<Arc<App>>,
+    peer: ConnectInfo<SocketAddr>,
     Path(room): Path<String>,
     Query(q): Query<RoomQuery>,
     headers: HeaderMap,
@@ -289,7 +291,7 @@ pub(crate) async fn upgrade(
         Ok(x) => x,
         Err(refusal) => return refusal.into_response(),
     };
-    let ws_url = director::ws_url(&app, &headers);
+    let ws_url = director::ws_url(&app, &peer, &headers);
     ws.max_message_size(MAX_ROOM_MESSAGE)
         .max_frame_size(MAX_ROOM_MESSAGE)
         .read_buffer_size(socket::WS_BUFFER)

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use futures_util::StreamExt;
 use serde::Deserialize;
@@ -49,6 +49,7 @@ pub(crate) async fn upgrade(
     State(app): State<Arc<App>>,
     peer: ConnectInfo<SocketAddr>,
     Query(q): Query<WsQuery>,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
     let Some(token) = q.token else {
@@ -85,7 +86,7 @@ pub(crate) async fn upgrade(
         publishing = Some(app.cluster.publisher_session(stream));
     }
     let sid = app.next_session.fetch_add(1, Ordering::Relaxed);
-    let ip = super::listen::peer_ip(&peer);
+    let ip = app.client_ip(super::listen::peer_ip(&peer), &headers);
     // tungstenite's defaults (128 KiB read and 128 KiB write buffer) would be most of a
     // viewer's memory; signalling messages are small and few, and a large offer still fits
     // (the read buffer is only the chunk size). A frame over the limit is refused from its

@@ -84,7 +84,7 @@ pub(crate) async fn view(
         opts,
         room: room.as_ref(),
         ender: Ender::Whep,
-        peer: super::listen::peer_ip(&peer),
+        peer: app.client_ip(super::listen::peer_ip(&peer), &headers),
         events,
     };
     let prepared = match flow::prepare_view(&app, ask) {
@@ -98,7 +98,14 @@ pub(crate) async fn view(
         StatusCode::CREATED,
         [
             (header::CONTENT_TYPE, "application/sdp".to_owned()),
-            (header::LOCATION, format!("/whep/resource/{resource}")),
+            (
+                header::LOCATION,
+                app.public.location(
+                    super::listen::peer_ip(&peer),
+                    &headers,
+                    &format!("/whep/resource/{resource}"),
+                ),
+            ),
         ],
         answer,
     )

@@ -57,7 +57,7 @@ pub(crate) async fn publish(
             offer,
             room: room.as_ref(),
             owner: Owner::Whip,
-            peer: super::listen::peer_ip(&peer),
+            peer: app.client_ip(super::listen::peer_ip(&peer), &headers),
         },
     );
     match published {
@@ -71,7 +71,14 @@ pub(crate) async fn publish(
                 StatusCode::CREATED,
                 [
                     (header::CONTENT_TYPE, "application/sdp".to_owned()),
-                    (header::LOCATION, format!("/whip/resource/{id}")),
+                    (
+                        header::LOCATION,
+                        app.public.location(
+                            super::listen::peer_ip(&peer),
+                            &headers,
+                            &format!("/whip/resource/{id}"),
+                        ),
+                    ),
                 ],
                 p.answer,
             )

@@ -59,7 +59,10 @@ export async function launchBrowser({ executablePath = CHROMIUM, extraArgs = [],
   if (!existsSync(executablePath)) {
     throw new Error(`chromium not found at ${executablePath}; run scripts/setup-test-deps.sh (or set CHROMIUM_PATH)`);
   }
-  const args = [...CHROMIUM_ARGS, ...extraArgs];
+  // CHORUS_CHROMIUM_ARGS: more flags from the caller, e.g. --ignore-certificate-errors for a
+  // test's self-signed TLS proxy (tests/deploy.rs).
+  const envArgs = (process.env.CHORUS_CHROMIUM_ARGS || '').split(/\s+/).filter(Boolean);
+  const args = [...CHROMIUM_ARGS, ...extraArgs, ...envArgs];
   // Loopback http:// is already a secure context; for any other http
   // endpoint make Chromium treat it as one so WebRTC/WebAudio behave the same.
   if (endpoint && /^http:/.test(endpoint) && !/^http:\/\/(127\.|localhost|\[::1\])/.test(endpoint)) {

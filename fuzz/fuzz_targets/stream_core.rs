@@ -10,6 +10,7 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
+use chorus::fuzzing::StreamCoreFuzz;
 use chorus::media::rtp::{write_packet, HeaderFields, RtpView};
 use chorus::media::selection::{GroupId, GroupKey};
 use chorus::media::stream::{CoreConfig, Drop, Output, SourceConfig, StreamCore, MAX_PACKET};
@@ -158,7 +159,11 @@ impl World {
             } => {
                 let gi = self.group_index(group);
                 assert!(
-                    self.tracks[gi].get(track as usize).copied().flatten().is_some(),
+                    self.tracks[gi]
+                        .get(track as usize)
+                        .copied()
+                        .flatten()
+                        .is_some(),
                     "ending on group {group:?} track {track}, which holds nothing"
                 );
                 assert_eq!(

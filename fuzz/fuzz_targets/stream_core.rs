@@ -198,6 +198,29 @@ fn packet(buf: &mut Vec<u8>, s: &mut Src, level: Option<u8>, len: usize, toc: u8
     s.ts = s.ts.wrapping_add(960);
 }
 
+/// The SSRC of each group track's rewriter now: what a packet or an ending on that track
+/// carries (on a packet, a tick or an unpublish alike).
+fn ssrc_lookup(
+    core: &StreamCore,
+    groups: &[(GroupId, GroupKey)],
+) -> impl Fn(GroupId, u8) -> Option<u32> {
+    let snapshot: Vec<Vec<u32>> = groups
+        .iter()
+        .map(|(g, k)| {
+            (0..k.tracks())
+                .map(|t| core.rewriter(*g, t).unwrap().ssrc())
+                .collect()
+        })
+        .collect();
+    let groups = groups.to_vec();
+    move |g: GroupId, t: u8| {
+        groups
+            .iter()
+            .position(|(id, _)| *id == g)
+            .and_then(|gi| snapshot[gi].get(t as usize).copied())
+    }
+}
+
 fn run(script: Script) {
     let mut core = StreamCore::new(CoreConfig {
         seed: script.seed,
@@ -253,22 +276,7 @@ fn run(script: Script) {
                     tracks: Vec::new(),
                 },
             );
-            let snapshot: Vec<Vec<u32>> = w
-                .groups
-                .iter()
-                .map(|(g, k)| {
-                    (0..k.tracks())
-                        .map(|t| core.rewriter(*g, t).unwrap().ssrc())
-                        .collect()
-                })
-                .collect();
-            let groups = w.groups.clone();
-            let ssrc_of = move |g: GroupId, t: u8| {
-                groups
-                    .iter()
-                    .position(|(id, _)| *id == g)
-                    .and_then(|gi| snapshot[gi].get(t as usize).copied())
-            };
+            let ssrc_of = ssrc_lookup(&core, &w.groups);
             let r = core.on_packet(now, s, bytes, &mut |o| {
                 w.on_output(&ssrc_of, Some((s, bytes)), o)
             });
@@ -293,7 +301,8 @@ fn run(script: Script) {
                     tracks: Vec::new(),
                 },
             );
-            core.tick(now, &mut |o| w.on_output(&|_, _| None, None, o));
+            let ssrc_of = ssrc_lookup(&core, &w.groups);
+            core.tick(now, &mut |o| w.on_output(&ssrc_of, None, o));
             world = w;
         }};
     }
@@ -371,7 +380,8 @@ fn run(script: Script) {
                         tracks: Vec::new(),
                     },
                 );
-                core.unpublish(now, idx, &mut |o| w.on_output(&|_, _| None, None, o));
+                let ssrc_of = ssrc_lookup(&core, &w.groups);
+                core.unpublish(now, idx, &mut |o| w.on_output(&ssrc_of, None, o));
                 world = w;
                 assert!(!core.is_live(idx));
                 for t in &world.tracks {

@@ -34,6 +34,11 @@ cargo clippy --all-targets --quiet -- -D warnings
 log "cargo clippy --no-default-features (the server alone)"
 cargo clippy --no-default-features --all-targets --quiet -- -D warnings
 
+# The fuzz targets (fuzz/, a crate of its own, run by scripts/fuzz.sh) call the crate through
+# `chorus::fuzzing`: they must keep compiling, or they rot unnoticed.
+log "cargo check --manifest-path fuzz/Cargo.toml (the fuzz targets)"
+cargo check --manifest-path fuzz/Cargo.toml --quiet
+
 # --all-targets also runs each criterion benchmark once, as a smoke test (figures: cargo bench).
 log "cargo test --all-targets (unit, property, corpus, CLI, benchmark smoke)"
 cargo test --all-targets --quiet

@@ -19,9 +19,8 @@ use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
-use chorus::rtc::established::{
-    Emit, Established, IceLite, RtcpStats, TrackSpec, ViewerSide, MAX_RESENDS, NACK_HISTORY,
-};
+use chorus::fuzzing::{EstablishedFuzz, MAX_RESENDS, NACK_HISTORY};
+use chorus::rtc::established::{Emit, Established, IceLite, RtcpStats, TrackSpec, ViewerSide};
 use libfuzzer_sys::fuzz_target;
 use str0m::crypto::dtls::SrtpProfile;
 

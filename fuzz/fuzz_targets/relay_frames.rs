@@ -12,9 +12,10 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Result, Unstructured};
+use chorus::fuzzing::{DatagramHeaderFuzz, DATAGRAM_HEADER, MAX_CONTROL_FRAME};
 use chorus::relay::proto::{
     encode_frame, DatagramHeader, EdgeMsg, FrameError, FrameReader, Kind, OriginMsg, SourceInfo,
-    TrackInfo, DATAGRAM_HEADER, MAX_CONTROL_FRAME,
+    TrackInfo,
 };
 use libfuzzer_sys::fuzz_target;
 use serde::Deserialize;

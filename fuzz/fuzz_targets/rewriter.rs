@@ -28,7 +28,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::OnceLock;
 
 use arbitrary::{Arbitrary, Unstructured};
-use chorus::media::rewrite::{InputPacket, RewriteDrop, Rewritten, TrackRewriter};
+use chorus::media::rewrite::{Feed, InputPacket, RewriteDrop, Rewritten, TrackRewriter};
 use chorus::media::SourceIdx;
 use libfuzzer_sys::fuzz_target;
 
@@ -88,7 +88,7 @@ struct Gen {
 #[derive(Clone, Copy, Debug)]
 struct Anchor {
     id: u64,
-    source: SourceIdx,
+    source: Feed,
     ssrc: u32,
     /// Extended input seq of the highest packet (the first one is 0) and its 16-bit value.
     highest_ext: i64,
@@ -307,7 +307,7 @@ fn run(s: Script) {
     // Builds the next packet of a source and advances it.
     let next = |g: &mut Gen, src: usize, marker: bool, samples: u32| {
         let p = InputPacket {
-            source: SourceIdx(src as u32),
+            source: Feed::Source(SourceIdx(src as u32)),
             ssrc: g.ssrc,
             seq: g.seq,
             ts: g.ts,
@@ -351,7 +351,7 @@ fn run(s: Script) {
                 let back = back as u16 % 64 + 1;
                 now += dt_us as u64;
                 let p = InputPacket {
-                    source: SourceIdx(i as u32),
+                    source: Feed::Source(SourceIdx(i as u32)),
                     ssrc: g.ssrc,
                     seq: g.seq.wrapping_sub(back),
                     ts: g.ts.wrapping_sub(960 * back as u32),
@@ -381,7 +381,7 @@ fn run(s: Script) {
                 dur,
             } => {
                 let p = InputPacket {
-                    source: SourceIdx(src as u32 % 4),
+                    source: Feed::Source(SourceIdx(src as u32 % 4)),
                     ssrc,
                     seq,
                     ts,

@@ -10,10 +10,10 @@
 #![no_main]
 
 use bytes::Bytes;
-use chorus::media::rtp::{
-    parse_audio_level, ExtensionMalformed, RtpError, RtpHeaderMut, RtpView, ONE_BYTE_PROFILE,
-    TWO_BYTE_PROFILE, TWO_BYTE_PROFILE_MASK,
+use chorus::fuzzing::{
+    parse_audio_level, RtpViewFuzz, ONE_BYTE_PROFILE, TWO_BYTE_PROFILE, TWO_BYTE_PROFILE_MASK,
 };
+use chorus::media::rtp::{ExtensionMalformed, RtpError, RtpHeaderMut, RtpView};
 use libfuzzer_sys::fuzz_target;
 use webrtc_util::marshal::Unmarshal;
 

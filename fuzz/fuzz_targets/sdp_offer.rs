@@ -1,5 +1,5 @@
-//! What happens to an SDP offer before and when str0m sees it (`chorus::rtc::offer` and
-//! `chorus::rtc::peers::answer_offer`), on arbitrary text.
+//! What happens to an SDP offer before and when str0m sees it (`rtc::offer` and
+//! `rtc::peers::answer_offer`, through `chorus::fuzzing`), on arbitrary text.
 //!
 //! 1. `check_offer` (all four requirement sets), `mlines` and `normalize` never panic.
 //! 2. `check_offer` accepts only what it documents: at most `MAX_OFFER_BYTES`, starting with
@@ -15,9 +15,10 @@
 
 use std::net::SocketAddr;
 
-use chorus::rtc::offer::OfferRequirements;
-use chorus::rtc::offer::{check_offer, mlines, normalize, OfferError, MAX_OFFER_BYTES};
-use chorus::rtc::peers::{answer_offer, media_config};
+use chorus::fuzzing::{
+    answer_offer, check_offer, media_config, mlines, normalize, OfferError, OfferRequirements,
+    MAX_OFFER_BYTES,
+};
 use libfuzzer_sys::fuzz_target;
 use str0m::change::SdpAnswer;
 

@@ -1,6 +1,6 @@
-//! The signalling socket's parsing (`chorus::http::socket::parse_command` for the
-//! `{"type":"cmd","transId":N,"name":...,"data":{...}}` envelope, `chorus::http::signal_cmd` for
-//! each command's data) on arbitrary text, as `/ws` and the room socket receive it.
+//! The signalling socket's parsing (`http::socket::parse_command` for the
+//! `{"type":"cmd","transId":N,"name":...,"data":{...}}` envelope, `http::signal_cmd` for each
+//! command's data, through `chorus::fuzzing`) on arbitrary text, as `/ws` and the room socket receive it.
 //!
 //! 1. Nothing panics; every refusal has a message.
 //! 2. The envelope: a `cmd` comes back only from a JSON object with `"type":"cmd"` and an integer
@@ -12,9 +12,10 @@
 //!    view's tracks), and re-encoding what was parsed parses back to the same.
 #![no_main]
 
-use chorus::http::socket::parse_command;
-use chorus::millicast::MAX_SOURCE_ID;
-use chorus::http::signal_cmd::{ProjectCmd, PublishCmd, UnprojectCmd, UnpublishCmd, ViewCmd, MAX_SOURCE_LIST};
+use chorus::fuzzing::{
+    parse_command, ProjectCmd, PublishCmd, UnprojectCmd, UnpublishCmd, ViewCmd, MAX_SOURCE_ID,
+    MAX_SOURCE_LIST,
+};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
 

@@ -10,6 +10,7 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
+use chorus::fuzzing::StreamCoreFuzz;
 use chorus::media::rtp::{write_packet, HeaderFields, RtpView};
 use chorus::media::selection::{GroupId, GroupKey};
 use chorus::media::stream::{CoreConfig, Drop, Output, SourceConfig, StreamCore, MAX_PACKET};
@@ -158,7 +159,11 @@ impl World {
             } => {
                 let gi = self.group_index(group);
                 assert!(
-                    self.tracks[gi].get(track as usize).copied().flatten().is_some(),
+                    self.tracks[gi]
+                        .get(track as usize)
+                        .copied()
+                        .flatten()
+                        .is_some(),
                     "ending on group {group:?} track {track}, which holds nothing"
                 );
                 assert_eq!(
@@ -191,6 +196,29 @@ fn packet(buf: &mut Vec<u8>, s: &mut Src, level: Option<u8>, len: usize, toc: u8
     write_packet(buf, &hdr, &exts, &payload);
     s.seq = s.seq.wrapping_add(1);
     s.ts = s.ts.wrapping_add(960);
+}
+
+/// The SSRC of each group track's rewriter now: what a packet or an ending on that track
+/// carries (on a packet, a tick or an unpublish alike).
+fn ssrc_lookup(
+    core: &StreamCore,
+    groups: &[(GroupId, GroupKey)],
+) -> impl Fn(GroupId, u8) -> Option<u32> {
+    let snapshot: Vec<Vec<u32>> = groups
+        .iter()
+        .map(|(g, k)| {
+            (0..k.tracks())
+                .map(|t| core.rewriter(*g, t).unwrap().ssrc())
+                .collect()
+        })
+        .collect();
+    let groups = groups.to_vec();
+    move |g: GroupId, t: u8| {
+        groups
+            .iter()
+            .position(|(id, _)| *id == g)
+            .and_then(|gi| snapshot[gi].get(t as usize).copied())
+    }
 }
 
 fn run(script: Script) {
@@ -248,22 +276,7 @@ fn run(script: Script) {
                     tracks: Vec::new(),
                 },
             );
-            let snapshot: Vec<Vec<u32>> = w
-                .groups
-                .iter()
-                .map(|(g, k)| {
-                    (0..k.tracks())
-                        .map(|t| core.rewriter(*g, t).unwrap().ssrc())
-                        .collect()
-                })
-                .collect();
-            let groups = w.groups.clone();
-            let ssrc_of = move |g: GroupId, t: u8| {
-                groups
-                    .iter()
-                    .position(|(id, _)| *id == g)
-                    .and_then(|gi| snapshot[gi].get(t as usize).copied())
-            };
+            let ssrc_of = ssrc_lookup(&core, &w.groups);
             let r = core.on_packet(now, s, bytes, &mut |o| {
                 w.on_output(&ssrc_of, Some((s, bytes)), o)
             });
@@ -288,7 +301,8 @@ fn run(script: Script) {
                     tracks: Vec::new(),
                 },
             );
-            core.tick(now, &mut |o| w.on_output(&|_, _| None, None, o));
+            let ssrc_of = ssrc_lookup(&core, &w.groups);
+            core.tick(now, &mut |o| w.on_output(&ssrc_of, None, o));
             world = w;
         }};
     }
@@ -366,7 +380,8 @@ fn run(script: Script) {
                         tracks: Vec::new(),
                     },
                 );
-                core.unpublish(now, idx, &mut |o| w.on_output(&|_, _| None, None, o));
+                let ssrc_of = ssrc_lookup(&core, &w.groups);
+                core.unpublish(now, idx, &mut |o| w.on_output(&ssrc_of, None, o));
                 world = w;
                 assert!(!core.is_live(idx));
                 for t in &world.tracks {

@@ -9,11 +9,13 @@ use serde_json::Value;
 use crate::millicast::MAX_SOURCE_ID;
 
 /// Most sourceIds one `excludedSourceIds` list may name: the edge's per-view bound.
-pub(crate) const MAX_SOURCE_LIST: usize = crate::edge::MAX_EXCLUDED;
+pub const MAX_SOURCE_LIST: usize = crate::edge::MAX_EXCLUDED;
 
 /// Why a command's data is refused; the message goes back to the client in its `error`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum CmdError {
+// Each variant reads as its `#[error]` message.
+#[allow(missing_docs)]
+pub enum CmdError {
     #[error("{0} needs data.sdp, the SDP offer")]
     MissingSdp(&'static str),
     #[error("sourceId must be at most {MAX_SOURCE_ID} printable characters")]
@@ -69,13 +71,16 @@ pub(crate) fn source_list(data: &Value, field: &'static str) -> Result<Vec<Strin
 
 /// `publish {sdp, sourceId?}` (the stream `name` is checked against the token by the handler).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct PublishCmd<'a> {
+pub struct PublishCmd<'a> {
+    /// The SDP offer.
     pub sdp: &'a str,
+    /// The sourceId (None: the main source).
     pub source: Option<String>,
 }
 
 impl<'a> PublishCmd<'a> {
-    pub(crate) fn parse(data: &'a Value) -> Result<Self, CmdError> {
+    /// Reads the command's `data`.
+    pub fn parse(data: &'a Value) -> Result<Self, CmdError> {
         let sdp = data
             .get("sdp")
             .and_then(Value::as_str)
@@ -90,12 +95,14 @@ impl<'a> PublishCmd<'a> {
 /// `unpublish {sourceId?}`: `source` None stops every publication of the session, Some(None)
 /// the main source's, Some(Some(id)) that sourceId's.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct UnpublishCmd {
+pub struct UnpublishCmd {
+    /// Which publication stops (see the type).
     pub source: Option<Option<String>>,
 }
 
 impl UnpublishCmd {
-    pub(crate) fn parse(data: &Value) -> Result<Self, CmdError> {
+    /// Reads the command's `data`.
+    pub fn parse(data: &Value) -> Result<Self, CmdError> {
         let source = if data.get("sourceId").is_some() {
             Some(source_id(data)?)
         } else {
@@ -107,14 +114,18 @@ impl UnpublishCmd {
 
 /// `view {sdp, pinnedSourceId?, excludedSourceIds?}` (`streamId` is checked by the handler).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ViewCmd<'a> {
+pub struct ViewCmd<'a> {
+    /// The SDP offer.
     pub sdp: &'a str,
+    /// `pinnedSourceId`: the source on the main track (None: the main source).
     pub pinned: Option<String>,
+    /// `excludedSourceIds`: sources never forwarded to this viewer.
     pub excluded: Vec<String>,
 }
 
 impl<'a> ViewCmd<'a> {
-    pub(crate) fn parse(data: &'a Value) -> Result<Self, CmdError> {
+    /// Reads the command's `data`.
+    pub fn parse(data: &'a Value) -> Result<Self, CmdError> {
         let sdp = data
             .get("sdp")
             .and_then(Value::as_str)
@@ -137,13 +148,16 @@ impl<'a> ViewCmd<'a> {
 /// tracks have the mids `tracks`: the source ("" = main) and the mids it goes to, each one of
 /// `tracks`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ProjectCmd {
+pub struct ProjectCmd {
+    /// The projected source ("" = main).
     pub source: String,
+    /// The multiplexed tracks it goes to.
     pub mids: Vec<String>,
 }
 
 impl ProjectCmd {
-    pub(crate) fn parse(data: &Value, tracks: &[String]) -> Result<Self, CmdError> {
+    /// Reads the command's `data` for a view with these multiplexed tracks.
+    pub fn parse(data: &Value, tracks: &[String]) -> Result<Self, CmdError> {
         let source = source_id(data)?.unwrap_or_default();
         let mapping = data
             .get("mapping")
@@ -177,12 +191,14 @@ impl ProjectCmd {
 /// `unproject {mediaIds}`: the mids whose projection ends (numbers and other values read as
 /// their JSON text).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct UnprojectCmd {
+pub struct UnprojectCmd {
+    /// The mids whose projection ends.
     pub mids: Vec<String>,
 }
 
 impl UnprojectCmd {
-    pub(crate) fn parse(data: &Value) -> Result<Self, CmdError> {
+    /// Reads the command's `data`.
+    pub fn parse(data: &Value) -> Result<Self, CmdError> {
         let mids = data
             .get("mediaIds")
             .and_then(Value::as_array)

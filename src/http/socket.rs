@@ -43,15 +43,18 @@ pub(crate) fn response_message(trans_id: u64, data: Value) -> Value {
 }
 
 /// A client command: `{"type":"cmd","transId":N,"name":...,"data":{...}}`.
-pub(crate) struct WsCommand {
+pub struct WsCommand {
+    /// `transId`: the response carries it back.
     pub trans_id: u64,
+    /// The command's name ("" if none).
     pub name: String,
+    /// Its `data` (null if none).
     pub data: Value,
 }
 
 /// Reads one client message. Ok(None): a client event or stray response, ignored quietly.
 /// Err: the transId (if any) and why the message is refused.
-pub(crate) fn parse_command(text: &str) -> Result<Option<WsCommand>, (Option<u64>, String)> {
+pub fn parse_command(text: &str) -> Result<Option<WsCommand>, (Option<u64>, String)> {
     let v: Value =
         serde_json::from_str(text).map_err(|e| (None, format!("malformed JSON: {e}")))?;
     match v.get("type").and_then(Value::as_str) {

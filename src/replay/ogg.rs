@@ -33,16 +33,18 @@ impl std::error::Error for OggError {}
 
 /// The audio packets of an Ogg Opus file (after OpusHead and OpusTags), and its pre-skip.
 #[derive(Debug, Clone)]
-pub(crate) struct OggOpus {
-    // The header's fields: replay needs only the packets, the reader's tests check these.
-    #[allow(dead_code)]
+pub struct OggOpus {
+    // The header's fields: replay needs only the packets, the ogg_reader fuzz target checks these.
+    /// OpusHead's channel count.
     pub channels: u8,
-    #[allow(dead_code)]
+    /// OpusHead's pre-skip (samples at 48 kHz).
     pub pre_skip: u16,
+    /// The Opus packets, in order.
     pub packets: Vec<Vec<u8>>,
 }
 
-pub(crate) fn read_ogg_opus(data: &[u8]) -> Result<OggOpus, OggError> {
+/// An Ogg Opus file: OpusHead first (version 0.x), OpusTags skipped, then the audio packets.
+pub fn read_ogg_opus(data: &[u8]) -> Result<OggOpus, OggError> {
     let packets = read_packets(data)?;
     let head = packets.first().ok_or(OggError::NotOpus)?;
     if head.len() < 19 || &head[..8] != b"OpusHead" {
@@ -65,7 +67,7 @@ pub(crate) fn read_ogg_opus(data: &[u8]) -> Result<OggOpus, OggError> {
 }
 
 /// All packets of all pages, in order, with continued packets joined across pages.
-pub(crate) fn read_packets(data: &[u8]) -> Result<Vec<Vec<u8>>, OggError> {
+pub fn read_packets(data: &[u8]) -> Result<Vec<Vec<u8>>, OggError> {
     let mut out = Vec::new();
     let mut partial: Vec<u8> = Vec::new();
     let mut at = 0;

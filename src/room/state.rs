@@ -12,17 +12,24 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{json, Value};
 
+/// What a participant's token lets it do beyond its role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub(crate) enum Permission {
+pub enum Permission {
+    /// `room.member.promote`
     MemberPromote,
+    /// `room.member.demote`
     MemberDemote,
+    /// `room.member.remove`
     MemberRemove,
+    /// `room.self.audio_mute`
     SelfAudioMute,
+    /// `room.self.audio_unmute`
     SelfAudioUnmute,
 }
 
 impl Permission {
-    pub(crate) const ALL: [Permission; 5] = [
+    /// Every permission.
+    pub const ALL: [Permission; 5] = [
         Permission::MemberPromote,
         Permission::MemberDemote,
         Permission::MemberRemove,
@@ -30,7 +37,8 @@ impl Permission {
         Permission::SelfAudioUnmute,
     ];
 
-    pub(crate) fn as_str(self) -> &'static str {
+    /// Its name in tokens and commands.
+    pub fn as_str(self) -> &'static str {
         match self {
             Permission::MemberPromote => "room.member.promote",
             Permission::MemberDemote => "room.member.demote",
@@ -76,7 +84,9 @@ fn permissions_field(data: &Value) -> Result<Option<Vec<Permission>>, RoomError>
 
 /// Why a room refuses a token, a command or a publication: the message the participant reads.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum RoomError {
+// Each variant reads as its `#[error]` message.
+#[allow(missing_docs)]
+pub enum RoomError {
     #[error("unknown permission {0:?}; valid permissions: {valid}", valid = Permission::ALL.map(Permission::as_str).join(", "))]
     UnknownPermission(String),
     #[error("permissions must be an array of strings")]
@@ -148,8 +158,9 @@ pub(crate) enum RoomError {
     ViewRevoked(String, String),
 }
 
+/// Where a participant is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Role {
+pub enum Role {
     /// Listens only.
     Audience,
     /// On stage: may publish its own source.
@@ -175,7 +186,8 @@ impl Role {
 
 /// What a member may publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Media {
+pub enum Media {
+    /// Audio only (no video m-line).
     AudioOnly,
     /// Audio, and video on its main track.
     All,
@@ -200,11 +212,16 @@ impl Media {
 
 /// What a checked room token says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Grant {
+pub struct Grant {
+    /// The room's name.
     pub room: String,
+    /// The participant's member id (its sourceId too).
     pub member: String,
+    /// Its display name.
     pub user_name: String,
+    /// The role it joins as.
     pub role: Role,
+    /// Its permissions.
     pub permissions: Vec<Permission>,
     /// Unix seconds.
     pub expires: u64,
@@ -305,20 +322,39 @@ impl Room {
 
 /// What the driver must do after a change, in order.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Effect {
+pub enum Effect {
     /// Send this `{"type":"event",...}` message to these room connections.
-    Send { to: Vec<u64>, event: Value },
+    Send {
+        /// The room connections.
+        to: Vec<u64>,
+        /// The message.
+        event: Value,
+    },
     /// Send `member.promoted` with fresh publish credentials (generation `generation`) to `conn`.
     Credentials {
+        /// The member's room connection.
         conn: u64,
+        /// Its room.
         room: String,
+        /// Its member id.
         member: String,
+        /// The publish generation the credentials carry.
         generation: u32,
     },
     /// Close this room connection, telling it why.
-    Close { conn: u64, reason: String },
+    Close {
+        /// The room connection.
+        conn: u64,
+        /// Why.
+        reason: String,
+    },
     /// Stop the member's publication at the origin now.
-    StopPublishing { room: String, member: String },
+    StopPublishing {
+        /// Its room.
+        room: String,
+        /// Its member id.
+        member: String,
+    },
 }
 
 /// A room event message.
@@ -328,21 +364,26 @@ pub(crate) fn event(name: &str, data: Value) -> Value {
 
 /// What a publish JWT may do, once checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct PublishRight {
+pub struct PublishRight {
+    /// The member's current publish generation.
     pub generation: u32,
+    /// What it may publish.
     pub media: Media,
 }
 
 /// Room, participant and member counts of connected participants.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Gauges {
+pub struct Gauges {
+    /// Rooms with a connected participant.
     pub rooms: usize,
+    /// Connected participants.
     pub participants: usize,
+    /// Connected members (on stage).
     pub members: usize,
 }
 
 /// Command names the room socket takes.
-pub(crate) const COMMANDS: [&str; 8] = [
+pub const COMMANDS: [&str; 8] = [
     "hand.raise",
     "hand.lower",
     "promote",
@@ -353,8 +394,9 @@ pub(crate) const COMMANDS: [&str; 8] = [
     "state",
 ];
 
+/// Every room's state.
 #[derive(Default)]
-pub(crate) struct Rooms {
+pub struct Rooms {
     rooms: HashMap<String, Room>,
 }
 
@@ -393,12 +435,7 @@ impl Rooms {
 
     /// A participant's room socket `conn` opened: it gets the room's state, the others learn
     /// of it. A second socket of the same member takes over from the first, which is closed.
-    pub(crate) fn join(
-        &mut self,
-        g: &Grant,
-        conn: u64,
-        now: u64,
-    ) -> Result<Vec<Effect>, RoomError> {
+    pub fn join(&mut self, g: &Grant, conn: u64, now: u64) -> Result<Vec<Effect>, RoomError> {
         self.admit(g, now)?;
         let room = self.rooms.get_mut(&g.room).expect("admitted");
         let p = room.people.get_mut(&g.member).expect("admitted");
@@ -433,7 +470,7 @@ impl Rooms {
 
     /// Room socket `conn` of `member` closed. Its publication (if any) is not touched: it
     /// belongs to the member's signalling session.
-    pub(crate) fn leave(&mut self, room_name: &str, member: &str, conn: u64) -> Vec<Effect> {
+    pub fn leave(&mut self, room_name: &str, member: &str, conn: u64) -> Vec<Effect> {
         let Some(room) = self.rooms.get_mut(room_name) else {
             return Vec::new();
         };
@@ -462,7 +499,7 @@ impl Rooms {
     }
 
     /// One command of `member`'s room socket `conn`: the response data and the effects.
-    pub(crate) fn command(
+    pub fn command(
         &mut self,
         room_name: &str,
         member: &str,
@@ -661,7 +698,7 @@ impl Rooms {
 
     /// A source of the stream `room_name` started or stopped talking (the edges' voice
     /// activity). Only members' flips are told, each once.
-    pub(crate) fn talking(&mut self, room_name: &str, source: &str, talking: bool) -> Vec<Effect> {
+    pub fn talking(&mut self, room_name: &str, source: &str, talking: bool) -> Vec<Effect> {
         let Some(room) = self.rooms.get_mut(room_name) else {
             return Vec::new();
         };
@@ -683,7 +720,7 @@ impl Rooms {
 
     /// May `member` publish in `room_name` now, with a JWT of `generation` (None: asking for a
     /// new one)?
-    pub(crate) fn may_publish(
+    pub fn may_publish(
         &self,
         room_name: &str,
         member: &str,
@@ -713,7 +750,7 @@ impl Rooms {
     }
 
     /// Forgets participants whose token expired and who are not connected, and empty rooms.
-    pub(crate) fn expire(&mut self, now: u64) {
+    pub fn expire(&mut self, now: u64) {
         for room in self.rooms.values_mut() {
             room.people
                 .retain(|_, p| p.conn.is_some() || p.expires > now);
@@ -721,7 +758,8 @@ impl Rooms {
         self.rooms.retain(|_, r| !r.people.is_empty());
     }
 
-    pub(crate) fn gauges(&self) -> Gauges {
+    /// Counts of connected participants, for the metrics.
+    pub fn gauges(&self) -> Gauges {
         let mut g = Gauges::default();
         for room in self.rooms.values() {
             let connected = room.people.values().filter(|p| p.conn.is_some());

@@ -3,15 +3,16 @@
 
 /// What the offer must contain to be accepted.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct OfferRequirements {
+pub struct OfferRequirements {
     /// A publisher's offer: some audio m-line sends.
     pub audio_send: bool,
     /// A viewer's offer: some audio m-line receives.
     pub audio_recv: bool,
 }
 
+/// Why an offer is refused (the message is the client's).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum OfferError {
+pub enum OfferError {
     /// Not parseable as SDP.
     Malformed(String),
     /// Parseable, but not what this endpoint takes.
@@ -21,6 +22,7 @@ pub(crate) enum OfferError {
     /// A stated limit is reached (sources per stream, peers still connecting): the message
     /// says which. Answered 503: it may clear.
     Limit(String),
+    /// A fault of this side.
     Internal(String),
 }
 
@@ -39,18 +41,23 @@ impl std::fmt::Display for OfferError {
 impl std::error::Error for OfferError {}
 
 /// Largest offer accepted: a browser offer with many m-lines is a few KiB.
-pub(crate) const MAX_OFFER_BYTES: usize = 64 * 1024;
+pub const MAX_OFFER_BYTES: usize = 64 * 1024;
 
 /// A summary of the offer's m-lines: (media, direction, has the RFC 6464 extension).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct MLine {
+pub struct MLine {
+    /// `audio`, `video`, ...
     pub media: String,
+    /// `sendrecv` unless the section says otherwise.
     pub direction: String,
+    /// Whether the section offers the RFC 6464 audio level extension.
     pub audio_level: bool,
+    /// Its `a=mid`, if any.
     pub mid: Option<String>,
 }
 
-pub(crate) fn mlines(sdp: &str) -> Vec<MLine> {
+/// The offer's m-lines, in order.
+pub fn mlines(sdp: &str) -> Vec<MLine> {
     let mut out: Vec<MLine> = Vec::new();
     for line in sdp.lines().map(str::trim_end) {
         if let Some(rest) = line.strip_prefix("m=") {
@@ -84,7 +91,7 @@ pub(crate) fn mlines(sdp: &str) -> Vec<MLine> {
 /// server must take what its clients send, so: within each media section the `i=`, `c=`, `b=`
 /// and `k=` lines move right after `m=` in their original order, and spaces around the `;`
 /// separators of `a=fmtp` parameters go.
-pub(crate) fn normalize(sdp: &str) -> String {
+pub fn normalize(sdp: &str) -> String {
     let mut out = String::with_capacity(sdp.len() + 16);
     let mut section: Vec<&str> = Vec::new();
     let flush = |section: &mut Vec<&str>, out: &mut String| {
@@ -138,7 +145,9 @@ pub(crate) fn normalize(sdp: &str) -> String {
     out
 }
 
-pub(crate) fn check_offer(sdp: &str, req: OfferRequirements) -> Result<(), OfferError> {
+/// Refuses, with the reason, an offer that is too large, not SDP-like, without an m-line, or
+/// without an audio m-line in the direction `req` needs.
+pub fn check_offer(sdp: &str, req: OfferRequirements) -> Result<(), OfferError> {
     if sdp.len() > MAX_OFFER_BYTES {
         return Err(OfferError::Malformed(format!(
             "{} bytes, more than {MAX_OFFER_BYTES}",

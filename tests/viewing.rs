@@ -302,14 +302,9 @@ fn sdk_viewers_hear_who_talks_in_the_track_vad_names_and_never_themselves() {
                 lost <= counted + kernel,
                 "{me} mid {mid}: {lost} lost, {counted} counted by chorus, {kernel} by the kernel: {last}"
             );
-            let Some(base) = s.get(3) else { continue };
-            let conceal = |x: &Value| {
-                x["concealedSamples"].as_f64().unwrap_or(0.0)
-                    - x["silentConcealedSamples"].as_f64().unwrap_or(0.0)
+            let Some(ratio) = audible_concealment(s) else {
+                continue;
             };
-            let total = last["totalSamplesReceived"].as_f64().unwrap()
-                - base["totalSamplesReceived"].as_f64().unwrap();
-            let ratio = (conceal(last) - conceal(base)) / total.max(1.0);
             assert!(
                 ratio < 0.05,
                 "{me} mid {mid}: {:.1} % of samples concealed",
@@ -612,6 +607,20 @@ fn viewers_on_two_media_threads_share_one_origin_subscription() {
 /// (from, to, source) intervals of one track, from its vad events.
 type Intervals = Vec<(f64, f64, Option<String>)>;
 
+/// Chrome's audible concealment on one track past its first seconds (from the 4th stats sample
+/// to the last): concealed samples that were not silent, over the samples received. None with
+/// fewer than four samples.
+fn audible_concealment(series: &[Value]) -> Option<f64> {
+    let (base, last) = (series.get(3)?, series.last()?);
+    let conceal = |x: &Value| {
+        x["concealedSamples"].as_f64().unwrap_or(0.0)
+            - x["silentConcealedSamples"].as_f64().unwrap_or(0.0)
+    };
+    let total = last["totalSamplesReceived"].as_f64().unwrap()
+        - base["totalSamplesReceived"].as_f64().unwrap();
+    Some((conceal(last) - conceal(base)) / total.max(1.0))
+}
+
 /// (frames, failures) of a page's encoded transforms on one side ("send" or "recv").
 fn e2ee_counts(report: &Value, side: &str) -> (u64, u64) {
     let all = report.as_object().into_iter().flatten();
@@ -788,16 +797,9 @@ fn e2ee_room(e2ee: bool, level: bool) -> BTreeMap<String, Heard> {
             let s = series.as_array().unwrap();
             let last = s.last().unwrap();
             h.lost += last["packetsLost"].as_i64().unwrap_or(0).max(0) as u64;
-            let Some(base) = s.get(3) else { continue };
-            let conceal = |x: &Value| {
-                x["concealedSamples"].as_f64().unwrap_or(0.0)
-                    - x["silentConcealedSamples"].as_f64().unwrap_or(0.0)
-            };
-            let total = last["totalSamplesReceived"].as_f64().unwrap()
-                - base["totalSamplesReceived"].as_f64().unwrap();
-            h.concealed = h
-                .concealed
-                .max((conceal(last) - conceal(base)) / total.max(1.0));
+            if let Some(ratio) = audible_concealment(s) {
+                h.concealed = h.concealed.max(ratio);
+            }
         }
         eprintln!("e2ee={e2ee} level={level} {me}: {h:?}");
         heard.insert(me.to_owned(), h);

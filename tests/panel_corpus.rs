@@ -82,13 +82,11 @@ fn every_turn_is_heard_within_60ms_p95_and_fan_never_holds_a_track() {
         check_viewer_guarantees(&r, &o, &names);
         let lat = r.summary.latency_ms.as_ref().expect("turns were heard");
         assert!(lat.p95 <= 60, "{o:?}: p95 latency {} ms", lat.p95);
-        // What never reaches a track: the first voiced packet before the onset packet today
-        // (no pre-roll yet), never more than the time to be heard.
+        // What never reaches a track: the pre-roll replays each turn's start, so at most one
+        // 20 ms frame of a turn is lost (issue 13: p95 at most 20 ms).
         let clip = r.summary.clipped_ms.as_ref().expect("turns were heard");
-        assert!(
-            clip.p95 <= lat.p95 && clip.p95 <= 60,
-            "{o:?}: clipped {clip:?}"
-        );
+        assert!(clip.p95 <= 20, "{o:?}: clipped {clip:?}");
+        assert!(r.summary.preroll_packets > 0, "{o:?}: no pre-roll");
         // Lossless, in-order input: each track is one gapless RTP sequence.
         assert_eq!(r.summary.seq_discontinuities, 0, "{o:?}");
         assert_eq!(r.summary.dropped_before_switch, 0);

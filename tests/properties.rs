@@ -321,6 +321,14 @@ fn check(
                 *bad = Some("input marker lost".into());
             }
         }
+        // A pre-roll replays a source the group admits (the one its track just took).
+        Output::Preroll { group, source, .. } => {
+            if let Some(k) = key_of(group) {
+                if !k.admits(source) {
+                    *bad = Some(format!("pre-roll of {source:?} sent to {k:?}"));
+                }
+            }
+        }
         // An ending belongs to the group's track; it carries no source's audio.
         Output::Ending { group, .. } => {
             if key_of(group).is_none() {

@@ -305,6 +305,19 @@ fn sdk_viewers_hear_who_talks_in_the_track_vad_names_and_never_themselves() {
             let Some(ratio) = audible_concealment(s) else {
                 continue;
             };
+            let jb = jitter_buffer(s);
+            eprintln!(
+                "{me} mid {mid}: audible concealment {:.2} %, jitter buffer {jb:?}",
+                ratio * 100.0
+            );
+            // Each pre-roll lands up to 120 ms of audio at once; the receiver drains it again
+            // instead of keeping the delay.
+            if let Some(j) = jb {
+                assert!(
+                    j.last_quarter_ms < 200.0 && j.worst_ms < 400.0,
+                    "{me} mid {mid}: the jitter buffer did not settle: {j:?}"
+                );
+            }
             assert!(
                 ratio < 0.05,
                 "{me} mid {mid}: {:.1} % of samples concealed",
@@ -621,6 +634,38 @@ fn audible_concealment(series: &[Value]) -> Option<f64> {
     Some((conceal(last) - conceal(base)) / total.max(1.0))
 }
 
+/// Chrome's jitter-buffer delay on one track, in ms (jitterBufferDelay over
+/// jitterBufferEmittedCount): per stats interval from the 4th sample on, the mean of them all,
+/// the worst, and the mean of the last quarter (what it settles back to after the pre-rolls).
+#[derive(Debug, Clone, Copy, Default)]
+struct JitterBuffer {
+    mean_ms: f64,
+    worst_ms: f64,
+    last_quarter_ms: f64,
+}
+
+fn jitter_buffer(series: &[Value]) -> Option<JitterBuffer> {
+    let f = |x: &Value, k: &str| x[k].as_f64().unwrap_or(0.0);
+    let per: Vec<f64> = series
+        .get(3..)?
+        .windows(2)
+        .filter_map(|w| {
+            let n = f(&w[1], "jitterBufferEmittedCount") - f(&w[0], "jitterBufferEmittedCount");
+            let d = f(&w[1], "jitterBufferDelay") - f(&w[0], "jitterBufferDelay");
+            (n > 0.0).then(|| d / n * 1000.0)
+        })
+        .collect();
+    if per.len() < 4 {
+        return None;
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    Some(JitterBuffer {
+        mean_ms: mean(&per),
+        worst_ms: per.iter().copied().fold(0.0, f64::max),
+        last_quarter_ms: mean(&per[per.len() * 3 / 4..]),
+    })
+}
+
 /// (frames, failures) of a page's encoded transforms on one side ("send" or "recv").
 fn e2ee_counts(report: &Value, side: &str) -> (u64, u64) {
     let all = report.as_object().into_iter().flatten();
@@ -651,6 +696,8 @@ struct Heard {
     lost: u64,
     /// Concealed (non-silent) share of the samples past the first seconds, worst track.
     concealed: f64,
+    /// Chrome's jitter-buffer delay, the track with the highest mean.
+    jitter_buffer: JitterBuffer,
 }
 
 /// Runs three publishers (`ana`, `bo`, `dee`) and the viewers `keyed` (3 tracks, the key) and
@@ -799,6 +846,9 @@ fn e2ee_room(e2ee: bool, level: bool) -> BTreeMap<String, Heard> {
             h.lost += last["packetsLost"].as_i64().unwrap_or(0).max(0) as u64;
             if let Some(ratio) = audible_concealment(s) {
                 h.concealed = h.concealed.max(ratio);
+            }
+            if let Some(j) = jitter_buffer(s).filter(|j| j.mean_ms > h.jitter_buffer.mean_ms) {
+                h.jitter_buffer = j;
             }
         }
         eprintln!("e2ee={e2ee} level={level} {me}: {h:?}");

@@ -151,6 +151,26 @@ impl World {
                 let o = RtpView::parse(orig).unwrap();
                 assert!(header.marker || !o.marker(), "input marker lost");
             }
+            // A pre-roll follows the change that put its source in the track.
+            Output::Preroll {
+                group,
+                track,
+                header,
+                source,
+                ..
+            } => {
+                let gi = self.group_index(group);
+                assert_eq!(
+                    self.tracks[gi].get(track as usize).copied().flatten(),
+                    Some(source),
+                    "pre-roll of {source:?} on group {group:?} track {track} that holds another source"
+                );
+                assert_eq!(
+                    Some(header.ssrc),
+                    core_ssrc(group, track),
+                    "wrong SSRC for the pre-roll"
+                );
+            }
             // A track's audio ends just before it is announced empty: it still holds a source.
             Output::Ending {
                 group,

@@ -24,7 +24,9 @@ use crate::media::opus;
 use crate::media::rewrite::{Feed, InputPacket, Rewritten};
 use crate::media::rtp::{parse_audio_level, RtpView};
 use crate::media::selection::{GroupId, GroupKey, TrackChange};
-use crate::media::stream::{CoreConfig, Output as CoreOutput, SourceConfig, StreamCore};
+use crate::media::stream::{
+    CoreConfig, Output as CoreOutput, SourceConfig, StreamCore, PREROLL_SLOTS,
+};
 use crate::media::SourceIdx;
 use crate::relay::client::LinkRequest;
 use crate::relay::proto::{DatagramHeader, Kind, SourceInfo, DATAGRAM_HEADER, LEVEL_EXT_ID};
@@ -128,6 +130,31 @@ struct LiveSource {
     index: u16,
     name: Option<Arc<str>>,
     active: Arc<ActiveSource>,
+    /// The payloads of its last packets, for the packet core's pre-roll.
+    held: HeldPayloads,
+}
+
+/// One held packet's payload and level, with the sequence number that names it.
+type HeldPayload = (u16, Bytes, Option<(bool, u8)>);
+
+/// The payloads of a source's last [`PREROLL_SLOTS`] packets, slotted by sequence number as the
+/// packet core slots their headers: when the core replays one ([`CoreOutput::Preroll`]), its
+/// bytes are here. Each is a slice of its relayed datagram (a reference count, no copy), so a
+/// source pins at most that many received datagrams.
+#[derive(Default)]
+struct HeldPayloads([Option<HeldPayload>; PREROLL_SLOTS]);
+
+impl HeldPayloads {
+    fn hold(&mut self, seq: u16, payload: &Bytes, level: Option<(bool, u8)>) {
+        self.0[seq as usize % PREROLL_SLOTS] = Some((seq, payload.clone(), level));
+    }
+
+    fn get(&self, seq: u16) -> Option<(&Bytes, Option<(bool, u8)>)> {
+        match &self.0[seq as usize % PREROLL_SLOTS] {
+            Some((s, b, l)) if *s == seq => Some((b, *l)),
+            _ => None,
+        }
+    }
 }
 
 struct EdgeStream {
@@ -548,6 +575,7 @@ impl EdgeCore {
                     index: info.index,
                     name: source,
                     active,
+                    held: HeldPayloads::default(),
                 },
             );
         }
@@ -680,15 +708,19 @@ impl EdgeCore {
                 header,
                 samples,
             } => write_group(group, track, header, samples, level, &payload, groups, out),
-            CoreOutput::Ending {
-                group,
-                track,
-                header,
-            } => write_ending(group, track, header, groups, out),
+            other => track_output(other, groups, live, viewers, out, m),
         });
-        if let Err(e) = result {
-            m.dropped_core.fetch_add(1, Ordering::Relaxed);
-            debug!("relayed packet dropped by the core: {e}");
+        match result {
+            // Held as the core holds its header: after it was handled.
+            Ok(()) => {
+                if let Some(l) = live.get_mut(&src) {
+                    l.held.hold(view.sequence_number(), &payload, level);
+                }
+            }
+            Err(e) => {
+                m.dropped_core.fetch_add(1, Ordering::Relaxed);
+                debug!("relayed packet dropped by the core: {e}");
+            }
         }
         let late = core.stats().dropped_before_switch - late_before;
         if late > 0 {
@@ -725,8 +757,9 @@ fn source_gone(
     info!(stream = &*st.name, source = ?gone.active.source, "source inactive");
 }
 
-/// What the packet core says outside a packet (a tick, a source gone): track changes and the
-/// silence that ends an emptied track. (It forwards packets only while handling one.)
+/// What the packet core says besides the packet being handled (which only `handle_packet` has
+/// the payload of): track changes, the pre-roll a track replays when a source enters it, and the
+/// silence that ends an emptied track.
 fn track_output(
     o: CoreOutput,
     groups: &[Vec<PeerId>],
@@ -742,6 +775,25 @@ fn track_output(
             track,
             header,
         } => write_ending(group, track, header, groups, out),
+        CoreOutput::Preroll {
+            group,
+            track,
+            header,
+            samples,
+            source,
+            seq,
+        } => match live.get(&source).and_then(|l| l.held.get(seq)) {
+            Some((payload, level)) => {
+                metrics.preroll_packets.fetch_add(1, Ordering::Relaxed);
+                write_group(group, track, header, samples, level, payload, groups, out);
+            }
+            // The core holds only what the edge handed it, so this is a bug: count it.
+            None => {
+                metrics
+                    .dropped_preroll_missing
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        },
         CoreOutput::Packet { .. } => {}
     }
 }

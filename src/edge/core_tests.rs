@@ -57,7 +57,10 @@ fn relayed(channel: u32, index: u16, seq: u16, level: u8, now: u64) -> Relayed {
         ssrc: 100 + index as u32,
         marker: false,
     };
-    write_packet(&mut rtp, &hdr, &[(LEVEL_EXT_ID, &[level])], &[0x78; 60]);
+    // Each packet's payload tells which it is (a pre-roll must replay the right bytes).
+    let mut payload = [0x78; 60];
+    payload[1..3].copy_from_slice(&seq.to_be_bytes());
+    write_packet(&mut rtp, &hdr, &[(LEVEL_EXT_ID, &[level])], &payload);
     data.extend_from_slice(&rtp);
     Relayed {
         hdr: DatagramHeader {
@@ -370,9 +373,25 @@ fn a_write_carries_the_groups_header_and_a_slice_of_the_datagram() {
     assert_eq!(w.input.ssrc, rw.ssrc());
     assert_eq!(Some(w.input.seq), rw.last_sent().map(|l| l.0));
     assert_eq!(w.level, Some((false, 20)));
-    assert_eq!(&w.payload[..], &[0x78; 60]);
+    assert_eq!(w.payload.len(), 60);
+    assert_eq!(&w.payload[1..3], &100u16.to_be_bytes());
     // No copy: the payload is the datagram's own memory.
     assert_eq!(w.payload.as_ptr(), data[data.len() - 60..].as_ptr());
+}
+
+/// Feeds relay source 0 on channel 1 one packet of each level, 20 ms apart from `now` and
+/// numbered from `seq0`, with a tick between; everything polled, in order.
+fn outputs_of(c: &mut EdgeCore, now: &mut u64, seq0: u16, levels: &[u8]) -> Vec<Output> {
+    let mut outs = Vec::new();
+    for (i, &level) in levels.iter().enumerate() {
+        c.handle_packet(*now, relayed(1, 0, seq0 + i as u16, level, *now));
+        c.handle_timeout(*now + 10_000);
+        while let Some(o) = c.poll_output() {
+            outs.push(o);
+        }
+        *now += 20_000;
+    }
+    outs
 }
 
 #[test]
@@ -381,16 +400,8 @@ fn an_emptied_track_ends_with_silence_frames_before_its_vad() {
     join(&mut c, 0, 1, "s", 1);
     c.handle_sources(0, "s", 1, vec![source(0, "ana")]);
     let (mut now, _) = talk(&mut c, 1, 0, 0, 0, 10);
-    let mut outs = Vec::new();
     // Room noise past the hangover: the track empties.
-    for i in 0..100u16 {
-        c.handle_packet(now, relayed(1, 0, 70 + i, 70, now));
-        c.handle_timeout(now + 10_000);
-        while let Some(o) = c.poll_output() {
-            outs.push(o);
-        }
-        now += 20_000;
-    }
+    let outs = outputs_of(&mut c, &mut now, 70, &[70; 100]);
     let vad = outs
         .iter()
         .position(|o| matches!(o, Output::Event(_, ViewerEvent::Vad { source: None, .. })))
@@ -418,6 +429,63 @@ fn an_emptied_track_ends_with_silence_frames_before_its_vad() {
     }
     assert!(silent.iter().all(|w| w.level == Some((false, 127))));
     assert!(outs[vad..].iter().all(|o| !matches!(o, Output::Write(_))));
+}
+
+#[test]
+fn a_source_entering_a_track_replays_its_held_packets_before_the_onset_packet() {
+    let mut c = core();
+    join(&mut c, 0, 1, "s", 1);
+    join(&mut c, 0, 2, "s", 1);
+    c.handle_sources(0, "s", 1, vec![source(0, "ana")]);
+    let levels: Vec<u8> = (0..64).map(|i| if i < 60 { 70 } else { 20 }).collect();
+    let outs = outputs_of(&mut c, &mut 0, 500, &levels);
+    let vad = outs
+        .iter()
+        .position(|o| {
+            matches!(
+                o,
+                Output::Event(
+                    PeerId(1),
+                    ViewerEvent::Vad {
+                        source: Some(_),
+                        ..
+                    }
+                )
+            )
+        })
+        .expect("ana enters the track");
+    assert!(
+        outs[..vad].iter().all(|o| !matches!(o, Output::Write(_))),
+        "nothing reaches the track before its vad"
+    );
+    let mine: Vec<&Write> = outs[vad..]
+        .iter()
+        .filter_map(|o| match o {
+            Output::Write(w) if w.viewer == PeerId(1) => Some(w),
+            _ => None,
+        })
+        .collect();
+    // The six held packets (120 ms) of room noise and the first voiced one, their own bytes
+    // and levels, then the onset packet (seq 561) and the rest: one numbering, the marker first.
+    let sent: Vec<u16> = mine
+        .iter()
+        .map(|w| u16::from_be_bytes([w.payload[1], w.payload[2]]))
+        .collect();
+    assert_eq!(sent, (555..564).collect::<Vec<u16>>());
+    assert_eq!(mine[0].level, Some((false, 70)));
+    assert_eq!(mine[6].level, Some((false, 20)));
+    assert!(mine[0].input.marker && mine[1..].iter().all(|w| !w.input.marker));
+    for w in mine.windows(2) {
+        assert_eq!(w[1].input.seq, w[0].input.seq.wrapping_add(1));
+        assert_eq!(w[1].input.ts.wrapping_sub(w[0].input.ts), 960);
+    }
+    // Per group, counted once; the other viewer of the group got the same.
+    assert_eq!(c.metrics.preroll_packets.load(Ordering::Relaxed), 6);
+    let theirs = outs
+        .iter()
+        .filter(|o| matches!(o, Output::Write(w) if w.viewer == PeerId(2)))
+        .count();
+    assert_eq!(theirs, mine.len());
 }
 
 // The origin link's properties (channels, indices, relinks), moved from the media thread.

@@ -80,6 +80,10 @@ pub struct EdgeMetrics {
     pub switches: AtomicU64,
     /// Late packets from before a switch, not forwarded.
     pub dropped_before_switch: AtomicU64,
+    /// Held packets replayed into a track when its source entered it (pre-roll), per group.
+    pub preroll_packets: AtomicU64,
+    /// Pre-roll packets whose payload the edge no longer held (never expected: counted, not sent).
+    pub dropped_preroll_missing: AtomicU64,
     /// Relayed packets the packet core refused (malformed, oversized).
     pub dropped_core: AtomicU64,
     /// sourceIds the media threads' packet cores hold (live, or named by a viewer's view).

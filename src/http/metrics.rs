@@ -250,6 +250,13 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
         );
         metric(
             &mut out,
+            "chorus_edge_preroll_packets_total",
+            "counter",
+            "Held packets replayed into a track as its source entered it (pre-roll), per group of viewers.",
+            &[("", g(&m.preroll_packets))],
+        );
+        metric(
+            &mut out,
             "chorus_edge_dropped_total",
             "counter",
             "Packets dropped at the edge, by reason (unknown_channel, lane_full and stale count per media thread: each gets its own copy).",
@@ -262,6 +269,7 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
                 ("reason=\"stale\"", g(&m.dropped_stale)),
                 ("reason=\"core\"", g(&m.dropped_core)),
                 ("reason=\"before_switch\"", g(&m.dropped_before_switch)),
+                ("reason=\"preroll_missing\"", g(&m.dropped_preroll_missing)),
                 (
                     "reason=\"viewer_before_switch\"",
                     g(&m.dropped_viewer_before_switch),

@@ -6,7 +6,7 @@ pub mod corpus;
 pub mod ogg;
 pub mod truth;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
@@ -154,6 +154,8 @@ pub struct Summary {
     pub packets_out: u64,
     /// Late packets from before a switch, not forwarded.
     pub dropped_before_switch: u64,
+    /// Held packets replayed into a track as its source entered it ([`CoreStats::preroll_packets`]).
+    pub preroll_packets: u64,
 }
 
 /// Everything a replay produced.
@@ -302,8 +304,12 @@ pub fn run(speakers: &[Speaker], opts: &ReplayOptions) -> Result<ReplayResult, S
     let mut forwarded = Vec::new();
     let tick_us = opts.tick_ms.max(1) as u64 * 1000;
     let mut next_tick = 0u64;
+    // When each (source, sequence number) was sent, for the packets a pre-roll replays: the
+    // newest of each number (a long corpus wraps them).
+    let mut sent_at: HashMap<(u32, u16), u64> = HashMap::new();
     for s in &sent {
-        let mut sink = |o: Output, current: Option<(u32, u64, u64)>| match o {
+        // `now_us`: the time of the packet or tick being handled; `current`: the packet.
+        let mut sink = |o: Output, now_us: u64, current: Option<(u32, u64, u64)>| match o {
             Output::Track(c) if c.group == group => changes.push(Change {
                 t_ms: c.at_us / 1000,
                 track: c.track,
@@ -328,13 +334,32 @@ pub fn run(speakers: &[Speaker], opts: &ReplayOptions) -> Result<ReplayResult, S
                     silence: false,
                 });
             }
+            // Sent when the source sent it, forwarded now: clipped_ms sees the speech it saves,
+            // the latency still the time until the track took the source.
+            Output::Preroll {
+                group: g,
+                track,
+                header,
+                source,
+                seq,
+                ..
+            } if g == group => forwarded.push(Forwarded {
+                track,
+                source: source.0,
+                send_us: sent_at.get(&(source.0, seq)).copied().unwrap_or(now_us),
+                arrival_us: now_us,
+                seq: header.seq,
+                ts: header.ts,
+                marker: header.marker,
+                silence: false,
+            }),
             // Part of the track's numbering: the continuity check sees it.
             Output::Ending {
                 group: g,
                 track,
                 header,
             } if g == group => {
-                let at = current.map_or(0, |(_, _, arrival)| arrival);
+                let at = now_us;
                 // The source whose audio it ends: the track's holder until the change after it.
                 let holder = changes
                     .iter()
@@ -356,15 +381,17 @@ pub fn run(speakers: &[Speaker], opts: &ReplayOptions) -> Result<ReplayResult, S
             _ => {}
         };
         while next_tick <= s.arrival_us {
-            core.tick(next_tick, &mut |o| sink(o, None));
+            core.tick(next_tick, &mut |o| sink(o, next_tick, None));
             next_tick += tick_us;
         }
         let cur = Some((s.source, s.send_us, s.arrival_us));
         // A replayed corpus is well formed; a drop here would be a core bug worth surfacing.
         core.on_packet(s.arrival_us, SourceIdx(s.source), &s.packet, &mut |o| {
-            sink(o, cur)
+            sink(o, s.arrival_us, cur)
         })
         .map_err(|e| format!("core dropped a replayed packet: {e}"))?;
+        let seq = u16::from_be_bytes([s.packet[2], s.packet[3]]);
+        sent_at.insert((s.source, seq), s.send_us);
     }
     let end_us = sent.last().map_or(0, |s| s.arrival_us);
     let run = Run {
@@ -546,5 +573,6 @@ fn summarize(speakers: &[Speaker], opts: &ReplayOptions, run: &Run<'_>) -> Summa
         packets_in: stats.packets_in,
         packets_out: stats.packets_out,
         dropped_before_switch: stats.dropped_before_switch,
+        preroll_packets: stats.preroll_packets,
     }
 }

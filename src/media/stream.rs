@@ -62,6 +62,9 @@ pub const PREROLL_US: u64 = 120_000;
 /// of which the time limit takes 120). Fixed, so holding them never allocates.
 pub(crate) const PREROLL_SLOTS: usize = 12;
 
+/// Lost packets in a row a pre-roll steps over (see [`Held::run`]).
+const PREROLL_MAX_LOST: u16 = 2;
+
 /// A held packet counts as still flowing (for a switch-in outside a packet of its own) when it
 /// arrived this recently: three 20 ms frames.
 const PREROLL_FRESH_US: u64 = 60_000;
@@ -225,9 +228,9 @@ impl Held {
     }
 
     /// The packets to replay into a track the source enters at `now_us`: the newest unbroken
-    /// run (consecutive sequence numbers and timestamps, one SSRC) that ends at the newest held
-    /// packet and holds at most `reach_us` of audio, as (first sequence number, count); oldest
-    /// first. `next` is the packet being handled, when it is this source's: the run must lead
+    /// run (consecutive timestamps, one SSRC, short losses stepped over) that ends at the newest
+    /// held packet and holds at most `reach_us` of audio, as (first sequence number, span of
+    /// sequence numbers, the lost ones included); oldest first. `next` is the packet being handled, when it is this source's: the run must lead
     /// straight into it. Without it, the newest held packet must be fresh
     /// ([`PREROLL_FRESH_US`]): a source that stopped sending has nothing to lead into.
     fn run(&self, now_us: u64, reach_us: u64, next: Option<&InputPacket>) -> (u16, usize) {
@@ -247,21 +250,34 @@ impl Held {
         }
         // Counted in audio, not arrival times, which jitter.
         let reach = reach_us * opus::CLOCK_RATE as u64 / 1_000_000;
-        let (mut first, mut count, mut audio) = (newest.seq, 0, 0u64);
-        let mut later: Option<&HeldPacket> = None;
-        while count < PREROLL_SLOTS {
-            let Some(h) = self.get(first) else { break };
-            let joins =
-                later.is_none_or(|l| l.ssrc == h.ssrc && l.ts == h.ts.wrapping_add(h.samples));
-            if !joins || audio + h.samples as u64 > reach {
-                break;
-            }
-            audio += h.samples as u64;
-            count += 1;
-            later = Some(h);
-            first = first.wrapping_sub(1);
+        let (mut first, mut audio) = (newest.seq, newest.samples as u64);
+        if audio > reach {
+            return (0, 0);
         }
-        (first.wrapping_add(1), count)
+        let mut later = newest;
+        // Walk back over held packets; a lost one (up to PREROLL_MAX_LOST in a row) is stepped
+        // over when the timestamps say no audio is missing beyond it: the receiver conceals
+        // the loss as it would have anyway.
+        'walk: while newest.seq.wrapping_sub(first) < PREROLL_SLOTS as u16 - 1 {
+            for lost in 0..=PREROLL_MAX_LOST {
+                let seq = first.wrapping_sub(1 + lost);
+                if newest.seq.wrapping_sub(seq) >= PREROLL_SLOTS as u16 {
+                    break 'walk;
+                }
+                let Some(h) = self.get(seq) else { continue };
+                let gap = h.samples.wrapping_mul(lost as u32 + 1);
+                let joins = h.ssrc == later.ssrc && later.ts == h.ts.wrapping_add(gap);
+                if !joins || audio + h.samples as u64 * (lost as u64 + 1) > reach {
+                    break 'walk;
+                }
+                audio += h.samples as u64 * (lost as u64 + 1);
+                first = seq;
+                later = h;
+                continue 'walk;
+            }
+            break;
+        }
+        (first, newest.seq.wrapping_sub(first) as usize + 1)
     }
 }
 
@@ -696,10 +712,11 @@ fn preroll(
     if reach_us == 0 {
         return;
     }
-    let (first, count) = src.held.run(e.at_us, reach_us, next);
-    for i in 0..count as u16 {
+    let (first, span) = src.held.run(e.at_us, reach_us, next);
+    for i in 0..span as u16 {
+        // A loss inside the run: the numbering keeps its gap, as the source's own did.
         let Some(h) = src.held.get(first.wrapping_add(i)) else {
-            break;
+            continue;
         };
         let input = InputPacket {
             source: Feed::Source(x),
@@ -921,18 +938,35 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_packet_ends_the_pre_roll_and_a_late_one_is_held_in_place() {
-        let mut core = StreamCore::new(CoreConfig::default());
-        let a = core.publish("a", levelled());
-        core.join(GroupKey::new(1, None, []));
-        let mut pkts = noise_then_speech(4);
-        // 56 lost; 58 arrives after 59.
-        pkts.retain(|p| p.0 != 56);
-        let at = pkts.iter().position(|p| p.0 == 58).unwrap();
-        pkts.swap(at, at + 1);
-        let sent = feed_at(&mut core, a, 0, &pkts);
-        let pre: Vec<u16> = sent.iter().filter(|x| x.0 == 'r').map(|x| x.1).collect();
-        assert_eq!(pre, [57, 58, 59, 60]);
+    fn a_pre_roll_steps_over_short_losses_and_holds_a_late_packet_in_place() {
+        let run = |lost: &[u16]| {
+            let mut core = StreamCore::new(CoreConfig::default());
+            let a = core.publish("a", levelled());
+            core.join(GroupKey::new(1, None, []));
+            let mut pkts = noise_then_speech(4);
+            pkts.retain(|p| !lost.contains(&p.0));
+            // 58 (if not lost) arrives after 59.
+            if let Some(at) = pkts.iter().position(|p| p.0 == 58) {
+                pkts.swap(at, at + 1);
+            }
+            let sent = feed_at(&mut core, a, 0, &pkts);
+            let pre: Vec<u16> = sent.iter().filter(|x| x.0 == 'r').map(|x| x.1).collect();
+            // The output numbering keeps the input's gaps: seq offsets equal input offsets.
+            for w in sent.windows(2) {
+                assert_eq!(
+                    w[1].2.seq.wrapping_sub(w[0].2.seq),
+                    w[1].1 - w[0].1,
+                    "{sent:?}"
+                );
+            }
+            pre
+        };
+        // One lost (56), then two in a row (55, 56): stepped over, still 120 ms of audio.
+        assert_eq!(run(&[56]), [55, 57, 58, 59, 60]);
+        assert_eq!(run(&[55, 56]), [57, 58, 59, 60]);
+        // Three in a row end the run.
+        assert_eq!(run(&[54, 55, 56]), [57, 58, 59, 60]);
+        assert_eq!(run(&[56, 57, 58]), [59, 60]);
     }
 
     #[test]

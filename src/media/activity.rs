@@ -41,6 +41,13 @@ pub struct VadConfig {
     pub onset_voiced: u8,
     /// The number of recent packets `onset_voiced` counts in.
     pub onset_window: u8,
+    /// Soft onsets (level mode): a packet this many dB over the floor is a soft start. A voiced
+    /// packet right after one is an onset by itself, and so are three soft starts that keep
+    /// rising to `soft_peak_db`: speech that starts with a breath or an "h" is taken on its
+    /// way up instead of two loud packets later.
+    pub soft_db: u8,
+    /// Where three rising soft starts must reach (dB over the floor) to be an onset.
+    pub soft_peak_db: u8,
     /// A source still counts as talking this long after its last voiced packet (between syllables).
     pub talk_hold_us: u64,
     /// After that, it keeps its slot (hangover) this long unless a talker needs it.
@@ -67,6 +74,8 @@ impl Default for VadConfig {
             size_threshold_bytes: 14,
             onset_voiced: 2,
             onset_window: 3,
+            soft_db: 6,
+            soft_peak_db: 10,
             talk_hold_us: 200_000,
             hangover_us: 900_000,
             floor_window_us: 4_000_000,
@@ -181,6 +190,9 @@ pub struct VoiceActivity {
     /// The last three levels, newest last, and how many were seen (saturating).
     recent: [u8; 3],
     recent_n: u8,
+    /// Level mode: the last three packets' dB over the floor, newest last (`i16::MIN` for a
+    /// packet measured otherwise): what the soft-onset rules read.
+    rise: [i16; 3],
 }
 
 impl VoiceActivity {
@@ -204,6 +216,7 @@ impl VoiceActivity {
             last_dtx_us: None,
             recent: [0; 3],
             recent_n: 0,
+            rise: [i16::MIN; 3],
         }
     }
 
@@ -244,10 +257,16 @@ impl VoiceActivity {
         let strength = self.voiced_strength(cfg, now_us, m, cold);
         let voiced = strength >= 1.0;
         self.history = (self.history << 1) | voiced as u8;
+        self.rise.rotate_left(1);
+        self.rise[2] = match m {
+            Measurement::Level { .. } => self.last_excess,
+            _ => i16::MIN,
+        };
         self.decay_score(cfg, now_us);
         // Move 1/4 of the way towards this packet's strength: about 3-4 packets to follow an onset.
         self.score += (strength.min(4.0) - self.score) * 0.25;
-        if !voiced {
+        let soft = !self.talkspurt && self.soft_onset(cfg, voiced);
+        if !voiced && !soft {
             return Transition::None;
         }
         let was_talking =
@@ -257,7 +276,7 @@ impl VoiceActivity {
         let onset = if self.talkspurt {
             false
         } else {
-            recent >= cfg.onset_voiced
+            recent >= cfg.onset_voiced || soft
         };
         if self.talkspurt || onset {
             self.last_voiced_us = now_us;
@@ -270,6 +289,21 @@ impl VoiceActivity {
         } else {
             Transition::None
         }
+    }
+
+    /// The soft-onset rules (level mode), on the last three packets' rise over the floor:
+    /// - a voiced packet right after a soft start (a breath, an "h", then the vowel);
+    /// - three soft starts in a row, each louder than the one before, the last at
+    ///   `soft_peak_db` (a breathy "hello" that takes its time to get loud).
+    ///
+    /// Steady noise passes neither: it wanders around its floor instead of rising three times,
+    /// and a lone click has no soft start before it.
+    fn soft_onset(&self, cfg: &VadConfig, voiced: bool) -> bool {
+        let [a, b, c] = self.rise;
+        let soft = cfg.soft_db as i16;
+        let lead_in = voiced && c != i16::MIN && b >= soft;
+        let rising = a >= soft && b > a && c > b && c >= cfg.soft_peak_db as i16;
+        lead_in || rising
     }
 
     /// Measured loudness over the threshold, as a ratio: >= 1.0 is voiced.
@@ -440,6 +474,31 @@ mod tests {
             feed(&mut a, &cfg, 2_000_000, &[20, 18, 17]),
             vec![2_020_000]
         );
+    }
+
+    #[test]
+    fn a_soft_start_then_the_vowel_is_an_onset_on_the_vowel() {
+        let cfg = VadConfig::default();
+        let mut a = VoiceActivity::new(&cfg);
+        feed(&mut a, &cfg, 0, &[70; 60]);
+        // A breath 7 dB over the floor, then the loud part: taken on its first loud packet
+        // (2-of-3 alone would wait for the second).
+        let onsets = feed(&mut a, &cfg, 1_200_000, &[70, 63, 40, 38, 38]);
+        assert_eq!(onsets, [1_240_000]);
+    }
+
+    #[test]
+    fn a_soft_start_that_keeps_rising_is_an_onset_before_it_is_loud() {
+        let cfg = VadConfig::default();
+        let mut a = VoiceActivity::new(&cfg);
+        feed(&mut a, &cfg, 0, &[70; 60]);
+        // 6, 8 and 10 dB over the floor: rising, never yet 15.
+        let onsets = feed(&mut a, &cfg, 1_200_000, &[70, 64, 62, 60, 60]);
+        assert_eq!(onsets, [1_260_000]);
+        // Soft starts that do not keep rising are noise.
+        let mut b = VoiceActivity::new(&cfg);
+        feed(&mut b, &cfg, 0, &[70; 60]);
+        assert!(feed(&mut b, &cfg, 1_200_000, &[64, 62, 64, 61, 63, 62, 64, 70]).is_empty());
     }
 
     #[test]

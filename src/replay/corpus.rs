@@ -1,5 +1,7 @@
 //! A speech corpus on disk: `<id>.opus` (Ogg Opus, sourceId = file stem) and, optionally,
-//! `<id>.levels` (one RFC 6464 level per 20 ms frame, `#` comments).
+//! `<id>.levels` (one RFC 6464 level per 20 ms frame, `#` comments) and `<id>.turns` (the
+//! speaker's annotated turns, `start end` in seconds a line, `#` comments: the truth a replay is
+//! measured against when a careful annotation exists, instead of turns guessed from the levels).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -13,6 +15,15 @@ pub enum CorpusError {
     Io(PathBuf, std::io::Error),
     /// An `.opus` file is not readable Ogg Opus.
     Ogg(PathBuf, OggError),
+    /// A `.turns` line that is not `start end` in seconds, with start <= end.
+    Turn {
+        /// The turns file.
+        file: PathBuf,
+        /// The line's number, from 1.
+        line: usize,
+        /// What it holds.
+        text: String,
+    },
     /// A `.levels` line that is not a level 0-127.
     Level {
         /// The levels file.
@@ -34,6 +45,11 @@ impl fmt::Display for CorpusError {
             CorpusError::Level { file, line, text } => {
                 write!(f, "{}:{line}: not a level 0-127: {text:?}", file.display())
             }
+            CorpusError::Turn { file, line, text } => write!(
+                f,
+                "{}:{line}: not a turn \"start end\" in seconds: {text:?}",
+                file.display()
+            ),
             CorpusError::Empty(p) => write!(f, "{}: no <id>.opus files", p.display()),
         }
     }
@@ -50,6 +66,8 @@ pub struct Speaker {
     pub packets: Vec<Vec<u8>>,
     /// One level per packet, if the corpus has them.
     pub levels: Option<Vec<u8>>,
+    /// Annotated turns (start, end) in µs from the file's start, if the corpus has them.
+    pub turns: Option<Vec<(u64, u64)>>,
 }
 
 /// Loads every speaker of a directory, sorted by id.
@@ -78,10 +96,25 @@ pub fn load(dir: &Path) -> Result<Vec<Speaker>, CorpusError> {
             } else {
                 None
             };
+            let tpath = path.with_extension("turns");
+            let turns = if tpath.exists() {
+                let text = std::fs::read_to_string(&tpath)
+                    .map_err(|e| CorpusError::Io(tpath.clone(), e))?;
+                Some(
+                    parse_turns(&text).map_err(|(line, text)| CorpusError::Turn {
+                        file: tpath.clone(),
+                        line,
+                        text,
+                    })?,
+                )
+            } else {
+                None
+            };
             Ok(Speaker {
                 id,
                 packets: ogg.packets,
                 levels,
+                turns,
             })
         })
         .collect()
@@ -113,9 +146,46 @@ pub(crate) fn parse_levels(text: &str) -> Result<Vec<u8>, (usize, String)> {
     Ok(out)
 }
 
+/// Parses `start end` (seconds) a line into µs; `#` starts a comment. Sorted by start.
+/// Errors with (1-based line, text).
+pub(crate) fn parse_turns(text: &str) -> Result<Vec<(u64, u64)>, (usize, String)> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.split('#').next().unwrap_or("").trim();
+        if t.is_empty() {
+            continue;
+        }
+        let us = |x: &str| {
+            x.parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && *v >= 0.0 && *v < 1e6)
+                .map(|v| (v * 1e6).round() as u64)
+        };
+        let mut f = t.split_whitespace();
+        match (f.next().and_then(us), f.next().and_then(us), f.next()) {
+            (Some(a), Some(b), None) if a <= b => out.push((a, b)),
+            _ => return Err((i + 1, t.to_owned())),
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn turns_parse_in_seconds_and_reject_garbage() {
+        assert_eq!(
+            parse_turns("# head\n8.32 10.02\n 6.69 7.12 # hello\n"),
+            Ok(vec![(6_690_000, 7_120_000), (8_320_000, 10_020_000)])
+        );
+        assert_eq!(parse_turns("1 0.5\n"), Err((1, "1 0.5".into())));
+        assert_eq!(parse_turns("1\n"), Err((1, "1".into())));
+        assert_eq!(parse_turns("1 2 3\n"), Err((1, "1 2 3".into())));
+        assert_eq!(parse_turns("-1 2\n"), Err((1, "-1 2".into())));
+    }
 
     #[test]
     fn levels_parse_with_comments_and_reject_garbage() {

@@ -438,20 +438,27 @@ fn summarize(speakers: &[Speaker], opts: &ReplayOptions, run: &Run<'_>) -> Summa
     } = *run;
     let admitted =
         |id: &str| opts.pinned.as_deref() != Some(id) && !opts.exclude.iter().any(|e| e == id);
-    // Turns in send-time microseconds, per source.
+    // Turns in send-time microseconds, per source: annotated where the corpus has them,
+    // else from the levels.
     let turns: Vec<Vec<(u64, u64)>> = speakers
         .iter()
         .enumerate()
-        .map(|(si, sp)| {
-            let ts = sp.levels.as_deref().map(truth::turns).unwrap_or_default();
-            ts.iter()
-                .map(|t: &Turn| {
-                    (
-                        phase[si] + t.first_frame as u64 * FRAME_US,
-                        phase[si] + t.last_frame as u64 * FRAME_US,
-                    )
-                })
-                .collect()
+        .map(|(si, sp)| match &sp.turns {
+            Some(annotated) => truth::merge(annotated)
+                .into_iter()
+                .map(|(a, b)| (phase[si] + a, phase[si] + b))
+                .collect(),
+            None => {
+                let ts = sp.levels.as_deref().map(truth::turns).unwrap_or_default();
+                ts.iter()
+                    .map(|t: &Turn| {
+                        (
+                            phase[si] + t.first_frame as u64 * FRAME_US,
+                            phase[si] + t.last_frame as u64 * FRAME_US,
+                        )
+                    })
+                    .collect()
+            }
         })
         .collect();
     let in_turn = |si: usize, t_us: u64| turns[si].iter().any(|&(a, b)| a <= t_us && t_us <= b);

@@ -53,6 +53,21 @@ pub fn turns(levels: &[u8]) -> Vec<Turn> {
         .collect()
 }
 
+/// Annotated turns (µs, sorted by start) with the pauses inside a turn closed, as [`turns`]
+/// closes them: a pause up to [`MERGE_GAP_FRAMES`] continues the turn (a talker in a track keeps
+/// it over such a pause, so its end is no new onset).
+pub fn merge(annotated: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let gap_us = MERGE_GAP_FRAMES as u64 * 20_000;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(a, b) in annotated {
+        match out.last_mut() {
+            Some(last) if a <= last.1 + gap_us => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
 /// The speaker's most common level: its noise floor.
 pub(crate) fn mode(levels: &[u8]) -> Option<u8> {
     let mut counts = [0usize; 128];
@@ -78,6 +93,19 @@ pub(crate) fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn annotated_turns_merge_over_short_pauses_only() {
+        let t = [
+            (0, 1_000_000),
+            (1_500_000, 2_000_000),
+            (2_800_000, 3_000_000),
+        ];
+        // 500 ms pause: one turn; 800 ms: a new one.
+        assert_eq!(merge(&t), [(0, 2_000_000), (2_800_000, 3_000_000)]);
+        // Overlapping and nested segments.
+        assert_eq!(merge(&[(0, 5), (1, 3), (4, 9)]), [(0, 9)]);
+    }
 
     #[test]
     fn turns_merge_short_pauses_and_ignore_steady_noise_and_clicks() {

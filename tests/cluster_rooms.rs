@@ -98,6 +98,16 @@ fn director_publish(a: SocketAddr, bearer: &str, stream: &str) -> (u16, Value) {
     post_json(a, "/api/director/publish", Some(bearer), &body)
 }
 
+/// Runs a test's steps on a runtime of its own.
+fn block_on(steps: impl std::future::Future<Output = ()>) {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(steps)
+}
+
 fn ws_of(p: &Proc) -> String {
     format!("ws://{}/ws", p.http())
 }
@@ -146,9 +156,14 @@ async fn try_publish(a: SocketAddr, jwt: &str, source: &str) -> String {
 /// test item 5: demote a member, SIGKILL the owner; the next publish through the other
 /// origin's director claims the stream, the room is read back there, and the demoted member's
 /// old publish JWT is still refused while the host's still works.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_demotion_outlives_the_owner_and_the_new_owner_still_refuses_the_old_jwt() {
+#[test]
+fn a_demotion_outlives_the_owner_and_the_new_owner_still_refuses_the_old_jwt() {
+    // One at a time: each starts several processes.
     let _serial = common::serial();
+    block_on(a_demotion_outlives_the_owner_and_the_new_owner_still_refuses_the_old_jwt_steps());
+}
+
+async fn a_demotion_outlives_the_owner_and_the_new_owner_still_refuses_the_old_jwt_steps() {
     let redis = Redis::start();
     let o1 = origin(&redis.url(), "o1");
     let o2 = origin(&redis.url(), "o2");
@@ -239,9 +254,14 @@ async fn a_demotion_outlives_the_owner_and_the_new_owner_still_refuses_the_old_j
 
 /// The fence: an origin whose lease was taken over (the key overwritten) gets a clear error
 /// for a room command, and nothing changes, neither in Redis nor in its memory.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_origin_that_lost_the_lease_changes_nothing() {
+#[test]
+fn an_origin_that_lost_the_lease_changes_nothing() {
+    // One at a time: each starts several processes.
     let _serial = common::serial();
+    block_on(an_origin_that_lost_the_lease_changes_nothing_steps());
+}
+
+async fn an_origin_that_lost_the_lease_changes_nothing_steps() {
     let redis = Redis::start();
     let o1 = origin(&redis.url(), "o1");
     wait_registered(&o1, &["o1"], Duration::from_secs(10));
@@ -297,9 +317,14 @@ async fn an_origin_that_lost_the_lease_changes_nothing() {
 /// test item 7: a redis-server with AOF on holds a room; SIGKILLed and restarted on the same
 /// port and dir, it still has the room (an origin started afterwards reads it back), and the
 /// nodes register again by themselves.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_room_survives_a_redis_restart_with_aof_and_nodes_reregister() {
+#[test]
+fn a_room_survives_a_redis_restart_with_aof_and_nodes_reregister() {
+    // One at a time: each starts several processes.
     let _serial = common::serial();
+    block_on(a_room_survives_a_redis_restart_with_aof_and_nodes_reregister_steps());
+}
+
+async fn a_room_survives_a_redis_restart_with_aof_and_nodes_reregister_steps() {
     let dir = common::tempdir("redis-aof");
     let _ = std::fs::remove_dir_all(dir.join("appendonlydir"));
     let port = common::free_port();
@@ -318,11 +343,27 @@ async fn a_room_survives_a_redis_restart_with_aof_and_nodes_reregister() {
     let _s_ana = room_socket(a, "stage", &ana).await;
     let r = call(&mut h, &cmd(1, "demote", json!({"memberId": ana.id}))).await;
     assert_eq!(r["data"]["role"], "audience", "{r}");
-    drop(h);
     // appendfsync everysec: a write is on disk within about a second.
     std::thread::sleep(Duration::from_millis(1500));
     drop(redis); // SIGKILL
     let down = Instant::now();
+    // Redis gone mid-session: a command is refused, and undone.
+    let r = call(&mut h, &cmd(2, "promote", json!({"memberId": ana.id}))).await;
+    let refused_after = down.elapsed();
+    assert_eq!(r["type"], "error", "{r}");
+    let m = msg(&r);
+    assert!(m.starts_with("room \"stage\" was not changed: "), "{m}");
+    eprintln!(
+        "redis down: promote refused after {} ms: {m}",
+        refused_after.as_millis()
+    );
+    let r = call(&mut h, &cmd(3, "state", json!({}))).await;
+    assert_eq!(
+        r["data"]["members"].as_array().unwrap().len(),
+        1,
+        "still only the host: {r}"
+    );
+    drop(h);
     std::thread::sleep(Duration::from_millis(500));
     let redis = Redis::start_persistent(port, &dir, &aof);
     let back = down.elapsed();
@@ -351,9 +392,14 @@ async fn a_room_survives_a_redis_restart_with_aof_and_nodes_reregister() {
 }
 
 /// Viewers on two edges: the room's audience count is their total within about 2 s.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_audience_count_sums_the_viewers_of_every_edge() {
+#[test]
+fn the_audience_count_sums_the_viewers_of_every_edge() {
+    // One at a time: each starts several processes.
     let _serial = common::serial();
+    block_on(the_audience_count_sums_the_viewers_of_every_edge_steps());
+}
+
+async fn the_audience_count_sums_the_viewers_of_every_edge_steps() {
     let redis = Redis::start();
     let o1 = origin(&redis.url(), "o1");
     let e1 = edge(&redis, &o1, "e1");
@@ -365,13 +411,25 @@ async fn the_audience_count_sums_the_viewers_of_every_edge() {
     assert_eq!(r["data"]["audienceCount"], 0, "{r}");
 
     // Two viewers on e1, one on e2 (aiortc over WHEP).
-    let started = Instant::now();
     let mut viewers = Vec::new();
+    // When each viewer's WHEP offer was answered (it is an edge's viewer from then on).
+    let (answered_tx, answered) = std::sync::mpsc::channel::<Instant>();
     for e in [&e1, &e1, &e2] {
         let mut c = common::whep_command(e.http(), "stage", &["--seconds", "20", "--tracks", "1"]);
         c.env("CHORUS_VIEW_TOKEN", &host.token)
             .stderr(std::process::Stdio::null());
-        viewers.push(Reaped(c.spawn().expect("whep_view.py runs")));
+        let mut child = c.spawn().expect("whep_view.py runs");
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let tx = answered_tx.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in out.lines().map_while(Result::ok) {
+                if line.contains(r#""event": "answer""#) || line.contains(r#""event":"answer""#) {
+                    let _ = tx.send(Instant::now());
+                }
+            }
+        });
+        viewers.push(Reaped(child));
     }
     // The host on stage listens too: 3 viewers are 2 in the audience.
     let deadline = Instant::now() + Duration::from_secs(25);
@@ -386,12 +444,19 @@ async fn the_audience_count_sums_the_viewers_of_every_edge() {
             counts.push(v["data"]["count"].as_u64().unwrap());
         }
     }
-    let seen = started.elapsed();
+    let seen = Instant::now();
+    let last_answer = answered
+        .try_iter()
+        .max()
+        .expect("the viewers were answered");
+    let lag = seen.saturating_duration_since(last_answer);
     let r = call(&mut h, &cmd(2, "state", json!({}))).await;
     assert_eq!(r["data"]["audienceCount"], 2, "{r}");
     eprintln!(
-        "audience count 2 (3 viewers on two edges) {} ms after the viewers started; counts seen {counts:?}",
-        seen.as_millis()
+        "audience count 2 (3 viewers on two edges) {} ms after the last viewer's answer; counts seen {counts:?}",
+        lag.as_millis()
     );
+    // Edges write every second and the origin reads every second.
+    assert!(lag < Duration::from_millis(2500), "{lag:?}");
     drop(viewers);
 }

@@ -24,3 +24,19 @@ impl Edge {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Shared;
+
+    #[test]
+    fn viewercount_adds_the_other_edges_while_this_one_has_viewers() {
+        let s = Shared::default();
+        s.remote.lock().unwrap().insert("st".into(), 3);
+        assert_eq!(s.viewers_of("st"), 0, "nobody here to tell");
+        s.count_viewers("st", 2);
+        assert_eq!(s.viewers_of("st"), 5);
+        s.count_viewers("st", -2);
+        assert_eq!(s.viewers_of("st"), 0);
+    }
+}

@@ -458,5 +458,24 @@ async fn the_audience_count_sums_the_viewers_of_every_edge_steps() {
     );
     // Edges write every second and the origin reads every second.
     assert!(lag < Duration::from_millis(2500), "{lag:?}");
+
+    // A dead edge's viewers leave the count once its last write is 3 s old.
+    let killed = Instant::now();
+    drop(e2); // SIGKILL
+    let deadline = killed + Duration::from_secs(8);
+    while counts.last() != Some(&1) {
+        assert!(
+            Instant::now() < deadline,
+            "audience counts seen: {counts:?}"
+        );
+        let v = common::ws::next_json(&mut h).await;
+        if v["name"] == "room.audience_count" {
+            counts.push(v["data"]["count"].as_u64().unwrap());
+        }
+    }
+    eprintln!(
+        "edge e2 SIGKILLed: its viewer left the audience count after {} ms",
+        killed.elapsed().as_millis()
+    );
     drop(viewers);
 }

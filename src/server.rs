@@ -478,6 +478,12 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
         }
     };
     let node = start_cluster(opts, http, cluster, fingerprint.clone(), &origin, &edge)?;
+    if let Some(r) = &rooms {
+        r.attach_cluster(node.clone());
+    }
+    if let (Some(e), true) = (&edge, node.shared) {
+        cluster::viewer_counts::spawn_edge_counts(node.clone(), e.clone());
+    }
     let node_id = node.id.clone();
     let base = public.base_path.clone();
     let app = Arc::new(

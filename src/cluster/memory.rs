@@ -6,7 +6,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::{
-    mono_ms, Claim, NodeEntry, NodeRecord, Pending, Refresh, Registry, LEASE_TTL, NODE_TTL,
+    mono_ms, Claim, Fence, NodeEntry, NodeRecord, Pending, Refresh, Registry, LEASE_TTL, NODE_TTL,
+    VIEWERS_TTL,
 };
 
 /// The registry's state, sans-IO: every call takes the time (ms of the caller's clock).
@@ -16,6 +17,10 @@ pub(crate) struct Tables {
     nodes: HashMap<String, (NodeRecord, u64)>,
     /// stream → (holder, expires at).
     leases: HashMap<String, (String, u64)>,
+    /// room → member → record (their expiry is the room service's business).
+    rooms: HashMap<String, HashMap<String, String>>,
+    /// stream → node → (viewers, written at).
+    viewers: HashMap<String, HashMap<String, (u64, u64)>>,
 }
 
 impl Tables {
@@ -106,6 +111,61 @@ impl Tables {
     }
 }
 
+impl Tables {
+    /// The room write, fenced: only the live lease's holder writes.
+    pub(crate) fn room_write(
+        &mut self,
+        room: &str,
+        holder: &str,
+        records: &[(String, String)],
+        now: u64,
+    ) -> Fence {
+        match self.live_holder(room, now) {
+            Some(h) if h == holder => {}
+            other => return Fence::NotHolder(other.map(str::to_owned)),
+        }
+        let r = self.rooms.entry(room.to_owned()).or_default();
+        for (member, json) in records {
+            r.insert(member.clone(), json.clone());
+        }
+        Fence::Written
+    }
+
+    pub(crate) fn room_read(&self, room: &str) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self
+            .rooms
+            .get(room)
+            .map(|r| r.iter().map(|(m, j)| (m.clone(), j.clone())).collect())
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    /// Sets `node`'s count; the others' fresh counts together (stale ones are dropped).
+    pub(crate) fn put_viewers(&mut self, stream: &str, node: &str, count: u64, now: u64) -> u64 {
+        let s = self.viewers.entry(stream.to_owned()).or_default();
+        if count == 0 {
+            s.remove(node);
+        } else {
+            s.insert(node.to_owned(), (count, now));
+        }
+        let others = self.viewers(stream, now) - count;
+        if self.viewers.get(stream).is_some_and(HashMap::is_empty) {
+            self.viewers.remove(stream);
+        }
+        others
+    }
+
+    pub(crate) fn viewers(&mut self, stream: &str, now: u64) -> u64 {
+        let ttl = VIEWERS_TTL.as_millis() as u64;
+        let Some(s) = self.viewers.get_mut(stream) else {
+            return 0;
+        };
+        s.retain(|_, (_, at)| now.saturating_sub(*at) < ttl);
+        s.values().map(|(n, _)| n).sum()
+    }
+}
+
 fn lease_ms() -> u64 {
     LEASE_TTL.as_millis() as u64
 }
@@ -164,6 +224,28 @@ impl Registry for MemoryRegistry {
     fn owners(&self) -> Pending<'_, Vec<(String, String)>> {
         self.with(|t, now| t.owners(now))
     }
+
+    fn room_write<'a>(
+        &'a self,
+        room: &'a str,
+        holder: &'a str,
+        records: &'a [(String, String)],
+        _expires_at: u64,
+    ) -> Pending<'a, Fence> {
+        self.with(|t, now| t.room_write(room, holder, records, now))
+    }
+
+    fn room_read<'a>(&'a self, room: &'a str) -> Pending<'a, Vec<(String, String)>> {
+        self.with(|t, _| t.room_read(room))
+    }
+
+    fn put_viewers<'a>(&'a self, stream: &'a str, node: &'a str, count: u64) -> Pending<'a, u64> {
+        self.with(|t, now| t.put_viewers(stream, node, count, now))
+    }
+
+    fn viewers<'a>(&'a self, stream: &'a str) -> Pending<'a, u64> {
+        self.with(|t, now| t.viewers(stream, now))
+    }
 }
 
 #[cfg(test)]
@@ -206,6 +288,33 @@ mod tests {
         assert_eq!(t.owners(TTL + 1), vec![("s".into(), "b/1".into())]);
         // Lapsed and free: the old holder's refresh retakes it.
         assert_eq!(t.refresh("x", "a/1", 0), Refresh::Reclaimed);
+    }
+
+    #[test]
+    fn room_writes_are_fenced_by_the_lease_and_viewer_counts_lapse() {
+        let mut t = Tables::default();
+        let rec = [("m1".to_owned(), "{}".to_owned())];
+        assert_eq!(
+            t.room_write("r", "a/1", &rec, 0),
+            Fence::NotHolder(None),
+            "nobody's lease"
+        );
+        t.claim("r", "b/1", 0);
+        assert_eq!(
+            t.room_write("r", "a/1", &rec, 1),
+            Fence::NotHolder(Some("b/1".into()))
+        );
+        assert!(t.room_read("r").is_empty(), "nothing written");
+        assert_eq!(t.room_write("r", "b/1", &rec, 2), Fence::Written);
+        assert_eq!(t.room_read("r"), rec.to_vec());
+
+        assert_eq!(t.put_viewers("s", "e1", 3, 0), 0);
+        assert_eq!(t.put_viewers("s", "e2", 4, 500), 3);
+        assert_eq!(t.viewers("s", 600), 7);
+        let ttl = VIEWERS_TTL.as_millis() as u64;
+        assert_eq!(t.put_viewers("s", "e2", 4, ttl), 0, "e1 went quiet");
+        assert_eq!(t.put_viewers("s", "e2", 0, ttl + 1), 0);
+        assert_eq!(t.viewers("s", ttl + 1), 0);
     }
 
     #[test]

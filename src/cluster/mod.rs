@@ -10,7 +10,9 @@ pub(crate) mod node;
 pub(crate) mod outage;
 pub(crate) mod placement;
 pub(crate) mod redis;
+mod redis_rooms;
 pub(crate) mod this_node;
+pub(crate) mod viewer_counts;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -60,6 +62,24 @@ pub(crate) const MAX_LISTED: usize = 10_000;
 
 /// The capacity of an edge without `--capacity`: no limit (the director never counts it full).
 pub(crate) const UNLIMITED_CAPACITY: u32 = u32::MAX;
+
+/// How long an edge's viewer count of a stream (`chorus:viewers:{stream}`) counts without a
+/// refresh: three of the edges' one-second refreshes, so a dead edge's viewers leave the
+/// stream-wide count within 3 s while one late refresh does not drop a live edge's.
+pub(crate) const VIEWERS_TTL: Duration = Duration::from_secs(3);
+
+/// How often an edge writes its per-stream viewer counts and an origin reads its rooms'
+/// stream-wide counts: `viewercount` and `room.audience_count` change at most this often.
+pub(crate) const VIEWERS_EVERY: Duration = Duration::from_secs(1);
+
+/// The answer to a room write fenced by the stream's lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Fence {
+    /// The writer holds the lease: written.
+    Written,
+    /// The lease is another's (its holder) or nobody's (None): nothing written.
+    NotHolder(Option<String>),
+}
 
 /// Why the registry could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +134,22 @@ pub(crate) trait Registry: Send + Sync {
     fn owner<'a>(&'a self, stream: &'a str) -> Pending<'a, Option<String>>;
     /// Every held lease: (stream, holder).
     fn owners(&self) -> Pending<'_, Vec<(String, String)>>;
+    /// Writes room records (member id → JSON) into `chorus:room:{room}` only while `holder`
+    /// holds the stream's lease; the room lives at least until `expires_at` (Unix seconds).
+    fn room_write<'a>(
+        &'a self,
+        room: &'a str,
+        holder: &'a str,
+        records: &'a [(String, String)],
+        expires_at: u64,
+    ) -> Pending<'a, Fence>;
+    /// A room's records (member id → JSON).
+    fn room_read<'a>(&'a self, room: &'a str) -> Pending<'a, Vec<(String, String)>>;
+    /// Sets `node`'s viewer count of `stream` (0 takes it out); returns the other nodes'
+    /// fresh counts together.
+    fn put_viewers<'a>(&'a self, stream: &'a str, node: &'a str, count: u64) -> Pending<'a, u64>;
+    /// The stream's viewers on every node (fresh counts only).
+    fn viewers<'a>(&'a self, stream: &'a str) -> Pending<'a, u64>;
 }
 
 /// Milliseconds of a clock private to this process, for the sans-IO parts.

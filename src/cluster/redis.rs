@@ -9,8 +9,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
 use super::{
-    Claim, NodeEntry, NodeRecord, Pending, Refresh, Registry, RegistryError, LEASE_TTL, MAX_LISTED,
-    NODE_TTL,
+    redis_rooms, Claim, Fence, NodeEntry, NodeRecord, Pending, Refresh, Registry, RegistryError,
+    LEASE_TTL, MAX_LISTED, NODE_TTL,
 };
 
 /// How long one Redis command may take before it counts as failed: a registry that does not
@@ -291,6 +291,34 @@ impl Registry for RedisRegistry {
             Ok(out)
         })
     }
+
+    fn room_write<'a>(
+        &'a self,
+        room: &'a str,
+        holder: &'a str,
+        records: &'a [(String, String)],
+        expires_at: u64,
+    ) -> Pending<'a, Fence> {
+        Box::pin(redis_rooms::room_write(
+            self.conn(),
+            room,
+            holder,
+            records,
+            expires_at,
+        ))
+    }
+
+    fn room_read<'a>(&'a self, room: &'a str) -> Pending<'a, Vec<(String, String)>> {
+        Box::pin(redis_rooms::room_read(self.conn(), room))
+    }
+
+    fn put_viewers<'a>(&'a self, stream: &'a str, node: &'a str, count: u64) -> Pending<'a, u64> {
+        Box::pin(redis_rooms::put_viewers(self.conn(), stream, node, count))
+    }
+
+    fn viewers<'a>(&'a self, stream: &'a str) -> Pending<'a, u64> {
+        Box::pin(redis_rooms::viewers(self.conn(), stream))
+    }
 }
 
 #[cfg(test)]
@@ -406,6 +434,37 @@ mod tests {
         assert_eq!(nodes.len(), 1);
         assert_eq!(nodes[0].record, record("e1"));
         assert!(nodes[0].age < Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn room_writes_are_fenced_and_viewer_counts_sum_in_a_real_redis() {
+        let server = Server::start(free_port());
+        let r = RedisRegistry::open(&server.url()).unwrap();
+        let rec = [("m1".to_owned(), r#"{"role":"member"}"#.to_owned())];
+        assert_eq!(
+            r.room_write("s", "a/1", &rec, 4_000_000_000).await.unwrap(),
+            Fence::NotHolder(None)
+        );
+        assert_eq!(r.claim("s", "b/1").await.unwrap(), Claim::Won);
+        assert_eq!(
+            r.room_write("s", "a/1", &rec, 4_000_000_000).await.unwrap(),
+            Fence::NotHolder(Some("b/1".into()))
+        );
+        assert!(
+            r.room_read("s").await.unwrap().is_empty(),
+            "nothing written"
+        );
+        assert_eq!(
+            r.room_write("s", "b/1", &rec, 4_000_000_000).await.unwrap(),
+            Fence::Written
+        );
+        assert_eq!(r.room_read("s").await.unwrap(), rec.to_vec());
+
+        assert_eq!(r.put_viewers("s", "e1", 3).await.unwrap(), 0);
+        assert_eq!(r.put_viewers("s", "e2", 4).await.unwrap(), 3);
+        assert_eq!(r.viewers("s").await.unwrap(), 7);
+        assert_eq!(r.put_viewers("s", "e1", 0).await.unwrap(), 4);
+        assert_eq!(r.viewers("s").await.unwrap(), 4);
     }
 
     #[tokio::test]

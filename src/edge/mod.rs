@@ -8,6 +8,7 @@ pub mod core;
 pub(crate) mod events;
 #[cfg(feature = "tools")]
 pub mod loopback;
+mod stream_counts;
 pub(crate) mod talking;
 pub mod viewer;
 pub(crate) mod worker;
@@ -170,6 +171,9 @@ pub struct Shared {
     pub sources: Mutex<HashMap<String, (u32, Vec<SourceInfo>)>>,
     /// Per stream, its viewers at this edge (every media thread's together).
     pub viewers: Mutex<HashMap<String, usize>>,
+    /// Per stream, its viewers at the other edges (with a shared registry; see
+    /// `stream_counts`), which `viewercount` adds.
+    pub remote: Mutex<HashMap<String, usize>>,
 }
 
 impl Shared {
@@ -187,12 +191,17 @@ impl Shared {
         now
     }
 
+    /// The stream's viewers here and, with a shared registry, at the other edges.
     pub(crate) fn viewers_of(&self, stream: &str) -> usize {
-        self.viewers
-            .lock()
-            .ok()
-            .and_then(|m| m.get(stream).copied())
-            .unwrap_or(0)
+        let count = |m: &Mutex<HashMap<String, usize>>| {
+            m.lock()
+                .ok()
+                .and_then(|m| m.get(stream).copied())
+                .unwrap_or(0)
+        };
+        let here = count(&self.viewers);
+        // Others are counted only while this edge has viewers of its own to tell.
+        here + if here > 0 { count(&self.remote) } else { 0 }
     }
 }
 

@@ -91,6 +91,10 @@ pub(crate) async fn publish(
         );
     };
     let token = bearer(&headers);
+    // With a shared registry the room's decisions (demotions, removals) are read back first.
+    if let Some(r) = &app.rooms {
+        r.ensure_loaded(&stream).await;
+    }
     let room = match flow::authorize(&app, tokens, token, &stream, Scope::Publish) {
         Ok(room) => room,
         Err(refusal) => return refusal.into_response(),
@@ -141,6 +145,9 @@ pub(crate) async fn subscribe(
         (None, None) => unreachable!("a process runs an origin, an edge or both"),
     };
     let token = bearer(&headers);
+    if let Some(r) = &app.rooms {
+        r.ensure_loaded(&stream).await;
+    }
     let jwt = match (&app.origin, &app.edge) {
         (Some(_), _) => authorize_subscribe(&app, token, &stream),
         // An edge signs nothing: the origin's policy decides and signs.

@@ -263,6 +263,10 @@ pub(crate) async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // With a shared registry, a room this origin does not own (or just took) is read back first.
+    if let Some(r) = &app.rooms {
+        r.ensure_loaded(&room).await;
+    }
     let checked = (|| {
         let rooms = rooms(&app)?.clone();
         let token = q.token.as_deref().ok_or_else(|| {
@@ -388,7 +392,7 @@ async fn session(
             )
         } else {
             match parse_command(text.as_str()) {
-                Ok(Some(cmd)) => match rooms.command(conn, &cmd.name, &cmd.data) {
+                Ok(Some(cmd)) => match rooms.command(conn, &cmd.name, &cmd.data).await {
                     Ok(data) => {
                         send(response_message(cmd.trans_id, data));
                         0

@@ -65,6 +65,9 @@ pub(crate) async fn upgrade(
     // A room member's publish JWT stops working once the member is demoted or removed; a room
     // participant's viewer JWT once it is removed.
     if let Some(b) = &claims.room {
+        if let Some(r) = &app.rooms {
+            r.ensure_loaded(&b.room).await;
+        }
         let checked = match claims.scope {
             Scope::Publish => super::rooms::check_binding(&app, b),
             Scope::Subscribe => app.room_views.check(&b.room, &b.member_id),

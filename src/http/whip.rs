@@ -35,6 +35,9 @@ pub(crate) async fn publish(
     if app.origin.is_none() {
         return FlowError::NotAnOrigin.into_response();
     }
+    if let Some(r) = &app.rooms {
+        r.ensure_loaded(&stream).await;
+    }
     let (offer, room) = match sdp_request(&app, &headers, &stream, Scope::Publish, &body) {
         Ok(o) => o,
         Err(refusal) => return refusal.into_response(),

@@ -9,11 +9,12 @@
 // flag them; the default build still checks them.
 #[cfg_attr(not(feature = "tools"), allow(unreachable_pub))]
 pub(crate) mod state;
+mod store;
 pub(crate) mod token;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
@@ -23,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::auth::jwt::{JwtSigner, RoomBinding, Scope};
 use crate::auth::{constant_time_eq, random_secret, unix_now, AuthError};
+use crate::cluster::Cluster;
 use crate::origin::talking::Talking;
 use crate::origin::Origin;
 use state::{Effect, Gauges, Grant, Permission, PublishRight, Role, RoomError, Rooms};
@@ -85,6 +87,12 @@ pub(crate) struct RoomService {
     origin: Arc<Origin>,
     next_conn: AtomicU64,
     pub metrics: RoomMetrics,
+    /// With a shared registry (`--redis`): where rooms are written through and read back.
+    cluster: OnceLock<Arc<Cluster>>,
+    /// One room write at a time: a command's write and the write-behind do not interleave.
+    gate: tokio::sync::Mutex<()>,
+    /// Rooms read back from the registry since this origin last held their stream's lease.
+    loaded: Mutex<HashSet<String>>,
 }
 
 impl RoomService {
@@ -105,6 +113,9 @@ impl RoomService {
             origin,
             next_conn: AtomicU64::new(1),
             metrics: RoomMetrics::default(),
+            cluster: OnceLock::new(),
+            gate: tokio::sync::Mutex::new(()),
+            loaded: Mutex::default(),
         })
     }
 
@@ -230,14 +241,47 @@ impl RoomService {
         self.apply(inner, fx);
     }
 
-    /// One command of a room socket: its response data, or why it was refused.
-    pub(crate) fn command(&self, conn: u64, name: &str, data: &Value) -> Result<Value, RoomError> {
-        let mut inner = self.lock();
-        let (room, member) = match inner.conns.get(&conn) {
-            Some(c) => (c.room.clone(), c.member.clone()),
-            None => return Err(RoomError::Left),
-        };
-        let (resp, fx) = inner.rooms.command(&room, &member, conn, name, data)?;
+    /// One command of a room socket: its response data, or why it was refused. With a shared
+    /// registry a change is written through (fenced by the stream's lease) before it is
+    /// acknowledged or told to anyone; a refused write leaves the room as it was.
+    pub(crate) async fn command(
+        &self,
+        conn: u64,
+        name: &str,
+        data: &Value,
+    ) -> Result<Value, RoomError> {
+        match self.cluster.get() {
+            Some(cluster) if name != "state" => {
+                self.command_through(cluster, conn, name, data).await
+            }
+            _ => {
+                let mut inner = self.lock();
+                let (room, member) = Self::who(&inner, conn)?;
+                let (resp, fx) = inner.rooms.command(&room, &member, conn, name, data)?;
+                self.after_command(inner, &room, &member, name, data, fx);
+                Ok(resp)
+            }
+        }
+    }
+
+    fn who(inner: &Inner, conn: u64) -> Result<(String, String), RoomError> {
+        match inner.conns.get(&conn) {
+            Some(c) => Ok((c.room.clone(), c.member.clone())),
+            None => Err(RoomError::Left),
+        }
+    }
+
+    /// A command's outcome carried out: counters, removals told to the edges, effects.
+    fn after_command(
+        &self,
+        inner: MutexGuard<'_, Inner>,
+        room: &str,
+        member: &str,
+        name: &str,
+        data: &Value,
+        fx: Vec<Effect>,
+    ) {
+        let room = room.to_owned();
         let change = match name {
             "promote" => Some((&self.metrics.promotions, "member promoted")),
             "demote" => Some((&self.metrics.demotions, "member demoted")),
@@ -254,15 +298,9 @@ impl RoomService {
                     .revocations
                     .send((room.clone(), target.to_owned()));
             }
-            info!(
-                room = room.as_str(),
-                by = member.as_str(),
-                member = target,
-                "{what}"
-            );
+            info!(room = room.as_str(), by = member, member = target, "{what}");
         }
         self.apply(inner, fx);
-        Ok(resp)
     }
 
     fn talking(&self, t: &Talking) {

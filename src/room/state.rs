@@ -8,9 +8,13 @@
 //! demotion or a removal outlives a reconnect. The audience is counted, not listed: members
 //! (those on stage) and raised hands are what everyone sees.
 
-use std::collections::{BTreeMap, HashMap};
+mod stored;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde_json::{json, Value};
+
+pub(crate) use stored::Stored;
 
 /// What a participant's token lets it do beyond its role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -156,6 +160,9 @@ pub enum RoomError {
     /// (room, member)
     #[error("member {1:?} was removed from room {0:?}: its viewer tokens no longer work")]
     ViewRevoked(String, String),
+    /// The cluster did not take the command's write (room, why): nothing changed.
+    #[error("room {room:?} was not changed: {why}")]
+    NotStored { room: String, why: String },
 }
 
 /// Where a participant is.
@@ -270,6 +277,10 @@ impl Participant {
 #[derive(Default)]
 struct Room {
     people: BTreeMap<String, Participant>,
+    /// Members whose stored record (see [`Stored`]) changed since it was last written out.
+    dirty: BTreeSet<String>,
+    /// The stream's viewers on every edge together (with a shared registry; else 0).
+    edge_viewers: usize,
 }
 
 impl Room {
@@ -282,11 +293,18 @@ impl Room {
             .collect()
     }
 
+    /// The audience's room sockets here, or, when more, the stream's viewers on every edge
+    /// minus the members on stage (who listen too): an audience that views without a room
+    /// socket, or whose socket is at another origin, still counts.
     fn audience_count(&self) -> usize {
-        self.people
-            .values()
-            .filter(|p| p.conn.is_some() && p.role == Role::Audience)
-            .count()
+        let (mut audience, mut members) = (0, 0);
+        for p in self.people.values().filter(|p| p.conn.is_some()) {
+            match p.role {
+                Role::Audience => audience += 1,
+                Role::Member => members += 1,
+            }
+        }
+        audience.max(self.edge_viewers.saturating_sub(members))
     }
 
     fn snapshot(&self, name: &str, me: &str) -> Value {
@@ -398,6 +416,8 @@ pub const COMMANDS: [&str; 8] = [
 #[derive(Default)]
 pub struct Rooms {
     rooms: HashMap<String, Room>,
+    /// Keep track of changed records, to be written out (with a shared registry only).
+    track: bool,
 }
 
 impl Rooms {
@@ -407,7 +427,11 @@ impl Rooms {
         if g.expires <= now {
             return Err(RoomError::TokenExpired);
         }
+        let track = self.track;
         let room = self.rooms.entry(g.room.clone()).or_default();
+        if track && !room.people.contains_key(&g.member) {
+            room.dirty.insert(g.member.clone());
+        }
         let p = room
             .people
             .entry(g.member.clone())
@@ -480,6 +504,9 @@ impl Rooms {
         p.conn = None;
         let hand = std::mem::take(&mut p.hand);
         let role = p.role;
+        if hand && self.track {
+            room.dirty.insert(member.to_owned());
+        }
         let mut fx = Vec::new();
         let to = room.conns(None);
         if hand {
@@ -498,8 +525,27 @@ impl Rooms {
         fx
     }
 
-    /// One command of `member`'s room socket `conn`: the response data and the effects.
+    /// One command of `member`'s room socket `conn`: the response data and the effects. The
+    /// records it changed (the member's own, its target's) are marked to be written out.
     pub fn command(
+        &mut self,
+        room_name: &str,
+        member: &str,
+        conn: u64,
+        name: &str,
+        data: &Value,
+    ) -> Result<(Value, Vec<Effect>), RoomError> {
+        if !self.track {
+            return self.run_command(room_name, member, conn, name, data);
+        }
+        let touched = [Some(member), data.get("memberId").and_then(Value::as_str)];
+        let before = self.save(room_name, touched.iter().flatten().copied());
+        let out = self.run_command(room_name, member, conn, name, data)?;
+        self.mark_changed(room_name, &before);
+        Ok(out)
+    }
+
+    fn run_command(
         &mut self,
         room_name: &str,
         member: &str,

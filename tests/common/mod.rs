@@ -427,6 +427,11 @@ impl Redis {
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server runs (scripts/setup-test-deps.sh installs it)");
+        Redis::listening(child, port)
+    }
+
+    /// Waits until the server `child` listens on `port`.
+    fn listening(child: Child, port: u16) -> Redis {
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -447,5 +452,32 @@ impl Drop for Redis {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Redis {
+    /// On `port` with the data in `dir` and persistence as `args` say (e.g. AOF on): a
+    /// restart with the same port and dir finds what was written.
+    pub fn start_persistent(port: u16, dir: &Path, args: &[&str]) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .arg("--dir")
+            .arg(dir)
+            .args(args)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (scripts/setup-test-deps.sh installs it)");
+        Redis::listening(child, port)
+    }
+
+    /// `redis-cli` on this server: its output, trimmed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 }

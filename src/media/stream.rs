@@ -238,10 +238,17 @@ impl Held {
             return (0, 0);
         };
         let leads = match next {
+            // Right after the newest held, or a few packets on (a loss), or a few before it
+            // (arriving late, out of order): the timestamps must agree with the distance.
             Some(p) => {
+                let d = p.seq.wrapping_sub(newest.seq) as i16;
+                let expected = newest
+                    .ts
+                    .wrapping_add(newest.samples.wrapping_mul(d as i32 as u32));
                 p.ssrc == newest.ssrc
-                    && p.seq == newest.seq.wrapping_add(1)
-                    && p.ts == newest.ts.wrapping_add(newest.samples)
+                    && d != 0
+                    && d.unsigned_abs() <= PREROLL_MAX_LOST + 1
+                    && p.ts == expected
             }
             None => now_us.saturating_sub(newest.at_us) <= PREROLL_FRESH_US,
         };
@@ -967,6 +974,26 @@ mod tests {
         // Three in a row end the run.
         assert_eq!(run(&[54, 55, 56]), [57, 58, 59, 60]);
         assert_eq!(run(&[56, 57, 58]), [59, 60]);
+    }
+
+    #[test]
+    fn an_onset_packet_that_overtook_its_predecessor_still_gets_its_pre_roll() {
+        let mut core = StreamCore::new(CoreConfig::default());
+        let a = core.publish("a", levelled());
+        core.join(GroupKey::new(1, None, []));
+        let mut pkts = noise_then_speech(4);
+        // 62 arrives before 61: the onset comes with 62, two after the newest held (60).
+        pkts.swap(61, 62);
+        let sent = feed_at(&mut core, a, 0, &pkts);
+        let order: Vec<(char, u16)> = sent.iter().map(|x| (x.0, x.1)).take(9).collect();
+        let mut want: Vec<(char, u16)> = (55..61).map(|s| ('r', s)).collect();
+        want.extend([('p', 62), ('p', 61), ('p', 63)]);
+        assert_eq!(order, want);
+        // The late one takes its own place in the numbering.
+        let base = sent[0].2.seq;
+        for x in &sent {
+            assert_eq!(x.2.seq.wrapping_sub(base), x.1 - 55, "{sent:?}");
+        }
     }
 
     #[test]

@@ -180,9 +180,10 @@ struct OriginArgs {
 struct EdgeArgs {
     #[command(flatten)]
     common: CommonServer,
-    /// The origin's QUIC address (its --cluster).
+    /// The origin's QUIC address (its --cluster). Not needed with --redis: the edge then links
+    /// to each stream's owner, found in the registry.
     #[arg(long)]
-    origin: SocketAddr,
+    origin: Option<SocketAddr>,
     /// Hex SHA-256 of the origin certificate (printed by the origin at start).
     #[arg(long)]
     origin_fingerprint: Option<String>,
@@ -422,7 +423,7 @@ fn main() -> ExitCode {
                 OriginSideArgs::default(),
                 NodeKind::Edge,
                 "127.0.0.1:0".parse().expect("valid"),
-                Some(a.origin),
+                a.origin,
                 a.origin_fingerprint,
                 Placement {
                     join: a.join,

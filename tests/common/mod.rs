@@ -449,3 +449,12 @@ impl Drop for Redis {
         let _ = self.child.wait();
     }
 }
+
+/// Sends `sig` ("KILL", "TERM") to a chorus process; its `Proc` still reaps it when dropped.
+pub fn signal(p: &Proc, sig: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &p.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{sig} {}", p.child.id());
+}

@@ -109,6 +109,8 @@ pub struct Running {
     pub dev_api_key: Option<String>,
     /// This node's id in the cluster.
     pub node_id: String,
+    /// Drains the node (SIGTERM).
+    pub drainer: crate::drain::Drainer,
 }
 
 /// Why a server did not start.
@@ -585,5 +587,6 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
         fingerprint,
         dev_api_key,
         node_id,
+        drainer: crate::drain::Drainer { app },
     })
 }

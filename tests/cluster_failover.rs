@@ -1,7 +1,8 @@
 //! The cluster surviving its parts, with real processes and a real redis-server on a free port:
 //! edges with no `--origin` follow each stream's owner through the registry; viewers on both
 //! edges hear an aiortc publisher, and hear it again on their existing sessions after the owner
-//! is SIGKILLed and the publisher comes back through the other origin's director.
+//! is SIGKILLed and the publisher comes back through the other origin's director; an edge
+//! drains on SIGTERM.
 
 mod common;
 
@@ -212,4 +213,141 @@ fn viewers_on_both_edges_hear_the_owner_and_hear_it_again_after_it_is_killed() {
         assert_eq!(main["ssrcs"].as_array().unwrap().len(), 1, "{main}");
         assert_eq!(main["seq_gaps"], 0, "numbering continuous: {main}");
     }
+}
+
+/// A real recvonly offer (1 main + 1 multiplexed audio m-line) made by str0m.
+fn view_offer() -> String {
+    use str0m::media::{Direction, MediaKind};
+    let mut rtc = str0m::Rtc::builder().build(Instant::now());
+    let mut api = rtc.sdp_api();
+    for _ in 0..2 {
+        api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+    }
+    let (offer, _pending) = api.apply().expect("an offer");
+    offer.to_sdp_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_edge_is_marked_at_once_tells_its_viewer_to_move_and_exits() {
+    let _serial = common::serial();
+    let redis = Redis::start();
+    let o1 = origin(&redis, "o1");
+    let mut e1 = edge(&redis, "e1", &["--drain-timeout", "20"]);
+    wait_registered(&o1, &["o1", "e1"]);
+    // A viewer placed by the director, on the edge's signalling socket.
+    let body = r#"{"streamName":"panel","streamAccountId":"chorus"}"#;
+    let (status, v) = post_json(o1.http(), "/api/director/subscribe", None, body);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["data"]["urls"][0], format!("ws://{}/ws", e1.http()));
+    let jwt = v["data"]["jwt"].as_str().unwrap().to_owned();
+    // The edge takes the origins' JWT key from its first link, made at start.
+    let mut ws = None;
+    for _ in 0..50 {
+        if let Ok(w) = common::ws::connect(e1.http(), &jwt).await {
+            ws = Some(w);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut ws = ws.expect("the edge's socket takes the director's JWT");
+    let view = serde_json::json!({"type":"cmd","transId":1,"name":"view",
+        "data":{"streamId":"panel","sdp":view_offer()}});
+    let r = common::ws::call(&mut ws, &view.to_string()).await;
+    assert_eq!(r["type"], "response", "{r}");
+
+    common::signal(&e1, "TERM");
+    let termed = Instant::now();
+    common::wait_for(
+        "the edge listed as draining",
+        Duration::from_secs(2),
+        || (node_state(&o1, "e1").as_deref() == Some("draining")).then_some(()),
+    );
+    let marked = termed.elapsed();
+    // Directors send it nobody new: its only edge draining, a subscribe is refused.
+    let (status, v) = post_json(o1.http(), "/api/director/subscribe", None, body);
+    assert_eq!(status, 503, "{v}");
+    let moved = common::ws::event(&mut ws, "migrate").await;
+    assert_eq!(moved["reason"], "draining", "{moved}");
+    let told = termed.elapsed();
+    // The viewer moves (the SDK reconnects through the director): its session ends here.
+    drop(ws);
+    let left = Instant::now();
+    let status = common::wait_for("the drained edge exits", Duration::from_secs(10), || {
+        std::thread::sleep(Duration::from_millis(50));
+        e1.child.try_wait().unwrap()
+    });
+    eprintln!(
+        "draining listed after {} ms, migrate after {} ms; exit {} ms after the viewer left ({status})",
+        marked.as_millis(),
+        told.as_millis(),
+        left.elapsed().as_millis()
+    );
+    assert!(status.success(), "{status}");
+    assert!(left.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_draining_origin_gives_its_leases_up_at_once_and_exits_at_its_bound() {
+    let _serial = common::serial();
+    let redis = Redis::start();
+    let mut o1 = common::origin_with(
+        PUBLISH,
+        CLUSTER,
+        &[
+            "--redis",
+            &redis.url(),
+            "--node-id",
+            "o1",
+            "--api-key",
+            API_KEY,
+            "--drain-timeout",
+            "3",
+        ],
+        &[("CHORUS_JWT_SECRET", JWT_SECRET)],
+    );
+    wait_registered(&o1, &["o1"]);
+    assert_eq!(
+        director_publish(&o1, "panel").unwrap(),
+        format!("ws://{}/ws", o1.http())
+    );
+    // A WHIP publisher (no signalling socket: it cannot be told, so it stays to the bound).
+    let _pub = publish(&o1, "panel", 30);
+    common::wait_for("the publication is live", Duration::from_secs(15), || {
+        std::thread::sleep(Duration::from_millis(100));
+        let v = cluster_view(&o1)?;
+        let n = v["nodes"].as_array()?.iter().find(|n| n["id"] == "o1")?["load"]["publications"]
+            .as_u64()?;
+        (n > 0).then_some(())
+    });
+    let o2 = origin(&redis, "o2");
+    wait_registered(&o2, &["o1", "o2"]);
+    common::signal(&o1, "TERM");
+    let termed = Instant::now();
+    // Draining at once, and its lease given up: the next publish goes to o2.
+    common::wait_for("o2 takes the stream", Duration::from_secs(3), || {
+        std::thread::sleep(Duration::from_millis(50));
+        (node_state(&o2, "o1").as_deref() == Some("draining")
+            && director_publish(&o2, "panel").ok()? == format!("ws://{}/ws", o2.http()))
+        .then_some(())
+    });
+    let moved = termed.elapsed();
+    let status = common::wait_for(
+        "the origin exits at its bound",
+        Duration::from_secs(8),
+        || {
+            std::thread::sleep(Duration::from_millis(50));
+            o1.child.try_wait().unwrap()
+        },
+    );
+    let exited = termed.elapsed();
+    eprintln!(
+        "origin draining with its lease released after {} ms; exited after {} ms ({status})",
+        moved.as_millis(),
+        exited.as_millis()
+    );
+    assert!(status.success(), "{status}");
+    assert!(
+        exited >= Duration::from_secs(3) && exited < Duration::from_secs(5),
+        "{exited:?}"
+    );
 }

@@ -227,8 +227,8 @@ fn view_offer() -> String {
     offer.to_sdp_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_draining_edge_is_marked_at_once_tells_its_viewer_to_move_and_exits() {
+#[test]
+fn a_draining_edge_is_marked_at_once_tells_its_viewer_to_move_and_exits() {
     let _serial = common::serial();
     let redis = Redis::start();
     let o1 = origin(&redis, "o1");
@@ -240,20 +240,28 @@ async fn a_draining_edge_is_marked_at_once_tells_its_viewer_to_move_and_exits() 
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["data"]["urls"][0], format!("ws://{}/ws", e1.http()));
     let jwt = v["data"]["jwt"].as_str().unwrap().to_owned();
-    // The edge takes the origins' JWT key from its first link, made at start.
-    let mut ws = None;
-    for _ in 0..50 {
-        if let Ok(w) = common::ws::connect(e1.http(), &jwt).await {
-            ws = Some(w);
-            break;
+    // The socket's side of the test runs on a runtime of its own; the rest is blocking.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut ws = rt.block_on(async {
+        // The edge takes the origins' JWT key from its first link, made at start.
+        let mut ws = None;
+        for _ in 0..50 {
+            if let Ok(w) = common::ws::connect(e1.http(), &jwt).await {
+                ws = Some(w);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut ws = ws.expect("the edge's socket takes the director's JWT");
-    let view = serde_json::json!({"type":"cmd","transId":1,"name":"view",
-        "data":{"streamId":"panel","sdp":view_offer()}});
-    let r = common::ws::call(&mut ws, &view.to_string()).await;
-    assert_eq!(r["type"], "response", "{r}");
+        let mut ws = ws.expect("the edge's socket takes the director's JWT");
+        let view = serde_json::json!({"type":"cmd","transId":1,"name":"view",
+            "data":{"streamId":"panel","sdp":view_offer()}});
+        let r = common::ws::call(&mut ws, &view.to_string()).await;
+        assert_eq!(r["type"], "response", "{r}");
+        ws
+    });
 
     common::signal(&e1, "TERM");
     let termed = Instant::now();
@@ -266,7 +274,7 @@ async fn a_draining_edge_is_marked_at_once_tells_its_viewer_to_move_and_exits() 
     // Directors send it nobody new: its only edge draining, a subscribe is refused.
     let (status, v) = post_json(o1.http(), "/api/director/subscribe", None, body);
     assert_eq!(status, 503, "{v}");
-    let moved = common::ws::event(&mut ws, "migrate").await;
+    let moved = rt.block_on(common::ws::event(&mut ws, "migrate"));
     assert_eq!(moved["reason"], "draining", "{moved}");
     let told = termed.elapsed();
     // The viewer moves (the SDK reconnects through the director): its session ends here.

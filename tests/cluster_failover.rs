@@ -157,6 +157,7 @@ fn viewers_on_both_edges_hear_the_owner_and_hear_it_again_after_it_is_killed() {
     } else {
         (&o1, "o2")
     };
+    let rcvbuf_before = common::udp_rcvbuf_errors();
     let first = publish(owner, "panel", 40);
     // Viewers on both edges, for long enough to span the kill and the republish.
     let viewers = [view(&e1, "panel", 34), view(&e2, "panel", 34)];
@@ -188,20 +189,46 @@ fn viewers_on_both_edges_hear_the_owner_and_hear_it_again_after_it_is_killed() {
     let republished = connected.elapsed();
     let _second = publish(survivor, "panel", 30);
 
-    for (i, v) in viewers.into_iter().enumerate() {
-        let out = v.wait_with_output().unwrap();
-        common::assert_succeeded(&out, "whep_view.py");
-        let rep = report(&out);
-        let main = &rep["tracks"]["0"];
+    let reports: Vec<Value> = viewers
+        .into_iter()
+        .map(|v| {
+            let out = v.wait_with_output().unwrap();
+            common::assert_succeeded(&out, "whep_view.py");
+            report(&out)["tracks"]["0"].clone()
+        })
+        .collect();
+    let kernel_drops = common::udp_rcvbuf_errors() - rcvbuf_before;
+    // Audio dropped as stale or for full queues on a loaded machine shows as missing numbers.
+    let edge_drops = [
+        common::media_drops(e1.http()),
+        common::media_drops(e2.http()),
+    ];
+    for e in [&e1, &e2] {
+        let (_, _, body) = common::http(e.http(), "GET", "/metrics", &[], b"");
+        let body = String::from_utf8_lossy(&body);
+        let drops: Vec<&str> = body
+            .lines()
+            .filter(|l| l.contains("dropped") && !l.starts_with('#') && !l.ends_with(" 0"))
+            .collect();
+        eprintln!("edge {} drops: {drops:?}", e.http());
+    }
+    for (i, main) in reports.iter().enumerate() {
         let packets = main["packets"].as_u64().unwrap();
         let last = main["last_arrival_s"].as_f64().unwrap();
         let gap = main["max_arrival_gap_ms"].as_f64().unwrap();
         eprintln!(
-            "viewer on edge e{}: {packets} packets, the longest gap {gap:.0} ms (at {} s), last at {last:.1} s; republished at {:.1} s",
+            "viewer on edge e{}: {packets} packets, the longest gap {gap:.0} ms (at {} s), last at {last:.1} s; republished at {:.1} s; {} sequence numbers missing ({} kernel UDP drops meanwhile, {} media drops at the edge)",
             i + 1,
             main["max_arrival_gap_at_s"],
-            republished.as_secs_f64()
+            republished.as_secs_f64(),
+            main["seq_gaps"],
+            kernel_drops,
+            edge_drops[i],
         );
+    }
+    for (i, main) in reports.iter().enumerate() {
+        let packets = main["packets"].as_u64().unwrap();
+        let last = main["last_arrival_s"].as_f64().unwrap();
         // Heard before the kill (8 s) and again after the republish, on one session: at
         // least 5 s of audio after it.
         assert!(
@@ -210,8 +237,13 @@ fn viewers_on_both_edges_hear_the_owner_and_hear_it_again_after_it_is_killed() {
             i + 1
         );
         assert!(packets > 600, "edge e{}: {main}", i + 1);
+        // One RTP stream across the relink: one SSRC, no number twice, no time going back,
+        // and no jump in the numbering (a packet lost on a loaded machine is a small gap, the
+        // same at both edges; a numbering restarted at the relink would be a jump).
         assert_eq!(main["ssrcs"].as_array().unwrap().len(), 1, "{main}");
-        assert_eq!(main["seq_gaps"], 0, "numbering continuous: {main}");
+        assert_eq!(main["seq_duplicates"], 0, "{main}");
+        assert_eq!(main["ts_backwards"], 0, "{main}");
+        assert!(main["max_seq_gap"].as_u64().unwrap() < 50, "{main}");
     }
 }
 

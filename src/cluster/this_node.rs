@@ -191,6 +191,10 @@ impl Cluster {
                 }
             }
         };
+        let holder = match nodes.iter().any(|n| n.record.holder() == holder) {
+            true => holder,
+            false => self.take_over(stream, holder, &nodes).await?,
+        };
         if holder == self.holder {
             self.confirmed(stream);
             return Ok(own_url.to_owned());
@@ -202,6 +206,39 @@ impl Cluster {
                 holder,
             }),
         }
+    }
+
+    /// The lease's holder has no live record (no heartbeat for [`NODE_STALE`]: it died or is
+    /// cut off): the least-loaded serving origin takes the lease over at once, fenced on that
+    /// holder still having it, rather than the publisher waiting for it to lapse. Returns the
+    /// holder now.
+    async fn take_over(
+        &self,
+        stream: &str,
+        gone: String,
+        nodes: &[NodeEntry],
+    ) -> Result<String, ClusterError> {
+        let Some(to) = node::least_loaded_origin(nodes, &self.id).map(|n| n.record.holder()) else {
+            return Err(ClusterError::OwnerGone {
+                stream: stream.to_owned(),
+                holder: gone,
+            });
+        };
+        let r = self.registry.take_over(stream, &gone, &to).await;
+        if self.outage.note("taking a lease over", r)? {
+            info!(
+                stream,
+                gone = gone.as_str(),
+                holder = to.as_str(),
+                "stream lease taken over from a holder with no live record"
+            );
+            return Ok(to);
+        }
+        // Someone else moved it first: whoever holds it now.
+        let now = self
+            .outage
+            .note("reading a stream owner", self.registry.owner(stream).await)?;
+        Ok(now.unwrap_or(gone))
     }
 
     /// Before this origin takes a publication of `stream`: it holds the lease (recently
@@ -473,17 +510,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_holder_without_a_live_record_is_reported_gone() {
+    async fn a_holder_without_a_live_record_is_taken_over_or_reported_gone() {
         let (o1, o2, r) = pair();
-        register(&o1, &*r, 0).await;
         assert!(
             o2.ensure_owner("s").await.is_ok(),
             "o2 has no record, but may claim"
         );
+        // No serving origin to give it to: gone, and the lease stays o2's.
         assert!(matches!(
             o1.publish_target("s", "ws://me").await,
             Err(ClusterError::OwnerGone { .. })
         ));
+        assert_eq!(r.owner("s").await.unwrap(), Some(o2.holder.clone()));
+        // o1 serving: it takes the dead holder's lease over at once (no wait for the lapse).
+        register(&o1, &*r, 0).await;
+        assert_eq!(o1.publish_target("s", "ws://me").await.unwrap(), "ws://me");
+        assert_eq!(r.owner("s").await.unwrap(), Some(o1.holder.clone()));
+        // Fenced: a takeover from a holder that no longer has it changes nothing.
+        assert!(!r.take_over("s", &o2.holder, &o2.holder).await.unwrap());
+        assert_eq!(r.owner("s").await.unwrap(), Some(o1.holder.clone()));
     }
 
     #[tokio::test]

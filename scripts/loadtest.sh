@@ -4,6 +4,7 @@
 #   scripts/loadtest.sh [--start N] [--step N] [--max-viewers N] [--step-secs S]
 #                       [--duration S] [--tracks N] [--out DIR] [--no-build] [--bin PATH]
 #                       [--media-workers N] [--edge-cpus LIST] [--loadgen-arg ARG]...
+#                       [--cluster [--edge-capacity N]]
 #
 # Starts `chorus origin` and `chorus edge` (the edge pinned alone on core 0 with taskset, the
 # origin and the load generator on the other core), ramps viewers with `chorus loadgen` in steps
@@ -18,11 +19,18 @@
 # use the debug binary). --media-workers and --edge-cpus (a taskset list, default the first core)
 # compare edge media threads; the load generator always stays on the last core. --loadgen-arg
 # passes one more argument to `chorus loadgen` (e.g. --loadgen-arg=--poll-ms=20).
+# --cluster runs a cluster instead: its own redis-server, the origin and two edges (e1, e2, both
+# on the edge cores) with --redis, the edges following the stream's owner; the load generator's
+# viewers ask the origin's director, which places them over the two edges. edges.jsonl then holds
+# per-edge samples every step (viewers, packets out and drops per second, CPU %), and report.md a
+# per-edge table; the steps' edge CPU is e1's. Each edge gets --capacity of 60 % of --max-viewers
+# (--edge-capacity N to change it): the director keeps viewers of one stream together on an edge
+# until 80 % of its capacity, so without one every viewer would land on the first edge.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 START=500 STEP=500 MAX=3000 STEP_SECS=8 DURATION=420 TRACKS=3 BUILD=1 BIN=target/release/chorus
-WORKERS=1 EDGE_CPUS= LOADGEN_ARGS=()
+WORKERS=1 EDGE_CPUS= LOADGEN_ARGS=() CLUSTER=0 EDGE_CAPACITY=
 OUT="target/loadtest/$(date +%Y%m%d-%H%M%S)"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -39,7 +47,9 @@ while [ $# -gt 0 ]; do
     --edge-cpus) EDGE_CPUS=$2; shift 2 ;;
     --loadgen-arg) LOADGEN_ARGS+=("$2"); shift 2 ;;
     --loadgen-arg=*) LOADGEN_ARGS+=("${1#--loadgen-arg=}"); shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    --cluster) CLUSTER=1; shift ;;
+    --edge-capacity) EDGE_CAPACITY=$2; shift 2 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "loadtest: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -90,20 +100,51 @@ export CHORUS_LOG=${CHORUS_LOG:-warn}
 LIMITS=(--max-connections 100000 --max-connections-per-ip 100000 --offers-per-sec 100000 --offers-per-sec-per-ip 100000)
 
 # A reused --out holds the last run's ready lines: the new processes' must not be mistaken for them.
-rm -f "$OUT/origin.json" "$OUT/edge.json"
+rm -f "$OUT/origin.json" "$OUT/edge.json" "$OUT/edge2.json" "$OUT/edges.jsonl"
+JOIN=()
+if [ "$CLUSTER" = 1 ]; then
+  command -v redis-server >/dev/null || { say "redis-server missing (scripts/setup-test-deps.sh installs it)"; exit 1; }
+  REDIS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  taskset -c "$OTHER_CPU" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
+    >"$OUT/redis.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$REDIS_PORT") 2>/dev/null && break; sleep 0.1; done
+  JOIN=(--redis "redis://127.0.0.1:$REDIS_PORT/")
+  EDGE_CAPACITY=${EDGE_CAPACITY:-$(( (MAX * 6 + 9) / 10 ))}
+fi
 taskset -c "$OTHER_CPU" "$BIN" origin --http 127.0.0.1:0 --cluster 127.0.0.1:0 "${LIMITS[@]}" \
-  >"$OUT/origin.json" 2>"$OUT/origin.log" &
+  ${JOIN[@]+"${JOIN[@]}"} ${JOIN[@]+--node-id o1} >"$OUT/origin.json" 2>"$OUT/origin.log" &
 ORIGIN_PID=$!; PIDS+=("$ORIGIN_PID")
 ORIGIN=$(ready_line "$OUT/origin.json" "$ORIGIN_PID")
-taskset -c "${EDGE_CPUS:-$EDGE_CPU}" "$BIN" edge --media-workers "$WORKERS" --http 127.0.0.1:0 "${LIMITS[@]}" --origin "$(json "$ORIGIN" cluster)" \
-  --origin-fingerprint "$(json "$ORIGIN" fingerprint)" >"$OUT/edge.json" 2>"$OUT/edge.log" &
+if [ "$CLUSTER" = 1 ]; then
+  # No --origin: each edge links to the stream's owner, found in Redis.
+  UPLINK=("${JOIN[@]}" --node-id e1 --capacity "$EDGE_CAPACITY")
+else
+  UPLINK=(--origin "$(json "$ORIGIN" cluster)" --origin-fingerprint "$(json "$ORIGIN" fingerprint)")
+fi
+taskset -c "${EDGE_CPUS:-$EDGE_CPU}" "$BIN" edge --media-workers "$WORKERS" --http 127.0.0.1:0 "${LIMITS[@]}" "${UPLINK[@]}" \
+  >"$OUT/edge.json" 2>"$OUT/edge.log" &
 EDGE_PID=$!; PIDS+=("$EDGE_PID")
 EDGE=$(ready_line "$OUT/edge.json" "$EDGE_PID")
 say "origin $(json "$ORIGIN" http) (cpu $OTHER_CPU), edge $(json "$EDGE" http) (pid $EDGE_PID, cpus ${EDGE_CPUS:-$EDGE_CPU}, $WORKERS media threads)"
+VIEW_URL=$(json "$EDGE" http)
+if [ "$CLUSTER" = 1 ]; then
+  taskset -c "${EDGE_CPUS:-$EDGE_CPU}" "$BIN" edge --media-workers "$WORKERS" --http 127.0.0.1:0 "${LIMITS[@]}" "${JOIN[@]}" --node-id e2 --capacity "$EDGE_CAPACITY" \
+    >"$OUT/edge2.json" 2>"$OUT/edge2.log" &
+  EDGE2_PID=$!; PIDS+=("$EDGE2_PID")
+  EDGE2=$(ready_line "$OUT/edge2.json" "$EDGE2_PID")
+  say "edge e2 $(json "$EDGE2" http) (pid $EDGE2_PID): viewers go through the origin's director, which places them"
+  # The director places only registered edges: wait for both records (a heartbeat is 2 s).
+  sleep 3
+  VIEW_URL=$(json "$ORIGIN" http)
+  python3 scripts/loadtest_edges.py --edge "e1=$EDGE_PID=$(json "$EDGE" http)" --edge "e2=$EDGE2_PID=$(json "$EDGE2" http)" \
+    --every "$STEP_SECS" --out "$OUT/edges.jsonl" 2>"$OUT/edges.log" &
+  PIDS+=($!)
+fi
 
 say "ramp: $START viewers + $STEP per step up to $MAX, ${STEP_SECS}s steady per step, $TRACKS tracks, stop within ${DURATION}s"
 timeout --kill-after=10 "$(( ${DURATION%.*} + 60 ))" taskset -c "$OTHER_CPU" "$BIN" loadgen \
-  --url "$(json "$ORIGIN" http)" --view-url "$(json "$EDGE" http)" \
+  --url "$(json "$ORIGIN" http)" --view-url "$VIEW_URL" \
   --tracks "$TRACKS" --start "$START" --step "$STEP" --max-viewers "$MAX" \
   --step-secs "$STEP_SECS" --duration "$DURATION" --edge-pid "$EDGE_PID" --origin-pid "$ORIGIN_PID" --join-concurrency 200 \
   ${LOADGEN_ARGS[@]+"${LOADGEN_ARGS[@]}"} \

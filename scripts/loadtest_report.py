@@ -111,11 +111,35 @@ def main():
         lines.append("No step reached the limits: the ramp ended first (raise --max-viewers).")
     lines.append("")
     lines += rows
+    lines += per_edge(out)
     if summary:
         lines += ["", "Summary line from loadgen:", "", "```", json.dumps(summary), "```"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(out, steps)
+
+
+def per_edge(out: Path):
+    """The per-edge table of a --cluster run (edges.jsonl), empty otherwise."""
+    path = out / "edges.jsonl"
+    if not path.exists():
+        return []
+    samples = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    if not samples:
+        return []
+    t0 = samples[0]["t"]
+    lines = ["", "Per edge (sampled every step):", "",
+             "| s | edge | viewers | pkts/s out | drops/s | CPU % |", "|---|---|---|---|---|---|"]
+    for s in samples:
+        lines.append(f"| {s['t'] - t0:.0f} | {s['edge']} | {s['viewers']} | {s['pkts_per_s']:.0f} "
+                     f"| {s['drops_per_s']:.1f} | {s['cpu_pct']:.1f} |")
+    peak = {}
+    for s in samples:
+        if s["viewers"] >= peak.get(s["edge"], {}).get("viewers", -1):
+            peak[s["edge"]] = s
+    split = ", ".join(f"{e} {p['viewers']} viewers ({p['cpu_pct']:.0f} % CPU)" for e, p in sorted(peak.items()))
+    lines += ["", f"At the most: {split}."]
+    return lines
 
 
 def plot(out: Path, steps):

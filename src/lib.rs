@@ -13,6 +13,7 @@
 pub mod auth;
 pub(crate) mod cluster;
 pub mod config_file;
+pub mod drain;
 pub mod edge;
 /// The crate-private items the fuzz targets (`fuzz/`) call, re-exported or wrapped.
 #[cfg(feature = "tools")]

@@ -153,6 +153,10 @@ struct ClusterArgs {
     /// This node's id in the cluster (letters, digits, '-', '_', '.'; default: generated).
     #[arg(long)]
     node_id: Option<String>,
+    /// On SIGTERM, wait at most this many seconds for viewers (edge) or publishers (origin) to
+    /// move before exiting (Ctrl-C stops at once).
+    #[arg(long, default_value_t = chorus::drain::DRAIN_TIMEOUT.as_secs())]
+    drain_timeout: u64,
 }
 
 #[derive(Args)]
@@ -180,9 +184,10 @@ struct OriginArgs {
 struct EdgeArgs {
     #[command(flatten)]
     common: CommonServer,
-    /// The origin's QUIC address (its --cluster).
+    /// The origin's QUIC address (its --cluster). Not needed with --redis: the edge then links
+    /// to each stream's owner, found in the registry.
     #[arg(long)]
-    origin: SocketAddr,
+    origin: Option<SocketAddr>,
     /// Hex SHA-256 of the origin certificate (printed by the origin at start).
     #[arg(long)]
     origin_fingerprint: Option<String>,
@@ -422,7 +427,7 @@ fn main() -> ExitCode {
                 OriginSideArgs::default(),
                 NodeKind::Edge,
                 "127.0.0.1:0".parse().expect("valid"),
-                Some(a.origin),
+                a.origin,
                 a.origin_fingerprint,
                 Placement {
                     join: a.join,
@@ -479,6 +484,7 @@ fn run_server(
     if let Some(path) = &c.config {
         tracing::info!(path = %path.display(), "settings from the config file (flags and environment override it)");
     }
+    let drain_timeout = std::time::Duration::from_secs(place.join.drain_timeout);
     let opts = ServerOptions {
         redis: place.join.redis,
         node_id: place.join.node_id,
@@ -537,8 +543,23 @@ fn run_server(
             })
         );
         let _ = std::io::stdout().flush();
-        tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;
-        tracing::info!("interrupted: shutting down");
+        if role == NodeKind::Serve {
+            tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;
+            tracing::info!("interrupted: shutting down");
+            return Ok(());
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| e.to_string())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => {
+                r.map_err(|e| e.to_string())?;
+                tracing::info!("interrupted: shutting down");
+            }
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: draining");
+                running.drainer.drain(drain_timeout).await;
+            }
+        }
         Ok(())
     })
 }

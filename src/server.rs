@@ -11,7 +11,8 @@ use crate::auth::jwt::{JwtSigner, JwtVerifier};
 use crate::auth::random_secret;
 use crate::auth::tokens::{TokenFileError, Tokens};
 use crate::cluster::{self, Cluster, Load, NodeRecord, NodeState};
-use crate::edge::Edge;
+use crate::edge::follow::RouterConfig;
+use crate::edge::{Edge, Uplink};
 use crate::http::forwarded::{Cidr, TrustedProxies, MAX_TRUSTED_PROXIES};
 use crate::http::limits::HttpLimits;
 use crate::http::public_url::{check_base_path, BasePathError, PublicUrls};
@@ -69,7 +70,7 @@ pub struct ServerOptions {
     pub cluster: SocketAddr,
     /// Secret edges present to join the origin (`--cluster-token`); serve makes one when None.
     pub cluster_token: Option<String>,
-    /// The origin an edge links to (edge only).
+    /// The origin an edge links to (edge only); None with `redis`: each stream's owner.
     pub origin: Option<SocketAddr>,
     /// Hex SHA-256 of the origin's certificate the edge pins; None = accept any (logged).
     pub origin_fingerprint: Option<String>,
@@ -108,6 +109,8 @@ pub struct Running {
     pub dev_api_key: Option<String>,
     /// This node's id in the cluster.
     pub node_id: String,
+    /// Drains the node (SIGTERM).
+    pub drainer: crate::drain::Drainer,
 }
 
 /// Why a server did not start.
@@ -117,7 +120,7 @@ pub enum StartError {
     #[error("an edge takes no --tokens (nor CHORUS_TOKENS): the origin's token policy decides who views what, and the edge asks its origin for every viewer; give the token file to chorus origin")]
     EdgeTokens,
     /// An edge without `--origin`.
-    #[error("an edge needs --origin HOST:PORT")]
+    #[error("an edge needs --origin HOST:PORT, or --redis URL to follow each stream's owner")]
     NoOrigin,
     /// The token file could not be read.
     #[error(transparent)]
@@ -245,21 +248,18 @@ fn check_dev_exposure(opts: &ServerOptions) -> Result<(), StartError> {
 /// Longest `--node-id`: ids are part of every key and lease holder.
 pub(crate) const MAX_NODE_ID: usize = 64;
 
-/// The node's place in the cluster (in memory without `--redis`), its heartbeat and, where an
-/// origin runs, its lease upkeep.
-fn start_cluster(
-    opts: &ServerOptions,
-    http: SocketAddr,
-    relay: Option<SocketAddr>,
-    fingerprint: Option<String>,
-    origin: &Option<Arc<Origin>>,
-    edge: &Option<Arc<Edge>>,
-) -> Result<Arc<Cluster>, StartError> {
-    let kind = match opts.role {
+fn node_kind(role: NodeKind) -> cluster::NodeKind {
+    match role {
         NodeKind::Serve => cluster::NodeKind::Serve,
         NodeKind::Origin => cluster::NodeKind::Origin,
         NodeKind::Edge => cluster::NodeKind::Edge,
-    };
+    }
+}
+
+/// The node's place in the cluster (in memory without `--redis`): its id and registry. Made
+/// before the edge starts, which follows stream owners through it.
+fn join_cluster(opts: &ServerOptions) -> Result<Arc<Cluster>, StartError> {
+    let kind = node_kind(opts.role);
     let id = match &opts.node_id {
         Some(id) => {
             let ok = !id.is_empty()
@@ -292,6 +292,20 @@ fn start_cluster(
             "cluster node with a Redis registry"
         );
     }
+    Ok(c)
+}
+
+/// The node's heartbeat and, where an origin runs, its lease upkeep.
+fn start_cluster(
+    c: Arc<Cluster>,
+    opts: &ServerOptions,
+    http: SocketAddr,
+    relay: Option<SocketAddr>,
+    fingerprint: Option<String>,
+    origin: &Option<Arc<Origin>>,
+    edge: &Option<Arc<Edge>>,
+) -> Result<Arc<Cluster>, StartError> {
+    let kind = node_kind(opts.role);
     let ws = match &opts.public_ws {
         Some(base) => format!("{base}/ws"),
         None => format!(
@@ -401,24 +415,43 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
         signer = Some(s);
         origin = Some(o);
     }
+    let node = join_cluster(opts)?;
     let mut edge = None;
     if opts.role != NodeKind::Origin {
-        let link = match opts.role {
-            NodeKind::Serve => LinkConfig {
+        let ws_url = Some(match &opts.public_ws {
+            Some(base) => format!("{base}/ws"),
+            None => format!("ws://{http}{}/ws", public.base_path),
+        });
+        let link = match (opts.role, opts.origin, &opts.redis) {
+            (NodeKind::Serve, _, _) => Uplink::Fixed(LinkConfig {
                 origin: cluster.expect("serve runs an origin"),
                 fingerprint: fingerprint.clone(),
                 cluster_token: cluster_token.clone(),
                 ws_url: None,
-            },
-            _ => LinkConfig {
-                origin: opts.origin.ok_or(StartError::NoOrigin)?,
+            }),
+            (_, Some(origin), _) => Uplink::Fixed(LinkConfig {
+                origin,
                 fingerprint: opts.origin_fingerprint.clone(),
                 cluster_token: cluster_token.clone(),
-                ws_url: Some(match &opts.public_ws {
-                    Some(base) => format!("{base}/ws"),
-                    None => format!("ws://{http}{}/ws", public.base_path),
-                }),
-            },
+                ws_url,
+            }),
+            (_, None, Some(_)) => {
+                info!(
+                    "no --origin: each stream's owner is looked up in the registry and linked to"
+                );
+                Uplink::Follow(RouterConfig {
+                    cluster: node.clone(),
+                    template: LinkConfig {
+                        // Replaced by each owner's relay address and fingerprint.
+                        origin: SocketAddr::from(([127, 0, 0, 1], 0)),
+                        fingerprint: None,
+                        cluster_token: cluster_token.clone(),
+                        ws_url,
+                    },
+                    keys: verifier.clone(),
+                })
+            }
+            (_, None, None) => return Err(StartError::NoOrigin),
         };
         // Viewers' JWTs are signed with the origin's key: the edge checks them with its public
         // half, taken from the origin's Welcome (in serve, the same key).
@@ -477,7 +510,15 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
             None
         }
     };
-    let node = start_cluster(opts, http, cluster, fingerprint.clone(), &origin, &edge)?;
+    let node = start_cluster(
+        node,
+        opts,
+        http,
+        cluster,
+        fingerprint.clone(),
+        &origin,
+        &edge,
+    )?;
     if let Some(r) = &rooms {
         r.attach_cluster(node.clone());
     }
@@ -552,5 +593,6 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
         fingerprint,
         dev_api_key,
         node_id,
+        drainer: crate::drain::Drainer { app },
     })
 }

@@ -38,6 +38,11 @@ impl Holds {
         h.confirmed = Some(now);
     }
 
+    /// Every stream with a lease here.
+    pub(crate) fn streams(&self) -> Vec<String> {
+        self.by_stream.keys().cloned().collect()
+    }
+
     /// The lease is lost or given up.
     pub(crate) fn forget(&mut self, stream: &str) {
         self.by_stream.remove(stream);

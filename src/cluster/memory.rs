@@ -95,6 +95,16 @@ impl Tables {
         false
     }
 
+    /// The compare-and-set takeover: `to` gets the lease only if `from` still holds it.
+    pub(crate) fn take_over(&mut self, stream: &str, from: &str, to: &str, now: u64) -> bool {
+        if self.live_holder(stream, now) == Some(from) {
+            self.leases
+                .insert(stream.to_owned(), (to.to_owned(), now + lease_ms()));
+            return true;
+        }
+        false
+    }
+
     pub(crate) fn owner(&mut self, stream: &str, now: u64) -> Option<String> {
         self.live_holder(stream, now).map(str::to_owned)
     }
@@ -215,6 +225,10 @@ impl Registry for MemoryRegistry {
 
     fn release<'a>(&'a self, stream: &'a str, holder: &'a str) -> Pending<'a, bool> {
         self.with(|t, now| t.release(stream, holder, now))
+    }
+
+    fn take_over<'a>(&'a self, stream: &'a str, from: &'a str, to: &'a str) -> Pending<'a, bool> {
+        self.with(|t, now| t.take_over(stream, from, to, now))
     }
 
     fn owner<'a>(&'a self, stream: &'a str) -> Pending<'a, Option<String>> {

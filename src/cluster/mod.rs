@@ -130,6 +130,9 @@ pub(crate) trait Registry: Send + Sync {
     fn refresh<'a>(&'a self, stream: &'a str, holder: &'a str) -> Pending<'a, Refresh>;
     /// Gives a lease up, only if `holder` still has it; true if it did.
     fn release<'a>(&'a self, stream: &'a str, holder: &'a str) -> Pending<'a, bool>;
+    /// Gives `from`'s lease to `to`, only if `from` still holds it: a director takes the lease
+    /// of a holder whose record went stale (it died) without waiting for the lease to lapse.
+    fn take_over<'a>(&'a self, stream: &'a str, from: &'a str, to: &'a str) -> Pending<'a, bool>;
     /// Who holds a stream's lease.
     fn owner<'a>(&'a self, stream: &'a str) -> Pending<'a, Option<String>>;
     /// Every held lease: (stream, holder).

@@ -72,6 +72,15 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
+/// Gives the lease to ARGV[2] only if ARGV[1] still holds it.
+const TAKE_OVER_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+";
+
 /// The Redis registry: one multiplexed connection that reconnects by itself.
 pub(crate) struct RedisRegistry {
     conn: ConnectionManager,
@@ -79,6 +88,7 @@ pub(crate) struct RedisRegistry {
     claim: Script,
     refresh: Script,
     release: Script,
+    take_over: Script,
 }
 
 fn err(e: redis::RedisError) -> RegistryError {
@@ -102,6 +112,7 @@ impl RedisRegistry {
             claim: Script::new(CLAIM_SCRIPT),
             refresh: Script::new(REFRESH_SCRIPT),
             release: Script::new(RELEASE_SCRIPT),
+            take_over: Script::new(TAKE_OVER_SCRIPT),
         })
     }
 
@@ -234,6 +245,22 @@ impl Registry for RedisRegistry {
                 .release
                 .key(format!("{STREAM_PREFIX}{stream}"))
                 .arg(holder)
+                .invoke_async(&mut c)
+                .await
+                .map_err(err)?;
+            Ok(n == 1)
+        })
+    }
+
+    fn take_over<'a>(&'a self, stream: &'a str, from: &'a str, to: &'a str) -> Pending<'a, bool> {
+        Box::pin(async move {
+            let mut c = self.conn();
+            let n: i64 = self
+                .take_over
+                .key(format!("{STREAM_PREFIX}{stream}"))
+                .arg(from)
+                .arg(to)
+                .arg(lease_ms())
                 .invoke_async(&mut c)
                 .await
                 .map_err(err)?;
@@ -426,6 +453,11 @@ mod tests {
             r.owners().await.unwrap(),
             vec![("s".into(), "a/1".into()), ("t".into(), "a/1".into())]
         );
+        // A takeover is fenced on the holder named.
+        assert!(!r.take_over("s", "b/2", "c/3").await.unwrap());
+        assert!(r.take_over("s", "a/1", "c/3").await.unwrap());
+        assert_eq!(r.owner("s").await.unwrap(), Some("c/3".into()));
+        assert!(r.take_over("s", "c/3", "a/1").await.unwrap());
         assert!(r.release("s", "a/1").await.unwrap());
         assert_eq!(r.owner("s").await.unwrap(), None);
 

@@ -2,6 +2,7 @@
 //! out lately, and the tasks that keep its record and leases alive.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -32,6 +33,9 @@ pub(crate) enum ClusterError {
     /// The placement's refusal.
     #[error(transparent)]
     Placement(#[from] placement::PlacementError),
+    /// This origin is draining (shutting down): it takes no new publication.
+    #[error("origin {0:?} is draining: publish through any director")]
+    Draining(String),
 }
 
 /// This node's place in the cluster: its registry, its identity, the leases it holds and the
@@ -51,6 +55,10 @@ pub(crate) struct Cluster {
     sessions: Mutex<HashMap<String, usize>>,
     assignments: Mutex<placement::Assignments>,
     pub(crate) outage: Outage,
+    /// Set by SIGTERM: the record says `draining`, directors send nothing new here.
+    draining: AtomicBool,
+    /// Wakes the heartbeat to write the record at once (the state changed).
+    beat_now: tokio::sync::Notify,
 }
 
 /// A publisher's signalling session on a stream, counted while it lives.
@@ -90,7 +98,42 @@ impl Cluster {
             sessions: Mutex::default(),
             assignments: Mutex::default(),
             outage: Outage::default(),
+            draining: AtomicBool::new(false),
+            beat_now: tokio::sync::Notify::new(),
         })
+    }
+
+    /// From now on this node is `draining`: its record says so at once (the heartbeat writes
+    /// it now), directors stop sending it work, and an origin takes no new publication.
+    pub(crate) fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.beat_now.notify_one();
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Gives up every lease this origin holds (draining): the next publish of each stream,
+    /// through any director, lands on a serving origin, and the edges follow it there.
+    pub(crate) async fn release_all(&self) -> usize {
+        let held: Vec<String> = self
+            .holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .streams();
+        let mut released = 0;
+        for stream in held {
+            let r = self.registry.release(&stream, &self.holder).await;
+            if let Ok(true) = self.outage.note("releasing a lease", r) {
+                released += 1;
+            }
+            self.holds
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .forget(&stream);
+        }
+        released
     }
 
     pub(crate) fn registry(&self) -> &dyn Registry {
@@ -119,7 +162,7 @@ impl Cluster {
     ) -> Result<String, ClusterError> {
         // A lease this origin holds (confirmed within its life) needs no round trip, and keeps
         // its publishers coming here through a registry outage.
-        if self.holds_now(stream) {
+        if self.holds_now(stream) && !self.is_draining() {
             return Ok(own_url.to_owned());
         }
         let owner = self
@@ -129,8 +172,13 @@ impl Cluster {
         let holder = match owner {
             Some(h) => h,
             None => {
-                let candidate = node::least_loaded_origin(&nodes, &self.id)
-                    .map_or_else(|| self.holder.clone(), |n| n.record.holder());
+                let candidate = match node::least_loaded_origin(&nodes, &self.id) {
+                    Some(n) => n.record.holder(),
+                    None if self.is_draining() => {
+                        return Err(ClusterError::Draining(self.id.clone()))
+                    }
+                    None => self.holder.clone(),
+                };
                 match self.outage.note(
                     "claiming a stream",
                     self.registry.claim(stream, &candidate).await,
@@ -142,6 +190,10 @@ impl Cluster {
                     Claim::Held(h) => h,
                 }
             }
+        };
+        let holder = match nodes.iter().any(|n| n.record.holder() == holder) {
+            true => holder,
+            false => self.take_over(stream, holder, &nodes).await?,
         };
         if holder == self.holder {
             self.confirmed(stream);
@@ -156,9 +208,45 @@ impl Cluster {
         }
     }
 
+    /// The lease's holder has no live record (no heartbeat for [`NODE_STALE`]: it died or is
+    /// cut off): the least-loaded serving origin takes the lease over at once, fenced on that
+    /// holder still having it, rather than the publisher waiting for it to lapse. Returns the
+    /// holder now.
+    async fn take_over(
+        &self,
+        stream: &str,
+        gone: String,
+        nodes: &[NodeEntry],
+    ) -> Result<String, ClusterError> {
+        let Some(to) = node::least_loaded_origin(nodes, &self.id).map(|n| n.record.holder()) else {
+            return Err(ClusterError::OwnerGone {
+                stream: stream.to_owned(),
+                holder: gone,
+            });
+        };
+        let r = self.registry.take_over(stream, &gone, &to).await;
+        if self.outage.note("taking a lease over", r)? {
+            info!(
+                stream,
+                gone = gone.as_str(),
+                holder = to.as_str(),
+                "stream lease taken over from a holder with no live record"
+            );
+            return Ok(to);
+        }
+        // Someone else moved it first: whoever holds it now.
+        let now = self
+            .outage
+            .note("reading a stream owner", self.registry.owner(stream).await)?;
+        Ok(now.unwrap_or(gone))
+    }
+
     /// Before this origin takes a publication of `stream`: it holds the lease (recently
     /// confirmed), or takes it now if it is free; refused if another origin holds it.
     pub(crate) async fn ensure_owner(&self, stream: &str) -> Result<(), ClusterError> {
+        if self.is_draining() {
+            return Err(ClusterError::Draining(self.id.clone()));
+        }
         if self.holds_now(stream) {
             return Ok(());
         }
@@ -228,6 +316,10 @@ impl Cluster {
     /// One round of lease upkeep: refreshes the leases of streams published here (`live`, or
     /// with a publisher's session open) or lately, releases the others.
     pub(crate) async fn keep_leases(&self, live: &[String]) {
+        // A draining origin gave its leases up and must not take them back.
+        if self.is_draining() {
+            return;
+        }
         let mut live = live.to_vec();
         live.extend(
             self.sessions
@@ -327,7 +419,10 @@ pub(crate) fn spawn_heartbeat(
     tokio::spawn(async move {
         let mut registered = false;
         loop {
-            let r = record();
+            let mut r = record();
+            if cluster.is_draining() {
+                r.state = NodeState::Draining;
+            }
             let next = match cluster.registry.put_node(&r).await {
                 Ok(()) => {
                     let back = cluster.outage.ok();
@@ -347,7 +442,12 @@ pub(crate) fn spawn_heartbeat(
                     NODE_RETRY
                 }
             };
-            tokio::time::sleep(next).await;
+            tokio::select! {
+                _ = tokio::time::sleep(next) => {}
+                _ = cluster.beat_now.notified() => {
+                    info!(id = cluster.id.as_str(), "node draining: record updated at once");
+                }
+            }
         }
     });
 }
@@ -410,17 +510,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_holder_without_a_live_record_is_reported_gone() {
+    async fn a_holder_without_a_live_record_is_taken_over_or_reported_gone() {
         let (o1, o2, r) = pair();
-        register(&o1, &*r, 0).await;
         assert!(
             o2.ensure_owner("s").await.is_ok(),
             "o2 has no record, but may claim"
         );
+        // No serving origin to give it to: gone, and the lease stays o2's.
         assert!(matches!(
             o1.publish_target("s", "ws://me").await,
             Err(ClusterError::OwnerGone { .. })
         ));
+        assert_eq!(r.owner("s").await.unwrap(), Some(o2.holder.clone()));
+        // o1 serving: it takes the dead holder's lease over at once (no wait for the lapse).
+        register(&o1, &*r, 0).await;
+        assert_eq!(o1.publish_target("s", "ws://me").await.unwrap(), "ws://me");
+        assert_eq!(r.owner("s").await.unwrap(), Some(o1.holder.clone()));
+        // Fenced: a takeover from a holder that no longer has it changes nothing.
+        assert!(!r.take_over("s", &o2.holder, &o2.holder).await.unwrap());
+        assert_eq!(r.owner("s").await.unwrap(), Some(o1.holder.clone()));
     }
 
     #[tokio::test]
@@ -432,5 +540,32 @@ mod tests {
         assert_eq!(r.owner("s").await.unwrap(), Some(o1.holder.clone()));
         drop(session);
         assert!(o1.sessions.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_draining_origin_gives_its_leases_up_takes_none_and_sends_publishers_on() {
+        let (o1, o2, r) = pair();
+        register(&o1, &*r, 0).await;
+        register(&o2, &*r, 5).await;
+        o1.ensure_owner("s").await.unwrap();
+        o1.start_draining();
+        let mut n = record("o1", NodeKind::Origin, 0).record;
+        (n.boot, n.state) = (o1.boot.clone(), NodeState::Draining);
+        r.put_node(&n).await.unwrap();
+        assert_eq!(o1.release_all().await, 1);
+        assert_eq!(r.owner("s").await.unwrap(), None);
+        // Upkeep does not take it back, and no new publication is taken here.
+        o1.keep_leases(&["s".to_string()]).await;
+        assert_eq!(r.owner("s").await.unwrap(), None);
+        assert!(matches!(
+            o1.ensure_owner("s").await,
+            Err(ClusterError::Draining(_))
+        ));
+        // Its director sends the publisher to the serving origin, busier as it is.
+        assert_eq!(
+            o1.publish_target("s", "ws://o1").await.unwrap(),
+            record("o2", NodeKind::Origin, 5).record.ws
+        );
+        assert_eq!(r.owner("s").await.unwrap(), Some(o2.holder.clone()));
     }
 }

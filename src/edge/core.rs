@@ -607,7 +607,24 @@ impl EdgeCore {
     pub(crate) fn handle_link_down(&mut self, now_us: u64) {
         self.channels.clear();
         self.known_channels.clear();
-        for st in self.streams.values_mut() {
+        self.streams_down(now_us, |_| true);
+    }
+
+    /// One origin link of several is gone, or these streams moved to another origin (a new
+    /// lease holder): as [`Self::handle_link_down`], for these streams only. Their channels
+    /// are forgotten; the other links' streams keep theirs.
+    pub(crate) fn handle_streams_down(&mut self, now_us: u64, streams: &[String]) {
+        for name in streams {
+            if let Some(c) = self.streams.get(name.as_str()).and_then(|st| st.channel) {
+                self.channels.remove(&c);
+                self.known_channels.remove(&c);
+            }
+        }
+        self.streams_down(now_us, |name| streams.iter().any(|s| s == name));
+    }
+
+    fn streams_down(&mut self, now_us: u64, which: impl Fn(&str) -> bool) {
+        for st in self.streams.values_mut().filter(|st| which(&st.name)) {
             st.channel = None;
             st.by_relay.clear();
             let mut gone: Vec<(u16, SourceIdx)> =

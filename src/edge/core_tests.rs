@@ -603,3 +603,26 @@ fn typed_events_serialize_to_the_millicast_json_sent_before() {
         json!({"type": "event", "name": "stopped", "data": {"streamId": "panel"}})
     );
 }
+
+#[test]
+fn streams_down_voids_only_the_named_streams_and_they_come_back_active() {
+    let mut c = core();
+    join(&mut c, 0, 1, "a", 1);
+    join(&mut c, 0, 2, "z", 1);
+    c.handle_sources(0, "a", 1, vec![source(0, "ana")]);
+    c.handle_sources(0, "z", (2 << 24) | 1, vec![source(0, "zed")]);
+    drain(&mut c);
+    // a's owner moved: only a's sources go, and only its channel is forgotten.
+    c.handle_streams_down(0, &["a".to_string()]);
+    let log = drain(&mut c);
+    assert_eq!(events_of(&log, 1), ["inactive ana"]);
+    assert!(events_of(&log, 2).is_empty(), "{log:?}");
+    assert_eq!(c.channels.get(&1), None);
+    assert_eq!(
+        c.channels.get(&((2 << 24) | 1)).map(String::as_str),
+        Some("z")
+    );
+    // The new owner's list (another link's slot) brings ana back.
+    c.handle_sources(0, "a", (3 << 24) | 1, vec![source(0, "ana")]);
+    assert_eq!(events_of(&drain(&mut c), 1), ["active ana"]);
+}

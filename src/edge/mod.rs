@@ -6,6 +6,7 @@
 
 pub mod core;
 pub(crate) mod events;
+pub(crate) mod follow;
 #[cfg(feature = "tools")]
 pub mod loopback;
 mod stream_counts;
@@ -130,6 +131,14 @@ pub(crate) struct ViewOptions {
     pub excluded: Vec<String>,
     /// WHEP's `tracks`: at most this many multiplexed tracks (the offer decides otherwise).
     pub max_tracks: Option<usize>,
+}
+
+/// Where an edge's streams come from.
+pub(crate) enum Uplink {
+    /// One origin (`--origin`, or `chorus serve`'s own).
+    Fixed(LinkConfig),
+    /// Each stream's owner, looked up in the registry (`--redis` without `--origin`).
+    Follow(follow::RouterConfig),
 }
 
 /// An answered offer whose peer is not on the media thread yet: the caller sends the answer
@@ -316,7 +325,7 @@ impl Edge {
     pub(crate) async fn start(
         bind: SocketAddr,
         public_ip: Option<IpAddr>,
-        link: LinkConfig,
+        uplink: Uplink,
         workers: usize,
         keys: Arc<JwtVerifier>,
     ) -> Result<Arc<Edge>, String> {
@@ -347,13 +356,19 @@ impl Edge {
             receivers.push(rx);
         }
         let revocations = tokio::sync::broadcast::channel(crate::origin::REVOCATIONS_QUEUE).0;
-        let sink: Arc<dyn LinkHandler> = Arc::new(RelaySink {
+        let sink = Arc::new(RelaySink {
             lanes: lanes.clone(),
             shared: shared.clone(),
             metrics: metrics.clone(),
             revocations: revocations.clone(),
         });
-        let ctl = manage_link(link, sink, keys).await?;
+        let ctl = match uplink {
+            Uplink::Fixed(link) => {
+                let sink: Arc<dyn LinkHandler> = sink;
+                manage_link(link, sink, keys).await?
+            }
+            Uplink::Follow(cfg) => follow::spawn_router(cfg, sink),
+        };
         let ctl = ctl.counting_drops_in(metrics.link_requests_dropped.clone());
         let mut candidates = Vec::new();
         for (i, ((socket, candidate), rx)) in sockets.into_iter().zip(receivers).enumerate() {

@@ -62,6 +62,9 @@ pub(crate) enum EdgeCmd {
     /// The origin link is gone: its channels and source indices are void, its sources inactive
     /// until the next link announces them.
     LinkDown,
+    /// One origin link of several is gone, or these streams moved to another origin: their
+    /// channels and source indices are void, their sources inactive until announced again.
+    StreamsDown(Vec<String>),
 }
 
 /// One relayed datagram in a media thread's lane.
@@ -218,6 +221,7 @@ impl Worker {
                 );
             }
             EdgeCmd::LinkDown => self.core.handle_link_down(now_us),
+            EdgeCmd::StreamsDown(streams) => self.core.handle_streams_down(now_us, &streams),
             EdgeCmd::Sources {
                 stream,
                 channel,
@@ -341,7 +345,7 @@ mod tests {
     #[test]
     fn the_driver_feeds_the_core_and_gives_back_the_lane_ticket() {
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let (link, _rx) = LinkCtl::detached();
+        let (link, _rx) = LinkCtl::channel();
         let bell = Doorbell::new().unwrap();
         let metrics: Arc<EdgeMetrics> = Arc::default();
         let mut w = Worker::new(socket, link, metrics.clone(), bell, Arc::default()).unwrap();

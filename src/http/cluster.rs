@@ -16,9 +16,10 @@ use crate::cluster::ClusterError;
 pub(crate) fn refusal(e: ClusterError) -> Refusal {
     let status = match &e {
         ClusterError::OwnedElsewhere { .. } => StatusCode::CONFLICT,
-        ClusterError::Registry(_) | ClusterError::OwnerGone { .. } | ClusterError::Placement(_) => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
+        ClusterError::Registry(_)
+        | ClusterError::OwnerGone { .. }
+        | ClusterError::Placement(_)
+        | ClusterError::Draining(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     Refusal(status, e.to_string())
 }

@@ -82,6 +82,9 @@ pub(crate) struct App {
     pub admin_on_main: bool,
     /// How answers name this server: trusted proxies' forwarded headers, the base path.
     pub(crate) public: public_url::PublicUrls,
+    /// Becomes true when the process drains (SIGTERM): every signalling session is told to
+    /// move (`migrate`).
+    pub(crate) drain: tokio::sync::watch::Sender<bool>,
 }
 
 impl App {
@@ -116,6 +119,7 @@ impl App {
             http_metrics: Arc::new(limits::HttpMetrics::default()),
             admin_on_main,
             public: public_url::PublicUrls::default(),
+            drain: tokio::sync::watch::channel(false).0,
         }
     }
 

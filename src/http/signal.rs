@@ -169,8 +169,22 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64, pee
     let mut bucket = Bucket::full(2.0 * rate, Instant::now());
     let silence = app.limits.ws_silence_limit;
     let mut writer_done = false;
+    let mut drain = app.drain.subscribe();
+    let mut told_to_move = false;
     let ending: Option<Ending> = loop {
         let msg = tokio::select! {
+            Ok(()) = drain.changed(), if !told_to_move => {
+                // The SDK's Publish and View listen for `migrate` (and ask for it in `view`'s
+                // events): reconnect through the director, then let this session go.
+                told_to_move = true;
+                out.send(json!({
+                    "type": "event",
+                    "name": "migrate",
+                    "data": {"streamId": stream, "reason": "draining"},
+                }));
+                info!(session = sid, stream, "told to move: this node is draining");
+                continue;
+            }
             m = tokio::time::timeout(silence, source.next()) => m,
             _ = session.removed.notified() => {
                 let room = claims.room.as_ref().map_or("", |b| b.room.as_str());

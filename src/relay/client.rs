@@ -491,9 +491,9 @@ impl LinkCtl {
         self
     }
 
-    /// A `LinkCtl` whose requests go to the returned queue instead of a link manager.
-    #[cfg(test)]
-    pub(crate) fn detached() -> (LinkCtl, mpsc::Receiver<LinkRequest>) {
+    /// A `LinkCtl` whose requests go to the returned queue instead of a link manager (a
+    /// router of several, or a test).
+    pub(crate) fn channel() -> (LinkCtl, mpsc::Receiver<LinkRequest>) {
         let (tx, rx) = mpsc::channel(LINK_REQUEST_QUEUE);
         let ctl = LinkCtl {
             tx,
@@ -593,7 +593,13 @@ pub(crate) async fn manage_link(
             tokio::select! {
                 req = rx.recv() => match req {
                     Some(req) => wants.apply(req, Some(&l)),
-                    None => return,
+                    None => {
+                        // Nobody needs this link any more (an edge following stream owners
+                        // dropped it): the origin forgets this edge's subscriptions at once.
+                        info!(origin = %cfg.origin, "origin link no longer needed: closing it");
+                        l.close().await;
+                        return;
+                    }
                 },
                 _ = l.closed() => {
                     let why = l.conn.close_reason().map(|r| r.to_string()).unwrap_or_default();

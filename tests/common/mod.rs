@@ -481,3 +481,12 @@ impl Redis {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 }
+
+/// Sends `sig` ("KILL", "TERM") to a chorus process; its `Proc` still reaps it when dropped.
+pub fn signal(p: &Proc, sig: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &p.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{sig} {}", p.child.id());
+}

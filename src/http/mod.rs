@@ -82,6 +82,9 @@ pub(crate) struct App {
     pub admin_on_main: bool,
     /// How answers name this server: trusted proxies' forwarded headers, the base path.
     pub(crate) public: public_url::PublicUrls,
+    /// TURN servers put in director answers, with fresh credentials (`--turn-url`); None =
+    /// `iceServers: []`.
+    pub(crate) turn: Option<crate::auth::turn::TurnServers>,
 }
 
 impl App {
@@ -116,7 +119,14 @@ impl App {
             http_metrics: Arc::new(limits::HttpMetrics::default()),
             admin_on_main,
             public: public_url::PublicUrls::default(),
+            turn: None,
         }
+    }
+
+    /// With TURN servers for the director's answers.
+    pub(crate) fn with_turn(mut self, turn: Option<crate::auth::turn::TurnServers>) -> App {
+        self.turn = turn;
+        self
     }
 
     /// Behind `--trusted-proxy` ranges and under `--base-path` (checked).

@@ -472,6 +472,33 @@ function roomPage() {
     try { return await run(); } finally { RTCPeerConnection.prototype.createOffer = orig; }
   };
 
+  // The ICE candidate pair a connection uses (getStats: the transport's selected pair), e.g.
+  // local {type: 'relay', relayProtocol: 'tcp'}: tells a relayed session from a direct one.
+  // Polled up to 2 s, as the pair may be reported a moment after 'connected'.
+  const selectedPair = async (pc) => {
+    for (let i = 0; i < 20; i++) {
+      const report = await pc.getStats();
+      let out = null;
+      report.forEach((s) => {
+        if (s.type !== 'transport' || !s.selectedCandidatePairId) return;
+        const pair = report.get(s.selectedCandidatePairId);
+        const l = pair && report.get(pair.localCandidateId), r = pair && report.get(pair.remoteCandidateId);
+        if (l && r) {
+          out = {
+            local: { type: l.candidateType, protocol: l.protocol, relayProtocol: l.relayProtocol, address: l.address, port: l.port },
+            remote: { type: r.candidateType, protocol: r.protocol, address: r.address, port: r.port },
+          };
+        }
+      });
+      if (out) return out;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    return null;
+  };
+  // The ICE servers the SDK gave the RTCPeerConnection (from the director's answer), without
+  // their credentials.
+  const iceServersOf = (pc) => (pc.getConfiguration().iceServers || []).map((s) => ({ urls: s.urls, username: s.username }));
+
   function recordError(rec, role, message, fatal = false) {
     rec.errors.push([now(), message]);
     emit({ event: 'error', role, message, fatal });
@@ -502,6 +529,8 @@ function roomPage() {
     if (!entry) throw new Error('no media stream ' + o.streamKey);
     const opts = { mediaStream: entry.stream, disableVideo: true, codec: 'vp8', dtx: !!o.dtx };
     if (o.sourceId !== null && o.sourceId !== undefined) opts.sourceId = o.sourceId;
+    if (o.peerConfig) opts.peerConfig = o.peerConfig;
+    if (o.priority !== null && o.priority !== undefined) opts.priority = o.priority;
     try {
       const connect = () => withTimeout(p.connect(opts), o.connectTimeoutMs, 'Publish.connect()');
       await (o.noLevel ? withoutAudioLevel(connect) : connect());
@@ -514,6 +543,8 @@ function roomPage() {
     }
     rec.publishedAt = now();
     rec.publisherId = p.signaling ? p.signaling.serverId : undefined;
+    rec.pair = await selectedPair(p.getRTCPeerConnection());
+    rec.iceServers = iceServersOf(p.getRTCPeerConnection());
     // outbound-rtp, media-source and remote-inbound-rtp (the server's RTCP
     // receiver reports) of the audio, every statsMs: tells a publisher that
     // stopped sending from a server that stopped forwarding.
@@ -626,6 +657,8 @@ function roomPage() {
       throw new Error(errText(e));
     }
     rec.connectedAt = now();
+    rec.pair = await selectedPair(pc);
+    rec.iceServers = iceServersOf(pc);
 
     // RMS of the last 2048 samples of every received audio track.
     R.timers.push(setInterval(() => {

@@ -26,6 +26,9 @@
 //   e2ee      a hex AES-128/256 key: the participant encrypts its published payloads end to end
 //             (RTCRtpScriptTransform, AES-GCM) and decrypts every track it views with it
 //   noLevel   true: its publish offer drops the RFC 6464 audio level extension
+//   relay     true: its Publish and View connect through TURN only (peerConfig
+//             iceTransportPolicy 'relay', with the director's iceServers)
+//   priority  its Publish's priority (redundant ingest of one sourceId)
 //
 // Order: all pages open and decode their corpus; all publishers connect;
 // all viewers connect (--viewers-first swaps the two); then every publisher
@@ -105,7 +108,7 @@ const participants = [];
     const part = {
       name, publish: null, view: null,
       token: p.token ?? null, subscribeToken: p.subscribeToken ?? null, room: p.room ?? null,
-      e2ee: p.e2ee ?? null, noLevel: !!p.noLevel,
+      e2ee: p.e2ee ?? null, noLevel: !!p.noLevel, relay: !!p.relay, priority: p.priority ?? null,
     };
     if (part.e2ee !== null && !/^([0-9a-fA-F]{32}|[0-9a-fA-F]{64})$/.test(part.e2ee)) usage(`${name}: e2ee must be a 32- or 64-digit hex key`);
     if (p.publish !== undefined && p.publish !== null) {
@@ -236,7 +239,8 @@ async function publishOne(p, extra = {}) {
   try {
     p.pubInfo = await roomPublish(p.page, {
       streamName, token: p.token ?? token, sourceId: p.publish.sourceId, streamKey: 'corpus', connectTimeoutMs, dtx, statsMs,
-      e2ee: p.e2ee, noLevel: p.noLevel, ...extra,
+      e2ee: p.e2ee, noLevel: p.noLevel, priority: p.priority,
+      peerConfig: p.relay ? { iceTransportPolicy: 'relay' } : null, ...extra,
     });
   } catch (e) { throw Object.assign(new Error(`publish failed: ${cleanMsg(e)}`), { participant: p.name }); }
   emit({ event: 'published', name: p.name, ...p.pubInfo });
@@ -247,6 +251,7 @@ async function viewOne(p) {
   const connectOptions = { disableVideo: true, multiplexedAudioTracks: v.tracks, events: v.events };
   if (v.pinned !== null) connectOptions.pinnedSourceId = v.pinned;
   if (v.exclude.length) connectOptions.excludedSourceIds = v.exclude;
+  if (p.relay) connectOptions.peerConfig = { iceTransportPolicy: 'relay' };
   let info;
   try {
     info = await roomView(p.page, {

@@ -39,3 +39,46 @@ pub fn loudest(e: &[(f64, f64)], from: f64, to: f64) -> f64 {
         .map(|x| x.1)
         .fold(0.0, f64::max)
 }
+
+/// The final `report` line of a tool's stdout.
+pub fn report(out: &std::process::Output) -> Value {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["event"] == "report")
+        .unwrap_or_else(|| {
+            panic!(
+                "no report; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+/// Runs room.mjs with `spec` for `seconds` against `http` (publish token `token`) to its end;
+/// its report, once it succeeded.
+pub fn run(
+    http: std::net::SocketAddr,
+    stream: &str,
+    token: &str,
+    seconds: u32,
+    spec: &Value,
+) -> Value {
+    let (dir, script) = super::node_harness("room.mjs");
+    let out = std::process::Command::new("node")
+        .current_dir(&dir)
+        .arg(script)
+        .args(["--endpoint", &format!("http://{http}")])
+        .args(["--stream", stream, "--token", token])
+        .arg("--corpus")
+        .arg(super::corpus())
+        .args([
+            "--seconds",
+            &seconds.to_string(),
+            "--spec",
+            &spec.to_string(),
+        ])
+        .output()
+        .unwrap();
+    super::assert_succeeded(&out, "room.mjs");
+    report(&out)
+}

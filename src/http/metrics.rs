@@ -151,7 +151,7 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             &mut out,
             "chorus_origin_replacements_total",
             "counter",
-            "Publications that replaced a live one of the same sourceId.",
+            "Publications that took over from a live feed of the same sourceId (which stays connected as standby).",
             &[("", g(&m.replacements_total))],
         );
         metric(

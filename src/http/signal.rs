@@ -368,7 +368,11 @@ fn publish(
         return Err(CommandError::ViewToken);
     }
     check_stream(claims, data, "name")?;
-    let PublishCmd { sdp, source } = PublishCmd::parse(data)?;
+    let PublishCmd {
+        sdp,
+        source,
+        priority,
+    } = PublishCmd::parse(data)?;
     let published = flow::publish(
         app,
         PublishAsk {
@@ -378,6 +382,7 @@ fn publish(
             room: claims.room.as_ref(),
             owner: Owner::Signalling(sid),
             peer,
+            priority,
         },
     )?;
     Ok(json!({

@@ -119,19 +119,19 @@ const HARNESS_JS = `
       if (start) h.startStream(name);
       return { name, trackId: dest.stream.getAudioTracks()[0].id };
     },
-    // Starts playback now (a no-op if already playing). startedWall is the
-    // wall clock (Date.now()) of the start, startedAt the AudioContext time.
-    startStream(name) {
+    // Starts playback now (a no-op if already playing), offset seconds into the buffer.
+    // startedWall is the wall clock (Date.now()) of the start, startedAt the AudioContext time.
+    startStream(name, offset = 0) {
       const e = h.streams[name];
       if (!e) throw new Error('no media stream ' + name);
-      if (e.startedAt === null) { e.source.start(); e.startedAt = h.ctx.currentTime; e.startedWall = Date.now(); }
+      if (e.startedAt === null) { e.source.start(0, offset); e.startedAt = h.ctx.currentTime; e.startedWall = Date.now(); }
       return { name, startedAt: e.startedAt, startedWall: e.startedWall, duration: e.source.buffer.duration, loop: e.source.loop };
     },
     // Starts playback when Date.now() reaches wallMs (pages of one browser
     // share the clock, so several pages can start their corpus together).
-    startStreamAt(name, wallMs) {
+    startStreamAt(name, wallMs, offset = 0) {
       return new Promise((resolve, reject) => {
-        setTimeout(() => { try { resolve(h.startStream(name)); } catch (err) { reject(err); } },
+        setTimeout(() => { try { resolve(h.startStream(name, offset)); } catch (err) { reject(err); } },
                    Math.max(0, wallMs - Date.now()));
       });
     },
@@ -811,6 +811,6 @@ export async function roomReport(page) {
  * Start the corpus MediaStream `name` (made with corpusStream(..., {start:
  * false})) at wall clock wallMs. Returns {startedWall, startedAt, duration, loop}.
  */
-export async function startCorpusAt(page, name, wallMs) {
-  return page.evaluate(([n, w]) => window.harness.startStreamAt(n, w), [name, wallMs]);
+export async function startCorpusAt(page, name, wallMs, offset = 0) {
+  return page.evaluate(([n, w, o]) => window.harness.startStreamAt(n, w, o), [name, wallMs, offset]);
 }

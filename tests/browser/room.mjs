@@ -23,6 +23,8 @@
 //             command line's); a room token works for both
 //   room      a room token: the page opens the room socket of the room named --stream
 //   publishLater  true: publish only on the `publish NAME` command
+//   inSync    with publishLater: its corpus starts where the others' are then (a second
+//             device of a member playing the same sound in step)
 //   e2ee      a hex AES-128/256 key: the participant encrypts its published payloads end to end
 //             (RTCRtpScriptTransform, AES-GCM) and decrypts every track it views with it
 //   noLevel   true: its publish offer drops the RFC 6464 audio level extension
@@ -109,6 +111,7 @@ const participants = [];
       name, publish: null, view: null,
       token: p.token ?? null, subscribeToken: p.subscribeToken ?? null, room: p.room ?? null,
       e2ee: p.e2ee ?? null, noLevel: !!p.noLevel, relay: !!p.relay, priority: p.priority ?? null,
+      inSync: !!p.inSync,
     };
     if (part.e2ee !== null && !/^([0-9a-fA-F]{32}|[0-9a-fA-F]{64})$/.test(part.e2ee)) usage(`${name}: e2ee must be a 32- or 64-digit hex key`);
     if (p.publish !== undefined && p.publish !== null) {
@@ -337,7 +340,9 @@ async function runCommand(line) {
       const p = target(name, false); if (!p) return;
       if (!p.publish) return fail(name, `${name} has nothing to publish`);
       await publishOne(p, { roomCredentials: true });
-      const s = await startCorpusAt(p.page, 'corpus', Date.now());
+      const at = Date.now();
+      const offset = p.inSync && corpusStartAt ? ((at - corpusStartAt) / 1000) % p.corpus.duration : 0;
+      const s = await startCorpusAt(p.page, 'corpus', at, offset);
       p.corpus = { ...p.corpus, startedWall: s.startedWall, scheduledWall: s.startedWall };
       emit({ event: 'corpus-start', name: p.name, sourceId: p.publish.sourceId, startedWall: s.startedWall, scheduled: s.startedWall });
       return;

@@ -6,12 +6,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{corpus, get_json, node_harness, Proc, Reaped};
+use common::{get_json, room_tool, Proc};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "test-publish-token";
@@ -37,28 +34,6 @@ fn feeds(p: &Proc) -> Option<(String, Vec<String>)> {
     Some((s["publisherId"].as_str()?.to_owned(), standby))
 }
 
-/// The next line of room.mjs that `pred` accepts, within `limit`; every line read lands in
-/// `seen`.
-fn next(
-    rx: &mpsc::Receiver<Value>,
-    seen: &mut Vec<Value>,
-    limit: Duration,
-    what: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let v = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no {what} within {limit:?}; seen: {seen:#?}"));
-        seen.push(v.clone());
-        if pred(&v) {
-            return v;
-        }
-    }
-}
-
 #[test]
 fn two_sdk_publishers_of_one_source_stand_by_and_take_over_within_a_second() {
     let _serial = common::serial();
@@ -71,56 +46,18 @@ fn two_sdk_publishers_of_one_source_stand_by_and_take_over_within_a_second() {
         {"name": "backup", "publish": "host", "sourceId": "m", "publishLater": true, "inSync": true},
         {"name": "listener", "view": {"tracks": 2}},
     ]);
-    let (dir, script) = node_harness("room.mjs");
     let seconds = STABLE.as_secs() + 20;
-    let mut child = Command::new("node")
-        .current_dir(&dir)
-        .arg(script)
-        .args(["--endpoint", &format!("http://{}", p.http())])
-        .args(["--stream", "dup", "--token", TOKEN])
-        .arg("--corpus")
-        .arg(corpus())
-        .args(["--seconds", &seconds.to_string()])
-        .args(["--spec", &spec.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let child = Reaped(child);
-    // Drained on a thread of its own, so the tool never blocks on a full pipe.
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                let _ = tx.send(v);
-            }
-        }
-    });
-    let mut seen = Vec::new();
+    let mut tool = room_tool::Live::start(p.http(), "dup", TOKEN, seconds, &spec);
     let published =
         |name: &'static str| move |v: &Value| v["event"] == "published" && v["name"] == name;
-    let main = next(
-        &rx,
-        &mut seen,
-        Duration::from_secs(60),
-        "main published",
-        published("main"),
-    );
-    let corpus_start = next(
-        &rx,
-        &mut seen,
-        Duration::from_secs(60),
-        "corpus start",
-        |v| v["event"] == "corpus-start",
-    )["startedWall"]
+    let main = tool.next(Duration::from_secs(60), "main published", published("main"));
+    let corpus_start = tool.next(Duration::from_secs(60), "corpus start", |v| {
+        v["event"] == "corpus-start"
+    })["startedWall"]
         .as_f64()
         .unwrap();
-    writeln!(stdin, "publish backup").unwrap();
-    let backup = next(
-        &rx,
-        &mut seen,
+    tool.send("publish backup");
+    let backup = tool.next(
         Duration::from_secs(30),
         "backup published",
         published("backup"),
@@ -142,12 +79,11 @@ fn two_sdk_publishers_of_one_source_stand_by_and_take_over_within_a_second() {
             start.elapsed()
         );
         samples += 1;
-        while let Ok(v) = rx.try_recv() {
-            seen.push(v);
-        }
+        tool.drain();
         std::thread::sleep(Duration::from_millis(500));
     }
-    let flips: Vec<&Value> = seen
+    let flips: Vec<&Value> = tool
+        .seen
         .iter()
         .filter(|v| {
             (v["event"] == "pc-state"
@@ -157,7 +93,11 @@ fn two_sdk_publishers_of_one_source_stand_by_and_take_over_within_a_second() {
                 || v["event"] == "error"
         })
         .collect();
-    let publishes = seen.iter().filter(|v| v["event"] == "published").count();
+    let publishes = tool
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "published")
+        .count();
     assert!(
         flips.is_empty() && publishes == 2,
         "{flips:?} ({publishes} publishes)"
@@ -172,7 +112,7 @@ fn two_sdk_publishers_of_one_source_stand_by_and_take_over_within_a_second() {
     std::thread::sleep(Duration::from_millis(wait as u64));
     let left_at = Instant::now();
     let left_wall = common::unix_ms();
-    writeln!(stdin, "leave main").unwrap();
+    tool.send("leave main");
     let takeover = loop {
         if let Some((playing, standby)) = feeds(&p) {
             if playing == backup_id {
@@ -192,15 +132,10 @@ fn two_sdk_publishers_of_one_source_stand_by_and_take_over_within_a_second() {
     );
     assert!(takeover < Duration::from_secs(1), "{takeover:?}");
 
-    let rep = next(
-        &rx,
-        &mut seen,
-        Duration::from_secs(seconds + 30),
-        "report",
-        |v| v["event"] == "report",
-    );
-    drop(stdin);
-    drop(child);
+    let rep = tool.next(Duration::from_secs(seconds + 30), "report", |v| {
+        v["event"] == "report"
+    });
+    drop(tool);
     let v = &rep["participants"]["listener"]["view"];
     let events = v["events"].as_array().unwrap();
     // vad follows the host's turns in one track (m while it talks, empty in its pauses), and

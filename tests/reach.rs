@@ -7,7 +7,7 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::{post_json, room_tool, Proc, Reaped};
 use serde_json::{json, Value};
@@ -287,4 +287,83 @@ fn sdk_publishes_and_views_relay_only_through_coturn_over_udp() {
 #[test]
 fn sdk_publishes_and_views_relay_only_through_coturn_over_tcp() {
     relay_only_room("tcp");
+}
+
+/// The wall time (ms) of the first `pc-state connected` of `role` after `after`.
+fn connected_after(tool: &mut room_tool::Live, role: &str, after: f64) -> f64 {
+    tool.next(
+        std::time::Duration::from_secs(30),
+        &format!("{role} connected again"),
+        |v| {
+            v["event"] == "pc-state"
+                && v["role"] == role
+                && v["state"] == "connected"
+                && v["t"].as_f64().unwrap() > after
+        },
+    )["t"]
+        .as_f64()
+        .unwrap()
+}
+
+/// The operator ends a viewer's and then a publisher's signalling session
+/// (`POST /api/streams/{name}/disconnect?scope=...`): the SDK, with its own autoReconnect,
+/// comes back through the director by itself. The time is measured, from the disconnect to
+/// the new peer connection's `connected`.
+#[test]
+fn sdk_reconnects_by_itself_after_the_operator_ends_its_sessions() {
+    let _serial = common::serial();
+    let p = common::serve(TOKEN);
+    let spec = json!([
+        {"name": "p", "publish": "host", "autoReconnect": true},
+        {"name": "v", "view": {"tracks": 2}, "autoReconnect": true},
+    ]);
+    let mut tool = room_tool::Live::start(p.http(), "rc", TOKEN, 45, &spec);
+    tool.next(Duration::from_secs(60), "corpus start", |v| {
+        v["event"] == "corpus-start"
+    });
+    let mut took = Vec::new();
+    for (scope, role) in [("subscribe", "view"), ("publish", "publish")] {
+        std::thread::sleep(Duration::from_secs(2));
+        let at = common::unix_ms();
+        let (status, v) = post_json(
+            p.http(),
+            &format!("/api/streams/rc/disconnect?scope={scope}"),
+            None,
+            "",
+        );
+        assert_eq!((status, &v), (200, &json!({"disconnected": 1})));
+        let back = connected_after(&mut tool, role, at);
+        eprintln!("{role}: back {:.0} ms after the disconnect", back - at);
+        took.push((role, back - at));
+    }
+    // The publication is back at the origin, and the viewer hears it again.
+    common::wait_for("host published again", Duration::from_secs(10), || {
+        let (_, v) = common::get_json(p.http(), "/api/streams/rc");
+        (v["sources"][0]["audio"]["packets"].as_u64() > Some(50)).then_some(())
+    });
+    let reconnected_at = common::unix_ms();
+    std::thread::sleep(Duration::from_secs(8));
+    tool.send("quit");
+    let rep = tool.next(Duration::from_secs(30), "report", |v| {
+        v["event"] == "report"
+    });
+    let parts = &rep["participants"];
+    for (name, role) in [("p", "publish"), ("v", "view")] {
+        let n = parts[name][role]["reconnects"].as_array().unwrap().len();
+        assert!(n >= 1, "{name}: no reconnect recorded");
+    }
+    let v = &parts["v"]["view"];
+    let loud = v["tracks"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|mid| room_tool::loudest(&room_tool::energy(v, mid), reconnected_at, f64::MAX))
+        .fold(0.0, f64::max);
+    assert!(loud > 0.02, "silent after the reconnects: {loud}");
+    // SDK 0.6.1 reconnects only once its RTCPeerConnection leaves "connected": Chromium says
+    // "disconnected" when ICE consent checks go unanswered (~7 s), the SDK waits 1.5 s more.
+    // The target is 5 s; this bound is what the SDK can do today (see the README).
+    for (role, ms) in took {
+        assert!(ms < 12_000.0, "{role} took {ms} ms to come back");
+    }
 }

@@ -166,9 +166,16 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64, pee
     let mut bucket = Bucket::full(2.0 * rate, Instant::now());
     let silence = app.limits.ws_silence_limit;
     let mut writer_done = false;
+    let disconnect = app.sessions.open(sid, &stream, claims.scope);
     let ending: Option<Ending> = loop {
         let msg = tokio::select! {
             m = tokio::time::timeout(silence, source.next()) => m,
+            _ = disconnect.notified() => {
+                break Some(Ending {
+                    code: super::sessions::CLOSE_DISCONNECTED,
+                    reason: "disconnected by the operator: reconnect through the director".into(),
+                });
+            }
             _ = session.removed.notified() => {
                 let room = claims.room.as_ref().map_or("", |b| b.room.as_str());
                 break Some(Ending {
@@ -232,6 +239,7 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64, pee
             break Some(socket::too_many_refused(&metrics, out.refused.get()));
         }
     };
+    app.sessions.closed(sid);
     if let Some(origin) = &app.origin {
         origin.drop_owner(Owner::Signalling(sid));
     }

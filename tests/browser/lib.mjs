@@ -517,12 +517,16 @@ function roomPage() {
       return c ? Promise.resolve(c) : millicast.Director.getPublisher({ token: o.token, streamName: o.streamName });
     };
     if (o.e2ee) installE2ee(o.e2ee);
-    const p = R.pub = new millicast.Publish(null, tokenGenerator, false);
+    // o.autoReconnect: the SDK's own reconnect (its reconnect events are recorded; the ends
+    // it recovers from are not errors).
+    const p = R.pub = new millicast.Publish(null, tokenGenerator, !!o.autoReconnect);
+    rec.reconnects = [];
+    p.on('reconnect', (r) => { rec.reconnects.push([now(), errText(r && r.error)]); emit({ event: 'reconnect', role: 'publish' }); });
     const stopping = () => R.closing || rec.stoppedAt;
     p.on('connectionStateChange', (s) => {
       rec.pcStates.push([now(), s]);
       emit({ event: 'pc-state', role: 'publish', state: s });
-      if (rec.publishedAt && !stopping() && (s === 'failed' || s === 'closed')) recordError(rec, 'publish', 'publish peer connection ' + s);
+      if (rec.publishedAt && !stopping() && !o.autoReconnect && (s === 'failed' || s === 'closed')) recordError(rec, 'publish', 'publish peer connection ' + s);
     });
     p.on('broadcastEvent', (ev) => rec.events.push({ t: now(), name: ev && ev.name, data: ev && ev.data }));
     const entry = window.harness.streams[o.streamKey];
@@ -578,7 +582,8 @@ function roomPage() {
       }, o.statsMs));
     }
     if (p.signaling) p.signaling.on('wsConnectionClose', () => {
-      if (!stopping()) recordError(rec, 'publish', 'publish signalling WebSocket closed by the server');
+      rec.wsClosedAt = now();
+      if (!stopping() && !o.autoReconnect) recordError(rec, 'publish', 'publish signalling WebSocket closed by the server');
     });
     return { sourceId: o.sourceId, publishedAt: rec.publishedAt, publisherId: rec.publisherId,
              signallingMs: rec.signalledAt - rec.startAt, connectMs: rec.publishedAt - rec.startAt };
@@ -597,7 +602,9 @@ function roomPage() {
     if (o.subscribeToken) sub.subscriberToken = o.subscribeToken;
     const tokenGenerator = () => millicast.Director.getSubscriber(sub);
     if (o.e2ee) installE2ee(o.e2ee);
-    const v = R.view = new millicast.View(null, tokenGenerator, null, false);
+    const v = R.view = new millicast.View(null, tokenGenerator, null, !!o.autoReconnect);
+    rec.reconnects = [];
+    v.on('reconnect', (r) => { rec.reconnects.push([now(), errText(r && r.error)]); emit({ event: 'reconnect', role: 'view' }); });
     const analysers = {};
     v.on('broadcastEvent', (ev) => {
       const e = { t: now(), name: ev && ev.name, data: ev && ev.data };
@@ -607,7 +614,7 @@ function roomPage() {
     v.on('connectionStateChange', (s) => {
       rec.pcStates.push([now(), s]);
       emit({ event: 'pc-state', role: 'view', state: s });
-      if (rec.connectedAt && !R.closing && (s === 'failed' || s === 'closed')) recordError(rec, 'view', 'view peer connection ' + s);
+      if (rec.connectedAt && !R.closing && !o.autoReconnect && (s === 'failed' || s === 'closed')) recordError(rec, 'view', 'view peer connection ' + s);
     });
     v.on('error', (e) => recordError(rec, 'view', 'View error event: ' + errText(e)));
     // Chrome only feeds a remote track to WebAudio while a media element
@@ -648,7 +655,7 @@ function roomPage() {
     rec.streamViewId = v.signaling ? v.signaling.streamViewId : undefined;
     if (v.signaling) v.signaling.on('wsConnectionClose', () => {
       rec.wsClosedAt = now();
-      if (!R.closing) recordError(rec, 'view', 'view signalling WebSocket closed by the server');
+      if (!R.closing && !o.autoReconnect) recordError(rec, 'view', 'view signalling WebSocket closed by the server');
     });
     try {
       await waitConnected(pc, o.connectTimeoutMs);

@@ -31,6 +31,8 @@
 //   relay     true: its Publish and View connect through TURN only (peerConfig
 //             iceTransportPolicy 'relay', with the director's iceServers)
 //   priority  its Publish's priority (redundant ingest of one sourceId)
+//   autoReconnect  true: its Publish and View reconnect by themselves (the SDK's own
+//             autoReconnect); `reconnect` lines say when they start
 //
 // Order: all pages open and decode their corpus; all publishers connect;
 // all viewers connect (--viewers-first swaps the two); then every publisher
@@ -111,7 +113,7 @@ const participants = [];
       name, publish: null, view: null,
       token: p.token ?? null, subscribeToken: p.subscribeToken ?? null, room: p.room ?? null,
       e2ee: p.e2ee ?? null, noLevel: !!p.noLevel, relay: !!p.relay, priority: p.priority ?? null,
-      inSync: !!p.inSync,
+      inSync: !!p.inSync, autoReconnect: !!p.autoReconnect,
     };
     if (part.e2ee !== null && !/^([0-9a-fA-F]{32}|[0-9a-fA-F]{64})$/.test(part.e2ee)) usage(`${name}: e2ee must be a 32- or 64-digit hex key`);
     if (p.publish !== undefined && p.publish !== null) {
@@ -242,7 +244,7 @@ async function publishOne(p, extra = {}) {
   try {
     p.pubInfo = await roomPublish(p.page, {
       streamName, token: p.token ?? token, sourceId: p.publish.sourceId, streamKey: 'corpus', connectTimeoutMs, dtx, statsMs,
-      e2ee: p.e2ee, noLevel: p.noLevel, priority: p.priority,
+      e2ee: p.e2ee, noLevel: p.noLevel, priority: p.priority, autoReconnect: p.autoReconnect,
       peerConfig: p.relay ? { iceTransportPolicy: 'relay' } : null, ...extra,
     });
   } catch (e) { throw Object.assign(new Error(`publish failed: ${cleanMsg(e)}`), { participant: p.name }); }
@@ -259,7 +261,7 @@ async function viewOne(p) {
   try {
     info = await roomView(p.page, {
       streamName, accountId: 'chorus', subscribeToken: p.subscribeToken ?? subscribeToken, connectOptions, muted: v.muted,
-      sampleMs, statsMs, connectTimeoutMs, e2ee: p.e2ee,
+      sampleMs, statsMs, connectTimeoutMs, e2ee: p.e2ee, autoReconnect: p.autoReconnect,
     });
   } catch (e) { throw Object.assign(new Error(`view failed: ${cleanMsg(e)}`), { participant: p.name }); }
   emit({ event: 'viewing', name: p.name, ...info });

@@ -9,6 +9,8 @@
 #                                 if missing; never started or enabled here)
 #   - Debian's nginx and curl    (tests/deploy.rs: chorus behind a TLS proxy; apt only if
 #                                 missing; the test runs nginx itself, no service is started)
+#   - Debian's coturn            (tests/reach.rs: TURN relay; apt only if missing; the test
+#                                 runs turnserver itself on loopback, no service is started)
 # Usage: scripts/setup-test-deps.sh [--no-browser] [--no-python]
 set -euo pipefail
 
@@ -140,6 +142,20 @@ if [ "$want_browser" -eq 1 ]; then
   fi
   if ! command -v curl >/dev/null 2>&1; then
     apt_install curl
+  fi
+fi
+
+# ------------------------------------------------------------------ TURN
+# tests/reach.rs starts turnserver as its own child on free loopback ports; the package's
+# service is stopped and disabled at once when this script installed it.
+if [ "$want_browser" -eq 1 ]; then
+  if command -v turnserver >/dev/null 2>&1; then
+    say "coturn present: $(turnserver --version 2>/dev/null | head -n1)"
+  else
+    apt_install coturn
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+      $SUDO systemctl disable --now coturn >/dev/null 2>&1 || true
+    fi
   fi
 fi
 

@@ -129,6 +129,22 @@ struct CommonServer {
     /// unchanged). Default: the root.
     #[arg(long, default_value = "", env = "CHORUS_BASE_PATH")]
     base_path: String,
+    /// A TURN server director answers hand out (repeatable, e.g.
+    /// turn:turn.example.com:3478?transport=udp, ...?transport=tcp,
+    /// turns:turn.example.com:5349?transport=tcp), with credentials signed by --turn-secret.
+    #[arg(long = "turn-url", value_name = "URI")]
+    turn_url: Vec<String>,
+    /// The TURN server's shared secret (coturn: static-auth-secret, with use-auth-secret).
+    #[arg(
+        long,
+        env = "CHORUS_TURN_SECRET",
+        hide_env_values = true,
+        conflicts_with = "turn_secret_file"
+    )]
+    turn_secret: Option<String>,
+    /// A file holding the TURN shared secret (one line; kept out of the process list).
+    #[arg(long, env = "CHORUS_TURN_SECRET_FILE", value_name = "PATH")]
+    turn_secret_file: Option<PathBuf>,
 }
 
 #[derive(Args, Clone, Default)]
@@ -471,6 +487,13 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| e.to_string())
 }
 
+/// A secret kept in a file: its first line, without the line ending.
+fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--turn-secret-file {}: {e}", path.display()))?;
+    Ok(text.lines().next().unwrap_or("").trim().to_owned())
+}
+
 fn run_server(
     c: CommonServer,
     rooms: OriginSideArgs,
@@ -528,6 +551,12 @@ fn run_server(
         },
         trusted_proxies: c.trusted_proxy,
         base_path: c.base_path,
+        turn_urls: c.turn_url,
+        turn_secret: match (c.turn_secret, &c.turn_secret_file) {
+            (Some(s), _) => Some(s),
+            (None, Some(path)) => Some(read_secret_file(path)?),
+            (None, None) => None,
+        },
     };
     runtime()?.block_on(async {
         let running = server::start(&opts).await.map_err(|e| e.to_string())?;

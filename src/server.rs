@@ -10,6 +10,7 @@ use crate::auth::identity::{Identity, IdentityError};
 use crate::auth::jwt::{JwtSigner, JwtVerifier};
 use crate::auth::random_secret;
 use crate::auth::tokens::{TokenFileError, Tokens};
+use crate::auth::turn::{TurnConfigError, TurnServers, TURN_CREDENTIAL_TTL_SECS};
 use crate::cluster::{self, Cluster, Load, NodeRecord, NodeState};
 use crate::edge::follow::RouterConfig;
 use crate::edge::{Edge, Uplink};
@@ -93,6 +94,10 @@ pub struct ServerOptions {
     pub trusted_proxies: Vec<Cidr>,
     /// Path prefix of every route (`--base-path`, e.g. `/chorus`); empty = the root.
     pub base_path: String,
+    /// TURN URIs put in director answers (`--turn-url`, repeatable).
+    pub turn_urls: Vec<String>,
+    /// The TURN server's shared secret (`--turn-secret`) that signs their credentials.
+    pub turn_secret: Option<String>,
 }
 
 /// A running process's addresses, printed as one JSON line when ready.
@@ -159,6 +164,24 @@ pub enum StartError {
     /// More `--trusted-proxy` ranges than [`MAX_TRUSTED_PROXIES`].
     #[error("at most {MAX_TRUSTED_PROXIES} --trusted-proxy ranges (got {0}); use wider ranges")]
     TooManyProxies(usize),
+    /// `--turn-url` / `--turn-secret` refused.
+    #[error(transparent)]
+    Turn(#[from] TurnConfigError),
+}
+
+/// The checked TURN settings (`--turn-url`, `--turn-secret`); the start log names the URLs,
+/// never the secret.
+fn turn_servers(opts: &ServerOptions) -> Result<Option<TurnServers>, StartError> {
+    let turn = TurnServers::from_flags(&opts.turn_urls, opts.turn_secret.as_deref())?;
+    match &turn {
+        Some(t) => info!(
+            urls = t.urls().join(" ").as_str(),
+            ttl_secs = TURN_CREDENTIAL_TTL_SECS,
+            "director answers carry these TURN servers with short-lived credentials"
+        ),
+        None => info!("no --turn-url: director answers carry no TURN servers (iceServers: [])"),
+    }
+    Ok(turn)
 }
 
 /// The checked `--trusted-proxy` ranges and `--base-path`.
@@ -350,6 +373,7 @@ fn start_cluster(
 pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
     check_dev_exposure(opts)?;
     let public = public_urls(opts)?;
+    let turn = turn_servers(opts)?;
     let tokens = load_tokens(opts)?;
     // Bound first: an edge announces its signalling URL to the origin when it links.
     let listener = tokio::net::TcpListener::bind(opts.http)
@@ -540,7 +564,8 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
             opts.limits.clone(),
             admin_on_main,
         )
-        .with_public(public),
+        .with_public(public)
+        .with_turn(turn),
     );
     if app.origin.is_some() {
         let policy: Arc<dyn SubscribePolicy> = app.clone();

@@ -5,10 +5,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use chorus::replay::{corpus as corpus_files, truth};
+use common::room_tool::report;
 use common::{corpus, get_json, node_harness, wait_for, Proc};
 use serde_json::{json, Value};
 
@@ -24,20 +25,6 @@ fn whip(http: std::net::SocketAddr, stream: &str, source: &str, seconds: u32) ->
         .spawn()
         .unwrap();
     common::Reaped(child)
-}
-
-/// The final `report` line of a tool's stdout.
-fn report(out: &Output) -> Value {
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|v| v["event"] == "report")
-        .unwrap_or_else(|| {
-            panic!(
-                "no report; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
 }
 
 /// Checks one WHEP report: every track that carried media is one continuous, decodable stream.

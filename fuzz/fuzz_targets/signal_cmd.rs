@@ -76,7 +76,7 @@ fn commands(data: &Value) {
             if let Some(s) = &p.source {
                 source_ok(s);
             }
-            let again = json!({"sdp": p.sdp, "sourceId": p.source});
+            let again = json!({"sdp": p.sdp, "sourceId": p.source, "priority": p.priority});
             assert_eq!(PublishCmd::parse(&again), Ok(p));
         }
         Err(e) => assert!(!e.to_string().is_empty()),

@@ -4,6 +4,7 @@
 pub mod identity;
 pub mod jwt;
 pub mod tokens;
+pub mod turn;
 
 /// Why a request was refused. Every variant maps to a 401 with a `fail` body.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,6 +16,7 @@ use serde_json::json;
 use super::listen::peer_ip;
 use super::{bearer, fail, flow, relayed_refusal, App, Refusal};
 use crate::auth::jwt::{RoomBinding, Scope};
+use crate::auth::unix_now;
 use crate::millicast::{check_stream_name, director_answer};
 use crate::origin::relay_server::SubscribePolicy;
 
@@ -38,9 +39,20 @@ pub(crate) fn ws_url(app: &App, peer: &ConnectInfo<SocketAddr>, headers: &Header
         .ws_url(app.public_ws.as_deref(), peer_ip(peer), headers)
 }
 
-/// A director answer; a room member's also says which sourceId it must publish.
-fn success(url: String, jwt: String, room: Option<&RoomBinding>) -> Response {
+/// A director answer for `stream`, with this process's TURN servers and fresh credentials
+/// (their user part is the stream name: coturn's log then says which stream relays); a room
+/// member's also says which sourceId it must publish.
+fn success(
+    app: &App,
+    stream: &str,
+    url: String,
+    jwt: String,
+    room: Option<&RoomBinding>,
+) -> Response {
     let mut data = director_answer(url, jwt);
+    if let Some(turn) = &app.turn {
+        data["iceServers"] = turn.ice_servers(stream, unix_now());
+    }
     if let Some(b) = room {
         data["sourceId"] = json!(b.member_id);
         data["memberId"] = json!(b.member_id);
@@ -110,7 +122,7 @@ pub(crate) async fn publish(
         Err(e) => return super::cluster::refusal(e).into_response(),
     };
     let jwt = signer.issue_bound(&stream, Scope::Publish, room.clone());
-    success(url, jwt, room.as_ref())
+    success(&app, &stream, url, jwt, room.as_ref())
 }
 
 pub(crate) async fn subscribe(
@@ -158,7 +170,7 @@ pub(crate) async fn subscribe(
         (None, None) => unreachable!("a process runs an origin, an edge or both"),
     };
     match jwt {
-        Ok(jwt) => success(url, jwt, None),
+        Ok(jwt) => success(&app, &stream, url, jwt, None),
         Err(refusal) => refusal.into_response(),
     }
 }

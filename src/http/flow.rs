@@ -10,7 +10,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::Notify;
-use tracing::warn;
 
 use super::limits::OfferRefused;
 use super::room_views::HeldView;
@@ -115,6 +114,8 @@ pub(crate) struct PublishAsk<'a> {
     pub room: Option<&'a RoomBinding>,
     pub owner: Owner,
     pub peer: IpAddr,
+    /// Redundant ingest: the feed of highest priority plays (0 when none was asked).
+    pub priority: i32,
 }
 
 /// Publishes: a room member's rules, the offer rate limit, the origin's answer; a member
@@ -130,13 +131,9 @@ pub(crate) fn publish(app: &App, ask: PublishAsk<'_>) -> Result<Published, FlowE
         rooms::check_room_publish(app, b, ask.source.as_deref(), ask.offer)?;
     }
     app.take_offer(ask.peer)?;
-    let source = ask.source.clone();
-    let published = origin.publish(ask.stream, ask.source, ask.offer, ask.owner)?;
+    let published = origin.publish(ask.stream, ask.source, ask.offer, ask.owner, ask.priority)?;
     if let Some(b) = ask.room {
         rooms::confirm_room_publish(app, b)?;
-    }
-    if published.replaced {
-        warn!(stream = ask.stream, source = ?source, "a live publication of this sourceId was replaced");
     }
     Ok(published)
 }

@@ -112,6 +112,8 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
                 ("reason=\"undeclared_ssrc\"", g(&p.undeclared_ssrc)),
                 ("reason=\"unroutable\"", g(&p.unroutable)),
                 ("reason=\"stun_refused\"", g(&p.stun_refused)),
+                // Consent checks of peers the server ended: answered with a STUN 403.
+                ("reason=\"stun_ended\"", g(&p.stun_ended)),
                 ("reason=\"udp_send\"", g(&p.send_errors)),
             ],
         );
@@ -151,7 +153,7 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             &mut out,
             "chorus_origin_replacements_total",
             "counter",
-            "Publications that replaced a live one of the same sourceId.",
+            "Publications that took over from a live feed of the same sourceId (which stays connected as standby).",
             &[("", g(&m.replacements_total))],
         );
         metric(
@@ -279,6 +281,8 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
                 ("reason=\"viewer_flood\"", g(&p.flood_drops)),
                 ("reason=\"unroutable\"", g(&p.unroutable)),
                 ("reason=\"stun_refused\"", g(&p.stun_refused)),
+                // Consent checks of peers the server ended: answered with a STUN 403.
+                ("reason=\"stun_ended\"", g(&p.stun_ended)),
                 ("reason=\"udp_send\"", g(&p.send_errors)),
             ],
         );

@@ -13,6 +13,7 @@ pub mod public_url;
 pub(crate) mod resources;
 pub(crate) mod room_views;
 pub(crate) mod rooms;
+pub(crate) mod sessions;
 pub(crate) mod signal;
 // Crate-private but for the fuzz targets, which reach it through `crate::fuzzing` (feature
 // `tools`): its `pub` items are unreachable in the server build alone, where the lint would
@@ -85,6 +86,11 @@ pub(crate) struct App {
     /// Becomes true when the process drains (SIGTERM): every signalling session is told to
     /// move (`migrate`).
     pub(crate) drain: tokio::sync::watch::Sender<bool>,
+    /// TURN servers put in director answers, with fresh credentials (`--turn-url`); None =
+    /// `iceServers: []`.
+    pub(crate) turn: Option<crate::auth::turn::TurnServers>,
+    /// Open signalling sessions, for the operator's disconnect.
+    pub(crate) sessions: sessions::Sessions,
 }
 
 impl App {
@@ -120,7 +126,15 @@ impl App {
             admin_on_main,
             public: public_url::PublicUrls::default(),
             drain: tokio::sync::watch::channel(false).0,
+            turn: None,
+            sessions: sessions::Sessions::default(),
         }
+    }
+
+    /// With TURN servers for the director's answers.
+    pub(crate) fn with_turn(mut self, turn: Option<crate::auth::turn::TurnServers>) -> App {
+        self.turn = turn;
+        self
     }
 
     /// Behind `--trusted-proxy` ranges and under `--base-path` (checked).
@@ -367,6 +381,25 @@ fn admin_routes() -> Router<Arc<App>> {
     Router::new()
         .route("/metrics", get(metrics::metrics))
         .route("/api/streams/{name}", get(stream_view))
+        .route("/api/streams/{name}/disconnect", post(disconnect))
+}
+
+/// `?scope=publish|subscribe` of a disconnect (default: both).
+#[derive(serde::Deserialize)]
+struct DisconnectQuery {
+    scope: Option<crate::auth::jwt::Scope>,
+}
+
+/// Ends the stream's signalling sessions here (publishers', viewers' or both): their clients
+/// reconnect through the director, as the SDK does by itself.
+async fn disconnect(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<DisconnectQuery>,
+) -> Response {
+    let n = app.sessions.disconnect(&name, q.scope);
+    tracing::info!(stream = name.as_str(), scope = ?q.scope, sessions = n, "operator disconnects the stream's signalling sessions");
+    Json(serde_json::json!({"disconnected": n})).into_response()
 }
 
 /// The admin listener's router (`--admin-http`): no CORS (no web page reads it), health too.

@@ -171,6 +171,7 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64, pee
     let mut writer_done = false;
     let mut drain = app.drain.subscribe();
     let mut told_to_move = false;
+    let disconnect = app.sessions.open(sid, &stream, claims.scope);
     let ending: Option<Ending> = loop {
         let msg = tokio::select! {
             Ok(()) = drain.changed(), if !told_to_move => {
@@ -186,6 +187,12 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64, pee
                 continue;
             }
             m = tokio::time::timeout(silence, source.next()) => m,
+            _ = disconnect.notified() => {
+                break Some(Ending {
+                    code: super::sessions::CLOSE_DISCONNECTED,
+                    reason: "disconnected by the operator: reconnect through the director".into(),
+                });
+            }
             _ = session.removed.notified() => {
                 let room = claims.room.as_ref().map_or("", |b| b.room.as_str());
                 break Some(Ending {
@@ -249,6 +256,7 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64, pee
             break Some(socket::too_many_refused(&metrics, out.refused.get()));
         }
     };
+    app.sessions.closed(sid);
     if let Some(origin) = &app.origin {
         origin.drop_owner(Owner::Signalling(sid));
     }
@@ -385,7 +393,11 @@ fn publish(
         return Err(CommandError::ViewToken);
     }
     check_stream(claims, data, "name")?;
-    let PublishCmd { sdp, source } = PublishCmd::parse(data)?;
+    let PublishCmd {
+        sdp,
+        source,
+        priority,
+    } = PublishCmd::parse(data)?;
     let published = flow::publish(
         app,
         PublishAsk {
@@ -395,6 +407,7 @@ fn publish(
             room: claims.room.as_ref(),
             owner: Owner::Signalling(sid),
             peer,
+            priority,
         },
     )?;
     Ok(json!({

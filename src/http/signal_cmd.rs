@@ -38,6 +38,8 @@ pub enum CmdError {
     NotATrack { mid: String, tracks: Vec<String> },
     #[error("unproject needs data.mediaIds")]
     MissingMediaIds,
+    #[error("priority must be an integer from -2147483648 to 2147483647")]
+    BadPriority,
 }
 
 /// Reads an optional sourceId; "" and null both mean the main source.
@@ -69,13 +71,18 @@ pub(crate) fn source_list(data: &Value, field: &'static str) -> Result<Vec<Strin
     }
 }
 
-/// `publish {sdp, sourceId?}` (the stream `name` is checked against the token by the handler).
+/// `publish {sdp, sourceId?, priority?}` (the stream `name` is checked against the token by the
+/// handler).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishCmd<'a> {
     /// The SDP offer.
     pub sdp: &'a str,
     /// The sourceId (None: the main source).
     pub source: Option<String>,
+    /// Redundant ingest: of a sourceId's feeds the highest priority plays (the SDK's
+    /// `publish({priority})`, Millicast's "backup publishing"; 0 when absent, as the SDK sends
+    /// none for 0).
+    pub priority: i32,
 }
 
 impl<'a> PublishCmd<'a> {
@@ -85,9 +92,17 @@ impl<'a> PublishCmd<'a> {
             .get("sdp")
             .and_then(Value::as_str)
             .ok_or(CmdError::MissingSdp("publish"))?;
+        let priority = match data.get("priority") {
+            None | Some(Value::Null) => 0,
+            Some(v) => v
+                .as_i64()
+                .and_then(|p| i32::try_from(p).ok())
+                .ok_or(CmdError::BadPriority)?,
+        };
         Ok(PublishCmd {
             sdp,
             source: source_id(data)?,
+            priority,
         })
     }
 }
@@ -225,9 +240,18 @@ mod tests {
             PublishCmd::parse(&d),
             Ok(PublishCmd {
                 sdp: "v=0",
-                source: Some("ana".into())
+                source: Some("ana".into()),
+                priority: 0,
             })
         );
+        let p =
+            |v: Value| PublishCmd::parse(&json!({"sdp": "v=0", "priority": v})).map(|c| c.priority);
+        assert_eq!(p(json!(7)), Ok(7));
+        assert_eq!(p(json!(-2147483648i64)), Ok(i32::MIN));
+        assert_eq!(p(json!(null)), Ok(0));
+        for bad in [json!(2147483648i64), json!(1.5), json!("1"), json!(true)] {
+            assert_eq!(p(bad), Err(CmdError::BadPriority));
+        }
         let main = json!({"sdp": "v=0", "sourceId": ""});
         assert_eq!(PublishCmd::parse(&main).unwrap().source, None);
         assert_eq!(

@@ -61,6 +61,8 @@ pub(crate) async fn publish(
             room: room.as_ref(),
             owner: Owner::Whip,
             peer: app.client_ip(super::listen::peer_ip(&peer), &headers),
+            // WHIP has no priority: a WHIP feed of a sourceId plays when it is the newest.
+            priority: 0,
         },
     );
     match published {

@@ -8,11 +8,12 @@
 pub(crate) mod indices;
 pub(crate) mod media_thread;
 pub(crate) mod publication;
+pub(crate) mod redundancy;
 pub mod relay_server;
 pub(crate) mod talking;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Instant;
 
@@ -30,6 +31,7 @@ use crate::rtc::peers::{CloseReason, PeerId};
 use indices::SourceIndices;
 use media_thread::MediaThread;
 use publication::{PublicationHandler, Route};
+use redundancy::{Feed, MAX_FEEDS_PER_SOURCE};
 
 /// A sourceId; None is the stream's main source.
 pub(crate) type SourceKey = Option<String>;
@@ -164,11 +166,30 @@ struct LivePublication {
     tracks: Vec<TrackInfo>,
     audio_level: bool,
     stats: Arc<SourceStats>,
+    /// The publisher's `priority` (redundant ingest; 0 when it sent none).
+    priority: i32,
+    /// Whether its packets are relayed: its handler reads this per packet. True for the feed
+    /// in `Stream::sources`, false for a standby.
+    playing: Arc<AtomicBool>,
+}
+
+impl LivePublication {
+    fn feed(&self) -> Feed {
+        Feed {
+            publication: self.publication,
+            priority: self.priority,
+        }
+    }
 }
 
 #[derive(Default)]
 struct Stream {
+    /// The feed that plays, per source: always the one [`redundancy::playing`] picks among
+    /// it and the source's standbys.
     sources: BTreeMap<SourceKey, LivePublication>,
+    /// Other live feeds of a source, connected but not relayed, in arrival order; a source
+    /// has standbys only while one plays.
+    standby: BTreeMap<SourceKey, Vec<LivePublication>>,
     indices: SourceIndices,
     /// Publish attempts between their index claim and their end (answered or failed): the
     /// stream is not idle while one is in flight, so its entry, indices and fan-out list stay
@@ -178,11 +199,55 @@ struct Stream {
 }
 
 impl Stream {
-    /// Removes a source, giving its index back.
-    fn remove_source(&mut self, key: &SourceKey) -> Option<LivePublication> {
-        let src = self.sources.remove(key)?;
-        self.indices.release(key, Instant::now());
-        Some(src)
+    /// How many feeds (playing and standby) `key` has.
+    fn feeds(&self, key: &SourceKey) -> usize {
+        usize::from(self.sources.contains_key(key)) + self.standby.get(key).map_or(0, Vec::len)
+    }
+
+    /// Removes the feeds of `key` that `doomed` picks, each giving its hold on the index back;
+    /// when the playing one goes, the best standby plays at once. Returns the removed feeds
+    /// and whether the playing feed changed (or the source ended).
+    fn remove_feeds(
+        &mut self,
+        key: &SourceKey,
+        doomed: &impl Fn(&SourceKey, &LivePublication) -> bool,
+    ) -> (Vec<LivePublication>, bool) {
+        let mut gone = Vec::new();
+        if let Some(list) = self.standby.get_mut(key) {
+            let (out, keep): (Vec<_>, Vec<_>) = std::mem::take(list)
+                .into_iter()
+                .partition(|v| doomed(key, v));
+            *list = keep;
+            gone.extend(out);
+        }
+        let mut changed = false;
+        if self.sources.get(key).is_some_and(|v| doomed(key, v)) {
+            gone.push(self.sources.remove(key).expect("present"));
+            changed = true;
+            let list = self.standby.get_mut(key);
+            let next = list
+                .as_ref()
+                .and_then(|l| redundancy::playing(l.iter().map(|v| v.feed())));
+            if let (Some(list), Some(next)) = (list, next) {
+                let i = list
+                    .iter()
+                    .position(|v| v.publication == next.publication)
+                    .expect("picked from the list");
+                let promoted = list.remove(i);
+                promoted.playing.store(true, Ordering::Relaxed);
+                self.sources.insert(key.clone(), promoted);
+            }
+        }
+        if self.standby.get(key).is_some_and(Vec::is_empty) {
+            self.standby.remove(key);
+        }
+        for v in &gone {
+            // Its peer ends on the media thread a moment later: not one more packet of it is
+            // relayed next to the feed that plays now.
+            v.playing.store(false, Ordering::Relaxed);
+            self.indices.release(key, Instant::now());
+        }
+        (gone, changed)
     }
 
     fn snapshot(&self) -> Vec<SourceInfo> {
@@ -230,7 +295,17 @@ impl Stream {
 pub(crate) struct Published {
     pub publisher_id: String,
     pub answer: String,
-    pub replaced: bool,
+}
+
+/// How a publication went live next to the source's other feeds (redundant ingest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WentLive {
+    /// The source's only feed: it plays.
+    Alone,
+    /// It plays; the feed that played stays connected as standby.
+    TookOver,
+    /// A feed of higher priority plays: this one waits as standby.
+    Standby,
 }
 
 #[derive(Debug, Serialize)]
@@ -242,6 +317,8 @@ pub(crate) struct SourceView {
     pub tracks: Vec<TrackInfo>,
     pub audio: AudioView,
     pub video: VideoView,
+    /// The publisher ids of the source's standby feeds (redundant ingest), oldest first.
+    pub standby: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -311,8 +388,9 @@ impl Origin {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Answers a publisher's offer. A live publication with the same sourceId is replaced: the
-    /// new one takes over the source (same index for the edges) and the old peer is closed.
+    /// Answers a publisher's offer. A source may have several feeds (redundant ingest, see
+    /// [`redundancy`]): the one of highest `priority`, the newest among equals, plays (same
+    /// index for the edges); the others stay connected as standby, and none is closed.
     ///
     /// The attempt holds its stream (a pending count) and its source index from the claim to
     /// its end, so the stream cannot be removed as idle while the media thread answers the
@@ -323,12 +401,14 @@ impl Origin {
         source: SourceKey,
         offer: &str,
         owner: Owner,
+        priority: i32,
     ) -> Result<Published, OfferError> {
         let audio_level = mlines(offer)
             .iter()
             .any(|m| m.media == "audio" && m.audio_level);
         let publication = self.next_publication.fetch_add(1, Ordering::Relaxed);
         let stats = Arc::new(SourceStats::default());
+        let playing = Arc::new(AtomicBool::new(false));
         let (index, fanout) = self.reserve(stream, &source)?;
         let route = Route {
             stream: stream.to_owned(),
@@ -342,6 +422,7 @@ impl Origin {
             fanout,
             stats.clone(),
             self.metrics.clone(),
+            playing.clone(),
         );
         // Publishers may send simulcast video: rid too.
         let config = media_config().set_extension(10, Extension::RtpStreamId);
@@ -372,12 +453,14 @@ impl Origin {
             tracks,
             audio_level,
             stats,
+            priority,
+            playing,
         };
-        let replaced = self.commit(stream, &source, src)?;
+        // Playing or standby, the publisher's answer is the same (the log says which).
+        self.commit(stream, &source, src)?;
         Ok(Published {
             publisher_id,
             answer,
-            replaced,
         })
     }
 
@@ -385,6 +468,11 @@ impl Origin {
     fn reserve(&self, stream: &str, source: &SourceKey) -> Result<(u16, Arc<Fanout>), OfferError> {
         let mut st = self.lock();
         let s = st.entry(stream.to_owned()).or_default();
+        if s.feeds(source) >= MAX_FEEDS_PER_SOURCE {
+            return Err(OfferError::Limit(format!(
+                "stream {stream:?}: source {source:?} already has {MAX_FEEDS_PER_SOURCE} feeds (one plays, the others stand by): end one first"
+            )));
+        }
         match s.indices.claim(source, Instant::now()) {
             Ok(index) => {
                 s.pending += 1;
@@ -418,14 +506,14 @@ impl Origin {
         }
     }
 
-    /// The second half of a publish attempt: the answered publication goes live. Returns
-    /// whether it replaced one.
+    /// The second half of a publish attempt: the answered publication goes live, playing or
+    /// as standby (see [`redundancy`]).
     fn commit(
         &self,
         stream: &str,
         source: &SourceKey,
         src: LivePublication,
-    ) -> Result<bool, OfferError> {
+    ) -> Result<WentLive, OfferError> {
         let mut st = self.lock();
         let Some(s) = st.get_mut(stream) else {
             // Cannot happen while the attempt holds the stream; refuse rather than panic.
@@ -437,26 +525,39 @@ impl Origin {
         };
         s.pending = s.pending.saturating_sub(1);
         s.indices.mark_used(source);
-        let publication = src.publication;
-        // The attempt's hold on the index passes to the live publication; a replaced one's
-        // hold goes with it.
-        let old = s.sources.insert(source.clone(), src);
-        let replaced = old.is_some();
+        // The attempt's hold on the index passes to the publication: every feed holds it.
+        let (publication, priority) = (src.publication, src.priority);
         self.metrics
             .publications_total
             .fetch_add(1, Ordering::Relaxed);
-        if let Some(old) = old {
-            s.indices.release(source, Instant::now());
-            self.metrics
-                .replacements_total
-                .fetch_add(1, Ordering::Relaxed);
-            self.host.remove(old.peer);
-            info!(stream, source = ?source, old = old.publication, new = publication, "publication replaced");
-        } else {
-            info!(stream, source = ?source, publication, "source published");
+        let current = s.sources.get(source).map(LivePublication::feed);
+        let Some(current) = current else {
+            src.playing.store(true, Ordering::Relaxed);
+            s.sources.insert(source.clone(), src);
+            info!(stream, source = ?source, publication, priority, "source published");
+            s.announce(stream);
+            return Ok(WentLive::Alone);
+        };
+        // The playing feed is the best of all the source's feeds: comparing with it is enough.
+        if redundancy::playing([current, src.feed()]) == Some(current) {
+            s.standby.entry(source.clone()).or_default().push(src);
+            info!(stream, source = ?source, publication, priority, playing = current.publication, "feed on standby: a feed of higher priority plays");
+            return Ok(WentLive::Standby);
         }
+        let playing = src.playing.clone();
+        let old = s
+            .sources
+            .insert(source.clone(), src)
+            .expect("checked present");
+        old.playing.store(false, Ordering::Relaxed);
+        playing.store(true, Ordering::Relaxed);
+        self.metrics
+            .replacements_total
+            .fetch_add(1, Ordering::Relaxed);
+        info!(stream, source = ?source, old = old.publication, new = publication, priority, "feed takes over; the one that played stays as standby");
+        s.standby.entry(source.clone()).or_default().push(old);
         s.announce(stream);
-        Ok(replaced)
+        Ok(WentLive::TookOver)
     }
 
     /// Ends one owner's publication of `source` (or all of its publications with None).
@@ -523,22 +624,35 @@ impl Origin {
         let mut removed = 0;
         for name in names {
             let Some(s) = st.get_mut(&name) else { continue };
-            let keys: Vec<SourceKey> = s
+            let keys: std::collections::BTreeSet<SourceKey> = s
                 .sources
                 .iter()
+                .chain(
+                    s.standby
+                        .iter()
+                        .flat_map(|(k, l)| l.iter().map(move |v| (k, v))),
+                )
                 .filter(|(k, v)| doomed(k, v))
                 .map(|(k, _)| k.clone())
                 .collect();
+            let mut announce = false;
             for k in &keys {
-                if let Some(src) = s.remove_source(k) {
+                let (gone, changed) = s.remove_feeds(k, &doomed);
+                announce |= changed;
+                for src in gone {
                     if !matches!(reason, Removal::PeerClosed(_)) {
                         self.host.remove(src.peer);
                     }
-                    info!(stream = name.as_str(), source = ?k, publication = src.publication, %reason, "source removed");
+                    info!(stream = name.as_str(), source = ?k, publication = src.publication, %reason, "feed removed");
                     removed += 1;
                 }
+                if changed {
+                    if let Some(next) = s.sources.get(k) {
+                        info!(stream = name.as_str(), source = ?k, publication = next.publication, priority = next.priority, "standby feed takes over");
+                    }
+                }
             }
-            if !keys.is_empty() {
+            if announce {
                 s.announce(&name);
             }
             if s.is_idle() {
@@ -659,6 +773,9 @@ impl Origin {
                     video: VideoView {
                         packets: v.stats.video_packets.load(Ordering::Relaxed),
                     },
+                    standby: s.standby.get(k).map_or_else(Vec::new, |l| {
+                        l.iter().map(|f| f.publisher_id.clone()).collect()
+                    }),
                 }
             })
             .collect();
@@ -756,6 +873,8 @@ mod tests {
             tracks: Vec::new(),
             audio_level: true,
             stats: Arc::default(),
+            priority: 0,
+            playing: Arc::default(),
         }
     }
 
@@ -783,7 +902,7 @@ mod tests {
             let s = st.get("s").expect("held by the pending attempt");
             assert!(Arc::ptr_eq(&s.fanout, &fanout), "same fan-out list");
         }
-        assert_eq!(o.commit("s", &ana, source(1, index)), Ok(false));
+        assert_eq!(o.commit("s", &ana, source(1, index)), Ok(WentLive::Alone));
         let (streams, sources, _) = o.gauges();
         assert_eq!((streams, sources), (1, 1));
         assert_eq!(o.lock()["s"].snapshot()[0].index, index);
@@ -798,6 +917,51 @@ mod tests {
             Err(OfferError::Internal(_))
         ));
         o.finish_attempt("t", &ana);
+    }
+
+    #[test]
+    fn feeds_of_one_source_stand_by_and_take_over_without_closing_anyone() {
+        let o = origin();
+        let ana = key("ana");
+        let feed = |publication: u64, priority: i32| {
+            let (index, _) = o.reserve("s", &ana).unwrap();
+            let mut f = source(publication, index);
+            f.priority = priority;
+            (f.playing.clone(), index, f)
+        };
+        let (one, index, f) = feed(1, 0);
+        assert_eq!(o.commit("s", &ana, f), Ok(WentLive::Alone));
+        // Equal priority: the newest plays, the older stays as standby.
+        let (two, i2, f) = feed(2, 0);
+        assert_eq!(o.commit("s", &ana, f), Ok(WentLive::TookOver));
+        // A newer feed of lower priority waits.
+        let (three, i3, f) = feed(3, -1);
+        assert_eq!(o.commit("s", &ana, f), Ok(WentLive::Standby));
+        assert_eq!((i2, i3), (index, index), "one index for every feed");
+        let relayed = || [&one, &two, &three].map(|p| p.load(Ordering::Relaxed));
+        assert_eq!(relayed(), [false, true, false]);
+        assert_eq!(o.gauges().1, 1, "one source for the edges");
+        // One feed more than the bound is refused before any offer is answered.
+        let (_, _, f) = feed(4, 0);
+        assert_eq!(o.commit("s", &ana, f), Ok(WentLive::TookOver));
+        assert!(matches!(o.reserve("s", &ana), Err(OfferError::Limit(_))));
+        o.publication_closed("s", &ana, 4, CloseReason::Removed);
+        // The playing feed ends: the best standby (priority 0 beats -1) plays at once, on the
+        // same index; a standby ending changes nothing that plays.
+        o.publication_closed("s", &ana, 2, CloseReason::Removed);
+        assert_eq!(relayed(), [true, false, false]);
+        assert_eq!(o.lock()["s"].snapshot()[0].index, index);
+        o.publication_closed("s", &ana, 3, CloseReason::Removed);
+        assert_eq!(relayed(), [true, false, false]);
+        o.publication_closed("s", &ana, 1, CloseReason::Removed);
+        assert_eq!(o.gauges().0, 0, "the last feed gone, the stream is idle");
+        // Stopping a source ends all of its feeds.
+        let (_, _, f) = feed(5, 0);
+        o.commit("s", &ana, f).unwrap();
+        let (_, _, f) = feed(6, 9);
+        o.commit("s", &ana, f).unwrap();
+        assert!(o.unpublish_source("s", &ana));
+        assert_eq!(o.gauges().0, 0);
     }
 
     #[test]

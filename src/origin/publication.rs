@@ -1,6 +1,6 @@
 //! One publication's packet path, on the media thread: count, normalize, relay to every edge.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
@@ -33,6 +33,8 @@ pub(crate) struct PublicationHandler {
     metrics: Arc<OriginMetrics>,
     rtp: Vec<u8>,
     last_seq: Option<u16>,
+    /// False while this feed is a standby (redundant ingest): counted, not relayed.
+    playing: Arc<AtomicBool>,
 }
 
 impl PublicationHandler {
@@ -42,6 +44,7 @@ impl PublicationHandler {
         fanout: Arc<Fanout>,
         stats: Arc<SourceStats>,
         metrics: Arc<OriginMetrics>,
+        playing: Arc<AtomicBool>,
     ) -> Self {
         PublicationHandler {
             origin,
@@ -54,6 +57,7 @@ impl PublicationHandler {
             metrics,
             rtp: Vec::with_capacity(1500),
             last_seq: None,
+            playing,
         }
     }
 }
@@ -95,6 +99,9 @@ impl PeerHandler for PublicationHandler {
                 self.metrics
                     .bytes_in
                     .fetch_add(m.payload.len() as u64, Ordering::Relaxed);
+                if !self.playing.load(Ordering::Relaxed) {
+                    return;
+                }
                 let subs = self.fanout.subs.read().unwrap_or_else(|p| p.into_inner());
                 if subs.is_empty() {
                     return;

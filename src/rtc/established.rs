@@ -107,7 +107,7 @@ pub struct IceLite {
     pub remote_ufrag: String,
 }
 
-fn sha1_hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 20] {
+pub(crate) fn sha1_hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 20] {
     let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, key);
     let mut ctx = hmac::Context::with_key(&key);
     for p in parts {
@@ -365,6 +365,11 @@ impl Established {
             Err(_) => add(&stats.malformed, 1),
         }
         true
+    }
+
+    /// Our ICE ufrag and password (what the browser's consent checks are keyed with).
+    pub(crate) fn local_ice(&self) -> (&str, &str) {
+        (&self.ice.local_ufrag, &self.ice.local_pwd)
     }
 
     /// Whether a binding request would be accepted (for routing a new address to this peer).

@@ -1,6 +1,7 @@
 //! WebRTC peers (str0m) on media threads: offer checks, the socket-owning loop, peer routing.
 //! The origin's media thread is [`crate::origin::media_thread`], the edge's [`crate::edge::worker`].
 
+pub(crate) mod ended;
 pub mod established;
 // Crate-private but for the fuzz targets, which reach it through `crate::fuzzing` (feature
 // `tools`): its `pub` items are unreachable in the server build alone, where the lint would

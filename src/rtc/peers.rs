@@ -108,6 +108,8 @@ pub struct PeerStats {
     /// STUN for a known ufrag from a new address that str0m refused (bad MESSAGE-INTEGRITY,
     /// wrong remote ufrag, not a binding request), or over [`MAX_UNVERIFIED_STUN_PER_SEC`].
     pub stun_refused: AtomicU64,
+    /// Consent checks of peers the server ended, answered with a STUN error (`super::ended`).
+    pub stun_ended: AtomicU64,
     /// Peer ends, by reason (see [`CloseReason`]).
     pub closed_removed: AtomicU64,
     /// Peers that did not connect within `CONNECT_TIMEOUT`.
@@ -513,6 +515,8 @@ pub(crate) struct PeerSet<T> {
     buf: Vec<u8>,
     /// Where lean peers' packets are built and sealed.
     scratch: Vec<u8>,
+    /// Peers the server ended, whose browsers' consent checks get a STUN error.
+    ended: super::ended::EndedPeers,
 }
 
 impl<T> PeerSet<T> {
@@ -541,6 +545,7 @@ impl<T> PeerSet<T> {
             reported: (0, 0, 0),
             buf: vec![0; 2048],
             scratch: Vec::with_capacity(2048),
+            ended: super::ended::EndedPeers::default(),
         })
     }
 
@@ -631,6 +636,18 @@ impl<T> PeerSet<T> {
             }
         }
         self.stats.closed(reason);
+        // Ended here, the browser may not know: its next consent check is told (see
+        // `super::ended`). The ICE password is the peer's own, not a secret of anyone else.
+        if reason == CloseReason::Removed {
+            let now = Instant::now();
+            if let Some(lean) = p.lean.as_deref() {
+                let (u, pwd) = lean.local_ice();
+                self.ended.remember(u, pwd, now);
+            } else if let Some(rtc) = p.rtc.get_mut() {
+                let creds = rtc.direct_api().local_ice_credentials();
+                self.ended.remember(&creds.ufrag, &creds.pass, now);
+            }
+        }
         if let Some(rtc) = p.rtc.get_mut() {
             rtc.disconnect();
             while let Ok(Output::Transmit(t)) = rtc.poll_output() {
@@ -710,6 +727,12 @@ impl<T> PeerSet<T> {
                     .and_then(|m| m.split_username().map(|(local, _)| local.to_owned()))
                     .and_then(|ufrag| self.by_ufrag.get(&ufrag).copied());
                 let Some(id) = by_ufrag else {
+                    let mut reply = [0u8; 128];
+                    if let Some(n) = self.ended.answer(data, now, &mut reply) {
+                        self.out.push(&self.socket, from, &reply[..n]);
+                        self.stats.stun_ended.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
                     self.count_unroutable(from);
                     return;
                 };

@@ -119,19 +119,19 @@ const HARNESS_JS = `
       if (start) h.startStream(name);
       return { name, trackId: dest.stream.getAudioTracks()[0].id };
     },
-    // Starts playback now (a no-op if already playing). startedWall is the
-    // wall clock (Date.now()) of the start, startedAt the AudioContext time.
-    startStream(name) {
+    // Starts playback now (a no-op if already playing), offset seconds into the buffer.
+    // startedWall is the wall clock (Date.now()) of the start, startedAt the AudioContext time.
+    startStream(name, offset = 0) {
       const e = h.streams[name];
       if (!e) throw new Error('no media stream ' + name);
-      if (e.startedAt === null) { e.source.start(); e.startedAt = h.ctx.currentTime; e.startedWall = Date.now(); }
+      if (e.startedAt === null) { e.source.start(0, offset); e.startedAt = h.ctx.currentTime; e.startedWall = Date.now(); }
       return { name, startedAt: e.startedAt, startedWall: e.startedWall, duration: e.source.buffer.duration, loop: e.source.loop };
     },
     // Starts playback when Date.now() reaches wallMs (pages of one browser
     // share the clock, so several pages can start their corpus together).
-    startStreamAt(name, wallMs) {
+    startStreamAt(name, wallMs, offset = 0) {
       return new Promise((resolve, reject) => {
-        setTimeout(() => { try { resolve(h.startStream(name)); } catch (err) { reject(err); } },
+        setTimeout(() => { try { resolve(h.startStream(name, offset)); } catch (err) { reject(err); } },
                    Math.max(0, wallMs - Date.now()));
       });
     },
@@ -472,6 +472,33 @@ function roomPage() {
     try { return await run(); } finally { RTCPeerConnection.prototype.createOffer = orig; }
   };
 
+  // The ICE candidate pair a connection uses (getStats: the transport's selected pair), e.g.
+  // local {type: 'relay', relayProtocol: 'tcp'}: tells a relayed session from a direct one.
+  // Polled up to 2 s, as the pair may be reported a moment after 'connected'.
+  const selectedPair = async (pc) => {
+    for (let i = 0; i < 20; i++) {
+      const report = await pc.getStats();
+      let out = null;
+      report.forEach((s) => {
+        if (s.type !== 'transport' || !s.selectedCandidatePairId) return;
+        const pair = report.get(s.selectedCandidatePairId);
+        const l = pair && report.get(pair.localCandidateId), r = pair && report.get(pair.remoteCandidateId);
+        if (l && r) {
+          out = {
+            local: { type: l.candidateType, protocol: l.protocol, relayProtocol: l.relayProtocol, address: l.address, port: l.port },
+            remote: { type: r.candidateType, protocol: r.protocol, address: r.address, port: r.port },
+          };
+        }
+      });
+      if (out) return out;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    return null;
+  };
+  // The ICE servers the SDK gave the RTCPeerConnection (from the director's answer), without
+  // their credentials.
+  const iceServersOf = (pc) => (pc.getConfiguration().iceServers || []).map((s) => ({ urls: s.urls, username: s.username }));
+
   function recordError(rec, role, message, fatal = false) {
     rec.errors.push([now(), message]);
     emit({ event: 'error', role, message, fatal });
@@ -490,18 +517,24 @@ function roomPage() {
       return c ? Promise.resolve(c) : millicast.Director.getPublisher({ token: o.token, streamName: o.streamName });
     };
     if (o.e2ee) installE2ee(o.e2ee);
-    const p = R.pub = new millicast.Publish(null, tokenGenerator, false);
+    // o.autoReconnect: the SDK's own reconnect (its reconnect events are recorded; the ends
+    // it recovers from are not errors).
+    const p = R.pub = new millicast.Publish(null, tokenGenerator, !!o.autoReconnect);
+    rec.reconnects = [];
+    p.on('reconnect', (r) => { rec.reconnects.push([now(), errText(r && r.error)]); emit({ event: 'reconnect', role: 'publish' }); });
     const stopping = () => R.closing || rec.stoppedAt;
     p.on('connectionStateChange', (s) => {
       rec.pcStates.push([now(), s]);
       emit({ event: 'pc-state', role: 'publish', state: s });
-      if (rec.publishedAt && !stopping() && (s === 'failed' || s === 'closed')) recordError(rec, 'publish', 'publish peer connection ' + s);
+      if (rec.publishedAt && !stopping() && !o.autoReconnect && (s === 'failed' || s === 'closed')) recordError(rec, 'publish', 'publish peer connection ' + s);
     });
     p.on('broadcastEvent', (ev) => rec.events.push({ t: now(), name: ev && ev.name, data: ev && ev.data }));
     const entry = window.harness.streams[o.streamKey];
     if (!entry) throw new Error('no media stream ' + o.streamKey);
     const opts = { mediaStream: entry.stream, disableVideo: true, codec: 'vp8', dtx: !!o.dtx };
     if (o.sourceId !== null && o.sourceId !== undefined) opts.sourceId = o.sourceId;
+    if (o.peerConfig) opts.peerConfig = o.peerConfig;
+    if (o.priority !== null && o.priority !== undefined) opts.priority = o.priority;
     try {
       const connect = () => withTimeout(p.connect(opts), o.connectTimeoutMs, 'Publish.connect()');
       await (o.noLevel ? withoutAudioLevel(connect) : connect());
@@ -514,6 +547,8 @@ function roomPage() {
     }
     rec.publishedAt = now();
     rec.publisherId = p.signaling ? p.signaling.serverId : undefined;
+    rec.pair = await selectedPair(p.getRTCPeerConnection());
+    rec.iceServers = iceServersOf(p.getRTCPeerConnection());
     // outbound-rtp, media-source and remote-inbound-rtp (the server's RTCP
     // receiver reports) of the audio, every statsMs: tells a publisher that
     // stopped sending from a server that stopped forwarding.
@@ -547,7 +582,8 @@ function roomPage() {
       }, o.statsMs));
     }
     if (p.signaling) p.signaling.on('wsConnectionClose', () => {
-      if (!stopping()) recordError(rec, 'publish', 'publish signalling WebSocket closed by the server');
+      rec.wsClosedAt = now();
+      if (!stopping() && !o.autoReconnect) recordError(rec, 'publish', 'publish signalling WebSocket closed by the server');
     });
     return { sourceId: o.sourceId, publishedAt: rec.publishedAt, publisherId: rec.publisherId,
              signallingMs: rec.signalledAt - rec.startAt, connectMs: rec.publishedAt - rec.startAt };
@@ -566,7 +602,9 @@ function roomPage() {
     if (o.subscribeToken) sub.subscriberToken = o.subscribeToken;
     const tokenGenerator = () => millicast.Director.getSubscriber(sub);
     if (o.e2ee) installE2ee(o.e2ee);
-    const v = R.view = new millicast.View(null, tokenGenerator, null, false);
+    const v = R.view = new millicast.View(null, tokenGenerator, null, !!o.autoReconnect);
+    rec.reconnects = [];
+    v.on('reconnect', (r) => { rec.reconnects.push([now(), errText(r && r.error)]); emit({ event: 'reconnect', role: 'view' }); });
     const analysers = {};
     v.on('broadcastEvent', (ev) => {
       const e = { t: now(), name: ev && ev.name, data: ev && ev.data };
@@ -576,7 +614,7 @@ function roomPage() {
     v.on('connectionStateChange', (s) => {
       rec.pcStates.push([now(), s]);
       emit({ event: 'pc-state', role: 'view', state: s });
-      if (rec.connectedAt && !R.closing && (s === 'failed' || s === 'closed')) recordError(rec, 'view', 'view peer connection ' + s);
+      if (rec.connectedAt && !R.closing && !o.autoReconnect && (s === 'failed' || s === 'closed')) recordError(rec, 'view', 'view peer connection ' + s);
     });
     v.on('error', (e) => recordError(rec, 'view', 'View error event: ' + errText(e)));
     // Chrome only feeds a remote track to WebAudio while a media element
@@ -617,7 +655,7 @@ function roomPage() {
     rec.streamViewId = v.signaling ? v.signaling.streamViewId : undefined;
     if (v.signaling) v.signaling.on('wsConnectionClose', () => {
       rec.wsClosedAt = now();
-      if (!R.closing) recordError(rec, 'view', 'view signalling WebSocket closed by the server');
+      if (!R.closing && !o.autoReconnect) recordError(rec, 'view', 'view signalling WebSocket closed by the server');
     });
     try {
       await waitConnected(pc, o.connectTimeoutMs);
@@ -626,6 +664,8 @@ function roomPage() {
       throw new Error(errText(e));
     }
     rec.connectedAt = now();
+    rec.pair = await selectedPair(pc);
+    rec.iceServers = iceServersOf(pc);
 
     // RMS of the last 2048 samples of every received audio track.
     R.timers.push(setInterval(() => {
@@ -778,6 +818,6 @@ export async function roomReport(page) {
  * Start the corpus MediaStream `name` (made with corpusStream(..., {start:
  * false})) at wall clock wallMs. Returns {startedWall, startedAt, duration, loop}.
  */
-export async function startCorpusAt(page, name, wallMs) {
-  return page.evaluate(([n, w]) => window.harness.startStreamAt(n, w), [name, wallMs]);
+export async function startCorpusAt(page, name, wallMs, offset = 0) {
+  return page.evaluate(([n, w, o]) => window.harness.startStreamAt(n, w, o), [name, wallMs, offset]);
 }

@@ -23,9 +23,16 @@
 //             command line's); a room token works for both
 //   room      a room token: the page opens the room socket of the room named --stream
 //   publishLater  true: publish only on the `publish NAME` command
+//   inSync    with publishLater: its corpus starts where the others' are then (a second
+//             device of a member playing the same sound in step)
 //   e2ee      a hex AES-128/256 key: the participant encrypts its published payloads end to end
 //             (RTCRtpScriptTransform, AES-GCM) and decrypts every track it views with it
 //   noLevel   true: its publish offer drops the RFC 6464 audio level extension
+//   relay     true: its Publish and View connect through TURN only (peerConfig
+//             iceTransportPolicy 'relay', with the director's iceServers)
+//   priority  its Publish's priority (redundant ingest of one sourceId)
+//   autoReconnect  true: its Publish and View reconnect by themselves (the SDK's own
+//             autoReconnect); `reconnect` lines say when they start
 //
 // Order: all pages open and decode their corpus; all publishers connect;
 // all viewers connect (--viewers-first swaps the two); then every publisher
@@ -105,7 +112,8 @@ const participants = [];
     const part = {
       name, publish: null, view: null,
       token: p.token ?? null, subscribeToken: p.subscribeToken ?? null, room: p.room ?? null,
-      e2ee: p.e2ee ?? null, noLevel: !!p.noLevel,
+      e2ee: p.e2ee ?? null, noLevel: !!p.noLevel, relay: !!p.relay, priority: p.priority ?? null,
+      inSync: !!p.inSync, autoReconnect: !!p.autoReconnect,
     };
     if (part.e2ee !== null && !/^([0-9a-fA-F]{32}|[0-9a-fA-F]{64})$/.test(part.e2ee)) usage(`${name}: e2ee must be a 32- or 64-digit hex key`);
     if (p.publish !== undefined && p.publish !== null) {
@@ -236,7 +244,8 @@ async function publishOne(p, extra = {}) {
   try {
     p.pubInfo = await roomPublish(p.page, {
       streamName, token: p.token ?? token, sourceId: p.publish.sourceId, streamKey: 'corpus', connectTimeoutMs, dtx, statsMs,
-      e2ee: p.e2ee, noLevel: p.noLevel, ...extra,
+      e2ee: p.e2ee, noLevel: p.noLevel, priority: p.priority, autoReconnect: p.autoReconnect,
+      peerConfig: p.relay ? { iceTransportPolicy: 'relay' } : null, ...extra,
     });
   } catch (e) { throw Object.assign(new Error(`publish failed: ${cleanMsg(e)}`), { participant: p.name }); }
   emit({ event: 'published', name: p.name, ...p.pubInfo });
@@ -247,11 +256,12 @@ async function viewOne(p) {
   const connectOptions = { disableVideo: true, multiplexedAudioTracks: v.tracks, events: v.events };
   if (v.pinned !== null) connectOptions.pinnedSourceId = v.pinned;
   if (v.exclude.length) connectOptions.excludedSourceIds = v.exclude;
+  if (p.relay) connectOptions.peerConfig = { iceTransportPolicy: 'relay' };
   let info;
   try {
     info = await roomView(p.page, {
       streamName, accountId: 'chorus', subscribeToken: p.subscribeToken ?? subscribeToken, connectOptions, muted: v.muted,
-      sampleMs, statsMs, connectTimeoutMs, e2ee: p.e2ee,
+      sampleMs, statsMs, connectTimeoutMs, e2ee: p.e2ee, autoReconnect: p.autoReconnect,
     });
   } catch (e) { throw Object.assign(new Error(`view failed: ${cleanMsg(e)}`), { participant: p.name }); }
   emit({ event: 'viewing', name: p.name, ...info });
@@ -332,7 +342,9 @@ async function runCommand(line) {
       const p = target(name, false); if (!p) return;
       if (!p.publish) return fail(name, `${name} has nothing to publish`);
       await publishOne(p, { roomCredentials: true });
-      const s = await startCorpusAt(p.page, 'corpus', Date.now());
+      const at = Date.now();
+      const offset = p.inSync && corpusStartAt ? ((at - corpusStartAt) / 1000) % p.corpus.duration : 0;
+      const s = await startCorpusAt(p.page, 'corpus', at, offset);
       p.corpus = { ...p.corpus, startedWall: s.startedWall, scheduledWall: s.startedWall };
       emit({ event: 'corpus-start', name: p.name, sourceId: p.publish.sourceId, startedWall: s.startedWall, scheduled: s.startedWall });
       return;

@@ -407,6 +407,15 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Waits (10 s at most) until `what` accepts TCP connections on loopback `port`.
+pub fn wait_listening(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A redis-server of the test's own on a free loopback port, no persistence, killed when
 /// dropped. Tests never assume one runs (`scripts/setup-test-deps.sh` installs the binary).
 pub struct Redis {
@@ -432,14 +441,7 @@ impl Redis {
 
     /// Waits until the server `child` listens on `port`.
     fn listening(child: Child, port: u16) -> Redis {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(port, "redis-server");
         Redis { child, port }
     }
 

@@ -39,3 +39,140 @@ pub fn loudest(e: &[(f64, f64)], from: f64, to: f64) -> f64 {
         .map(|x| x.1)
         .fold(0.0, f64::max)
 }
+
+/// The final `report` line of a tool's stdout.
+pub fn report(out: &std::process::Output) -> Value {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["event"] == "report")
+        .unwrap_or_else(|| {
+            panic!(
+                "no report; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+/// The room.mjs command line for `spec`, `seconds` long, against `http`.
+fn command(
+    http: std::net::SocketAddr,
+    stream: &str,
+    token: &str,
+    seconds: u64,
+    spec: &Value,
+) -> std::process::Command {
+    let (dir, script) = super::node_harness("room.mjs");
+    let mut c = std::process::Command::new("node");
+    c.current_dir(&dir)
+        .arg(script)
+        .args(["--endpoint", &format!("http://{http}")])
+        .args(["--stream", stream, "--token", token])
+        .arg("--corpus")
+        .arg(super::corpus())
+        .args(["--seconds", &seconds.to_string()])
+        .args(["--spec", &spec.to_string()]);
+    c
+}
+
+/// Runs room.mjs with `spec` for `seconds` against `http` (publish token `token`) to its end;
+/// its report, once it succeeded.
+pub fn run(
+    http: std::net::SocketAddr,
+    stream: &str,
+    token: &str,
+    seconds: u32,
+    spec: &Value,
+) -> Value {
+    let out = command(http, stream, token, u64::from(seconds), spec)
+        .output()
+        .unwrap();
+    super::assert_succeeded(&out, "room.mjs");
+    report(&out)
+}
+
+/// room.mjs running with `spec`, its stdin open for commands and its JSON lines drained on a
+/// thread of its own (the tool never blocks on a full pipe); killed when dropped.
+pub struct Live {
+    pub stdin: std::process::ChildStdin,
+    pub lines: std::sync::mpsc::Receiver<Value>,
+    /// Every line [`Live::next`] read.
+    pub seen: Vec<Value>,
+    _child: super::Reaped,
+}
+
+impl Live {
+    pub fn start(
+        http: std::net::SocketAddr,
+        stream: &str,
+        token: &str,
+        seconds: u64,
+        spec: &Value,
+    ) -> Live {
+        use std::io::BufRead;
+        let mut child = command(http, stream, token, seconds, spec)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    let _ = tx.send(v);
+                }
+            }
+        });
+        Live {
+            stdin,
+            lines,
+            seen: Vec::new(),
+            _child: super::Reaped(child),
+        }
+    }
+
+    /// Sends one command line.
+    pub fn send(&mut self, line: &str) {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}").unwrap();
+    }
+
+    /// The next line that `pred` accepts, within `limit`.
+    pub fn next(
+        &mut self,
+        limit: std::time::Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let v = self.lines.recv_timeout(left).unwrap_or_else(|_| {
+                let tail: Vec<String> = self
+                    .seen
+                    .iter()
+                    .rev()
+                    .take(15)
+                    .map(Value::to_string)
+                    .collect();
+                panic!("no {what} within {limit:?}; last lines: {tail:#?}")
+            });
+            self.seen.push(v.clone());
+            if pred(&v) {
+                return v;
+            }
+        }
+    }
+
+    /// Reads what arrived so far into `seen`.
+    pub fn drain(&mut self) {
+        while let Ok(v) = self.lines.try_recv() {
+            self.seen.push(v);
+        }
+    }
+}

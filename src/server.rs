@@ -547,7 +547,7 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
         r.attach_cluster(node.clone());
     }
     if let (Some(e), true) = (&edge, node.shared) {
-        cluster::viewer_counts::spawn_edge_counts(node.clone(), e.clone());
+        crate::edge::stream_counts::spawn_edge_counts(node.clone(), e.clone());
     }
     let node_id = node.id.clone();
     let base = public.base_path.clone();

@@ -12,7 +12,6 @@ pub(crate) mod placement;
 pub(crate) mod redis;
 mod redis_rooms;
 pub(crate) mod this_node;
-pub(crate) mod viewer_counts;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -71,6 +70,9 @@ pub(crate) const VIEWERS_TTL: Duration = Duration::from_secs(3);
 /// How often an edge writes its per-stream viewer counts and an origin reads its rooms'
 /// stream-wide counts: `viewercount` and `room.audience_count` change at most this often.
 pub(crate) const VIEWERS_EVERY: Duration = Duration::from_secs(1);
+/// Most streams an edge reports per round: one registry call each, and far more streams than
+/// one edge's viewers spread over in practice; the rest keep their edge-wide count.
+pub(crate) const MAX_COUNTED_STREAMS: usize = 1024;
 
 /// The answer to a room write fenced by the stream's lease.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,7 +9,7 @@ pub(crate) mod events;
 pub(crate) mod follow;
 #[cfg(feature = "tools")]
 pub mod loopback;
-mod stream_counts;
+pub(crate) mod stream_counts;
 pub(crate) mod talking;
 pub mod viewer;
 pub(crate) mod worker;

@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use super::state::{RoomError, Stored};
 use super::RoomService;
-use crate::cluster::viewer_counts::MAX_COUNTED_STREAMS;
+use crate::cluster::MAX_COUNTED_STREAMS;
 use crate::cluster::{Cluster, Fence, VIEWERS_EVERY};
 
 /// How often records changed outside commands are written out: a member created by its

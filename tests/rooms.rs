@@ -103,7 +103,7 @@ async fn room_tokens_need_the_api_key_and_a_valid_request() {
             "stage",
             r#"{"user_name":"Ana","permissions":["room.member.fly"]}"#,
             400,
-            "unknown permission \"room.member.fly\"; valid permissions: room.member.promote, room.member.demote, room.member.remove, room.self.audio_mute, room.self.audio_unmute",
+            "unknown permission \"room.member.fly\"; valid permissions: room.member.promote, room.member.demote, room.member.remove, room.self.audio_mute, room.self.audio_unmute, room.member.audio_mute, room.member.audio_unmute",
         ),
         (
             Some(API_KEY),
@@ -692,4 +692,113 @@ fn member_talking_crosses_the_origin_edge_link_in_a_split_deployment() {
     };
     talking(true);
     talking(false);
+}
+
+#[test]
+fn sdk_a_muted_member_is_heard_by_nobody_until_unmuted() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+    let _serial = common::serial();
+    let p = serve();
+    let a = p.http();
+    let mods = ["room.member.audio_mute", "room.member.audio_unmute"];
+    let host = room_token(a, "stage", "Host", "member", &mods);
+    let ana = room_token(a, "stage", "Ana", "member", &[]);
+    let bo = room_token(a, "stage", "Bo", "audience", &[]);
+    // Ana publishes the corpus speaker ana (her turn: 5.2-11 s); Bo listens with two tracks.
+    let spec = json!([
+        {"name": "host", "room": host.token},
+        {"name": "ana", "publish": "ana", "sourceId": ana.id, "token": ana.token, "room": ana.token},
+        {"name": "bo", "room": bo.token, "subscribeToken": bo.token, "view": {"tracks": 2}},
+    ]);
+    let (dir, script) = common::node_harness("room.mjs");
+    let mut child = common::Reaped(
+        Command::new("node")
+            .current_dir(&dir)
+            .arg(script)
+            .args(["--endpoint", &format!("http://{a}"), "--stream", "stage"])
+            .args(["--seconds", "30", "--spec", &spec.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdin = child.0.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let mut send = |line: String| writeln!(stdin, "{line}").unwrap();
+    let heard = until(&mut lines, &mut seen, "bo's vad naming ana", |v| {
+        is(v, "broadcast", "bo", "vad") && v["data"]["sourceId"] == ana.id.as_str()
+    });
+    let mid = heard["data"]["mediaId"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_millis(1000));
+    // Without the permission, Bo cannot mute anyone (an audience member cannot even mute
+    // itself: it has nothing to mute).
+    send(format!(
+        "room bo audio.mute {}",
+        json!({"memberId": ana.id})
+    ));
+    let refused = until(&mut lines, &mut seen, "bo's refusal", |v| {
+        v["event"] == "room-response" && v["name"] == "bo"
+    });
+    assert!(refused["ok"] == false, "{refused}");
+    let mute_at = common::unix_ms();
+    send(format!(
+        "room host audio.mute {}",
+        json!({"memberId": ana.id})
+    ));
+    let updated = until(&mut lines, &mut seen, "member.updated muted", |v| {
+        is(v, "room", "bo", "member.updated") && v["data"]["muted"] == true
+    });
+    assert_eq!(updated["data"]["memberId"], ana.id.as_str());
+    std::thread::sleep(Duration::from_millis(2500));
+    let unmute_at = common::unix_ms();
+    send(format!(
+        "room host audio.unmute {}",
+        json!({"memberId": ana.id})
+    ));
+    let back = until(&mut lines, &mut seen, "bo's vad naming ana again", |v| {
+        is(v, "broadcast", "bo", "vad")
+            && v["data"]["sourceId"] == ana.id.as_str()
+            && v["t"].as_f64().unwrap() > unmute_at
+    });
+    let back_at = back["t"].as_f64().unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let dropped = common::metric(a, "chorus_origin_dropped_total{reason=\"muted\"}").unwrap_or(0.0);
+    send("quit".into());
+    let report = until(&mut lines, &mut seen, "the report", |v| {
+        v["event"] == "report"
+    });
+    assert!(
+        child.0.wait().unwrap().success(),
+        "room.mjs reported an error"
+    );
+    let bo_view = &report["participants"]["bo"]["view"];
+    let e = energy(bo_view, &mid);
+    let before = loudest(&e, heard["t"].as_f64().unwrap() + 300.0, mute_at);
+    // Muted: nothing of Ana reaches Bo on any track (after the packets already in flight and
+    // the receiver's buffer), while she goes on talking.
+    let muted = ["1", "2"]
+        .map(|m| loudest(&energy(bo_view, m), mute_at + 400.0, unmute_at))
+        .into_iter()
+        .fold(0.0, f64::max);
+    let after = loudest(&e, back_at + 200.0, back_at + 1000.0).max(loudest(
+        &energy(bo_view, if mid == "1" { "2" } else { "1" }),
+        back_at + 200.0,
+        back_at + 1000.0,
+    ));
+    eprintln!(
+        "mute: before {before:.3}, muted {muted:.4}, after {after:.3}; unmute -> vad {:.0} ms; {dropped} packets held back",
+        back_at - unmute_at
+    );
+    assert!(before > 0.02, "Ana not heard before the mute: {before}");
+    assert!(muted < 0.005, "Ana heard while muted: {muted}");
+    assert!(after > 0.02, "Ana not heard after the unmute: {after}");
+    assert!(
+        back_at - unmute_at < 1000.0,
+        "unmute took {} ms",
+        back_at - unmute_at
+    );
+    assert!(dropped > 50.0, "the origin held back {dropped} packets");
 }

@@ -107,6 +107,7 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             "Packets not relayed, by reason.",
             &[
                 ("reason=\"padding\"", g(&m.padding_dropped)),
+                ("reason=\"muted\"", g(&m.muted_dropped)),
                 ("reason=\"relay\"", g(&m.relay_drops)),
                 ("reason=\"publisher_flood\"", g(&p.flood_drops)),
                 ("reason=\"undeclared_ssrc\"", g(&p.undeclared_ssrc)),

@@ -12,7 +12,7 @@ pub(crate) mod redundancy;
 pub mod relay_server;
 pub(crate) mod talking;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Instant;
@@ -108,6 +108,8 @@ pub(crate) struct OriginMetrics {
     pub video_packets: AtomicU64,
     pub bytes_in: AtomicU64,
     pub padding_dropped: AtomicU64,
+    /// Packets of a muted room member, not relayed (`audio.mute`).
+    pub muted_dropped: AtomicU64,
     pub relay_datagrams: AtomicU64,
     pub relay_drops: AtomicU64,
     /// `relay_drops` by [`RelayDrop`], in the order of [`RelayDrop::ALL`].
@@ -171,6 +173,9 @@ struct LivePublication {
     /// Whether its packets are relayed: its handler reads this per packet. True for the feed
     /// in `Stream::sources`, false for a standby.
     playing: Arc<AtomicBool>,
+    /// Whether its source is muted (a room member's `audio.mute`): its handler reads this per
+    /// packet and relays nothing while it is set.
+    muted: Arc<AtomicBool>,
 }
 
 impl LivePublication {
@@ -361,6 +366,10 @@ pub(crate) struct Origin {
     pub talking: talking::TalkingBoard,
     /// Room members removed (room, member id), for every linked edge to end their views.
     pub revocations: tokio::sync::broadcast::Sender<(String, String)>,
+    /// Muted sources (stream, sourceId): a feed of one starts muted. Only ever locked inside
+    /// `state` (set in [`Origin::set_muted`], read in `commit`), so a feed going live and a
+    /// mute cannot miss each other. Holds only what is muted now: unmuting removes it.
+    muted: Mutex<HashSet<(String, SourceKey)>>,
 }
 
 impl Origin {
@@ -376,7 +385,37 @@ impl Origin {
             me: me.clone(),
             talking: talking::TalkingBoard::default(),
             revocations: tokio::sync::broadcast::channel(REVOCATIONS_QUEUE).0,
+            muted: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// Mutes (or unmutes) every feed of `source` in `stream`, now and for feeds to come, until
+    /// unmuted: nothing of it reaches an edge meanwhile. Returns the live feeds it changed.
+    pub(crate) fn set_muted(&self, stream: &str, source: &SourceKey, muted: bool) -> usize {
+        let st = self.lock();
+        {
+            let mut set = self.muted.lock().unwrap_or_else(|p| p.into_inner());
+            let key = (stream.to_owned(), source.clone());
+            if muted {
+                set.insert(key);
+            } else {
+                set.remove(&key);
+            }
+        }
+        let Some(s) = st.get(stream) else {
+            return 0;
+        };
+        let feeds = s
+            .sources
+            .get(source)
+            .into_iter()
+            .chain(s.standby.get(source).into_iter().flatten());
+        let mut n = 0;
+        for f in feeds {
+            f.muted.store(muted, Ordering::Relaxed);
+            n += 1;
+        }
+        n
     }
 
     /// The media thread's socket and peer counters (flood drops, send errors, peer ends...).
@@ -409,6 +448,8 @@ impl Origin {
         let publication = self.next_publication.fetch_add(1, Ordering::Relaxed);
         let stats = Arc::new(SourceStats::default());
         let playing = Arc::new(AtomicBool::new(false));
+        // Set from the muted sources when it goes live (`commit`).
+        let muted = Arc::new(AtomicBool::new(false));
         let (index, fanout) = self.reserve(stream, &source)?;
         let route = Route {
             stream: stream.to_owned(),
@@ -423,6 +464,7 @@ impl Origin {
             stats.clone(),
             self.metrics.clone(),
             playing.clone(),
+            muted.clone(),
         );
         // Publishers may send simulcast video: rid too.
         let config = media_config().set_extension(10, Extension::RtpStreamId);
@@ -455,6 +497,7 @@ impl Origin {
             stats,
             priority,
             playing,
+            muted,
         };
         // Playing or standby, the publisher's answer is the same (the log says which).
         self.commit(stream, &source, src)?;
@@ -525,6 +568,12 @@ impl Origin {
         };
         s.pending = s.pending.saturating_sub(1);
         s.indices.mark_used(source);
+        let muted = self
+            .muted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&(stream.to_owned(), source.clone()));
+        src.muted.store(muted, Ordering::Relaxed);
         // The attempt's hold on the index passes to the publication: every feed holds it.
         let (publication, priority) = (src.publication, src.priority);
         self.metrics
@@ -875,6 +924,7 @@ mod tests {
             stats: Arc::default(),
             priority: 0,
             playing: Arc::default(),
+            muted: Arc::default(),
         }
     }
 
@@ -917,6 +967,35 @@ mod tests {
             Err(OfferError::Internal(_))
         ));
         o.finish_attempt("t", &ana);
+    }
+
+    #[test]
+    fn a_muted_source_relays_nothing_from_any_feed_now_or_later_until_unmuted() {
+        let o = origin();
+        let ana = key("ana");
+        let feed = |publication: u64| {
+            let (index, _) = o.reserve("s", &ana).unwrap();
+            let f = source(publication, index);
+            (f.muted.clone(), f)
+        };
+        // Muted before it publishes (a muted member reconnecting): its feed goes live muted.
+        assert_eq!(o.set_muted("s", &ana, true), 0);
+        let (one, f) = feed(1);
+        o.commit("s", &ana, f).unwrap();
+        assert!(one.load(Ordering::Relaxed));
+        // Unmuted: the live feed and a standby that joins later play out.
+        assert_eq!(o.set_muted("s", &ana, false), 1);
+        assert!(!one.load(Ordering::Relaxed));
+        let (two, f) = feed(2);
+        o.commit("s", &ana, f).unwrap();
+        assert!(!two.load(Ordering::Relaxed));
+        // Muted again: both feeds, the playing one and the standby.
+        assert_eq!(o.set_muted("s", &ana, true), 2);
+        assert!(one.load(Ordering::Relaxed) && two.load(Ordering::Relaxed));
+        // Only what is muted now is remembered.
+        o.set_muted("s", &key("bo"), true);
+        o.set_muted("s", &key("bo"), false);
+        assert_eq!(o.muted.lock().unwrap().len(), 1);
     }
 
     #[test]

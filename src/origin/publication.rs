@@ -35,6 +35,8 @@ pub(crate) struct PublicationHandler {
     last_seq: Option<u16>,
     /// False while this feed is a standby (redundant ingest): counted, not relayed.
     playing: Arc<AtomicBool>,
+    /// True while its room member is muted: counted, not relayed.
+    muted: Arc<AtomicBool>,
 }
 
 impl PublicationHandler {
@@ -45,6 +47,7 @@ impl PublicationHandler {
         stats: Arc<SourceStats>,
         metrics: Arc<OriginMetrics>,
         playing: Arc<AtomicBool>,
+        muted: Arc<AtomicBool>,
     ) -> Self {
         PublicationHandler {
             origin,
@@ -58,6 +61,7 @@ impl PublicationHandler {
             rtp: Vec::with_capacity(1500),
             last_seq: None,
             playing,
+            muted,
         }
     }
 }
@@ -100,6 +104,10 @@ impl PeerHandler for PublicationHandler {
                     .bytes_in
                     .fetch_add(m.payload.len() as u64, Ordering::Relaxed);
                 if !self.playing.load(Ordering::Relaxed) {
+                    return;
+                }
+                if self.muted.load(Ordering::Relaxed) {
+                    self.metrics.muted_dropped.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
                 let subs = self.fanout.subs.read().unwrap_or_else(|p| p.into_inner());

@@ -317,6 +317,7 @@ impl RoomService {
     /// after it is released.
     fn apply(&self, inner: MutexGuard<'_, Inner>, fx: Vec<Effect>) {
         let mut stops = Vec::new();
+        let mut mutes = Vec::new();
         for e in fx {
             match e {
                 Effect::Send { to, event } => {
@@ -358,9 +359,24 @@ impl RoomService {
                     }
                 }
                 Effect::StopPublishing { room, member } => stops.push((room, member)),
+                Effect::Mute {
+                    room,
+                    member,
+                    muted,
+                } => mutes.push((room, member, muted)),
             }
         }
         drop(inner);
+        for (room, member, muted) in mutes {
+            let feeds = self.origin.set_muted(&room, &Some(member.clone()), muted);
+            info!(
+                room = room.as_str(),
+                member = member.as_str(),
+                muted,
+                feeds,
+                "member's mute applied at the origin"
+            );
+        }
         for (room, member) in stops {
             let stopped = self.origin.unpublish_source(&room, &Some(member.clone()));
             info!(

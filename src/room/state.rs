@@ -29,16 +29,22 @@ pub enum Permission {
     SelfAudioMute,
     /// `room.self.audio_unmute`
     SelfAudioUnmute,
+    /// `room.member.audio_mute`: mute another member.
+    MemberAudioMute,
+    /// `room.member.audio_unmute`: unmute another member.
+    MemberAudioUnmute,
 }
 
 impl Permission {
     /// Every permission.
-    pub const ALL: [Permission; 5] = [
+    pub const ALL: [Permission; 7] = [
         Permission::MemberPromote,
         Permission::MemberDemote,
         Permission::MemberRemove,
         Permission::SelfAudioMute,
         Permission::SelfAudioUnmute,
+        Permission::MemberAudioMute,
+        Permission::MemberAudioUnmute,
     ];
 
     /// Its name in tokens and commands.
@@ -49,6 +55,8 @@ impl Permission {
             Permission::MemberRemove => "room.member.remove",
             Permission::SelfAudioMute => "room.self.audio_mute",
             Permission::SelfAudioUnmute => "room.self.audio_unmute",
+            Permission::MemberAudioMute => "room.member.audio_mute",
+            Permission::MemberAudioUnmute => "room.member.audio_unmute",
         }
     }
 
@@ -366,6 +374,16 @@ pub enum Effect {
         /// Why.
         reason: String,
     },
+    /// Mute (or unmute) the member's audio at the origin: while muted, nothing it sends is
+    /// relayed to any edge, so no viewer hears it.
+    Mute {
+        /// Its room.
+        room: String,
+        /// Its member id.
+        member: String,
+        /// Muted or not.
+        muted: bool,
+    },
     /// Stop the member's publication at the origin now.
     StopPublishing {
         /// Its room.
@@ -373,6 +391,15 @@ pub enum Effect {
         /// Its member id.
         member: String,
     },
+}
+
+/// The origin forgets a member's mute (a demotion or promotion starts it unmuted).
+fn unmute(room: &str, member: &str) -> Effect {
+    Effect::Mute {
+        room: room.to_owned(),
+        member: member.to_owned(),
+        muted: false,
+    }
 }
 
 /// A room event message.
@@ -615,11 +642,14 @@ impl Rooms {
                 t.role = Role::Member;
                 t.permissions = permissions;
                 t.media = media;
-                t.muted = false;
+                let was_muted = std::mem::take(&mut t.muted);
                 let hand = std::mem::take(&mut t.hand);
                 let (generation, view) = (t.generation, t.view(&id));
                 let to = room.conns(None);
                 let mut fx = Vec::new();
+                if was_muted {
+                    fx.push(unmute(room_name, &id));
+                }
                 if hand {
                     fx.push(Effect::Send {
                         to: to.clone(),
@@ -655,7 +685,7 @@ impl Rooms {
                 let t = room.people.get_mut(&id).expect("found above");
                 t.role = Role::Audience;
                 t.generation += 1;
-                t.muted = false;
+                let was_muted = std::mem::take(&mut t.muted);
                 let was_talking = std::mem::take(&mut t.talking);
                 let (connected, view) = (t.conn.is_some(), t.view(&id));
                 let to = room.conns(None);
@@ -663,6 +693,9 @@ impl Rooms {
                     room: room_name.to_owned(),
                     member: id.clone(),
                 }];
+                if was_muted {
+                    fx.push(unmute(room_name, &id));
+                }
                 if was_talking {
                     fx.push(Effect::Send {
                         to: to.clone(),
@@ -720,22 +753,37 @@ impl Rooms {
             }
             "audio.mute" | "audio.unmute" => {
                 let mute = name == "audio.mute";
-                let need = if mute {
-                    Permission::SelfAudioMute
-                } else {
-                    Permission::SelfAudioUnmute
+                // Without a memberId (or with one's own): oneself; another member needs the
+                // room.member.* permission.
+                let id = match data.get("memberId").and_then(Value::as_str) {
+                    Some(id) if id != member => id.to_owned(),
+                    _ => member.to_owned(),
+                };
+                let need = match (id == member, mute) {
+                    (true, true) => Permission::SelfAudioMute,
+                    (true, false) => Permission::SelfAudioUnmute,
+                    (false, true) => Permission::MemberAudioMute,
+                    (false, false) => Permission::MemberAudioUnmute,
                 };
                 me.may(need, name)?;
-                let p = room.people.get_mut(member).expect("checked");
+                room.get(room_name, &id)?;
+                let p = room.people.get_mut(&id).expect("found above");
                 if p.muted == mute {
-                    return Ok((json!({"muted": mute}), Vec::new()));
+                    return Ok((json!({"memberId": id, "muted": mute}), Vec::new()));
                 }
                 p.muted = mute;
-                let fx = vec![Effect::Send {
-                    event: event("member.updated", p.view(member)),
-                    to: room.conns(None),
-                }];
-                Ok((json!({"muted": mute}), fx))
+                let fx = vec![
+                    Effect::Mute {
+                        room: room_name.to_owned(),
+                        member: id.clone(),
+                        muted: mute,
+                    },
+                    Effect::Send {
+                        event: event("member.updated", p.view(&id)),
+                        to: room.conns(None),
+                    },
+                ];
+                Ok((json!({"memberId": id, "muted": mute}), fx))
             }
             "" => Err(RoomError::NoCommandName),
             other => Err(RoomError::UnknownCommand(other.to_owned())),
@@ -1076,6 +1124,50 @@ mod tests {
         assert!(err.contains("not connected"), "{err}");
         // Nothing changed.
         assert_eq!(r.gauges().members, 1);
+    }
+
+    #[test]
+    fn a_moderator_mutes_others_and_the_origin_is_told() {
+        let mut r = Rooms::default();
+        let m = [Permission::MemberAudioMute, Permission::MemberAudioUnmute];
+        r.join(&grant("mod", Role::Member, &m), 1, NOW).unwrap();
+        r.join(&grant("a", Role::Member, &[]), 2, NOW).unwrap();
+        r.join(&grant("b", Role::Member, &[]), 3, NOW).unwrap();
+        let mute = |muted| Effect::Mute {
+            room: "r".into(),
+            member: "a".into(),
+            muted,
+        };
+        // Another member without room.member.audio_mute: refused, nothing changes.
+        let err = r
+            .command("r", "b", 3, "audio.mute", &json!({"memberId": "a"}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("room.member.audio_mute"), "{err}");
+        let (resp, fx) = r
+            .command("r", "mod", 1, "audio.mute", &json!({"memberId": "a"}))
+            .unwrap();
+        assert_eq!(resp, json!({"memberId": "a", "muted": true}));
+        assert!(fx.contains(&mute(true)), "{fx:?}");
+        assert_eq!(sent(&fx, "member.updated")["muted"], true);
+        // a cannot unmute itself without room.self.audio_unmute; the moderator can.
+        assert!(r.command("r", "a", 2, "audio.unmute", &json!({})).is_err());
+        let (_, fx) = r
+            .command("r", "mod", 1, "audio.unmute", &json!({"memberId": "a"}))
+            .unwrap();
+        assert!(fx.contains(&mute(false)), "{fx:?}");
+        // Muted, then sent back to the audience: the origin forgets the mute with it.
+        r.command("r", "mod", 1, "audio.mute", &json!({"memberId": "a"}))
+            .unwrap();
+        let (_, fx) = r
+            .command("r", "a", 2, "demote", &json!({"memberId": "a"}))
+            .unwrap();
+        assert!(fx.contains(&mute(false)), "{fx:?}");
+        let err = r
+            .command("r", "mod", 1, "audio.mute", &json!({"memberId": "ghost"}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ghost"), "{err}");
     }
 
     #[test]

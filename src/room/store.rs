@@ -85,6 +85,10 @@ impl RoomService {
             })
             .collect();
         let taken = self.lock().rooms.reload(room, &records);
+        // The mutes come with the room: this origin relays nothing of a muted member either.
+        for (member, s) in &records {
+            self.origin.set_muted(room, &Some(member.clone()), s.muted);
+        }
         if taken > 0 && !seen {
             info!(
                 room,

@@ -455,10 +455,44 @@ fn room_events(report: &Value, who: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// room.mjs on stream "stage" of `a` for `seconds`, driven through its stdin, its JSON lines
+/// read from its stdout.
+fn room_tool_on(
+    a: SocketAddr,
+    seconds: u32,
+    spec: &Value,
+) -> (
+    common::Reaped,
+    std::process::ChildStdin,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+) {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let (dir, script) = common::node_harness("room.mjs");
+    let mut child = common::Reaped(
+        Command::new("node")
+            .current_dir(&dir)
+            .arg(script)
+            .args(["--endpoint", &format!("http://{a}"), "--stream", "stage"])
+            .args([
+                "--seconds",
+                &seconds.to_string(),
+                "--spec",
+                &spec.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdin = child.0.stdin.take().unwrap();
+    let lines = std::io::BufReader::new(child.0.stdout.take().unwrap()).lines();
+    (child, stdin, lines)
+}
+
 #[test]
 fn sdk_audience_raises_a_hand_is_promoted_heard_by_the_others_and_demoted() {
-    use std::io::{BufRead, BufReader, Write};
-    use std::process::{Command, Stdio};
+    use std::io::Write;
     use std::time::{Duration, Instant};
     let _serial = common::serial();
     let began = Instant::now();
@@ -477,20 +511,7 @@ fn sdk_audience_raises_a_hand_is_promoted_heard_by_the_others_and_demoted() {
          "room": ana.token, "subscribeToken": ana.token, "view": view(&ana)},
         {"name": "bo", "room": bo.token, "subscribeToken": bo.token, "view": view(&bo)},
     ]);
-    let (dir, script) = common::node_harness("room.mjs");
-    let mut child = common::Reaped(
-        Command::new("node")
-            .current_dir(&dir)
-            .arg(script)
-            .args(["--endpoint", &format!("http://{a}"), "--stream", "stage"])
-            .args(["--seconds", "45", "--spec", &spec.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut stdin = child.0.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let (mut child, mut stdin, mut lines) = room_tool_on(a, 45, &spec);
     let mut seen = Vec::new();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -696,8 +717,7 @@ fn member_talking_crosses_the_origin_edge_link_in_a_split_deployment() {
 
 #[test]
 fn sdk_a_muted_member_is_heard_by_nobody_until_unmuted() {
-    use std::io::{BufRead, BufReader, Write};
-    use std::process::{Command, Stdio};
+    use std::io::Write;
     use std::time::Duration;
     let _serial = common::serial();
     let p = serve();
@@ -712,20 +732,7 @@ fn sdk_a_muted_member_is_heard_by_nobody_until_unmuted() {
         {"name": "ana", "publish": "ana", "sourceId": ana.id, "token": ana.token, "room": ana.token},
         {"name": "bo", "room": bo.token, "subscribeToken": bo.token, "view": {"tracks": 2}},
     ]);
-    let (dir, script) = common::node_harness("room.mjs");
-    let mut child = common::Reaped(
-        Command::new("node")
-            .current_dir(&dir)
-            .arg(script)
-            .args(["--endpoint", &format!("http://{a}"), "--stream", "stage"])
-            .args(["--seconds", "30", "--spec", &spec.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut stdin = child.0.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let (mut child, mut stdin, mut lines) = room_tool_on(a, 30, &spec);
     let mut seen = Vec::new();
     let mut send = |line: String| writeln!(stdin, "{line}").unwrap();
     let heard = until(&mut lines, &mut seen, "bo's vad naming ana", |v| {

@@ -130,8 +130,6 @@ struct LiveSource {
     index: u16,
     name: Option<Arc<str>>,
     active: Arc<ActiveSource>,
-    /// The payloads of its last packets, for the packet core's pre-roll.
-    held: HeldPayloads,
 }
 
 /// One held packet's payload and level, with the sequence number that names it.
@@ -163,6 +161,9 @@ struct EdgeStream {
     /// Relay source index -> core source.
     by_relay: HashMap<u16, SourceIdx>,
     live: HashMap<SourceIdx, LiveSource>,
+    /// The payloads of each source's last packets, by core index (no hashing per packet), for
+    /// the packet core's pre-roll.
+    held: Vec<HeldPayloads>,
     /// Every viewer of the stream on this thread.
     viewers: Vec<PeerId>,
     /// Viewers by group id (the packet core's group ids are small and reused).
@@ -185,6 +186,7 @@ impl EdgeStream {
             }),
             by_relay: HashMap::new(),
             live: HashMap::new(),
+            held: Vec::new(),
             viewers: Vec::new(),
             groups: Vec::new(),
             main_viewers: HashMap::new(),
@@ -321,10 +323,14 @@ impl EdgeCore {
         } = self;
         for (name, st) in streams.iter_mut() {
             let EdgeStream {
-                core, groups, live, ..
+                core,
+                groups,
+                live,
+                held,
+                ..
             } = &mut *st;
             core.tick(now_us, &mut |o| {
-                track_output(o, groups, live, viewers, out, metrics);
+                track_output(o, groups, live, held, viewers, out, metrics);
             });
             let due = st
                 .last_viewercount_us
@@ -558,6 +564,12 @@ impl EdgeCore {
                     level_ext_id: info.audio_level.then_some(LEVEL_EXT_ID),
                 },
             );
+            // A new publication holds nothing yet (the core starts it afresh too).
+            let i = idx.0 as usize;
+            if st.held.len() <= i {
+                st.held.resize_with(i + 1, HeldPayloads::default);
+            }
+            st.held[i] = HeldPayloads::default();
             let source: Option<Arc<str>> = info.source_id.as_deref().map(Arc::from);
             let active = Arc::new(ActiveSource {
                 stream: st.name.clone(),
@@ -575,7 +587,6 @@ impl EdgeCore {
                     index: info.index,
                     name: source,
                     active,
-                    held: HeldPayloads::default(),
                 },
             );
         }
@@ -713,7 +724,11 @@ impl EdgeCore {
             return;
         }
         let EdgeStream {
-            core, groups, live, ..
+            core,
+            groups,
+            live,
+            held,
+            ..
         } = st;
         let viewers = &self.viewers;
         let late_before = core.stats().dropped_before_switch;
@@ -725,13 +740,13 @@ impl EdgeCore {
                 header,
                 samples,
             } => write_group(group, track, header, samples, level, &payload, groups, out),
-            other => track_output(other, groups, live, viewers, out, m),
+            other => track_output(other, groups, live, held, viewers, out, m),
         });
         match result {
             // Held as the core holds its header: after it was handled.
             Ok(()) => {
-                if let Some(l) = live.get_mut(&src) {
-                    l.held.hold(view.sequence_number(), &payload, level);
+                if let Some(h) = held.get_mut(src.0 as usize) {
+                    h.hold(view.sequence_number(), &payload, level);
                 }
             }
             Err(e) => {
@@ -761,11 +776,19 @@ fn source_gone(
         return;
     };
     let EdgeStream {
-        core, groups, live, ..
+        core,
+        groups,
+        live,
+        held,
+        ..
     } = &mut *st;
     core.unpublish(now_us, s, &mut |o| {
-        track_output(o, groups, live, viewers, out, metrics);
+        track_output(o, groups, live, held, viewers, out, metrics);
     });
+    // Its datagrams go now, not when the index is reused.
+    if let Some(h) = held.get_mut(s.0 as usize) {
+        *h = HeldPayloads::default();
+    }
     let ev = ViewerEvent::Inactive {
         stream: st.name.clone(),
         source: gone.name,
@@ -781,6 +804,7 @@ fn track_output(
     o: CoreOutput,
     groups: &[Vec<PeerId>],
     live: &HashMap<SourceIdx, LiveSource>,
+    held: &[HeldPayloads],
     viewers: &HashMap<PeerId, ViewerState>,
     out: &mut VecDeque<Output>,
     metrics: &EdgeMetrics,
@@ -799,7 +823,7 @@ fn track_output(
             samples,
             source,
             seq,
-        } => match live.get(&source).and_then(|l| l.held.get(seq)) {
+        } => match held.get(source.0 as usize).and_then(|h| h.get(seq)) {
             Some((payload, level)) => {
                 metrics.preroll_packets.fetch_add(1, Ordering::Relaxed);
                 write_group(group, track, header, samples, level, payload, groups, out);

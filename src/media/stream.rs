@@ -181,7 +181,6 @@ struct Source {
     refs: u32,
     cfg: SourceConfig,
     activity: VoiceActivity,
-    held: Held,
 }
 
 /// One held packet's header: what a pre-roll rewrite needs.
@@ -310,6 +309,9 @@ pub struct StreamCore {
     names: Vec<String>,
     index: HashMap<String, SourceIdx>,
     sources: Vec<Source>,
+    /// Each source's held packets for pre-roll, by index: apart from `sources`, whose scans
+    /// (every tick walks the live ones) stay compact.
+    held: Vec<Held>,
     /// Indices of released names, for reuse.
     free: Vec<u32>,
     /// The live sources, ascending (the order every scan used before).
@@ -329,6 +331,7 @@ impl StreamCore {
             names: Vec::new(),
             index: HashMap::new(),
             sources: Vec::new(),
+            held: Vec::new(),
             free: Vec::new(),
             live: Vec::new(),
             rewriters: Vec::new(),
@@ -349,17 +352,18 @@ impl StreamCore {
             refs: 0,
             cfg: SourceConfig::default(),
             activity: VoiceActivity::new(&self.cfg.vad),
-            held: Held::default(),
         };
         let i = match self.free.pop() {
             Some(i) => {
                 self.names[i as usize] = name.to_owned();
                 self.sources[i as usize] = fresh;
+                self.held[i as usize] = Held::default();
                 SourceIdx(i)
             }
             None => {
                 self.names.push(name.to_owned());
                 self.sources.push(fresh);
+                self.held.push(Held::default());
                 SourceIdx(self.names.len() as u32 - 1)
             }
         };
@@ -403,7 +407,7 @@ impl StreamCore {
         src.live = true;
         src.cfg = cfg;
         src.activity = VoiceActivity::new(&self.cfg.vad);
-        src.held = Held::default();
+        self.held[i.0 as usize] = Held::default();
         if let Err(at) = self.live.binary_search(&i) {
             self.live.insert(at, i);
         }
@@ -632,7 +636,7 @@ impl StreamCore {
             }
         }
         // Held after it was handled: a pre-roll it triggered leads into it, not through it.
-        self.sources[s.0 as usize].held.hold(HeldPacket {
+        self.held[s.0 as usize].hold(HeldPacket {
             valid: true,
             marker: input.marker,
             seq: input.seq,
@@ -691,7 +695,8 @@ impl StreamCore {
                 if let Some(x) = e.source {
                     let next = next.filter(|(n, _)| *n == x).map(|(_, p)| p);
                     let stats = &mut self.stats;
-                    preroll(&self.sources, self.cfg.preroll_us, &e, rw, next, stats, out);
+                    let (sources, held) = (&self.sources, &self.held);
+                    preroll(sources, held, self.cfg.preroll_us, &e, rw, next, stats, out);
                 }
             } else {
                 out(Output::Track(e));
@@ -703,8 +708,10 @@ impl StreamCore {
 /// Replays the start of `e`'s source's talkspurt into the track it entered: its held packets
 /// ([`Held::run`]) through the track's rewriter, so the track's numbering runs on gapless into
 /// the packet that follows.
+#[allow(clippy::too_many_arguments)]
 fn preroll(
     sources: &[Source],
+    held: &[Held],
     reach_us: u64,
     e: &TrackChange,
     rw: &mut TrackRewriter,
@@ -713,16 +720,14 @@ fn preroll(
     out: &mut impl FnMut(Output),
 ) {
     let Some(x) = e.source else { return };
-    let Some(src) = sources.get(x.0 as usize).filter(|s| s.live) else {
+    let live = sources.get(x.0 as usize).is_some_and(|s| s.live);
+    let Some(held) = held.get(x.0 as usize).filter(|_| live && reach_us > 0) else {
         return;
     };
-    if reach_us == 0 {
-        return;
-    }
-    let (first, span) = src.held.run(e.at_us, reach_us, next);
+    let (first, span) = held.run(e.at_us, reach_us, next);
     for i in 0..span as u16 {
         // A loss inside the run: the numbering keeps its gap, as the source's own did.
-        let Some(h) = src.held.get(first.wrapping_add(i)) else {
+        let Some(h) = held.get(first.wrapping_add(i)) else {
             continue;
         };
         let input = InputPacket {

@@ -369,6 +369,15 @@ impl Model {
                         "{member} stopped but may publish"
                     );
                 }
+                // A mute names a participant of that room.
+                Effect::Mute { room, member, .. } => {
+                    assert!(
+                        self.grants
+                            .iter()
+                            .any(|g| &g.room == room && &g.member == member),
+                        "mute of {member}, not in room {room}"
+                    );
+                }
             }
         }
     }

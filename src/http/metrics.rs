@@ -159,6 +159,13 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
         );
         metric(
             &mut out,
+            "chorus_origin_standby_evicted_total",
+            "counter",
+            "Standby feeds closed to make room for a newer publish of their sourceId (at most 4 feeds a source).",
+            &[("", g(&m.standby_evicted))],
+        );
+        metric(
+            &mut out,
             "chorus_origin_publish_refused_total",
             "counter",
             "Publish attempts refused by a stream's source limits.",

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use str0m::media::MediaKind;
 use str0m::rtp::Extension;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::relay::proto::{OriginMsg, SourceInfo, TrackInfo};
 use crate::rtc::offer::OfferRequirements;
@@ -116,6 +116,9 @@ pub(crate) struct OriginMetrics {
     pub relay_drops_by: [AtomicU64; 4],
     pub publications_total: AtomicU64,
     pub replacements_total: AtomicU64,
+    /// Standby feeds closed to make room for a newer publish of their source
+    /// ([`redundancy::MAX_FEEDS_PER_SOURCE`]).
+    pub standby_evicted: AtomicU64,
     /// Publish attempts refused: the stream held [`indices::MAX_SOURCES_PER_STREAM`] sources.
     pub refused_sources_limit: AtomicU64,
     /// Publish attempts refused: every source index of the stream held or quarantined.
@@ -512,9 +515,21 @@ impl Origin {
         let mut st = self.lock();
         let s = st.entry(stream.to_owned()).or_default();
         if s.feeds(source) >= MAX_FEEDS_PER_SOURCE {
-            return Err(OfferError::Limit(format!(
-                "stream {stream:?}: source {source:?} already has {MAX_FEEDS_PER_SOURCE} feeds (one plays, the others stand by): end one first"
-            )));
+            let worst = s
+                .standby
+                .get(source)
+                .and_then(|l| redundancy::evicted(l.iter().map(LivePublication::feed)));
+            let Some(worst) = worst else {
+                return Err(OfferError::Limit(format!(
+                    "stream {stream:?}: source {source:?} already has {MAX_FEEDS_PER_SOURCE} feeds: end one first"
+                )));
+            };
+            let (gone, _) = s.remove_feeds(source, &|_, v| v.publication == worst.publication);
+            for v in gone {
+                self.host.remove(v.peer);
+                self.metrics.standby_evicted.fetch_add(1, Ordering::Relaxed);
+                warn!(stream, source = ?source, publication = v.publication, "standby feed closed to make room: {MAX_FEEDS_PER_SOURCE} feeds of one source at most");
+            }
         }
         match s.indices.claim(source, Instant::now()) {
             Ok(index) => {
@@ -1020,11 +1035,19 @@ mod tests {
         let relayed = || [&one, &two, &three].map(|p| p.load(Ordering::Relaxed));
         assert_eq!(relayed(), [false, true, false]);
         assert_eq!(o.gauges().1, 1, "one source for the edges");
-        // One feed more than the bound is refused before any offer is answered.
+        // One feed more than the bound: the standby that would play last (3, priority -1) is
+        // closed to make room before the offer is answered; the newest always gets in.
         let (_, _, f) = feed(4, 0);
         assert_eq!(o.commit("s", &ana, f), Ok(WentLive::TookOver));
-        assert!(matches!(o.reserve("s", &ana), Err(OfferError::Limit(_))));
+        assert!(o.reserve("s", &ana).is_ok());
+        o.finish_attempt("s", &ana);
+        assert_eq!(o.lock()["s"].feeds(&ana), 3);
+        assert!(o.lock()["s"].standby[&ana]
+            .iter()
+            .all(|v| v.publication != 3));
+        assert_eq!(o.metrics.standby_evicted.load(Ordering::Relaxed), 1);
         o.publication_closed("s", &ana, 4, CloseReason::Removed);
+        assert_eq!(relayed(), [false, true, false]);
         // The playing feed ends: the best standby (priority 0 beats -1) plays at once, on the
         // same index; a standby ending changes nothing that plays.
         o.publication_closed("s", &ana, 2, CloseReason::Removed);

@@ -21,6 +21,17 @@ pub(crate) struct Feed {
     pub priority: i32,
 }
 
+/// The standby that makes room when a source already holds [`MAX_FEEDS_PER_SOURCE`] feeds and
+/// another publish comes: the one that would play last (the lowest priority, the oldest among
+/// equals). The newest publish always gets in: refusing it would leave the publisher the user is
+/// looking at silent behind three stale feeds (a client that reconnects in a loop, a WHIP
+/// client that never sent DELETE).
+pub(crate) fn evicted(standby: impl IntoIterator<Item = Feed>) -> Option<Feed> {
+    standby
+        .into_iter()
+        .min_by_key(|f| (f.priority, f.publication))
+}
+
 /// The feed that plays: the highest priority; among equal priorities the newest (the
 /// publisher that came last is the one its user is looking at). None for no feeds.
 pub(crate) fn playing(feeds: impl IntoIterator<Item = Feed>) -> Option<Feed> {
@@ -31,6 +42,17 @@ pub(crate) fn playing(feeds: impl IntoIterator<Item = Feed>) -> Option<Feed> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_standby_that_would_play_last_makes_room() {
+        let f = |publication, priority| super::Feed {
+            publication,
+            priority,
+        };
+        assert_eq!(super::evicted([]), None);
+        assert_eq!(super::evicted([f(3, 0), f(2, 0), f(4, 1)]), Some(f(2, 0)));
+        assert_eq!(super::evicted([f(3, 0), f(5, -1), f(4, 1)]), Some(f(5, -1)));
+    }
+
     use super::*;
 
     fn f(publication: u64, priority: i32) -> Feed {

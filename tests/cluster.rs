@@ -16,19 +16,7 @@ const API_KEY: &str = "cluster-api-key";
 const JWT_SECRET: &str = "cluster-jwt-secret";
 
 fn origin(redis: &Redis, id: &str) -> Proc {
-    common::origin_with(
-        PUBLISH,
-        CLUSTER,
-        &[
-            "--redis",
-            &redis.url(),
-            "--node-id",
-            id,
-            "--api-key",
-            API_KEY,
-        ],
-        &[("CHORUS_JWT_SECRET", JWT_SECRET)],
-    )
+    common::cluster_origin(PUBLISH, CLUSTER, API_KEY, JWT_SECRET, &redis.url(), id, &[])
 }
 
 fn edge(redis: &Redis, origin: &Proc, id: &str, extra: &[&str]) -> Proc {

@@ -19,19 +19,7 @@ const API_KEY: &str = "failover-api-key";
 const JWT_SECRET: &str = "failover-jwt-secret";
 
 fn origin(redis: &Redis, id: &str) -> Proc {
-    common::origin_with(
-        PUBLISH,
-        CLUSTER,
-        &[
-            "--redis",
-            &redis.url(),
-            "--node-id",
-            id,
-            "--api-key",
-            API_KEY,
-        ],
-        &[("CHORUS_JWT_SECRET", JWT_SECRET)],
-    )
+    common::cluster_origin(PUBLISH, CLUSTER, API_KEY, JWT_SECRET, &redis.url(), id, &[])
 }
 
 /// An edge with no `--origin`: it finds each stream's owner in the registry.

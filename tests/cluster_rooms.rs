@@ -21,21 +21,8 @@ const JWT_SECRET: &str = "rooms-jwt-secret";
 const HOST_PERMISSIONS: [&str; 2] = ["room.member.promote", "room.member.demote"];
 
 fn origin(redis_url: &str, id: &str) -> Proc {
-    common::origin_with(
-        PUBLISH,
-        CLUSTER,
-        &[
-            "--redis",
-            redis_url,
-            "--node-id",
-            id,
-            "--api-key",
-            API_KEY,
-            "--jwt-ttl",
-            "10m",
-        ],
-        &[("CHORUS_JWT_SECRET", JWT_SECRET)],
-    )
+    let ttl = ["--jwt-ttl", "10m"];
+    common::cluster_origin(PUBLISH, CLUSTER, API_KEY, JWT_SECRET, redis_url, id, &ttl)
 }
 
 /// An edge linked to `origin`, in the registry as `id`.

@@ -291,6 +291,28 @@ pub fn origin(publish_token: &str, cluster_token: &str) -> Proc {
     origin_with(publish_token, cluster_token, &[], &[])
 }
 
+/// An origin of a test cluster: on the registry at `redis_url` as node `id`, with the room API
+/// key and the JWT secret every origin of the test shares (so a publish JWT of any director
+/// works at the stream's owner), and `extra` arguments.
+pub fn cluster_origin(
+    publish_token: &str,
+    cluster_token: &str,
+    api_key: &str,
+    jwt_secret: &str,
+    redis_url: &str,
+    id: &str,
+    extra: &[&str],
+) -> Proc {
+    let mut args = vec!["--redis", redis_url, "--node-id", id, "--api-key", api_key];
+    args.extend_from_slice(extra);
+    origin_with(
+        publish_token,
+        cluster_token,
+        &args,
+        &[("CHORUS_JWT_SECRET", jwt_secret)],
+    )
+}
+
 /// [`origin`] with more arguments and environment.
 pub fn origin_with(
     publish_token: &str,

@@ -26,7 +26,8 @@ use crate::relay::proto::DatagramHeader;
 use crate::rtc::established::{Emit, Ended, Established, IceLite, RtcpStats, TrackSpec};
 
 pub use crate::http::signal_cmd::{
-    CmdError, ProjectCmd, PublishCmd, UnprojectCmd, UnpublishCmd, ViewCmd, MAX_SOURCE_LIST,
+    CmdError, ProjectCmd, PublishCmd, Target, UnprojectCmd, UnpublishCmd, ViewCmd, ViewTracks,
+    MAX_SOURCE_LIST,
 };
 pub use crate::http::socket::{parse_command, WsCommand};
 pub use crate::room::state::{

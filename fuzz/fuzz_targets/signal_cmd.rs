@@ -8,13 +8,14 @@
 //! 3. Each command's data, whatever the command's name (the handlers dispatch on it; here every
 //!    parser sees every input): what is accepted is within the stated limits (sourceIds at most
 //!    `MAX_SOURCE_ID` bytes, a main source never as `Some("")`, no control characters in a
-//!    published sourceId, at most `MAX_SOURCE_LIST` exclusions, projections only into the
-//!    view's tracks), and re-encoding what was parsed parses back to the same.
+//!    published sourceId, at most `MAX_SOURCE_LIST` exclusions, projections into the view's
+//!    tracks, its main track, or added tracks with a valid mid), and re-encoding what was
+//!    parsed parses back to the same.
 #![no_main]
 
 use chorus::fuzzing::{
-    parse_command, ProjectCmd, PublishCmd, UnprojectCmd, UnpublishCmd, ViewCmd, MAX_SOURCE_ID,
-    MAX_SOURCE_LIST,
+    parse_command, ProjectCmd, PublishCmd, Target, UnprojectCmd, UnpublishCmd, ViewCmd,
+    ViewTracks, MAX_SOURCE_ID, MAX_SOURCE_LIST,
 };
 use libfuzzer_sys::fuzz_target;
 use serde_json::{json, Value};
@@ -76,7 +77,7 @@ fn commands(data: &Value) {
             if let Some(s) = &p.source {
                 source_ok(s);
             }
-            let again = json!({"sdp": p.sdp, "sourceId": p.source, "priority": p.priority});
+            let again = json!({"sdp": p.sdp, "sourceId": p.source, "priority": p.priority, "events": p.events});
             assert_eq!(PublishCmd::parse(&again), Ok(p));
         }
         Err(e) => assert!(!e.to_string().is_empty()),
@@ -99,28 +100,41 @@ fn commands(data: &Value) {
             assert!(v.pinned.as_ref().is_none_or(|s| s.len() <= MAX_SOURCE_ID));
             assert!(v.excluded.len() <= MAX_SOURCE_LIST);
             assert!(v.excluded.iter().all(|s| s.len() <= MAX_SOURCE_ID));
-            let again =
-                json!({"sdp": v.sdp, "pinnedSourceId": v.pinned, "excludedSourceIds": v.excluded});
+            let again = json!({"sdp": v.sdp, "pinnedSourceId": v.pinned, "excludedSourceIds": v.excluded, "events": v.events});
             assert_eq!(ViewCmd::parse(&again), Ok(v));
         }
         Err(e) => assert!(!e.to_string().is_empty()),
     }
-    let tracks: Vec<String> = TRACKS.iter().map(|t| t.to_string()).collect();
-    match ProjectCmd::parse(data, &tracks) {
+    let view = ViewTracks {
+        main_audio: Some("9".into()),
+        main_video: None,
+        tracks: TRACKS.iter().map(|t| t.to_string()).collect(),
+    };
+    match ProjectCmd::parse(data, &view) {
         Ok(p) => {
             if !p.source.is_empty() {
                 source_ok(&p.source);
             }
-            assert!(p.mids.iter().all(|m| tracks.contains(m)), "{:?}", p.mids);
             let n = data["mapping"].as_array().map(Vec::len);
-            assert_eq!(n, Some(p.mids.len()));
+            assert_eq!(n, Some(p.targets.len()));
             let mapping: Vec<Value> = p
-                .mids
+                .targets
                 .iter()
-                .map(|m| json!({"media": "audio", "mediaId": m}))
+                .map(|t| match t {
+                    Target::Main => json!({"media": "audio"}),
+                    Target::Track(m) => {
+                        assert!(view.tracks.contains(m), "{m:?}");
+                        json!({"media": "audio", "mediaId": m})
+                    }
+                    Target::Added(m) => {
+                        assert!(!view.tracks.contains(m) && (1..=16).contains(&m.len()));
+                        assert!(!m.chars().any(|c| c.is_control() || c == ' '));
+                        json!({"media": "audio", "mediaId": m})
+                    }
+                })
                 .collect();
             let again = json!({"sourceId": p.source, "mapping": mapping});
-            assert_eq!(ProjectCmd::parse(&again, &tracks), Ok(p));
+            assert_eq!(ProjectCmd::parse(&again, &view), Ok(p));
         }
         Err(e) => assert!(!e.to_string().is_empty()),
     }

@@ -111,11 +111,26 @@ pub struct Join {
     pub tracks: Vec<Mid>,
 }
 
+/// A viewer's projections as its last `project`/`unproject` left them, all of them at once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Projection {
+    /// (multiplexed track index, sourceId): that source stays in that track.
+    pub fixed: Vec<(u8, String)>,
+    /// The source projected into the main tracks (None: the pinned one, as `view` asked).
+    pub main: Option<String>,
+    /// Multiplexed tracks the viewer added after its offer (the SDK's `addRemoteTrack`, which
+    /// renegotiates only locally), by mid: they follow the offer's tracks, in this order. A
+    /// track once added stays.
+    pub added: Vec<Mid>,
+}
+
 /// What the core knows of a viewer. Its group is stored here, and only here.
 struct ViewerState {
     stream: Arc<str>,
     group: GroupId,
-    /// The source in its main tracks: the pinned one, or the stream's main source.
+    /// The source its `view` pinned (or the stream's main source).
+    pinned: SourceIdx,
+    /// The source in its main tracks: the pinned one, or the one projected there.
     main_source: SourceIdx,
     /// Exclusion wins over pinning: a viewer that excludes its main source hears nothing there.
     main_excluded: bool,
@@ -417,6 +432,7 @@ impl EdgeCore {
             ViewerState {
                 stream: st.name.clone(),
                 group,
+                pinned: main_source,
                 main_source,
                 main_excluded,
                 main_video: j.main_video,
@@ -460,18 +476,44 @@ impl EdgeCore {
         }
     }
 
-    /// Sets a viewer's projections, (multiplexed track index, sourceId): it moves to the group
-    /// of its new key and hears `vad` for every track that changed.
-    pub(crate) fn handle_project(&mut self, now_us: u64, id: PeerId, fixed: &[(u8, String)]) {
+    /// Sets a viewer's projections ([`Projection`]): it moves to the group of its new key
+    /// (more tracks if it added some, another main source if one is projected there) and hears
+    /// `vad` for every multiplexed track that changed.
+    pub(crate) fn handle_project(&mut self, now_us: u64, id: PeerId, p: &Projection) {
         let Some(v) = self.viewers.get_mut(&id) else {
             return;
         };
         let Some(st) = self.streams.get_mut(&*v.stream) else {
             return;
         };
+        for mid in &p.added {
+            if !v.tracks.contains(mid) && v.tracks.len() < super::MAX_TRACKS {
+                v.tracks.push(*mid);
+            }
+        }
         let excluded: Vec<SourceIdx> = v.excluded.iter().map(|e| st.core.intern(e)).collect();
-        let fixed_idx: Vec<(u8, SourceIdx)> =
-            fixed.iter().map(|(t, s)| (*t, st.core.intern(s))).collect();
+        let main = p.main.as_deref().map_or(v.pinned, |m| st.core.intern(m));
+        if main != v.main_source {
+            if !v.main_excluded {
+                if let Some(m) = st.main_viewers.get_mut(&v.main_source) {
+                    m.retain(|x| *x != id);
+                    if m.is_empty() {
+                        st.main_viewers.remove(&v.main_source);
+                    }
+                }
+            }
+            v.main_source = main;
+            // Exclusion still wins: a projected source the view excludes plays nowhere.
+            v.main_excluded = excluded.contains(&main);
+            if !v.main_excluded {
+                st.main_viewers.entry(main).or_default().push(id);
+            }
+        }
+        let fixed_idx: Vec<(u8, SourceIdx)> = p
+            .fixed
+            .iter()
+            .map(|(t, s)| (*t, st.core.intern(s)))
+            .collect();
         let key = GroupKey::new(v.tracks.len() as u8, Some(v.main_source), excluded)
             .with_fixed(fixed_idx);
         let old = v.group;
@@ -484,7 +526,8 @@ impl EdgeCore {
             v.group = new;
         }
         for (t, s) in st.core.selector().tracks(new).enumerate() {
-            if before.get(t) == Some(&s) {
+            // A track added empty says nothing until a source enters it.
+            if before.get(t).map_or(s.is_none(), |b| *b == s) {
                 continue;
             }
             if let Some(mid) = v.tracks.get(t) {
@@ -493,7 +536,7 @@ impl EdgeCore {
                     .push_back(Output::Event(id, ViewerEvent::Vad { mid: *mid, source }));
             }
         }
-        info!(%id, ?fixed, "viewer projections changed");
+        info!(%id, ?p, "viewer projections changed");
     }
 
     /// A viewer asked for a keyframe on `mid`: passed to the origin if it is its main video, at
@@ -545,7 +588,6 @@ impl EdgeCore {
             }
         }
         self.channels.insert(channel, stream.to_owned());
-        let had_sources = !st.live.is_empty();
         // The list is complete: indices it does not name are no source of this stream any more.
         st.by_relay.clear();
         let mut seen = Vec::new();
@@ -554,8 +596,23 @@ impl EdgeCore {
             let idx = st.core.intern(&name);
             seen.push(idx);
             st.by_relay.insert(info.index, idx);
+            let media: Vec<String> = info.tracks.iter().map(|t| t.media.clone()).collect();
             if let Some(l) = st.live.get_mut(&idx) {
                 l.index = info.index;
+                // Same source, other tracks (a takeover by a feed with video, say): Millicast's
+                // `updated`, with the tracks it has now.
+                if l.active.media != media {
+                    l.active = Arc::new(ActiveSource {
+                        stream: st.name.clone(),
+                        source: l.name.clone(),
+                        media,
+                    });
+                    let ev = ViewerEvent::Updated(l.active.clone());
+                    for &id in &st.viewers {
+                        self.out.push_back(Output::Event(id, ev.clone()));
+                    }
+                    info!(stream, source = ?info.source_id, "source updated");
+                }
                 continue;
             }
             st.core.publish(
@@ -574,7 +631,7 @@ impl EdgeCore {
             let active = Arc::new(ActiveSource {
                 stream: st.name.clone(),
                 source: source.clone(),
-                media: info.tracks.iter().map(|t| t.media.clone()).collect(),
+                media,
             });
             st.broadcast(&mut self.out, &ViewerEvent::Active(active.clone()));
             self.metrics
@@ -603,12 +660,11 @@ impl EdgeCore {
             st.by_relay.retain(|_, v| *v != s);
             source_gone(now_us, st, s, &self.viewers, &mut self.out, &self.metrics);
         }
-        if had_sources && st.live.is_empty() {
-            let ev = ViewerEvent::Stopped {
-                stream: st.name.clone(),
-            };
-            st.broadcast(&mut self.out, &ev);
-        }
+        // No `stopped` when the last source goes: a stage is empty between talkers, after a
+        // demotion, while a publisher reconnects, and an app that ends its view on `stopped`
+        // (Millicast's "disconnected from the publisher") would lose its listeners in a pause.
+        // The last `inactive` says the stage is empty; `stopped` comes when the server ends
+        // the view (`http::signal`).
     }
 
     /// The origin link is gone. Every source its viewers were told is active goes `inactive`

@@ -339,7 +339,11 @@ fn a_projection_moves_the_viewer_and_tells_it_what_changed() {
     join(&mut c, 0, 2, "s", 2);
     c.handle_sources(0, "s", 1, vec![source(0, "ana"), source(1, "bo")]);
     let (now, _) = talk(&mut c, 1, 0, 0, 0, 3);
-    c.handle_project(now, PeerId(1), &[(1, "bo".to_string())]);
+    let p = Projection {
+        fixed: vec![(1, "bo".to_string())],
+        ..Projection::default()
+    };
+    c.handle_project(now, PeerId(1), &p);
     // The new group starts from the tracks it had (ana stays, nothing to tell); its next
     // ranking puts bo in the projected track, for this viewer only.
     assert!(drain(&mut c).is_empty());
@@ -352,6 +356,70 @@ fn a_projection_moves_the_viewer_and_tells_it_what_changed() {
     let mut log = drain(&mut c);
     log.sort();
     assert_eq!(log, ["w1 mux0", "w2 mux0"]);
+}
+
+#[test]
+fn a_projection_into_the_main_track_replaces_the_pinned_source_until_unprojected() {
+    let mut c = core();
+    join(&mut c, 0, 1, "s", 1);
+    c.handle_sources(0, "s", 1, vec![source(0, "ana"), source(1, "bo")]);
+    let (now, _) = talk(&mut c, 1, 0, 0, 0, 3);
+    let main = |s: Option<&str>| Projection {
+        main: s.map(str::to_owned),
+        ..Projection::default()
+    };
+    c.handle_project(now, PeerId(1), &main(Some("ana")));
+    // ana leaves the multiplexed track (the main source is never in one) for the main track.
+    assert_eq!(events_of(&drain(&mut c), 1), ["vad 1=-"]);
+    c.handle_packet(now, relayed(1, 0, 200, 20, now));
+    assert_eq!(drain(&mut c), ["w1 main"]);
+    // Back to the pinned (main) source: ana is multiplexed again once it talks.
+    c.handle_project(now, PeerId(1), &main(None));
+    drain(&mut c);
+    let (_, log) = talk(&mut c, 1, 0, now, 201, 3);
+    assert!(!log.contains(&"w1 main".to_string()));
+    assert!(log.contains(&"e1 vad 1=ana".to_string()), "{log:?}");
+}
+
+#[test]
+fn a_projection_into_an_added_track_grows_the_viewers_tracks() {
+    let mut c = core();
+    join(&mut c, 0, 1, "s", 1);
+    c.handle_sources(0, "s", 1, vec![source(0, "ana"), source(1, "bo")]);
+    let (now, _) = talk(&mut c, 1, 0, 0, 0, 3);
+    drain(&mut c);
+    let p = Projection {
+        fixed: vec![(1, "bo".to_string())],
+        added: vec![Mid::from("7")],
+        ..Projection::default()
+    };
+    c.handle_project(now, PeerId(1), &p);
+    assert_eq!(c.viewers[&PeerId(1)].tracks, [mid(0), Mid::from("7")]);
+    c.handle_timeout(now + 10_000);
+    assert_eq!(events_of(&drain(&mut c), 1), ["vad 7=bo"]);
+    c.handle_packet(now, relayed(1, 1, 300, 20, now));
+    assert_eq!(drain(&mut c), ["w1 mux1"]);
+    // The same added mid again changes nothing.
+    c.handle_project(now, PeerId(1), &p);
+    assert_eq!(c.viewers[&PeerId(1)].tracks.len(), 2);
+}
+
+#[test]
+fn a_live_source_whose_tracks_change_is_updated_not_active_again() {
+    let mut c = core();
+    join(&mut c, 0, 1, "s", 1);
+    c.handle_sources(0, "s", 1, vec![source(0, "ana")]);
+    drain(&mut c);
+    c.handle_sources(0, "s", 1, vec![source(0, "ana")]);
+    assert!(events_of(&drain(&mut c), 1).is_empty());
+    let mut with_video = source(0, "ana");
+    with_video.tracks.push(TrackInfo {
+        media: "video".into(),
+        mid: "1".into(),
+    });
+    c.handle_sources(0, "s", 1, vec![with_video]);
+    let log = drain(&mut c);
+    assert_eq!(events_of(&log, 1), ["updated ana"]);
 }
 
 #[test]
@@ -536,9 +604,9 @@ fn a_source_list_forgets_indices_it_no_longer_names() {
     assert_eq!(st.by_relay.get(&0), None);
     // Gone: not live, and (no view names it) its name released by the core.
     assert!(st.core.lookup("ana").is_none_or(|i| !st.core.is_live(i)));
-    // The last source going stops the stream.
+    // The last source going is only its `inactive`: an empty stage is no `stopped`.
     c.handle_sources(0, "a", 1, vec![]);
-    assert_eq!(events_of(&drain(&mut c), 1), ["inactive bo", "stopped -"]);
+    assert_eq!(events_of(&drain(&mut c), 1), ["inactive bo"]);
 }
 
 #[test]

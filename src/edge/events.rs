@@ -14,6 +14,9 @@ use str0m::media::Mid;
 pub enum ViewerEvent {
     /// A source of the stream is live (sent for every live source right after `view`).
     Active(Arc<ActiveSource>),
+    /// A live source's tracks changed (Millicast's `updated`: a track added to or removed from
+    /// a feed), with the tracks it has now.
+    Updated(Arc<ActiveSource>),
     /// A source stopped (or the link that announced it is gone).
     Inactive {
         stream: Arc<str>,
@@ -24,7 +27,8 @@ pub enum ViewerEvent {
     Vad { mid: Mid, source: Option<Arc<str>> },
     /// Viewers of the stream at this edge.
     ViewerCount(usize),
-    /// The stream's last source went.
+    /// The server ends this view (Millicast's "disconnected from the publisher"): sent just
+    /// before the signalling socket closes, never because the stage went quiet.
     Stopped { stream: Arc<str> },
 }
 
@@ -43,7 +47,7 @@ impl ViewerEvent {
     #[cfg(test)]
     pub(crate) fn source(&self) -> Option<&str> {
         match self {
-            ViewerEvent::Active(a) => a.source.as_deref(),
+            ViewerEvent::Active(a) | ViewerEvent::Updated(a) => a.source.as_deref(),
             ViewerEvent::Inactive { source, .. } | ViewerEvent::Vad { source, .. } => {
                 source.as_deref()
             }
@@ -55,7 +59,7 @@ impl ViewerEvent {
     /// never on the media thread that decided it.
     pub(crate) fn to_json(&self) -> serde_json::Value {
         let data = match self {
-            ViewerEvent::Active(a) => {
+            ViewerEvent::Active(a) | ViewerEvent::Updated(a) => {
                 let tracks: Vec<Value> = a
                     .media
                     .iter()
@@ -79,6 +83,7 @@ impl ViewerEvent {
     pub(crate) fn name(&self) -> &'static str {
         match self {
             ViewerEvent::Active(_) => "active",
+            ViewerEvent::Updated(_) => "updated",
             ViewerEvent::Inactive { .. } => "inactive",
             ViewerEvent::Vad { .. } => "vad",
             ViewerEvent::ViewerCount(_) => "viewercount",

@@ -148,6 +148,9 @@ pub(crate) struct PendingViewer {
     pub answer: String,
     pub subscriber_id: String,
     pub tracks: Vec<String>,
+    /// The mids of its main audio and video m-lines, if it has them.
+    pub main_audio: Option<String>,
+    pub main_video: Option<String>,
 }
 
 impl PendingViewer {
@@ -477,6 +480,8 @@ impl Edge {
             answer,
             subscriber_id: subscriber_id.clone(),
             tracks: tracks.clone(),
+            main_audio: main_audio.clone(),
+            main_video: main_video.clone(),
             viewer: Box::new(NewViewer {
                 id,
                 ufrag,
@@ -505,9 +510,9 @@ impl Edge {
         self.lanes[self.lane(id)].send(EdgeCmd::RemoveViewer(id));
     }
 
-    /// Sets all of a viewer's projections: (multiplexed track index, sourceId).
-    pub(crate) fn project(&self, id: PeerId, fixed: Vec<(u8, String)>) {
-        self.lanes[self.lane(id)].send(EdgeCmd::Project(id, fixed));
+    /// Sets all of a viewer's projections (see [`core::Projection`]).
+    pub(crate) fn project(&self, id: PeerId, p: core::Projection) {
+        self.lanes[self.lane(id)].send(EdgeCmd::Project(id, p));
     }
 }
 

@@ -20,6 +20,11 @@ impl Edge {
             .collect()
     }
 
+    /// The stream's viewers at this edge and, with a shared registry, at the others.
+    pub(crate) fn viewers_of(&self, stream: &str) -> usize {
+        self.shared.viewers_of(stream)
+    }
+
     /// The other edges' viewers per stream, as the registry said last.
     pub(crate) fn set_remote_counts(&self, others: HashMap<String, usize>) {
         if let Ok(mut m) = self.shared.remote.lock() {

@@ -15,6 +15,7 @@ use str0m::Rtc;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::events::ViewerEvent;
+use crate::media::opus;
 use crate::media::rewrite::{InputPacket, TrackRewriter};
 use crate::media::rtp::audio_level_byte;
 use crate::rtc::established::TrackSpec;
@@ -201,11 +202,30 @@ pub fn go_lean(peer: &mut Peer<Viewer>, now: Instant) -> bool {
         return false;
     };
     let mut specs: SmallVec<[TrackSpec; 4]> = SmallVec::new();
-    for t in v.main_audio.iter_mut().chain(v.tracks.iter_mut()) {
+    let mut unknown = Vec::new();
+    for (i, t) in v
+        .main_audio
+        .iter_mut()
+        .chain(v.tracks.iter_mut())
+        .enumerate()
+    {
+        if rtc.media(t.mid).is_none() {
+            unknown.push(i);
+            continue;
+        }
         t.lean = t.lean_spec(rtc).map(|s| {
             specs.push(s);
             specs.len() - 1
         });
+    }
+    // Tracks added before the handshake ended ([`add_track`]): sent like the negotiated ones.
+    if let Some(template) = specs.first().cloned() {
+        for i in unknown {
+            if let Some(t) = v.main_audio.iter_mut().chain(v.tracks.iter_mut()).nth(i) {
+                specs.push(added_spec(&template, t.mid, &specs));
+                t.lean = Some(specs.len() - 1);
+            }
+        }
     }
     if peer.go_lean(&km, profile, client, specs, now) {
         return true;
@@ -215,6 +235,50 @@ pub fn go_lean(peer: &mut Peer<Viewer>, now: Instant) -> bool {
         t.lean = None;
     }
     false
+}
+
+/// The spec of a track the viewer added after its offer: `template`'s payload type and
+/// extensions (the SDK's local renegotiation copies them from the first audio m-line of the
+/// answer), a fresh SSRC none of `taken` has, and its own mid.
+fn added_spec(template: &TrackSpec, mid: Mid, taken: &[TrackSpec]) -> TrackSpec {
+    let mut ssrc = rand::random::<u32>();
+    while ssrc == 0 || taken.iter().any(|t| t.ssrc == ssrc) {
+        ssrc = rand::random();
+    }
+    let bytes = mid.as_bytes();
+    TrackSpec {
+        ssrc,
+        mid: SmallVec::from_slice(&bytes[..bytes.len().min(16)]),
+        ..template.clone()
+    }
+}
+
+/// A track the viewer added after its offer (the SDK's `addRemoteTrack`): a new multiplexed
+/// track `mid`, sent on the lean path only (str0m never negotiated it). A lean viewer gets
+/// it at once; one still in its handshake when [`go_lean`] runs. False if the viewer has as
+/// many tracks as it may, or keeps str0m for its media (main video, AES-CM).
+pub(crate) fn add_track(peer: &mut Peer<Viewer>, mid: Mid) -> bool {
+    if peer.data.tracks.iter().any(|t| t.mid == mid) {
+        return true;
+    }
+    if peer.data.tracks.len() >= super::MAX_TRACKS || peer.data.main_video.is_some() {
+        return false;
+    }
+    let mut t = OutTrack::new(mid, opus::CLOCK_RATE);
+    if let Some(lean) = peer.lean_mut() {
+        let existing: SmallVec<[TrackSpec; 4]> =
+            (0..).map_while(|i| lean.spec(i).cloned()).collect();
+        let Some(template) = existing.first() else {
+            return false;
+        };
+        let spec = added_spec(template, mid, &existing);
+        t.lean = Some(lean.add_track(spec));
+    } else if peer.connected {
+        // Connected but not lean: str0m carries its media and cannot send this track.
+        return false;
+    }
+    peer.data.tracks.push(t);
+    true
 }
 
 /// A viewer as the edge's media thread knows it: its peer's side. What it asked for and its

@@ -13,9 +13,9 @@ use bytes::Bytes;
 use str0m::media::{KeyframeRequest, Mid};
 use str0m::{Event, Rtc};
 use tokio::sync::mpsc::UnboundedSender;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use super::core::{EdgeCore, Join, Output, Relayed, TrackRef, Write};
+use super::core::{EdgeCore, Join, Output, Projection, Relayed, TrackRef, Write};
 use super::events::ViewerEvent;
 use super::viewer::{NotSent, OutTrack, Sent, Viewer};
 use super::{EdgeMetrics, Shared};
@@ -51,8 +51,8 @@ pub(crate) struct NewViewer {
 pub(crate) enum EdgeCmd {
     AddViewer(Box<NewViewer>),
     RemoveViewer(PeerId),
-    /// Sets a viewer's projections: (multiplexed track index, sourceId).
-    Project(PeerId, Vec<(u8, String)>),
+    /// Sets a viewer's projections (and adds the tracks they name that it did not have).
+    Project(PeerId, Projection),
     Sources {
         stream: String,
         channel: u32,
@@ -232,7 +232,20 @@ impl Worker {
                 let (peers, mut app) = self.split();
                 peers.close(id, CloseReason::Removed, &mut app);
             }
-            EdgeCmd::Project(id, fixed) => self.core.handle_project(now_us, id, &fixed),
+            EdgeCmd::Project(id, mut p) => {
+                // The tracks come first: the core writes into them as soon as it places a
+                // source there. One that cannot be added is not projected into either.
+                if let Some(peer) = self.peers.get_mut(id) {
+                    p.added.retain(|&mid| {
+                        let ok = super::viewer::add_track(peer, mid);
+                        if !ok {
+                            warn!(%id, %mid, "added track refused: this viewer's media stays on str0m, or it has all its tracks");
+                        }
+                        ok
+                    });
+                }
+                self.core.handle_project(now_us, id, &p);
+            }
         }
         self.drain(now);
     }

@@ -17,6 +17,7 @@ use axum::response::Response;
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use str0m::media::Mid;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
 
@@ -24,12 +25,16 @@ use super::flow::{self, Ender, FlowError, PublishAsk, ViewAsk};
 use super::limits::{
     Bucket, HttpMetrics, WS_COMMANDS_PER_SEC, WS_MAX_MESSAGE, WS_MAX_REFUSED, WS_OUT_QUEUE,
 };
-use super::signal_cmd::{CmdError, ProjectCmd, PublishCmd, UnprojectCmd, UnpublishCmd, ViewCmd};
+use super::signal_cmd::{
+    self as cmd, CmdError, ProjectCmd, PublishCmd, Target, UnprojectCmd, UnpublishCmd, ViewCmd,
+    ViewTracks,
+};
 use super::socket::{
     self, error_message, parse_command, response_message, Ending, WsCommand, WsOut,
 };
 use super::{fail, App};
 use crate::auth::jwt::{Claims, Scope};
+use crate::edge::core::Projection;
 use crate::edge::events::ViewerEvent;
 use crate::edge::ViewOptions;
 use crate::origin::Owner;
@@ -164,7 +169,10 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64, pee
         viewer: None,
         events,
         removed: Arc::new(tokio::sync::Notify::new()),
+        audience: None,
     };
+    let mut audience_tick = tokio::time::interval(AUDIENCE_EVERY);
+    audience_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let rate = f64::from(WS_COMMANDS_PER_SEC);
     let mut bucket = Bucket::full(2.0 * rate, Instant::now());
     let silence = app.limits.ws_silence_limit;
@@ -178,6 +186,9 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64, pee
                 // The SDK's Publish and View listen for `migrate` (and ask for it in `view`'s
                 // events): reconnect through the director, then let this session go.
                 told_to_move = true;
+                if !session.wants("migrate") {
+                    continue;
+                }
                 out.send(json!({
                     "type": "event",
                     "name": "migrate",
@@ -188,19 +199,36 @@ async fn session(socket: WebSocket, app: Arc<App>, claims: Claims, sid: u64, pee
             }
             m = tokio::time::timeout(silence, source.next()) => m,
             _ = disconnect.notified() => {
+                session.stopped(&out, &stream);
                 break Some(Ending {
                     code: super::sessions::CLOSE_DISCONNECTED,
                     reason: "disconnected by the operator: reconnect through the director".into(),
                 });
             }
             _ = session.removed.notified() => {
+                session.stopped(&out, &stream);
                 let room = claims.room.as_ref().map_or("", |b| b.room.as_str());
                 break Some(Ending {
                     code: crate::room::CLOSE_ROOM,
                     reason: format!("removed from room {room:?}: this view has ended"),
                 });
             }
+            _ = audience_tick.tick(), if session.audience.is_some() => {
+                let n = viewers_of(&app, &stream).await;
+                if let Some(a) = session.audience.as_mut() {
+                    for ev in a.update(n, &stream) {
+                        out.send(ev);
+                    }
+                }
+                if out.overflowed() {
+                    break Some(socket::not_reading(&metrics, WS_OUT_QUEUE));
+                }
+                continue;
+            }
             Some(ev) = events_rx.recv() => {
+                if !session.wants(ev.name()) {
+                    continue;
+                }
                 out.send(ev.to_json());
                 if out.overflowed() {
                     break Some(socket::not_reading(&metrics, WS_OUT_QUEUE));
@@ -301,14 +329,101 @@ struct Session {
     events: mpsc::UnboundedSender<ViewerEvent>,
     /// Told when the room participant this session views for is removed.
     removed: Arc<tokio::sync::Notify>,
+    /// A publisher's events about its audience, when its `publish` asked for them.
+    audience: Option<Audience>,
+}
+
+impl Session {
+    /// Whether this session's view asked for events of this name (all, without a list).
+    fn wants(&self, name: &str) -> bool {
+        match self.viewer.as_ref().and_then(|v| v.events.as_ref()) {
+            Some(names) => names.iter().any(|n| n == name),
+            None => true,
+        }
+    }
+
+    /// The server ends this session's view: `stopped` first (Millicast's "the stream was
+    /// disconnected"), so the app knows not to wait for a reconnect of it.
+    fn stopped(&self, out: &Out, stream: &str) {
+        if self.viewer.is_some() && self.wants("stopped") {
+            let ev = ViewerEvent::Stopped {
+                stream: Arc::from(stream),
+            };
+            out.send(ev.to_json());
+        }
+    }
+}
+
+/// How often a publisher that asked for audience events is told about its viewers: the
+/// viewers' own `viewercount` pace.
+const AUDIENCE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A publisher's audience events (Millicast's publisher events): `active` when the stream's
+/// first viewer arrives, `inactive` when its last leaves, `viewercount` when the count changed,
+/// each only if its `publish` named it.
+struct Audience {
+    active: bool,
+    inactive: bool,
+    viewercount: bool,
+    /// The count last told (None: nothing yet).
+    last: Option<u64>,
+}
+
+impl Audience {
+    fn new(names: &[String]) -> Option<Self> {
+        let has = |n: &str| names.iter().any(|x| x == n);
+        let a = Audience {
+            active: has("active"),
+            inactive: has("inactive"),
+            viewercount: has("viewercount"),
+            last: None,
+        };
+        (a.active || a.inactive || a.viewercount).then_some(a)
+    }
+
+    /// The events that `n` viewers now make, in order.
+    fn update(&mut self, n: u64, stream: &str) -> Vec<Value> {
+        let mut evs = Vec::new();
+        if self.last == Some(n) {
+            return evs;
+        }
+        let was = self.last.unwrap_or(0);
+        let ev = |name: &str, data: Value| json!({"type": "event", "name": name, "data": data});
+        if self.active && was == 0 && n > 0 {
+            evs.push(ev("active", json!({"streamId": stream})));
+        }
+        if self.inactive && was > 0 && n == 0 {
+            evs.push(ev("inactive", json!({"streamId": stream})));
+        }
+        if self.viewercount {
+            evs.push(ev("viewercount", json!({"viewercount": n})));
+        }
+        self.last = Some(n);
+        evs
+    }
+}
+
+/// The stream's viewers: every edge's, from the registry when it is shared; else this
+/// process's edge (`chorus serve`).
+async fn viewers_of(app: &App, stream: &str) -> u64 {
+    if app.cluster.shared {
+        return app.cluster.registry().viewers(stream).await.unwrap_or(0);
+    }
+    app.edge.as_ref().map_or(0, |e| e.viewers_of(stream) as u64)
 }
 
 struct ViewerState {
     id: PeerId,
-    /// mids of the multiplexed tracks, in order.
-    tracks: Vec<String>,
-    /// Projections: mid -> sourceId.
+    /// Its main and multiplexed tracks by mid; added tracks join the multiplexed ones.
+    view: ViewTracks,
+    /// Projections into multiplexed tracks: mid -> sourceId.
     projected: Vec<(String, String)>,
+    /// The source projected into the main tracks (None: the pinned one).
+    main: Option<String>,
+    /// Tracks added by `project` (the SDK's `addRemoteTrack`), by mid.
+    added: Vec<String>,
+    /// The view's `events` list (None: every event).
+    events: Option<Vec<String>>,
 }
 
 fn handle_text(app: &Arc<App>, claims: &Claims, out: &Out, session: &mut Session, text: &str) {
@@ -327,7 +442,7 @@ fn handle_text(app: &Arc<App>, claims: &Claims, out: &Out, session: &mut Session
         return out.refuse(Some(trans_id), format!("duplicate transId {trans_id}"));
     }
     let result = match name.as_str() {
-        "publish" => publish(app, claims, sid, session.peer, &data),
+        "publish" => publish(app, claims, session, &data),
         "unpublish" => unpublish(app, claims, sid, &data),
         "view" => match view(app, claims, &data, out, session, trans_id) {
             // The answer is already sent, ahead of the viewer's first events.
@@ -336,6 +451,7 @@ fn handle_text(app: &Arc<App>, claims: &Claims, out: &Out, session: &mut Session
         },
         "project" => project(app, &data, session),
         "unproject" => unproject(app, &data, session),
+        "select" => select(&data, session),
         "" => Err(CommandError::NoName),
         other => Err(CommandError::Unknown(other.to_owned())),
     };
@@ -385,10 +501,10 @@ fn check_stream(claims: &Claims, data: &Value, field: &str) -> Result<(), Comman
 fn publish(
     app: &Arc<App>,
     claims: &Claims,
-    sid: u64,
-    peer: IpAddr,
+    session: &mut Session,
     data: &Value,
 ) -> Result<Value, CommandError> {
+    let (sid, peer) = (session.sid, session.peer);
     if claims.scope != Scope::Publish {
         return Err(CommandError::ViewToken);
     }
@@ -397,6 +513,7 @@ fn publish(
         sdp,
         source,
         priority,
+        events,
     } = PublishCmd::parse(data)?;
     let published = flow::publish(
         app,
@@ -410,6 +527,10 @@ fn publish(
             priority,
         },
     )?;
+    // The last publish's list decides, as a reconnect's publish starts a new session anyway.
+    if let Some(names) = events {
+        session.audience = Audience::new(&names);
+    }
     Ok(json!({
         "sdp": published.answer,
         "publisherId": published.publisher_id,
@@ -463,6 +584,7 @@ fn view(
         sdp,
         pinned,
         excluded,
+        events,
     } = ViewCmd::parse(data)?;
     let stream = &claims.millicast.stream_name;
     let prepared = flow::prepare_view(
@@ -492,13 +614,21 @@ fn view(
             "streamId": stream,
         }),
     ));
-    let tracks = pending.tracks.clone();
-    let id = prepared.commit();
+    let view = ViewTracks {
+        main_audio: pending.main_audio.clone(),
+        main_video: pending.main_video.clone(),
+        tracks: pending.tracks.clone(),
+    };
+    // Set before the viewer goes live: its first events are filtered too.
     session.viewer = Some(ViewerState {
-        id,
-        tracks,
+        id: pending.id(),
+        view,
         projected: Vec::new(),
+        main: None,
+        added: Vec::new(),
+        events,
     });
+    prepared.commit();
     Ok(())
 }
 
@@ -508,30 +638,57 @@ fn push_projections(app: &Arc<App>, v: &ViewerState) {
             .projected
             .iter()
             .filter_map(|(mid, src)| {
-                v.tracks
+                v.view
+                    .tracks
                     .iter()
                     .position(|m| m == mid)
                     .map(|t| (t as u8, src.clone()))
             })
             .collect();
-        edge.project(v.id, fixed);
+        let added = v.added.iter().map(|m| Mid::from(m.as_str())).collect();
+        edge.project(
+            v.id,
+            Projection {
+                fixed,
+                main: v.main.clone(),
+                added,
+            },
+        );
     }
 }
 
-/// `project {sourceId, mapping: [{trackId|media, mediaId}]}`: the source plays in that track
-/// until unprojected; the other tracks keep following voice activity.
+/// `project {sourceId, mapping: [{trackId|media, mediaId?}]}`: the source plays in those
+/// tracks until unprojected; the other tracks keep following voice activity. No `mediaId` (or
+/// the main audio's) is the main track; a mid the offer did not have is a track the SDK added
+/// (`addRemoteTrack`), added here as a multiplexed track.
 fn project(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Value, CommandError> {
     let v = session
         .viewer
         .as_mut()
         .ok_or(CommandError::NoView("project"))?;
-    let ProjectCmd { source, mids } = ProjectCmd::parse(data, &v.tracks)?;
-    for mid in mids {
+    let ProjectCmd { source, targets } = ProjectCmd::parse(data, &v.view)?;
+    let mut said = Vec::new();
+    for t in targets {
+        let mid = match t {
+            Target::Main => {
+                v.main = Some(source.clone());
+                said.push(json!({"media": "audio", "mediaId": v.view.main_audio, "main": true}));
+                continue;
+            }
+            Target::Track(mid) => mid,
+            Target::Added(mid) => {
+                v.view.tracks.push(mid.clone());
+                v.added.push(mid.clone());
+                mid
+            }
+        };
+        // One source in one multiplexed track: projecting it elsewhere moves it.
         v.projected.retain(|(m, s)| *m != mid && *s != source);
-        v.projected.push((mid, source.clone()));
+        v.projected.push((mid.clone(), source.clone()));
+        said.push(json!({"media": "audio", "mediaId": mid}));
     }
     push_projections(app, v);
-    Ok(json!({}))
+    Ok(json!({"sourceId": source, "mapping": said}))
 }
 
 fn unproject(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Value, CommandError> {
@@ -541,8 +698,21 @@ fn unproject(app: &Arc<App>, data: &Value, session: &mut Session) -> Result<Valu
         .ok_or(CommandError::NoView("unproject"))?;
     let UnprojectCmd { mids } = UnprojectCmd::parse(data)?;
     v.projected.retain(|(m, _)| !mids.contains(m));
+    if v.view.main_audio.as_ref().is_some_and(|m| mids.contains(m)) {
+        v.main = None;
+    }
     push_projections(app, v);
     Ok(json!({}))
+}
+
+/// `select {layer}` (see [`cmd::select_layer`]): `{}` is answered with what plays, a named
+/// layer is refused, saying why.
+fn select(data: &Value, session: &Session) -> Result<Value, CommandError> {
+    if session.viewer.is_none() {
+        return Err(CommandError::NoView("select"));
+    }
+    cmd::select_layer(data)?;
+    Ok(json!({"layer": {}, "selected": "automatic: the only layer there is"}))
 }
 
 #[cfg(test)]

@@ -30,12 +30,29 @@ pub enum CmdError {
     BadSourceList(&'static str),
     #[error("project needs data.mapping, a list of {{media, mediaId}}")]
     MissingMapping,
-    #[error("only audio can be projected into a multiplexed track")]
+    #[error("only audio can be projected: chorus streams are audio; a main source's video plays only in the main video track, with its audio (project into the main track with {{media: \"audio\"}} and no mediaId)")]
     NotAudio,
-    #[error("each mapping needs a mediaId")]
+    #[error("unknown trackId {0:?}: the tracks of a source are \"audio\" and \"video\", as its active event says")]
+    UnknownTrack(String),
+    #[error("mediaId must be a mid string")]
     MissingMediaId,
-    #[error("mediaId {mid:?} is not one of this view's multiplexed tracks {tracks:?}")]
-    NotATrack { mid: String, tracks: Vec<String> },
+    #[error("mediaId {0:?} is not a mid (1 to 16 token characters)")]
+    BadMid(String),
+    #[error(
+        "a view with video cannot add tracks (addRemoteTrack): project into its offer's tracks"
+    )]
+    AddedWithVideo,
+    #[error(
+        "at most {} multiplexed tracks per view, added ones included",
+        crate::edge::MAX_TRACKS
+    )]
+    TooManyTracks,
+    #[error("select picks a simulcast or SVC layer of the main video; chorus has none to pick (Opus audio, video forwarded as published): only automatic selection, layer {{}}, is possible")]
+    NoLayers,
+    #[error("layer must be an object (LayerInfo), or {{}} for automatic selection")]
+    BadLayer,
+    #[error("events must be an array of at most {MAX_EVENT_NAMES} event names")]
+    BadEvents,
     #[error("unproject needs data.mediaIds")]
     MissingMediaIds,
     #[error("priority must be an integer from -2147483648 to 2147483647")]
@@ -71,7 +88,7 @@ pub(crate) fn source_list(data: &Value, field: &'static str) -> Result<Vec<Strin
     }
 }
 
-/// `publish {sdp, sourceId?, priority?}` (the stream `name` is checked against the token by the
+/// `publish {sdp, sourceId?, priority?, events?}` (the stream `name` is checked against the token by the
 /// handler).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishCmd<'a> {
@@ -83,6 +100,9 @@ pub struct PublishCmd<'a> {
     /// `publish({priority})`, Millicast's "backup publishing"; 0 when absent, as the SDK sends
     /// none for 0).
     pub priority: i32,
+    /// `events`: which publisher events it wants (`active`, `inactive`, `viewercount`);
+    /// None: none, as the SDK sends no list unless the app asked.
+    pub events: Option<Vec<String>>,
 }
 
 impl<'a> PublishCmd<'a> {
@@ -103,6 +123,7 @@ impl<'a> PublishCmd<'a> {
             sdp,
             source: source_id(data)?,
             priority,
+            events: event_names(data)?,
         })
     }
 }
@@ -127,7 +148,9 @@ impl UnpublishCmd {
     }
 }
 
-/// `view {sdp, pinnedSourceId?, excludedSourceIds?}` (`streamId` is checked by the handler).
+/// `view {sdp, pinnedSourceId?, excludedSourceIds?, events?}` (`streamId` is checked by the
+/// handler; `layer` asks for what chorus always does, automatic selection, see
+/// [`select_layer`]; `vad` is implied by the multiplexed tracks).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ViewCmd<'a> {
     /// The SDP offer.
@@ -136,6 +159,8 @@ pub struct ViewCmd<'a> {
     pub pinned: Option<String>,
     /// `excludedSourceIds`: sources never forwarded to this viewer.
     pub excluded: Vec<String>,
+    /// `events`: the only events it is sent; None: all of them.
+    pub events: Option<Vec<String>>,
 }
 
 impl<'a> ViewCmd<'a> {
@@ -155,51 +180,134 @@ impl<'a> ViewCmd<'a> {
             sdp,
             pinned,
             excluded,
+            events: event_names(data)?,
         })
     }
 }
 
-/// `project {sourceId, mapping: [{trackId|media, mediaId}]}` into a view whose multiplexed
-/// tracks have the mids `tracks`: the source ("" = main) and the mids it goes to, each one of
-/// `tracks`.
+/// The tracks of one view that `project` may name, by mid.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ViewTracks {
+    /// The main audio track (the first audio m-line of the offer).
+    pub main_audio: Option<String>,
+    /// The main video track, if the offer had one.
+    pub main_video: Option<String>,
+    /// The multiplexed tracks: the offer's, then those added since.
+    pub tracks: Vec<String>,
+}
+
+/// Where one mapping of a `project` puts its source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The main tracks (a mapping without `mediaId`, or naming the main audio's mid): the
+    /// source replaces the pinned one there, its video too when the view has video.
+    Main,
+    /// One of the view's multiplexed tracks.
+    Track(String),
+    /// A mid the offer did not have: a track the SDK's `addRemoteTrack` added with a local
+    /// renegotiation, which the server never sees. It becomes a multiplexed track.
+    Added(String),
+}
+
+/// `project {sourceId, mapping: [{trackId|media, mediaId}]}`: the source ("" = main) and
+/// where it goes, one [`Target`] per mapping.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProjectCmd {
     /// The projected source ("" = main).
     pub source: String,
-    /// The multiplexed tracks it goes to.
-    pub mids: Vec<String>,
+    /// Where it goes.
+    pub targets: Vec<Target>,
+}
+
+/// A mid as SDP carries it (RFC 8843 §5: a token) and the mid header extension can (16 bytes).
+fn valid_mid(mid: &str) -> bool {
+    (1..=16).contains(&mid.len())
+        && mid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`{|}~".contains(&b))
 }
 
 impl ProjectCmd {
-    /// Reads the command's `data` for a view with these multiplexed tracks.
-    pub fn parse(data: &Value, tracks: &[String]) -> Result<Self, CmdError> {
+    /// Reads the command's `data` for a view with these tracks.
+    pub fn parse(data: &Value, view: &ViewTracks) -> Result<Self, CmdError> {
         let source = source_id(data)?.unwrap_or_default();
         let mapping = data
             .get("mapping")
             .and_then(Value::as_array)
             .ok_or(CmdError::MissingMapping)?;
-        let mut mids = Vec::new();
+        let mut targets = Vec::new();
+        let mut added = 0;
         for m in mapping {
-            if m.get("media")
-                .and_then(Value::as_str)
-                .is_some_and(|k| k != "audio")
-            {
-                return Err(CmdError::NotAudio);
+            // The SDK names the source's track by `trackId` (chorus's `active` gives each
+            // track its kind as id) or by `media`.
+            let kind = m
+                .get("media")
+                .or_else(|| m.get("trackId"))
+                .and_then(Value::as_str);
+            match kind {
+                None | Some("audio") => {}
+                Some("video") => return Err(CmdError::NotAudio),
+                Some(other) => return Err(CmdError::UnknownTrack(other.to_owned())),
             }
             let mid = match m.get("mediaId") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Number(n)) => n.to_string(),
-                _ => return Err(CmdError::MissingMediaId),
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                Some(_) => return Err(CmdError::MissingMediaId),
             };
-            if !tracks.contains(&mid) {
-                return Err(CmdError::NotATrack {
-                    mid,
-                    tracks: tracks.to_vec(),
-                });
-            }
-            mids.push(mid);
+            let target = match mid {
+                None => Target::Main,
+                Some(mid) if view.main_audio.as_deref() == Some(&mid) => Target::Main,
+                Some(mid) if view.main_video.as_deref() == Some(&mid) => {
+                    return Err(CmdError::NotAudio)
+                }
+                Some(mid) if view.tracks.contains(&mid) => Target::Track(mid),
+                Some(mid) if !valid_mid(&mid) => return Err(CmdError::BadMid(mid)),
+                Some(_) if view.main_video.is_some() => return Err(CmdError::AddedWithVideo),
+                Some(mid) => {
+                    added += 1;
+                    if view.tracks.len() + added > crate::edge::MAX_TRACKS {
+                        return Err(CmdError::TooManyTracks);
+                    }
+                    Target::Added(mid)
+                }
+            };
+            targets.push(target);
         }
-        Ok(ProjectCmd { source, mids })
+        Ok(ProjectCmd { source, targets })
+    }
+}
+
+/// `select {layer}`: Millicast picks a simulcast or SVC layer of the main video with it. chorus
+/// has no layers to pick (audio is one Opus stream per source; a main video is forwarded as
+/// published, one encoding): automatic selection (`{}` or no layer) is what it already does,
+/// and a named layer is refused, saying so.
+pub(crate) fn select_layer(data: &Value) -> Result<(), CmdError> {
+    match data.get("layer") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Object(o)) if o.is_empty() => Ok(()),
+        Some(Value::Object(_)) => Err(CmdError::NoLayers),
+        Some(_) => Err(CmdError::BadLayer),
+    }
+}
+
+/// Most names an `events` list may hold (Millicast has nine events).
+pub(crate) const MAX_EVENT_NAMES: usize = 16;
+
+/// Reads an optional `events` list (`view` and `publish`): None when absent (the default set).
+/// Names chorus does not know are kept and never match: a newer client's list still works.
+pub(crate) fn event_names(data: &Value) -> Result<Option<Vec<String>>, CmdError> {
+    match data.get("events") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(a)) if a.len() <= MAX_EVENT_NAMES => a
+            .iter()
+            .map(|v| match v {
+                Value::String(s) if s.len() <= 32 => Ok(s.clone()),
+                _ => Err(CmdError::BadEvents),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some),
+        Some(_) => Err(CmdError::BadEvents),
     }
 }
 
@@ -242,6 +350,7 @@ mod tests {
                 sdp: "v=0",
                 source: Some("ana".into()),
                 priority: 0,
+                events: None,
             })
         );
         let p =
@@ -294,6 +403,7 @@ mod tests {
                 sdp: "v=0",
                 pinned: Some("ana".into()),
                 excluded: vec![String::new(), "bo".into()],
+                events: None,
             })
         );
         assert_eq!(
@@ -315,34 +425,100 @@ mod tests {
     }
 
     #[test]
-    fn project_checks_media_and_tracks_in_order() {
-        let tracks = vec!["0".to_owned(), "1".to_owned()];
-        let d = json!({"sourceId": "ana", "mapping": [{"media": "audio", "mediaId": "1"}, {"mediaId": 0}]});
+    fn project_finds_the_main_track_added_tracks_and_refuses_video() {
+        let view = ViewTracks {
+            main_audio: Some("0".into()),
+            main_video: None,
+            tracks: vec!["1".to_owned(), "2".to_owned()],
+        };
+        let d = json!({"sourceId": "ana", "mapping": [
+            {"media": "audio", "mediaId": "2"}, {"trackId": "audio", "mediaId": 1},
+            {"media": "audio"}, {"media": "audio", "mediaId": "0"}, {"media": "audio", "mediaId": "5"}]});
         assert_eq!(
-            ProjectCmd::parse(&d, &tracks),
+            ProjectCmd::parse(&d, &view),
             Ok(ProjectCmd {
                 source: "ana".into(),
-                mids: vec!["1".into(), "0".into()]
+                targets: vec![
+                    Target::Track("2".into()),
+                    Target::Track("1".into()),
+                    Target::Main,
+                    Target::Main,
+                    Target::Added("5".into()),
+                ]
             })
         );
         assert_eq!(
-            ProjectCmd::parse(&json!({"sourceId": "ana"}), &tracks)
+            ProjectCmd::parse(&json!({"sourceId": "ana"}), &view)
                 .unwrap_err()
                 .to_string(),
             "project needs data.mapping, a list of {media, mediaId}"
         );
-        // The first bad mapping entry decides the error, as the handler always did.
-        let d = json!({"mapping": [{"mediaId": "7"}, {"media": "video", "mediaId": "0"}]});
+        // The first bad mapping entry decides the error.
+        let d = json!({"mapping": [{"media": "video"}, {"mediaId": "x y"}]});
+        assert_eq!(ProjectCmd::parse(&d, &view), Err(CmdError::NotAudio));
+        assert!(CmdError::NotAudio
+            .to_string()
+            .starts_with("only audio can be projected"));
+        let d = json!({"mapping": [{"mediaId": "x y"}]});
         assert_eq!(
-            ProjectCmd::parse(&d, &tracks).unwrap_err().to_string(),
-            r#"mediaId "7" is not one of this view's multiplexed tracks ["0", "1"]"#
+            ProjectCmd::parse(&d, &view),
+            Err(CmdError::BadMid("x y".into()))
         );
-        let d = json!({"mapping": [{"media": "video", "mediaId": "7"}]});
-        assert_eq!(ProjectCmd::parse(&d, &tracks), Err(CmdError::NotAudio));
-        let d = json!({"mapping": [{"media": "audio"}]});
+        let d = json!({"mapping": [{"trackId": "screen", "mediaId": "1"}]});
         assert_eq!(
-            ProjectCmd::parse(&d, &tracks),
-            Err(CmdError::MissingMediaId)
+            ProjectCmd::parse(&d, &view),
+            Err(CmdError::UnknownTrack("screen".into()))
+        );
+        let d = json!({"mapping": [{"media": "audio", "mediaId": true}]});
+        assert_eq!(ProjectCmd::parse(&d, &view), Err(CmdError::MissingMediaId));
+        // A view with video keeps str0m for its media: no added tracks; its video mid is video.
+        let video = ViewTracks {
+            main_video: Some("v".into()),
+            ..view.clone()
+        };
+        let d = json!({"mapping": [{"mediaId": "5"}]});
+        assert_eq!(ProjectCmd::parse(&d, &video), Err(CmdError::AddedWithVideo));
+        let d = json!({"mapping": [{"mediaId": "v"}]});
+        assert_eq!(ProjectCmd::parse(&d, &video), Err(CmdError::NotAudio));
+        // Added tracks count against the view's bound.
+        let full = ViewTracks {
+            tracks: (0..crate::edge::MAX_TRACKS)
+                .map(|i| format!("m{i}"))
+                .collect(),
+            ..view
+        };
+        assert_eq!(ProjectCmd::parse(&d, &full), Err(CmdError::TooManyTracks));
+    }
+
+    #[test]
+    fn select_takes_only_automatic_selection_and_events_lists_are_bounded() {
+        assert_eq!(select_layer(&json!({})), Ok(()));
+        assert_eq!(select_layer(&json!({"layer": {}})), Ok(()));
+        assert_eq!(
+            select_layer(&json!({"layer": {"encodingId": "h"}})),
+            Err(CmdError::NoLayers)
+        );
+        assert_eq!(select_layer(&json!({"layer": 2})), Err(CmdError::BadLayer));
+        assert_eq!(event_names(&json!({})), Ok(None));
+        assert_eq!(
+            event_names(&json!({"events": ["vad", "future"]})),
+            Ok(Some(vec!["vad".to_owned(), "future".into()]))
+        );
+        assert_eq!(
+            event_names(&json!({"events": [1]})),
+            Err(CmdError::BadEvents)
+        );
+        let many = json!({"events": vec!["vad"; MAX_EVENT_NAMES + 1]});
+        assert_eq!(event_names(&many), Err(CmdError::BadEvents));
+        let d = json!({"sdp": "v=0", "events": ["active"]});
+        assert_eq!(
+            ViewCmd::parse(&d).unwrap().events,
+            Some(vec!["active".to_owned()])
+        );
+        let d = json!({"sdp": "v=0", "events": ["viewercount"]});
+        assert_eq!(
+            PublishCmd::parse(&d).unwrap().events,
+            Some(vec!["viewercount".to_owned()])
         );
     }
 

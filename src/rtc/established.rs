@@ -234,6 +234,19 @@ fn ntp(now: Instant) -> u64 {
     (secs << 32) | frac
 }
 
+impl TrackTx {
+    fn new(spec: TrackSpec) -> Self {
+        TrackTx {
+            spec,
+            packets: 0,
+            octets: 0,
+            last: None,
+            history: [const { None }; NACK_HISTORY],
+            reported_lost: None,
+        }
+    }
+}
+
 impl Established {
     /// The lean state of a viewer whose handshake gave `material` (`client`: this side was the
     /// DTLS client). None unless the profile is AEAD AES-GCM.
@@ -251,14 +264,7 @@ impl Established {
         let rtcp_in = Srtcp::new(material, profile, !client)?;
         let tracks = tracks
             .into_iter()
-            .map(|spec| TrackTx {
-                spec,
-                packets: 0,
-                octets: 0,
-                last: None,
-                history: [const { None }; NACK_HISTORY],
-                reported_lost: None,
-            })
+            .map(TrackTx::new)
             .collect();
         Some(Established {
             ice,
@@ -274,6 +280,19 @@ impl Established {
             next_report: now + REPORT_INTERVAL,
             said_bye: false,
         })
+    }
+
+    /// A track str0m never negotiated (the SDK's `addRemoteTrack` renegotiates only locally):
+    /// sent like `spec` with its own SSRC and mid, which the mid extension carries so the
+    /// browser routes it to its new transceiver. Its index for [`Self::send_rtp`].
+    pub(crate) fn add_track(&mut self, spec: TrackSpec) -> usize {
+        self.tracks.push(TrackTx::new(spec));
+        self.tracks.len() - 1
+    }
+
+    /// What track `i` was built with.
+    pub(crate) fn spec(&self, i: usize) -> Option<&TrackSpec> {
+        self.tracks.get(i).map(|t| &t.spec)
     }
 
     /// Where this viewer's media goes (the address of its last nominated consent check).

@@ -417,6 +417,11 @@ impl<T> Peer<T> {
         self.lean.is_some()
     }
 
+    /// Its lean state, once it went lean.
+    pub(crate) fn lean_mut(&mut self) -> Option<&mut Established> {
+        self.lean.as_deref_mut()
+    }
+
     /// Leaves str0m behind for media: from now on `lean` answers consent checks, seals the
     /// peer's RTP and speaks its SRTCP, and str0m is kept for DTLS only until [`DTLS_GRACE`]
     /// ends. `material`, `profile` and `client` are the DTLS-SRTP keys; `tracks` what str0m

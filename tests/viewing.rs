@@ -973,3 +973,152 @@ fn sdk_listeners_hear_a_real_telephone_call_from_its_first_syllable() {
     assert!(h.lost <= counted + kernel, "{h:?}");
     assert!(h.jitter_buffer.last_quarter_ms < 200.0, "{h:?}");
 }
+
+/// The loudest energy sample of a viewer's track `mid` between `a` and `b` s of the corpus.
+fn loudest(view: &Value, mid: &str, c0: f64, a: f64, b: f64) -> f64 {
+    view["tracks"][mid]["energy"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .filter(|x| {
+            let t = (x[0].as_f64().unwrap() - c0) / 1000.0;
+            t >= a && t < b
+        })
+        .map(|x| x[1].as_f64().unwrap())
+        .fold(0.0, f64::max)
+}
+
+/// The SDK's projection and selection as apps use them, one chorus and one page per
+/// participant: `project` without a mediaId plays ana in the main track, `addRemoteTrack` +
+/// `project` plays bo in a track the offer never had, `select {}` is answered and a named layer
+/// refused with the reason, the view's `events` list keeps `viewercount` away, a publisher that
+/// asked gets `active` and `viewercount`, and the stage going empty is `inactive`, not
+/// `stopped`: the view stays.
+#[test]
+fn sdk_projection_selection_and_events_work_as_apps_use_them() {
+    let _serial = common::serial();
+    use std::io::{BufRead, BufReader, Write};
+    let p = serve();
+    let spec = json!([
+        {"name": "host", "publish": "host", "publishEvents": ["active", "viewercount"]},
+        {"name": "ana", "publish": "ana"},
+        {"name": "bo", "publish": "bo"},
+        {"name": "listener", "view": {"tracks": 1, "events": ["active", "inactive", "vad", "stopped"]}},
+    ]);
+    let (dir, script) = node_harness("room.mjs");
+    let mut child = Command::new("node")
+        .current_dir(&dir)
+        .arg(script)
+        .args(["--endpoint", &format!("http://{}", p.http())])
+        .args(["--stream", "sel", "--token", TOKEN])
+        .arg("--corpus")
+        .arg(corpus())
+        .args(["--seconds", "19", "--spec", &spec.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().contains("\"corpus-start\"") {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    writeln!(stdin, "project listener ana main").unwrap();
+    writeln!(stdin, "project listener bo +").unwrap();
+    writeln!(stdin, "select listener").unwrap();
+    writeln!(stdin, r#"select listener {{"encodingId":"h"}}"#).unwrap();
+    // After bo's turn (15 s) the whole stage leaves.
+    std::thread::sleep(Duration::from_secs(15));
+    for who in ["host", "ana", "bo"] {
+        writeln!(stdin, "unpublish {who}").unwrap();
+    }
+    let rep: Value = lines
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+        .filter(|v| v["event"] == "report")
+        .last()
+        .expect("a report");
+    drop(stdin);
+    assert!(child.wait().unwrap().success(), "room.mjs failed");
+    let v = &rep["participants"]["listener"]["view"];
+    let c0 = rep["corpusStartAt"].as_f64().unwrap();
+    let commands = v["commands"].as_array().unwrap();
+    let projects: Vec<&Value> = commands.iter().filter(|c| c["name"] == "project").collect();
+    assert!(projects.iter().all(|c| c["ok"] == true), "{projects:?}");
+    let added = projects[1]["mid"].as_str().expect("the added track's mid");
+    assert!(!["0", "1"].contains(&added), "added mid {added}");
+    // Nothing is published without a sourceId: the main track is ana's alone.
+    let main_ana = loudest(v, "0", c0, 6.0, 10.5);
+    assert!(
+        main_ana > 0.02,
+        "main track silent while ana talks: {main_ana}"
+    );
+    assert!(
+        loudest(v, "0", c0, 12.0, 14.5) < 0.005,
+        "main track not ana's only"
+    );
+    // bo in the added track, announced there and nowhere else.
+    let in_added = loudest(v, added, c0, 11.5, 14.5);
+    assert!(in_added > 0.02, "added track {added} silent while bo talks");
+    let events = v["events"].as_array().unwrap();
+    let vads: Vec<(&str, Option<&str>)> = events
+        .iter()
+        .filter(|e| e["name"] == "vad")
+        .map(|e| {
+            (
+                e["data"]["mediaId"].as_str().unwrap(),
+                e["data"]["sourceId"].as_str(),
+            )
+        })
+        .collect();
+    assert!(vads.contains(&(added, Some("bo"))), "{vads:?}");
+    assert!(
+        vads.iter().all(|(m, s)| *s != Some("bo") || *m == added),
+        "{vads:?}"
+    );
+    assert!(vads.iter().all(|(_, s)| *s != Some("ana")), "{vads:?}");
+    // select: {} answered, a layer refused with the reason.
+    let selects: Vec<&Value> = commands.iter().filter(|c| c["name"] == "select").collect();
+    assert_eq!(selects.len(), 2, "{selects:?}");
+    assert_eq!(selects[0]["ok"], true, "{selects:?}");
+    assert_eq!(selects[1]["ok"], false, "{selects:?}");
+    assert!(
+        selects[1]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("simulcast"),
+        "{selects:?}"
+    );
+    // The events filter: no viewercount for this view; the stage leaving is three inactive
+    // and no stopped, and the view stays connected.
+    let names: Vec<&str> = events.iter().filter_map(|e| e["name"].as_str()).collect();
+    assert!(!names.contains(&"viewercount"), "{names:?}");
+    assert_eq!(
+        names.iter().filter(|n| **n == "inactive").count(),
+        3,
+        "{names:?}"
+    );
+    assert!(!names.contains(&"stopped"), "{names:?}");
+    assert!(
+        v["errors"].as_array().unwrap().is_empty(),
+        "{}",
+        v["errors"]
+    );
+    // The publisher that asked hears its audience.
+    let host: Vec<&Value> = rep["participants"]["host"]["publish"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect();
+    assert!(host.iter().any(|e| e["name"] == "active"), "{host:?}");
+    assert!(
+        host.iter()
+            .any(|e| e["name"] == "viewercount" && e["data"]["viewercount"] == 1),
+        "{host:?}"
+    );
+    let ana = &rep["participants"]["ana"]["publish"]["events"];
+    assert!(ana.as_array().is_none_or(Vec::is_empty), "unasked: {ana}");
+}

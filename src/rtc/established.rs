@@ -262,10 +262,7 @@ impl Established {
         let srtp = SrtpOut::new(material, profile, client)?;
         let rtcp_out = Srtcp::new(material, profile, client)?;
         let rtcp_in = Srtcp::new(material, profile, !client)?;
-        let tracks = tracks
-            .into_iter()
-            .map(TrackTx::new)
-            .collect();
+        let tracks = tracks.into_iter().map(TrackTx::new).collect();
         Some(Established {
             ice,
             srtp,

@@ -535,6 +535,7 @@ function roomPage() {
     if (o.sourceId !== null && o.sourceId !== undefined) opts.sourceId = o.sourceId;
     if (o.peerConfig) opts.peerConfig = o.peerConfig;
     if (o.priority !== null && o.priority !== undefined) opts.priority = o.priority;
+    if (o.events) opts.events = o.events;
     try {
       const connect = () => withTimeout(p.connect(opts), o.connectTimeoutMs, 'Publish.connect()');
       await (o.noLevel ? withoutAudioLevel(connect) : connect());
@@ -713,8 +714,43 @@ function roomPage() {
     return c;
   }
   // sourceId null = the main source
-  R.project = (sourceId, mid) => command('project', () => R.view.project(sourceId, [{ media: 'audio', mediaId: String(mid) }]))
-    .then((c) => Object.assign(c, { sourceId, mid }));
+  // mid 'main': a mapping without mediaId (the main track); '+': a track added first with
+  // View.addRemoteTrack (the SDK renegotiates locally), then projected into.
+  // SDK 0.6.1's addRemoteTrack cannot renegotiate a view without video: its
+  // onnegotiationneeded handler (updateMissingVideoExtensions) throws a TypeError when the
+  // remote description has no video m-line, and the promise never settles. So '+' does by
+  // hand what that handler means to do (SdpParser.renegotiate): a recvonly transceiver, a local
+  // offer, and the previous answer with a copy of its first audio m-line for the new mid
+  // (codecs and extensions, no SSRC), nothing sent to the server.
+  R.addTrackByHand = async () => {
+    const pc = R.view.getRTCPeerConnection();
+    const sdkHandler = pc.onnegotiationneeded;
+    pc.onnegotiationneeded = null;
+    try {
+      const tr = pc.addTransceiver('audio', { direction: 'recvonly' });
+      const offer = await pc.createOffer();
+      await pc.setLocalDescription(offer);
+      const mid = tr.mid;
+      const parts = pc.remoteDescription.sdp.split(/\r\n(?=m=)/);
+      const audio = parts.slice(1).find((m) => m.startsWith('m=audio'));
+      const copy = audio.split('\r\n')
+        .filter((l) => !/^a=(ssrc|ssrc-group|msid):/.test(l))
+        .map((l) => (l.startsWith('a=mid:') ? 'a=mid:' + mid : /^a=(sendonly|recvonly|sendrecv|inactive)$/.test(l) ? 'a=sendonly' : l))
+        .join('\r\n');
+      let sdp = parts.join('\r\n').replace(/\r\n$/, '') + '\r\n' + copy.replace(/\r\n$/, '') + '\r\n';
+      sdp = sdp.replace(/a=group:BUNDLE ([^\r\n]*)/, (all, mids) => 'a=group:BUNDLE ' + mids + ' ' + mid);
+      await pc.setRemoteDescription({ type: 'answer', sdp });
+      return mid;
+    } finally {
+      pc.onnegotiationneeded = sdkHandler;
+    }
+  };
+  R.project = (sourceId, mid) => command('project', async () => {
+    if (mid === '+') mid = await R.addTrackByHand();
+    const mapping = mid === 'main' ? [{ media: 'audio' }] : [{ media: 'audio', mediaId: String(mid) }];
+    return R.view.project(sourceId, mapping);
+  }).then((c) => Object.assign(c, { sourceId, mid }));
+  R.select = (layer) => command('select', () => R.view.select(layer)).then((c) => Object.assign(c, { layer }));
   R.unproject = (mids) => command('unproject', () => R.view.unproject(mids.map(String)))
     .then((c) => Object.assign(c, { mids }));
 

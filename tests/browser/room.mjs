@@ -31,6 +31,7 @@
 //   relay     true: its Publish and View connect through TURN only (peerConfig
 //             iceTransportPolicy 'relay', with the director's iceServers)
 //   priority  its Publish's priority (redundant ingest of one sourceId)
+//   publishEvents  its Publish's events (e.g. ["active","inactive","viewercount"])
 //   autoReconnect  true: its Publish and View reconnect by themselves (the SDK's own
 //             autoReconnect); `reconnect` lines say when they start
 //
@@ -48,7 +49,10 @@
 // The last line before exit is {"event":"report","participants":{...}}.
 // stdin, one command a line:
 //   project NAME SOURCE MID   view.project(SOURCE, [{media:'audio', mediaId: MID}])
-//                             (SOURCE "_" = the main source)
+//                             (SOURCE "_" = the main source; MID "main": no mediaId, the main
+//                             track; MID "+": a recvonly track added first, renegotiated
+//                             locally as View.addRemoteTrack means to: see lib.mjs)
+//   select NAME [LAYER]       view.select(LAYER JSON, default {}); the answer is recorded
 //   unproject NAME MID...     view.unproject([MID...])
 //   room NAME COMMAND [JSON]  a room socket command (e.g. room host promote {"memberId":"m-x"})
 //   publish NAME              publish now (with the credentials of the room's member.promoted
@@ -113,7 +117,7 @@ const participants = [];
       name, publish: null, view: null,
       token: p.token ?? null, subscribeToken: p.subscribeToken ?? null, room: p.room ?? null,
       e2ee: p.e2ee ?? null, noLevel: !!p.noLevel, relay: !!p.relay, priority: p.priority ?? null,
-      inSync: !!p.inSync, autoReconnect: !!p.autoReconnect,
+      inSync: !!p.inSync, autoReconnect: !!p.autoReconnect, publishEvents: p.publishEvents ?? null,
     };
     if (part.e2ee !== null && !/^([0-9a-fA-F]{32}|[0-9a-fA-F]{64})$/.test(part.e2ee)) usage(`${name}: e2ee must be a 32- or 64-digit hex key`);
     if (p.publish !== undefined && p.publish !== null) {
@@ -245,6 +249,7 @@ async function publishOne(p, extra = {}) {
     p.pubInfo = await roomPublish(p.page, {
       streamName, token: p.token ?? token, sourceId: p.publish.sourceId, streamKey: 'corpus', connectTimeoutMs, dtx, statsMs,
       e2ee: p.e2ee, noLevel: p.noLevel, priority: p.priority, autoReconnect: p.autoReconnect,
+      events: p.publishEvents,
       peerConfig: p.relay ? { iceTransportPolicy: 'relay' } : null, ...extra,
     });
   } catch (e) { throw Object.assign(new Error(`publish failed: ${cleanMsg(e)}`), { participant: p.name }); }
@@ -315,8 +320,18 @@ async function runCommand(line) {
       const p = target(name, true); if (!p) return;
       const source = rest[0] === '_' ? null : rest[0];
       const c = await p.page.evaluate(([s, m]) => window.room.project(s, m), [source, rest[1]]);
-      emit({ event: 'project', name, sourceId: source, mid: rest[1], ok: c.ok, message: c.message, ms: c.doneAt - c.t });
+      emit({ event: 'project', name, sourceId: source, mid: c.mid, ok: c.ok, message: c.message, ms: c.doneAt - c.t });
       if (!c.ok) fail(name, `project ${rest[0]} into mid ${rest[1]} refused: ${c.message}`, { command: 'project' });
+      return;
+    }
+    case 'select': {
+      // A refusal is an answer to record, not an error of the run.
+      if (!name) return fail(null, 'usage: select NAME [LAYER-JSON]');
+      const p = target(name, true); if (!p) return;
+      let layer;
+      try { layer = JSON.parse(rest.join(' ') || '{}'); } catch (e) { return fail(null, `select: bad JSON: ${e.message}`); }
+      const c = await p.page.evaluate((l) => window.room.select(l), layer);
+      emit({ event: 'select', name, layer, ok: c.ok, message: c.message, ms: c.doneAt - c.t });
       return;
     }
     case 'unproject': {

@@ -468,14 +468,30 @@ async fn view_refusals_are_clear_and_the_session_goes_on() {
         &cmd(
             9,
             "project",
+            json!({"sourceId":"a","mapping":[{"media":"audio","mediaId":"x y"}]}),
+        ),
+    )
+    .await;
+    assert!(msg(&r).contains("is not a mid"), "{r}");
+    // A mid the offer did not have is a track the app added (addRemoteTrack), answered.
+    let r = call(
+        &mut ws,
+        &cmd(
+            11,
+            "project",
             json!({"sourceId":"a","mapping":[{"media":"audio","mediaId":"9"}]}),
         ),
     )
     .await;
-    assert!(
-        msg(&r).contains("not one of this view's multiplexed tracks"),
-        "{r}"
-    );
+    assert_eq!(r["data"]["mapping"][0]["mediaId"], "9", "{r}");
+    let r = call(
+        &mut ws,
+        &cmd(12, "select", json!({"layer":{"encodingId":"h"}})),
+    )
+    .await;
+    assert!(msg(&r).contains("none to pick"), "{r}");
+    let r = call(&mut ws, &cmd(13, "select", json!({"layer":{}}))).await;
+    assert_eq!(r["type"], "response", "{r}");
     let r = call(
         &mut ws,
         &cmd(

@@ -447,10 +447,51 @@ fn vanishing_and_flooding_viewers_do_not_disturb_the_others() {
     let _ = get_json(p.http(), "/healthz");
 }
 
+/// room.mjs on `stream` for `seconds`, taking commands on its stdin: returned once its corpus
+/// plays, with its stdin and the rest of its output.
+fn room_with_commands(
+    p: &Proc,
+    stream: &str,
+    seconds: u32,
+    spec: &Value,
+) -> (
+    std::process::Child,
+    std::process::ChildStdin,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+) {
+    use std::io::BufRead;
+    let (dir, script) = node_harness("room.mjs");
+    let mut child = Command::new("node")
+        .current_dir(&dir)
+        .arg(script)
+        .args(["--endpoint", &format!("http://{}", p.http())])
+        .args(["--stream", stream, "--token", TOKEN])
+        .arg("--corpus")
+        .arg(corpus())
+        .args([
+            "--seconds",
+            &seconds.to_string(),
+            "--spec",
+            &spec.to_string(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdin = child.stdin.take().unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().contains("\"corpus-start\"") {
+            break;
+        }
+    }
+    (child, stdin, lines)
+}
+
 #[test]
 fn projected_source_keeps_its_track_and_unproject_keeps_a_talker_flowing() {
     let _serial = common::serial();
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::Write;
     let p = serve();
     let spec = json!([
         {"name": "host", "publish": "host"},
@@ -458,34 +499,9 @@ fn projected_source_keeps_its_track_and_unproject_keeps_a_talker_flowing() {
         {"name": "bo", "publish": "bo"},
         {"name": "listener", "view": {"tracks": 2}},
     ]);
-    let (dir, script) = node_harness("room.mjs");
-    let mut child = Command::new("node")
-        .current_dir(&dir)
-        .arg(script)
-        .args([
-            "--endpoint",
-            &format!("http://{}", p.http()),
-            "--stream",
-            "pj",
-            "--token",
-            TOKEN,
-        ])
-        .arg("--corpus")
-        .arg(corpus())
-        .args(["--seconds", "20", "--spec", &spec.to_string()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut child, mut stdin, lines) = room_with_commands(&p, "pj", 20, &spec);
     // Once the corpus plays: bo (silent until 10.6 s) is projected into mid 2 at ~5 s, and
     // unprojected at ~12 s while still talking.
-    for line in lines.by_ref() {
-        if line.unwrap().contains("\"corpus-start\"") {
-            break;
-        }
-    }
     std::thread::sleep(Duration::from_secs(5));
     writeln!(stdin, "project listener bo 2").unwrap();
     std::thread::sleep(Duration::from_secs(7));
@@ -997,7 +1013,7 @@ fn loudest(view: &Value, mid: &str, c0: f64, a: f64, b: f64) -> f64 {
 #[test]
 fn sdk_projection_selection_and_events_work_as_apps_use_them() {
     let _serial = common::serial();
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::Write;
     let p = serve();
     let spec = json!([
         {"name": "host", "publish": "host", "publishEvents": ["active", "viewercount"]},
@@ -1005,26 +1021,7 @@ fn sdk_projection_selection_and_events_work_as_apps_use_them() {
         {"name": "bo", "publish": "bo"},
         {"name": "listener", "view": {"tracks": 1, "events": ["active", "inactive", "vad", "stopped"]}},
     ]);
-    let (dir, script) = node_harness("room.mjs");
-    let mut child = Command::new("node")
-        .current_dir(&dir)
-        .arg(script)
-        .args(["--endpoint", &format!("http://{}", p.http())])
-        .args(["--stream", "sel", "--token", TOKEN])
-        .arg("--corpus")
-        .arg(corpus())
-        .args(["--seconds", "19", "--spec", &spec.to_string()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        if line.unwrap().contains("\"corpus-start\"") {
-            break;
-        }
-    }
+    let (mut child, mut stdin, lines) = room_with_commands(&p, "sel", 19, &spec);
     std::thread::sleep(Duration::from_secs(1));
     writeln!(stdin, "project listener ana main").unwrap();
     writeln!(stdin, "project listener bo +").unwrap();

@@ -2,7 +2,10 @@
 # Installs what the browser and WHIP test tools need, on a fresh Debian
 # machine (as root) or on one where it is already done (then it is quick):
 #   - Debian's chromium          (/usr/bin/chromium; apt only if missing)
-#   - Node deps of tests/browser (@millicast/sdk, playwright-core; npm ci
+#   - Debian's firefox-esr, pulseaudio and iproute2 (tests/firefox.rs: the SDK in Firefox
+#                                 in a network namespace, with a null sink the test's own
+#                                 pulseaudio serves; apt only if missing)
+#   - Node deps of tests/browser (@millicast/sdk, playwright-core, puppeteer-core; npm ci
 #                                 only if node_modules is missing or stale)
 #   - Python venv tests/python/.venv with aiortc (only if missing or stale)
 #   - Debian's redis-server      (the cluster tests start their own; apt only
@@ -25,7 +28,7 @@ for a in "$@"; do
   case "$a" in
     --no-browser) want_browser=0 ;;
     --no-python) want_python=0 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "setup-test-deps: unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -57,6 +60,17 @@ if [ "$want_browser" -eq 1 ]; then
   else
     apt_install chromium
   fi
+  # tests/firefox.rs: Firefox ESR, an audio server for its AudioContext (the test runs its own
+  # pulseaudio with a null sink; nothing is started here) and `ip` for its network namespace.
+  missing=()
+  [ -x /usr/bin/firefox-esr ] || missing+=(firefox-esr)
+  command -v pulseaudio >/dev/null 2>&1 || missing+=(pulseaudio)
+  command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    apt_install --no-install-recommends "${missing[@]}"
+  else
+    say "firefox-esr present: $(/usr/bin/firefox-esr --version 2>/dev/null | head -n1)"
+  fi
 
   if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     apt_install nodejs npm
@@ -78,6 +92,7 @@ if [ "$want_browser" -eq 1 ]; then
       const v = require("@millicast/sdk/package.json").version;
       const want = require("./package.json").dependencies["@millicast/sdk"];
       require.resolve("playwright-core");
+      require.resolve("puppeteer-core");
       if (v !== want) process.exit(1);' >/dev/null 2>&1); then
     fresh=0
   fi

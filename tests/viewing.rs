@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use chorus::replay::{corpus as corpus_files, truth};
-use common::room_tool::report;
+use common::room_tool::{report, turns_at};
 use common::{corpus, get_json, node_harness, wait_for, Proc};
 use serde_json::{json, Value};
 
@@ -78,20 +78,6 @@ fn aiortc_over_whep_gets_continuous_decodable_rewritten_tracks() {
     let total = assert_continuous(&rep);
     // Ana talks 5.2-11 s, bo 10.6-15 s: about 8 s of speech through the one track.
     assert!(total > 300, "{rep}");
-}
-
-/// Levels-file turns of a corpus speaker, in wall-clock ms given when its playback started.
-fn turns_at(speaker: &str, start_ms: f64) -> Vec<(f64, f64)> {
-    let levels = corpus_files::read_levels(&corpus().join(format!("{speaker}.levels"))).unwrap();
-    truth::turns(&levels)
-        .into_iter()
-        .map(|t| {
-            (
-                start_ms + t.first_frame as f64 * 20.0,
-                start_ms + t.last_frame as f64 * 20.0 + 20.0,
-            )
-        })
-        .collect()
 }
 
 /// (from, to, source) intervals of one mid from `begin` to `end`, from a viewer's vad events.

@@ -1,12 +1,14 @@
 // Shared helpers for driving the official Millicast JS SDK (@millicast/sdk)
-// inside headless Debian Chromium against a local chorus server.
+// inside headless Debian Chromium (playwright-core) or Debian Firefox ESR
+// (puppeteer-core over WebDriver BiDi) against a local chorus server.
 //
-// The harness page is served by Playwright request interception on the
+// The harness page is served by request interception on the
 // *server's own origin* (endpoint + '/__harness/...'), so the SDK's fetch()
 // to /api/director/publish and its WebSocket to /ws are same-origin, and the
 // server does not need to serve any HTML itself (nor answer CORS preflights).
 
 import { chromium } from 'playwright-core';
+import puppeteer from 'puppeteer-core';
 import { readFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import path from 'node:path';
@@ -17,6 +19,29 @@ export const HERE = path.dirname(fileURLToPath(import.meta.url));
 export const DEFAULT_CORPUS = path.resolve(HERE, '..', 'corpus', 'panel');
 export const DEFAULT_ENDPOINT = 'http://127.0.0.1:8080';
 export const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+export const FIREFOX = process.env.FIREFOX_PATH || '/usr/bin/firefox-esr';
+/** The engines a page can run in; CHORUS_BROWSER picks the default one. */
+export const BROWSERS = ['chromium', 'firefox'];
+export const DEFAULT_BROWSER = process.env.CHORUS_BROWSER || 'chromium';
+
+// Firefox's counterparts of the Chromium flags below: fake media, no permission prompts,
+// autoplay (media elements and WebAudio) without a gesture, real host addresses in ICE
+// candidates instead of mDNS names (chorus resolves no .local names), and no first-run,
+// update or telemetry traffic.
+export const FIREFOX_PREFS = {
+  'media.navigator.streams.fake': true,
+  'media.navigator.permission.disabled': true,
+  'media.autoplay.default': 0,
+  'media.autoplay.blocking_policy': 0,
+  'media.autoplay.block-webaudio': false,
+  'media.peerconnection.ice.obfuscate_host_addresses': false,
+  'media.peerconnection.ice.loopback': true,
+  'dom.min_background_timeout_value': 4,
+  'app.update.enabled': false,
+  'browser.shell.checkDefaultBrowser': false,
+  'datareporting.policy.dataSubmissionEnabled': false,
+  'toolkit.telemetry.enabled': false,
+};
 
 export const CHROMIUM_ARGS = [
   '--no-sandbox', // we run as root in a sandbox without user namespaces
@@ -52,10 +77,14 @@ export function sdkVersion() {
 }
 
 /**
- * Launch Debian's chromium headless. Playwright gives it a fresh temporary
+ * Launch Debian's chromium headless (or, with kind 'firefox', Debian's
+ * firefox-esr: see launchFirefox). Playwright gives it a fresh temporary
  * --user-data-dir and removes it on close.
  */
-export async function launchBrowser({ executablePath = CHROMIUM, extraArgs = [], endpoint } = {}) {
+export async function launchBrowser({ kind = DEFAULT_BROWSER, executablePath, extraArgs = [], endpoint } = {}) {
+  if (kind === 'firefox') return launchFirefox({ executablePath });
+  if (kind !== 'chromium') throw new Error(`unknown browser ${kind} (one of ${BROWSERS.join(', ')})`);
+  executablePath = executablePath || CHROMIUM;
   if (!existsSync(executablePath)) {
     throw new Error(`chromium not found at ${executablePath}; run scripts/setup-test-deps.sh (or set CHROMIUM_PATH)`);
   }
@@ -68,7 +97,30 @@ export async function launchBrowser({ executablePath = CHROMIUM, extraArgs = [],
   if (endpoint && /^http:/.test(endpoint) && !/^http:\/\/(127\.|localhost|\[::1\])/.test(endpoint)) {
     args.push(`--unsafely-treat-insecure-origin-as-secure=${new URL(endpoint).origin}`);
   }
-  return chromium.launch({ executablePath, args, headless: true, timeout: 30_000 });
+  const browser = await chromium.launch({ executablePath, args, headless: true, timeout: 30_000 });
+  browser.chorusKind = 'chromium';
+  return browser;
+}
+
+/**
+ * Launch Debian's firefox-esr headless with puppeteer-core over WebDriver BiDi
+ * (a fresh temporary profile with FIREFOX_PREFS, removed on close).
+ *
+ * Firefox gathers no ICE candidate on loopback (media.peerconnection.ice.loopback
+ * notwithstanding) and none at all while the host has no default route: a test
+ * runs it in a network namespace with a veth address and a default route, and
+ * chorus's media on that address (tests/firefox.rs).
+ */
+export async function launchFirefox({ executablePath = FIREFOX } = {}) {
+  if (!existsSync(executablePath)) {
+    throw new Error(`firefox not found at ${executablePath}; run scripts/setup-test-deps.sh (or set FIREFOX_PATH)`);
+  }
+  const browser = await puppeteer.launch({
+    browser: 'firefox', protocol: 'webDriverBiDi', executablePath, headless: true,
+    extraPrefsFirefox: FIREFOX_PREFS, timeout: 30_000,
+  });
+  browser.chorusKind = 'firefox';
+  return browser;
 }
 
 const HARNESS_HTML = `<!doctype html>
@@ -182,32 +234,42 @@ const HARNESS_JS = `
  */
 export async function openHarnessPage(browser, endpoint = DEFAULT_ENDPOINT, { sdk = 'millicast.umd.js', onConsole } = {}) {
   const origin = new URL(endpoint).origin;
-  // The harness document comes from request interception, so Chromium does
-  // not know it is a loopback page and its Local Network Access checks block
-  // the SDK's WebSocket (net::ERR_BLOCKED_BY_LOCAL_NETWORK_ACCESS_CHECKS) and
-  // WebRTC to 127.0.0.1. Granting 'local-network-access' (playwright maps it
-  // to local-network + loopback-network) lifts that for the test page only.
-  let context;
-  try {
-    context = await browser.newContext({ permissions: ['microphone', 'local-network-access'] });
-  } catch {
-    context = await browser.newContext({ permissions: ['microphone'] });
-  }
-  const page = await context.newPage();
   const sdkSource = await readFile(sdkFile(sdk), 'utf8');
-  await page.route(`${origin}/__harness/**`, async (route) => {
-    const p = new URL(route.request().url()).pathname;
-    if (p.endsWith('/index.html') || p.endsWith('/__harness/')) {
-      return route.fulfill({ status: 200, contentType: 'text/html; charset=utf-8', body: HARNESS_HTML });
+  // The harness's own files, by path; null for any other request.
+  const harnessFile = (url) => {
+    if (!url.startsWith(`${origin}/__harness/`)) return null;
+    const p = new URL(url).pathname;
+    if (p.endsWith('/index.html') || p.endsWith('/__harness/')) return { status: 200, contentType: 'text/html; charset=utf-8', body: HARNESS_HTML };
+    if (p.endsWith('/millicast.umd.js')) return { status: 200, contentType: 'application/javascript; charset=utf-8', body: sdkSource };
+    if (p.endsWith('/harness.js')) return { status: 200, contentType: 'application/javascript; charset=utf-8', body: HARNESS_JS };
+    return { status: 404, contentType: 'text/plain', body: 'not found' };
+  };
+  let context, page;
+  if (browser.chorusKind === 'firefox') {
+    // puppeteer: one interception for every request; the harness's files are answered, the
+    // rest (the director's fetch) goes on to chorus.
+    context = await browser.createBrowserContext();
+    page = await context.newPage();
+    await page.setRequestInterception(true);
+    page.on('request', (req) => {
+      if (req.isInterceptResolutionHandled()) return;
+      const f = harnessFile(req.url());
+      (f ? req.respond(f) : req.continue()).catch(() => { /* page closing */ });
+    });
+  } else {
+    // The harness document comes from request interception, so Chromium does
+    // not know it is a loopback page and its Local Network Access checks block
+    // the SDK's WebSocket (net::ERR_BLOCKED_BY_LOCAL_NETWORK_ACCESS_CHECKS) and
+    // WebRTC to 127.0.0.1. Granting 'local-network-access' (playwright maps it
+    // to local-network + loopback-network) lifts that for the test page only.
+    try {
+      context = await browser.newContext({ permissions: ['microphone', 'local-network-access'] });
+    } catch {
+      context = await browser.newContext({ permissions: ['microphone'] });
     }
-    if (p.endsWith('/millicast.umd.js')) {
-      return route.fulfill({ status: 200, contentType: 'application/javascript; charset=utf-8', body: sdkSource });
-    }
-    if (p.endsWith('/harness.js')) {
-      return route.fulfill({ status: 200, contentType: 'application/javascript; charset=utf-8', body: HARNESS_JS });
-    }
-    return route.fulfill({ status: 404, contentType: 'text/plain', body: 'not found' });
-  });
+    page = await context.newPage();
+    await page.route(`${origin}/__harness/**`, (route) => route.fulfill(harnessFile(route.request().url())));
+  }
   if (onConsole) {
     page.on('console', (msg) => onConsole(msg.type(), msg.text()));
     page.on('pageerror', (err) => onConsole('pageerror', String(err && err.stack || err)));

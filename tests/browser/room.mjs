@@ -1,6 +1,6 @@
 #!/usr/bin/env node
-// A room of participants, each a page of one headless Chromium running the
-// official Millicast JS SDK (@millicast/sdk, unmodified) against chorus.
+// A room of participants, each a page of one headless Chromium (or Firefox
+// ESR: the participant's `browser`) running the official Millicast JS SDK (@millicast/sdk, unmodified) against chorus.
 // A participant may publish a corpus speaker (millicast.Publish with a
 // sourceId) and/or view the stream (millicast.View with N multiplexed audio
 // tracks, a pinned source and excluded sources). Viewers record every server
@@ -34,6 +34,8 @@
 //   publishEvents  its Publish's events (e.g. ["active","inactive","viewercount"])
 //   autoReconnect  true: its Publish and View reconnect by themselves (the SDK's own
 //             autoReconnect); `reconnect` lines say when they start
+//   browser   "chromium" or "firefox" (default: $CHORUS_BROWSER, else chromium): the
+//             engine its page runs in; each engine used is launched once
 //
 // Order: all pages open and decode their corpus; all publishers connect;
 // all viewers connect (--viewers-first swaps the two); then every publisher
@@ -70,6 +72,7 @@ import readline from 'node:readline';
 import {
   launchBrowser, openHarnessPage, corpusStream, parseCommandLine, commonOptions, corpusFile, emitLine, one,
   installRoom, roomPublish, roomView, roomReport, startCorpusAt, sdkVersion, roomConnect, roomCommand,
+  BROWSERS, DEFAULT_BROWSER,
 } from './lib.mjs';
 
 const T_START = Date.now();
@@ -118,7 +121,9 @@ const participants = [];
       token: p.token ?? null, subscribeToken: p.subscribeToken ?? null, room: p.room ?? null,
       e2ee: p.e2ee ?? null, noLevel: !!p.noLevel, relay: !!p.relay, priority: p.priority ?? null,
       inSync: !!p.inSync, autoReconnect: !!p.autoReconnect, publishEvents: p.publishEvents ?? null,
+      browser: p.browser ?? DEFAULT_BROWSER,
     };
+    if (!BROWSERS.includes(part.browser)) usage(`${name}: browser must be one of ${BROWSERS.join(', ')}`);
     if (part.e2ee !== null && !/^([0-9a-fA-F]{32}|[0-9a-fA-F]{64})$/.test(part.e2ee)) usage(`${name}: e2ee must be a 32- or 64-digit hex key`);
     if (p.publish !== undefined && p.publish !== null) {
       const speaker = String(p.publish);
@@ -162,7 +167,7 @@ function cleanMsg(e) {
 }
 
 // ---------------------------------------------------------------- state
-let browser = null;
+const browsers = {};      // engine -> its launched browser
 let exiting = false;
 let corpusStartAt = null;
 const reports = {};       // name -> page report taken before the page went away
@@ -209,7 +214,7 @@ async function shutdown(code, reason) {
   await Promise.all(participants.map((p) => (p.page && !p.page.isClosed()
     ? p.page.evaluate(() => window.room && window.room.stopAll()).catch(() => {}) : null)));
   await new Promise((r) => setTimeout(r, 300)); // let the SDK's close reach the server
-  try { if (browser) await browser.close(); } catch {}
+  await Promise.all(Object.values(browsers).map((b) => b.close().catch(() => {})));
   code = code || (hadError ? 1 : 0);
   emit({ event: 'exit', code, reason });
   process.exit(code);
@@ -218,7 +223,7 @@ for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => shutdown(hadError
 
 // ---------------------------------------------------------------- setup
 async function openPage(p) {
-  const { page } = await openHarnessPage(browser, endpoint, {
+  const { page } = await openHarnessPage(browsers[p.browser], endpoint, {
     onConsole: (type, text) => {
       if (verbose || type === 'pageerror') process.stderr.write(`[${p.name} ${type}] ${text}\n`);
     },
@@ -277,8 +282,11 @@ async function setup() {
     event: 'starting', endpoint, stream: streamName, sdk: sdkVersion(), seconds,
     participants: participants.map((p) => ({ name: p.name, publish: p.publish && p.publish.sourceId, speaker: p.publish && p.publish.speaker, view: p.view })),
   });
-  browser = await launchBrowser({ endpoint });
-  browser.on('disconnected', () => { if (!exiting) { fail(null, 'chromium exited unexpectedly'); shutdown(1, 'error'); } });
+  for (const kind of new Set(participants.map((p) => p.browser))) {
+    const b = browsers[kind] = await launchBrowser({ kind, endpoint });
+    b.on('disconnected', () => { if (!exiting) { fail(null, `${kind} exited unexpectedly`); shutdown(1, 'error'); } });
+    emit({ event: 'browser', kind, version: await b.version() });
+  }
   await Promise.all(participants.map(openPage));
   const pubs = participants.filter((p) => p.publish && !p.publish.later);
   const views = participants.filter((p) => p.view);
@@ -375,6 +383,7 @@ async function runCommand(line) {
     case 'crash': {
       if (!name) return fail(null, `usage: ${cmd} NAME`);
       const p = target(name, false); if (!p) return;
+      if (cmd === 'crash' && p.browser !== 'chromium') return fail(name, `crash needs chromium (${name} runs in ${p.browser})`);
       await takeReport(p);
       p.left = { t: Date.now(), how: cmd === 'leave' ? 'page.close' : 'renderer crash' };
       if (cmd === 'leave') await p.page.close();

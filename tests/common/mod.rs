@@ -31,12 +31,17 @@ impl Proc {
     /// Starts `chorus <args>` and waits for the JSON line it prints when ready.
     pub fn start(name: &'static str, args: &[&str], env: &[(&str, &str)]) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_chorus"));
-        cmd.args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
+        Proc::spawn(name, cmd)
+    }
+
+    /// Starts `cmd`, a chorus command line (or one that execs chorus, as `ip netns exec`
+    /// does, so that the child is chorus itself), and waits for its ready line.
+    pub fn spawn(name: &'static str, mut cmd: Command) -> Proc {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("chorus starts");
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();

@@ -176,3 +176,20 @@ impl Live {
         }
     }
 }
+
+/// Levels-file turns of a corpus speaker, in wall-clock ms given when its playback started.
+#[cfg(feature = "tools")]
+pub fn turns_at(speaker: &str, start_ms: f64) -> Vec<(f64, f64)> {
+    use chorus::replay::{corpus as corpus_files, truth};
+    let file = super::corpus().join(format!("{speaker}.levels"));
+    let levels = corpus_files::read_levels(&file).unwrap();
+    truth::turns(&levels)
+        .into_iter()
+        .map(|t| {
+            (
+                start_ms + t.first_frame as f64 * 20.0,
+                start_ms + t.last_frame as f64 * 20.0 + 20.0,
+            )
+        })
+        .collect()
+}

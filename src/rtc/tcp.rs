@@ -519,3 +519,92 @@ pub(crate) fn candidate_addr(
         local.port(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener on loopback and one client connected to it, accepted.
+    fn side_and_client() -> (TcpSide, TcpStream, usize) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut side = TcpSide::new(l, addr).unwrap();
+        let client = TcpStream::connect(addr).unwrap();
+        let stats = TcpStats::default();
+        let mut ready = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while side.open == 0 {
+            assert!(Instant::now() < deadline, "accepted");
+            side.poll_ready(Instant::now(), &stats, &mut ready);
+        }
+        (side, client, 0)
+    }
+
+    #[test]
+    fn frames_are_read_whole_and_a_bad_length_closes() {
+        let (mut side, mut client, slot) = side_and_client();
+        let stats = TcpStats::default();
+        let mut buf = [0u8; MAX_FRAME];
+        // Two frames, the second split across writes.
+        client.write_all(&[0, 3, 1, 2, 3, 0, 2, 9]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(matches!(
+            side.next_frame(slot, &mut buf, &stats),
+            Frame::Got(3)
+        ));
+        assert_eq!(&buf[..3], &[1, 2, 3]);
+        assert!(matches!(
+            side.next_frame(slot, &mut buf, &stats),
+            Frame::Pending
+        ));
+        client.write_all(&[8]).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(matches!(
+            side.next_frame(slot, &mut buf, &stats),
+            Frame::Got(2)
+        ));
+        assert_eq!(&buf[..2], &[9, 8]);
+        client
+            .write_all(&((MAX_FRAME + 1) as u16).to_be_bytes())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(matches!(
+            side.next_frame(slot, &mut buf, &stats),
+            Frame::Closed
+        ));
+        assert_eq!(stats.bad_frame.load(Ordering::Relaxed), 1);
+        assert_eq!(side.open, 0);
+    }
+
+    #[test]
+    fn a_client_that_never_reads_is_dropped_when_its_buffer_is_full() {
+        let (mut side, client, slot) = side_and_client();
+        let stats = TcpStats::default();
+        let remote = client.local_addr().unwrap();
+        side.attach(slot, 7);
+        let packet = [0u8; 1200];
+        // Far more than the kernel's buffers and OUT_BUFFER together; the client reads nothing.
+        let mut sent = 0;
+        while side.open == 1 && sent < 100_000 {
+            assert!(side.send_to(remote, &packet, &stats));
+            side.flush();
+            sent += 1;
+        }
+        assert_eq!(side.open, 0, "dropped after {sent} packets");
+        assert_eq!(stats.slow.load(Ordering::Relaxed), 1);
+        assert!(!side.send_to(remote, &packet, &stats), "no route left");
+        drop(client);
+    }
+
+    #[test]
+    fn a_silent_connection_expires() {
+        let (mut side, _client, _) = side_and_client();
+        let stats = TcpStats::default();
+        side.expire(Instant::now(), &stats);
+        assert_eq!(side.open, 1);
+        side.expire(Instant::now() + HELLO_TIMEOUT, &stats);
+        assert_eq!(side.open, 0);
+        assert_eq!(stats.idle.load(Ordering::Relaxed), 1);
+    }
+}

@@ -158,7 +158,7 @@ pub fn answer_offer(
     config: RtcConfig,
     candidate: SocketAddr,
 ) -> Result<(Rtc, String, String), OfferError> {
-    crate::rtc::peers::answer_offer(offer_sdp, config, candidate)
+    crate::rtc::peers::answer_offer(offer_sdp, config, candidate, None)
 }
 
 /// `rtc::peers::media_config`: the str0m configuration of every media peer.

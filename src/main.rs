@@ -75,6 +75,16 @@ struct CommonServer {
     /// Address put in ICE candidates when deployed behind NAT or bound to 0.0.0.0.
     #[arg(long)]
     public_ip: Option<IpAddr>,
+    /// Passive ICE-TCP candidates (RFC 6544) beside each media socket, for listeners whose
+    /// network blocks UDP: `on` (the UDP port's number over TCP, any free port if taken),
+    /// `off`, or a first port (each further media thread the next; 0 = any free ports).
+    #[arg(
+        long,
+        env = "CHORUS_ICE_TCP",
+        default_value = "on",
+        value_name = "on|off|PORT"
+    )]
+    ice_tcp: chorus::rtc::tcp::IceTcp,
     /// Base of the signalling URL the director returns, e.g. wss://live.example.com.
     #[arg(long)]
     public_ws: Option<String>,
@@ -524,6 +534,7 @@ fn run_server(
             .media_workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         public_ip: c.public_ip,
+        ice_tcp: c.ice_tcp,
         public_ws: c.public_ws,
         tokens: c.tokens,
         dev_publish_token: c.publish_token,

@@ -53,6 +53,8 @@ pub struct ServerOptions {
     pub media_workers: usize,
     /// IP put in ICE candidates, when it differs from `media_ip`.
     pub public_ip: Option<IpAddr>,
+    /// Passive TCP candidates beside the media sockets (`--ice-tcp`).
+    pub ice_tcp: crate::rtc::tcp::IceTcp,
     /// Base URL of the signalling socket in director answers, e.g. `wss://live.example.com`.
     pub public_ws: Option<String>,
     /// Token file (`--tokens`); None = dev mode (every stream open to viewers).
@@ -415,6 +417,7 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
             &MediaThreadConfig {
                 bind: SocketAddr::new(opts.media_ip, opts.media_port),
                 public_ip: opts.public_ip,
+                ice_tcp: opts.ice_tcp,
             },
             "origin",
         )
@@ -484,6 +487,7 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
             opts.public_ip,
             link,
             opts.media_workers,
+            opts.ice_tcp,
             verifier.clone(),
         )
         .await

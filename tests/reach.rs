@@ -259,24 +259,7 @@ fn relay_only_room(transport: &str) {
         .count();
     assert!(allocations >= 3, "{allocations} allocations in:\n{log}");
     // vad names both talkers, and the track carrying each is loud while it does.
-    let v = &parts["listener"]["view"];
-    let events = v["events"].as_array().unwrap();
-    for source in ["ana", "bo"] {
-        let mids: Vec<&str> = events
-            .iter()
-            .filter(|e| e["name"] == "vad" && e["data"]["sourceId"] == source)
-            .filter_map(|e| e["data"]["mediaId"].as_str())
-            .collect();
-        assert!(!mids.is_empty(), "no vad for {source}: {events:?}");
-        let loudest = mids
-            .iter()
-            .map(|m| room_tool::loudest(&room_tool::energy(v, m), 0.0, f64::MAX))
-            .fold(0.0, f64::max);
-        assert!(
-            loudest > 0.02,
-            "{source}'s track never loud: {loudest} (mids {mids:?})"
-        );
-    }
+    room_tool::assert_vad_and_sound(&parts["listener"]["view"], &["ana", "bo"]);
 }
 
 #[test]

@@ -108,7 +108,7 @@ pub fn pair(i: u16, tracks: usize, full_extensions: bool) -> Pair {
     .set_crypto_provider(tapping_provider());
     let keys = Arc::new(KeySlot::default());
     let (mut server, _, answer) = with_key_slot(keys.clone(), || {
-        answer_offer(&offer.to_sdp_string(), config, s_addr)
+        answer_offer(&offer.to_sdp_string(), config, s_addr, None)
     })
     .unwrap();
     client

@@ -35,6 +35,7 @@ use crate::rtc::offer::{check_offer, mlines, OfferError, OfferRequirements};
 use crate::rtc::peers::{answer_offer, media_config, ConnectSlot, PeerId, PeerStats};
 use crate::rtc::srtp_out::{tapping_provider, with_key_slot, KeySlot};
 use crate::rtc::supervise::spawn_media;
+use crate::rtc::tcp::{candidate_addr, IceTcp, TcpSide};
 use worker::{EdgeCmd, NewViewer, Worker};
 
 /// More multiplexed tracks than this in one offer is refused.
@@ -309,7 +310,8 @@ impl Drop for LaneTicket {
 pub(crate) struct Edge {
     lanes: Vec<Lane>,
     /// Each media thread's ICE candidate.
-    candidates: Vec<SocketAddr>,
+    /// Each worker's UDP candidate and, with ICE-TCP, its passive TCP candidate.
+    candidates: Vec<(SocketAddr, Option<SocketAddr>)>,
     next_id: AtomicU64,
     pub metrics: Arc<EdgeMetrics>,
     link: LinkCtl,
@@ -330,6 +332,7 @@ impl Edge {
         public_ip: Option<IpAddr>,
         uplink: Uplink,
         workers: usize,
+        ice_tcp: IceTcp,
         keys: Arc<JwtVerifier>,
     ) -> Result<Arc<Edge>, String> {
         let mut sockets = Vec::new();
@@ -347,7 +350,16 @@ impl Edge {
             if ip.is_unspecified() {
                 return Err("edge media bound to an unspecified address: give --public-ip for the ICE candidates".into());
             }
-            sockets.push((socket, SocketAddr::new(ip, local.port())));
+            let tcp = ice_tcp
+                .bind(local, i)
+                .map_err(|e| format!("edge ICE-TCP listener beside {local}: {e}"))?
+                .map(|l| {
+                    let addr = candidate_addr(&l, public_ip)?;
+                    Ok::<_, std::io::Error>((TcpSide::new(l, addr)?, addr))
+                })
+                .transpose()
+                .map_err(|e| format!("edge ICE-TCP listener beside {local}: {e}"))?;
+            sockets.push((socket, SocketAddr::new(ip, local.port()), tcp));
         }
         let shared: Arc<Shared> = Arc::default();
         let metrics = Arc::new(EdgeMetrics::default());
@@ -374,9 +386,14 @@ impl Edge {
         };
         let ctl = ctl.counting_drops_in(metrics.link_requests_dropped.clone());
         let mut candidates = Vec::new();
-        for (i, ((socket, candidate), rx)) in sockets.into_iter().zip(receivers).enumerate() {
+        for (i, ((socket, candidate, tcp), rx)) in sockets.into_iter().zip(receivers).enumerate() {
+            let (tcp, tcp_candidate) = match tcp {
+                Some((side, addr)) => (Some(side), Some(addr)),
+                None => (None, None),
+            };
             let worker = Worker::new(
                 socket,
+                tcp,
                 ctl.clone(),
                 metrics.clone(),
                 lanes[i].bell.clone(),
@@ -385,8 +402,8 @@ impl Edge {
             .map_err(|e| e.to_string())?;
             spawn_media(format!("media-edge-{i}"), move |hb| worker.run(rx, &hb))
                 .map_err(|e| e.to_string())?;
-            info!(worker = i, %candidate, "edge media socket ready");
-            candidates.push(candidate);
+            info!(worker = i, %candidate, tcp = ?tcp_candidate, "edge media socket ready");
+            candidates.push((candidate, tcp_candidate));
         }
         let edge = Arc::new(Edge {
             lanes,
@@ -471,9 +488,9 @@ impl Edge {
         let config = viewer_config().set_crypto_provider(tapping_provider());
         let slot = ConnectSlot::acquire()?;
         let id = PeerId(self.next_id.fetch_add(1, Ordering::Relaxed));
-        let candidate = self.candidates[self.lane(id)];
+        let (candidate, tcp) = self.candidates[self.lane(id)];
         let (rtc, ufrag, answer) =
-            with_key_slot(keys.clone(), || answer_offer(offer, config, candidate))?;
+            with_key_slot(keys.clone(), || answer_offer(offer, config, candidate, tcp))?;
         let subscriber_id = format!("sub-{}-{}", id.0, crate::auth::random_secret(6));
         self.metrics.viewers_total.fetch_add(1, Ordering::Relaxed);
         Ok(PendingViewer {

@@ -26,6 +26,7 @@ use crate::relay::proto::{DatagramHeader, SourceInfo};
 use crate::rtc::peers::{CloseReason, ConnectSlot, Peer, PeerApp, PeerId, PeerSet};
 use crate::rtc::srtp_out::KeySlot;
 use crate::rtc::supervise::Heartbeat;
+use crate::rtc::tcp::TcpSide;
 
 /// Commands (mostly relayed packets) taken in one go before the peers' own work gets a turn.
 /// Packets written in one round leave together: one str0m flush per viewer, not per packet.
@@ -134,13 +135,14 @@ pub(crate) struct Worker {
 impl Worker {
     pub(crate) fn new(
         socket: UdpSocket,
+        tcp: Option<TcpSide>,
         link: LinkCtl,
         metrics: Arc<EdgeMetrics>,
         bell: Arc<Doorbell>,
         shared: Arc<Shared>,
     ) -> std::io::Result<Worker> {
         Ok(Worker {
-            peers: PeerSet::new(socket, bell, metrics.peers.clone())?,
+            peers: PeerSet::new(socket, bell, metrics.peers.clone())?.with_tcp(tcp)?,
             core: EdgeCore::new(metrics.clone(), shared, rand::random()),
             link,
             metrics,
@@ -361,7 +363,7 @@ mod tests {
         let (link, _rx) = LinkCtl::channel();
         let bell = Doorbell::new().unwrap();
         let metrics: Arc<EdgeMetrics> = Arc::default();
-        let mut w = Worker::new(socket, link, metrics.clone(), bell, Arc::default()).unwrap();
+        let mut w = Worker::new(socket, None, link, metrics.clone(), bell, Arc::default()).unwrap();
         let queued = Arc::new(AtomicUsize::new(0));
         let hdr = DatagramHeader {
             channel: 9,

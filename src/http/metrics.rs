@@ -40,6 +40,35 @@ fn peers_closed(out: &mut String, name: &str, p: &PeerStats) {
     );
 }
 
+/// The ICE-TCP connections a media side dropped, by reason (`crate::rtc::tcp`): samples of
+/// its `_dropped_total`, where they count connections, not packets.
+fn tcp_dropped(p: &PeerStats) -> [(&'static str, u64); 5] {
+    let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let t = &p.tcp;
+    [
+        ("reason=\"tcp_limit\"", g(&t.limit)),
+        ("reason=\"tcp_refused\"", g(&t.refused)),
+        ("reason=\"tcp_bad_frame\"", g(&t.bad_frame)),
+        ("reason=\"tcp_idle\"", g(&t.idle)),
+        ("reason=\"tcp_slow\"", g(&t.slow)),
+    ]
+}
+
+/// `{prefix}_ice_tcp_connections_total`: accepted, and closed by their clients.
+fn tcp_connections(out: &mut String, name: &str, p: &PeerStats) {
+    let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    metric(
+        out,
+        name,
+        "counter",
+        "ICE-TCP connections accepted, and closed by their clients (drops are in _dropped_total, reason tcp_*).",
+        &[
+            ("event=\"accepted\"", g(&p.tcp.accepted)),
+            ("event=\"closed\"", g(&p.tcp.closed)),
+        ],
+    );
+}
+
 pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     let mut out = String::new();
     let (unconnected, refused) = ConnectSlot::gauges();
@@ -104,7 +133,7 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             &mut out,
             "chorus_origin_dropped_total",
             "counter",
-            "Packets not relayed, by reason.",
+            "Packets not relayed, by reason (tcp_*: ICE-TCP connections closed).",
             &[
                 ("reason=\"padding\"", g(&m.padding_dropped)),
                 ("reason=\"muted\"", g(&m.muted_dropped)),
@@ -116,8 +145,12 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
                 // Consent checks of peers the server ended: answered with a STUN 403.
                 ("reason=\"stun_ended\"", g(&p.stun_ended)),
                 ("reason=\"udp_send\"", g(&p.send_errors)),
-            ],
+            ]
+            .into_iter()
+            .chain(tcp_dropped(p))
+            .collect::<Vec<_>>(),
         );
+        tcp_connections(&mut out, "chorus_origin_ice_tcp_connections_total", p);
         peers_closed(&mut out, "chorus_origin_peers_closed_total", p);
         let by: Vec<(String, u64)> = crate::origin::RelayDrop::ALL
             .iter()
@@ -269,7 +302,7 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             &mut out,
             "chorus_edge_dropped_total",
             "counter",
-            "Packets dropped at the edge, by reason (unknown_channel, lane_full and stale count per media thread: each gets its own copy).",
+            "Packets dropped at the edge, by reason (unknown_channel, lane_full and stale count per media thread: each gets its own copy; tcp_*: ICE-TCP connections closed).",
             &[
                 ("reason=\"unknown_source\"", g(&m.dropped_unknown)),
                 ("reason=\"unknown_channel\"", g(&m.dropped_unknown_channel)),
@@ -292,8 +325,12 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
                 // Consent checks of peers the server ended: answered with a STUN 403.
                 ("reason=\"stun_ended\"", g(&p.stun_ended)),
                 ("reason=\"udp_send\"", g(&p.send_errors)),
-            ],
+            ]
+            .into_iter()
+            .chain(tcp_dropped(p))
+            .collect::<Vec<_>>(),
         );
+        tcp_connections(&mut out, "chorus_edge_ice_tcp_connections_total", p);
         peers_closed(&mut out, "chorus_edge_peers_closed_total", p);
         metric(
             &mut out,

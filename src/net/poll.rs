@@ -54,6 +54,8 @@ pub(crate) struct Poller {
 
 const TOKEN_SOCKET: u64 = 1;
 const TOKEN_BELL: u64 = 2;
+/// Another epoll (a media thread's ICE-TCP connections, see `crate::rtc::tcp`).
+const TOKEN_INNER: u64 = 3;
 
 impl Poller {
     pub(crate) fn new(socket: &UdpSocket, bell: Arc<Doorbell>) -> io::Result<Poller> {
@@ -63,19 +65,28 @@ impl Poller {
         Ok(Poller { epoll, bell })
     }
 
+    /// Also wakes when `inner` has ready events ([`wait`](Self::wait) then says so).
+    pub(crate) fn add_inner(&self, inner: &Epoll) -> io::Result<()> {
+        self.epoll.add(inner.fd, TOKEN_INNER)
+    }
+
     /// Sleeps up to `timeout` (whole milliseconds, rounded up); the caller armed the doorbell
-    /// and found no work after arming.
-    pub(crate) fn wait(&self, timeout: Duration) {
+    /// and found no work after arming. True if the inner epoll has events.
+    pub(crate) fn wait(&self, timeout: Duration) -> bool {
         let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-        let mut events: [libc::epoll_event; 2] = [libc::epoll_event { events: 0, u64: 0 }; 2];
-        // SAFETY: the buffer holds 2 events and we pass 2.
-        let n = unsafe { libc::epoll_wait(self.epoll.fd, events.as_mut_ptr(), 2, ms) };
+        let mut events: [libc::epoll_event; 3] = [libc::epoll_event { events: 0, u64: 0 }; 3];
+        // SAFETY: the buffer holds 3 events and we pass 3.
+        let n = unsafe { libc::epoll_wait(self.epoll.fd, events.as_mut_ptr(), 3, ms) };
         self.bell.disarm();
+        let mut inner = false;
         for ev in events.iter().take(n.max(0) as usize) {
-            if ev.u64 == TOKEN_BELL {
-                self.bell.fd.drain();
+            match ev.u64 {
+                TOKEN_BELL => self.bell.fd.drain(),
+                TOKEN_INNER => inner = true,
+                _ => {}
             }
         }
+        inner
     }
 }
 
@@ -105,6 +116,17 @@ impl Epoll {
         };
         // SAFETY: ev lives across the call.
         check(unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_ADD, fd, &mut ev) }).map(drop)
+    }
+
+    /// Readable events, and writable ones too when `writable` (a socket with output waiting).
+    pub(crate) fn set(&self, fd: RawFd, token: u64, writable: bool) -> io::Result<()> {
+        let mut events = libc::EPOLLIN as u32;
+        if writable {
+            events |= libc::EPOLLOUT as u32;
+        }
+        let mut ev = libc::epoll_event { events, u64: token };
+        // SAFETY: ev lives across the call.
+        check(unsafe { libc::epoll_ctl(self.fd, libc::EPOLL_CTL_MOD, fd, &mut ev) }).map(drop)
     }
 
     pub(crate) fn remove(&self, fd: RawFd) {

@@ -21,6 +21,7 @@ use crate::rtc::peers::{
     answer_offer, CloseReason, ConnectSlot, Peer, PeerApp, PeerId, PeerSet, PeerStats,
 };
 use crate::rtc::supervise::{spawn_media, Heartbeat};
+use crate::rtc::tcp::{self, IceTcp, TcpSide};
 
 /// Upper bound on how long commands wait for the thread to notice them.
 const MAX_WAIT: Duration = Duration::from_millis(5);
@@ -70,6 +71,8 @@ pub(crate) struct MediaThreadConfig {
     pub bind: SocketAddr,
     /// Address put in ICE candidates when it differs from the bound one (NAT, 0.0.0.0 bind).
     pub public_ip: Option<IpAddr>,
+    /// The passive TCP candidate's listener (see `crate::rtc::tcp`).
+    pub ice_tcp: IceTcp,
 }
 
 /// Handle to the media thread. Cheap to clone.
@@ -78,6 +81,7 @@ pub(crate) struct MediaThread {
     tx: Sender<MediaCmd>,
     bell: Arc<Doorbell>,
     candidate_addr: SocketAddr,
+    tcp_candidate: Option<SocketAddr>,
     next_id: Arc<AtomicU64>,
     stats: Arc<PeerStats>,
 }
@@ -98,13 +102,21 @@ impl MediaThread {
         let thread_name = format!("media-{name}");
         let bell = Doorbell::new()?;
         let stats = Arc::new(PeerStats::default());
-        let peers = PeerSet::new(socket, bell.clone(), stats.clone())?;
+        let (tcp, tcp_candidate) = match cfg.ice_tcp.bind(local, 0)? {
+            Some(l) => {
+                let addr = tcp::candidate_addr(&l, cfg.public_ip)?;
+                (Some(TcpSide::new(l, addr)?), Some(addr))
+            }
+            None => (None, None),
+        };
+        let peers = PeerSet::new(socket, bell.clone(), stats.clone())?.with_tcp(tcp)?;
         spawn_media(thread_name, move |hb| run(peers, rx, &hb))?;
-        info!(%local, candidate = %candidate_addr, "{name} media socket ready");
+        info!(%local, candidate = %candidate_addr, tcp = ?tcp_candidate, "{name} media socket ready");
         Ok(MediaThread {
             tx,
             bell,
             candidate_addr,
+            tcp_candidate,
             next_id: Arc::new(AtomicU64::new(1)),
             stats,
         })
@@ -126,7 +138,8 @@ impl MediaThread {
     ) -> Result<(PeerId, String), OfferError> {
         check_offer(offer_sdp, requirements)?;
         let slot = ConnectSlot::acquire()?;
-        let (rtc, ufrag, answer) = answer_offer(offer_sdp, config, self.candidate_addr)?;
+        let (rtc, ufrag, answer) =
+            answer_offer(offer_sdp, config, self.candidate_addr, self.tcp_candidate)?;
         let id = PeerId(self.next_id.fetch_add(1, Ordering::Relaxed));
         self.tx
             .send(MediaCmd::Add {

@@ -920,6 +920,7 @@ mod tests {
             &MediaThreadConfig {
                 bind: "127.0.0.1:0".parse().unwrap(),
                 public_ip: None,
+                ice_tcp: crate::rtc::tcp::IceTcp::Off,
             },
             "origin-test",
         )

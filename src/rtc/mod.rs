@@ -11,3 +11,4 @@ pub(crate) mod offer;
 pub mod peers;
 pub(crate) mod srtp_out;
 pub(crate) mod supervise;
+pub mod tcp;

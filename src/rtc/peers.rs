@@ -26,13 +26,14 @@ use str0m::change::SdpOffer;
 use str0m::config::DtlsCert;
 use str0m::crypto::dtls::SrtpProfile;
 use str0m::ice::StunMessage;
-use str0m::net::{Protocol, Receive};
+use str0m::net::{Protocol, Receive, TcpType};
 use str0m::rtp::Extension;
 use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc, RtcConfig};
 use tracing::{debug, info, warn};
 
 use super::established::{Emit, Ended, Established, IceLite, RtcpStats, TrackSpec};
 use super::offer::OfferError;
+use super::tcp::{Frame, TcpSide, TcpStats};
 use crate::net::poll::{Doorbell, Poller};
 use crate::net::send::SendBatch;
 
@@ -128,6 +129,8 @@ pub struct PeerStats {
     pub lean_str0m_dropped: AtomicU64,
     /// What the lean viewers' consent checks and SRTCP brought (see [`RtcpStats`]).
     pub lean: RtcpStats,
+    /// The ICE-TCP listener's connections (see `super::tcp`).
+    pub tcp: TcpStats,
 }
 
 impl PeerStats {
@@ -265,12 +268,14 @@ impl std::fmt::Display for CloseReason {
     }
 }
 
-/// Answers an offer with a new ICE-lite, RTP-mode peer whose only candidate is `candidate`.
+/// Answers an offer with a new ICE-lite, RTP-mode peer whose candidates are `candidate` (UDP)
+/// and, if given, `tcp` (a passive TCP host candidate, RFC 6544, of lower priority than UDP).
 /// Runs on the control plane; the returned `Rtc` is then handed to a media thread.
 pub(crate) fn answer_offer(
     offer_sdp: &str,
     config: RtcConfig,
     candidate: SocketAddr,
+    tcp: Option<SocketAddr>,
 ) -> Result<(Rtc, String, String), OfferError> {
     let offer = SdpOffer::from_sdp_string(&super::offer::normalize(offer_sdp)).map_err(|e| {
         debug!(offer = offer_sdp, "offer str0m cannot parse");
@@ -295,6 +300,15 @@ pub(crate) fn answer_offer(
         let cand =
             Candidate::host(candidate, "udp").map_err(|e| OfferError::Internal(e.to_string()))?;
         rtc.add_local_candidate(cand);
+        if let Some(addr) = tcp {
+            let cand = Candidate::builder()
+                .tcp()
+                .host(addr)
+                .tcptype(TcpType::Passive)
+                .build()
+                .map_err(|e| OfferError::Internal(e.to_string()))?;
+            rtc.add_local_candidate(cand);
+        }
         let answer = rtc
             .sdp_api()
             .accept_offer(offer)
@@ -471,20 +485,56 @@ pub enum PeerOut<'a> {
     Str0m(&'a mut Rtc),
 }
 
-/// The thread's socket and send batch, for datagrams built outside str0m.
+/// The thread's socket and send batch, for datagrams built outside str0m, and its ICE-TCP
+/// connections: a packet for the address of a connection attached to a peer goes there.
 pub struct Sink<'a> {
     socket: &'a UdpSocket,
     out: &'a mut SendBatch,
+    tcp: Option<(&'a mut TcpSide, &'a TcpStats)>,
 }
 
 impl<'a> Sink<'a> {
     /// A sink onto `socket` through the send batch `out`.
     pub fn new(socket: &'a UdpSocket, out: &'a mut SendBatch) -> Self {
-        Sink { socket, out }
+        Sink {
+            socket,
+            out,
+            tcp: None,
+        }
+    }
+
+    fn with_tcp(
+        socket: &'a UdpSocket,
+        out: &'a mut SendBatch,
+        tcp: &'a mut Option<TcpSide>,
+        stats: &'a PeerStats,
+    ) -> Self {
+        Sink {
+            socket,
+            out,
+            tcp: tcp.as_mut().map(|t| (t, &stats.tcp)),
+        }
     }
 
     pub(crate) fn send(&mut self, to: SocketAddr, data: &[u8]) {
+        if let Some((tcp, stats)) = self.tcp.as_mut() {
+            if tcp.send_to(to, data, stats) {
+                return;
+            }
+        }
         self.out.push(self.socket, to, data);
+    }
+
+    /// What str0m transmits: it knows the protocol (a TCP packet without its connection, one
+    /// that closed, is dropped).
+    fn transmit(&mut self, proto: Protocol, to: SocketAddr, data: &[u8]) {
+        match (proto, self.tcp.as_mut()) {
+            (Protocol::Udp, _) => self.out.push(self.socket, to, data),
+            (_, Some((tcp, stats))) => {
+                tcp.send_to(to, data, stats);
+            }
+            (_, None) => {}
+        }
     }
 }
 
@@ -492,6 +542,13 @@ impl Emit for Sink<'_> {
     fn emit(&mut self, to: SocketAddr, data: &[u8]) {
         self.send(to, data);
     }
+}
+
+/// Where an unrouted packet came in: the UDP socket, or a TCP connection's slot.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    Udp,
+    Tcp(usize),
 }
 
 /// What a media thread does with its peers' events.
@@ -522,6 +579,11 @@ pub(crate) struct PeerSet<T> {
     scratch: Vec<u8>,
     /// Peers the server ended, whose browsers' consent checks get a STUN error.
     ended: super::ended::EndedPeers,
+    /// The ICE-TCP listener and its connections, when the thread has one.
+    tcp: Option<TcpSide>,
+    /// The TCP side may have events: the poller said so, or the thread did not sleep.
+    tcp_check: bool,
+    tcp_ready: Vec<usize>,
 }
 
 impl<T> PeerSet<T> {
@@ -551,7 +613,20 @@ impl<T> PeerSet<T> {
             buf: vec![0; 2048],
             scratch: Vec::with_capacity(2048),
             ended: super::ended::EndedPeers::default(),
+            tcp: None,
+            tcp_check: false,
+            tcp_ready: Vec::new(),
         })
+    }
+
+    /// Adds the ICE-TCP side: its connections are read, written and expired by this set.
+    pub(crate) fn with_tcp(mut self, tcp: Option<TcpSide>) -> std::io::Result<Self> {
+        if let Some(t) = &tcp {
+            self.poller.add_inner(&t.epoll)?;
+            self.tcp_check = true;
+        }
+        self.tcp = tcp;
+        Ok(self)
     }
 
     pub(crate) fn stats(&self) -> &Arc<PeerStats> {
@@ -613,7 +688,7 @@ impl<T> PeerSet<T> {
         let out = match (p.lean.as_deref_mut(), p.rtc.0.as_deref_mut()) {
             (Some(lean), _) => PeerOut::Lean {
                 lean,
-                sink: Sink::new(&self.socket, &mut self.out),
+                sink: Sink::with_tcp(&self.socket, &mut self.out, &mut self.tcp, &self.stats),
                 scratch: &mut self.scratch,
             },
             (None, Some(rtc)) => PeerOut::Str0m(rtc),
@@ -653,17 +728,18 @@ impl<T> PeerSet<T> {
                 self.ended.remember(&creds.ufrag, &creds.pass, now);
             }
         }
+        let mut sink = Sink::with_tcp(&self.socket, &mut self.out, &mut self.tcp, &self.stats);
         if let Some(rtc) = p.rtc.get_mut() {
             rtc.disconnect();
             while let Ok(Output::Transmit(t)) = rtc.poll_output() {
-                self.out.push(&self.socket, t.destination, &t.contents);
+                sink.transmit(t.proto, t.destination, &t.contents);
             }
         }
         if let Some(lean) = p.lean.as_deref_mut() {
-            lean.bye(
-                &mut self.scratch,
-                &mut Sink::new(&self.socket, &mut self.out),
-            );
+            lean.bye(&mut self.scratch, &mut sink);
+        }
+        if let Some(tcp) = self.tcp.as_mut() {
+            tcp.peer_closed(id.0);
         }
         info!(%id, %reason, dropped_flood = p.dropped_flood, "peer closed");
         app.on_closed(id, p, reason);
@@ -675,6 +751,15 @@ impl<T> PeerSet<T> {
     pub(crate) fn wait(&mut self, wait: Duration, has_work: impl FnOnce() -> bool) {
         self.out.flush(&self.socket);
         self.report_sends();
+        let has_tcp = match self.tcp.as_mut() {
+            Some(tcp) => {
+                tcp.flush();
+                true
+            }
+            None => false,
+        };
+        // Without a sleep in epoll nobody looked at the TCP side: the next `recv` does.
+        self.tcp_check = has_tcp;
         if wait.is_zero() {
             return;
         }
@@ -683,7 +768,7 @@ impl<T> PeerSet<T> {
             self.bell.disarm();
             return;
         }
-        self.poller.wait(wait);
+        self.tcp_check = self.poller.wait(wait) && has_tcp;
     }
 
     /// Routes the datagrams waiting on the socket (up to a burst). Returns how many there were.
@@ -705,27 +790,95 @@ impl<T> PeerSet<T> {
             }
         }
         self.buf = buf;
+        if self.tcp_check {
+            self.tcp_check = false;
+            n += self.recv_tcp(app);
+        }
         n
     }
 
+    /// Accepts, reads and writes the TCP connections that are ready; returns the frames read.
+    fn recv_tcp(&mut self, app: &mut impl PeerApp<T>) -> usize {
+        let Some(tcp) = self.tcp.as_mut() else {
+            return 0;
+        };
+        let mut ready = std::mem::take(&mut self.tcp_ready);
+        tcp.poll_ready(Instant::now(), &self.stats.tcp, &mut ready);
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut n = 0;
+        for &slot in &ready {
+            for _ in 0..TcpSide::read_burst() {
+                let Some(tcp) = self.tcp.as_mut() else { break };
+                match tcp.next_frame(slot, &mut buf, &self.stats.tcp) {
+                    Frame::Got(len) => {
+                        n += 1;
+                        self.tcp_frame(slot, &buf[..len], app);
+                    }
+                    Frame::Pending | Frame::Closed => break,
+                }
+            }
+            if let Some(tcp) = self.tcp.as_mut() {
+                tcp.writable(slot);
+            }
+        }
+        self.buf = buf;
+        ready.clear();
+        self.tcp_ready = ready;
+        n
+    }
+
+    /// One frame from a TCP connection: its peer's, or, for the first, the STUN request that
+    /// makes it a peer's (anything else closes the connection).
+    fn tcp_frame(&mut self, slot: usize, data: &[u8], app: &mut impl PeerApp<T>) {
+        let Some((from, peer)) = self.tcp.as_ref().and_then(|t| t.route(slot)) else {
+            return;
+        };
+        let attached = self.route(data, from, Via::Tcp(slot), peer.map(PeerId), app);
+        if peer.is_none() && !attached {
+            if let Some(tcp) = self.tcp.as_mut() {
+                tcp.refuse(slot, &self.stats.tcp);
+            }
+        }
+    }
+
     fn datagram(&mut self, data: &[u8], from: SocketAddr, app: &mut impl PeerApp<T>) {
+        let known = self.by_addr.get(&from).copied();
+        self.route(data, from, Via::Udp, known, app);
+    }
+
+    /// Routes one packet from `from` to the peer `known` (its address or connection is that
+    /// peer's), or, when unknown, to the peer a STUN request's ufrag names if that peer
+    /// accepts it; the address (UDP) or connection (TCP) is then routed to it. True if an
+    /// unknown sender was routed so.
+    fn route(
+        &mut self,
+        data: &[u8],
+        from: SocketAddr,
+        via: Via,
+        known: Option<PeerId>,
+        app: &mut impl PeerApp<T>,
+    ) -> bool {
         let Ok(contents) = data.try_into() else {
             // Neither STUN, DTLS, RTP nor RTCP: nobody's.
             self.count_unroutable(from);
-            return;
+            return false;
         };
         let now = Instant::now();
+        let (proto, destination) = match (via, self.tcp.as_ref()) {
+            (Via::Tcp(_), Some(t)) => (Protocol::Tcp, t.local),
+            _ => (Protocol::Udp, self.local),
+        };
         let input = Input::Receive(
             now,
             Receive {
-                proto: Protocol::Udp,
+                proto,
                 source: from,
-                destination: self.local,
+                destination,
                 contents,
             },
         );
-        let (id, routed) = match self.by_addr.get(&from) {
-            Some(&id) => (id, true),
+        let (id, routed) = match known {
+            Some(id) => (id, true),
             None => {
                 let by_ufrag = StunMessage::parse(data)
                     .ok()
@@ -733,19 +886,19 @@ impl<T> PeerSet<T> {
                     .and_then(|ufrag| self.by_ufrag.get(&ufrag).copied());
                 let Some(id) = by_ufrag else {
                     let mut reply = [0u8; 128];
-                    if let Some(n) = self.ended.answer(data, now, &mut reply) {
+                    if let (Via::Udp, Some(n)) = (via, self.ended.answer(data, now, &mut reply)) {
                         self.out.push(&self.socket, from, &reply[..n]);
                         self.stats.stun_ended.fetch_add(1, Ordering::Relaxed);
-                        return;
+                        return false;
                     }
                     self.count_unroutable(from);
-                    return;
+                    return false;
                 };
                 (id, false)
             }
         };
         let Some(p) = self.peers.get_mut(&id) else {
-            return;
+            return false;
         };
         if now.duration_since(p.window_start) >= Duration::from_secs(1) {
             p.window_start = now;
@@ -768,16 +921,25 @@ impl<T> PeerSet<T> {
                 if n.is_power_of_two() {
                     warn!(%id, %from, refused = n, "STUN for a peer from a new address refused (integrity, ufrag or budget)");
                 }
-                return;
+                return false;
             }
-            if p.remotes.len() >= MAX_REMOTES {
-                let old = p.remotes.remove(0);
-                if self.by_addr.get(&old) == Some(&id) {
-                    self.by_addr.remove(&old);
+            match via {
+                Via::Udp => {
+                    if p.remotes.len() >= MAX_REMOTES {
+                        let old = p.remotes.remove(0);
+                        if self.by_addr.get(&old) == Some(&id) {
+                            self.by_addr.remove(&old);
+                        }
+                    }
+                    p.remotes.push(from);
+                    self.by_addr.insert(from, id);
+                }
+                Via::Tcp(slot) => {
+                    if let Some(tcp) = self.tcp.as_mut() {
+                        tcp.attach(slot, id.0);
+                    }
                 }
             }
-            p.remotes.push(from);
-            self.by_addr.insert(from, id);
             if p.remote_ufrag.is_none() {
                 p.remote_ufrag = StunMessage::parse(data)
                     .ok()
@@ -791,14 +953,15 @@ impl<T> PeerSet<T> {
                 if p.dropped_flood.is_power_of_two() {
                     warn!(%id, dropped = p.dropped_flood, "peer floods: datagrams over budget dropped");
                 }
-                return;
+                return false;
             }
         }
         if p.lean.is_some() {
             self.lean_datagram(id, now, input, from, data, app);
-            return;
+        } else {
+            self.drive(id, input, app);
         }
-        self.drive(id, input, app);
+        !routed
     }
 
     /// A datagram for a lean peer: STUN and SRTCP are the lean state's, DTLS str0m's while it
@@ -819,7 +982,7 @@ impl<T> PeerSet<T> {
             return;
         };
         let stats = &self.stats.lean;
-        let mut sink = Sink::new(&self.socket, &mut self.out);
+        let mut sink = Sink::with_tcp(&self.socket, &mut self.out, &mut self.tcp, &self.stats);
         match data[0] {
             0..=3 => {
                 lean.handle_stun(now, from, data, stats, &mut sink);
@@ -878,7 +1041,7 @@ impl<T> PeerSet<T> {
                 .fetch_add(1, Ordering::Relaxed);
             debug!(%id, "lean peer: str0m state dropped");
         }
-        let mut sink = Sink::new(&self.socket, &mut self.out);
+        let mut sink = Sink::with_tcp(&self.socket, &mut self.out, &mut self.tcp, &self.stats);
         if let Err(e) = lean.handle_timeout(now, &mut self.scratch, &self.stats.lean, &mut sink) {
             let reason = match e {
                 Ended::ConsentExpired => CloseReason::IceTimeout,
@@ -926,7 +1089,17 @@ impl<T> PeerSet<T> {
         }
         due.clear();
         self.due = due;
-        self.timers.peek().map(|Reverse((at, _))| *at)
+        let next = self.timers.peek().map(|Reverse((at, _))| *at);
+        match self.tcp.as_mut() {
+            Some(tcp) => {
+                tcp.expire(now, &self.stats.tcp);
+                match (next, tcp.next_deadline()) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+            None => next,
+        }
     }
 
     /// Sends what a peer has queued (after the app wrote RTP to it). str0m releases a stream's
@@ -965,12 +1138,14 @@ impl<T> PeerSet<T> {
                 // Once lean, str0m speaks only DTLS: RTCP and consent are the lean state's.
                 Ok(Output::Transmit(t)) if p.lean.is_some() => {
                     if matches!(t.contents.first(), Some(20..=63)) {
-                        self.out.push(&self.socket, t.destination, &t.contents)
+                        Sink::with_tcp(&self.socket, &mut self.out, &mut self.tcp, &self.stats)
+                            .transmit(t.proto, t.destination, &t.contents)
                     }
                 }
                 Ok(Output::Transmit(t)) => {
                     p.dest = Some(t.destination);
-                    self.out.push(&self.socket, t.destination, &t.contents)
+                    Sink::with_tcp(&self.socket, &mut self.out, &mut self.tcp, &self.stats)
+                        .transmit(t.proto, t.destination, &t.contents)
                 }
                 Ok(Output::Event(ev)) => {
                     let r = match ev {
@@ -1058,7 +1233,7 @@ mod tests {
         api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
         let (offer, _) = api.apply().unwrap();
         let offer = offer.to_sdp_string();
-        let (rtc, ufrag, answer) = answer_offer(&offer, media_config(), set.local).unwrap();
+        let (rtc, ufrag, answer) = answer_offer(&offer, media_config(), set.local, None).unwrap();
         let user = format!("{ufrag}:{}", sdp_value(&offer, "a=ice-ufrag:"));
         let pwd = sdp_value(&answer, "a=ice-pwd:").to_owned();
         let slot = ConnectSlot::acquire().unwrap();
@@ -1199,7 +1374,7 @@ mod tests {
         let (offer, pending) = api.apply().unwrap();
         let config = media_config().set_crypto_provider(tapping_provider());
         let (rtc, ufrag, answer) = with_key_slot(keys.clone(), || {
-            answer_offer(&offer.to_sdp_string(), config, set.local)
+            answer_offer(&offer.to_sdp_string(), config, set.local, None)
         })
         .unwrap();
         client
@@ -1290,7 +1465,7 @@ mod tests {
     fn an_offer_str0m_panics_on_is_refused() {
         let sdp = include_str!("../../fuzz/seeds/sdp_offer/crash-str0m-pt-locked-twice");
         let candidate = "127.0.0.1:4000".parse().unwrap();
-        match answer_offer(sdp, media_config(), candidate) {
+        match answer_offer(sdp, media_config(), candidate, None) {
             Err(OfferError::Rejected(m)) => assert!(m.contains("Pt locked multiple times"), "{m}"),
             other => panic!("expected a refusal, got {:?}", other.map(|(_, u, _)| u)),
         }

@@ -40,6 +40,27 @@ pub fn loudest(e: &[(f64, f64)], from: f64, to: f64) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// A view's report: `vad` named each of `sources`, and a track it named each on was loud.
+pub fn assert_vad_and_sound(view: &Value, sources: &[&str]) {
+    let events = view["events"].as_array().unwrap();
+    for source in sources {
+        let mids: Vec<&str> = events
+            .iter()
+            .filter(|e| e["name"] == "vad" && e["data"]["sourceId"] == *source)
+            .filter_map(|e| e["data"]["mediaId"].as_str())
+            .collect();
+        assert!(!mids.is_empty(), "no vad for {source}: {events:?}");
+        let loudest = mids
+            .iter()
+            .map(|m| loudest(&energy(view, m), 0.0, f64::MAX))
+            .fold(0.0, f64::max);
+        assert!(
+            loudest > 0.02,
+            "{source}'s track never loud: {loudest} (mids {mids:?})"
+        );
+    }
+}
+
 /// The final `report` line of a tool's stdout.
 pub fn report(out: &std::process::Output) -> Value {
     String::from_utf8_lossy(&out.stdout)
@@ -84,7 +105,20 @@ pub fn run(
     seconds: u32,
     spec: &Value,
 ) -> Value {
+    run_with_env(http, stream, token, seconds, spec, &[])
+}
+
+/// [`run`] with these environment variables for room.mjs (e.g. `CHORUS_CHROMIUM_ARGS`).
+pub fn run_with_env(
+    http: std::net::SocketAddr,
+    stream: &str,
+    token: &str,
+    seconds: u32,
+    spec: &Value,
+    env: &[(&str, &str)],
+) -> Value {
     let out = command(http, stream, token, u64::from(seconds), spec)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     super::assert_succeeded(&out, "room.mjs");
@@ -109,8 +143,21 @@ impl Live {
         seconds: u64,
         spec: &Value,
     ) -> Live {
+        Live::start_with_env(http, stream, token, seconds, spec, &[])
+    }
+
+    /// [`Live::start`] with these environment variables for room.mjs.
+    pub fn start_with_env(
+        http: std::net::SocketAddr,
+        stream: &str,
+        token: &str,
+        seconds: u64,
+        spec: &Value,
+        env: &[(&str, &str)],
+    ) -> Live {
         use std::io::BufRead;
         let mut child = command(http, stream, token, seconds, spec)
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()

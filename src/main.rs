@@ -22,6 +22,10 @@ use chorus::server::{self, NodeKind, ServerOptions};
     about = "Open real-time audio edge for interactive live streaming"
 )]
 struct Cli {
+    /// Log lines on stderr: `text` for people, `json` (one object per line, with the node's
+    /// id and each event's stream, source, session and peer ids) for a log shipper.
+    #[arg(long, global = true, env = "CHORUS_LOG_FORMAT", default_value = "text")]
+    log_format: chorus::logs::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -408,6 +412,7 @@ fn main() -> ExitCode {
             }
         };
     let cli = Cli::parse_from(argv);
+    chorus::logs::init(cli.log_format);
     let (what, result) = match cli.command {
         Command::Serve(a) => (
             "serve",
@@ -469,16 +474,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logs() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("CHORUS_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,str0m=warn,dimpl=warn,quinn=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -503,7 +498,6 @@ fn run_server(
     origin_fingerprint: Option<String>,
     place: Placement,
 ) -> Result<(), String> {
-    init_logs();
     if let Some(path) = &c.config {
         tracing::info!(path = %path.display(), "settings from the config file (flags and environment override it)");
     }
@@ -595,7 +589,6 @@ fn run_server(
 
 #[cfg(feature = "tools")]
 fn probe_cmd(a: ProbeArgs) -> Result<(), String> {
-    init_logs();
     let link = LinkConfig {
         origin: a.origin,
         fingerprint: a.origin_fingerprint,
@@ -698,7 +691,6 @@ fn loadgen_cmd(a: LoadgenArgs) -> Result<(), String> {
         println!("{out}");
         return Ok(());
     }
-    init_logs();
     loadgen::run(loadgen::Options {
         url: a.url,
         view_url: a.view_url,

@@ -279,11 +279,10 @@ fn node_kind(role: NodeKind) -> cluster::NodeKind {
     }
 }
 
-/// The node's place in the cluster (in memory without `--redis`): its id and registry. Made
-/// before the edge starts, which follows stream owners through it.
-fn join_cluster(opts: &ServerOptions) -> Result<Arc<Cluster>, StartError> {
+/// This node's id: `--node-id` checked, or one generated for this start.
+fn node_id(opts: &ServerOptions) -> Result<String, StartError> {
     let kind = node_kind(opts.role);
-    let id = match &opts.node_id {
+    Ok(match &opts.node_id {
         Some(id) => {
             let ok = !id.is_empty()
                 && id.len() <= MAX_NODE_ID
@@ -298,7 +297,12 @@ fn join_cluster(opts: &ServerOptions) -> Result<Arc<Cluster>, StartError> {
             id.clone()
         }
         None => format!("{}-{}", kind.as_str(), random_secret(6)),
-    };
+    })
+}
+
+/// The node's place in the cluster (in memory without `--redis`): its id and registry. Made
+/// before the edge starts, which follows stream owners through it.
+fn join_cluster(opts: &ServerOptions, id: String) -> Result<Arc<Cluster>, StartError> {
     let registry: Arc<dyn cluster::Registry> = match &opts.redis {
         Some(url) => Arc::new(
             cluster::redis::RedisRegistry::open(url)
@@ -371,6 +375,9 @@ fn start_cluster(
 
 /// Starts what `opts.role` asks for and its HTTP server; returns once everything listens.
 pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
+    // Known first, so every log line of this start names the node.
+    let node_id = node_id(opts)?;
+    crate::logs::set_node(&node_id);
     check_dev_exposure(opts)?;
     let public = public_urls(opts)?;
     let turn = turn_servers(opts)?;
@@ -439,7 +446,7 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
         signer = Some(s);
         origin = Some(o);
     }
-    let node = join_cluster(opts)?;
+    let node = join_cluster(opts, node_id)?;
     let mut edge = None;
     if opts.role != NodeKind::Origin {
         let ws_url = Some(match &opts.public_ws {

@@ -30,10 +30,18 @@ pub struct Proc {
 impl Proc {
     /// Starts `chorus <args>` and waits for the JSON line it prints when ready.
     pub fn start(name: &'static str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        Proc::start_logging_to(name, args, env, Stdio::inherit())
+    }
+
+    /// [`Proc::start`] with the process's log (stderr) sent to `stderr`.
+    pub fn start_logging_to(
+        name: &'static str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_chorus"));
-        cmd.args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args(args).stdout(Stdio::piped()).stderr(stderr);
         for (k, v) in env {
             cmd.env(k, v);
         }

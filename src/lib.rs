@@ -32,3 +32,4 @@ pub mod replay;
 pub mod room;
 pub mod rtc;
 pub mod server;
+pub(crate) mod webhooks;

@@ -149,6 +149,21 @@ struct CommonServer {
     /// A file holding the TURN shared secret (one line; kept out of the process list).
     #[arg(long, env = "CHORUS_TURN_SECRET_FILE", value_name = "PATH")]
     turn_secret_file: Option<PathBuf>,
+    /// Where to POST webhooks (feeds started/stopped, room members, viewer counts):
+    /// http://host[:port][/path]. Needs --webhook-secret.
+    #[arg(long, env = "CHORUS_WEBHOOK_URL", value_name = "URL")]
+    webhook_url: Option<String>,
+    /// The secret that signs each webhook (X-Chorus-Signature: sha256=HMAC-SHA256 of the body).
+    #[arg(
+        long,
+        env = "CHORUS_WEBHOOK_SECRET",
+        hide_env_values = true,
+        conflicts_with = "webhook_secret_file"
+    )]
+    webhook_secret: Option<String>,
+    /// A file holding the webhook secret (one line; kept out of the process list).
+    #[arg(long, env = "CHORUS_WEBHOOK_SECRET_FILE", value_name = "PATH")]
+    webhook_secret_file: Option<PathBuf>,
 }
 
 #[derive(Args, Clone, Default)]
@@ -483,9 +498,9 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 /// A secret kept in a file: its first line, without the line ending.
-fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("--turn-secret-file {}: {e}", path.display()))?;
+fn read_secret_file(flag: &str, path: &std::path::Path) -> Result<String, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
     Ok(text.lines().next().unwrap_or("").trim().to_owned())
 }
 
@@ -548,7 +563,13 @@ fn run_server(
         turn_urls: c.turn_url,
         turn_secret: match (c.turn_secret, &c.turn_secret_file) {
             (Some(s), _) => Some(s),
-            (None, Some(path)) => Some(read_secret_file(path)?),
+            (None, Some(path)) => Some(read_secret_file("--turn-secret-file", path)?),
+            (None, None) => None,
+        },
+        webhook_url: c.webhook_url,
+        webhook_secret: match (c.webhook_secret, &c.webhook_secret_file) {
+            (Some(s), _) => Some(s),
+            (None, Some(path)) => Some(read_secret_file("--webhook-secret-file", path)?),
             (None, None) => None,
         },
     };

@@ -21,6 +21,7 @@ pub mod fuzzing;
 pub mod http;
 #[cfg(feature = "tools")]
 pub mod loadgen;
+pub mod logs;
 pub mod media;
 pub mod millicast;
 pub mod net;
@@ -31,3 +32,4 @@ pub mod replay;
 pub mod room;
 pub mod rtc;
 pub mod server;
+pub(crate) mod webhooks;

@@ -22,6 +22,10 @@ use chorus::server::{self, NodeKind, ServerOptions};
     about = "Open real-time audio edge for interactive live streaming"
 )]
 struct Cli {
+    /// Log lines on stderr: `text` for people, `json` (one object per line, with the node's
+    /// id and each event's stream, source, session and peer ids) for a log shipper.
+    #[arg(long, global = true, env = "CHORUS_LOG_FORMAT", default_value = "text")]
+    log_format: chorus::logs::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -155,6 +159,21 @@ struct CommonServer {
     /// A file holding the TURN shared secret (one line; kept out of the process list).
     #[arg(long, env = "CHORUS_TURN_SECRET_FILE", value_name = "PATH")]
     turn_secret_file: Option<PathBuf>,
+    /// Where to POST webhooks (feeds started/stopped, room members, viewer counts):
+    /// http://host[:port][/path]. Needs --webhook-secret.
+    #[arg(long, env = "CHORUS_WEBHOOK_URL", value_name = "URL")]
+    webhook_url: Option<String>,
+    /// The secret that signs each webhook (X-Chorus-Signature: sha256=HMAC-SHA256 of the body).
+    #[arg(
+        long,
+        env = "CHORUS_WEBHOOK_SECRET",
+        hide_env_values = true,
+        conflicts_with = "webhook_secret_file"
+    )]
+    webhook_secret: Option<String>,
+    /// A file holding the webhook secret (one line; kept out of the process list).
+    #[arg(long, env = "CHORUS_WEBHOOK_SECRET_FILE", value_name = "PATH")]
+    webhook_secret_file: Option<PathBuf>,
 }
 
 #[derive(Args, Clone, Default)]
@@ -418,6 +437,7 @@ fn main() -> ExitCode {
             }
         };
     let cli = Cli::parse_from(argv);
+    chorus::logs::init(cli.log_format);
     let (what, result) = match cli.command {
         Command::Serve(a) => (
             "serve",
@@ -479,16 +499,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logs() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("CHORUS_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,str0m=warn,dimpl=warn,quinn=warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -498,9 +508,9 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 /// A secret kept in a file: its first line, without the line ending.
-fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("--turn-secret-file {}: {e}", path.display()))?;
+fn read_secret_file(flag: &str, path: &std::path::Path) -> Result<String, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
     Ok(text.lines().next().unwrap_or("").trim().to_owned())
 }
 
@@ -513,7 +523,6 @@ fn run_server(
     origin_fingerprint: Option<String>,
     place: Placement,
 ) -> Result<(), String> {
-    init_logs();
     if let Some(path) = &c.config {
         tracing::info!(path = %path.display(), "settings from the config file (flags and environment override it)");
     }
@@ -565,7 +574,13 @@ fn run_server(
         turn_urls: c.turn_url,
         turn_secret: match (c.turn_secret, &c.turn_secret_file) {
             (Some(s), _) => Some(s),
-            (None, Some(path)) => Some(read_secret_file(path)?),
+            (None, Some(path)) => Some(read_secret_file("--turn-secret-file", path)?),
+            (None, None) => None,
+        },
+        webhook_url: c.webhook_url,
+        webhook_secret: match (c.webhook_secret, &c.webhook_secret_file) {
+            (Some(s), _) => Some(s),
+            (None, Some(path)) => Some(read_secret_file("--webhook-secret-file", path)?),
             (None, None) => None,
         },
     };
@@ -606,7 +621,6 @@ fn run_server(
 
 #[cfg(feature = "tools")]
 fn probe_cmd(a: ProbeArgs) -> Result<(), String> {
-    init_logs();
     let link = LinkConfig {
         origin: a.origin,
         fingerprint: a.origin_fingerprint,
@@ -709,7 +723,6 @@ fn loadgen_cmd(a: LoadgenArgs) -> Result<(), String> {
         println!("{out}");
         return Ok(());
     }
-    init_logs();
     loadgen::run(loadgen::Options {
         url: a.url,
         view_url: a.view_url,

@@ -23,6 +23,7 @@ use crate::origin::relay_server::{RelayBindError, RelayPolicy, RelayServer, Subs
 use crate::origin::Origin;
 use crate::relay::client::LinkConfig;
 use crate::room::RoomService;
+use crate::webhooks::{HookTarget, Hooks};
 
 /// What a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +101,10 @@ pub struct ServerOptions {
     pub turn_urls: Vec<String>,
     /// The TURN server's shared secret (`--turn-secret`) that signs their credentials.
     pub turn_secret: Option<String>,
+    /// Where webhooks are POSTed (`--webhook-url`, `http://host[:port][/path]`).
+    pub webhook_url: Option<String>,
+    /// The secret that signs them (`--webhook-secret`).
+    pub webhook_secret: Option<String>,
 }
 
 /// A running process's addresses, printed as one JSON line when ready.
@@ -169,6 +174,27 @@ pub enum StartError {
     /// `--turn-url` / `--turn-secret` refused.
     #[error(transparent)]
     Turn(#[from] TurnConfigError),
+    /// `--webhook-url` / `--webhook-secret` refused (why).
+    #[error("{0}")]
+    Webhook(String),
+}
+
+/// The webhooks' delivery (`--webhook-url`, `--webhook-secret`), or none.
+fn webhooks(opts: &ServerOptions, node: &str) -> Result<Hooks, StartError> {
+    let target =
+        HookTarget::from_flags(opts.webhook_url.as_deref(), opts.webhook_secret.as_deref())
+            .map_err(|e| StartError::Webhook(e.to_string()))?;
+    Ok(match target {
+        Some(t) => {
+            info!(
+                to = t.authority.as_str(),
+                path = t.path.as_str(),
+                "webhooks on (signed with HMAC-SHA256)"
+            );
+            Hooks::start(t, node)
+        }
+        None => Hooks::default(),
+    })
 }
 
 /// The checked TURN settings (`--turn-url`, `--turn-secret`); the start log names the URLs,
@@ -281,11 +307,10 @@ fn node_kind(role: NodeKind) -> cluster::NodeKind {
     }
 }
 
-/// The node's place in the cluster (in memory without `--redis`): its id and registry. Made
-/// before the edge starts, which follows stream owners through it.
-fn join_cluster(opts: &ServerOptions) -> Result<Arc<Cluster>, StartError> {
+/// This node's id: `--node-id` checked, or one generated for this start.
+fn node_id(opts: &ServerOptions) -> Result<String, StartError> {
     let kind = node_kind(opts.role);
-    let id = match &opts.node_id {
+    Ok(match &opts.node_id {
         Some(id) => {
             let ok = !id.is_empty()
                 && id.len() <= MAX_NODE_ID
@@ -300,7 +325,12 @@ fn join_cluster(opts: &ServerOptions) -> Result<Arc<Cluster>, StartError> {
             id.clone()
         }
         None => format!("{}-{}", kind.as_str(), random_secret(6)),
-    };
+    })
+}
+
+/// The node's place in the cluster (in memory without `--redis`): its id and registry. Made
+/// before the edge starts, which follows stream owners through it.
+fn join_cluster(opts: &ServerOptions, id: String) -> Result<Arc<Cluster>, StartError> {
     let registry: Arc<dyn cluster::Registry> = match &opts.redis {
         Some(url) => Arc::new(
             cluster::redis::RedisRegistry::open(url)
@@ -373,6 +403,10 @@ fn start_cluster(
 
 /// Starts what `opts.role` asks for and its HTTP server; returns once everything listens.
 pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
+    // Known first, so every log line of this start names the node.
+    let node_id = node_id(opts)?;
+    crate::logs::set_node(&node_id);
+    let hooks = webhooks(opts, &node_id)?;
     check_dev_exposure(opts)?;
     let public = public_urls(opts)?;
     let turn = turn_servers(opts)?;
@@ -422,7 +456,7 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
             "origin",
         )
         .map_err(io(format!("media socket on {}", opts.media_ip)))?;
-        let o = Origin::new(host);
+        let o = Origin::new(host, hooks.clone());
         let relay = RelayServer::bind(opts.cluster, &id.cert_der, &id.cert_key_der)?;
         let addr = relay.local_addr();
         info!(cluster = %addr, fingerprint = relay.fingerprint.as_str(), "relay listening for edges (QUIC)");
@@ -442,7 +476,7 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
         signer = Some(s);
         origin = Some(o);
     }
-    let node = join_cluster(opts)?;
+    let node = join_cluster(opts, node_id)?;
     let mut edge = None;
     if opts.role != NodeKind::Origin {
         let ws_url = Some(match &opts.public_ws {
@@ -553,6 +587,9 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
     if let (Some(e), true) = (&edge, node.shared) {
         crate::edge::stream_counts::spawn_edge_counts(node.clone(), e.clone());
     }
+    if let (Some(e), true) = (&edge, hooks.on()) {
+        crate::edge::stream_counts::spawn_viewer_hooks(hooks.clone(), e.clone());
+    }
     let node_id = node.id.clone();
     let base = public.base_path.clone();
     let app = Arc::new(
@@ -569,7 +606,8 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
             admin_on_main,
         )
         .with_public(public)
-        .with_turn(turn),
+        .with_turn(turn)
+        .with_hooks(hooks.clone()),
     );
     if app.origin.is_some() {
         let policy: Arc<dyn SubscribePolicy> = app.clone();

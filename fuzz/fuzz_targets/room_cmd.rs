@@ -369,6 +369,14 @@ impl Model {
                         "{member} stopped but may publish"
                     );
                 }
+                // A webhook names a room someone was let into, and a member id.
+                Effect::Hook { data, .. } => {
+                    assert!(
+                        self.grants.iter().any(|g| data["room"] == g.room.as_str()),
+                        "webhook for a room nobody joined: {data}"
+                    );
+                    assert!(data["memberId"].is_string(), "{data}");
+                }
                 // A mute names a participant of that room.
                 Effect::Mute { room, member, .. } => {
                     assert!(

@@ -4,9 +4,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::Edge;
+use serde_json::json;
+
 use crate::cluster::{Cluster, MAX_COUNTED_STREAMS, VIEWERS_EVERY};
+use crate::webhooks::Hooks;
 
 impl Edge {
     /// This edge's viewers per stream (at most `max` streams).
@@ -31,6 +35,51 @@ impl Edge {
             *m = others;
         }
     }
+}
+
+/// A stream's viewer count reaches webhooks at most this often per edge: a count that changes
+/// every second (people come and go) is one event per stream per interval, with the latest
+/// value; the first change after a quiet interval goes out within a second.
+pub(crate) const VIEWER_HOOK_EVERY: Duration = Duration::from_secs(10);
+
+/// Sends `viewers` `count` webhooks for `edge`'s streams whose count changed (a stream this
+/// edge no longer carries counts 0), each stream at most every [`VIEWER_HOOK_EVERY`].
+pub(crate) fn spawn_viewer_hooks(hooks: Hooks, edge: Arc<Edge>) {
+    tokio::spawn(async move {
+        // Per stream: the count last sent and when.
+        let mut sent: HashMap<String, (u64, Instant)> = HashMap::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            let mut counts: HashMap<String, u64> = edge
+                .stream_counts(MAX_COUNTED_STREAMS)
+                .into_iter()
+                .collect();
+            for gone in sent.keys() {
+                counts.entry(gone.clone()).or_insert(0);
+            }
+            for (stream, n) in counts {
+                let due = match sent.get(&stream) {
+                    Some(&(last, at)) => last != n && now - at >= VIEWER_HOOK_EVERY,
+                    None => n > 0,
+                };
+                if due {
+                    hooks.emit(
+                        "viewers",
+                        "count",
+                        json!({"streamName": stream, "viewers": n}),
+                    );
+                    if n == 0 {
+                        sent.remove(&stream);
+                    } else {
+                        sent.insert(stream, (n, now));
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Reports `edge`'s per-stream counts for the life of the process (with a shared registry).

@@ -117,7 +117,7 @@ impl PeerApp<Viewer> for ViewerEvents<'_> {
 
     fn on_closed(&mut self, id: PeerId, peer: Peer<Viewer>, reason: CloseReason) {
         let v = peer.data;
-        info!(%id, stream = v.stream.as_str(), subscriber = v.subscriber_id.as_str(), %reason, "viewer left");
+        info!(viewer = %id, stream = v.stream.as_str(), subscriber = v.subscriber_id.as_str(), %reason, "viewer left");
         self.core.handle_leave(id);
     }
 }
@@ -316,7 +316,7 @@ impl Worker {
 
     fn add_viewer(&mut self, now_us: u64, v: NewViewer) {
         let n = v.tracks.len();
-        info!(id = %v.id, stream = v.stream.as_str(), subscriber = v.subscriber_id.as_str(), tracks = n, pinned = ?v.pinned, excluded = v.excluded.len(), "viewer joined");
+        info!(viewer = %v.id, stream = v.stream.as_str(), subscriber = v.subscriber_id.as_str(), tracks = n, pinned = ?v.pinned, excluded = v.excluded.len(), "viewer joined");
         let viewer = Viewer {
             stream: v.stream.clone(),
             subscriber_id: v.subscriber_id,

@@ -438,6 +438,34 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             ],
         );
     }
+    if let Some(h) = app.hooks.metrics() {
+        let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        metric(
+            &mut out,
+            "chorus_webhook_delivered_total",
+            "counter",
+            "Webhook events the receiver answered 2xx.",
+            &[("", g(&h.delivered))],
+        );
+        metric(
+            &mut out,
+            "chorus_webhook_failed_attempts_total",
+            "counter",
+            "Webhook POSTs that failed (no connection, timeout, 5xx, 408, 429).",
+            &[("", g(&h.failed_attempts))],
+        );
+        metric(
+            &mut out,
+            "chorus_webhook_dropped_total",
+            "counter",
+            "Webhook events not delivered, by reason.",
+            &[
+                ("reason=\"queue_full\"", g(&h.dropped_queue_full)),
+                ("reason=\"gave_up\"", g(&h.dropped_gave_up)),
+                ("reason=\"rejected\"", g(&h.dropped_rejected)),
+            ],
+        );
+    }
     app.http_metrics.write(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

@@ -89,6 +89,8 @@ pub(crate) struct App {
     /// TURN servers put in director answers, with fresh credentials (`--turn-url`); None =
     /// `iceServers: []`.
     pub(crate) turn: Option<crate::auth::turn::TurnServers>,
+    /// The webhooks' delivery, for /metrics (off without `--webhook-url`).
+    pub(crate) hooks: crate::webhooks::Hooks,
     /// Open signalling sessions, for the operator's disconnect.
     pub(crate) sessions: sessions::Sessions,
 }
@@ -127,6 +129,7 @@ impl App {
             public: public_url::PublicUrls::default(),
             drain: tokio::sync::watch::channel(false).0,
             turn: None,
+            hooks: crate::webhooks::Hooks::default(),
             sessions: sessions::Sessions::default(),
         }
     }
@@ -134,6 +137,12 @@ impl App {
     /// With TURN servers for the director's answers.
     pub(crate) fn with_turn(mut self, turn: Option<crate::auth::turn::TurnServers>) -> App {
         self.turn = turn;
+        self
+    }
+
+    /// With the process's webhooks (their counters go to /metrics).
+    pub(crate) fn with_hooks(mut self, hooks: crate::webhooks::Hooks) -> App {
+        self.hooks = hooks;
         self
     }
 

@@ -28,6 +28,7 @@ use crate::rtc::offer::OfferRequirements;
 use crate::rtc::offer::{mlines, OfferError};
 use crate::rtc::peers::media_config;
 use crate::rtc::peers::{CloseReason, PeerId};
+use crate::webhooks::Hooks;
 use indices::SourceIndices;
 use media_thread::MediaThread;
 use publication::{PublicationHandler, Route};
@@ -373,10 +374,12 @@ pub(crate) struct Origin {
     /// `state` (set in [`Origin::set_muted`], read in `commit`), so a feed going live and a
     /// mute cannot miss each other. Holds only what is muted now: unmuting removes it.
     muted: Mutex<HashSet<(String, SourceKey)>>,
+    /// Webhooks for feeds and (through the room service) rooms.
+    pub hooks: Hooks,
 }
 
 impl Origin {
-    pub(crate) fn new(host: MediaThread) -> Arc<Origin> {
+    pub(crate) fn new(host: MediaThread, hooks: Hooks) -> Arc<Origin> {
         Arc::new_cyclic(|me| Origin {
             host,
             metrics: Arc::new(OriginMetrics::default()),
@@ -389,6 +392,7 @@ impl Origin {
             talking: talking::TalkingBoard::default(),
             revocations: tokio::sync::broadcast::channel(REVOCATIONS_QUEUE).0,
             muted: Mutex::new(HashSet::new()),
+            hooks,
         })
     }
 
@@ -502,8 +506,19 @@ impl Origin {
             playing,
             muted,
         };
-        // Playing or standby, the publisher's answer is the same (the log says which).
-        self.commit(stream, &source, src)?;
+        // Playing or standby, the publisher's answer is the same (the log and webhook say which).
+        let went = self.commit(stream, &source, src)?;
+        self.hooks.emit(
+            "feeds",
+            "started",
+            serde_json::json!({
+                "streamName": stream,
+                "sourceId": source,
+                "feedId": publication,
+                "priority": priority,
+                "standby": went == WentLive::Standby,
+            }),
+        );
         Ok(Published {
             publisher_id,
             answer,
@@ -708,6 +723,16 @@ impl Origin {
                         self.host.remove(src.peer);
                     }
                     info!(stream = name.as_str(), source = ?k, publication = src.publication, %reason, "feed removed");
+                    self.hooks.emit(
+                        "feeds",
+                        "stopped",
+                        serde_json::json!({
+                            "streamName": name,
+                            "sourceId": k,
+                            "feedId": src.publication,
+                            "reason": reason.to_string(),
+                        }),
+                    );
                     removed += 1;
                 }
                 if changed {
@@ -925,7 +950,7 @@ mod tests {
             "origin-test",
         )
         .unwrap();
-        Origin::new(host)
+        Origin::new(host, Hooks::default())
     }
 
     fn source(publication: u64, index: u16) -> LivePublication {

@@ -359,6 +359,8 @@ impl RoomService {
                     }
                 }
                 Effect::StopPublishing { room, member } => stops.push((room, member)),
+                // Only queued (never waits), so it may go out under the lock.
+                Effect::Hook { event, data } => self.origin.hooks.emit("room", event, data),
                 Effect::Mute {
                     room,
                     member,

@@ -374,6 +374,14 @@ pub enum Effect {
         /// Why.
         reason: String,
     },
+    /// Tell the operator's backend: a webhook of type `room`, event `event`.
+    Hook {
+        /// `member.joined`, `member.left`, `member.promoted`, `member.demoted`,
+        /// `member.removed` or `hand.raised`.
+        event: &'static str,
+        /// Its data: `room`, `memberId`, and what the event adds (`role`, `by`, `userName`).
+        data: Value,
+    },
     /// Mute (or unmute) the member's audio at the origin: while muted, nothing it sends is
     /// relayed to any edge, so no viewer hears it.
     Mute {
@@ -504,6 +512,10 @@ impl Rooms {
             event: event("room.state", room.snapshot(&g.room, &g.member)),
         });
         if old.is_none() {
+            fx.push(Effect::Hook {
+                event: "member.joined",
+                data: json!({"room": g.room, "memberId": g.member, "role": role.as_str()}),
+            });
             let others = room.conns(Some(conn));
             fx.push(match role {
                 Role::Member => Effect::Send {
@@ -548,6 +560,10 @@ impl Rooms {
                 Role::Audience => audience_count(room),
             },
             to,
+        });
+        fx.push(Effect::Hook {
+            event: "member.left",
+            data: json!({"room": room_name, "memberId": member, "role": role.as_str()}),
         });
         fx
     }
@@ -604,10 +620,18 @@ impl Rooms {
                 }
                 p.hand = true;
                 let data = json!({"memberId": member, "userName": p.user_name});
-                let fx = vec![Effect::Send {
-                    to: room.conns(None),
-                    event: event("hand.raised", data),
-                }];
+                let mut hook = data.clone();
+                hook["room"] = json!(room_name);
+                let fx = vec![
+                    Effect::Send {
+                        to: room.conns(None),
+                        event: event("hand.raised", data),
+                    },
+                    Effect::Hook {
+                        event: "hand.raised",
+                        data: hook,
+                    },
+                ];
                 Ok((json!({"hand": true}), fx))
             }
             "hand.lower" => {
@@ -670,6 +694,10 @@ impl Rooms {
                     member: id.clone(),
                     generation,
                 });
+                fx.push(Effect::Hook {
+                    event: "member.promoted",
+                    data: json!({"room": room_name, "memberId": id, "by": member}),
+                });
                 Ok((json!({"memberId": id, "role": "member"}), fx))
             }
             "demote" => {
@@ -712,6 +740,10 @@ impl Rooms {
                         event: audience_count(room),
                     });
                 }
+                fx.push(Effect::Hook {
+                    event: "member.demoted",
+                    data: json!({"room": room_name, "memberId": id, "by": member}),
+                });
                 Ok((json!({"memberId": id, "role": "audience"}), fx))
             }
             "remove" => {
@@ -748,6 +780,10 @@ impl Rooms {
                         Role::Audience => audience_count(room),
                     },
                     to,
+                });
+                fx.push(Effect::Hook {
+                    event: "member.removed",
+                    data: json!({"room": room_name, "memberId": id, "by": member}),
                 });
                 Ok((json!({"memberId": id, "removed": true}), fx))
             }

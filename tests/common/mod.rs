@@ -30,8 +30,18 @@ pub struct Proc {
 impl Proc {
     /// Starts `chorus <args>` and waits for the JSON line it prints when ready.
     pub fn start(name: &'static str, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        Proc::start_logging_to(name, args, env, Stdio::inherit())
+    }
+
+    /// [`Proc::start`] with the process's log (stderr) sent to `stderr`.
+    pub fn start_logging_to(
+        name: &'static str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_chorus"));
-        cmd.args(args);
+        cmd.args(args).stderr(stderr);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -41,7 +51,8 @@ impl Proc {
     /// Starts `cmd`, a chorus command line (or one that execs chorus, as `ip netns exec`
     /// does, so that the child is chorus itself), and waits for its ready line.
     pub fn spawn(name: &'static str, mut cmd: Command) -> Proc {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        // stderr is the caller's choice (inherited unless it set one).
+        cmd.stdout(Stdio::piped());
         let mut child = cmd.spawn().expect("chorus starts");
         let stdout = child.stdout.take().unwrap();
         let mut line = String::new();

@@ -435,6 +435,24 @@ fn vanishing_and_flooding_viewers_do_not_disturb_the_others() {
 
 /// room.mjs on `stream` for `seconds`, taking commands on its stdin: returned once its corpus
 /// plays, with its stdin and the rest of its output.
+/// Reads a [`room_with_commands`] run to its end and returns its report, once room.mjs
+/// succeeded. Read to the end: closing the pipe early would break the harness's last writes.
+fn room_report(
+    mut child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+) -> Value {
+    let rep: Value = lines
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+        .filter(|v| v["event"] == "report")
+        .last()
+        .expect("a report");
+    drop(stdin);
+    assert!(child.wait().unwrap().success(), "room.mjs failed");
+    rep
+}
+
 fn room_with_commands(
     p: &Proc,
     stream: &str,
@@ -485,22 +503,14 @@ fn projected_source_keeps_its_track_and_unproject_keeps_a_talker_flowing() {
         {"name": "bo", "publish": "bo"},
         {"name": "listener", "view": {"tracks": 2}},
     ]);
-    let (mut child, mut stdin, lines) = room_with_commands(&p, "pj", 20, &spec);
+    let (child, mut stdin, lines) = room_with_commands(&p, "pj", 20, &spec);
     // Once the corpus plays: bo (silent until 10.6 s) is projected into mid 2 at ~5 s, and
     // unprojected at ~12 s while still talking.
     std::thread::sleep(Duration::from_secs(5));
     writeln!(stdin, "project listener bo 2").unwrap();
     std::thread::sleep(Duration::from_secs(7));
     writeln!(stdin, "unproject listener 2").unwrap();
-    // Read to the end: closing the pipe early would break the harness's last writes.
-    let rep: Value = lines
-        .map_while(Result::ok)
-        .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
-        .filter(|v| v["event"] == "report")
-        .last()
-        .expect("a report");
-    drop(stdin);
-    assert!(child.wait().unwrap().success());
+    let rep = room_report(child, stdin, lines);
     let v = &rep["participants"]["listener"]["view"];
     let c0 = rep["corpusStartAt"].as_f64().unwrap();
     let vad: Vec<(f64, &str, Option<&str>)> = v["events"]
@@ -1007,7 +1017,7 @@ fn sdk_projection_selection_and_events_work_as_apps_use_them() {
         {"name": "bo", "publish": "bo"},
         {"name": "listener", "view": {"tracks": 1, "events": ["active", "inactive", "vad", "stopped"]}},
     ]);
-    let (mut child, mut stdin, lines) = room_with_commands(&p, "sel", 19, &spec);
+    let (child, mut stdin, lines) = room_with_commands(&p, "sel", 19, &spec);
     std::thread::sleep(Duration::from_secs(1));
     writeln!(stdin, "project listener ana main").unwrap();
     writeln!(stdin, "project listener bo +").unwrap();
@@ -1018,14 +1028,7 @@ fn sdk_projection_selection_and_events_work_as_apps_use_them() {
     for who in ["host", "ana", "bo"] {
         writeln!(stdin, "unpublish {who}").unwrap();
     }
-    let rep: Value = lines
-        .map_while(Result::ok)
-        .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
-        .filter(|v| v["event"] == "report")
-        .last()
-        .expect("a report");
-    drop(stdin);
-    assert!(child.wait().unwrap().success(), "room.mjs failed");
+    let rep = room_report(child, stdin, lines);
     let v = &rep["participants"]["listener"]["view"];
     let c0 = rep["corpusStartAt"].as_f64().unwrap();
     let commands = v["commands"].as_array().unwrap();

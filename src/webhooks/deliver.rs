@@ -106,9 +106,11 @@ async fn attempt(target: &HookTarget, ev: &Pending) -> Result<StatusCode, String
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .map_err(|e| format!("handshake: {e}"))?;
-    // The connection's own future: ends with the response (or the timeout drops it).
+    // The connection's own future: ends with the response, and within the attempt's deadline
+    // even when the receiver holds the connection open without answering (no task or socket
+    // outlives its attempt).
     tokio::spawn(async move {
-        let _ = conn.await;
+        let _ = tokio::time::timeout(ATTEMPT_TIMEOUT, conn).await;
     });
     let req = Request::post(&target.path)
         .header(HOST, &target.authority)

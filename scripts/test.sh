@@ -41,7 +41,9 @@ cargo check --manifest-path fuzz/Cargo.toml --quiet
 
 # --all-targets also runs each criterion benchmark once, as a smoke test (figures: cargo bench).
 log "cargo test --all-targets (unit, property, corpus, CLI, benchmark smoke)"
+df -h . | tail -n 1 | awk '{print "disk before the test build: " $4 " free of " $2}'
 cargo test --all-targets --quiet
 
 log "doc tests"
 cargo test --doc --quiet
+df -h . | tail -n 1 | awk '{print "disk at the end: " $4 " free of " $2 "; target/ holds " t}' t="$(du -sh target | cut -f1)"

@@ -4,6 +4,9 @@
 
 use serde_json::{json, Value};
 
+use crate::auth::turn::TurnServers;
+use crate::auth::unix_now;
+
 /// The `streamAccountId` of every answer: one account per deployment.
 pub(crate) const ACCOUNT_ID: &str = "chorus";
 /// Stream names are path segments and log fields: keep them plain.
@@ -42,13 +45,23 @@ pub(crate) fn source_id_ok(s: &str) -> bool {
     s.len() <= MAX_SOURCE_ID && !s.chars().any(char::is_control)
 }
 
-/// The data of a director answer: where to signal and the JWT to signal with.
-pub(crate) fn director_answer(url: String, jwt: String) -> Value {
+/// The data of a director answer: where to signal, the JWT to signal with, and this process's
+/// TURN servers with fresh credentials for `stream` (their user part is the stream name: coturn's
+/// log then says which stream relays). Every answer is built here, the director's and a promoted
+/// room member's alike, so none goes out without the TURN servers a listener behind a firewall
+/// needs.
+pub(crate) fn director_answer(
+    url: String,
+    jwt: String,
+    turn: Option<&TurnServers>,
+    stream: &str,
+) -> Value {
+    let ice = turn.map_or_else(|| json!([]), |t| t.ice_servers(stream, unix_now()));
     json!({
         "urls": [url],
         "jwt": jwt,
         "streamAccountId": ACCOUNT_ID,
-        "iceServers": [],
+        "iceServers": ice,
     })
 }
 

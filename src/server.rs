@@ -409,7 +409,7 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
     let hooks = webhooks(opts, &node_id)?;
     check_dev_exposure(opts)?;
     let public = public_urls(opts)?;
-    let turn = turn_servers(opts)?;
+    let turn = turn_servers(opts)?.map(Arc::new);
     let tokens = load_tokens(opts)?;
     // Bound first: an edge announces its signalling URL to the origin when it links.
     let listener = tokio::net::TcpListener::bind(opts.http)
@@ -544,7 +544,8 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
                     None
                 }
             };
-            let rooms = RoomService::new(&room_key, signer.clone(), api_key, o.clone());
+            let rooms =
+                RoomService::new(&room_key, signer.clone(), api_key, o.clone(), turn.clone());
             rooms.start();
             Some(rooms)
         }

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 const TOKEN: &str = "test-publish-token";
 const SECRET: &str = "reach-test-static-auth-secret";
+const API_KEY: &str = "reach-test-room-api-key";
 /// The TURN credential lifetime chorus hands out (its TURN_CREDENTIAL_TTL_SECS).
 const CREDENTIAL_TTL: u64 = 24 * 3600;
 
@@ -91,6 +92,7 @@ fn serve_with_turn(urls: &[String]) -> Proc {
         &[
             ("CHORUS_PUBLISH_TOKEN", TOKEN),
             ("CHORUS_TURN_SECRET", SECRET),
+            ("CHORUS_API_KEY", API_KEY),
         ],
     )
 }
@@ -131,6 +133,45 @@ fn assert_turn_credentials(answer: &Value, urls: &[String], stream: &str) {
         String::from_utf8_lossy(&openssl.stdout).trim(),
         "{answer}"
     );
+}
+
+/// A room token for `user` of room `stage`: (token, member id).
+fn room_token(p: &Proc, user: &str, join_as: &str, perms: &[&str]) -> (String, String) {
+    let body = json!({"user_name": user, "join_as": join_as, "permissions": perms});
+    let (s, v) = post_json(
+        p.http(),
+        "/api/rooms/stage/tokens",
+        Some(API_KEY),
+        &body.to_string(),
+    );
+    assert_eq!(s, 200, "{v}");
+    let data = &v["data"];
+    (
+        data["token"].as_str().unwrap().to_owned(),
+        data["memberId"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// A listener brought on stage publishes with the credentials of `member.promoted`, not through
+/// the director: they must carry the TURN servers too, or a promoted listener behind a firewall
+/// that blocks UDP could listen but never speak.
+#[tokio::test]
+async fn a_promoted_room_member_s_credentials_carry_the_turn_servers() {
+    use common::ws::{call, event, open};
+    let urls = vec!["turn:127.0.0.1:3478?transport=udp".to_owned()];
+    let p = serve_with_turn(&urls);
+    let a = p.http();
+    let (host, _) = room_token(&p, "Host", "member", &["room.member.promote"]);
+    let (ana, ana_id) = room_token(&p, "Ana", "audience", &[]);
+    let room = |token: String| format!("ws://{a}/api/rooms/stage/ws?token={token}");
+    let mut h = open(&room(host)).await.expect("the host's room socket");
+    let mut s_ana = open(&room(ana)).await.expect("Ana's room socket");
+    let promote = json!({"type": "cmd", "transId": 1, "name": "promote",
+        "data": {"memberId": ana_id}});
+    let r = call(&mut h, &promote.to_string()).await;
+    assert_eq!(r["data"]["role"], "member", "{r}");
+    let creds = event(&mut s_ana, "member.promoted").await;
+    assert_turn_credentials(&json!({ "data": creds }), &urls, "stage");
 }
 
 #[test]

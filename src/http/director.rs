@@ -16,7 +16,6 @@ use serde_json::json;
 use super::listen::peer_ip;
 use super::{bearer, fail, flow, relayed_refusal, App, Refusal};
 use crate::auth::jwt::{RoomBinding, Scope};
-use crate::auth::unix_now;
 use crate::millicast::{check_stream_name, director_answer};
 use crate::origin::relay_server::SubscribePolicy;
 
@@ -39,9 +38,8 @@ pub(crate) fn ws_url(app: &App, peer: &ConnectInfo<SocketAddr>, headers: &Header
         .ws_url(app.public_ws.as_deref(), peer_ip(peer), headers)
 }
 
-/// A director answer for `stream`, with this process's TURN servers and fresh credentials
-/// (their user part is the stream name: coturn's log then says which stream relays); a room
-/// member's also says which sourceId it must publish.
+/// A director answer for `stream` (with this process's TURN servers); a room member's also says
+/// which sourceId it must publish.
 fn success(
     app: &App,
     stream: &str,
@@ -49,10 +47,7 @@ fn success(
     jwt: String,
     room: Option<&RoomBinding>,
 ) -> Response {
-    let mut data = director_answer(url, jwt);
-    if let Some(turn) = &app.turn {
-        data["iceServers"] = turn.ice_servers(stream, unix_now());
-    }
+    let mut data = director_answer(url, jwt, app.turn.as_deref(), stream);
     if let Some(b) = room {
         data["sourceId"] = json!(b.member_id);
         data["memberId"] = json!(b.member_id);

@@ -88,7 +88,7 @@ pub(crate) struct App {
     pub(crate) drain: tokio::sync::watch::Sender<bool>,
     /// TURN servers put in director answers, with fresh credentials (`--turn-url`); None =
     /// `iceServers: []`.
-    pub(crate) turn: Option<crate::auth::turn::TurnServers>,
+    pub(crate) turn: Option<Arc<crate::auth::turn::TurnServers>>,
     /// The webhooks' delivery, for /metrics (off without `--webhook-url`).
     pub(crate) hooks: crate::webhooks::Hooks,
     /// Open signalling sessions, for the operator's disconnect.
@@ -135,7 +135,7 @@ impl App {
     }
 
     /// With TURN servers for the director's answers.
-    pub(crate) fn with_turn(mut self, turn: Option<crate::auth::turn::TurnServers>) -> App {
+    pub(crate) fn with_turn(mut self, turn: Option<Arc<crate::auth::turn::TurnServers>>) -> App {
         self.turn = turn;
         self
     }

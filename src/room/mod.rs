@@ -23,6 +23,7 @@ use tokio::sync::{broadcast, mpsc, Notify};
 use tracing::{info, warn};
 
 use crate::auth::jwt::{JwtSigner, RoomBinding, Scope};
+use crate::auth::turn::TurnServers;
 use crate::auth::{constant_time_eq, random_secret, unix_now, AuthError};
 use crate::cluster::Cluster;
 use crate::origin::talking::Talking;
@@ -85,6 +86,8 @@ pub(crate) struct RoomService {
     api_key: Option<String>,
     jwt: Arc<JwtSigner>,
     origin: Arc<Origin>,
+    /// The TURN servers a promoted member's publish credentials carry, as a director's do.
+    turn: Option<Arc<TurnServers>>,
     next_conn: AtomicU64,
     pub metrics: RoomMetrics,
     /// With a shared registry (`--redis`): where rooms are written through and read back.
@@ -104,6 +107,7 @@ impl RoomService {
         jwt: Arc<JwtSigner>,
         api_key: Option<String>,
         origin: Arc<Origin>,
+        turn: Option<Arc<TurnServers>>,
     ) -> Arc<RoomService> {
         Arc::new(RoomService {
             inner: Mutex::new(Inner::default()),
@@ -111,6 +115,7 @@ impl RoomService {
             api_key: api_key.filter(|k| !k.is_empty()),
             jwt,
             origin,
+            turn,
             next_conn: AtomicU64::new(1),
             metrics: RoomMetrics::default(),
             cluster: OnceLock::new(),
@@ -346,7 +351,12 @@ impl RoomService {
                             generation,
                         }),
                     );
-                    let mut data = crate::millicast::director_answer(c.ws_url.clone(), jwt);
+                    let mut data = crate::millicast::director_answer(
+                        c.ws_url.clone(),
+                        jwt,
+                        self.turn.as_deref(),
+                        &room,
+                    );
                     data["streamName"] = json!(room);
                     data["sourceId"] = json!(member);
                     data["memberId"] = json!(member);

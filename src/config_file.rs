@@ -1,7 +1,8 @@
 //! `--config PATH`: a TOML file of the settings an operator keeps (`scripts/deploy/chorus.toml`).
 //! Its keys are the long flags of the subcommand (`http = "127.0.0.1:8080"`,
-//! `trusted-proxy = ["127.0.0.1"]`, `dev-public = true`); a flag on the command line or its
-//! environment variable wins over the file, and a key that is no flag is an error naming it.
+//! `trusted-proxy = ["127.0.0.1"]`, `dev-public = true`) and the global ones (`log-format =
+//! "json"`); a flag on the command line or its environment variable wins over the file, and a
+//! key that is no flag is an error naming it.
 //!
 //! The file is turned into flags: each key that neither the command line nor the environment
 //! set is appended to the arguments as `--key=value`, and clap parses the whole again, so a
@@ -80,25 +81,35 @@ pub fn with_config(cmd: &Command, mut argv: Vec<OsString>) -> Result<Vec<OsStrin
         return Ok(argv);
     };
     let sub_cmd = cmd.find_subcommand(name).expect("clap matched it");
+    // An unbuilt command lists its global flags (`--log-format`) on itself, not on the
+    // subcommand they apply to: look there too, and read their source from the top level.
+    let globals = || cmd.get_arguments().filter(|a| a.is_global_set());
     let table = read(path)?;
     for (key, value) in &table {
-        let arg = sub_cmd
-            .get_arguments()
-            .find(|a| a.get_long() == Some(key.as_str()) && key != "config")
-            .ok_or_else(|| ConfigError::UnknownKey {
-                path: path.clone(),
-                key: key.clone(),
-                command: name.to_owned(),
-                known: sub_cmd
-                    .get_arguments()
-                    .filter(|a| !a.is_hide_set())
-                    .filter_map(|a| a.get_long())
-                    .filter(|l| *l != "config" && *l != "help")
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })?;
+        let is_key = |a: &&clap::Arg| a.get_long() == Some(key.as_str()) && key != "config";
+        let (arg, source) = match sub_cmd.get_arguments().find(is_key) {
+            Some(a) => (a, sub.value_source(a.get_id().as_str())),
+            None => match globals().find(is_key) {
+                Some(a) => (a, matches.value_source(a.get_id().as_str())),
+                None => {
+                    return Err(ConfigError::UnknownKey {
+                        path: path.clone(),
+                        key: key.clone(),
+                        command: name.to_owned(),
+                        known: sub_cmd
+                            .get_arguments()
+                            .chain(globals())
+                            .filter(|a| !a.is_hide_set())
+                            .filter_map(|a| a.get_long())
+                            .filter(|l| *l != "config" && *l != "help")
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    })
+                }
+            },
+        };
         let set_elsewhere = matches!(
-            sub.value_source(arg.get_id().as_str()),
+            source,
             Some(ValueSource::CommandLine | ValueSource::EnvVariable)
         );
         if set_elsewhere {
@@ -164,35 +175,43 @@ mod tests {
     use clap::{Arg, ArgAction, Command};
 
     fn cli() -> Command {
-        Command::new("chorus").subcommand(
-            Command::new("serve")
-                .arg(
-                    Arg::new("config")
-                        .long("config")
-                        .value_parser(clap::value_parser!(PathBuf)),
-                )
-                .arg(
-                    Arg::new("http")
-                        .long("http")
-                        .default_value("127.0.0.1:8080"),
-                )
-                .arg(
-                    Arg::new("api_key")
-                        .long("api-key")
-                        .env("CHORUS_TEST_CONFIG_API_KEY"),
-                )
-                .arg(
-                    Arg::new("dev_public")
-                        .long("dev-public")
-                        .action(ArgAction::SetTrue),
-                )
-                .arg(
-                    Arg::new("trusted_proxy")
-                        .long("trusted-proxy")
-                        .action(ArgAction::Append),
-                )
-                .arg(Arg::new("ws_ping_ms").long("ws-ping-ms").hide(true)),
-        )
+        Command::new("chorus")
+            .arg(
+                Arg::new("log_format")
+                    .long("log-format")
+                    .global(true)
+                    .env("CHORUS_TEST_CONFIG_LOG_FORMAT")
+                    .default_value("text"),
+            )
+            .subcommand(
+                Command::new("serve")
+                    .arg(
+                        Arg::new("config")
+                            .long("config")
+                            .value_parser(clap::value_parser!(PathBuf)),
+                    )
+                    .arg(
+                        Arg::new("http")
+                            .long("http")
+                            .default_value("127.0.0.1:8080"),
+                    )
+                    .arg(
+                        Arg::new("api_key")
+                            .long("api-key")
+                            .env("CHORUS_TEST_CONFIG_API_KEY"),
+                    )
+                    .arg(
+                        Arg::new("dev_public")
+                            .long("dev-public")
+                            .action(ArgAction::SetTrue),
+                    )
+                    .arg(
+                        Arg::new("trusted_proxy")
+                            .long("trusted-proxy")
+                            .action(ArgAction::Append),
+                    )
+                    .arg(Arg::new("ws_ping_ms").long("ws-ping-ms").hide(true)),
+            )
     }
 
     fn file(name: &str, text: &str) -> PathBuf {
@@ -217,7 +236,7 @@ mod tests {
     fn keys_become_flags_the_command_line_wins() {
         let p = file(
             "ok.toml",
-            "http = \"0.0.0.0:80\"\nws-ping-ms = 500\ndev-public = true\ntrusted-proxy = [\"10.0.0.0/8\", \"::1\"]\napi-key = \"-starts-with-dash\"\n",
+            "http = \"0.0.0.0:80\"\nws-ping-ms = 500\ndev-public = true\ntrusted-proxy = [\"10.0.0.0/8\", \"::1\"]\napi-key = \"-starts-with-dash\"\nlog-format = \"json\"\n",
         );
         let p = p.to_str().unwrap();
         let mut added = run(&["chorus", "serve", "--config", p]).unwrap();
@@ -228,6 +247,7 @@ mod tests {
                 "--api-key=-starts-with-dash",
                 "--dev-public",
                 "--http=0.0.0.0:80",
+                "--log-format=json",
                 "--trusted-proxy=10.0.0.0/8",
                 "--trusted-proxy=::1",
                 "--ws-ping-ms=500",
@@ -242,12 +262,20 @@ mod tests {
             "127.0.0.1:1",
             "--trusted-proxy",
             "1.2.3.4",
+            "--log-format",
+            "text",
         ])
         .unwrap();
         assert!(
-            !added
-                .iter()
-                .any(|a| a.starts_with("--http") || a.starts_with("--trusted-proxy")),
+            !added.iter().any(|a| a.starts_with("--http")
+                || a.starts_with("--trusted-proxy")
+                || a.starts_with("--log-format")),
+            "{added:?}"
+        );
+        // A global flag given before the subcommand wins too.
+        let added = run(&["chorus", "--log-format", "text", "serve", "--config", p]).unwrap();
+        assert!(
+            !added.iter().any(|a| a.starts_with("--log-format")),
             "{added:?}"
         );
         // The environment wins too.
@@ -269,7 +297,7 @@ mod tests {
         let m = e.to_string();
         assert!(
             m.contains("unknown key \"htp\"")
-                && m.contains("http, api-key, dev-public, trusted-proxy"),
+                && m.contains("http, api-key, dev-public, trusted-proxy, log-format"),
             "{m}"
         );
         assert!(

@@ -507,11 +507,19 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| e.to_string())
 }
 
-/// A secret kept in a file: its first line, without the line ending.
-fn read_secret_file(flag: &str, path: &std::path::Path) -> Result<String, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
-    Ok(text.lines().next().unwrap_or("").trim().to_owned())
+/// A secret given inline or kept in a file (`file_flag`, clap lets only one of them be set):
+/// the file's first line, without the line ending.
+fn secret(
+    inline: Option<String>,
+    file: Option<PathBuf>,
+    file_flag: &str,
+) -> Result<Option<String>, String> {
+    let Some(path) = file.filter(|_| inline.is_none()) else {
+        return Ok(inline);
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("{file_flag} {}: {e}", path.display()))?;
+    Ok(Some(text.lines().next().unwrap_or("").trim().to_owned()))
 }
 
 fn run_server(
@@ -572,17 +580,13 @@ fn run_server(
         trusted_proxies: c.trusted_proxy,
         base_path: c.base_path,
         turn_urls: c.turn_url,
-        turn_secret: match (c.turn_secret, &c.turn_secret_file) {
-            (Some(s), _) => Some(s),
-            (None, Some(path)) => Some(read_secret_file("--turn-secret-file", path)?),
-            (None, None) => None,
-        },
+        turn_secret: secret(c.turn_secret, c.turn_secret_file, "--turn-secret-file")?,
         webhook_url: c.webhook_url,
-        webhook_secret: match (c.webhook_secret, &c.webhook_secret_file) {
-            (Some(s), _) => Some(s),
-            (None, Some(path)) => Some(read_secret_file("--webhook-secret-file", path)?),
-            (None, None) => None,
-        },
+        webhook_secret: secret(
+            c.webhook_secret,
+            c.webhook_secret_file,
+            "--webhook-secret-file",
+        )?,
     };
     runtime()?.block_on(async {
         let running = server::start(&opts).await.map_err(|e| e.to_string())?;

@@ -39,6 +39,8 @@ pub(crate) const MAX_RESENDS: u8 = 2;
 pub(crate) const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// The CNAME of every SDES chunk (RFC 3550 §6.5.1): one per viewer session is all it names.
 const CNAME: &[u8] = b"chorus";
+/// Chunks one SDES packet can carry: its 5-bit source count.
+const MAX_SDES_CHUNKS: usize = 31;
 
 /// RTCP packet types (RFC 3550 §12.1, RFC 4585 §6.1).
 const SR: u8 = 200;
@@ -560,20 +562,37 @@ impl Established {
         }
         self.next_report = now + REPORT_INTERVAL;
         let ntp = ntp(now);
-        for i in 0..self.tracks.len() {
-            let t = &self.tracks[i];
-            let Some((last_ts, at)) = t.last else {
-                continue;
+        // Every track's report in one compound packet (RFC 8108 §5.3 lets an endpoint's SSRCs
+        // share one): one seal and one send per viewer per interval instead of one per track,
+        // in groups of 31 (an SDES names at most 31 sources).
+        let mut from = 0;
+        while from < self.tracks.len() {
+            let group = from..self.tracks.len().min(from + MAX_SDES_CHUNKS);
+            from = group.end;
+            let sending = || {
+                self.tracks[group.clone()]
+                    .iter()
+                    .filter(|t| t.last.is_some())
             };
-            // In u128: a track silent for long at a high clock rate overflows u64.
-            let elapsed = now.saturating_duration_since(at).as_micros();
-            let rtp_ts =
-                last_ts.wrapping_add((elapsed * t.spec.clock_rate as u128 / 1_000_000) as u32);
             scratch.clear();
-            sender_report(scratch, t.spec.ssrc, ntp, rtp_ts, t.packets, t.octets);
+            for t in sending() {
+                let Some((last_ts, at)) = t.last else {
+                    continue;
+                };
+                // In u128: a track silent for long at a high clock rate overflows u64.
+                let elapsed = now.saturating_duration_since(at).as_micros();
+                let rtp_ts =
+                    last_ts.wrapping_add((elapsed * t.spec.clock_rate as u128 / 1_000_000) as u32);
+                sender_report(scratch, t.spec.ssrc, ntp, rtp_ts, t.packets, t.octets);
+            }
+            let reports = sending().count();
+            if reports == 0 {
+                continue;
+            }
+            source_description(scratch, sending().map(|t| t.spec.ssrc), reports);
             if self.seal_rtcp(scratch) {
                 out.emit(self.dest, scratch);
-                add(&stats.sr_sent, 1);
+                add(&stats.sr_sent, reports as u64);
             }
         }
         Ok(())
@@ -650,15 +669,21 @@ fn sender_report(buf: &mut Vec<u8>, ssrc: u32, ntp: u64, rtp_ts: u32, packets: u
     buf.extend_from_slice(&rtp_ts.to_be_bytes());
     buf.extend_from_slice(&packets.to_be_bytes());
     buf.extend_from_slice(&octets.to_be_bytes());
-    // SDES: SSRC, CNAME item, a null end item, padded to a word.
+}
+
+/// One SDES naming `count` (1 to [`MAX_SDES_CHUNKS`]) sources `ssrcs`, each with the CNAME.
+fn source_description(buf: &mut Vec<u8>, ssrcs: impl Iterator<Item = u32>, count: usize) {
+    // A chunk: SSRC, CNAME item, a null end item, padded to a word.
     let chunk = 4 + 2 + CNAME.len() + 1;
     let padded = chunk.div_ceil(4) * 4;
-    buf.extend_from_slice(&[0x81, SDES]);
-    buf.extend_from_slice(&((padded / 4) as u16).to_be_bytes());
-    buf.extend_from_slice(&ssrc.to_be_bytes());
-    buf.extend_from_slice(&[1, CNAME.len() as u8]);
-    buf.extend_from_slice(CNAME);
-    buf.resize(buf.len() + 1 + padded - chunk, 0);
+    buf.extend_from_slice(&[0x80 | count as u8, SDES]);
+    buf.extend_from_slice(&((count * padded / 4) as u16).to_be_bytes());
+    for ssrc in ssrcs {
+        buf.extend_from_slice(&ssrc.to_be_bytes());
+        buf.extend_from_slice(&[1, CNAME.len() as u8]);
+        buf.extend_from_slice(CNAME);
+        buf.resize(buf.len() + 1 + padded - chunk, 0);
+    }
 }
 
 /// The viewer's end of a lean session, for tests and fuzzing from outside the crate: it seals

@@ -179,7 +179,7 @@ fn sender_reports_count_every_packet_and_map_the_rtp_clock() {
     let at = t0 + REPORT_INTERVAL;
     e.handle_timeout(at, &mut scratch, &stats, &mut out)
         .unwrap();
-    assert_eq!(out.len(), 2);
+    assert_eq!(out.len(), 1, "both tracks' reports in one compound packet");
     assert_eq!(stats.sr_sent.load(Ordering::Relaxed), 2);
     let (_, opener) = viewer_srtcp();
     let mut sealed = out[0].1.clone();
@@ -200,11 +200,26 @@ fn sender_reports_count_every_packet_and_map_the_rtp_clock() {
         "the RTP time of the report's NTP time"
     );
     assert_eq!(sr.ntp_time, ntp(at));
-    assert!(pkts[1]
+    let sr1 = pkts[1]
+        .as_any()
+        .downcast_ref::<rtcp::sender_report::SenderReport>()
+        .expect("the second track's SR next");
+    assert_ne!(sr1.ssrc, SSRC);
+    assert_eq!((sr1.packet_count, sr1.octet_count), (1, 40));
+    assert_eq!(sr1.ntp_time, ntp(at));
+    let sdes = pkts[2]
         .as_any()
         .downcast_ref::<rtcp::source_description::SourceDescription>()
-        .is_some());
-    let mut second = out[1].1.clone();
+        .expect("then one SDES");
+    let named: Vec<u32> = sdes.chunks.iter().map(|c| c.source).collect();
+    assert_eq!(named, [SSRC, sr1.ssrc], "it names both sources");
+    assert!(sdes.chunks.iter().all(|c| c.items[0].text == "chorus"));
+    assert_eq!(pkts.len(), 3);
+    // The next interval's report takes the next SRTCP index.
+    out.clear();
+    e.handle_timeout(at + REPORT_INTERVAL, &mut scratch, &stats, &mut out)
+        .unwrap();
+    let mut second = out[0].1.clone();
     assert_eq!(
         opener.open(&mut second).unwrap().1,
         1,

@@ -740,7 +740,8 @@ function roomPage() {
         a.t.energy.push([t, Math.round(Math.sqrt(s / a.buf.length) * 1e5) / 1e5]);
       }
     }, o.sampleMs));
-    // inbound-rtp per mid.
+    // inbound-rtp per mid, with what the track's remote-outbound-rtp says of the server's
+    // sender reports (reportsSent, and packetsSent as remotePacketsSent).
     let busy = false;
     R.timers.push(setInterval(async () => {
       if (busy || R.closing || pc.connectionState === 'closed') return;
@@ -750,12 +751,18 @@ function roomPage() {
         for (const tr of pc.getTransceivers()) {
           if (!tr.mid || tr.receiver.track.kind !== 'audio') continue;
           const report = await tr.receiver.getStats();
+          const row = { t };
+          let inbound = false;
           report.forEach((s) => {
-            if (s.type !== 'inbound-rtp') return;
-            const row = { t };
-            for (const f of STAT_FIELDS) if (s[f] !== undefined) row[f] = s[f];
-            (rec.stats[tr.mid] = rec.stats[tr.mid] || []).push(row);
+            if (s.type === 'inbound-rtp') {
+              inbound = true;
+              for (const f of STAT_FIELDS) if (s[f] !== undefined) row[f] = s[f];
+            } else if (s.type === 'remote-outbound-rtp') {
+              row.reportsSent = s.reportsSent;
+              row.remotePacketsSent = s.packetsSent;
+            }
           });
+          if (inbound) (rec.stats[tr.mid] = rec.stats[tr.mid] || []).push(row);
         }
       } catch (e) { /* closing */ } finally { busy = false; }
     }, o.statsMs));

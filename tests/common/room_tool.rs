@@ -58,6 +58,19 @@ pub fn assert_vad_and_sound(view: &Value, sources: &[&str]) {
             loudest > 0.02,
             "{source}'s track never loud: {loudest} (mids {mids:?})"
         );
+        // The browser matched the edge's sender reports (one compound packet for all tracks)
+        // to this track: its remote-outbound-rtp counts them and the packets they announce.
+        for mid in &mids {
+            let last = view["stats"][*mid]
+                .as_array()
+                .and_then(|s| s.last())
+                .unwrap_or_else(|| panic!("no stats for track {mid}: {}", view["stats"]));
+            assert!(
+                last["reportsSent"].as_u64().unwrap_or(0) >= 1
+                    && last["remotePacketsSent"].as_u64().unwrap_or(0) > 0,
+                "track {mid} ({source}): no sender report reached the browser: {last}"
+            );
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub(crate) mod base_path;
 pub(crate) mod cluster;
+pub(crate) mod dev_room_tokens;
 pub(crate) mod director;
 pub(crate) mod flow;
 pub mod forwarded;
@@ -358,6 +359,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/api/director/subscribe", post(director::subscribe))
         .route("/ws", get(signal::upgrade))
         .route("/api/rooms/{room}/tokens", post(rooms::issue_token))
+        .route("/api/dev/rooms/{room}/tokens", post(dev_room_tokens::issue))
         .route("/api/cluster", get(cluster::view))
         .route("/api/rooms/{room}/ws", get(rooms::upgrade))
         .route("/whip/{stream}", post(whip::publish))

@@ -234,7 +234,16 @@ fn sdk_through_nginx_tls_under_a_path_and_an_idle_publisher_stays_published() {
     let (s, page) = curl(&[&format!("{public}/")]);
     assert_eq!(s, 200, "{page}");
     assert!(page.contains("src=\"sdk/millicast.umd.js\""), "{page}");
-    for asset in ["demo.js", "demo.css", "sdk/millicast.umd.js", "healthz"] {
+    for asset in [
+        "demo.js",
+        "demo.css",
+        "base.css",
+        "sdk/millicast.umd.js",
+        "healthz",
+        "rooms/townhall",
+        "room.js",
+        "room.css",
+    ] {
         let (s, body) = curl(&["-L", &format!("{public}/{asset}")]);
         assert_eq!(s, 200, "{asset}: {body:.200}");
     }

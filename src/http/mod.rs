@@ -2,6 +2,7 @@
 
 pub(crate) mod base_path;
 pub(crate) mod cluster;
+pub(crate) mod dev_room_tokens;
 pub(crate) mod director;
 pub(crate) mod flow;
 pub mod forwarded;
@@ -352,12 +353,17 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/", get(web::index))
         .route("/demo.js", get(web::demo_js))
         .route("/demo.css", get(web::demo_css))
+        .route("/base.css", get(web::base_css))
         .route("/sdk/millicast.umd.js", get(web::sdk))
+        .route("/rooms/{room}", get(web::room_page))
+        .route("/room.js", get(web::room_js))
+        .route("/room.css", get(web::room_css))
         .route("/healthz", get(health::healthz))
         .route("/api/director/publish", post(director::publish))
         .route("/api/director/subscribe", post(director::subscribe))
         .route("/ws", get(signal::upgrade))
         .route("/api/rooms/{room}/tokens", post(rooms::issue_token))
+        .route("/api/dev/rooms/{room}/tokens", post(dev_room_tokens::issue))
         .route("/api/cluster", get(cluster::view))
         .route("/api/rooms/{room}/ws", get(rooms::upgrade))
         .route("/whip/{stream}", post(whip::publish))

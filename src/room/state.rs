@@ -753,7 +753,7 @@ impl Rooms {
                 let t = room.people.get_mut(&id).expect("found above");
                 t.removed = true;
                 t.generation += 1;
-                t.hand = false;
+                let hand = std::mem::take(&mut t.hand);
                 t.talking = false;
                 let role = t.role;
                 let gone = t.conn.take();
@@ -762,6 +762,14 @@ impl Rooms {
                     room: room_name.to_owned(),
                     member: id.clone(),
                 }];
+                // Removing a listener with a raised hand (the only listeners a page lists) must
+                // take the hand off everyone's list.
+                if hand {
+                    fx.push(Effect::Send {
+                        to: to.clone(),
+                        event: event("hand.lowered", json!({"memberId": id})),
+                    });
+                }
                 if let Some(c) = gone {
                     fx.push(Effect::Send {
                         to: vec![c],
@@ -1204,6 +1212,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("ghost"), "{err}");
+    }
+
+    #[test]
+    fn a_removed_listener_s_raised_hand_goes_down_for_everyone() {
+        let mut r = room();
+        r.command("r", "a", 2, "hand.raise", &json!({})).unwrap();
+        let (_, fx) = r
+            .command("r", "host", 1, "remove", &json!({"memberId": "a"}))
+            .unwrap();
+        for conn in [1, 3] {
+            assert_eq!(names_to(&fx, conn), ["hand.lowered", "room.audience_count"]);
+        }
+        assert_eq!(sent(&fx, "hand.lowered")["memberId"], "a");
+        assert_eq!(sent(&fx, "room.audience_count")["count"], 1);
+        let (state, _) = r.command("r", "host", 1, "state", &json!({})).unwrap();
+        assert_eq!(state["hands"], json!([]));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Reading `tests/browser/room.mjs`: its JSON lines and the energy timelines of its report.
+//! Reading `tests/browser/room.mjs` (and the harness's other tools): its JSON lines and the
+//! energy timelines of its report.
 
 use serde_json::Value;
 
@@ -168,9 +169,15 @@ impl Live {
         spec: &Value,
         env: &[(&str, &str)],
     ) -> Live {
+        let mut c = command(http, stream, token, seconds, spec);
+        c.envs(env.iter().copied());
+        Live::spawn(c)
+    }
+
+    /// Any tool of the harness that writes JSON lines and reads commands (`cmd`, ready to run).
+    pub fn spawn(mut cmd: std::process::Command) -> Live {
         use std::io::BufRead;
-        let mut child = command(http, stream, token, seconds, spec)
-            .envs(env.iter().copied())
+        let mut child = cmd
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()

@@ -298,8 +298,26 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
                 ("change=\"remove\"", c(&m.removals)),
             ],
         );
+        let d = &app.dashboard;
+        metric(
+            &mut out,
+            "chorus_dashboard_clients",
+            "gauge",
+            "Live dashboards connected (at most 8).",
+            &[("", d.clients() as u64)],
+        );
+        metric(
+            &mut out,
+            "chorus_dashboard_snapshots_total",
+            "counter",
+            "Dashboard snapshots: made, skipped by a slow client (it got a later one), and clients refused over the cap.",
+            &[
+                ("event=\"made\"", c(&d.metrics.snapshots)),
+                ("event=\"skipped\"", c(&d.metrics.skipped)),
+                ("event=\"client_refused\"", c(&d.metrics.refused)),
+            ],
+        );
     }
-
     if let Some(e) = &app.edge {
         let m = &e.metrics;
         let p = &m.peers;

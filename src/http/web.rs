@@ -6,26 +6,51 @@ use axum::response::{IntoResponse, Redirect, Response};
 const INDEX: &str = include_str!("../../web/index.html");
 const DEMO_JS: &str = include_str!("../../web/demo.js");
 const DEMO_CSS: &str = include_str!("../../web/demo.css");
+const DASHBOARD: &str = include_str!("../../web/dashboard.html");
+const DASHBOARD_JS: &str = include_str!("../../web/dashboard.js");
+const DASHBOARD_CSS: &str = include_str!("../../web/dashboard.css");
 
 /// The SDK version the demo and the tests are written against.
 pub(crate) const SDK_VERSION: &str = "0.6.1";
 
+fn html(body: &'static str) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], body)
+}
+
+fn js(body: &'static str) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        body,
+    )
+}
+
+fn css(body: &'static str) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], body)
+}
+
 pub(crate) async fn index() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], INDEX)
+    html(INDEX)
 }
 
 pub(crate) async fn demo_js() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        DEMO_JS,
-    )
+    js(DEMO_JS)
 }
 
 pub(crate) async fn demo_css() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
-        DEMO_CSS,
-    )
+    css(DEMO_CSS)
+}
+
+/// The dashboard page: no secret in it (its feed asks for the API key).
+pub(crate) async fn dashboard() -> impl IntoResponse {
+    html(DASHBOARD)
+}
+
+pub(crate) async fn dashboard_js() -> impl IntoResponse {
+    js(DASHBOARD_JS)
+}
+
+pub(crate) async fn dashboard_css() -> impl IntoResponse {
+    css(DASHBOARD_CSS)
 }
 
 /// Where a local copy of the SDK's UMD build may be: `CHORUS_SDK` (a file), or the npm install

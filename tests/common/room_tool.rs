@@ -155,7 +155,6 @@ impl Live {
         spec: &Value,
         env: &[(&str, &str)],
     ) -> Live {
-        use std::io::BufRead;
         let mut child = command(http, stream, token, seconds, spec)
             .envs(env.iter().copied())
             .stdin(std::process::Stdio::piped())
@@ -163,18 +162,7 @@ impl Live {
             .spawn()
             .unwrap();
         let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    let _ = tx.send(v);
-                }
-            }
-        });
+        let lines = json_lines(child.stdout.take().unwrap());
         Live {
             stdin,
             lines,
@@ -222,6 +210,24 @@ impl Live {
             self.seen.push(v);
         }
     }
+}
+
+/// A tool's JSON stdout lines, read on a thread of their own (the tool never blocks on a full
+/// pipe); other lines are skipped.
+pub fn json_lines(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<Value> {
+    use std::io::BufRead;
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    lines
 }
 
 /// Levels-file turns of a corpus speaker, in wall-clock ms given when its playback started.

@@ -177,6 +177,8 @@ async fn produce(app: Arc<App>) {
         if !watched {
             if ticks != 0 {
                 info!("no dashboard client left: snapshots paused");
+                // The next client must not be sent this one, taken long before it came.
+                app.dashboard.feed.send_replace(None);
             }
             p.idle();
             ticks = 0;

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use str0m::media::Mid;
 use tracing::{debug, info};
 
+use super::board::{GroupBoard, StreamBoard, TrackBoard, BOARD_EVERY_US};
 use super::events::{ActiveSource, ViewerEvent};
 use super::talking::{TalkingSink, TalkingWatch};
 use super::{EdgeMetrics, Shared};
@@ -225,6 +226,50 @@ impl EdgeStream {
             out.push_back(Output::Event(id, ev.clone()));
         }
     }
+
+    /// A source's sourceId for the dashboard (None: the main source).
+    fn named(&self, s: SourceIdx) -> Option<Arc<str>> {
+        match self.core.name(s) {
+            "" => None,
+            n => Some(
+                self.live
+                    .get(&s)
+                    .and_then(|l| l.name.clone())
+                    .unwrap_or_else(|| n.into()),
+            ),
+        }
+    }
+
+    /// The stream's groups as the dashboard shows them.
+    fn board(&self) -> StreamBoard {
+        let sel = self.core.selector();
+        let groups = self
+            .groups
+            .iter()
+            .enumerate()
+            .filter(|(_, viewers)| !viewers.is_empty())
+            .filter_map(|(i, viewers)| {
+                let id = GroupId(i as u32);
+                let key = sel.group_key(id)?;
+                let tracks = sel
+                    .tracks(id)
+                    .map(|s| s.map_or(TrackBoard::Empty, |s| TrackBoard::Source(self.named(s))))
+                    .collect();
+                Some(GroupBoard {
+                    id: id.0,
+                    viewers: viewers.len(),
+                    main: key.pinned().and_then(|p| self.named(p)),
+                    excluded: key.excluded().len(),
+                    fixed: key.fixed().len(),
+                    tracks,
+                })
+            })
+            .collect();
+        StreamBoard {
+            stream: self.name.clone(),
+            groups,
+        }
+    }
 }
 
 /// The sourceId a track change names (None: the main source, or an empty track).
@@ -291,12 +336,17 @@ pub struct EdgeCore {
     talking: TalkingWatch,
     /// This thread's share of `EdgeMetrics::interned_names`, as last added.
     interned: u64,
+    /// Its place in `Shared::boards`, and when its board is due next while a dashboard watches.
+    board_slot: usize,
+    next_board_us: u64,
 }
 
 impl EdgeCore {
     /// An empty core; `seed` seeds its rewriters' SSRCs and starting numbers.
     pub fn new(metrics: Arc<EdgeMetrics>, shared: Arc<Shared>, seed: u64) -> Self {
         EdgeCore {
+            board_slot: shared.boards.slot(),
+            next_board_us: 0,
             streams: HashMap::new(),
             channels: HashMap::new(),
             known_channels: HashSet::new(),
@@ -368,6 +418,11 @@ impl EdgeCore {
             gauge.fetch_add(interned - before, Ordering::Relaxed);
         } else {
             gauge.fetch_sub(before - interned, Ordering::Relaxed);
+        }
+        if self.shared.boards.watched() && now_us >= self.next_board_us {
+            self.next_board_us = now_us + BOARD_EVERY_US;
+            let board = self.streams.values().map(|st| st.board()).collect();
+            self.shared.boards.put(self.board_slot, board);
         }
     }
 

@@ -694,3 +694,39 @@ fn streams_down_voids_only_the_named_streams_and_they_come_back_active() {
     c.handle_sources(0, "a", (3 << 24) | 1, vec![source(0, "ana")]);
     assert_eq!(events_of(&drain(&mut c), 1), ["active ana"]);
 }
+
+#[test]
+fn a_watched_core_shows_its_groups_and_their_tracks_and_an_unwatched_one_nothing() {
+    let shared: Arc<Shared> = Arc::default();
+    let mut c = EdgeCore::new(Arc::default(), shared.clone(), 1);
+    join(&mut c, 0, 1, "s", 2);
+    join(&mut c, 0, 2, "s", 2);
+    c.handle_sources(0, "s", 7, vec![source(0, "ana"), source(1, "bo")]);
+    let (now, _) = talk(&mut c, 7, 0, 0, 0, 5);
+    assert!(shared.boards.read().is_empty(), "nobody watches: no board");
+    shared.boards.watch(true);
+    c.handle_timeout(now);
+    let boards = shared.boards.read();
+    assert_eq!(boards.len(), 1, "{boards:?}");
+    let (_, b) = &boards[0];
+    assert_eq!(&*b.stream, "s");
+    assert_eq!(b.groups.len(), 1, "both viewers share a group: {b:?}");
+    let g = &b.groups[0];
+    assert_eq!((g.viewers, g.main.clone(), g.excluded), (2, None, 0));
+    assert_eq!(
+        g.tracks,
+        vec![
+            TrackBoard::Source(Some(Arc::from("ana"))),
+            TrackBoard::Empty
+        ]
+    );
+    // The next board comes a period later, not every tick.
+    c.handle_leave(PeerId(2));
+    c.handle_timeout(now + BOARD_EVERY_US - 10_000);
+    assert_eq!(shared.boards.read()[0].1.groups[0].viewers, 2);
+    c.handle_timeout(now + BOARD_EVERY_US);
+    assert_eq!(shared.boards.read()[0].1.groups[0].viewers, 1);
+    // Unwatched: cleared, so a later watcher reads nothing stale.
+    shared.boards.watch(false);
+    assert!(shared.boards.read().is_empty());
+}

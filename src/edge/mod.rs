@@ -4,6 +4,7 @@
 //! ([`core`], sans-IO: one packet core per stream it serves, the viewers' groups and events), and
 //! gets every relayed packet of those streams (one shared buffer).
 
+pub(crate) mod board;
 pub mod core;
 pub(crate) mod events;
 pub(crate) mod follow;
@@ -187,6 +188,8 @@ pub struct Shared {
     /// Per stream, its viewers at the other edges (with a shared registry; see
     /// `stream_counts`), which `viewercount` adds.
     pub remote: Mutex<HashMap<String, usize>>,
+    /// What the media threads show the dashboard, while one watches.
+    pub(crate) boards: board::Boards,
 }
 
 impl Shared {

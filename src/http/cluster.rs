@@ -24,15 +24,23 @@ pub(crate) fn refusal(e: ClusterError) -> Refusal {
     Refusal(status, e.to_string())
 }
 
-pub(crate) async fn view(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+/// An operator's request (`what`) carries the room API key: else its refusal, 404 at an edge
+/// (which holds no key).
+pub(crate) fn operator(app: &App, headers: &HeaderMap, what: &str) -> Result<(), Refusal> {
     let Some(rooms) = &app.rooms else {
-        return fail(
+        return Err(Refusal(
             StatusCode::NOT_FOUND,
-            "this is an edge: ask an origin for /api/cluster",
-        );
+            format!("this is an edge: ask an origin for {what}"),
+        ));
     };
-    if let Err(e) = rooms.check_api_key(bearer(&headers)) {
-        return fail(StatusCode::UNAUTHORIZED, e);
+    rooms
+        .check_api_key(bearer(headers))
+        .map_err(|e| Refusal(StatusCode::UNAUTHORIZED, format!("{what}: {e}")))
+}
+
+pub(crate) async fn view(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Err(refused) = operator(&app, &headers, "/api/cluster") {
+        return refused.into_response();
     }
     let c = &app.cluster;
     // The nodes placement and ownership see: records with a recent heartbeat.

@@ -9,6 +9,8 @@ use axum::http::header;
 use axum::response::IntoResponse;
 
 use super::App;
+use crate::edge::Edge;
+use crate::origin::Origin;
 use crate::rtc::peers::{ConnectSlot, PeerStats};
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
@@ -46,12 +48,87 @@ fn tcp_dropped(p: &PeerStats) -> [(&'static str, u64); 5] {
     let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let t = &p.tcp;
     [
-        ("reason=\"tcp_limit\"", g(&t.limit)),
-        ("reason=\"tcp_refused\"", g(&t.refused)),
-        ("reason=\"tcp_bad_frame\"", g(&t.bad_frame)),
-        ("reason=\"tcp_idle\"", g(&t.idle)),
-        ("reason=\"tcp_slow\"", g(&t.slow)),
+        ("tcp_limit", g(&t.limit)),
+        ("tcp_refused", g(&t.refused)),
+        ("tcp_bad_frame", g(&t.bad_frame)),
+        ("tcp_idle", g(&t.idle)),
+        ("tcp_slow", g(&t.slow)),
     ]
+}
+
+/// What the origin did not relay, by reason: `chorus_origin_dropped_total` and the dashboard.
+pub(crate) fn origin_drops(o: &Origin) -> Vec<(&'static str, u64)> {
+    let (m, p) = (&o.metrics, o.peer_stats());
+    let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    [
+        ("padding", g(&m.padding_dropped)),
+        ("muted", g(&m.muted_dropped)),
+        ("relay", g(&m.relay_drops)),
+        ("undeclared_ssrc", g(&p.undeclared_ssrc)),
+    ]
+    .into_iter()
+    .chain(peer_drops(p, "publisher_flood"))
+    .collect()
+}
+
+/// What a media thread's socket dropped, by reason (`flood`: the name of its flood drops).
+fn peer_drops(p: &PeerStats, flood: &'static str) -> impl Iterator<Item = (&'static str, u64)> {
+    let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    [
+        (flood, g(&p.flood_drops)),
+        ("unroutable", g(&p.unroutable)),
+        ("stun_refused", g(&p.stun_refused)),
+        // Consent checks of peers the server ended: answered with a STUN 403.
+        ("stun_ended", g(&p.stun_ended)),
+        ("udp_send", g(&p.send_errors)),
+    ]
+    .into_iter()
+    .chain(tcp_dropped(p))
+}
+
+/// Datagrams to edges lost on the link, by reason: `chorus_origin_relay_dropped_total` and
+/// the dashboard.
+pub(crate) fn relay_drops(o: &Origin) -> Vec<(&'static str, u64)> {
+    crate::origin::RelayDrop::ALL
+        .iter()
+        .map(|r| {
+            let n = o.metrics.relay_drops_by[*r as usize].load(Ordering::Relaxed);
+            (r.label(), n)
+        })
+        .collect()
+}
+
+/// What the edge dropped, by reason: `chorus_edge_dropped_total` and the dashboard.
+pub(crate) fn edge_drops(e: &Edge) -> Vec<(&'static str, u64)> {
+    let m = &e.metrics;
+    let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    [
+        ("unknown_source", g(&m.dropped_unknown)),
+        ("unknown_channel", g(&m.dropped_unknown_channel)),
+        ("malformed", g(&m.dropped_malformed)),
+        ("relay_malformed", g(&m.dropped_relay_malformed)),
+        ("lane_full", g(&m.dropped_lane_full)),
+        ("stale", g(&m.dropped_stale)),
+        ("core", g(&m.dropped_core)),
+        ("before_switch", g(&m.dropped_before_switch)),
+        ("preroll_missing", g(&m.dropped_preroll_missing)),
+        ("viewer_before_switch", g(&m.dropped_viewer_before_switch)),
+        ("not_negotiated", g(&m.dropped_not_negotiated)),
+        ("seal", g(&m.dropped_seal)),
+    ]
+    .into_iter()
+    .chain(peer_drops(&m.peers, "viewer_flood"))
+    .collect()
+}
+
+/// A counter with one sample per `reason`.
+fn by_reason(out: &mut String, name: &str, help: &str, drops: &[(&str, u64)]) {
+    let labels: Vec<(String, u64)> = drops
+        .iter()
+        .map(|(r, v)| (format!("reason=\"{r}\""), *v))
+        .collect();
+    let samples: Vec<(&str, u64)> = labels.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+    metric(out, name, "counter", help, &samples);
 }
 
 /// `{prefix}_ice_tcp_connections_total`: accepted, and closed by their clients.
@@ -129,45 +206,19 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             "Payload bytes received from publishers.",
             &[("", g(&m.bytes_in))],
         );
-        metric(
+        by_reason(
             &mut out,
             "chorus_origin_dropped_total",
-            "counter",
             "Packets not relayed, by reason (tcp_*: ICE-TCP connections closed).",
-            &[
-                ("reason=\"padding\"", g(&m.padding_dropped)),
-                ("reason=\"muted\"", g(&m.muted_dropped)),
-                ("reason=\"relay\"", g(&m.relay_drops)),
-                ("reason=\"publisher_flood\"", g(&p.flood_drops)),
-                ("reason=\"undeclared_ssrc\"", g(&p.undeclared_ssrc)),
-                ("reason=\"unroutable\"", g(&p.unroutable)),
-                ("reason=\"stun_refused\"", g(&p.stun_refused)),
-                // Consent checks of peers the server ended: answered with a STUN 403.
-                ("reason=\"stun_ended\"", g(&p.stun_ended)),
-                ("reason=\"udp_send\"", g(&p.send_errors)),
-            ]
-            .into_iter()
-            .chain(tcp_dropped(p))
-            .collect::<Vec<_>>(),
+            &origin_drops(o),
         );
         tcp_connections(&mut out, "chorus_origin_ice_tcp_connections_total", p);
         peers_closed(&mut out, "chorus_origin_peers_closed_total", p);
-        let by: Vec<(String, u64)> = crate::origin::RelayDrop::ALL
-            .iter()
-            .map(|r| {
-                (
-                    format!("reason=\"{}\"", r.label()),
-                    g(&m.relay_drops_by[*r as usize]),
-                )
-            })
-            .collect();
-        let by: Vec<(&str, u64)> = by.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-        metric(
+        by_reason(
             &mut out,
             "chorus_origin_relay_dropped_total",
-            "counter",
             "Datagrams to edges lost on the link, by reason (send_buffer_full: the link's datagram buffer was full and quinn dropped the oldest queued one).",
-            &by,
+            &relay_drops(o),
         );
         metric(
             &mut out,
@@ -247,6 +298,25 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
                 ("change=\"remove\"", c(&m.removals)),
             ],
         );
+        let d = &app.dashboard;
+        metric(
+            &mut out,
+            "chorus_dashboard_clients",
+            "gauge",
+            "Live dashboards connected (at most 8).",
+            &[("", d.clients() as u64)],
+        );
+        metric(
+            &mut out,
+            "chorus_dashboard_snapshots_total",
+            "counter",
+            "Dashboard snapshots: made, skipped by a slow client (it got a later one), and clients refused over the cap.",
+            &[
+                ("event=\"made\"", c(&d.metrics.snapshots)),
+                ("event=\"skipped\"", c(&d.metrics.skipped)),
+                ("event=\"client_refused\"", c(&d.metrics.refused)),
+            ],
+        );
     }
     if let Some(e) = &app.edge {
         let m = &e.metrics;
@@ -298,37 +368,11 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             "Held packets replayed into a track as its source entered it (pre-roll), per group of viewers.",
             &[("", g(&m.preroll_packets))],
         );
-        metric(
+        by_reason(
             &mut out,
             "chorus_edge_dropped_total",
-            "counter",
             "Packets dropped at the edge, by reason (unknown_channel, lane_full and stale count per media thread: each gets its own copy; tcp_*: ICE-TCP connections closed).",
-            &[
-                ("reason=\"unknown_source\"", g(&m.dropped_unknown)),
-                ("reason=\"unknown_channel\"", g(&m.dropped_unknown_channel)),
-                ("reason=\"malformed\"", g(&m.dropped_malformed)),
-                ("reason=\"relay_malformed\"", g(&m.dropped_relay_malformed)),
-                ("reason=\"lane_full\"", g(&m.dropped_lane_full)),
-                ("reason=\"stale\"", g(&m.dropped_stale)),
-                ("reason=\"core\"", g(&m.dropped_core)),
-                ("reason=\"before_switch\"", g(&m.dropped_before_switch)),
-                ("reason=\"preroll_missing\"", g(&m.dropped_preroll_missing)),
-                (
-                    "reason=\"viewer_before_switch\"",
-                    g(&m.dropped_viewer_before_switch),
-                ),
-                ("reason=\"not_negotiated\"", g(&m.dropped_not_negotiated)),
-                ("reason=\"seal\"", g(&m.dropped_seal)),
-                ("reason=\"viewer_flood\"", g(&p.flood_drops)),
-                ("reason=\"unroutable\"", g(&p.unroutable)),
-                ("reason=\"stun_refused\"", g(&p.stun_refused)),
-                // Consent checks of peers the server ended: answered with a STUN 403.
-                ("reason=\"stun_ended\"", g(&p.stun_ended)),
-                ("reason=\"udp_send\"", g(&p.send_errors)),
-            ]
-            .into_iter()
-            .chain(tcp_dropped(p))
-            .collect::<Vec<_>>(),
+            &edge_drops(e),
         );
         tcp_connections(&mut out, "chorus_edge_ice_tcp_connections_total", p);
         peers_closed(&mut out, "chorus_edge_peers_closed_total", p);

@@ -2,6 +2,7 @@
 
 pub(crate) mod base_path;
 pub(crate) mod cluster;
+pub(crate) mod dashboard;
 pub(crate) mod dev_room_tokens;
 pub(crate) mod director;
 pub(crate) mod flow;
@@ -94,6 +95,8 @@ pub(crate) struct App {
     pub(crate) hooks: crate::webhooks::Hooks,
     /// Open signalling sessions, for the operator's disconnect.
     pub(crate) sessions: sessions::Sessions,
+    /// The live dashboard's feed and clients.
+    pub(crate) dashboard: dashboard::Dashboard,
 }
 
 impl App {
@@ -132,6 +135,7 @@ impl App {
             turn: None,
             hooks: crate::webhooks::Hooks::default(),
             sessions: sessions::Sessions::default(),
+            dashboard: dashboard::Dashboard::default(),
         }
     }
 
@@ -358,6 +362,10 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/rooms/{room}", get(web::room_page))
         .route("/room.js", get(web::room_js))
         .route("/room.css", get(web::room_css))
+        .route("/dashboard", get(web::dashboard))
+        .route("/dashboard.js", get(web::dashboard_js))
+        .route("/dashboard.css", get(web::dashboard_css))
+        .route("/api/dashboard/events", get(dashboard::events))
         .route("/healthz", get(health::healthz))
         .route("/api/director/publish", post(director::publish))
         .route("/api/director/subscribe", post(director::subscribe))

@@ -11,6 +11,9 @@ const DEMO_CSS: &str = include_str!("../../web/demo.css");
 const ROOM_HTML: &str = include_str!("../../web/room.html");
 const ROOM_JS: &str = include_str!("../../web/room.js");
 const ROOM_CSS: &str = include_str!("../../web/room.css");
+const DASHBOARD: &str = include_str!("../../web/dashboard.html");
+const DASHBOARD_JS: &str = include_str!("../../web/dashboard.js");
+const DASHBOARD_CSS: &str = include_str!("../../web/dashboard.css");
 
 /// The SDK version the demo and the tests are written against.
 pub(crate) const SDK_VERSION: &str = "0.6.1";
@@ -51,6 +54,19 @@ pub(crate) async fn room_js() -> impl IntoResponse {
 
 pub(crate) async fn room_css() -> impl IntoResponse {
     file(CSS, ROOM_CSS)
+}
+
+/// The dashboard page: no secret in it (its feed asks for the API key).
+pub(crate) async fn dashboard() -> impl IntoResponse {
+    file(HTML, DASHBOARD)
+}
+
+pub(crate) async fn dashboard_js() -> impl IntoResponse {
+    file(JS, DASHBOARD_JS)
+}
+
+pub(crate) async fn dashboard_css() -> impl IntoResponse {
+    file(CSS, DASHBOARD_CSS)
 }
 
 /// Where a local copy of the SDK's UMD build may be: `CHORUS_SDK` (a file), or the npm install

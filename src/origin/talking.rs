@@ -62,6 +62,16 @@ impl TalkingBoard {
         }
     }
 
+    /// The sources of `stream` that talk now (sourceIds; "" is the main source).
+    pub(crate) fn talkers(&self, stream: &str) -> Vec<String> {
+        let claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
+        claims
+            .keys()
+            .filter(|(s, _)| s == stream)
+            .map(|(_, source)| source.clone())
+            .collect()
+    }
+
     /// An edge connection ended: what only it said talks stops.
     pub(crate) fn drop_conn(&self, conn: u64) {
         let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
@@ -102,6 +112,8 @@ mod tests {
         b.report(2, "r".into(), "m".into(), true);
         assert_eq!(rx.try_recv().unwrap(), flip(true));
         assert!(rx.try_recv().is_err(), "the second edge changes nothing");
+        assert_eq!(b.talkers("r"), ["m"]);
+        assert!(b.talkers("other").is_empty());
         b.report(1, "r".into(), "m".into(), false);
         assert!(rx.try_recv().is_err());
         b.drop_conn(2);

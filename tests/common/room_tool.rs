@@ -176,25 +176,13 @@ impl Live {
 
     /// Any tool of the harness that writes JSON lines and reads commands (`cmd`, ready to run).
     pub fn spawn(mut cmd: std::process::Command) -> Live {
-        use std::io::BufRead;
         let mut child = cmd
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    let _ = tx.send(v);
-                }
-            }
-        });
+        let lines = json_lines(child.stdout.take().unwrap());
         Live {
             stdin,
             lines,
@@ -242,6 +230,24 @@ impl Live {
             self.seen.push(v);
         }
     }
+}
+
+/// A tool's JSON stdout lines, read on a thread of their own (the tool never blocks on a full
+/// pipe); other lines are skipped.
+pub fn json_lines(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<Value> {
+    use std::io::BufRead;
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    lines
 }
 
 /// Levels-file turns of a corpus speaker, in wall-clock ms given when its playback started.

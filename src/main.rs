@@ -290,6 +290,10 @@ enum TokenCmd {
         /// Lifetime, e.g. 3600, 30m, 12h, 7d (default: no expiry).
         #[arg(long, value_parser = parse_ttl)]
         ttl: Option<u64>,
+        /// A publish token that records its feeds (unless a publish says `record: false`) and
+        /// allows `record: true` (needs the origin's --data-dir).
+        #[arg(long)]
+        record: bool,
         #[arg(long, env = "CHORUS_TOKENS", default_value = "chorus-tokens.json")]
         tokens: PathBuf,
     },
@@ -601,6 +605,7 @@ fn run_server(
         if role == NodeKind::Serve {
             tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;
             tracing::info!("interrupted: shutting down");
+            running.finish_recordings();
             return Ok(());
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -615,6 +620,7 @@ fn run_server(
                 running.drainer.drain(drain_timeout).await;
             }
         }
+        running.finish_recordings();
         Ok(())
     })
 }
@@ -646,8 +652,12 @@ fn token_cmd(t: TokenCmd) -> Result<(), String> {
             stream,
             kind,
             ttl,
+            record,
             tokens,
         } => {
+            if record && kind != "publish" {
+                return Err("--record is for publish tokens".into());
+            }
             if stream != "*" {
                 chorus::millicast::check_stream_name(&stream).map_err(|e| e.to_string())?;
             }
@@ -657,13 +667,20 @@ fn token_cmd(t: TokenCmd) -> Result<(), String> {
                 TokenKind::Subscribe
             };
             let mut file = TokenFile::load(&tokens).map_err(|e| e.to_string())?;
-            let entry = file.create(&stream, kind, ttl);
+            let mut entry = file.create(&stream, kind, ttl);
+            if record {
+                entry.record = true;
+                if let Some(e) = file.tokens.last_mut() {
+                    e.record = true;
+                }
+            }
             file.save(&tokens).map_err(|e| e.to_string())?;
             eprintln!(
-                "added a {} token for stream {stream:?} to {}{}",
+                "added a {} token for stream {stream:?} to {}{}{}",
                 kind.as_str(),
                 tokens.display(),
-                ttl.map(|t| format!(", valid {t} s")).unwrap_or_default()
+                ttl.map(|t| format!(", valid {t} s")).unwrap_or_default(),
+                if record { ", recording its feeds" } else { "" }
             );
             println!("{}", entry.token);
             Ok(())

@@ -148,8 +148,25 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             ]
             .into_iter()
             .chain(tcp_dropped(p))
+            .chain(recording_dropped(o.recorder().map(|r| &*r.stats)))
             .collect::<Vec<_>>(),
         );
+        if let Some(r) = o.recorder() {
+            metric(
+                &mut out,
+                "chorus_origin_recordings_total",
+                "counter",
+                "Recordings opened (a stream's first recorded feed).",
+                &[("", g(&r.stats.recordings))],
+            );
+            metric(
+                &mut out,
+                "chorus_origin_recorded_frames_total",
+                "counter",
+                "20 ms frames written to recordings, fillers included.",
+                &[("", g(&r.stats.frames))],
+            );
+        }
         tcp_connections(&mut out, "chorus_origin_ice_tcp_connections_total", p);
         peers_closed(&mut out, "chorus_origin_peers_closed_total", p);
         let by: Vec<(String, u64)> = crate::origin::RelayDrop::ALL
@@ -468,4 +485,17 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     }
     app.http_metrics.write(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// The recorder's drops (`chorus_origin_dropped_total`), when the origin records.
+fn recording_dropped(stats: Option<&crate::recording::RecorderStats>) -> Vec<(&'static str, u64)> {
+    let Some(r) = stats else { return Vec::new() };
+    let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    vec![
+        ("reason=\"recording_full\"", g(&r.queue_full)),
+        ("reason=\"recording_too_large\"", g(&r.too_large)),
+        ("reason=\"recording_late\"", g(&r.late)),
+        ("reason=\"recording_unknown_feed\"", g(&r.unknown)),
+        ("reason=\"recording_write_error\"", g(&r.write_errors)),
+    ]
 }

@@ -329,6 +329,10 @@ struct ReplayArgs {
     /// Seed of the network model and of the stream's SSRCs and sequence numbers.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Run to T (seconds, or ms with an `ms` suffix) and print the track changes up to T and
+    /// what the core held at T: its ranking, each source's voice, score, level and track.
+    #[arg(long, value_parser = replay::explain::parse_time)]
+    explain: Option<u64>,
 }
 
 #[cfg(feature = "tools")]
@@ -703,12 +707,17 @@ fn replay_cmd(a: ReplayArgs) -> Result<(), String> {
         loss: a.loss,
         jitter_ms: a.jitter_ms,
         seed: a.seed,
+        until_us: a.explain,
         ..ReplayOptions::default()
     };
     let result = replay::run(&speakers, &opts)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let io = |e: std::io::Error| e.to_string();
+    if let Some(e) = &result.explained {
+        let text = replay::explain::render(e, &result.changes, opts.tracks);
+        return write!(out, "{text}").map_err(io);
+    }
     for c in &result.changes {
         writeln!(
             out,

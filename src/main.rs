@@ -290,6 +290,10 @@ enum TokenCmd {
         /// Lifetime, e.g. 3600, 30m, 12h, 7d (default: no expiry).
         #[arg(long, value_parser = parse_ttl)]
         ttl: Option<u64>,
+        /// A publish token that records its feeds (unless a publish says `record: false`) and
+        /// allows `record: true` (needs the origin's --data-dir).
+        #[arg(long)]
+        record: bool,
         #[arg(long, env = "CHORUS_TOKENS", default_value = "chorus-tokens.json")]
         tokens: PathBuf,
     },
@@ -325,6 +329,10 @@ struct ReplayArgs {
     /// Seed of the network model and of the stream's SSRCs and sequence numbers.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Run to T (seconds, or ms with an `ms` suffix) and print the track changes up to T and
+    /// what the core held at T: its ranking, each source's voice, score, level and track.
+    #[arg(long, value_parser = replay::explain::parse_time)]
+    explain: Option<u64>,
 }
 
 #[cfg(feature = "tools")]
@@ -605,6 +613,7 @@ fn run_server(
         if role == NodeKind::Serve {
             tokio::signal::ctrl_c().await.map_err(|e| e.to_string())?;
             tracing::info!("interrupted: shutting down");
+            running.finish_recordings();
             return Ok(());
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -619,6 +628,7 @@ fn run_server(
                 running.drainer.drain(drain_timeout).await;
             }
         }
+        running.finish_recordings();
         Ok(())
     })
 }
@@ -650,8 +660,12 @@ fn token_cmd(t: TokenCmd) -> Result<(), String> {
             stream,
             kind,
             ttl,
+            record,
             tokens,
         } => {
+            if record && kind != "publish" {
+                return Err("--record is for publish tokens".into());
+            }
             if stream != "*" {
                 chorus::millicast::check_stream_name(&stream).map_err(|e| e.to_string())?;
             }
@@ -661,13 +675,20 @@ fn token_cmd(t: TokenCmd) -> Result<(), String> {
                 TokenKind::Subscribe
             };
             let mut file = TokenFile::load(&tokens).map_err(|e| e.to_string())?;
-            let entry = file.create(&stream, kind, ttl);
+            let mut entry = file.create(&stream, kind, ttl);
+            if record {
+                entry.record = true;
+                if let Some(e) = file.tokens.last_mut() {
+                    e.record = true;
+                }
+            }
             file.save(&tokens).map_err(|e| e.to_string())?;
             eprintln!(
-                "added a {} token for stream {stream:?} to {}{}",
+                "added a {} token for stream {stream:?} to {}{}{}",
                 kind.as_str(),
                 tokens.display(),
-                ttl.map(|t| format!(", valid {t} s")).unwrap_or_default()
+                ttl.map(|t| format!(", valid {t} s")).unwrap_or_default(),
+                if record { ", recording its feeds" } else { "" }
             );
             println!("{}", entry.token);
             Ok(())
@@ -690,12 +711,17 @@ fn replay_cmd(a: ReplayArgs) -> Result<(), String> {
         loss: a.loss,
         jitter_ms: a.jitter_ms,
         seed: a.seed,
+        until_us: a.explain,
         ..ReplayOptions::default()
     };
     let result = replay::run(&speakers, &opts)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let io = |e: std::io::Error| e.to_string();
+    if let Some(e) = &result.explained {
+        let text = replay::explain::render(e, &result.changes, opts.tracks);
+        return write!(out, "{text}").map_err(io);
+    }
     for c in &result.changes {
         writeln!(
             out,

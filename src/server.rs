@@ -21,6 +21,7 @@ use crate::http::{admin_router, router, App};
 use crate::origin::media_thread::{MediaThread, MediaThreadConfig};
 use crate::origin::relay_server::{RelayBindError, RelayPolicy, RelayServer, SubscribePolicy};
 use crate::origin::Origin;
+use crate::recording::Recorder;
 use crate::relay::client::LinkConfig;
 use crate::room::RoomService;
 use crate::webhooks::{HookTarget, Hooks};
@@ -123,6 +124,15 @@ pub struct Running {
     pub node_id: String,
     /// Drains the node (SIGTERM).
     pub drainer: crate::drain::Drainer,
+}
+
+impl Running {
+    /// Closes every open recording (files finalized): call once the node stops serving.
+    pub fn finish_recordings(&self) {
+        if let Some(r) = self.drainer.app.origin.as_ref().and_then(|o| o.recorder()) {
+            r.finish();
+        }
+    }
 }
 
 /// Why a server did not start.
@@ -457,6 +467,14 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
         )
         .map_err(io(format!("media socket on {}", opts.media_ip)))?;
         let o = Origin::new(host, hooks.clone());
+        match opts.data_dir.as_deref() {
+            Some(dir) => {
+                let r = Recorder::start(dir)
+                    .map_err(io(format!("recordings directory in {}", dir.display())))?;
+                o.set_recorder(r);
+            }
+            None => info!("no --data-dir: publishes asking to record are refused"),
+        }
         let relay = RelayServer::bind(opts.cluster, &id.cert_der, &id.cert_key_der)?;
         let addr = relay.local_addr();
         info!(cluster = %addr, fingerprint = relay.fingerprint.as_str(), "relay listening for edges (QUIC)");

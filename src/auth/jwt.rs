@@ -22,8 +22,12 @@ pub enum Scope {
 #[serde(rename_all = "camelCase")]
 pub(crate) struct MillicastClaims {
     pub stream_name: String,
+    /// Recording allowed (the SDK refuses `publish({record: true})` without it).
     #[serde(default)]
     pub record: bool,
+    /// chorus's own: a publish that does not say is recorded (the token's `record`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub record_by_default: bool,
 }
 
 /// A publish JWT of a room member: it publishes that member's source only, and only while the
@@ -156,6 +160,18 @@ impl JwtSigner {
         scope: Scope,
         room: Option<RoomBinding>,
     ) -> String {
+        self.issue_recording(stream, scope, room, (false, false))
+    }
+
+    /// A JWT as [`issue_bound`](Self::issue_bound) makes, with the recording grant (allowed,
+    /// by default) of the token it was issued for.
+    pub(crate) fn issue_recording(
+        &self,
+        stream: &str,
+        scope: Scope,
+        room: Option<RoomBinding>,
+        (record, record_by_default): (bool, bool),
+    ) -> String {
         let now = unix_now();
         self.sign(&Claims {
             iat: now,
@@ -163,7 +179,8 @@ impl JwtSigner {
             scope,
             millicast: MillicastClaims {
                 stream_name: stream.to_owned(),
-                record: false,
+                record,
+                record_by_default,
             },
             room,
         })

@@ -48,6 +48,10 @@ pub struct TokenEntry {
     /// Unix seconds it was made at (0 when the file does not say).
     #[serde(default)]
     pub created: u64,
+    /// A publish token whose feeds are recorded unless a publish says `record: false` (and
+    /// that allows `record: true`), Millicast's token `record` setting.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub record: bool,
 }
 
 impl TokenEntry {
@@ -126,6 +130,7 @@ impl TokenFile {
             kind,
             expires: ttl_secs.map(|t| now + t),
             created: now,
+            record: false,
         };
         self.tokens.push(entry.clone());
         entry
@@ -158,6 +163,13 @@ impl TokenFile {
             return Err(AuthError::Expired);
         }
         Ok(())
+    }
+
+    /// Whether a publish token that passes [`check`](Self::check) records.
+    fn records(&self, token: &str) -> bool {
+        self.tokens
+            .iter()
+            .any(|e| e.record && constant_time_eq(e.token.as_bytes(), token.as_bytes()))
     }
 
     fn needs_subscribe_token(&self, stream: &str) -> bool {
@@ -216,6 +228,18 @@ impl Tokens {
             }
             TokenStore::File { .. } => {
                 self.with_file(|f| f.check(token, stream, TokenKind::Publish, unix_now()))
+            }
+        }
+    }
+
+    /// What a checked publish token says about recording: (allowed, by default). Dev mode
+    /// allows it when asked; a token file's entry records when it has `record`.
+    pub(crate) fn record_grant(&self, token: Option<&str>) -> (bool, bool) {
+        match &self.source {
+            TokenStore::Dev { .. } => (true, false),
+            TokenStore::File { .. } => {
+                let r = token.is_some_and(|t| self.with_file(|f| f.records(t)));
+                (r, r)
             }
         }
     }

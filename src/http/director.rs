@@ -116,7 +116,12 @@ pub(crate) async fn publish(
         Ok(url) => url,
         Err(e) => return super::cluster::refusal(e).into_response(),
     };
-    let jwt = signer.issue_bound(&stream, Scope::Publish, room.clone());
+    // A room member's credential carries no recording grant: a room records nothing.
+    let grant = match room {
+        Some(_) => (false, false),
+        None => tokens.record_grant(token),
+    };
+    let jwt = signer.issue_recording(&stream, Scope::Publish, room.clone(), grant);
     success(&app, &stream, url, jwt, room.as_ref())
 }
 

@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::Notify;
+use tracing::warn;
 
 use super::limits::OfferRefused;
 use super::room_views::HeldView;
@@ -20,6 +21,7 @@ use crate::auth::tokens::Tokens;
 use crate::edge::events::ViewerEvent;
 use crate::edge::{Edge, PendingViewer, ViewOptions};
 use crate::origin::{Owner, Published};
+use crate::recording::{RecordAsk, RecordError};
 use crate::room::state::RoomError;
 use crate::rtc::offer::OfferError;
 use crate::rtc::peers::PeerId;
@@ -43,13 +45,19 @@ pub(crate) enum FlowError {
     TooManyOffers(#[from] OfferRefused),
     #[error(transparent)]
     Offer(#[from] OfferError),
+    #[error(transparent)]
+    Record(#[from] RecordError),
 }
 
 impl FlowError {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             FlowError::NotAnOrigin | FlowError::NotAnEdge => StatusCode::NOT_FOUND,
-            FlowError::Room(_) => StatusCode::FORBIDDEN,
+            FlowError::Room(_) | FlowError::Record(RecordError::NotAllowed) => {
+                StatusCode::FORBIDDEN
+            }
+            FlowError::Record(RecordError::NoDataDir) => StatusCode::BAD_REQUEST,
+            FlowError::Record(RecordError::Busy) => StatusCode::SERVICE_UNAVAILABLE,
             FlowError::NotOwner(_) => StatusCode::CONFLICT,
             FlowError::TooManyOffers(_) => StatusCode::TOO_MANY_REQUESTS,
             // A refused offer is the client's fault unless it may clear or broke on our side.
@@ -116,6 +124,8 @@ pub(crate) struct PublishAsk<'a> {
     pub peer: IpAddr,
     /// Redundant ingest: the feed of highest priority plays (0 when none was asked).
     pub priority: i32,
+    /// Recording: what was asked and what the credential allows.
+    pub record: RecordAsk,
 }
 
 /// Publishes: a room member's rules, the offer rate limit, the origin's answer; a member
@@ -130,8 +140,22 @@ pub(crate) fn publish(app: &App, ask: PublishAsk<'_>) -> Result<Published, FlowE
     if let Some(b) = ask.room {
         rooms::check_room_publish(app, b, ask.source.as_deref(), ask.offer)?;
     }
+    let record = ask.record.decide(origin.recorder().is_some())?;
+    if ask.record.asked.is_none() && ask.record.by_default && origin.recorder().is_none() {
+        warn!(
+            stream = ask.stream,
+            "the token records by default, but this origin has no --data-dir: not recorded"
+        );
+    }
     app.take_offer(ask.peer)?;
-    let published = origin.publish(ask.stream, ask.source, ask.offer, ask.owner, ask.priority)?;
+    let published = origin.publish(
+        ask.stream,
+        ask.source,
+        ask.offer,
+        ask.owner,
+        ask.priority,
+        record,
+    )?;
     if let Some(b) = ask.room {
         rooms::confirm_room_publish(app, b)?;
     }

@@ -68,6 +68,7 @@ pub(crate) fn origin_drops(o: &Origin) -> Vec<(&'static str, u64)> {
     ]
     .into_iter()
     .chain(peer_drops(p, "publisher_flood"))
+    .chain(recording_dropped(o.recorder().map(|r| &*r.stats)))
     .collect()
 }
 
@@ -212,6 +213,22 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             "Packets not relayed, by reason (tcp_*: ICE-TCP connections closed).",
             &origin_drops(o),
         );
+        if let Some(r) = o.recorder() {
+            metric(
+                &mut out,
+                "chorus_origin_recordings_total",
+                "counter",
+                "Recordings opened (a stream's first recorded feed).",
+                &[("", g(&r.stats.recordings))],
+            );
+            metric(
+                &mut out,
+                "chorus_origin_recorded_frames_total",
+                "counter",
+                "20 ms frames written to recordings, fillers included.",
+                &[("", g(&r.stats.frames))],
+            );
+        }
         tcp_connections(&mut out, "chorus_origin_ice_tcp_connections_total", p);
         peers_closed(&mut out, "chorus_origin_peers_closed_total", p);
         by_reason(
@@ -512,4 +529,17 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     }
     app.http_metrics.write(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// The recorder's drops (`chorus_origin_dropped_total`), when the origin records.
+fn recording_dropped(stats: Option<&crate::recording::RecorderStats>) -> Vec<(&'static str, u64)> {
+    let Some(r) = stats else { return Vec::new() };
+    let g = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    vec![
+        ("recording_full", g(&r.queue_full)),
+        ("recording_too_large", g(&r.too_large)),
+        ("recording_late", g(&r.late)),
+        ("recording_unknown_feed", g(&r.unknown)),
+        ("recording_write_error", g(&r.write_errors)),
+    ]
 }

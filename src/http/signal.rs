@@ -38,6 +38,7 @@ use crate::edge::core::Projection;
 use crate::edge::events::ViewerEvent;
 use crate::edge::ViewOptions;
 use crate::origin::Owner;
+use crate::recording::RecordAsk;
 use crate::rtc::peers::PeerId;
 
 /// Largest signalling message and frame (see [`WS_MAX_MESSAGE`]).
@@ -514,6 +515,7 @@ fn publish(
         source,
         priority,
         events,
+        record,
     } = PublishCmd::parse(data)?;
     let published = flow::publish(
         app,
@@ -525,6 +527,11 @@ fn publish(
             owner: Owner::Signalling(sid),
             peer,
             priority,
+            record: RecordAsk {
+                asked: record,
+                allowed: claims.millicast.record,
+                by_default: claims.millicast.record_by_default,
+            },
         },
     )?;
     // The last publish's list decides, as a reconnect's publish starts a new session anyway.

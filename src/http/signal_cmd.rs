@@ -55,6 +55,8 @@ pub enum CmdError {
     BadEvents,
     #[error("unproject needs data.mediaIds")]
     MissingMediaIds,
+    #[error("record must be true or false")]
+    BadRecord,
     #[error("priority must be an integer from -2147483648 to 2147483647")]
     BadPriority,
 }
@@ -88,7 +90,7 @@ pub(crate) fn source_list(data: &Value, field: &'static str) -> Result<Vec<Strin
     }
 }
 
-/// `publish {sdp, sourceId?, priority?, events?}` (the stream `name` is checked against the token by the
+/// `publish {sdp, sourceId?, priority?, events?, record?}` (the stream `name` is checked against the token by the
 /// handler).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishCmd<'a> {
@@ -103,6 +105,8 @@ pub struct PublishCmd<'a> {
     /// `events`: which publisher events it wants (`active`, `inactive`, `viewercount`);
     /// None: none, as the SDK sends no list unless the app asked.
     pub events: Option<Vec<String>>,
+    /// `record`: record this feed (None: as the token says).
+    pub record: Option<bool>,
 }
 
 impl<'a> PublishCmd<'a> {
@@ -119,11 +123,16 @@ impl<'a> PublishCmd<'a> {
                 .and_then(|p| i32::try_from(p).ok())
                 .ok_or(CmdError::BadPriority)?,
         };
+        let record = match data.get("record") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v.as_bool().ok_or(CmdError::BadRecord)?),
+        };
         Ok(PublishCmd {
             sdp,
             source: source_id(data)?,
             priority,
             events: event_names(data)?,
+            record,
         })
     }
 }
@@ -351,8 +360,14 @@ mod tests {
                 source: Some("ana".into()),
                 priority: 0,
                 events: None,
+                record: None,
             })
         );
+        let r = |v: Value| PublishCmd::parse(&json!({"sdp": "v=0", "record": v})).map(|c| c.record);
+        assert_eq!(r(json!(true)), Ok(Some(true)));
+        assert_eq!(r(json!(false)), Ok(Some(false)));
+        assert_eq!(r(json!(null)), Ok(None));
+        assert_eq!(r(json!("yes")), Err(CmdError::BadRecord));
         let p =
             |v: Value| PublishCmd::parse(&json!({"sdp": "v=0", "priority": v})).map(|c| c.priority);
         assert_eq!(p(json!(7)), Ok(7));

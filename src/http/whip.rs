@@ -1,5 +1,7 @@
 //! WHIP (RFC 9725) publishing for clients outside the SDK: `POST /whip/{stream}?sourceId=ID`
-//! with the publish token (or a publish JWT) as bearer and the SDP offer as body.
+//! (`&record=true|false`: Millicast's WHIP has no such parameter, its token decides; here it
+//! is the signalling `record`) with the publish token (or a publish JWT) as bearer and the SDP
+//! offer as body.
 
 use std::sync::Arc;
 
@@ -17,11 +19,27 @@ use super::{bearer, fail, sdp_request, App};
 use crate::auth::jwt::Scope;
 use crate::millicast::{source_id_ok, MAX_SOURCE_ID};
 use crate::origin::Owner;
+use crate::recording::RecordAsk;
 
 #[derive(Deserialize)]
 pub(crate) struct WhipQuery {
     #[serde(rename = "sourceId")]
     source_id: Option<String>,
+    record: Option<bool>,
+}
+
+/// The bearer's recording grant (allowed, by default): a director JWT's claims, else the
+/// token file's entry; a room member's credential has none.
+fn record_grant(app: &App, token: Option<&str>, stream: &str, room: bool) -> (bool, bool) {
+    if room {
+        return (false, false);
+    }
+    if let Ok(Some(c)) = super::jwt_allows(app, token, stream, Scope::Publish) {
+        return (c.millicast.record, c.millicast.record_by_default);
+    }
+    app.tokens
+        .as_ref()
+        .map_or((false, false), |t| t.record_grant(token))
 }
 
 pub(crate) async fn publish(
@@ -52,6 +70,7 @@ pub(crate) async fn publish(
             format!("sourceId must be at most {MAX_SOURCE_ID} printable characters"),
         );
     }
+    let (allowed, by_default) = record_grant(&app, bearer(&headers), &stream, room.is_some());
     let published = flow::publish(
         &app,
         PublishAsk {
@@ -63,6 +82,11 @@ pub(crate) async fn publish(
             peer: app.client_ip(super::listen::peer_ip(&peer), &headers),
             // WHIP has no priority: a WHIP feed of a sourceId plays when it is the newest.
             priority: 0,
+            record: RecordAsk {
+                asked: q.record,
+                allowed,
+                by_default,
+            },
         },
     );
     match published {

@@ -409,6 +409,12 @@ impl VoiceActivity {
         self.score * (-(idle as f32) / cfg.score_tau_us as f32).exp()
     }
 
+    /// The last measured packet's loudness over its noise floor (level mode: dB; size mode:
+    /// bytes); None before any or after the sender's DTX frame. For diagnostics.
+    pub fn over_floor(&self) -> Option<i16> {
+        (self.last_excess != i16::MIN && self.first_seen_us.is_some()).then_some(self.last_excess)
+    }
+
     /// Where the source stands at `now_us`.
     pub fn voice(&self, cfg: &VadConfig, now_us: u64) -> Voice {
         if !self.talkspurt {

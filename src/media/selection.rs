@@ -342,6 +342,12 @@ impl Selector {
         }
     }
 
+    /// The ranking of the last tick, best first: the talking sources and their standing then
+    /// (read-only, for `chorus replay --explain`).
+    pub fn ranking(&self) -> impl Iterator<Item = (SourceIdx, Standing)> + '_ {
+        self.ranking.iter().map(|r| (r.source, r.standing))
+    }
+
     /// One ranking for the whole stream, then every group's slots follow it.
     /// `sources` yields every live source with its standing.
     pub fn tick(

@@ -526,8 +526,14 @@ impl StreamCore {
         self.standing(s, now_us).voice
     }
 
-    fn standing(&self, s: SourceIdx, now_us: u64) -> Standing {
+    /// Source `s`'s standing (voice, score, live) at `now_us`, as the selection sees it.
+    pub fn standing(&self, s: SourceIdx, now_us: u64) -> Standing {
         standing_of(&self.sources, &self.cfg.vad, s, now_us)
+    }
+
+    /// Source `s`'s last packet's loudness over its noise floor ([`VoiceActivity::over_floor`]).
+    pub fn over_floor(&self, s: SourceIdx) -> Option<i16> {
+        self.sources.get(s.0 as usize)?.activity.over_floor()
     }
 
     /// One packet of source `s` arrived at `now_us`, as bytes: parsed here, then

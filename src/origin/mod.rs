@@ -14,7 +14,7 @@ pub(crate) mod talking;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -23,6 +23,7 @@ use str0m::media::MediaKind;
 use str0m::rtp::Extension;
 use tracing::{error, info, warn};
 
+use crate::recording::Recorder;
 use crate::relay::proto::{OriginMsg, SourceInfo, TrackInfo};
 use crate::rtc::offer::OfferRequirements;
 use crate::rtc::offer::{mlines, OfferError};
@@ -376,6 +377,8 @@ pub(crate) struct Origin {
     muted: Mutex<HashSet<(String, SourceKey)>>,
     /// Webhooks for feeds and (through the room service) rooms.
     pub hooks: Hooks,
+    /// Writes recorded feeds (set once at start when there is a `--data-dir`).
+    recorder: OnceLock<Arc<Recorder>>,
 }
 
 impl Origin {
@@ -393,7 +396,18 @@ impl Origin {
             revocations: tokio::sync::broadcast::channel(REVOCATIONS_QUEUE).0,
             muted: Mutex::new(HashSet::new()),
             hooks,
+            recorder: OnceLock::new(),
         })
+    }
+
+    /// Records feeds published with `record` from now on (set once; false if already set).
+    pub(crate) fn set_recorder(&self, r: Arc<Recorder>) -> bool {
+        self.recorder.set(r).is_ok()
+    }
+
+    /// The recorder, when the origin has a `--data-dir`.
+    pub(crate) fn recorder(&self) -> Option<&Arc<Recorder>> {
+        self.recorder.get()
     }
 
     /// Mutes (or unmutes) every feed of `source` in `stream`, now and for feeds to come, until
@@ -441,6 +455,10 @@ impl Origin {
     /// The attempt holds its stream (a pending count) and its source index from the claim to
     /// its end, so the stream cannot be removed as idle while the media thread answers the
     /// offer, whatever else happens meanwhile (failed offers, edges leaving).
+    ///
+    /// With `record` (decided by the caller, see [`crate::recording::RecordAsk`]) the feed's
+    /// audio is also recorded while it plays.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn publish(
         &self,
         stream: &str,
@@ -448,6 +466,7 @@ impl Origin {
         offer: &str,
         owner: Owner,
         priority: i32,
+        record: bool,
     ) -> Result<Published, OfferError> {
         let audio_level = mlines(offer)
             .iter()
@@ -458,6 +477,18 @@ impl Origin {
         // Set from the muted sources when it goes live (`commit`).
         let muted = Arc::new(AtomicBool::new(false));
         let (index, fanout) = self.reserve(stream, &source)?;
+        // Started before the offer is answered: the recorder hears of the feed before any
+        // packet of it.
+        let tap = match (record, self.recorder.get()) {
+            (true, Some(r)) => match r.tap(publication, stream, source.as_deref()) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    warn!(stream, source = ?source, publication, error = %e, "feed not recorded");
+                    None
+                }
+            },
+            _ => None,
+        };
         let route = Route {
             stream: stream.to_owned(),
             source: source.clone(),
@@ -472,7 +503,8 @@ impl Origin {
             self.metrics.clone(),
             playing.clone(),
             muted.clone(),
-        );
+        )
+        .recorded(tap);
         // Publishers may send simulcast video: rid too.
         let config = media_config().set_extension(10, Extension::RtpStreamId);
         let accepted = self.host.accept(

@@ -10,6 +10,7 @@ use tracing::debug;
 use super::media_thread::{PeerEvent, PeerHandler};
 use super::{relay_kind, Fanout, Origin, OriginMetrics, SourceKey, SourceStats};
 use crate::media::rtp::{audio_level_byte, write_packet, HeaderFields};
+use crate::recording::RecTap;
 use crate::relay::proto::{origin_clock_ms, DatagramHeader, LEVEL_EXT_ID};
 use crate::rtc::peers::PeerId;
 
@@ -37,6 +38,8 @@ pub(crate) struct PublicationHandler {
     playing: Arc<AtomicBool>,
     /// True while its room member is muted: counted, not relayed.
     muted: Arc<AtomicBool>,
+    /// Where its audio is recorded, when it is (what plays and is not muted: what edges get).
+    rec: Option<RecTap>,
 }
 
 impl PublicationHandler {
@@ -62,7 +65,14 @@ impl PublicationHandler {
             last_seq: None,
             playing,
             muted,
+            rec: None,
         }
+    }
+
+    /// Records what it relays through `tap` (None: not recorded).
+    pub(crate) fn recorded(mut self, tap: Option<RecTap>) -> Self {
+        self.rec = tap;
+        self
     }
 }
 
@@ -109,6 +119,9 @@ impl PeerHandler for PublicationHandler {
                 if self.muted.load(Ordering::Relaxed) {
                     self.metrics.muted_dropped.fetch_add(1, Ordering::Relaxed);
                     return;
+                }
+                if let (Some(tap), MediaKind::Audio) = (&self.rec, m.kind) {
+                    tap.packet(m.ts, m.audio_level, m.payload);
                 }
                 let subs = self.fanout.subs.read().unwrap_or_else(|p| p.into_inner());
                 if subs.is_empty() {

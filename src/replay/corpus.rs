@@ -174,6 +174,25 @@ pub(crate) fn parse_turns(text: &str) -> Result<Vec<(u64, u64)>, (usize, String)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::recording::files::Recordings;
+    use crate::recording::{RecPacket, RecorderStats};
+    use serde_json::json;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant, UNIX_EPOCH};
+
+    fn packet(feed: u64, ts: u32, arrival: Instant, level: u8) -> RecPacket {
+        let mut p = RecPacket {
+            feed,
+            arrival,
+            ts,
+            level: Some(level),
+            len: 3,
+            payload: [0; crate::recording::MAX_PAYLOAD],
+        };
+        p.payload[..3].copy_from_slice(&[0x78, 1, 2]);
+        p
+    }
 
     #[test]
     fn turns_parse_in_seconds_and_reject_garbage() {
@@ -195,5 +214,67 @@ mod tests {
         );
         assert_eq!(parse_levels("1\n128\n"), Err((2, "128".into())));
         assert_eq!(parse_levels("x"), Err((1, "x".into())));
+    }
+
+    /// What the recorder writes is a corpus this loader reads.
+    #[test]
+    fn two_sources_share_one_timeline_and_the_scenario_says_who_published_when() {
+        let root = std::env::temp_dir().join(format!("chorus-rec-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let stats = Arc::new(RecorderStats::default());
+        let mut r = Recordings::new(root.clone(), stats.clone());
+        let t0 = Instant::now();
+        let wall = UNIX_EPOCH + Duration::from_secs(1_796_173_323);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let dir = r.start(1, "panel", Some("ana"), t0, wall).unwrap();
+        assert_eq!(dir, root.join("panel/20261202T010203Z"));
+        for k in 0..100u32 {
+            r.packet(&packet(1, k * 960, at(k as u64 * 20), 30));
+        }
+        // The main source joins 1 s in, sends 10 frames, and stops; ana stops at 3 s.
+        assert_eq!(
+            r.start(2, "panel", None, at(1000), wall).unwrap(),
+            dir,
+            "one recording per stream"
+        );
+        for k in 0..10u32 {
+            r.packet(&packet(2, 5 + k * 960, at(1000 + k as u64 * 20), 90));
+        }
+        r.packet(&packet(9, 0, at(1000), 1));
+        assert_eq!(stats.unknown.load(Ordering::Relaxed), 1);
+        r.stop(2, at(1300));
+        assert_eq!(r.open_streams(), 1);
+        r.stop(1, at(3000));
+        assert_eq!(r.open_streams(), 0);
+        let speakers = load(&dir).unwrap();
+        let ids: Vec<&str> = speakers.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["ana", "main"]);
+        // Both run from the recording's start to its end: 150 frames of 20 ms.
+        for s in &speakers {
+            assert_eq!(s.packets.len(), 150, "{}", s.id);
+            assert_eq!(s.levels.as_ref().unwrap().len(), 150, "{}", s.id);
+        }
+        let main = &speakers[1];
+        let levels = main.levels.as_ref().unwrap();
+        assert_eq!(levels[49], 127);
+        assert_eq!(levels[50..60], [90; 10]);
+        assert_eq!(levels[60], 127);
+        assert_eq!(main.packets[49], vec![0xF8], "a filler before any packet");
+        assert_eq!(main.packets[60], vec![0x78], "a filler keeps the last TOC");
+        assert_eq!(speakers[0].levels.as_ref().unwrap()[99], 30);
+        let sc: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("scenario.json")).unwrap())
+                .unwrap();
+        assert_eq!(sc["duration_s"], 3.0);
+        assert_eq!(sc["started_at"], "2026-12-02T01:02:03.000Z");
+        assert_eq!(sc["speakers"][0]["published"], json!([[0.0, 3.0]]));
+        assert_eq!(sc["speakers"][1]["id"], "main");
+        assert_eq!(sc["speakers"][1]["sourceId"], serde_json::Value::Null);
+        assert_eq!(sc["speakers"][1]["published"], json!([[1.0, 1.3]]));
+        // A new feed after the end opens a new recording beside it.
+        let again = r.start(3, "panel", Some("ana"), at(4000), wall).unwrap();
+        assert_eq!(again, root.join("panel/20261202T010203Z-2"));
+        r.finish_all(at(4100));
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -3,6 +3,7 @@
 //! every track change plus a summary measured against the corpus's own ground truth.
 
 pub mod corpus;
+pub mod explain;
 pub mod ogg;
 pub mod truth;
 
@@ -45,6 +46,8 @@ pub struct ReplayOptions {
     pub seed: u64,
     /// Selection tick period.
     pub tick_ms: u32,
+    /// Stop at this packet time (µs) and read the core's state there (`--explain`).
+    pub until_us: Option<u64>,
 }
 
 impl Default for ReplayOptions {
@@ -59,6 +62,7 @@ impl Default for ReplayOptions {
             jitter_ms: 0,
             seed: 1,
             tick_ms: 10,
+            until_us: None,
         }
     }
 }
@@ -169,6 +173,8 @@ pub struct ReplayResult {
     pub summary: Summary,
     /// The core's own counters.
     pub stats: CoreStats,
+    /// The core's state at [`ReplayOptions::until_us`], when asked.
+    pub explained: Option<explain::Explained>,
 }
 
 struct Sent {
@@ -380,9 +386,18 @@ pub fn run(speakers: &[Speaker], opts: &ReplayOptions) -> Result<ReplayResult, S
             }
             _ => {}
         };
-        while next_tick <= s.arrival_us {
+        let stop = opts.until_us.is_some_and(|t| s.arrival_us > t);
+        let tick_to = if stop {
+            opts.until_us.unwrap_or(s.arrival_us)
+        } else {
+            s.arrival_us
+        };
+        while next_tick <= tick_to {
             core.tick(next_tick, &mut |o| sink(o, next_tick, None));
             next_tick += tick_us;
+        }
+        if stop {
+            break;
         }
         let cur = Some((s.source, s.send_us, s.arrival_us));
         // A replayed corpus is well formed; a drop here would be a core bug worth surfacing.
@@ -393,7 +408,11 @@ pub fn run(speakers: &[Speaker], opts: &ReplayOptions) -> Result<ReplayResult, S
         let seq = u16::from_be_bytes([s.packet[2], s.packet[3]]);
         sent_at.insert((s.source, seq), s.send_us);
     }
-    let end_us = sent.last().map_or(0, |s| s.arrival_us);
+    let last_us = sent.last().map_or(0, |s| s.arrival_us);
+    let end_us = opts.until_us.map_or(last_us, |t| t.min(last_us));
+    let explained = opts
+        .until_us
+        .map(|t| explain::explain(&core, group, speakers, &phase_us, t));
     let run = Run {
         names: &names,
         phase_us: &phase_us,
@@ -410,6 +429,7 @@ pub fn run(speakers: &[Speaker], opts: &ReplayOptions) -> Result<ReplayResult, S
         forwarded,
         summary,
         stats: core.stats().clone(),
+        explained,
     })
 }
 

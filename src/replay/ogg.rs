@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use crate::recording::ogg::crc32;
+
 /// An Ogg Opus file that cannot be read (byte offsets are of the page).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OggError {
@@ -106,27 +108,6 @@ pub fn read_packets(data: &[u8]) -> Result<Vec<Vec<u8>>, OggError> {
     Ok(out)
 }
 
-/// Ogg's CRC-32 (polynomial 0x04C11DB7, no reflection), with the checksum field read as zero.
-fn crc32(page: &[u8], crc_field_at: usize) -> u32 {
-    let mut crc = 0u32;
-    for (i, &b) in page.iter().enumerate() {
-        let b = if (crc_field_at..crc_field_at + 4).contains(&i) {
-            0
-        } else {
-            b
-        };
-        crc ^= (b as u32) << 24;
-        for _ in 0..8 {
-            crc = if crc & 0x8000_0000 != 0 {
-                (crc << 1) ^ 0x04C1_1DB7
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,6 +160,16 @@ mod tests {
             read_ogg_opus(&page(0, &[b"hello"])),
             Err(OggError::NotOpus)
         ));
+    }
+
+    #[test]
+    fn reads_what_the_recorder_writes() {
+        let out = crate::recording::ogg::sample_file();
+        let o = read_ogg_opus(&out).expect("valid Ogg Opus");
+        assert_eq!((o.channels, o.pre_skip), (1, 0));
+        assert_eq!(o.packets.len(), 120);
+        assert_eq!(o.packets[7].len(), 300);
+        assert_eq!(o.packets[119], vec![0x78, 119]);
     }
 
     #[test]

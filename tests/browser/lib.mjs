@@ -568,6 +568,7 @@ function roomPage() {
 
   // o: {streamName, token, sourceId (null = main source), streamKey, connectTimeoutMs, dtx, statsMs,
   //     e2ee (hex AES key: encrypt the payloads end to end), noLevel (offer no audio level),
+  //     record (the SDK's publish record option),
   //     credentials (a director answer the first tokenGenerator call returns; later calls ask
   //     the director with token), roomCredentials (true: the room's member.promoted data)}
   R.publish = async (o) => {
@@ -597,6 +598,7 @@ function roomPage() {
     if (o.sourceId !== null && o.sourceId !== undefined) opts.sourceId = o.sourceId;
     if (o.peerConfig) opts.peerConfig = o.peerConfig;
     if (o.priority !== null && o.priority !== undefined) opts.priority = o.priority;
+    if (o.record !== null && o.record !== undefined) opts.record = o.record;
     if (o.events) opts.events = o.events;
     try {
       const connect = () => withTimeout(p.connect(opts), o.connectTimeoutMs, 'Publish.connect()');

@@ -31,6 +31,7 @@
 //   relay     true: its Publish and View connect through TURN only (peerConfig
 //             iceTransportPolicy 'relay', with the director's iceServers)
 //   priority  its Publish's priority (redundant ingest of one sourceId)
+//   record    its Publish's record option (true: ask the server to record it)
 //   publishEvents  its Publish's events (e.g. ["active","inactive","viewercount"])
 //   autoReconnect  true: its Publish and View reconnect by themselves (the SDK's own
 //             autoReconnect); `reconnect` lines say when they start
@@ -120,6 +121,7 @@ const participants = [];
       name, publish: null, view: null,
       token: p.token ?? null, subscribeToken: p.subscribeToken ?? null, room: p.room ?? null,
       e2ee: p.e2ee ?? null, noLevel: !!p.noLevel, relay: !!p.relay, priority: p.priority ?? null,
+      record: p.record ?? null,
       inSync: !!p.inSync, autoReconnect: !!p.autoReconnect, publishEvents: p.publishEvents ?? null,
       browser: p.browser ?? DEFAULT_BROWSER,
     };
@@ -253,7 +255,7 @@ async function publishOne(p, extra = {}) {
   try {
     p.pubInfo = await roomPublish(p.page, {
       streamName, token: p.token ?? token, sourceId: p.publish.sourceId, streamKey: 'corpus', connectTimeoutMs, dtx, statsMs,
-      e2ee: p.e2ee, noLevel: p.noLevel, priority: p.priority, autoReconnect: p.autoReconnect,
+      e2ee: p.e2ee, noLevel: p.noLevel, priority: p.priority, record: p.record, autoReconnect: p.autoReconnect,
       events: p.publishEvents,
       peerConfig: p.relay ? { iceTransportPolicy: 'relay' } : null, ...extra,
     });

@@ -469,7 +469,7 @@ pub async fn start(opts: &ServerOptions) -> Result<Running, StartError> {
         let o = Origin::new(host, hooks.clone());
         match opts.data_dir.as_deref() {
             Some(dir) => {
-                let r = Recorder::start(dir)
+                let r = Recorder::start(dir, hooks.clone())
                     .map_err(io(format!("recordings directory in {}", dir.display())))?;
                 o.set_recorder(r);
             }

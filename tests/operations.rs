@@ -206,9 +206,18 @@ fn cmd(id: u64, name: &str, data: Value) -> String {
 fn webhooks_are_signed_retried_and_cover_feeds_viewers_and_rooms() {
     let recv = Receiver::start(1);
     let url = format!("http://{}/hooks", recv.addr);
+    let data = common::tempdir("hooks-data");
     let p = Proc::start(
         "serve",
-        &["serve", "--http", "127.0.0.1:0", "--webhook-url", &url],
+        &[
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--webhook-url",
+            &url,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
         &[
             ("CHORUS_PUBLISH_TOKEN", TOKEN),
             ("CHORUS_API_KEY", API_KEY),
@@ -217,7 +226,9 @@ fn webhooks_are_signed_retried_and_cover_feeds_viewers_and_rooms() {
     );
     let a = p.http();
     let node = p.info["node"].as_str().unwrap().to_owned();
-    let publisher = common::whip_command(a, "hooked", "ana", TOKEN, 12)
+    // Recorded (WHIP's `record=true`; the tool adds its sourceId to the query), so that the
+    // recording's end is told too.
+    let publisher = common::whip_command(a, "hooked?record=true", "ana", TOKEN, 12)
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -267,6 +278,15 @@ fn webhooks_are_signed_retried_and_cover_feeds_viewers_and_rooms() {
             }),
             recv.has("feeds", "stopped", |d| {
                 d["streamName"] == "hooked" && d["sourceId"] == "ana"
+            }),
+            recv.has("recording", "ready", |d| {
+                let dir = std::path::Path::new(d["path"].as_str().unwrap_or_default());
+                d["streamName"] == "hooked"
+                    && d["sources"] == json!(["ana"])
+                    && d["durationS"].as_f64().unwrap_or(0.0) > 5.0
+                    && dir.starts_with(&data)
+                    && dir.join("ana.opus").is_file()
+                    && dir.join("scenario.json").is_file()
             }),
             recv.has("viewers", "count", |d| {
                 d["streamName"] == "hooked" && d["viewers"] == 1

@@ -21,6 +21,7 @@ use super::ogg::OggWriter;
 use super::timeline::{Place, Timeline, SLOT_US};
 use super::{RecPacket, RecorderStats};
 use crate::media::opus;
+use crate::webhooks::Hooks;
 
 /// The file stem of the stream's main source (published with no sourceId).
 pub(crate) const MAIN_SOURCE_STEM: &str = "main";
@@ -67,15 +68,18 @@ pub(crate) struct Recordings {
     feeds: HashMap<u64, (String, String)>,
     stats: Arc<RecorderStats>,
     page: Vec<u8>,
+    /// Told `recording` `ready` when a recording's files are final.
+    hooks: Hooks,
 }
 
 impl Recordings {
-    pub(crate) fn new(root: PathBuf, stats: Arc<RecorderStats>) -> Recordings {
+    pub(crate) fn new(root: PathBuf, stats: Arc<RecorderStats>, hooks: Hooks) -> Recordings {
         Recordings {
             root,
             open: HashMap::new(),
             feeds: HashMap::new(),
             stats,
+            hooks,
             page: Vec::with_capacity(16 * 1024),
         }
     }
@@ -206,7 +210,8 @@ impl Recordings {
         if rec.live_feeds == 0 {
             let rec = self.open.remove(&stream).expect("present");
             self.feeds.retain(|_, (s, _)| *s != stream);
-            finish(&stream, rec, at, &mut self.page, &self.stats);
+            let ready = finish(&stream, rec, at, &mut self.page, &self.stats);
+            self.hooks.emit("recording", "ready", ready);
         } else {
             write_scenario(&stream, rec, None);
         }
@@ -222,7 +227,8 @@ impl Recordings {
                     p.1 = Some(offset);
                 }
             }
-            finish(&stream, rec, at, &mut self.page, &self.stats);
+            let ready = finish(&stream, rec, at, &mut self.page, &self.stats);
+            self.hooks.emit("recording", "ready", ready);
         }
     }
 }
@@ -302,13 +308,14 @@ fn write_page(f: &mut SourceFile, page: &mut Vec<u8>, stats: &RecorderStats) {
 }
 
 /// Ends one recording at `at`: every file filled to the end and closed, the scenario final.
+/// Returns the `recording` `ready` webhook's data: where it is and what it holds.
 fn finish(
     stream: &str,
     mut rec: Recording,
     at: Instant,
     page: &mut Vec<u8>,
     stats: &RecorderStats,
-) {
+) -> serde_json::Value {
     let end_us = at.saturating_duration_since(rec.started).as_micros() as u64;
     for f in rec.files.values_mut() {
         let n = f.timeline.fill_to(end_us);
@@ -328,6 +335,13 @@ fn finish(
     let duration = end_us as f64 / 1e6;
     write_scenario(stream, &rec, Some(duration));
     info!(stream, dir = %rec.dir.display(), duration_s = duration, sources = rec.files.len(), "recording finished");
+    json!({
+        "streamName": stream,
+        "path": rec.dir.display().to_string(),
+        "startedAt": utc_rfc3339_ms(rec.started_unix_ms),
+        "durationS": (duration * 1000.0).round() / 1000.0,
+        "sources": rec.files.values().map(|f| f.source_id.clone()).collect::<Vec<_>>(),
+    })
 }
 
 /// Writes `scenario.json` whole (to a temporary name, then renamed over the old one).

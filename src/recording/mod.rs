@@ -21,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{error, info, warn};
 
+use crate::webhooks::Hooks;
 use files::Recordings;
 
 /// Packets queued to the recorder at most: 2048 × ~1.3 KB ≈ 2.7 MB, 4 s of ten sources.
@@ -103,13 +104,14 @@ pub(crate) struct Recorder {
 }
 
 impl Recorder {
-    /// Starts the recorder thread, writing under `<data_dir>/recordings`.
-    pub(crate) fn start(data_dir: &Path) -> std::io::Result<Arc<Recorder>> {
+    /// Starts the recorder thread, writing under `<data_dir>/recordings`; `hooks` hear of each
+    /// finished recording (`recording` `ready`).
+    pub(crate) fn start(data_dir: &Path, hooks: Hooks) -> std::io::Result<Arc<Recorder>> {
         let root = data_dir.join("recordings");
         std::fs::create_dir_all(&root)?;
         let (tx, rx) = sync_channel(QUEUE);
         let stats = Arc::new(RecorderStats::default());
-        let recs = Recordings::new(root.clone(), stats.clone());
+        let recs = Recordings::new(root.clone(), stats.clone(), hooks);
         let thread = std::thread::Builder::new()
             .name("recorder".into())
             .spawn(move || run(recs, rx))?;

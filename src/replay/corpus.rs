@@ -222,7 +222,7 @@ mod tests {
         let root = std::env::temp_dir().join(format!("chorus-rec-unit-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let stats = Arc::new(RecorderStats::default());
-        let mut r = Recordings::new(root.clone(), stats.clone());
+        let mut r = Recordings::new(root.clone(), stats.clone(), Default::default());
         let t0 = Instant::now();
         let wall = UNIX_EPOCH + Duration::from_secs(1_796_173_323);
         let at = |ms: u64| t0 + Duration::from_millis(ms);

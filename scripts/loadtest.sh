@@ -4,7 +4,7 @@
 #   scripts/loadtest.sh [--start N] [--step N] [--max-viewers N] [--step-secs S]
 #                       [--duration S] [--tracks N] [--out DIR] [--no-build] [--bin PATH]
 #                       [--media-workers N] [--edge-cpus LIST] [--loadgen-arg ARG]...
-#                       [--cluster [--edge-capacity N]]
+#                       [--cluster [--edge-capacity N]] [--peer janus [--janus-event-loops N]]
 #
 # Starts `chorus origin` and `chorus edge` (the edge pinned alone on core 0 with taskset, the
 # origin and the load generator on the other core), ramps viewers with `chorus loadgen` in steps
@@ -26,11 +26,18 @@
 # per-edge table; the steps' edge CPU is e1's. Each edge gets --capacity of 60 % of --max-viewers
 # (--edge-capacity N to change it): the director keeps viewers of one stream together on an edge
 # until 80 % of its capacity, so without one every viewer would land on the first edge.
+# --peer janus then runs the same ramp (viewers, tracks, corpus, pacing) against Janus on the
+# edge's core: `chorus loadgen janus-config` writes a minimal Janus configuration (streaming
+# plugin, one mountpoint of --tracks Opus streams, the WebSocket transport) into a temporary
+# directory (copied to janus-config/), Janus runs from it (`janus -F DIR -C DIR/janus.jcfg`),
+# the speakers go to its RTP ports as plain RTP and janus-steps.jsonl gets its steps; report.md
+# gains a side-by-side table. --janus-event-loops (default 1, like the edge's one media thread;
+# 0 is Janus's default of a thread per viewer) sets Janus's media threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 START=500 STEP=500 MAX=3000 STEP_SECS=8 DURATION=420 TRACKS=3 BUILD=1 BIN=target/release/chorus
-WORKERS=1 EDGE_CPUS= LOADGEN_ARGS=() CLUSTER=0 EDGE_CAPACITY=
+WORKERS=1 EDGE_CPUS= LOADGEN_ARGS=() CLUSTER=0 EDGE_CAPACITY= PEER= JANUS_LOOPS=1 JDIR=
 OUT="target/loadtest/$(date +%Y%m%d-%H%M%S)"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -49,12 +56,21 @@ while [ $# -gt 0 ]; do
     --loadgen-arg=*) LOADGEN_ARGS+=("${1#--loadgen-arg=}"); shift ;;
     --cluster) CLUSTER=1; shift ;;
     --edge-capacity) EDGE_CAPACITY=$2; shift 2 ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    --peer) PEER=$2; shift 2 ;;
+    --janus-event-loops) JANUS_LOOPS=$2; shift 2 ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
     *) echo "loadtest: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
 say() { echo "loadtest: $*" >&2; }
+case "$PEER" in
+  ""|janus) ;;
+  *) say "--peer $PEER: only janus is known"; exit 2 ;;
+esac
+if [ "$PEER" = janus ] && ! command -v janus >/dev/null; then
+  say "janus missing (Debian package janus; scripts/setup-test-deps.sh installs it)"; exit 1
+fi
 mkdir -p "$OUT"
 if [ "$BUILD" = 1 ]; then
   say "building release (cargo build --release)"
@@ -74,6 +90,7 @@ PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [ -n "$JDIR" ]; then rm -rf "$JDIR"; JDIR=; fi
 }
 trap cleanup EXIT INT TERM
 
@@ -163,6 +180,32 @@ EOF
 say "floor benchmark: $PACKETS packets to $FLOOR_VIEWERS sockets"
 taskset -c "$EDGE_CPU","$OTHER_CPU" "$BIN" loadgen floor --packets "$PACKETS" --viewers "$FLOOR_VIEWERS" --batch 32 \
   >"$OUT/floor.json" 2>"$OUT/floor.log"
+
+if [ "$PEER" = janus ]; then
+  rm -f "$OUT/janus-steps.jsonl"
+  JDIR=$(mktemp -d "${TMPDIR:-/tmp}/chorus-janus.XXXXXX")
+  JCFG=$("$BIN" loadgen janus-config --dir "$JDIR" --tracks "$TRACKS" --event-loops "$JANUS_LOOPS")
+  mkdir -p "$OUT/janus-config" && cp "$JDIR"/*.jcfg "$OUT/janus-config/"
+  JWS=$(json "$JCFG" ws)
+  JRTP=$(python3 -c "import json,sys; print(','.join(json.loads(sys.argv[1])['rtp']))" "$JCFG")
+  JIP=$(json "$JCFG" ice_ip)
+  taskset -c "${EDGE_CPUS:-$EDGE_CPU}" janus -F "$JDIR" -C "$JDIR/janus.jcfg" --disable-colors >"$OUT/janus.log" 2>&1 &
+  JANUS_PID=$!; PIDS+=("$JANUS_PID")
+  JPORT=${JWS##*:}; JPORT=${JPORT%/}
+  for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$JPORT") 2>/dev/null && break; sleep 0.1; done
+  kill -0 "$JANUS_PID" 2>/dev/null || { say "janus died; see $OUT/janus.log"; exit 1; }
+  # Janus skips loopback when it gathers candidates: its one candidate is $JIP, so the viewers
+  # bind that address (the kernel still routes it over loopback).
+  say "janus $(janus --version 2>/dev/null | head -n1) $JWS (pid $JANUS_PID, cpus ${EDGE_CPUS:-$EDGE_CPU}, $JANUS_LOOPS event loops), candidate $JIP"
+  say "janus ramp: the same steps, $TRACKS streams fed one speaker each"
+  timeout --kill-after=10 "$(( ${DURATION%.*} + 60 ))" taskset -c "$OTHER_CPU" "$BIN" loadgen --target janus \
+    --url "$JWS" --janus-rtp "$JRTP" --local-ip "$JIP" \
+    --tracks "$TRACKS" --start "$START" --step "$STEP" --max-viewers "$MAX" \
+    --step-secs "$STEP_SECS" --duration "$DURATION" --edge-pid "$JANUS_PID" --join-concurrency 200 \
+    ${LOADGEN_ARGS[@]+"${LOADGEN_ARGS[@]}"} \
+    >"$OUT/janus-steps.jsonl" 2>"$OUT/janus-loadgen.log" || say "janus loadgen exited with $? (see $OUT/janus-loadgen.log)"
+  cleanup; PIDS=()
+fi
 
 VENV=target/loadtest-venv
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import matplotlib' 2>/dev/null; then

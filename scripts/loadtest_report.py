@@ -1,4 +1,5 @@
-"""Turns a scripts/loadtest.sh run (steps.jsonl, floor.json) into report.md and report.png.
+"""Turns a scripts/loadtest.sh run (steps.jsonl, floor.json, and janus-steps.jsonl after
+--peer janus) into report.md and report.png.
 
 Usage: loadtest_report.py DIR
 """
@@ -13,16 +14,21 @@ LOSS_LIMIT_PCT = 0.01
 CPU_LIMIT_PCT = 95.0
 
 
-def load(out: Path):
+def read_steps(path: Path):
     steps, summary = [], None
-    for line in (out / "steps.jsonl").read_text().splitlines():
+    for line in path.read_text().splitlines():
         if not line.strip().startswith("{"):
             continue
         v = json.loads(line)
         if "step" in v:
             steps.append(v)
-        else:
-            summary = v
+        elif "summary" in v:
+            summary = v["summary"]
+    return steps, summary
+
+
+def load(out: Path):
+    steps, summary = read_steps(out / "steps.jsonl")
     floor = json.loads((out / "floor.json").read_text())
     return steps, summary, floor
 
@@ -46,6 +52,64 @@ def within(s):
     if s.get("connected", 0) < s.get("viewers", 0):
         return f"only {s['connected']} of {s['viewers']} viewers connected"
     return None
+
+
+def cpu_us_per_viewer_s(s):
+    """CPU (µs per second) per connected viewer."""
+    return (s.get("edge_cpu_s") or 0) / max(s.get("secs") or 1, 1e-9) / max(s.get("connected") or 0, 1) * 1e6
+
+
+def ratio(a, b):
+    return a / b if a and b else None
+
+
+def profiles(summary):
+    p = (summary or {}).get("srtp_profiles") or {}
+    return ", ".join(f"{k} ({v} viewers)" for k, v in sorted(p.items())) or "not recorded"
+
+
+def janus_section(out: Path, steps, summary):
+    """The side-by-side table of a --peer janus run, empty without one."""
+    path = out / "janus-steps.jsonl"
+    if not path.exists():
+        return [], []
+    jsteps, jsum = read_steps(path)
+    lines = [
+        "",
+        "## Janus, the same ramp on the same core",
+        "",
+        "The same str0m viewers watch one Janus streaming mountpoint with one Opus stream per track, "
+        "each fed one corpus speaker as plain RTP on the publishers' clock. The work differs: Janus "
+        "forwards every stream to every viewer, chorus only the talkers it selects, so compare per "
+        "forwarded packet and per viewer, not per step.",
+        "",
+        f"SRTP negotiated: chorus {profiles(summary)}; Janus {profiles(jsum)}.",
+        "",
+        "| viewers | connected | pkts/s out | Janus CPU % | Janus ns / pkt | chorus ns / pkt | chorus / Janus per pkt "
+        "| Janus µs CPU / viewer·s | chorus / Janus per viewer | loss % | latency p50 / p95 / p99 / max ms "
+        "| Janus RSS KiB / viewer | chorus RSS KiB / viewer | joins/s Janus / chorus | join p99 ms Janus / chorus |",
+        "|" + "---|" * 15,
+    ]
+    by_viewers = {s["viewers"]: s for s in steps}
+    for j in jsteps:
+        c = by_viewers.get(j["viewers"], {})
+        jv = max(j.get("connected") or 0, 1)
+        cv = max(c.get("connected") or 0, 1)
+        jrss = j.get("edge_rss_kib")
+        crss = c.get("edge_rss_kib")
+        jns, cns = j.get("edge_ns_per_pkt"), c.get("edge_ns_per_pkt")
+        jcpu, ccpu = cpu_us_per_viewer_s(j), cpu_us_per_viewer_s(c) if c else None
+        lines.append(
+            f"| {j['viewers']} | {j.get('connected')} | {fmt(j.get('pkts_per_s'), 0)} | {fmt(j.get('edge_cpu_pct'))} "
+            f"| {fmt(jns, 0)} | {fmt(cns, 0)} | {fmt(ratio(cns, jns), 2)} "
+            f"| {jcpu:.1f} | {fmt(ratio(ccpu, jcpu), 2)} | {fmt(j.get('loss_pct'), 4)} "
+            f"| {fmt(j.get('lat_p50_ms'), 2)} / {fmt(j.get('lat_p95_ms'), 2)} / {fmt(j.get('lat_p99_ms'), 2)} / {fmt(j.get('lat_max_ms'), 2)} "
+            f"| {fmt(jrss / jv if jrss else None, 1)} | {fmt(crss / cv if crss else None, 1)} "
+            f"| {fmt(j.get('joins_per_s'))} / {fmt(c.get('joins_per_s'))} | {fmt(j.get('join_p99_ms'), 0)} / {fmt(c.get('join_p99_ms'), 0)} |"
+        )
+    if jsum:
+        lines += ["", "Summary line from loadgen against Janus:", "", "```", json.dumps(jsum), "```"]
+    return lines, jsteps
 
 
 def main():
@@ -113,10 +177,12 @@ def main():
     lines += rows
     lines += per_edge(out)
     if summary:
-        lines += ["", "Summary line from loadgen:", "", "```", json.dumps(summary), "```"]
+        lines += ["", "Summary line from loadgen:", "", "```", json.dumps({"summary": summary}), "```"]
+    janus, jsteps = janus_section(out, steps, summary)
+    lines += janus
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(out, steps)
+    plot(out, steps, jsteps)
 
 
 def per_edge(out: Path):
@@ -142,31 +208,37 @@ def per_edge(out: Path):
     return lines
 
 
-def plot(out: Path, steps):
+def plot(out: Path, steps, jsteps=()):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = [s.get("connected") or s["viewers"] for s in steps]
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
-    cpu = [(s.get("edge_cpu_s") or 0) / max(s.get("secs") or 1, 1e-9) / max(v, 1) * 1e6 for s, v in zip(steps, x)]
-    ax[0].plot(x, cpu, "o-")
-    ax[0].set_title("edge CPU per viewer (µs per second)")
-    ax[0].set_xlabel("viewers")
     ax2 = ax[0].twinx()
-    ax2.plot(x, [s.get("edge_cpu_pct") or 0 for s in steps], "s--", color="grey")
-    ax2.set_ylabel("edge CPU %")
-    ax[1].plot(x, [s.get("loss_pct") or 0 for s in steps], "o-", color="red")
+    # chorus in blue, Janus (a --peer janus run) in orange, dashed.
+    for name, ss, color, line in (("chorus", steps, "tab:blue", "-"), ("Janus", jsteps, "tab:orange", "--")):
+        if not ss:
+            continue
+        x = [s.get("connected") or s["viewers"] for s in ss]
+        ax[0].plot(x, [cpu_us_per_viewer_s(s) for s in ss], "o" + line, color=color, label=name)
+        ax2.plot(x, [s.get("edge_cpu_pct") or 0 for s in ss], "s:", color=color, alpha=0.5)
+        ax[1].plot(x, [s.get("loss_pct") or 0 for s in ss], "o" + line, color=color, label=name)
+        for key, mark in (("lat_p50_ms", "o"), ("lat_p95_ms", "s"), ("lat_p99_ms", "^"), ("lat_max_ms", "x")):
+            ax[2].plot(x, [s.get(key) for s in ss], mark + line, color=color, label=f"{name} {key.split('_')[1]}",
+                       alpha=1.0 if key != "lat_max_ms" else 0.5)
+    ax[0].set_title("CPU per viewer (µs per second; dotted: CPU %)")
+    ax[0].set_xlabel("viewers")
+    ax2.set_ylabel("CPU %")
+    ax[0].legend()
     ax[1].axhline(LOSS_LIMIT_PCT, linestyle=":", color="grey")
     ax[1].set_title("loss %")
     ax[1].set_xlabel("viewers")
-    for key, style in (("lat_p50_ms", "o-"), ("lat_p95_ms", "s-"), ("lat_p99_ms", "^-"), ("lat_max_ms", "x:")):
-        ax[2].plot(x, [s.get(key) for s in steps], style, label=key.split("_")[1])
+    ax[1].legend()
     ax[2].axhline(P99_LIMIT_MS, linestyle=":", color="grey")
     ax[2].set_title("added latency (ms)")
     ax[2].set_xlabel("viewers")
-    ax[2].legend()
+    ax[2].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(out / "report.png", dpi=90)
 

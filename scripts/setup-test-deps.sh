@@ -14,6 +14,9 @@
 #                                 missing; the test runs nginx itself, no service is started)
 #   - Debian's coturn            (tests/reach.rs: TURN relay; apt only if missing; the test
 #                                 runs turnserver itself on loopback, no service is started)
+#   - Debian's janus             (tests/janus.rs, scripts/loadtest.sh --peer janus: Janus side by
+#                                 side in the load test; apt only if missing; the load test runs
+#                                 janus itself from its own config, no service is started)
 # Usage: scripts/setup-test-deps.sh [--no-browser] [--no-python]
 set -euo pipefail
 
@@ -28,7 +31,7 @@ for a in "$@"; do
   case "$a" in
     --no-browser) want_browser=0 ;;
     --no-python) want_python=0 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "setup-test-deps: unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -51,6 +54,15 @@ apt_install() {
   fi
   say "apt-get install -y $*"
   $SUDO apt-get install -y -q "$@"
+}
+
+apt_install_no_service() {
+  # apt_install_no_service PKG : install a package whose service the tests never use (they run
+  # the binary themselves), and stop and disable that service where an init started it.
+  apt_install "$1"
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    $SUDO systemctl disable --now "$1" >/dev/null 2>&1 || true
+  fi
 }
 
 # ------------------------------------------------------------------ browser
@@ -150,10 +162,7 @@ if [ "$want_browser" -eq 1 ]; then
   if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then
     say "nginx present: $(/usr/sbin/nginx -v 2>&1 | head -n1)"
   else
-    apt_install nginx
-    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-      $SUDO systemctl disable --now nginx >/dev/null 2>&1 || true
-    fi
+    apt_install_no_service nginx
   fi
   if ! command -v curl >/dev/null 2>&1; then
     apt_install curl
@@ -167,11 +176,17 @@ if [ "$want_browser" -eq 1 ]; then
   if command -v turnserver >/dev/null 2>&1; then
     say "coturn present: $(turnserver --version 2>/dev/null | head -n1)"
   else
-    apt_install coturn
-    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-      $SUDO systemctl disable --now coturn >/dev/null 2>&1 || true
-    fi
+    apt_install_no_service coturn
   fi
+fi
+
+# ------------------------------------------------------------------ Janus
+# scripts/loadtest.sh --peer janus (and tests/janus.rs) runs janus as its own child from a config
+# it writes; the package's service is stopped and disabled at once when this script installed it.
+if command -v janus >/dev/null 2>&1; then
+  say "janus present: $(janus --version 2>/dev/null | head -n1)"
+else
+  apt_install_no_service janus
 fi
 
 say "done"

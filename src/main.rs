@@ -342,9 +342,21 @@ struct LoadgenArgs {
     #[command(subcommand)]
     sub: Option<LoadgenCmd>,
     /// The director of chorus (`chorus serve` prints it), where publishers (and, unless
-    /// --view-url, viewers) get their signalling URL.
+    /// --view-url, viewers) get their signalling URL; with --target janus, Janus's WebSocket
+    /// API (`chorus loadgen janus-config` prints it).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
+    /// The server viewers watch: chorus, or a Janus streaming mountpoint (Janus offers, the
+    /// viewers answer; the speakers go to --janus-rtp as plain RTP, one per track).
+    #[arg(long, value_enum, default_value_t = TargetArg::Chorus)]
+    target: TargetArg,
+    /// --target janus: the mountpoint's id.
+    #[arg(long, default_value_t = loadgen::janus_config::MOUNTPOINT)]
+    janus_mountpoint: u64,
+    /// --target janus: the RTP address of each of the mountpoint's streams, comma-separated,
+    /// one per track.
+    #[arg(long, value_delimiter = ',')]
+    janus_rtp: Vec<SocketAddr>,
     /// Where viewers ask the director (e.g. one edge); default: --url.
     #[arg(long)]
     view_url: Option<String>,
@@ -416,8 +428,37 @@ struct LoadgenArgs {
 }
 
 #[cfg(feature = "tools")]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TargetArg {
+    Chorus,
+    Janus,
+}
+
+#[cfg(feature = "tools")]
 #[derive(Subcommand)]
 enum LoadgenCmd {
+    /// Writes a complete, minimal Janus configuration into --dir (the streaming plugin with one
+    /// mountpoint of --tracks Opus streams, the WebSocket transport, free loopback ports) and
+    /// prints one JSON line: the WebSocket URL, the mountpoint, its RTP addresses and the
+    /// arguments to run Janus with (`janus -F DIR -C DIR/janus.jcfg`).
+    JanusConfig {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        tracks: usize,
+        /// Janus's library folder (holding plugins/ and transports/); default: where Debian's
+        /// package puts it.
+        #[arg(long)]
+        janus_lib: Option<PathBuf>,
+        /// The address of Janus's ICE candidates (Janus skips loopback); default: the first
+        /// IPv4 address of an interface that is up.
+        #[arg(long)]
+        ice_ip: Option<IpAddr>,
+        /// Janus's static event loops, the threads that do every handle's media (0: Janus's
+        /// default, a thread per handle).
+        #[arg(long, default_value_t = 1)]
+        event_loops: usize,
+    },
     /// The machine's floor: SRTP AES-128-GCM sealing and batched sendmmsg of the same packets
     /// to many loopback sockets, with no chorus logic. Prints one JSON line.
     Floor {
@@ -737,24 +778,51 @@ fn replay_cmd(a: ReplayArgs) -> Result<(), String> {
 
 #[cfg(feature = "tools")]
 fn loadgen_cmd(a: LoadgenArgs) -> Result<(), String> {
-    if let Some(LoadgenCmd::Floor {
-        packets,
-        viewers,
-        batch,
-        payload,
-    }) = a.sub
-    {
-        let out = loadgen::floor::run(&loadgen::floor::FloorOptions {
+    match a.sub {
+        Some(LoadgenCmd::Floor {
             packets,
             viewers,
             batch,
             payload,
-        })?;
-        println!("{out}");
-        return Ok(());
+        }) => {
+            let out = loadgen::floor::run(&loadgen::floor::FloorOptions {
+                packets,
+                viewers,
+                batch,
+                payload,
+            })?;
+            println!("{out}");
+            return Ok(());
+        }
+        Some(LoadgenCmd::JanusConfig {
+            dir,
+            tracks,
+            janus_lib,
+            ice_ip,
+            event_loops,
+        }) => {
+            let out = loadgen::janus_config::write(
+                &dir,
+                tracks,
+                janus_lib.as_deref(),
+                ice_ip,
+                event_loops,
+            )?;
+            println!("{out}");
+            return Ok(());
+        }
+        None => {}
     }
+    let target = match a.target {
+        TargetArg::Chorus => loadgen::Target::Chorus,
+        TargetArg::Janus => loadgen::Target::Janus {
+            mountpoint: a.janus_mountpoint,
+            rtp: a.janus_rtp,
+        },
+    };
     loadgen::run(loadgen::Options {
         url: a.url,
+        target,
         view_url: a.view_url,
         stream: a.stream,
         publish_token: a.publish_token,

@@ -242,10 +242,8 @@ fn refusals_and_unreachable_directors_are_clear_errors() {
 fn loadtest_script_writes_its_report() {
     let _g = common::serial();
     let out = common::tempdir("loadtest");
-    let status = Command::new(common::repo().join("scripts/loadtest.sh"))
-        .args([
-            "--bin",
-            env!("CARGO_BIN_EXE_chorus"),
+    common::loadtest(
+        &[
             "--start",
             "6",
             "--step",
@@ -256,15 +254,8 @@ fn loadtest_script_writes_its_report() {
             "3",
             "--duration",
             "60",
-            "--out",
-        ])
-        .arg(&out)
-        .status()
-        .expect("loadtest.sh runs");
-    assert!(
-        status.success(),
-        "loadtest.sh failed: see {}",
-        out.display()
+        ],
+        &out,
     );
     let steps: Vec<Value> = std::fs::read_to_string(out.join("steps.jsonl"))
         .unwrap()

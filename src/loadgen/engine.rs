@@ -5,7 +5,7 @@
 //! str0m, to decrypt it and match each payload to its send time.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +23,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use super::counter::{is_rtp, rtp_ids, SeqCounter};
+use super::feed::PlainFeed;
 use super::matcher::{Matcher, SwitchTracker};
 use super::srtp_in::SrtpIn;
 use crate::net::poll::{Epoll, EventFd};
@@ -66,8 +67,8 @@ pub(crate) struct NewPeer {
     /// Told once: connected (at that instant) or why not.
     pub done: Option<oneshot::Sender<Result<Instant, String>>>,
     pub label: String,
-    /// Where the DTLS tap leaves the peer's keying material (sampled viewers on the lean
-    /// receive path).
+    /// Where the DTLS tap leaves the peer's keying material: every viewer's SRTP profile is
+    /// counted from it, and the sampled ones on the lean receive path open their SRTP with it.
     pub keys: Option<Arc<KeySlot>>,
 }
 
@@ -80,8 +81,12 @@ pub(crate) enum EngineCmd {
     Viewer {
         peer: Box<NewPeer>,
         sampled: bool,
+        /// A sampled viewer opens its SRTP itself (with the keys) rather than through str0m.
+        lean: bool,
         excluded: Option<usize>,
     },
+    /// A speaker sent as plain RTP (a Janus mountpoint's port), on the publishers' clock.
+    Feed(Box<PlainFeed>),
     /// Publishers start their corpus at this common instant (frame k at t0 + k * 20 ms).
     Start(Instant),
     Stop,
@@ -106,6 +111,11 @@ pub(crate) struct ThreadStats {
     pub connected_viewers: AtomicU64,
     /// Viewers that were connected and then lost their connection.
     pub dropped_viewers: AtomicU64,
+    /// Distinct (viewer, SSRC) pairs that brought RTP: a viewer that gets every track of a
+    /// server that forwards them all counts one per track.
+    pub viewer_ssrcs: AtomicU64,
+    /// Viewers connected per negotiated SRTP profile (str0m's name of it).
+    pub profiles: Mutex<BTreeMap<String, u64>>,
     /// Media packets sampled viewers decrypted.
     pub decrypted: AtomicU64,
     /// Decrypted payloads not matched to a send (ambiguous or unknown).
@@ -147,6 +157,7 @@ struct Local {
     opened: u64,
     open_failed: u64,
     recv_calls: u64,
+    viewer_ssrcs: u64,
     samples: Samples,
     /// Peers of this thread still connecting (a gauge, not published).
     connecting: usize,
@@ -166,6 +177,7 @@ struct Publisher {
 
 struct ClientViewer {
     sampled: bool,
+    lean: bool,
     excluded: Option<usize>,
     ssrcs: SmallVec<[SeqCounter; 4]>,
     switch: Option<SwitchTracker>,
@@ -247,6 +259,8 @@ pub(crate) fn spawn(cfg: EngineConfig) -> std::io::Result<EngineHandle> {
         free: Vec::new(),
         heap: BinaryHeap::new(),
         publishers: Vec::new(),
+        feeds: Vec::new(),
+        feed_buf: Vec::with_capacity(SLOT_BYTES),
         start: None,
         batch: RecvBatch::new(BATCH),
         scratch: vec![0; SLOT_BYTES],
@@ -274,6 +288,9 @@ struct Engine {
     free: Vec<usize>,
     heap: BinaryHeap<Reverse<(Instant, usize)>>,
     publishers: Vec<usize>,
+    feeds: Vec<PlainFeed>,
+    /// The packet a feed is writing (one buffer for all).
+    feed_buf: Vec<u8>,
     start: Option<Instant>,
     batch: RecvBatch,
     /// A copy of the datagram being opened (the lean receive path decrypts in place).
@@ -306,7 +323,10 @@ impl Engine {
                     Err(TryRecvError::Empty) => break,
                 }
             }
-            let next_pub = self.publish_due(now);
+            let next_pub = match (self.publish_due(now), self.feed_due(now)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             self.timers(now);
             self.flush_stats();
             let mut next = now + Duration::from_millis(50);
@@ -384,10 +404,12 @@ impl Engine {
             EngineCmd::Viewer {
                 peer,
                 sampled,
+                lean,
                 excluded,
             } => {
                 let role = ClientRole::Viewer(ClientViewer {
                     sampled,
+                    lean,
                     excluded,
                     ssrcs: SmallVec::new(),
                     switch: None,
@@ -396,6 +418,7 @@ impl Engine {
                 });
                 self.add(*peer, role);
             }
+            EngineCmd::Feed(f) => self.feeds.push(*f),
             EngineCmd::Start(t0) => self.start = Some(t0),
             EngineCmd::Stop => {}
         }
@@ -523,6 +546,37 @@ impl Engine {
         next
     }
 
+    /// Sends every plain RTP frame that is due; returns when the next one is.
+    fn feed_due(&mut self, now: Instant) -> Option<Instant> {
+        let t0 = self.start?;
+        let mut next: Option<Instant> = None;
+        for f in &mut self.feeds {
+            let Some(frames) = self.cfg.sources.get(f.source).filter(|f| !f.is_empty()) else {
+                continue;
+            };
+            loop {
+                let due = f.due(t0);
+                if due > now {
+                    next = Some(next.map_or(due, |n| n.min(due)));
+                    break;
+                }
+                let k = (f.sent % frames.len() as u64) as usize;
+                let frame = &frames[k];
+                let n = f.packet(&frame.payload, frame.samples, &mut self.feed_buf);
+                if let Err(e) = f.socket.send_to(&self.feed_buf[..n], f.dest) {
+                    debug!(dest = %f.dest, "RTP feed send: {e}");
+                }
+                let ns = realtime_ns();
+                self.cfg.matcher.record_send(f.source, k, ns);
+                if frame.spurt {
+                    self.cfg.matcher.record_spurt(f.source, ns);
+                }
+                self.local.published += 1;
+            }
+        }
+        next
+    }
+
     fn timers(&mut self, now: Instant) {
         while let Some(&Reverse((t, slot))) = self.heap.peek() {
             if t > now {
@@ -601,6 +655,7 @@ impl Engine {
                         let (c, delta) = SeqCounter::new(ssrc, seq);
                         roc = Some(c.roc(seq));
                         v.ssrcs.push(c);
+                        self.local.viewer_ssrcs += 1;
                         self.local.expected += delta.expected;
                         self.local.received += delta.received;
                     }
@@ -723,6 +778,7 @@ impl Engine {
             (&s.recv_calls, &mut l.recv_calls),
             (&s.opened, &mut l.opened),
             (&s.open_failed, &mut l.open_failed),
+            (&s.viewer_ssrcs, &mut l.viewer_ssrcs),
         ] {
             if *v > 0 {
                 a.fetch_add(*v, Ordering::Relaxed);
@@ -847,7 +903,12 @@ fn drive_peer(
                         if let Some((material, profile, client)) =
                             v.keys.take().and_then(|k| k.take())
                         {
-                            v.srtp = SrtpIn::new(&material, profile, !client);
+                            let mut g = stats.profiles.lock().unwrap_or_else(|e| e.into_inner());
+                            *g.entry(format!("{profile:?}")).or_default() += 1;
+                            drop(g);
+                            if v.sampled && v.lean {
+                                v.srtp = SrtpIn::new(&material, profile, !client);
+                            }
                         }
                         if v.sampled {
                             v.switch = Some(SwitchTracker::new(cfg.sources.len(), realtime_ns()));

@@ -4,14 +4,21 @@
 //! process spends (CPU, memory from /proc). `chorus loadgen floor` measures the machine's own
 //! cost of the same packets (SRTP-GCM and batched sends) with no chorus logic.
 //!
-//! Layout: [`signal`] (director + WebSocket), [`peer`] (str0m client offers), [`engine`] (the
-//! epoll threads that own the peers), [`counter`] (loss from clear RTP headers), [`matcher`]
-//! (payload → send time, talk spurts), [`report`] (step JSON), [`floor`], [`procfs`] (CPU and memory figures); sockets are
-//! [`crate::net`]'s.
+//! With `--target janus` the same viewers watch a Janus streaming mountpoint instead
+//! ([`janus`]), fed the same speakers as plain RTP ([`feed`]); [`janus_config`] writes that
+//! Janus's configuration.
+//!
+//! Layout: [`signal`] (director + WebSocket), [`peer`] (str0m client offers and answers),
+//! [`engine`] (the epoll threads that own the peers), [`counter`] (loss from clear RTP headers),
+//! [`matcher`] (payload → send time, talk spurts), [`report`] (step JSON), [`floor`],
+//! [`procfs`] (CPU and memory figures); sockets are [`crate::net`]'s.
 
 pub(crate) mod counter;
 pub mod engine;
+pub(crate) mod feed;
 pub mod floor;
+pub(crate) mod janus;
+pub mod janus_config;
 pub(crate) mod matcher;
 pub(crate) mod peer;
 pub(crate) mod procfs;
@@ -20,7 +27,7 @@ pub(crate) mod signal;
 pub(crate) mod srtp_in;
 
 use std::io::Write;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +40,8 @@ use crate::media::opus;
 use crate::net::sockopt;
 use crate::replay::{corpus, truth};
 use engine::{EngineCmd, EngineConfig, EngineHandle, Frame, NewPeer};
+use feed::PlainFeed;
+use janus::JanusViewer;
 use matcher::Matcher;
 use peer::ClientCrypto;
 use report::{Joins, Snapshot, StepInput};
@@ -47,11 +56,29 @@ use signal::{HttpBase, Signalling};
 /// join times measure the server.
 pub const DEFAULT_POLL_MS: f64 = 100.0;
 
+/// The server the viewers watch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Target {
+    /// chorus: publishers and viewers through its director and signalling.
+    #[default]
+    Chorus,
+    /// A Janus streaming mountpoint; `url` is Janus's WebSocket API.
+    Janus {
+        /// The mountpoint's id.
+        mountpoint: u64,
+        /// Speaker i is sent as plain RTP to `rtp[i]`, the port of the mountpoint's stream i.
+        rtp: Vec<SocketAddr>,
+    },
+}
+
 /// What a load run does (`chorus loadgen`'s flags).
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The director (and signalling) chorus answers at, e.g. http://127.0.0.1:8080.
+    /// The director (and signalling) chorus answers at, e.g. http://127.0.0.1:8080; with
+    /// [`Target::Janus`], Janus's WebSocket API (ws://...).
     pub url: String,
+    /// chorus or Janus.
+    pub target: Target,
     /// Where viewers ask for their signalling URL (default: `url`).
     pub view_url: Option<String>,
     /// The stream published and viewed.
@@ -103,6 +130,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             url: "http://127.0.0.1:8080".into(),
+            target: Target::Chorus,
             view_url: None,
             stream: "loadgen".into(),
             publish_token: None,
@@ -153,7 +181,11 @@ fn publications(opts: &Options) -> Result<Vec<Publication>, String> {
             })
             .collect::<Result<_, _>>()?
     };
-    let k = opts.publishers.unwrap_or(chosen.len());
+    // A Janus mountpoint has one stream per track, each fed one speaker.
+    let k = match &opts.target {
+        Target::Janus { rtp, .. } => rtp.len(),
+        Target::Chorus => opts.publishers.unwrap_or(chosen.len()),
+    };
     if k == 0 {
         return Err("--publishers must be at least 1".into());
     }
@@ -224,13 +256,29 @@ fn check(opts: &Options) -> Result<(), String> {
     if !(0.0..=100.0).contains(&opts.poll_ms) {
         return Err("--poll-ms must be 0 to 100".into());
     }
+    if let Target::Janus { rtp, .. } = &opts.target {
+        if !opts.url.starts_with("ws://") {
+            return Err(format!(
+                "--target janus: --url must be Janus's WebSocket API (ws://...), got {:?}",
+                opts.url
+            ));
+        }
+        if rtp.len() != opts.tracks {
+            return Err(format!(
+                "--target janus: {} RTP ports (--janus-rtp) for {} tracks: the mountpoint needs                  one stream per track",
+                rtp.len(),
+                opts.tracks
+            ));
+        }
+    }
     Ok(())
 }
 
 /// What every join task needs.
 struct Ctx {
-    publish_base: HttpBase,
-    view_base: HttpBase,
+    /// chorus's directors (None against Janus).
+    publish_base: Option<HttpBase>,
+    view_base: Option<HttpBase>,
     opts: Options,
     crypto: ClientCrypto,
     engines: Vec<EngineHandle>,
@@ -272,8 +320,15 @@ pub fn run(opts: Options) -> Result<(), String> {
             opts.max_viewers
         ));
     }
-    let publish_base = HttpBase::parse(&opts.url)?;
-    let view_base = HttpBase::parse(opts.view_url.as_deref().unwrap_or(&opts.url))?;
+    let (publish_base, view_base) = match opts.target {
+        Target::Chorus => (
+            Some(HttpBase::parse(&opts.url)?),
+            Some(HttpBase::parse(
+                opts.view_url.as_deref().unwrap_or(&opts.url),
+            )?),
+        ),
+        Target::Janus { .. } => (None, None),
+    };
     let sources: Arc<Vec<Vec<Frame>>> = Arc::new(pubs.iter().map(|p| p.frames.clone()).collect());
     let mut engines = Vec::new();
     // The viewers' threads, then one for the publishers: their 20 ms clock keeps its pace
@@ -340,6 +395,21 @@ enum Side {
     Viewer { index: usize },
 }
 
+/// What a joined viewer keeps open while it lives: its signalling socket.
+enum Session {
+    Chorus(Signalling),
+    Janus(JanusViewer),
+}
+
+impl Session {
+    async fn drain(self) -> String {
+        match self {
+            Session::Chorus(s) => s.drain().await,
+            Session::Janus(j) => j.drain().await,
+        }
+    }
+}
+
 /// One peer's join, as the SDK does it: director request, offer, `publish` or `view` on the
 /// signalling socket, answer; then the peer goes to its thread and this waits for ICE + DTLS.
 /// Returns the signalling session (kept open while the peer lives) and the join time.
@@ -359,6 +429,7 @@ async fn join(ctx: &Ctx, side: Side, started: Instant) -> Result<(Signalling, Du
             o.subscribe_token.as_deref(),
         ),
     };
+    let base = base.as_ref().ok_or("no chorus director to join through")?;
     let grant = signal::director(base, kind, &body, bearer, ctx.http_timeout).await?;
     let socket = sockopt::udp_socket(o.local_ip).map_err(|e| format!("UDP socket: {e}"))?;
     let local = socket.local_addr().map_err(|e| e.to_string())?;
@@ -376,7 +447,7 @@ async fn join(ctx: &Ctx, side: Side, started: Instant) -> Result<(Signalling, Du
                 sockopt::enable_rx_timestamps(&socket)
                     .map_err(|e| format!("SO_TIMESTAMPNS: {e}"))?;
             }
-            let keys = (sampled && o.lean_rx).then(Arc::default);
+            let keys = Some(Arc::default());
             let offer = peer::viewer_offer(&ctx.crypto, local, o.tracks, keys.clone())?;
             let data = json!({
                 "streamId": o.stream,
@@ -418,10 +489,23 @@ async fn join(ctx: &Ctx, side: Side, started: Instant) -> Result<(Signalling, Du
             EngineCmd::Viewer {
                 peer,
                 sampled,
+                lean: o.lean_rx,
                 excluded: Some(excluded),
             }
         }
     };
+    let took = connected(ctx, engine, cmd, rx, started).await?;
+    Ok((sig, took))
+}
+
+/// Hands a peer to its thread and waits until ICE + DTLS are up: the join time.
+async fn connected(
+    ctx: &Ctx,
+    engine: usize,
+    cmd: EngineCmd,
+    rx: oneshot::Receiver<Result<Instant, String>>,
+    started: Instant,
+) -> Result<Duration, String> {
     ctx.engines[engine].send(cmd);
     let at = match tokio::time::timeout(ctx.join_timeout + Duration::from_secs(1), rx).await {
         Ok(Ok(r)) => r?,
@@ -433,7 +517,63 @@ async fn join(ctx: &Ctx, side: Side, started: Instant) -> Result<(Signalling, Du
             ))
         }
     };
-    Ok((sig, at.duration_since(started)))
+    Ok(at.duration_since(started))
+}
+
+/// A viewer of a Janus mountpoint, as janus.js joins one: open the API socket, create a
+/// session, attach the streaming plugin, `watch` (Janus offers), answer and `start`; then
+/// ICE + DTLS as against chorus. It excludes no source: Janus forwards every stream.
+async fn join_janus(
+    ctx: &Ctx,
+    index: usize,
+    mountpoint: u64,
+    started: Instant,
+) -> Result<(JanusViewer, Duration), String> {
+    let o = &ctx.opts;
+    let (sampled, _) = viewer_role(o, ctx.source_ids.len(), index);
+    let socket = sockopt::udp_socket(o.local_ip).map_err(|e| format!("UDP socket: {e}"))?;
+    let local = socket.local_addr().map_err(|e| e.to_string())?;
+    if sampled {
+        sockopt::enable_rx_timestamps(&socket).map_err(|e| format!("SO_TIMESTAMPNS: {e}"))?;
+    }
+    let mut jv = JanusViewer::open(&o.url, ctx.http_timeout).await?;
+    let offer = jv.watch(mountpoint, o.tracks, ctx.http_timeout).await?;
+    let keys = Some(Arc::default());
+    let (rtc, answer) = peer::viewer_answer(&ctx.crypto, local, &offer, keys.clone())?;
+    jv.start(&answer, ctx.http_timeout).await?;
+    let (tx, rx) = oneshot::channel();
+    let peer = Box::new(NewPeer {
+        socket,
+        rtc,
+        mids: Vec::new(),
+        started,
+        done: Some(tx),
+        label: format!("janus viewer {index}"),
+        keys,
+    });
+    let cmd = EngineCmd::Viewer {
+        peer,
+        sampled,
+        lean: o.lean_rx,
+        excluded: None,
+    };
+    let took = connected(ctx, index % o.threads, cmd, rx, started).await?;
+    Ok((jv, took))
+}
+
+async fn join_viewer(
+    ctx: &Ctx,
+    index: usize,
+    started: Instant,
+) -> Result<(Session, Duration), String> {
+    match &ctx.opts.target {
+        Target::Chorus => join(ctx, Side::Viewer { index }, started)
+            .await
+            .map(|(s, d)| (Session::Chorus(s), d)),
+        Target::Janus { mountpoint, .. } => join_janus(ctx, index, *mountpoint, started)
+            .await
+            .map(|(j, d)| (Session::Janus(j), d)),
+    }
 }
 
 /// Viewer `i`: (decrypts to measure latency, index of the source it excludes). "Its own
@@ -461,7 +601,7 @@ fn spawn_viewer(
             return;
         };
         let started = Instant::now();
-        match join(&ctx, Side::Viewer { index: i }, started).await {
+        match join_viewer(&ctx, i, started).await {
             Ok((sig, took)) => {
                 drop(permit);
                 let _ = results.send(JoinResult {
@@ -494,9 +634,17 @@ fn error_kind(e: &str) -> String {
 async fn ramp(ctx: Arc<Ctx>, started: Instant, deadline: Instant) -> Result<Value, String> {
     let o = ctx.opts.clone();
     let tdeadline = tokio::time::Instant::from_std(deadline);
-    // Publishers first, all connected before the common start.
+    // Publishers first, all connected before the common start; against Janus, the speakers'
+    // plain RTP feeds.
+    if let Target::Janus { rtp, .. } = &o.target {
+        start_feeds(&ctx, rtp)?;
+    }
     let mut pub_tasks = Vec::new();
-    for p in 0..ctx.source_ids.len() {
+    let publishers = match o.target {
+        Target::Chorus => ctx.source_ids.len(),
+        Target::Janus { .. } => 0,
+    };
+    for p in 0..publishers {
         let ctx = ctx.clone();
         pub_tasks.push(tokio::spawn(async move {
             join(&ctx, Side::Publisher { source: p }, Instant::now()).await
@@ -631,6 +779,13 @@ async fn ramp(ctx: Arc<Ctx>, started: Instant, deadline: Instant) -> Result<Valu
     let received = run_b.received - run_a.received;
     let expected = run_b.expected - run_a.expected;
     let mut sum = serde_json::Map::new();
+    sum.insert(
+        "target".into(),
+        json!(match o.target {
+            Target::Chorus => "chorus",
+            Target::Janus { .. } => "janus",
+        }),
+    );
     sum.insert("steps".into(), json!(steps));
     sum.insert("viewers".into(), json!(joined));
     sum.insert("connected".into(), json!(end.connected));
@@ -707,10 +862,26 @@ async fn ramp(ctx: Arc<Ctx>, started: Instant, deadline: Instant) -> Result<Valu
     );
     sum.insert("published".into(), json!(end.published - run_a.published));
     sum.insert("excluded_received".into(), json!(end.excluded_received));
+    sum.insert("viewer_ssrcs".into(), json!(end.viewer_ssrcs));
+    sum.insert("srtp_profiles".into(), json!(end.profiles));
     sum.insert("dropped_viewers".into(), json!(end.dropped));
     sum.insert("loadgen_rss_kib".into(), json!(procfs::rss_kib(None).ok()));
     sum.insert("ambiguous_frames".into(), json!(ctx.ambiguous));
     Ok(Value::Object(sum))
+}
+
+/// Speaker i as plain RTP to `rtp[i]`, on the publishers' thread (one socket for all).
+fn start_feeds(ctx: &Ctx, rtp: &[SocketAddr]) -> Result<(), String> {
+    let socket = sockopt::udp_socket(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        .map_err(|e| format!("UDP socket for the RTP feed: {e}"))?;
+    for (i, dest) in rtp.iter().enumerate() {
+        let s = socket
+            .try_clone()
+            .map_err(|e| format!("UDP socket for the RTP feed: {e}"))?;
+        let f = PlainFeed::new(i, rtp.len(), s, *dest, janus_config::OPUS_PT, engine::FRAME);
+        ctx.engines[ctx.opts.threads].send(EngineCmd::Feed(Box::new(f)));
+    }
+    Ok(())
 }
 
 fn report_sub(a: Option<f64>, b: Option<f64>) -> Option<f64> {

@@ -1,11 +1,12 @@
-//! The client side of a WebRTC peer with str0m: ICE controlling with one host candidate on the
-//! peer's own loopback socket, DTLS active (the server answers passive), SRTP, RTP mode.
+//! The client side of a WebRTC peer with str0m: one host candidate on the peer's own loopback
+//! socket, SRTP, RTP mode. Against chorus the client offers (ICE controlling, DTLS active, the
+//! server answers passive); against Janus it answers Janus's offer (ICE controlled).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use str0m::change::{SdpAnswer, SdpPendingOffer};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::config::{CryptoProvider, DtlsCert};
 use str0m::media::{Direction, MediaKind, Mid};
 use str0m::rtp::Extension;
@@ -53,6 +54,18 @@ fn config(crypto: &ClientCrypto) -> RtcConfig {
         .enable_opus(true, false)
 }
 
+/// A peer with its one host candidate on `local`; with `keys`, its DTLS keying material lands
+/// there once the handshake ends.
+fn build(cfg: RtcConfig, local: SocketAddr, keys: Option<Arc<KeySlot>>) -> Result<Rtc, String> {
+    let mut rtc = match keys {
+        Some(slot) => with_key_slot(slot, || cfg.build(Instant::now())),
+        None => cfg.build(Instant::now()),
+    };
+    let cand = Candidate::host(local, "udp").map_err(|e| format!("host candidate: {e}"))?;
+    rtc.add_local_candidate(cand);
+    Ok(rtc)
+}
+
 fn offer(
     cfg: RtcConfig,
     local: SocketAddr,
@@ -60,12 +73,7 @@ fn offer(
     mlines: usize,
     keys: Option<Arc<KeySlot>>,
 ) -> Result<Offer, String> {
-    let mut rtc = match keys {
-        Some(slot) => with_key_slot(slot, || cfg.build(Instant::now())),
-        None => cfg.build(Instant::now()),
-    };
-    let cand = Candidate::host(local, "udp").map_err(|e| format!("host candidate: {e}"))?;
-    rtc.add_local_candidate(cand);
+    let mut rtc = build(cfg, local, keys)?;
     let mut api = rtc.sdp_api();
     let mids: Vec<Mid> = (0..mlines)
         .map(|_| api.add_media(MediaKind::Audio, dir, None, None, None))
@@ -99,6 +107,25 @@ pub(crate) fn viewer_offer(
     keys: Option<Arc<KeySlot>>,
 ) -> Result<Offer, String> {
     offer(config(crypto), local, Direction::RecvOnly, 1 + tracks, keys)
+}
+
+/// A viewer answering a server's offer (Janus offers its mountpoint's streams): receive-only
+/// Opus on every offered m-line, our one host candidate in the answer. Returns the peer and
+/// the answer's SDP. With `keys`, the DTLS keying material lands there once the handshake ends.
+pub(crate) fn viewer_answer(
+    crypto: &ClientCrypto,
+    local: SocketAddr,
+    offer_sdp: &str,
+    keys: Option<Arc<KeySlot>>,
+) -> Result<(Rtc, String), String> {
+    let mut rtc = build(config(crypto), local, keys)?;
+    let offer = SdpOffer::from_sdp_string(offer_sdp)
+        .map_err(|e| format!("the server's SDP offer does not parse: {e}"))?;
+    let answer = rtc
+        .sdp_api()
+        .accept_offer(offer)
+        .map_err(|e| format!("the server's SDP offer is not acceptable: {e}"))?;
+    Ok((rtc, answer.to_sdp_string()))
 }
 
 /// Applies the server's answer; the peer is then ready to connect.

@@ -18,6 +18,8 @@
 //! `gen_core_headroom_pct` (what both leave of the core they share),
 //! `excluded_received` (packets of a viewer's own excluded source: must be 0), `published`,
 //! `str0m_timeouts_per_s` / `str0m_inputs_per_s` (the generator's own str0m work),
+//! `viewer_ssrcs` (distinct viewer and SSRC pairs that brought RTP since the start: one per
+//! track that carried anything), `srtp_profiles` (viewers connected per negotiated SRTP profile),
 //! `corpus_ms` (the window in the corpus timeline, ms since the publishers' start, looping)
 //! and `partial` when the hard stop cut the step.
 
@@ -50,6 +52,9 @@ pub(crate) struct Snapshot {
     pub recv_calls: u64,
     pub opened: u64,
     pub open_failed: u64,
+    pub viewer_ssrcs: u64,
+    /// Viewers connected per negotiated SRTP profile.
+    pub profiles: BTreeMap<String, u64>,
     pub edge_cpu_s: Option<f64>,
     pub edge_rss_kib: Option<u64>,
     /// The origin shares the generator's core in `scripts/loadtest.sh`: its CPU is part of
@@ -106,6 +111,11 @@ impl Snapshot {
             s.opened += get(&t.opened);
             s.open_failed += get(&t.open_failed);
             s.connected += get(&t.connected_viewers);
+            s.viewer_ssrcs += get(&t.viewer_ssrcs);
+            let p = t.profiles.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, v) in p.iter() {
+                *s.profiles.entry(k.clone()).or_default() += v;
+            }
             s.dropped += get(&t.dropped_viewers);
         }
         if let Some(pid) = pids.edge {
@@ -346,6 +356,8 @@ pub(crate) fn step_json(s: StepInput<'_>) -> Value {
         "str0m_inputs_per_s".into(),
         json!(per_s((b.to_str0m - a.to_str0m) as f64).map(|x| round(x, 0))),
     );
+    o.insert("viewer_ssrcs".into(), json!(b.viewer_ssrcs));
+    o.insert("srtp_profiles".into(), json!(b.profiles));
     o.insert("corpus_ms".into(), json!([s.corpus_ms.0, s.corpus_ms.1]));
     if s.partial {
         o.insert("partial".into(), json!(true));

@@ -530,3 +530,20 @@ pub fn signal(p: &Proc, sig: &str) {
         .unwrap();
     assert!(status.success(), "kill -{sig} {}", p.child.id());
 }
+
+/// Runs `scripts/loadtest.sh` with this build's binary, `args` and `--out out`, and asserts that
+/// it succeeded.
+pub fn loadtest(args: &[&str], out: &Path) {
+    let status = Command::new(repo().join("scripts/loadtest.sh"))
+        .args(["--bin", env!("CARGO_BIN_EXE_chorus")])
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .status()
+        .expect("loadtest.sh runs");
+    assert!(
+        status.success(),
+        "loadtest.sh failed: see {}",
+        out.display()
+    );
+}

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use chorus::replay::{corpus as corpus_files, truth};
-use common::room_tool::{report, turns_at};
+use common::room_tool::{self, report, turns_at};
 use common::{corpus, get_json, node_harness, wait_for, Proc};
 use serde_json::{json, Value};
 
@@ -434,68 +434,18 @@ fn vanishing_and_flooding_viewers_do_not_disturb_the_others() {
 }
 
 /// room.mjs on `stream` for `seconds`, taking commands on its stdin: returned once its corpus
-/// plays, with its stdin and the rest of its output.
-/// Reads a [`room_with_commands`] run to its end and returns its report, once room.mjs
-/// succeeded. Read to the end: closing the pipe early would break the harness's last writes.
-fn room_report(
-    mut child: std::process::Child,
-    stdin: std::process::ChildStdin,
-    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
-) -> Value {
-    let rep: Value = lines
-        .map_while(Result::ok)
-        .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
-        .filter(|v| v["event"] == "report")
-        .last()
-        .expect("a report");
-    drop(stdin);
-    assert!(child.wait().unwrap().success(), "room.mjs failed");
-    rep
-}
-
-fn room_with_commands(
-    p: &Proc,
-    stream: &str,
-    seconds: u32,
-    spec: &Value,
-) -> (
-    std::process::Child,
-    std::process::ChildStdin,
-    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
-) {
-    use std::io::BufRead;
-    let (dir, script) = node_harness("room.mjs");
-    let mut child = Command::new("node")
-        .current_dir(&dir)
-        .arg(script)
-        .args(["--endpoint", &format!("http://{}", p.http())])
-        .args(["--stream", stream, "--token", TOKEN])
-        .arg("--corpus")
-        .arg(corpus())
-        .args([
-            "--seconds",
-            &seconds.to_string(),
-            "--spec",
-            &spec.to_string(),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdin = child.stdin.take().unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        if line.unwrap().contains("\"corpus-start\"") {
-            break;
-        }
-    }
-    (child, stdin, lines)
+/// plays.
+fn room_with_commands(p: &Proc, stream: &str, seconds: u64, spec: &Value) -> room_tool::Live {
+    let mut tool = room_tool::Live::start(p.http(), stream, TOKEN, seconds, spec);
+    tool.next(Duration::from_secs(60), "the corpus start", |v| {
+        v["event"] == "corpus-start"
+    });
+    tool
 }
 
 #[test]
 fn projected_source_keeps_its_track_and_unproject_keeps_a_talker_flowing() {
     let _serial = common::serial();
-    use std::io::Write;
     let p = serve();
     let spec = json!([
         {"name": "host", "publish": "host"},
@@ -503,14 +453,14 @@ fn projected_source_keeps_its_track_and_unproject_keeps_a_talker_flowing() {
         {"name": "bo", "publish": "bo"},
         {"name": "listener", "view": {"tracks": 2}},
     ]);
-    let (child, mut stdin, lines) = room_with_commands(&p, "pj", 20, &spec);
+    let mut tool = room_with_commands(&p, "pj", 20, &spec);
     // Once the corpus plays: bo (silent until 10.6 s) is projected into mid 2 at ~5 s, and
     // unprojected at ~12 s while still talking.
     std::thread::sleep(Duration::from_secs(5));
-    writeln!(stdin, "project listener bo 2").unwrap();
+    tool.send("project listener bo 2");
     std::thread::sleep(Duration::from_secs(7));
-    writeln!(stdin, "unproject listener 2").unwrap();
-    let rep = room_report(child, stdin, lines);
+    tool.send("unproject listener 2");
+    let rep = tool.finish(Duration::from_secs(60));
     let v = &rep["participants"]["listener"]["view"];
     let c0 = rep["corpusStartAt"].as_f64().unwrap();
     let vad: Vec<(f64, &str, Option<&str>)> = v["events"]
@@ -1009,7 +959,6 @@ fn loudest(view: &Value, mid: &str, c0: f64, a: f64, b: f64) -> f64 {
 #[test]
 fn sdk_projection_selection_and_events_work_as_apps_use_them() {
     let _serial = common::serial();
-    use std::io::Write;
     let p = serve();
     let spec = json!([
         {"name": "host", "publish": "host", "publishEvents": ["active", "viewercount"]},
@@ -1017,18 +966,18 @@ fn sdk_projection_selection_and_events_work_as_apps_use_them() {
         {"name": "bo", "publish": "bo"},
         {"name": "listener", "view": {"tracks": 1, "events": ["active", "inactive", "vad", "stopped"]}},
     ]);
-    let (child, mut stdin, lines) = room_with_commands(&p, "sel", 19, &spec);
+    let mut tool = room_with_commands(&p, "sel", 19, &spec);
     std::thread::sleep(Duration::from_secs(1));
-    writeln!(stdin, "project listener ana main").unwrap();
-    writeln!(stdin, "project listener bo +").unwrap();
-    writeln!(stdin, "select listener").unwrap();
-    writeln!(stdin, r#"select listener {{"encodingId":"h"}}"#).unwrap();
+    tool.send("project listener ana main");
+    tool.send("project listener bo +");
+    tool.send("select listener");
+    tool.send(r#"select listener {"encodingId":"h"}"#);
     // After bo's turn (15 s) the whole stage leaves.
     std::thread::sleep(Duration::from_secs(15));
     for who in ["host", "ana", "bo"] {
-        writeln!(stdin, "unpublish {who}").unwrap();
+        tool.send(&format!("unpublish {who}"));
     }
-    let rep = room_report(child, stdin, lines);
+    let rep = tool.finish(Duration::from_secs(60));
     let v = &rep["participants"]["listener"]["view"];
     let c0 = rep["corpusStartAt"].as_f64().unwrap();
     let commands = v["commands"].as_array().unwrap();

@@ -41,7 +41,8 @@ impl HonestCfg {
         self
     }
 
-    /// How long the viewer receives once connected (default 10 s).
+    /// How long the viewer receives once connected at most (default 10 s): past the attack's
+    /// end, [`Honest::assert_gapless`] ends it sooner.
     pub fn seconds(mut self, s: u32) -> Self {
         self.seconds = s;
         self
@@ -93,6 +94,11 @@ impl Lines {
         })
     }
 }
+
+/// How long the honest viewer goes on listening once the attack is over: what an attack leaves
+/// behind (a backlog draining, timers firing) shows within it, and nothing later is the
+/// attack's.
+pub const TAIL: Duration = Duration::from_secs(3);
 
 /// A running honest publisher and viewer; both are killed when dropped.
 pub struct Honest {
@@ -171,21 +177,33 @@ impl Honest {
         &self.cfg.stream
     }
 
-    /// Waits for the viewer's report and checks its main track: at least 80 % of the packets
-    /// the publisher sent at 50 a second while the viewer listened, 0 sequence gaps, 0
-    /// duplicates, one SSRC, decodable. Returns the track's report.
+    /// Ends the viewer once it has listened [`TAIL`] past this call (the attack is over when a
+    /// test calls it) or at its `seconds`, whichever comes first, and checks its main track: at
+    /// least 80 % of the packets the publisher sent at 50 a second while the viewer listened, 0
+    /// sequence gaps, 0 duplicates, one SSRC, decodable. Returns the track's report.
     pub fn assert_gapless(mut self) -> Value {
+        let stop_at = Instant::now() + TAIL;
         let limit = Duration::from_secs(u64::from(self.cfg.seconds) + 30);
         let end = Instant::now() + limit;
+        let mut interrupted = false;
         let status = loop {
             if let Some(s) = self.viewer.0.try_wait().expect("viewer status") {
                 break s;
+            }
+            if !interrupted && Instant::now() >= stop_at {
+                // whep_view.py takes SIGINT as "stop now": it still reports and checks.
+                let sent = std::process::Command::new("kill")
+                    .args(["-INT", &self.viewer.0.id().to_string()])
+                    .status()
+                    .expect("kill runs");
+                assert!(sent.success(), "SIGINT to the honest viewer");
+                interrupted = true;
             }
             assert!(
                 Instant::now() < end,
                 "the honest viewer did not finish within {limit:?}"
             );
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(50));
         };
         // The reader thread has the last lines once the pipe closes.
         let report = self
@@ -194,10 +212,11 @@ impl Honest {
         assert!(status.success(), "honest viewer exited {status}: {report}");
         let main = &report["tracks"]["0"];
         let packets = main["packets"].as_u64().unwrap_or(0);
-        let want = u64::from(self.cfg.seconds) * 50 * 8 / 10;
+        let listened = report["seconds"].as_f64().expect("the report's seconds");
+        let want = (listened * 50.0 * 0.8) as u64;
         assert!(
             packets >= want,
-            "honest viewer got {packets} packets, want >= {want}: {main}"
+            "honest viewer got {packets} packets in {listened} s, want >= {want}: {main}"
         );
         for field in ["seq_gaps", "seq_duplicates", "decode_errors"] {
             if main[field] != 0 {

@@ -270,6 +270,8 @@ fn honest_pair_is_gapless_when_left_alone() {
     let _serial = common::serial();
     let p = common::serve("honest-token");
     let h = Honest::start(Honest::at(p.http(), "honest-token", "honest-alone").seconds(6));
+    // No attack ends early here: the pair listens its whole 6 s (3 s, then the tail).
+    std::thread::sleep(Duration::from_secs(6) - TAIL);
     let main = h.assert_gapless();
     assert_rss_below(p.child.id(), 400 * 1024, "serve");
     eprintln!("honest main track: {main}");

@@ -7,7 +7,7 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::room_tool::{energy, loudest, until};
+use common::room_tool::{energy, loudest, Live};
 use common::ws::{call, call_seeing, connect, event, open, Ws};
 use common::{get_json, http, jwt_payload, post_json, Proc};
 use serde_json::{json, Value};
@@ -455,44 +455,11 @@ fn room_events(report: &Value, who: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
-/// room.mjs on stream "stage" of `a` for `seconds`, driven through its stdin, its JSON lines
-/// read from its stdout.
-fn room_tool_on(
-    a: SocketAddr,
-    seconds: u32,
-    spec: &Value,
-) -> (
-    common::Reaped,
-    std::process::ChildStdin,
-    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
-) {
-    use std::io::BufRead;
-    use std::process::{Command, Stdio};
-    let (dir, script) = common::node_harness("room.mjs");
-    let mut child = common::Reaped(
-        Command::new("node")
-            .current_dir(&dir)
-            .arg(script)
-            .args(["--endpoint", &format!("http://{a}"), "--stream", "stage"])
-            .args([
-                "--seconds",
-                &seconds.to_string(),
-                "--spec",
-                &spec.to_string(),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let stdin = child.0.stdin.take().unwrap();
-    let lines = std::io::BufReader::new(child.0.stdout.take().unwrap()).lines();
-    (child, stdin, lines)
-}
+/// How long a room.mjs line the test waits for may take (the tool's `--seconds` bound it too).
+const LINE_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[test]
 fn sdk_audience_raises_a_hand_is_promoted_heard_by_the_others_and_demoted() {
-    use std::io::Write;
     use std::time::{Duration, Instant};
     let _serial = common::serial();
     let began = Instant::now();
@@ -511,42 +478,41 @@ fn sdk_audience_raises_a_hand_is_promoted_heard_by_the_others_and_demoted() {
          "room": ana.token, "subscribeToken": ana.token, "view": view(&ana)},
         {"name": "bo", "room": bo.token, "subscribeToken": bo.token, "view": view(&bo)},
     ]);
-    let (mut child, mut stdin, mut lines) = room_tool_on(a, 45, &spec);
-    let mut seen = Vec::new();
+    let mut tool = Live::start(a, "stage", TOKEN, 45, &spec);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let mut send = |line: String| writeln!(stdin, "{line}").unwrap();
 
-    until(&mut lines, &mut seen, "setup", |v| {
-        is(v, "corpus-start", "host", "")
-    });
+    tool.next(LINE_LIMIT, "setup", |v| is(v, "corpus-start", "host", ""));
     let setup_s = began.elapsed().as_secs_f64();
-    send("room ana hand.raise".into());
-    let raised = until(&mut lines, &mut seen, "the host sees the hand", |v| {
+    tool.send("room ana hand.raise");
+    let raised = tool.next(LINE_LIMIT, "the host sees the hand", |v| {
         is(v, "room", "host", "hand.raised")
     });
     assert_eq!(raised["data"]["memberId"], ana.id.as_str());
     let promote_at = common::unix_ms();
-    send(format!("room host promote {}", json!({"memberId": ana.id})));
-    let promoted = until(&mut lines, &mut seen, "member.promoted", |v| {
+    tool.send(&format!(
+        "room host promote {}",
+        json!({"memberId": ana.id})
+    ));
+    let promoted = tool.next(LINE_LIMIT, "member.promoted", |v| {
         is(v, "room", "ana", "member.promoted")
     });
     assert_eq!(promoted["data"]["sourceId"], ana.id.as_str());
     let old_jwt = promoted["data"]["jwt"].as_str().unwrap().to_owned();
     // A signalling socket opened with it now, to try it again after the demotion.
     let mut old_socket = rt.block_on(connect(a, &old_jwt)).unwrap();
-    send("publish ana".into());
-    let heard = until(&mut lines, &mut seen, "bo's vad naming ana", |v| {
+    tool.send("publish ana");
+    let heard = tool.next(LINE_LIMIT, "bo's vad naming ana", |v| {
         is(v, "broadcast", "bo", "vad") && v["data"]["sourceId"] == ana.id.as_str()
     });
     let heard_at = heard["t"].as_f64().unwrap();
     let mid = heard["data"]["mediaId"].as_str().unwrap().to_owned();
     std::thread::sleep(Duration::from_secs(3));
     let demote_at = common::unix_ms();
-    send(format!("room host demote {}", json!({"memberId": ana.id})));
-    let gone = until(&mut lines, &mut seen, "bo's inactive for ana", |v| {
+    tool.send(&format!("room host demote {}", json!({"memberId": ana.id})));
+    let gone = tool.next(LINE_LIMIT, "bo's inactive for ana", |v| {
         is(v, "broadcast", "bo", "inactive") && v["data"]["sourceId"] == ana.id.as_str()
     });
     let gone_at = gone["t"].as_f64().unwrap();
@@ -569,18 +535,12 @@ fn sdk_audience_raises_a_hand_is_promoted_heard_by_the_others_and_demoted() {
     assert_eq!(s, 403, "{v}");
 
     std::thread::sleep(Duration::from_millis(2500));
-    send("room host state".into());
-    let state = until(&mut lines, &mut seen, "the room's state", |v| {
+    tool.send("room host state");
+    let state = tool.next(LINE_LIMIT, "the room's state", |v| {
         v["event"] == "room-response" && v["name"] == "host" && v["command"] == "state"
     });
-    send("quit".into());
-    let report = until(&mut lines, &mut seen, "the report", |v| {
-        v["event"] == "report"
-    });
-    assert!(
-        child.0.wait().unwrap().success(),
-        "room.mjs reported an error"
-    );
+    tool.send("quit");
+    let report = tool.finish(LINE_LIMIT);
 
     // Still in the room, as audience: two in the audience, the host alone on stage.
     let state = &state["data"];
@@ -717,7 +677,6 @@ fn member_talking_crosses_the_origin_edge_link_in_a_split_deployment() {
 
 #[test]
 fn sdk_a_muted_member_is_heard_by_nobody_until_unmuted() {
-    use std::io::Write;
     use std::time::Duration;
     let _serial = common::serial();
     let p = serve();
@@ -732,40 +691,38 @@ fn sdk_a_muted_member_is_heard_by_nobody_until_unmuted() {
         {"name": "ana", "publish": "ana", "sourceId": ana.id, "token": ana.token, "room": ana.token},
         {"name": "bo", "room": bo.token, "subscribeToken": bo.token, "view": {"tracks": 2}},
     ]);
-    let (mut child, mut stdin, mut lines) = room_tool_on(a, 30, &spec);
-    let mut seen = Vec::new();
-    let mut send = |line: String| writeln!(stdin, "{line}").unwrap();
-    let heard = until(&mut lines, &mut seen, "bo's vad naming ana", |v| {
+    let mut tool = Live::start(a, "stage", TOKEN, 30, &spec);
+    let heard = tool.next(LINE_LIMIT, "bo's vad naming ana", |v| {
         is(v, "broadcast", "bo", "vad") && v["data"]["sourceId"] == ana.id.as_str()
     });
     let mid = heard["data"]["mediaId"].as_str().unwrap().to_owned();
     std::thread::sleep(Duration::from_millis(1000));
     // Without the permission, Bo cannot mute anyone (an audience member cannot even mute
     // itself: it has nothing to mute).
-    send(format!(
+    tool.send(&format!(
         "room bo audio.mute {}",
         json!({"memberId": ana.id})
     ));
-    let refused = until(&mut lines, &mut seen, "bo's refusal", |v| {
+    let refused = tool.next(LINE_LIMIT, "bo's refusal", |v| {
         v["event"] == "room-response" && v["name"] == "bo"
     });
     assert!(refused["ok"] == false, "{refused}");
     let mute_at = common::unix_ms();
-    send(format!(
+    tool.send(&format!(
         "room host audio.mute {}",
         json!({"memberId": ana.id})
     ));
-    let updated = until(&mut lines, &mut seen, "member.updated muted", |v| {
+    let updated = tool.next(LINE_LIMIT, "member.updated muted", |v| {
         is(v, "room", "bo", "member.updated") && v["data"]["muted"] == true
     });
     assert_eq!(updated["data"]["memberId"], ana.id.as_str());
     std::thread::sleep(Duration::from_millis(2500));
     let unmute_at = common::unix_ms();
-    send(format!(
+    tool.send(&format!(
         "room host audio.unmute {}",
         json!({"memberId": ana.id})
     ));
-    let back = until(&mut lines, &mut seen, "bo's vad naming ana again", |v| {
+    let back = tool.next(LINE_LIMIT, "bo's vad naming ana again", |v| {
         is(v, "broadcast", "bo", "vad")
             && v["data"]["sourceId"] == ana.id.as_str()
             && v["t"].as_f64().unwrap() > unmute_at
@@ -773,14 +730,8 @@ fn sdk_a_muted_member_is_heard_by_nobody_until_unmuted() {
     let back_at = back["t"].as_f64().unwrap();
     std::thread::sleep(Duration::from_millis(1000));
     let dropped = common::metric(a, "chorus_origin_dropped_total{reason=\"muted\"}").unwrap_or(0.0);
-    send("quit".into());
-    let report = until(&mut lines, &mut seen, "the report", |v| {
-        v["event"] == "report"
-    });
-    assert!(
-        child.0.wait().unwrap().success(),
-        "room.mjs reported an error"
-    );
+    tool.send("quit");
+    let report = tool.finish(LINE_LIMIT);
     let bo_view = &report["participants"]["bo"]["view"];
     let e = energy(bo_view, &mid);
     let before = loudest(&e, heard["t"].as_f64().unwrap() + 300.0, mute_at);

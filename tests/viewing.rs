@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use chorus::replay::{corpus as corpus_files, truth};
-use common::room_tool::{report, turns_at};
+use common::room_tool::{self, report, turns_at};
 use common::{corpus, get_json, node_harness, wait_for, Proc};
 use serde_json::{json, Value};
 
@@ -434,127 +434,13 @@ fn vanishing_and_flooding_viewers_do_not_disturb_the_others() {
 }
 
 /// room.mjs on `stream` for `seconds`, taking commands on its stdin: returned once its corpus
-/// plays, with its stdin and the rest of its output.
-/// Reads a [`room_with_commands`] run to its end and returns its report, once room.mjs
-/// succeeded. Read to the end: closing the pipe early would break the harness's last writes.
-fn room_report(
-    mut child: std::process::Child,
-    stdin: std::process::ChildStdin,
-    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
-) -> Value {
-    let rep: Value = lines
-        .map_while(Result::ok)
-        .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
-        .filter(|v| v["event"] == "report")
-        .last()
-        .expect("a report");
-    drop(stdin);
-    assert!(child.wait().unwrap().success(), "room.mjs failed");
-    rep
-}
-
-fn room_with_commands(
-    p: &Proc,
-    stream: &str,
-    seconds: u32,
-    spec: &Value,
-) -> (
-    std::process::Child,
-    std::process::ChildStdin,
-    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
-) {
-    use std::io::BufRead;
-    let (dir, script) = node_harness("room.mjs");
-    let mut child = Command::new("node")
-        .current_dir(&dir)
-        .arg(script)
-        .args(["--endpoint", &format!("http://{}", p.http())])
-        .args(["--stream", stream, "--token", TOKEN])
-        .arg("--corpus")
-        .arg(corpus())
-        .args([
-            "--seconds",
-            &seconds.to_string(),
-            "--spec",
-            &spec.to_string(),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdin = child.stdin.take().unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        if line.unwrap().contains("\"corpus-start\"") {
-            break;
-        }
-    }
-    (child, stdin, lines)
-}
-
-#[test]
-fn projected_source_keeps_its_track_and_unproject_keeps_a_talker_flowing() {
-    let _serial = common::serial();
-    use std::io::Write;
-    let p = serve();
-    let spec = json!([
-        {"name": "host", "publish": "host"},
-        {"name": "ana", "publish": "ana"},
-        {"name": "bo", "publish": "bo"},
-        {"name": "listener", "view": {"tracks": 2}},
-    ]);
-    let (child, mut stdin, lines) = room_with_commands(&p, "pj", 20, &spec);
-    // Once the corpus plays: bo (silent until 10.6 s) is projected into mid 2 at ~5 s, and
-    // unprojected at ~12 s while still talking.
-    std::thread::sleep(Duration::from_secs(5));
-    writeln!(stdin, "project listener bo 2").unwrap();
-    std::thread::sleep(Duration::from_secs(7));
-    writeln!(stdin, "unproject listener 2").unwrap();
-    let rep = room_report(child, stdin, lines);
-    let v = &rep["participants"]["listener"]["view"];
-    let c0 = rep["corpusStartAt"].as_f64().unwrap();
-    let vad: Vec<(f64, &str, Option<&str>)> = v["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["name"] == "vad")
-        .map(|e| {
-            (
-                (e["t"].as_f64().unwrap() - c0) / 1000.0,
-                e["data"]["mediaId"].as_str().unwrap(),
-                e["data"]["sourceId"].as_str(),
-            )
-        })
-        .collect();
-    // Projected at once although bo is silent; bo is never announced anywhere else.
-    let proj = vad
-        .iter()
-        .find(|(_, m, s)| *m == "2" && *s == Some("bo"))
-        .expect("bo projected");
-    assert!((4.0..7.0).contains(&proj.0), "{vad:?}");
-    assert!(
-        vad.iter().all(|(_, m, s)| *s != Some("bo") || *m == "2"),
-        "{vad:?}"
-    );
-    // Unprojected while talking: no track change until bo stops (after 13.8 s + hangover).
-    let next = vad
-        .iter()
-        .find(|(t, m, _)| *m == "2" && *t > proj.0)
-        .expect("mid 2 changes later");
-    assert!(next.0 > 14.0 && next.2.is_none(), "{vad:?}");
-    // And bo is heard in mid 2 all through its turn, before and after the unproject.
-    let energy = v["tracks"]["2"]["energy"].as_array().unwrap();
-    for sec in [11.0, 12.5, 13.2] {
-        let m = energy
-            .iter()
-            .filter(|x| {
-                let t = (x[0].as_f64().unwrap() - c0) / 1000.0;
-                t >= sec && t < sec + 0.5
-            })
-            .map(|x| x[1].as_f64().unwrap())
-            .fold(0.0, f64::max);
-        assert!(m > 0.02, "mid 2 silent at {sec} s while bo talks");
-    }
+/// plays.
+fn room_with_commands(p: &Proc, stream: &str, seconds: u64, spec: &Value) -> room_tool::Live {
+    let mut tool = room_tool::Live::start(p.http(), stream, TOKEN, seconds, spec);
+    tool.next(Duration::from_secs(60), "the corpus start", |v| {
+        v["event"] == "corpus-start"
+    });
+    tool
 }
 
 /// With two media threads, viewers are dealt to both (ids in turn): each gets the stream, one
@@ -1001,35 +887,100 @@ fn loudest(view: &Value, mid: &str, c0: f64, a: f64, b: f64) -> f64 {
 }
 
 /// The SDK's projection and selection as apps use them, one chorus and one page per
-/// participant: `project` without a mediaId plays ana in the main track, `addRemoteTrack` +
-/// `project` plays bo in a track the offer never had, `select {}` is answered and a named layer
-/// refused with the reason, the view's `events` list keeps `viewercount` away, a publisher that
-/// asked gets `active` and `viewercount`, and the stage going empty is `inactive`, not
-/// `stopped`: the view stays.
+/// participant, two views whose checks are independent (one room setup for both):
+/// - `proj`: a source projected while silent keeps its track, and `unproject` while it talks
+///   leaves it flowing until it stops ([`check_projection_of_a_silent_source`]);
+/// - `sel`: `project` without a mediaId plays ana in the main track, `addRemoteTrack` +
+///   `project` plays bo in a track the offer never had, `select {}` is answered and a named
+///   layer refused with the reason, the view's `events` list keeps `viewercount` away, a
+///   publisher that asked gets `active` and `viewercount`, and the stage going empty is
+///   `inactive`, not `stopped`: the view stays ([`check_projection_and_selection`]).
 #[test]
 fn sdk_projection_selection_and_events_work_as_apps_use_them() {
     let _serial = common::serial();
-    use std::io::Write;
     let p = serve();
     let spec = json!([
         {"name": "host", "publish": "host", "publishEvents": ["active", "viewercount"]},
         {"name": "ana", "publish": "ana"},
         {"name": "bo", "publish": "bo"},
-        {"name": "listener", "view": {"tracks": 1, "events": ["active", "inactive", "vad", "stopped"]}},
+        {"name": "proj", "view": {"tracks": 2}},
+        {"name": "sel", "view": {"tracks": 1, "events": ["active", "inactive", "vad", "stopped"]}},
     ]);
-    let (child, mut stdin, lines) = room_with_commands(&p, "sel", 19, &spec);
+    let mut tool = room_with_commands(&p, "sel", 20, &spec);
+    // Once the corpus plays: sel's projections and selections at ~1 s; bo (silent until
+    // 10.6 s) projected into proj's mid 2 at ~5 s and unprojected there at ~12 s while still
+    // talking; after bo's turn (15 s) the whole stage leaves.
     std::thread::sleep(Duration::from_secs(1));
-    writeln!(stdin, "project listener ana main").unwrap();
-    writeln!(stdin, "project listener bo +").unwrap();
-    writeln!(stdin, "select listener").unwrap();
-    writeln!(stdin, r#"select listener {{"encodingId":"h"}}"#).unwrap();
-    // After bo's turn (15 s) the whole stage leaves.
-    std::thread::sleep(Duration::from_secs(15));
+    tool.send("project sel ana main");
+    tool.send("project sel bo +");
+    tool.send("select sel");
+    tool.send(r#"select sel {"encodingId":"h"}"#);
+    std::thread::sleep(Duration::from_secs(4));
+    tool.send("project proj bo 2");
+    std::thread::sleep(Duration::from_secs(7));
+    tool.send("unproject proj 2");
+    std::thread::sleep(Duration::from_secs(4));
     for who in ["host", "ana", "bo"] {
-        writeln!(stdin, "unpublish {who}").unwrap();
+        tool.send(&format!("unpublish {who}"));
     }
-    let rep = room_report(child, stdin, lines);
-    let v = &rep["participants"]["listener"]["view"];
+    let rep = tool.finish(Duration::from_secs(60));
+    check_projection_of_a_silent_source(&rep, "proj");
+    check_projection_and_selection(&rep, "sel");
+}
+
+/// View `me` had bo projected into its mid 2 at ~5 s (bo silent until 10.6 s) and unprojected
+/// at ~12 s, while bo still talked.
+fn check_projection_of_a_silent_source(rep: &Value, me: &str) {
+    let v = &rep["participants"][me]["view"];
+    let c0 = rep["corpusStartAt"].as_f64().unwrap();
+    let vad: Vec<(f64, &str, Option<&str>)> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["name"] == "vad")
+        .map(|e| {
+            (
+                (e["t"].as_f64().unwrap() - c0) / 1000.0,
+                e["data"]["mediaId"].as_str().unwrap(),
+                e["data"]["sourceId"].as_str(),
+            )
+        })
+        .collect();
+    // Projected at once although bo is silent; bo is never announced anywhere else.
+    let proj = vad
+        .iter()
+        .find(|(_, m, s)| *m == "2" && *s == Some("bo"))
+        .expect("bo projected");
+    assert!((4.0..7.0).contains(&proj.0), "{vad:?}");
+    assert!(
+        vad.iter().all(|(_, m, s)| *s != Some("bo") || *m == "2"),
+        "{vad:?}"
+    );
+    // Unprojected while talking: no track change until bo stops (after 13.8 s + hangover).
+    let next = vad
+        .iter()
+        .find(|(t, m, _)| *m == "2" && *t > proj.0)
+        .expect("mid 2 changes later");
+    assert!(next.0 > 14.0 && next.2.is_none(), "{vad:?}");
+    // And bo is heard in mid 2 all through its turn, before and after the unproject.
+    let energy = v["tracks"]["2"]["energy"].as_array().unwrap();
+    for sec in [11.0, 12.5, 13.2] {
+        let m = energy
+            .iter()
+            .filter(|x| {
+                let t = (x[0].as_f64().unwrap() - c0) / 1000.0;
+                t >= sec && t < sec + 0.5
+            })
+            .map(|x| x[1].as_f64().unwrap())
+            .fold(0.0, f64::max);
+        assert!(m > 0.02, "mid 2 silent at {sec} s while bo talks");
+    }
+}
+
+/// View `me` (one track) had ana projected into its main track and bo into an added one,
+/// selected `{}` and a named layer, and saw the stage leave at ~16 s.
+fn check_projection_and_selection(rep: &Value, me: &str) {
+    let v = &rep["participants"][me]["view"];
     let c0 = rep["corpusStartAt"].as_f64().unwrap();
     let commands = v["commands"].as_array().unwrap();
     let projects: Vec<&Value> = commands.iter().filter(|c| c["name"] == "project").collect();
@@ -1093,7 +1044,7 @@ fn sdk_projection_selection_and_events_work_as_apps_use_them() {
         "{}",
         v["errors"]
     );
-    // The publisher that asked hears its audience.
+    // The publisher that asked hears its audience: the room's two viewers.
     let host: Vec<&Value> = rep["participants"]["host"]["publish"]["events"]
         .as_array()
         .unwrap()
@@ -1102,7 +1053,7 @@ fn sdk_projection_selection_and_events_work_as_apps_use_them() {
     assert!(host.iter().any(|e| e["name"] == "active"), "{host:?}");
     assert!(
         host.iter()
-            .any(|e| e["name"] == "viewercount" && e["data"]["viewercount"] == 1),
+            .any(|e| e["name"] == "viewercount" && e["data"]["viewercount"] == 2),
         "{host:?}"
     );
     let ana = &rep["participants"]["ana"]["publish"]["events"];

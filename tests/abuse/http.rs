@@ -684,6 +684,9 @@ fn a_room_command_flood_is_limited_and_closed() {
 /// --dev-public, and says why.
 #[test]
 fn dev_mode_refuses_a_public_address() {
+    // Short as it is, it takes the lock too: no abuse test shares the machine with another
+    // one's processes while an honest viewer counts packets.
+    let _serial = common::serial();
     for args in [
         ["serve", "--http", "0.0.0.0:0", "--media-ip", "127.0.0.1"],
         ["serve", "--http", "127.0.0.1:0", "--media-ip", "0.0.0.0"],

@@ -230,6 +230,34 @@ impl Live {
             self.seen.push(v);
         }
     }
+
+    /// Waits (`limit` at most) for the tool's report, at the end of its `--seconds` or after a
+    /// `quit`, then for its exit: the report, once room.mjs exited successfully.
+    pub fn finish(mut self, limit: std::time::Duration) -> Value {
+        let report = self.next(limit, "the report", |v| v["event"] == "report");
+        // After its report the tool closes its pages and browsers (15 s at most, its own
+        // forced exit); stdin stays open until then, as EOF is no command.
+        let child = &mut self._child.0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "room.mjs did not exit within 20 s of its report"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        self.drain();
+        let errors: Vec<&Value> = self
+            .seen
+            .iter()
+            .filter(|v| v["event"] == "error" || v["event"] == "exit")
+            .collect();
+        assert!(status.success(), "room.mjs exited {status}: {errors:?}");
+        report
+    }
 }
 
 /// A tool's JSON stdout lines, read on a thread of their own (the tool never blocks on a full

@@ -35,6 +35,7 @@ ones; "role" says which):
     packets, ssrcs (list; a rewritten stream must have exactly one),
     ssrc_packets, payload_types, seq_gaps (missing sequence numbers over the
     16-bit wrap-aware extended range), seq_gap_events, max_seq_gap,
+    seq_gaps_at_s (when the first 10 gaps came, s after connecting),
     seq_duplicates, seq_reorders (packets older than the highest seen, not
     duplicates), ts_backwards (in-order packet whose ts is lower than the
     previous in-order packet's, 32-bit wrap-aware), ts_jumps (ts advance >
@@ -142,6 +143,8 @@ class TrackStats:
         self.seq_reorders = 0
         self.seq_gap_events = 0
         self.max_seq_gap = 0
+        # When the first gaps came (monotonic): at a start, a relink or mid-stream tells causes apart.
+        self.seq_gap_times: list[float] = []
         self.ts_backwards = 0
         self.ts_jumps = 0
         self.max_ts_advance = 0
@@ -204,6 +207,8 @@ class TrackStats:
         if step > 1:
             self.seq_gap_events += 1
             self.max_seq_gap = max(self.max_seq_gap, step - 1)
+            if len(self.seq_gap_times) < 10:
+                self.seq_gap_times.append(mono)
         dts = s32(ts - self.last_ts)
         if dts < 0:
             self.ts_backwards += 1
@@ -243,6 +248,7 @@ class TrackStats:
             "seq_gaps": (self.max_ext - self.min_ext + 1 - len(self.seen)) if n else 0,
             "seq_gap_events": self.seq_gap_events,
             "max_seq_gap": self.max_seq_gap,
+            "seq_gaps_at_s": [round(t - t_connected_mono, 3) for t in self.seq_gap_times],
             "seq_duplicates": self.seq_duplicates,
             "seq_reorders": self.seq_reorders,
             "ts_backwards": self.ts_backwards,

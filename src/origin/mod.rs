@@ -109,6 +109,10 @@ pub(crate) struct OriginMetrics {
     pub video_packets: AtomicU64,
     pub bytes_in: AtomicU64,
     pub padding_dropped: AtomicU64,
+    /// RED packets whose blocks do not parse (`media::red::RedError`), not relayed.
+    pub red_malformed: AtomicU64,
+    /// RED packets relayed (the publisher negotiated RED).
+    pub red_packets: AtomicU64,
     /// Packets of a muted room member, not relayed (`audio.mute`).
     pub muted_dropped: AtomicU64,
     pub relay_datagrams: AtomicU64,

@@ -136,6 +136,7 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             "Packets not relayed, by reason (tcp_*: ICE-TCP connections closed).",
             &[
                 ("reason=\"padding\"", g(&m.padding_dropped)),
+                ("reason=\"malformed_red\"", g(&m.red_malformed)),
                 ("reason=\"muted\"", g(&m.muted_dropped)),
                 ("reason=\"relay\"", g(&m.relay_drops)),
                 ("reason=\"publisher_flood\"", g(&p.flood_drops)),
@@ -293,6 +294,17 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
         );
         metric(
             &mut out,
+            "chorus_edge_red_packets_total",
+            "counter",
+            "RED (RFC 2198) packets written to viewers: passed as RED, unwrapped to their primary Opus block for viewers without RED, and (a subset of red) with a previous feed's redundant blocks stripped after a switch.",
+            &[
+                ("how=\"red\"", g(&m.red_out)),
+                ("how=\"unwrapped\"", g(&m.red_unwrapped)),
+                ("how=\"stripped\"", g(&m.red_stripped)),
+            ],
+        );
+        metric(
+            &mut out,
             "chorus_edge_preroll_packets_total",
             "counter",
             "Held packets replayed into a track as its source entered it (pre-roll), per group of viewers.",
@@ -307,6 +319,7 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
                 ("reason=\"unknown_source\"", g(&m.dropped_unknown)),
                 ("reason=\"unknown_channel\"", g(&m.dropped_unknown_channel)),
                 ("reason=\"malformed\"", g(&m.dropped_malformed)),
+                ("reason=\"malformed_red\"", g(&m.dropped_malformed_red)),
                 ("reason=\"relay_malformed\"", g(&m.dropped_relay_malformed)),
                 ("reason=\"lane_full\"", g(&m.dropped_lane_full)),
                 ("reason=\"stale\"", g(&m.dropped_stale)),

@@ -757,10 +757,10 @@ impl EdgeCore {
         let red = match view.payload_type() {
             RELAY_RED_PT if !video => match RedLayout::parse(view.payload(), RELAY_OPUS_PT) {
                 Ok(l) => Some(l),
-                Err(e) => {
-                    m.dropped_malformed_red.fetch_add(1, Ordering::Relaxed);
-                    debug!("relayed RED packet dropped: {e}");
-                    return;
+                // End-to-end encrypted RED (or broken): whole, to RED viewers only.
+                Err(_) => {
+                    m.red_opaque.fetch_add(1, Ordering::Relaxed);
+                    Some(RedLayout::opaque(view.payload().len()))
                 }
             },
             _ => None,

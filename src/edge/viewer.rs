@@ -16,7 +16,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::events::ViewerEvent;
 use crate::media::opus;
-use crate::media::red::RedLayout;
+use crate::media::red::{RedLayout, RELAY_OPUS_PT};
 use crate::media::rewrite::{InputPacket, TrackRewriter};
 use crate::media::rtp::audio_level_byte;
 use crate::rtc::established::{Parts, TrackSpec};
@@ -32,6 +32,8 @@ pub enum NotSent {
     NotNegotiated,
     /// The lean path could not seal it (SRTP index exhausted or the buffer too small).
     Seal,
+    /// RED whose blocks could not be read (end-to-end encrypted), for a viewer without RED.
+    RedOpaque,
 }
 
 /// What became of a RED packet written to a viewer (counted in /metrics).
@@ -165,8 +167,15 @@ impl OutTrack {
                 let Some(track) = self.lean else {
                     return (Sent::Dropped(NotSent::NotNegotiated), None);
                 };
-                let has_red = lean.spec(track).is_some_and(|s| s.red_pt.is_some());
+                // RED blocks carry the relay's Opus payload type: RED only where it is the
+                // viewer's too.
+                let has_red = lean
+                    .spec(track)
+                    .is_some_and(|s| s.red_pt.is_some() && s.pt == RELAY_OPUS_PT);
                 let (parts, how) = shape(payload, red, has_red, reach);
+                if parts.tail.is_empty() {
+                    return (Sent::Dropped(NotSent::RedOpaque), None);
+                }
                 let parts = Parts {
                     red: parts.red,
                     head: &parts.head,
@@ -191,7 +200,11 @@ impl OutTrack {
                 let Some(pt) = self.pt else {
                     return (Sent::Dropped(NotSent::NotNegotiated), None);
                 };
-                let (parts, how) = shape(payload, red, self.red_pt.is_some(), reach);
+                let has_red = self.red_pt.is_some() && *pt == RELAY_OPUS_PT;
+                let (parts, how) = shape(payload, red, has_red, reach);
+                if parts.tail.is_empty() {
+                    return (Sent::Dropped(NotSent::RedOpaque), None);
+                }
                 let pt = match self.red_pt {
                     Some(red_pt) if parts.red => red_pt,
                     _ => pt,
@@ -278,6 +291,16 @@ fn shape(
         return (whole, None);
     };
     let s = l.shape(has_red, reach);
+    if s.is_empty() {
+        return (
+            Shaped {
+                red: false,
+                head: Bytes::new(),
+                tail: Bytes::new(),
+            },
+            None,
+        );
+    }
     let how = match (s.red, s.head.is_empty()) {
         (false, _) => RedSent::Unwrapped,
         (true, true) => RedSent::Whole,

@@ -369,6 +369,7 @@ fn count_not_sent(m: &EdgeMetrics, why: NotSent) {
         NotSent::BeforeSwitch => &m.dropped_viewer_before_switch,
         NotSent::NotNegotiated => &m.dropped_not_negotiated,
         NotSent::Seal => &m.dropped_seal,
+        NotSent::RedOpaque => &m.dropped_red_opaque,
     };
     c.fetch_add(1, Ordering::Relaxed);
 }

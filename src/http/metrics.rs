@@ -131,12 +131,18 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
         );
         metric(
             &mut out,
+            "chorus_origin_red_packets_total",
+            "counter",
+            "RED (RFC 2198) packets relayed (publishers that negotiated RED send only those); opaque: blocks that do not parse (end-to-end encrypted, or broken), relayed untouched.",
+            &[("", g(&m.red_packets)), ("kind=\"opaque\"", g(&m.red_malformed))],
+        );
+        metric(
+            &mut out,
             "chorus_origin_dropped_total",
             "counter",
             "Packets not relayed, by reason (tcp_*: ICE-TCP connections closed).",
             &[
                 ("reason=\"padding\"", g(&m.padding_dropped)),
-                ("reason=\"malformed_red\"", g(&m.red_malformed)),
                 ("reason=\"muted\"", g(&m.muted_dropped)),
                 ("reason=\"relay\"", g(&m.relay_drops)),
                 ("reason=\"publisher_flood\"", g(&p.flood_drops)),
@@ -301,6 +307,7 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
                 ("how=\"red\"", g(&m.red_out)),
                 ("how=\"unwrapped\"", g(&m.red_unwrapped)),
                 ("how=\"stripped\"", g(&m.red_stripped)),
+                ("how=\"opaque\"", g(&m.red_opaque)),
             ],
         );
         metric(
@@ -319,7 +326,7 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
                 ("reason=\"unknown_source\"", g(&m.dropped_unknown)),
                 ("reason=\"unknown_channel\"", g(&m.dropped_unknown_channel)),
                 ("reason=\"malformed\"", g(&m.dropped_malformed)),
-                ("reason=\"malformed_red\"", g(&m.dropped_malformed_red)),
+                ("reason=\"red_opaque\"", g(&m.dropped_red_opaque)),
                 ("reason=\"relay_malformed\"", g(&m.dropped_relay_malformed)),
                 ("reason=\"lane_full\"", g(&m.dropped_lane_full)),
                 ("reason=\"stale\"", g(&m.dropped_stale)),

@@ -58,6 +58,8 @@ pub struct RedLayout {
     ends: [u16; MAX_RED_BLOCKS - 1],
     /// The payload's length.
     len: u16,
+    /// Not parsed: see [`RedLayout::opaque`].
+    opaque: bool,
 }
 
 impl RedLayout {
@@ -68,6 +70,7 @@ impl RedLayout {
             offsets: [0; MAX_RED_BLOCKS - 1],
             ends: [0; MAX_RED_BLOCKS - 1],
             len: 0,
+            opaque: false,
         };
         // Longer than any RTP payload the core forwards: no offset below overflows a u16.
         if payload.len() > u16::MAX as usize {
@@ -112,6 +115,26 @@ impl RedLayout {
         Ok(l)
     }
 
+    /// A RED payload whose blocks do not parse, taken whole: what an end-to-end encrypted RED
+    /// payload looks like (Chrome's encoded transform may see the RED-wrapped frame, so the
+    /// ciphertext covers the block headers). It passes untouched to viewers that negotiated RED
+    /// (their transform decrypts it before their RED decoder splits it); a viewer without RED
+    /// gets nothing of it ([`Shape::is_empty`]). `len` is the payload's length.
+    pub fn opaque(len: usize) -> RedLayout {
+        RedLayout {
+            redundant: 0,
+            offsets: [0; MAX_RED_BLOCKS - 1],
+            ends: [0; MAX_RED_BLOCKS - 1],
+            len: len.min(u16::MAX as usize) as u16,
+            opaque: true,
+        }
+    }
+
+    /// Whether it is [`opaque`](Self::opaque).
+    pub fn is_opaque(&self) -> bool {
+        self.opaque
+    }
+
     /// How many redundant blocks it carries.
     pub fn redundant(&self) -> usize {
         self.redundant as usize
@@ -122,12 +145,16 @@ impl RedLayout {
         &self.offsets[..self.redundant as usize]
     }
 
-    /// The primary block's data: the Opus frame this packet is about.
+    /// The primary block's data: the Opus frame this packet is about (the whole payload of an
+    /// opaque one, as activity reads an encrypted Opus payload).
     pub fn primary(&self) -> Range<usize> {
         self.primary_start()..self.len as usize
     }
 
     fn primary_start(&self) -> usize {
+        if self.opaque {
+            return 0;
+        }
         match self.redundant as usize {
             0 => 1,
             n => self.ends[n - 1] as usize,
@@ -138,6 +165,14 @@ impl RedLayout {
     /// point no further back than `reach` samples (the audio its track carried of the current
     /// feed before this packet); otherwise the primary alone, as plain Opus.
     pub fn shape(&self, red: bool, reach: u32) -> Shape {
+        if self.opaque {
+            let all = if red { 0..self.len as usize } else { 0..0 };
+            return Shape {
+                red,
+                head: 0..0,
+                tail: all,
+            };
+        }
         if !red {
             return Shape {
                 red: false,
@@ -348,6 +383,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_opaque_payload_passes_whole_to_red_viewers_only() {
+        let l = RedLayout::opaque(50);
+        assert!(l.is_opaque());
+        assert_eq!(l.primary(), 0..50);
+        let s = l.shape(true, 0);
+        assert_eq!((s.red, s.head, s.tail), (true, 0..0, 0..50));
+        assert!(l.shape(false, u32::MAX).is_empty());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use smallvec::SmallVec;
 use super::activity::{Transition, VadConfig, Voice, VoiceActivity};
 use super::frame_clock::DEFAULT_FRAME;
 use super::opus;
-use super::red::{RedError, RedLayout, RELAY_OPUS_PT, RELAY_RED_PT};
+use super::red::{RedLayout, RELAY_OPUS_PT, RELAY_RED_PT};
 use super::rewrite::{Feed, InputPacket, RewriteDrop, Rewritten, TrackRewriter};
 use super::rtp::{RtpError, RtpView};
 use super::selection::{GroupId, GroupKey, SelectionConfig, Selector, Standing, TrackChange};
@@ -79,8 +79,6 @@ pub enum Drop {
     TooLarge(usize),
     /// The source index is not a live source of this stream.
     UnknownSource,
-    /// A RED packet ([`RELAY_RED_PT`]) whose blocks do not parse.
-    MalformedRed(RedError),
 }
 
 impl std::fmt::Display for Drop {
@@ -89,7 +87,6 @@ impl std::fmt::Display for Drop {
             Drop::Malformed(e) => write!(f, "malformed RTP: {e}"),
             Drop::TooLarge(n) => write!(f, "packet of {n} bytes exceeds {MAX_PACKET}"),
             Drop::UnknownSource => write!(f, "packet for a source that is not live"),
-            Drop::MalformedRed(e) => write!(f, "malformed RED: {e}"),
         }
     }
 }
@@ -111,8 +108,6 @@ pub struct CoreStats {
     pub dropped_too_large: u64,
     /// Drops of [`Drop::UnknownSource`].
     pub dropped_unknown_source: u64,
-    /// Drops of [`Drop::MalformedRed`].
-    pub dropped_malformed_red: u64,
     /// Packets of a track's source that arrived late, from before it was switched in.
     pub dropped_before_switch: u64,
     /// Track changes: a source switched into (or out of) a group's track.
@@ -548,13 +543,10 @@ impl StreamCore {
         match RtpView::parse(packet) {
             Ok(view) => {
                 let red = match view.payload_type() {
-                    RELAY_RED_PT => match RedLayout::parse(view.payload(), RELAY_OPUS_PT) {
-                        Ok(l) => Some(l),
-                        Err(e) => {
-                            self.count(Drop::MalformedRed(e));
-                            return Err(Drop::MalformedRed(e));
-                        }
-                    },
+                    RELAY_RED_PT => Some(
+                        RedLayout::parse(view.payload(), RELAY_OPUS_PT)
+                            .unwrap_or_else(|_| RedLayout::opaque(view.payload().len())),
+                    ),
                     _ => None,
                 };
                 self.on_rtp(now_us, s, &view, red.as_ref(), out)
@@ -593,7 +585,6 @@ impl StreamCore {
             Drop::Malformed(_) => self.stats.dropped_malformed += 1,
             Drop::TooLarge(_) => self.stats.dropped_too_large += 1,
             Drop::UnknownSource => self.stats.dropped_unknown_source += 1,
-            Drop::MalformedRed(_) => self.stats.dropped_malformed_red += 1,
         }
     }
 
@@ -953,21 +944,16 @@ mod tests {
     }
 
     #[test]
-    fn a_malformed_red_packet_is_counted_and_dropped() {
+    fn a_red_packet_that_does_not_parse_is_taken_whole() {
+        // End-to-end encrypted RED looks like this: the core reads its size, as it reads an
+        // encrypted Opus payload's, and forwards it.
         let mut core = StreamCore::new(CoreConfig::default());
         let a = core.publish("a", SourceConfig::default());
         let mut p = sized(1, 40, true);
-        // The redundant block's length now runs past the packet.
         p[12 + 3] = 0xFF;
         p[12 + 2] |= 0x03;
-        assert_eq!(
-            core.on_packet(0, a, &p, &mut |_| {}),
-            Err(Drop::MalformedRed(RedError::BlockOverflow))
-        );
-        assert_eq!(
-            (core.stats().dropped_malformed_red, core.stats().packets_in),
-            (1, 0)
-        );
+        assert_eq!(core.on_packet(0, a, &p, &mut |_| {}), Ok(()));
+        assert_eq!(core.stats().packets_in, 1);
     }
 
     #[test]

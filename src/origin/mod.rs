@@ -109,7 +109,8 @@ pub(crate) struct OriginMetrics {
     pub video_packets: AtomicU64,
     pub bytes_in: AtomicU64,
     pub padding_dropped: AtomicU64,
-    /// RED packets whose blocks do not parse (`media::red::RedError`), not relayed.
+    /// RED packets whose blocks do not parse (end-to-end encrypted, or broken): relayed
+    /// untouched, for the edge to send whole to viewers with RED.
     pub red_malformed: AtomicU64,
     /// RED packets relayed (the publisher negotiated RED).
     pub red_packets: AtomicU64,

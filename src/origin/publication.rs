@@ -142,10 +142,12 @@ impl PeerHandler for PublicationHandler {
                     let at = len - m.payload.len();
                     match RedLayout::parse(&self.rtp[at..], opus_pt) {
                         Ok(l) => set_block_pts(&mut self.rtp[at..], &l, RELAY_OPUS_PT),
+                        // An encoded transform may have encrypted the block headers too.
                         Err(e) => {
-                            self.metrics.red_malformed.fetch_add(1, Ordering::Relaxed);
-                            debug!(source = ?self.source, "publisher RED packet dropped: {e}");
-                            return;
+                            let n = self.metrics.red_malformed.fetch_add(1, Ordering::Relaxed);
+                            if n.is_power_of_two() {
+                                debug!(source = ?self.source, "publisher RED relayed opaque: {e}");
+                            }
                         }
                     }
                     self.metrics.red_packets.fetch_add(1, Ordering::Relaxed);

@@ -490,7 +490,9 @@ impl Origin {
             Box::new(handler),
         );
         let (peer, answer) = match accepted {
-            Ok(a) => a,
+            // libwebrtc sends the first codec of the answer's m-line: RED first, or it never
+            // sends RED (str0m lists the primary first).
+            Ok((peer, answer)) => (peer, crate::rtc::offer::red_first(&answer)),
             Err(e) => {
                 self.finish_attempt(stream, &source);
                 return Err(e);

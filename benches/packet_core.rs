@@ -10,8 +10,9 @@
 //! 20 ms per packet.
 //!
 //! Groups:
-//! - `parse_activity`: `RtpView::parse` + `VoiceActivity::observe_packet` (plus parse alone, and
-//!   a sender without the level extension, which takes the payload-size path).
+//! - `parse_activity`: `RtpView::parse` + `VoiceActivity::observe_packet` (plus parse alone, a
+//!   sender without the level extension, which takes the payload-size path, and a RED sender:
+//!   the RED parse, the primary's activity and both per-viewer shapes).
 //! - `rewrite`: `TrackRewriter::rewrite` + writing the result into a packet buffer in place with
 //!   `RtpHeaderMut`; steady one source, and a track switching between two sources every 50.
 //! - `on_packet`: the whole `StreamCore::on_packet` for a talker that holds a track in 1 and in
@@ -27,6 +28,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 use chorus::media::activity::{VadConfig, VoiceActivity};
+use chorus::media::red::{write_red, RedLayout, RELAY_OPUS_PT, RELAY_RED_PT};
 use chorus::media::rewrite::{Feed, InputPacket, TrackRewriter};
 use chorus::media::rtp::{audio_level_byte, write_packet, HeaderFields, RtpHeaderMut, RtpView};
 use chorus::media::selection::GroupKey;
@@ -151,6 +153,38 @@ fn bench_parse_activity(c: &mut Criterion) {
                 Ok(view) => Some(va.observe_packet(&cfg, now, &view, Some(LEVEL_EXT_ID))),
                 Err(_) => None,
             };
+            black_box(t)
+        })
+    });
+
+    // Chrome's RED (one redundant block, the previous frame): the RTP parse, the RED parse, the
+    // primary's activity, and the two shapes a packet takes for viewers with and without RED.
+    g.bench_function("parse+red+observe_level_ext+shape", |b| {
+        let mut red = Vec::new();
+        write_red(&mut red, RELAY_OPUS_PT, &[(960, &payload[..])], &payload);
+        let mut pkts: Vec<Vec<u8>> = (0..150)
+            .map(|i| {
+                let (level, voice) = turn_taking_level(i, 0xA11CE);
+                let mut p = build_packet(0x1111_2222, 0, 0, level, voice, &red);
+                p[1] = RELAY_RED_PT;
+                p
+            })
+            .collect();
+        let mut va = VoiceActivity::new(&cfg);
+        let (mut i, mut seq, mut ts, mut now) = (0usize, 1000u16, 77_000u32, 0u64);
+        b.iter(|| {
+            let p = &mut pkts[i];
+            set_seq_ts(p, seq, ts);
+            i = if i + 1 == 150 { 0 } else { i + 1 };
+            seq = seq.wrapping_add(1);
+            ts = ts.wrapping_add(FRAME_SAMPLES);
+            now += FRAME_US;
+            let t = RtpView::parse(black_box(&p[..])).ok().and_then(|view| {
+                let l = RedLayout::parse(view.payload(), RELAY_OPUS_PT).ok()?;
+                let opus = &view.payload()[l.primary()];
+                let t = va.observe_opus(&cfg, now, &view, opus, Some(LEVEL_EXT_ID));
+                Some((t, l.shape(true, 960).len(), l.shape(false, 960).len()))
+            });
             black_box(t)
         })
     });

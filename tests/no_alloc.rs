@@ -455,6 +455,11 @@ fn direct_send_path_does_not_allocate_once_warm() {
     let mut batch = SendBatch::default();
     let mut scratch = Vec::with_capacity(1500);
     let payload = bytes::Bytes::from(vec![0x78u8; 80]);
+    // Every other packet RED (this viewer did not negotiate it: its primary, unwrapped).
+    let mut red = Vec::new();
+    chorus::media::red::write_red(&mut red, 111, &[(960, &[0x78; 80])], &[0x78; 80]);
+    let red = bytes::Bytes::from(red);
+    let layout = chorus::media::red::RedLayout::parse(&red, 111).unwrap();
     let (mut direct, mut direct_allocs, mut direct_frees) = (0u32, 0usize, 0usize);
     for i in 0..6_000u16 {
         let input = InputPacket {
@@ -476,14 +481,30 @@ fn direct_send_path_does_not_allocate_once_warm() {
             FREES.load(Ordering::Relaxed),
         );
         let sent = counted(|| {
-            t.write(
-                d,
-                i as u64 * 20_000,
-                now,
-                &input,
-                Some((true, 40)),
-                &payload,
-            )
+            if i % 2 == 0 {
+                t.write(
+                    d,
+                    i as u64 * 20_000,
+                    now,
+                    &input,
+                    Some((true, 40)),
+                    &payload,
+                )
+            } else {
+                let at = i as u64 * 20_000;
+                let reach = (i % 4) as u32 * 480;
+                t.write_red(
+                    d,
+                    at,
+                    now,
+                    &input,
+                    Some((true, 40)),
+                    &red,
+                    Some(&layout),
+                    reach,
+                )
+                .0
+            }
         });
         // Warm-up: the first packets read what str0m negotiated and set the anchors.
         if sent == Sent::Direct && i >= 300 {

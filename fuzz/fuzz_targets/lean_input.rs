@@ -114,6 +114,7 @@ impl Run {
         let tracks = SSRCS.map(|ssrc| TrackSpec {
             ssrc,
             pt: 111,
+            red_pt: Some(63),
             clock_rate: 48_000,
             level_id: Some(1),
             mid_id: Some(4),

@@ -22,6 +22,7 @@ use super::events::{ActiveSource, ViewerEvent};
 use super::talking::{TalkingSink, TalkingWatch};
 use super::{EdgeMetrics, Shared};
 use crate::media::opus;
+use crate::media::red::{RedLayout, RELAY_OPUS_PT, RELAY_RED_PT};
 use crate::media::rewrite::{Feed, InputPacket, Rewritten};
 use crate::media::rtp::{parse_audio_level, RtpView};
 use crate::media::selection::{GroupId, GroupKey, TrackChange};
@@ -73,6 +74,13 @@ pub struct Write {
     pub level: Option<(bool, u8)>,
     /// The Opus (or video) payload: a slice of the relayed datagram.
     pub payload: Bytes,
+    /// Its RED layout, when the publisher sends RED (then the viewer's negotiation decides
+    /// between RED and the primary block alone).
+    pub red: Option<RedLayout>,
+    /// How far back a RED block may point and still be audio of the group track's current
+    /// feed ([`Rewritten::reach`]); `u32::MAX` on a main track, whose only feed changes are the
+    /// viewer's own re-anchors.
+    pub reach: u32,
 }
 
 /// What the core asks of its driver, in the order it must be done.
@@ -148,8 +156,8 @@ struct LiveSource {
     active: Arc<ActiveSource>,
 }
 
-/// One held packet's payload and level, with the sequence number that names it.
-type HeldPayload = (u16, Bytes, Option<(bool, u8)>);
+/// One held packet's payload, RED layout and level, with the sequence number that names it.
+type HeldPayload = (u16, Bytes, Option<RedLayout>, Option<(bool, u8)>);
 
 /// The payloads of a source's last [`PREROLL_SLOTS`] packets, slotted by sequence number as the
 /// packet core slots their headers: when the core replays one ([`CoreOutput::Preroll`]), its
@@ -159,15 +167,20 @@ type HeldPayload = (u16, Bytes, Option<(bool, u8)>);
 struct HeldPayloads([Option<HeldPayload>; PREROLL_SLOTS]);
 
 impl HeldPayloads {
-    fn hold(&mut self, seq: u16, payload: &Bytes, level: Option<(bool, u8)>) {
-        self.0[seq as usize % PREROLL_SLOTS] = Some((seq, payload.clone(), level));
+    fn hold(
+        &mut self,
+        seq: u16,
+        payload: &Bytes,
+        red: Option<RedLayout>,
+        level: Option<(bool, u8)>,
+    ) {
+        self.0[seq as usize % PREROLL_SLOTS] = Some((seq, payload.clone(), red, level));
     }
 
-    fn get(&self, seq: u16) -> Option<(&Bytes, Option<(bool, u8)>)> {
-        match &self.0[seq as usize % PREROLL_SLOTS] {
-            Some((s, b, l)) if *s == seq => Some((b, *l)),
-            _ => None,
-        }
+    fn get(&self, seq: u16) -> Option<&HeldPayload> {
+        self.0[seq as usize % PREROLL_SLOTS]
+            .as_ref()
+            .filter(|(s, ..)| *s == seq)
     }
 }
 
@@ -796,6 +809,17 @@ impl EdgeCore {
             m.dropped_malformed.fetch_add(1, Ordering::Relaxed);
             return;
         };
+        let red = match view.payload_type() {
+            RELAY_RED_PT if !video => match RedLayout::parse(view.payload(), RELAY_OPUS_PT) {
+                Ok(l) => Some(l),
+                // End-to-end encrypted RED (or broken): whole, to RED viewers only.
+                Err(_) => {
+                    m.red_opaque.fetch_add(1, Ordering::Relaxed);
+                    Some(RedLayout::opaque(view.payload().len()))
+                }
+            },
+            _ => None,
+        };
         let start = DATAGRAM_HEADER + view.header_len();
         let payload = p.data.slice(start..start + view.payload().len());
         let level = view.extension(LEVEL_EXT_ID).and_then(parse_audio_level);
@@ -828,6 +852,8 @@ impl EdgeCore {
                     input,
                     level,
                     payload: payload.clone(),
+                    red,
+                    reach: u32::MAX,
                 }));
             }
         }
@@ -843,21 +869,22 @@ impl EdgeCore {
         } = st;
         let viewers = &self.viewers;
         let late_before = core.stats().dropped_before_switch;
-        let result = core.on_rtp(now_us, src, &view, &mut |o| match o {
+        let pkt = (&payload, red.as_ref());
+        let result = core.on_rtp(now_us, src, &view, red.as_ref(), &mut |o| match o {
             CoreOutput::Track(c) => vad(&c, groups, live, viewers, out, m),
             CoreOutput::Packet {
                 group,
                 track,
                 header,
                 samples,
-            } => write_group(group, track, header, samples, level, &payload, groups, out),
+            } => write_group(group, track, header, samples, level, pkt, groups, out),
             other => track_output(other, groups, live, held, viewers, out, m),
         });
         match result {
             // Held as the core holds its header: after it was handled.
             Ok(()) => {
                 if let Some(h) = held.get_mut(src.0 as usize) {
-                    h.hold(view.sequence_number(), &payload, level);
+                    h.hold(view.sequence_number(), &payload, red, level);
                 }
             }
             Err(e) => {
@@ -935,9 +962,10 @@ fn track_output(
             source,
             seq,
         } => match held.get(source.0 as usize).and_then(|h| h.get(seq)) {
-            Some((payload, level)) => {
+            Some((_, payload, red, level)) => {
                 metrics.preroll_packets.fetch_add(1, Ordering::Relaxed);
-                write_group(group, track, header, samples, level, payload, groups, out);
+                let pkt = (payload, red.as_ref());
+                write_group(group, track, header, samples, *level, pkt, groups, out);
             }
             // The core holds only what the edge handed it, so this is a bug: count it.
             None => {
@@ -963,7 +991,16 @@ fn write_ending(
     let silence = Bytes::from_static(&opus::SILENCE_FRAME);
     let level = Some((false, 127));
     let samples = opus::SILENCE_SAMPLES;
-    write_group(group, track, header, samples, level, &silence, groups, out);
+    write_group(
+        group,
+        track,
+        header,
+        samples,
+        level,
+        (&silence, None),
+        groups,
+        out,
+    );
 }
 
 /// One `Write` per viewer of `group` on its track `track`. The group's stream is already one
@@ -975,7 +1012,7 @@ fn write_group(
     header: Rewritten,
     samples: u32,
     level: Option<(bool, u8)>,
-    payload: &Bytes,
+    (payload, red): (&Bytes, Option<&RedLayout>),
     groups: &[Vec<PeerId>],
     out: &mut VecDeque<Output>,
 ) {
@@ -995,6 +1032,8 @@ fn write_group(
             input,
             level,
             payload: payload.clone(),
+            red: red.copied(),
+            reach: header.reach,
         }));
     }
 }

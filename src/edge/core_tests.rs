@@ -730,3 +730,77 @@ fn a_watched_core_shows_its_groups_and_their_tracks_and_an_unwatched_one_nothing
     shared.boards.watch(false);
     assert!(shared.boards.read().is_empty());
 }
+
+/// [`relayed`] as RED: the packet's frame as primary, the previous one as a redundant block.
+fn relayed_red(channel: u32, index: u16, seq: u16, level: u8, now: u64) -> Relayed {
+    let plain = relayed(channel, index, seq, level, now);
+    let view = RtpView::parse(&plain.data[DATAGRAM_HEADER..]).unwrap();
+    let mut payload = Vec::new();
+    let frame = view.payload().to_vec();
+    crate::media::red::write_red(&mut payload, RELAY_OPUS_PT, &[(960, &frame)], &frame);
+    let mut rtp = Vec::new();
+    let hdr = HeaderFields {
+        payload_type: RELAY_RED_PT,
+        sequence_number: seq,
+        timestamp: seq as u32 * 960,
+        ssrc: 100 + index as u32,
+        marker: false,
+    };
+    write_packet(&mut rtp, &hdr, &[(LEVEL_EXT_ID, &[level])], &payload);
+    let mut data = plain.data[..DATAGRAM_HEADER].to_vec();
+    data.extend_from_slice(&rtp);
+    Relayed {
+        data: Bytes::from(data),
+        ..plain
+    }
+}
+
+#[test]
+fn red_writes_carry_their_layout_and_the_reach_of_the_tracks_feed() {
+    let mut c = core();
+    join(&mut c, 0, 1, "s", 1);
+    c.handle_sources(0, "s", 3, vec![source(0, "ana")]);
+    drain(&mut c);
+    let mut writes = Vec::new();
+    let mut now = 0;
+    for i in 0..70u16 {
+        let level = if i < 60 { 70 } else { 20 };
+        c.handle_packet(now, relayed_red(3, 0, i, level, now));
+        c.handle_timeout(now + 10_000);
+        now += 20_000;
+        while let Some(o) = c.poll_output() {
+            if let Output::Write(w) = o {
+                writes.push(w);
+            }
+        }
+    }
+    assert!(writes.len() > 5, "{}", writes.len());
+    // The first write into the track (the pre-roll's first) has no audio of its feed before
+    // it; each later one a frame more.
+    for (k, w) in writes.iter().enumerate() {
+        let l = w.red.expect("a RED write carries its layout");
+        assert_eq!(l.offsets(), [960]);
+        assert_eq!(
+            (w.payload[l.primary()].len(), w.payload[l.primary()][0]),
+            (60, 0x78)
+        );
+        assert_eq!(w.reach, 960 * k as u32, "write {k}");
+    }
+    // One that does not parse (end-to-end encrypted) is taken whole, opaque.
+    let mut bad = relayed_red(3, 0, 70, 20, now).data.to_vec();
+    bad[DATAGRAM_HEADER + 20] ^= 0x7F;
+    let bad = Relayed {
+        data: Bytes::from(bad),
+        ..relayed(3, 0, 70, 20, now)
+    };
+    c.handle_packet(now, bad);
+    let mut opaque = 0;
+    while let Some(o) = c.poll_output() {
+        if let Output::Write(w) = o {
+            assert!(w.red.is_some_and(|l| l.is_opaque()));
+            opaque += 1;
+        }
+    }
+    assert_eq!(opaque, 1);
+    assert_eq!(c.metrics.red_opaque.load(Ordering::Relaxed), 1);
+}

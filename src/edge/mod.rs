@@ -76,6 +76,17 @@ pub struct EdgeMetrics {
     pub dropped_unknown: AtomicU64,
     /// Relayed datagrams too short for RTP, or not valid RTP.
     pub dropped_malformed: AtomicU64,
+    /// Relayed RED packets whose blocks do not parse (end-to-end encrypted, or broken): sent
+    /// whole to viewers with RED, to no others (`media::red::RedLayout::opaque`).
+    pub red_opaque: AtomicU64,
+    /// Packets of such RED not sent to a viewer without RED.
+    pub dropped_red_opaque: AtomicU64,
+    /// RED packets sent to viewers that negotiated RED (whole, or stripped at a switch).
+    pub red_out: AtomicU64,
+    /// RED packets sent as their primary block alone, to viewers without RED.
+    pub red_unwrapped: AtomicU64,
+    /// RED packets whose redundant blocks of a previous feed were stripped (after a switch).
+    pub red_stripped: AtomicU64,
     /// `vad` events sent to viewers (a track changed source).
     pub vad_events: AtomicU64,
     /// `active` events sent to viewers (a source went live), one per viewer told.

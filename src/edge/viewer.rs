@@ -16,9 +16,10 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::events::ViewerEvent;
 use crate::media::opus;
+use crate::media::red::{RedLayout, RELAY_OPUS_PT};
 use crate::media::rewrite::{InputPacket, TrackRewriter};
 use crate::media::rtp::audio_level_byte;
-use crate::rtc::established::TrackSpec;
+use crate::rtc::established::{Parts, TrackSpec};
 use crate::rtc::peers::{Peer, PeerOut};
 use crate::rtc::srtp_out::KeySlot;
 
@@ -31,6 +32,19 @@ pub enum NotSent {
     NotNegotiated,
     /// The lean path could not seal it (SRTP index exhausted or the buffer too small).
     Seal,
+    /// RED whose blocks could not be read (end-to-end encrypted), for a viewer without RED.
+    RedOpaque,
+}
+
+/// What became of a RED packet written to a viewer (counted in /metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedSent {
+    /// Passed whole, as RED.
+    Whole,
+    /// As RED, without the redundant blocks of the track's previous feed (after a switch).
+    Stripped,
+    /// Its primary block alone, as plain Opus: the viewer did not negotiate RED.
+    Unwrapped,
 }
 
 /// How a written packet left.
@@ -53,6 +67,8 @@ pub struct OutTrack {
     ext_seq: Option<u64>,
     /// The payload type str0m negotiated (the str0m path).
     pt: Option<Pt>,
+    /// And its RED payload type, if the viewer accepted RED (the str0m path).
+    red_pt: Option<Pt>,
     /// This track's index in its viewer's lean state, once it went lean.
     pub lean: Option<usize>,
     clock_rate: u32,
@@ -70,6 +86,7 @@ impl OutTrack {
                 .with_clock_rate(clock_rate),
             ext_seq: None,
             pt: None,
+            red_pt: None,
             lean: None,
             clock_rate,
             packets: 0,
@@ -93,8 +110,37 @@ impl OutTrack {
         level: Option<(bool, u8)>,
         payload: &Bytes,
     ) -> Sent {
+        self.write_red(
+            out,
+            now_us,
+            wallclock,
+            input,
+            level,
+            payload,
+            None,
+            u32::MAX,
+        )
+        .0
+    }
+
+    /// [`write`](Self::write) of a packet that may be RED (`red`, its layout): a viewer that
+    /// negotiated RED gets RED, without the blocks that point further back than `reach` (the
+    /// group track's, see [`crate::media::rewrite::Rewritten::reach`]) or than this viewer's
+    /// own stream of the feed goes; any other viewer gets the primary block as plain Opus.
+    #[allow(clippy::too_many_arguments)]
+    pub fn write_red(
+        &mut self,
+        out: PeerOut<'_>,
+        now_us: u64,
+        wallclock: Instant,
+        input: &InputPacket,
+        level: Option<(bool, u8)>,
+        payload: &Bytes,
+        red: Option<&RedLayout>,
+        reach: u32,
+    ) -> (Sent, Option<RedSent>) {
         let Ok(h) = self.rw.rewrite(now_us, input) else {
-            return Sent::Dropped(NotSent::BeforeSwitch);
+            return (Sent::Dropped(NotSent::BeforeSwitch), None);
         };
         let ext = match self.ext_seq {
             None => h.seq as u64,
@@ -111,6 +157,7 @@ impl OutTrack {
         if self.ext_seq.is_none_or(|l| ext > l) {
             self.ext_seq = Some(ext);
         }
+        let reach = reach.min(h.reach);
         match out {
             PeerOut::Lean {
                 lean,
@@ -118,29 +165,53 @@ impl OutTrack {
                 scratch,
             } => {
                 let Some(track) = self.lean else {
-                    return Sent::Dropped(NotSent::NotNegotiated);
+                    return (Sent::Dropped(NotSent::NotNegotiated), None);
+                };
+                // RED blocks carry the relay's Opus payload type: RED only where it is the
+                // viewer's too.
+                let has_red = lean
+                    .spec(track)
+                    .is_some_and(|s| s.red_pt.is_some() && s.pt == RELAY_OPUS_PT);
+                let (parts, how) = shape(payload, red, has_red, reach);
+                if parts.tail.is_empty() {
+                    return (Sent::Dropped(NotSent::RedOpaque), None);
+                }
+                let parts = Parts {
+                    red: parts.red,
+                    head: &parts.head,
+                    tail: &parts.tail,
                 };
                 let level = level.map(|(v, l)| audio_level_byte(v, l));
-                if !lean.send_rtp(
-                    wallclock, track, ext, h.ts, h.marker, level, payload, scratch, &mut sink,
+                if !lean.send_rtp_parts(
+                    wallclock, track, ext, h.ts, h.marker, level, parts, scratch, &mut sink,
                 ) {
-                    return Sent::Dropped(NotSent::Seal);
+                    return (Sent::Dropped(NotSent::Seal), None);
                 }
                 self.packets += 1;
-                Sent::Direct
+                (Sent::Direct, how)
             }
             PeerOut::Str0m(rtc) => {
                 if self.pt.is_none() {
                     self.pt = rtc
                         .media(self.mid)
                         .and_then(|m| m.remote_pts().first().copied());
+                    self.red_pt = self.pt.and_then(|pt| red_pt_of(rtc, pt));
                 }
                 let Some(pt) = self.pt else {
-                    return Sent::Dropped(NotSent::NotNegotiated);
+                    return (Sent::Dropped(NotSent::NotNegotiated), None);
+                };
+                let has_red = self.red_pt.is_some() && *pt == RELAY_OPUS_PT;
+                let (parts, how) = shape(payload, red, has_red, reach);
+                if parts.tail.is_empty() {
+                    return (Sent::Dropped(NotSent::RedOpaque), None);
+                }
+                let pt = match self.red_pt {
+                    Some(red_pt) if parts.red => red_pt,
+                    _ => pt,
                 };
                 let mut api = rtc.direct_api();
                 let Some(tx) = api.stream_tx_by_mid(self.mid, None) else {
-                    return Sent::Dropped(NotSent::NotNegotiated);
+                    return (Sent::Dropped(NotSent::NotNegotiated), None);
                 };
                 let mut ext_vals = ExtensionValues::default();
                 if let Some((voice, l)) = level {
@@ -149,7 +220,11 @@ impl OutTrack {
                 }
                 // str0m keeps its own copy (its NACK history): the fallback path's one
                 // allocation per packet.
-                let payload: Arc<[u8]> = Arc::from(&payload[..]);
+                let payload: Arc<[u8]> = if parts.head.is_empty() {
+                    Arc::from(&parts.tail[..])
+                } else {
+                    [&parts.head[..], &parts.tail[..]].concat().into()
+                };
                 tx.write_rtp(
                     RtpWrite::new(pt, SeqNo::from(ext), h.ts, wallclock, payload)
                         .marker(h.marker)
@@ -157,7 +232,7 @@ impl OutTrack {
                         .nackable(true),
                 );
                 self.packets += 1;
-                Sent::Str0m
+                (Sent::Str0m, how)
             }
         }
     }
@@ -179,12 +254,69 @@ impl OutTrack {
         Some(TrackSpec {
             ssrc,
             pt,
+            red_pt: red_pt_of(rtc, pt.into()).map(|p| *p),
             clock_rate: self.clock_rate,
             level_id,
             mid_id,
             mid,
         })
     }
+}
+
+/// The RED payload type the viewer accepted for `pt`, if it did.
+fn red_pt_of(rtc: &Rtc, pt: Pt) -> Option<Pt> {
+    rtc.codec_config().find(|p| p.pt() == pt)?.red()
+}
+
+/// One viewer's payload of a packet that may be RED: the two slices and the payload type kind
+/// to send it with, and what became of the RED (none for a plain packet).
+struct Shaped {
+    red: bool,
+    head: Bytes,
+    tail: Bytes,
+}
+
+fn shape(
+    payload: &Bytes,
+    red: Option<&RedLayout>,
+    has_red: bool,
+    reach: u32,
+) -> (Shaped, Option<RedSent>) {
+    let Some(l) = red else {
+        let whole = Shaped {
+            red: false,
+            head: Bytes::new(),
+            tail: payload.clone(),
+        };
+        return (whole, None);
+    };
+    let s = l.shape(has_red, reach);
+    if s.is_empty() {
+        return (
+            Shaped {
+                red: false,
+                head: Bytes::new(),
+                tail: Bytes::new(),
+            },
+            None,
+        );
+    }
+    let how = match (s.red, s.head.is_empty()) {
+        (false, _) => RedSent::Unwrapped,
+        (true, true) => RedSent::Whole,
+        (true, false) => RedSent::Stripped,
+    };
+    let head = if s.head.is_empty() {
+        Bytes::new()
+    } else {
+        payload.slice(s.head)
+    };
+    let shaped = Shaped {
+        red: s.red,
+        head,
+        tail: payload.slice(s.tail),
+    };
+    (shaped, Some(how))
 }
 
 /// On `Connected`: a viewer with no main video whose handshake chose an AES-GCM profile
@@ -298,4 +430,35 @@ pub struct Viewer {
     pub events: UnboundedSender<ViewerEvent>,
     /// Filled by the DTLS handshake; taken by [`go_lean`] once connected.
     pub keys: Arc<KeySlot>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::red::write_red;
+
+    #[test]
+    fn a_red_packet_is_shaped_by_the_viewers_negotiation_and_the_reach() {
+        let mut p = Vec::new();
+        write_red(&mut p, 111, &[(960, b"before")], b"opus-now");
+        let payload = Bytes::from(p);
+        let l = RedLayout::parse(&payload, 111).unwrap();
+        let bytes = |s: &Shaped| [&s.head[..], &s.tail[..]].concat();
+        let (s, how) = shape(&payload, Some(&l), false, u32::MAX);
+        assert_eq!(
+            (s.red, bytes(&s), how),
+            (false, b"opus-now".to_vec(), Some(RedSent::Unwrapped))
+        );
+        let (s, how) = shape(&payload, Some(&l), true, 960);
+        assert_eq!(
+            (s.red, bytes(&s), how),
+            (true, payload.to_vec(), Some(RedSent::Whole))
+        );
+        let (s, how) = shape(&payload, Some(&l), true, 0);
+        assert_eq!((s.red, how), (true, Some(RedSent::Stripped)));
+        assert_eq!(bytes(&s), [&[111][..], b"opus-now"].concat());
+        // A plain packet passes whole, whatever the viewer negotiated.
+        let (s, how) = shape(&payload, None, true, 0);
+        assert_eq!((s.red, bytes(&s), how), (false, payload.to_vec(), None));
+    }
 }

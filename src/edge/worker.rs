@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use super::core::{EdgeCore, Join, Output, Projection, Relayed, TrackRef, Write};
 use super::events::ViewerEvent;
-use super::viewer::{NotSent, OutTrack, Sent, Viewer};
+use super::viewer::{NotSent, OutTrack, RedSent, Sent, Viewer};
 use super::{EdgeMetrics, Shared};
 use crate::media::opus;
 use crate::net::poll::Doorbell;
@@ -284,7 +284,29 @@ impl Worker {
             return;
         };
         let m = &self.metrics;
-        let sent = t.write(out, now_us, wall, &w.input, w.level, &w.payload);
+        let (sent, red) = t.write_red(
+            out,
+            now_us,
+            wall,
+            &w.input,
+            w.level,
+            &w.payload,
+            w.red.as_ref(),
+            w.reach,
+        );
+        match red {
+            Some(RedSent::Whole) => {
+                m.red_out.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(RedSent::Stripped) => {
+                m.red_out.fetch_add(1, Ordering::Relaxed);
+                m.red_stripped.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(RedSent::Unwrapped) => {
+                m.red_unwrapped.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {}
+        }
         if sent == Sent::Str0m {
             self.touched.push(w.viewer);
         }
@@ -347,6 +369,7 @@ fn count_not_sent(m: &EdgeMetrics, why: NotSent) {
         NotSent::BeforeSwitch => &m.dropped_viewer_before_switch,
         NotSent::NotNegotiated => &m.dropped_not_negotiated,
         NotSent::Seal => &m.dropped_seal,
+        NotSent::RedOpaque => &m.dropped_red_opaque,
     };
     c.fetch_add(1, Ordering::Relaxed);
 }

@@ -107,6 +107,7 @@ pub(crate) fn edge_drops(e: &Edge) -> Vec<(&'static str, u64)> {
         ("unknown_source", g(&m.dropped_unknown)),
         ("unknown_channel", g(&m.dropped_unknown_channel)),
         ("malformed", g(&m.dropped_malformed)),
+        ("red_opaque", g(&m.dropped_red_opaque)),
         ("relay_malformed", g(&m.dropped_relay_malformed)),
         ("lane_full", g(&m.dropped_lane_full)),
         ("stale", g(&m.dropped_stale)),
@@ -206,6 +207,13 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             "counter",
             "Payload bytes received from publishers.",
             &[("", g(&m.bytes_in))],
+        );
+        metric(
+            &mut out,
+            "chorus_origin_red_packets_total",
+            "counter",
+            "RED (RFC 2198) packets relayed (publishers that negotiated RED send only those); opaque: blocks that do not parse (end-to-end encrypted, or broken), relayed untouched.",
+            &[("", g(&m.red_packets)), ("kind=\"opaque\"", g(&m.red_malformed))],
         );
         by_reason(
             &mut out,
@@ -377,6 +385,18 @@ pub(crate) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
             "counter",
             "Packets written to viewers' multiplexed tracks.",
             &[("", g(&m.packets_out))],
+        );
+        metric(
+            &mut out,
+            "chorus_edge_red_packets_total",
+            "counter",
+            "RED (RFC 2198) packets written to viewers: passed as RED, unwrapped to their primary Opus block for viewers without RED, and (a subset of red) with a previous feed's redundant blocks stripped after a switch.",
+            &[
+                ("how=\"red\"", g(&m.red_out)),
+                ("how=\"unwrapped\"", g(&m.red_unwrapped)),
+                ("how=\"stripped\"", g(&m.red_stripped)),
+                ("how=\"opaque\"", g(&m.red_opaque)),
+            ],
         );
         metric(
             &mut out,

@@ -126,10 +126,15 @@ pub enum Measurement {
 }
 
 impl Measurement {
-    /// Measures a packet that lasts `samples`. `level_ext_id` is the RFC 6464 extension id
+    /// Measures a packet that lasts `samples` and carries the Opus frame `payload` (its RTP
+    /// payload, or a RED packet's primary block). `level_ext_id` is the RFC 6464 extension id
     /// negotiated in the SDP.
-    pub(crate) fn of(pkt: &RtpView<'_>, level_ext_id: Option<u8>, samples: u32) -> Measurement {
-        let payload = pkt.payload();
+    pub(crate) fn of(
+        pkt: &RtpView<'_>,
+        payload: &[u8],
+        level_ext_id: Option<u8>,
+        samples: u32,
+    ) -> Measurement {
         let level = level_ext_id
             .and_then(|id| pkt.extension(id))
             .and_then(parse_audio_level);
@@ -247,8 +252,21 @@ impl VoiceActivity {
         pkt: &RtpView<'_>,
         level_ext_id: Option<u8>,
     ) -> Transition {
+        self.observe_opus(cfg, now_us, pkt, pkt.payload(), level_ext_id)
+    }
+
+    /// [`observe_packet`](Self::observe_packet) of a packet whose Opus frame is `opus` rather
+    /// than its whole payload (a RED packet's primary block).
+    pub fn observe_opus(
+        &mut self,
+        cfg: &VadConfig,
+        now_us: u64,
+        pkt: &RtpView<'_>,
+        opus: &[u8],
+        level_ext_id: Option<u8>,
+    ) -> Transition {
         let samples = self.frames.observe(pkt.sequence_number(), pkt.timestamp());
-        let m = Measurement::of(pkt, level_ext_id, samples);
+        let m = Measurement::of(pkt, opus, level_ext_id, samples);
         if self
             .dtx
             .observe(pkt.sequence_number(), pkt.timestamp(), samples)

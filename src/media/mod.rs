@@ -6,6 +6,7 @@ pub mod activity;
 pub mod floor;
 pub(crate) mod frame_clock;
 pub(crate) mod opus;
+pub mod red;
 pub mod rewrite;
 pub mod rtp;
 pub mod selection;

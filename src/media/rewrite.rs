@@ -20,6 +20,9 @@ pub struct Rewritten {
     pub ts: u32,
     /// The input's marker, or set on the first packet after a switch.
     pub marker: bool,
+    /// Samples of the track's current feed before this packet: how far back a redundant (RED)
+    /// block of it may point and still be audio of this feed, not of the one before the switch.
+    pub reach: u32,
 }
 
 /// What feeds a rewriter: a rewriter re-anchors when its feed changes. A group's track is fed by
@@ -66,6 +69,8 @@ struct Anchor {
     first_ext: i64,
     highest_ext: i64,
     highest_seq: u16,
+    /// The input timestamp of the first packet after the switch.
+    first_ts: u32,
     seq_delta: u16,
     ts_delta: u32,
 }
@@ -144,6 +149,7 @@ impl TrackRewriter {
             seq: self.out_seq,
             ts: self.out_ts,
             marker: false,
+            reach: 0,
         })
     }
 
@@ -187,11 +193,14 @@ impl TrackRewriter {
             self.started = true;
         }
         self.anchor = Some(a);
+        // A reordered packet from before the first one has no audio of this feed before it.
+        let reach = p.ts.wrapping_sub(a.first_ts) as i32;
         Ok(Rewritten {
             ssrc: self.ssrc,
             seq,
             ts,
             marker: p.marker || switched,
+            reach: reach.max(0) as u32,
         })
     }
 
@@ -217,6 +226,7 @@ impl TrackRewriter {
             first_ext: 0,
             highest_ext: 0,
             highest_seq: p.seq,
+            first_ts: p.ts,
             seq_delta: out_seq.wrapping_sub(p.seq),
             ts_delta: out_ts.wrapping_sub(p.ts),
         }
@@ -236,6 +246,25 @@ mod tests {
             marker: false,
             samples: 960,
         }
+    }
+
+    #[test]
+    fn reach_counts_the_current_feeds_audio_and_restarts_at_a_switch() {
+        let mut r = TrackRewriter::new(1, 0, 0);
+        let reach =
+            |r: &mut TrackRewriter, at: u64, p: InputPacket| r.rewrite(at, &p).unwrap().reach;
+        assert_eq!(reach(&mut r, 0, pkt(1, 10, 9600)), 0);
+        assert_eq!(reach(&mut r, 20_000, pkt(1, 11, 10_560)), 960);
+        // A loss does not shorten it: the timestamps say how much audio came before.
+        assert_eq!(reach(&mut r, 60_000, pkt(1, 13, 12_480)), 2880);
+        // Late, but after the anchor: its own distance.
+        assert_eq!(reach(&mut r, 61_000, pkt(1, 12, 11_520)), 1920);
+        // Another source: nothing of it came before its first packet.
+        assert_eq!(reach(&mut r, 80_000, pkt(2, 500, 77)), 0);
+        assert_eq!(reach(&mut r, 100_000, pkt(2, 501, 77 + 960)), 960);
+        // The same source again after a detach (a switch back): anew.
+        r.detach();
+        assert_eq!(reach(&mut r, 120_000, pkt(2, 502, 77 + 1920)), 0);
     }
 
     #[test]

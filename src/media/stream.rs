@@ -12,6 +12,7 @@ use smallvec::SmallVec;
 use super::activity::{Transition, VadConfig, Voice, VoiceActivity};
 use super::frame_clock::DEFAULT_FRAME;
 use super::opus;
+use super::red::{RedLayout, RELAY_OPUS_PT, RELAY_RED_PT};
 use super::rewrite::{Feed, InputPacket, RewriteDrop, Rewritten, TrackRewriter};
 use super::rtp::{RtpError, RtpView};
 use super::selection::{GroupId, GroupKey, SelectionConfig, Selector, Standing, TrackChange};
@@ -546,7 +547,16 @@ impl StreamCore {
         out: &mut impl FnMut(Output),
     ) -> Result<(), Drop> {
         match RtpView::parse(packet) {
-            Ok(view) => self.on_rtp(now_us, s, &view, out),
+            Ok(view) => {
+                let red = match view.payload_type() {
+                    RELAY_RED_PT => Some(
+                        RedLayout::parse(view.payload(), RELAY_OPUS_PT)
+                            .unwrap_or_else(|_| RedLayout::opaque(view.payload().len())),
+                    ),
+                    _ => None,
+                };
+                self.on_rtp(now_us, s, &view, red.as_ref(), out)
+            }
             Err(e) => {
                 let drop = if packet.len() > MAX_PACKET {
                     Drop::TooLarge(packet.len())
@@ -559,15 +569,17 @@ impl StreamCore {
         }
     }
 
-    /// One packet of source `s` arrived at `now_us`, parsed by the caller.
+    /// One packet of source `s` arrived at `now_us`, parsed by the caller; `red` is its RED
+    /// layout when it is RED (then its primary block is the Opus that voice activity reads).
     pub(crate) fn on_rtp(
         &mut self,
         now_us: u64,
         s: SourceIdx,
         view: &RtpView<'_>,
+        red: Option<&RedLayout>,
         out: &mut impl FnMut(Output),
     ) -> Result<(), Drop> {
-        let result = self.ingest(now_us, s, view, out);
+        let result = self.ingest(now_us, s, view, red, out);
         if let Err(d) = result {
             self.count(d);
         }
@@ -587,6 +599,7 @@ impl StreamCore {
         now_us: u64,
         s: SourceIdx,
         view: &RtpView<'_>,
+        red: Option<&RedLayout>,
         out: &mut impl FnMut(Output),
     ) -> Result<(), Drop> {
         let len = view.as_bytes().len();
@@ -599,9 +612,13 @@ impl StreamCore {
         };
         self.stats.packets_in += 1;
         self.stats.bytes_in += len as u64;
+        let opus = match red {
+            Some(l) => &view.payload()[l.primary()],
+            None => view.payload(),
+        };
         let transition =
             src.activity
-                .observe_packet(&self.cfg.vad, now_us, view, src.cfg.level_ext_id);
+                .observe_opus(&self.cfg.vad, now_us, view, opus, src.cfg.level_ext_id);
         // From the timestamps: the payload may be end-to-end encrypted.
         let samples = src.activity.frame_samples();
         let input = InputPacket {
@@ -852,6 +869,97 @@ mod tests {
             core.tick(now + 10_000, &mut sink);
         }
         log
+    }
+
+    /// A packet of `len` Opus bytes (hybrid FB 20 ms), plain or RED-wrapped with the previous
+    /// frame as one redundant block; no level extension, so activity reads payload sizes.
+    fn sized(seq: u16, len: usize, red: bool) -> Vec<u8> {
+        let frame = vec![0x78; len];
+        let mut payload = Vec::new();
+        if red {
+            crate::media::red::write_red(&mut payload, RELAY_OPUS_PT, &[(960, &frame)], &frame);
+        } else {
+            payload = frame;
+        }
+        let hdr = HeaderFields {
+            payload_type: if red { RELAY_RED_PT } else { RELAY_OPUS_PT },
+            sequence_number: seq,
+            timestamp: seq as u32 * 960,
+            ssrc: 5,
+            marker: false,
+        };
+        let mut buf = Vec::new();
+        write_packet(&mut buf, &hdr, &[], &payload);
+        buf
+    }
+
+    #[test]
+    fn red_packets_drive_activity_and_switches_as_their_primary_would() {
+        // Room noise in small frames, speech in large ones, silence, speech again.
+        let lens: Vec<usize> = (0..300u16)
+            .map(|i| match i {
+                60..110 | 200..240 => 90,
+                _ => 12,
+            })
+            .collect();
+        let run = |red: bool| {
+            let mut core = StreamCore::new(CoreConfig::default());
+            let a = core.publish("a", SourceConfig::default());
+            core.join(GroupKey::new(1, None, []));
+            let mut log = Vec::new();
+            for (i, &len) in lens.iter().enumerate() {
+                let now = i as u64 * 20_000;
+                let mut sink = |o: Output| {
+                    log.push(match o {
+                        Output::Track(c) => format!("{}track={:?}", i, c.source),
+                        Output::Packet { header, .. } => format!("pkt reach {}", header.reach),
+                        Output::Ending { .. } => "end".into(),
+                        Output::Preroll { header, .. } => format!("pre reach {}", header.reach),
+                    })
+                };
+                core.on_packet(now, a, &sized(i as u16, len, red), &mut sink)
+                    .unwrap();
+                core.tick(now + 10_000, &mut sink);
+            }
+            (log, core.stats().onsets, core.stats().switches)
+        };
+        let (plain, red) = (run(false), run(true));
+        assert_eq!(plain, red);
+        // It did talk twice, and each entry into the track starts its reach anew.
+        assert_eq!(red.1, 2, "{:?}", red.0);
+        let entries: Vec<usize> = red
+            .0
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.contains("track=Some"))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(entries.len(), 2, "{:?}", red.0);
+        for at in entries {
+            assert!(
+                red.0[at + 1].ends_with("reach 0"),
+                "{:?}",
+                &red.0[at..at + 3]
+            );
+            assert!(
+                red.0[at + 2].ends_with("reach 960"),
+                "{:?}",
+                &red.0[at..at + 3]
+            );
+        }
+    }
+
+    #[test]
+    fn a_red_packet_that_does_not_parse_is_taken_whole() {
+        // End-to-end encrypted RED looks like this: the core reads its size, as it reads an
+        // encrypted Opus payload's, and forwards it.
+        let mut core = StreamCore::new(CoreConfig::default());
+        let a = core.publish("a", SourceConfig::default());
+        let mut p = sized(1, 40, true);
+        p[12 + 3] = 0xFF;
+        p[12 + 2] |= 0x03;
+        assert_eq!(core.on_packet(0, a, &p, &mut |_| {}), Ok(()));
+        assert_eq!(core.stats().packets_in, 1);
     }
 
     #[test]

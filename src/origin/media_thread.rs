@@ -35,6 +35,9 @@ pub(crate) struct MediaIn<'a> {
     pub ts: u32,
     pub marker: bool,
     pub pt: u8,
+    /// When `pt` is the RFC 2198 RED the publisher negotiated: the payload type of the codec
+    /// (Opus) its blocks carry.
+    pub red_of: Option<u8>,
     /// RFC 6464 level (0 loudest .. 127 silence) and V flag, when the extension was negotiated
     /// and present.
     pub audio_level: Option<u8>,
@@ -194,6 +197,12 @@ impl PeerApp<Box<dyn PeerHandler>> for Handlers {
                     }
                     return None;
                 };
+                let pt = pkt.header.payload_type;
+                // A scan of the few negotiated codecs (chorus enables three).
+                let red_of = (kind == MediaKind::Audio)
+                    .then(|| p.rtc.codec_config().find(|c| c.red() == Some(pt)))
+                    .flatten()
+                    .map(|c| *c.pt());
                 let ext = &pkt.header.ext_vals;
                 let media = MediaIn {
                     kind,
@@ -201,7 +210,8 @@ impl PeerApp<Box<dyn PeerHandler>> for Handlers {
                     seq: pkt.header.sequence_number,
                     ts: pkt.header.timestamp,
                     marker: pkt.header.marker,
-                    pt: *pkt.header.payload_type,
+                    pt: *pt,
+                    red_of,
                     audio_level: ext.audio_level.map(|l| l.unsigned_abs().min(127)),
                     voice: ext.voice_activity,
                     payload: &pkt.payload,

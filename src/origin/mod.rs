@@ -110,6 +110,11 @@ pub(crate) struct OriginMetrics {
     pub video_packets: AtomicU64,
     pub bytes_in: AtomicU64,
     pub padding_dropped: AtomicU64,
+    /// RED packets whose blocks do not parse (end-to-end encrypted, or broken): relayed
+    /// untouched, for the edge to send whole to viewers with RED.
+    pub red_malformed: AtomicU64,
+    /// RED packets relayed (the publisher negotiated RED).
+    pub red_packets: AtomicU64,
     /// Packets of a muted room member, not relayed (`audio.mute`).
     pub muted_dropped: AtomicU64,
     pub relay_datagrams: AtomicU64,
@@ -517,7 +522,9 @@ impl Origin {
             Box::new(handler),
         );
         let (peer, answer) = match accepted {
-            Ok(a) => a,
+            // libwebrtc sends the first codec of the answer's m-line: RED first, or it never
+            // sends RED (str0m lists the primary first).
+            Ok((peer, answer)) => (peer, crate::rtc::offer::red_first(&answer)),
             Err(e) => {
                 self.finish_attempt(stream, &source);
                 return Err(e);

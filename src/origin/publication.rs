@@ -9,6 +9,7 @@ use tracing::debug;
 
 use super::media_thread::{PeerEvent, PeerHandler};
 use super::{relay_kind, Fanout, Origin, OriginMetrics, SourceKey, SourceStats};
+use crate::media::red::{set_block_pts, RedLayout, RELAY_OPUS_PT, RELAY_RED_PT};
 use crate::media::rtp::{audio_level_byte, write_packet, HeaderFields};
 use crate::recording::RecTap;
 use crate::relay::proto::{origin_clock_ms, DatagramHeader, LEVEL_EXT_ID};
@@ -136,14 +137,34 @@ impl PeerHandler for PublicationHandler {
                     Some(b) if m.kind == MediaKind::Audio => &[(LEVEL_EXT_ID, b)],
                     _ => &[],
                 };
+                // Canonical payload types on the relay too: Opus, or RED of Opus.
+                let payload_type = match (m.kind, m.red_of) {
+                    (MediaKind::Audio, Some(_)) => RELAY_RED_PT,
+                    (MediaKind::Audio, None) => RELAY_OPUS_PT,
+                    (MediaKind::Video, _) => m.pt,
+                };
                 let hdr = HeaderFields {
-                    payload_type: m.pt,
+                    payload_type,
                     sequence_number: m.seq,
                     timestamp: m.ts,
                     ssrc: m.ssrc,
                     marker: m.marker,
                 };
-                write_packet(&mut self.rtp, &hdr, exts, m.payload);
+                let len = write_packet(&mut self.rtp, &hdr, exts, m.payload);
+                if let Some(opus_pt) = m.red_of.filter(|_| m.kind == MediaKind::Audio) {
+                    let at = len - m.payload.len();
+                    match RedLayout::parse(&self.rtp[at..], opus_pt) {
+                        Ok(l) => set_block_pts(&mut self.rtp[at..], &l, RELAY_OPUS_PT),
+                        // An encoded transform may have encrypted the block headers too.
+                        Err(e) => {
+                            let n = self.metrics.red_malformed.fetch_add(1, Ordering::Relaxed);
+                            if n.is_power_of_two() {
+                                debug!(source = ?self.source, "publisher RED relayed opaque: {e}");
+                            }
+                        }
+                    }
+                    self.metrics.red_packets.fetch_add(1, Ordering::Relaxed);
+                }
                 let sent_ms = origin_clock_ms();
                 for sub in subs.iter() {
                     let mut d =

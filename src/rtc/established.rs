@@ -143,6 +143,8 @@ pub struct TrackSpec {
     pub ssrc: u32,
     /// The negotiated payload type.
     pub pt: u8,
+    /// The negotiated RFC 2198 RED payload type (of `pt`), when the viewer accepted RED.
+    pub red_pt: Option<u8>,
     /// The codec's RTP clock rate (48000 for Opus).
     pub clock_rate: u32,
     /// One-byte header extension ids of the audio level and the mid, when negotiated.
@@ -153,6 +155,21 @@ pub struct TrackSpec {
     pub mid: SmallVec<[u8; 16]>,
 }
 
+/// No bytes: the head of a payload sent whole.
+static EMPTY: Bytes = Bytes::new();
+
+/// A payload in two slices of one received datagram, and whether it goes with the RED payload
+/// type: a RED packet shaped for one viewer ([`crate::media::red::Shape`]) costs no copy.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Parts<'a> {
+    /// Send with [`TrackSpec::red_pt`].
+    pub red: bool,
+    /// The first slice (empty for a payload sent whole).
+    pub head: &'a Bytes,
+    /// The rest.
+    pub tail: &'a Bytes,
+}
+
 /// One packet as it was sent, to send again on a NACK.
 #[derive(Debug)]
 struct Kept {
@@ -160,6 +177,10 @@ struct Kept {
     ts: u32,
     marker: bool,
     level: Option<u8>,
+    /// Sent with [`TrackSpec::red_pt`] rather than `pt`.
+    red: bool,
+    /// The payload is `head` then `payload` (see [`Established::send_rtp_parts`]).
+    head: Bytes,
     payload: Bytes,
     resent: u8,
 }
@@ -331,24 +352,58 @@ impl Established {
         scratch: &mut Vec<u8>,
         out: &mut impl Emit,
     ) -> bool {
+        let parts = Parts {
+            red: false,
+            head: &EMPTY,
+            tail: payload,
+        };
+        self.send_rtp_parts(now, track, ext_seq, ts, marker, level, parts, scratch, out)
+    }
+
+    /// [`send_rtp`](Self::send_rtp) of a payload in two slices (a RED packet's kept block
+    /// headers, then its kept data), with the track's RED payload type when `parts.red`.
+    /// False, as for a seal failure, for RED on a track that did not negotiate it.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn send_rtp_parts(
+        &mut self,
+        now: Instant,
+        track: usize,
+        ext_seq: u64,
+        ts: u32,
+        marker: bool,
+        level: Option<u8>,
+        parts: Parts<'_>,
+        scratch: &mut Vec<u8>,
+        out: &mut impl Emit,
+    ) -> bool {
         let Some(t) = self.tracks.get_mut(track) else {
             return false;
         };
+        let Some(pt) = (if parts.red {
+            t.spec.red_pt
+        } else {
+            Some(t.spec.pt)
+        }) else {
+            return false;
+        };
         if !seal_rtp(
-            &self.srtp, &t.spec, ext_seq, ts, marker, level, payload, scratch,
+            &self.srtp, &t.spec, pt, ext_seq, ts, marker, level, parts.head, parts.tail, scratch,
         ) {
             return false;
         }
         out.emit(self.dest, scratch);
         t.packets = t.packets.wrapping_add(1);
-        t.octets = t.octets.wrapping_add(payload.len() as u32);
+        let len = parts.head.len() + parts.tail.len();
+        t.octets = t.octets.wrapping_add(len as u32);
         t.last = Some((ts, now));
         t.history[(ext_seq % NACK_HISTORY as u64) as usize] = Some(Kept {
             ext_seq,
             ts,
             marker,
             level,
-            payload: payload.clone(),
+            red: parts.red,
+            head: parts.head.clone(),
+            payload: parts.tail.clone(),
             resent: 0,
         });
         true
@@ -533,8 +588,22 @@ impl Established {
                 k.resent += 1;
                 // The same index, the same nonce, the same bytes: a receiver that did get the
                 // first copy drops this one as a replay.
+                let pt = if k.red {
+                    t.spec.red_pt
+                } else {
+                    Some(t.spec.pt)
+                };
                 if seal_rtp(
-                    &self.srtp, &t.spec, k.ext_seq, k.ts, k.marker, k.level, &k.payload, scratch,
+                    &self.srtp,
+                    &t.spec,
+                    pt.unwrap_or(t.spec.pt),
+                    k.ext_seq,
+                    k.ts,
+                    k.marker,
+                    k.level,
+                    &k.head,
+                    &k.payload,
+                    scratch,
                 ) {
                     out.emit(self.dest, scratch);
                     add(&stats.nack_resent, 1);
@@ -631,10 +700,12 @@ impl Established {
 fn seal_rtp(
     srtp: &SrtpOut,
     spec: &TrackSpec,
+    pt: u8,
     ext_seq: u64,
     ts: u32,
     marker: bool,
     level: Option<u8>,
+    head: &[u8],
     payload: &[u8],
     scratch: &mut Vec<u8>,
 ) -> bool {
@@ -650,14 +721,15 @@ fn seal_rtp(
         n += 1;
     }
     let fields = HeaderFields {
-        payload_type: spec.pt,
+        payload_type: pt,
         sequence_number: ext_seq as u16,
         timestamp: ts,
         ssrc: spec.ssrc,
         marker,
     };
-    let total = write_packet(scratch, &fields, &exts[..n], payload);
-    srtp.protect(scratch, total - payload.len(), (ext_seq >> 16) as u32)
+    let header = write_packet(scratch, &fields, &exts[..n], head);
+    scratch.extend_from_slice(payload);
+    srtp.protect(scratch, header - head.len(), (ext_seq >> 16) as u32)
 }
 
 /// An SR with no report blocks (a lean viewer sends no media back) followed by an SDES CNAME

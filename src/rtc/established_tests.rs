@@ -28,11 +28,26 @@ fn spec(ssrc: u32) -> TrackSpec {
     TrackSpec {
         ssrc,
         pt: 111,
+        red_pt: Some(63),
         clock_rate: 48_000,
         level_id: Some(1),
         mid_id: Some(4),
         mid: SmallVec::from_slice(b"1"),
     }
+}
+
+/// The edge (DTLS server) with one track of this spec.
+fn lean_one(spec: TrackSpec, now: Instant) -> Established {
+    Established::new(
+        ice(),
+        &material(),
+        SrtpProfile::AEAD_AES_128_GCM,
+        false,
+        [spec],
+        viewer_addr(),
+        now,
+    )
+    .unwrap()
 }
 
 /// The edge (DTLS server) with two tracks.
@@ -437,20 +452,13 @@ fn an_authenticated_bye_ends_the_viewer_at_its_next_timeout() {
 #[test]
 fn a_long_silence_at_a_high_clock_rate_does_not_overflow_the_report() {
     let t0 = Instant::now();
-    let tracks = [TrackSpec {
-        clock_rate: u32::MAX,
-        ..spec(SSRC)
-    }];
-    let mut e = Established::new(
-        ice(),
-        &material(),
-        SrtpProfile::AEAD_AES_128_GCM,
-        false,
-        tracks,
-        viewer_addr(),
+    let mut e = lean_one(
+        TrackSpec {
+            clock_rate: u32::MAX,
+            ..spec(SSRC)
+        },
         t0,
-    )
-    .unwrap();
+    );
     let stats = RtcpStats::default();
     let (mut out, mut scratch) = (Vec::new(), Vec::new());
     send(&mut e, t0, 0, 1, &mut out);
@@ -491,4 +499,41 @@ fn only_aes_gcm_goes_lean() {
         now
     )
     .is_none());
+}
+
+/// A RED packet shaped for a viewer goes out in its two slices with the track's RED payload
+/// type (the header is in the clear: SRTP encrypts the payload only); a track that did not
+/// negotiate RED refuses it.
+#[test]
+fn a_red_payload_in_two_parts_goes_with_the_red_payload_type() {
+    let now = Instant::now();
+    let mut e = lean(now);
+    let mut out = Vec::new();
+    let mut scratch = Vec::new();
+    let head = Bytes::from_static(&[111]);
+    let tail = Bytes::from_static(b"primary-opus");
+    let parts = Parts {
+        red: true,
+        head: &head,
+        tail: &tail,
+    };
+    assert!(e.send_rtp_parts(now, 0, 1, 960, false, None, parts, &mut scratch, &mut out));
+    let (_, sealed) = out.last().unwrap();
+    assert_eq!(sealed[1] & 0x7F, 63);
+    let v = crate::media::rtp::RtpView::parse(sealed).unwrap();
+    // 16 bytes of GCM tag after the payload.
+    assert_eq!(v.payload().len(), 1 + 12 + 16);
+    let plain = Parts {
+        red: false,
+        ..parts
+    };
+    assert!(e.send_rtp_parts(now, 0, 2, 1920, false, None, plain, &mut scratch, &mut out));
+    assert_eq!(out.last().unwrap().1[1] & 0x7F, 111);
+
+    let no_red = TrackSpec {
+        red_pt: None,
+        ..spec(SSRC)
+    };
+    let mut e = lean_one(no_red, now);
+    assert!(!e.send_rtp_parts(now, 0, 1, 960, false, None, parts, &mut scratch, &mut out));
 }

@@ -85,6 +85,48 @@ pub fn mlines(sdp: &str) -> Vec<MLine> {
     out
 }
 
+/// Moves each audio m-line's RED payload type (`a=rtpmap:N red/48000/2`) to the front of its
+/// format list: libwebrtc sends the first codec of the remote description, so a publisher's
+/// Chrome sends RED (with Opus inside) only when the answer lists it first.
+pub(crate) fn red_first(sdp: &str) -> String {
+    let sections: Vec<&str> = sdp.split_inclusive("\n").collect();
+    let mut out = String::with_capacity(sdp.len());
+    let mut i = 0;
+    while i < sections.len() {
+        let line = sections[i];
+        if !line.starts_with("m=audio ") {
+            out.push_str(line);
+            i += 1;
+            continue;
+        }
+        let end = (i + 1..sections.len())
+            .find(|&j| sections[j].starts_with("m="))
+            .unwrap_or(sections.len());
+        let red = sections[i + 1..end].iter().find_map(|l| {
+            let rest = l.trim_end().strip_prefix("a=rtpmap:")?;
+            let (pt, codec) = rest.split_once(' ')?;
+            codec
+                .to_ascii_lowercase()
+                .starts_with("red/48000")
+                .then_some(pt)
+        });
+        let body = line.trim_end_matches(['\r', '\n']);
+        let eol = &line[body.len()..];
+        let mut fields: Vec<&str> = body.split(' ').collect();
+        if let Some(pt) = red {
+            // m=audio <port> <proto> <fmt>...
+            if let Some(at) = fields.iter().skip(3).position(|f| *f == pt) {
+                let f = fields.remove(3 + at);
+                fields.insert(3, f);
+            }
+        }
+        out.push_str(&fields.join(" "));
+        out.push_str(eol);
+        i += 1;
+    }
+    out
+}
+
 /// Puts an offer in the shape RFC 8866 prescribes before a strict parser sees it. Browsers
 /// emit well-ordered SDP, but SDKs munge it: the Millicast SDK inserts `a=rtpmap`/`a=fmtp`
 /// lines for multiopus right after `m=` (before `c=`), and `stereo=1` after a `; `. A media
@@ -185,6 +227,14 @@ pub fn check_offer(sdp: &str, req: OfferRequirements) -> Result<(), OfferError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn red_goes_first_in_audio_m_lines_only() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111 63\r\na=rtpmap:111 opus/48000/2\r\na=rtpmap:63 red/48000/2\r\na=fmtp:63 111/111\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 63\r\na=rtpmap:96 VP8/90000\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n";
+        let got = red_first(sdp);
+        assert_eq!(got, sdp.replacen("SAVPF 111 63", "SAVPF 63 111", 1));
+        assert_eq!(red_first(&got), got);
+    }
 
     const PUB: OfferRequirements = OfferRequirements {
         audio_send: true,

@@ -328,14 +328,15 @@ pub(crate) fn answer_offer(
     Ok((rtc, ufrag, answer))
 }
 
-/// What every chorus peer negotiates: Opus, VP8 and H264, and only the header extensions it
-/// uses. No transport-cc or abs-send-time: with them, Chrome probes bandwidth with padding-only
+/// What every chorus peer negotiates: Opus (with in-band FEC, and RFC 2198 RED when the offer
+/// has it: publishers then send RED, and viewers get it), VP8 and H264, and only the header
+/// extensions it uses. No transport-cc or abs-send-time: with them, Chrome probes bandwidth with padding-only
 /// packets on the audio SSRC (whose sequence numbers read as loss downstream once the padding is
 /// dropped), and each negotiated extension is written into every packet sent.
 pub(crate) fn media_config() -> RtcConfig {
     RtcConfig::new()
         .clear_codecs()
-        .enable_opus(true, false)
+        .enable_opus(true, true)
         .enable_vp8(true)
         .enable_h264(true)
         .clear_extension_map()
@@ -1469,5 +1470,32 @@ mod tests {
             Err(OfferError::Rejected(m)) => assert!(m.contains("Pt locked multiple times"), "{m}"),
             other => panic!("expected a refusal, got {:?}", other.map(|(_, u, _)| u)),
         }
+    }
+
+    /// Chrome offers `red/48000/2` (fmtp `111/111`) next to Opus: the answer takes it, so the
+    /// publisher sends RED and a viewer gets it, and keeps in-band FEC on; an offer without RED
+    /// gets plain Opus.
+    #[test]
+    fn red_is_answered_when_offered_and_in_band_fec_is_kept() {
+        let chrome = include_str!("../../fuzz/seeds/sdp_offer/chrome_sendonly");
+        let candidate = "127.0.0.1:4000".parse().unwrap();
+        let answer = |sdp: &str| match answer_offer(sdp, media_config(), candidate, None) {
+            Ok((_, _, answer)) => answer,
+            Err(e) => panic!("{e}"),
+        };
+        let with = answer(chrome);
+        assert!(with.contains("a=rtpmap:63 red/48000/2"), "{with}");
+        assert!(with.contains("a=fmtp:63 111/111"), "{with}");
+        let opus_fmtp = sdp_value(&with, "a=fmtp:111 ");
+        assert!(opus_fmtp.contains("useinbandfec=1"), "{opus_fmtp}");
+        let plain: String = chrome
+            .lines()
+            .filter(|l| !l.contains("red/48000") && !l.starts_with("a=fmtp:63 "))
+            .map(|l| format!("{l}\r\n"))
+            .collect::<String>()
+            .replace(" 111 63 ", " 111 ");
+        let without = answer(&plain);
+        assert!(!without.contains("red/"), "{without}");
+        assert!(sdp_value(&without, "a=fmtp:111 ").contains("useinbandfec=1"));
     }
 }

@@ -165,6 +165,10 @@ const PAGE_JS = `
         offerAudioLevelExt: /urn:ietf:params:rtp-hdrext:ssrc-audio-level/.test(offer),
         answerAudioLevelExt: /urn:ietf:params:rtp-hdrext:ssrc-audio-level/.test(answer),
         answerExtmaps: extmaps(answer),
+        // RFC 2198: Chrome offers red/48000/2; chorus's answer takes it.
+        offerRed: /a=rtpmap:\\d+ red\\/48000/i.test(offer),
+        answerRed: /a=rtpmap:\\d+ red\\/48000/i.test(answer),
+        answerAudio: (/m=audio [^\\r\\n]*/.exec(answer) || [null])[0],
       };
       if (video) info.video = video;
       return info;

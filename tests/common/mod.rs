@@ -1,6 +1,7 @@
 //! Shared helpers of the process-level tests: start chorus binaries, talk HTTP and WebSocket.
 #![allow(dead_code)]
 
+pub mod hearing;
 pub mod room_tool;
 pub mod ws;
 

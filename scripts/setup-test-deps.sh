@@ -5,6 +5,9 @@
 #   - Debian's firefox-esr, pulseaudio and iproute2 (tests/firefox.rs: the SDK in Firefox
 #                                 in a network namespace, with a null sink the test's own
 #                                 pulseaudio serves; apt only if missing)
+#   - Debian's iptables          (tests/lossy_listeners.rs: iptables-legacy queues chorus's UDP
+#                                 to tests/python/impair.py in the test's own namespace; apt
+#                                 only if missing)
 #   - Node deps of tests/browser (@millicast/sdk, playwright-core, puppeteer-core; npm ci
 #                                 only if node_modules is missing or stale)
 #   - Python venv tests/python/.venv with aiortc (only if missing or stale)
@@ -78,6 +81,8 @@ if [ "$want_browser" -eq 1 ]; then
   [ -x /usr/bin/firefox-esr ] || missing+=(firefox-esr)
   command -v pulseaudio >/dev/null 2>&1 || missing+=(pulseaudio)
   command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  # tests/lossy_listeners.rs: the kernel has no netem; NFQUEUE (legacy iptables) feeds impair.py.
+  command -v iptables-legacy >/dev/null 2>&1 || missing+=(iptables)
   if [ "${#missing[@]}" -gt 0 ]; then
     apt_install --no-install-recommends "${missing[@]}"
   else

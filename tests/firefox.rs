@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::netns::NetNs;
 use common::room_tool::{energy, loudest, report, turns_at};
 use common::{corpus, node_harness, Proc, Reaped};
 use serde_json::{json, Value};
@@ -24,64 +25,15 @@ const TOKEN: &str = "test-publish-token";
 /// address collides with nothing).
 const MEDIA_IP: &str = "10.213.0.1";
 
-/// A network namespace of the test's own, deleted when dropped (pass or fail), with lo up and
-/// a veth pair: MEDIA_IP/24 on one end and a default route through it.
-struct NetNs(String);
-
-impl NetNs {
-    fn create() -> NetNs {
-        let name = format!("chorus-ff-{}", std::process::id());
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip").args(args).output().expect("ip runs");
-            common::assert_succeeded(&out, &format!("ip {}", args.join(" ")));
-        };
-        // A namespace left by an earlier run of the same pid would make `add` fail.
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        ip(&["netns", "add", &name]);
-        let ns = NetNs(name);
-        let n = ns.0.as_str();
-        ip(&["-n", n, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n", n, "link", "add", "ff0", "type", "veth", "peer", "name", "ff1",
-        ]);
-        ip(&[
-            "-n",
-            n,
-            "addr",
-            "add",
-            &format!("{MEDIA_IP}/24"),
-            "dev",
-            "ff0",
-        ]);
-        ip(&["-n", n, "link", "set", "ff0", "up"]);
-        ip(&["-n", n, "link", "set", "ff1", "up"]);
-        // Without a default route Firefox gathers nothing, not even on ff0.
-        ip(&[
-            "-n",
-            n,
-            "route",
-            "add",
-            "default",
-            "via",
-            "10.213.0.2",
-            "dev",
-            "ff0",
-        ]);
-        ns
-    }
-
-    /// `ip netns exec NS program`: the namespace's process is `program` itself (ip execs it).
-    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).arg(program);
-        c
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
+/// A namespace of the test's own with a veth pair inside: MEDIA_IP/24 on one end and a default
+/// route through it (without a default route Firefox gathers nothing, not even on ff0).
+fn media_namespace() -> NetNs {
+    let ns = NetNs::create("ff");
+    ns.ip(&["link", "add", "ff0", "type", "veth", "peer", "name", "ff1"]);
+    ns.address("ff0", &format!("{MEDIA_IP}/24"));
+    ns.ip(&["link", "set", "ff1", "up"]);
+    ns.ip(&["route", "add", "default", "via", "10.213.0.2", "dev", "ff0"]);
+    ns
 }
 
 /// A pulseaudio of the test's own with a null sink and an anonymous socket in a temporary
@@ -234,7 +186,7 @@ fn sdk_in_firefox_publishes_and_views_multiplexed_tracks_with_vad_next_to_chromi
         "firefox-esr missing: run scripts/setup-test-deps.sh"
     );
     // Dropped last: the namespace outlives everything started in it.
-    let ns = NetNs::create();
+    let ns = media_namespace();
     let pulse = Pulse::start();
     let mut serve = ns.command(env!("CARGO_BIN_EXE_chorus"));
     serve

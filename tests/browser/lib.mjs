@@ -534,6 +534,22 @@ function roomPage() {
     try { return await run(); } finally { RTCPeerConnection.prototype.createOffer = orig; }
   };
 
+  // Offers that leave RFC 2198 RED out of every audio m-line (each audio transceiver's codec
+  // preferences set without it while a View connects): a listener that cannot take RED, as
+  // Firefox is, in a Chromium page.
+  const withoutRed = async (run) => {
+    const codecs = RTCRtpReceiver.getCapabilities('audio').codecs
+      .filter((c) => c.mimeType.toLowerCase() !== 'audio/red');
+    const orig = RTCPeerConnection.prototype.createOffer;
+    RTCPeerConnection.prototype.createOffer = async function (...a) {
+      for (const tr of this.getTransceivers()) {
+        if (tr.receiver.track.kind === 'audio') tr.setCodecPreferences(codecs);
+      }
+      return orig.apply(this, a);
+    };
+    try { return await run(); } finally { RTCPeerConnection.prototype.createOffer = orig; }
+  };
+
   // The ICE candidate pair a connection uses (getStats: the transport's selected pair), e.g.
   // local {type: 'relay', relayProtocol: 'tcp'}: tells a relayed session from a direct one.
   // Polled up to 2 s, as the pair may be reported a moment after 'connected'.
@@ -655,7 +671,8 @@ function roomPage() {
   };
 
   // o: {streamName, accountId, subscribeToken, connectOptions (ViewConnectOptions),
-  //     muted, sampleMs, statsMs, connectTimeoutMs, e2ee (hex AES key: decrypt every track)}
+  //     muted, sampleMs, statsMs, connectTimeoutMs, e2ee (hex AES key: decrypt every track),
+  //     noRed (offer no RFC 2198 RED: the server sends plain Opus)}
   R.view = async (o) => {
     const rec = R.viewRec = {
       options: o.connectOptions, muted: o.muted !== false, sampleMs: o.sampleMs, statsMs: o.statsMs,
@@ -706,7 +723,8 @@ function roomPage() {
       analysers[key] = { an, buf: new Float32Array(an.fftSize), t };
     });
     try {
-      await withTimeout(v.connect(o.connectOptions), o.connectTimeoutMs, 'View.connect()');
+      const connect = () => withTimeout(v.connect(o.connectOptions), o.connectTimeoutMs, 'View.connect()');
+      await (o.noRed ? withoutRed(connect) : connect());
     } catch (e) {
       try { v.stop(); } catch {}
       throw new Error(errText(e));

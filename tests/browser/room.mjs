@@ -18,7 +18,8 @@
 //             stream's main source)
 //   view      {tracks: N (default 3), pinned: SOURCE, exclude: [SOURCE...],
 //              events: [...] (default active,inactive,vad,viewercount,stopped),
-//              muted: true (the <audio> element that plays each track)}
+//              muted: true (the <audio> element that plays each track),
+//              noRed: true (its offer leaves RFC 2198 RED out: it gets plain Opus)}
 //   token, subscribeToken   this participant's publish / subscribe token (default: the
 //             command line's); a room token works for both
 //   room      a room token: the page opens the room socket of the room named --stream
@@ -143,7 +144,7 @@ const participants = [];
       if (!Array.isArray(exclude)) usage(`${name}: view.exclude must be an array`);
       part.view = {
         tracks, pinned: v.pinned ?? null, exclude: exclude.map(String),
-        events: v.events ?? DEFAULT_EVENTS, muted: v.muted !== false,
+        events: v.events ?? DEFAULT_EVENTS, muted: v.muted !== false, noRed: !!v.noRed,
       };
     }
     if (!part.publish && !part.view && !part.room) usage(`${name} neither publishes, views nor joins a room`);
@@ -273,7 +274,7 @@ async function viewOne(p) {
   try {
     info = await roomView(p.page, {
       streamName, accountId: 'chorus', subscribeToken: p.subscribeToken ?? subscribeToken, connectOptions, muted: v.muted,
-      sampleMs, statsMs, connectTimeoutMs, e2ee: p.e2ee, autoReconnect: p.autoReconnect,
+      sampleMs, statsMs, connectTimeoutMs, e2ee: p.e2ee, autoReconnect: p.autoReconnect, noRed: !!v.noRed,
     });
   } catch (e) { throw Object.assign(new Error(`view failed: ${cleanMsg(e)}`), { participant: p.name }); }
   emit({ event: 'viewing', name: p.name, ...info });

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod hearing;
+pub mod netns;
 pub mod room_tool;
 pub mod ws;
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{node_harness, post_json, wait_for};
+use common::{post_json, wait_for};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "test-publish-token";
@@ -164,22 +164,8 @@ fn a_recorded_sdk_session_replays_with_the_live_switches() {
         .map(|s| json!({"name": format!("p-{s}"), "publish": s, "record": true}))
         .collect();
     spec.push(json!({"name": "listener", "view": {"tracks": 2}}));
-    let (dir, script) = node_harness("room.mjs");
-    let out = Command::new("node")
-        .current_dir(&dir)
-        .arg(script)
-        .args([
-            "--endpoint",
-            &format!("http://{}", p.http()),
-            "--stream",
-            "rec",
-            "--token",
-            TOKEN,
-            "--no-loop",
-        ])
-        .arg("--corpus")
-        .arg(common::corpus())
-        .args(["--seconds", "16", "--spec", &Value::from(spec).to_string()])
+    let out = common::room_tool::command(p.http(), "rec", TOKEN, 16, &Value::from(spec))
+        .arg("--no-loop")
         .output()
         .unwrap();
     common::assert_succeeded(&out, "room.mjs");

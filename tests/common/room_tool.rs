@@ -89,8 +89,8 @@ pub fn report(out: &std::process::Output) -> Value {
         })
 }
 
-/// The room.mjs command line for `spec`, `seconds` long, against `http`.
-fn command(
+/// The room.mjs command line for `spec`, `seconds` long, against `http` (more flags may follow).
+pub fn command(
     http: std::net::SocketAddr,
     stream: &str,
     token: &str,

@@ -16,7 +16,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
@@ -29,8 +29,8 @@ use serde_json::{json, Value};
 const TOKEN: &str = "test-publish-token";
 const SERVER_IP: &str = "10.214.0.1";
 
-/// impair.py on the server's namespace queue 0; its report when stopped.
-struct Impairment(Child);
+/// impair.py on the server's namespace queue 0 (killed if dropped); its report when stopped.
+struct Impairment(Option<Child>);
 
 impl Impairment {
     fn start(ns: &NetNs, loss: f64) -> Impairment {
@@ -48,15 +48,14 @@ impl Impairment {
             .read_line(&mut ready)
             .unwrap();
         assert!(ready.contains("\"ready\""), "impair.py: {ready:?}");
-        Impairment(child)
+        Impairment(Some(child))
     }
 
     /// Closes its stdin (it lets through what it still holds and reports).
     fn stop(mut self) -> Value {
-        drop(self.0.stdin.take());
-        let out = std::mem::replace(&mut self.0, Command::new("true").spawn().unwrap())
-            .wait_with_output()
-            .unwrap();
+        let mut child = self.0.take().unwrap();
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
         common::assert_succeeded(&out, "impair.py");
         report(&out)
     }
@@ -64,8 +63,10 @@ impl Impairment {
 
 impl Drop for Impairment {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -261,7 +262,6 @@ fn red_keeps_multiplexed_listeners_audible_behind_loss_and_jitter() {
         );
     }
     drop(p);
-    let _ = std::io::stderr().flush();
     eprintln!(
         "lossy listeners test: {:.1} s",
         began.elapsed().as_secs_f64()

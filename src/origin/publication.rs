@@ -7,7 +7,7 @@ use bytes::Bytes;
 use str0m::media::MediaKind;
 use tracing::debug;
 
-use super::media_thread::{PeerEvent, PeerHandler};
+use super::media_thread::{MediaIn, PeerEvent, PeerHandler};
 use super::{relay_kind, Fanout, Origin, OriginMetrics, SourceKey, SourceStats};
 use crate::media::red::{set_block_pts, RedLayout, RELAY_OPUS_PT, RELAY_RED_PT};
 use crate::media::rtp::{audio_level_byte, write_packet, HeaderFields};
@@ -122,7 +122,7 @@ impl PeerHandler for PublicationHandler {
                     return;
                 }
                 if let (Some(tap), MediaKind::Audio) = (&self.rec, m.kind) {
-                    tap.packet(m.ts, m.audio_level, m.payload);
+                    tap.packet(m.ts, m.audio_level, recorded_opus(&m));
                 }
                 let subs = self.fanout.subs.read().unwrap_or_else(|p| p.into_inner());
                 if subs.is_empty() {
@@ -191,5 +191,47 @@ impl PeerHandler for PublicationHandler {
                 }
             }
         }
+    }
+}
+
+/// What a recording keeps of an audio packet: an Ogg Opus file holds Opus, so of RED only the
+/// primary block (the redundant ones repeat earlier packets). RED that does not parse (sealed
+/// by an end-to-end encrypting sender) is kept whole: it is ciphertext either way.
+fn recorded_opus<'a>(m: &MediaIn<'a>) -> &'a [u8] {
+    match m.red_of.map(|opus_pt| RedLayout::parse(m.payload, opus_pt)) {
+        Some(Ok(l)) => &m.payload[l.primary()],
+        _ => m.payload,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn audio(payload: &[u8], red_of: Option<u8>) -> MediaIn<'_> {
+        MediaIn {
+            kind: MediaKind::Audio,
+            ssrc: 1,
+            seq: 1,
+            ts: 960,
+            marker: false,
+            pt: if red_of.is_some() { 63 } else { 111 },
+            red_of,
+            audio_level: None,
+            voice: None,
+            payload,
+        }
+    }
+
+    /// A recording's Ogg Opus file gets Opus: RED's primary block, plain Opus as it is, and RED
+    /// that does not parse (sealed) whole.
+    #[test]
+    fn a_recording_keeps_the_primary_opus_block_of_red() {
+        let mut red = Vec::new();
+        crate::media::red::write_red(&mut red, 111, &[(960, b"before")], b"opus-now");
+        assert_eq!(recorded_opus(&audio(&red, Some(111))), b"opus-now");
+        assert_eq!(recorded_opus(&audio(b"plain", None)), b"plain");
+        let sealed = [0xffu8; 40];
+        assert_eq!(recorded_opus(&audio(&sealed, Some(111))), &sealed[..]);
     }
 }

@@ -74,6 +74,41 @@ fn set_seq_ts(p: &mut [u8], seq: u16, ts: u32) {
     p[4..8].copy_from_slice(&ts.to_be_bytes());
 }
 
+/// A cycle of built packets replayed as one live source: each `next` patches the next packet's
+/// sequence number and timestamp and advances the clock by a frame.
+struct Replay {
+    pkts: Vec<Vec<u8>>,
+    i: usize,
+    seq: u16,
+    ts: u32,
+    now: u64,
+}
+
+impl Replay {
+    fn new(pkts: Vec<Vec<u8>>) -> Replay {
+        Replay {
+            pkts,
+            i: 0,
+            seq: 1000,
+            ts: 77_000,
+            now: 0,
+        }
+    }
+
+    /// The next packet and the time it arrives (µs).
+    #[inline(always)]
+    fn next(&mut self) -> (&[u8], u64) {
+        let at = self.i;
+        self.i = if at + 1 == self.pkts.len() { 0 } else { at + 1 };
+        let p = &mut self.pkts[at];
+        set_seq_ts(p, self.seq, self.ts);
+        self.seq = self.seq.wrapping_add(1);
+        self.ts = self.ts.wrapping_add(FRAME_SAMPLES);
+        self.now += FRAME_US;
+        (&p[..], self.now)
+    }
+}
+
 /// Room noise around -66..-71 dBov.
 fn room_level(r: u64) -> (u8, bool) {
     (66 + (r % 6) as u8, false)
@@ -125,31 +160,20 @@ fn bench_parse_activity(c: &mut Criterion) {
         .collect();
 
     g.bench_function("parse_only", |b| {
-        let mut pkts = cycle.clone();
-        let (mut i, mut seq, mut ts) = (0usize, 1000u16, 77_000u32);
+        let mut replay = Replay::new(cycle.clone());
         b.iter(|| {
-            let p = &mut pkts[i];
-            set_seq_ts(p, seq, ts);
-            i = if i + 1 == 150 { 0 } else { i + 1 };
-            seq = seq.wrapping_add(1);
-            ts = ts.wrapping_add(FRAME_SAMPLES);
-            let v = RtpView::parse(black_box(&p[..]));
+            let (p, _) = replay.next();
+            let v = RtpView::parse(black_box(p));
             black_box(v.map(|v| v.header_len()))
         })
     });
 
     g.bench_function("parse+observe_level_ext", |b| {
-        let mut pkts = cycle.clone();
         let mut va = VoiceActivity::new(&cfg);
-        let (mut i, mut seq, mut ts, mut now) = (0usize, 1000u16, 77_000u32, 0u64);
+        let mut replay = Replay::new(cycle.clone());
         b.iter(|| {
-            let p = &mut pkts[i];
-            set_seq_ts(p, seq, ts);
-            i = if i + 1 == 150 { 0 } else { i + 1 };
-            seq = seq.wrapping_add(1);
-            ts = ts.wrapping_add(FRAME_SAMPLES);
-            now += FRAME_US;
-            let t = match RtpView::parse(black_box(&p[..])) {
+            let (p, now) = replay.next();
+            let t = match RtpView::parse(black_box(p)) {
                 Ok(view) => Some(va.observe_packet(&cfg, now, &view, Some(LEVEL_EXT_ID))),
                 Err(_) => None,
             };
@@ -162,7 +186,7 @@ fn bench_parse_activity(c: &mut Criterion) {
     g.bench_function("parse+red+observe_level_ext+shape", |b| {
         let mut red = Vec::new();
         write_red(&mut red, RELAY_OPUS_PT, &[(960, &payload[..])], &payload);
-        let mut pkts: Vec<Vec<u8>> = (0..150)
+        let pkts: Vec<Vec<u8>> = (0..150)
             .map(|i| {
                 let (level, voice) = turn_taking_level(i, 0xA11CE);
                 let mut p = build_packet(0x1111_2222, 0, 0, level, voice, &red);
@@ -171,15 +195,10 @@ fn bench_parse_activity(c: &mut Criterion) {
             })
             .collect();
         let mut va = VoiceActivity::new(&cfg);
-        let (mut i, mut seq, mut ts, mut now) = (0usize, 1000u16, 77_000u32, 0u64);
+        let mut replay = Replay::new(pkts);
         b.iter(|| {
-            let p = &mut pkts[i];
-            set_seq_ts(p, seq, ts);
-            i = if i + 1 == 150 { 0 } else { i + 1 };
-            seq = seq.wrapping_add(1);
-            ts = ts.wrapping_add(FRAME_SAMPLES);
-            now += FRAME_US;
-            let t = RtpView::parse(black_box(&p[..])).ok().and_then(|view| {
+            let (p, now) = replay.next();
+            let t = RtpView::parse(black_box(p)).ok().and_then(|view| {
                 let l = RedLayout::parse(view.payload(), RELAY_OPUS_PT).ok()?;
                 let opus = &view.payload()[l.primary()];
                 let t = va.observe_opus(&cfg, now, &view, opus, Some(LEVEL_EXT_ID));
@@ -191,7 +210,7 @@ fn bench_parse_activity(c: &mut Criterion) {
 
     // A sender without the level extension negotiated: activity from the payload size.
     g.bench_function("parse+observe_size_mode", |b| {
-        let mut pkts: Vec<Vec<u8>> = (0..150)
+        let pkts: Vec<Vec<u8>> = (0..150)
             .map(|i| {
                 let (level, _) = turn_taking_level(i, 0xA11CE);
                 let len = if level < 40 { 80 } else { 60 };
@@ -199,15 +218,10 @@ fn bench_parse_activity(c: &mut Criterion) {
             })
             .collect();
         let mut va = VoiceActivity::new(&cfg);
-        let (mut i, mut seq, mut ts, mut now) = (0usize, 1000u16, 77_000u32, 0u64);
+        let mut replay = Replay::new(pkts);
         b.iter(|| {
-            let p = &mut pkts[i];
-            set_seq_ts(p, seq, ts);
-            i = if i + 1 == 150 { 0 } else { i + 1 };
-            seq = seq.wrapping_add(1);
-            ts = ts.wrapping_add(FRAME_SAMPLES);
-            now += FRAME_US;
-            let t = match RtpView::parse(black_box(&p[..])) {
+            let (p, now) = replay.next();
+            let t = match RtpView::parse(black_box(p)) {
                 Ok(view) => Some(va.observe_packet(&cfg, now, &view, None)),
                 Err(_) => None,
             };

@@ -78,12 +78,7 @@ fn metric(ns: &NetNs, admin: &str, name: &str) -> f64 {
         .output()
         .unwrap();
     common::assert_succeeded(&out, "curl /metrics");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    common::metric_in(&String::from_utf8_lossy(&out.stdout), name).unwrap_or(0.0)
 }
 
 /// What one listener got in one run.

@@ -217,8 +217,12 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// One sample of a process's /metrics (the line starting with `name`, labels included).
 pub fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
     let (_, _, body) = http(addr, "GET", "/metrics", &[], b"");
-    String::from_utf8_lossy(&body)
-        .lines()
+    metric_in(&String::from_utf8_lossy(&body), name)
+}
+
+/// The value of the first line of a /metrics text that starts with `name` (labels included).
+pub fn metric_in(text: &str, name: &str) -> Option<f64> {
+    text.lines()
         .find(|l| l.starts_with(name))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())

@@ -74,7 +74,13 @@ impl Drop for Impairment {
 fn metric(ns: &NetNs, admin: &str, name: &str) -> f64 {
     let out = ns
         .command("curl")
-        .args(["-s", "--fail", &format!("{admin}/metrics")])
+        .args([
+            "-s",
+            "--fail",
+            "--max-time",
+            "5",
+            &format!("{admin}/metrics"),
+        ])
         .output()
         .unwrap();
     common::assert_succeeded(&out, "curl /metrics");

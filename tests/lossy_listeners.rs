@@ -96,6 +96,9 @@ struct Listener {
     tracks: Vec<(String, f64, f64)>,
     /// Audible concealment over all those tracks' samples together.
     pooled: f64,
+    /// Chrome's packetsLost and packetsReceived + packetsLost over those tracks.
+    lost_packets: f64,
+    packets: f64,
 }
 
 fn listener(rep: &Value, me: &str, speakers: &[&str]) -> Listener {
@@ -104,6 +107,7 @@ fn listener(rep: &Value, me: &str, speakers: &[&str]) -> Listener {
     let heard = heard_by(view, speakers, &start, horizon, &turns);
     let mut tracks = Vec::new();
     let (mut concealed_all, mut total_all) = (0.0, 0.0);
+    let (mut lost_packets, mut packets) = (0.0, 0.0);
     for (mid, series) in view["stats"].as_object().unwrap() {
         let s = series.as_array().unwrap();
         let last = s.last().unwrap();
@@ -115,6 +119,8 @@ fn listener(rep: &Value, me: &str, speakers: &[&str]) -> Listener {
         }
         let concealed = audible_concealment(s).unwrap_or(f64::NAN);
         tracks.push((mid.clone(), concealed, lost / (received + lost)));
+        lost_packets += lost;
+        packets += received + lost;
         // The same span audible_concealment takes (past the first samples), for the pool.
         let samples = |x: &Value| x["totalSamplesReceived"].as_f64().unwrap_or(0.0);
         let total = samples(last) - s.get(3).map_or(0.0, samples);
@@ -126,6 +132,8 @@ fn listener(rep: &Value, me: &str, speakers: &[&str]) -> Listener {
         heard,
         tracks,
         pooled,
+        lost_packets,
+        packets,
     }
 }
 
@@ -228,10 +236,17 @@ fn red_keeps_multiplexed_listeners_audible_behind_loss_and_jitter() {
                 "{me}: {view:?}",
                 view = parts[me]["view"]["stats"]
             );
-            // Chrome counts the network's loss on every track, RED or not.
-            for t in &l.tracks {
-                assert!(t.2 > loss * 0.4, "{me}: track {t:?} at loss {loss}");
-            }
+            // Chrome counts the network's loss, RED or not: at least the rate less four
+            // standard deviations of a binomial draw, pooled over the listener's tracks. Not per
+            // track: one may carry only a few hundred packets, too few for a bound (a CI run saw
+            // 1.9 % on a track of the RED listener at 5 %, its other track 5.2 %).
+            let (lost, n) = (l.lost_packets, l.packets);
+            let floor = n * loss - 4.0 * (n * loss * (1.0 - loss)).sqrt();
+            assert!(
+                n > 500.0 && lost > floor,
+                "{me}: {lost} of {n} packets lost at loss {loss} (floor {floor:.0}): {:?}",
+                l.tracks
+            );
         }
         // The redundancy fills most losses: over all its tracks the RED listener conceals
         // less than half of what the plain one does.

@@ -118,9 +118,9 @@ def main():
     floor_ns = floor["both_ns_per_pkt"]
     rows = [
         "| viewers | connected | pkts/s out | edge CPU % | edge µs CPU / viewer·s | edge ns / pkt | ratio to floor | "
-        "loss % | latency p50 / p95 / p99 / max ms | switch p50 / p95 ms | edge RSS KiB / viewer | joins/s | join p99 ms | "
-        "gen CPU % | gen ns / pkt (viewer threads) | origin CPU % | gen core headroom % |",
-        "|" + "---|" * 17,
+        "loss % | latency p50 / p95 / p99 / max ms | pre-roll p50 / max ms | switch p50 / p95 ms | edge RSS KiB / viewer | "
+        "joins/s | join p99 ms | gen CPU % | gen ns / pkt (viewer threads) | origin CPU % | gen core headroom % |",
+        "|" + "---|" * 18,
     ]
     capacity, reason = None, None
     for s in steps:
@@ -133,6 +133,7 @@ def main():
             f"| {s['viewers']} | {s.get('connected')} | {fmt(s.get('pkts_per_s'), 0)} | {fmt(s.get('edge_cpu_pct'))} "
             f"| {cpu_per_viewer:.1f} | {fmt(ns, 0)} | {fmt(ratio, 2)} | {fmt(s.get('loss_pct'), 4)} "
             f"| {fmt(s.get('lat_p50_ms'), 2)} / {fmt(s.get('lat_p95_ms'), 2)} / {fmt(s.get('lat_p99_ms'), 2)} / {fmt(s.get('lat_max_ms'), 2)} "
+            f"| {fmt(s.get('preroll_lat_p50_ms'), 0)} / {fmt(s.get('preroll_lat_max_ms'), 0)} "
             f"| {fmt(s.get('switch_p50_ms'), 0)} / {fmt(s.get('switch_p95_ms'), 0)} "
             f"| {fmt(rss / v if rss else None, 1)} | {fmt(s.get('joins_per_s'))} | {fmt(s.get('join_p99_ms'), 0)} "
             f"| {fmt(s.get('loadgen_cpu_pct'))} | {fmt(s.get('loadgen_ns_per_pkt'), 0)} ({fmt(s.get('loadgen_viewers_ns_per_pkt'), 0)}) "

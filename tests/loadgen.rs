@@ -157,6 +157,18 @@ fn ramp_against_serve_measures_what_viewers_get() {
     );
     let sw = summary["switch_p50_ms"].as_f64().unwrap();
     assert!(sw > 0.0 && sw < 1000.0, "switch latency {sw} ms");
+    // The packets a pre-roll replays at a switch are told apart: late by design (up to its
+    // 120 ms), and not in the added latency.
+    let pre = summary["preroll_lat_samples"].as_u64().unwrap_or(0);
+    let (pre_p50, lat_p50) = (
+        summary["preroll_lat_p50_ms"].as_f64().unwrap_or(0.0),
+        summary["lat_p50_ms"].as_f64().unwrap(),
+    );
+    assert!(pre >= 1 && pre_p50 > lat_p50, "pre-roll: {summary}");
+    assert!(
+        summary["preroll_lat_max_ms"].as_f64().unwrap() < 400.0,
+        "{summary}"
+    );
     assert!(
         step["edge_cpu_s"].as_f64().unwrap() > 0.0,
         "edge CPU not measured: {step}"

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 
 use super::counter::{is_rtp, rtp_ids, SeqCounter};
 use super::feed::PlainFeed;
-use super::matcher::{Matcher, SwitchTracker};
+use super::matcher::{Arrival, Matcher, RunSplit, SwitchTracker};
 use super::srtp_in::SrtpIn;
 use crate::net::poll::{Epoll, EventFd};
 use crate::net::recv::{realtime_ns, RecvBatch, SLOT_BYTES};
@@ -94,8 +94,10 @@ pub(crate) enum EngineCmd {
 
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Samples {
-    /// Added latency of sampled packets (µs).
+    /// Added latency of sampled packets forwarded as they came (µs).
     pub latency_us: Vec<u32>,
+    /// Latency of sampled packets a pre-roll replayed (µs): late by design, kept apart.
+    pub preroll_us: Vec<u32>,
     /// Switch latency (µs).
     pub switch_us: Vec<u32>,
 }
@@ -180,6 +182,9 @@ struct ClientViewer {
     lean: bool,
     excluded: Option<usize>,
     ssrcs: SmallVec<[SeqCounter; 4]>,
+    /// Sampled viewers only: each track's pre-roll told from its live packets, in the order
+    /// of `ssrcs` (empty until a track's first matched packet).
+    runs: Vec<RunSplit>,
     switch: Option<SwitchTracker>,
     /// The tap's slot until DTLS is up, then the session that opens this viewer's SRTP.
     keys: Option<Arc<KeySlot>>,
@@ -412,6 +417,7 @@ impl Engine {
                     lean,
                     excluded,
                     ssrcs: SmallVec::new(),
+                    runs: Vec::new(),
                     switch: None,
                     keys: peer.keys.clone(),
                     srtp: None,
@@ -676,7 +682,7 @@ impl Engine {
                     match srtp.open(buf, roc) {
                         Some(payload) => {
                             self.local.opened += 1;
-                            on_media(v, payload, rx_ns, &self.cfg, &mut self.local);
+                            on_media(v, ssrc, payload, rx_ns, &self.cfg, &mut self.local);
                         }
                         None => self.local.open_failed += 1,
                     }
@@ -785,10 +791,12 @@ impl Engine {
                 *v = 0;
             }
         }
-        if !l.samples.latency_us.is_empty() || !l.samples.switch_us.is_empty() {
+        let ls = &mut l.samples;
+        if !ls.latency_us.is_empty() || !ls.preroll_us.is_empty() || !ls.switch_us.is_empty() {
             let mut g = s.samples.lock().unwrap_or_else(|e| e.into_inner());
-            g.latency_us.append(&mut l.samples.latency_us);
-            g.switch_us.append(&mut l.samples.switch_us);
+            g.latency_us.append(&mut ls.latency_us);
+            g.preroll_us.append(&mut ls.preroll_us);
+            g.switch_us.append(&mut ls.switch_us);
         }
     }
 
@@ -825,10 +833,12 @@ fn flush_transmits(p: &mut ClientPeer) {
     }
 }
 
-/// A sampled viewer's decrypted payload: matched to its send time (added latency), checked
-/// against the viewer's excluded source, and fed to the switch tracker.
+/// A sampled viewer's decrypted payload of track `ssrc`: matched to its send time (added
+/// latency, or a pre-roll's), checked against the viewer's excluded source, and fed to the
+/// switch tracker.
 fn on_media(
     v: &mut ClientViewer,
+    ssrc: u32,
     payload: &[u8],
     rx_ns: u64,
     cfg: &EngineConfig,
@@ -840,9 +850,25 @@ fn on_media(
             if v.excluded == Some(m.source as usize) {
                 local.excluded += 1;
             }
-            let lat = rx_ns.saturating_sub(m.send_ns);
-            if rx_ns >= m.send_ns && lat < MAX_LATENCY_NS {
-                local.samples.latency_us.push((lat / 1000) as u32);
+            if let Some(k) = v.ssrcs.iter().position(|c| c.ssrc == ssrc) {
+                if v.runs.len() <= k {
+                    v.runs.resize_with(k + 1, RunSplit::default);
+                }
+                let samples = &mut local.samples;
+                v.runs[k].on_packet(m.source as u32, m.send_ns, rx_ns, &mut |a| {
+                    let (to, send, rx) = match a {
+                        Arrival::Live { send_ns, rx_ns } => {
+                            (&mut samples.latency_us, send_ns, rx_ns)
+                        }
+                        Arrival::Preroll { send_ns, rx_ns } => {
+                            (&mut samples.preroll_us, send_ns, rx_ns)
+                        }
+                    };
+                    match rx.checked_sub(send) {
+                        Some(lat) if lat < MAX_LATENCY_NS => to.push((lat / 1000) as u32),
+                        _ => {}
+                    }
+                });
             }
             if let Some(sw) = v.switch.as_mut() {
                 if let Some(ns) = sw.on_packet(&cfg.matcher, &m, rx_ns) {
@@ -926,7 +952,7 @@ fn drive_peer(
                 Event::Closed => return Some("closed by the server".into()),
                 Event::RtpPacket(pkt) => {
                     if let (ClientRole::Viewer(v), Some(rx)) = (&mut p.role, rx_ns) {
-                        on_media(v, &pkt.payload, rx, cfg, local);
+                        on_media(v, *pkt.header.ssrc, &pkt.payload, rx, cfg, local);
                     }
                 }
                 _ => {}

@@ -128,6 +128,80 @@ impl Matcher {
     }
 }
 
+/// At a run's start, a packet whose successor's latency is this much lower arrived ahead of
+/// its pacing: a replay (4 ms; the successor was sent 20 ms later).
+const REPLAY_STEP_NS: u64 = 4_000_000;
+
+/// One sampled packet, told apart by [`RunSplit`]: (send, receive) times in ns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Arrival {
+    /// Forwarded as it came: its latency is the edge's added latency.
+    Live { send_ns: u64, rx_ns: u64 },
+    /// Replayed by a pre-roll when its source entered the track: late by design.
+    Preroll { send_ns: u64, rx_ns: u64 },
+}
+
+/// Tells a track's pre-roll from its live packets. When a source enters a track the edge first
+/// replays up to 120 ms of the talk spurt's start at once: those packets arrive up to 120 ms
+/// or more after they were sent by design, and counted as added latency they were the whole
+/// tail (a run at 1000 viewers: p99 110 ms with them, 17 ms with the pre-roll turned off in a
+/// build for the purpose). A run is the packets of one source on one track. Replayed packets
+/// come faster than they were sent (20 ms of audio apart, written back to back, only the other
+/// viewers' writes between them), so each one's latency is well above the next one's; the
+/// first packet of the run whose successor is not [`REPLAY_STEP_NS`] faster ends the replay,
+/// and it and everything after it are live. A run without pre-roll is live from its first
+/// packet. A stall of the edge just as a run starts would be taken for a replay: a tail
+/// anywhere else is not.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct RunSplit {
+    source: Option<u32>,
+    /// The run's latest packet while its start is being told apart: (send, receive) ns.
+    held: Option<(u64, u64)>,
+}
+
+impl RunSplit {
+    /// A packet of `source` on this track; `out` gets what can be told apart now.
+    pub(crate) fn on_packet(
+        &mut self,
+        source: u32,
+        send_ns: u64,
+        rx_ns: u64,
+        out: &mut impl FnMut(Arrival),
+    ) {
+        if self.source != Some(source) {
+            self.flush(out);
+            self.source = Some(source);
+            self.held = Some((send_ns, rx_ns));
+            return;
+        }
+        let Some((s0, r0)) = self.held.take() else {
+            out(Arrival::Live { send_ns, rx_ns });
+            return;
+        };
+        let lat = |s: u64, r: u64| r as i128 - s as i128;
+        if lat(s0, r0) - lat(send_ns, rx_ns) >= REPLAY_STEP_NS as i128 {
+            out(Arrival::Preroll {
+                send_ns: s0,
+                rx_ns: r0,
+            });
+            self.held = Some((send_ns, rx_ns));
+        } else {
+            out(Arrival::Live {
+                send_ns: s0,
+                rx_ns: r0,
+            });
+            out(Arrival::Live { send_ns, rx_ns });
+        }
+    }
+
+    /// Gives out the packet still held (the run's last so far): live.
+    pub(crate) fn flush(&mut self, out: &mut impl FnMut(Arrival)) {
+        if let Some((send_ns, rx_ns)) = self.held.take() {
+            out(Arrival::Live { send_ns, rx_ns });
+        }
+    }
+}
+
 /// One sampled viewer's switch-latency state: per source, the spurt already measured.
 #[derive(Debug, Clone)]
 pub(crate) struct SwitchTracker {
@@ -161,6 +235,52 @@ impl SwitchTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pre_roll_burst_is_told_from_live_packets() {
+        const MS: u64 = 1_000_000;
+        let mut r = RunSplit::default();
+        let mut got = Vec::new();
+        let mut put = |r: &mut RunSplit, src: u32, send_ms: u64, rx_ms: f64| {
+            r.on_packet(src, send_ms * MS, (rx_ms * MS as f64) as u64, &mut |a| {
+                got.push(a)
+            })
+        };
+        // Source 1 enters at 1000 ms: 100 ms of its spurt replayed with the packet that made it
+        // enter, 6 ms apart at this viewer (the other viewers' writes between them), then live
+        // packets 20 ms apart.
+        for k in 0..6 {
+            put(&mut r, 1, 900 + 20 * k, 1002.0 + 6.0 * k as f64);
+        }
+        put(&mut r, 1, 1020, 1052.5);
+        put(&mut r, 1, 1040, 1062.0);
+        // Source 2 takes the track over with no pre-roll (one packet), then goes on.
+        put(&mut r, 2, 2000, 2003.0);
+        put(&mut r, 2, 2020, 2022.5);
+        r.flush(&mut |a| got.push(a));
+        let kinds: Vec<(bool, u64)> = got
+            .iter()
+            .map(|a| match *a {
+                Arrival::Live { send_ns, rx_ns } => (true, (rx_ns - send_ns) / 100_000),
+                Arrival::Preroll { send_ns, rx_ns } => (false, (rx_ns - send_ns) / 100_000),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (false, 1020),
+                (false, 880),
+                (false, 740),
+                (false, 600),
+                (false, 460),
+                (true, 320),
+                (true, 325),
+                (true, 220),
+                (true, 30),
+                (true, 25),
+            ]
+        );
+    }
 
     #[test]
     fn hash_tells_frames_apart_and_is_stable() {

@@ -740,6 +740,9 @@ async fn ramp(ctx: Arc<Ctx>, started: Instant, deadline: Instant) -> Result<Valu
         all_samples
             .latency_us
             .extend_from_slice(&samples.latency_us);
+        all_samples
+            .preroll_us
+            .extend_from_slice(&samples.preroll_us);
         all_samples.switch_us.extend_from_slice(&samples.switch_us);
         let partial = out_of_time || end >= deadline;
         let line = report::step_json(StepInput {
@@ -809,6 +812,12 @@ async fn ramp(ctx: Arc<Ctx>, started: Instant, deadline: Instant) -> Result<Valu
         "lat",
         &mut all_samples.latency_us,
         &[50.0, 95.0, 99.0, 100.0],
+    );
+    report::percentiles(
+        &mut sum,
+        "preroll_lat",
+        &mut all_samples.preroll_us,
+        &[50.0, 100.0],
     );
     report::percentiles(
         &mut sum,

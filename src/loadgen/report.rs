@@ -4,7 +4,9 @@
 //! A step line: `step`, `viewers` (asked for), `connected`, `secs` (the steady part, after the
 //! step's joins), `received` / `lost` / `loss_pct` / `duplicates` (RTP header counts of all
 //! viewers), `pkts_per_s`, `pkts_per_viewer_s`, `lat_{p50,p95,p99,max}_ms` and `lat_samples`
-//! (publisher send to kernel receive time, sampled viewers), `switch_{p50,p95,max}_ms` and
+//! (publisher send to kernel receive time, sampled viewers, packets forwarded as they came),
+//! `preroll_lat_{p50,max}_ms` and `preroll_lat_samples` (the packets a pre-roll replayed when
+//! their source entered a track, late by design: see `matcher::RunSplit`), `switch_{p50,p95,max}_ms` and
 //! `switch_samples` (a talk spurt's first packet sent to its source's first packet received),
 //! `edge_cpu_s`, `edge_cpu_pct`, `edge_ns_per_pkt` (edge CPU per received packet),
 //! `edge_rss_kib`, `loadgen_cpu_s`, `loadgen_ns_per_pkt`, `joins`, `joins_per_s`,
@@ -136,6 +138,7 @@ pub(crate) fn take_samples(engines: &[EngineHandle]) -> Samples {
     for e in engines {
         let mut g = e.stats.samples.lock().unwrap_or_else(|p| p.into_inner());
         out.latency_us.append(&mut g.latency_us);
+        out.preroll_us.append(&mut g.preroll_us);
         out.switch_us.append(&mut g.switch_us);
     }
     out
@@ -245,6 +248,12 @@ pub(crate) fn step_json(s: StepInput<'_>) -> Value {
         "lat",
         &mut samples.latency_us,
         &[50.0, 95.0, 99.0, 100.0],
+    );
+    percentiles(
+        &mut o,
+        "preroll_lat",
+        &mut samples.preroll_us,
+        &[50.0, 100.0],
     );
     percentiles(
         &mut o,
@@ -416,6 +425,7 @@ mod tests {
             b: &b,
             samples: Samples {
                 latency_us: vec![1000, 2000, 3000],
+                preroll_us: vec![90_000, 110_000],
                 switch_us: vec![30_000],
             },
             joins: &joins,
@@ -429,6 +439,12 @@ mod tests {
         assert_eq!(v["lat_p50_ms"], 2.0);
         assert_eq!(v["lat_max_ms"], 3.0);
         assert_eq!(v["switch_p95_ms"], 30.0);
+        // Pre-roll packets are reported apart, not in the added latency.
+        assert_eq!(v["lat_max_ms"], 3.0);
+        assert_eq!(
+            (&v["preroll_lat_max_ms"], &v["preroll_lat_samples"]),
+            (&json!(110.0), &json!(2))
+        );
         assert_eq!(v["edge_cpu_s"], 0.5);
         assert_eq!(v["edge_cpu_pct"], 25.0);
         assert_eq!(v["joins_per_s"], 20.0);

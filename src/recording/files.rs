@@ -45,8 +45,6 @@ struct SourceFile {
     levels_path: PathBuf,
     ogg: Option<OggWriter>,
     timeline: Timeline,
-    /// A new feed's first packets while its anchor settles (at most `HOLD_MAX`).
-    held: Vec<RecPacket>,
     /// The last packet's TOC byte (code bits cleared): fillers keep its mode and frame size.
     toc: u8,
     any_level: bool,
@@ -136,7 +134,7 @@ impl Recordings {
     }
 
     /// One packet of a recorded feed.
-    pub(crate) fn packet(&mut self, p: RecPacket) {
+    pub(crate) fn packet(&mut self, p: &RecPacket) {
         let Some((stream, stem)) = self.feeds.get(&p.feed) else {
             self.stats.unknown.fetch_add(1, Ordering::Relaxed);
             return;
@@ -144,11 +142,32 @@ impl Recordings {
         let Some(rec) = self.open.get_mut(stream) else {
             return;
         };
-        let started = rec.started;
+        let at_us = p.arrival.saturating_duration_since(rec.started).as_micros() as u64;
         let Some(f) = rec.files.get_mut(stem) else {
             return;
         };
-        put(f, p, started, &mut self.page, &self.stats);
+        let fill = match f.timeline.place(p.feed, p.ts, at_us) {
+            Place::Write { fill } => fill,
+            Place::Late => {
+                self.stats.late.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let payload = &p.payload[..p.len as usize];
+        write_fillers(f, fill, &mut self.page);
+        if let Some(&toc) = payload.first() {
+            f.toc = toc & 0xFC;
+        }
+        let samples = opus::packet_info(payload).map_or(opus::SILENCE_SAMPLES, |i| i.samples);
+        f.any_level |= p.level.is_some();
+        write_frame(
+            f,
+            payload,
+            samples,
+            p.level.unwrap_or(SILENT_LEVEL),
+            &mut self.page,
+        );
+        self.stats.frames.fetch_add(1 + fill, Ordering::Relaxed);
         self.write_out(stream.clone(), stem.clone());
     }
 
@@ -181,7 +200,6 @@ impl Recordings {
             if let Some(p) = f.published.iter_mut().rev().find(|p| p.1.is_none()) {
                 p.1 = Some(offset);
             }
-            settle(f, rec.started, &mut self.page, &self.stats);
             // What it sent so far is on disk now.
             if let Some(ogg) = f.ogg.as_mut() {
                 ogg.flush(&mut self.page);
@@ -238,70 +256,10 @@ fn open_source(
         levels_path,
         ogg: Some(ogg),
         timeline: Timeline::default(),
-        held: Vec::new(),
         toc: DEFAULT_TOC,
         any_level: false,
         published: Vec::new(),
     })
-}
-
-/// Places one packet on its file's timeline and writes it (with the fillers before it), holds
-/// it while its feed's anchor settles, or drops it as late (counted).
-fn put(
-    f: &mut SourceFile,
-    p: RecPacket,
-    started: Instant,
-    page: &mut Vec<u8>,
-    stats: &RecorderStats,
-) {
-    let at_us = p.arrival.saturating_duration_since(started).as_micros() as u64;
-    match f.timeline.place(p.feed, p.ts, at_us) {
-        Place::Write { fill } => write_packet(f, &p, fill, page, stats),
-        Place::Late => {
-            stats.late.fetch_add(1, Ordering::Relaxed);
-        }
-        Place::Hold => f.held.push(p),
-        Place::Release => {
-            release(f, started, page, stats);
-            put(f, p, started, page, stats);
-        }
-    }
-}
-
-/// Places the held packets again, in order, once their feed's anchor has settled. The held
-/// list keeps its capacity for the next feed; none of them can be held again (the anchor of
-/// their feed is set), so this recurses no further.
-fn release(f: &mut SourceFile, started: Instant, page: &mut Vec<u8>, stats: &RecorderStats) {
-    let mut held = std::mem::take(&mut f.held);
-    for p in held.drain(..) {
-        put(f, p, started, page, stats);
-    }
-    f.held = held;
-}
-
-/// Ends a hold now (the feed stopped, the recording ends) and writes what it held.
-fn settle(f: &mut SourceFile, started: Instant, page: &mut Vec<u8>, stats: &RecorderStats) {
-    if f.timeline.settle() {
-        release(f, started, page, stats);
-    }
-}
-
-fn write_packet(
-    f: &mut SourceFile,
-    p: &RecPacket,
-    fill: u64,
-    page: &mut Vec<u8>,
-    stats: &RecorderStats,
-) {
-    let payload = &p.payload[..p.len as usize];
-    write_fillers(f, fill, page);
-    if let Some(&toc) = payload.first() {
-        f.toc = toc & 0xFC;
-    }
-    let samples = opus::packet_info(payload).map_or(opus::SILENCE_SAMPLES, |i| i.samples);
-    f.any_level |= p.level.is_some();
-    write_frame(f, payload, samples, p.level.unwrap_or(SILENT_LEVEL), page);
-    stats.frames.fetch_add(1 + fill, Ordering::Relaxed);
 }
 
 fn write_fillers(f: &mut SourceFile, n: u64, page: &mut Vec<u8>) {
@@ -360,7 +318,6 @@ fn finish(
 ) -> serde_json::Value {
     let end_us = at.saturating_duration_since(rec.started).as_micros() as u64;
     for f in rec.files.values_mut() {
-        settle(f, rec.started, page, stats);
         let n = f.timeline.fill_to(end_us);
         write_fillers(f, n, page);
         if let Some(ogg) = f.ogg.take() {

@@ -239,7 +239,7 @@ fn run(mut recs: Recordings, rx: Receiver<RecMsg>) {
                     error!(stream, source = ?source, error = %e, "recording not started");
                 }
             }
-            RecMsg::Packet(p) => recs.packet(p),
+            RecMsg::Packet(p) => recs.packet(&p),
             RecMsg::Stop { feed, at } => recs.stop(feed, at),
             RecMsg::Finish(done) => {
                 recs.finish_all(Instant::now());

@@ -229,7 +229,7 @@ mod tests {
         let dir = r.start(1, "panel", Some("ana"), t0, wall).unwrap();
         assert_eq!(dir, root.join("panel/20261202T010203Z"));
         for k in 0..100u32 {
-            r.packet(packet(1, k * 960, at(k as u64 * 20), 30));
+            r.packet(&packet(1, k * 960, at(k as u64 * 20), 30));
         }
         // The main source joins 1 s in, sends 10 frames, and stops; ana stops at 3 s.
         assert_eq!(
@@ -238,9 +238,9 @@ mod tests {
             "one recording per stream"
         );
         for k in 0..10u32 {
-            r.packet(packet(2, 5 + k * 960, at(1000 + k as u64 * 20), 90));
+            r.packet(&packet(2, 5 + k * 960, at(1000 + k as u64 * 20), 90));
         }
-        r.packet(packet(9, 0, at(1000), 1));
+        r.packet(&packet(9, 0, at(1000), 1));
         assert_eq!(stats.unknown.load(Ordering::Relaxed), 1);
         r.stop(2, at(1300));
         assert_eq!(r.open_streams(), 1);

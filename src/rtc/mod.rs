@@ -9,6 +9,7 @@ pub mod established;
 #[cfg_attr(not(feature = "tools"), allow(unreachable_pub))]
 pub(crate) mod offer;
 pub mod peers;
+pub(crate) mod reaper;
 pub(crate) mod srtp_out;
 pub(crate) mod supervise;
 pub mod tcp;

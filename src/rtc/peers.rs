@@ -17,7 +17,6 @@ use std::net::{SocketAddr, UdpSocket};
 use std::ops::{Deref, DerefMut};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -33,6 +32,7 @@ use tracing::{debug, info, warn};
 
 use super::established::{Emit, Ended, Established, IceLite, RtcpStats, TrackSpec};
 use super::offer::OfferError;
+use super::reaper::reap;
 use super::tcp::{Frame, TcpSide, TcpStats};
 use crate::net::poll::{Doorbell, Poller};
 use crate::net::send::SendBatch;
@@ -63,35 +63,6 @@ const MAX_REMOTES: usize = 8;
 /// RFC 6347 §4.2.4.1). Meanwhile str0m sends only DTLS: media, reports and consent answers
 /// are the lean state's, so one sender counts every packet.
 pub(crate) const DTLS_GRACE: Duration = Duration::from_secs(8);
-/// str0m states waiting for the reaper thread to free them. One is 80–125 KB in many small
-/// allocations, and a wave of joins ends hundreds of graces within a second: freed on the media
-/// thread, that was a pause in every viewer's audio. Beyond this many queued (the reaper is
-/// behind), a state is freed where it is, as before.
-pub(crate) const REAPER_QUEUE: usize = 4096;
-
-/// Frees a lean peer's str0m state off the media thread (see [`REAPER_QUEUE`]).
-fn reap(rtc: Box<Rtc>) {
-    static REAPER: OnceLock<Option<SyncSender<Box<Rtc>>>> = OnceLock::new();
-    let tx = REAPER.get_or_init(|| {
-        let (tx, rx) = sync_channel::<Box<Rtc>>(REAPER_QUEUE);
-        let spawned = std::thread::Builder::new()
-            .name("str0m-reaper".into())
-            .spawn(move || rx.into_iter().for_each(drop));
-        match spawned {
-            Ok(_) => Some(tx),
-            Err(e) => {
-                warn!("no str0m reaper thread ({e}): lean peers' str0m states are freed inline");
-                None
-            }
-        }
-    });
-    if let Some(tx) = tx {
-        if let Err(TrySendError::Full(rtc) | TrySendError::Disconnected(rtc)) = tx.try_send(rtc) {
-            drop(rtc);
-        }
-    }
-}
-
 /// Counters of one or more media threads' sockets and peers, read by /metrics. A thread adds to
 /// them as things happen (rare events) or once per loop (the send counters).
 #[derive(Debug, Default)]

@@ -135,7 +135,10 @@ fn drain(
                     0..=3 => {
                         lean.handle_stun(now, p.client_addr, &t.contents, stats, &mut sink);
                     }
-                    128..=191 => lean.handle_rtcp(&t.contents, scratch, stats, &mut sink),
+                    128..=191 => {
+                        let authentic = lean.handle_rtcp(&t.contents, scratch, stats, &mut sink);
+                        assert!(authentic, "the client's SRTCP opens with its own key");
+                    }
                     _ => {}
                 }
             }

@@ -460,27 +460,29 @@ impl Established {
     }
 
     /// One SRTCP datagram from the viewer: opened, then each RTCP packet in it handled.
-    /// Garbage is counted and dropped.
+    /// Garbage is counted and dropped. True if it was the viewer's own (opened with its key,
+    /// not a replay), whatever it held: a viewer that speaks SRTCP has finished its DTLS
+    /// handshake, since its keys come from it.
     pub fn handle_rtcp(
         &mut self,
         data: &[u8],
         scratch: &mut Vec<u8>,
         stats: &RtcpStats,
         out: &mut impl Emit,
-    ) {
+    ) -> bool {
         let mut plain = [0u8; 1500];
         let Some(buf) = plain.get_mut(..data.len()) else {
             add(&stats.malformed, 1);
-            return;
+            return false;
         };
         buf.copy_from_slice(data);
         let Some((rtcp, index)) = self.rtcp_in.open(buf) else {
             add(&stats.unauthenticated, 1);
-            return;
+            return false;
         };
         if !self.fresh_index(index) {
             add(&stats.unauthenticated, 1);
-            return;
+            return false;
         }
         let rtcp: &[u8] = rtcp;
         let mut at = 0;
@@ -489,7 +491,7 @@ impl Established {
             let end = at + 4 * (words + 1);
             if rtcp[at] >> 6 != 2 || end > rtcp.len() {
                 add(&stats.malformed, 1);
-                return;
+                return true;
             }
             let pkt = &rtcp[at..end];
             match pkt[1] {
@@ -506,6 +508,7 @@ impl Established {
         if at != rtcp.len() {
             add(&stats.malformed, 1);
         }
+        true
     }
 
     /// RFC 3711 §3.3.2's replay list for SRTCP, 64 indexes wide.

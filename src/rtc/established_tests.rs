@@ -352,6 +352,51 @@ fn receiver_reports_and_plis_are_counted() {
     assert!(out.is_empty());
 }
 
+/// The peer set ends str0m's DTLS grace at the first `true` (`rtc::peers`): only the viewer's
+/// own, fresh SRTCP may say so.
+#[test]
+fn only_the_viewers_fresh_srtcp_is_authentic() {
+    let t0 = Instant::now();
+    let mut e = lean(t0);
+    let stats = RtcpStats::default();
+    let (mut out, mut scratch) = (Vec::new(), Vec::new());
+    let rr = rtcp::receiver_report::ReceiverReport {
+        ssrc: VIEWER_SSRC,
+        ..Default::default()
+    };
+    let sealed = |i| sealed_from_viewer(i, &[Box::new(rr.clone())]);
+    let first = sealed(0);
+    assert!(e.handle_rtcp(&first, &mut scratch, &stats, &mut out));
+    assert!(
+        !e.handle_rtcp(&first, &mut scratch, &stats, &mut out),
+        "a replay"
+    );
+    let (_, ours) = viewer_srtcp();
+    let mut wrong = rtcp::packet::marshal(&[Box::new(rr.clone()) as Box<dyn Packet + Send + Sync>])
+        .unwrap()
+        .to_vec();
+    assert!(ours.seal(&mut wrong, 1));
+    assert!(
+        !e.handle_rtcp(&wrong, &mut scratch, &stats, &mut out),
+        "our own key"
+    );
+    let mut flipped = sealed(2);
+    let last = flipped.len() - 1;
+    flipped[last - 4] ^= 1;
+    assert!(
+        !e.handle_rtcp(&flipped, &mut scratch, &stats, &mut out),
+        "a flipped bit"
+    );
+    assert!(!e.handle_rtcp(&[0u8; 3000], &mut scratch, &stats, &mut out));
+    // Authentic but not RTCP inside: still the viewer's, though counted as malformed.
+    let (sealer, _) = viewer_srtcp();
+    let mut inner = vec![0x80, RR, 0, 9, 0, 0, 0, 1];
+    assert!(sealer.seal(&mut inner, 3));
+    assert!(e.handle_rtcp(&inner, &mut scratch, &stats, &mut out));
+    assert_eq!(stats.unauthenticated.load(Ordering::Relaxed), 3);
+    assert_eq!(stats.malformed.load(Ordering::Relaxed), 2);
+}
+
 #[test]
 fn garbage_is_counted_and_dropped() {
     let t0 = Instant::now();

@@ -61,7 +61,9 @@ const MAX_REMOTES: usize = 8;
 /// after it reports `Connected`; the browser then resends its own last flight, which only
 /// str0m's DTLS can answer. 8 s covers a browser's first three retransmissions (1 + 2 + 4 s,
 /// RFC 6347 §4.2.4.1). Meanwhile str0m sends only DTLS: media, reports and consent answers
-/// are the lean state's, so one sender counts every packet.
+/// are the lean state's, so one sender counts every packet. The grace ends sooner at the
+/// viewer's first authentic SRTCP (its receiver reports, within a second or two of media):
+/// it has our last flight, or it would have no SRTCP keys.
 pub(crate) const DTLS_GRACE: Duration = Duration::from_secs(8);
 /// Counters of one or more media threads' sockets and peers, read by /metrics. A thread adds to
 /// them as things happen (rare events) or once per loop (the send counters).
@@ -970,7 +972,12 @@ impl<T> PeerSet<T> {
                 return;
             }
             128..=191 if data.len() > 1 && (192..=223).contains(&data[1]) => {
-                lean.handle_rtcp(data, &mut self.scratch, stats, &mut sink);
+                let authentic = lean.handle_rtcp(data, &mut self.scratch, stats, &mut sink);
+                // Its SRTCP keys come from the handshake's end: the viewer has str0m's last
+                // flight, so the grace (kept for its retransmissions) can end now.
+                if authentic && p.rtc_until.is_some_and(|t| t > now) {
+                    p.rtc_until = Some(now);
+                }
             }
             _ => {
                 stats.unexpected.fetch_add(1, Ordering::Relaxed);

@@ -164,36 +164,4 @@ mod tests {
         assert_eq!(t.take_due(t2), Some(12));
         assert_eq!(t.take_due(t2 + TRIM_EVERY), None, "nothing freed since");
     }
-
-    /// This process's resident memory, in bytes.
-    fn rss() -> usize {
-        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-        let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-        pages * 4096
-    }
-
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    #[test]
-    fn freed_holes_in_the_heap_go_back_to_the_os_only_when_trimmed() {
-        // 64 MiB in 16 KiB blocks, each followed by a small one that stays: freeing the big
-        // ones leaves holes glibc keeps (no free top to give back), as a wave of str0m states
-        // freed among the viewers that stay.
-        let (big, small): (Vec<Vec<u8>>, Vec<Vec<u8>>) = (0..4096)
-            .map(|i| (vec![i as u8; 16 << 10], vec![1u8; 64]))
-            .unzip();
-        let held = rss();
-        drop(big);
-        let before = rss();
-        assert!(
-            before + (16 << 20) > held,
-            "RSS {held} -> {before} bytes: freeing alone gave most of it back"
-        );
-        assert!(release_free_heap(), "glibc had free pages to give back");
-        let after = rss();
-        assert!(
-            before.saturating_sub(after) > 32 << 20,
-            "RSS {before} -> {after} bytes: the holes were not released"
-        );
-        assert_eq!(small.len(), 4096);
-    }
 }

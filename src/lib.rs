@@ -26,6 +26,7 @@ pub mod media;
 pub mod millicast;
 pub mod net;
 pub mod origin;
+pub(crate) mod prefetch;
 pub(crate) mod recording;
 pub mod relay;
 #[cfg(feature = "tools")]

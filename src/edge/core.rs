@@ -379,6 +379,12 @@ impl EdgeCore {
         self.out.pop_front()
     }
 
+    /// The output `k` places behind the next [`poll_output`](Self::poll_output) would give, to
+    /// look ahead (the driver prefetches the viewers the coming writes go to).
+    pub(crate) fn peek_output(&self, k: usize) -> Option<&Output> {
+        self.out.get(k)
+    }
+
     /// When [`handle_timeout`](Self::handle_timeout) is due next.
     pub fn poll_timeout(&self) -> u64 {
         self.next_tick_us

@@ -93,6 +93,12 @@ impl OutTrack {
         }
     }
 
+    /// Where its next write likely lands in its viewer's lean state: the track's index there
+    /// and the next extended sequence number (for `Established::prefetch_track`).
+    pub(crate) fn next_slot(&self) -> Option<(usize, u64)> {
+        Some((self.lean?, self.ext_seq.map_or(0, |s| s + 1)))
+    }
+
     /// The track's source changed (a switch, a projection, a new group): re-anchor.
     pub fn detach(&mut self) {
         self.rw.detach();

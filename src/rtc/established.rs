@@ -21,6 +21,7 @@ use str0m::ice::StunMessage;
 
 use super::srtp_out::{Srtcp, SrtpOut};
 use crate::media::rtp::{write_packet, HeaderFields};
+use crate::prefetch::{prefetch, prefetch_all};
 
 /// A viewer whose consent checks stop for this long is gone. str0m's ICE-lite agent drops a
 /// pair after the same 15 s without a binding request (`is` crate, `RECENT_BINDING_REQUEST`);
@@ -308,6 +309,26 @@ impl Established {
     pub(crate) fn add_track(&mut self, spec: TrackSpec) -> usize {
         self.tracks.push(TrackTx::new(spec));
         self.tracks.len() - 1
+    }
+
+    /// Starts loading what every write reads of this state (see [`crate::prefetch`]): the SRTP
+    /// context, the destination and the track list, whose length sits after its inline tracks.
+    pub(crate) fn prefetch_state(&self) {
+        prefetch_all(&self.srtp);
+        prefetch(&self.dest);
+        let tracks = &self.tracks as *const _ as *const u8;
+        prefetch(tracks.wrapping_add(size_of_val(&self.tracks) - 1));
+    }
+
+    /// Starts loading what a write to track `track` reads and writes: its spec and counters, and
+    /// the NACK slot of `ext_seq`. Call after [`Self::prefetch_state`] has had time to land.
+    pub(crate) fn prefetch_track(&self, track: usize, ext_seq: u64) {
+        let Some(t) = self.tracks.get(track) else {
+            return;
+        };
+        prefetch_all(&t.spec);
+        prefetch(&t.last);
+        prefetch_all(&t.history[(ext_seq % NACK_HISTORY as u64) as usize]);
     }
 
     /// What track `i` was built with.

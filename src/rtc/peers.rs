@@ -406,6 +406,11 @@ impl<T> Peer<T> {
     }
 
     /// Its lean state, once it went lean.
+    pub(crate) fn lean(&self) -> Option<&Established> {
+        self.lean.as_deref()
+    }
+
+    /// Its lean state, once it went lean.
     pub(crate) fn lean_mut(&mut self) -> Option<&mut Established> {
         self.lean.as_deref_mut()
     }
@@ -650,6 +655,10 @@ impl<T> PeerSet<T> {
             },
         );
         self.timers.push(Reverse((now, id)));
+    }
+
+    pub(crate) fn get(&self, id: PeerId) -> Option<&Peer<T>> {
+        self.peers.get(&id)
     }
 
     pub(crate) fn get_mut(&mut self, id: PeerId) -> Option<&mut Peer<T>> {

@@ -16,7 +16,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::events::ViewerEvent;
 use crate::media::opus;
-use crate::media::red::{RedLayout, RELAY_OPUS_PT};
+use crate::media::red::{RedLayout, Shape, RELAY_OPUS_PT};
 use crate::media::rewrite::{InputPacket, TrackRewriter};
 use crate::media::rtp::audio_level_byte;
 use crate::rtc::established::{Parts, TrackSpec};
@@ -178,14 +178,12 @@ impl OutTrack {
                 let has_red = lean
                     .spec(track)
                     .is_some_and(|s| s.red_pt.is_some() && s.pt == RELAY_OPUS_PT);
-                let (parts, how) = shape(payload, red, has_red, reach);
-                if parts.tail.is_empty() {
+                let (shaped, how) = shape(payload, red, has_red, reach);
+                if shaped.tail.is_empty() {
                     return (Sent::Dropped(NotSent::RedOpaque), None);
                 }
-                let parts = Parts {
-                    red: parts.red,
-                    head: &parts.head,
-                    tail: &parts.tail,
+                let Some(parts) = Parts::new(shaped.red, payload, shaped.head, shaped.tail) else {
+                    return (Sent::Dropped(NotSent::Seal), None);
                 };
                 let level = level.map(|(v, l)| audio_level_byte(v, l));
                 if !lean.send_rtp_parts(
@@ -211,6 +209,7 @@ impl OutTrack {
                 if parts.tail.is_empty() {
                     return (Sent::Dropped(NotSent::RedOpaque), None);
                 }
+                let (head, tail) = (&payload[parts.head.clone()], &payload[parts.tail.clone()]);
                 let pt = match self.red_pt {
                     Some(red_pt) if parts.red => red_pt,
                     _ => pt,
@@ -226,10 +225,10 @@ impl OutTrack {
                 }
                 // str0m keeps its own copy (its NACK history): the fallback path's one
                 // allocation per packet.
-                let payload: Arc<[u8]> = if parts.head.is_empty() {
-                    Arc::from(&parts.tail[..])
+                let payload: Arc<[u8]> = if head.is_empty() {
+                    Arc::from(tail)
                 } else {
-                    [&parts.head[..], &parts.tail[..]].concat().into()
+                    [head, tail].concat().into()
                 };
                 tx.write_rtp(
                     RtpWrite::new(pt, SeqNo::from(ext), h.ts, wallclock, payload)
@@ -274,55 +273,38 @@ fn red_pt_of(rtc: &Rtc, pt: Pt) -> Option<Pt> {
     rtc.codec_config().find(|p| p.pt() == pt)?.red()
 }
 
-/// One viewer's payload of a packet that may be RED: the two slices and the payload type kind
-/// to send it with, and what became of the RED (none for a plain packet).
-struct Shaped {
-    red: bool,
-    head: Bytes,
-    tail: Bytes,
-}
-
+/// One viewer's payload of a packet that may be RED (the [`crate::media::red::Shape`] of it,
+/// or the payload whole) and what became of the RED (none for a plain packet). An empty tail:
+/// nothing to send.
 fn shape(
     payload: &Bytes,
     red: Option<&RedLayout>,
     has_red: bool,
     reach: u32,
-) -> (Shaped, Option<RedSent>) {
+) -> (Shape, Option<RedSent>) {
     let Some(l) = red else {
-        let whole = Shaped {
+        let whole = Shape {
             red: false,
-            head: Bytes::new(),
-            tail: payload.clone(),
+            head: 0..0,
+            tail: 0..payload.len(),
         };
         return (whole, None);
     };
     let s = l.shape(has_red, reach);
     if s.is_empty() {
-        return (
-            Shaped {
-                red: false,
-                head: Bytes::new(),
-                tail: Bytes::new(),
-            },
-            None,
-        );
+        let nothing = Shape {
+            red: false,
+            head: 0..0,
+            tail: 0..0,
+        };
+        return (nothing, None);
     }
     let how = match (s.red, s.head.is_empty()) {
         (false, _) => RedSent::Unwrapped,
         (true, true) => RedSent::Whole,
         (true, false) => RedSent::Stripped,
     };
-    let head = if s.head.is_empty() {
-        Bytes::new()
-    } else {
-        payload.slice(s.head)
-    };
-    let shaped = Shaped {
-        red: s.red,
-        head,
-        tail: payload.slice(s.tail),
-    };
-    (shaped, Some(how))
+    (s, Some(how))
 }
 
 /// On `Connected`: a viewer with no main video whose handshake chose an AES-GCM profile
@@ -449,7 +431,7 @@ mod tests {
         write_red(&mut p, 111, &[(960, b"before")], b"opus-now");
         let payload = Bytes::from(p);
         let l = RedLayout::parse(&payload, 111).unwrap();
-        let bytes = |s: &Shaped| [&s.head[..], &s.tail[..]].concat();
+        let bytes = |s: &Shape| [&payload[s.head.clone()], &payload[s.tail.clone()]].concat();
         let (s, how) = shape(&payload, Some(&l), false, u32::MAX);
         assert_eq!(
             (s.red, bytes(&s), how),

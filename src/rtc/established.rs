@@ -156,34 +156,93 @@ pub struct TrackSpec {
     pub mid: SmallVec<[u8; 16]>,
 }
 
-/// No bytes: the head of a payload sent whole.
-static EMPTY: Bytes = Bytes::new();
-
 /// A payload in two slices of one received datagram, and whether it goes with the RED payload
-/// type: a RED packet shaped for one viewer ([`crate::media::red::Shape`]) costs no copy.
+/// type: a RED packet shaped for one viewer ([`crate::media::red::Shape`]) costs no copy. The
+/// slices are ranges of `data`, so what the NACK history keeps of a packet is one reference
+/// count and four numbers.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Parts<'a> {
     /// Send with [`TrackSpec::red_pt`].
     pub red: bool,
-    /// The first slice (empty for a payload sent whole).
-    pub head: &'a Bytes,
+    /// The datagram payload both slices are cut from.
+    data: &'a Bytes,
+    /// The first slice, `start..end` of `data` (empty for a payload sent whole).
+    head: (u16, u16),
     /// The rest.
-    pub tail: &'a Bytes,
+    tail: (u16, u16),
 }
 
-/// One packet as it was sent, to send again on a NACK.
+impl<'a> Parts<'a> {
+    /// `data[head]` then `data[tail]`. None if a range is not within `data`, or ends past
+    /// 64 KiB (no relayed datagram is that large).
+    pub(crate) fn new(
+        red: bool,
+        data: &'a Bytes,
+        head: std::ops::Range<usize>,
+        tail: std::ops::Range<usize>,
+    ) -> Option<Parts<'a>> {
+        let cut = |r: std::ops::Range<usize>| -> Option<(u16, u16)> {
+            if r.start > r.end || r.end > data.len() {
+                return None;
+            }
+            Some((u16::try_from(r.start).ok()?, u16::try_from(r.end).ok()?))
+        };
+        Some(Parts {
+            red,
+            data,
+            head: cut(head)?,
+            tail: cut(tail)?,
+        })
+    }
+
+    /// All of `data`, as one slice.
+    pub(crate) fn whole(data: &'a Bytes) -> Option<Parts<'a>> {
+        Parts::new(false, data, 0..0, 0..data.len())
+    }
+
+    /// The same slices, sent with the plain payload type (`red` false) or RED's.
+    #[cfg(test)]
+    pub(crate) fn with_red(self, red: bool) -> Parts<'a> {
+        Parts { red, ..self }
+    }
+
+    fn head(&self) -> &'a [u8] {
+        &self.data[self.head.0 as usize..self.head.1 as usize]
+    }
+
+    fn tail(&self) -> &'a [u8] {
+        &self.data[self.tail.0 as usize..self.tail.1 as usize]
+    }
+}
+
+/// One packet as it was sent, to send again on a NACK. A cache line: a write replaces one of
+/// these per viewer, and the thousand viewers written in turn each read and write their own.
 #[derive(Debug)]
+#[repr(align(64))]
 struct Kept {
     ext_seq: u64,
+    /// The datagram payload it was cut from; the packet's payload is `data[head]` then
+    /// `data[tail]` (see [`Parts`]).
+    data: Bytes,
     ts: u32,
-    marker: bool,
+    head: (u16, u16),
+    tail: (u16, u16),
     level: Option<u8>,
+    marker: bool,
     /// Sent with [`TrackSpec::red_pt`] rather than `pt`.
     red: bool,
-    /// The payload is `head` then `payload` (see [`Established::send_rtp_parts`]).
-    head: Bytes,
-    payload: Bytes,
     resent: u8,
+}
+
+impl Kept {
+    fn parts(&self) -> Parts<'_> {
+        Parts {
+            red: self.red,
+            data: &self.data,
+            head: self.head,
+            tail: self.tail,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -373,10 +432,8 @@ impl Established {
         scratch: &mut Vec<u8>,
         out: &mut impl Emit,
     ) -> bool {
-        let parts = Parts {
-            red: false,
-            head: &EMPTY,
-            tail: payload,
+        let Some(parts) = Parts::whole(payload) else {
+            return false;
         };
         self.send_rtp_parts(now, track, ext_seq, ts, marker, level, parts, scratch, out)
     }
@@ -408,13 +465,22 @@ impl Established {
             return false;
         };
         if !seal_rtp(
-            &self.srtp, &t.spec, pt, ext_seq, ts, marker, level, parts.head, parts.tail, scratch,
+            &self.srtp,
+            &t.spec,
+            pt,
+            ext_seq,
+            ts,
+            marker,
+            level,
+            parts.head(),
+            parts.tail(),
+            scratch,
         ) {
             return false;
         }
         out.emit(self.dest, scratch);
         t.packets = t.packets.wrapping_add(1);
-        let len = parts.head.len() + parts.tail.len();
+        let len = parts.head().len() + parts.tail().len();
         t.octets = t.octets.wrapping_add(len as u32);
         t.last = Some((ts, now));
         t.history[(ext_seq % NACK_HISTORY as u64) as usize] = Some(Kept {
@@ -423,8 +489,9 @@ impl Established {
             marker,
             level,
             red: parts.red,
-            head: parts.head.clone(),
-            payload: parts.tail.clone(),
+            data: parts.data.clone(),
+            head: parts.head,
+            tail: parts.tail,
             resent: 0,
         });
         true
@@ -625,8 +692,8 @@ impl Established {
                     k.ts,
                     k.marker,
                     k.level,
-                    &k.head,
-                    &k.payload,
+                    k.parts().head(),
+                    k.parts().tail(),
                     scratch,
                 ) {
                     out.emit(self.dest, scratch);

@@ -553,23 +553,16 @@ fn a_red_payload_in_two_parts_goes_with_the_red_payload_type() {
     let mut e = lean(now);
     let mut out = Vec::new();
     let mut scratch = Vec::new();
-    let head = Bytes::from_static(&[111]);
-    let tail = Bytes::from_static(b"primary-opus");
-    let parts = Parts {
-        red: true,
-        head: &head,
-        tail: &tail,
-    };
+    // A RED header byte, a block that is not sent, then the primary block.
+    let data = Bytes::from_static(b"\x6fskipped-primary-opus");
+    let parts = Parts::new(true, &data, 0..1, 9..data.len()).unwrap();
     assert!(e.send_rtp_parts(now, 0, 1, 960, false, None, parts, &mut scratch, &mut out));
     let (_, sealed) = out.last().unwrap();
     assert_eq!(sealed[1] & 0x7F, 63);
     let v = crate::media::rtp::RtpView::parse(sealed).unwrap();
     // 16 bytes of GCM tag after the payload.
     assert_eq!(v.payload().len(), 1 + 12 + 16);
-    let plain = Parts {
-        red: false,
-        ..parts
-    };
+    let plain = parts.with_red(false);
     assert!(e.send_rtp_parts(now, 0, 2, 1920, false, None, plain, &mut scratch, &mut out));
     assert_eq!(out.last().unwrap().1[1] & 0x7F, 111);
 
@@ -579,4 +572,67 @@ fn a_red_payload_in_two_parts_goes_with_the_red_payload_type() {
     };
     let mut e = lean_one(no_red, now);
     assert!(!e.send_rtp_parts(now, 0, 1, 960, false, None, parts, &mut scratch, &mut out));
+}
+
+/// A RED packet stripped for a viewer (two slices of one datagram) comes back on a NACK byte
+/// for byte: the history keeps the datagram and the slices' ranges, not a copy.
+#[test]
+fn a_nacked_packet_of_two_slices_is_sent_again_whole() {
+    let now = Instant::now();
+    let mut e = lean(now);
+    let stats = RtcpStats::default();
+    let (mut out, mut scratch) = (Vec::new(), Vec::new());
+    let data = Bytes::from_static(b"\x6fskipped-primary-opus");
+    let parts = Parts::new(true, &data, 0..1, 9..data.len()).unwrap();
+    assert!(e.send_rtp_parts(
+        now,
+        0,
+        7,
+        960,
+        false,
+        Some(3),
+        parts,
+        &mut scratch,
+        &mut out
+    ));
+    let (_, original) = out.pop().unwrap();
+    let nack = rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack {
+        sender_ssrc: VIEWER_SSRC,
+        media_ssrc: SSRC,
+        nacks: vec![rtcp::transport_feedbacks::transport_layer_nack::NackPair {
+            packet_id: 7,
+            lost_packets: 0,
+        }],
+    };
+    let datagram = sealed_from_viewer(0, &[Box::new(nack)]);
+    e.handle_rtcp(&datagram, &mut scratch, &stats, &mut out);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].1, original);
+    assert_eq!(stats.nack_resent.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn parts_are_ranges_within_their_datagram() {
+    let data = Bytes::from_static(b"0123456789");
+    assert!(Parts::new(false, &data, 0..0, 0..10).is_some());
+    assert!(Parts::new(true, &data, 0..1, 4..10).is_some());
+    assert!(
+        Parts::new(false, &data, 0..0, 0..11).is_none(),
+        "past the end"
+    );
+    #[allow(clippy::reversed_empty_ranges)]
+    let backwards = 5..4;
+    assert!(Parts::new(false, &data, backwards, 0..10).is_none());
+    let big = Bytes::from(vec![0u8; 70_000]);
+    assert!(
+        Parts::whole(&big).is_none(),
+        "no relayed payload is over 64 KiB"
+    );
+    assert!(Parts::whole(&Bytes::new()).is_some());
+}
+
+#[test]
+fn a_kept_packet_is_one_cache_line() {
+    assert_eq!(std::mem::size_of::<Option<Kept>>(), 64);
+    assert_eq!(std::mem::align_of::<Kept>(), 64);
 }

@@ -379,12 +379,13 @@ impl Established {
         prefetch(tracks.wrapping_add(size_of_val(&self.tracks) - 1));
     }
 
-    /// Starts loading what a write to track `track` reads and writes: its spec and counters, and
-    /// the NACK slot of `ext_seq`. Call after [`Self::prefetch_state`] has had time to land.
+    /// Starts loading what a write to track `track` reads and writes: the SRTP key's context, the
+    /// track's spec and counters, and the NACK slot of `ext_seq`. Call after [`Self::prefetch_state`] has had time to land.
     pub(crate) fn prefetch_track(&self, track: usize, ext_seq: u64) {
         let Some(t) = self.tracks.get(track) else {
             return;
         };
+        self.srtp.prefetch();
         prefetch_all(&t.spec);
         prefetch(&t.last);
         prefetch_all(&t.history[(ext_seq % NACK_HISTORY as u64) as usize]);

@@ -3,6 +3,7 @@
 
 pub(crate) mod ended;
 pub mod established;
+pub(crate) mod gcm;
 // Crate-private but for the fuzz targets, which reach it through `crate::fuzzing` (feature
 // `tools`): its `pub` items are unreachable in the server build alone, where the lint would
 // flag them; the default build still checks them.

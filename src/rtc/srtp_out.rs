@@ -28,6 +28,8 @@ use str0m::crypto::dtls::{
 use str0m::crypto::CryptoError;
 use str0m::crypto::CryptoProvider;
 
+use super::gcm::SealKey;
+
 /// AES-GCM authentication tag appended to every SRTP packet.
 pub(crate) const TAG_LEN: usize = 16;
 const SALT_LEN: usize = 12;
@@ -184,9 +186,10 @@ impl DtlsInstance for TapInstance {
     }
 }
 
-/// One viewer's outgoing SRTP session (AEAD AES-GCM).
+/// One viewer's outgoing SRTP session (AEAD AES-GCM), its key in a context the media thread
+/// can prefetch ([`SealKey`]).
 pub(crate) struct SrtpOut {
-    key: LessSafeKey,
+    key: SealKey,
     salt: [u8; SALT_LEN],
 }
 
@@ -227,19 +230,38 @@ pub(crate) fn session(
     client: bool,
     key_label: u8,
 ) -> Option<(LessSafeKey, [u8; SALT_LEN])> {
+    let (aead, key, salt) = session_bytes(material, profile, client, key_label)?;
+    let key = LessSafeKey::new(UnboundKey::new(aead, key.as_slice()).ok()?);
+    Some((key, salt))
+}
+
+/// A session key's bytes (16 or 32 of the array).
+struct SessionKey([u8; 32], usize);
+
+impl SessionKey {
+    fn as_slice(&self) -> &[u8] {
+        &self.0[..self.1]
+    }
+}
+
+/// [`session`]'s key as bytes, with the profile's AEAD.
+fn session_bytes(
+    material: &[u8],
+    profile: SrtpProfile,
+    client: bool,
+    key_label: u8,
+) -> Option<(
+    &'static aws_lc_rs::aead::Algorithm,
+    SessionKey,
+    [u8; SALT_LEN],
+)> {
     let (master_key, master_salt, aead) = master(material, profile, client)?;
     let key_len = master_key.len();
-    let mut session_key = [0u8; 32];
-    derive(
-        master_key,
-        master_salt,
-        key_label,
-        &mut session_key[..key_len],
-    )?;
+    let mut key = SessionKey([0u8; 32], key_len);
+    derive(master_key, master_salt, key_label, &mut key.0[..key_len])?;
     let mut salt = [0u8; SALT_LEN];
     derive(master_key, master_salt, key_label + 2, &mut salt)?;
-    let key = LessSafeKey::new(UnboundKey::new(aead, &session_key[..key_len]).ok()?);
-    Some((key, salt))
+    Some((aead, key, salt))
 }
 
 impl SrtpOut {
@@ -247,8 +269,14 @@ impl SrtpOut {
     /// server salt). `client` says which side sends. None for profiles this path does not do.
     pub(crate) fn new(material: &[u8], profile: SrtpProfile, client: bool) -> Option<SrtpOut> {
         // RFC 3711 §4.3.1: label 0x00 is the SRTP encryption key, 0x02 its salt.
-        let (key, salt) = session(material, profile, client, 0x00)?;
+        let (_, key, salt) = session_bytes(material, profile, client, 0x00)?;
+        let key = SealKey::new(key.as_slice())?;
         Some(SrtpOut { key, salt })
+    }
+
+    /// Starts loading the key's context (see [`crate::prefetch`]).
+    pub(crate) fn prefetch(&self) {
+        self.key.prefetch();
     }
 
     /// Seals `packet` in place: `header_len` bytes of RTP header (the AAD), then the payload,
@@ -266,14 +294,11 @@ impl SrtpOut {
             *b ^= s;
         }
         let (header, payload) = packet.split_at_mut(header_len);
-        let Ok(tag) = self.key.seal_in_place_separate_tag(
-            Nonce::assume_unique_for_key(iv),
-            Aad::from(&*header),
-            payload,
-        ) else {
+        let mut tag = [0u8; TAG_LEN];
+        if !self.key.seal(&iv, header, payload, &mut tag) {
             return false;
-        };
-        packet.extend_from_slice(tag.as_ref());
+        }
+        packet.extend_from_slice(&tag);
         true
     }
 }

@@ -18,7 +18,7 @@
 # Logs of every process are kept there too. Loopback only. --bin runs another build (the tests
 # use the debug binary). --media-workers and --edge-cpus (a taskset list, default the first core)
 # compare edge media threads; the load generator always stays on the last core. --loadgen-arg
-# passes one more argument to `chorus loadgen` (e.g. --loadgen-arg=--poll-ms=20).
+# passes one more argument to `chorus loadgen` (e.g. --loadgen-arg=--poll-ms=100).
 # --cluster runs a cluster instead: its own redis-server, the origin and two edges (e1, e2, both
 # on the edge cores) with --redis, the edges following the stream's owner; the load generator's
 # viewers ask the origin's director, which places them over the two edges. edges.jsonl then holds

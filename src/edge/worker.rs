@@ -21,7 +21,7 @@ use super::viewer::{NotSent, OutTrack, RedSent, Sent, Viewer};
 use super::{EdgeMetrics, Shared};
 use crate::media::opus;
 use crate::net::poll::Doorbell;
-use crate::prefetch::prefetch_all;
+use crate::prefetch::{prefetch, prefetch_all};
 use crate::relay::client::LinkCtl;
 use crate::relay::proto::{DatagramHeader, SourceInfo};
 use crate::rtc::peers::{CloseReason, ConnectSlot, Peer, PeerApp, PeerId, PeerSet};
@@ -33,8 +33,8 @@ use crate::rtc::tcp::TcpSide;
 /// Packets written in one round leave together: one str0m flush per viewer, not per packet.
 const CMD_BURST: usize = 256;
 
-/// How many writes ahead [`Worker::prefetch_ahead`] asks for a viewer's track lines; its peer's
-/// lines twice as far ahead. A write takes about a microsecond, a line from memory a tenth.
+/// How many writes ahead [`Worker::prefetch_ahead`] asks for a viewer's track lines; its lean
+/// state twice and its peer's first fields three times as far ahead. A write takes about a microsecond, a line from memory a tenth.
 const PREFETCH_AHEAD: usize = 4;
 
 pub(crate) struct NewViewer {
@@ -277,9 +277,17 @@ impl Worker {
     }
 
     /// Starts loading the state of the viewers the next writes go to (see [`crate::prefetch`]),
-    /// in two stages, since the second's addresses are read from what the first loads: the
-    /// peer's track and lean state [`PREFETCH_AHEAD`] writes before the track's own lines.
+    /// in three stages, since each one's addresses are read from what the one before loaded:
+    /// the peer's first fields [`PREFETCH_AHEAD`] writes before its track and lean state, and
+    /// those as long before the track's own lines.
     fn prefetch_ahead(&self) {
+        if let Some(Output::Write(w)) = self.core.peek_output(3 * PREFETCH_AHEAD - 1) {
+            if let Some(p) = self.peers.get(w.viewer) {
+                p.prefetch();
+                prefetch(&p.data.tracks);
+                prefetch(&p.data.main_audio);
+            }
+        }
         if let Some(Output::Write(w)) = self.core.peek_output(2 * PREFETCH_AHEAD - 1) {
             if let Some(p) = self.peers.get(w.viewer) {
                 if let Some(t) = track_of(&p.data, w.track) {

@@ -36,6 +36,7 @@ use super::reaper::reap;
 use super::tcp::{Frame, TcpSide, TcpStats};
 use crate::net::poll::{Doorbell, Poller};
 use crate::net::send::SendBatch;
+use crate::prefetch::prefetch;
 
 /// A peer that has not completed ICE + DTLS within this time is dropped (counted as
 /// `connect_timeout`). A browser on loopback or a LAN connects in well under a second, over TURN in
@@ -405,6 +406,14 @@ impl<T> Peer<T> {
         self.lean.is_some()
     }
 
+    /// Starts loading the fields a write reads first: whether it is connected and where its
+    /// lean state and str0m state are (see [`crate::prefetch`]).
+    pub(crate) fn prefetch(&self) {
+        prefetch(&self.connected);
+        prefetch(&self.lean);
+        prefetch(&self.rtc);
+    }
+
     /// Its lean state, once it went lean.
     pub(crate) fn lean(&self) -> Option<&Established> {
         self.lean.as_deref()
@@ -543,7 +552,10 @@ pub(crate) struct PeerSet<T> {
     local: SocketAddr,
     poller: Poller,
     bell: Arc<Doorbell>,
-    peers: HashMap<PeerId, Peer<T>, BuildHasherDefault<IdHasher>>,
+    /// Boxed, so the table itself is small and stays in cache, and a peer's address is known
+    /// from its entry before its lines are (the media thread prefetches them, see
+    /// `edge::worker`'s `prefetch_ahead`).
+    peers: HashMap<PeerId, Box<Peer<T>>, BuildHasherDefault<IdHasher>>,
     by_ufrag: HashMap<String, PeerId>,
     by_addr: HashMap<SocketAddr, PeerId>,
     /// (deadline, peer); an entry whose peer has since rescheduled is skipped when it pops.
@@ -635,7 +647,7 @@ impl<T> PeerSet<T> {
         self.by_ufrag.insert(ufrag.clone(), id);
         self.peers.insert(
             id,
-            Peer {
+            Box::new(Peer {
                 rtc: Str0m(Some(Box::new(rtc))),
                 lean: None,
                 rtc_until: None,
@@ -652,17 +664,17 @@ impl<T> PeerSet<T> {
                 slot: Some(slot),
                 scheduled: Some(now),
                 dest: None,
-            },
+            }),
         );
         self.timers.push(Reverse((now, id)));
     }
 
     pub(crate) fn get(&self, id: PeerId) -> Option<&Peer<T>> {
-        self.peers.get(&id)
+        self.peers.get(&id).map(|p| &**p)
     }
 
     pub(crate) fn get_mut(&mut self, id: PeerId) -> Option<&mut Peer<T>> {
-        self.peers.get_mut(&id)
+        self.peers.get_mut(&id).map(|p| &mut **p)
     }
 
     /// A connected peer's data and the one way its packets leave.
@@ -725,7 +737,7 @@ impl<T> PeerSet<T> {
             tcp.peer_closed(id.0);
         }
         info!(%id, %reason, dropped_flood = p.dropped_flood, "peer closed");
-        app.on_closed(id, p, reason);
+        app.on_closed(id, *p, reason);
     }
 
     /// Sends what the peers queued, then sleeps until a datagram arrives, the doorbell rings

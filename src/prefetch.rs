@@ -17,14 +17,19 @@ pub(crate) fn prefetch<T: ?Sized>(p: *const T) {
     let _ = p;
 }
 
-/// [`prefetch`] of every line `v` spans (at most `MAX_LINES`).
+/// [`prefetch`] of every line `v` spans (at most the first 4: the fields a write reads come
+/// first).
 #[inline(always)]
 pub(crate) fn prefetch_all<T>(v: &T) {
+    prefetch_span(v as *const T as *const u8, size_of::<T>(), 4);
+}
+
+/// [`prefetch`] of every line the `len` bytes from `start` span, at most `max_lines` of them.
+#[inline(always)]
+pub(crate) fn prefetch_span(start: *const u8, len: usize, max_lines: usize) {
     const LINE: usize = 64;
-    const MAX_LINES: usize = 4;
-    let start = v as *const T as *const u8;
-    let end = start.wrapping_add(size_of::<T>().saturating_sub(1));
-    let lines = ((end as usize / LINE) - (start as usize / LINE) + 1).min(MAX_LINES);
+    let end = start.wrapping_add(len.saturating_sub(1));
+    let lines = ((end as usize / LINE) - (start as usize / LINE) + 1).min(max_lines);
     for i in 0..lines {
         prefetch(start.wrapping_add(i * LINE));
     }

@@ -34,7 +34,8 @@ use crate::rtc::tcp::TcpSide;
 const CMD_BURST: usize = 256;
 
 /// How many writes ahead [`Worker::prefetch_ahead`] asks for a viewer's track lines; its lean
-/// state twice and its peer's first fields three times as far ahead. A write takes about a microsecond, a line from memory a tenth.
+/// state twice and its peer's first fields three times as far ahead. A write takes about a
+/// microsecond, a line from memory a tenth.
 const PREFETCH_AHEAD: usize = 4;
 
 pub(crate) struct NewViewer {

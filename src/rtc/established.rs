@@ -380,7 +380,8 @@ impl Established {
     }
 
     /// Starts loading what a write to track `track` reads and writes: the SRTP key's context, the
-    /// track's spec and counters, and the NACK slot of `ext_seq`. Call after [`Self::prefetch_state`] has had time to land.
+    /// track's spec and counters, and the NACK slot of `ext_seq`. Call after
+    /// [`Self::prefetch_state`] has had time to land.
     pub(crate) fn prefetch_track(&self, track: usize, ext_seq: u64) {
         let Some(t) = self.tracks.get(track) else {
             return;
@@ -465,23 +466,15 @@ impl Established {
         }) else {
             return false;
         };
+        let (head, tail) = (parts.head(), parts.tail());
         if !seal_rtp(
-            &self.srtp,
-            &t.spec,
-            pt,
-            ext_seq,
-            ts,
-            marker,
-            level,
-            parts.head(),
-            parts.tail(),
-            scratch,
+            &self.srtp, &t.spec, pt, ext_seq, ts, marker, level, head, tail, scratch,
         ) {
             return false;
         }
         out.emit(self.dest, scratch);
         t.packets = t.packets.wrapping_add(1);
-        let len = parts.head().len() + parts.tail().len();
+        let len = head.len() + tail.len();
         t.octets = t.octets.wrapping_add(len as u32);
         t.last = Some((ts, now));
         t.history[(ext_seq % NACK_HISTORY as u64) as usize] = Some(Kept {
@@ -685,6 +678,7 @@ impl Established {
                 } else {
                     Some(t.spec.pt)
                 };
+                let kept = k.parts();
                 if seal_rtp(
                     &self.srtp,
                     &t.spec,
@@ -693,8 +687,8 @@ impl Established {
                     k.ts,
                     k.marker,
                     k.level,
-                    k.parts().head(),
-                    k.parts().tail(),
+                    kept.head(),
+                    kept.tail(),
                     scratch,
                 ) {
                     out.emit(self.dest, scratch);

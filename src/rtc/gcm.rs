@@ -16,9 +16,9 @@ use aws_lc_sys::{
     EVP_aead_aes_128_gcm, EVP_aead_aes_256_gcm, EVP_AEAD_CTX,
 };
 
-use crate::prefetch::prefetch;
+use crate::prefetch::prefetch_span;
 
-/// The tag every seal appends.
+/// The AES-GCM tag every seal appends (SRTP and SRTCP alike).
 pub(crate) const TAG_LEN: usize = 16;
 /// The nonce (IV) length.
 pub(crate) const NONCE_LEN: usize = 12;
@@ -99,12 +99,8 @@ impl SealKey {
 
     /// Starts loading the context's lines (see [`crate::prefetch`]).
     pub(crate) fn prefetch(&self) {
-        const LINE: usize = 64;
         let start = &*self.ctx as *const EVP_AEAD_CTX as *const u8;
-        let lines = size_of::<EVP_AEAD_CTX>().div_ceil(LINE) + 1;
-        for i in 0..lines {
-            prefetch(start.wrapping_add(i * LINE));
-        }
+        prefetch_span(start, size_of::<EVP_AEAD_CTX>(), usize::MAX);
     }
 }
 

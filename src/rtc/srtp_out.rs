@@ -28,10 +28,8 @@ use str0m::crypto::dtls::{
 use str0m::crypto::CryptoError;
 use str0m::crypto::CryptoProvider;
 
-use super::gcm::SealKey;
+use super::gcm::{SealKey, TAG_LEN};
 
-/// AES-GCM authentication tag appended to every SRTP packet.
-pub(crate) const TAG_LEN: usize = 16;
 const SALT_LEN: usize = 12;
 
 /// Where one peer's DTLS instance leaves its keying material once the handshake ends.

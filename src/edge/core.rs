@@ -9,7 +9,7 @@
 //! per (group, track), the rewritten header fields; each viewer of the group gets a [`Write`] of
 //! them, with its level and the payload as a slice of the relayed datagram (no copy).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -19,6 +19,7 @@ use tracing::{debug, info};
 
 use super::board::{GroupBoard, StreamBoard, TrackBoard, BOARD_EVERY_US};
 use super::events::{ActiveSource, ViewerEvent};
+use super::lanes::{GroupTrack, Lanes, Queued};
 use super::talking::{TalkingSink, TalkingWatch};
 use super::{EdgeMetrics, Shared};
 use crate::media::opus;
@@ -92,6 +93,16 @@ pub enum Output {
     Event(PeerId, ViewerEvent),
     /// Ask the origin link for something.
     Link(LinkRequest),
+}
+
+impl Queued for Output {
+    fn viewer(&self) -> Option<PeerId> {
+        match self {
+            Output::Write(w) => Some(w.viewer),
+            Output::Event(id, _) => Some(*id),
+            Output::Link(_) => None,
+        }
+    }
 }
 
 /// One relayed datagram, as the link's reader took it.
@@ -185,6 +196,8 @@ impl HeldPayloads {
 }
 
 struct EdgeStream {
+    /// Its number on this thread, which names its group tracks in the output lanes.
+    id: u32,
     name: Arc<str>,
     core: StreamCore,
     /// Relay source index -> core source.
@@ -206,8 +219,9 @@ struct EdgeStream {
 }
 
 impl EdgeStream {
-    fn new(name: &str, seed: u64) -> Self {
+    fn new(id: u32, name: &str, seed: u64) -> Self {
         EdgeStream {
+            id,
             name: name.into(),
             core: StreamCore::new(CoreConfig {
                 seed,
@@ -234,7 +248,7 @@ impl EdgeStream {
         &mut self.groups[i]
     }
 
-    fn broadcast(&self, out: &mut VecDeque<Output>, ev: &ViewerEvent) {
+    fn broadcast(&self, out: &mut Lanes<Output>, ev: &ViewerEvent) {
         for &id in &self.viewers {
             out.push_back(Output::Event(id, ev.clone()));
         }
@@ -296,7 +310,7 @@ fn vad(
     groups: &[Vec<PeerId>],
     live: &HashMap<SourceIdx, LiveSource>,
     viewers: &HashMap<PeerId, ViewerState>,
-    out: &mut VecDeque<Output>,
+    (stream, out): (u32, &mut Lanes<Output>),
     metrics: &EdgeMetrics,
 ) {
     metrics.switches.fetch_add(1, Ordering::Relaxed);
@@ -304,22 +318,26 @@ fn vad(
         return;
     };
     let source = source_name(live, c.source);
+    // Behind whatever the track still has waiting in the replay lane.
+    let gt = GroupTrack {
+        stream,
+        group: c.group,
+        track: c.track,
+    };
     for id in ids {
         if let Some(mid) = viewers.get(id).and_then(|v| v.tracks.get(c.track as usize)) {
-            out.push_back(Output::Event(
-                *id,
-                ViewerEvent::Vad {
-                    mid: *mid,
-                    source: source.clone(),
-                },
-            ));
+            let ev = ViewerEvent::Vad {
+                mid: *mid,
+                source: source.clone(),
+            };
+            out.push_group(gt, false, Output::Event(*id, ev));
             metrics.vad_events.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
 /// Talking flips go out as link requests, in order with everything else.
-struct LinkOut<'a>(&'a mut VecDeque<Output>);
+struct LinkOut<'a>(&'a mut Lanes<Output>);
 
 impl TalkingSink for LinkOut<'_> {
     fn talking(&mut self, stream: &str, source: &str, talking: bool) {
@@ -339,7 +357,9 @@ pub struct EdgeCore {
     /// one of those for a stream without viewers on this thread is another thread's.
     known_channels: HashSet<u32>,
     viewers: HashMap<PeerId, ViewerState>,
-    out: VecDeque<Output>,
+    out: Lanes<Output>,
+    /// The number the next stream gets ([`EdgeStream::id`]).
+    next_stream_id: u32,
     metrics: Arc<EdgeMetrics>,
     /// What the origin last announced per stream, and the edge's viewer counts, shared by the
     /// edge's media threads.
@@ -364,7 +384,8 @@ impl EdgeCore {
             channels: HashMap::new(),
             known_channels: HashSet::new(),
             viewers: HashMap::new(),
-            out: VecDeque::new(),
+            out: Lanes::default(),
+            next_stream_id: 0,
             metrics,
             shared,
             seed,
@@ -374,9 +395,23 @@ impl EdgeCore {
         }
     }
 
-    /// The next thing to do, in order.
+    /// The next thing to do, in order: everything live first, then a switch's replay (see
+    /// [`super::lanes`]).
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.out.pop_front()
+        let mut unbounded = usize::MAX;
+        self.out.pop(&mut unbounded)
+    }
+
+    /// The same, with the replay lane bounded: each replayed output takes one from `budget`,
+    /// each live one adds one. None also when replayed outputs wait beyond the budget
+    /// ([`replay_waiting`](Self::replay_waiting)).
+    pub(crate) fn poll_output_within(&mut self, budget: &mut usize) -> Option<Output> {
+        self.out.pop(budget)
+    }
+
+    /// Whether replayed outputs still wait: the driver comes back for them without sleeping.
+    pub(crate) fn replay_waiting(&self) -> bool {
+        self.out.replay_waiting()
     }
 
     /// The output `k` places behind the next [`poll_output`](Self::poll_output) would give, to
@@ -406,6 +441,7 @@ impl EdgeCore {
             ..
         } = self;
         for (name, st) in streams.iter_mut() {
+            let sid = st.id;
             let EdgeStream {
                 core,
                 groups,
@@ -414,8 +450,9 @@ impl EdgeCore {
                 ..
             } = &mut *st;
             core.tick(now_us, &mut |o| {
-                track_output(o, groups, live, held, viewers, out, metrics);
+                track_output(o, groups, live, held, viewers, (sid, &mut *out), metrics);
             });
+            out.count_dropped(metrics);
             let due = st
                 .last_viewercount_us
                 .is_none_or(|t| now_us >= t + VIEWERCOUNT_INTERVAL_US);
@@ -457,8 +494,11 @@ impl EdgeCore {
             self.out
                 .push_back(Output::Link(LinkRequest::Subscribe(j.stream.clone())));
             let seed = self.seed ^ id.0;
-            self.streams
-                .insert(j.stream.clone(), EdgeStream::new(&j.stream, seed));
+            self.streams.insert(
+                j.stream.clone(),
+                EdgeStream::new(self.next_stream_id, &j.stream, seed),
+            );
+            self.next_stream_id = self.next_stream_id.wrapping_add(1);
             // Another media thread may already follow the stream: start from what the origin
             // announced then, instead of waiting for its next announcement.
             let cached = self
@@ -528,6 +568,7 @@ impl EdgeCore {
         };
         st.viewers.retain(|x| *x != id);
         st.group_mut(v.group).retain(|x| *x != id);
+        self.out.forget(st.id, v.group, id);
         st.core.leave(v.group);
         if !v.main_excluded {
             if let Some(m) = st.main_viewers.get_mut(&v.main_source) {
@@ -598,6 +639,8 @@ impl EdgeCore {
             st.group_mut(old).retain(|x| *x != id);
             st.group_mut(new).push(id);
             v.group = new;
+            // Its old group's replay is not its stream any more.
+            self.out.forget(st.id, old, id);
         }
         for (t, s) in st.core.selector().tracks(new).enumerate() {
             // A track added empty says nothing until a source enters it.
@@ -866,6 +909,7 @@ impl EdgeCore {
         if video {
             return;
         }
+        let sid = st.id;
         let EdgeStream {
             core,
             groups,
@@ -877,15 +921,28 @@ impl EdgeCore {
         let late_before = core.stats().dropped_before_switch;
         let pkt = (&payload, red.as_ref());
         let result = core.on_rtp(now_us, src, &view, red.as_ref(), &mut |o| match o {
-            CoreOutput::Track(c) => vad(&c, groups, live, viewers, out, m),
+            CoreOutput::Track(c) => vad(&c, groups, live, viewers, (sid, &mut *out), m),
             CoreOutput::Packet {
                 group,
                 track,
                 header,
                 samples,
-            } => write_group(group, track, header, samples, level, pkt, groups, out),
-            other => track_output(other, groups, live, held, viewers, out, m),
+            } => {
+                let p = (pkt.0, pkt.1, false);
+                write_group(
+                    group,
+                    track,
+                    header,
+                    samples,
+                    level,
+                    p,
+                    groups,
+                    (sid, &mut *out),
+                )
+            }
+            other => track_output(other, groups, live, held, viewers, (sid, &mut *out), m),
         });
+        out.count_dropped(m);
         match result {
             // Held as the core holds its header: after it was handled.
             Ok(()) => {
@@ -913,12 +970,13 @@ fn source_gone(
     st: &mut EdgeStream,
     s: SourceIdx,
     viewers: &HashMap<PeerId, ViewerState>,
-    out: &mut VecDeque<Output>,
+    out: &mut Lanes<Output>,
     metrics: &EdgeMetrics,
 ) {
     let Some(gone) = st.live.remove(&s) else {
         return;
     };
+    let sid = st.id;
     let EdgeStream {
         core,
         groups,
@@ -927,8 +985,9 @@ fn source_gone(
         ..
     } = &mut *st;
     core.unpublish(now_us, s, &mut |o| {
-        track_output(o, groups, live, held, viewers, out, metrics);
+        track_output(o, groups, live, held, viewers, (sid, &mut *out), metrics);
     });
+    out.count_dropped(metrics);
     // Its datagrams go now, not when the index is reused.
     if let Some(h) = held.get_mut(s.0 as usize) {
         *h = HeldPayloads::default();
@@ -950,7 +1009,7 @@ fn track_output(
     live: &HashMap<SourceIdx, LiveSource>,
     held: &[HeldPayloads],
     viewers: &HashMap<PeerId, ViewerState>,
-    out: &mut VecDeque<Output>,
+    out: (u32, &mut Lanes<Output>),
     metrics: &EdgeMetrics,
 ) {
     match o {
@@ -970,7 +1029,8 @@ fn track_output(
         } => match held.get(source.0 as usize).and_then(|h| h.get(seq)) {
             Some((_, payload, red, level)) => {
                 metrics.preroll_packets.fetch_add(1, Ordering::Relaxed);
-                let pkt = (payload, red.as_ref());
+                // The replay: its own lane, so other tracks' live packets need not wait.
+                let pkt = (payload, red.as_ref(), true);
                 write_group(group, track, header, samples, *level, pkt, groups, out);
             }
             // The core holds only what the edge handed it, so this is a bug: count it.
@@ -992,25 +1052,19 @@ fn write_ending(
     track: u8,
     header: Rewritten,
     groups: &[Vec<PeerId>],
-    out: &mut VecDeque<Output>,
+    out: (u32, &mut Lanes<Output>),
 ) {
     let silence = Bytes::from_static(&opus::SILENCE_FRAME);
     let level = Some((false, 127));
     let samples = opus::SILENCE_SAMPLES;
-    write_group(
-        group,
-        track,
-        header,
-        samples,
-        level,
-        (&silence, None),
-        groups,
-        out,
-    );
+    let pkt = (&silence, None, false);
+    write_group(group, track, header, samples, level, pkt, groups, out);
 }
 
-/// One `Write` per viewer of `group` on its track `track`. The group's stream is already one
-/// continuous stream; each viewer re-anchors it only when it moves to another group.
+/// One `Write` per viewer of `group` on its track `track` of stream `stream`: in the replay
+/// lane if `replay` (a pre-roll) or if the track has a replay waiting there
+/// ([`super::lanes`]). The group's stream is already one continuous stream; each viewer
+/// re-anchors it only when it moves to another group.
 #[allow(clippy::too_many_arguments)]
 fn write_group(
     group: GroupId,
@@ -1018,9 +1072,9 @@ fn write_group(
     header: Rewritten,
     samples: u32,
     level: Option<(bool, u8)>,
-    (payload, red): (&Bytes, Option<&RedLayout>),
+    (payload, red, replay): (&Bytes, Option<&RedLayout>, bool),
     groups: &[Vec<PeerId>],
-    out: &mut VecDeque<Output>,
+    (stream, out): (u32, &mut Lanes<Output>),
 ) {
     let input = InputPacket {
         source: Feed::Group(group, track),
@@ -1030,9 +1084,14 @@ fn write_group(
         marker: header.marker,
         samples,
     };
+    let gt = GroupTrack {
+        stream,
+        group,
+        track,
+    };
     let ids = groups.get(group.0 as usize).map_or(&[][..], Vec::as_slice);
     for &viewer in ids {
-        out.push_back(Output::Write(Write {
+        let w = Write {
             viewer,
             track: TrackRef::Mux(track),
             input,
@@ -1040,7 +1099,9 @@ fn write_group(
             payload: payload.clone(),
             red: red.copied(),
             reach: header.reach,
-        }));
+        };
+        // A full replay lane refuses it; the lane counts it.
+        out.push_group(gt, replay, Output::Write(w));
     }
 }
 

@@ -556,6 +556,69 @@ fn a_source_entering_a_track_replays_its_held_packets_before_the_onset_packet() 
     assert_eq!(theirs, mine.len());
 }
 
+#[test]
+fn another_tracks_live_packets_pass_a_switchs_replay_and_the_switched_track_keeps_order() {
+    let mut c = core();
+    join(&mut c, 0, 1, "s", 2);
+    c.handle_sources(0, "s", 1, vec![source(0, "ana"), source(1, "bo")]);
+    let (mut now, log) = talk(&mut c, 1, 0, 0, 0, 10);
+    assert!(log.contains(&"e1 vad 1=ana".to_string()), "{log:?}");
+    // Ana keeps talking in track 0 while bo starts: each round the driver takes only what is
+    // live (a budget of 0), so bo's replay waits in its lane.
+    let mut live = Vec::new();
+    for i in 0..70u16 {
+        c.handle_packet(now, relayed(1, 0, 10 + 60 + i, 20 + (i % 5) as u8, now));
+        let level = if i < 60 { 70 } else { 20 };
+        c.handle_packet(now, relayed(1, 1, 300 + i, level, now));
+        c.handle_timeout(now + 10_000);
+        while let Some(o) = c.poll_output_within(&mut 0) {
+            live.push(o);
+        }
+        now += 20_000;
+    }
+    let vad = live
+        .iter()
+        .position(|o| {
+            let bo = |s: &Option<Arc<str>>| s.as_deref() == Some("bo");
+            matches!(o, Output::Event(_, ViewerEvent::Vad { mid: m, source }) if *m == mid(1) && bo(source))
+        })
+        .expect("bo enters track 1, and its vad is live");
+    let after: Vec<&TrackRef> = live[vad..]
+        .iter()
+        .filter_map(|o| match o {
+            Output::Write(w) => Some(&w.track),
+            _ => None,
+        })
+        .collect();
+    assert!(after.len() >= 5, "ana's packets kept coming: {after:?}");
+    assert!(after.iter().all(|t| **t == TrackRef::Mux(0)), "{after:?}");
+    assert!(c.replay_waiting());
+    // Then the replay, and bo's packets after it, in one numbering, and only then.
+    let mut rest = Vec::new();
+    while let Some(o) = c.poll_output() {
+        match o {
+            Output::Write(w) => rest.push(w),
+            other => panic!("only bo's writes waited: {other:?}"),
+        }
+    }
+    assert!(!c.replay_waiting());
+    assert!(
+        rest.len() > 6,
+        "the pre-roll and what followed it: {}",
+        rest.len()
+    );
+    assert!(rest.iter().all(|w| w.track == TrackRef::Mux(1)));
+    assert!(rest[0].input.marker);
+    for w in rest.windows(2) {
+        assert_eq!(w[1].input.seq, w[0].input.seq.wrapping_add(1));
+    }
+    // Once drained, bo's track is live again.
+    c.handle_packet(now, relayed(1, 1, 370, 20, now));
+    let mut budget = 0;
+    let next = c.poll_output_within(&mut budget);
+    assert!(matches!(next, Some(Output::Write(w)) if w.track == TrackRef::Mux(1)));
+}
+
 // The origin link's properties (channels, indices, relinks), moved from the media thread.
 
 #[test]

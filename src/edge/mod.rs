@@ -8,6 +8,7 @@ pub(crate) mod board;
 pub mod core;
 pub(crate) mod events;
 pub(crate) mod follow;
+pub(crate) mod lanes;
 #[cfg(feature = "tools")]
 pub mod loopback;
 pub(crate) mod stream_counts;
@@ -99,6 +100,8 @@ pub struct EdgeMetrics {
     pub preroll_packets: AtomicU64,
     /// Pre-roll packets whose payload the edge no longer held (never expected: counted, not sent).
     pub dropped_preroll_missing: AtomicU64,
+    /// Pre-roll writes not queued because the replay lane was full ([`lanes::MAX_REPLAY`]).
+    pub dropped_replay_full: AtomicU64,
     /// Relayed packets the packet core refused (malformed, oversized).
     pub dropped_core: AtomicU64,
     /// sourceIds the media threads' packet cores hold (live, or named by a viewer's view).

@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 
 use super::core::{EdgeCore, Join, Output, Projection, Relayed, TrackRef, Write};
 use super::events::ViewerEvent;
+use super::lanes::REPLAY_BURST;
 use super::viewer::{NotSent, OutTrack, RedSent, Sent, Viewer};
 use super::{EdgeMetrics, Shared};
 use crate::media::opus;
@@ -190,9 +191,10 @@ impl Worker {
             self.drain(now);
             self.flush_touched();
             let tick_at = self.clock.0 + Duration::from_micros(self.core.poll_timeout());
+            let busy = taken == CMD_BURST || self.core.replay_waiting();
             let (peers, mut app) = self.split();
             let next_peer = peers.timeouts(Instant::now(), &mut app);
-            let wait = match taken == CMD_BURST {
+            let wait = match busy {
                 true => Duration::ZERO,
                 false => next_peer
                     .map_or(tick_at, |t| t.min(tick_at))
@@ -258,10 +260,13 @@ impl Worker {
         self.drain(now);
     }
 
-    /// Does what the core asks, in its order.
+    /// Does what the core asks, in its order: all that is live, and a bounded share of a
+    /// switch's replay ([`REPLAY_BURST`] or as much as the live lane had), so the link is read
+    /// again before the rest (`run` comes back without sleeping while some waits).
     fn drain(&mut self, now: Instant) {
         let now_us = self.clock.us(now);
-        while let Some(o) = self.core.poll_output() {
+        let mut budget = REPLAY_BURST;
+        while let Some(o) = self.core.poll_output_within(&mut budget) {
             match o {
                 Output::Write(w) => {
                     self.prefetch_ahead();

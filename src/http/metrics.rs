@@ -114,6 +114,7 @@ pub(crate) fn edge_drops(e: &Edge) -> Vec<(&'static str, u64)> {
         ("core", g(&m.dropped_core)),
         ("before_switch", g(&m.dropped_before_switch)),
         ("preroll_missing", g(&m.dropped_preroll_missing)),
+        ("replay_full", g(&m.dropped_replay_full)),
         ("viewer_before_switch", g(&m.dropped_viewer_before_switch)),
         ("not_negotiated", g(&m.dropped_not_negotiated)),
         ("seal", g(&m.dropped_seal)),
